@@ -1,0 +1,3 @@
+//! The `procpool` command.
+#![forbid(unsafe_code)]
+fn main() {}

@@ -1,0 +1,3 @@
+//! `cargo xtask`: the project's own tasks (test, bench).
+#![forbid(unsafe_code)]
+fn main() {}
