@@ -1,3 +1,106 @@
 //! procpool: a process pool for Rust, with the API of Python's `multiprocessing.Pool`.
+//!
+//! Threads already give Rust parallelism. Processes give what threads cannot: **isolation**
+//! (a segfault, abort, out-of-memory kill or leak in a native library costs one worker, not
+//! the service), **recycling** (`max_tasks_per_child` frees what a worker leaked),
+//! **hard kill** of a stuck task, and per-worker limits.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use procpool::{Pool, StartMethod};
+//!
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! fn add(a: u64, b: u64) -> u64 {
+//!     a + b
+//! }
+//!
+//! fn main() -> Result<(), procpool::Error> {
+//!     procpool::init(); // first line of main: this is where workers start
+//!     let pool = Pool::builder()
+//!         .processes(2)
+//!         .max_tasks_per_child(100)
+//!         .start_method(StartMethod::Forkserver)
+//!         .build()?;
+//!     assert_eq!(pool.apply(square, (7,))?, 49);
+//!     assert_eq!(pool.map(square, 0..4u64)?, vec![0, 1, 4, 9]);
+//!     assert_eq!(pool.starmap(add, vec![(1, 2), (3, 4)])?, vec![3, 7]);
+//!     let pending = pool.apply_async(square, (8,));
+//!     assert_eq!(pending.get()?, 64);
+//!     for r in pool.imap(square, 0..) {
+//!         if r? > 100 {
+//!             break;
+//!         }
+//!     }
+//!     pool.close();
+//!     pool.join()?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Tasks
+//!
+//! A task is a plain `fn` item or a closure that captures nothing (both are zero-sized), with
+//! arguments and a result that implement serde's `Serialize` and `Deserialize`. Functions of
+//! up to eight arguments work; arguments travel as a tuple (`pool.apply(add, (1, 2))`). A
+//! capturing closure is refused at compile time:
+//!
+//! ```compile_fail
+//! # fn main() -> Result<(), procpool::Error> {
+//! let pool = procpool::Pool::builder().build()?;
+//! let offset = 5u64;
+//! pool.apply(move |x: u64| x + offset, (1u64,))?; // captures `offset`: does not compile
+//! # Ok(()) }
+//! ```
+//!
+//! Workers run the same executable as the parent; each checks that it does before it runs
+//! anything, and refuses with a clear error otherwise.
+//!
+//! # Start methods
+//!
+//! - [`StartMethod::Forkserver`] (the default): a small server process, started fresh, forks
+//!   each worker. Cheap starts, and safe whatever threads the parent runs.
+//! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
+//! - [`StartMethod::Fork`]: workers are forks of the parent itself. Fastest, but forking a
+//!   process with other threads is hazardous; `build` refuses it then unless
+//!   [`PoolBuilder::allow_fork_with_threads`] says otherwise.
+//!
+//! Spawn and Forkserver re-run the executable, so [`init`] must be the first line of `main`.
+//! In test binaries (whose `main` belongs to the test harness) put
+//! [`enable_test_support!()`](enable_test_support) at the crate root once.
+//!
+//! # Failures
+//!
+//! Every task ends with exactly one outcome: its value, or a [`TaskError`] saying what
+//! happened: the task panicked (the worker survives), its worker died (pid, exit code or
+//! signal named; the worker is replaced at once), it could not be encoded or decoded, or the
+//! pool was closed. Nothing hangs: a dead worker is noticed from its channel and its pidfd,
+//! not by polling.
+//!
+//! # Stopping tasks safely
+//!
+//! An [`Event`] is a process-shared flag that can be passed to tasks as an argument; tasks
+//! poll it and return early, and the pool stays usable (Python's pattern of a managed
+//! `Event`, without a manager process).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![warn(missing_debug_implementations)]
+
+pub use pool_core::{
+    AsyncResult, BuildError, BuildErrorKind, Callbacks, Error, ErrorKind, Event, Imap, Metrics,
+    Pool, PoolBuilder, TaskError, TaskErrorKind, WorkerInfo,
+};
+pub use pool_spawn::task::{InitOutput, TaskFn};
+pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};
+
+/// Worker entry: call it first in `main`.
+///
+/// In the parent it returns at once. In a process the pool started as a worker (or as its
+/// fork server) it runs that role and never returns. Anything `main` does before this line
+/// also happens in every spawned worker.
+pub fn init() {
+    pool_spawn::init();
+}

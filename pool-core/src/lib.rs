@@ -1,6 +1,43 @@
-//! Scheduling and worker-lifetime policy for procpool: `Pool`, `AsyncResult`, `TaskError`.
+//! Scheduling and worker-lifetime policy for procpool: [`Pool`], [`AsyncResult`],
+//! [`TaskError`].
 //!
-//! pool-core sits between the facade (`procpool`) and pool-spawn (the start methods), which in
-//! turn sits on pool-ipc (the transport).
+//! pool-core sits between the facade (`procpool`, which re-exports it) and pool-spawn (the
+//! start methods), which in turn sits on pool-ipc (the transport). It decides which worker
+//! runs which task, replaces workers that die or reach `max_tasks_per_child`, and gives every
+//! task exactly one outcome.
+//!
+//! Its parts:
+//! - `policy`: the state machine (no syscalls), tested with fake workers and proptest;
+//! - `driver`: one thread per pool that polls worker sockets and pidfds and applies the
+//!   policy's decisions to real processes;
+//! - [`Pool`], [`AsyncResult`], [`Imap`]: the user-facing API, shaped like Python's;
+//! - [`Event`]: a process-shared flag for cooperative stops.
+//!
+//! ```no_run
+//! # use pool_core as procpool;
+//! fn square(x: u64) -> u64 { x * x }
+//!
+//! fn main() -> Result<(), procpool::Error> {
+//!     pool_spawn::init(); // first line of main: worker entry
+//!     let pool = procpool::Pool::builder().processes(2).build()?;
+//!     assert_eq!(pool.map(square, 0..10u64)?, (0..10).map(|x| x * x).collect::<Vec<_>>());
+//!     pool.close();
+//!     pool.join()?;
+//!     Ok(())
+//! }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![warn(missing_debug_implementations)]
+
+mod driver;
+mod error;
+mod event;
+mod policy;
+mod pool;
+mod result;
+
+pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
+pub use event::Event;
+pub use pool::{Imap, Metrics, Pool, PoolBuilder, WorkerInfo};
+pub use result::{AsyncResult, Callbacks};

@@ -1,0 +1,362 @@
+//! The outcome of a failed task ([`TaskError`]), and the pool's own errors ([`BuildError`], [`Error`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use pool_spawn::ExitStatus;
+
+/// What went wrong with a task. More kinds may be added; match with a wildcard arm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TaskErrorKind {
+    /// The task's function panicked in the worker. The worker survived.
+    Panicked,
+    /// The worker running the task died (signal, `exit`, abort, OOM kill) before sending its
+    /// result. The error names the worker's pid and how it ended.
+    WorkerLost,
+    /// The task's arguments could not be encoded in the parent, or its result in the worker.
+    Encode,
+    /// The result could not be decoded in the parent, or the arguments in the worker.
+    Decode,
+    /// The pool was closed or terminated: the task was refused, or dropped before it ran.
+    PoolClosed,
+    /// Workers could not start because the initializer kept failing.
+    InitializerFailed,
+    /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout) gave up waiting; the
+    /// task goes on and its result can still be fetched.
+    NotReady,
+    /// The result was already taken out of this handle.
+    ResultTaken,
+}
+
+/// Why a task failed: one value per failed task, with the details a user needs to act on it.
+///
+/// Modelled on a join error: ask [`kind`](TaskError::kind), or the `is_*` predicates, then the
+/// accessors for details (pid, exit status, panic message, item index in a `map`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskError {
+    kind: TaskErrorKind,
+    message: String,
+    worker: Option<WorkerRef>,
+    status: Option<ExitStatus>,
+    ran_for: Option<Duration>,
+    item: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WorkerRef {
+    name: String,
+    pid: u32,
+}
+
+impl TaskError {
+    pub(crate) fn new(kind: TaskErrorKind, message: impl Into<String>) -> Self {
+        TaskError {
+            kind,
+            message: message.into(),
+            worker: None,
+            status: None,
+            ran_for: None,
+            item: None,
+        }
+    }
+
+    pub(crate) fn worker_lost(
+        name: &str,
+        pid: u32,
+        status: Option<ExitStatus>,
+        ran_for: Option<Duration>,
+    ) -> Self {
+        let mut e = TaskError::new(TaskErrorKind::WorkerLost, String::new());
+        e.worker = Some(WorkerRef {
+            name: name.to_string(),
+            pid,
+        });
+        e.status = status;
+        e.ran_for = ran_for;
+        e
+    }
+
+    pub(crate) fn with_worker(mut self, name: &str, pid: u32) -> Self {
+        self.worker = Some(WorkerRef {
+            name: name.to_string(),
+            pid,
+        });
+        self
+    }
+
+    pub(crate) fn with_note(mut self, note: &str) -> Self {
+        self.message = note.to_string();
+        self
+    }
+
+    pub(crate) fn with_item(mut self, index: usize) -> Self {
+        self.item = Some(index);
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> TaskErrorKind {
+        self.kind
+    }
+
+    /// True if the task panicked; [`panic_message`](Self::panic_message) has the message.
+    pub fn is_panic(&self) -> bool {
+        self.kind == TaskErrorKind::Panicked
+    }
+
+    /// True if the worker running the task died before sending its result.
+    pub fn is_worker_lost(&self) -> bool {
+        self.kind == TaskErrorKind::WorkerLost
+    }
+
+    /// The panic message (with its source location) if the task panicked.
+    pub fn panic_message(&self) -> Option<&str> {
+        (self.kind == TaskErrorKind::Panicked).then_some(self.message.as_str())
+    }
+
+    /// The pid of the worker involved, where one was.
+    pub fn pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|w| w.pid)
+    }
+
+    /// The name of the worker involved (`ForkserverPoolWorker-3`), where one was.
+    pub fn worker_name(&self) -> Option<&str> {
+        self.worker.as_ref().map(|w| w.name.as_str())
+    }
+
+    /// How a lost worker ended, when it could be reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// The exit code of a lost worker that exited by itself.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// The signal number that killed a lost worker.
+    pub fn signal(&self) -> Option<i32> {
+        self.status.and_then(|s| s.signal())
+    }
+
+    /// For a task submitted as part of `map`, `starmap` or `imap`: the index of the failing item.
+    pub fn item_index(&self) -> Option<usize> {
+        self.item
+    }
+
+    /// The detail text (panic message, encoder error, ...), without the leading sentence.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(i) = self.item {
+            write!(f, "item {i}: ")?;
+        }
+        let worker = |f: &mut fmt::Formatter<'_>| -> fmt::Result {
+            if let Some(w) = &self.worker {
+                write!(f, " in worker {} (pid {})", w.name, w.pid)?;
+            }
+            Ok(())
+        };
+        match self.kind {
+            TaskErrorKind::Panicked => {
+                write!(f, "task panicked")?;
+                worker(f)?;
+                write!(f, ": {}", self.message)
+            }
+            TaskErrorKind::WorkerLost => {
+                match &self.worker {
+                    Some(w) => write!(f, "worker {} (pid {}) died", w.name, w.pid)?,
+                    None => write!(f, "the worker died")?,
+                }
+                write!(f, " while running this task")?;
+                if let Some(d) = self.ran_for {
+                    write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
+                }
+                match self.status {
+                    Some(s) => write!(f, ": {s}")?,
+                    None => write!(f, ": exit status unknown")?,
+                }
+                if self.status.and_then(|s| s.signal()) == Some(9) {
+                    write!(
+                        f,
+                        "; SIGKILL from outside the pool often means the out-of-memory killer"
+                    )?;
+                }
+                if !self.message.is_empty() {
+                    write!(f, " ({})", self.message)?;
+                }
+                Ok(())
+            }
+            TaskErrorKind::Encode => {
+                write!(f, "could not encode")?;
+                worker(f)?;
+                write!(f, ": {}", self.message)
+            }
+            TaskErrorKind::Decode => {
+                write!(f, "could not decode")?;
+                worker(f)?;
+                write!(f, ": {}", self.message)
+            }
+            TaskErrorKind::PoolClosed => write!(f, "{}", self.message),
+            TaskErrorKind::InitializerFailed => {
+                write!(f, "workers cannot start: {}", self.message)
+            }
+            TaskErrorKind::NotReady => write!(f, "result not ready: {}", self.message),
+            TaskErrorKind::ResultTaken => write!(f, "the result was already taken"),
+        }
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+/// What kind of error a [`BuildError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BuildErrorKind {
+    /// A setting is out of range (zero processes, zero tasks per child).
+    InvalidConfig,
+    /// Workers could not be started: see the source error.
+    Start,
+}
+
+/// Why [`PoolBuilder::build`](crate::PoolBuilder::build) failed.
+#[derive(Debug)]
+pub struct BuildError {
+    kind: BuildErrorKind,
+    message: String,
+    source: Option<pool_spawn::Error>,
+}
+
+impl BuildError {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        BuildError {
+            kind: BuildErrorKind::InvalidConfig,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn start(source: pool_spawn::Error) -> Self {
+        BuildError {
+            kind: BuildErrorKind::Start,
+            message: "could not start the pool's workers".into(),
+            source: Some(source),
+        }
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> BuildErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(s) => write!(f, "{}: {s}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Any error procpool returns: a failed build, a failed task, or a shutdown problem.
+///
+/// `?` converts [`BuildError`] and [`TaskError`] into it, so a `main` returning
+/// `Result<(), procpool::Error>` can use `?` on every pool call.
+#[derive(Debug)]
+pub struct Error {
+    repr: Repr,
+}
+
+#[derive(Debug)]
+enum Repr {
+    Build(BuildError),
+    Task(TaskError),
+    Join(String),
+}
+
+/// What kind of error an [`Error`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The pool could not be built.
+    Build,
+    /// A task failed.
+    Task,
+    /// `join` was misused or timed out.
+    Join,
+}
+
+impl Error {
+    pub(crate) fn join(message: impl Into<String>) -> Self {
+        Error {
+            repr: Repr::Join(message.into()),
+        }
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self.repr {
+            Repr::Build(_) => ErrorKind::Build,
+            Repr::Task(_) => ErrorKind::Task,
+            Repr::Join(_) => ErrorKind::Join,
+        }
+    }
+
+    /// The task error inside, if this is one.
+    pub fn as_task_error(&self) -> Option<&TaskError> {
+        match &self.repr {
+            Repr::Task(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.repr {
+            Repr::Build(e) => e.fmt(f),
+            Repr::Task(e) => e.fmt(f),
+            Repr::Join(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.repr {
+            Repr::Build(e) => Some(e),
+            Repr::Task(e) => Some(e),
+            Repr::Join(_) => None,
+        }
+    }
+}
+
+impl From<BuildError> for Error {
+    fn from(e: BuildError) -> Self {
+        Error {
+            repr: Repr::Build(e),
+        }
+    }
+}
+
+impl From<TaskError> for Error {
+    fn from(e: TaskError) -> Self {
+        Error {
+            repr: Repr::Task(e),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! [`Event`]: a flag shared between processes, that tasks poll to stop early.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pool_ipc::shm::{self, Segment};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+const STATE: usize = 0;
+const TOKEN: usize = 1;
+const LEN: usize = 64;
+
+/// A process-shared event: Python's `multiprocessing.Event`, usable as a task argument.
+///
+/// The flag lives in a small anonymous shared-memory segment (a memfd, never a `/dev/shm`
+/// file), so setting it in one process is seen at once in every other; waiters sleep on a
+/// futex. Unlike Python's, it can be passed straight to a task as an argument under every
+/// start method: it serializes as a reference to its owner's segment, which the worker maps
+/// when it decodes the argument. The owner (the process that called [`Event::new`]) must
+/// outlive the tasks that use it.
+///
+/// The typical use is a safe stop of running tasks, leaving the pool usable: tasks poll
+/// [`is_set`](Event::is_set) and return early once it is set.
+#[derive(Clone)]
+pub struct Event {
+    seg: Arc<Segment>,
+}
+
+impl Event {
+    /// A new event, not set.
+    ///
+    /// # Errors
+    /// If the shared segment cannot be created (out of memory or file descriptors).
+    pub fn new() -> io::Result<Event> {
+        let seg = Segment::create("procpool-event", LEN)?;
+        let token = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1;
+        seg.atomic_u64(TOKEN).store(token, Ordering::SeqCst);
+        Ok(Event { seg: Arc::new(seg) })
+    }
+
+    /// Sets the flag and wakes every waiter, in every process.
+    pub fn set(&self) {
+        let word = self.seg.atomic_u32(STATE);
+        word.store(1, Ordering::SeqCst);
+        let _ = shm::futex_wake(word, u32::MAX);
+    }
+
+    /// Clears the flag.
+    pub fn clear(&self) {
+        self.seg.atomic_u32(STATE).store(0, Ordering::SeqCst);
+    }
+
+    /// True if the flag is set.
+    pub fn is_set(&self) -> bool {
+        self.seg.atomic_u32(STATE).load(Ordering::SeqCst) != 0
+    }
+
+    /// Blocks until the flag is set.
+    pub fn wait(&self) {
+        let word = self.seg.atomic_u32(STATE);
+        while word.load(Ordering::SeqCst) == 0 {
+            let _ = shm::futex_wait(word, 0, None);
+        }
+    }
+
+    /// Blocks until the flag is set or `timeout` passes; true if it is set.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let word = self.seg.atomic_u32(STATE);
+        loop {
+            if word.load(Ordering::SeqCst) != 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let _ = shm::futex_wait(word, 0, Some(deadline - now));
+        }
+    }
+
+    fn token(&self) -> u64 {
+        self.seg.atomic_u64(TOKEN).load(Ordering::SeqCst)
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event").field("set", &self.is_set()).finish()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    pid: u32,
+    fd: i32,
+    token: u64,
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Wire {
+            pid: std::process::id(),
+            fd: self.seg.as_fd().as_raw_fd(),
+            token: self.token(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let w = Wire::deserialize(d)?;
+        let seg = Segment::open_in_process(w.pid, w.fd).map_err(|e| {
+            D::Error::custom(format!(
+                "cannot open the event shared by process {} (has it exited?): {e}",
+                w.pid
+            ))
+        })?;
+        if seg.len() < LEN {
+            return Err(D::Error::custom("the event's shared segment is too small"));
+        }
+        let ev = Event { seg: Arc::new(seg) };
+        if ev.token() != w.token {
+            return Err(D::Error::custom(format!(
+                "process {} no longer holds this event (its descriptor was reused)",
+                w.pid
+            )));
+        }
+        Ok(ev)
+    }
+}

@@ -1,0 +1,686 @@
+//! The scheduling and worker-lifetime policy: a state machine with no syscalls.
+//!
+//! The policy decides which worker runs which task, when a worker is launched, retired or
+//! replaced, and how each task ends when it does not come back with a result. It knows
+//! workers only by [`WorkerId`] and tasks only by [`TaskId`] plus an opaque record `T`, and
+//! acts on the world through the [`Effects`] trait. The driver implements `Effects` with real
+//! processes; the tests below implement it with fakes and drive random event sequences.
+//!
+//! The central invariant: every task record handed to [`Policy::submit`] leaves the policy
+//! exactly once, either returned by [`Policy::done`] or passed to [`Effects::finish`] (or
+//! handed back by `submit` itself when refused).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Identifies a task inside one pool.
+pub(crate) type TaskId = u64;
+/// Identifies a worker slot inside one pool; also the `N` in `ForkserverPoolWorker-N`.
+pub(crate) type WorkerId = u64;
+
+/// How the policy acts on the world.
+pub(crate) trait Effects<T> {
+    /// Start a new worker process for slot `wid`.
+    fn launch(&mut self, wid: WorkerId);
+    /// Hand `task` to worker `wid` (which may still be starting: the channel buffers it).
+    fn send(&mut self, wid: WorkerId, id: TaskId, task: &mut T);
+    /// The one outcome of a task that did not come back with a result.
+    fn finish(&mut self, id: TaskId, task: T, why: Finish);
+    /// Ask an idle worker to exit (the pool is closing).
+    fn retire(&mut self, wid: WorkerId);
+    /// Kill a worker now (the pool is terminating).
+    fn kill(&mut self, wid: WorkerId);
+}
+
+/// Why a task ended without a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// Its worker died while holding it.
+    Lost(WorkerId),
+    /// The pool was terminated before the task finished.
+    Terminated,
+    /// Workers cannot start: the initializer (or the start itself) failed too often.
+    InitFailed(String),
+}
+
+/// Why a submission was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `close` or `terminate` was called.
+    Closed,
+    /// Workers cannot start: the message of the last failure.
+    Broken(String),
+}
+
+/// How a worker ended, as the policy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The process ended (any status); the driver has already delivered every result it sent.
+    Ended,
+    /// The process could not be started at all.
+    LaunchFailed(String),
+}
+
+/// Settings the policy needs.
+#[derive(Clone, Debug)]
+pub(crate) struct PolicyConfig {
+    /// Target number of workers able to take tasks.
+    pub(crate) processes: usize,
+    /// Tasks a worker runs before it is replaced.
+    pub(crate) max_tasks: Option<u64>,
+    /// Tasks handed to one worker before earlier ones come back.
+    pub(crate) in_flight: usize,
+    /// Consecutive failed starts (initializer failures, deaths before ready) that break the pool.
+    pub(crate) start_failure_limit: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Launched, not yet ready: tasks may be queued to it; if it dies they never ran.
+    Starting,
+    /// Ready and taking tasks.
+    Ready,
+    /// Has been sent all the tasks it may run (max_tasks reached); will exit by itself.
+    Retiring,
+    /// Told to exit (closing), or its setup failed, or it is being killed.
+    Leaving,
+}
+
+#[derive(Debug)]
+struct Slot {
+    phase: Phase,
+    ever_ready: bool,
+    in_flight: VecDeque<TaskId>,
+    assigned: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    Closed,
+    Terminated,
+}
+
+/// Counters kept by the policy; the driver adds timings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) submitted: u64,
+    pub(crate) completed: u64,
+    pub(crate) lost: u64,
+    pub(crate) terminated: u64,
+    pub(crate) init_failed: u64,
+    pub(crate) launched: u64,
+    pub(crate) recycled: u64,
+    pub(crate) died: u64,
+    pub(crate) start_failures: u64,
+}
+
+/// The policy state machine. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Policy<T> {
+    cfg: PolicyConfig,
+    state: State,
+    tasks: HashMap<TaskId, T>,
+    queue: VecDeque<TaskId>,
+    workers: BTreeMap<WorkerId, Slot>,
+    next_wid: WorkerId,
+    failures_in_a_row: u32,
+    broken: Option<String>,
+    counts: Counts,
+}
+
+impl<T> Policy<T> {
+    pub(crate) fn new(cfg: PolicyConfig) -> Self {
+        assert!(cfg.processes > 0, "a pool needs at least one process");
+        assert!(cfg.in_flight > 0, "in_flight must be at least one");
+        Policy {
+            cfg,
+            state: State::Running,
+            tasks: HashMap::new(),
+            queue: VecDeque::new(),
+            workers: BTreeMap::new(),
+            next_wid: 1,
+            failures_in_a_row: 0,
+            broken: None,
+            counts: Counts::default(),
+        }
+    }
+
+    /// Launches the initial workers.
+    pub(crate) fn start(&mut self, fx: &mut impl Effects<T>) {
+        self.ensure_capacity(fx);
+    }
+
+    /// Accepts a task, or hands it back with the reason it was refused.
+    pub(crate) fn submit(
+        &mut self,
+        id: TaskId,
+        task: T,
+        fx: &mut impl Effects<T>,
+    ) -> Result<(), (T, Refusal)> {
+        if self.state != State::Running {
+            return Err((task, Refusal::Closed));
+        }
+        if let Some(why) = &self.broken {
+            return Err((task, Refusal::Broken(why.clone())));
+        }
+        self.counts.submitted += 1;
+        let previous = self.tasks.insert(id, task);
+        assert!(previous.is_none(), "task id {id} submitted twice");
+        self.queue.push_back(id);
+        self.dispatch(fx);
+        Ok(())
+    }
+
+    /// A worker finished its setup and is ready.
+    pub(crate) fn ready(&mut self, wid: WorkerId, fx: &mut impl Effects<T>) {
+        if let Some(slot) = self.workers.get_mut(&wid) {
+            slot.ever_ready = true;
+            if slot.phase == Phase::Starting {
+                slot.phase = Phase::Ready;
+            }
+            self.failures_in_a_row = 0;
+        }
+        self.dispatch(fx);
+    }
+
+    /// A worker sent the result of task `id`: the record goes back to the caller, which
+    /// delivers the result. `None` if the policy does not know the pair (a confused worker).
+    pub(crate) fn done(&mut self, wid: WorkerId, id: TaskId, fx: &mut impl Effects<T>) -> Option<T> {
+        let slot = self.workers.get_mut(&wid)?;
+        let pos = slot.in_flight.iter().position(|&t| t == id)?;
+        slot.in_flight.remove(pos);
+        let task = self.tasks.remove(&id);
+        self.counts.completed += 1;
+        self.dispatch(fx);
+        self.retire_idle(fx);
+        task
+    }
+
+    /// A worker's setup failed (initializer panicked, image mismatch). It will exit by itself;
+    /// the tasks queued to it never ran and go back to the queue.
+    pub(crate) fn setup_failed(&mut self, wid: WorkerId, message: &str, fx: &mut impl Effects<T>) {
+        let Some(slot) = self.workers.get_mut(&wid) else {
+            return;
+        };
+        slot.phase = Phase::Leaving;
+        let back: Vec<TaskId> = slot.in_flight.drain(..).collect();
+        for id in back.into_iter().rev() {
+            self.queue.push_front(id);
+        }
+        self.start_failed(message, fx);
+    }
+
+    /// A worker is gone (its process was reaped, or could not be started).
+    pub(crate) fn exited(&mut self, wid: WorkerId, how: Exit, fx: &mut impl Effects<T>) {
+        let Some(slot) = self.workers.remove(&wid) else {
+            return;
+        };
+        let never_started = !slot.ever_ready;
+        if never_started && slot.phase == Phase::Leaving {
+            // Setup failure (already counted, tasks already requeued), a retired idle worker,
+            // or a terminated one: nothing it held is left to account for.
+        } else if never_started {
+            // Nothing it held ever ran: give it to the next worker.
+            for id in slot.in_flight.into_iter().rev() {
+                self.queue.push_front(id);
+            }
+            if self.state != State::Terminated {
+                let why = match how {
+                    Exit::LaunchFailed(m) => m,
+                    Exit::Ended => "a worker exited before it was ready".to_string(),
+                };
+                self.start_failed(&why, fx);
+            }
+        } else {
+            if slot.in_flight.is_empty()
+                && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
+                && self.state != State::Terminated
+            {
+                self.counts.recycled += 1;
+            } else if self.state != State::Terminated {
+                self.counts.died += 1;
+            }
+            for id in slot.in_flight {
+                if let Some(task) = self.tasks.remove(&id) {
+                    self.counts.lost += 1;
+                    fx.finish(id, task, Finish::Lost(wid));
+                }
+            }
+        }
+        self.ensure_capacity(fx);
+        self.dispatch(fx);
+        self.retire_idle(fx);
+    }
+
+    /// No more submissions; workers exit once the queue drains.
+    pub(crate) fn close(&mut self, fx: &mut impl Effects<T>) {
+        if self.state == State::Running {
+            self.state = State::Closed;
+        }
+        self.retire_idle(fx);
+    }
+
+    /// Stop now: every unfinished task ends as terminated, every worker is killed.
+    pub(crate) fn terminate(&mut self, fx: &mut impl Effects<T>) {
+        self.state = State::Terminated;
+        self.queue.clear();
+        let mut ids: Vec<TaskId> = self.tasks.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(task) = self.tasks.remove(&id) {
+                self.counts.terminated += 1;
+                fx.finish(id, task, Finish::Terminated);
+            }
+        }
+        for (&wid, slot) in self.workers.iter_mut() {
+            slot.in_flight.clear();
+            if slot.phase != Phase::Leaving {
+                slot.phase = Phase::Leaving;
+            }
+            fx.kill(wid);
+        }
+    }
+
+    /// True once the pool is closed or terminated, every task has its outcome and every
+    /// worker is gone.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state != State::Running && self.tasks.is_empty() && self.workers.is_empty()
+    }
+
+    /// True once `close` or `terminate` was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state != State::Running
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Tasks waiting for a worker, and tasks handed to workers.
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let running = self.workers.values().map(|s| s.in_flight.len()).sum();
+        (self.queue.len(), running)
+    }
+
+    /// The tasks worker `wid` holds, oldest first.
+    pub(crate) fn held_by(&self, wid: WorkerId) -> impl Iterator<Item = TaskId> + '_ {
+        self.workers
+            .get(&wid)
+            .into_iter()
+            .flat_map(|s| s.in_flight.iter().copied())
+    }
+
+    pub(crate) fn task_mut(&mut self, id: TaskId) -> Option<&mut T> {
+        self.tasks.get_mut(&id)
+    }
+
+    fn start_failed(&mut self, why: &str, fx: &mut impl Effects<T>) {
+        self.counts.start_failures += 1;
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row >= self.cfg.start_failure_limit && self.broken.is_none() {
+            let why = format!(
+                "{} consecutive worker starts failed; the last: {why}",
+                self.failures_in_a_row
+            );
+            self.broken = Some(why.clone());
+            for id in std::mem::take(&mut self.queue) {
+                if let Some(task) = self.tasks.remove(&id) {
+                    self.counts.init_failed += 1;
+                    fx.finish(id, task, Finish::InitFailed(why.clone()));
+                }
+            }
+        }
+    }
+
+    /// Workers that can still be handed tasks.
+    fn active(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|s| matches!(s.phase, Phase::Starting | Phase::Ready))
+            .count()
+    }
+
+    fn ensure_capacity(&mut self, fx: &mut impl Effects<T>) {
+        if self.broken.is_some() {
+            return;
+        }
+        let wanted = match self.state {
+            State::Running => self.cfg.processes,
+            State::Closed if !self.queue.is_empty() => self.cfg.processes.min(self.queue.len()),
+            _ => 0,
+        };
+        while self.active() < wanted {
+            let wid = self.next_wid;
+            self.next_wid += 1;
+            self.workers.insert(
+                wid,
+                Slot {
+                    phase: Phase::Starting,
+                    ever_ready: false,
+                    in_flight: VecDeque::new(),
+                    assigned: 0,
+                },
+            );
+            self.counts.launched += 1;
+            fx.launch(wid);
+        }
+    }
+
+    fn dispatch(&mut self, fx: &mut impl Effects<T>) {
+        while !self.queue.is_empty() {
+            // The worker with the fewest tasks in hand; ready workers before starting ones.
+            let pick = self
+                .workers
+                .iter()
+                .filter(|(_, s)| {
+                    matches!(s.phase, Phase::Starting | Phase::Ready)
+                        && s.in_flight.len() < self.cfg.in_flight
+                })
+                .min_by_key(|(wid, s)| (s.in_flight.len(), s.phase != Phase::Ready, **wid))
+                .map(|(wid, _)| *wid);
+            let Some(wid) = pick else { break };
+            let id = self.queue.pop_front().expect("queue is not empty");
+            let task = self.tasks.get_mut(&id).expect("queued task has a record");
+            let slot = self.workers.get_mut(&wid).expect("picked worker exists");
+            slot.in_flight.push_back(id);
+            slot.assigned += 1;
+            fx.send(wid, id, task);
+            if self.cfg.max_tasks.is_some_and(|m| slot.assigned >= m) {
+                slot.phase = Phase::Retiring;
+                self.ensure_capacity(fx);
+            }
+        }
+        self.ensure_capacity(fx);
+    }
+
+    fn retire_idle(&mut self, fx: &mut impl Effects<T>) {
+        if self.state != State::Closed || !self.queue.is_empty() {
+            return;
+        }
+        for (&wid, slot) in self.workers.iter_mut() {
+            if slot.in_flight.is_empty() && matches!(slot.phase, Phase::Starting | Phase::Ready) {
+                slot.phase = Phase::Leaving;
+                fx.retire(wid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// A fake world: records what the policy asked for.
+    #[derive(Default, Debug)]
+    struct Fake {
+        launched: Vec<WorkerId>,
+        sent: Vec<(WorkerId, TaskId)>,
+        finished: Vec<(TaskId, Finish)>,
+        retired: Vec<WorkerId>,
+        killed: Vec<WorkerId>,
+    }
+
+    impl Effects<u64> for Fake {
+        fn launch(&mut self, wid: WorkerId) {
+            self.launched.push(wid);
+        }
+        fn send(&mut self, wid: WorkerId, id: TaskId, task: &mut u64) {
+            assert_eq!(*task, id, "record travels with its id");
+            self.sent.push((wid, id));
+        }
+        fn finish(&mut self, id: TaskId, task: u64, why: Finish) {
+            assert_eq!(task, id);
+            self.finished.push((id, why));
+        }
+        fn retire(&mut self, wid: WorkerId) {
+            self.retired.push(wid);
+        }
+        fn kill(&mut self, wid: WorkerId) {
+            self.killed.push(wid);
+        }
+    }
+
+    fn cfg(processes: usize, max_tasks: Option<u64>) -> PolicyConfig {
+        PolicyConfig {
+            processes,
+            max_tasks,
+            in_flight: 2,
+            start_failure_limit: 3,
+        }
+    }
+
+    #[test]
+    fn starts_the_configured_number_of_workers() {
+        let mut p = Policy::<u64>::new(cfg(3, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        assert_eq!(fx.launched, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn spreads_tasks_before_doubling_up() {
+        let mut p = Policy::<u64>::new(cfg(2, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        for id in 0..5 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(fx.sent, vec![(1, 0), (2, 1), (1, 2), (2, 3)]);
+        assert_eq!(p.load(), (1, 4));
+        assert_eq!(p.done(1, 0, &mut fx), Some(0));
+        assert_eq!(fx.sent.last(), Some(&(1, 4)));
+    }
+
+    #[test]
+    fn max_tasks_retires_and_replaces_at_once() {
+        let mut p = Policy::<u64>::new(cfg(2, Some(3)));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        for id in 0..10 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        let per_worker = |fx: &Fake, w| fx.sent.iter().filter(|(x, _)| *x == w).count();
+        assert_eq!(per_worker(&fx, 1), 2);
+        p.done(1, 0, &mut fx);
+        assert_eq!(per_worker(&fx, 1), 3);
+        // Worker 1 got its third task: a replacement starts before it exits.
+        assert_eq!(fx.launched, vec![1, 2, 3]);
+        p.done(1, 2, &mut fx);
+        p.done(1, 4, &mut fx);
+        p.exited(1, Exit::Ended, &mut fx);
+        assert_eq!(p.counts().recycled, 1);
+        assert_eq!(p.counts().died, 0);
+        assert!(fx.finished.is_empty());
+    }
+
+    #[test]
+    fn a_dead_worker_fails_exactly_its_tasks_and_is_replaced() {
+        let mut p = Policy::<u64>::new(cfg(2, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        for id in 0..6 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        p.exited(1, Exit::Ended, &mut fx);
+        assert_eq!(
+            fx.finished,
+            vec![(0, Finish::Lost(1)), (2, Finish::Lost(1))]
+        );
+        assert_eq!(fx.launched, vec![1, 2, 3]);
+        assert_eq!(p.counts().died, 1);
+        // The queued tasks went on: 4 and 5 are handed out (to 2 and the new 3).
+        let later: BTreeSet<_> = fx.sent.iter().skip(4).map(|(_, t)| *t).collect();
+        assert_eq!(later, BTreeSet::from([4, 5]));
+    }
+
+    #[test]
+    fn tasks_of_a_worker_that_never_started_are_requeued() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.submit(7, 7, &mut fx).unwrap();
+        p.setup_failed(1, "initializer panicked", &mut fx);
+        p.exited(1, Exit::Ended, &mut fx);
+        assert!(fx.finished.is_empty());
+        assert_eq!(fx.launched, vec![1, 2]);
+        assert_eq!(fx.sent, vec![(1, 7), (2, 7)]);
+    }
+
+    #[test]
+    fn repeated_start_failures_break_the_pool() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.submit(1, 1, &mut fx).unwrap();
+        for wid in 1..=3 {
+            p.setup_failed(wid, "boom", &mut fx);
+            p.exited(wid, Exit::Ended, &mut fx);
+        }
+        assert_eq!(fx.finished.len(), 1);
+        assert!(matches!(&fx.finished[0].1, Finish::InitFailed(m) if m.contains("boom")));
+        assert_eq!(fx.launched.len(), 3, "no fourth start after the breaker tripped");
+        assert!(matches!(p.submit(2, 2, &mut fx), Err((2, Refusal::Broken(_)))));
+    }
+
+    #[test]
+    fn close_drains_then_retires() {
+        let mut p = Policy::<u64>::new(cfg(2, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        p.submit(1, 1, &mut fx).unwrap();
+        p.close(&mut fx);
+        assert_eq!(fx.retired, vec![2]);
+        assert!(matches!(p.submit(2, 2, &mut fx), Err((2, Refusal::Closed))));
+        p.done(1, 1, &mut fx);
+        assert_eq!(fx.retired, vec![2, 1]);
+        p.exited(1, Exit::Ended, &mut fx);
+        p.exited(2, Exit::Ended, &mut fx);
+        assert!(p.is_finished());
+    }
+
+    #[test]
+    fn terminate_fails_everything_pending() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        for id in 0..4 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        p.terminate(&mut fx);
+        assert_eq!(fx.finished.len(), 4);
+        assert_eq!(fx.killed, vec![1]);
+        p.exited(1, Exit::Ended, &mut fx);
+        assert!(p.is_finished());
+        assert_eq!(fx.launched, vec![1], "no replacement after terminate");
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Submit,
+        Ready(usize),
+        Done(usize),
+        SetupFail(usize),
+        Die(usize),
+        Close,
+        Terminate,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Submit),
+            2 => (0usize..8).prop_map(Op::Ready),
+            5 => (0usize..8).prop_map(Op::Done),
+            1 => (0usize..8).prop_map(Op::SetupFail),
+            1 => (0usize..8).prop_map(Op::Die),
+            1 => Just(Op::Close),
+            1 => Just(Op::Terminate),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of submits, completions, deaths, setup failures, recycles, close and
+        /// terminate gives every task exactly one outcome, and never over-commits a worker.
+        #[test]
+        fn every_task_gets_exactly_one_outcome(
+            processes in 1usize..4,
+            max_tasks in prop::option::of(1u64..4),
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let mut p = Policy::<u64>::new(cfg(processes, max_tasks));
+            let mut fx = Fake::default();
+            p.start(&mut fx);
+            let mut next = 0u64;
+            let mut outcomes: HashMap<TaskId, u32> = HashMap::new();
+            let mut refused = BTreeSet::new();
+            let mut sent_per_worker: HashMap<WorkerId, u64> = HashMap::new();
+            let live = |p: &Policy<u64>| p.workers.keys().copied().collect::<Vec<_>>();
+            for op in ops {
+                match op {
+                    Op::Submit => {
+                        let id = next;
+                        next += 1;
+                        if p.submit(id, id, &mut fx).is_err() {
+                            refused.insert(id);
+                        }
+                    }
+                    Op::Ready(i) => {
+                        let w = live(&p);
+                        if !w.is_empty() { p.ready(w[i % w.len()], &mut fx); }
+                    }
+                    Op::Done(i) => {
+                        let w = live(&p);
+                        if w.is_empty() { continue; }
+                        let wid = w[i % w.len()];
+                        let slot = &p.workers[&wid];
+                        if !slot.ever_ready { p.ready(wid, &mut fx); }
+                        if let Some(&id) = p.workers[&wid].in_flight.front() {
+                            let rec = p.done(wid, id, &mut fx);
+                            prop_assert_eq!(rec, Some(id));
+                            *outcomes.entry(id).or_default() += 1;
+                        }
+                    }
+                    Op::SetupFail(i) => {
+                        let w: Vec<_> = p.workers.iter().filter(|(_, s)| !s.ever_ready).map(|(w, _)| *w).collect();
+                        if !w.is_empty() {
+                            let wid = w[i % w.len()];
+                            p.setup_failed(wid, "boom", &mut fx);
+                            p.exited(wid, Exit::Ended, &mut fx);
+                        }
+                    }
+                    Op::Die(i) => {
+                        let w = live(&p);
+                        if !w.is_empty() { p.exited(w[i % w.len()], Exit::Ended, &mut fx); }
+                    }
+                    Op::Close => p.close(&mut fx),
+                    Op::Terminate => p.terminate(&mut fx),
+                }
+                for (wid, slot) in &p.workers {
+                    prop_assert!(slot.in_flight.len() <= 2);
+                    if let Some(m) = max_tasks { prop_assert!(slot.assigned <= m); }
+                    let _ = sent_per_worker.entry(*wid).or_default();
+                }
+            }
+            // Wind down: terminate, and reap every worker.
+            p.terminate(&mut fx);
+            for wid in live(&p) { p.exited(wid, Exit::Ended, &mut fx); }
+            prop_assert!(p.is_finished());
+            for (id, _) in &fx.finished { *outcomes.entry(*id).or_default() += 1; }
+            for id in 0..next {
+                let n = outcomes.get(&id).copied().unwrap_or(0);
+                if refused.contains(&id) {
+                    prop_assert_eq!(n, 0, "refused task {} also got an outcome", id);
+                } else {
+                    prop_assert_eq!(n, 1, "task {} got {} outcomes", id, n);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The multiprocessing.Pool API, under each start method.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use procpool::{Callbacks, TaskErrorKind, current_process};
+
+use crate::util::{METHODS, add, builder, shut_down, sleep_ms, square};
+
+fn three(a: u8, b: String, c: Vec<u16>) -> String {
+    format!("{a}-{b}-{}", c.len())
+}
+
+fn name_and_pid() -> (String, u32) {
+    let p = current_process();
+    assert!(p.is_worker());
+    (p.name().to_string(), p.pid())
+}
+
+#[test]
+fn apply_map_starmap_give_python_results_under_every_method() {
+    for method in METHODS {
+        let pool = builder(method).build().expect("build");
+        assert_eq!(pool.apply(square, (7,)).unwrap(), 49, "{method:?}");
+        assert_eq!(pool.apply(add, (2, 3)).unwrap(), 5);
+        assert_eq!(
+            pool.apply(three, (1, "x".to_string(), vec![1, 2, 3])).unwrap(),
+            "1-x-3"
+        );
+        // A non-capturing closure is a task too.
+        assert_eq!(pool.apply(|x: i32| x - 1, (10,)).unwrap(), 9);
+        let want: Vec<u64> = (0..1000).map(|x| x * x).collect();
+        assert_eq!(pool.map(square, 0..1000u64).unwrap(), want);
+        assert_eq!(pool.map_chunked(square, 0..1000u64, 1).unwrap(), want);
+        assert_eq!(pool.map_chunked(square, 0..1000u64, 333).unwrap(), want);
+        assert_eq!(pool.map(square, Vec::<u64>::new()).unwrap(), Vec::<u64>::new());
+        assert_eq!(
+            pool.starmap(add, vec![(1, 2), (3, 4)]).unwrap(),
+            vec![3, 7]
+        );
+        let (name, pid) = pool.apply(name_and_pid, ()).unwrap();
+        assert!(name.starts_with(method.worker_name_prefix()), "{name}");
+        assert!(pool.workers().iter().any(|w| w.pid() == pid && w.name() == name));
+        shut_down(pool);
+    }
+}
+
+#[test]
+fn async_results_wait_ready_successful_and_timeouts() {
+    let pool = builder(Default::default()).build().unwrap();
+    let slow = pool.apply_async(sleep_ms, (300,));
+    assert!(!slow.ready());
+    assert_eq!(slow.successful(), None);
+    let e = slow.get_timeout(Duration::from_millis(10)).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::NotReady);
+    assert!(slow.wait_timeout(Duration::from_secs(10)));
+    assert!(slow.ready());
+    assert_eq!(slow.successful(), Some(true));
+    let pid = slow.get_timeout(Duration::from_secs(1)).unwrap();
+    assert!(pool.workers().iter().any(|w| w.pid() == pid));
+    let again = slow.get_timeout(Duration::from_secs(1)).unwrap_err();
+    assert_eq!(again.kind(), TaskErrorKind::ResultTaken);
+
+    let m = pool.map_async(square, 0..10u64);
+    m.wait();
+    assert_eq!(m.get().unwrap()[9], 81);
+    let s = pool.starmap_async(add, vec![(1, 1)]);
+    assert_eq!(s.get().unwrap(), vec![2]);
+    shut_down(pool);
+}
+
+#[test]
+fn callbacks_run_before_the_result_is_ready_and_cannot_break_the_pool() {
+    let pool = builder(Default::default()).build().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = Arc::clone(&seen);
+    let r = pool.apply_async_with(
+        square,
+        (9,),
+        Callbacks::new().on_success(move |v: &u64| s2.store(*v, Ordering::SeqCst)),
+    );
+    assert_eq!(r.get().unwrap(), 81);
+    assert_eq!(seen.load(Ordering::SeqCst), 81, "callback ran before get returned");
+
+    // A panicking callback is caught: the result still arrives and the pool goes on.
+    let r = pool.apply_async_with(
+        square,
+        (3,),
+        Callbacks::new().on_success(|_: &u64| panic!("callback bug")),
+    );
+    assert_eq!(r.get().unwrap(), 9);
+    let errors = Arc::new(AtomicU64::new(0));
+    let e2 = Arc::clone(&errors);
+    let r = pool.apply_async_with(
+        crate::failures::boom,
+        (1,),
+        Callbacks::new().on_error(move |_e| {
+            e2.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    assert!(r.get().unwrap_err().is_panic());
+    assert_eq!(errors.load(Ordering::SeqCst), 1);
+    let all = pool.map_async_with(square, 0..4u64, Some(1), Callbacks::new());
+    assert_eq!(all.get().unwrap(), vec![0, 1, 4, 9]);
+    assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
+    shut_down(pool);
+}
+
+#[test]
+fn imap_is_ordered_lazy_and_works_on_endless_input() {
+    let pool = builder(Default::default()).build().unwrap();
+    let got: Vec<u64> = pool.imap(square, 0..500u64).map(Result::unwrap).collect();
+    assert_eq!(got, (0..500).map(|x| x * x).collect::<Vec<_>>());
+    // An endless iterator: take what we need; the input is read only as workers free up.
+    let mut pulled = 0u64;
+    let counting = (0u64..).inspect(|_| pulled += 1);
+    let first: Vec<u64> = pool.imap(square, counting).take(50).map(Result::unwrap).collect();
+    assert_eq!(first[49], 49 * 49);
+    let mut unordered: Vec<u64> = pool
+        .imap_unordered_chunked(square, 0..300u64, 7)
+        .map(Result::unwrap)
+        .collect();
+    unordered.sort_unstable();
+    assert_eq!(unordered, (0..300).map(|x| x * x).collect::<Vec<_>>());
+    let chunked: Vec<u64> = pool.imap_chunked(square, 0..100u64, 9).map(Result::unwrap).collect();
+    assert_eq!(chunked.len(), 100);
+    shut_down(pool);
+}
+
+#[test]
+fn imap_reads_its_input_lazily() {
+    let pool = builder(Default::default()).build().unwrap();
+    let pulled = Arc::new(AtomicU64::new(0));
+    let p2 = Arc::clone(&pulled);
+    let input = (0u64..).inspect(move |_| {
+        p2.fetch_add(1, Ordering::SeqCst);
+    });
+    let mut it = pool.imap(square, input);
+    for _ in 0..10 {
+        it.next().unwrap().unwrap();
+    }
+    let read = pulled.load(Ordering::SeqCst);
+    assert!(read < 100, "imap read {read} items ahead of 10 consumed: not lazy");
+    drop(it);
+    shut_down(pool);
+}
+
+#[test]
+fn a_closed_pool_refuses_new_tasks_with_pool_closed() {
+    let pool = builder(Default::default()).build().unwrap();
+    let e = pool.join().unwrap_err();
+    assert!(e.to_string().contains("close()"), "{e}");
+    pool.close();
+    let e = pool.apply(square, (1,)).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::PoolClosed);
+    assert!(pool.map(square, 0..3u64).is_err());
+    assert!(pool.imap(square, 0u64..).next().unwrap().is_err(), "endless input stops");
+    pool.join().unwrap();
+}

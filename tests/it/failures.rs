@@ -1,0 +1,193 @@
+//! Failures: panics, dead workers, encoding errors. Each is that task's error, the pool goes on.
+
+use std::time::{Duration, Instant};
+
+use procpool::{TaskErrorKind, current_process};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::util::{METHODS, alive, builder, my_pid, shut_down, square, wait_for};
+
+pub(crate) fn boom(x: u32) -> u32 {
+    if x > 0 {
+        panic!("boom at {x}");
+    }
+    x
+}
+
+fn die_by_signal(_x: u32) -> u32 {
+    std::process::abort()
+}
+
+fn exit_with(code: i32) -> u32 {
+    std::process::exit(code)
+}
+
+fn exit_zero() -> u32 {
+    std::process::exit(0)
+}
+
+fn hang_then_pid(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    current_process().pid()
+}
+
+#[test]
+fn a_panic_is_that_tasks_error_and_the_worker_survives() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        let before = pool.apply(my_pid, ()).unwrap();
+        let e = pool.apply(boom, (3,)).unwrap_err();
+        assert!(e.is_panic(), "{method:?}: {e}");
+        assert!(e.panic_message().unwrap().contains("boom at 3"), "{e}");
+        assert_eq!(e.pid(), Some(before));
+        assert!(e.to_string().contains("task panicked"), "{e}");
+        assert_eq!(pool.apply(my_pid, ()).unwrap(), before, "same worker survived");
+        // In a map, the first failing item is named.
+        let e = pool.map(boom, vec![0, 0, 5, 6]).unwrap_err();
+        assert_eq!(e.item_index(), Some(2), "{e}");
+        let per_item: Vec<_> = pool.imap(boom, vec![0u32, 1, 0]).collect();
+        assert!(per_item[0].is_ok() && per_item[1].is_err() && per_item[2].is_ok());
+        shut_down(pool);
+    }
+}
+
+#[test]
+fn a_dead_worker_fails_its_task_with_pid_and_signal_and_is_replaced() {
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        let started = Instant::now();
+        let e = pool.apply(die_by_signal, (1,)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        assert_eq!(e.signal(), Some(6), "{e}");
+        let pid = e.pid().expect("the error names the pid");
+        assert!(e.to_string().contains("SIGABRT"), "{e}");
+        assert!(e.to_string().contains(&pid.to_string()), "{e}");
+        wait_for("the replacement", Duration::from_secs(10), || {
+            let w = pool.workers();
+            w.len() == 2 && w.iter().all(|w| w.pid() != pid)
+        });
+        assert!(!alive(pid), "{method:?}: the dead worker was reaped");
+        let e = pool.apply(exit_with, (3,)).unwrap_err();
+        assert_eq!(e.exit_code(), Some(3), "{e}");
+        let e = pool.apply(exit_zero, ()).unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "exit(0) mid-task is a loss: {e}");
+        assert_eq!(pool.map(square, 0..20u64).unwrap().len(), 20);
+        assert_eq!(pool.metrics().died, 3);
+        shut_down(pool);
+    }
+}
+
+#[test]
+fn killing_a_busy_worker_fails_only_its_tasks() {
+    let pool = builder(Default::default()).build().unwrap();
+    let victim = pool.apply_async(hang_then_pid, (5_000,));
+    let bystander = pool.apply_async(hang_then_pid, (300,));
+    std::thread::sleep(Duration::from_millis(100));
+    // Find the worker running the long task: the one whose pid the bystander is not.
+    let workers = pool.workers();
+    assert_eq!(workers.len(), 2);
+    let by_pid = bystander.get().unwrap();
+    let target = workers.iter().find(|w| w.pid() != by_pid).unwrap().pid();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(target as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = victim.get().unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(3), "event-driven, not the task's 5s");
+    assert_eq!(e.signal(), Some(9));
+    assert!(e.to_string().contains("SIGKILL"), "{e}");
+    assert_eq!(pool.apply(square, (4,)).unwrap(), 16);
+    shut_down(pool);
+}
+
+/// A value whose encoding always fails.
+#[derive(Debug)]
+struct Unencodable;
+
+impl Serialize for Unencodable {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value refuses to be encoded"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unencodable {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("never decoded"))
+    }
+}
+
+fn take(_u: Unencodable) -> u8 {
+    1
+}
+
+/// A result that encodes in the worker but refuses to decode in the parent.
+#[derive(Debug)]
+struct Undecodable;
+
+impl Serialize for Undecodable {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Undecodable {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("this value refuses to be decoded"))
+    }
+}
+
+fn give() -> Undecodable {
+    Undecodable
+}
+
+fn give_unencodable() -> Unencodable {
+    Unencodable
+}
+
+/// Encodes only when its flag is true.
+#[derive(Debug)]
+struct Picky(bool);
+
+impl Serialize for Picky {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 {
+            s.serialize_bool(true)
+        } else {
+            Err(serde::ser::Error::custom("picky value refuses"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Picky {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        bool::deserialize(d).map(Picky)
+    }
+}
+
+fn picky(p: Picky) -> u8 {
+    u8::from(p.0)
+}
+
+#[test]
+fn encoding_and_decoding_failures_are_that_tasks_error() {
+    let pool = builder(Default::default()).build().unwrap();
+    let e = pool.apply(take, (Unencodable,)).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Encode, "{e}");
+    assert!(e.to_string().contains("refuses to be encoded"), "{e}");
+    let e = pool.apply(give, ()).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
+    let e = pool.apply(give_unencodable, ()).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Encode, "result encoding in the worker: {e}");
+    // Only the item that cannot be encoded fails; its chunk-mates run.
+    let items = vec![Picky(true), Picky(false), Picky(true)];
+    let got: Vec<_> = pool.imap_chunked(picky, items, 3).collect();
+    assert_eq!(got[0].as_ref().unwrap(), &1);
+    assert_eq!(got[1].as_ref().unwrap_err().kind(), TaskErrorKind::Encode);
+    assert_eq!(got[1].as_ref().unwrap_err().item_index(), Some(1));
+    assert_eq!(got[2].as_ref().unwrap(), &1);
+    assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
+    shut_down(pool);
+}

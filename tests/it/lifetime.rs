@@ -1,0 +1,173 @@
+//! Worker lifetime: recycling, replacement, shutdown, and what is left behind (nothing).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use procpool::{Pool, TaskErrorKind, current_process};
+
+use crate::util::{METHODS, alive, builder, my_pid, shut_down, sleep_ms, square, wait_for};
+
+fn worker_name(_x: u32) -> String {
+    current_process().name().to_string()
+}
+
+/// Seed 000: two workers, three tasks each, ten tasks; names change every three tasks.
+#[test]
+fn max_tasks_per_child_replaces_workers_after_three_tasks() {
+    for method in METHODS {
+        let pool = builder(method).max_tasks_per_child(3).build().unwrap();
+        let pending: Vec<_> = (0..10).map(|i| pool.apply_async(worker_name, (i,))).collect();
+        let names: Vec<String> = pending.into_iter().map(|r| r.get().unwrap()).collect();
+        let mut per_worker = std::collections::BTreeMap::<String, usize>::new();
+        for n in &names {
+            *per_worker.entry(n.clone()).or_default() += 1;
+        }
+        assert!(per_worker.values().all(|&c| c <= 3), "{method:?}: {per_worker:?}");
+        assert!(per_worker.len() >= 4, "{method:?}: at least four workers: {per_worker:?}");
+        let prefix = method.worker_name_prefix();
+        assert!(names.iter().all(|n| n.starts_with(prefix)));
+        assert!(per_worker.contains_key(&format!("{prefix}-1")));
+        assert!(per_worker.contains_key(&format!("{prefix}-4")));
+        let m = pool.metrics();
+        assert_eq!(m.died, 0, "recycles are not crashes");
+        shut_down(pool);
+    }
+}
+
+/// CPython's test_pool_worker_lifetime: 3 workers, 10 tasks each, 100 tasks: results right,
+/// and the worker pids changed.
+#[test]
+fn pool_worker_lifetime() {
+    let pool = Pool::builder()
+        .processes(3)
+        .max_tasks_per_child(10)
+        .build()
+        .unwrap();
+    assert_eq!(pool.workers().len(), 3);
+    let original: BTreeSet<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+    let results: Vec<_> = (0..100u64).map(|i| pool.apply_async(square, (i,))).collect();
+    for (j, r) in results.into_iter().enumerate() {
+        assert_eq!(r.get().unwrap(), (j * j) as u64);
+    }
+    wait_for("three live workers", Duration::from_secs(10), || {
+        pool.workers().len() == 3
+    });
+    let now: BTreeSet<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+    assert_ne!(original, now);
+    assert!(pool.metrics().recycled >= 9, "{:?}", pool.metrics());
+    shut_down(pool);
+}
+
+#[test]
+fn terminate_fails_pending_tasks_and_reaps_workers_quickly() {
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+        let running: Vec<_> = (0..6).map(|_| pool.apply_async(sleep_ms, (10_000,))).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        pool.terminate();
+        pool.join().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "{method:?}: terminate is prompt");
+        for r in running {
+            assert_eq!(r.get().unwrap_err().kind(), TaskErrorKind::PoolClosed);
+        }
+        for pid in pids {
+            assert!(!alive(pid), "{method:?}: worker {pid} reaped");
+        }
+    }
+}
+
+#[test]
+fn dropping_a_pool_terminates_and_reaps_it() {
+    let pool = builder(Default::default()).build().unwrap();
+    let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+    let pending = pool.apply_async(sleep_ms, (10_000,));
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    drop(pool);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(pending.get().unwrap_err().kind(), TaskErrorKind::PoolClosed);
+    for pid in pids {
+        assert!(!alive(pid));
+    }
+}
+
+#[test]
+fn close_then_join_drains_the_queue() {
+    let pool = builder(Default::default()).build().unwrap();
+    let pending: Vec<_> = (0..8).map(|_| pool.apply_async(sleep_ms, (20,))).collect();
+    pool.close();
+    pool.join().unwrap();
+    for r in pending {
+        assert!(r.get().is_ok());
+    }
+}
+
+#[test]
+fn join_timeout_escalates_and_returns() {
+    let pool = builder(Default::default()).build().unwrap();
+    let stuck = pool.apply_async(sleep_ms, (60_000,));
+    pool.close();
+    let t = Instant::now();
+    assert!(pool.join_timeout(Duration::from_millis(200)).is_err());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(stuck.get().unwrap_err().kind(), TaskErrorKind::PoolClosed);
+}
+
+fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn list_fds() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A worker holds stdio and its channel, nothing of the parent's.
+#[test]
+fn workers_inherit_no_stray_fds() {
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        let fds = pool.apply(list_fds, ()).unwrap();
+        // 0, 1, 2, the channel, and the directory read_dir opened to list them.
+        assert!(fds.len() <= 5, "{method:?}: worker fds {fds:?}");
+        shut_down(pool);
+    }
+}
+
+/// Run in a fresh process (re-exec) so that other tests' threads cannot disturb the count.
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_fd_balance() {
+    let before = count_fds();
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+        let _ = pool.apply(my_pid, ());
+        shut_down(pool);
+    }
+    let after = count_fds();
+    assert_eq!(before, after, "fds leaked by pools: {before} before, {after} after");
+}
+
+#[test]
+fn pools_leave_no_fd_behind() {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["lifetime::helper_fd_balance", "--exact", "--ignored", "--test-threads=1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helper failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+}

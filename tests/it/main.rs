@@ -1,0 +1,9 @@
+//! End-to-end tests of the facade: real worker processes under every start method.
+
+procpool::enable_test_support!();
+
+mod api;
+mod failures;
+mod lifetime;
+mod shared_event;
+mod util;

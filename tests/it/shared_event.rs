@@ -1,0 +1,59 @@
+//! The process-shared Event (seed 004): tasks stop early when it is set; the pool stays usable.
+
+use std::time::{Duration, Instant};
+
+use procpool::Event;
+
+use crate::util::{METHODS, builder, shut_down, square};
+
+fn run_until_set(id: u32, event: Event) -> (u32, bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if event.wait_timeout(Duration::from_millis(20)) {
+            return (id, true);
+        }
+    }
+    (id, false)
+}
+
+#[test]
+fn setting_an_event_stops_running_tasks_under_every_method() {
+    for method in METHODS {
+        let event = Event::new().unwrap();
+        let pool = builder(method).processes(4).build().unwrap();
+        let items: Vec<(u32, Event)> = (0..4).map(|i| (i, event.clone())).collect();
+        let r = pool.starmap_async(run_until_set, items);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!r.ready(), "{method:?}: tasks wait for the event");
+        let t = Instant::now();
+        event.set();
+        let got = r.get().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(got, (0..4).map(|i| (i, true)).collect::<Vec<_>>());
+        // The pool is reusable: no worker was killed.
+        assert_eq!(pool.metrics().died, 0);
+        assert_eq!(pool.apply(square, (6,)).unwrap(), 36);
+        event.clear();
+        assert!(!event.is_set());
+        shut_down(pool);
+    }
+}
+
+fn set_later(e: Event, ms: u64) -> bool {
+    std::thread::sleep(Duration::from_millis(ms));
+    e.set();
+    e.is_set()
+}
+
+#[test]
+fn a_worker_setting_the_event_wakes_a_waiter_in_the_parent() {
+    let event = Event::new().unwrap();
+    let pool = builder(Default::default()).build().unwrap();
+    assert!(!event.wait_timeout(Duration::from_millis(20)));
+    let r = pool.apply_async(set_later, (event.clone(), 100));
+    let t = Instant::now();
+    assert!(event.wait_timeout(Duration::from_secs(10)), "the worker's set is seen here");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(r.get().unwrap());
+    shut_down(pool);
+}

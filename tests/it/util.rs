@@ -1,0 +1,61 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::time::{Duration, Instant};
+
+use procpool::{Pool, PoolBuilder, StartMethod};
+
+/// Every start method, for tests that must hold under each.
+pub(crate) const METHODS: [StartMethod; 3] =
+    [StartMethod::Forkserver, StartMethod::Spawn, StartMethod::Fork];
+
+/// A builder for `method`; Fork is allowed although the test harness runs threads.
+pub(crate) fn builder(method: StartMethod) -> PoolBuilder {
+    Pool::builder()
+        .processes(2)
+        .start_method(method)
+        .allow_fork_with_threads(true)
+}
+
+/// True while a process with this pid exists (zombies included).
+pub(crate) fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits (bounded) until `cond` holds; panics with `what` otherwise.
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Closes and joins `pool`, then checks that none of its workers is left, not even a zombie.
+pub(crate) fn shut_down(pool: Pool) {
+    let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+    pool.close();
+    pool.join().expect("join after close");
+    drop(pool);
+    for pid in pids {
+        wait_for(&format!("worker {pid} to be gone"), Duration::from_secs(5), || {
+            !alive(pid)
+        });
+    }
+}
+
+pub(crate) fn square(x: u64) -> u64 {
+    x * x
+}
+
+pub(crate) fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
+pub(crate) fn sleep_ms(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::id()
+}
+
+pub(crate) fn my_pid() -> u32 {
+    std::process::id()
+}

@@ -1,0 +1,151 @@
+//! `cargo xtask bench [--quick]`: procpool beside CPython's `multiprocessing.Pool` and
+//! procspawn, in one run, on this machine.
+//!
+//! Steps: build `procpool` (pool-cli) in release mode and run `procpool bench`; run
+//! `bench/reference/mp_pool.py` with `python3` for each start method; build and run the
+//! procspawn comparison (`bench/procspawn`, outside the workspace) where it builds; then
+//! `bench/report.py` turns all the JSON lines into a markdown table (stdout),
+//! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
+//! Finally the criterion micro-benchmarks run (skipped with `--quick`).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::{root, step};
+
+const WORKLOADS: [&str; 9] = [
+    "apply_rtt",
+    "map_tiny_chunk1",
+    "map_tiny_auto",
+    "echo_1mib",
+    "cpu_speedup",
+    "startup",
+    "recycle",
+    "replace_latency",
+    "imap_memory",
+];
+
+/// Runs the benchmark suite.
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs = if quick { "2" } else { "5" };
+    let root = root();
+    let out_dir = root.join("target/bench");
+    fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
+    let raw_path = out_dir.join("raw.jsonl");
+    let mut raw = File::create(&raw_path).map_err(|e| format!("create raw.jsonl: {e}"))?;
+    let started = Instant::now();
+
+    step(
+        "build procpool (release)",
+        Command::new(cargo()).args(["build", "--release", "-p", "pool-cli"]),
+    )?;
+    println!("==> procpool bench");
+    let mut cmd = Command::new(root.join("target/release/procpool"));
+    cmd.args(["bench", "--runs", runs]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    collect(&mut cmd, &mut raw)?;
+
+    let script = root.join("bench/reference/mp_pool.py");
+    if script.exists() {
+        for method in ["fork", "spawn", "forkserver"] {
+            println!("==> CPython multiprocessing.Pool ({method})");
+            for w in WORKLOADS {
+                let mut cmd = Command::new("python3");
+                cmd.arg(&script)
+                    .args(["--method", method, "--workload", w, "--runs", runs]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                if let Err(e) = collect(&mut cmd, &mut raw) {
+                    eprintln!("    {w}: {e}");
+                }
+            }
+        }
+    } else {
+        eprintln!("    (no CPython reference script at {})", script.display());
+    }
+
+    let procspawn = root.join("bench/procspawn/Cargo.toml");
+    if procspawn.exists() {
+        println!("==> procspawn (where it can do the workload)");
+        let built = Command::new(cargo())
+            .args(["build", "--release", "--manifest-path"])
+            .arg(&procspawn)
+            .env("CARGO_TARGET_DIR", root.join("target/procspawn-bench"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        let exe = root.join("target/procspawn-bench/release/procspawn-bench");
+        if built && exe.exists() {
+            let mut cmd = Command::new(exe);
+            cmd.args(["--runs", runs]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            if let Err(e) = collect(&mut cmd, &mut raw) {
+                eprintln!("    procspawn: {e}");
+            }
+        } else {
+            writeln!(
+                raw,
+                "{{\"system\":\"procspawn\",\"workload\":\"apply_rtt\",\"ok\":false,\"reason\":\"procspawn did not build here\"}}"
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    drop(raw);
+
+    let report = root.join("bench/report.py");
+    if report.exists() {
+        step(
+            "report",
+            Command::new("python3")
+                .arg(&report)
+                .arg(&raw_path)
+                .arg("--out")
+                .arg(&out_dir),
+        )?;
+    } else {
+        eprintln!("    (no report script; raw results in {})", raw_path.display());
+    }
+    if !quick {
+        step(
+            "criterion micro-benchmarks",
+            Command::new(cargo()).args(["bench", "--workspace"]),
+        )?;
+    }
+    println!(
+        "==> bench done in {:.0}s; raw results in {}",
+        started.elapsed().as_secs_f64(),
+        raw_path.display()
+    );
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs `cmd`, echoes and appends its JSON lines to `raw`.
+fn collect(cmd: &mut Command, raw: &mut File) -> Result<(), String> {
+    let out = cmd
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not run {cmd:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        println!("    {line}");
+        writeln!(raw, "{line}").map_err(|e| e.to_string())?;
+    }
+    if !out.status.success() {
+        return Err(format!("{:?} exited with {}", cmd.get_program(), out.status));
+    }
+    Ok(())
+}
