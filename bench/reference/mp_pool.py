@@ -3,6 +3,11 @@
 
 Usage:
     python3 mp_pool.py --method fork|spawn|forkserver|all --workload NAME|all --runs N [--quick]
+                       [--timeout SECS] [--victim waiter|holder]
+
+Workloads: apply_rtt, map_tiny_chunk1, map_tiny_auto, echo_1mib, cpu_speedup, startup,
+recycle, replace_latency, imap_memory (see SIZES for the counts; --quick scales them down).
+Units: "s" and "bytes" (lower is better), "tasks/s", "B/s" and "x" (higher is better).
 
 Prints one JSON line per run on stdout:
     {"system":"cpython-<method>","workload":NAME,"value":...,"unit":...,"ok":true,"run":i,...}
@@ -13,7 +18,9 @@ Each run executes in a fresh interpreter (a child of this script, in its own pro
 group), so no run inherits another's pool, memory or stuck threads, and a run that hangs is
 killed by the driver after a hard time limit and reported as "timed out after Xs".  Inside
 the run a softer alarm fires first, so a workload that can report partial progress (imap
-memory) does so.
+memory) does so.  After a run that timed out, the remaining runs of that workload are
+skipped (the row says how many in "skipped_runs"): a hang repeats, and more runs would
+only spend the time budget.
 
 Only the standard library is used.
 """
@@ -54,17 +61,18 @@ UNITS = {
     "imap_memory": "bytes",
 }
 
-# Sizes per workload: (full, quick).
+# Sizes per workload: (full, quick).  The same counts as `procpool bench`
+# (pool-cli/src/bench.rs, `Scale`), so that fixed costs weigh the same on both sides.
 SIZES = {
-    "apply_rtt": (2000, 300),  # round trips per run
-    "map_tiny_chunk1": (20_000, 4_000),  # tasks
-    "map_tiny_auto": (200_000, 40_000),  # tasks
-    "echo_1mib": (200, 100),  # 1 MiB tasks
-    "cpu_speedup": (16, 8),  # ~20 ms tasks
+    "apply_rtt": (5000, 500),  # round trips per run
+    "map_tiny_chunk1": (20_000, 2_000),  # tasks
+    "map_tiny_auto": (200_000, 20_000),  # tasks
+    "echo_1mib": (200, 20),  # 1 MiB tasks
+    "cpu_speedup": (16, 4),  # ~20 ms tasks
     "startup": (1, 1),
-    "recycle": (400, 100),  # tasks, one per worker process
+    "recycle": (400, 40),  # tasks, one per worker process
     "replace_latency": (1, 1),
-    "imap_memory": (200_000, 40_000),  # results consumed
+    "imap_memory": (200_000, 20_000),  # results consumed
 }
 # Hard per-run limit enforced by the driver (seconds): (full, quick).
 HARD_TIMEOUT = (120.0, 20.0)
@@ -239,11 +247,17 @@ def w_replace_latency(ctx, n, state):
 
     An idle CPython worker is blocked either reading the task pipe while holding the
     queue's read lock, or waiting for that lock.  Killing the lock holder leaves the lock
-    held forever and the pool never runs another task, so the victim is the worker that
-    waits for the lock (seen through /proc/<pid>/syscall): that gives CPython its best
-    case.  `--victim holder` kills the lock holder instead, to show the hang.
+    held forever and the pool never runs another task (so a pool of one worker cannot do
+    this workload at all), hence a pool of two, and the victim is the worker that waits
+    for the lock (seen through /proc/<pid>/syscall): CPython's best case.  `--victim
+    holder` kills the lock holder instead, to show the hang.
+
+    Right after the kill two tasks go in: a 0.3 s sleep, which the surviving worker (the
+    lock holder) takes, then an instant probe, which stays queued until the replacement
+    is ready and takes it.  Nothing spins while the replacement starts.
     """
     victim_kind = state.get("victim", "waiter")
+    hold = 0.3
     pool = ctx.Pool(2)
     try:
         # Warm up and let both workers settle into their idle waits.
@@ -256,26 +270,22 @@ def w_replace_latency(ctx, n, state):
         victim = victims[0] if victims else old[0]
         t0 = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
-        # Phase 1: a new pid shows up in the pool's worker list.
+        t_appear = None
+        rounds = 0
         while True:
-            new = [p for p in worker_pids(pool) if p not in old]
-            if new:
-                t_appear = time.perf_counter() - t0
-                break
-            time.sleep(0.0005)
-        newpid = new[0]
-        # Phase 2: the new worker answers.  Two 2 ms tasks per batch so that each
-        # worker takes one (a single task would usually go to the surviving worker).
-        batches = 0
-        while True:
-            batches += 1
-            pids = pool.map(pid_after, [0.002, 0.002], chunksize=1)
-            if newpid in pids:
+            rounds += 1
+            pool.apply_async(pid_after, (hold,))
+            probe = pool.apply_async(pid_after, (0,))
+            while not probe.ready():
+                if t_appear is None and any(p not in old for p in worker_pids(pool)):
+                    t_appear = time.perf_counter() - t0
+                probe.wait(0.0005)
+            if probe.get() not in old:
                 t_done = time.perf_counter() - t0
                 break
         return t_done, {
             "appear_s": t_appear,
-            "batches": batches,
+            "rounds": rounds,
             "victim": victim_kind,
             "victim_syscall": calls.get(victim),
         }
@@ -341,8 +351,10 @@ def w_imap_memory(ctx, n, state):
             }
             raise
         dt = time.perf_counter() - t0
-        peak = max(peak, rss_bytes())
+        end = rss_bytes()
+        peak = max(peak, end)
         extra = {
+            "end_growth": end - base,
             "consumed": consumed,
             "produced": produced[0],
             "elapsed_s": dt,
@@ -488,7 +500,13 @@ def drive(method, workload, runs, quick, hard_timeout, victim):
             row["note"] = (row.get("note", "") + " (run hung on shutdown; killed)").strip()
         row["run"] = i
         row["quick"] = quick
+        stop = not row.get("ok") and "timed out" in row.get("reason", "")
+        if stop and i + 1 < runs:
+            # A hang repeats; more runs would only spend the time budget.
+            row["skipped_runs"] = runs - i - 1
         print(json.dumps(row), flush=True)
+        if stop:
+            break
 
 
 def main(argv=None):

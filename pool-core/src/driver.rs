@@ -78,6 +78,7 @@ pub(crate) struct Inner {
     launches: Vec<WorkerId>,
     done: Vec<(TaskRec, Outcome)>,
     term_deadline: Option<Instant>,
+    terminating: bool,
     wake_driver: bool,
     pub(crate) last_setup_failure: Option<String>,
 }
@@ -219,6 +220,7 @@ impl Shared {
                 launches: Vec::new(),
                 done: Vec::new(),
                 term_deadline: None,
+                terminating: false,
                 wake_driver: false,
                 last_setup_failure: None,
             }),
@@ -248,7 +250,7 @@ impl Shared {
         let (r, done, wake) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            let terminating = inner.term_deadline.is_some();
+            let terminating = inner.terminating;
             let mut fx = Fx {
                 io: &mut inner.io,
                 launches: &mut inner.launches,
@@ -277,7 +279,8 @@ impl Shared {
     pub(crate) fn terminate(&self) {
         {
             let mut g = self.lock();
-            if g.term_deadline.is_none() {
+            if !g.terminating {
+                g.terminating = true;
                 g.term_deadline = Some(Instant::now() + TERM_GRACE);
             }
         }
@@ -723,15 +726,16 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
-        let term = self.shared.lock().term_deadline;
-        if term.is_some_and(|d| now >= d) {
-            let g = self.shared.lock();
+        let mut g = self.shared.lock();
+        if g.term_deadline.is_some_and(|d| now >= d) {
+            g.term_deadline = None;
             for w in g.io.values() {
                 if let Some(h) = &w.handle {
                     let _ = h.signal_group(Signal::KILL);
                 }
             }
         }
+        drop(g);
         for idx in 0..self.watches.len() {
             if self.watches[idx]
                 .eof_at

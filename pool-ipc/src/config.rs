@@ -1,0 +1,70 @@
+//! Channel configuration: the frame size limit and the shared-memory threshold.
+
+use crate::frame::MAX_WIRE_LEN;
+
+/// Settings shared by every channel type ([`Sender`](crate::Sender),
+/// [`Receiver`](crate::Receiver), [`Duplex`](crate::Duplex), [`FramedConn`](crate::FramedConn)).
+///
+/// Setters take and return `self`, so a configuration reads as one expression.
+///
+/// # Examples
+///
+/// ```
+/// use pool_ipc::Config;
+///
+/// let cfg = Config::new().max_frame_len(64 << 20).shm_threshold(Some(256 * 1024));
+/// # drop(cfg);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) max_frame_len: usize,
+    pub(crate) shm_threshold: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new()
+    }
+}
+
+impl Config {
+    /// The defaults: frames up to 1 GiB, shared-memory mode off.
+    pub fn new() -> Self {
+        Config {
+            max_frame_len: 1 << 30,
+            shm_threshold: None,
+        }
+    }
+
+    /// Sets the largest payload accepted (and sent), in bytes.
+    ///
+    /// A received frame whose header announces more is rejected with
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) before any memory is
+    /// allocated for it. Values above the wire format's limit (2 GiB − 1) are clamped.
+    pub fn max_frame_len(mut self, n: usize) -> Self {
+        self.max_frame_len = n.min(MAX_WIRE_LEN);
+        self
+    }
+
+    /// Enables shared-memory mode for payloads larger than `n` bytes (`None` disables it).
+    ///
+    /// In shm mode the sender copies a large payload into a shared ring that it owns (a
+    /// sealed memfd, passed to the peer once over the socket with `SCM_RIGHTS`) and sends
+    /// only a small reference frame; the receiver copies the payload out and marks the
+    /// space free. When the ring has no room at the moment, the payload simply travels
+    /// inline through the socket, so a slow receiver never blocks or deadlocks the sender.
+    ///
+    /// # Caveats
+    ///
+    /// * Both ends must enable it: a receiver without shm mode rejects shared-memory
+    ///   frames with [`ErrorKind::Decode`](crate::ErrorKind::Decode).
+    /// * It needs a Unix socket (fds cannot travel through a pipe); on a pipe the setting
+    ///   is ignored and everything travels inline.
+    /// * Each direction that has carried a large payload holds a ring of 4× its largest
+    ///   payload so far, rounded up to a power of two, between 2 MiB and 256 MiB (memory
+    ///   allocated up front and kept). Payloads above 128 MiB always travel inline.
+    pub fn shm_threshold(mut self, n: Option<usize>) -> Self {
+        self.shm_threshold = n;
+        self
+    }
+}

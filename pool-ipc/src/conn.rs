@@ -1,0 +1,239 @@
+//! [`FramedConn`]: a nonblocking framed connection for event loops.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::io::Errno;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::frame::{FrameBuf, Next, ReadHalf, WriteHalf};
+use crate::os;
+
+/// [`FramedConn::fill`] returns after reading this much, so that one busy peer cannot
+/// starve the others in an event loop.
+const FILL_BUDGET: usize = 4 << 20;
+
+/// A nonblocking framed connection, for the side of a channel that runs an event loop.
+///
+/// It sets `O_NONBLOCK` on its fd and never blocks: [`queue`](FramedConn::queue) frames
+/// (no syscall), [`flush`](FramedConn::flush) when the fd is writable (one `writev` per
+/// call covers many frames), [`fill`](FramedConn::fill) when it is readable, then take
+/// payloads with [`next_frame`](FramedConn::next_frame). The wire format, including shm
+/// mode, is that of [`Sender`](crate::Sender)/[`Receiver`](crate::Receiver)/
+/// [`Duplex`](crate::Duplex), so the peer can be a plain blocking `Duplex`.
+///
+/// Register the fd for readability always, and for writability while
+/// [`wants_write`](FramedConn::wants_write) is true. Readiness is expected to be
+/// level-triggered (`poll`, or `epoll` without `EPOLLET`): `fill` may stop before the
+/// socket is drained (after 4 MiB).
+///
+/// # Examples
+///
+/// ```
+/// use pool_ipc::{Config, Duplex, FramedConn};
+///
+/// let (a, b) = pool_ipc::socketpair()?;
+/// let mut conn = FramedConn::new(a, Config::new())?;
+/// let mut peer = Duplex::<u32, String>::new(b)?;
+///
+/// conn.queue_msg(&"job".to_string())?;
+/// while !conn.flush()? {}
+/// assert_eq!(peer.recv()?, "job");
+///
+/// peer.send(&3)?;
+/// let payload = loop {
+///     conn.fill()?;
+///     if let Some(p) = conn.next_frame()? {
+///         break p;
+///     }
+/// };
+/// assert_eq!(postcard::from_bytes::<u32>(&payload).unwrap(), 3);
+/// # Ok::<(), pool_ipc::Error>(())
+/// ```
+pub struct FramedConn {
+    fd: OwnedFd,
+    r: ReadHalf,
+    w: WriteHalf,
+    ready: VecDeque<Vec<u8>>,
+    /// A parse error found by `fill`, reported by `next_frame` after the frames before it.
+    err: Option<Error>,
+}
+
+impl std::fmt::Debug for FramedConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FramedConn")
+            .field("fd", &self.fd)
+            .field("queued", &self.w.pending())
+            .field("ready", &self.ready.len())
+            .field("eof", &self.r.eof)
+            .finish()
+    }
+}
+
+impl FramedConn {
+    /// Wraps a connected stream fd (normally a socket), setting `O_NONBLOCK` on it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the flag cannot be set.
+    pub fn new(fd: OwnedFd, c: Config) -> Result<Self> {
+        os::set_nonblocking(fd.as_fd())?;
+        let r = ReadHalf::new(fd.as_fd(), &c);
+        let w = WriteHalf::new(fd.as_fd(), &c);
+        Ok(FramedConn {
+            fd,
+            r,
+            w,
+            ready: VecDeque::new(),
+            err: None,
+        })
+    }
+
+    /// Appends a frame to the outbox. No syscall; small frames are coalesced into one
+    /// buffer, large ones are queued without copying (in shm mode, a large payload is
+    /// copied once into the shared ring). The frame is not checked against this side's
+    /// `max_frame_len`; the receiver enforces its own limit.
+    pub fn queue(&mut self, f: FrameBuf) {
+        self.w.push_frame(f);
+    }
+
+    /// Encodes `m` as a frame at the end of the outbox. No syscall.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Encode`](crate::ErrorKind::Encode) or
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) (over `max_frame_len`);
+    /// nothing is queued then.
+    pub fn queue_msg<T: Serialize + ?Sized>(&mut self, m: &T) -> Result<()> {
+        self.w.encode(m)
+    }
+
+    /// Writes as much of the outbox as the socket takes now. `Ok(true)`: the outbox is
+    /// empty.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed) if the peer is gone,
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) for other write errors.
+    pub fn flush(&mut self) -> Result<bool> {
+        while !self.w.is_empty() {
+            match self.w.write_some(self.fd.as_fd()) {
+                Ok(_) => {}
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(Error::from_write(e.into())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether the outbox holds unwritten bytes.
+    pub fn wants_write(&self) -> bool {
+        !self.w.is_empty()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.w.pending()
+    }
+
+    /// Reads what is available now (up to about 4 MiB per call) and splits it into
+    /// frames. `Ok(false)` once end of stream has been seen (then further calls read
+    /// nothing); `Ok(true)` otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if a read fails. Framing errors are
+    /// reported by [`next_frame`](FramedConn::next_frame), in order.
+    pub fn fill(&mut self) -> Result<bool> {
+        let mut budget = FILL_BUDGET;
+        loop {
+            self.parse();
+            if self.r.eof {
+                return Ok(false);
+            }
+            if self.err.is_some() {
+                return Ok(true);
+            }
+            match self.r.read_some(self.fd.as_fd()) {
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.parse();
+                        return Ok(true);
+                    }
+                }
+                Err(Errno::AGAIN) => return Ok(true),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Moves complete frames from the read buffer to the ready queue.
+    fn parse(&mut self) {
+        if self.err.is_some() {
+            return;
+        }
+        loop {
+            match self.r.next() {
+                Ok(Next::Pending) => return,
+                Ok(Next::Inline(s, l)) => self.ready.push_back(self.r.buf()[s..s + l].to_vec()),
+                Ok(Next::Owned(v)) => self.ready.push_back(v),
+                Err(e) => {
+                    self.err = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next complete payload read by [`fill`](FramedConn::fill), if any.
+    ///
+    /// After end of stream: `Ok(None)` (and [`is_eof`](FramedConn::is_eof) is true) when
+    /// the stream ended at a frame boundary.
+    ///
+    /// # Errors
+    ///
+    /// * [`ErrorKind::Truncated`](crate::ErrorKind::Truncated): the stream ended inside a
+    ///   frame;
+    /// * [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge): a header announced
+    ///   more than `max_frame_len` (repeats: the connection is unusable);
+    /// * [`ErrorKind::Decode`](crate::ErrorKind::Decode): a malformed shm-mode frame (it was
+    ///   skipped; later frames can still be read).
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.ready.pop_front() {
+            return Ok(Some(v));
+        }
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        self.parse();
+        if let Some(v) = self.ready.pop_front() {
+            return Ok(Some(v));
+        }
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        if self.r.eof && self.r.has_partial() {
+            return Err(self.r.eof_error());
+        }
+        Ok(None)
+    }
+
+    /// Whether end of stream has been seen and every frame before it has been taken.
+    pub fn is_eof(&self) -> bool {
+        self.r.eof && self.ready.is_empty()
+    }
+
+    /// Gives back the fd (still nonblocking). Queued and buffered data is lost.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl AsFd for FramedConn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

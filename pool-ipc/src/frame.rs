@@ -1,0 +1,741 @@
+//! The wire format, [`FrameBuf`], and the buffered read and write halves that every
+//! channel type is built from.
+//!
+//! A frame is a little-endian `u32` header followed by the payload. A header below 2³¹ is
+//! the payload length. A header with the top bit set is a *control frame* of shm mode:
+//! the low bits give the length of a small body (at most [`CONTROL_MAX`] bytes) whose
+//! first byte says what it is:
+//!
+//! * `1` (region): a new shared ring, whose memfd arrives with this frame as `SCM_RIGHTS`;
+//! * `2` (shm reference): `[2, 0, 0, 0, offset: u64 LE, len: u32 LE]`, a payload of `len`
+//!   bytes stored in the sender's ring at ring position `offset`.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use postcard::ser_flavors::Flavor;
+use rustix::io::Errno;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::{os, ring};
+
+/// Bytes in a frame header.
+pub(crate) const HEADER_LEN: usize = 4;
+/// Top bit of a header: the frame is a control frame.
+pub(crate) const CONTROL_FLAG: u32 = 1 << 31;
+/// The largest payload the header can describe.
+pub(crate) const MAX_WIRE_LEN: usize = (1 << 31) - 1;
+/// The largest control body.
+pub(crate) const CONTROL_MAX: usize = 64;
+/// Control kind: a new shared ring (fd attached).
+pub(crate) const KIND_REGION: u8 = 1;
+/// Control kind: a payload stored in the ring.
+pub(crate) const KIND_SHM_REF: u8 = 2;
+
+/// Size of the read buffer; frames that do not fit are read straight into their own `Vec`.
+const READ_BUF_LEN: usize = 128 * 1024;
+/// Small frames are coalesced into write buffers of about this size.
+const AGG_LIMIT: usize = 64 * 1024;
+/// A queued [`FrameBuf`] this small is copied into the write buffer instead of being
+/// queued on its own (a copy is cheaper than an extra iovec).
+const COPY_LIMIT: usize = 4096;
+/// A drained write buffer up to this capacity is kept for reuse.
+const KEEP_LIMIT: usize = 2 << 20;
+/// A receiver keeps a payload buffer up to this capacity for reuse.
+const SCRATCH_KEEP: usize = 8 << 20;
+/// At most this many iovecs per `writev`.
+const MAX_IOV: usize = 64;
+/// Passed fds kept waiting for their control frame; a peer sending more loses the oldest.
+const MAX_PENDING_FDS: usize = 16;
+
+/// A complete frame (header + payload), built once and then queued or sent without
+/// copying.
+///
+/// The header space is reserved up front and filled in when the frame is sent. Use it to
+/// encode a message once and send it to several peers, or to assemble a payload from
+/// pieces (e.g. a pre-encoded header struct followed by raw bytes). The receiver sees the
+/// payload exactly as appended here.
+///
+/// # Examples
+///
+/// ```
+/// use pool_ipc::FrameBuf;
+///
+/// let mut f = FrameBuf::new();
+/// f.encode(&(1u32, "two"))?;
+/// assert_eq!(f.payload_len(), 5);
+/// f.extend_from_slice(&[9, 9]);
+/// f.truncate_payload(5);
+/// assert_eq!(f.payload(), &[1, 3, b't', b'w', b'o']);
+/// # Ok::<(), pool_ipc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameBuf")
+            .field("payload_len", &self.payload_len())
+            .finish()
+    }
+}
+
+impl Default for FrameBuf {
+    fn default() -> Self {
+        FrameBuf::new()
+    }
+}
+
+impl FrameBuf {
+    /// An empty frame (the header space is reserved).
+    pub fn new() -> Self {
+        FrameBuf::with_capacity(0)
+    }
+
+    /// An empty frame with room for `n` payload bytes.
+    pub fn with_capacity(n: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_LEN + n);
+        buf.extend_from_slice(&[0; HEADER_LEN]);
+        FrameBuf { buf }
+    }
+
+    /// Appends raw bytes to the payload.
+    ///
+    /// # Panics
+    ///
+    /// If the payload would exceed the wire format's limit of 2³¹ − 1 bytes.
+    pub fn extend_from_slice(&mut self, b: &[u8]) {
+        assert!(
+            self.payload_len() + b.len() <= MAX_WIRE_LEN,
+            "FrameBuf payload would exceed the 2 GiB wire limit"
+        );
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Appends the postcard encoding of `v` to the payload.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Encode`] if postcard cannot encode `v`, [`ErrorKind::FrameTooLarge`] if
+    /// the payload would exceed 2³¹ − 1 bytes. On error the frame is left unchanged.
+    pub fn encode<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<()> {
+        let at = self.buf.len();
+        encode_into(&mut self.buf, v)?;
+        if self.payload_len() > MAX_WIRE_LEN {
+            let len = self.payload_len();
+            self.buf.truncate(at);
+            return Err(Error::too_large(len, MAX_WIRE_LEN));
+        }
+        Ok(())
+    }
+
+    /// The payload length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.buf.len() - HEADER_LEN
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[HEADER_LEN..]
+    }
+
+    /// Shortens the payload to `len` bytes (no effect if it is already shorter).
+    pub fn truncate_payload(&mut self, len: usize) {
+        self.buf.truncate(HEADER_LEN + len);
+    }
+
+    /// Removes the whole payload, keeping the allocation.
+    pub fn clear(&mut self) {
+        self.truncate_payload(0);
+    }
+
+    /// The frame's bytes on the wire, header filled in.
+    pub(crate) fn into_wire(mut self) -> Vec<u8> {
+        let len = self.payload_len() as u32;
+        self.buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+        self.buf
+    }
+}
+
+/// A postcard output that appends to a `Vec` it borrows.
+struct VecFlavor<'a>(&'a mut Vec<u8>);
+
+impl Flavor for VecFlavor<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// A postcard output that writes into a shared segment's `pos..end`.
+struct SegFlavor<'a> {
+    seg: &'a crate::shm::Segment,
+    pos: usize,
+    end: usize,
+}
+
+impl Flavor for SegFlavor<'_> {
+    type Output = usize;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() > self.end - self.pos {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.seg.write_at(self.pos, data);
+        self.pos += data.len();
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.pos)
+    }
+}
+
+/// Appends postcard(v) to `out`; on error `out` is truncated back.
+fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<()> {
+    let at = out.len();
+    match postcard::serialize_with_flavor(v, VecFlavor(out)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            out.truncate(at);
+            Err(Error::encode(e))
+        }
+    }
+}
+
+/// Appends a complete frame (header + postcard(v)) to `out`, returning the payload length.
+/// On error `out` is unchanged.
+fn encode_frame<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T, max: usize) -> Result<usize> {
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    if let Err(e) = encode_into(out, v) {
+        out.truncate(at);
+        return Err(e);
+    }
+    let len = out.len() - at - HEADER_LEN;
+    if len > max {
+        out.truncate(at);
+        return Err(Error::too_large(len, max));
+    }
+    out[at..at + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(len)
+}
+
+/// The body of a "region" control frame.
+fn region_frame() -> [u8; HEADER_LEN + 4] {
+    let mut f = [0; HEADER_LEN + 4];
+    f[..HEADER_LEN].copy_from_slice(&(CONTROL_FLAG | 4).to_le_bytes());
+    f[HEADER_LEN] = KIND_REGION;
+    f
+}
+
+/// A complete "shm reference" control frame.
+fn shm_ref_frame(off: u64, len: usize) -> [u8; HEADER_LEN + 16] {
+    let mut f = [0; HEADER_LEN + 16];
+    f[..HEADER_LEN].copy_from_slice(&(CONTROL_FLAG | 16).to_le_bytes());
+    f[HEADER_LEN] = KIND_SHM_REF;
+    f[HEADER_LEN + 4..HEADER_LEN + 12].copy_from_slice(&off.to_le_bytes());
+    f[HEADER_LEN + 12..].copy_from_slice(&(len as u32).to_le_bytes());
+    f
+}
+
+// ---------------------------------------------------------------------------------------
+// Write half
+// ---------------------------------------------------------------------------------------
+
+/// One queued buffer; `fd`, if any, travels with the buffer's first byte.
+struct Chunk {
+    data: Vec<u8>,
+    fd: Option<OwnedFd>,
+    /// Whether small frames may be appended (false for a queued FrameBuf's own Vec).
+    appendable: bool,
+}
+
+/// The outgoing side: a queue of buffers written with `writev`/`sendmsg`, plus the
+/// shared ring when shm mode is on.
+pub(crate) struct WriteHalf {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    front_off: usize,
+    /// Bytes queued and not yet written.
+    pending: usize,
+    /// A cleared buffer kept for reuse.
+    spare: Vec<u8>,
+    socket: bool,
+    threshold: Option<usize>,
+    ring: Option<ring::Tx>,
+    pub(crate) max: usize,
+}
+
+impl WriteHalf {
+    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> WriteHalf {
+        let socket = os::is_socket(fd);
+        WriteHalf {
+            chunks: VecDeque::new(),
+            front_off: 0,
+            pending: 0,
+            spare: Vec::new(),
+            socket,
+            threshold: if socket { cfg.shm_threshold } else { None },
+            ring: None,
+            max: cfg.max_frame_len,
+        }
+    }
+
+    /// Whether everything queued has been written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending == 0
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// The buffer that small frames are appended to.
+    fn agg(&mut self) -> &mut Vec<u8> {
+        let need_new = match self.chunks.back() {
+            Some(c) => !c.appendable || c.data.len() >= AGG_LIMIT,
+            None => true,
+        };
+        if need_new {
+            let data = std::mem::take(&mut self.spare);
+            self.chunks.push_back(Chunk {
+                data,
+                fd: None,
+                appendable: true,
+            });
+        }
+        &mut self
+            .chunks
+            .back_mut()
+            .expect("a chunk was just ensured")
+            .data
+    }
+
+    /// Encodes `msg` as a frame at the end of the queue.
+    pub(crate) fn encode<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<()> {
+        if let Some(t) = self.threshold
+            && let Ok(len) = postcard::experimental::serialized_size(msg)
+            && len > t
+            && len <= self.max
+        {
+            // Large: encode straight into the shared ring (one copy), if it has room.
+            let ring = self.ring.get_or_insert_with(ring::Tx::new);
+            let placed = ring.place_with(len, |seg, at| {
+                let flavor = SegFlavor {
+                    seg,
+                    pos: at,
+                    end: at + len,
+                };
+                postcard::serialize_with_flavor(msg, flavor).is_ok_and(|end| end == at + len)
+            });
+            if let Some((off, announce)) = placed {
+                self.push_shm_ref(off, len, announce);
+                return Ok(());
+            }
+        }
+        let max = self.max;
+        let agg = self.agg();
+        let at = agg.len();
+        let len = encode_frame(agg, msg, max)?;
+        self.pending += HEADER_LEN + len;
+        if self.threshold.is_some_and(|t| len > t) {
+            self.divert_tail(at);
+        }
+        Ok(())
+    }
+
+    /// Moves the frame at `at..` of the last chunk into the shared ring, if it fits.
+    fn divert_tail(&mut self, at: usize) {
+        let chunk = self.chunks.back_mut().expect("the frame was just appended");
+        let ring = self.ring.get_or_insert_with(ring::Tx::new);
+        if let Some((off, announce)) = ring.place(&chunk.data[at + HEADER_LEN..]) {
+            let len = chunk.data.len() - at - HEADER_LEN;
+            chunk.data.truncate(at);
+            self.pending -= HEADER_LEN + len;
+            self.push_shm_ref(off, len, announce);
+        }
+    }
+
+    /// Queues the control frames for a payload placed in the ring.
+    fn push_shm_ref(&mut self, off: u64, len: usize, announce: Option<OwnedFd>) {
+        if let Some(fd) = announce {
+            let mut data = std::mem::take(&mut self.spare);
+            data.extend_from_slice(&region_frame());
+            self.pending += data.len();
+            self.chunks.push_back(Chunk {
+                data,
+                fd: Some(fd),
+                appendable: true,
+            });
+        }
+        let f = shm_ref_frame(off, len);
+        self.agg().extend_from_slice(&f);
+        self.pending += f.len();
+    }
+
+    /// Queues a pre-built frame.
+    pub(crate) fn push_frame(&mut self, f: FrameBuf) {
+        let len = f.payload_len();
+        if self.threshold.is_some_and(|t| len > t) {
+            let ring = self.ring.get_or_insert_with(ring::Tx::new);
+            if let Some((off, announce)) = ring.place(f.payload()) {
+                self.push_shm_ref(off, len, announce);
+                return;
+            }
+        }
+        self.pending += HEADER_LEN + len;
+        if HEADER_LEN + len <= COPY_LIMIT {
+            let agg = self.agg();
+            agg.extend_from_slice(&(len as u32).to_le_bytes());
+            agg.extend_from_slice(f.payload());
+        } else {
+            self.chunks.push_back(Chunk {
+                data: f.into_wire(),
+                fd: None,
+                appendable: false,
+            });
+        }
+    }
+
+    /// Drops the front chunk, keeping its buffer for reuse when it is a plain one.
+    fn pop_front(&mut self) {
+        if let Some(c) = self.chunks.pop_front()
+            && c.appendable
+            && self.spare.capacity() == 0
+            && c.data.capacity() <= KEEP_LIMIT
+        {
+            let mut data = c.data;
+            data.clear();
+            self.spare = data;
+        }
+        self.front_off = 0;
+    }
+
+    /// One `writev`/`sendmsg` of what is queued. Returns bytes written (0 when empty).
+    pub(crate) fn write_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
+        while let Some(c) = self.chunks.front() {
+            if c.data.len() == self.front_off && c.fd.is_none() {
+                self.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.chunks.is_empty() {
+            return Ok(0);
+        }
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if n == MAX_IOV || (i > 0 && c.fd.is_some()) {
+                break;
+            }
+            let s = if i == 0 {
+                &c.data[self.front_off..]
+            } else {
+                &c.data[..]
+            };
+            if !s.is_empty() {
+                iov[n] = IoSlice::new(s);
+                n += 1;
+            }
+        }
+        let front_fd = self.chunks[0].fd.as_ref().map(|f| f.as_fd());
+        let fds: &[BorrowedFd<'_>] = match &front_fd {
+            Some(f) => std::slice::from_ref(f),
+            None => &[],
+        };
+        let written = os::write_once(fd, &iov[..n], self.socket, fds)?;
+        if written > 0 {
+            self.chunks[0].fd = None;
+        }
+        self.pending -= written;
+        let mut left = written;
+        while left > 0 {
+            let rem = self.chunks[0].data.len() - self.front_off;
+            if left >= rem {
+                left -= rem;
+                self.pop_front();
+            } else {
+                self.front_off += left;
+                left = 0;
+            }
+        }
+        Ok(written)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Read half
+// ---------------------------------------------------------------------------------------
+
+/// What [`ReadHalf::next`] found.
+pub(crate) enum Next {
+    /// No complete frame buffered yet.
+    Pending,
+    /// A payload at `start..start + len` of [`ReadHalf::buf`] (valid until the next read).
+    Inline(usize, usize),
+    /// A payload in its own allocation (a large frame, or one copied out of shm).
+    Owned(Vec<u8>),
+}
+
+/// The incoming side: a large read buffer parsed in place, large frames read straight
+/// into an exact-size `Vec`, and the peer's shared ring in shm mode.
+pub(crate) struct ReadHalf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// A large frame being read: its buffer and how much of it is filled.
+    big: Option<(Vec<u8>, usize)>,
+    /// End of stream was seen.
+    pub(crate) eof: bool,
+    max: usize,
+    /// Passed fds waiting for their "region" frame; `Some` iff shm mode is on.
+    fds: Option<VecDeque<OwnedFd>>,
+    ring: ring::Rx,
+    /// A spare buffer for large payloads, handed back by [`ReadHalf::recycle`].
+    scratch: Vec<u8>,
+}
+
+impl ReadHalf {
+    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> ReadHalf {
+        let shm = cfg.shm_threshold.is_some() && os::is_socket(fd);
+        ReadHalf {
+            buf: vec![0; READ_BUF_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            big: None,
+            eof: false,
+            max: cfg.max_frame_len,
+            fds: shm.then(VecDeque::new),
+            ring: ring::Rx::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The read buffer, for slicing [`Next::Inline`] results.
+    pub(crate) fn buf(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Takes back a payload buffer that the caller no longer needs, to be reused for the
+    /// next large payload (saves an allocation and its page faults).
+    pub(crate) fn recycle(&mut self, v: Vec<u8>) {
+        if v.capacity() <= SCRATCH_KEEP && v.capacity() > self.scratch.capacity() {
+            self.scratch = v;
+        }
+    }
+
+    /// An empty buffer for a large payload (the recycled one, if any).
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
+        v
+    }
+
+    /// Whether part of a frame is buffered.
+    pub(crate) fn has_partial(&self) -> bool {
+        self.big.is_some() || self.start != self.end
+    }
+
+    /// The error for end of stream in the current state.
+    pub(crate) fn eof_error(&self) -> Error {
+        if self.has_partial() {
+            Error::new(ErrorKind::Truncated)
+        } else {
+            Error::new(ErrorKind::Closed)
+        }
+    }
+
+    /// Parses the next complete payload out of what is buffered.
+    ///
+    /// A frame that fails to decode (bad control frame) is consumed, so the caller may go
+    /// on; an oversized header is not, so the error repeats.
+    pub(crate) fn next(&mut self) -> Result<Next> {
+        if let Some((v, filled)) = &self.big {
+            if *filled < v.len() {
+                return Ok(Next::Pending);
+            }
+            let (v, _) = self.big.take().expect("checked above");
+            return Ok(Next::Owned(v));
+        }
+        loop {
+            let avail = self.end - self.start;
+            if avail < HEADER_LEN {
+                return Ok(Next::Pending);
+            }
+            let mut h = [0; HEADER_LEN];
+            h.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
+            let h = u32::from_le_bytes(h);
+            if h & CONTROL_FLAG != 0 {
+                let blen = (h & !CONTROL_FLAG) as usize;
+                if blen > CONTROL_MAX {
+                    // Not consumed, like any oversized frame: the stream cannot resync.
+                    return Err(Error::too_large(blen, CONTROL_MAX));
+                }
+                if blen == 0 {
+                    self.start += HEADER_LEN;
+                    return Err(Error::msg(ErrorKind::Decode, "empty control frame"));
+                }
+                if avail < HEADER_LEN + blen {
+                    return Ok(Next::Pending);
+                }
+                let mut body = [0; CONTROL_MAX];
+                let b0 = self.start + HEADER_LEN;
+                body[..blen].copy_from_slice(&self.buf[b0..b0 + blen]);
+                self.start += HEADER_LEN + blen;
+                match self.control(&body[..blen])? {
+                    Some(v) => return Ok(Next::Owned(v)),
+                    None => continue,
+                }
+            }
+            let len = h as usize;
+            if len > self.max {
+                return Err(Error::too_large(len, self.max));
+            }
+            if avail - HEADER_LEN >= len {
+                let s = self.start + HEADER_LEN;
+                self.start = s + len;
+                return Ok(Next::Inline(s, len));
+            }
+            if HEADER_LEN + len > self.buf.len() {
+                // Too big for the read buffer: read the rest straight into its own Vec.
+                // `len <= max` was checked above, so this allocation is bounded.
+                let have = avail - HEADER_LEN;
+                let mut v = self.take_scratch();
+                if v.capacity() >= len {
+                    v.resize(len, 0);
+                } else {
+                    // Zeroed pages come lazily from the allocator: nothing is committed
+                    // before the peer actually sends the bytes.
+                    v = vec![0u8; len];
+                }
+                v[..have].copy_from_slice(&self.buf[self.start + HEADER_LEN..self.end]);
+                self.start = 0;
+                self.end = 0;
+                self.big = Some((v, have));
+            }
+            return Ok(Next::Pending);
+        }
+    }
+
+    /// Handles a control frame body; returns a payload for a shm reference.
+    fn control(&mut self, body: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(fds) = self.fds.as_mut() else {
+            return Err(Error::msg(
+                ErrorKind::Decode,
+                "shared-memory frame received but shm mode is off",
+            ));
+        };
+        match (body[0], body.len()) {
+            (KIND_REGION, 4) => {
+                let fd = fds.pop_front().ok_or_else(|| {
+                    Error::msg(
+                        ErrorKind::Decode,
+                        "shared-memory region announced without a descriptor",
+                    )
+                })?;
+                self.ring.adopt(fd)?;
+                Ok(None)
+            }
+            (KIND_SHM_REF, 16) => {
+                let mut off = [0; 8];
+                off.copy_from_slice(&body[4..12]);
+                let mut len = [0; 4];
+                len.copy_from_slice(&body[12..16]);
+                let len = u32::from_le_bytes(len) as usize;
+                if len > self.max {
+                    return Err(Error::too_large(len, self.max));
+                }
+                let buf = self.take_scratch();
+                self.ring.take(u64::from_le_bytes(off), len, buf).map(Some)
+            }
+            _ => Err(Error::msg(ErrorKind::Decode, "unknown control frame")),
+        }
+    }
+
+    /// One read from `fd` into the buffer (or the large frame in progress). Returns the
+    /// byte count; 0 means end of stream and sets [`ReadHalf::eof`].
+    pub(crate) fn read_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
+        debug_assert!(
+            self.big
+                .as_ref()
+                .is_none_or(|(v, filled)| *filled < v.len()),
+            "next() takes a complete large frame before the next read"
+        );
+        let n = if let Some((v, filled)) = &mut self.big {
+            let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut())?;
+            *filled += n;
+            n
+        } else {
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.start > 0 && self.buf.len() - self.end < 16 * 1024 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut())?;
+            self.end += n;
+            n
+        };
+        if let Some(q) = self.fds.as_mut() {
+            while q.len() > MAX_PENDING_FDS {
+                q.pop_front();
+            }
+        }
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// A payload handed to a decoding closure: borrowed from the read buffer or owned.
+pub(crate) enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Payload<'_> {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Borrowed(b) => b.to_vec(),
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+/// Decodes a postcard payload.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(Error::decode)
+}

@@ -1,0 +1,379 @@
+//! Shared memory segments (sealed memfds mapped `MAP_SHARED`) and process-shared futexes.
+//!
+//! A [`Segment`] is a memfd that several processes map. Its fd can be passed to another
+//! process (over a socket with [`fdpass`](crate::fdpass), by inheritance, or opened from
+//! `/proc/<pid>/fd/<n>` with [`Segment::open_in_process`]). Words of the segment can be
+//! used as atomics, and [`futex_wait`]/[`futex_wake`] block and wake across processes on
+//! them, which is enough to build process-shared events and counters.
+//!
+//! # Safety
+//!
+//! This module is one of the crate's two places with `unsafe` code (mapping and raw
+//! copies). The invariants it keeps:
+//!
+//! * **No SIGBUS.** A mapping is only made of a memfd that is sealed against shrinking
+//!   (`F_SEAL_SHRINK`, checked with `F_GET_SEALS` before mapping; seals can never be
+//!   removed) and that lives on the kernel's shmem filesystem (checked with `fstatfs`, so
+//!   hugetlbfs files, which can fault with SIGBUS, are refused). The mapping length is the
+//!   file size read after the seal check, so every mapped page stays backed. Segments we
+//!   create are also fully allocated up front (`fallocate`).
+//! * **The mapping outlives every pointer into it.** `ptr..ptr + len` stays mapped until
+//!   `Drop`; accessors hand out references bounded by `&self`.
+//! * **Shared bytes are foreign memory.** Other processes (or other threads through
+//!   [`Segment::write_at`]) may change the bytes at any moment. Safe code therefore never
+//!   gets a `&[u8]` into the segment: bytes are only copied in and out through raw
+//!   pointers ([`Segment::write_at`], [`Segment::read_at`]), which at worst yields
+//!   unspecified byte values when writers race, and words are accessed only as atomics
+//!   ([`Segment::atomic_u32`], [`Segment::atomic_u64`]), which are made for concurrent
+//!   mutation. Everything read from a segment is treated as untrusted input by the rest
+//!   of the crate. [`Segment::as_slice`] is `unsafe` for that reason.
+//! * **Alignment.** `mmap` returns a page-aligned address, so word `i` (at byte `4 * i` or
+//!   `8 * i`) is aligned for `AtomicU32`/`AtomicU64`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Duration;
+
+use rustix::fs::{MemfdFlags, OFlags, SealFlags};
+use rustix::io::Errno;
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::thread::futex;
+
+/// `f_type` of the kernel's shmem filesystem, where memfds live.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// A shared memory segment: a sealed memfd mapped read-write and `MAP_SHARED`.
+///
+/// The file is sealed against shrinking and growing when created here, and
+/// [`Segment::from_fd`] refuses files not sealed against shrinking, so a peer can never
+/// truncate it under us (which would make our accesses fault with SIGBUS). Its fd is
+/// close-on-exec.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::Ordering;
+/// use pool_ipc::shm::Segment;
+///
+/// let seg = Segment::create("example", 4096)?;
+/// seg.atomic_u32(0).store(7, Ordering::Release);
+/// seg.write_at(8, b"hello");
+///
+/// // Another mapping of the same memory, as a peer process would have it.
+/// let peer = Segment::from_fd(seg.as_fd().try_clone_to_owned()?)?;
+/// assert_eq!(peer.atomic_u32(0).load(Ordering::Acquire), 7);
+/// let mut out = [0u8; 5];
+/// peer.read_at(8, &mut out);
+/// assert_eq!(&out, b"hello");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Segment {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Segment owns its mapping and fd; the memory is only accessed through atomics
+// and raw copies (see the module's Safety section), which are valid from any thread.
+unsafe impl Send for Segment {}
+// SAFETY: as above: `&Segment` only allows atomic accesses and raw copies, which are fine
+// to make concurrently from several threads (racing copies give unspecified bytes, never UB
+// for the crate's users, who only ever see copied-out values).
+unsafe impl Sync for Segment {}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("fd", &self.fd)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl Segment {
+    /// Creates a segment of `len` zeroed bytes.
+    ///
+    /// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)`, sized and fully allocated,
+    /// then sealed with `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`, then mapped. `name`
+    /// only shows up in `/proc/<pid>/fd` listings. Nothing appears in `/dev/shm`; the
+    /// memory is freed when the last fd and mapping are gone.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] if `len` is 0 or `name` contains a NUL byte; the
+    /// system call's error otherwise (e.g. `ENOSPC`/`ENOMEM` when memory is short).
+    ///
+    /// # References
+    ///  - [`memfd_create(2)`](https://man7.org/linux/man-pages/man2/memfd_create.2.html)
+    #[doc(alias = "memfd_create")]
+    pub fn create(name: &str, len: usize) -> io::Result<Segment> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty shared segment",
+            ));
+        }
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        match rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), 0, len as u64) {
+            Ok(()) | Err(Errno::NOTSUP) => {}
+            Err(e) => return Err(e.into()),
+        }
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        Segment::map(fd, len)
+    }
+
+    /// Maps a segment from an fd received from a peer (or inherited).
+    ///
+    /// The fd must be a memfd on shmem sealed with at least `F_SEAL_SHRINK`; the whole file
+    /// is mapped. The fd is kept (and closed on drop).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidData`] if the file is not sealed against shrinking, is not
+    /// on shmem, or is empty; the system call's error otherwise (e.g. `EINVAL` from
+    /// `F_GET_SEALS` for a file that is not a memfd, `EACCES` for a read-only fd).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Segment> {
+        let seals = rustix::fs::fcntl_get_seals(&fd)?;
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(invalid("shared segment is not sealed against shrinking"));
+        }
+        let fs = rustix::fs::fstatfs(&fd)?;
+        #[allow(
+            clippy::useless_conversion,
+            reason = "f_type's type differs between targets"
+        )]
+        let fs_type = u64::try_from(fs.f_type).unwrap_or(0);
+        if fs_type != TMPFS_MAGIC {
+            return Err(invalid("shared segment is not a shmem file"));
+        }
+        let st = rustix::fs::fstat(&fd)?;
+        let len = usize::try_from(st.st_size).map_err(|_| invalid("bad segment size"))?;
+        if len == 0 {
+            return Err(invalid("empty shared segment"));
+        }
+        Segment::map(fd, len)
+    }
+
+    /// Opens and maps a segment that process `pid` holds as its fd number `fd`, through
+    /// `/proc/<pid>/fd/<fd>`.
+    ///
+    /// This reopens the same memfd (read-write, close-on-exec) without any fd passing; it
+    /// needs the permission to inspect that process (same user, ptrace access mode
+    /// `PTRACE_MODE_READ`). Then as [`Segment::from_fd`].
+    ///
+    /// # Errors
+    ///
+    /// `ENOENT` if there is no such process or fd, `EACCES`/`EPERM` without permission,
+    /// and the errors of [`Segment::from_fd`].
+    pub fn open_in_process(pid: u32, fd: i32) -> io::Result<Segment> {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let f = rustix::fs::open(
+            path,
+            OFlags::RDWR | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Segment::from_fd(f)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Segment> {
+        // SAFETY: a null address hint lets the kernel pick a fresh range, so the mapping
+        // aliases no existing Rust object. `fd` was checked (or made) to be sealed against
+        // shrinking with size >= len, so every page of the mapping stays backed.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )?
+        };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?;
+        Ok(Segment { fd, ptr, len })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: segments are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd (close-on-exec), e.g. to pass it to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The `u32` word number `index` (bytes `4 * index .. 4 * index + 4`) as an atomic.
+    ///
+    /// # Panics
+    ///
+    /// If the word lies outside the segment.
+    pub fn atomic_u32(&self, index: usize) -> &AtomicU32 {
+        let off = index.checked_mul(4).filter(|o| o + 4 <= self.len);
+        let off = off.expect("atomic_u32 index outside the shared segment");
+        // SAFETY: `off + 4 <= len`, so the word is inside the live mapping, which outlives
+        // `&self`; it is 4-aligned (page-aligned base). Atomics may be mutated concurrently
+        // by other threads and processes; no non-atomic Rust reference to it exists.
+        unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast::<u32>()) }
+    }
+
+    /// The `u64` word number `index` (bytes `8 * index .. 8 * index + 8`) as an atomic.
+    ///
+    /// # Panics
+    ///
+    /// If the word lies outside the segment.
+    pub fn atomic_u64(&self, index: usize) -> &AtomicU64 {
+        let off = index.checked_mul(8).filter(|o| o + 8 <= self.len);
+        let off = off.expect("atomic_u64 index outside the shared segment");
+        // SAFETY: in bounds and 8-aligned, as for `atomic_u32`.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) }
+    }
+
+    fn check_range(&self, off: usize, n: usize) {
+        assert!(
+            off.checked_add(n).is_some_and(|end| end <= self.len),
+            "range {off}+{n} outside the shared segment of {} bytes",
+            self.len
+        );
+    }
+
+    /// Copies `b` into the segment at byte offset `off`.
+    ///
+    /// Concurrent writers of the same bytes (here or in a peer) leave unspecified values;
+    /// use atomics for coordination.
+    ///
+    /// # Panics
+    ///
+    /// If `off + b.len()` exceeds the segment.
+    pub fn write_at(&self, off: usize, b: &[u8]) {
+        self.check_range(off, b.len());
+        // SAFETY: the destination range is inside the live mapping (checked above) and `b`
+        // is valid for reads of `b.len()` bytes. `ptr::copy` tolerates overlap (only
+        // possible through the unsafe `as_slice`, whose contract already forbids writes).
+        unsafe { std::ptr::copy(b.as_ptr(), self.ptr.as_ptr().add(off), b.len()) }
+    }
+
+    /// Copies `out.len()` bytes from byte offset `off` of the segment into `out`.
+    ///
+    /// The bytes may be changing under a concurrent writer, so treat them as untrusted.
+    ///
+    /// # Panics
+    ///
+    /// If `off + out.len()` exceeds the segment.
+    pub fn read_at(&self, off: usize, out: &mut [u8]) {
+        self.check_range(off, out.len());
+        // SAFETY: the source range is inside the live mapping (checked above); `out` is a
+        // distinct Rust buffer, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+        }
+    }
+
+    /// Appends `n` bytes from byte offset `off` to `out` (one copy, no zero-filling).
+    ///
+    /// # Panics
+    ///
+    /// If `off + n` exceeds the segment.
+    pub(crate) fn read_to_vec(&self, off: usize, n: usize, out: &mut Vec<u8>) {
+        self.check_range(off, n);
+        out.reserve(n);
+        let old = out.len();
+        // SAFETY: the source range is inside the live mapping (checked above); the
+        // destination is `n` bytes of `out`'s spare capacity (reserved above), which is
+        // distinct memory. After the copy those bytes are initialized, so `set_len` is
+        // sound.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr().add(old), n);
+            out.set_len(old + n);
+        }
+    }
+
+    /// The whole segment as a byte slice.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice is alive, no one (no thread of this process, no other
+    /// process mapping the memfd) may write to the segment, including through
+    /// [`Segment::write_at`] or the atomic accessors. Otherwise the slice's contents would
+    /// change under a shared reference, which is undefined behaviour. Prefer
+    /// [`Segment::read_at`].
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is live for `&self` and `len` bytes long; the caller promises
+        // that nothing writes to it while the slice exists.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping made in `map`, unmapped only here; every
+        // reference into it borrows `self`, so none outlives this call.
+        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "munmap of a shared segment failed");
+        }
+    }
+}
+
+/// Blocks while `*word == expected`, until woken by [`futex_wake`] or `timeout` passes.
+///
+/// A shared (not `FUTEX_PRIVATE`) futex, so it works on a word of a [`Segment`] mapped in
+/// several processes. Returns `Ok(false)` on timeout and `Ok(true)` otherwise: woken, the
+/// word did not hold `expected` on entry, or a signal interrupted the wait. Wakeups can be
+/// spurious, so callers recheck the word in a loop.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use std::time::Duration;
+/// use pool_ipc::shm::futex_wait;
+///
+/// let w = AtomicU32::new(1);
+/// // The word is not 0, so this returns at once.
+/// assert!(futex_wait(&w, 0, Some(Duration::from_secs(5)))?);
+/// // It is 1 and nobody wakes us: times out.
+/// assert!(!futex_wait(&w, 1, Some(Duration::from_millis(1)))?);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// The `futex(2)` error other than `EAGAIN`, `EINTR` and `ETIMEDOUT`.
+///
+/// # References
+///  - [`futex(2)`](https://man7.org/linux/man-pages/man2/futex.2.html)
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<bool> {
+    let ts = timeout.map(|t| rustix::time::Timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
+        Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(true),
+        Err(Errno::TIMEDOUT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Wakes up to `n` waiters blocked in [`futex_wait`] on `word` (in any process). Returns
+/// how many were woken.
+///
+/// # Errors
+///
+/// The `futex(2)` error (rare: `EFAULT`/`EINVAL` for a bad address).
+pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
+    Ok(futex::wake(word, futex::Flags::empty(), n)?)
+}

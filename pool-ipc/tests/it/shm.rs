@@ -1,0 +1,319 @@
+//! Segments, futexes and shm mode in one process, including a hostile peer.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pool_ipc::fdpass::send_fds;
+use pool_ipc::shm::{Segment, futex_wait, futex_wake};
+use pool_ipc::{Config, ErrorKind, Receiver};
+
+use crate::helpers::write_all;
+
+const MAGIC: u32 = 0x5049_5043;
+const HDR: usize = 4096;
+
+#[test]
+fn segment_create_and_share() {
+    crate::helpers::bounded(60, || {
+        let seg = Segment::create("t", 8192).unwrap();
+        assert_eq!(seg.len(), 8192);
+        assert!(!seg.is_empty());
+        let fl = rustix::io::fcntl_getfd(seg.as_fd()).unwrap();
+        assert!(fl.contains(rustix::io::FdFlags::CLOEXEC));
+        let other = Segment::from_fd(seg.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        seg.atomic_u64(3).store(u64::MAX - 1, Ordering::SeqCst);
+        assert_eq!(other.atomic_u64(3).load(Ordering::SeqCst), u64::MAX - 1);
+        other.write_at(8190, &[1, 2]);
+        let mut b = [0; 2];
+        seg.read_at(8190, &mut b);
+        assert_eq!(b, [1, 2]);
+        // SAFETY: no thread writes the segment while the slice lives.
+        let s = unsafe { seg.as_slice() };
+        assert_eq!(&s[8190..], &[1, 2]);
+        assert_eq!(
+            Segment::create("t", 0).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidInput
+        );
+        let own =
+            Segment::open_in_process(std::process::id(), seg.as_fd().as_raw_fd_i32()).unwrap();
+        assert_eq!(own.atomic_u64(3).load(Ordering::SeqCst), u64::MAX - 1);
+    });
+}
+
+trait RawI32 {
+    fn as_raw_fd_i32(&self) -> i32;
+}
+impl RawI32 for std::os::fd::BorrowedFd<'_> {
+    fn as_raw_fd_i32(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.as_raw_fd()
+    }
+}
+
+#[test]
+fn from_fd_refuses_unsealed_and_non_memfd() {
+    crate::helpers::bounded(60, || {
+        let fd = rustix::fs::memfd_create("u", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        assert!(Segment::from_fd(fd).is_err());
+        let fd = rustix::fs::memfd_create(
+            "g",
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::GROW).unwrap();
+        assert_eq!(
+            Segment::from_fd(fd).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        let (r, _w) = pool_ipc::pipe().unwrap();
+        assert!(Segment::from_fd(r).is_err());
+    });
+}
+
+#[test]
+#[allow(
+    clippy::should_panic_without_expect,
+    reason = "not used; checked with catch_unwind"
+)]
+fn atomic_out_of_range_panics() {
+    let seg = Segment::create("p", 16).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        seg.atomic_u64(2);
+    }));
+    assert!(r.is_err());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seg.write_at(15, &[0, 0])));
+    assert!(r.is_err());
+}
+
+#[test]
+fn futex_between_threads() {
+    crate::helpers::bounded(60, || {
+        let seg = Arc::new(Segment::create("f", 4096).unwrap());
+        let s2 = seg.clone();
+        let t = std::thread::spawn(move || {
+            let w = s2.atomic_u32(0);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while w.load(Ordering::Acquire) == 0 {
+                assert!(Instant::now() < deadline);
+                futex_wait(w, 0, Some(Duration::from_secs(1))).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        seg.atomic_u32(0).store(1, Ordering::Release);
+        futex_wake(seg.atomic_u32(0), u32::MAX).unwrap();
+        t.join().unwrap();
+        assert!(!futex_wait(seg.atomic_u32(0), 1, Some(Duration::from_millis(5))).unwrap());
+    });
+}
+
+#[test]
+fn shm_mode_moves_large_payloads_through_the_ring() {
+    crate::helpers::bounded(60, || {
+        let cfg = Config::new().shm_threshold(Some(64 * 1024));
+        let (mut a, mut b) = pool_ipc::duplex_with_config::<Vec<u8>, Vec<u8>>(cfg).unwrap();
+        let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        a.send(&big).unwrap();
+        assert_eq!(b.recv().unwrap(), big);
+        // Small messages stay inline and interleave in order.
+        let t = std::thread::spawn(move || {
+            for i in 0..50u8 {
+                a.feed(&vec![i; (i as usize) * 5000]).unwrap();
+            }
+            a.flush().unwrap();
+        });
+        for i in 0..50u8 {
+            assert_eq!(b.recv().unwrap(), vec![i; (i as usize) * 5000]);
+        }
+        t.join().unwrap();
+    });
+}
+
+#[test]
+fn shm_mode_puts_only_a_reference_on_the_socket() {
+    crate::helpers::bounded(60, || {
+        let (a, b) = pool_ipc::socketpair().unwrap();
+        let mut tx =
+            pool_ipc::Sender::<Vec<u8>>::with_config(a, Config::new().shm_threshold(Some(100)));
+        tx.send(&vec![5u8; 1 << 20]).unwrap();
+        tx.send(&vec![6u8; 1 << 20]).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, fds) = pool_ipc::fdpass::recv_fds(b.as_fd(), &mut buf, 4).unwrap();
+        // A region frame (8 bytes, with the ring's memfd) and two 20-byte references.
+        assert_eq!(fds.len(), 1);
+        let mut total = n;
+        while total < 48 {
+            let (m, more) = pool_ipc::fdpass::recv_fds(b.as_fd(), &mut buf[total..], 4).unwrap();
+            assert!(more.is_empty() && m > 0);
+            total += m;
+        }
+        assert_eq!(total, 48);
+        assert_eq!(&buf[..4], &((1u32 << 31) | 4).to_le_bytes());
+        let seg = Segment::from_fd(fds.into_iter().next().unwrap()).unwrap();
+        assert_eq!(seg.atomic_u32(0).load(Ordering::Relaxed), MAGIC);
+    });
+}
+
+#[test]
+fn shm_ring_full_falls_back_inline() {
+    crate::helpers::bounded(60, || {
+        let cfg = Config::new().shm_threshold(Some(1000));
+        let (mut a, mut b) = pool_ipc::duplex_with_config::<Vec<u8>, Vec<u8>>(cfg).unwrap();
+        let n = 40usize;
+        let t = std::thread::spawn(move || {
+            // Far more than the ring holds, with nobody reading yet: must not block forever
+            // on ring space (it blocks on the socket only, until the reader starts).
+            for i in 0..n {
+                a.send(&vec![i as u8; 700_000]).unwrap();
+            }
+            a
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..n {
+            let v = b.recv().unwrap();
+            assert_eq!(v.len(), 700_000);
+            assert!(v.iter().all(|&x| x == i as u8), "payload {i} corrupted");
+        }
+        drop(t.join().unwrap());
+        assert_eq!(b.recv().unwrap_err().kind(), ErrorKind::Closed);
+    });
+}
+
+#[test]
+fn shm_mode_on_pipe_is_inline() {
+    crate::helpers::bounded(60, || {
+        let cfg = Config::new().shm_threshold(Some(10));
+        let (r, w) = pool_ipc::pipe().unwrap();
+        let mut tx = pool_ipc::Sender::<Vec<u8>>::with_config(w, cfg.clone());
+        let mut rx = Receiver::<Vec<u8>>::with_config(r, cfg);
+        let t = std::thread::spawn(move || tx.send(&vec![3u8; 300_000]).unwrap());
+        assert_eq!(rx.recv().unwrap(), vec![3u8; 300_000]);
+        t.join().unwrap();
+    });
+}
+
+// ---- a hostile peer writing raw control frames ----
+
+fn region_frame() -> Vec<u8> {
+    let mut f = ((1u32 << 31) | 4).to_le_bytes().to_vec();
+    f.extend_from_slice(&[1, 0, 0, 0]);
+    f
+}
+
+fn ref_frame(off: u64, len: u32) -> Vec<u8> {
+    let mut f = ((1u32 << 31) | 16).to_le_bytes().to_vec();
+    f.extend_from_slice(&[2, 0, 0, 0]);
+    f.extend_from_slice(&off.to_le_bytes());
+    f.extend_from_slice(&len.to_le_bytes());
+    f
+}
+
+fn hostile_pair() -> (OwnedFd, Receiver<Vec<u8>>) {
+    let (a, b) = pool_ipc::socketpair().unwrap();
+    let cfg = Config::new().shm_threshold(Some(16)).max_frame_len(1 << 20);
+    (a, Receiver::with_config(b, cfg))
+}
+
+fn good_region(cap: usize) -> Segment {
+    let seg = Segment::create("hostile", HDR + cap).unwrap();
+    seg.atomic_u32(0).store(MAGIC, Ordering::Relaxed);
+    seg
+}
+
+#[test]
+fn hostile_ref_before_region() {
+    crate::helpers::bounded(60, || {
+        let (a, mut rx) = hostile_pair();
+        write_all(&a, &ref_frame(0, 4));
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+    });
+}
+
+#[test]
+fn hostile_region_without_fd() {
+    crate::helpers::bounded(60, || {
+        let (a, mut rx) = hostile_pair();
+        write_all(&a, &region_frame());
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+    });
+}
+
+#[test]
+fn hostile_region_unsealed_or_bad_magic() {
+    crate::helpers::bounded(60, || {
+        let (a, mut rx) = hostile_pair();
+        let fd = rustix::fs::memfd_create("u", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
+        send_fds(a.as_fd(), &region_frame(), &[fd.as_fd()]).unwrap();
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+        let seg = Segment::create("nomagic", HDR + 4096).unwrap();
+        send_fds(a.as_fd(), &region_frame(), &[seg.as_fd()]).unwrap();
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+        // A pipe instead of a memfd.
+        let (r, _w) = pool_ipc::pipe().unwrap();
+        send_fds(a.as_fd(), &region_frame(), &[r.as_fd()]).unwrap();
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+    });
+}
+
+#[test]
+fn hostile_refs_out_of_bounds() {
+    crate::helpers::bounded(60, || {
+        let (a, mut rx) = hostile_pair();
+        let cap = 1 << 16;
+        let seg = good_region(cap);
+        send_fds(a.as_fd(), &region_frame(), &[seg.as_fd()]).unwrap();
+        // Garbage in the ring: decodes as garbage, never UB/panic.
+        seg.write_at(HDR, &[3, 9, 9, 9]);
+        write_all(&a, &ref_frame(0, 4));
+        assert_eq!(rx.recv().unwrap(), vec![9, 9, 9]);
+        let bad = [
+            (0u64, 4u32),            // before the last consumed position
+            (cap as u64 - 2, 4),     // wraps past the end of the data area
+            (u64::MAX - 1, 4),       // overflows
+            (4 + 2 * cap as u64, 4), // skips more than the ring
+            (8, (cap + 1) as u32),   // longer than the ring
+        ];
+        for (off, len) in bad {
+            write_all(&a, &ref_frame(off, len));
+            assert_eq!(
+                rx.recv().unwrap_err().kind(),
+                ErrorKind::Decode,
+                "{off} {len}"
+            );
+        }
+        write_all(&a, &ref_frame(8, (2 << 20) as u32));
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::FrameTooLarge);
+        // Still usable after all that: a valid reference.
+        seg.write_at(HDR + 100, &[2, 7, 7]);
+        write_all(&a, &ref_frame(100, 3));
+        assert_eq!(rx.recv().unwrap(), vec![7, 7]);
+        // A ring that is too large for the limits of the crate.
+        // A (sparse) ring larger than the crate ever creates or accepts.
+        let huge = rustix::fs::memfd_create(
+            "huge",
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        rustix::fs::ftruncate(&huge, (HDR + (512 << 20)) as u64).unwrap();
+        rustix::fs::fcntl_add_seals(&huge, rustix::fs::SealFlags::SHRINK).unwrap();
+        Segment::from_fd(huge.try_clone().unwrap())
+            .unwrap()
+            .atomic_u32(0)
+            .store(MAGIC, Ordering::Relaxed);
+        send_fds(a.as_fd(), &region_frame(), &[huge.as_fd()]).unwrap();
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+        // Malformed control frames: skipped with a Decode error...
+        for f in [vec![0, 0, 0, 0x80], vec![2, 0, 0, 0x80, 9, 9]] {
+            write_all(&a, &f);
+            assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Decode);
+        }
+        // ...except an oversized one, which is fatal.
+        write_all(&a, &[65, 0, 0, 0x80]);
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::FrameTooLarge);
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::FrameTooLarge);
+    });
+}

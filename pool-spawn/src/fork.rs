@@ -1,0 +1,129 @@
+//! `fork(2)` and the code that runs between fork and exec (or the worker loop).
+//!
+//! # Safety
+//!
+//! This module holds the crate's only `libc::fork` call and its only `pre_exec` hook. After
+//! `fork` in a process that has other threads, the child is a copy with a single thread:
+//! any lock another thread held (in the allocator, in `stdout`, in a logger, in a runtime)
+//! stays held forever. POSIX therefore allows only async-signal-safe calls until `exec`.
+//!
+//! Post-fork checklist, followed by every child path here:
+//!
+//! - **No locks held by other threads.** Until the child hands over to the worker loop (or
+//!   execs) it calls only raw system calls through rustix's `linux_raw` backend and the
+//!   async-signal-safe libc calls in [`crate::sys`]; nothing takes a lock.
+//! - **No allocation before the handoff.** Paths are `&CStr` literals, errors are errno
+//!   values; `pre_exec` captures only integers.
+//! - **Reseed randomness if it matters.** The child shares the parent's RNG state and
+//!   `HashMap` keys; pool-spawn keeps none that matter, task code that needs fresh
+//!   randomness must reseed.
+//! - **No `MAP_SHARED` assumptions.** Private mappings are copied on write; shared mappings
+//!   stay shared with the parent.
+//! - **Only async-signal-safe calls until exec or the worker loop.** On any setup error the
+//!   child calls `_exit`, never unwinds or returns into the parent's code, and never runs
+//!   the parent's destructors or `atexit` handlers.
+//!
+//! The worker loop itself allocates and runs user code. That is sound when the parent has
+//! only one thread (checked by [`Launcher::new`](crate::Launcher::new) for
+//! [`StartMethod::Fork`](crate::StartMethod::Fork), and always true in the fork server, a
+//! freshly executed single-threaded process); with other threads it is the documented risk
+//! a user opts into with `LaunchOptions::allow_fork_with_threads`.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::panic::{self, AssertUnwindSafe};
+use std::process::Command;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, Signal};
+
+use crate::sys;
+
+/// Exit code of a forked child whose setup failed before the worker loop.
+const EXIT_CHILD_SETUP: i32 = 126;
+/// Exit code of a forked child whose worker loop unwound (it never should).
+const EXIT_CHILD_UNWOUND: i32 = 101;
+
+/// Forks a worker that serves `chan`; returns its pid in the parent.
+///
+/// The child moves into its own process group, gets `SIGKILL` when the forking thread
+/// dies, checks that its parent is still the forking process, ignores `SIGINT`, reads
+/// stdin from `/dev/null`, closes every descriptor but 0, 1, 2 and `chan`, then runs the
+/// worker loop and exits; it never returns here.
+///
+/// # Errors
+///
+/// The `fork` error (`EAGAIN`, `ENOMEM`).
+pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
+    let parent = rustix::process::getpid();
+    // In the child (return value 0) we follow the module's post-fork checklist: `child`
+    // makes only async-signal-safe calls until the worker loop, and never returns.
+    // SAFETY: `fork` has no memory-safety preconditions; the child path is described above.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => child(chan, parent),
+        pid => {
+            drop(chan);
+            let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
+            // Also set the group from this side, so that signalling it right after we
+            // return cannot race with the child's own `setpgid`.
+            let _ = rustix::process::setpgid(Some(pid), Some(pid));
+            Ok(pid)
+        }
+    }
+}
+
+/// The forked child: prepare, then serve; never returns.
+fn child(chan: OwnedFd, parent: Pid) -> ! {
+    if prepare_worker(chan.as_raw_fd(), parent).is_err() {
+        sys::exit_now(EXIT_CHILD_SETUP);
+    }
+    // The handoff: from here on the worker loop may allocate (see the module docs).
+    let _ = panic::catch_unwind(AssertUnwindSafe(move || crate::runner::run(chan)));
+    sys::exit_now(EXIT_CHILD_UNWOUND)
+}
+
+/// Async-signal-safe setup of a freshly forked worker.
+fn prepare_worker(chan: RawFd, parent: Pid) -> rustix::io::Result<()> {
+    rustix::process::setpgid(None, None)?;
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    // The parent may have died before the line above: then nobody will send the signal.
+    if rustix::process::getppid() != Some(parent) {
+        return Err(rustix::io::Errno::SRCH);
+    }
+    sys::ignore_sigint();
+    let null = rustix::fs::open(
+        c"/dev/null",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::stdio::dup2_stdin(&null)?;
+    drop(null);
+    sys::close_fds_except(chan);
+    Ok(())
+}
+
+/// Arranges for a spawned child to keep exactly `keep` across exec (all other descriptors
+/// from 3 up are marked close-on-exec), to get `SIGKILL` when the spawning thread dies, and
+/// to fail the spawn if `parent` is no longer its parent by then.
+pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
+    let hook = move || -> io::Result<()> {
+        sys::cloexec_from_3();
+        sys::clear_cloexec(keep)?;
+        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+        if rustix::process::getppid() != Some(parent) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // The hook runs between fork and exec; it captures two integers, allocates nothing and
+    // makes only async-signal-safe system calls (`close_range`, `fcntl`, `prctl`, `getppid`).
+    // SAFETY: as just described; its errors are plain errno values (no allocation).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

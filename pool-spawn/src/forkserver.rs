@@ -1,0 +1,537 @@
+//! The forkserver start method: one single-threaded server process, started by spawn,
+//! forks each worker on request.
+//!
+//! The parent and the server talk over a `SOCK_SEQPACKET` socketpair (message boundaries
+//! are kept, so each postcard message is one record and descriptors travel with the record
+//! that names them). Requests: [`Request::Fork`], [`Request::Shutdown`]. Replies:
+//! [`Reply::Forked`] (with the parent's end of the worker's channel and a pidfd of the
+//! worker attached), [`Reply::ForkFailed`], and unsolicited [`Reply::Exited`] reports: the
+//! server is the workers' parent, so only it can reap them; it waits for their pidfds to
+//! become readable and reports each exit status.
+//!
+//! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
+//! pid, and treats end of file on its control socket as shutdown. It never leaves orphans:
+//! each worker has `PR_SET_PDEATHSIG(SIGKILL)` towards the server, and a server that stops
+//! kills and reaps its remaining workers first.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{RecvFlags, SendFlags};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::child::{ChildProc, poll, poll_readable};
+use crate::error::{Error, ErrorKind, Result};
+use crate::role::Role;
+use crate::status::ExitStatus;
+use crate::sys;
+
+/// Parent → server.
+#[derive(Serialize, Deserialize, Debug)]
+enum Request {
+    /// Fork a worker; answer `Forked` or `ForkFailed`.
+    Fork,
+    /// Kill and reap the remaining workers, report them, then exit.
+    Shutdown,
+}
+
+/// Server → parent.
+#[derive(Serialize, Deserialize, Debug)]
+enum Reply {
+    /// A worker was forked. Attached: our end of its channel, then its pidfd if `pidfd`.
+    Forked { serial: u64, pid: u32, pidfd: bool },
+    /// `fork` (or the socketpair) failed with this errno.
+    ForkFailed { errno: i32 },
+    /// Worker `serial` ended and was reaped.
+    Exited { serial: u64, status: ExitStatus },
+}
+
+/// Large enough for any `Request` or `Reply`.
+const MSG_MAX: usize = 64;
+
+/// Encodes a control message into a fixed buffer; returns it and the length used.
+fn encode<T: Serialize>(msg: &T) -> ([u8; MSG_MAX], usize) {
+    let mut buf = [0u8; MSG_MAX];
+    // Cannot fail: every message is a few varints, far below `MSG_MAX`.
+    let len = postcard::to_slice(msg, &mut buf).map_or(0, |b| b.len());
+    (buf, len)
+}
+
+// ---------------------------------------------------------------------------------------
+// Server side.
+
+struct Kid {
+    serial: u64,
+    pid: Pid,
+    pidfd: Option<OwnedFd>,
+}
+
+struct Server {
+    ctl: OwnedFd,
+    parent: Option<Pid>,
+    kids: Vec<Kid>,
+    next_serial: u64,
+}
+
+/// Runs the fork server on `ctl`; never returns.
+pub(crate) fn serve(ctl: OwnedFd) -> ! {
+    sys::ignore_sigint();
+    let mut s = Server {
+        ctl,
+        parent: rustix::process::getppid(),
+        kids: Vec::new(),
+        next_serial: 1,
+    };
+    s.run();
+    sys::flush_and_exit(0)
+}
+
+impl Server {
+    fn run(&mut self) {
+        let mut buf = [0u8; MSG_MAX];
+        loop {
+            // Without pidfds, fall back to polling the children's status.
+            let slow = self.kids.iter().any(|k| k.pidfd.is_none());
+            let timeout = if slow {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_secs(1)
+            };
+            let (ctl_ready, ready): (bool, Vec<u64>) = {
+                let mut fds = Vec::with_capacity(1 + self.kids.len());
+                fds.push(PollFd::new(&self.ctl, PollFlags::IN));
+                let mut owners = Vec::with_capacity(self.kids.len());
+                for k in &self.kids {
+                    if let Some(p) = &k.pidfd {
+                        fds.push(PollFd::new(p, PollFlags::IN));
+                        owners.push(k.serial);
+                    }
+                }
+                if poll(&mut fds, Some(timeout)).is_err() {
+                    self.stop(false);
+                    return;
+                }
+                let ready = owners
+                    .iter()
+                    .zip(&fds[1..])
+                    .filter(|(_, f)| !f.revents().is_empty())
+                    .map(|(s, _)| *s)
+                    .collect();
+                (!fds[0].revents().is_empty(), ready)
+            };
+            if rustix::process::getppid() != self.parent {
+                self.stop(false);
+                return;
+            }
+            if !self.reap(&ready, slow) {
+                self.stop(false);
+                return;
+            }
+            if ctl_ready {
+                let req = match rustix::net::recv(&self.ctl, &mut buf, RecvFlags::empty()) {
+                    Ok((0, _)) => None,
+                    Ok((n, _)) => postcard::from_bytes::<Request>(&buf[..n]).ok(),
+                    Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                    Err(_) => None,
+                };
+                match req {
+                    Some(Request::Fork) => {
+                        if !self.fork() {
+                            self.stop(false);
+                            return;
+                        }
+                    }
+                    Some(Request::Shutdown) => {
+                        self.stop(true);
+                        return;
+                    }
+                    // End of file (the pool is gone) or garbage: stop.
+                    None => {
+                        self.stop(false);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps the kids in `ready` (and, when `all`, every kid without a pidfd); reports
+    /// them. `false` if the parent is gone.
+    fn reap(&mut self, ready: &[u64], all: bool) -> bool {
+        let mut i = 0;
+        while i < self.kids.len() {
+            let k = &self.kids[i];
+            if !(ready.contains(&k.serial) || (all && k.pidfd.is_none())) {
+                i += 1;
+                continue;
+            }
+            let r = match &k.pidfd {
+                Some(fd) => rustix::process::waitid(
+                    WaitId::PidFd(fd.as_fd()),
+                    WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+                ),
+                None => rustix::process::waitid(
+                    WaitId::Pid(k.pid),
+                    WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+                ),
+            };
+            let status = match r {
+                Ok(Some(st)) => ExitStatus::from_waitid(&st),
+                // ECHILD: reaped elsewhere (never, here); report an unknown end.
+                Err(rustix::io::Errno::CHILD) => Some(ExitStatus::from_code(-1)),
+                _ => None,
+            };
+            match status {
+                Some(status) => {
+                    let k = self.kids.swap_remove(i);
+                    if !self.send(
+                        &Reply::Exited {
+                            serial: k.serial,
+                            status,
+                        },
+                        &[],
+                    ) {
+                        return false;
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        true
+    }
+
+    /// Forks one worker and answers; `false` if the parent is gone.
+    fn fork(&mut self) -> bool {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let (ours, theirs) = match pool_ipc::socketpair() {
+            Ok(p) => p,
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                return self.send(&Reply::ForkFailed { errno }, &[]);
+            }
+        };
+        match crate::fork::fork_worker(theirs) {
+            Ok(pid) => {
+                let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
+                let reply = Reply::Forked {
+                    serial,
+                    pid: pid.as_raw_nonzero().get() as u32,
+                    pidfd: pidfd.is_some(),
+                };
+                let sent = match &pidfd {
+                    Some(p) => self.send(&reply, &[ours.as_fd(), p.as_fd()]),
+                    None => self.send(&reply, &[ours.as_fd()]),
+                };
+                self.kids.push(Kid { serial, pid, pidfd });
+                sent
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                self.send(&Reply::ForkFailed { errno }, &[])
+            }
+        }
+    }
+
+    fn send(&self, reply: &Reply, fds: &[std::os::fd::BorrowedFd<'_>]) -> bool {
+        let (buf, len) = encode(reply);
+        pool_ipc::fdpass::send_fds(self.ctl.as_fd(), &buf[..len], fds).is_ok()
+    }
+
+    /// Kills and reaps every remaining worker; reports them if `report`.
+    fn stop(&mut self, report: bool) {
+        for k in &self.kids {
+            let _ = rustix::process::kill_process_group(k.pid, Signal::KILL);
+            match &k.pidfd {
+                Some(fd) => {
+                    let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
+                }
+                None => {
+                    let _ = rustix::process::kill_process(k.pid, Signal::KILL);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for k in std::mem::take(&mut self.kids) {
+            let mut child = ChildProc::from_parts(k.pid, k.pidfd);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match child.wait_timeout(left) {
+                Ok(Some(status)) => {
+                    if report {
+                        let _ = self.send(
+                            &Reply::Exited {
+                                serial: k.serial,
+                                status,
+                            },
+                            &[],
+                        );
+                    }
+                }
+                // Stuck (uninterruptible sleep): leave it to whoever inherits it.
+                _ => child.forget(),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent side.
+
+/// A worker the server forked for us.
+#[derive(Debug)]
+pub(crate) struct Forked {
+    pub(crate) serial: u64,
+    pub(crate) pid: Pid,
+    pub(crate) chan: OwnedFd,
+    pub(crate) pidfd: Option<OwnedFd>,
+}
+
+/// The parent's connection to its fork server, shared by the launcher and the workers'
+/// handles (which need the server's exit reports).
+#[derive(Debug)]
+pub(crate) struct ServerLink {
+    state: Mutex<LinkState>,
+    server_pid: u32,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct LinkState {
+    ctl: Option<OwnedFd>,
+    reports: HashMap<u64, ExitStatus>,
+    abandoned: HashSet<u64>,
+    server: Option<ChildProc>,
+    lost: Option<String>,
+}
+
+enum Pumped {
+    Nothing,
+    Report,
+    Reply(Reply, Vec<OwnedFd>),
+}
+
+impl ServerLink {
+    /// Starts a fork server.
+    pub(crate) fn start(handshake_timeout: Duration, test_entry: &str) -> Result<Arc<ServerLink>> {
+        let started = crate::spawn::start(Role::Forkserver, handshake_timeout, test_entry)?;
+        let server_pid = started.child.pid().as_raw_nonzero().get() as u32;
+        tracing::debug!(pid = server_pid, "fork server started");
+        Ok(Arc::new(ServerLink {
+            state: Mutex::new(LinkState {
+                ctl: Some(started.sock),
+                reports: HashMap::new(),
+                abandoned: HashSet::new(),
+                server: Some(started.child),
+                lost: None,
+            }),
+            server_pid,
+            timeout: handshake_timeout,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn server_pid(&self) -> u32 {
+        self.server_pid
+    }
+
+    /// Whether the server is gone (or was shut down).
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lock().lost.is_some()
+    }
+
+    /// Asks the server for a worker.
+    pub(crate) fn fork(&self) -> Result<Forked> {
+        let mut st = self.lock();
+        st.send(&Request::Fork)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.lose("it did not answer a fork request in time");
+                return Err(st.lost_error());
+            }
+            match st.pump(left)? {
+                Pumped::Nothing | Pumped::Report => {}
+                Pumped::Reply(Reply::Forked { serial, pid, pidfd }, fds) => {
+                    let mut fds = fds.into_iter();
+                    let chan = fds.next();
+                    let pidfd = if pidfd { fds.next() } else { None };
+                    let (Some(chan), Some(pid)) = (chan, Pid::from_raw(pid as i32)) else {
+                        st.lose("a fork reply came without its channel");
+                        return Err(st.lost_error());
+                    };
+                    return Ok(Forked {
+                        serial,
+                        pid,
+                        chan,
+                        pidfd,
+                    });
+                }
+                Pumped::Reply(Reply::ForkFailed { errno }, _) => {
+                    return Err(Error::io(
+                        "the fork server could not fork",
+                        io::Error::from_raw_os_error(errno),
+                    ));
+                }
+                Pumped::Reply(Reply::Exited { .. }, _) => unreachable!("pump keeps reports"),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the server's exit report on worker `serial`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::ServerLost`] if the server is gone and never reported it.
+    pub(crate) fn wait_report(&self, serial: u64, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut st = self.lock();
+            if let Some(s) = st.reports.remove(&serial) {
+                return Ok(Some(s));
+            }
+            if st.lost.is_some() {
+                return Err(st.lost_error());
+            }
+            // Take what is already there without waiting.
+            while let Pumped::Report | Pumped::Reply(..) = st.pump(Duration::ZERO)? {}
+            if let Some(s) = st.reports.remove(&serial) {
+                return Ok(Some(s));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Wait in short slices so that other users of the link get their turn.
+            let _ = st.pump(left.min(Duration::from_millis(10)))?;
+        }
+    }
+
+    /// Forgets worker `serial`: its report, when it comes, is dropped.
+    pub(crate) fn abandon(&self, serial: u64) {
+        let mut st = self.lock();
+        if st.reports.remove(&serial).is_none() && st.lost.is_none() {
+            st.abandoned.insert(serial);
+        }
+    }
+
+    /// Stops the server (it kills and reaps its remaining workers, reporting them) and
+    /// reaps it.
+    pub(crate) fn shutdown(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.ctl.is_some() && st.send(&Request::Shutdown).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match st.pump(left) {
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        st.ctl = None;
+        if st.lost.is_none() {
+            st.lost = Some("it was shut down".to_owned());
+        }
+        let Some(mut server) = st.server.take() else {
+            return Ok(());
+        };
+        drop(st);
+        match server.wait_timeout(Duration::from_secs(5))? {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => {
+                tracing::debug!(status = %s, "fork server exited");
+                Ok(())
+            }
+            None => {
+                server.kill_and_reap(Duration::from_secs(5))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for ServerLink {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl LinkState {
+    fn lose(&mut self, why: &str) {
+        if self.lost.is_none() {
+            self.lost = Some(why.to_owned());
+        }
+        self.ctl = None;
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::new(ErrorKind::ServerLost, self.lost.clone().unwrap_or_default())
+    }
+
+    fn send(&mut self, req: &Request) -> Result<()> {
+        let Some(ctl) = &self.ctl else {
+            return Err(self.lost_error());
+        };
+        let (buf, len) = encode(req);
+        loop {
+            match rustix::net::send(ctl, &buf[..len], SendFlags::NOSIGNAL) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    self.lose(&format!("its control socket failed: {e}"));
+                    return Err(self.lost_error());
+                }
+            }
+        }
+    }
+
+    /// Reads one message if one arrives within `timeout`; keeps exit reports.
+    fn pump(&mut self, timeout: Duration) -> Result<Pumped> {
+        let Some(ctl) = &self.ctl else {
+            return Err(self.lost_error());
+        };
+        let ready = poll_readable(ctl.as_fd(), Some(timeout))
+            .map_err(|e| Error::io("polling the fork server's socket", e))?;
+        if !ready {
+            return Ok(Pumped::Nothing);
+        }
+        let mut buf = [0u8; MSG_MAX];
+        let (n, fds) = match pool_ipc::fdpass::recv_fds(ctl.as_fd(), &mut buf, 2) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Pumped::Nothing),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Nothing),
+            Err(e) => {
+                self.lose(&format!("its control socket failed: {e}"));
+                return Err(self.lost_error());
+            }
+        };
+        if n == 0 {
+            self.lose("it exited (end of file on its control socket)");
+            return Err(self.lost_error());
+        }
+        match postcard::from_bytes::<Reply>(&buf[..n]) {
+            Ok(Reply::Exited { serial, status }) => {
+                if !self.abandoned.remove(&serial) {
+                    self.reports.insert(serial, status);
+                }
+                Ok(Pumped::Report)
+            }
+            Ok(reply) => Ok(Pumped::Reply(reply, fds)),
+            Err(e) => {
+                self.lose(&format!("it sent an undecodable message: {e}"));
+                Err(self.lost_error())
+            }
+        }
+    }
+}

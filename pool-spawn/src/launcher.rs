@@ -1,0 +1,292 @@
+//! [`Launcher`], [`StartMethod`] and [`LaunchOptions`]: how workers are started.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::child::ChildProc;
+use crate::error::{Error, ErrorKind, Result};
+use crate::forkserver::ServerLink;
+use crate::role::Role;
+use crate::worker::Worker;
+
+/// How worker processes are started (Python's `multiprocessing` start methods).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum StartMethod {
+    /// Fork the calling process directly: fastest, and the worker starts with a copy of
+    /// the parent's memory. Unsafe in a multi-threaded parent (see the crate docs); refused
+    /// there unless [`LaunchOptions::allow_fork_with_threads`] is set.
+    Fork,
+    /// Re-execute the current executable; `procpool::init()` turns the new process into a
+    /// worker. Slowest, but nothing is inherited.
+    Spawn,
+    /// A single-threaded fork server, started once by spawn, forks each worker (the
+    /// default): fork-fast starts with spawn's clean, single-threaded origin.
+    #[default]
+    Forkserver,
+}
+
+impl StartMethod {
+    /// The worker name prefix Python uses for this method: `"ForkPoolWorker"`,
+    /// `"SpawnPoolWorker"` or `"ForkserverPoolWorker"`.
+    pub fn worker_name_prefix(self) -> &'static str {
+        match self {
+            StartMethod::Fork => "ForkPoolWorker",
+            StartMethod::Spawn => "SpawnPoolWorker",
+            StartMethod::Forkserver => "ForkserverPoolWorker",
+        }
+    }
+}
+
+/// Options for a [`Launcher`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use pool_spawn::LaunchOptions;
+///
+/// let opts = LaunchOptions::new().handshake_timeout(Duration::from_secs(30));
+/// assert!(!opts.allow_fork_with_threads);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct LaunchOptions {
+    /// Allow [`StartMethod::Fork`] although the process runs other threads. Forking copies
+    /// only the calling thread: a lock another thread holds (allocator, stdout, a logger)
+    /// stays locked forever in the child. Default `false`.
+    pub allow_fork_with_threads: bool,
+    /// How long a re-executed child (spawn worker, fork server) may take to answer before
+    /// it is considered not to call `procpool::init()`, killed and reaped. Default 15 s.
+    pub handshake_timeout: Duration,
+    /// The libtest filter passed to a re-executed *test* binary (one whose process never
+    /// called `init()`), so that it runs only the `enable_test_support!()` entry. Default
+    /// `"procpool_worker_entry"`.
+    pub test_entry: String,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            allow_fork_with_threads: false,
+            handshake_timeout: Duration::from_secs(15),
+            test_entry: crate::TEST_ENTRY.to_owned(),
+        }
+    }
+}
+
+impl LaunchOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`LaunchOptions::allow_fork_with_threads`].
+    pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
+        self.allow_fork_with_threads = allow;
+        self
+    }
+
+    /// Sets [`LaunchOptions::handshake_timeout`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`LaunchOptions::test_entry`].
+    pub fn test_entry(mut self, name: impl Into<String>) -> Self {
+        self.test_entry = name.into();
+        self
+    }
+}
+
+/// Starts workers by one [`StartMethod`]; one per pool. Owns the fork server when the
+/// method is [`StartMethod::Forkserver`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use pool_spawn::{Launcher, LaunchOptions, StartMethod};
+///
+/// pool_spawn::init(); // first line of main
+/// let mut launcher = Launcher::new(StartMethod::Forkserver, LaunchOptions::default())?;
+/// let mut worker = launcher.launch("ForkserverPoolWorker-1")?;
+/// let channel = worker.take_channel().unwrap(); // wrap in a pool_ipc::Duplex, send Setup…
+/// # drop(channel);
+/// worker.terminate(std::time::Duration::from_secs(1))?;
+/// launcher.shutdown()?;
+/// # Ok::<(), pool_spawn::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Launcher {
+    method: StartMethod,
+    opts: LaunchOptions,
+    link: Option<Arc<ServerLink>>,
+}
+
+/// Whether the "forking with threads" warning was emitted.
+static WARNED_THREADS: AtomicBool = AtomicBool::new(false);
+
+impl Launcher {
+    /// Prepares to start workers by `method`; for [`StartMethod::Forkserver`], starts the
+    /// fork server.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::ForkUnsafe`] for `Fork` when this process runs other threads (or they
+    /// cannot be counted) and the options do not allow it. For `Forkserver`, the errors of
+    /// starting it: [`ErrorKind::InitNotCalled`] when the re-executed program does not call
+    /// `procpool::init()` first, [`ErrorKind::Io`], [`ErrorKind::Handshake`].
+    pub fn new(method: StartMethod, opts: LaunchOptions) -> Result<Launcher> {
+        crate::refuse_unentered_worker();
+        let mut link = None;
+        match method {
+            StartMethod::Fork => match thread_count() {
+                Some(1) => {}
+                n if opts.allow_fork_with_threads => warn_threads(n),
+                Some(n) => {
+                    return Err(Error::new(
+                        ErrorKind::ForkUnsafe,
+                        format!(
+                            "this process runs {n} threads; forking it can deadlock the \
+                             workers. Use StartMethod::Forkserver, or allow the risk with \
+                             LaunchOptions::allow_fork_with_threads"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::ForkUnsafe,
+                        "cannot count this process's threads (/proc/self/task); allow the \
+                         risk with LaunchOptions::allow_fork_with_threads",
+                    ));
+                }
+            },
+            StartMethod::Spawn => {}
+            StartMethod::Forkserver => {
+                link = Some(ServerLink::start(opts.handshake_timeout, &opts.test_entry)?);
+            }
+        }
+        Ok(Launcher { method, opts, link })
+    }
+
+    /// The start method.
+    pub fn method(&self) -> StartMethod {
+        self.method
+    }
+
+    /// The fork server's pid, for [`StartMethod::Forkserver`] once started.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.link.as_ref().map(|l| l.server_pid())
+    }
+
+    /// Starts one worker named `name` (by convention
+    /// `format!("{}-{n}", method.worker_name_prefix())`).
+    ///
+    /// Synchronous: returns once the process exists (for spawn, once it has answered the
+    /// start-up handshake). The worker then waits for
+    /// [`ToWorker::Setup`](crate::protocol::ToWorker::Setup) on its channel.
+    ///
+    /// For [`StartMethod::Fork`], later launches (the pool starts replacements from its
+    /// own thread) fork a multi-threaded process: see the crate docs' fork safety rule; a
+    /// warning is logged once.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] (`fork` or `socketpair` failed, for example `EAGAIN`),
+    /// [`ErrorKind::InitNotCalled`] / [`ErrorKind::Handshake`] for spawn,
+    /// [`ErrorKind::ServerLost`] if the fork server died and could not be restarted.
+    pub fn launch(&mut self, name: &str) -> Result<Worker> {
+        let w = match self.method {
+            StartMethod::Spawn => {
+                let s = crate::spawn::start(
+                    Role::Worker,
+                    self.opts.handshake_timeout,
+                    &self.opts.test_entry,
+                )?;
+                Worker::direct(name, StartMethod::Spawn, s.sock, s.child)
+            }
+            StartMethod::Fork => {
+                if !WARNED_THREADS.load(Ordering::Relaxed) {
+                    let n = thread_count();
+                    if n != Some(1) {
+                        warn_threads(n);
+                    }
+                }
+                let (ours, theirs) =
+                    pool_ipc::socketpair().map_err(|e| Error::io("creating a socketpair", e))?;
+                // From a thread that lives as long as the process (see `on_spawner_thread`),
+                // so that the worker's parent-death signal means the process died.
+                let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_worker(theirs))
+                    .map_err(|e| Error::io("fork", e))?;
+                Worker::direct(name, StartMethod::Fork, ours, ChildProc::adopt(pid))
+            }
+            StartMethod::Forkserver => {
+                let link = self.server()?;
+                let forked = match link.fork() {
+                    Ok(f) => (f, link),
+                    Err(e) if e.kind() == ErrorKind::ServerLost => {
+                        tracing::warn!(error = %e, "the fork server is gone; starting a new one");
+                        self.link = None;
+                        let link = self.server()?;
+                        (link.fork()?, link)
+                    }
+                    Err(e) => return Err(e),
+                };
+                Worker::served(name, forked.0, forked.1)
+            }
+        };
+        tracing::debug!(worker = name, pid = w.pid(), method = ?self.method, "worker launched");
+        Ok(w)
+    }
+
+    /// The live fork server, started again if it was lost.
+    fn server(&mut self) -> Result<Arc<ServerLink>> {
+        if let Some(l) = &self.link
+            && !l.is_lost()
+        {
+            return Ok(Arc::clone(l));
+        }
+        let l = ServerLink::start(self.opts.handshake_timeout, &self.opts.test_entry)
+            .map_err(|e| e.with_kind(ErrorKind::ServerLost))?;
+        self.link = Some(Arc::clone(&l));
+        Ok(l)
+    }
+
+    /// Stops the fork server (which kills and reaps any worker still running) and reaps
+    /// it. Nothing to do for the other methods.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`] or [`ErrorKind::TimedOut`] if the server cannot be reaped.
+    pub fn shutdown(mut self) -> Result<()> {
+        match self.link.take() {
+            Some(l) => l.shutdown(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if let Some(l) = self.link.take() {
+            let _ = l.shutdown();
+        }
+    }
+}
+
+/// The number of threads of this process, if `/proc` tells.
+pub(crate) fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
+fn warn_threads(n: Option<usize>) {
+    if !WARNED_THREADS.swap(true, Ordering::Relaxed) {
+        let threads = n.map_or_else(|| "an unknown number of".to_owned(), |n| n.to_string());
+        tracing::warn!(
+            "forking a worker from a process with {threads} threads: a lock held by another \
+             thread at that moment stays locked in the worker (allowed by \
+             LaunchOptions::allow_fork_with_threads)"
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! The messages between a pool and one worker, and the image identity check.
+//!
+//! One socket per worker. The parent drives it with a nonblocking `pool_ipc::FramedConn`
+//! (or any pool-ipc type), the worker with a blocking `pool_ipc::Duplex<FromWorker,
+//! ToWorker>`; both speak postcard frames.
+//!
+//! Worker lifecycle: started → receives [`ToWorker::Setup`] → checks the [`ImageId`]
+//! (mismatch: [`FromWorker::SetupFailed`] with [`SetupFailure::ImageMismatch`], exit code
+//! [`EXIT_IMAGE_MISMATCH`]) → runs the initializer (failure: `SetupFailed` with
+//! [`SetupFailure::Initializer`], exit code [`EXIT_INIT_FAILED`]) → sends
+//! [`FromWorker::Ready`] → loop: [`ToWorker::Run`] → [`FromWorker::Done`]; after
+//! `max_tasks` runs it sends the last `Done`, flushes and exits 0. End of file on its
+//! channel, or [`ToWorker::Exit`], also ends it with exit code 0.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::task::{FnRef, ItemError};
+
+/// Exit code of a worker whose parent runs a different executable image.
+pub const EXIT_IMAGE_MISMATCH: i32 = 3;
+/// Exit code of a worker whose initializer failed.
+pub const EXIT_INIT_FAILED: i32 = 4;
+/// Exit code of a worker that received a message it could not decode or did not expect.
+pub const EXIT_PROTOCOL: i32 = 2;
+
+/// Identifies the executable image a process runs, to check that an [`FnRef`] made in the
+/// parent means the same function in the worker.
+///
+/// It combines the device, inode, size and modification time of `/proc/self/exe` (as
+/// found when first asked, which `init()` does at start-up) with a link-time property: the
+/// distance between two functions of this crate. Two processes with equal `ImageId`s run
+/// the same build of the same program.
+///
+/// # Examples
+///
+/// ```
+/// use pool_spawn::protocol::ImageId;
+///
+/// assert_eq!(ImageId::current(), ImageId::current());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_sec: i64,
+    mtime_nsec: i64,
+    link: i64,
+    protocol: u32,
+}
+
+/// Proof that the parent's image identity matched ours; needed to resolve an [`FnRef`].
+#[derive(Debug)]
+pub(crate) struct SameImage(());
+
+/// The version of this message protocol; part of [`ImageId`].
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+impl ImageId {
+    /// The identity of the running executable image (computed once, then cached).
+    pub fn current() -> ImageId {
+        static CURRENT: OnceLock<ImageId> = OnceLock::new();
+        *CURRENT.get_or_init(Self::compute)
+    }
+
+    fn compute() -> ImageId {
+        let st = rustix::fs::stat("/proc/self/exe").ok().or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            rustix::fs::stat(&exe).ok()
+        });
+        // The field types vary across targets; on some the casts are no-ops.
+        #[allow(clippy::unnecessary_cast)]
+        let (dev, ino, size, mtime_sec, mtime_nsec) = match st {
+            Some(st) => (
+                st.st_dev,
+                st.st_ino,
+                st.st_size as u64,
+                st.st_mtime as i64,
+                st.st_mtime_nsec as i64,
+            ),
+            None => (0, 0, 0, 0, 0),
+        };
+        ImageId {
+            dev,
+            ino,
+            size,
+            mtime_sec,
+            mtime_nsec,
+            link: crate::task::link_offset(),
+            protocol: PROTOCOL_VERSION,
+        }
+    }
+
+    /// Checks `self` (the parent's identity) against this process's.
+    pub(crate) fn verify(&self) -> Result<SameImage, String> {
+        let ours = ImageId::current();
+        if *self == ours {
+            Ok(SameImage(()))
+        } else {
+            Err(format!(
+                "the worker runs a different executable image than its parent (parent {self}, \
+                 worker {ours}); was the program rebuilt or replaced while the pool ran?"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "dev {:#x} inode {} size {} mtime {}.{:09} link {:+#x} protocol {}",
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime_sec,
+            self.mtime_nsec,
+            self.link,
+            self.protocol
+        )
+    }
+}
+
+impl fmt::Debug for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageId({self})")
+    }
+}
+
+/// A message from the pool to a worker.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum ToWorker {
+    /// The first message: who the worker is and how it starts.
+    Setup {
+        /// The worker's name, as [`current_process`](crate::current_process) reports it.
+        name: String,
+        /// Exit after this many [`ToWorker::Run`]s (Python's `maxtasksperchild`).
+        max_tasks: Option<u64>,
+        /// The parent's [`ImageId::current`].
+        image: ImageId,
+        /// An initializer ([`task::init_ref`](crate::task::init_ref)) and its postcard
+        /// arguments.
+        init: Option<(FnRef, ByteBuf)>,
+    },
+    /// Run a batch.
+    Run {
+        /// The pool's id for this batch, echoed in [`FromWorker::Done`].
+        id: u64,
+        /// The batch trampoline ([`task::batch_ref`](crate::task::batch_ref)).
+        func: FnRef,
+        /// The postcard `Vec<Args>`.
+        payload: ByteBuf,
+    },
+    /// Finish what was sent before, then exit with code 0.
+    Exit,
+}
+
+/// A message from a worker to the pool.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum FromWorker {
+    /// Setup succeeded; the worker waits for `Run`s.
+    Ready {
+        /// The worker's process id.
+        pid: u32,
+    },
+    /// Setup failed; the worker exits.
+    SetupFailed {
+        /// Why.
+        reason: SetupFailure,
+        /// A human-readable description.
+        message: String,
+    },
+    /// A batch finished.
+    Done {
+        /// The `id` of the [`ToWorker::Run`].
+        id: u64,
+        /// `Ok`: a postcard `Vec<Result<R, ItemError>>`, one per item. `Err`: the whole
+        /// batch failed (its arguments did not decode, or the results are too large).
+        outcome: Result<ByteBuf, ItemError>,
+    },
+}
+
+/// Why a worker's setup failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SetupFailure {
+    /// The worker runs a different executable image than its parent.
+    ImageMismatch,
+    /// The initializer panicked or returned an error.
+    Initializer,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_id_roundtrips_and_verifies() {
+        let id = ImageId::current();
+        let bytes = postcard::to_allocvec(&id).unwrap();
+        let back: ImageId = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, id);
+        assert!(back.verify().is_ok());
+        let mut forged = id;
+        forged.ino ^= 1;
+        let err = forged.verify().unwrap_err();
+        assert!(err.contains("different executable image"), "{err}");
+    }
+}

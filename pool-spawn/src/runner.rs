@@ -1,0 +1,137 @@
+//! The worker main loop (child side): Setup → image check → initializer → Ready → Run/Done.
+
+use std::os::fd::OwnedFd;
+
+use pool_ipc::{Duplex, ErrorKind as IpcKind};
+use serde_bytes::ByteBuf;
+
+use crate::protocol::{
+    EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
+};
+use crate::sys;
+use crate::task::{self, ItemError, ItemErrorKind};
+
+/// Why the loop ended abnormally.
+enum Stop {
+    /// The parent is gone or closed the channel mid-way: nobody to tell.
+    Lost,
+    /// A message we cannot make sense of.
+    Protocol(String),
+}
+
+/// Runs the worker loop on `chan` and exits the process; never returns.
+pub(crate) fn run(chan: OwnedFd) -> ! {
+    task::install_panic_hook();
+    let code = match serve(chan) {
+        Ok(code) => code,
+        Err(Stop::Lost) => 0,
+        Err(Stop::Protocol(m)) => {
+            eprintln!("procpool worker (pid {}): {m}", std::process::id());
+            EXIT_PROTOCOL
+        }
+    };
+    sys::flush_and_exit(code)
+}
+
+fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Stop> {
+    match conn.recv() {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => match e.kind() {
+            IpcKind::Closed => Ok(None),
+            IpcKind::Io => Err(Stop::Lost),
+            _ => Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+        },
+    }
+}
+
+fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(), Stop> {
+    conn.send(msg).map_err(|e| match e.kind() {
+        IpcKind::Io | IpcKind::Closed => Stop::Lost,
+        _ => Stop::Protocol(format!("cannot send a message: {e}")),
+    })
+}
+
+/// The loop; `Ok(code)` is the exit code.
+fn serve(chan: OwnedFd) -> Result<i32, Stop> {
+    let mut conn = Duplex::<FromWorker, ToWorker>::new(chan)
+        .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
+    let (max_tasks, same) = match recv(&mut conn)? {
+        None | Some(ToWorker::Exit) => return Ok(0),
+        Some(ToWorker::Run { .. }) => {
+            return Err(Stop::Protocol(
+                "a Run message arrived before Setup".to_owned(),
+            ));
+        }
+        Some(ToWorker::Setup {
+            name,
+            max_tasks,
+            image,
+            init,
+        }) => {
+            sys::set_identity(name);
+            let same = match image.verify() {
+                Ok(same) => same,
+                Err(message) => {
+                    send(
+                        &mut conn,
+                        &FromWorker::SetupFailed {
+                            reason: SetupFailure::ImageMismatch,
+                            message,
+                        },
+                    )?;
+                    return Ok(EXIT_IMAGE_MISMATCH);
+                }
+            };
+            if let Some((f, args)) = init
+                && let Err(message) = task::call_init(&same, f, &args)
+            {
+                send(
+                    &mut conn,
+                    &FromWorker::SetupFailed {
+                        reason: SetupFailure::Initializer,
+                        message,
+                    },
+                )?;
+                return Ok(EXIT_INIT_FAILED);
+            }
+            (max_tasks, same)
+        }
+    };
+    send(
+        &mut conn,
+        &FromWorker::Ready {
+            pid: std::process::id(),
+        },
+    )?;
+    let mut runs = 0u64;
+    loop {
+        match recv(&mut conn)? {
+            None | Some(ToWorker::Exit) => return Ok(0),
+            Some(ToWorker::Setup { .. }) => {
+                return Err(Stop::Protocol("a second Setup message arrived".to_owned()));
+            }
+            Some(ToWorker::Run { id, func, payload }) => {
+                let outcome = task::call_batch(&same, func, &payload).map(ByteBuf::from);
+                drop(payload);
+                let done = FromWorker::Done { id, outcome };
+                if let Err(e) = conn.send(&done) {
+                    match e.kind() {
+                        IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
+                        // Too large, or unencodable: the batch fails, the worker lives on.
+                        _ => {
+                            let outcome = Err(ItemError::new(
+                                ItemErrorKind::Encode,
+                                format!("the batch's results cannot be sent: {e}"),
+                            ));
+                            send(&mut conn, &FromWorker::Done { id, outcome })?;
+                        }
+                    }
+                }
+                runs += 1;
+                if max_tasks.is_some_and(|m| runs >= m) {
+                    return Ok(0);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! How a worker process ended: [`ExitStatus`], decoded from `waitid`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// How a process ended: an exit code, or the signal that killed it.
+///
+/// # Examples
+///
+/// ```
+/// use pool_spawn::ExitStatus;
+///
+/// let s = ExitStatus::from_signal(9, false);
+/// assert_eq!(s.signal(), Some(9));
+/// assert_eq!(s.signal_name(), Some("SIGKILL"));
+/// assert_eq!(s.to_string(), "signal 9 (SIGKILL)");
+/// assert_eq!(ExitStatus::from_code(3).to_string(), "exit code 3");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExitStatus {
+    repr: Repr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+enum Repr {
+    Code(i32),
+    Signal { signal: i32, core_dumped: bool },
+}
+
+impl ExitStatus {
+    /// A process that exited with `code` (from `exit(code)` or returning from `main`).
+    pub fn from_code(code: i32) -> Self {
+        ExitStatus {
+            repr: Repr::Code(code),
+        }
+    }
+
+    /// A process killed by signal number `signal`.
+    pub fn from_signal(signal: i32, core_dumped: bool) -> Self {
+        ExitStatus {
+            repr: Repr::Signal {
+                signal,
+                core_dumped,
+            },
+        }
+    }
+
+    /// Decodes a `waitid` result; `None` if it does not describe a terminated process.
+    pub(crate) fn from_waitid(s: &rustix::process::WaitIdStatus) -> Option<Self> {
+        if let Some(code) = s.exit_status() {
+            return Some(Self::from_code(code));
+        }
+        s.terminating_signal()
+            .map(|sig| Self::from_signal(sig, s.dumped()))
+    }
+
+    /// The exit code, if the process exited normally.
+    pub fn code(&self) -> Option<i32> {
+        match self.repr {
+            Repr::Code(c) => Some(c),
+            Repr::Signal { .. } => None,
+        }
+    }
+
+    /// The number of the signal that killed the process, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        match self.repr {
+            Repr::Code(_) => None,
+            Repr::Signal { signal, .. } => Some(signal),
+        }
+    }
+
+    /// The name of the signal that killed the process (`"SIGKILL"`), if one did and it has a
+    /// name.
+    pub fn signal_name(&self) -> Option<&'static str> {
+        self.signal().and_then(signal_name)
+    }
+
+    /// Whether the process dumped core when the signal killed it.
+    pub fn core_dumped(&self) -> bool {
+        matches!(
+            self.repr,
+            Repr::Signal {
+                core_dumped: true,
+                ..
+            }
+        )
+    }
+
+    /// Whether the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code() == Some(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.repr {
+            Repr::Code(c) => write!(f, "exit code {c}"),
+            Repr::Signal {
+                signal,
+                core_dumped,
+            } => {
+                write!(f, "signal {signal}")?;
+                if let Some(name) = signal_name(signal) {
+                    write!(f, " ({name})")?;
+                }
+                if core_dumped {
+                    f.write_str(", core dumped")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The conventional name of signal number `sig` on Linux (`9` → `"SIGKILL"`).
+///
+/// Real-time signals have no fixed name and give `None`.
+pub fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSTKFLT => "SIGSTKFLT",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display() {
+        assert_eq!(ExitStatus::from_code(0).to_string(), "exit code 0");
+        assert!(ExitStatus::from_code(0).success());
+        assert!(!ExitStatus::from_code(3).success());
+        assert_eq!(
+            ExitStatus::from_signal(11, true).to_string(),
+            "signal 11 (SIGSEGV), core dumped"
+        );
+        assert_eq!(ExitStatus::from_signal(40, false).to_string(), "signal 40");
+        assert!(ExitStatus::from_signal(6, true).core_dumped());
+        assert_eq!(
+            ExitStatus::from_signal(6, false).signal_name(),
+            Some("SIGABRT")
+        );
+    }
+
+    #[test]
+    fn roundtrips_through_postcard() {
+        for s in [ExitStatus::from_code(-1), ExitStatus::from_signal(9, false)] {
+            let bytes = postcard::to_allocvec(&s).unwrap();
+            assert_eq!(postcard::from_bytes::<ExitStatus>(&bytes).unwrap(), s);
+        }
+    }
+}

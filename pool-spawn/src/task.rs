@@ -1,0 +1,396 @@
+//! Task functions across the process boundary: [`TaskFn`], [`FnRef`] and their trampolines.
+//!
+//! A task is a plain `fn` item or a closure that captures nothing. Such a value is
+//! zero-sized: its *type* names the function, so it carries no data. [`batch_ref`] turns it
+//! into an [`FnRef`], the address of a trampoline monomorphized for that function type (as an
+//! offset from an anchor function of this crate, so it survives address-space layout
+//! randomization). The worker, after checking that it runs the same executable image
+//! ([`ImageId`](crate::protocol::ImageId)), calls the trampoline, which decodes the
+//! arguments, runs the function on each of them under `catch_unwind` and encodes the
+//! results.
+//!
+//! # Examples
+//!
+//! ```
+//! use pool_spawn::task::{self, TaskFn};
+//!
+//! fn add(a: i32, b: i32) -> i32 {
+//!     a + b
+//! }
+//!
+//! assert_eq!(add.call((2, 3)), 5);
+//! let f = task::batch_ref(add);
+//! let g = task::batch_ref(|x: u8| x as u32 * 2);
+//! assert_ne!(f, g);
+//! ```
+//!
+//! A closure that captures something is refused at compile time:
+//!
+//! ```compile_fail
+//! let n = 3;
+//! let f = pool_spawn::task::batch_ref(move |x: i32| x + n);
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+mod trampoline;
+
+pub(crate) use trampoline::{call_batch, call_init, link_offset};
+
+/// A plain `fn` item or a closure that captures nothing, taking `Args` (a tuple).
+///
+/// Implemented for every `Fn(A, B, …) -> R + Copy + Send + Sync + 'static` of up to eight
+/// arguments, with `Args = (A, B, …)`; `()` for no argument, `(A,)` for one.
+/// [`batch_ref`] and [`init_ref`] additionally require the type to be zero-sized, which
+/// holds exactly for fn items and non-capturing closures.
+pub trait TaskFn<Args>: Copy + Send + Sync + 'static {
+    /// What the function returns.
+    type Output;
+    /// Calls the function with the unpacked `args`.
+    fn call(&self, args: Args) -> Self::Output;
+}
+
+macro_rules! impl_task_fn {
+    ($($a:ident : $A:ident),*) => {
+        impl<Func, Ret, $($A),*> TaskFn<($($A,)*)> for Func
+        where
+            Func: Fn($($A),*) -> Ret + Copy + Send + Sync + 'static,
+        {
+            type Output = Ret;
+            #[inline]
+            #[allow(clippy::unused_unit)]
+            fn call(&self, ($($a,)*): ($($A,)*)) -> Ret {
+                self($($a),*)
+            }
+        }
+    };
+}
+
+impl_task_fn!();
+impl_task_fn!(a: A);
+impl_task_fn!(a: A, b: B);
+impl_task_fn!(a: A, b: B, c: C);
+impl_task_fn!(a: A, b: B, c: C, d: D);
+impl_task_fn!(a: A, b: B, c: C, d: D, e: E);
+impl_task_fn!(a: A, b: B, c: C, d: D, e: E, f: F);
+impl_task_fn!(a: A, b: B, c: C, d: D, e: E, f: F, g: G);
+impl_task_fn!(a: A, b: B, c: C, d: D, e: E, f: F, g: G, h: H);
+
+/// Which kind of trampoline an [`FnRef`] points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+enum FnKind {
+    /// Made by [`batch_ref`]: runs a batch of items.
+    Batch,
+    /// Made by [`init_ref`]: runs an initializer once.
+    Init,
+}
+
+/// An opaque, serializable reference to a monomorphized trampoline.
+///
+/// Valid only inside the same executable image: the worker checks the parent's
+/// [`ImageId`](crate::protocol::ImageId) before it resolves any `FnRef`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FnRef {
+    offset: i64,
+    kind: FnKind,
+}
+
+impl fmt::Debug for FnRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FnRef({:?} {:+#x})", self.kind, self.offset)
+    }
+}
+
+/// The batch trampoline for `F`.
+///
+/// Given a postcard `Vec<Args>`, the trampoline calls `f` on each item under
+/// `catch_unwind` and returns a postcard `Vec<Result<R, ItemError>>`: a panic becomes
+/// [`ItemErrorKind::Panicked`] with the message and location, a result that fails to encode
+/// becomes [`ItemErrorKind::Encode`]. If the arguments do not decode, the whole batch fails
+/// with [`ItemErrorKind::Decode`].
+///
+/// # Examples
+///
+/// ```
+/// let f = pool_spawn::task::batch_ref(|s: String| s.len());
+/// # let _ = f;
+/// ```
+///
+/// # Panics
+///
+/// Never at run time. A function type that is not zero-sized (a closure that captures
+/// something, a function pointer) fails to compile. The error is reported when the code is
+/// built (`cargo build`, `cargo test`), not by `cargo check`: it is checked after
+/// monomorphization.
+pub fn batch_ref<F, Args, R>(f: F) -> FnRef
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned + 'static,
+    R: Serialize + 'static,
+{
+    const {
+        assert!(
+            size_of::<F>() == 0,
+            "a procpool task must be a fn item or a closure that captures nothing"
+        )
+    };
+    FnRef {
+        offset: trampoline::batch_offset::<F, Args, R>(f),
+        kind: FnKind::Batch,
+    }
+}
+
+/// The initializer trampoline for `F`: decodes `Args`, calls `f` once.
+///
+/// A panic, or an `Err` output (see [`InitOutput`]), is the failure message the worker
+/// reports as `SetupFailed`.
+///
+/// # Panics
+///
+/// Never at run time; a function type that is not zero-sized fails to compile (at build
+/// time, as for [`batch_ref`]).
+pub fn init_ref<F, Args>(f: F) -> FnRef
+where
+    F: TaskFn<Args>,
+    F::Output: InitOutput,
+    Args: DeserializeOwned + 'static,
+{
+    const {
+        assert!(
+            size_of::<F>() == 0,
+            "a procpool initializer must be a fn item or a closure that captures nothing"
+        )
+    };
+    FnRef {
+        offset: trampoline::init_offset::<F, Args>(f),
+        kind: FnKind::Init,
+    }
+}
+
+/// What an initializer may return: `()` or `Result<(), E>` with a displayable `E`.
+pub trait InitOutput {
+    /// `Err(message)` if the initializer failed.
+    ///
+    /// # Errors
+    /// The displayed error of a `Result` output.
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl InitOutput for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: fmt::Display> InitOutput for Result<(), E> {
+    fn into_result(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Why one item of a batch produced no result.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ItemError {
+    /// What kind of failure.
+    pub kind: ItemErrorKind,
+    /// A human-readable description: the panic message and location, or the codec error.
+    pub message: String,
+}
+
+impl ItemError {
+    /// An item error of `kind` with `message`.
+    pub fn new(kind: ItemErrorKind, message: impl Into<String>) -> Self {
+        ItemError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ItemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ItemErrorKind::Panicked => "the task panicked",
+            ItemErrorKind::Encode => "the task's result could not be encoded",
+            ItemErrorKind::Decode => "the task's arguments could not be decoded",
+        };
+        write!(f, "{what}: {}", self.message)
+    }
+}
+
+impl std::error::Error for ItemError {}
+
+/// The kind of an [`ItemError`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum ItemErrorKind {
+    /// The function panicked (the worker caught it and lives on).
+    Panicked,
+    /// The result could not be encoded.
+    Encode,
+    /// The arguments could not be decoded.
+    Decode,
+}
+
+thread_local! {
+    /// Set while task code runs: the panic hook records instead of printing.
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// The last panic recorded by the hook: message, location, maybe a backtrace.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs the worker's panic hook: inside task code it records the message and location
+/// for the [`ItemError`] instead of printing; elsewhere it defers to the previous hook.
+pub(crate) fn install_panic_hook() {
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        if IN_TASK.with(Cell::get) {
+            let payload = payload_str(info.payload());
+            let mut msg = match info.location() {
+                Some(l) => format!(
+                    "panicked at {}:{}:{}: {payload}",
+                    l.file(),
+                    l.line(),
+                    l.column()
+                ),
+                None => format!("panicked: {payload}"),
+            };
+            let bt = std::backtrace::Backtrace::capture();
+            if bt.status() == std::backtrace::BacktraceStatus::Captured {
+                msg.push_str(&format!("\nstack backtrace:\n{bt}"));
+            }
+            LAST_PANIC.with(|s| *s.borrow_mut() = Some(msg));
+        } else {
+            previous(info);
+        }
+    }));
+}
+
+fn payload_str(p: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = p.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s
+    } else {
+        "Box<dyn Any>"
+    }
+}
+
+/// Runs task code under `catch_unwind`; a panic becomes its message (from the hook when
+/// installed, else from the payload).
+pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let was = IN_TASK.with(|c| c.replace(true));
+    LAST_PANIC.with(|s| s.borrow_mut().take());
+    let r = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_TASK.with(|c| c.set(was));
+    r.map_err(|payload| {
+        let recorded = LAST_PANIC.with(|s| s.borrow_mut().take());
+        let msg = recorded.unwrap_or_else(|| format!("panicked: {}", payload_str(&*payload)));
+        // Dropping a payload may itself panic; never let that escape.
+        let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
+        msg
+    })
+}
+
+/// Decodes a batch, runs `f` on each item, encodes the per-item results.
+fn run_batch<F, Args, R>(f: F, input: &[u8]) -> Result<Vec<u8>, ItemError>
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned,
+    R: Serialize,
+{
+    let items: Vec<Args> = match catch(|| postcard::from_bytes::<Vec<Args>>(input)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            return Err(ItemError::new(
+                ItemErrorKind::Decode,
+                format!("the task's arguments do not decode as the function's types: {e}"),
+            ));
+        }
+        Err(m) => return Err(ItemError::new(ItemErrorKind::Decode, m)),
+    };
+    let mut out = Vec::with_capacity(16 + 8 * items.len());
+    // postcard's `Vec<T>` is a varint length then the elements: encode each result on its
+    // own, in place, so that one result failing to encode fails only that item.
+    push_varint(&mut out, items.len() as u64);
+    for args in items {
+        let result: Result<R, ItemError> =
+            catch(|| f.call(args)).map_err(|m| ItemError::new(ItemErrorKind::Panicked, m));
+        let mark = out.len();
+        let failure = match catch(|| encode_into(&mut out, &result)) {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("the task's result does not encode: {e}"),
+            Err(m) => format!("encoding the task's result {m}"),
+        };
+        out.truncate(mark);
+        // `Err(e)` encodes the same whatever the `Ok` type is.
+        let err: Result<(), ItemError> = Err(ItemError::new(ItemErrorKind::Encode, failure));
+        encode_into(&mut out, &err).map_err(|e| {
+            ItemError::new(
+                ItemErrorKind::Encode,
+                format!("internal: an item error: {e}"),
+            )
+        })?;
+    }
+    Ok(out)
+}
+
+/// A postcard output that appends to a borrowed `Vec` (which survives a failed encode).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> postcard::Result<()> {
+    postcard::serialize_with_flavor(v, AppendTo(out))
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Runs an initializer on its decoded arguments.
+fn run_init<F, Args>(f: F, input: &[u8]) -> Result<(), String>
+where
+    F: TaskFn<Args>,
+    F::Output: InitOutput,
+    Args: DeserializeOwned,
+{
+    let args: Args = match catch(|| postcard::from_bytes::<Args>(input)) {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err(format!("the initializer's arguments do not decode: {e}")),
+        Err(m) => return Err(format!("decoding the initializer's arguments {m}")),
+    };
+    match catch(|| f.call(args).into_result()) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(m)) => Err(format!("the initializer returned an error: {m}")),
+        Err(m) => Err(format!("the initializer {m}")),
+    }
+}

@@ -1,0 +1,261 @@
+//! [`Worker`]: the parent's handle to one worker process.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+
+use crate::StartMethod;
+use crate::child::{ChildProc, poll_readable};
+use crate::error::{Error, ErrorKind, Result};
+use crate::forkserver::{Forked, ServerLink};
+use crate::status::ExitStatus;
+
+/// How long a killed worker may take to die before [`Worker::terminate`] gives up.
+const KILL_BOUND: Duration = Duration::from_secs(5);
+/// How long the fork server may take to report a worker it has seen exit.
+const REPORT_GRACE: Duration = Duration::from_secs(2);
+
+/// A handle to one worker process, from [`Launcher::launch`](crate::Launcher::launch).
+///
+/// The worker runs in its own process group. Its exit status is read through a pidfd
+/// (`waitid(P_PIDFD)`), so a recycled pid can never be waited for or signalled by mistake;
+/// a fork-server worker's status comes from the server, which is its parent.
+///
+/// Dropping a handle whose worker has not been reaped kills the worker's process group
+/// with `SIGKILL` and reaps it (waiting at most a few seconds).
+#[derive(Debug)]
+pub struct Worker {
+    pid: u32,
+    name: String,
+    method: StartMethod,
+    channel: Option<OwnedFd>,
+    proc_: Proc,
+}
+
+#[derive(Debug)]
+enum Proc {
+    /// Our own child (spawn, fork).
+    Direct(ChildProc),
+    /// A child of the fork server.
+    Served {
+        serial: u64,
+        pid: Pid,
+        pidfd: Option<OwnedFd>,
+        link: Arc<ServerLink>,
+        status: Option<ExitStatus>,
+    },
+}
+
+impl Worker {
+    pub(crate) fn direct(name: &str, method: StartMethod, chan: OwnedFd, child: ChildProc) -> Self {
+        Worker {
+            pid: child.pid().as_raw_nonzero().get() as u32,
+            name: name.to_owned(),
+            method,
+            channel: Some(chan),
+            proc_: Proc::Direct(child),
+        }
+    }
+
+    pub(crate) fn served(name: &str, f: Forked, link: Arc<ServerLink>) -> Self {
+        Worker {
+            pid: f.pid.as_raw_nonzero().get() as u32,
+            name: name.to_owned(),
+            method: StartMethod::Forkserver,
+            channel: Some(f.chan),
+            proc_: Proc::Served {
+                serial: f.serial,
+                pid: f.pid,
+                pidfd: f.pidfd,
+                link,
+                status: None,
+            },
+        }
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The worker's name, as given to `launch` (`ForkserverPoolWorker-3`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the worker was started.
+    pub fn method(&self) -> StartMethod {
+        self.method
+    }
+
+    /// Takes the parent's end of the worker's channel (a close-on-exec, blocking-mode
+    /// socket); `None` the second time. Wrap it in a pool-ipc type.
+    pub fn take_channel(&mut self) -> Option<OwnedFd> {
+        self.channel.take()
+    }
+
+    /// A pidfd of the worker, readable (`POLLIN`) once the process has exited. `None` if
+    /// the kernel lacks pidfds.
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.proc_ {
+            Proc::Direct(c) => c.pidfd(),
+            Proc::Served { pidfd, .. } => pidfd.as_ref().map(|p| p.as_fd()),
+        }
+    }
+
+    fn status(&self) -> Option<ExitStatus> {
+        match &self.proc_ {
+            Proc::Direct(c) => c.status(),
+            Proc::Served { status, .. } => *status,
+        }
+    }
+
+    /// Sends `sig` to the worker process (through its pidfd where possible, so never to a
+    /// process that reused its pid).
+    ///
+    /// # Errors
+    /// `ESRCH` once the worker has been reaped; other `kill` errors.
+    pub fn signal(&self, sig: Signal) -> io::Result<()> {
+        match &self.proc_ {
+            Proc::Direct(c) => c.signal(sig),
+            Proc::Served {
+                status: Some(_), ..
+            } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            Proc::Served {
+                pidfd: Some(fd), ..
+            } => Ok(rustix::process::pidfd_send_signal(fd, sig)?),
+            Proc::Served { pid, .. } => Ok(rustix::process::kill_process(*pid, sig)?),
+        }
+    }
+
+    /// Sends `sig` to the worker's process group: the worker and every process it started
+    /// that did not leave the group.
+    ///
+    /// # Errors
+    /// `ESRCH` if the group no longer exists.
+    pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
+        let pgid = Pid::from_raw(self.pid as i32).ok_or(io::ErrorKind::InvalidInput)?;
+        Ok(rustix::process::kill_process_group(pgid, sig)?)
+    }
+
+    /// Reaps the worker if it has exited; never blocks (beyond reading a pending report
+    /// from the fork server).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`] if `waitid` fails; [`ErrorKind::ServerLost`] for a fork-server
+    /// worker whose server died without reporting it.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.wait_timeout(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the worker to exit, and reaps it.
+    ///
+    /// # Errors
+    /// As [`Worker::try_wait`].
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        match &mut self.proc_ {
+            Proc::Direct(c) => c.wait_timeout(timeout),
+            Proc::Served {
+                status: Some(s), ..
+            } => Ok(Some(*s)),
+            Proc::Served {
+                serial,
+                pidfd,
+                link,
+                status,
+                ..
+            } => {
+                let deadline = Instant::now() + timeout;
+                let r = match pidfd {
+                    Some(fd) => {
+                        let ended = poll_readable(fd.as_fd(), Some(timeout))
+                            .map_err(|e| Error::io("polling a pidfd", e))?;
+                        if ended {
+                            // The report follows as soon as the server has reaped it.
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            link.wait_report(*serial, left.max(REPORT_GRACE))?
+                        } else {
+                            link.wait_report(*serial, Duration::ZERO)?
+                        }
+                    }
+                    None => link.wait_report(*serial, timeout)?,
+                };
+                *status = r;
+                Ok(r)
+            }
+        }
+    }
+
+    /// Waits for the worker to exit, and reaps it.
+    ///
+    /// # Errors
+    /// As [`Worker::try_wait`].
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Proc::Direct(c) = &mut self.proc_ {
+            return c.wait();
+        }
+        loop {
+            if let Some(s) = self.wait_timeout(Duration::from_secs(3600))? {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// Stops the worker: `SIGTERM` to its process group, up to `grace` to exit, then
+    /// `SIGKILL`; reaps it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::TimedOut`] if it survives `SIGKILL` for seconds (uninterruptible sleep);
+    /// otherwise as [`Worker::try_wait`].
+    pub fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Some(s) = self.status() {
+            return Ok(s);
+        }
+        let _ = self.signal_group(Signal::TERM);
+        let _ = self.signal(Signal::TERM);
+        if let Some(s) = self.wait_timeout(grace)? {
+            return Ok(s);
+        }
+        let _ = self.signal_group(Signal::KILL);
+        let _ = self.signal(Signal::KILL);
+        match self.wait_timeout(KILL_BOUND)? {
+            Some(s) => Ok(s),
+            None => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "worker {} (pid {}) survived SIGKILL for {KILL_BOUND:?}",
+                    self.name, self.pid
+                ),
+            )),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Direct children: `ChildProc`'s own drop kills the group and reaps.
+        if let Proc::Served {
+            serial,
+            pidfd,
+            link,
+            status: None,
+            pid,
+        } = &self.proc_
+        {
+            let _ = rustix::process::kill_process_group(*pid, Signal::KILL);
+            match pidfd {
+                Some(fd) => {
+                    let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
+                }
+                None => {
+                    let _ = rustix::process::kill_process(*pid, Signal::KILL);
+                }
+            }
+            // The server reaps it; forget its report.
+            link.abandon(*serial);
+        }
+    }
+}

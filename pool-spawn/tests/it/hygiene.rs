@@ -1,0 +1,286 @@
+//! What a worker inherits, what it leaves behind, and who dies with whom.
+
+use std::time::{Duration, Instant};
+
+use pool_spawn::task;
+use pool_spawn::{ErrorKind, LaunchOptions, Launcher, Signal, StartMethod};
+
+use crate::driver::{self, WAIT, alive, assert_dies, assert_gone, launch, launcher, opts};
+use crate::tasks;
+use crate::{helper, per_method};
+
+fn worker_fds(method: StartMethod) {
+    let mut l = launcher(method);
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    let fds: Vec<(i32, String)> = w.call(task::batch_ref(tasks::open_fds), ());
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(fds.len(), 4, "{method:?} worker has fds {fds:?}");
+    assert_eq!(&numbers[..3], &[0, 1, 2], "{fds:?}");
+    assert_eq!(fds[0].1, "/dev/null", "stdin: {fds:?}");
+    assert!(fds[3].1.starts_with("socket:"), "channel: {fds:?}");
+    w.exit();
+}
+per_method!(worker_fds, super::worker_fds);
+
+#[test]
+fn fork_refused_with_threads() {
+    // libtest runs this on its own thread: the process has at least two.
+    let e = Launcher::new(StartMethod::Fork, LaunchOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ForkUnsafe);
+    assert!(e.to_string().contains("threads"), "{e}");
+    // The explicit opt-in works.
+    let l = Launcher::new(StartMethod::Fork, opts()).unwrap();
+    assert_eq!(l.method(), StartMethod::Fork);
+}
+
+#[test]
+fn init_not_called_child_exits() {
+    // The re-executed test binary finds no such test, runs nothing and exits.
+    let o = opts().test_entry("no_such_entry_in_this_binary");
+    let t = Instant::now();
+    let mut l = Launcher::new(StartMethod::Spawn, o.clone()).unwrap();
+    let e = l.launch("SpawnPoolWorker-1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitNotCalled);
+    let msg = e.to_string();
+    assert!(msg.contains("call procpool::init() first in main"), "{msg}");
+    assert!(msg.contains("exit code 0"), "{msg}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The fork server is refused the same way, at Launcher::new.
+    let e = Launcher::new(StartMethod::Forkserver, o).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitNotCalled);
+}
+
+#[test]
+fn init_not_called_child_silent() {
+    // The child runs a test that never answers: the handshake times out and the child is
+    // killed and reaped.
+    let o = opts()
+        .test_entry("hygiene::helper_sleeps_without_init")
+        .handshake_timeout(Duration::from_secs(2));
+    let mut l = Launcher::new(StartMethod::Spawn, o).unwrap();
+    let t = Instant::now();
+    let e = l.launch("SpawnPoolWorker-1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitNotCalled, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("did not answer"), "{msg}");
+    assert!(msg.contains("signal 9 (SIGKILL)"), "{msg}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+    let pid: u32 = msg
+        .split("process ")
+        .find_map(|s| s.split(' ').next().and_then(|n| n.parse().ok()))
+        .expect("a pid in the message");
+    assert_gone(pid);
+}
+
+#[test]
+fn init_not_called_child_builds_a_pool() {
+    // The child runs a test that, like a `main` without `init()`, goes on to start workers
+    // itself: it must not act as a parent, and exits with EXIT_INIT_NOT_CALLED.
+    let o = opts().test_entry("hygiene::helper_builds_launcher_without_init");
+    let mut l = Launcher::new(StartMethod::Spawn, o).unwrap();
+    let e = l.launch("SpawnPoolWorker-1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitNotCalled, "{e}");
+    let code = format!("exit code {}", pool_spawn::EXIT_INIT_NOT_CALLED);
+    assert!(e.to_string().contains(&code), "{e}");
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_builds_launcher_without_init() {
+    let r = Launcher::new(StartMethod::Spawn, opts());
+    panic!("Launcher::new returned in a child that never entered its role: {r:?}");
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_sleeps_without_init() {
+    std::thread::sleep(Duration::from_secs(90));
+}
+
+fn parent_killed(method: StartMethod) {
+    let name = format!("{method:?}");
+    let mut child = helper::spawn(
+        "hygiene::helper_parent_dies",
+        &[("POOL_SPAWN_HELPER_METHOD", &name)],
+    );
+    let rx = helper::lines(child.stdout.take().unwrap());
+    let server = (method == StartMethod::Forkserver).then(|| {
+        helper::expect_line(&rx, "SERVER ", WAIT)
+            .parse::<u32>()
+            .unwrap()
+    });
+    let worker: u32 = helper::expect_line(&rx, "WORKER ", WAIT).parse().unwrap();
+    assert!(alive(worker));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_dies(worker, Duration::from_secs(10));
+    if let Some(server) = server {
+        assert_dies(server, Duration::from_secs(10));
+    }
+}
+per_method!(parent_killed, super::parent_killed);
+
+fn method_from_env() -> StartMethod {
+    match std::env::var("POOL_SPAWN_HELPER_METHOD").as_deref() {
+        Ok("Fork") => StartMethod::Fork,
+        Ok("Spawn") => StartMethod::Spawn,
+        Ok("Forkserver") => StartMethod::Forkserver,
+        other => panic!("POOL_SPAWN_HELPER_METHOD = {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_parent_dies() {
+    use std::io::Write;
+    let mut l = launcher(method_from_env());
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    // Busy in a long task: only the parent-death signal can end it, not end of file.
+    w.send_run(1, task::batch_ref(tasks::sleep_ms), &[(60_000u64,)]);
+    if let Some(p) = l.server_pid() {
+        println!("SERVER {p}");
+    }
+    println!("WORKER {}", w.worker.pid());
+    std::io::stdout().flush().unwrap();
+    // Killed by the test long before this ends.
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn no_fd_leaks() {
+    let mut child = helper::spawn("hygiene::helper_fd_leak", &[]);
+    let rx = helper::lines(child.stdout.take().unwrap());
+    helper::expect_line(&rx, "FDS OK", Duration::from_secs(120));
+    assert!(helper::wait(&mut child, WAIT).success());
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_fd_leak() {
+    use std::io::Write;
+    let before = tasks::open_fds();
+    for method in [
+        StartMethod::Fork,
+        StartMethod::Spawn,
+        StartMethod::Forkserver,
+    ] {
+        let mut l = launcher(method);
+        let mut w = launch(&mut l, 1);
+        w.setup();
+        assert_eq!(
+            w.call::<_, u64>(task::batch_ref(tasks::square), (4u64,)),
+            16
+        );
+        w.exit();
+        let mut w = launch(&mut l, 2);
+        w.setup();
+        w.worker.signal(Signal::KILL).unwrap();
+        let pid = w.worker.pid();
+        assert_eq!(w.wait().signal(), Some(9));
+        drop(w);
+        assert_gone(pid);
+        let w = launch(&mut l, 3);
+        let pid = w.worker.pid();
+        drop(w);
+        assert_gone(pid);
+        l.shutdown().unwrap();
+        let now = tasks::open_fds();
+        assert_eq!(before, now, "{method:?} leaked descriptors");
+    }
+    println!("FDS OK");
+    std::io::stdout().flush().unwrap();
+}
+
+#[test]
+fn forkserver_restarts_after_losing_its_server() {
+    let mut l = launcher(StartMethod::Forkserver);
+    let server = l.server_pid().unwrap();
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(server as i32).unwrap(),
+        Signal::KILL,
+    )
+    .unwrap();
+    // Its worker dies with it (PR_SET_PDEATHSIG); the status is lost with the server.
+    assert_dies(w.worker.pid(), Duration::from_secs(10));
+    let e = w.worker.wait_timeout(WAIT).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ServerLost, "{e}");
+    drop(w);
+    // The next launch starts a new server.
+    let mut w = launch(&mut l, 2);
+    w.setup();
+    assert_ne!(l.server_pid(), Some(server));
+    assert_eq!(
+        w.call::<_, u64>(task::batch_ref(tasks::square), (6u64,)),
+        36
+    );
+    w.exit();
+    l.shutdown().unwrap();
+    assert_gone(server);
+}
+
+#[test]
+fn shutdown_kills_remaining_forkserver_workers() {
+    let mut l = launcher(StartMethod::Forkserver);
+    let server = l.server_pid().unwrap();
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    l.shutdown().unwrap();
+    assert_gone(server);
+    // The report arrived during shutdown.
+    let s = w.wait();
+    assert_eq!(s.signal(), Some(9), "{s}");
+    assert_gone(w.worker.pid());
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Launcher>();
+    send_sync::<pool_spawn::Worker>();
+    send_sync::<pool_spawn::Error>();
+    send_sync::<pool_spawn::task::FnRef>();
+    send_sync::<pool_spawn::protocol::ToWorker>();
+    send_sync::<pool_spawn::protocol::FromWorker>();
+    let _ = driver::WAIT;
+}
+
+fn survives_the_launching_thread(method: StartMethod) {
+    // PR_SET_PDEATHSIG follows the thread that forked: launching from a thread that then
+    // exits must not kill the worker.
+    let (l, mut w) = std::thread::spawn(move || {
+        let mut l = launcher(method);
+        let mut w = launch(&mut l, 1);
+        // Ready: the worker has armed its parent-death signal.
+        w.setup();
+        (l, w)
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        w.worker.try_wait().unwrap().is_none(),
+        "the worker died with its launching thread"
+    );
+    assert_eq!(
+        w.call::<_, u64>(task::batch_ref(tasks::square), (12u64,)),
+        144
+    );
+    w.exit();
+    l.shutdown().unwrap();
+}
+per_method!(
+    survives_the_launching_thread,
+    super::survives_the_launching_thread
+);

@@ -1,0 +1,95 @@
+//! Task functions the workers run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub(crate) fn square(x: u64) -> u64 {
+    x * x
+}
+
+pub(crate) fn add(a: i32, b: i32) -> i32 {
+    a + b
+}
+
+pub(crate) fn join3(a: String, b: u8, c: bool) -> String {
+    format!("{a}-{b}-{c}")
+}
+
+pub(crate) fn answer() -> u32 {
+    42
+}
+
+pub(crate) fn boom(x: i32) -> i32 {
+    if x == 3 {
+        panic!("boom at {x}");
+    }
+    x * 10
+}
+
+pub(crate) fn exit_with(code: i32) {
+    std::process::exit(code)
+}
+
+pub(crate) fn abort_now() {
+    std::process::abort()
+}
+
+pub(crate) fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    ms
+}
+
+/// Name, pid and worker flag of the process that runs it.
+pub(crate) fn whoami() -> (String, u32, bool) {
+    let me = pool_spawn::current_process();
+    (me.name().to_owned(), me.pid(), me.is_worker())
+}
+
+/// The open descriptors of the process that runs it, with their targets, leaving out the
+/// one `read_dir` itself uses.
+pub(crate) fn open_fds() -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let e = e.expect("entry");
+        let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if target.starts_with("/proc/") && target.ends_with("/fd") {
+            continue;
+        }
+        v.push((fd, target));
+    }
+    v.sort();
+    v
+}
+
+/// Starts `sleep 60` as a child of the worker (in its process group); returns its pid.
+pub(crate) fn start_grandchild() -> u32 {
+    let child = std::process::Command::new("sleep")
+        .arg("60")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let pid = child.id();
+    std::mem::forget(child);
+    pid
+}
+
+pub(crate) static INIT_VALUE: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn init_store(v: u64) {
+    INIT_VALUE.store(v, Ordering::SeqCst);
+}
+
+pub(crate) fn init_panics(v: u64) {
+    panic!("initializer refuses {v}");
+}
+
+pub(crate) fn init_fails(v: u64) -> Result<(), String> {
+    Err(format!("no good: {v}"))
+}
+
+pub(crate) fn read_init_value() -> u64 {
+    INIT_VALUE.load(Ordering::SeqCst)
+}
