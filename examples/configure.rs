@@ -8,12 +8,19 @@ static GREETING: OnceLock<String> = OnceLock::new();
 
 fn worker_init(greeting: String, times: u32) {
     let me = current_process();
-    println!("Initializing {} (pid {}), greeting x{times}", me.name(), me.pid());
+    println!(
+        "Initializing {} (pid {}), greeting x{times}",
+        me.name(),
+        me.pid()
+    );
     let _ = GREETING.set(greeting.repeat(times as usize));
 }
 
 fn task(x: u32) -> String {
-    let greeting = GREETING.get().map(String::as_str).unwrap_or("(no initializer ran)");
+    let greeting = GREETING
+        .get()
+        .map(String::as_str)
+        .unwrap_or("(no initializer ran)");
     format!("{greeting} from {} with {x}", current_process().name())
 }
 
@@ -26,7 +33,11 @@ fn main() -> Result<(), procpool::Error> {
         default.start_method()
     );
     drop(default);
-    for method in [StartMethod::Forkserver, StartMethod::Spawn, StartMethod::Fork] {
+    for method in [
+        StartMethod::Forkserver,
+        StartMethod::Spawn,
+        StartMethod::Fork,
+    ] {
         println!("--- start method {method:?}");
         let pool = Pool::builder()
             .processes(2)

@@ -12,7 +12,10 @@ fn task(value: u32) {
 
 fn main() -> Result<(), procpool::Error> {
     procpool::init();
-    let pool = Pool::builder().processes(2).max_tasks_per_child(3).build()?;
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(3)
+        .build()?;
     let pending: Vec<_> = (0..10).map(|i| pool.apply_async(task, (i,))).collect();
     pool.close();
     pool.join()?;

@@ -33,11 +33,17 @@ fn wait_for_stop(id: u32, stop: Event) -> String {
             return format!("task {id} gave up");
         }
     }
-    format!("task {id} stopped after {:.0} ms", t.elapsed().as_secs_f64() * 1e3)
+    format!(
+        "task {id} stopped after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    )
 }
 
 fn setup(label: String) {
-    eprintln!("  [initializer] {} ready: {label}", current_process().name());
+    eprintln!(
+        "  [initializer] {} ready: {label}",
+        current_process().name()
+    );
 }
 
 fn step(title: &str) {
@@ -54,7 +60,10 @@ fn main() -> Result<(), procpool::Error> {
         .processes(2)
         .initializer(setup, ("tour".to_string(),))
         .build()?;
-    println!("built in {:.1} ms; workers:", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "built in {:.1} ms; workers:",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     for w in pool.workers() {
         println!("  {} pid={}", w.name(), w.pid());
     }
@@ -71,7 +80,10 @@ fn main() -> Result<(), procpool::Error> {
         squares[99_999],
         t.elapsed().as_secs_f64() * 1e3
     );
-    println!("starmap(add, [(1,2),(3,4)]) = {:?}", pool.starmap(add, vec![(1, 2), (3, 4)])?);
+    println!(
+        "starmap(add, [(1,2),(3,4)]) = {:?}",
+        pool.starmap(add, vec![(1, 2), (3, 4)])?
+    );
 
     step("imap over an endless iterator (read lazily, bounded memory)");
     let firsts: Vec<u64> = pool
@@ -113,7 +125,10 @@ fn main() -> Result<(), procpool::Error> {
     for w in pool.workers() {
         println!("  {} pid={}", w.name(), w.pid());
     }
-    println!("the pool goes on: apply(square, (9,)) = {}", pool.apply(square, (9,))?);
+    println!(
+        "the pool goes on: apply(square, (9,)) = {}",
+        pool.apply(square, (9,))?
+    );
 
     step("Stop running tasks safely with a shared Event; the pool stays usable");
     let stop = Event::new().expect("create the event");
@@ -128,7 +143,11 @@ fn main() -> Result<(), procpool::Error> {
     pool.join()?;
 
     step("max_tasks_per_child = 2 under each start method: workers are recycled");
-    for method in [StartMethod::Forkserver, StartMethod::Spawn, StartMethod::Fork] {
+    for method in [
+        StartMethod::Forkserver,
+        StartMethod::Spawn,
+        StartMethod::Fork,
+    ] {
         let pool = Pool::builder()
             .processes(2)
             .max_tasks_per_child(2)

@@ -37,7 +37,9 @@ fn parse_method(s: &str) -> Result<StartMethod, String> {
         "fork" => Ok(StartMethod::Fork),
         "spawn" => Ok(StartMethod::Spawn),
         "forkserver" => Ok(StartMethod::Forkserver),
-        _ => Err(format!("unknown start method {s:?}: fork, spawn or forkserver")),
+        _ => Err(format!(
+            "unknown start method {s:?}: fork, spawn or forkserver"
+        )),
     }
 }
 
@@ -276,7 +278,11 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
 /// Runs the requested workloads.
 pub(crate) fn run(args: Args) -> ExitCode {
     let methods = if args.methods.is_empty() {
-        vec![StartMethod::Forkserver, StartMethod::Spawn, StartMethod::Fork]
+        vec![
+            StartMethod::Forkserver,
+            StartMethod::Spawn,
+            StartMethod::Fork,
+        ]
     } else {
         args.methods.clone()
     };

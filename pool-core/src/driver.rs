@@ -80,7 +80,6 @@ pub(crate) struct Inner {
     term_deadline: Option<Instant>,
     terminating: bool,
     wake_driver: bool,
-    pub(crate) last_setup_failure: Option<String>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -222,16 +221,11 @@ impl Shared {
                 term_deadline: None,
                 terminating: false,
                 wake_driver: false,
-                last_setup_failure: None,
             }),
             wake,
             settings,
             callbacks: Mutex::new(None),
         }))
-    }
-
-    pub(crate) fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -243,10 +237,7 @@ impl Shared {
     }
 
     /// Applies one policy step under the lock; delivers outcomes after unlocking.
-    pub(crate) fn act<R>(
-        &self,
-        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
-    ) -> R {
+    pub(crate) fn act<R>(&self, step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R) -> R {
         let (r, done, wake) = {
             let mut g = self.lock();
             let inner = &mut *g;
@@ -291,12 +282,11 @@ impl Shared {
     /// Live workers: (name, pid), for `Pool::workers`.
     pub(crate) fn workers(&self) -> Vec<(String, u32)> {
         let g = self.lock();
-        let mut v: Vec<_> = g
-            .io
-            .iter()
-            .filter(|(_, w)| w.pid != 0 && w.status.is_none())
-            .map(|(id, w)| (*id, w.name.clone(), w.pid))
-            .collect();
+        let mut v: Vec<_> =
+            g.io.iter()
+                .filter(|(_, w)| w.pid != 0 && w.status.is_none())
+                .map(|(id, w)| (*id, w.name.clone(), w.pid))
+                .collect();
         v.sort();
         v.into_iter().map(|(_, n, p)| (n, p)).collect()
     }
@@ -391,10 +381,8 @@ pub(crate) fn launch_one(
         Some(fd) => Some(fd.try_clone_to_owned().map_err(pool_spawn::Error::from)?),
         None => None,
     };
-    let mut conn =
-        FramedConn::new(sock, shared.settings.ipc.clone()).map_err(|e| {
-            pool_spawn::Error::from(std::io::Error::other(e.to_string()))
-        })?;
+    let mut conn = FramedConn::new(sock, shared.settings.ipc.clone())
+        .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
     let s = &shared.settings;
     let setup = ToWorker::Setup {
         name: name.clone(),
@@ -519,13 +507,16 @@ impl Driver {
                     .watches
                     .iter()
                     .map(|w| {
-                        g.io
-                            .get(&w.wid)
+                        g.io.get(&w.wid)
                             .and_then(|io| io.conn.as_ref())
                             .is_some_and(|c| c.wants_write())
                     })
                     .collect();
-                (want, g.term_deadline, g.policy.is_finished() && g.launches.is_empty())
+                (
+                    want,
+                    g.term_deadline,
+                    g.policy.is_finished() && g.launches.is_empty(),
+                )
             };
             if finished {
                 break;
@@ -607,7 +598,8 @@ impl Driver {
                 }
             }
             self.timers();
-            self.watches.retain(|w| w.sock.is_some() || w.exit.is_some());
+            self.watches
+                .retain(|w| w.sock.is_some() || w.exit.is_some());
         }
         let _ = self.launcher.shutdown();
     }
@@ -702,13 +694,11 @@ impl Driver {
             let mut g = self.shared.lock();
             g.io.get_mut(&wid).and_then(|w| w.handle.take())
         };
-        let status = handle.and_then(|mut h| {
-            match h.wait_timeout(Duration::from_secs(2)) {
-                Ok(Some(s)) => Some(s),
-                _ => {
-                    let _ = h.signal_group(Signal::KILL);
-                    h.wait_timeout(Duration::from_secs(2)).ok().flatten()
-                }
+        let status = handle.and_then(|mut h| match h.wait_timeout(Duration::from_secs(2)) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                let _ = h.signal_group(Signal::KILL);
+                h.wait_timeout(Duration::from_secs(2)).ok().flatten()
             }
         });
         tracing::debug!(wid, ?status, "worker exited");
@@ -763,7 +753,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
     count: usize,
 ) -> Vec<Result<R, TaskError>> {
     match outcome {
-        Outcome::Failed(e) => vec![Err(e); count],
+        Outcome::Failed(e) => all_err(e, count),
         Outcome::Done {
             result,
             worker,
@@ -771,7 +761,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
         } => {
             let bytes = match result {
                 Ok(b) => b,
-                Err(e) => return vec![Err(item_error(e, &worker, pid)); count],
+                Err(e) => return all_err(item_error(e, &worker, pid), count),
             };
             match postcard::from_bytes::<Vec<Result<R, ItemError>>>(&bytes) {
                 Ok(items) if items.len() == count => items
@@ -781,10 +771,13 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                 Ok(items) => {
                     let e = TaskError::new(
                         TaskErrorKind::Decode,
-                        format!("expected {count} results from the worker, got {}", items.len()),
+                        format!(
+                            "expected {count} results from the worker, got {}",
+                            items.len()
+                        ),
                     )
                     .with_worker(&worker, pid);
-                    vec![Err(e); count]
+                    all_err(e, count)
                 }
                 Err(e) => {
                     let e = TaskError::new(
@@ -792,11 +785,15 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                         format!("the result does not decode as the expected type: {e}"),
                     )
                     .with_worker(&worker, pid);
-                    vec![Err(e); count]
+                    all_err(e, count)
                 }
             }
         }
     }
+}
+
+fn all_err<R>(e: TaskError, count: usize) -> Vec<Result<R, TaskError>> {
+    (0..count).map(|_| Err(e.clone())).collect()
 }
 
 fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {

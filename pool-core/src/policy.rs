@@ -185,10 +185,17 @@ impl<T> Policy<T> {
 
     /// A worker sent the result of task `id`: the record goes back to the caller, which
     /// delivers the result. `None` if the policy does not know the pair (a confused worker).
-    pub(crate) fn done(&mut self, wid: WorkerId, id: TaskId, fx: &mut impl Effects<T>) -> Option<T> {
+    pub(crate) fn done(
+        &mut self,
+        wid: WorkerId,
+        id: TaskId,
+        fx: &mut impl Effects<T>,
+    ) -> Option<T> {
         let slot = self.workers.get_mut(&wid)?;
         let pos = slot.in_flight.iter().position(|&t| t == id)?;
         slot.in_flight.remove(pos);
+        // A result proves the worker started, whatever messages came before it.
+        slot.ever_ready = true;
         let task = self.tasks.remove(&id);
         self.counts.completed += 1;
         self.dispatch(fx);
@@ -300,18 +307,6 @@ impl<T> Policy<T> {
     pub(crate) fn load(&self) -> (usize, usize) {
         let running = self.workers.values().map(|s| s.in_flight.len()).sum();
         (self.queue.len(), running)
-    }
-
-    /// The tasks worker `wid` holds, oldest first.
-    pub(crate) fn held_by(&self, wid: WorkerId) -> impl Iterator<Item = TaskId> + '_ {
-        self.workers
-            .get(&wid)
-            .into_iter()
-            .flat_map(|s| s.in_flight.iter().copied())
-    }
-
-    pub(crate) fn task_mut(&mut self, id: TaskId) -> Option<&mut T> {
-        self.tasks.get_mut(&id)
     }
 
     fn start_failed(&mut self, why: &str, fx: &mut impl Effects<T>) {
@@ -544,8 +539,15 @@ mod tests {
         }
         assert_eq!(fx.finished.len(), 1);
         assert!(matches!(&fx.finished[0].1, Finish::InitFailed(m) if m.contains("boom")));
-        assert_eq!(fx.launched.len(), 3, "no fourth start after the breaker tripped");
-        assert!(matches!(p.submit(2, 2, &mut fx), Err((2, Refusal::Broken(_)))));
+        assert_eq!(
+            fx.launched.len(),
+            3,
+            "no fourth start after the breaker tripped"
+        );
+        assert!(matches!(
+            p.submit(2, 2, &mut fx),
+            Err((2, Refusal::Broken(_)))
+        ));
     }
 
     #[test]

@@ -137,7 +137,9 @@ impl PoolBuilder {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         if self.max_tasks_per_child == Some(0) {
-            return Err(BuildError::invalid("max_tasks_per_child must be at least 1"));
+            return Err(BuildError::invalid(
+                "max_tasks_per_child must be at least 1",
+            ));
         }
         let init = match self.init {
             Some(Err(m)) => return Err(BuildError::invalid(m)),
@@ -317,7 +319,7 @@ fn complete<T: Send + 'static>(
         slot.fill(result);
         return;
     }
-    let job = Box::new(move || {
+    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
         let Callbacks {
             on_success,
             on_error,
@@ -485,7 +487,6 @@ impl Pool {
     }
 
     /// Submits `f(args...)` and returns at once: Python's `apply_async`.
-    #[doc(alias = "apply_async")]
     pub fn apply_async<F, Args, R>(&self, f: F, args: Args) -> AsyncResult<R>
     where
         F: TaskFn<Args, Output = R>,
@@ -513,9 +514,9 @@ impl Pool {
         let func = task::batch_ref::<F, Args, R>(f);
         let enc = encode_chunk(std::slice::from_ref(&args));
         self.submit_batch::<R>(func, enc, None, move |mut items| {
-            let r = items.pop().unwrap_or_else(|| {
-                Err(TaskError::new(TaskErrorKind::Decode, "no result"))
-            });
+            let r = items
+                .pop()
+                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, callbacks);
         });
         out
@@ -646,7 +647,12 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot));
         let n = items.len();
         if n == 0 {
-            complete(&Arc::downgrade(&self.shared), slot, Ok(Vec::new()), callbacks);
+            complete(
+                &Arc::downgrade(&self.shared),
+                slot,
+                Ok(Vec::new()),
+                callbacks,
+            );
             return out;
         }
         let size = chunksize
@@ -969,8 +975,7 @@ impl<R> Iterator for Imap<'_, R> {
             // wait ends.
             let (c, v) = self.rx.recv().ok()?;
             self.in_flight -= 1;
-            if v
-                .iter()
+            if v.iter()
                 .all(|r| matches!(r, Err(e) if e.kind() == TaskErrorKind::PoolClosed))
             {
                 // The pool is closed: report this chunk, read no more input.

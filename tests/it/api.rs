@@ -25,7 +25,8 @@ fn apply_map_starmap_give_python_results_under_every_method() {
         assert_eq!(pool.apply(square, (7,)).unwrap(), 49, "{method:?}");
         assert_eq!(pool.apply(add, (2, 3)).unwrap(), 5);
         assert_eq!(
-            pool.apply(three, (1, "x".to_string(), vec![1, 2, 3])).unwrap(),
+            pool.apply(three, (1, "x".to_string(), vec![1, 2, 3]))
+                .unwrap(),
             "1-x-3"
         );
         // A non-capturing closure is a task too.
@@ -34,14 +35,18 @@ fn apply_map_starmap_give_python_results_under_every_method() {
         assert_eq!(pool.map(square, 0..1000u64).unwrap(), want);
         assert_eq!(pool.map_chunked(square, 0..1000u64, 1).unwrap(), want);
         assert_eq!(pool.map_chunked(square, 0..1000u64, 333).unwrap(), want);
-        assert_eq!(pool.map(square, Vec::<u64>::new()).unwrap(), Vec::<u64>::new());
         assert_eq!(
-            pool.starmap(add, vec![(1, 2), (3, 4)]).unwrap(),
-            vec![3, 7]
+            pool.map(square, Vec::<u64>::new()).unwrap(),
+            Vec::<u64>::new()
         );
+        assert_eq!(pool.starmap(add, vec![(1, 2), (3, 4)]).unwrap(), vec![3, 7]);
         let (name, pid) = pool.apply(name_and_pid, ()).unwrap();
         assert!(name.starts_with(method.worker_name_prefix()), "{name}");
-        assert!(pool.workers().iter().any(|w| w.pid() == pid && w.name() == name));
+        assert!(
+            pool.workers()
+                .iter()
+                .any(|w| w.pid() == pid && w.name() == name)
+        );
         shut_down(pool);
     }
 }
@@ -81,7 +86,11 @@ fn callbacks_run_before_the_result_is_ready_and_cannot_break_the_pool() {
         Callbacks::new().on_success(move |v: &u64| s2.store(*v, Ordering::SeqCst)),
     );
     assert_eq!(r.get().unwrap(), 81);
-    assert_eq!(seen.load(Ordering::SeqCst), 81, "callback ran before get returned");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        81,
+        "callback ran before get returned"
+    );
 
     // A panicking callback is caught: the result still arrives and the pool goes on.
     let r = pool.apply_async_with(
@@ -115,7 +124,11 @@ fn imap_is_ordered_lazy_and_works_on_endless_input() {
     // An endless iterator: take what we need; the input is read only as workers free up.
     let mut pulled = 0u64;
     let counting = (0u64..).inspect(|_| pulled += 1);
-    let first: Vec<u64> = pool.imap(square, counting).take(50).map(Result::unwrap).collect();
+    let first: Vec<u64> = pool
+        .imap(square, counting)
+        .take(50)
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(first[49], 49 * 49);
     let mut unordered: Vec<u64> = pool
         .imap_unordered_chunked(square, 0..300u64, 7)
@@ -123,7 +136,10 @@ fn imap_is_ordered_lazy_and_works_on_endless_input() {
         .collect();
     unordered.sort_unstable();
     assert_eq!(unordered, (0..300).map(|x| x * x).collect::<Vec<_>>());
-    let chunked: Vec<u64> = pool.imap_chunked(square, 0..100u64, 9).map(Result::unwrap).collect();
+    let chunked: Vec<u64> = pool
+        .imap_chunked(square, 0..100u64, 9)
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(chunked.len(), 100);
     shut_down(pool);
 }
@@ -141,7 +157,10 @@ fn imap_reads_its_input_lazily() {
         it.next().unwrap().unwrap();
     }
     let read = pulled.load(Ordering::SeqCst);
-    assert!(read < 100, "imap read {read} items ahead of 10 consumed: not lazy");
+    assert!(
+        read < 100,
+        "imap read {read} items ahead of 10 consumed: not lazy"
+    );
     drop(it);
     shut_down(pool);
 }
@@ -155,6 +174,9 @@ fn a_closed_pool_refuses_new_tasks_with_pool_closed() {
     let e = pool.apply(square, (1,)).unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::PoolClosed);
     assert!(pool.map(square, 0..3u64).is_err());
-    assert!(pool.imap(square, 0u64..).next().unwrap().is_err(), "endless input stops");
+    assert!(
+        pool.imap(square, 0u64..).next().unwrap().is_err(),
+        "endless input stops"
+    );
     pool.join().unwrap();
 }

@@ -41,7 +41,11 @@ fn a_panic_is_that_tasks_error_and_the_worker_survives() {
         assert!(e.panic_message().unwrap().contains("boom at 3"), "{e}");
         assert_eq!(e.pid(), Some(before));
         assert!(e.to_string().contains("task panicked"), "{e}");
-        assert_eq!(pool.apply(my_pid, ()).unwrap(), before, "same worker survived");
+        assert_eq!(
+            pool.apply(my_pid, ()).unwrap(),
+            before,
+            "same worker survived"
+        );
         // In a map, the first failing item is named.
         let e = pool.map(boom, vec![0, 0, 5, 6]).unwrap_err();
         assert_eq!(e.item_index(), Some(2), "{e}");
@@ -71,7 +75,11 @@ fn a_dead_worker_fails_its_task_with_pid_and_signal_and_is_replaced() {
         let e = pool.apply(exit_with, (3,)).unwrap_err();
         assert_eq!(e.exit_code(), Some(3), "{e}");
         let e = pool.apply(exit_zero, ()).unwrap_err();
-        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "exit(0) mid-task is a loss: {e}");
+        assert_eq!(
+            e.kind(),
+            TaskErrorKind::WorkerLost,
+            "exit(0) mid-task is a loss: {e}"
+        );
         assert_eq!(pool.map(square, 0..20u64).unwrap().len(), 20);
         assert_eq!(pool.metrics().died, 3);
         shut_down(pool);
@@ -96,7 +104,10 @@ fn killing_a_busy_worker_fails_only_its_tasks() {
     .unwrap();
     let t = Instant::now();
     let e = victim.get().unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(3), "event-driven, not the task's 5s");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "event-driven, not the task's 5s"
+    );
     assert_eq!(e.signal(), Some(9));
     assert!(e.to_string().contains("SIGKILL"), "{e}");
     assert_eq!(pool.apply(square, (4,)).unwrap(), 16);
@@ -109,7 +120,9 @@ struct Unencodable;
 
 impl Serialize for Unencodable {
     fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-        Err(serde::ser::Error::custom("this value refuses to be encoded"))
+        Err(serde::ser::Error::custom(
+            "this value refuses to be encoded",
+        ))
     }
 }
 
@@ -176,11 +189,15 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     let pool = builder(Default::default()).build().unwrap();
     let e = pool.apply(take, (Unencodable,)).unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Encode, "{e}");
-    assert!(e.to_string().contains("refuses to be encoded"), "{e}");
+    assert!(e.to_string().contains("arguments cannot be encoded"), "{e}");
     let e = pool.apply(give, ()).unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     let e = pool.apply(give_unencodable, ()).unwrap_err();
-    assert_eq!(e.kind(), TaskErrorKind::Encode, "result encoding in the worker: {e}");
+    assert_eq!(
+        e.kind(),
+        TaskErrorKind::Encode,
+        "result encoding in the worker: {e}"
+    );
     // Only the item that cannot be encoded fails; its chunk-mates run.
     let items = vec![Picky(true), Picky(false), Picky(true)];
     let got: Vec<_> = pool.imap_chunked(picky, items, 3).collect();

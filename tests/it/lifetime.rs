@@ -16,14 +16,22 @@ fn worker_name(_x: u32) -> String {
 fn max_tasks_per_child_replaces_workers_after_three_tasks() {
     for method in METHODS {
         let pool = builder(method).max_tasks_per_child(3).build().unwrap();
-        let pending: Vec<_> = (0..10).map(|i| pool.apply_async(worker_name, (i,))).collect();
+        let pending: Vec<_> = (0..10)
+            .map(|i| pool.apply_async(worker_name, (i,)))
+            .collect();
         let names: Vec<String> = pending.into_iter().map(|r| r.get().unwrap()).collect();
         let mut per_worker = std::collections::BTreeMap::<String, usize>::new();
         for n in &names {
             *per_worker.entry(n.clone()).or_default() += 1;
         }
-        assert!(per_worker.values().all(|&c| c <= 3), "{method:?}: {per_worker:?}");
-        assert!(per_worker.len() >= 4, "{method:?}: at least four workers: {per_worker:?}");
+        assert!(
+            per_worker.values().all(|&c| c <= 3),
+            "{method:?}: {per_worker:?}"
+        );
+        assert!(
+            per_worker.len() >= 4,
+            "{method:?}: at least four workers: {per_worker:?}"
+        );
         let prefix = method.worker_name_prefix();
         assert!(names.iter().all(|n| n.starts_with(prefix)));
         assert!(per_worker.contains_key(&format!("{prefix}-1")));
@@ -45,7 +53,9 @@ fn pool_worker_lifetime() {
         .unwrap();
     assert_eq!(pool.workers().len(), 3);
     let original: BTreeSet<u32> = pool.workers().iter().map(|w| w.pid()).collect();
-    let results: Vec<_> = (0..100u64).map(|i| pool.apply_async(square, (i,))).collect();
+    let results: Vec<_> = (0..100u64)
+        .map(|i| pool.apply_async(square, (i,)))
+        .collect();
     for (j, r) in results.into_iter().enumerate() {
         assert_eq!(r.get().unwrap(), (j * j) as u64);
     }
@@ -63,12 +73,17 @@ fn terminate_fails_pending_tasks_and_reaps_workers_quickly() {
     for method in METHODS {
         let pool = builder(method).build().unwrap();
         let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
-        let running: Vec<_> = (0..6).map(|_| pool.apply_async(sleep_ms, (10_000,))).collect();
+        let running: Vec<_> = (0..6)
+            .map(|_| pool.apply_async(sleep_ms, (10_000,)))
+            .collect();
         std::thread::sleep(Duration::from_millis(100));
         let t = Instant::now();
         pool.terminate();
         pool.join().unwrap();
-        assert!(t.elapsed() < Duration::from_secs(5), "{method:?}: terminate is prompt");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{method:?}: terminate is prompt"
+        );
         for r in running {
             assert_eq!(r.get().unwrap_err().kind(), TaskErrorKind::PoolClosed);
         }
@@ -153,14 +168,22 @@ fn helper_fd_balance() {
         shut_down(pool);
     }
     let after = count_fds();
-    assert_eq!(before, after, "fds leaked by pools: {before} before, {after} after");
+    assert_eq!(
+        before, after,
+        "fds leaked by pools: {before} before, {after} after"
+    );
 }
 
 #[test]
 fn pools_leave_no_fd_behind() {
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["lifetime::helper_fd_balance", "--exact", "--ignored", "--test-threads=1"])
+        .args([
+            "lifetime::helper_fd_balance",
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+        ])
         .output()
         .unwrap();
     assert!(

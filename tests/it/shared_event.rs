@@ -52,7 +52,10 @@ fn a_worker_setting_the_event_wakes_a_waiter_in_the_parent() {
     assert!(!event.wait_timeout(Duration::from_millis(20)));
     let r = pool.apply_async(set_later, (event.clone(), 100));
     let t = Instant::now();
-    assert!(event.wait_timeout(Duration::from_secs(10)), "the worker's set is seen here");
+    assert!(
+        event.wait_timeout(Duration::from_secs(10)),
+        "the worker's set is seen here"
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(r.get().unwrap());
     shut_down(pool);

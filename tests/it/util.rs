@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 use procpool::{Pool, PoolBuilder, StartMethod};
 
 /// Every start method, for tests that must hold under each.
-pub(crate) const METHODS: [StartMethod; 3] =
-    [StartMethod::Forkserver, StartMethod::Spawn, StartMethod::Fork];
+pub(crate) const METHODS: [StartMethod; 3] = [
+    StartMethod::Forkserver,
+    StartMethod::Spawn,
+    StartMethod::Fork,
+];
 
 /// A builder for `method`; Fork is allowed although the test harness runs threads.
 pub(crate) fn builder(method: StartMethod) -> PoolBuilder {
@@ -37,9 +40,11 @@ pub(crate) fn shut_down(pool: Pool) {
     pool.join().expect("join after close");
     drop(pool);
     for pid in pids {
-        wait_for(&format!("worker {pid} to be gone"), Duration::from_secs(5), || {
-            !alive(pid)
-        });
+        wait_for(
+            &format!("worker {pid} to be gone"),
+            Duration::from_secs(5),
+            || !alive(pid),
+        );
     }
 }
 

@@ -111,7 +111,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg(&out_dir),
         )?;
     } else {
-        eprintln!("    (no report script; raw results in {})", raw_path.display());
+        eprintln!(
+            "    (no report script; raw results in {})",
+            raw_path.display()
+        );
     }
     if !quick {
         step(
@@ -145,7 +148,11 @@ fn collect(cmd: &mut Command, raw: &mut File) -> Result<(), String> {
         writeln!(raw, "{line}").map_err(|e| e.to_string())?;
     }
     if !out.status.success() {
-        return Err(format!("{:?} exited with {}", cmd.get_program(), out.status));
+        return Err(format!(
+            "{:?} exited with {}",
+            cmd.get_program(),
+            out.status
+        ));
     }
     Ok(())
 }

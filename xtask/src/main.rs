@@ -123,7 +123,10 @@ fn test(args: &[String]) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("the tests left things behind:\n  {}", new.join("\n  ")));
+            return Err(format!(
+                "the tests left things behind:\n  {}",
+                new.join("\n  ")
+            ));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
