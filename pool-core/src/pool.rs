@@ -45,6 +45,7 @@ pub struct Pool {
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild, context)`.
+#[derive(Default)]
 pub struct PoolBuilder {
     processes: Option<usize>,
     max_tasks_per_child: Option<u64>,
@@ -61,18 +62,6 @@ impl fmt::Debug for PoolBuilder {
             .field("start_method", &self.method)
             .field("initializer", &self.init.is_some())
             .finish()
-    }
-}
-
-impl Default for PoolBuilder {
-    fn default() -> Self {
-        PoolBuilder {
-            processes: None,
-            max_tasks_per_child: None,
-            method: StartMethod::default(),
-            init: None,
-            allow_fork_with_threads: false,
-        }
     }
 }
 
@@ -951,7 +940,9 @@ impl<R> Iterator for Imap<'_, R> {
             if let Some(r) = self.current.pop_front() {
                 return Some(r);
             }
-            while !self.exhausted && self.in_flight < self.window {
+            // Chunks parked out of order count against the window too, so one slow chunk
+            // cannot let the input run ahead without bound.
+            while !self.exhausted && self.in_flight + self.parked.len() < self.window {
                 if (self.feed)() {
                     self.in_flight += 1;
                 } else {
