@@ -798,12 +798,12 @@ fn all_err<R>(e: TaskError, count: usize) -> Vec<Result<R, TaskError>> {
 
 fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
     use pool_spawn::task::ItemErrorKind as K;
-    let kind = match e.kind {
-        K::Panicked => TaskErrorKind::Panicked,
-        K::Encode => TaskErrorKind::Encode,
-        K::Decode => TaskErrorKind::Decode,
-    };
-    TaskError::new(kind, e.message).with_worker(worker, pid)
+    match e.kind {
+        K::Panicked => TaskError::panicked(e.message),
+        K::Encode => TaskError::new(TaskErrorKind::Encode, e.message),
+        K::Decode => TaskError::new(TaskErrorKind::Decode, e.message),
+    }
+    .with_worker(worker, pid)
 }
 
 /// Encodes a Run frame for task `id`.

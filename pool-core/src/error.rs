@@ -41,6 +41,7 @@ pub struct TaskError {
     status: Option<ExitStatus>,
     ran_for: Option<Duration>,
     item: Option<usize>,
+    backtrace: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +59,28 @@ impl TaskError {
             status: None,
             ran_for: None,
             item: None,
+            backtrace: None,
         }
+    }
+
+    /// A panic error from the worker's report: the message, then maybe a backtrace (present
+    /// when `RUST_BACKTRACE` is set), which is kept apart from the message.
+    pub(crate) fn panicked(report: String) -> Self {
+        const MARK: &str = "\nstack backtrace:\n";
+        match report.split_once(MARK) {
+            Some((msg, bt)) => {
+                let mut e = TaskError::new(TaskErrorKind::Panicked, msg);
+                e.backtrace = Some(bt.to_owned());
+                e
+            }
+            None => TaskError::new(TaskErrorKind::Panicked, report),
+        }
+    }
+
+    /// The worker's backtrace of the panic, if the task panicked while `RUST_BACKTRACE`
+    /// was set in the worker's environment.
+    pub fn backtrace(&self) -> Option<&str> {
+        self.backtrace.as_deref()
     }
 
     pub(crate) fn worker_lost(
@@ -358,5 +380,22 @@ impl From<TaskError> for Error {
         Error {
             repr: Repr::Task(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_report_keeps_its_backtrace_out_of_the_message() {
+        let e = TaskError::panicked(
+            "panicked at src/x.rs:1:2: boom\nstack backtrace:\n   0: frame".to_owned(),
+        );
+        assert_eq!(e.panic_message(), Some("panicked at src/x.rs:1:2: boom"));
+        assert_eq!(e.backtrace(), Some("   0: frame"));
+        assert!(!e.to_string().contains("frame"), "{e}");
+        let plain = TaskError::panicked("panicked at src/x.rs:1:2: boom".to_owned());
+        assert_eq!(plain.backtrace(), None);
     }
 }

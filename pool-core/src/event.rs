@@ -1,5 +1,6 @@
 //! [`Event`]: a flag shared between processes, that tasks poll to stop early.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
@@ -21,8 +22,9 @@ const LEN: usize = 64;
 /// file), so setting it in one process is seen at once in every other; waiters sleep on a
 /// futex. Unlike Python's, it can be passed straight to a task as an argument under every
 /// start method: it serializes as a reference to its owner's segment, which the worker maps
-/// when it decodes the argument. The owner (the process that called [`Event::new`]) must
-/// outlive the tasks that use it.
+/// when it decodes the argument. A pool keeps the segment open until every task (or
+/// initializer) it was passed to is done, so the caller may drop its `Event` right after
+/// submitting; the process that called [`Event::new`] must outlive those tasks.
 ///
 /// The typical use is a safe stop of running tasks, leaving the pool usable: tasks poll
 /// [`is_set`](Event::is_set) and return early once it is set.
@@ -100,6 +102,26 @@ impl fmt::Debug for Event {
     }
 }
 
+thread_local! {
+    /// The segments of the events serialized since [`pinning`] began on this thread.
+    static PINS: RefCell<Option<Vec<Arc<Segment>>>> = const { RefCell::new(None) };
+}
+
+/// Keeps the segments of serialized events open while a task that refers to them is pending.
+#[derive(Default)]
+pub(crate) struct Pins(
+    #[allow(dead_code, reason = "held only to keep segments open")] Vec<Arc<Segment>>,
+);
+
+/// Runs `encode`, collecting the events it serializes, so the caller can keep them open
+/// until a worker has decoded the bytes.
+pub(crate) fn pinning<T>(encode: impl FnOnce() -> T) -> (T, Pins) {
+    let outer = PINS.with(|p| p.borrow_mut().replace(Vec::new()));
+    let out = encode();
+    let pins = PINS.with(|p| std::mem::replace(&mut *p.borrow_mut(), outer));
+    (out, Pins(pins.unwrap_or_default()))
+}
+
 #[derive(Serialize, Deserialize)]
 struct Wire {
     pid: u32,
@@ -109,6 +131,13 @@ struct Wire {
 
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        PINS.with(|p| {
+            if let Some(v) = p.borrow_mut().as_mut() {
+                if !v.iter().rev().take(8).any(|s| Arc::ptr_eq(s, &self.seg)) {
+                    v.push(Arc::clone(&self.seg));
+                }
+            }
+        });
         Wire {
             pid: std::process::id(),
             fd: self.seg.as_fd().as_raw_fd(),
@@ -121,20 +150,26 @@ impl Serialize for Event {
 impl<'de> Deserialize<'de> for Event {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
+        let fail = |why: String| {
+            pool_spawn::task::note_decode_failure(why.clone());
+            D::Error::custom(why)
+        };
         let w = Wire::deserialize(d)?;
         let seg = Segment::open_in_process(w.pid, w.fd).map_err(|e| {
-            D::Error::custom(format!(
-                "cannot open the event shared by process {} (has it exited?): {e}",
+            fail(format!(
+                "cannot open the Event shared by process {} (has it exited, or dropped the \
+                 Event?): {e}",
                 w.pid
             ))
         })?;
         if seg.len() < LEN {
-            return Err(D::Error::custom("the event's shared segment is too small"));
+            return Err(fail("the Event's shared segment is too small".to_owned()));
         }
         let ev = Event { seg: Arc::new(seg) };
         if ev.token() != w.token {
-            return Err(D::Error::custom(format!(
-                "process {} no longer holds this event (its descriptor was reused)",
+            return Err(fail(format!(
+                "process {} no longer holds this Event (it was dropped and its descriptor \
+                 reused)",
                 w.pid
             )));
         }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::driver::{self, Driver, Outcome, Settings, Shared, Sink, TaskRec};
 use crate::error::{BuildError, Error, TaskError, TaskErrorKind};
+use crate::event::{self, Pins};
 use crate::policy::{Policy, PolicyConfig, Refusal};
 use crate::result::{AsyncResult, Callbacks, Slot};
 
@@ -41,6 +42,8 @@ pub struct Pool {
     processes: usize,
     method: StartMethod,
     next_id: Arc<AtomicU64>,
+    /// Events among the initializer's arguments: workers started later still open them.
+    _init_pins: Pins,
 }
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
@@ -52,6 +55,7 @@ pub struct PoolBuilder {
     method: StartMethod,
     init: Option<Result<(FnRef, Vec<u8>), String>>,
     allow_fork_with_threads: bool,
+    init_pins: Pins,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -98,10 +102,12 @@ impl PoolBuilder {
         F::Output: InitOutput,
         Args: Serialize + DeserializeOwned + 'static,
     {
-        let r = postcard::to_allocvec(&args)
+        let (r, pins) = event::pinning(|| postcard::to_allocvec(&args));
+        let r = r
             .map(|bytes| (task::init_ref::<F, Args>(f), bytes))
             .map_err(|e| format!("the initializer's arguments cannot be encoded: {e}"));
         self.init = Some(r);
+        self.init_pins = pins;
         self
     }
 
@@ -174,6 +180,7 @@ impl PoolBuilder {
             processes,
             method: self.method,
             next_id: Arc::new(AtomicU64::new(1)),
+            _init_pins: self.init_pins,
         })
     }
 }
@@ -233,15 +240,19 @@ struct Encoded {
     /// Items that failed to encode, by relative index.
     failed: Vec<(usize, TaskError)>,
     len: usize,
+    /// Events among the items, kept open until the task is done.
+    pins: Pins,
 }
 
 fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
-    if let Ok(payload) = postcard::to_allocvec(items) {
+    let (whole, pins) = event::pinning(|| postcard::to_allocvec(items));
+    if let Ok(payload) = whole {
         return Encoded {
             payload,
             sent: (0..items.len()).collect(),
             failed: Vec::new(),
             len: items.len(),
+            pins,
         };
     }
     // Some item does not encode: find which, and send the others.
@@ -271,6 +282,7 @@ fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
         sent,
         failed,
         len: items.len(),
+        pins,
     }
 }
 
@@ -404,6 +416,7 @@ impl Pool {
             sent,
             failed,
             len,
+            pins,
         } = enc;
         let n_sent = sent.len();
         let index = move |i: usize, e: TaskError| match base {
@@ -431,6 +444,8 @@ impl Pool {
             return;
         }
         let sink: Sink = Box::new(move |outcome: Outcome| {
+            // The worker has decoded the arguments (or never will): release their events.
+            drop(pins);
             let got = driver::decode_items::<R>(outcome, n_sent);
             done(merge(got));
         });

@@ -276,8 +276,15 @@ impl Drop for Launcher {
 }
 
 /// The number of threads of this process, if `/proc` tells.
+/// The threads of this process that could hold a lock at a fork: all of them but an idle
+/// spawner thread (which procpool itself keeps parked; see the crate's fork-safety notes).
 pub(crate) fn thread_count() -> Option<usize> {
-    std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+    let all = std::fs::read_dir("/proc/self/task").ok()?.count();
+    Some(if crate::spawn::spawner_is_idle() {
+        all.saturating_sub(1).max(1)
+    } else {
+        all
+    })
 }
 
 fn warn_threads(n: Option<usize>) {

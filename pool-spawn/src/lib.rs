@@ -59,7 +59,8 @@
 //!   for that test to end.)
 //! - [`Launcher::new`] with [`StartMethod::Fork`] counts the threads in `/proc/self/task`
 //!   and refuses with [`ErrorKind::ForkUnsafe`] if there is more than one, unless
-//!   [`LaunchOptions::allow_fork_with_threads`] is set.
+//!   [`LaunchOptions::allow_fork_with_threads`] is set. procpool's own spawner thread (below)
+//!   is not counted while it is parked waiting for work, since it holds no lock then.
 //! - Later launches (a pool starts replacements from its own thread, so by then the
 //!   process has threads) carry that risk; a warning is logged once when other threads
 //!   exist.

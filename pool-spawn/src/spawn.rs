@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
@@ -210,6 +211,19 @@ struct Spawner {
 
 static SPAWNER: Mutex<Option<Spawner>> = Mutex::new(None);
 
+/// Jobs handed to the spawner thread and not yet finished.
+static SPAWNER_BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// True if this process has a spawner thread and it is parked waiting for work: it holds no
+/// lock then, so it does not make a fork hazardous. (Only another thread can hand it a job,
+/// and that thread is counted itself.)
+pub(crate) fn spawner_is_idle() -> bool {
+    let g = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+    g.as_ref()
+        .is_some_and(|s| s.owner == rustix::process::getpid())
+        && SPAWNER_BUSY.load(Ordering::SeqCst) == 0
+}
+
 /// Runs `f` on a thread that lives as long as the process: the calling thread if it is the
 /// main thread, else the process's spawner thread (started on first use); the calling thread
 /// if that cannot be started.
@@ -248,6 +262,7 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
     let job: Job = Box::new(move || {
         let _ = rtx.send(f());
     });
+    SPAWNER_BUSY.fetch_add(1, Ordering::SeqCst);
     match tx {
         Some(tx) => {
             if let Err(mpsc::SendError(job)) = tx.send(job) {
@@ -256,6 +271,9 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
         }
         None => job(),
     }
-    rrx.recv()
-        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread's job panicked")))
+    let out = rrx
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread's job panicked")));
+    SPAWNER_BUSY.fetch_sub(1, Ordering::SeqCst);
+    out
 }

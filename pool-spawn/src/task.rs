@@ -243,6 +243,20 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    static DECODE_NOTE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records why a `Deserialize` impl is failing, for the worker's decode error.
+///
+/// postcard keeps only the kind of a custom deserialization error, not its text. A type
+/// whose decoding can fail for a reason the user should see (a shared resource that is
+/// gone, say) calls this before returning its error; a task's [`ItemErrorKind::Decode`]
+/// error then carries the note instead of postcard's generic message.
+pub fn note_decode_failure(why: impl Into<String>) {
+    DECODE_NOTE.with(|n| *n.borrow_mut() = Some(why.into()));
+}
+
 /// Installs the worker's panic hook: inside task code it records the message and location
 /// for the [`ItemError`] instead of printing; elsewhere it defers to the previous hook.
 pub(crate) fn install_panic_hook() {
@@ -303,12 +317,17 @@ where
     Args: DeserializeOwned,
     R: Serialize,
 {
+    DECODE_NOTE.with(|n| n.borrow_mut().take());
     let items: Vec<Args> = match catch(|| postcard::from_bytes::<Vec<Args>>(input)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
+            let why = match DECODE_NOTE.with(|n| n.borrow_mut().take()) {
+                Some(note) => note,
+                None => format!("they do not decode as the function's types: {e}"),
+            };
             return Err(ItemError::new(
                 ItemErrorKind::Decode,
-                format!("the task's arguments do not decode as the function's types: {e}"),
+                format!("the task's arguments cannot be decoded: {why}"),
             ));
         }
         Err(m) => return Err(ItemError::new(ItemErrorKind::Decode, m)),
@@ -383,9 +402,17 @@ where
     F::Output: InitOutput,
     Args: DeserializeOwned,
 {
+    DECODE_NOTE.with(|n| n.borrow_mut().take());
     let args: Args = match catch(|| postcard::from_bytes::<Args>(input)) {
         Ok(Ok(a)) => a,
-        Ok(Err(e)) => return Err(format!("the initializer's arguments do not decode: {e}")),
+        Ok(Err(e)) => {
+            let why = DECODE_NOTE
+                .with(|n| n.borrow_mut().take())
+                .unwrap_or_else(|| e.to_string());
+            return Err(format!(
+                "the initializer's arguments cannot be decoded: {why}"
+            ));
+        }
         Err(m) => return Err(format!("decoding the initializer's arguments {m}")),
     };
     match catch(|| f.call(args).into_result()) {

@@ -60,3 +60,40 @@ fn a_worker_setting_the_event_wakes_a_waiter_in_the_parent() {
     assert!(r.get().unwrap());
     shut_down(pool);
 }
+
+fn is_set(e: Event) -> bool {
+    e.is_set()
+}
+
+fn initializer_keeps(e: Event) {
+    assert!(!e.is_set());
+}
+
+#[test]
+fn an_event_dropped_right_after_submitting_still_reaches_the_worker() {
+    // The pool keeps the event open until its tasks are done, under every method, and for
+    // workers started later by the initializer too.
+    for method in METHODS {
+        let pool = builder(method)
+            .processes(1)
+            .max_tasks_per_child(1)
+            .initializer(initializer_keeps, (Event::new().unwrap(),))
+            .build()
+            .unwrap();
+        let results: Vec<_> = (0..3)
+            .map(|_| {
+                let e = Event::new().unwrap();
+                e.set();
+                pool.apply_async(is_set, (e,))
+            })
+            .collect();
+        for r in results {
+            assert!(
+                r.get_timeout(Duration::from_secs(20)).unwrap(),
+                "{method:?}"
+            );
+        }
+        assert_eq!(pool.metrics().init_failed, 0, "{method:?}");
+        shut_down(pool);
+    }
+}
