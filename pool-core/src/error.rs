@@ -33,8 +33,13 @@ pub enum TaskErrorKind {
 ///
 /// Modelled on a join error: ask [`kind`](TaskError::kind), or the `is_*` predicates, then the
 /// accessors for details (pid, exit status, panic message, item index in a `map`).
+///
+/// It is one pointer wide (the details are boxed), so `Result<T, TaskError>` stays small.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TaskError {
+pub struct TaskError(Box<Details>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Details {
     kind: TaskErrorKind,
     message: String,
     worker: Option<WorkerRef>,
@@ -52,7 +57,7 @@ struct WorkerRef {
 
 impl TaskError {
     pub(crate) fn new(kind: TaskErrorKind, message: impl Into<String>) -> Self {
-        TaskError {
+        TaskError(Box::new(Details {
             kind,
             message: message.into(),
             worker: None,
@@ -60,7 +65,7 @@ impl TaskError {
             ran_for: None,
             item: None,
             backtrace: None,
-        }
+        }))
     }
 
     /// A panic error from the worker's report: the message, then maybe a backtrace (present
@@ -70,7 +75,7 @@ impl TaskError {
         match report.split_once(MARK) {
             Some((msg, bt)) => {
                 let mut e = TaskError::new(TaskErrorKind::Panicked, msg);
-                e.backtrace = Some(bt.to_owned());
+                e.0.backtrace = Some(bt.to_owned());
                 e
             }
             None => TaskError::new(TaskErrorKind::Panicked, report),
@@ -80,7 +85,7 @@ impl TaskError {
     /// The worker's backtrace of the panic, if the task panicked while `RUST_BACKTRACE`
     /// was set in the worker's environment.
     pub fn backtrace(&self) -> Option<&str> {
-        self.backtrace.as_deref()
+        self.0.backtrace.as_deref()
     }
 
     pub(crate) fn worker_lost(
@@ -90,17 +95,17 @@ impl TaskError {
         ran_for: Option<Duration>,
     ) -> Self {
         let mut e = TaskError::new(TaskErrorKind::WorkerLost, String::new());
-        e.worker = Some(WorkerRef {
+        e.0.worker = Some(WorkerRef {
             name: name.to_string(),
             pid,
         });
-        e.status = status;
-        e.ran_for = ran_for;
+        e.0.status = status;
+        e.0.ran_for = ran_for;
         e
     }
 
     pub(crate) fn with_worker(mut self, name: &str, pid: u32) -> Self {
-        self.worker = Some(WorkerRef {
+        self.0.worker = Some(WorkerRef {
             name: name.to_string(),
             pid,
         });
@@ -108,127 +113,127 @@ impl TaskError {
     }
 
     pub(crate) fn with_note(mut self, note: &str) -> Self {
-        self.message = note.to_string();
+        self.0.message = note.to_string();
         self
     }
 
     pub(crate) fn with_item(mut self, index: usize) -> Self {
-        self.item = Some(index);
+        self.0.item = Some(index);
         self
     }
 
     /// What kind of failure this is.
     pub fn kind(&self) -> TaskErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// True if the task panicked; [`panic_message`](Self::panic_message) has the message.
     pub fn is_panic(&self) -> bool {
-        self.kind == TaskErrorKind::Panicked
+        self.0.kind == TaskErrorKind::Panicked
     }
 
     /// True if the worker running the task died before sending its result.
     pub fn is_worker_lost(&self) -> bool {
-        self.kind == TaskErrorKind::WorkerLost
+        self.0.kind == TaskErrorKind::WorkerLost
     }
 
     /// The panic message (with its source location) if the task panicked.
     pub fn panic_message(&self) -> Option<&str> {
-        (self.kind == TaskErrorKind::Panicked).then_some(self.message.as_str())
+        (self.0.kind == TaskErrorKind::Panicked).then_some(self.0.message.as_str())
     }
 
     /// The pid of the worker involved, where one was.
     pub fn pid(&self) -> Option<u32> {
-        self.worker.as_ref().map(|w| w.pid)
+        self.0.worker.as_ref().map(|w| w.pid)
     }
 
     /// The name of the worker involved (`ForkserverPoolWorker-3`), where one was.
     pub fn worker_name(&self) -> Option<&str> {
-        self.worker.as_ref().map(|w| w.name.as_str())
+        self.0.worker.as_ref().map(|w| w.name.as_str())
     }
 
     /// How a lost worker ended, when it could be reaped.
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        self.status
+        self.0.status
     }
 
     /// The exit code of a lost worker that exited by itself.
     pub fn exit_code(&self) -> Option<i32> {
-        self.status.and_then(|s| s.code())
+        self.0.status.and_then(|s| s.code())
     }
 
     /// The signal number that killed a lost worker.
     pub fn signal(&self) -> Option<i32> {
-        self.status.and_then(|s| s.signal())
+        self.0.status.and_then(|s| s.signal())
     }
 
     /// For a task submitted as part of `map`, `starmap` or `imap`: the index of the failing item.
     pub fn item_index(&self) -> Option<usize> {
-        self.item
+        self.0.item
     }
 
     /// The detail text (panic message, encoder error, ...), without the leading sentence.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 }
 
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(i) = self.item {
+        if let Some(i) = self.0.item {
             write!(f, "item {i}: ")?;
         }
         let worker = |f: &mut fmt::Formatter<'_>| -> fmt::Result {
-            if let Some(w) = &self.worker {
+            if let Some(w) = &self.0.worker {
                 write!(f, " in worker {} (pid {})", w.name, w.pid)?;
             }
             Ok(())
         };
-        match self.kind {
+        match self.0.kind {
             TaskErrorKind::Panicked => {
                 write!(f, "task panicked")?;
                 worker(f)?;
-                write!(f, ": {}", self.message)
+                write!(f, ": {}", self.0.message)
             }
             TaskErrorKind::WorkerLost => {
-                match &self.worker {
+                match &self.0.worker {
                     Some(w) => write!(f, "worker {} (pid {}) died", w.name, w.pid)?,
                     None => write!(f, "the worker died")?,
                 }
                 write!(f, " while running this task")?;
-                if let Some(d) = self.ran_for {
+                if let Some(d) = self.0.ran_for {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }
-                match self.status {
+                match self.0.status {
                     Some(s) => write!(f, ": {s}")?,
                     None => write!(f, ": exit status unknown")?,
                 }
-                if self.status.and_then(|s| s.signal()) == Some(9) {
+                if self.0.status.and_then(|s| s.signal()) == Some(9) {
                     write!(
                         f,
                         "; SIGKILL from outside the pool often means the out-of-memory killer"
                     )?;
                 }
-                if !self.message.is_empty() {
-                    write!(f, " ({})", self.message)?;
+                if !self.0.message.is_empty() {
+                    write!(f, " ({})", self.0.message)?;
                 }
                 Ok(())
             }
             TaskErrorKind::Encode => {
                 write!(f, "could not encode")?;
                 worker(f)?;
-                write!(f, ": {}", self.message)
+                write!(f, ": {}", self.0.message)
             }
             TaskErrorKind::Decode => {
                 write!(f, "could not decode")?;
                 worker(f)?;
-                write!(f, ": {}", self.message)
+                write!(f, ": {}", self.0.message)
             }
-            TaskErrorKind::PoolClosed => write!(f, "{}", self.message),
+            TaskErrorKind::PoolClosed => write!(f, "{}", self.0.message),
             TaskErrorKind::InitializerFailed => {
-                write!(f, "workers cannot start: {}", self.message)
+                write!(f, "workers cannot start: {}", self.0.message)
             }
-            TaskErrorKind::NotReady => write!(f, "result not ready: {}", self.message),
+            TaskErrorKind::NotReady => write!(f, "result not ready: {}", self.0.message),
             TaskErrorKind::ResultTaken => write!(f, "the result was already taken"),
         }
     }

@@ -132,10 +132,10 @@ struct Wire {
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         PINS.with(|p| {
-            if let Some(v) = p.borrow_mut().as_mut() {
-                if !v.iter().rev().take(8).any(|s| Arc::ptr_eq(s, &self.seg)) {
-                    v.push(Arc::clone(&self.seg));
-                }
+            if let Some(v) = p.borrow_mut().as_mut()
+                && !v.iter().rev().take(8).any(|s| Arc::ptr_eq(s, &self.seg))
+            {
+                v.push(Arc::clone(&self.seg));
             }
         });
         Wire {

@@ -108,7 +108,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg(&report)
                 .arg(&raw_path)
                 .arg("--out")
-                .arg(&out_dir),
+                .arg(&out_dir)
+                .args(["--mode", if quick { "quick" } else { "full" }])
+                .args([
+                    "--command",
+                    if quick {
+                        "cargo xtask bench --quick"
+                    } else {
+                        "cargo xtask bench"
+                    },
+                ]),
         )?;
     } else {
         eprintln!(
