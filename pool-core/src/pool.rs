@@ -154,7 +154,7 @@ impl PoolBuilder {
             prefix: self.method.worker_name_prefix(),
             max_tasks: self.max_tasks_per_child,
             init,
-            ipc: pool_ipc::Config::new(),
+            ipc: pool_spawn::protocol::channel_config(),
         };
         let shared = Shared::new(policy, settings)
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;

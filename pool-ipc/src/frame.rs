@@ -35,8 +35,13 @@ pub(crate) const KIND_REGION: u8 = 1;
 /// Control kind: a payload stored in the ring.
 pub(crate) const KIND_SHM_REF: u8 = 2;
 
-/// Size of the read buffer; frames that do not fit are read straight into their own `Vec`.
+/// Largest size of the read buffer; frames that do not fit are read straight into their
+/// own `Vec`.
 const READ_BUF_LEN: usize = 128 * 1024;
+/// First size of the read buffer. It doubles (up to [`READ_BUF_LEN`]) when a read fills it
+/// or a frame needs the room, so a connection that carries a few small messages (a
+/// short-lived worker's) never pays for zeroing the full size.
+const READ_BUF_START: usize = 8 * 1024;
 /// Small frames are coalesced into write buffers of about this size.
 const AGG_LIMIT: usize = 64 * 1024;
 /// A queued [`FrameBuf`] this small is copied into the write buffer instead of being
@@ -522,7 +527,7 @@ impl ReadHalf {
     pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> ReadHalf {
         let shm = cfg.shm_threshold.is_some() && os::is_socket(fd);
         ReadHalf {
-            buf: vec![0; READ_BUF_LEN].into_boxed_slice(),
+            buf: vec![0; READ_BUF_START].into_boxed_slice(),
             start: 0,
             end: 0,
             big: None,
@@ -619,7 +624,11 @@ impl ReadHalf {
                 self.start = s + len;
                 return Ok(Next::Inline(s, len));
             }
-            if HEADER_LEN + len > self.buf.len() {
+            if HEADER_LEN + len <= READ_BUF_LEN && HEADER_LEN + len > self.buf.len() - self.start {
+                // Fits a full-size read buffer but not this one: make room.
+                self.grow(HEADER_LEN + len);
+            }
+            if HEADER_LEN + len > READ_BUF_LEN {
                 // Too big for the read buffer: read the rest straight into its own Vec.
                 // `len <= max` was checked above, so this allocation is bounded.
                 let have = avail - HEADER_LEN;
@@ -638,6 +647,24 @@ impl ReadHalf {
             }
             return Ok(Next::Pending);
         }
+    }
+
+    /// Moves the buffered bytes to the front of a buffer of at least `need` bytes (a power
+    /// of two, at most [`READ_BUF_LEN`]).
+    fn grow(&mut self, need: usize) {
+        let len = need
+            .max(self.buf.len() * 2)
+            .next_power_of_two()
+            .min(READ_BUF_LEN);
+        if len <= self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+        } else {
+            let mut buf = vec![0; len].into_boxed_slice();
+            buf[..self.end - self.start].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = buf;
+        }
+        self.end -= self.start;
+        self.start = 0;
     }
 
     /// Handles a control frame body; returns a payload for a shm reference.
@@ -697,8 +724,19 @@ impl ReadHalf {
                 self.end -= self.start;
                 self.start = 0;
             }
+            if self.end == self.buf.len() {
+                // Full of one partial frame: next() sizes the buffer to fit it, so this only
+                // compacts; never read into an empty slice (that would look like EOF).
+                self.grow(self.buf.len() + 1);
+            }
+            let room = self.buf.len() - self.end;
+            debug_assert!(room > 0, "a frame that fits the read buffer leaves room");
             let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut())?;
             self.end += n;
+            if n == room && self.buf.len() < READ_BUF_LEN {
+                // A burst: read in larger chunks from now on.
+                self.grow(self.buf.len() * 2);
+            }
             n
         };
         if let Some(q) = self.fds.as_mut() {

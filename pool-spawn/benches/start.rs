@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
 use pool_ipc::Duplex;
-use pool_spawn::protocol::{FromWorker, ImageId, ToWorker};
+use pool_spawn::protocol::{self, FromWorker, ImageId, ToWorker};
 use pool_spawn::{LaunchOptions, Launcher, StartMethod};
 use rustix::process::{Pid, WaitOptions};
 
@@ -19,8 +19,11 @@ fn start_to_ready(l: &mut Launcher, n: &mut u64) -> Duration {
     let name = format!("{}-{n}", l.method().worker_name_prefix());
     let t = Instant::now();
     let mut w = l.launch(&name).expect("launch");
-    let mut chan: Duplex<ToWorker, FromWorker> =
-        Duplex::new(w.take_channel().expect("channel")).expect("duplex");
+    let mut chan: Duplex<ToWorker, FromWorker> = Duplex::with_config(
+        w.take_channel().expect("channel"),
+        protocol::channel_config(),
+    )
+    .expect("duplex");
     chan.send(&ToWorker::Setup {
         name,
         max_tasks: None,

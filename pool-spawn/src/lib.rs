@@ -79,7 +79,7 @@
 //!
 //! ```no_run
 //! use pool_ipc::Duplex;
-//! use pool_spawn::protocol::{FromWorker, ImageId, ToWorker};
+//! use pool_spawn::protocol::{channel_config, FromWorker, ImageId, ToWorker};
 //! use pool_spawn::task::{self, ItemError};
 //! use pool_spawn::{Launcher, LaunchOptions, StartMethod};
 //! use serde_bytes::ByteBuf;
@@ -93,7 +93,7 @@
 //!
 //!     let mut launcher = Launcher::new(StartMethod::Forkserver, LaunchOptions::default())?;
 //!     let mut worker = launcher.launch("ForkserverPoolWorker-1")?;
-//!     let mut chan: Duplex<ToWorker, FromWorker> = Duplex::new(worker.take_channel().unwrap())?;
+//!     let mut chan: Duplex<ToWorker, FromWorker> = Duplex::with_config(worker.take_channel().unwrap(), channel_config())?;
 //!     let image = ImageId::current();
 //!     chan.send(&ToWorker::Setup { name: worker.name().into(), max_tasks: None, image, init: None })?;
 //!     assert!(matches!(chan.recv()?, FromWorker::Ready { .. }));

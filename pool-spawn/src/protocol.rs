@@ -2,7 +2,8 @@
 //!
 //! One socket per worker. The parent drives it with a nonblocking `pool_ipc::FramedConn`
 //! (or any pool-ipc type), the worker with a blocking `pool_ipc::Duplex<FromWorker,
-//! ToWorker>`; both speak postcard frames.
+//! ToWorker>`; both speak postcard frames, configured by [`channel_config`] (the parent's
+//! end must use it too: large payloads travel through shared memory).
 //!
 //! Worker lifecycle: started → receives [`ToWorker::Setup`] → checks the [`ImageId`]
 //! (mismatch: [`FromWorker::SetupFailed`] with [`SetupFailure::ImageMismatch`], exit code
@@ -19,6 +20,16 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::task::{FnRef, ItemError};
+
+/// Payloads larger than this travel through a shared-memory ring instead of the socket.
+pub const SHM_THRESHOLD: usize = 64 * 1024;
+
+/// The configuration of a worker's channel, which both ends must use: frames up to 1 GiB,
+/// and payloads above [`SHM_THRESHOLD`] through shared memory (one copy each way instead
+/// of a trip through the kernel's socket buffers).
+pub fn channel_config() -> pool_ipc::Config {
+    pool_ipc::Config::new().shm_threshold(Some(SHM_THRESHOLD))
+}
 
 /// Exit code of a worker whose parent runs a different executable image.
 pub const EXIT_IMAGE_MISMATCH: i32 = 3;

@@ -6,7 +6,7 @@ use pool_ipc::{Duplex, ErrorKind as IpcKind};
 use serde_bytes::ByteBuf;
 
 use crate::protocol::{
-    EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
+    self, EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
 };
 use crate::sys;
 use crate::task::{self, ItemError, ItemErrorKind};
@@ -53,7 +53,7 @@ fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(),
 
 /// The loop; `Ok(code)` is the exit code.
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
-    let mut conn = Duplex::<FromWorker, ToWorker>::new(chan)
+    let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
     let (max_tasks, same) = match recv(&mut conn)? {
         None | Some(ToWorker::Exit) => return Ok(0),

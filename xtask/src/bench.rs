@@ -83,7 +83,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let exe = root.join("target/procspawn-bench/release/procspawn-bench");
         if built && exe.exists() {
             let mut cmd = Command::new(exe);
-            cmd.args(["--runs", runs]);
+            cmd.args(["--workload", "all", "--runs", runs]);
             if quick {
                 cmd.arg("--quick");
             }

@@ -63,6 +63,38 @@ fn large_frames_over_socket() {
 }
 
 #[test]
+fn mixed_sizes_in_one_burst_reassemble_as_the_read_buffer_grows() {
+    // The read buffer starts small and grows: frames around each of its sizes, queued
+    // back to back so that reads cut them anywhere.
+    crate::helpers::bounded(60, || {
+        let (r, w) = pool_ipc::pipe().unwrap();
+        let mut tx = Sender::<Msg>::new(w);
+        let mut rx = Receiver::<Msg>::new(r);
+        let mut sizes = Vec::new();
+        for k in [4usize, 8, 16, 32, 64, 128, 256] {
+            let n = k * 1024;
+            sizes.extend([n - 40, n - 1, n, n + 1, 3, n + 5000]);
+        }
+        let expected = sizes.clone();
+        let t = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                tx.feed(&msg(i as u64, n)).unwrap();
+            }
+            tx.flush().unwrap();
+        });
+        for (i, &n) in expected.iter().enumerate() {
+            assert_eq!(
+                rx.recv().unwrap(),
+                msg(i as u64, n),
+                "frame {i} of {n} bytes"
+            );
+        }
+        t.join().unwrap();
+        assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::Closed);
+    });
+}
+
+#[test]
 fn oversized_frame_is_rejected_before_allocating() {
     crate::helpers::bounded(60, || {
         let (r, w) = pool_ipc::pipe().unwrap();

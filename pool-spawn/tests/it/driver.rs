@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use pool_ipc::Duplex;
-use pool_spawn::protocol::{FromWorker, ImageId, ToWorker};
+use pool_spawn::protocol::{self, FromWorker, ImageId, ToWorker};
 use pool_spawn::task::{FnRef, ItemError};
 use pool_spawn::{ExitStatus, LaunchOptions, Launcher, StartMethod, Worker};
 use serde::Serialize;
@@ -34,7 +34,11 @@ pub(crate) fn launch(l: &mut Launcher, n: u32) -> Driven {
     let name = format!("{}-{n}", l.method().worker_name_prefix());
     let mut worker = l.launch(&name).expect("launch");
     assert_eq!(worker.name(), name);
-    let chan = Duplex::new(worker.take_channel().expect("channel")).expect("duplex");
+    let chan = Duplex::with_config(
+        worker.take_channel().expect("channel"),
+        protocol::channel_config(),
+    )
+    .expect("duplex");
     assert!(worker.take_channel().is_none());
     Driven { worker, chan }
 }
