@@ -85,6 +85,7 @@ COLOURS = {
     "spawn": "#ff7f0e",
     "fork": "#2ca02c",
     "procspawn": "#9467bd",
+    "default": "#8c564b",
 }
 
 
@@ -251,6 +252,16 @@ def ratio_columns(systems_present, ours_prefix="procpool"):
     cols = []
     for m in METHODS:
         cols.append((f"{ours_prefix}-{m} / cpython-{m}", f"{ours_prefix}-{m}", f"cpython-{m}", m))
+    # Each system's default start method against the other's historical Linux default:
+    # procpool's forkserver against CPython's fork.
+    cols.append(
+        (
+            f"{ours_prefix}-forkserver / cpython-fork",
+            f"{ours_prefix}-forkserver",
+            "cpython-fork",
+            "default",
+        )
+    )
     if "procspawn" in systems_present:
         cols.append(
             (f"{ours_prefix}-spawn / procspawn", f"{ours_prefix}-spawn", "procspawn", "procspawn")
@@ -420,13 +431,15 @@ def render_svg(series, workloads, title, subtitle, note, ylabel):
                 f'font-size="10" fill="#555">{escape(line)}</text>'
             )
     # Legend.
-    lx, ly = left, H - 40
-    x = lx
-    for si, (label, key, _) in enumerate(series):
-        if si:
-            x += 20 + 7.2 * len(series[si - 1][0]) + 28
+    # Entries flow left to right and wrap to a new row when the next would not fit.
+    x, ly = left, H - 58
+    for label, key, _ in series:
+        width = 20 + 6.8 * len(label) + 28
+        if x > left and x + width > W - right:
+            x, ly = left, ly + 20
         a(f'<rect x="{x}" y="{ly}" width="14" height="14" fill="{COLOURS.get(key, "#777")}"/>')
         a(f'<text x="{x + 20}" y="{ly + 12}" font-size="12">{escape(label)}</text>')
+        x += width
     a(
         f'<text x="{left}" y="{H - 10}" font-size="10" fill="#666">Bars: median ratio; '
         f'whiskers: worst and best run pairs; n/a: no figure (the table says why).</text>'

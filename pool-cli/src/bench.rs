@@ -1,4 +1,5 @@
-//! `procpool bench`: the standard workloads, one JSON line per run.
+//! `procpool bench`: the standard workloads, one JSON line per run; with `--reference`,
+//! CPython's `multiprocessing.Pool` on the same workloads; with `--out DIR`, a report.
 //!
 //! The same workloads, names and JSON schema as the CPython reference script
 //! (`bench/reference/mp_pool.py`), so a report can set them side by side:
@@ -30,6 +31,17 @@ pub(crate) struct Args {
     /// Seconds a single run may take before it is reported as timed out.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Also run CPython's multiprocessing.Pool (`python3`) on the same workloads, for
+    /// ratios measured in the same run.
+    #[arg(long)]
+    reference: bool,
+    /// Write the results, a markdown report and a ratio chart (SVG) into this directory
+    /// (the report needs `python3`).
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
+    /// Internal: one run, `METHOD:WORKLOAD`, measured in this process.
+    #[arg(long, hide = true)]
+    one: Option<String>,
 }
 
 fn parse_method(s: &str) -> Result<StartMethod, String> {
@@ -275,8 +287,13 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
     }
 }
 
-/// Runs the requested workloads.
+/// Runs the requested workloads, each run in a child process of its own (so a run that
+/// hangs or crashes is reported and the others go on), then the CPython reference and the
+/// report if asked.
 pub(crate) fn run(args: Args) -> ExitCode {
+    if let Some(spec) = &args.one {
+        return run_in_this_process(spec, args.quick);
+    }
     let methods = if args.methods.is_empty() {
         vec![
             StartMethod::Forkserver,
@@ -291,39 +308,115 @@ pub(crate) fn run(args: Args) -> ExitCode {
     } else {
         args.workloads.clone()
     };
-    let scale = Scale::new(args.quick);
-    let stdout = std::io::stdout();
+    if let Some(bad) = workloads.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        eprintln!(
+            "procpool bench: unknown workload {bad:?}; the workloads are {}",
+            WORKLOADS.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut rows = Vec::new();
+    let limit = Duration::from_secs(args.timeout);
     for method in &methods {
         for w in &workloads {
             for _ in 0..args.runs.max(1) {
-                let line = run_one(w, *method, &scale, Duration::from_secs(args.timeout));
-                let mut out = stdout.lock();
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
+                let line = run_isolated(w, *method, args.quick, limit);
+                println!("{line}");
+                rows.push(line);
             }
         }
+    }
+    if args.reference {
+        match crate::reference::run_cpython(&methods, &workloads, args.runs.max(1), args.quick) {
+            Ok(lines) => rows.extend(lines),
+            Err(e) => eprintln!("procpool bench: the CPython reference did not run: {e}"),
+        }
+    }
+    if let Some(dir) = &args.out
+        && let Err(e) = crate::reference::report(dir, &rows, args.quick)
+    {
+        eprintln!("procpool bench: {e}");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
 
-fn run_one(workload: &str, method: StartMethod, scale: &Scale, limit: Duration) -> String {
+/// Runs one `(method, workload)` as `procpool bench --one METHOD:WORKLOAD` and returns its
+/// JSON line; past `limit` the child is killed and the line says it timed out.
+fn run_isolated(workload: &str, method: StartMethod, quick: bool, limit: Duration) -> String {
     let system = format!("procpool-{}", method_name(method));
-    // A watchdog: procpool promises not to hang, but a benchmark must end even if it did.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (sys, wl) = (system.clone(), workload.to_string());
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(limit).is_err() {
-            println!(
-                "{{\"system\":\"{sys}\",\"workload\":\"{wl}\",\"ok\":false,\"reason\":\"timed out after {}s\"}}",
-                limit.as_secs()
-            );
-            std::process::exit(3);
-        }
+    let failed = |reason: String| {
+        format!(
+            "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"ok\":false,\"reason\":{}}}",
+            json_string(&reason)
+        )
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return failed(format!("cannot find this program: {e}")),
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "bench",
+        "--one",
+        &format!("{}:{workload}", method_name(method)),
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let mut child = match cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot start a run: {e}")),
+    };
+    // The child's output is one short line: read it on a thread so the wait can time out.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
     });
-    let r = measure(workload, method, scale);
-    let _ = tx.send(());
-    let _ = watchdog.join();
-    match r {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) | Err(_) => {
+                // Its workers die with it (they watch their parent).
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let text = reader.join().unwrap_or_default();
+    match status {
+        None => failed(format!("timed out after {}s", limit.as_secs())),
+        Some(st) => match text.lines().find(|l| l.starts_with('{')) {
+            Some(line) => line.to_string(),
+            None => failed(format!("the run ended without a result ({st})")),
+        },
+    }
+}
+
+/// `--one METHOD:WORKLOAD`: measures once in this process and prints the JSON line.
+fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
+    let Some((m, workload)) = spec.split_once(':') else {
+        eprintln!("procpool bench: --one takes METHOD:WORKLOAD");
+        return ExitCode::FAILURE;
+    };
+    let method = match parse_method(m) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("procpool bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let system = format!("procpool-{}", method_name(method));
+    let line = match measure(workload, method, &Scale::new(quick)) {
         Ok((value, unit)) => format!(
             "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"value\":{value:e},\"unit\":\"{unit}\",\"ok\":true}}"
         ),
@@ -331,7 +424,11 @@ fn run_one(workload: &str, method: StartMethod, scale: &Scale, limit: Duration) 
             "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"ok\":false,\"reason\":{}}}",
             json_string(&reason)
         ),
-    }
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    ExitCode::SUCCESS
 }
 
 fn json_string(s: &str) -> String {

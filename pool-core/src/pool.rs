@@ -424,6 +424,14 @@ impl Pool {
             None => e,
         };
         let merge = move |got: Vec<Result<R, TaskError>>| -> Vec<Result<R, TaskError>> {
+            if failed.is_empty() && got.len() == len {
+                // Every item was sent and answered: only errors need their index.
+                return got
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| r.map_err(|e| index(i, e)))
+                    .collect();
+            }
             let mut out: Vec<Option<Result<R, TaskError>>> = (0..len).map(|_| None).collect();
             for (i, e) in failed {
                 out[i] = Some(Err(index(i, e)));
@@ -664,7 +672,8 @@ impl Pool {
             .max(1);
         let chunks = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {
-            items: (0..n).map(|_| None).collect(),
+            chunks: (0..chunks).map(|_| None).collect(),
+            len: n,
             remaining: chunks,
             slot: Some(slot),
             callbacks: Some(callbacks),
@@ -675,9 +684,7 @@ impl Pool {
             let state = Arc::clone(&state);
             self.submit_batch::<R>(func, encode_chunk(chunk), Some(base), move |results| {
                 let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
-                for (i, r) in results.into_iter().enumerate() {
-                    g.items[base + i] = Some(r);
-                }
+                g.chunks[c] = Some(results);
                 g.remaining -= 1;
                 if g.remaining == 0 {
                     g.finish();
@@ -887,7 +894,9 @@ impl fmt::Debug for Pool {
 }
 
 struct Gather<R> {
-    items: Vec<Option<Result<R, TaskError>>>,
+    /// Each chunk's results, by chunk index; `None` until the chunk is done.
+    chunks: Vec<Option<Vec<Result<R, TaskError>>>>,
+    len: usize,
     remaining: usize,
     slot: Option<Arc<Slot<Vec<R>>>>,
     callbacks: Option<Callbacks<Vec<R>>>,
@@ -896,19 +905,22 @@ struct Gather<R> {
 
 impl<R: Send + 'static> Gather<R> {
     fn finish(&mut self) {
-        let items = std::mem::take(&mut self.items);
-        let mut out = Vec::with_capacity(items.len());
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut out = Vec::with_capacity(self.len);
         let mut err = None;
-        for r in items {
-            match r {
-                Some(Ok(v)) => out.push(v),
-                Some(Err(e)) => {
-                    err = Some(e);
-                    break;
-                }
-                None => {
-                    err = Some(TaskError::new(TaskErrorKind::Decode, "missing result"));
-                    break;
+        // In item order, so the error reported is the first failing item's.
+        'chunks: for chunk in chunks {
+            let Some(chunk) = chunk else {
+                err = Some(TaskError::new(TaskErrorKind::Decode, "missing result"));
+                break;
+            };
+            for r in chunk {
+                match r {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        err = Some(e);
+                        break 'chunks;
+                    }
                 }
             }
         }

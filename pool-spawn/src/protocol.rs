@@ -22,7 +22,7 @@ use serde_bytes::ByteBuf;
 use crate::task::{FnRef, ItemError};
 
 /// Payloads larger than this travel through a shared-memory ring instead of the socket.
-pub const SHM_THRESHOLD: usize = 64 * 1024;
+pub const SHM_THRESHOLD: usize = 256 * 1024;
 
 /// The configuration of a worker's channel, which both ends must use: frames up to 1 GiB,
 /// and payloads above [`SHM_THRESHOLD`] through shared memory (one copy each way instead

@@ -6,7 +6,9 @@
 //! procspawn comparison (`bench/procspawn`, outside the workspace) where it builds; then
 //! `bench/report.py` turns all the JSON lines into a markdown table (stdout),
 //! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
-//! Finally the criterion micro-benchmarks run (skipped with `--quick`).
+//! With `--publish`, that report replaces the repository's `BENCHMARKS.md` (chart and data
+//! in `bench/results/`). Finally the criterion micro-benchmarks run (skipped with
+//! `--quick`).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -125,6 +127,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             raw_path.display()
         );
     }
+    if args.iter().any(|a| a == "--publish") {
+        publish(&root, &out_dir)?;
+    }
     if !quick {
         step(
             "criterion micro-benchmarks",
@@ -136,6 +141,23 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         started.elapsed().as_secs_f64(),
         raw_path.display()
     );
+    Ok(())
+}
+
+/// `--publish`: the report becomes the repository's `BENCHMARKS.md`, its chart and data go
+/// to `bench/results/`.
+fn publish(root: &std::path::Path, out_dir: &std::path::Path) -> Result<(), String> {
+    let results = root.join("bench/results");
+    fs::create_dir_all(&results).map_err(|e| format!("create {}: {e}", results.display()))?;
+    for name in ["ratios.svg", "results.json"] {
+        fs::copy(out_dir.join(name), results.join(name))
+            .map_err(|e| format!("copy {name}: {e}"))?;
+    }
+    let md = fs::read_to_string(out_dir.join("BENCHMARKS.md"))
+        .map_err(|e| format!("read BENCHMARKS.md: {e}"))?
+        .replace("](ratios.svg)", "](bench/results/ratios.svg)");
+    fs::write(root.join("BENCHMARKS.md"), md).map_err(|e| format!("write BENCHMARKS.md: {e}"))?;
+    println!("==> published BENCHMARKS.md and bench/results/");
     Ok(())
 }
 

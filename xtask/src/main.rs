@@ -3,7 +3,7 @@
 //! - `cargo xtask test`: formatting, clippy, every test (nextest when installed, else
 //!   `cargo test`), doc tests, rustdoc warnings, then a check that the run left no worker
 //!   process and no shared-memory file behind.
-//! - `cargo xtask bench [--quick]`: procpool beside CPython's `multiprocessing.Pool` (and
+//! - `cargo xtask bench [--quick] [--publish]`: procpool beside CPython's `multiprocessing.Pool` (and
 //!   procspawn where it can do the workload), with a markdown table, JSON and an SVG chart.
 #![forbid(unsafe_code)]
 
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|bench> [--quick]");
+            eprintln!("usage: cargo xtask test | cargo xtask bench [--quick] [--publish]");
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,76 @@
+//! The `procpool` command, run as a user runs it.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Runs the command with a deadline (a hang fails the test instead of stalling it).
+fn procpool(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_procpool"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start procpool");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("procpool {args:?} did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn bench_prints_one_ok_json_line_per_run_and_method() {
+    let out = procpool(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "2",
+        "--workload",
+        "apply_rtt",
+        "--method",
+        "fork",
+        "--method",
+        "forkserver",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (line, system) in lines.iter().zip([
+        "procpool-fork",
+        "procpool-fork",
+        "procpool-forkserver",
+        "procpool-forkserver",
+    ]) {
+        assert!(line.contains(&format!("\"system\":\"{system}\"")), "{line}");
+        assert!(line.contains("\"workload\":\"apply_rtt\""), "{line}");
+        assert!(line.contains("\"ok\":true"), "{line}");
+        assert!(line.contains("\"unit\":\"s\""), "{line}");
+    }
+}
+
+#[test]
+fn an_unknown_workload_is_a_clear_error() {
+    let out = procpool(&["bench", "--workload", "nonesuch"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown workload \"nonesuch\""), "{err}");
+    assert!(
+        err.contains("apply_rtt"),
+        "the message lists the workloads: {err}"
+    );
+}
+
+#[test]
+fn info_reports_the_defaults() {
+    let out = procpool(&["info"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("default start method: Forkserver"), "{text}");
+    assert!(text.contains("ForkserverPoolWorker-1"), "{text}");
+}
