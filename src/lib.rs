@@ -65,8 +65,10 @@
 //!   each worker. Cheap starts, and safe whatever threads the parent runs.
 //! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
 //! - [`StartMethod::Fork`]: workers are forks of the parent itself. Fastest, but forking a
-//!   process with other threads is hazardous; `build` refuses it then unless
-//!   [`PoolBuilder::allow_fork_with_threads`] says otherwise.
+//!   process with other threads is hazardous (a lock another thread holds stays locked
+//!   forever in the child); `build` counts the threads and refuses then, unless
+//!   [`PoolBuilder::allow_fork_with_threads`] says otherwise. (procpool's own launcher thread
+//!   is not counted while it sits idle; another live pool's driver thread is.)
 //!
 //! Spawn and Forkserver re-run the executable, so [`init`] must be the first line of `main`.
 //! In test binaries (whose `main` belongs to the test harness) put

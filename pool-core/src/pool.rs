@@ -260,11 +260,8 @@ fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
     let mut sent = Vec::new();
     let mut failed = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        match postcard::to_extend(item, Vec::new()) {
-            Ok(bytes) => {
-                body.extend_from_slice(&bytes);
-                sent.push(i);
-            }
+        match pool_ipc::encode_append(&mut body, item) {
+            Ok(()) => sent.push(i),
             Err(e) => failed.push((
                 i,
                 TaskError::new(
@@ -275,7 +272,8 @@ fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
         }
     }
     // postcard encodes a sequence as its varint length followed by the elements.
-    let mut payload = varint(sent.len());
+    let mut payload = Vec::with_capacity(body.len() + 10);
+    pool_ipc::encode_seq_len(&mut payload, sent.len());
     payload.extend_from_slice(&body);
     Encoded {
         payload,
@@ -283,19 +281,6 @@ fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
         failed,
         len: items.len(),
         pins,
-    }
-}
-
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
     }
 }
 

@@ -216,6 +216,43 @@ impl Flavor for SegFlavor<'_> {
     }
 }
 
+/// Appends the postcard encoding of `v` to `out`. On error `out` is left as it was.
+///
+/// With [`encode_seq_len`] this encodes a sequence one element at a time, so that an
+/// element that fails to encode can be left out or replaced without losing the others.
+///
+/// # Errors
+///
+/// [`ErrorKind::Encode`] if `v`'s `Serialize` implementation fails.
+///
+/// # Examples
+///
+/// ```
+/// let mut out = Vec::new();
+/// pool_ipc::encode_seq_len(&mut out, 2);
+/// pool_ipc::encode_append(&mut out, &7u32)?;
+/// pool_ipc::encode_append(&mut out, &9u32)?;
+/// assert_eq!(postcard::from_bytes::<Vec<u32>>(&out).unwrap(), vec![7, 9]);
+/// # Ok::<(), pool_ipc::Error>(())
+/// ```
+pub fn encode_append<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<()> {
+    encode_into(out, v)
+}
+
+/// Appends a sequence length as postcard writes it (a varint), to be followed by that many
+/// elements appended with [`encode_append`].
+pub fn encode_seq_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 /// Appends postcard(v) to `out`; on error `out` is truncated back.
 fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<()> {
     let at = out.len();

@@ -335,12 +335,12 @@ where
     let mut out = Vec::with_capacity(16 + 8 * items.len());
     // postcard's `Vec<T>` is a varint length then the elements: encode each result on its
     // own, in place, so that one result failing to encode fails only that item.
-    push_varint(&mut out, items.len() as u64);
+    pool_ipc::encode_seq_len(&mut out, items.len());
     for args in items {
         let result: Result<R, ItemError> =
             catch(|| f.call(args)).map_err(|m| ItemError::new(ItemErrorKind::Panicked, m));
         let mark = out.len();
-        let failure = match catch(|| encode_into(&mut out, &result)) {
+        let failure = match catch(|| pool_ipc::encode_append(&mut out, &result)) {
             Ok(Ok(())) => continue,
             Ok(Err(e)) => format!("the task's result does not encode: {e}"),
             Err(m) => format!("encoding the task's result {m}"),
@@ -348,7 +348,7 @@ where
         out.truncate(mark);
         // `Err(e)` encodes the same whatever the `Ok` type is.
         let err: Result<(), ItemError> = Err(ItemError::new(ItemErrorKind::Encode, failure));
-        encode_into(&mut out, &err).map_err(|e| {
+        pool_ipc::encode_append(&mut out, &err).map_err(|e| {
             ItemError::new(
                 ItemErrorKind::Encode,
                 format!("internal: an item error: {e}"),
@@ -356,43 +356,6 @@ where
         })?;
     }
     Ok(out)
-}
-
-/// A postcard output that appends to a borrowed `Vec` (which survives a failed encode).
-struct AppendTo<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for AppendTo<'_> {
-    type Output = ();
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
-fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> postcard::Result<()> {
-    postcard::serialize_with_flavor(v, AppendTo(out))
-}
-
-fn push_varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// Runs an initializer on its decoded arguments.
