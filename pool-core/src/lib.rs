@@ -39,5 +39,7 @@ mod result;
 
 pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
 pub use event::Event;
+#[doc(hidden)]
+pub use policy::bench_support as __bench_policy;
 pub use pool::{Imap, Metrics, Pool, PoolBuilder, WorkerInfo};
 pub use result::{AsyncResult, Callbacks};

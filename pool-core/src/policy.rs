@@ -401,6 +401,71 @@ impl<T> Policy<T> {
     }
 }
 
+/// Drives the policy with instant fake workers, for the criterion benchmark of its hot path
+/// (not part of the API).
+#[doc(hidden)]
+pub mod bench_support {
+    use std::collections::{HashMap, VecDeque};
+
+    use super::{Effects, Exit, Finish, Policy, PolicyConfig, TaskId, WorkerId};
+
+    #[derive(Default)]
+    struct Instant {
+        launched: Vec<WorkerId>,
+        sent: VecDeque<(WorkerId, TaskId)>,
+    }
+
+    impl Effects<()> for Instant {
+        fn launch(&mut self, wid: WorkerId) {
+            self.launched.push(wid);
+        }
+        fn send(&mut self, wid: WorkerId, id: TaskId, _: &mut ()) {
+            self.sent.push_back((wid, id));
+        }
+        fn finish(&mut self, _: TaskId, _: (), _: Finish) {}
+        fn retire(&mut self, _: WorkerId) {}
+        fn kill(&mut self, _: WorkerId) {}
+    }
+
+    /// Submits `tasks` tasks to a policy of `workers` workers (replaced every `max_tasks`
+    /// tasks if set) whose workers start and answer at once; returns how many tasks
+    /// completed.
+    pub fn run(tasks: u64, workers: usize, max_tasks: Option<u64>) -> u64 {
+        let mut p = Policy::<()>::new(PolicyConfig {
+            processes: workers,
+            max_tasks,
+            in_flight: 2,
+            start_failure_limit: 3,
+        });
+        let mut fx = Instant::default();
+        let mut done_by: HashMap<WorkerId, u64> = HashMap::new();
+        p.start(&mut fx);
+        let mut completed = 0;
+        for id in 0..tasks {
+            if p.submit(id, (), &mut fx).is_err() {
+                break;
+            }
+            loop {
+                for wid in std::mem::take(&mut fx.launched) {
+                    p.ready(wid, &mut fx);
+                }
+                let Some((wid, id)) = fx.sent.pop_front() else {
+                    break;
+                };
+                if p.done(wid, id, &mut fx).is_some() {
+                    completed += 1;
+                }
+                let n = done_by.entry(wid).or_default();
+                *n += 1;
+                if max_tasks == Some(*n) {
+                    p.exited(wid, Exit::Ended, &mut fx);
+                }
+            }
+        }
+        completed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

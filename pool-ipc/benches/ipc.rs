@@ -6,7 +6,9 @@
 //!
 //! * `roundtrip_small`: one small message there and back;
 //! * `burst_small`: 10 000 small messages one way (`feed` + one `flush`), then an ack;
-//! * `blob_1mib`: a 1 MiB payload one way (shm mode, and inline for reference), then an ack.
+//! * `blob_1mib`: a 1 MiB payload one way (shm mode, and inline for reference), then an ack;
+//! * `codec_1k_items`: in one process, encoding 1 000 small items into a frame (whole, and
+//!   item by item as a pool encodes a chunk) and decoding them, beside plain postcard.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -291,6 +293,39 @@ fn blob_1mib(c: &mut Criterion) {
     g.finish();
 }
 
+fn codec_1k_items(c: &mut Criterion) {
+    let items: Vec<Small> = (0..1000u64)
+        .map(|id| Small { id, tag: id as u32 })
+        .collect();
+    let mut g = c.benchmark_group("codec_1k_items");
+    g.throughput(Throughput::Elements(items.len() as u64));
+    let mut frame = pool_ipc::FrameBuf::with_capacity(16 * 1024);
+    g.bench_function("framebuf_encode", |b| {
+        b.iter(|| {
+            frame.clear();
+            frame.encode(std::hint::black_box(&items)).unwrap();
+        })
+    });
+    let mut out = Vec::with_capacity(16 * 1024);
+    g.bench_function("encode_append_each", |b| {
+        b.iter(|| {
+            out.clear();
+            pool_ipc::encode_seq_len(&mut out, items.len());
+            for it in std::hint::black_box(&items) {
+                pool_ipc::encode_append(&mut out, it).unwrap();
+            }
+        })
+    });
+    g.bench_function("postcard_to_allocvec", |b| {
+        b.iter(|| postcard::to_allocvec(std::hint::black_box(&items)).unwrap())
+    });
+    let bytes = postcard::to_allocvec(&items).unwrap();
+    g.bench_function("postcard_decode", |b| {
+        b.iter(|| postcard::from_bytes::<Vec<Small>>(std::hint::black_box(&bytes)).unwrap())
+    });
+    g.finish();
+}
+
 fn main() {
     if let Ok(role) = std::env::var(ROLE) {
         run_child(&role);
@@ -304,6 +339,7 @@ fn main() {
     roundtrip_small(&mut c);
     burst_small(&mut c);
     blob_1mib(&mut c);
+    codec_1k_items(&mut c);
     c.final_summary();
     let _ = std::io::stdout().flush();
     let _ = std::io::stdin().read(&mut []);
