@@ -225,3 +225,29 @@ fn many_large_payloads_in_flight_at_once_arrive_intact_under_every_method() {
         shut_down(pool);
     }
 }
+
+#[test]
+fn pools_and_results_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<procpool::Pool>();
+    send_sync::<procpool::TaskError>();
+    send::<procpool::AsyncResult<u64>>();
+    send_sync::<procpool::Event>();
+    // One pool, submitted to from several threads at once.
+    let pool = builder(Default::default()).build().unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let pool = &pool;
+                s.spawn(move || pool.map(square, (t * 100)..(t * 100 + 100)).unwrap())
+            })
+            .collect();
+        for (t, h) in handles.into_iter().enumerate() {
+            let t = t as u64;
+            let expected: Vec<u64> = ((t * 100)..(t * 100 + 100)).map(|x| x * x).collect();
+            assert_eq!(h.join().unwrap(), expected);
+        }
+    });
+    shut_down(pool);
+}
