@@ -1,8 +1,9 @@
-//! `cargo xtask bench [--quick]`: procpool beside CPython's `multiprocessing.Pool` and
+//! `cargo xtask bench [--quick] [--publish]`: procpool beside CPython's `multiprocessing.Pool` and
 //! procspawn, in one run, on this machine.
 //!
-//! Steps: build `procpool` (pool-cli) in release mode and run `procpool bench`; run
-//! `bench/reference/mp_pool.py` with `python3` for each start method; build and run the
+//! Steps: build `procpool` (pool-cli) in release mode and run `procpool bench --reference`
+//! (procpool with each start method, then `bench/reference/mp_pool.py`, built into the
+//! command, with `python3` for each start method); build and run the
 //! procspawn comparison (`bench/procspawn`, outside the workspace) where it builds; then
 //! `bench/report.py` turns all the JSON lines into a markdown table (stdout),
 //! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
@@ -16,18 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::{root, step};
-
-const WORKLOADS: [&str; 9] = [
-    "apply_rtt",
-    "map_tiny_chunk1",
-    "map_tiny_auto",
-    "echo_1mib",
-    "cpu_speedup",
-    "startup",
-    "recycle",
-    "replace_latency",
-    "imap_memory",
-];
 
 /// Runs the benchmark suite.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -44,33 +33,15 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "build procpool (release)",
         Command::new(cargo()).args(["build", "--release", "-p", "pool-cli"]),
     )?;
-    println!("==> procpool bench");
+    // procpool, then CPython's Pool on the same workloads (the reference script is built
+    // into the command), all as JSON lines.
+    println!("==> procpool bench --reference (procpool, then CPython's multiprocessing.Pool)");
     let mut cmd = Command::new(root.join("target/release/procpool"));
-    cmd.args(["bench", "--runs", runs]);
+    cmd.args(["bench", "--reference", "--runs", runs]);
     if quick {
         cmd.arg("--quick");
     }
     collect(&mut cmd, &mut raw)?;
-
-    let script = root.join("bench/reference/mp_pool.py");
-    if script.exists() {
-        for method in ["fork", "spawn", "forkserver"] {
-            println!("==> CPython multiprocessing.Pool ({method})");
-            for w in WORKLOADS {
-                let mut cmd = Command::new("python3");
-                cmd.arg(&script)
-                    .args(["--method", method, "--workload", w, "--runs", runs]);
-                if quick {
-                    cmd.arg("--quick");
-                }
-                if let Err(e) = collect(&mut cmd, &mut raw) {
-                    eprintln!("    {w}: {e}");
-                }
-            }
-        }
-    } else {
-        eprintln!("    (no CPython reference script at {})", script.display());
-    }
 
     let procspawn = root.join("bench/procspawn/Cargo.toml");
     if procspawn.exists() {
