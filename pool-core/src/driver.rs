@@ -61,6 +61,8 @@ struct WorkerIo {
     status: Option<ExitStatus>,
     kill_when_launched: bool,
     exit_note: Option<String>,
+    /// When this worker's last result arrived.
+    last_done: Option<Instant>,
 }
 
 /// Static settings the driver needs for every worker it starts.
@@ -103,6 +105,8 @@ pub(crate) struct Fx<'a> {
     wake_driver: &'a mut bool,
     settings: &'a Settings,
     terminating: bool,
+    /// Workers with frames queued by this step, written once when the step ends.
+    dirty: Vec<WorkerId>,
 }
 
 impl Effects<TaskRec> for Fx<'_> {
@@ -118,6 +122,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 status: None,
                 kill_when_launched: false,
                 exit_note: None,
+                last_done: None,
             },
         );
         self.launches.push(wid);
@@ -128,20 +133,20 @@ impl Effects<TaskRec> for Fx<'_> {
         let Some(w) = self.io.get_mut(&wid) else {
             return;
         };
-        let Some(frame) = task.frame.take() else {
+        // The record keeps its frame until the task is done: if this worker dies before it
+        // starts the task, the policy hands it to another worker and it is sent again.
+        let Some(frame) = task.frame.as_ref() else {
             return;
         };
         task.sent_at = Some(Instant::now());
         match w.conn.as_mut() {
             Some(conn) => {
-                conn.queue(frame);
-                // Write now, from this thread; the driver finishes what the socket refuses.
-                match conn.flush() {
-                    Ok(true) => {}
-                    Ok(false) | Err(_) => *self.wake_driver = true,
+                conn.queue_copy(frame);
+                if self.dirty.last() != Some(&wid) {
+                    self.dirty.push(wid);
                 }
             }
-            None => w.backlog.push(frame),
+            None => w.backlog.push(frame.clone()),
         }
     }
 
@@ -186,7 +191,7 @@ impl Effects<TaskRec> for Fx<'_> {
                     *self.wake_driver = true;
                 }
             }
-            None => w.backlog.push(frame),
+            None => w.backlog.push(frame.clone()),
         }
     }
 
@@ -249,8 +254,22 @@ impl Shared {
                 wake_driver: &mut inner.wake_driver,
                 settings: &self.settings,
                 terminating,
+                dirty: Vec::new(),
             };
             let r = step(&mut inner.policy, &mut fx);
+            // Write what the step queued, one write per worker, from this thread; the driver
+            // finishes what a socket refuses.
+            let mut dirty = std::mem::take(&mut fx.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for wid in dirty {
+                if let Some(conn) = inner.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
+                    match conn.flush() {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => inner.wake_driver = true,
+                    }
+                }
+            }
             let wake = std::mem::take(&mut inner.wake_driver);
             (r, std::mem::take(&mut inner.done), wake)
         };
@@ -297,6 +316,10 @@ impl Shared {
 
     pub(crate) fn load(&self) -> (usize, usize) {
         self.lock().policy.load()
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.lock().policy.depth()
     }
 
     /// Runs `job` on the pool's callback thread (started on first use).
@@ -649,6 +672,19 @@ impl Driver {
                     }
                     Ok(FromWorker::Done { id, outcome }) => {
                         if let Some(rec) = policy.done(wid, id, fx) {
+                            // The worker could start this task once it was sent and its
+                            // previous one was done: the time since is what it took.
+                            let now = Instant::now();
+                            if let Some(w) = fx.io.get_mut(&wid) {
+                                let began = match (rec.sent_at, w.last_done) {
+                                    (Some(s), Some(l)) => Some(s.max(l)),
+                                    (s, l) => s.or(l),
+                                };
+                                w.last_done = Some(now);
+                                if let Some(b) = began {
+                                    policy.observe(now.saturating_duration_since(b), fx);
+                                }
+                            }
                             let result = outcome.map(ByteBuf::into_vec);
                             fx.done.push((
                                 rec,

@@ -11,6 +11,7 @@
 //! handed back by `submit` itself when refused).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
 
 /// Identifies a task inside one pool.
 pub(crate) type TaskId = u64;
@@ -67,8 +68,12 @@ pub(crate) struct PolicyConfig {
     pub(crate) processes: usize,
     /// Tasks a worker runs before it is replaced.
     pub(crate) max_tasks: Option<u64>,
-    /// Tasks handed to one worker before earlier ones come back.
+    /// Tasks handed to one worker before earlier ones come back, at least: the depth when
+    /// tasks take long.
     pub(crate) in_flight: usize,
+    /// The deepest the policy goes when tasks are so short that round trips would otherwise
+    /// leave workers idle.
+    pub(crate) max_in_flight: usize,
     /// Consecutive failed starts (initializer failures, deaths before ready) that break the pool.
     pub(crate) start_failure_limit: u32,
 }
@@ -126,13 +131,27 @@ pub(crate) struct Policy<T> {
     failures_in_a_row: u32,
     broken: Option<String>,
     counts: Counts,
+    /// Current tasks-in-flight limit per worker, between the configured bounds.
+    depth: usize,
+    /// Moving average of how long a worker spends on one task, in nanoseconds.
+    pace_ns: Option<u64>,
 }
+
+/// Queued work worth keeping in front of each worker: the depth is chosen so that the
+/// tasks in flight take about this long, which hides a round trip many times over.
+const DEPTH_TARGET_NS: u64 = 100_000;
 
 impl<T> Policy<T> {
     pub(crate) fn new(cfg: PolicyConfig) -> Self {
         assert!(cfg.processes > 0, "a pool needs at least one process");
         assert!(cfg.in_flight > 0, "in_flight must be at least one");
+        assert!(
+            cfg.max_in_flight >= cfg.in_flight,
+            "max_in_flight below in_flight"
+        );
         Policy {
+            depth: cfg.in_flight,
+            pace_ns: None,
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -203,6 +222,33 @@ impl<T> Policy<T> {
         task
     }
 
+    /// How long a worker spent on one task (from when it could start it to its result):
+    /// short tasks deepen the per-worker queue, so tiny tasks do not wait on round trips;
+    /// long ones keep it shallow, so work stays spread and a death fails little.
+    pub(crate) fn observe(&mut self, service: Duration, fx: &mut impl Effects<T>) {
+        let ns = u64::try_from(service.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let pace = match self.pace_ns {
+            Some(p) => (p.saturating_mul(7) / 8).saturating_add(ns / 8).max(1),
+            None => ns,
+        };
+        self.pace_ns = Some(pace);
+        let depth = usize::try_from(DEPTH_TARGET_NS.div_ceil(pace))
+            .unwrap_or(usize::MAX)
+            .clamp(self.cfg.in_flight, self.cfg.max_in_flight);
+        if depth != self.depth {
+            let deeper = depth > self.depth;
+            self.depth = depth;
+            if deeper {
+                self.dispatch(fx);
+            }
+        }
+    }
+
+    /// The current tasks-in-flight limit per worker.
+    pub(crate) fn depth(&self) -> usize {
+        self.depth
+    }
+
     /// A worker's setup failed (initializer panicked, image mismatch). It will exit by itself;
     /// the tasks queued to it never ran and go back to the queue.
     pub(crate) fn setup_failed(&mut self, wid: WorkerId, message: &str, fx: &mut impl Effects<T>) {
@@ -247,11 +293,20 @@ impl<T> Policy<T> {
             } else if self.state != State::Terminated {
                 self.counts.died += 1;
             }
-            for id in slot.in_flight {
-                if let Some(task) = self.tasks.remove(&id) {
-                    self.counts.lost += 1;
-                    fx.finish(id, task, Finish::Lost(wid));
-                }
+            // A worker runs its tasks in the order they were sent and the driver has read
+            // every result it managed to send, so the oldest task it still held was the one
+            // running: that one fails. The others never started; they go back to the front of
+            // the queue for the other workers (at most once each, never run twice).
+            let mut held = slot.in_flight.into_iter();
+            if let Some(id) = held.next()
+                && let Some(task) = self.tasks.remove(&id)
+            {
+                self.counts.lost += 1;
+                fx.finish(id, task, Finish::Lost(wid));
+            }
+            let unstarted: Vec<TaskId> = held.filter(|id| self.tasks.contains_key(id)).collect();
+            for id in unstarted.into_iter().rev() {
+                self.queue.push_front(id);
             }
         }
         self.ensure_capacity(fx);
@@ -369,7 +424,7 @@ impl<T> Policy<T> {
                 .iter()
                 .filter(|(_, s)| {
                     matches!(s.phase, Phase::Starting | Phase::Ready)
-                        && s.in_flight.len() < self.cfg.in_flight
+                        && s.in_flight.len() < self.depth
                 })
                 .min_by_key(|(wid, s)| (s.in_flight.len(), s.phase != Phase::Ready, **wid))
                 .map(|(wid, _)| *wid);
@@ -435,6 +490,7 @@ pub mod bench_support {
             processes: workers,
             max_tasks,
             in_flight: 2,
+            max_in_flight: 2,
             start_failure_limit: 3,
         });
         let mut fx = Instant::default();
@@ -507,6 +563,7 @@ mod tests {
             processes,
             max_tasks,
             in_flight: 2,
+            max_in_flight: 2,
             start_failure_limit: 3,
         }
     }
@@ -558,7 +615,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_worker_fails_exactly_its_tasks_and_is_replaced() {
+    fn a_dead_worker_fails_only_its_running_task_and_is_replaced() {
         let mut p = Policy::<u64>::new(cfg(2, None));
         let mut fx = Fake::default();
         p.start(&mut fx);
@@ -568,15 +625,12 @@ mod tests {
             p.submit(id, id, &mut fx).unwrap();
         }
         p.exited(1, Exit::Ended, &mut fx);
-        assert_eq!(
-            fx.finished,
-            vec![(0, Finish::Lost(1)), (2, Finish::Lost(1))]
-        );
+        assert_eq!(fx.finished, vec![(0, Finish::Lost(1))]);
         assert_eq!(fx.launched, vec![1, 2, 3]);
         assert_eq!(p.counts().died, 1);
-        // The queued tasks went on: 4 and 5 are handed out (to 2 and the new 3).
-        let later: BTreeSet<_> = fx.sent.iter().skip(4).map(|(_, t)| *t).collect();
-        assert_eq!(later, BTreeSet::from([4, 5]));
+        // Task 2 never started on worker 1: it goes first to the new worker 3, then the
+        // queue goes on with 4.
+        assert_eq!(fx.sent[4..], [(3, 2), (3, 4)]);
     }
 
     #[test]
@@ -649,6 +703,63 @@ mod tests {
         assert_eq!(fx.launched, vec![1], "no replacement after terminate");
     }
 
+    #[test]
+    fn short_tasks_deepen_the_queue_and_long_ones_make_it_shallow_again() {
+        let config = PolicyConfig {
+            max_in_flight: 16,
+            ..cfg(1, None)
+        };
+        let mut p = Policy::<u64>::new(config);
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        for id in 0..40 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(fx.sent.len(), 2, "two in flight to begin with");
+        for _ in 0..20 {
+            p.observe(Duration::from_micros(3), &mut fx);
+        }
+        assert_eq!(p.depth(), 16);
+        assert_eq!(fx.sent.len(), 16, "a deeper queue is filled at once");
+        for _ in 0..60 {
+            p.observe(Duration::from_millis(5), &mut fx);
+        }
+        assert_eq!(p.depth(), 2);
+    }
+
+    #[test]
+    fn a_dead_worker_fails_the_task_it_was_running_and_its_queue_moves_on() {
+        let mut p = Policy::<u64>::new(PolicyConfig {
+            max_in_flight: 4,
+            ..cfg(2, None)
+        });
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        for _ in 0..20 {
+            p.observe(Duration::from_micros(1), &mut fx);
+        }
+        for id in 0..8 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        let held_by_1: Vec<TaskId> = p.workers[&1].in_flight.iter().copied().collect();
+        assert_eq!(held_by_1, vec![0, 2, 4, 6]);
+        p.exited(1, Exit::Ended, &mut fx);
+        // Only task 0 (the one worker 1 was running) fails; 2, 4 and 6 wait, in order, for
+        // the next free place.
+        assert_eq!(fx.finished, vec![(0, Finish::Lost(1))]);
+        assert_eq!(p.counts().lost, 1);
+        let resent: Vec<TaskId> = fx.sent[8..].iter().map(|&(_, id)| id).collect();
+        assert_eq!(
+            resent,
+            vec![2, 4, 6],
+            "unstarted tasks, in order, to the new worker"
+        );
+        assert!(fx.sent[8..].iter().all(|&(wid, _)| wid == 3));
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Submit,
@@ -658,6 +769,8 @@ mod tests {
         Die(usize),
         Close,
         Terminate,
+        /// A task took this many microseconds.
+        Observe(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -669,6 +782,7 @@ mod tests {
             1 => (0usize..8).prop_map(Op::Die),
             1 => Just(Op::Close),
             1 => Just(Op::Terminate),
+            2 => (1u64..200).prop_map(Op::Observe),
         ]
     }
 
@@ -681,7 +795,8 @@ mod tests {
             max_tasks in prop::option::of(1u64..4),
             ops in prop::collection::vec(op(), 1..200),
         ) {
-            let mut p = Policy::<u64>::new(cfg(processes, max_tasks));
+            let config = PolicyConfig { max_in_flight: 4, ..cfg(processes, max_tasks) };
+            let mut p = Policy::<u64>::new(config);
             let mut fx = Fake::default();
             p.start(&mut fx);
             let mut next = 0u64;
@@ -728,9 +843,11 @@ mod tests {
                     }
                     Op::Close => p.close(&mut fx),
                     Op::Terminate => p.terminate(&mut fx),
+                    Op::Observe(us) => p.observe(Duration::from_micros(us), &mut fx),
                 }
+                prop_assert!((2..=4).contains(&p.depth()));
                 for (wid, slot) in &p.workers {
-                    prop_assert!(slot.in_flight.len() <= 2);
+                    prop_assert!(slot.in_flight.len() <= 4);
                     if let Some(m) = max_tasks { prop_assert!(slot.assigned <= m); }
                     let _ = sent_per_worker.entry(*wid).or_default();
                 }

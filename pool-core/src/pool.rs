@@ -20,7 +20,10 @@ use crate::result::{AsyncResult, Callbacks, Slot};
 
 /// Tasks handed to one worker before its earlier ones come back: enough that tiny tasks do
 /// not wait on a round trip, few enough that a worker's death fails little.
+/// Tasks in flight per worker when tasks are long (see `Policy::observe`).
 const IN_FLIGHT: usize = 2;
+/// ... and when they are tiny.
+const MAX_IN_FLIGHT: usize = 16;
 /// Consecutive failed worker starts after which the pool stops starting workers.
 const START_FAILURE_LIMIT: u32 = 3;
 
@@ -148,6 +151,7 @@ impl PoolBuilder {
             processes,
             max_tasks: self.max_tasks_per_child,
             in_flight: IN_FLIGHT,
+            max_in_flight: MAX_IN_FLIGHT,
             start_failure_limit: START_FAILURE_LIMIT,
         });
         let settings = Settings {
@@ -230,6 +234,9 @@ pub struct Metrics {
     pub queued: usize,
     /// Tasks handed to workers now.
     pub running: usize,
+    /// How many tasks each worker may hold now: 2 for long tasks, up to 16 when tasks are
+    /// so short that round trips would leave workers idle.
+    pub in_flight_per_worker: usize,
 }
 
 /// A chunk of items, encoded, with the items that could not be encoded set aside.
@@ -383,6 +390,7 @@ impl Pool {
             start_failures: c.start_failures,
             queued,
             running,
+            in_flight_per_worker: self.shared.depth(),
         }
     }
 
@@ -394,6 +402,23 @@ impl Pool {
         base: Option<usize>,
         done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
     ) where
+        R: DeserializeOwned + Send + 'static,
+    {
+        if let Some(task) = self.prepare_batch(func, enc, base, done) {
+            self.submit_all(vec![task]);
+        }
+    }
+
+    /// Turns an encoded batch into a task record for the policy, or settles it at once
+    /// (nothing to send, or the frame cannot be built): `None` then.
+    fn prepare_batch<R>(
+        &self,
+        func: FnRef,
+        enc: Encoded,
+        base: Option<usize>,
+        done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
+    ) -> Option<(u64, TaskRec)>
+    where
         R: DeserializeOwned + Send + 'static,
     {
         let Encoded {
@@ -434,7 +459,7 @@ impl Pool {
         };
         if n_sent == 0 {
             done(merge(Vec::new()));
-            return;
+            return None;
         }
         let sink: Sink = Box::new(move |outcome: Outcome| {
             // The worker has decoded the arguments (or never will): release their events.
@@ -447,7 +472,7 @@ impl Pool {
             Ok(f) => f,
             Err(e) => {
                 sink(Outcome::Failed(e));
-                return;
+                return None;
             }
         };
         let rec = TaskRec {
@@ -455,7 +480,22 @@ impl Pool {
             sink,
             sent_at: None,
         };
-        if let Err((rec, why)) = self.shared.act(|p, fx| p.submit(id, rec, fx)) {
+        Some((id, rec))
+    }
+
+    /// Hands tasks to the policy under one lock (their frames go out in one write per
+    /// worker); a refused task fails with the reason.
+    fn submit_all(&self, tasks: Vec<(u64, TaskRec)>) {
+        let refused = self.shared.act(|p, fx| {
+            let mut refused = Vec::new();
+            for (id, rec) in tasks {
+                if let Err(r) = p.submit(id, rec, fx) {
+                    refused.push(r);
+                }
+            }
+            refused
+        });
+        for (rec, why) in refused {
             let e = match why {
                 Refusal::Closed => TaskError::new(
                     TaskErrorKind::PoolClosed,
@@ -664,18 +704,22 @@ impl Pool {
             callbacks: Some(callbacks),
             shared: Arc::downgrade(&self.shared),
         }));
+        let mut tasks = Vec::with_capacity(chunks);
         for (c, chunk) in items.chunks(size).enumerate() {
             let base = c * size;
             let state = Arc::clone(&state);
-            self.submit_batch::<R>(func, encode_chunk(chunk), Some(base), move |results| {
-                let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
-                g.chunks[c] = Some(results);
-                g.remaining -= 1;
-                if g.remaining == 0 {
-                    g.finish();
-                }
-            });
+            let task =
+                self.prepare_batch::<R>(func, encode_chunk(chunk), Some(base), move |results| {
+                    let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    g.chunks[c] = Some(results);
+                    g.remaining -= 1;
+                    if g.remaining == 0 {
+                        g.finish();
+                    }
+                });
+            tasks.extend(task);
         }
+        self.submit_all(tasks);
         out
     }
 
@@ -780,7 +824,7 @@ impl Pool {
         Imap {
             feed,
             rx,
-            window: self.processes * IN_FLIGHT * 2,
+            window: self.processes * MAX_IN_FLIGHT * 2,
             in_flight: 0,
             exhausted: false,
             ordered,

@@ -182,6 +182,8 @@ impl<T: ?Sized> AsFd for Sender<T> {
 enum Wait {
     Forever,
     Never,
+    /// Only what is already buffered: no system call at all.
+    Buffered,
     Until(Instant),
 }
 
@@ -302,12 +304,15 @@ impl<T> Receiver<T> {
                 }
                 Next::Pending => {}
             }
+            if let Wait::Buffered = wait {
+                return Ok(None);
+            }
             if self.r.eof {
                 return Err(self.r.eof_error());
             }
             let fd = self.fd.as_fd();
             match wait {
-                Wait::Forever => {}
+                Wait::Forever | Wait::Buffered => {}
                 Wait::Never => {
                     if !os::poll_one(fd, false, Some(Duration::ZERO))? {
                         return Ok(None);
@@ -358,6 +363,20 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// As for [`recv`](Receiver::recv).
     pub fn try_recv(&mut self) -> Result<Option<T>> {
         self.next_with(Wait::Never, false, |p| frame::decode(p.as_slice()))
+    }
+
+    /// Returns a message only if one is already complete in the read buffer, without any
+    /// system call: `Ok(None)` otherwise. A peer answering a stream of requests uses it to
+    /// decide whether to flush its replies now (nothing more to do) or later (more work is
+    /// already here).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) or
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) for a buffered frame, as
+    /// for [`recv`](Receiver::recv). End of stream is left for the next `recv` to report.
+    pub fn try_recv_buffered(&mut self) -> Result<Option<T>> {
+        self.next_with(Wait::Buffered, false, |p| frame::decode(p.as_slice()))
     }
 
     /// Receives a message, waiting at most `d`; `Ok(None)` on timeout.
@@ -518,6 +537,15 @@ impl<S: ?Sized, R: DeserializeOwned> Duplex<S, R> {
     /// As for [`Receiver::try_recv`].
     pub fn try_recv(&mut self) -> Result<Option<R>> {
         self.rx.try_recv()
+    }
+
+    /// See [`Receiver::try_recv_buffered`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Receiver::try_recv_buffered`].
+    pub fn try_recv_buffered(&mut self) -> Result<Option<R>> {
+        self.rx.try_recv_buffered()
     }
 
     /// See [`Receiver::recv_timeout`].

@@ -99,6 +99,14 @@ impl FramedConn {
         self.w.push_frame(f);
     }
 
+    /// Like [`queue`](FramedConn::queue), but the caller keeps the frame (to send it again
+    /// elsewhere, say). Costs nothing extra for small frames (coalesced by copying anyway)
+    /// and for payloads that go through the shared ring (copied into it anyway); a frame
+    /// in between is copied once.
+    pub fn queue_copy(&mut self, f: &FrameBuf) {
+        self.w.push_frame_copy(f);
+    }
+
     /// Encodes `m` as a frame at the end of the outbox. No syscall.
     ///
     /// # Errors

@@ -439,26 +439,48 @@ impl WriteHalf {
 
     /// Queues a pre-built frame.
     pub(crate) fn push_frame(&mut self, f: FrameBuf) {
+        if !self.push_by_copy(&f) {
+            self.push_wire(f.into_wire());
+        }
+    }
+
+    /// Like [`push_frame`](Self::push_frame), leaving `f` to the caller: a frame that would
+    /// be queued as is gets copied.
+    pub(crate) fn push_frame_copy(&mut self, f: &FrameBuf) {
+        if !self.push_by_copy(f) {
+            self.push_wire(f.clone().into_wire());
+        }
+    }
+
+    /// Queues `f` if its bytes are copied anyway (into the shared ring, or into the
+    /// coalescing buffer for a small frame); false if it must be queued as a chunk.
+    fn push_by_copy(&mut self, f: &FrameBuf) -> bool {
         let len = f.payload_len();
         if self.threshold.is_some_and(|t| len > t) {
             let ring = self.ring.get_or_insert_with(ring::Tx::new);
             if let Some((off, announce)) = ring.place(f.payload()) {
                 self.push_shm_ref(off, len, announce);
-                return;
+                return true;
             }
         }
-        self.pending += HEADER_LEN + len;
         if HEADER_LEN + len <= COPY_LIMIT {
+            self.pending += HEADER_LEN + len;
             let agg = self.agg();
             agg.extend_from_slice(&(len as u32).to_le_bytes());
             agg.extend_from_slice(f.payload());
-        } else {
-            self.chunks.push_back(Chunk {
-                data: f.into_wire(),
-                fd: None,
-                appendable: false,
-            });
+            return true;
         }
+        false
+    }
+
+    /// Queues a whole frame's wire bytes as a chunk of its own.
+    fn push_wire(&mut self, data: Vec<u8>) {
+        self.pending += data.len();
+        self.chunks.push_back(Chunk {
+            data,
+            fd: None,
+            appendable: false,
+        });
     }
 
     /// Drops the front chunk, keeping its buffer for reuse when it is a plain one.

@@ -208,3 +208,27 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
     shut_down(pool);
 }
+
+#[test]
+fn tasks_queued_behind_a_killed_worker_run_elsewhere() {
+    // One worker holds the hanging task and the quick one queued behind it; killing it fails
+    // only the running task, and the queued one completes on the replacement.
+    let pool = builder(Default::default()).processes(1).build().unwrap();
+    let first = pool.apply(my_pid, ()).unwrap();
+    let running = pool.apply_async(hang_then_pid, (10_000,));
+    let queued = pool.apply_async(square, (12,));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!queued.ready(), "queued behind the hanging task");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(first as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let e = running.get_timeout(Duration::from_secs(10)).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{e}");
+    assert_eq!(e.pid(), Some(first));
+    assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap(), 144);
+    let m = pool.metrics();
+    assert_eq!((m.lost, m.died), (1, 1), "{m:?}");
+    shut_down(pool);
+}

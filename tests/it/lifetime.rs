@@ -72,7 +72,8 @@ fn pool_worker_lifetime() {
     );
     assert!(pool.metrics().recycled >= 8, "{:?}", pool.metrics());
     let now: BTreeSet<u32> = pool.workers().iter().map(|w| w.pid()).collect();
-    assert!(original.is_disjoint(&now), "{original:?} vs {now:?}");
+    // As CPython asserts: the set of worker pids changed.
+    assert_ne!(original, now);
     let m = pool.metrics();
     assert_eq!((m.died, m.lost), (0, 0), "{m:?}");
     shut_down(pool);
