@@ -213,22 +213,62 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
 fn tasks_queued_behind_a_killed_worker_run_elsewhere() {
     // One worker holds the hanging task and the quick one queued behind it; killing it fails
     // only the running task, and the queued one completes on the replacement.
-    let pool = builder(Default::default()).processes(1).build().unwrap();
-    let first = pool.apply(my_pid, ()).unwrap();
-    let running = pool.apply_async(hang_then_pid, (10_000,));
-    let queued = pool.apply_async(square, (12,));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!queued.ready(), "queued behind the hanging task");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(first as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let e = running.get_timeout(Duration::from_secs(10)).unwrap_err();
-    assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{e}");
-    assert_eq!(e.pid(), Some(first));
-    assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap(), 144);
-    let m = pool.metrics();
-    assert_eq!((m.lost, m.died), (1, 1), "{m:?}");
-    shut_down(pool);
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        let first = pool.apply(my_pid, ()).unwrap();
+        let running = pool.apply_async(hang_then_pid, (10_000,));
+        let queued = pool.apply_async(square, (12,));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !queued.ready(),
+            "{method:?}: queued behind the hanging task"
+        );
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(first as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let e = running.get_timeout(Duration::from_secs(10)).unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        assert_eq!(e.pid(), Some(first));
+        assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap(), 144);
+        let m = pool.metrics();
+        assert_eq!((m.lost, m.died), (1, 1), "{method:?}: {m:?}");
+        shut_down(pool);
+    }
+}
+
+fn slow_start(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn tasks_sent_to_a_worker_that_dies_while_starting_run_on_its_replacement() {
+    for method in METHODS {
+        let pool = builder(method)
+            .processes(1)
+            .initializer(slow_start, (400,))
+            .build()
+            .unwrap();
+        // Sent at once to the only worker, which is still in its initializer.
+        let pending: Vec<_> = (0..3u64).map(|i| pool.apply_async(square, (i,))).collect();
+        let mut pid = None;
+        wait_for("the starting worker's pid", Duration::from_secs(10), || {
+            pid = pool.workers().first().map(|w| w.pid());
+            pid.is_some()
+        });
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid.unwrap() as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        for (i, r) in pending.into_iter().enumerate() {
+            let v = r.get_timeout(Duration::from_secs(15)).unwrap();
+            assert_eq!(v, (i * i) as u64, "{method:?}");
+        }
+        let m = pool.metrics();
+        assert_eq!(m.lost, 0, "{method:?}: nothing it held had started: {m:?}");
+        assert_eq!(m.start_failures, 1, "{method:?}: {m:?}");
+        shut_down(pool);
+    }
 }

@@ -57,6 +57,47 @@ pub(crate) fn step(name: &str, cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// Like [`step`], but the command (and everything it started, in its own process group)
+/// is killed once `limit` has passed: a test that hangs fails the run instead of stalling
+/// it. (nextest also ends a test that runs over 2 minutes; `cargo test` has no such limit.)
+fn bounded_step(name: &str, cmd: &mut Command, limit: std::time::Duration) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    println!("==> {name}");
+    let start = Instant::now();
+    let mut child = cmd
+        .current_dir(root())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{name}: could not start: {e}"))?;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if start.elapsed() < limit => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(None) | Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+                let _ = child.wait();
+                return Err(format!(
+                    "{name} did not finish within {} s: killed",
+                    limit.as_secs()
+                ));
+            }
+        }
+    };
+    println!("    ({name}: {:.1}s)", start.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name} failed ({status})"))
+    }
+}
+
+/// The longest the whole test run may take (the suite takes well under a minute here).
+const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn cargo() -> Command {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -87,7 +128,7 @@ fn test(args: &[String]) -> Result<(), String> {
         )?;
     }
     if has_nextest() {
-        step(
+        bounded_step(
             "tests (nextest)",
             cargo().args([
                 "nextest",
@@ -97,11 +138,13 @@ fn test(args: &[String]) -> Result<(), String> {
                 "--profile",
                 "ci",
             ]),
+            TEST_LIMIT,
         )?;
     } else {
-        step(
+        bounded_step(
             "tests (cargo test)",
             cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]),
+            TEST_LIMIT,
         )?;
     }
     step("doc tests", cargo().args(["test", "--workspace", "--doc"]))?;
