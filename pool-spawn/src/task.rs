@@ -332,7 +332,8 @@ where
         }
         Err(m) => return Err(ItemError::new(ItemErrorKind::Decode, m)),
     };
-    let mut out = Vec::with_capacity(16 + 8 * items.len());
+    // Room for a small result each (tag + varint), so tiny results never reallocate.
+    let mut out = Vec::with_capacity(16 + 12 * items.len());
     // postcard's `Vec<T>` is a varint length then the elements: encode each result on its
     // own, in place, so that one result failing to encode fails only that item.
     pool_ipc::encode_seq_len(&mut out, items.len());
