@@ -29,11 +29,23 @@ pub(crate) const TERM_GRACE: Duration = Duration::from_millis(500);
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
 
+/// A batch's result bytes, left in the frame they arrived in (no copy).
+pub(crate) struct Batch {
+    frame: Vec<u8>,
+    range: std::ops::Range<usize>,
+}
+
+impl Batch {
+    fn bytes(&self) -> &[u8] {
+        &self.frame[self.range.clone()]
+    }
+}
+
 /// What the driver hands back for a task: its result bytes or its failure.
 pub(crate) enum Outcome {
     /// The worker sent a result: postcard `Vec<Result<R, ItemError>>`, or a whole-batch error.
     Done {
-        result: Result<Vec<u8>, ItemError>,
+        result: Result<Batch, ItemError>,
         worker: String,
         pid: u32,
     },
@@ -49,6 +61,16 @@ pub(crate) struct TaskRec {
     pub(crate) frame: Option<FrameBuf>,
     pub(crate) sink: Sink,
     pub(crate) sent_at: Option<Instant>,
+}
+
+/// A worker's message, decoded, with a result as its range in the frame.
+enum Msg {
+    Ready,
+    SetupFailed(String),
+    Done {
+        id: u64,
+        outcome: Result<std::ops::Range<usize>, ItemError>,
+    },
 }
 
 /// One worker's I/O state.
@@ -181,7 +203,7 @@ impl Effects<TaskRec> for Fx<'_> {
             return;
         };
         let mut frame = FrameBuf::new();
-        if frame.encode(&ToWorker::Exit).is_err() {
+        if frame.encode(&ToWorker::<ByteBuf>::Exit).is_err() {
             return;
         }
         match w.conn.as_mut() {
@@ -663,14 +685,30 @@ impl Driver {
                 }
             }
             eof = conn.is_eof();
-            for bytes in msgs {
-                match postcard::from_bytes::<FromWorker>(&bytes) {
-                    Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
-                    Ok(FromWorker::SetupFailed { message, .. }) => {
+            for frame in msgs {
+                // Decoded in place: a result's bytes stay where they are in the frame.
+                let msg = postcard::from_bytes::<FromWorker<&serde_bytes::Bytes>>(&frame).map(
+                    |m| match m {
+                        FromWorker::Ready { .. } => Msg::Ready,
+                        FromWorker::SetupFailed { message, .. } => Msg::SetupFailed(message),
+                        FromWorker::Done { id, outcome } => Msg::Done {
+                            id,
+                            outcome: outcome.map(|b| {
+                                // `b` lies inside `frame`: its offset is a difference of
+                                // addresses.
+                                let start = b.as_ptr() as usize - frame.as_ptr() as usize;
+                                start..start + b.len()
+                            }),
+                        },
+                    },
+                );
+                match msg {
+                    Ok(Msg::Ready) => policy.ready(wid, fx),
+                    Ok(Msg::SetupFailed(message)) => {
                         tracing::warn!(worker = %name, %message, "worker setup failed");
                         policy.setup_failed(wid, &message, fx);
                     }
-                    Ok(FromWorker::Done { id, outcome }) => {
+                    Ok(Msg::Done { id, outcome }) => {
                         if let Some(rec) = policy.done(wid, id, fx) {
                             // The worker could start this task once it was sent and its
                             // previous one was done: the time since is what it took.
@@ -685,7 +723,7 @@ impl Driver {
                                     policy.observe(now.saturating_duration_since(b), fx);
                                 }
                             }
-                            let result = outcome.map(ByteBuf::into_vec);
+                            let result = outcome.map(|range| Batch { frame, range });
                             fx.done.push((
                                 rec,
                                 Outcome::Done {
@@ -799,7 +837,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                 Ok(b) => b,
                 Err(e) => return all_err(item_error(e, &worker, pid), count),
             };
-            match postcard::from_bytes::<Vec<Result<R, ItemError>>>(&bytes) {
+            match postcard::from_bytes::<Vec<Result<R, ItemError>>>(bytes.bytes()) {
                 Ok(items) if items.len() == count => items
                     .into_iter()
                     .map(|r| r.map_err(|e| item_error(e, &worker, pid)))

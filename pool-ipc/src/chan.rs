@@ -365,6 +365,27 @@ impl<T: DeserializeOwned> Receiver<T> {
         self.next_with(Wait::Never, false, |p| frame::decode(p.as_slice()))
     }
 
+    /// Receives the next frame, blocking until one is complete, and lends its payload to
+    /// `f` without copying it (decode it borrowed, say). Nothing is decoded here.
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv`](Receiver::recv), but no `Decode` error: that is `f`'s business.
+    pub fn recv_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<U> {
+        self.next_with(Wait::Forever, false, |p| Ok(f(p.as_slice())))
+            .map(|u| u.expect("a blocking receive yields a frame"))
+    }
+
+    /// Like [`try_recv_buffered`](Receiver::try_recv_buffered), lending the payload to `f`
+    /// as [`recv_with`](Receiver::recv_with) does.
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv_with`](Receiver::recv_with).
+    pub fn try_recv_buffered_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<Option<U>> {
+        self.next_with(Wait::Buffered, false, |p| Ok(f(p.as_slice())))
+    }
+
     /// Returns a message only if one is already complete in the read buffer, without any
     /// system call: `Ok(None)` otherwise. A peer answering a stream of requests uses it to
     /// decide whether to flush its replies now (nothing more to do) or later (more work is
@@ -546,6 +567,24 @@ impl<S: ?Sized, R: DeserializeOwned> Duplex<S, R> {
     /// As for [`Receiver::try_recv_buffered`].
     pub fn try_recv_buffered(&mut self) -> Result<Option<R>> {
         self.rx.try_recv_buffered()
+    }
+
+    /// See [`Receiver::recv_with`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Receiver::recv_with`].
+    pub fn recv_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<U> {
+        self.rx.recv_with(f)
+    }
+
+    /// See [`Receiver::try_recv_buffered_with`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Receiver::try_recv_buffered_with`].
+    pub fn try_recv_buffered_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<Option<U>> {
+        self.rx.try_recv_buffered_with(f)
     }
 
     /// See [`Receiver::recv_timeout`].

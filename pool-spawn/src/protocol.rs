@@ -143,8 +143,12 @@ impl fmt::Debug for ImageId {
 }
 
 /// A message from the pool to a worker.
+///
+/// `B` is how byte payloads are held: owned ([`ByteBuf`], the default) to build a message,
+/// or borrowed (`&serde_bytes::Bytes`) to decode one in place without copying its payload;
+/// both have the same wire format.
 #[derive(Serialize, Deserialize, Debug)]
-pub enum ToWorker {
+pub enum ToWorker<B = ByteBuf> {
     /// The first message: who the worker is and how it starts.
     Setup {
         /// The worker's name, as [`current_process`](crate::current_process) reports it.
@@ -155,7 +159,7 @@ pub enum ToWorker {
         image: ImageId,
         /// An initializer ([`task::init_ref`](crate::task::init_ref)) and its postcard
         /// arguments.
-        init: Option<(FnRef, ByteBuf)>,
+        init: Option<(FnRef, B)>,
     },
     /// Run a batch.
     Run {
@@ -164,15 +168,15 @@ pub enum ToWorker {
         /// The batch trampoline ([`task::batch_ref`](crate::task::batch_ref)).
         func: FnRef,
         /// The postcard `Vec<Args>`.
-        payload: ByteBuf,
+        payload: B,
     },
     /// Finish what was sent before, then exit with code 0.
     Exit,
 }
 
-/// A message from a worker to the pool.
+/// A message from a worker to the pool. `B` as for [`ToWorker`].
 #[derive(Serialize, Deserialize, Debug)]
-pub enum FromWorker {
+pub enum FromWorker<B = ByteBuf> {
     /// Setup succeeded; the worker waits for `Run`s.
     Ready {
         /// The worker's process id.
@@ -191,7 +195,7 @@ pub enum FromWorker {
         id: u64,
         /// `Ok`: a postcard `Vec<Result<R, ItemError>>`, one per item. `Err`: the whole
         /// batch failed (its arguments did not decode, or the results are too large).
-        outcome: Result<ByteBuf, ItemError>,
+        outcome: Result<B, ItemError>,
     },
 }
 
@@ -219,5 +223,42 @@ mod tests {
         forged.ino ^= 1;
         let err = forged.verify().unwrap_err();
         assert!(err.contains("different executable image"), "{err}");
+    }
+
+    fn noop(x: u8) -> u8 {
+        x
+    }
+
+    #[test]
+    fn owned_and_borrowed_messages_share_one_wire_format() {
+        let payload: Vec<u8> = (0..=255).collect();
+        let run = ToWorker::Run {
+            id: 7,
+            func: crate::task::batch_ref(noop),
+            payload: ByteBuf::from(payload.clone()),
+        };
+        let bytes = postcard::to_allocvec(&run).unwrap();
+        match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(&bytes).unwrap() {
+            ToWorker::Run { id, payload: p, .. } => {
+                assert_eq!(id, 7);
+                assert_eq!(&p[..], &payload[..]);
+                // Borrowed: the payload lies inside the encoded message.
+                let inside = bytes.as_ptr_range();
+                assert!(inside.contains(&p.as_ptr()));
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        let done: FromWorker = FromWorker::Done {
+            id: 9,
+            outcome: Ok(ByteBuf::from(payload.clone())),
+        };
+        let bytes = postcard::to_allocvec(&done).unwrap();
+        match postcard::from_bytes::<FromWorker<&serde_bytes::Bytes>>(&bytes).unwrap() {
+            FromWorker::Done { id, outcome } => {
+                assert_eq!(id, 9);
+                assert_eq!(&outcome.unwrap()[..], &payload[..]);
+            }
+            other => panic!("decoded as {other:?}"),
+        }
     }
 }

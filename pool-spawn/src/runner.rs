@@ -104,54 +104,81 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         },
     )?;
     let mut runs = 0u64;
-    // Results are queued, and written when there is no further request already buffered:
-    // one write for a run of back-to-back tiny tasks, none of the latency of waiting.
-    let mut next: Option<ToWorker> = None;
-    loop {
-        let msg = match next.take() {
-            Some(m) => Some(m),
-            None => {
-                flush(&mut conn)?;
-                recv(&mut conn)?
+    // Each request is decoded in place, its payload borrowed from the receive buffer. Results
+    // are queued, and written when no further request is already buffered: one write for a
+    // run of back-to-back tiny tasks, none of the latency of waiting.
+    let handle = |bytes: &[u8]| -> Step {
+        match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
+            Ok(ToWorker::Exit) => Step::Exit,
+            Ok(ToWorker::Setup { .. }) => Step::Bad("a second Setup message arrived".to_owned()),
+            Ok(ToWorker::Run { id, func, payload }) => {
+                let outcome = task::call_batch(&same, func, payload).map(ByteBuf::from);
+                Step::Done(FromWorker::Done { id, outcome })
             }
+            Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
+        }
+    };
+    loop {
+        let step = match conn.try_recv_buffered_with(handle) {
+            Ok(Some(step)) => step,
+            Ok(None) => {
+                flush(&mut conn)?;
+                match conn.recv_with(handle) {
+                    Ok(step) => step,
+                    Err(e) => match e.kind() {
+                        IpcKind::Closed => Step::Exit,
+                        IpcKind::Io => return Err(Stop::Lost),
+                        _ => {
+                            return Err(Stop::Protocol(format!(
+                                "bad message from the parent: {e}"
+                            )));
+                        }
+                    },
+                }
+            }
+            Err(e) => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
         };
-        match msg {
-            None | Some(ToWorker::Exit) => {
+        let done = match step {
+            Step::Exit => {
                 flush(&mut conn)?;
                 return Ok(0);
             }
-            Some(ToWorker::Setup { .. }) => {
-                return Err(Stop::Protocol("a second Setup message arrived".to_owned()));
-            }
-            Some(ToWorker::Run { id, func, payload }) => {
-                let outcome = task::call_batch(&same, func, &payload).map(ByteBuf::from);
-                drop(payload);
-                let done = FromWorker::Done { id, outcome };
-                if let Err(e) = conn.feed(&done) {
-                    match e.kind() {
-                        IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
-                        // Too large, or unencodable: the batch fails, the worker lives on.
-                        _ => {
-                            let outcome = Err(ItemError::new(
-                                ItemErrorKind::Encode,
-                                format!("the batch's results cannot be sent: {e}"),
-                            ));
-                            send(&mut conn, &FromWorker::Done { id, outcome })?;
-                        }
-                    }
+            Step::Bad(m) => return Err(Stop::Protocol(m)),
+            Step::Done(done) => done,
+        };
+        if let Err(e) = conn.feed(&done) {
+            match e.kind() {
+                IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
+                // Too large, or unencodable: the batch fails, the worker lives on.
+                _ => {
+                    let FromWorker::Done { id, .. } = done else {
+                        unreachable!("only results are fed here")
+                    };
+                    let outcome = Err(ItemError::new(
+                        ItemErrorKind::Encode,
+                        format!("the batch's results cannot be sent: {e}"),
+                    ));
+                    send(&mut conn, &FromWorker::Done { id, outcome })?;
                 }
-                runs += 1;
-                if max_tasks.is_some_and(|m| runs >= m) {
-                    // The last result goes out before the worker exits.
-                    flush(&mut conn)?;
-                    return Ok(0);
-                }
-                next = conn
-                    .try_recv_buffered()
-                    .map_err(|e| Stop::Protocol(format!("bad message from the parent: {e}")))?;
             }
         }
+        runs += 1;
+        if max_tasks.is_some_and(|m| runs >= m) {
+            // The last result goes out before the worker exits.
+            flush(&mut conn)?;
+            return Ok(0);
+        }
     }
+}
+
+/// What handling one request came to.
+enum Step {
+    /// Exit (asked to, or the parent closed the channel).
+    Exit,
+    /// A task ran: its result message.
+    Done(FromWorker),
+    /// A request that makes no sense here.
+    Bad(String),
 }
 
 fn flush(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<(), Stop> {

@@ -159,6 +159,39 @@ fn eof_inside_frame_is_truncated_not_closed() {
 }
 
 #[test]
+fn payloads_are_lent_in_place_and_buffered_ones_need_no_read() {
+    crate::helpers::bounded(60, || {
+        let (r, w) = pool_ipc::pipe().unwrap();
+        let mut tx = Sender::<Msg>::new(w);
+        let mut rx = Receiver::<Msg>::new(r);
+        assert!(
+            rx.try_recv_buffered().unwrap().is_none(),
+            "nothing buffered yet"
+        );
+        for i in 0..3 {
+            tx.feed(&msg(i, 300)).unwrap();
+        }
+        tx.flush().unwrap();
+        // The first receive reads all three frames; the other two are then buffered.
+        let first = rx
+            .recv_with(|b| postcard::from_bytes::<Msg>(b).unwrap())
+            .unwrap();
+        assert_eq!(first, msg(0, 300));
+        let second = rx
+            .try_recv_buffered_with(|b| postcard::from_bytes::<Msg>(b).unwrap())
+            .unwrap();
+        assert_eq!(second, Some(msg(1, 300)));
+        assert_eq!(rx.try_recv_buffered().unwrap(), Some(msg(2, 300)));
+        assert_eq!(rx.try_recv_buffered().unwrap(), None);
+        drop(tx);
+        assert_eq!(
+            rx.recv_with(|b| b.len()).unwrap_err().kind(),
+            ErrorKind::Closed
+        );
+    });
+}
+
+#[test]
 fn try_recv_and_recv_timeout() {
     crate::helpers::bounded(60, || {
         let (r, w) = pool_ipc::pipe().unwrap();
