@@ -96,6 +96,11 @@ struct Slot {
     ever_ready: bool,
     in_flight: VecDeque<TaskId>,
     assigned: u64,
+    /// Holds one of the pool's `processes` seats: only seated workers are handed tasks, so
+    /// no more than `processes` workers ever hold tasks at once. A replacement starts as
+    /// soon as the worker it replaces has been sent its last task, and takes that worker's
+    /// seat when the last result is back.
+    seated: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -409,6 +414,7 @@ impl<T> Policy<T> {
                     ever_ready: false,
                     in_flight: VecDeque::new(),
                     assigned: 0,
+                    seated: false,
                 },
             );
             self.counts.launched += 1;
@@ -416,14 +422,40 @@ impl<T> Policy<T> {
         }
     }
 
+    /// Frees the seats of workers that will take no more tasks and hold none, and gives
+    /// free seats to waiting workers, oldest first.
+    fn reseat(&mut self) {
+        let mut taken = 0;
+        for slot in self.workers.values_mut() {
+            if slot.seated
+                && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
+                && slot.in_flight.is_empty()
+            {
+                slot.seated = false;
+            }
+            taken += usize::from(slot.seated);
+        }
+        for slot in self.workers.values_mut() {
+            if taken >= self.cfg.processes {
+                break;
+            }
+            if !slot.seated && matches!(slot.phase, Phase::Starting | Phase::Ready) {
+                slot.seated = true;
+                taken += 1;
+            }
+        }
+    }
+
     fn dispatch(&mut self, fx: &mut impl Effects<T>) {
+        self.reseat();
         while !self.queue.is_empty() {
             // The worker with the fewest tasks in hand; ready workers before starting ones.
             let pick = self
                 .workers
                 .iter()
                 .filter(|(_, s)| {
-                    matches!(s.phase, Phase::Starting | Phase::Ready)
+                    s.seated
+                        && matches!(s.phase, Phase::Starting | Phase::Ready)
                         && s.in_flight.len() < self.depth
                 })
                 .min_by_key(|(wid, s)| (s.in_flight.len(), s.phase != Phase::Ready, **wid))
@@ -438,6 +470,7 @@ impl<T> Policy<T> {
             if self.cfg.max_tasks.is_some_and(|m| slot.assigned >= m) {
                 slot.phase = Phase::Retiring;
                 self.ensure_capacity(fx);
+                self.reseat();
             }
         }
         self.ensure_capacity(fx);
@@ -612,6 +645,31 @@ mod tests {
         assert_eq!(p.counts().recycled, 1);
         assert_eq!(p.counts().died, 0);
         assert!(fx.finished.is_empty());
+    }
+
+    #[test]
+    fn a_replacement_waits_for_the_seat_of_the_worker_it_replaces() {
+        let mut p = Policy::<u64>::new(cfg(2, Some(1)));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        for id in 0..6 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        // Workers 1 and 2 hold their one task each; replacements 3 and 4 are starting but
+        // get nothing while 1 and 2 still run.
+        assert_eq!(fx.launched, vec![1, 2, 3, 4]);
+        assert_eq!(fx.sent, vec![(1, 0), (2, 1)]);
+        p.ready(3, &mut fx);
+        assert_eq!(fx.sent.len(), 2, "a ready standby still waits for a seat");
+        p.done(1, 0, &mut fx);
+        assert_eq!(fx.sent[2..], [(3, 2)], "worker 3 takes worker 1's seat");
+        assert_eq!(fx.launched, vec![1, 2, 3, 4, 5]);
+        p.exited(2, Exit::Ended, &mut fx);
+        // Worker 2 died holding task 1: it fails, and worker 4 takes the seat at once.
+        assert_eq!(fx.finished, vec![(1, Finish::Lost(2))]);
+        assert_eq!(fx.sent[3..], [(4, 3)]);
     }
 
     #[test]
@@ -846,6 +904,9 @@ mod tests {
                     Op::Observe(us) => p.observe(Duration::from_micros(us), &mut fx),
                 }
                 prop_assert!((2..=4).contains(&p.depth()));
+                let holding = p.workers.values().filter(|s| !s.in_flight.is_empty()).count();
+                prop_assert!(holding <= processes, "{} workers hold tasks, processes = {}", holding, processes);
+                prop_assert!(p.workers.values().filter(|s| s.seated).count() <= processes);
                 for (wid, slot) in &p.workers {
                     prop_assert!(slot.in_flight.len() <= 4);
                     if let Some(m) = max_tasks { prop_assert!(slot.assigned <= m); }

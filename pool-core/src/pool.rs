@@ -82,6 +82,11 @@ impl PoolBuilder {
 
     /// Tasks a worker completes before it exits and is replaced by a fresh process, freeing
     /// whatever it leaked. A `map` chunk counts as one task, as in Python. Default: unlimited.
+    ///
+    /// The replacement starts as soon as the worker has been handed its last task, so that
+    /// it is ready when that task ends; it takes no task before then. No more than
+    /// `processes` workers ever run tasks at once, though for a moment `workers()` may list
+    /// a replacement beside the worker it replaces.
     #[doc(alias = "maxtasksperchild")]
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
         self.max_tasks_per_child = Some(n);
@@ -364,7 +369,8 @@ impl Pool {
         self.method
     }
 
-    /// The live workers, oldest first: Python's `active_children()`.
+    /// The live workers, oldest first: Python's `active_children()`. A worker about to be
+    /// recycled and its already started replacement may both be listed.
     #[doc(alias = "active_children")]
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.shared

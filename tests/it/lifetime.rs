@@ -42,6 +42,47 @@ fn max_tasks_per_child_replaces_workers_after_three_tasks() {
     }
 }
 
+/// When it ran, in nanoseconds since the epoch (one clock for every process).
+fn timed_sleep(ms: u64) -> (u64, u64) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    let start = now();
+    std::thread::sleep(Duration::from_millis(ms));
+    (start, now())
+}
+
+/// The most intervals that overlap at any instant.
+fn max_overlap(spans: &[(u64, u64)]) -> usize {
+    let mut edges: Vec<(u64, i32)> = spans.iter().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
+    // At equal times an end comes before a start: touching intervals do not overlap.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// Recycling never runs more tasks at once than `processes`, although each replacement
+/// starts before the worker it replaces has finished.
+#[test]
+fn recycling_never_runs_more_than_processes_tasks_at_once() {
+    for method in METHODS {
+        let pool = builder(method).max_tasks_per_child(1).build().unwrap();
+        let spans = pool.map_chunked(timed_sleep, vec![60u64; 8], 1).unwrap();
+        let most = max_overlap(&spans);
+        assert!(most <= 2, "{method:?}: {most} tasks ran at once: {spans:?}");
+        assert_eq!(most, 2, "{method:?}: both workers were used");
+        let m = pool.metrics();
+        assert!(m.recycled >= 6, "{method:?}: {m:?}");
+        shut_down(pool);
+    }
+}
+
 /// CPython's test_pool_worker_lifetime: 3 workers, 10 tasks each, 100 tasks: results right,
 /// and the worker pids changed.
 #[test]
