@@ -9,6 +9,11 @@
 //! server is the workers' parent, so only it can reap them; it waits for their pidfds to
 //! become readable and reports each exit status.
 //!
+//! The server keeps one spare worker forked ahead: a fork request is answered at once with
+//! the spare, and the next spare is forked after the answer, while the parent goes on. A
+//! spare that has not been handed out is the server's own business: if it dies it is reaped
+//! without a report and replaced on the next request.
+//!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
 //! pid, and treats end of file on its control socket as shutdown. It never leaves orphans:
 //! each worker has `PR_SET_PDEATHSIG(SIGKILL)` towards the server, and a server that stops
@@ -69,6 +74,15 @@ struct Kid {
     serial: u64,
     pid: Pid,
     pidfd: Option<OwnedFd>,
+    /// Handed to the parent, which expects its exit report; `false` for the spare.
+    handed: bool,
+}
+
+/// A worker forked ahead of a request: its kid entry holds the pid and pidfd; this holds
+/// the parent's end of its channel until it is handed out.
+struct Spare {
+    serial: u64,
+    ours: OwnedFd,
 }
 
 struct Server {
@@ -76,6 +90,7 @@ struct Server {
     parent: Option<Pid>,
     kids: Vec<Kid>,
     next_serial: u64,
+    spare: Option<Spare>,
 }
 
 /// Runs the fork server on `ctl`; never returns.
@@ -86,6 +101,7 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
         parent: rustix::process::getppid(),
         kids: Vec::new(),
         next_serial: 1,
+        spare: None,
     };
     s.run();
     sys::flush_and_exit(0)
@@ -187,6 +203,14 @@ impl Server {
                 _ => None,
             };
             match status {
+                Some(_) if !k.handed => {
+                    // The spare died before anyone asked for it (killed from outside, say):
+                    // nobody expects a report; the next request forks afresh.
+                    let k = self.kids.swap_remove(i);
+                    if self.spare.as_ref().is_some_and(|s| s.serial == k.serial) {
+                        self.spare = None;
+                    }
+                }
                 Some(status) => {
                     let k = self.kids.swap_remove(i);
                     if !self.send(
@@ -205,37 +229,63 @@ impl Server {
         true
     }
 
-    /// Forks one worker and answers; `false` if the parent is gone.
+    /// Answers a fork request with the spare, or a worker forked now; then forks the next
+    /// spare. `false` if the parent is gone.
     fn fork(&mut self) -> bool {
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        let (ours, theirs) = match pool_ipc::socketpair() {
-            Ok(p) => p,
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                return self.send(&Reply::ForkFailed { errno }, &[]);
-            }
+        let (serial, ours) = match self.spare.take() {
+            Some(s) => (s.serial, s.ours),
+            None => match self.fork_one() {
+                Ok(w) => w,
+                Err(errno) => return self.send(&Reply::ForkFailed { errno }, &[]),
+            },
         };
-        match crate::fork::fork_worker(theirs) {
-            Ok(pid) => {
-                let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
-                let reply = Reply::Forked {
-                    serial,
-                    pid: pid.as_raw_nonzero().get() as u32,
-                    pidfd: pidfd.is_some(),
-                };
-                let sent = match &pidfd {
-                    Some(p) => self.send(&reply, &[ours.as_fd(), p.as_fd()]),
-                    None => self.send(&reply, &[ours.as_fd()]),
-                };
-                self.kids.push(Kid { serial, pid, pidfd });
-                sent
-            }
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                self.send(&Reply::ForkFailed { errno }, &[])
+        let Some(i) = self.kids.iter().position(|k| k.serial == serial) else {
+            return self.send(
+                &Reply::ForkFailed {
+                    errno: libc::ECHILD,
+                },
+                &[],
+            );
+        };
+        self.kids[i].handed = true;
+        let k = &self.kids[i];
+        let reply = Reply::Forked {
+            serial,
+            pid: k.pid.as_raw_nonzero().get() as u32,
+            pidfd: k.pidfd.is_some(),
+        };
+        let sent = match &k.pidfd {
+            Some(p) => self.send(&reply, &[ours.as_fd(), p.as_fd()]),
+            None => self.send(&reply, &[ours.as_fd()]),
+        };
+        drop(ours);
+        if sent {
+            // A failure here is not the parent's: the next request forks afresh and
+            // reports it.
+            if let Ok((serial, ours)) = self.fork_one() {
+                self.spare = Some(Spare { serial, ours });
             }
         }
+        sent
+    }
+
+    /// Forks one worker (not yet handed out); returns its serial and the parent's end of
+    /// its channel, or the errno.
+    fn fork_one(&mut self) -> std::result::Result<(u64, OwnedFd), i32> {
+        let (ours, theirs) =
+            pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let pid =
+            crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
+        self.kids.push(Kid {
+            serial,
+            pid,
+            pidfd,
+            handed: false,
+        });
+        Ok((serial, ours))
     }
 
     fn send(&self, reply: &Reply, fds: &[std::os::fd::BorrowedFd<'_>]) -> bool {
@@ -262,7 +312,7 @@ impl Server {
             let left = deadline.saturating_duration_since(Instant::now());
             match child.wait_timeout(left) {
                 Ok(Some(status)) => {
-                    if report {
+                    if report && k.handed {
                         let _ = self.send(
                             &Reply::Exited {
                                 serial: k.serial,

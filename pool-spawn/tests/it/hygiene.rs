@@ -244,6 +244,85 @@ fn shutdown_kills_remaining_forkserver_workers() {
     assert_gone(w.worker.pid());
 }
 
+/// A process's children, from `/proc` (each thread lists those it forked).
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[test]
+fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
+    let mut l = launcher(StartMethod::Forkserver);
+    let server = l.server_pid().unwrap();
+    let mut w1 = launch(&mut l, 1);
+    w1.setup();
+    // After answering, the server forks a spare for the next request.
+    let spare = {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let kids: Vec<u32> = children_of(server)
+                .into_iter()
+                .filter(|&p| p != w1.worker.pid())
+                .collect();
+            if let [spare] = kids[..] {
+                break spare;
+            }
+            assert!(std::time::Instant::now() < deadline, "no spare: {kids:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let mut w2 = launch(&mut l, 2);
+    assert_eq!(w2.worker.pid(), spare, "the spare answers the next request");
+    w2.setup();
+    assert_eq!(
+        w2.call::<_, u64>(task::batch_ref(tasks::square), (7u64,)),
+        49
+    );
+    // Kill the next spare before anyone asks for it: the server reaps it without a
+    // report, and the next request gets a working worker.
+    let doomed = {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let kids: Vec<u32> = children_of(server)
+                .into_iter()
+                .filter(|&p| p != w1.worker.pid() && p != w2.worker.pid())
+                .collect();
+            if let [s] = kids[..] {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "no spare: {kids:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(doomed as i32).unwrap(),
+        Signal::KILL,
+    )
+    .unwrap();
+    assert_gone(doomed);
+    let mut w3 = launch(&mut l, 3);
+    w3.setup();
+    assert_ne!(w3.worker.pid(), doomed);
+    assert_eq!(
+        w3.call::<_, u64>(task::batch_ref(tasks::square), (8u64,)),
+        64
+    );
+    for w in [w1, w2, w3] {
+        w.exit();
+    }
+    l.shutdown().unwrap();
+    assert_gone(server);
+}
+
 #[test]
 fn handles_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
