@@ -879,16 +879,3 @@ fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
     }
     .with_worker(worker, pid)
 }
-
-/// Encodes a Run frame for task `id`.
-pub(crate) fn run_frame(id: TaskId, func: FnRef, payload: Vec<u8>) -> Result<FrameBuf, TaskError> {
-    let mut frame = FrameBuf::with_capacity(payload.len() + 32);
-    frame
-        .encode(&ToWorker::Run {
-            id,
-            func,
-            payload: ByteBuf::from(payload),
-        })
-        .map_err(|e| TaskError::new(TaskErrorKind::Encode, format!("the task message: {e}")))?;
-    Ok(frame)
-}

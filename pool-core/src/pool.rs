@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use pool_ipc::FrameBuf;
+use pool_spawn::protocol::{self, ToWorker};
 use pool_spawn::task::{self, FnRef, InitOutput, TaskFn};
 use pool_spawn::{LaunchOptions, Launcher, StartMethod};
 use serde::Serialize;
@@ -244,9 +246,12 @@ pub struct Metrics {
     pub in_flight_per_worker: usize,
 }
 
-/// A chunk of items, encoded, with the items that could not be encoded set aside.
+/// A chunk of items, encoded as the Run message of task `id`, with the items that could not
+/// be encoded set aside.
 struct Encoded {
-    payload: Vec<u8>,
+    id: u64,
+    /// The Run frame, or why it could not be built.
+    frame: Result<FrameBuf, TaskError>,
     /// Relative index of each encoded item, in order.
     sent: Vec<usize>,
     /// Items that failed to encode, by relative index.
@@ -256,11 +261,18 @@ struct Encoded {
     pins: Pins,
 }
 
-fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
-    let (whole, pins) = event::pinning(|| postcard::to_allocvec(items));
-    if let Ok(payload) = whole {
+fn frame_error(e: pool_ipc::Error) -> TaskError {
+    TaskError::new(TaskErrorKind::Encode, format!("the task message: {e}"))
+}
+
+/// Encodes `items` straight into the Run frame of task `id`.
+fn encode_chunk<A: Serialize>(id: u64, func: FnRef, items: &[A]) -> Encoded {
+    let mut frame = FrameBuf::new();
+    let (whole, pins) = event::pinning(|| protocol::encode_run(&mut frame, id, func, items));
+    if whole.is_ok() {
         return Encoded {
-            payload,
+            id,
+            frame: Ok(frame),
             sent: (0..items.len()).collect(),
             failed: Vec::new(),
             len: items.len(),
@@ -287,8 +299,18 @@ fn encode_chunk<A: Serialize>(items: &[A]) -> Encoded {
     let mut payload = Vec::with_capacity(body.len() + 10);
     pool_ipc::encode_seq_len(&mut payload, sent.len());
     payload.extend_from_slice(&body);
+    let mut frame = FrameBuf::with_capacity(payload.len() + 32);
+    let built = frame
+        .encode(&ToWorker::<&serde_bytes::Bytes>::Run {
+            id,
+            func,
+            payload: serde_bytes::Bytes::new(&payload),
+        })
+        .map(|()| frame)
+        .map_err(frame_error);
     Encoded {
-        payload,
+        id,
+        frame: built,
         sent,
         failed,
         len: items.len(),
@@ -400,17 +422,21 @@ impl Pool {
         }
     }
 
+    /// A fresh task id.
+    fn new_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Sends one encoded batch; `done` receives exactly one per-item result vector.
     fn submit_batch<R>(
         &self,
-        func: FnRef,
         enc: Encoded,
         base: Option<usize>,
         done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
     ) where
         R: DeserializeOwned + Send + 'static,
     {
-        if let Some(task) = self.prepare_batch(func, enc, base, done) {
+        if let Some(task) = self.prepare_batch(enc, base, done) {
             self.submit_all(vec![task]);
         }
     }
@@ -419,7 +445,6 @@ impl Pool {
     /// (nothing to send, or the frame cannot be built): `None` then.
     fn prepare_batch<R>(
         &self,
-        func: FnRef,
         enc: Encoded,
         base: Option<usize>,
         done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
@@ -428,7 +453,8 @@ impl Pool {
         R: DeserializeOwned + Send + 'static,
     {
         let Encoded {
-            payload,
+            id,
+            frame,
             sent,
             failed,
             len,
@@ -473,8 +499,7 @@ impl Pool {
             let got = driver::decode_items::<R>(outcome, n_sent);
             done(merge(got));
         });
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = match driver::run_frame(id, func, payload) {
+        let frame = match frame {
             Ok(f) => f,
             Err(e) => {
                 sink(Outcome::Failed(e));
@@ -555,8 +580,8 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot));
         let weak = Arc::downgrade(&self.shared);
         let func = task::batch_ref::<F, Args, R>(f);
-        let enc = encode_chunk(std::slice::from_ref(&args));
-        self.submit_batch::<R>(func, enc, None, move |mut items| {
+        let enc = encode_chunk(self.new_id(), func, std::slice::from_ref(&args));
+        self.submit_batch::<R>(enc, None, move |mut items| {
             let r = items
                 .pop()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
@@ -714,15 +739,18 @@ impl Pool {
         for (c, chunk) in items.chunks(size).enumerate() {
             let base = c * size;
             let state = Arc::clone(&state);
-            let task =
-                self.prepare_batch::<R>(func, encode_chunk(chunk), Some(base), move |results| {
+            let task = self.prepare_batch::<R>(
+                encode_chunk(self.new_id(), func, chunk),
+                Some(base),
+                move |results| {
                     let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
                     g.chunks[c] = Some(results);
                     g.remaining -= 1;
                     if g.remaining == 0 {
                         g.finish();
                     }
-                });
+                },
+            );
             tasks.extend(task);
         }
         self.submit_all(tasks);
@@ -822,7 +850,8 @@ impl Pool {
             next_chunk += 1;
             next_item += chunk.len();
             let tx = tx.clone();
-            pool.submit_batch::<R>(func, encode_chunk(&chunk), Some(base), move |results| {
+            let enc = encode_chunk(pool.new_id(), func, &chunk);
+            pool.submit_batch::<R>(enc, Some(base), move |results| {
                 let _ = tx.send((c, results));
             });
             true

@@ -80,7 +80,9 @@ impl Error {
         }
     }
 
-    pub(crate) fn msg(kind: ErrorKind, msg: &'static str) -> Error {
+    /// An error of `kind` described by `msg`, for code that builds on pool-ipc's framing
+    /// and reports its own failures in the same terms.
+    pub fn msg(kind: ErrorKind, msg: &'static str) -> Error {
         Error {
             kind,
             detail: Detail::Msg(msg),

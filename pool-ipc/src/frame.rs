@@ -109,6 +109,11 @@ impl FrameBuf {
         FrameBuf { buf }
     }
 
+    /// Makes room for at least `additional` more payload bytes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
     /// Appends raw bytes to the payload.
     ///
     /// # Panics
@@ -237,6 +242,45 @@ impl Flavor for SegFlavor<'_> {
 /// ```
 pub fn encode_append<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<()> {
     encode_into(out, v)
+}
+
+/// The length of postcard(v), found without writing it (byte strings are counted, not
+/// copied): size a buffer exactly before encoding into it.
+///
+/// # Errors
+///
+/// [`ErrorKind::Encode`] if postcard cannot encode `v`.
+///
+/// # Examples
+///
+/// ```
+/// let v = (7u8, vec![1u32, 300]);
+/// assert_eq!(pool_ipc::encoded_len(&v)?, postcard::to_allocvec(&v).unwrap().len());
+/// # Ok::<(), pool_ipc::Error>(())
+/// ```
+pub fn encoded_len<T: Serialize + ?Sized>(v: &T) -> Result<usize> {
+    postcard::serialize_with_flavor(v, CountFlavor(0)).map_err(Error::encode)
+}
+
+/// A postcard output that only counts bytes.
+struct CountFlavor(usize);
+
+impl Flavor for CountFlavor {
+    type Output = usize;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0 += data.len();
+        Ok(())
+    }
+
+    fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.0)
+    }
 }
 
 /// Appends a sequence length as postcard writes it (a varint), to be followed by that many
