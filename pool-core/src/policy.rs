@@ -316,6 +316,7 @@ impl<T> Policy<T> {
         }
         self.ensure_capacity(fx);
         self.dispatch(fx);
+        self.fail_queue_if_broken(fx);
         self.retire_idle(fx);
     }
 
@@ -373,16 +374,22 @@ impl<T> Policy<T> {
         self.counts.start_failures += 1;
         self.failures_in_a_row += 1;
         if self.failures_in_a_row >= self.cfg.start_failure_limit && self.broken.is_none() {
-            let why = format!(
+            self.broken = Some(format!(
                 "{} consecutive worker starts failed; the last: {why}",
                 self.failures_in_a_row
-            );
-            self.broken = Some(why.clone());
-            for id in std::mem::take(&mut self.queue) {
-                if let Some(task) = self.tasks.remove(&id) {
-                    self.counts.init_failed += 1;
-                    fx.finish(id, task, Finish::InitFailed(why.clone()));
-                }
+            ));
+        }
+        self.fail_queue_if_broken(fx);
+    }
+
+    /// A broken pool starts no worker: whatever waits in the queue (including tasks handed
+    /// back by workers that failed after the pool broke) fails now.
+    fn fail_queue_if_broken(&mut self, fx: &mut impl Effects<T>) {
+        let Some(why) = &self.broken else { return };
+        for id in std::mem::take(&mut self.queue) {
+            if let Some(task) = self.tasks.remove(&id) {
+                self.counts.init_failed += 1;
+                fx.finish(id, task, Finish::InitFailed(why.clone()));
             }
         }
     }
@@ -728,6 +735,32 @@ mod tests {
     }
 
     #[test]
+    fn tasks_handed_back_after_the_pool_broke_fail_too() {
+        let mut p = Policy::<u64>::new(cfg(2, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.submit(1, 1, &mut fx).unwrap();
+        p.submit(2, 2, &mut fx).unwrap();
+        assert_eq!(fx.sent, vec![(1, 1), (2, 2)]);
+        // Worker 1 fails three times in a row (with replacements); worker 2 still holds task
+        // 2 when the pool breaks, and fails afterwards.
+        p.setup_failed(1, "boom", &mut fx);
+        p.exited(1, Exit::Ended, &mut fx);
+        p.setup_failed(3, "boom", &mut fx);
+        p.exited(3, Exit::Ended, &mut fx);
+        p.setup_failed(4, "boom", &mut fx);
+        p.exited(4, Exit::Ended, &mut fx);
+        assert_eq!(fx.finished.len(), 1, "task 1 failed when the pool broke");
+        p.setup_failed(2, "boom", &mut fx);
+        p.exited(2, Exit::Ended, &mut fx);
+        let failed: Vec<TaskId> = fx.finished.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, vec![1, 2]);
+        assert!(matches!(fx.finished[1].1, Finish::InitFailed(_)));
+        p.close(&mut fx);
+        assert!(p.is_finished(), "join can return");
+    }
+
+    #[test]
     fn close_drains_then_retires() {
         let mut p = Policy::<u64>::new(cfg(2, None));
         let mut fx = Fake::default();
@@ -907,6 +940,8 @@ mod tests {
                 let holding = p.workers.values().filter(|s| !s.in_flight.is_empty()).count();
                 prop_assert!(holding <= processes, "{} workers hold tasks, processes = {}", holding, processes);
                 prop_assert!(p.workers.values().filter(|s| s.seated).count() <= processes);
+                // A broken pool starts no worker, so nothing may wait in its queue.
+                prop_assert!(p.broken.is_none() || p.queue.is_empty(), "tasks stranded in a broken pool");
                 for (wid, slot) in &p.workers {
                     prop_assert!(slot.in_flight.len() <= 4);
                     if let Some(m) = max_tasks { prop_assert!(slot.assigned <= m); }

@@ -272,3 +272,40 @@ fn tasks_sent_to_a_worker_that_dies_while_starting_run_on_its_replacement() {
         shut_down(pool);
     }
 }
+
+fn failing_init() {
+    panic!("the database is gone");
+}
+
+/// A pool whose initializer always fails breaks after a few starts: every task, pending or
+/// later, fails with `InitializerFailed` naming the cause, and close + join return.
+#[test]
+fn a_failing_initializer_fails_every_task_and_join_returns() {
+    const T: Duration = Duration::from_secs(20);
+    for method in METHODS {
+        for processes in [1, 3] {
+            let pool = builder(method)
+                .processes(processes)
+                .initializer(failing_init, ())
+                .build()
+                .unwrap();
+            let pending: Vec<_> = (0..12u64).map(|i| pool.apply_async(square, (i,))).collect();
+            let mapped = pool.map_async(square, 0..40u64);
+            for (i, r) in pending.into_iter().enumerate() {
+                let e = r.get_timeout(T).unwrap_err();
+                assert_eq!(
+                    e.kind(),
+                    TaskErrorKind::InitializerFailed,
+                    "{method:?} processes={processes} task {i}: {e}"
+                );
+                assert!(e.to_string().contains("the database is gone"), "{e}");
+            }
+            let e = mapped.get_timeout(T).unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
+            let e = pool.apply(square, (1,)).unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
+            pool.close();
+            pool.join_timeout(T).unwrap();
+        }
+    }
+}
