@@ -104,9 +104,10 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         },
     )?;
     let mut runs = 0u64;
-    // Each request is decoded in place, its payload borrowed from the receive buffer. Results
-    // are queued, and written when no further request is already buffered: one write for a
-    // run of back-to-back tiny tasks, none of the latency of waiting.
+    // Each request is decoded in place, its payload borrowed from the receive buffer. Each
+    // result is written before the next task starts: whenever the worker dies, every result
+    // of a task it finished is already with the parent, so the parent knows the task that
+    // was running (the oldest without a result), and runs no task twice.
     let handle = |bytes: &[u8]| -> Step {
         match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
             Ok(ToWorker::Exit) => Step::Exit,
@@ -162,10 +163,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 }
             }
         }
+        flush(&mut conn)?;
         runs += 1;
         if max_tasks.is_some_and(|m| runs >= m) {
-            // The last result goes out before the worker exits.
-            flush(&mut conn)?;
             return Ok(0);
         }
     }

@@ -309,3 +309,68 @@ fn a_failing_initializer_fails_every_task_and_join_returns() {
         }
     }
 }
+
+/// Appends `i` to the file `path`; exits with code 3 when `i` is 10.
+fn record_run(path: String, i: u64) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "{i}").unwrap();
+    drop(f);
+    if i == 10 {
+        std::process::exit(3);
+    }
+    i
+}
+
+/// A worker that dies after finishing tasks sent to it together with the fatal one: the
+/// finished tasks keep their results, only the task it was running fails, and no task runs
+/// twice.
+#[test]
+fn a_dead_worker_blames_only_the_task_it_was_running_and_reruns_nothing() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        // Tiny tasks deepen the worker's queue, so the eleven below go out together.
+        pool.map_chunked(square, 0..3000u64, 1).unwrap();
+        let path = std::env::temp_dir()
+            .join(format!("procpool-runs-{}-{method:?}", std::process::id()))
+            .to_string_lossy()
+            .into_owned();
+        let _ = std::fs::remove_file(&path);
+        let pending: Vec<_> = (0..12u64)
+            .map(|i| pool.apply_async(record_run, (path.clone(), i)))
+            .collect();
+        let results: Vec<_> = pending
+            .into_iter()
+            .map(|r| r.get_timeout(Duration::from_secs(20)))
+            .collect();
+        for (i, r) in results.iter().enumerate() {
+            if i == 10 {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+                assert_eq!(e.exit_code(), Some(3), "{method:?}: {e}");
+            } else {
+                assert_eq!(
+                    r.as_ref().ok(),
+                    Some(&(i as u64)),
+                    "{method:?} task {i}: {r:?}"
+                );
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut runs = std::collections::BTreeMap::<u64, usize>::new();
+        for l in text.lines() {
+            *runs.entry(l.parse().unwrap()).or_default() += 1;
+        }
+        assert_eq!(runs.len(), 12, "{method:?}: every task ran: {runs:?}");
+        assert!(
+            runs.values().all(|&n| n == 1),
+            "{method:?}: ran twice: {runs:?}"
+        );
+        shut_down(pool);
+    }
+}
