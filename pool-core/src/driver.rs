@@ -391,7 +391,12 @@ impl Shared {
 
 fn deliver(done: Vec<(TaskRec, Outcome)>) {
     for (rec, outcome) in done {
-        (rec.sink)(outcome);
+        // Sinks catch the panics of user code they run; this is the last line of defence,
+        // so that one result can never stop the delivery of the others (or the driver).
+        let sink = rec.sink;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sink(outcome))).is_err() {
+            tracing::error!("delivering a task's result panicked; the pool goes on");
+        }
     }
 }
 
@@ -837,7 +842,27 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                 Ok(b) => b,
                 Err(e) => return all_err(item_error(e, &worker, pid), count),
             };
-            match postcard::from_bytes::<Vec<Result<R, ItemError>>>(bytes.bytes()) {
+            // The result type's `Deserialize` is user code: a panic in it fails these
+            // items, never the thread that delivers results.
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                postcard::from_bytes::<Vec<Result<R, ItemError>>>(bytes.bytes())
+            }));
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(payload) => {
+                    let why = panic_text(&*payload);
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                        drop(payload)
+                    }));
+                    let e = TaskError::new(
+                        TaskErrorKind::Decode,
+                        format!("decoding the result panicked in the pool's process: {why}"),
+                    )
+                    .with_worker(&worker, pid);
+                    return all_err(e, count);
+                }
+            };
+            match decoded {
                 Ok(items) if items.len() == count => items
                     .into_iter()
                     .map(|r| r.map_err(|e| item_error(e, &worker, pid)))
@@ -866,6 +891,17 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
     }
 }
 
+/// The message of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
 fn all_err<R>(e: TaskError, count: usize) -> Vec<Result<R, TaskError>> {
     (0..count).map(|_| Err(e.clone())).collect()
 }
@@ -875,7 +911,8 @@ fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
     match e.kind {
         K::Panicked => TaskError::panicked(e.message),
         K::Encode => TaskError::new(TaskErrorKind::Encode, e.message),
-        K::Decode => TaskError::new(TaskErrorKind::Decode, e.message),
+        // A panic while decoding the arguments brings its report, backtrace and all.
+        K::Decode => TaskError::with_report(TaskErrorKind::Decode, e.message),
     }
     .with_worker(worker, pid)
 }

@@ -71,14 +71,20 @@ impl TaskError {
     /// A panic error from the worker's report: the message, then maybe a backtrace (present
     /// when `RUST_BACKTRACE` is set), which is kept apart from the message.
     pub(crate) fn panicked(report: String) -> Self {
+        TaskError::with_report(TaskErrorKind::Panicked, report)
+    }
+
+    /// An error of `kind` from a worker's panic report: the backtrace, when the report
+    /// holds one, is kept apart from the message.
+    pub(crate) fn with_report(kind: TaskErrorKind, report: String) -> Self {
         const MARK: &str = "\nstack backtrace:\n";
         match report.split_once(MARK) {
             Some((msg, bt)) => {
-                let mut e = TaskError::new(TaskErrorKind::Panicked, msg);
+                let mut e = TaskError::new(kind, msg);
                 e.0.backtrace = Some(bt.to_owned());
                 e
             }
-            None => TaskError::new(TaskErrorKind::Panicked, report),
+            None => TaskError::new(kind, report),
         }
     }
 

@@ -184,6 +184,30 @@ fn picky(p: Picky) -> u8 {
     u8::from(p.0)
 }
 
+/// Its `Deserialize` panics: in the pool's process, when a result comes back.
+#[derive(Debug)]
+struct PanicsOnDecode;
+
+impl Serialize for PanicsOnDecode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+impl<'de> Deserialize<'de> for PanicsOnDecode {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("this type never decodes")
+    }
+}
+
+fn give_panicky() -> PanicsOnDecode {
+    PanicsOnDecode
+}
+
+fn give_panicky_item(_: u8) -> PanicsOnDecode {
+    PanicsOnDecode
+}
+
 #[test]
 fn encoding_and_decoding_failures_are_that_tasks_error() {
     let pool = builder(Default::default()).build().unwrap();
@@ -205,6 +229,18 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     assert_eq!(got[1].as_ref().unwrap_err().kind(), TaskErrorKind::Encode);
     assert_eq!(got[1].as_ref().unwrap_err().item_index(), Some(1));
     assert_eq!(got[2].as_ref().unwrap(), &1);
+    // A result whose decoding panics (in this process) fails that task only.
+    let e = pool
+        .apply_async(give_panicky, ())
+        .get_timeout(Duration::from_secs(20))
+        .unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
+    assert!(e.to_string().contains("this type never decodes"), "{e}");
+    let e = pool
+        .map_async(give_panicky_item, 0..10u8)
+        .get_timeout(Duration::from_secs(20))
+        .unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
     shut_down(pool);
 }
