@@ -375,7 +375,8 @@ impl Shared {
         }
     }
 
-    /// Waits for queued callbacks to finish and stops the callback thread.
+    /// Waits for queued callbacks to finish and stops the callback thread (called from the
+    /// callback thread itself, it only tells it to stop after the queue).
     pub(crate) fn stop_callbacks(&self) {
         let cb = self
             .callbacks
@@ -384,7 +385,11 @@ impl Shared {
             .take();
         if let Some(cb) = cb {
             drop(cb.tx);
-            let _ = cb.handle.join();
+            // A callback may itself join or drop the pool: the callback thread cannot wait
+            // for itself; it runs what is queued and ends once this callback returns.
+            if cb.handle.thread().id() != std::thread::current().id() {
+                let _ = cb.handle.join();
+            }
         }
     }
 }

@@ -907,9 +907,13 @@ impl Pool {
                 "join() waits for the workers to exit: call close() or terminate() first",
             ));
         }
-        if self.finished.recv_timeout(timeout).is_ok() {
-            self.finish_join();
-            return Ok(());
+        match self.finished.recv_timeout(timeout) {
+            // Disconnected: another join already took the signal; the pool is finished.
+            Ok(()) | Err(flume::RecvTimeoutError::Disconnected) => {
+                self.finish_join();
+                return Ok(());
+            }
+            Err(flume::RecvTimeoutError::Timeout) => {}
         }
         self.terminate();
         let _ = self.finished.recv();

@@ -251,3 +251,67 @@ fn pools_and_results_cross_threads() {
     });
     shut_down(pool);
 }
+
+/// Callbacks that keep the pool alive (to submit follow-up work, say) may be the last to
+/// hold it, or join it: dropping or joining the pool from its own callback thread works,
+/// even while the callback panics.
+#[test]
+fn a_callback_may_drop_or_join_the_pool() {
+    use std::sync::atomic::AtomicBool;
+    for how in ["drop", "join", "drop then panic"] {
+        let pool = Arc::new(builder(Default::default()).build().unwrap());
+        let (p, after) = (Arc::clone(&pool), Arc::new(AtomicBool::new(false)));
+        let seen = Arc::clone(&after);
+        let r = pool.apply_async_with(
+            square,
+            (2,),
+            Callbacks::new().on_success(move |v: &u64| {
+                assert_eq!(*v, 4);
+                if how == "join" {
+                    p.close();
+                    p.join().unwrap();
+                } else {
+                    drop(p);
+                }
+                seen.store(true, Ordering::SeqCst);
+                if how == "drop then panic" {
+                    panic!("a callback that panics after dropping the pool");
+                }
+            }),
+        );
+        let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+        drop(pool);
+        assert_eq!(r.get_timeout(Duration::from_secs(20)).unwrap(), 4, "{how}");
+        crate::util::wait_for("the callback to finish", Duration::from_secs(20), || {
+            after.load(Ordering::SeqCst)
+        });
+        for pid in pids {
+            crate::util::wait_for("workers gone", Duration::from_secs(10), || {
+                !crate::util::alive(pid)
+            });
+        }
+    }
+}
+
+/// `join_timeout` after another join has returned, or beside others, reports success.
+#[test]
+fn join_timeout_after_or_beside_other_joins_succeeds() {
+    let pool = builder(Default::default()).build().unwrap();
+    pool.close();
+    pool.join().unwrap();
+    pool.join().unwrap();
+    pool.join_timeout(Duration::from_secs(5)).unwrap();
+    let pool = Arc::new(builder(Default::default()).build().unwrap());
+    let r = pool.apply_async(sleep_ms, (100,));
+    pool.close();
+    let joins: Vec<_> = (0..3)
+        .map(|_| {
+            let p = Arc::clone(&pool);
+            std::thread::spawn(move || p.join_timeout(Duration::from_secs(10)))
+        })
+        .collect();
+    for j in joins {
+        j.join().unwrap().unwrap();
+    }
+    r.get().unwrap();
+}
