@@ -340,6 +340,11 @@ impl Shared {
         self.lock().policy.load()
     }
 
+    /// The largest message a worker accepts, in bytes.
+    pub(crate) fn frame_limit(&self) -> usize {
+        self.settings.ipc.frame_limit()
+    }
+
     pub(crate) fn depth(&self) -> usize {
         self.lock().policy.depth()
     }

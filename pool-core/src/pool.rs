@@ -499,7 +499,19 @@ impl Pool {
             let got = driver::decode_items::<R>(outcome, n_sent);
             done(merge(got));
         });
+        let limit = self.shared.frame_limit();
         let frame = match frame {
+            Ok(f) if f.payload_len() > limit => {
+                sink(Outcome::Failed(TaskError::new(
+                    TaskErrorKind::Encode,
+                    format!(
+                        "the task's arguments encode to {} bytes, over the limit of {limit} \
+                         bytes for one message",
+                        f.payload_len()
+                    ),
+                )));
+                return None;
+            }
             Ok(f) => f,
             Err(e) => {
                 sink(Outcome::Failed(e));

@@ -46,6 +46,11 @@ impl Config {
         self
     }
 
+    /// The largest payload accepted and sent, in bytes.
+    pub fn frame_limit(&self) -> usize {
+        self.max_frame_len
+    }
+
     /// Enables shared-memory mode for payloads larger than `n` bytes (`None` disables it).
     ///
     /// In shm mode the sender copies a large payload into a shared ring that it owns (a

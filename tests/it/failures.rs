@@ -410,3 +410,26 @@ fn a_dead_worker_blames_only_the_task_it_was_running_and_reruns_nothing() {
         shut_down(pool);
     }
 }
+
+fn byte_len(b: serde_bytes::ByteBuf) -> usize {
+    b.len()
+}
+
+/// Arguments over the 1 GiB message limit fail as `Encode` in this process; no worker is
+/// sent them, none dies.
+#[test]
+fn arguments_over_the_message_limit_are_an_encode_error() {
+    let pool = builder(Default::default()).processes(1).build().unwrap();
+    let before = pool.workers()[0].pid();
+    let huge = serde_bytes::ByteBuf::from(vec![0u8; (1 << 30) + 1]);
+    let e = pool.apply(byte_len, (huge,)).unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::Encode, "{e}");
+    assert!(e.to_string().contains("over the limit"), "{e}");
+    assert_eq!(
+        pool.apply(my_pid, ()).unwrap(),
+        before,
+        "the worker lives on"
+    );
+    assert_eq!(pool.metrics().died, 0);
+    shut_down(pool);
+}
