@@ -140,6 +140,11 @@ pub(crate) struct Policy<T> {
     depth: usize,
     /// Moving average of how long a worker spends on one task, in nanoseconds.
     pace_ns: Option<u64>,
+    /// Lazy submitters (imap iterators) opened while the pool ran: after `close` they may
+    /// still submit, and the workers stay for them.
+    feeds: usize,
+    /// `join` or `terminate` ended every feed's right to submit.
+    feeds_revoked: bool,
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
@@ -157,6 +162,8 @@ impl<T> Policy<T> {
         Policy {
             depth: cfg.in_flight,
             pace_ns: None,
+            feeds: 0,
+            feeds_revoked: false,
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -181,7 +188,24 @@ impl<T> Policy<T> {
         task: T,
         fx: &mut impl Effects<T>,
     ) -> Result<(), (T, Refusal)> {
-        if self.state != State::Running {
+        self.submit_from(id, task, false, fx)
+    }
+
+    /// As [`Policy::submit`], for a task from a feed opened with [`Policy::open_feed`]: it
+    /// is accepted after `close` too, until the feeds are revoked.
+    pub(crate) fn submit_from(
+        &mut self,
+        id: TaskId,
+        task: T,
+        fed: bool,
+        fx: &mut impl Effects<T>,
+    ) -> Result<(), (T, Refusal)> {
+        let open = match self.state {
+            State::Running => true,
+            State::Closed => fed && self.feeds > 0 && !self.feeds_revoked,
+            State::Terminated => false,
+        };
+        if !open {
             return Err((task, Refusal::Closed));
         }
         if let Some(why) = &self.broken {
@@ -320,6 +344,30 @@ impl<T> Policy<T> {
         self.retire_idle(fx);
     }
 
+    /// Opens a feed (a lazy submitter, accepted while the pool runs): its tasks are still
+    /// accepted after `close`. `false` if the pool no longer runs.
+    pub(crate) fn open_feed(&mut self) -> bool {
+        if self.state == State::Running {
+            self.feeds += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A feed has submitted everything it will.
+    pub(crate) fn close_feed(&mut self, fx: &mut impl Effects<T>) {
+        self.feeds = self.feeds.saturating_sub(1);
+        self.retire_idle(fx);
+    }
+
+    /// Ends every feed's right to submit (`join`): workers exit once the queue drains.
+    pub(crate) fn revoke_feeds(&mut self, fx: &mut impl Effects<T>) {
+        self.feeds = 0;
+        self.feeds_revoked = true;
+        self.retire_idle(fx);
+    }
+
     /// No more submissions; workers exit once the queue drains.
     pub(crate) fn close(&mut self, fx: &mut impl Effects<T>) {
         if self.state == State::Running {
@@ -331,6 +379,8 @@ impl<T> Policy<T> {
     /// Stop now: every unfinished task ends as terminated, every worker is killed.
     pub(crate) fn terminate(&mut self, fx: &mut impl Effects<T>) {
         self.state = State::Terminated;
+        self.feeds = 0;
+        self.feeds_revoked = true;
         self.queue.clear();
         let mut ids: Vec<TaskId> = self.tasks.keys().copied().collect();
         ids.sort_unstable();
@@ -408,6 +458,7 @@ impl<T> Policy<T> {
         }
         let wanted = match self.state {
             State::Running => self.cfg.processes,
+            State::Closed if self.feeds > 0 => self.cfg.processes,
             State::Closed if !self.queue.is_empty() => self.cfg.processes.min(self.queue.len()),
             _ => 0,
         };
@@ -484,7 +535,7 @@ impl<T> Policy<T> {
     }
 
     fn retire_idle(&mut self, fx: &mut impl Effects<T>) {
-        if self.state != State::Closed || !self.queue.is_empty() {
+        if self.state != State::Closed || !self.queue.is_empty() || self.feeds > 0 {
             return;
         }
         for (&wid, slot) in self.workers.iter_mut() {
@@ -761,6 +812,30 @@ mod tests {
     }
 
     #[test]
+    fn a_feed_opened_before_close_submits_after_it_until_revoked() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        assert!(p.open_feed());
+        p.close(&mut fx);
+        assert!(!p.open_feed(), "no new feed once closed");
+        assert!(fx.retired.is_empty(), "the worker stays for the open feed");
+        p.submit_from(1, 1, true, &mut fx).unwrap();
+        assert!(matches!(p.submit(2, 2, &mut fx), Err((2, Refusal::Closed))));
+        p.done(1, 1, &mut fx);
+        assert!(fx.retired.is_empty());
+        p.revoke_feeds(&mut fx);
+        assert_eq!(fx.retired, vec![1], "revoked: the idle worker retires");
+        assert!(matches!(
+            p.submit_from(3, 3, true, &mut fx),
+            Err((3, Refusal::Closed))
+        ));
+        p.exited(1, Exit::Ended, &mut fx);
+        assert!(p.is_finished());
+    }
+
+    #[test]
     fn close_drains_then_retires() {
         let mut p = Policy::<u64>::new(cfg(2, None));
         let mut fx = Fake::default();
@@ -862,6 +937,11 @@ mod tests {
         Terminate,
         /// A task took this many microseconds.
         Observe(u64),
+        /// An imap opens a feed, submits through it, is exhausted; `join` revokes feeds.
+        OpenFeed,
+        SubmitFed,
+        CloseFeed,
+        Revoke,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -874,6 +954,10 @@ mod tests {
             1 => Just(Op::Close),
             1 => Just(Op::Terminate),
             2 => (1u64..200).prop_map(Op::Observe),
+            1 => Just(Op::OpenFeed),
+            3 => Just(Op::SubmitFed),
+            1 => Just(Op::CloseFeed),
+            1 => Just(Op::Revoke),
         ]
     }
 
@@ -894,6 +978,7 @@ mod tests {
             let mut outcomes: HashMap<TaskId, u32> = HashMap::new();
             let mut refused = BTreeSet::new();
             let mut sent_per_worker: HashMap<WorkerId, u64> = HashMap::new();
+            let mut feeds = 0usize;
             let live = |p: &Policy<u64>| p.workers.keys().copied().collect::<Vec<_>>();
             for op in ops {
                 match op {
@@ -935,6 +1020,20 @@ mod tests {
                     Op::Close => p.close(&mut fx),
                     Op::Terminate => p.terminate(&mut fx),
                     Op::Observe(us) => p.observe(Duration::from_micros(us), &mut fx),
+                    Op::OpenFeed => {
+                        if p.open_feed() { feeds += 1; }
+                    }
+                    Op::SubmitFed => {
+                        let id = next;
+                        next += 1;
+                        if p.submit_from(id, id, feeds > 0, &mut fx).is_err() {
+                            refused.insert(id);
+                        }
+                    }
+                    Op::CloseFeed => {
+                        if feeds > 0 { feeds -= 1; p.close_feed(&mut fx); }
+                    }
+                    Op::Revoke => p.revoke_feeds(&mut fx),
                 }
                 prop_assert!((2..=4).contains(&p.depth()));
                 let holding = p.workers.values().filter(|s| !s.in_flight.is_empty()).count();

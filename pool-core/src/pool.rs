@@ -432,12 +432,13 @@ impl Pool {
         &self,
         enc: Encoded,
         base: Option<usize>,
+        fed: bool,
         done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
     ) where
         R: DeserializeOwned + Send + 'static,
     {
         if let Some(task) = self.prepare_batch(enc, base, done) {
-            self.submit_all(vec![task]);
+            self.submit_all(vec![task], fed);
         }
     }
 
@@ -528,11 +529,11 @@ impl Pool {
 
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
-    fn submit_all(&self, tasks: Vec<(u64, TaskRec)>) {
+    fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
         let refused = self.shared.act(|p, fx| {
             let mut refused = Vec::new();
             for (id, rec) in tasks {
-                if let Err(r) = p.submit(id, rec, fx) {
+                if let Err(r) = p.submit_from(id, rec, fed, fx) {
                     refused.push(r);
                 }
             }
@@ -540,6 +541,11 @@ impl Pool {
         });
         for (rec, why) in refused {
             let e = match why {
+                Refusal::Closed if fed => TaskError::new(
+                    TaskErrorKind::PoolClosed,
+                    "the pool was joined or terminated before this item was sent: imap sends \
+                     items as their results are consumed, so consume it before join()",
+                ),
                 Refusal::Closed => TaskError::new(
                     TaskErrorKind::PoolClosed,
                     "the pool is closed: it accepts no new tasks",
@@ -593,7 +599,7 @@ impl Pool {
         let weak = Arc::downgrade(&self.shared);
         let func = task::batch_ref::<F, Args, R>(f);
         let enc = encode_chunk(self.new_id(), func, std::slice::from_ref(&args));
-        self.submit_batch::<R>(enc, None, move |mut items| {
+        self.submit_batch::<R>(enc, None, false, move |mut items| {
             let r = items
                 .pop()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
@@ -765,14 +771,19 @@ impl Pool {
             );
             tasks.extend(task);
         }
-        self.submit_all(tasks);
+        self.submit_all(tasks, false);
         out
     }
 
     /// Applies `f` to each item lazily and yields results in order as they come: Python's
     /// `imap`. The input is read only as workers free up (a bounded window of chunks in
-    /// flight), so an endless iterator works and memory stays bounded. Chunk size: automatic
-    /// when the iterator knows its length, else 1.
+    /// flight, the first ones sent at once), so an endless iterator works and memory stays
+    /// bounded. Chunk size: automatic when the iterator knows its length, else 1.
+    ///
+    /// As in Python, an imap made before [`close`](Pool::close) still gets all its results
+    /// after it: it goes on sending its items as you consume it. [`join`](Pool::join) ends
+    /// that (join cannot wait for a consumer that may be the joining thread): items not yet
+    /// sent then fail with [`TaskErrorKind::PoolClosed`]. Consume an imap before `join`.
     pub fn imap<'p, F, A, R, I>(&'p self, f: F, items: I) -> Imap<'p, R>
     where
         F: TaskFn<(A,), Output = R>,
@@ -853,6 +864,8 @@ impl Pool {
         let mut next_chunk = 0usize;
         let mut next_item = 0usize;
         let pool: &'p Pool = self;
+        // Opened while the pool runs, this imap goes on sending items after close().
+        let fed = self.shared.act(|p, _| p.open_feed());
         let feed = Box::new(move || -> bool {
             let chunk: Vec<A> = iter.by_ref().take(size).collect();
             if chunk.is_empty() {
@@ -863,13 +876,14 @@ impl Pool {
             next_item += chunk.len();
             let tx = tx.clone();
             let enc = encode_chunk(pool.new_id(), func, &chunk);
-            pool.submit_batch::<R>(enc, Some(base), move |results| {
+            pool.submit_batch::<R>(enc, Some(base), fed, move |results| {
                 let _ = tx.send((c, results));
             });
             true
         });
-        Imap {
+        let mut imap = Imap {
             feed,
+            pool: fed.then_some(self),
             rx,
             window: self.processes * MAX_IN_FLIGHT * 2,
             in_flight: 0,
@@ -878,10 +892,14 @@ impl Pool {
             next_yield: 0,
             parked: BTreeMap::new(),
             current: VecDeque::new(),
-        }
+        };
+        // Work starts now, as in Python, not at the first `next`.
+        imap.fill();
+        imap
     }
 
     /// Stops accepting tasks; workers exit once the queued ones are done: Python's `close`.
+    /// Iterators from [`imap`](Pool::imap) made before it go on sending their items.
     pub fn close(&self) {
         self.shared.act(|p, fx| p.close(fx));
     }
@@ -892,7 +910,8 @@ impl Pool {
         self.shared.terminate();
     }
 
-    /// Waits until every worker has exited and been reaped: Python's `join`.
+    /// Waits until every worker has exited and been reaped: Python's `join`. Items an
+    /// unfinished [`imap`](Pool::imap) has not sent yet will not be sent.
     ///
     /// # Errors
     /// If neither [`close`](Pool::close) nor [`terminate`](Pool::terminate) was called
@@ -903,6 +922,7 @@ impl Pool {
                 "join() waits for the workers to exit: call close() or terminate() first",
             ));
         }
+        self.shared.act(|p, fx| p.revoke_feeds(fx));
         let _ = self.finished.recv();
         self.finish_join();
         Ok(())
@@ -919,6 +939,7 @@ impl Pool {
                 "join() waits for the workers to exit: call close() or terminate() first",
             ));
         }
+        self.shared.act(|p, fx| p.revoke_feeds(fx));
         match self.finished.recv_timeout(timeout) {
             // Disconnected: another join already took the signal; the pool is finished.
             Ok(()) | Err(flume::RecvTimeoutError::Disconnected) => {
@@ -1019,6 +1040,8 @@ type ChunkResults<R> = (usize, Vec<Result<R, TaskError>>);
 /// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item.
 pub struct Imap<'p, R> {
     feed: Box<dyn FnMut() -> bool + 'p>,
+    /// The pool, while this imap holds an open feed there (until its input is exhausted).
+    pool: Option<&'p Pool>,
     rx: flume::Receiver<ChunkResults<R>>,
     window: usize,
     in_flight: usize,
@@ -1039,6 +1062,35 @@ impl<R> fmt::Debug for Imap<'_, R> {
     }
 }
 
+impl<R> Imap<'_, R> {
+    /// Sends chunks until the window is full or the input ends. Chunks parked out of order
+    /// count against the window too, so one slow chunk cannot let the input run ahead
+    /// without bound.
+    fn fill(&mut self) {
+        while !self.exhausted && self.in_flight + self.parked.len() < self.window {
+            if (self.feed)() {
+                self.in_flight += 1;
+            } else {
+                self.set_exhausted();
+            }
+        }
+    }
+
+    /// No more input will be sent: the feed closes.
+    fn set_exhausted(&mut self) {
+        self.exhausted = true;
+        if let Some(pool) = self.pool.take() {
+            pool.shared.act(|p, fx| p.close_feed(fx));
+        }
+    }
+}
+
+impl<R> Drop for Imap<'_, R> {
+    fn drop(&mut self) {
+        self.set_exhausted();
+    }
+}
+
 impl<R> Iterator for Imap<'_, R> {
     type Item = Result<R, TaskError>;
 
@@ -1047,15 +1099,7 @@ impl<R> Iterator for Imap<'_, R> {
             if let Some(r) = self.current.pop_front() {
                 return Some(r);
             }
-            // Chunks parked out of order count against the window too, so one slow chunk
-            // cannot let the input run ahead without bound.
-            while !self.exhausted && self.in_flight + self.parked.len() < self.window {
-                if (self.feed)() {
-                    self.in_flight += 1;
-                } else {
-                    self.exhausted = true;
-                }
-            }
+            self.fill();
             if self.ordered {
                 if let Some(v) = self.parked.remove(&self.next_yield) {
                     self.next_yield += 1;
@@ -1077,7 +1121,7 @@ impl<R> Iterator for Imap<'_, R> {
                 .all(|r| matches!(r, Err(e) if e.kind() == TaskErrorKind::PoolClosed))
             {
                 // The pool is closed: report this chunk, read no more input.
-                self.exhausted = true;
+                self.set_exhausted();
             }
             self.parked.insert(c, v);
         }

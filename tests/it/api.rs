@@ -315,3 +315,48 @@ fn join_timeout_after_or_beside_other_joins_succeeds() {
     }
     r.get().unwrap();
 }
+
+/// As in Python: an imap made before `close` still yields every result after it (it goes
+/// on sending its items); `join` ends that, and what was not sent then fails clearly.
+#[test]
+fn an_imap_made_before_close_yields_everything_after_it() {
+    let pool = builder(Default::default()).build().unwrap();
+    // No length known: chunks of one, many more than the window, so most are sent after
+    // close.
+    let it = pool.imap(square, (0..1000u64).filter(|_| true));
+    let unordered = pool.imap_unordered(square, (0..300u64).filter(|_| true));
+    pool.close();
+    let got: Vec<u64> = it.map(Result::unwrap).collect();
+    assert_eq!(got, (0..1000).map(|x| x * x).collect::<Vec<_>>());
+    let mut got: Vec<u64> = unordered.map(Result::unwrap).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..300).map(|x| x * x).collect::<Vec<_>>());
+    // Made after close: refused.
+    assert!(pool.imap(square, 0..3u64).next().unwrap().is_err());
+    pool.join_timeout(Duration::from_secs(20)).unwrap();
+
+    // join before consuming: the first window was sent at creation and completes; the rest
+    // fails with PoolClosed, and nothing hangs.
+    let pool = builder(Default::default()).build().unwrap();
+    let it = pool.imap(square, 0u64..);
+    pool.close();
+    pool.join_timeout(Duration::from_secs(20)).unwrap();
+    let mut ok = 0;
+    let mut closed = None;
+    for r in it.take(10_000) {
+        match r {
+            Ok(v) => {
+                assert_eq!(v, ok * ok);
+                ok += 1;
+            }
+            Err(e) => {
+                closed = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(ok > 0, "the items sent before join completed");
+    let e = closed.expect("items not sent before join fail");
+    assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
+    assert!(e.to_string().contains("before join()"), "{e}");
+}
