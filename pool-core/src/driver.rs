@@ -193,7 +193,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 TaskErrorKind::PoolClosed,
                 "the pool was terminated before this task finished",
             ),
-            Finish::InitFailed(m) => TaskError::new(TaskErrorKind::InitializerFailed, m),
+            Finish::InitFailed(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
         };
         self.done.push((task, Outcome::Failed(err)));
     }

@@ -88,8 +88,9 @@ impl TaskError {
         }
     }
 
-    /// The worker's backtrace of the panic, if the task panicked while `RUST_BACKTRACE`
-    /// was set in the worker's environment.
+    /// The worker's backtrace of the panic behind this error (in the task, the initializer,
+    /// or a `Deserialize` of the arguments), if `RUST_BACKTRACE` was set in the worker's
+    /// environment. It is kept out of the message.
     pub fn backtrace(&self) -> Option<&str> {
         self.0.backtrace.as_deref()
     }
@@ -408,5 +409,13 @@ mod tests {
         assert!(!e.to_string().contains("frame"), "{e}");
         let plain = TaskError::panicked("panicked at src/x.rs:1:2: boom".to_owned());
         assert_eq!(plain.backtrace(), None);
+        let init = TaskError::with_report(
+            TaskErrorKind::InitializerFailed,
+            "3 consecutive worker starts failed; the last: the initializer panicked at \
+             src/x.rs:1:2: db gone\nstack backtrace:\n   0: frame"
+                .to_owned(),
+        );
+        assert!(init.to_string().ends_with("db gone"), "{init}");
+        assert_eq!(init.backtrace(), Some("   0: frame"));
     }
 }

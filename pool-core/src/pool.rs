@@ -550,7 +550,7 @@ impl Pool {
                     TaskErrorKind::PoolClosed,
                     "the pool is closed: it accepts no new tasks",
                 ),
-                Refusal::Broken(m) => TaskError::new(TaskErrorKind::InitializerFailed, m),
+                Refusal::Broken(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
             };
             (rec.sink)(Outcome::Failed(e));
         }
