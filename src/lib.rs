@@ -79,13 +79,15 @@
 //! Every task ends with exactly one outcome: its value, or a [`TaskError`] saying what
 //! happened: the task panicked (the worker survives), its worker died while running it (pid,
 //! exit code or signal named; the worker is replaced at once, and tasks queued to it that
-//! had not started run elsewhere), it could not be encoded or decoded, or the pool was
-//! closed.
+//! had not started run elsewhere), it could not be encoded or decoded, its initializer keeps
+//! failing, or the pool was closed. No task runs twice: a worker sends each result before
+//! it starts its next task, so the pool always knows which task a dead worker was running.
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
 //! two when tasks take long, up to sixteen when they take microseconds
-//! ([`Metrics::in_flight_per_worker`] shows the current depth). Nothing hangs: a dead worker is noticed from its channel and its pidfd,
-//! not by polling.
+//! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
+//! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
+//! from its channel and its pidfd, not by polling.
 //!
 //! # Stopping tasks safely
 //!
