@@ -259,6 +259,22 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (bounded) until the fork server has exactly one child besides `handed`: its spare.
+fn the_spare(server: u32, handed: &[u32]) -> u32 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let kids: Vec<u32> = children_of(server)
+            .into_iter()
+            .filter(|p| !handed.contains(p))
+            .collect();
+        if let [spare] = kids[..] {
+            return spare;
+        }
+        assert!(std::time::Instant::now() < deadline, "no spare: {kids:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
     let mut l = launcher(StartMethod::Forkserver);
@@ -266,20 +282,7 @@ fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
     let mut w1 = launch(&mut l, 1);
     w1.setup();
     // After answering, the server forks a spare for the next request.
-    let spare = {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let kids: Vec<u32> = children_of(server)
-                .into_iter()
-                .filter(|&p| p != w1.worker.pid())
-                .collect();
-            if let [spare] = kids[..] {
-                break spare;
-            }
-            assert!(std::time::Instant::now() < deadline, "no spare: {kids:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let spare = the_spare(server, &[w1.worker.pid()]);
     let mut w2 = launch(&mut l, 2);
     assert_eq!(w2.worker.pid(), spare, "the spare answers the next request");
     w2.setup();
@@ -289,20 +292,7 @@ fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
     );
     // Kill the next spare before anyone asks for it: the server reaps it without a
     // report, and the next request gets a working worker.
-    let doomed = {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let kids: Vec<u32> = children_of(server)
-                .into_iter()
-                .filter(|&p| p != w1.worker.pid() && p != w2.worker.pid())
-                .collect();
-            if let [s] = kids[..] {
-                break s;
-            }
-            assert!(std::time::Instant::now() < deadline, "no spare: {kids:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let doomed = the_spare(server, &[w1.worker.pid(), w2.worker.pid()]);
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(doomed as i32).unwrap(),
         Signal::KILL,
