@@ -75,7 +75,7 @@ impl Event {
 
     /// Blocks until the flag is set or `timeout` passes; true if it is set.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::result::deadline_after(timeout);
         let word = self.seg.atomic_u32(STATE);
         loop {
             if word.load(Ordering::SeqCst) != 0 {

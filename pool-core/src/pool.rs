@@ -940,7 +940,10 @@ impl Pool {
             ));
         }
         self.shared.act(|p, fx| p.revoke_feeds(fx));
-        match self.finished.recv_timeout(timeout) {
+        match self
+            .finished
+            .recv_deadline(crate::result::deadline_after(timeout))
+        {
             // Disconnected: another join already took the signal; the pool is finished.
             Ok(()) | Err(flume::RecvTimeoutError::Disconnected) => {
                 self.finish_join();

@@ -137,7 +137,7 @@ impl<T> AsyncResult<T> {
     /// already returned it. Otherwise the task's own error.
     #[doc(alias = "get")]
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, TaskError> {
-        if !self.slot.wait_until(Some(Instant::now() + timeout)) {
+        if !self.slot.wait_until(Some(deadline_after(timeout))) {
             return Err(TaskError::new(
                 TaskErrorKind::NotReady,
                 format!("still running after {:.3}s", timeout.as_secs_f64()),
@@ -153,7 +153,7 @@ impl<T> AsyncResult<T> {
 
     /// Waits at most `timeout`; true if the result is available.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.slot.wait_until(Some(Instant::now() + timeout))
+        self.slot.wait_until(Some(deadline_after(timeout)))
     }
 
     /// True once the result is available (whether success or failure).
@@ -238,4 +238,12 @@ impl<T> fmt::Debug for Callbacks<T> {
             .field("on_error", &self.on_error.is_some())
             .finish()
     }
+}
+
+/// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`, say)
+/// means a century, which is to say never.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

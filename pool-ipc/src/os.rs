@@ -87,7 +87,7 @@ pub(crate) fn poll_one(
     timeout: Option<Duration>,
 ) -> io::Result<bool> {
     let events = if write { PollFlags::OUT } else { PollFlags::IN };
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(deadline_after);
     loop {
         let ts = match deadline {
             None => None,
@@ -191,4 +191,12 @@ pub(crate) fn write_once(
             other => return other,
         }
     }
+}
+
+/// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`, say)
+/// means a century, which is to say never.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

@@ -86,7 +86,7 @@ impl ChildProc {
 
     /// Waits until the child exits or `timeout` passes; reaps it if it exited.
     pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if let Some(s) = self.try_wait()? {
                 return Ok(Some(s));
@@ -175,7 +175,7 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io
 /// `poll(2)` with a `Duration` timeout (`None`: forever); retries on `EINTR` with the time
 /// left.
 pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(deadline_after);
     loop {
         let ts = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -190,4 +190,12 @@ pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Res
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The instant `timeout` from now; a timeout too long to represent (`Duration::MAX`, say)
+/// means a century, which is to say never.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

@@ -401,7 +401,7 @@ impl ServerLink {
     pub(crate) fn fork(&self) -> Result<Forked> {
         let mut st = self.lock();
         st.send(&Request::Fork)?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::child::deadline_after(self.timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -441,7 +441,7 @@ impl ServerLink {
     /// # Errors
     /// [`ErrorKind::ServerLost`] if the server is gone and never reported it.
     pub(crate) fn wait_report(&self, serial: u64, timeout: Duration) -> Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::child::deadline_after(timeout);
         loop {
             let mut st = self.lock();
             if let Some(s) = st.reports.remove(&serial) {
@@ -523,6 +523,11 @@ impl LinkState {
             self.lost = Some(why.to_owned());
         }
         self.ctl = None;
+        // Reap it now (killing it if it only stopped answering), rather than leave a zombie
+        // for as long as handles to its workers live.
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill_and_reap(Duration::from_secs(2));
+        }
     }
 
     fn lost_error(&self) -> Error {

@@ -117,7 +117,7 @@ pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -
 /// Reads the child's hello, watching for its early exit and the deadline.
 fn handshake(sock: &OwnedFd, child: &mut ChildProc, role: Role, timeout: Duration) -> Result<()> {
     let pid = child.pid().as_raw_nonzero().get();
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::child::deadline_after(timeout);
     let mut buf = [0u8; HELLO_LEN];
     let mut got = 0;
     loop {

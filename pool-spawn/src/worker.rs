@@ -127,7 +127,10 @@ impl Worker {
             Proc::Served {
                 pidfd: Some(fd), ..
             } => Ok(rustix::process::pidfd_send_signal(fd, sig)?),
-            Proc::Served { pid, .. } => Ok(rustix::process::kill_process(*pid, sig)?),
+            Proc::Served { pid, .. } if self.holds_its_pid() => {
+                Ok(rustix::process::kill_process(*pid, sig)?)
+            }
+            Proc::Served { .. } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
         }
     }
 
@@ -137,8 +140,32 @@ impl Worker {
     /// # Errors
     /// `ESRCH` if the group no longer exists.
     pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
+        if !self.holds_its_pid() {
+            // The group id is the worker's pid, which may belong to someone else by now.
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
         let pgid = Pid::from_raw(self.pid as i32).ok_or(io::ErrorKind::InvalidInput)?;
         Ok(rustix::process::kill_process_group(pgid, sig)?)
+    }
+
+    /// Whether the worker's pid (and so its group id) is still the worker's: a direct child
+    /// holds it until we reap it; a fork-server worker until it exits (the server reaps it
+    /// at once), which its pidfd tells.
+    fn holds_its_pid(&self) -> bool {
+        match &self.proc_ {
+            Proc::Direct(c) => c.status().is_none(),
+            Proc::Served {
+                status: Some(_), ..
+            } => false,
+            Proc::Served {
+                pidfd: Some(fd), ..
+            } => !poll_readable(fd.as_fd(), Some(Duration::ZERO)).unwrap_or(true),
+            // No pidfd (old kernels): alive unless the server has reported it.
+            Proc::Served { serial, link, .. } => !matches!(
+                link.wait_report(*serial, Duration::ZERO),
+                Ok(Some(_)) | Err(_)
+            ),
+        }
     }
 
     /// Reaps the worker if it has exited; never blocks (beyond reading a pending report
@@ -168,7 +195,7 @@ impl Worker {
                 status,
                 ..
             } => {
-                let deadline = Instant::now() + timeout;
+                let deadline = crate::child::deadline_after(timeout);
                 let r = match pidfd {
                     Some(fd) => {
                         let ended = poll_readable(fd.as_fd(), Some(timeout))
@@ -237,6 +264,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // Direct children: `ChildProc`'s own drop kills the group and reaps.
+        let alive = self.holds_its_pid();
         if let Proc::Served {
             serial,
             pidfd,
@@ -245,13 +273,15 @@ impl Drop for Worker {
             pid,
         } = &self.proc_
         {
-            let _ = rustix::process::kill_process_group(*pid, Signal::KILL);
-            match pidfd {
-                Some(fd) => {
-                    let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
-                }
-                None => {
-                    let _ = rustix::process::kill_process(*pid, Signal::KILL);
+            if alive {
+                let _ = rustix::process::kill_process_group(*pid, Signal::KILL);
+                match pidfd {
+                    Some(fd) => {
+                        let _ = rustix::process::pidfd_send_signal(fd, Signal::KILL);
+                    }
+                    None => {
+                        let _ = rustix::process::kill_process(*pid, Signal::KILL);
+                    }
                 }
             }
             // The server reaps it; forget its report.

@@ -360,3 +360,17 @@ fn an_imap_made_before_close_yields_everything_after_it() {
     assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
     assert!(e.to_string().contains("before join()"), "{e}");
 }
+
+/// `Duration::MAX` as a timeout means no limit, never a panic.
+#[test]
+fn timeouts_of_duration_max_wait_without_limit() {
+    let pool = builder(Default::default()).build().unwrap();
+    let r = pool.apply_async(square, (3,));
+    assert!(r.wait_timeout(Duration::MAX));
+    assert_eq!(r.get_timeout(Duration::MAX).unwrap(), 9);
+    let e = procpool::Event::new().unwrap();
+    e.set();
+    assert!(e.wait_timeout(Duration::MAX));
+    pool.close();
+    pool.join_timeout(Duration::MAX).unwrap();
+}

@@ -216,6 +216,8 @@ fn forkserver_restarts_after_losing_its_server() {
     assert_dies(w.worker.pid(), Duration::from_secs(10));
     let e = w.worker.wait_timeout(WAIT).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ServerLost, "{e}");
+    // The lost server is reaped at once, not when the last handle to its workers goes.
+    assert_gone(server);
     drop(w);
     // The next launch starts a new server.
     let mut w = launch(&mut l, 2);
@@ -353,3 +355,71 @@ per_method!(
     survives_the_launching_thread,
     super::survives_the_launching_thread
 );
+
+/// Starts an unrelated process that leads its own group, with pid `pid` (so group id `pid`),
+/// by steering the kernel's next pid. `None` where that is not allowed (not root) or the pid
+/// went elsewhere.
+fn squat_pid(pid: u32) -> Option<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).ok()?;
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .ok()?;
+        if c.id() == pid {
+            return Some(c);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    None
+}
+
+/// Once a worker is gone, its pid (and group id) may be reused: handles must not signal
+/// that group any more: not `signal_group`, not `terminate`, not dropping the handle.
+fn no_signal_to_a_reused_group(method: StartMethod) {
+    let mut l = launcher(method);
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    let pid = w.worker.pid();
+    w.send(&pool_spawn::protocol::ToWorker::Exit);
+    w.expect_eof();
+    if method != StartMethod::Forkserver {
+        // A direct child holds its pid until reaped.
+        w.wait();
+    }
+    assert_gone(pid);
+    let Some(mut squatter) = squat_pid(pid) else {
+        eprintln!("skipped: cannot place a process at pid {pid} (needs root)");
+        return;
+    };
+    let e = w.worker.signal_group(Signal::KILL).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{method:?}: {e}");
+    let _ = w.worker.terminate(Duration::from_millis(100));
+    drop(w);
+    std::thread::sleep(Duration::from_millis(100));
+    let untouched = squatter.try_wait().unwrap().is_none();
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(
+        untouched,
+        "{method:?}: the process now at pid {pid} was signalled"
+    );
+}
+
+per_method!(reused_group, super::no_signal_to_a_reused_group);
+
+/// A timeout too long to represent (`Duration::MAX`) means "no limit", never a panic.
+fn unbounded_timeouts(method: StartMethod) {
+    let mut l = Launcher::new(method, opts().handshake_timeout(Duration::MAX)).unwrap();
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    w.send(&pool_spawn::protocol::ToWorker::Exit);
+    let status = w.worker.wait_timeout(Duration::MAX).unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(w.worker.terminate(Duration::MAX).unwrap().success());
+}
+
+per_method!(max_timeouts, super::unbounded_timeouts);
