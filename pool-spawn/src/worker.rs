@@ -24,8 +24,11 @@ const REPORT_GRACE: Duration = Duration::from_secs(2);
 /// (`waitid(P_PIDFD)`), so a recycled pid can never be waited for or signalled by mistake;
 /// a fork-server worker's status comes from the server, which is its parent.
 ///
-/// Dropping a handle whose worker has not been reaped kills the worker's process group
-/// with `SIGKILL` and reaps it (waiting at most a few seconds).
+/// Dropping a handle whose worker is still alive kills the worker's process group with
+/// `SIGKILL` and reaps it (waiting at most a few seconds). The group is signalled only while
+/// the worker still holds its pid (its group id): a direct child until it is reaped, a
+/// fork-server worker until its pidfd reports its exit. After that, group signals answer
+/// `ESRCH` rather than reach whoever has the number now.
 #[derive(Debug)]
 pub struct Worker {
     pid: u32,
