@@ -326,6 +326,16 @@ pub(crate) fn run(args: Args) -> ExitCode {
             }
         }
     }
+    if workloads.iter().any(|w| w == "apply_rtt") {
+        // The machine's floor for a round trip between two processes, measured beside
+        // the pool so the report can tell a slow machine from a slow pool.
+        for _ in 0..args.runs.max(1) {
+            let line =
+                run_isolated_spec(RAW_SYSTEM, "raw:apply_rtt", "apply_rtt", args.quick, limit);
+            println!("{line}");
+            rows.push(line);
+        }
+    }
     if args.reference {
         match crate::reference::run_cpython(&methods, &workloads, args.runs.max(1), args.quick) {
             Ok(lines) => rows.extend(lines),
@@ -345,6 +355,18 @@ pub(crate) fn run(args: Args) -> ExitCode {
 /// JSON line; past `limit` the child is killed and the line says it timed out.
 fn run_isolated(workload: &str, method: StartMethod, quick: bool, limit: Duration) -> String {
     let system = format!("procpool-{}", method_name(method));
+    let spec = format!("{}:{workload}", method_name(method));
+    run_isolated_spec(&system, &spec, workload, quick, limit)
+}
+
+/// Runs `procpool bench --one SPEC` in a child process; see [`run_isolated`].
+fn run_isolated_spec(
+    system: &str,
+    spec: &str,
+    workload: &str,
+    quick: bool,
+    limit: Duration,
+) -> String {
     let failed = |reason: String| {
         format!(
             "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"ok\":false,\"reason\":{}}}",
@@ -356,11 +378,7 @@ fn run_isolated(workload: &str, method: StartMethod, quick: bool, limit: Duratio
         Err(e) => return failed(format!("cannot find this program: {e}")),
     };
     let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "bench",
-        "--one",
-        &format!("{}:{workload}", method_name(method)),
-    ]);
+    cmd.args(["bench", "--one", spec]);
     if quick {
         cmd.arg("--quick");
     }
@@ -408,6 +426,22 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
         eprintln!("procpool bench: --one takes METHOD:WORKLOAD");
         return ExitCode::FAILURE;
     };
+    if spec == "raw:apply_rtt" {
+        let line = match raw_pipe_rtt(Scale::new(quick).apply_calls) {
+            Ok(v) => format!(
+                "{{\"system\":\"{RAW_SYSTEM}\",\"workload\":\"apply_rtt\",\"value\":{v:e},\"unit\":\"s\",\"ok\":true}}"
+            ),
+            Err(e) => format!(
+                "{{\"system\":\"{RAW_SYSTEM}\",\"workload\":\"apply_rtt\",\"ok\":false,\"reason\":{}}}",
+                json_string(&e)
+            ),
+        };
+        println!("{line}");
+        return ExitCode::SUCCESS;
+    }
+    if m == "pipe-echo" {
+        return pipe_echo();
+    }
     let method = match parse_method(m) {
         Ok(m) => m,
         Err(e) => {
@@ -428,6 +462,57 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+    ExitCode::SUCCESS
+}
+
+/// The system name of the raw round-trip floor in results.
+const RAW_SYSTEM: &str = "raw-pipe";
+
+/// The mean round trip of one byte through a pair of pipes to a child process that echoes
+/// it (`procpool bench --one pipe-echo:`): no pool, no framing, no encoding.
+fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
+    use std::io::Read;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args(["bench", "--one", "pipe-echo:"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the echo process: {e}"))?;
+    let mut to = child.stdin.take().expect("piped");
+    let mut from = child.stdout.take().expect("piped");
+    let mut byte = [0u8; 1];
+    let mut round = |to: &mut std::process::ChildStdin| -> Result<(), String> {
+        to.write_all(&[7]).map_err(|e| e.to_string())?;
+        from.read_exact(&mut byte).map_err(|e| e.to_string())
+    };
+    for _ in 0..100 {
+        round(&mut to)?;
+    }
+    let t = Instant::now();
+    for _ in 0..rounds {
+        round(&mut to)?;
+    }
+    let mean = t.elapsed().as_secs_f64() / rounds as f64;
+    drop(to);
+    let _ = child.wait();
+    Ok(mean)
+}
+
+/// The echo side of [`raw_pipe_rtt`]: copies stdin to stdout a byte at a time until EOF.
+fn pipe_echo() -> ExitCode {
+    use std::io::Read;
+    let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let mut byte = [0u8; 1];
+    while input.read_exact(&mut byte).is_ok() {
+        if output
+            .write_all(&byte)
+            .and_then(|()| output.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
     ExitCode::SUCCESS
 }
 

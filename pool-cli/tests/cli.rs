@@ -40,12 +40,16 @@ fn bench_prints_one_ok_json_line_per_run_and_method() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
-    assert_eq!(lines.len(), 4, "{text}");
+    // Two runs per method, then two of the machine's raw round trip (the floor under
+    // apply_rtt).
+    assert_eq!(lines.len(), 6, "{text}");
     for (line, system) in lines.iter().zip([
         "procpool-fork",
         "procpool-fork",
         "procpool-forkserver",
         "procpool-forkserver",
+        "raw-pipe",
+        "raw-pipe",
     ]) {
         assert!(line.contains(&format!("\"system\":\"{system}\"")), "{line}");
         assert!(line.contains("\"workload\":\"apply_rtt\""), "{line}");
