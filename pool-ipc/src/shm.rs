@@ -368,12 +368,14 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     }
 }
 
-/// Wakes up to `n` waiters blocked in [`futex_wait`] on `word` (in any process). Returns
-/// how many were woken.
+/// Wakes up to `n` waiters blocked in [`futex_wait`] on `word` (in any process); `u32::MAX`
+/// (or anything above `i32::MAX`) wakes them all. Returns how many were woken.
 ///
 /// # Errors
 ///
 /// The `futex(2)` error (rare: `EFAULT`/`EINVAL` for a bad address).
 pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
+    // The kernel reads the count as a C `int`: u32::MAX would be -1 there, which wakes one.
+    let n = n.min(i32::MAX as u32);
     Ok(futex::wake(word, futex::Flags::empty(), n)?)
 }

@@ -97,3 +97,44 @@ fn an_event_dropped_right_after_submitting_still_reaches_the_worker() {
         shut_down(pool);
     }
 }
+
+fn wait_forever(e: Event) -> bool {
+    e.wait();
+    true
+}
+
+/// `set` wakes every waiter at once: threads here and tasks blocked in `wait` in several
+/// workers.
+#[test]
+fn set_wakes_every_waiter_in_every_process() {
+    let ev = Event::new().unwrap();
+    let pool = builder(Default::default()).processes(3).build().unwrap();
+    let in_workers: Vec<_> = (0..3)
+        .map(|_| pool.apply_async(wait_forever, (ev.clone(),)))
+        .collect();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let ev = ev.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                assert!(ev.wait_timeout(Duration::from_secs(20)));
+                t.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    ev.set();
+    for t in threads {
+        assert!(
+            t.join().unwrap() < Duration::from_secs(10),
+            "a thread slept through set()"
+        );
+    }
+    for r in in_workers {
+        assert!(
+            r.get_timeout(Duration::from_secs(10)).unwrap(),
+            "a worker slept through set()"
+        );
+    }
+    shut_down(pool);
+}

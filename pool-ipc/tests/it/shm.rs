@@ -111,6 +111,36 @@ fn futex_between_threads() {
 }
 
 #[test]
+fn futex_wake_of_u32_max_wakes_every_waiter() {
+    crate::helpers::bounded(60, || {
+        let seg = Arc::new(Segment::create("f", 4096).unwrap());
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let seg = Arc::clone(&seg);
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let w = seg.atomic_u32(0);
+                    while w.load(Ordering::Acquire) == 0 && t.elapsed() < Duration::from_secs(20) {
+                        futex_wait(w, 0, Some(Duration::from_secs(20))).unwrap();
+                    }
+                    t.elapsed()
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        seg.atomic_u32(0).store(1, Ordering::Release);
+        futex_wake(seg.atomic_u32(0), u32::MAX).unwrap();
+        for w in waiters {
+            let waited = w.join().unwrap();
+            assert!(
+                waited < Duration::from_secs(10),
+                "a waiter slept through the wake"
+            );
+        }
+    });
+}
+
+#[test]
 fn shm_mode_moves_large_payloads_through_the_ring() {
     crate::helpers::bounded(60, || {
         let cfg = Config::new().shm_threshold(Some(64 * 1024));
