@@ -134,6 +134,8 @@ pub(crate) struct Policy<T> {
     workers: BTreeMap<WorkerId, Slot>,
     next_wid: WorkerId,
     failures_in_a_row: u32,
+    /// Workers in a row that died (were killed, crashed) before they were ready.
+    deaths_before_ready_in_a_row: u32,
     broken: Option<String>,
     counts: Counts,
     /// Current tasks-in-flight limit per worker, between the configured bounds.
@@ -171,6 +173,7 @@ impl<T> Policy<T> {
             workers: BTreeMap::new(),
             next_wid: 1,
             failures_in_a_row: 0,
+            deaths_before_ready_in_a_row: 0,
             broken: None,
             counts: Counts::default(),
         }
@@ -227,6 +230,7 @@ impl<T> Policy<T> {
                 slot.phase = Phase::Ready;
             }
             self.failures_in_a_row = 0;
+            self.deaths_before_ready_in_a_row = 0;
         }
         self.dispatch(fx);
     }
@@ -307,11 +311,10 @@ impl<T> Policy<T> {
                 self.queue.push_front(id);
             }
             if self.state != State::Terminated {
-                let why = match how {
-                    Exit::LaunchFailed(m) => m,
-                    Exit::Ended => "a worker exited before it was ready".to_string(),
-                };
-                self.start_failed(&why, fx);
+                match how {
+                    Exit::LaunchFailed(m) => self.start_failed(&m, fx),
+                    Exit::Ended => self.died_before_ready(fx),
+                }
             }
         } else {
             if slot.in_flight.is_empty()
@@ -427,6 +430,24 @@ impl<T> Policy<T> {
             self.broken = Some(format!(
                 "{} consecutive worker starts failed; the last: {why}",
                 self.failures_in_a_row
+            ));
+        }
+        self.fail_queue_if_broken(fx);
+    }
+
+    /// A worker died before it was ready without reporting a setup failure: killed from
+    /// outside (an operator, the OOM killer) or crashed in its initializer. A few such deaths
+    /// are replaced like any other; only a crash loop (many in a row, none ready between)
+    /// breaks the pool, so that tasks never wait for workers that cannot start.
+    fn died_before_ready(&mut self, fx: &mut impl Effects<T>) {
+        self.counts.start_failures += 1;
+        self.deaths_before_ready_in_a_row += 1;
+        let limit = (self.cfg.start_failure_limit * 3).max(2 * self.cfg.processes as u32);
+        if self.deaths_before_ready_in_a_row >= limit && self.broken.is_none() {
+            self.broken = Some(format!(
+                "{} workers in a row died before they were ready (crashed or killed in their \
+                 initializer or while starting)",
+                self.deaths_before_ready_in_a_row
             ));
         }
         self.fail_queue_if_broken(fx);
@@ -833,6 +854,31 @@ mod tests {
         ));
         p.exited(1, Exit::Ended, &mut fx);
         assert!(p.is_finished());
+    }
+
+    #[test]
+    fn workers_killed_while_starting_are_replaced_and_only_a_crash_loop_breaks_the_pool() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.submit(1, 1, &mut fx).unwrap();
+        // Three workers killed in their initializer: replaced, the task waits for the next.
+        for wid in 1..=3 {
+            p.exited(wid, Exit::Ended, &mut fx);
+        }
+        assert!(fx.finished.is_empty());
+        p.ready(4, &mut fx);
+        assert_eq!(p.done(4, 1, &mut fx), Some(1));
+        // Many in a row with none ready between: a crash loop; the pool breaks.
+        let mut wid = 4;
+        p.exited(wid, Exit::Ended, &mut fx); // worker 4 was ready: a plain death
+        p.submit(2, 2, &mut fx).unwrap();
+        while fx.finished.is_empty() {
+            wid += 1;
+            assert!(wid < 20, "the crash loop never broke the pool");
+            p.exited(wid, Exit::Ended, &mut fx);
+        }
+        assert!(matches!(&fx.finished[0], (2, Finish::InitFailed(m)) if m.contains("died before")));
     }
 
     #[test]

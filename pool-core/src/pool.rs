@@ -103,8 +103,11 @@ impl PoolBuilder {
     }
 
     /// A function each worker runs once, with `args`, before its first task. A panic (or an
-    /// `Err` return) fails that worker's start; after repeated failures the pool stops
-    /// starting workers and fails pending tasks with [`TaskErrorKind::InitializerFailed`].
+    /// `Err` return) fails that worker's start; after three such failures in a row the pool
+    /// stops starting workers and fails pending tasks with
+    /// [`TaskErrorKind::InitializerFailed`]. Workers that die while starting (killed, or
+    /// crashing in the initializer) are replaced; only many in a row (a crash loop: nine, or
+    /// twice `processes`) break the pool the same way.
     #[doc(alias = "initargs")]
     pub fn initializer<F, Args>(mut self, f: F, args: Args) -> Self
     where

@@ -433,3 +433,38 @@ fn arguments_over_the_message_limit_are_an_encode_error() {
     assert_eq!(pool.metrics().died, 0);
     shut_down(pool);
 }
+
+/// Workers killed from outside while in their initializer (an operator, the OOM killer) are
+/// replaced like any other: a few such deaths do not break the pool.
+#[test]
+fn workers_killed_in_their_initializer_are_replaced() {
+    for method in METHODS {
+        let pool = builder(method)
+            .processes(1)
+            .initializer(slow_start, (300,))
+            .build()
+            .unwrap();
+        let mut killed: Vec<u32> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while killed.len() < 3 {
+            assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
+            if let Some(w) = pool
+                .workers()
+                .into_iter()
+                .find(|w| !killed.contains(&w.pid()))
+            {
+                // Well inside its 300 ms initializer.
+                std::thread::sleep(Duration::from_millis(50));
+                let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                killed.push(w.pid());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let r = pool
+            .apply_async(square, (7,))
+            .get_timeout(Duration::from_secs(20));
+        assert_eq!(r.unwrap(), 49, "{method:?}");
+        shut_down(pool);
+    }
+}
