@@ -785,8 +785,9 @@ impl Pool {
     ///
     /// As in Python, an imap made before [`close`](Pool::close) still gets all its results
     /// after it: it goes on sending its items as you consume it. [`join`](Pool::join) ends
-    /// that (join cannot wait for a consumer that may be the joining thread): items not yet
-    /// sent then fail with [`TaskErrorKind::PoolClosed`]. Consume an imap before `join`.
+    /// that (join cannot wait for a consumer that may be the joining thread): the next chunk
+    /// it tries to send fails with [`TaskErrorKind::PoolClosed`] and the iterator ends
+    /// there, reading no more input. Consume an imap before `join`.
     pub fn imap<'p, F, A, R, I>(&'p self, f: F, items: I) -> Imap<'p, R>
     where
         F: TaskFn<(A,), Output = R>,
@@ -1043,7 +1044,10 @@ impl<R: Send + 'static> Gather<R> {
 
 type ChunkResults<R> = (usize, Vec<Result<R, TaskError>>);
 
-/// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item.
+/// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item it
+/// sent. Once the pool refuses its items (joined or terminated), it yields the
+/// [`TaskErrorKind::PoolClosed`] errors of the refused chunk and the results of chunks
+/// already sent, then ends without reading more input (which may be endless).
 pub struct Imap<'p, R> {
     feed: Box<dyn FnMut() -> bool + 'p>,
     /// The pool, while this imap holds an open feed there (until its input is exhausted).
