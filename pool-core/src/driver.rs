@@ -360,6 +360,7 @@ impl Shared {
             let handle = std::thread::Builder::new()
                 .name("procpool-callbacks".into())
                 .spawn(move || {
+                    ON_CALLBACK_THREAD.set(true);
                     while let Ok(job) = rx.recv() {
                         job();
                     }
@@ -380,6 +381,11 @@ impl Shared {
         }
     }
 
+    /// True on a pool's callback thread (a callback is running this code).
+    pub(crate) fn on_callback_thread() -> bool {
+        ON_CALLBACK_THREAD.get()
+    }
+
     /// Waits for queued callbacks to finish and stops the callback thread (called from the
     /// callback thread itself, it only tells it to stop after the queue).
     pub(crate) fn stop_callbacks(&self) {
@@ -397,6 +403,11 @@ impl Shared {
             }
         }
     }
+}
+
+thread_local! {
+    /// Set on callback threads, which must never wait for themselves.
+    static ON_CALLBACK_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn deliver(done: Vec<(TaskRec, Outcome)>) {

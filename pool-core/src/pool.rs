@@ -44,6 +44,8 @@ pub struct Pool {
     shared: Arc<Shared>,
     driver: Mutex<Option<JoinHandle<()>>>,
     finished: flume::Receiver<()>,
+    /// Held while a join finishes, so that concurrent joins return together.
+    joining: Mutex<()>,
     processes: usize,
     method: StartMethod,
     next_id: Arc<AtomicU64>,
@@ -191,6 +193,7 @@ impl PoolBuilder {
             shared,
             driver: Mutex::new(Some(handle)),
             finished,
+            joining: Mutex::new(()),
             processes,
             method: self.method,
             next_id: Arc::new(AtomicU64::new(1)),
@@ -965,6 +968,10 @@ impl Pool {
     }
 
     fn finish_join(&self) {
+        // Concurrent joins return together, once the driver has ended and the callbacks
+        // have run; a join from a callback cannot wait for its own thread, so it goes on.
+        let _serial = (!Shared::on_callback_thread())
+            .then(|| self.joining.lock().unwrap_or_else(PoisonError::into_inner));
         let handle = self
             .driver
             .lock()

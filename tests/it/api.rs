@@ -374,3 +374,39 @@ fn timeouts_of_duration_max_wait_without_limit() {
     pool.close();
     pool.join_timeout(Duration::MAX).unwrap();
 }
+
+/// Every one of several concurrent joins returns only once the callbacks have run.
+#[test]
+fn concurrent_joins_all_wait_for_the_callbacks() {
+    let pool = builder(Default::default()).build().unwrap();
+    let ran = Arc::new(AtomicU64::new(0));
+    let results: Vec<_> = (0..4u64)
+        .map(|i| {
+            let ran = Arc::clone(&ran);
+            pool.apply_async_with(
+                square,
+                (i,),
+                Callbacks::new().on_success(move |_| {
+                    std::thread::sleep(Duration::from_millis(50));
+                    ran.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+        })
+        .collect();
+    pool.close();
+    let seen: Vec<(u64, bool)> = std::thread::scope(|s| {
+        let joins: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    pool.join_timeout(Duration::from_secs(20)).unwrap();
+                    (
+                        ran.load(Ordering::SeqCst),
+                        results.iter().all(|r| r.ready()),
+                    )
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    assert!(seen.iter().all(|&(n, ready)| n == 4 && ready), "{seen:?}");
+}
