@@ -76,7 +76,6 @@ fn recycling_never_runs_more_than_processes_tasks_at_once() {
         let spans = pool.map_chunked(timed_sleep, vec![60u64; 8], 1).unwrap();
         let most = max_overlap(&spans);
         assert!(most <= 2, "{method:?}: {most} tasks ran at once: {spans:?}");
-        assert_eq!(most, 2, "{method:?}: both workers were used");
         let m = pool.metrics();
         assert!(m.recycled >= 6, "{method:?}: {m:?}");
         shut_down(pool);
