@@ -362,7 +362,16 @@ impl Shared {
                 .spawn(move || {
                     ON_CALLBACK_THREAD.set(true);
                     while let Ok(job) = rx.recv() {
-                        job();
+                        // Jobs catch their callbacks' panics; whatever still escapes must
+                        // not stop the thread, or the jobs queued behind would never run.
+                        if let Err(payload) =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+                        {
+                            let _ =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                                    drop(payload)
+                                }));
+                        }
                     }
                 });
             match handle {

@@ -362,8 +362,10 @@ fn complete<T: Send + 'static>(
                 }
             }
         }));
-        if ran.is_err() {
+        if let Err(payload) = ran {
             tracing::error!("a result callback panicked; the pool goes on");
+            // Dropping a panic payload runs user code too; it may panic again.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)));
         }
         slot.fill(result);
     });

@@ -410,3 +410,33 @@ fn concurrent_joins_all_wait_for_the_callbacks() {
     });
     assert!(seen.iter().all(|&(n, ready)| n == 4 && ready), "{seen:?}");
 }
+
+/// A panic payload whose own `Drop` panics.
+struct NastyPayload;
+
+impl Drop for NastyPayload {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the payload panics when dropped");
+        }
+    }
+}
+
+/// A callback whose panic cannot even be dropped quietly still does not stop the callbacks
+/// queued behind it.
+#[test]
+fn a_callback_panicking_with_a_nasty_payload_does_not_stop_later_callbacks() {
+    let pool = builder(Default::default()).build().unwrap();
+    let a = pool.apply_async_with(
+        square,
+        (2,),
+        Callbacks::new().on_success(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::panic::panic_any(NastyPayload);
+        }),
+    );
+    let b = pool.apply_async_with(square, (3,), Callbacks::new().on_success(|_| {}));
+    assert_eq!(a.get_timeout(Duration::from_secs(20)).unwrap(), 4);
+    assert_eq!(b.get_timeout(Duration::from_secs(20)).unwrap(), 9);
+    shut_down(pool);
+}
