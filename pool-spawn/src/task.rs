@@ -318,45 +318,115 @@ where
     R: Serialize,
 {
     DECODE_NOTE.with(|n| n.borrow_mut().take());
-    let items: Vec<Args> = match catch(|| postcard::from_bytes::<Vec<Args>>(input)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let why = match DECODE_NOTE.with(|n| n.borrow_mut().take()) {
-                Some(note) => note,
-                None => format!("they do not decode as the function's types: {e}"),
-            };
-            return Err(ItemError::new(
-                ItemErrorKind::Decode,
-                format!("the task's arguments cannot be decoded: {why}"),
-            ));
-        }
-        Err(m) => return Err(ItemError::new(ItemErrorKind::Decode, m)),
-    };
+    let whole = catch(|| postcard::from_bytes::<Vec<Args>>(input));
     // Room for a small result each (tag + varint), so tiny results never reallocate.
-    let mut out = Vec::with_capacity(16 + 12 * items.len());
-    // postcard's `Vec<T>` is a varint length then the elements: encode each result on its
-    // own, in place, so that one result failing to encode fails only that item.
-    pool_ipc::encode_seq_len(&mut out, items.len());
-    for args in items {
-        let result: Result<R, ItemError> =
-            catch(|| f.call(args)).map_err(|m| ItemError::new(ItemErrorKind::Panicked, m));
-        let mark = out.len();
-        let failure = match catch(|| pool_ipc::encode_append(&mut out, &result)) {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => format!("the task's result does not encode: {e}"),
-            Err(m) => format!("encoding the task's result {m}"),
-        };
-        out.truncate(mark);
-        // `Err(e)` encodes the same whatever the `Ok` type is.
-        let err: Result<(), ItemError> = Err(ItemError::new(ItemErrorKind::Encode, failure));
-        pool_ipc::encode_append(&mut out, &err).map_err(|e| {
-            ItemError::new(
-                ItemErrorKind::Encode,
-                format!("internal: an item error: {e}"),
-            )
-        })?;
+    let mut out = Vec::new();
+    match whole {
+        Ok(Ok(items)) => {
+            out.reserve(16 + 12 * items.len());
+            // postcard's `Vec<T>` is a varint length then the elements: encode each result
+            // on its own, in place, so that one result failing to encode fails only that item.
+            pool_ipc::encode_seq_len(&mut out, items.len());
+            for args in items {
+                run_item(&f, Ok(args), &mut out)?;
+            }
+        }
+        // Some item does not decode: find which, and run the ones before it.
+        Ok(Err(_)) | Err(_) => {
+            let items = decode_each::<Args>(input)?;
+            pool_ipc::encode_seq_len(&mut out, items.len());
+            for item in items {
+                run_item(&f, item, &mut out)?;
+            }
+        }
     }
     Ok(out)
+}
+
+/// Runs one item (or passes on its decoding error) and appends its encoded result.
+fn run_item<F, Args, R>(
+    f: &F,
+    args: Result<Args, ItemError>,
+    out: &mut Vec<u8>,
+) -> Result<(), ItemError>
+where
+    F: TaskFn<Args, Output = R>,
+    R: Serialize,
+{
+    let result: Result<R, ItemError> = args.and_then(|args| {
+        catch(|| f.call(args)).map_err(|m| ItemError::new(ItemErrorKind::Panicked, m))
+    });
+    let mark = out.len();
+    let failure = match catch(|| pool_ipc::encode_append(out, &result)) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("the task's result does not encode: {e}"),
+        Err(m) => format!("encoding the task's result {m}"),
+    };
+    out.truncate(mark);
+    // `Err(e)` encodes the same whatever the `Ok` type is.
+    let err: Result<(), ItemError> = Err(ItemError::new(ItemErrorKind::Encode, failure));
+    pool_ipc::encode_append(out, &err).map_err(|e| {
+        ItemError::new(
+            ItemErrorKind::Encode,
+            format!("internal: an item error: {e}"),
+        )
+    })
+}
+
+/// Decodes a postcard `Vec<Args>` one element at a time: the elements before the first
+/// that does not decode are returned as they are, that one with its error, and the ones
+/// after it (whose bytes can no longer be located) with an error that says so.
+///
+/// # Errors
+///
+/// When not even the sequence's length can be read, or it is absurd for the input.
+fn decode_each<Args: DeserializeOwned>(
+    input: &[u8],
+) -> Result<Vec<Result<Args, ItemError>>, ItemError> {
+    let whole_chunk = |why: String| {
+        ItemError::new(
+            ItemErrorKind::Decode,
+            format!("the task's arguments cannot be decoded: {why}"),
+        )
+    };
+    let (n, mut rest) = postcard::take_from_bytes::<usize>(input)
+        .map_err(|e| whole_chunk(format!("no item count: {e}")))?;
+    // Items take at least a byte each, except zero-sized ones, which never fail to decode.
+    if n > input.len() {
+        return Err(whole_chunk(format!(
+            "{n} items announced in {} bytes",
+            input.len()
+        )));
+    }
+    let mut items = Vec::with_capacity(n);
+    while items.len() < n {
+        let i = items.len();
+        DECODE_NOTE.with(|d| d.borrow_mut().take());
+        let why = match catch(|| postcard::take_from_bytes::<Args>(rest)) {
+            Ok(Ok((args, after))) => {
+                items.push(Ok(args));
+                rest = after;
+                continue;
+            }
+            Ok(Err(e)) => match DECODE_NOTE.with(|d| d.borrow_mut().take()) {
+                Some(note) => format!("the task's arguments cannot be decoded: {note}"),
+                None => format!(
+                    "the task's arguments cannot be decoded: they do not decode as the \
+                     function's types: {e}"
+                ),
+            },
+            Err(m) => m,
+        };
+        items.push(Err(ItemError::new(ItemErrorKind::Decode, why)));
+        let after = format!(
+            "not run: an earlier item of its chunk (number {i} in the chunk, counting from \
+             0) could not be decoded, so where this one's bytes start is unknown"
+        );
+        while items.len() < n {
+            items.push(Err(ItemError::new(ItemErrorKind::Decode, after.clone())));
+        }
+    }
+    Ok(items)
 }
 
 /// Runs an initializer on its decoded arguments.

@@ -208,6 +208,61 @@ fn give_panicky_item(_: u8) -> PanicsOnDecode {
     PanicsOnDecode
 }
 
+/// Encodes as its byte; refuses to decode 0 (and panics decoding 255), in the worker.
+#[derive(Debug)]
+struct Fussy(u8);
+
+impl Serialize for Fussy {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fussy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u8::deserialize(d)? {
+            0 => Err(serde::de::Error::custom("zero is refused")),
+            255 => panic!("255 is unbearable"),
+            v => Ok(Fussy(v)),
+        }
+    }
+}
+
+fn fussy(f: Fussy) -> u8 {
+    f.0
+}
+
+/// An argument that does not decode in the worker fails that item, with its own index; the
+/// items before it in the chunk run; the ones after it fail saying why.
+#[test]
+fn an_argument_that_does_not_decode_fails_its_own_item() {
+    let pool = builder(Default::default()).build().unwrap();
+    for bad in [0u8, 255] {
+        let items = vec![Fussy(1), Fussy(2), Fussy(bad), Fussy(4)];
+        let got: Vec<_> = pool.imap_chunked(fussy, items, 4).collect();
+        assert_eq!(got[0].as_ref().unwrap(), &1);
+        assert_eq!(got[1].as_ref().unwrap(), &2);
+        let e = got[2].as_ref().unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
+        assert_eq!(e.item_index(), Some(2), "{e}");
+        // postcard keeps no message of a custom decoding error; a panic keeps its own.
+        let why = if bad == 0 {
+            "cannot be decoded"
+        } else {
+            "255 is unbearable"
+        };
+        assert!(e.to_string().contains(why), "{e}");
+        let e = got[3].as_ref().unwrap_err();
+        assert_eq!(e.item_index(), Some(3), "{e}");
+        assert!(e.to_string().contains("earlier item"), "{e}");
+        assert!(!e.to_string().contains(why), "{e}");
+    }
+    // `map` names the first failing item.
+    let e = pool.map(fussy, vec![Fussy(3), Fussy(0)]).unwrap_err();
+    assert_eq!(e.item_index(), Some(1), "{e}");
+    shut_down(pool);
+}
+
 #[test]
 fn encoding_and_decoding_failures_are_that_tasks_error() {
     let pool = builder(Default::default()).build().unwrap();
