@@ -121,7 +121,17 @@ fn bad_runs_fail_the_batch_only(method: StartMethod) {
         func: task::batch_ref(tasks::join3),
         payload: ByteBuf::from(vec![1, 0xff]),
     });
-    assert_eq!(w.done::<String>(2).unwrap_err().kind, ItemErrorKind::Decode);
+    // The one item fails, with a decoding error of its own.
+    let items = w.done::<String>(2).unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].as_ref().unwrap_err().kind, ItemErrorKind::Decode);
+    // Not even an item count: the batch as a whole fails.
+    w.send(&ToWorker::Run {
+        id: 4,
+        func: task::batch_ref(tasks::join3),
+        payload: ByteBuf::from(vec![]),
+    });
+    assert_eq!(w.done::<String>(4).unwrap_err().kind, ItemErrorKind::Decode);
     // A result that does not encode fails only its item.
     let f = task::batch_ref(|n: u8| -> Result<u8, NotSerializable> {
         if n == 1 { Err(NotSerializable) } else { Ok(n) }
