@@ -84,7 +84,8 @@
 //! it starts its next task, so the pool always knows which task a dead worker was running.
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
-//! two when tasks take long, up to sixteen when they take microseconds
+//! one while their length is unknown or when they take milliseconds (so no task waits
+//! behind a long one while another worker idles), up to sixteen when they take microseconds
 //! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
 //! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
 //! from its channel and its pidfd, not by polling.

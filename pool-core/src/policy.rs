@@ -68,8 +68,8 @@ pub(crate) struct PolicyConfig {
     pub(crate) processes: usize,
     /// Tasks a worker runs before it is replaced.
     pub(crate) max_tasks: Option<u64>,
-    /// Tasks handed to one worker before earlier ones come back, at least: the depth when
-    /// tasks take long.
+    /// Tasks handed to one worker before earlier ones come back while the pace of tasks is
+    /// unknown, and when tasks take a millisecond or more.
     pub(crate) in_flight: usize,
     /// The deepest the policy goes when tasks are so short that round trips would otherwise
     /// leave workers idle.
@@ -152,6 +152,8 @@ pub(crate) struct Policy<T> {
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
 /// tasks in flight take about this long, which hides a round trip many times over.
 const DEPTH_TARGET_NS: u64 = 100_000;
+/// Tasks at least this long run one at a time per worker (`PolicyConfig::in_flight`).
+const LONG_TASK_NS: u64 = 1_000_000;
 
 impl<T> Policy<T> {
     pub(crate) fn new(cfg: PolicyConfig) -> Self {
@@ -265,9 +267,15 @@ impl<T> Policy<T> {
             None => ns,
         };
         self.pace_ns = Some(pace);
-        let depth = usize::try_from(DEPTH_TARGET_NS.div_ceil(pace))
-            .unwrap_or(usize::MAX)
-            .clamp(self.cfg.in_flight, self.cfg.max_in_flight);
+        let depth = if pace >= LONG_TASK_NS {
+            // A round trip is noise beside such a task; holding one task at a time keeps
+            // short ones from waiting behind it.
+            self.cfg.in_flight
+        } else {
+            usize::try_from(DEPTH_TARGET_NS.div_ceil(pace))
+                .unwrap_or(usize::MAX)
+                .clamp(self.cfg.in_flight.max(2), self.cfg.max_in_flight)
+        };
         if depth != self.depth {
             let deeper = depth > self.depth;
             self.depth = depth;
@@ -938,6 +946,37 @@ mod tests {
             p.observe(Duration::from_millis(5), &mut fx);
         }
         assert_eq!(p.depth(), 2);
+    }
+
+    #[test]
+    fn one_task_at_a_time_until_tasks_prove_short_and_again_once_they_are_long() {
+        let mut p = Policy::<u64>::new(PolicyConfig {
+            in_flight: 1,
+            max_in_flight: 16,
+            ..cfg(2, None)
+        });
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        for id in 0..40 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(
+            fx.sent,
+            vec![(1, 0), (2, 1)],
+            "one each while the pace is unknown"
+        );
+        p.observe(Duration::from_micros(150), &mut fx);
+        assert_eq!(p.depth(), 2, "sub-millisecond tasks: at least two");
+        for _ in 0..40 {
+            p.observe(Duration::from_micros(2), &mut fx);
+        }
+        assert_eq!(p.depth(), 16);
+        for _ in 0..40 {
+            p.observe(Duration::from_millis(20), &mut fx);
+        }
+        assert_eq!(p.depth(), 1, "long tasks: one at a time again");
     }
 
     #[test]

@@ -20,10 +20,10 @@ use crate::event::{self, Pins};
 use crate::policy::{Policy, PolicyConfig, Refusal};
 use crate::result::{AsyncResult, Callbacks, Slot};
 
-/// Tasks handed to one worker before its earlier ones come back: enough that tiny tasks do
-/// not wait on a round trip, few enough that a worker's death fails little.
-/// Tasks in flight per worker when tasks are long (see `Policy::observe`).
-const IN_FLIGHT: usize = 2;
+/// Tasks in flight per worker before the pool knows how long tasks take, and when they take
+/// milliseconds or more: one, so that no task waits behind a long one while another worker
+/// idles (as with Python's shared queue). Shorter tasks get more (see `Policy::observe`).
+const IN_FLIGHT: usize = 1;
 /// ... and when they are tiny.
 const MAX_IN_FLIGHT: usize = 16;
 /// Consecutive failed worker starts after which the pool stops starting workers.
@@ -247,8 +247,9 @@ pub struct Metrics {
     pub queued: usize,
     /// Tasks handed to workers now.
     pub running: usize,
-    /// How many tasks each worker may hold now: 2 for long tasks, up to 16 when tasks are
-    /// so short that round trips would leave workers idle.
+    /// How many tasks each worker may hold now: 1 for tasks of a millisecond or more (or of
+    /// unknown length), up to 16 when tasks are so short that round trips would leave
+    /// workers idle.
     pub in_flight_per_worker: usize,
 }
 

@@ -440,3 +440,24 @@ fn a_callback_panicking_with_a_nasty_payload_does_not_stop_later_callbacks() {
     assert_eq!(b.get_timeout(Duration::from_secs(20)).unwrap(), 9);
     shut_down(pool);
 }
+
+/// As with Python's shared queue, short tasks do not wait behind a long one while another
+/// worker is free.
+#[test]
+fn short_tasks_do_not_wait_behind_a_long_one() {
+    let pool = builder(Default::default()).build().unwrap();
+    let long = pool.apply_async(sleep_ms, (3000,));
+    let short: Vec<_> = (0..3).map(|_| pool.apply_async(sleep_ms, (100,))).collect();
+    for r in &short {
+        assert!(
+            r.wait_timeout(Duration::from_secs(20)),
+            "a short task never finished"
+        );
+    }
+    assert!(
+        !long.ready(),
+        "the short tasks finished only after the long one: they waited behind it"
+    );
+    long.get_timeout(Duration::from_secs(20)).unwrap();
+    shut_down(pool);
+}
