@@ -81,7 +81,9 @@
 //! exit code or signal named; the worker is replaced at once, and tasks queued to it that
 //! had not started run elsewhere), it could not be encoded or decoded, its initializer keeps
 //! failing, or the pool was closed. No task runs twice: a worker sends each result before
-//! it starts its next task, so the pool always knows which task a dead worker was running.
+//! it starts its next task and counts the tasks it begins on a page it shares with the
+//! pool, so when a worker dies the pool knows whether it was running a task, and which;
+//! tasks it had been sent but not begun run elsewhere.
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
 //! one while their length is unknown or when they take milliseconds (so no task waits

@@ -8,7 +8,7 @@
 //! launches and reaps workers. A worker's death is seen as EOF on its socket or readiness of
 //! its pidfd, never by polling on a timer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -78,13 +78,59 @@ struct WorkerIo {
     name: String,
     pid: u32,
     conn: Option<FramedConn>,
-    backlog: Vec<FrameBuf>,
+    /// Frames for a worker still starting (no channel yet), and whether each is a task.
+    backlog: Vec<(FrameBuf, bool)>,
+    /// Where each task frame queued on `conn` ends in its stream, oldest first (entries
+    /// already written are dropped as they are found): a task whose frame has not left
+    /// entirely when the worker dies never reached it.
+    task_ends: VecDeque<u64>,
+    /// The page where the worker counts the tasks it began (see `ToWorker::Setup`).
+    progress: Option<pool_ipc::shm::Segment>,
+    /// Results (`Done` messages) received from the worker.
+    results: u64,
     handle: Option<Worker>,
     status: Option<ExitStatus>,
     kill_when_launched: bool,
     exit_note: Option<String>,
     /// When this worker's last result arrived.
     last_done: Option<Instant>,
+}
+
+impl WorkerIo {
+    /// Records where the task frame just queued on `conn` ends.
+    fn note_task_queued(&mut self) {
+        if let Some(conn) = &self.conn {
+            let written = conn.bytes_written();
+            while self.task_ends.front().is_some_and(|&e| e <= written) {
+                self.task_ends.pop_front();
+            }
+            self.task_ends.push_back(conn.stream_end());
+        }
+    }
+
+    /// Whether the worker had begun a task it sent no result for: `None` if it has no
+    /// progress page.
+    fn was_running(&self) -> Option<bool> {
+        let page = self.progress.as_ref()?;
+        Some(
+            page.atomic_u64(0)
+                .load(std::sync::atomic::Ordering::Acquire)
+                > self.results,
+        )
+    }
+
+    /// Task frames that have not entirely left for the worker (all of them while it has no
+    /// channel yet).
+    fn undelivered_tasks(&self) -> usize {
+        let queued = self.backlog.iter().filter(|(_, is_task)| *is_task).count();
+        match &self.conn {
+            Some(conn) => {
+                let written = conn.bytes_written();
+                queued + self.task_ends.iter().filter(|&&e| e > written).count()
+            }
+            None => queued,
+        }
+    }
 }
 
 /// Static settings the driver needs for every worker it starts.
@@ -140,6 +186,9 @@ impl Effects<TaskRec> for Fx<'_> {
                 pid: 0,
                 conn: None,
                 backlog: Vec::new(),
+                task_ends: VecDeque::new(),
+                progress: None,
+                results: 0,
                 handle: None,
                 status: None,
                 kill_when_launched: false,
@@ -164,11 +213,12 @@ impl Effects<TaskRec> for Fx<'_> {
         match w.conn.as_mut() {
             Some(conn) => {
                 conn.queue_copy(frame);
+                w.note_task_queued();
                 if self.dirty.last() != Some(&wid) {
                     self.dirty.push(wid);
                 }
             }
-            None => w.backlog.push(frame.clone()),
+            None => w.backlog.push((frame.clone(), true)),
         }
     }
 
@@ -213,7 +263,7 @@ impl Effects<TaskRec> for Fx<'_> {
                     *self.wake_driver = true;
                 }
             }
-            None => w.backlog.push(frame.clone()),
+            None => w.backlog.push((frame, false)),
         }
     }
 
@@ -464,6 +514,9 @@ pub(crate) fn launch_one(
     let mut conn = FramedConn::new(sock, shared.settings.ipc.clone())
         .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
     let s = &shared.settings;
+    // A page for the worker to count the tasks it begins; without it (no memory, say) the
+    // pool falls back to assuming the oldest task it sent was running.
+    let progress = pool_ipc::shm::Segment::create("procpool-progress", 4096).ok();
     let setup = ToWorker::Setup {
         name: name.clone(),
         max_tasks: s.max_tasks,
@@ -472,6 +525,12 @@ pub(crate) fn launch_one(
             .init
             .as_ref()
             .map(|(f, args)| (*f, ByteBuf::from(args.clone()))),
+        progress: progress.as_ref().map(|p| {
+            (
+                std::process::id(),
+                std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
+            )
+        }),
     };
     let mut frame = FrameBuf::new();
     frame
@@ -485,15 +544,24 @@ pub(crate) fn launch_one(
         let _ = worker.terminate(Duration::ZERO);
         return Ok(None);
     };
-    for f in w.backlog.drain(..) {
-        conn.queue(f);
+    let backlog = std::mem::take(&mut w.backlog);
+    w.conn = Some(conn);
+    w.progress = progress;
+    for (f, is_task) in backlog {
+        if let Some(conn) = w.conn.as_mut() {
+            conn.queue(f);
+        }
+        if is_task {
+            w.note_task_queued();
+        }
     }
-    let _ = conn.flush();
+    if let Some(conn) = w.conn.as_mut() {
+        let _ = conn.flush();
+    }
     if w.kill_when_launched {
         let _ = worker.signal_group(Signal::KILL);
     }
     w.pid = pid;
-    w.conn = Some(conn);
     w.handle = Some(worker);
     tracing::debug!(worker = %name, pid, "worker started");
     Ok(Some(WatchFds {
@@ -744,6 +812,9 @@ impl Driver {
                         policy.setup_failed(wid, &message, fx);
                     }
                     Ok(Msg::Done { id, outcome }) => {
+                        if let Some(w) = fx.io.get_mut(&wid) {
+                            w.results += 1;
+                        }
                         if let Some(rec) = policy.done(wid, id, fx) {
                             // The worker could start this task once it was sent and its
                             // previous one was done: the time since is what it took.
@@ -774,6 +845,10 @@ impl Driver {
                         broken = true;
                     }
                 }
+            }
+            if broken || eof {
+                // Dying or dead: no more tasks for it, and its replacement starts now.
+                policy.channel_closed(wid, fx);
             }
         });
         let w = &mut self.watches[idx];
@@ -812,10 +887,13 @@ impl Driver {
         });
         tracing::debug!(wid, ?status, "worker exited");
         self.shared.act(|p, fx| {
+            let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
+                undelivered = w.undelivered_tasks();
+                running = w.was_running();
             }
-            p.exited(wid, Exit::Ended, fx);
+            p.exited_with(wid, Exit::Ended, undelivered, running, fx);
             fx.io.remove(&wid);
         });
         let w = &mut self.watches[idx];

@@ -101,6 +101,9 @@ struct Slot {
     /// soon as the worker it replaces has been sent its last task, and takes that worker's
     /// seat when the last result is back.
     seated: bool,
+    /// Its channel is closed (the process is dying or dead; its exit is not processed yet):
+    /// it gets no more tasks and gives up its seat.
+    closed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,11 +307,61 @@ impl<T> Policy<T> {
         self.start_failed(message, fx);
     }
 
+    /// A worker's channel closed: it is dying or dead. It takes no more tasks; what it
+    /// holds is settled when its exit is processed ([`Policy::exited`]).
+    pub(crate) fn channel_closed(&mut self, wid: WorkerId, fx: &mut impl Effects<T>) {
+        if let Some(slot) = self.workers.get_mut(&wid) {
+            slot.closed = true;
+        }
+        self.ensure_capacity(fx);
+        self.dispatch(fx);
+    }
+
     /// A worker is gone (its process was reaped, or could not be started).
     pub(crate) fn exited(&mut self, wid: WorkerId, how: Exit, fx: &mut impl Effects<T>) {
-        let Some(slot) = self.workers.remove(&wid) else {
+        self.exited_with_undelivered(wid, how, 0, fx);
+    }
+
+    /// As [`Policy::exited`], where the last `undelivered` tasks sent to the worker never
+    /// fully left for it (the writes failed or were still queued): they never started, and
+    /// the task it was running is the oldest of the others.
+    pub(crate) fn exited_with_undelivered(
+        &mut self,
+        wid: WorkerId,
+        how: Exit,
+        undelivered: usize,
+        fx: &mut impl Effects<T>,
+    ) {
+        self.exited_with(wid, how, undelivered, None, fx);
+    }
+
+    /// As [`Policy::exited_with_undelivered`], where `running`, when known, says whether
+    /// the worker had begun a task it sent no result for: `Some(false)`, it died between
+    /// tasks, and none of those it held ever started.
+    pub(crate) fn exited_with(
+        &mut self,
+        wid: WorkerId,
+        how: Exit,
+        undelivered: usize,
+        running: Option<bool>,
+        fx: &mut impl Effects<T>,
+    ) {
+        let Some(mut slot) = self.workers.remove(&wid) else {
             return;
         };
+        // A worker that held nothing when it went is a recycle if it was on its way out.
+        let held_nothing = slot.in_flight.is_empty();
+        let keep = if running == Some(false) {
+            0
+        } else {
+            slot.in_flight.len().saturating_sub(undelivered)
+        };
+        let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
+        for id in never_sent.into_iter().rev() {
+            if self.tasks.contains_key(&id) {
+                self.queue.push_front(id);
+            }
+        }
         let never_started = !slot.ever_ready;
         if never_started && slot.phase == Phase::Leaving {
             // Setup failure (already counted, tasks already requeued), a retired idle worker,
@@ -325,7 +378,7 @@ impl<T> Policy<T> {
                 }
             }
         } else {
-            if slot.in_flight.is_empty()
+            if held_nothing
                 && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
                 && self.state != State::Terminated
             {
@@ -477,7 +530,7 @@ impl<T> Policy<T> {
     fn active(&self) -> usize {
         self.workers
             .values()
-            .filter(|s| matches!(s.phase, Phase::Starting | Phase::Ready))
+            .filter(|s| !s.closed && matches!(s.phase, Phase::Starting | Phase::Ready))
             .count()
     }
 
@@ -502,6 +555,7 @@ impl<T> Policy<T> {
                     in_flight: VecDeque::new(),
                     assigned: 0,
                     seated: false,
+                    closed: false,
                 },
             );
             self.counts.launched += 1;
@@ -515,8 +569,9 @@ impl<T> Policy<T> {
         let mut taken = 0;
         for slot in self.workers.values_mut() {
             if slot.seated
-                && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
-                && slot.in_flight.is_empty()
+                && (slot.closed
+                    || matches!(slot.phase, Phase::Retiring | Phase::Leaving)
+                        && slot.in_flight.is_empty())
             {
                 slot.seated = false;
             }
@@ -526,7 +581,8 @@ impl<T> Policy<T> {
             if taken >= self.cfg.processes {
                 break;
             }
-            if !slot.seated && matches!(slot.phase, Phase::Starting | Phase::Ready) {
+            if !slot.seated && !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready)
+            {
                 slot.seated = true;
                 taken += 1;
             }
@@ -542,6 +598,7 @@ impl<T> Policy<T> {
                 .iter()
                 .filter(|(_, s)| {
                     s.seated
+                        && !s.closed
                         && matches!(s.phase, Phase::Starting | Phase::Ready)
                         && s.in_flight.len() < self.depth
                 })
@@ -568,7 +625,10 @@ impl<T> Policy<T> {
             return;
         }
         for (&wid, slot) in self.workers.iter_mut() {
-            if slot.in_flight.is_empty() && matches!(slot.phase, Phase::Starting | Phase::Ready) {
+            if slot.in_flight.is_empty()
+                && !slot.closed
+                && matches!(slot.phase, Phase::Starting | Phase::Ready)
+            {
                 slot.phase = Phase::Leaving;
                 fx.retire(wid);
             }
@@ -776,6 +836,32 @@ mod tests {
         // Task 2 never started on worker 1: it goes first to the new worker 3, then the
         // queue goes on with 4.
         assert_eq!(fx.sent[4..], [(3, 2), (3, 4)]);
+    }
+
+    #[test]
+    fn tasks_sent_to_a_worker_already_dead_run_elsewhere() {
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        // Worker 1 died idle; before the pool noticed, task 7 was sent to it, and the write
+        // failed: it never reached the worker.
+        p.submit(7, 7, &mut fx).unwrap();
+        p.exited_with_undelivered(1, Exit::Ended, 1, &mut fx);
+        assert!(
+            fx.finished.is_empty(),
+            "task 7 never started: {:?}",
+            fx.finished
+        );
+        assert_eq!(fx.sent, vec![(1, 7), (2, 7)]);
+        assert_eq!(p.counts().died, 1);
+        // Once a worker's channel closes, it gets nothing more; its replacement starts.
+        p.ready(2, &mut fx);
+        assert_eq!(p.done(2, 7, &mut fx), Some(7));
+        p.channel_closed(2, &mut fx);
+        assert_eq!(fx.launched, vec![1, 2, 3]);
+        p.submit(8, 8, &mut fx).unwrap();
+        assert_eq!(fx.sent.last(), Some(&(3, 8)));
     }
 
     #[test]
@@ -1027,6 +1113,10 @@ mod tests {
         SubmitFed,
         CloseFeed,
         Revoke,
+        /// A worker's channel closes; later it dies with some of its newest tasks
+        /// undelivered.
+        ChannelClosed(usize),
+        DieUndelivered(usize, usize, Option<bool>),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1043,6 +1133,9 @@ mod tests {
             3 => Just(Op::SubmitFed),
             1 => Just(Op::CloseFeed),
             1 => Just(Op::Revoke),
+            1 => (0usize..8).prop_map(Op::ChannelClosed),
+            1 => (0usize..8, 0usize..5, prop::option::of(any::<bool>()))
+                .prop_map(|(i, k, r)| Op::DieUndelivered(i, k, r)),
         ]
     }
 
@@ -1119,9 +1212,20 @@ mod tests {
                         if feeds > 0 { feeds -= 1; p.close_feed(&mut fx); }
                     }
                     Op::Revoke => p.revoke_feeds(&mut fx),
+                    Op::ChannelClosed(i) => {
+                        let w = live(&p);
+                        if !w.is_empty() { p.channel_closed(w[i % w.len()], &mut fx); }
+                    }
+                    Op::DieUndelivered(i, k, running) => {
+                        let w = live(&p);
+                        if !w.is_empty() {
+                            p.exited_with(w[i % w.len()], Exit::Ended, k, running, &mut fx);
+                        }
+                    }
                 }
                 prop_assert!((2..=4).contains(&p.depth()));
-                let holding = p.workers.values().filter(|s| !s.in_flight.is_empty()).count();
+                // Workers whose channel closed are dead or dying: they run nothing.
+                let holding = p.workers.values().filter(|s| !s.closed && !s.in_flight.is_empty()).count();
                 prop_assert!(holding <= processes, "{} workers hold tasks, processes = {}", holding, processes);
                 prop_assert!(p.workers.values().filter(|s| s.seated).count() <= processes);
                 // A broken pool starts no worker, so nothing may wait in its queue.

@@ -146,6 +146,18 @@ impl FramedConn {
         self.w.pending()
     }
 
+    /// Bytes written to the fd since the start. With [`stream_end`](FramedConn::stream_end)
+    /// taken right after queueing a frame, it tells whether that frame has left entirely
+    /// (`bytes_written() >= end`): a frame that has not can never have reached the peer.
+    pub fn bytes_written(&self) -> u64 {
+        self.w.written()
+    }
+
+    /// The stream position just after everything queued so far.
+    pub fn stream_end(&self) -> u64 {
+        self.w.written() + self.w.pending() as u64
+    }
+
     /// Reads what is available now (up to about 4 MiB per call) and splits it into
     /// frames. `Ok(false)` once end of stream has been seen (then further calls read
     /// nothing); `Ok(true)` otherwise.

@@ -365,6 +365,8 @@ pub(crate) struct WriteHalf {
     front_off: usize,
     /// Bytes queued and not yet written.
     pending: usize,
+    /// Bytes written since the start.
+    written: u64,
     /// A cleared buffer kept for reuse.
     spare: Vec<u8>,
     socket: bool,
@@ -380,6 +382,7 @@ impl WriteHalf {
             chunks: VecDeque::new(),
             front_off: 0,
             pending: 0,
+            written: 0,
             spare: Vec::new(),
             socket,
             threshold: if socket { cfg.shm_threshold } else { None },
@@ -396,6 +399,11 @@ impl WriteHalf {
     /// Bytes queued and not yet written.
     pub(crate) fn pending(&self) -> usize {
         self.pending
+    }
+
+    /// Bytes written since the start.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// The buffer that small frames are appended to.
@@ -579,6 +587,7 @@ impl WriteHalf {
             self.chunks[0].fd = None;
         }
         self.pending -= written;
+        self.written += written as u64;
         let mut left = written;
         while left > 0 {
             let rem = self.chunks[0].data.len() - self.front_off;

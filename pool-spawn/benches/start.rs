@@ -29,6 +29,7 @@ fn start_to_ready(l: &mut Launcher, n: &mut u64) -> Duration {
         max_tasks: None,
         image: ImageId::current(),
         init: None,
+        progress: None,
     })
     .expect("setup");
     match chan.recv().expect("reply") {

@@ -95,7 +95,7 @@
 //!     let mut worker = launcher.launch("ForkserverPoolWorker-1")?;
 //!     let mut chan: Duplex<ToWorker, FromWorker> = Duplex::with_config(worker.take_channel().unwrap(), channel_config())?;
 //!     let image = ImageId::current();
-//!     chan.send(&ToWorker::Setup { name: worker.name().into(), max_tasks: None, image, init: None })?;
+//!     chan.send(&ToWorker::Setup { name: worker.name().into(), max_tasks: None, image, init: None, progress: None })?;
 //!     assert!(matches!(chan.recv()?, FromWorker::Ready { .. }));
 //!
 //!     let args: Vec<(u64,)> = vec![(3,), (4,)];

@@ -160,6 +160,11 @@ pub enum ToWorker<B = ByteBuf> {
         /// An initializer ([`task::init_ref`](crate::task::init_ref)) and its postcard
         /// arguments.
         init: Option<(FnRef, B)>,
+        /// A shared-memory page (a memfd, opened as `/proc/<pid>/fd/<fd>`) whose first
+        /// `u64` the worker increments as it begins each [`ToWorker::Run`]: when the worker
+        /// dies, the pool compares it with the results it received to tell whether a task
+        /// was running.
+        progress: Option<(u32, i32)>,
     },
     /// Run a batch.
     Run {

@@ -55,7 +55,7 @@ fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(),
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
-    let (max_tasks, same) = match recv(&mut conn)? {
+    let (max_tasks, same, page) = match recv(&mut conn)? {
         None | Some(ToWorker::Exit) => return Ok(0),
         Some(ToWorker::Run { .. }) => {
             return Err(Stop::Protocol(
@@ -67,7 +67,13 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             max_tasks,
             image,
             init,
+            progress,
         }) => {
+            // Best effort: without the page the pool assumes the oldest task it sent was
+            // running.
+            let page = progress
+                .and_then(|(pid, fd)| pool_ipc::shm::Segment::open_in_process(pid, fd).ok())
+                .filter(|seg| seg.len() >= 8);
             sys::set_identity(name);
             let same = match image.verify() {
                 Ok(same) => same,
@@ -94,7 +100,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 )?;
                 return Ok(EXIT_INIT_FAILED);
             }
-            (max_tasks, same)
+            (max_tasks, same, page)
         }
     };
     send(
@@ -113,6 +119,10 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Ok(ToWorker::Exit) => Step::Exit,
             Ok(ToWorker::Setup { .. }) => Step::Bad("a second Setup message arrived".to_owned()),
             Ok(ToWorker::Run { id, func, payload }) => {
+                if let Some(page) = &page {
+                    page.atomic_u64(0)
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
+                }
                 let outcome = task::call_batch(&same, func, payload).map(ByteBuf::from);
                 Step::Done(FromWorker::Done { id, outcome })
             }

@@ -525,3 +525,28 @@ fn workers_killed_in_their_initializer_are_replaced() {
         shut_down(pool);
     }
 }
+
+/// A task submitted right after an idle worker was killed, before the pool noticed, never
+/// reached that worker: it runs on the replacement instead of failing.
+#[test]
+fn a_task_sent_just_after_an_idle_worker_died_runs_elsewhere() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        for round in 0..15 {
+            let pid = pool.apply(my_pid, ()).unwrap();
+            let p = rustix::process::Pid::from_raw(pid as i32).unwrap();
+            rustix::process::kill_process(p, rustix::process::Signal::KILL).unwrap();
+            if round % 3 == 1 {
+                // Also after the process is surely gone, not only right away.
+                wait_for("the killed worker to die", Duration::from_secs(10), || {
+                    !alive(pid)
+                });
+            }
+            let r = pool
+                .apply_async(square, (round,))
+                .get_timeout(Duration::from_secs(20));
+            assert_eq!(r.unwrap(), round * round, "{method:?} round {round}");
+        }
+        shut_down(pool);
+    }
+}

@@ -185,24 +185,44 @@ fn count_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-fn list_fds() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+/// Each open fd above 2 and what it points at.
+fn list_fds() -> Vec<(i32, String)> {
+    let mut v: Vec<(i32, String)> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .filter(|(fd, _)| *fd > 2)
         .collect();
     v.sort();
     v
 }
 
-/// A worker holds stdio and its channel, nothing of the parent's.
+/// A worker holds stdio, its channel and its progress page, nothing of the parent's.
 #[test]
 fn workers_inherit_no_stray_fds() {
     for method in METHODS {
         let pool = builder(method).build().unwrap();
         let fds = pool.apply(list_fds, ()).unwrap();
-        // 0, 1, 2, the channel, and the directory read_dir opened to list them.
-        assert!(fds.len() <= 5, "{method:?}: worker fds {fds:?}");
+        let sockets = fds.iter().filter(|(_, t)| t.starts_with("socket:")).count();
+        let pages = fds
+            .iter()
+            .filter(|(_, t)| t.contains("memfd:procpool-progress"))
+            .count();
+        // Besides those, only the directory read_dir opened to list them.
+        let others: Vec<_> = fds
+            .iter()
+            .filter(|(_, t)| {
+                !t.starts_with("socket:")
+                    && !t.contains("memfd:procpool-progress")
+                    && !t.ends_with("/fd")
+            })
+            .collect();
+        assert_eq!((sockets, pages), (1, 1), "{method:?}: worker fds {fds:?}");
+        assert!(others.is_empty(), "{method:?}: stray fds {others:?}");
         shut_down(pool);
     }
 }

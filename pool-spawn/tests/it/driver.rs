@@ -73,6 +73,7 @@ impl Driven {
             max_tasks,
             image,
             init: init.map(|(f, a)| (f, ByteBuf::from(a))),
+            progress: None,
         });
         self.recv()
     }
