@@ -315,6 +315,13 @@ pub(crate) fn run(args: Args) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    if let Some(dir) = &args.out
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        // Before the run, not after minutes of it.
+        eprintln!("procpool bench: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
     let mut rows = Vec::new();
     let limit = Duration::from_secs(args.timeout);
     for method in &methods {

@@ -78,3 +78,16 @@ fn info_reports_the_defaults() {
     assert!(text.contains("default start method: Forkserver"), "{text}");
     assert!(text.contains("ForkserverPoolWorker-1"), "{text}");
 }
+
+#[test]
+fn an_output_directory_that_cannot_be_made_fails_before_the_run() {
+    let t = std::time::Instant::now();
+    let out = procpool(&["bench", "--out", "/proc/no-such-dir/x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("cannot create"), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "it ran the benchmarks first"
+    );
+}
