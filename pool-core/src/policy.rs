@@ -69,7 +69,7 @@ pub(crate) struct PolicyConfig {
     /// Tasks a worker runs before it is replaced.
     pub(crate) max_tasks: Option<u64>,
     /// Tasks handed to one worker before earlier ones come back while the pace of tasks is
-    /// unknown, and when tasks take a millisecond or more.
+    /// unknown, and when tasks take 20 ms or more.
     pub(crate) in_flight: usize,
     /// The deepest the policy goes when tasks are so short that round trips would otherwise
     /// leave workers idle.
@@ -155,8 +155,10 @@ pub(crate) struct Policy<T> {
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
 /// tasks in flight take about this long, which hides a round trip many times over.
 const DEPTH_TARGET_NS: u64 = 100_000;
-/// Tasks at least this long run one at a time per worker (`PolicyConfig::in_flight`).
-const LONG_TASK_NS: u64 = 1_000_000;
+/// Tasks at least this long run one at a time per worker (`PolicyConfig::in_flight`);
+/// below it, a second task waits in the worker so that sending it (a large payload, say)
+/// overlaps the first.
+const LONG_TASK_NS: u64 = 20_000_000;
 
 impl<T> Policy<T> {
     pub(crate) fn new(cfg: PolicyConfig) -> Self {
@@ -1054,13 +1056,13 @@ mod tests {
             "one each while the pace is unknown"
         );
         p.observe(Duration::from_micros(150), &mut fx);
-        assert_eq!(p.depth(), 2, "sub-millisecond tasks: at least two");
+        assert_eq!(p.depth(), 2, "tasks under 20 ms: at least two");
         for _ in 0..40 {
             p.observe(Duration::from_micros(2), &mut fx);
         }
         assert_eq!(p.depth(), 16);
         for _ in 0..40 {
-            p.observe(Duration::from_millis(20), &mut fx);
+            p.observe(Duration::from_millis(50), &mut fx);
         }
         assert_eq!(p.depth(), 1, "long tasks: one at a time again");
     }

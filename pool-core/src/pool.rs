@@ -21,7 +21,7 @@ use crate::policy::{Policy, PolicyConfig, Refusal};
 use crate::result::{AsyncResult, Callbacks, Slot};
 
 /// Tasks in flight per worker before the pool knows how long tasks take, and when they take
-/// milliseconds or more: one, so that no task waits behind a long one while another worker
+/// 20 ms or more: one, so that no task waits behind a long one while another worker
 /// idles (as with Python's shared queue). Shorter tasks get more (see `Policy::observe`).
 const IN_FLIGHT: usize = 1;
 /// ... and when they are tiny.
@@ -247,7 +247,7 @@ pub struct Metrics {
     pub queued: usize,
     /// Tasks handed to workers now.
     pub running: usize,
-    /// How many tasks each worker may hold now: 1 for tasks of a millisecond or more (or of
+    /// How many tasks each worker may hold now: 1 for tasks of 20 ms or more (or of
     /// unknown length), up to 16 when tasks are so short that round trips would leave
     /// workers idle.
     pub in_flight_per_worker: usize,
