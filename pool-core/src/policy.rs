@@ -740,6 +740,14 @@ mod tests {
         }
     }
 
+    /// A policy with `config`, started (its first workers launched), and its fake world.
+    fn started(config: PolicyConfig) -> (Policy<u64>, Fake) {
+        let mut p = Policy::<u64>::new(config);
+        let mut fx = Fake::default();
+        p.start(&mut fx);
+        (p, fx)
+    }
+
     fn cfg(processes: usize, max_tasks: Option<u64>) -> PolicyConfig {
         PolicyConfig {
             processes,
@@ -752,17 +760,13 @@ mod tests {
 
     #[test]
     fn starts_the_configured_number_of_workers() {
-        let mut p = Policy::<u64>::new(cfg(3, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (p, fx) = started(cfg(3, None));
         assert_eq!(fx.launched, vec![1, 2, 3]);
     }
 
     #[test]
     fn spreads_tasks_before_doubling_up() {
-        let mut p = Policy::<u64>::new(cfg(2, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, None));
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         for id in 0..5 {
@@ -776,9 +780,7 @@ mod tests {
 
     #[test]
     fn max_tasks_retires_and_replaces_at_once() {
-        let mut p = Policy::<u64>::new(cfg(2, Some(3)));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, Some(3)));
         for id in 0..10 {
             p.submit(id, id, &mut fx).unwrap();
         }
@@ -798,9 +800,7 @@ mod tests {
 
     #[test]
     fn a_replacement_waits_for_the_seat_of_the_worker_it_replaces() {
-        let mut p = Policy::<u64>::new(cfg(2, Some(1)));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, Some(1)));
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         for id in 0..6 {
@@ -823,9 +823,7 @@ mod tests {
 
     #[test]
     fn a_dead_worker_fails_only_its_running_task_and_is_replaced() {
-        let mut p = Policy::<u64>::new(cfg(2, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, None));
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         for id in 0..6 {
@@ -842,9 +840,7 @@ mod tests {
 
     #[test]
     fn tasks_sent_to_a_worker_already_dead_run_elsewhere() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         p.ready(1, &mut fx);
         // Worker 1 died idle; before the pool noticed, task 7 was sent to it, and the write
         // failed: it never reached the worker.
@@ -868,9 +864,7 @@ mod tests {
 
     #[test]
     fn tasks_of_a_worker_that_never_started_are_requeued() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         p.submit(7, 7, &mut fx).unwrap();
         p.setup_failed(1, "initializer panicked", &mut fx);
         p.exited(1, Exit::Ended, &mut fx);
@@ -881,9 +875,7 @@ mod tests {
 
     #[test]
     fn repeated_start_failures_break_the_pool() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         p.submit(1, 1, &mut fx).unwrap();
         for wid in 1..=3 {
             p.setup_failed(wid, "boom", &mut fx);
@@ -904,9 +896,7 @@ mod tests {
 
     #[test]
     fn tasks_handed_back_after_the_pool_broke_fail_too() {
-        let mut p = Policy::<u64>::new(cfg(2, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, None));
         p.submit(1, 1, &mut fx).unwrap();
         p.submit(2, 2, &mut fx).unwrap();
         assert_eq!(fx.sent, vec![(1, 1), (2, 2)]);
@@ -930,9 +920,7 @@ mod tests {
 
     #[test]
     fn a_feed_opened_before_close_submits_after_it_until_revoked() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         p.ready(1, &mut fx);
         assert!(p.open_feed());
         p.close(&mut fx);
@@ -954,9 +942,7 @@ mod tests {
 
     #[test]
     fn workers_killed_while_starting_are_replaced_and_only_a_crash_loop_breaks_the_pool() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         p.submit(1, 1, &mut fx).unwrap();
         // Three workers killed in their initializer: replaced, the task waits for the next.
         for wid in 1..=3 {
@@ -979,9 +965,7 @@ mod tests {
 
     #[test]
     fn close_drains_then_retires() {
-        let mut p = Policy::<u64>::new(cfg(2, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(2, None));
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         p.submit(1, 1, &mut fx).unwrap();
@@ -997,9 +981,7 @@ mod tests {
 
     #[test]
     fn terminate_fails_everything_pending() {
-        let mut p = Policy::<u64>::new(cfg(1, None));
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(cfg(1, None));
         for id in 0..4 {
             p.submit(id, id, &mut fx).unwrap();
         }
@@ -1017,9 +999,7 @@ mod tests {
             max_in_flight: 16,
             ..cfg(1, None)
         };
-        let mut p = Policy::<u64>::new(config);
-        let mut fx = Fake::default();
-        p.start(&mut fx);
+        let (mut p, mut fx) = started(config);
         p.ready(1, &mut fx);
         for id in 0..40 {
             p.submit(id, id, &mut fx).unwrap();
@@ -1038,13 +1018,11 @@ mod tests {
 
     #[test]
     fn one_task_at_a_time_until_tasks_prove_short_and_again_once_they_are_long() {
-        let mut p = Policy::<u64>::new(PolicyConfig {
+        let (mut p, mut fx) = started(PolicyConfig {
             in_flight: 1,
             max_in_flight: 16,
             ..cfg(2, None)
         });
-        let mut fx = Fake::default();
-        p.start(&mut fx);
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         for id in 0..40 {
@@ -1069,12 +1047,10 @@ mod tests {
 
     #[test]
     fn a_dead_worker_fails_the_task_it_was_running_and_its_queue_moves_on() {
-        let mut p = Policy::<u64>::new(PolicyConfig {
+        let (mut p, mut fx) = started(PolicyConfig {
             max_in_flight: 4,
             ..cfg(2, None)
         });
-        let mut fx = Fake::default();
-        p.start(&mut fx);
         p.ready(1, &mut fx);
         p.ready(2, &mut fx);
         for _ in 0..20 {
@@ -1151,9 +1127,7 @@ mod tests {
             ops in prop::collection::vec(op(), 1..200),
         ) {
             let config = PolicyConfig { max_in_flight: 4, ..cfg(processes, max_tasks) };
-            let mut p = Policy::<u64>::new(config);
-            let mut fx = Fake::default();
-            p.start(&mut fx);
+            let (mut p, mut fx) = started(config);
             let mut next = 0u64;
             let mut outcomes: HashMap<TaskId, u32> = HashMap::new();
             let mut refused = BTreeSet::new();
