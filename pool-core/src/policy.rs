@@ -760,7 +760,7 @@ mod tests {
 
     #[test]
     fn starts_the_configured_number_of_workers() {
-        let (p, fx) = started(cfg(3, None));
+        let (_, fx) = started(cfg(3, None));
         assert_eq!(fx.launched, vec![1, 2, 3]);
     }
 
