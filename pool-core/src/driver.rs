@@ -112,6 +112,12 @@ impl WorkerIo {
     /// progress page.
     fn was_running(&self) -> Option<bool> {
         let page = self.progress.as_ref()?;
+        // The worker may not have opened the page (it then keeps no count).
+        if page.atomic_u64(1).load(std::sync::atomic::Ordering::Acquire)
+            != pool_spawn::protocol::PROGRESS_KEPT
+        {
+            return None;
+        }
         Some(
             page.atomic_u64(0)
                 .load(std::sync::atomic::Ordering::Acquire)

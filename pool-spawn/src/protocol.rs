@@ -142,6 +142,10 @@ impl fmt::Debug for ImageId {
     }
 }
 
+/// What a worker stores in the second word of its progress page once it keeps the count
+/// (see [`ToWorker::Setup`]).
+pub const PROGRESS_KEPT: u64 = 0x7072_6f67_7265_7373;
+
 /// A message from the pool to a worker.
 ///
 /// `B` is how byte payloads are held: owned ([`ByteBuf`], the default) to build a message,
@@ -163,7 +167,8 @@ pub enum ToWorker<B = ByteBuf> {
         /// A shared-memory page (a memfd, opened as `/proc/<pid>/fd/<fd>`) whose first
         /// `u64` the worker increments as it begins each [`ToWorker::Run`]: when the worker
         /// dies, the pool compares it with the results it received to tell whether a task
-        /// was running.
+        /// was running. The worker stores [`PROGRESS_KEPT`] in the second `u64` once it has
+        /// the page; until then the count means nothing.
         progress: Option<(u32, i32)>,
     },
     /// Run a batch.

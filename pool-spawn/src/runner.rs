@@ -73,7 +73,13 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             // running.
             let page = progress
                 .and_then(|(pid, fd)| pool_ipc::shm::Segment::open_in_process(pid, fd).ok())
-                .filter(|seg| seg.len() >= 8);
+                .filter(|seg| seg.len() >= 16);
+            if let Some(page) = &page {
+                // Tells the pool that the count in word 0 is kept (the page may not open:
+                // /proc missing, or the pool's process not readable to us).
+                page.atomic_u64(1)
+                    .store(protocol::PROGRESS_KEPT, std::sync::atomic::Ordering::Release);
+            }
             sys::set_identity(name);
             let same = match image.verify() {
                 Ok(same) => same,
