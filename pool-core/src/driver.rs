@@ -113,7 +113,9 @@ impl WorkerIo {
     fn was_running(&self) -> Option<bool> {
         let page = self.progress.as_ref()?;
         // The worker may not have opened the page (it then keeps no count).
-        if page.atomic_u64(1).load(std::sync::atomic::Ordering::Acquire)
+        if page
+            .atomic_u64(1)
+            .load(std::sync::atomic::Ordering::Acquire)
             != pool_spawn::protocol::PROGRESS_KEPT
         {
             return None;
@@ -243,6 +245,10 @@ impl Effects<TaskRec> for Fx<'_> {
                     }
                     e
                 }
+                None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
+            },
+            Finish::Orphaned(wid, times) => match self.io.get(&wid) {
+                Some(w) => TaskError::never_started(&w.name, w.pid, w.status, times),
                 None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
             },
             Finish::Terminated => TaskError::new(

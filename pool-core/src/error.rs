@@ -47,6 +47,8 @@ struct Details {
     ran_for: Option<Duration>,
     item: Option<usize>,
     backtrace: Option<String>,
+    /// For WorkerLost: the task never started (workers kept dying before they began it).
+    never_started: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +67,7 @@ impl TaskError {
             ran_for: None,
             item: None,
             backtrace: None,
+            never_started: false,
         }))
     }
 
@@ -108,6 +111,23 @@ impl TaskError {
         });
         e.0.status = status;
         e.0.ran_for = ran_for;
+        e
+    }
+
+    /// A WorkerLost for a task that never started: `times` workers in a row died holding
+    /// it before they began it.
+    pub(crate) fn never_started(
+        name: &str,
+        pid: u32,
+        status: Option<ExitStatus>,
+        times: u32,
+    ) -> Self {
+        let mut e = TaskError::worker_lost(name, pid, status, None);
+        e.0.never_started = true;
+        e.0.message = format!(
+            "{times} workers in a row died holding it before starting it, so it is not sent \
+             again"
+        );
         e
     }
 
@@ -207,7 +227,11 @@ impl fmt::Display for TaskError {
                     Some(w) => write!(f, "worker {} (pid {}) died", w.name, w.pid)?,
                     None => write!(f, "the worker died")?,
                 }
-                write!(f, " while running this task")?;
+                if self.0.never_started {
+                    write!(f, " before starting this task")?;
+                } else {
+                    write!(f, " while running this task")?;
+                }
                 if let Some(d) = self.0.ran_for {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }

@@ -37,6 +37,8 @@ pub(crate) trait Effects<T> {
 pub(crate) enum Finish {
     /// Its worker died while holding it.
     Lost(WorkerId),
+    /// This many workers in a row died holding it before starting it; the last was this one.
+    Orphaned(WorkerId, u32),
     /// The pool was terminated before the task finished.
     Terminated,
     /// Workers cannot start: the initializer (or the start itself) failed too often.
@@ -150,11 +152,15 @@ pub(crate) struct Policy<T> {
     feeds: usize,
     /// `join` or `terminate` ended every feed's right to submit.
     feeds_revoked: bool,
+    /// Tasks handed back by workers that died without starting them, and how often.
+    orphaned: HashMap<TaskId, u32>,
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
 /// tasks in flight take about this long, which hides a round trip many times over.
 const DEPTH_TARGET_NS: u64 = 100_000;
+/// Workers that may die holding a task without starting it before the task fails.
+const ORPHAN_LIMIT: u32 = 3;
 /// Tasks at least this long run one at a time per worker (`PolicyConfig::in_flight`);
 /// below it, a second task waits in the worker so that sending it (a large payload, say)
 /// overlaps the first.
@@ -173,6 +179,7 @@ impl<T> Policy<T> {
             pace_ns: None,
             feeds: 0,
             feeds_revoked: false,
+            orphaned: HashMap::new(),
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -256,6 +263,7 @@ impl<T> Policy<T> {
         // A result proves the worker started, whatever messages came before it.
         slot.ever_ready = true;
         let task = self.tasks.remove(&id);
+        self.orphaned.remove(&id);
         self.counts.completed += 1;
         self.dispatch(fx);
         self.retire_idle(fx);
@@ -359,12 +367,14 @@ impl<T> Policy<T> {
             slot.in_flight.len().saturating_sub(undelivered)
         };
         let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
-        for id in never_sent.into_iter().rev() {
-            if self.tasks.contains_key(&id) {
-                self.queue.push_front(id);
+        let never_started = !slot.ever_ready;
+        if never_started {
+            for &id in never_sent.iter().rev() {
+                if self.tasks.contains_key(&id) {
+                    self.queue.push_front(id);
+                }
             }
         }
-        let never_started = !slot.ever_ready;
         if never_started && slot.phase == Phase::Leaving {
             // Setup failure (already counted, tasks already requeued), a retired idle worker,
             // or a terminated one: nothing it held is left to account for.
@@ -397,12 +407,11 @@ impl<T> Policy<T> {
                 && let Some(task) = self.tasks.remove(&id)
             {
                 self.counts.lost += 1;
+                self.orphaned.remove(&id);
                 fx.finish(id, task, Finish::Lost(wid));
             }
-            let unstarted: Vec<TaskId> = held.filter(|id| self.tasks.contains_key(id)).collect();
-            for id in unstarted.into_iter().rev() {
-                self.queue.push_front(id);
-            }
+            let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
+            self.requeue_unstarted(unstarted, wid, fx);
         }
         self.ensure_capacity(fx);
         self.dispatch(fx);
@@ -453,6 +462,7 @@ impl<T> Policy<T> {
         for id in ids {
             if let Some(task) = self.tasks.remove(&id) {
                 self.counts.terminated += 1;
+                self.orphaned.remove(&id);
                 fx.finish(id, task, Finish::Terminated);
             }
         }
@@ -498,6 +508,30 @@ impl<T> Policy<T> {
         self.fail_queue_if_broken(fx);
     }
 
+    /// Puts tasks a dead worker held but never started back at the front of the queue, in
+    /// order, except a task that has now been held by [`ORPHAN_LIMIT`] workers that died
+    /// without starting it: something about sending it may be what kills them (a payload
+    /// too large for a worker's memory, say), so it fails rather than go round forever.
+    fn requeue_unstarted(&mut self, ids: Vec<TaskId>, wid: WorkerId, fx: &mut impl Effects<T>) {
+        for id in ids.into_iter().rev() {
+            if !self.tasks.contains_key(&id) {
+                continue;
+            }
+            let times = self.orphaned.entry(id).or_insert(0);
+            *times += 1;
+            if *times >= ORPHAN_LIMIT {
+                let times = *times;
+                self.orphaned.remove(&id);
+                if let Some(task) = self.tasks.remove(&id) {
+                    self.counts.lost += 1;
+                    fx.finish(id, task, Finish::Orphaned(wid, times));
+                }
+            } else {
+                self.queue.push_front(id);
+            }
+        }
+    }
+
     /// A worker died before it was ready without reporting a setup failure: killed from
     /// outside (an operator, the OOM killer) or crashed in its initializer. A few such deaths
     /// are replaced like any other; only a crash loop (many in a row, none ready between)
@@ -523,6 +557,7 @@ impl<T> Policy<T> {
         for id in std::mem::take(&mut self.queue) {
             if let Some(task) = self.tasks.remove(&id) {
                 self.counts.init_failed += 1;
+                self.orphaned.remove(&id);
                 fx.finish(id, task, Finish::InitFailed(why.clone()));
             }
         }
@@ -860,6 +895,20 @@ mod tests {
         assert_eq!(fx.launched, vec![1, 2, 3]);
         p.submit(8, 8, &mut fx).unwrap();
         assert_eq!(fx.sent.last(), Some(&(3, 8)));
+    }
+
+    #[test]
+    fn a_task_whose_workers_keep_dying_before_starting_it_fails() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.submit(7, 7, &mut fx).unwrap();
+        // Each worker becomes ready, is sent task 7, and dies without beginning it.
+        for wid in 1..=3 {
+            p.ready(wid, &mut fx);
+            p.exited_with(wid, Exit::Ended, 0, Some(false), &mut fx);
+        }
+        assert_eq!(fx.sent, vec![(1, 7), (2, 7), (3, 7)]);
+        assert_eq!(fx.finished, vec![(7, Finish::Orphaned(3, ORPHAN_LIMIT))]);
+        assert!(p.orphaned.is_empty());
     }
 
     #[test]

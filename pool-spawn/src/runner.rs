@@ -77,8 +77,10 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             if let Some(page) = &page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
                 // /proc missing, or the pool's process not readable to us).
-                page.atomic_u64(1)
-                    .store(protocol::PROGRESS_KEPT, std::sync::atomic::Ordering::Release);
+                page.atomic_u64(1).store(
+                    protocol::PROGRESS_KEPT,
+                    std::sync::atomic::Ordering::Release,
+                );
             }
             sys::set_identity(name);
             let same = match image.verify() {
