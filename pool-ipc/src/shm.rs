@@ -184,9 +184,10 @@ impl Segment {
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Segment> {
-        // SAFETY: a null address hint lets the kernel pick a fresh range, so the mapping
-        // aliases no existing Rust object. `fd` was checked (or made) to be sealed against
-        // shrinking with size >= len, so every page of the mapping stays backed.
+        // A null address hint lets the kernel pick a fresh range, so the mapping aliases no
+        // existing Rust object. `fd` was checked (or made) to be sealed against shrinking
+        // with size >= len, so every page of the mapping stays backed.
+        // SAFETY: a fresh range, every page backed (above).
         let p = unsafe {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
@@ -224,9 +225,10 @@ impl Segment {
     pub fn atomic_u32(&self, index: usize) -> &AtomicU32 {
         let off = index.checked_mul(4).filter(|o| o + 4 <= self.len);
         let off = off.expect("atomic_u32 index outside the shared segment");
-        // SAFETY: `off + 4 <= len`, so the word is inside the live mapping, which outlives
-        // `&self`; it is 4-aligned (page-aligned base). Atomics may be mutated concurrently
-        // by other threads and processes; no non-atomic Rust reference to it exists.
+        // `off + 4 <= len`, so the word is inside the live mapping, which outlives `&self`;
+        // it is 4-aligned (page-aligned base). Atomics may be mutated concurrently by other
+        // threads and processes; no non-atomic Rust reference to it exists.
+        // SAFETY: in bounds, aligned, only ever accessed atomically (above).
         unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast::<u32>()) }
     }
 
@@ -260,9 +262,10 @@ impl Segment {
     /// If `off + b.len()` exceeds the segment.
     pub fn write_at(&self, off: usize, b: &[u8]) {
         self.check_range(off, b.len());
-        // SAFETY: the destination range is inside the live mapping (checked above) and `b`
-        // is valid for reads of `b.len()` bytes. `ptr::copy` tolerates overlap (only
-        // possible through the unsafe `as_slice`, whose contract already forbids writes).
+        // The destination range is inside the live mapping (checked above) and `b` is valid
+        // for reads of `b.len()` bytes. `ptr::copy` tolerates overlap (only possible through
+        // the unsafe `as_slice`, whose contract already forbids writes).
+        // SAFETY: both ranges valid for the copy (above).
         unsafe { std::ptr::copy(b.as_ptr(), self.ptr.as_ptr().add(off), b.len()) }
     }
 
@@ -291,10 +294,10 @@ impl Segment {
         self.check_range(off, n);
         out.reserve(n);
         let old = out.len();
-        // SAFETY: the source range is inside the live mapping (checked above); the
-        // destination is `n` bytes of `out`'s spare capacity (reserved above), which is
-        // distinct memory. After the copy those bytes are initialized, so `set_len` is
-        // sound.
+        // The source range is inside the live mapping (checked above); the destination is
+        // `n` bytes of `out`'s spare capacity (reserved above), which is distinct memory.
+        // After the copy those bytes are initialized, so `set_len` is sound.
+        // SAFETY: valid, disjoint ranges; the new length covers initialized bytes (above).
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr().add(old), n);
             out.set_len(old + n);
