@@ -429,10 +429,7 @@ impl Shared {
                         if let Err(payload) =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
                         {
-                            let _ =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                                    drop(payload)
-                                }));
+                            drop_payload(payload);
                         }
                     }
                 });
@@ -971,9 +968,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                 Ok(d) => d,
                 Err(payload) => {
                     let why = panic_text(&*payload);
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                        drop(payload)
-                    }));
+                    drop_payload(payload);
                     let e = TaskError::new(
                         TaskErrorKind::Decode,
                         format!("decoding the result panicked in the pool's process: {why}"),
@@ -1009,6 +1004,11 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
             }
         }
     }
+}
+
+/// Drops a caught panic's payload, whose `Drop` is user code that may panic again.
+pub(crate) fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)));
 }
 
 /// The message of a panic payload.

@@ -365,8 +365,7 @@ fn complete<T: Send + 'static>(
         }));
         if let Err(payload) = ran {
             tracing::error!("a result callback panicked; the pool goes on");
-            // Dropping a panic payload runs user code too; it may panic again.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)));
+            driver::drop_payload(payload);
         }
         slot.fill(result);
     });
