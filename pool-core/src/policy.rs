@@ -329,25 +329,13 @@ impl<T> Policy<T> {
 
     /// A worker is gone (its process was reaped, or could not be started).
     pub(crate) fn exited(&mut self, wid: WorkerId, how: Exit, fx: &mut impl Effects<T>) {
-        self.exited_with_undelivered(wid, how, 0, fx);
+        self.exited_with(wid, how, 0, None, fx);
     }
 
-    /// As [`Policy::exited`], where the last `undelivered` tasks sent to the worker never
-    /// fully left for it (the writes failed or were still queued): they never started, and
-    /// the task it was running is the oldest of the others.
-    pub(crate) fn exited_with_undelivered(
-        &mut self,
-        wid: WorkerId,
-        how: Exit,
-        undelivered: usize,
-        fx: &mut impl Effects<T>,
-    ) {
-        self.exited_with(wid, how, undelivered, None, fx);
-    }
-
-    /// As [`Policy::exited_with_undelivered`], where `running`, when known, says whether
-    /// the worker had begun a task it sent no result for: `Some(false)`, it died between
-    /// tasks, and none of those it held ever started.
+    /// As [`Policy::exited`], knowing more of how the worker went: the last `undelivered`
+    /// tasks sent to it never fully left for it (the writes failed or were still queued), so
+    /// they never started; and `running`, when known, says whether it had begun a task it
+    /// sent no result for (`Some(false)`: it died between tasks, and none it held started).
     pub(crate) fn exited_with(
         &mut self,
         wid: WorkerId,
@@ -359,29 +347,16 @@ impl<T> Policy<T> {
         let Some(mut slot) = self.workers.remove(&wid) else {
             return;
         };
-        // A worker that held nothing when it went is a recycle if it was on its way out.
-        let held_nothing = slot.in_flight.is_empty();
-        let keep = if running == Some(false) {
-            0
-        } else {
-            slot.in_flight.len().saturating_sub(undelivered)
-        };
-        let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
         let never_started = !slot.ever_ready;
-        if never_started {
-            for &id in never_sent.iter().rev() {
-                if self.tasks.contains_key(&id) {
-                    self.queue.push_front(id);
-                }
-            }
-        }
         if never_started && slot.phase == Phase::Leaving {
             // Setup failure (already counted, tasks already requeued), a retired idle worker,
             // or a terminated one: nothing it held is left to account for.
         } else if never_started {
             // Nothing it held ever ran: give it to the next worker.
             for id in slot.in_flight.into_iter().rev() {
-                self.queue.push_front(id);
+                if self.tasks.contains_key(&id) {
+                    self.queue.push_front(id);
+                }
             }
             if self.state != State::Terminated {
                 match how {
@@ -390,7 +365,7 @@ impl<T> Policy<T> {
                 }
             }
         } else {
-            if held_nothing
+            if slot.in_flight.is_empty()
                 && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
                 && self.state != State::Terminated
             {
@@ -402,6 +377,12 @@ impl<T> Policy<T> {
             // every result it managed to send, so the oldest task it still held was the one
             // running: that one fails. The others never started; they go back to the front of
             // the queue for the other workers (at most once each, never run twice).
+            let keep = if running == Some(false) {
+                0
+            } else {
+                slot.in_flight.len().saturating_sub(undelivered)
+            };
+            let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
             let mut held = slot.in_flight.into_iter();
             if let Some(id) = held.next()
                 && let Some(task) = self.tasks.remove(&id)
@@ -880,7 +861,7 @@ mod tests {
         // Worker 1 died idle; before the pool noticed, task 7 was sent to it, and the write
         // failed: it never reached the worker.
         p.submit(7, 7, &mut fx).unwrap();
-        p.exited_with_undelivered(1, Exit::Ended, 1, &mut fx);
+        p.exited_with(1, Exit::Ended, 1, None, &mut fx);
         assert!(
             fx.finished.is_empty(),
             "task 7 never started: {:?}",
