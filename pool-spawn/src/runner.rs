@@ -138,30 +138,18 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         }
     };
     loop {
-        let step = match conn.try_recv_buffered_with(handle) {
-            Ok(Some(step)) => step,
-            Ok(None) => {
-                flush(&mut conn)?;
-                match conn.recv_with(handle) {
-                    Ok(step) => step,
-                    Err(e) => match e.kind() {
-                        IpcKind::Closed => Step::Exit,
-                        IpcKind::Io => return Err(Stop::Lost),
-                        _ => {
-                            return Err(Stop::Protocol(format!(
-                                "bad message from the parent: {e}"
-                            )));
-                        }
-                    },
-                }
-            }
-            Err(e) => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+        // Every result has been written already: block for the next request (one that is
+        // already buffered is handed over without a system call).
+        let step = match conn.recv_with(handle) {
+            Ok(step) => step,
+            Err(e) => match e.kind() {
+                IpcKind::Closed => Step::Exit,
+                IpcKind::Io => return Err(Stop::Lost),
+                _ => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+            },
         };
         let done = match step {
-            Step::Exit => {
-                flush(&mut conn)?;
-                return Ok(0);
-            }
+            Step::Exit => return Ok(0),
             Step::Bad(m) => return Err(Stop::Protocol(m)),
             Step::Done(done) => done,
         };
