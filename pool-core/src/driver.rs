@@ -354,6 +354,11 @@ impl Shared {
                     }
                 }
             }
+            // The driver sleeps until a worker or a launch needs it; a step that leaves the
+            // pool finished (close() once every worker is gone, say) must wake it to end.
+            if inner.policy.is_finished() {
+                inner.wake_driver = true;
+            }
             let wake = std::mem::take(&mut inner.wake_driver);
             (r, std::mem::take(&mut inner.done), wake)
         };

@@ -550,3 +550,28 @@ fn a_task_sent_just_after_an_idle_worker_died_runs_elsewhere() {
         shut_down(pool);
     }
 }
+
+/// A pool whose workers are all gone already when it is closed (here: its initializer broke
+/// it) still finishes: join returns.
+#[test]
+fn closing_a_pool_with_no_worker_left_lets_join_return() {
+    for method in METHODS {
+        let pool = builder(method)
+            .processes(1)
+            .initializer(failing_init, ())
+            .build()
+            .unwrap();
+        let e = pool
+            .apply_async(square, (1,))
+            .get_timeout(Duration::from_secs(60))
+            .unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
+        wait_for("every worker gone", Duration::from_secs(60), || {
+            pool.workers().is_empty()
+        });
+        // Let the pool thread go back to sleep with nothing to watch.
+        std::thread::sleep(Duration::from_millis(50));
+        pool.close();
+        pool.join_timeout(Duration::from_secs(20)).unwrap();
+    }
+}
