@@ -143,6 +143,17 @@ impl<T: ?Sized> Sender<T> {
         }
         Arc::into_inner(self.fd).expect("a Sender's fd is only shared inside a Duplex")
     }
+
+    /// Encodes `msg`, a value of another type with `T`'s wire format (a borrowed form of
+    /// `T`, say), as one frame and writes it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`send`](Sender::send).
+    pub fn send_frame_of<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<()> {
+        self.w.encode(msg)?;
+        self.flush()
+    }
 }
 
 impl<T: Serialize + ?Sized> Sender<T> {
@@ -484,6 +495,12 @@ impl<S: ?Sized, R> Duplex<S, R> {
     /// The receiving half.
     pub fn receiver(&mut self) -> &mut Receiver<R> {
         &mut self.rx
+    }
+
+    /// Both halves at once: a message borrowed from the receive buffer (see
+    /// [`Receiver::recv_with`]) can be answered while it is still in use.
+    pub fn halves(&mut self) -> (&mut Sender<S>, &mut Receiver<R>) {
+        (&mut self.tx, &mut self.rx)
     }
 
     /// See [`Sender::flush`].

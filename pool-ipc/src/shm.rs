@@ -290,7 +290,7 @@ impl Segment {
     /// # Panics
     ///
     /// If `off + n` exceeds the segment.
-    pub(crate) fn read_to_vec(&self, off: usize, n: usize, out: &mut Vec<u8>) {
+    pub fn read_to_vec(&self, off: usize, n: usize, out: &mut Vec<u8>) {
         self.check_range(off, n);
         out.reserve(n);
         let old = out.len();

@@ -30,6 +30,7 @@ fn start_to_ready(l: &mut Launcher, n: &mut u64) -> Duration {
         image: ImageId::current(),
         init: None,
         progress: None,
+        limits: Default::default(),
     })
     .expect("setup");
     match chan.recv().expect("reply") {

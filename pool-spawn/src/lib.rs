@@ -79,7 +79,7 @@
 //!
 //! ```no_run
 //! use pool_ipc::Duplex;
-//! use pool_spawn::protocol::{channel_config, FromWorker, ImageId, ToWorker};
+//! use pool_spawn::protocol::{self, channel_config, FromWorker, ImageId, ToWorker};
 //! use pool_spawn::task::{self, ItemError};
 //! use pool_spawn::{Launcher, LaunchOptions, StartMethod};
 //! use serde_bytes::ByteBuf;
@@ -95,14 +95,15 @@
 //!     let mut worker = launcher.launch("ForkserverPoolWorker-1")?;
 //!     let mut chan: Duplex<ToWorker, FromWorker> = Duplex::with_config(worker.take_channel().unwrap(), channel_config())?;
 //!     let image = ImageId::current();
-//!     chan.send(&ToWorker::Setup { name: worker.name().into(), max_tasks: None, image, init: None, progress: None })?;
+//!     chan.send(&ToWorker::Setup { name: worker.name().into(), max_tasks: None, image, init: None, progress: None, limits: Default::default() })?;
 //!     assert!(matches!(chan.recv()?, FromWorker::Ready { .. }));
 //!
 //!     let args: Vec<(u64,)> = vec![(3,), (4,)];
 //!     let payload = ByteBuf::from(postcard::to_allocvec(&args)?);
-//!     chan.send(&ToWorker::Run { id: 1, func: task::batch_ref(square), payload })?;
-//!     if let FromWorker::Done { id: 1, outcome: Ok(bytes) } = chan.recv()? {
-//!         let results: Vec<Result<u64, ItemError>> = postcard::from_bytes(&bytes)?;
+//!     chan.send(&ToWorker::Run { id: 1, func: task::batch_ref(square), timed: false, payload })?;
+//!     if let FromWorker::Done { id: 1, items, outcome: Ok(bytes) } = chan.recv()? {
+//!         let mut results: Vec<Result<u64, ItemError>> = Vec::new();
+//!         protocol::decode_results(items, &bytes, &mut results)?;
 //!         assert_eq!(results, vec![Ok(9), Ok(16)]);
 //!     }
 //!

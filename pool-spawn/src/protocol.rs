@@ -146,6 +146,62 @@ impl fmt::Debug for ImageId {
 /// (see [`ToWorker::Setup`]).
 pub const PROGRESS_KEPT: u64 = 0x7072_6f67_7265_7373;
 
+/// The layout of a worker's progress page: the words (`u64`, by index) the worker and the
+/// pool share, and the result area that follows them.
+///
+/// The worker writes every word except the cancel slots, which only the pool writes. The
+/// pool reads the task and area words when the worker is gone (or stopped), so they need
+/// no protocol between the two beyond their order; [`CURRENT`](page::CURRENT) and the
+/// cancel slots form a store-then-load handshake on each side (sequentially consistent),
+/// so that a task is either seen cancelled by the worker or seen begun by the pool.
+pub mod page {
+    /// Tasks the worker has begun (skipped ones included).
+    pub const BEGUN: usize = 0;
+    /// [`PROGRESS_KEPT`](super::PROGRESS_KEPT) once the worker keeps this page.
+    pub const KEPT: usize = 1;
+    /// The id of the task the worker took up last (stored before it checks the cancel slots).
+    pub const CURRENT: usize = 2;
+    /// `CLOCK_MONOTONIC` nanoseconds when the running task began; for a task sent with
+    /// `timed`, when its running item began.
+    pub const STARTED_NS: usize = 3;
+    /// The task whose results the area holds.
+    pub const AREA_TASK: usize = 4;
+    /// The index, within its task, of the first item in the area.
+    pub const AREA_BASE: usize = 5;
+    /// How many items' results the area holds (each complete).
+    pub const AREA_ITEMS: usize = 6;
+    /// How many bytes of the area they fill.
+    pub const AREA_BYTES: usize = 7;
+    /// The first of the cancel slots: ids of tasks the worker must not begin.
+    pub const CANCEL_FIRST: usize = 8;
+    /// How many cancel slots there are (used as a ring by the pool).
+    pub const CANCEL_SLOTS: usize = 32;
+    /// Where the result area starts, in bytes.
+    pub const AREA_OFFSET: usize = 4096;
+    /// The size of the whole page the pool makes: the words and a 1 MiB result area.
+    pub const LEN: usize = AREA_OFFSET + (1 << 20);
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`page::STARTED_NS`] (the same clock
+/// as `std::time::Instant`, shared by every process of the machine).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// Limits a worker applies to itself (see [`ToWorker::Setup`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// A hard cap on the worker's private memory (`RLIMIT_DATA`), set before the
+    /// initializer runs: an allocation beyond it fails, and Rust aborts the process.
+    pub memory_cap: Option<u64>,
+    /// After a task, a worker whose resident memory is above this many bytes sends its
+    /// result, then [`FromWorker::Recycling`], and exits.
+    pub max_rss: Option<u64>,
+}
+
 /// A message from the pool to a worker.
 ///
 /// `B` is how byte payloads are held: owned ([`ByteBuf`], the default) to build a message,
@@ -170,6 +226,8 @@ pub enum ToWorker<B = ByteBuf> {
         /// was running. The worker stores [`PROGRESS_KEPT`] in the second `u64` once it has
         /// the page; until then the count means nothing.
         progress: Option<(u32, i32)>,
+        /// Limits the worker applies to itself.
+        limits: Limits,
     },
     /// Run a batch.
     Run {
@@ -177,6 +235,9 @@ pub enum ToWorker<B = ByteBuf> {
         id: u64,
         /// The batch trampoline ([`task::batch_ref`](crate::task::batch_ref)).
         func: FnRef,
+        /// The task has a time limit: the worker stamps the start of each item on its
+        /// progress page ([`page::STARTED_NS`]), not only the start of the task.
+        timed: bool,
         /// The postcard `Vec<Args>`.
         payload: B,
     },
@@ -191,6 +252,7 @@ struct RunHead {
     variant: u32,
     id: u64,
     func: FnRef,
+    timed: bool,
     len: usize,
 }
 
@@ -209,6 +271,7 @@ pub fn encode_run<T: Serialize + ?Sized>(
     frame: &mut pool_ipc::FrameBuf,
     id: u64,
     func: FnRef,
+    timed: bool,
     args: &T,
 ) -> pool_ipc::Result<()> {
     let len = pool_ipc::encoded_len(args)?;
@@ -217,6 +280,7 @@ pub fn encode_run<T: Serialize + ?Sized>(
         variant: RUN_VARIANT,
         id,
         func,
+        timed,
         len,
     };
     frame.reserve(len + 32);
@@ -255,10 +319,63 @@ pub enum FromWorker<B = ByteBuf> {
     Done {
         /// The `id` of the [`ToWorker::Run`].
         id: u64,
-        /// `Ok`: a postcard `Vec<Result<R, ItemError>>`, one per item. `Err`: the whole
-        /// batch failed (its arguments did not decode, or the results are too large).
+        /// How many items' results `outcome` holds: those not sent before in
+        /// [`FromWorker::Part`]s.
+        items: u64,
+        /// `Ok`: the results, one postcard `Result<R, ItemError>` after the other. `Err`:
+        /// the whole batch failed (its arguments did not decode).
         outcome: Result<B, ItemError>,
     },
+    /// The first results of a batch still running (its results outgrew the result area).
+    Part {
+        /// The `id` of the [`ToWorker::Run`].
+        id: u64,
+        /// How many items' results `results` holds.
+        items: u64,
+        /// One postcard `Result<R, ItemError>` after the other.
+        results: B,
+    },
+    /// A batch the pool cancelled before the worker began it: it did not run.
+    Skipped {
+        /// The `id` of the [`ToWorker::Run`].
+        id: u64,
+    },
+    /// The worker exits after the result it just sent: its resident memory is above
+    /// [`Limits::max_rss`].
+    Recycling {
+        /// Its resident memory, in bytes.
+        rss: u64,
+    },
+}
+
+/// Decodes `items` results laid one after the other (as in [`FromWorker::Done`] and
+/// [`FromWorker::Part`]), appending them to `out`.
+///
+/// # Errors
+///
+/// postcard's error if the bytes do not hold `items` values of `T` (then `out` holds the
+/// ones before), or if bytes are left over.
+pub fn decode_results<T: serde::de::DeserializeOwned>(
+    items: u64,
+    mut bytes: &[u8],
+    out: &mut Vec<T>,
+) -> Result<(), postcard::Error> {
+    // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
+    out.reserve(
+        usize::try_from(items)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len()),
+    );
+    for _ in 0..items {
+        let (v, rest) = postcard::take_from_bytes::<T>(bytes)?;
+        out.push(v);
+        bytes = rest;
+    }
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
 }
 
 /// Why a worker's setup failed.
@@ -297,6 +414,7 @@ mod tests {
         let run = ToWorker::Run {
             id: 7,
             func: crate::task::batch_ref(noop),
+            timed: true,
             payload: ByteBuf::from(payload.clone()),
         };
         let bytes = postcard::to_allocvec(&run).unwrap();
@@ -315,19 +433,28 @@ mod tests {
         let run = ToWorker::Run {
             id: 1 << 40,
             func: crate::task::batch_ref(noop),
+            timed: false,
             payload: ByteBuf::from(postcard::to_allocvec(&args).unwrap()),
         };
         let mut frame = pool_ipc::FrameBuf::new();
-        encode_run(&mut frame, 1 << 40, crate::task::batch_ref(noop), &args).unwrap();
+        encode_run(
+            &mut frame,
+            1 << 40,
+            crate::task::batch_ref(noop),
+            false,
+            &args,
+        )
+        .unwrap();
         assert_eq!(frame.payload(), &postcard::to_allocvec(&run).unwrap()[..]);
         let done: FromWorker = FromWorker::Done {
             id: 9,
+            items: 256,
             outcome: Ok(ByteBuf::from(payload.clone())),
         };
         let bytes = postcard::to_allocvec(&done).unwrap();
         match postcard::from_bytes::<FromWorker<&serde_bytes::Bytes>>(&bytes).unwrap() {
-            FromWorker::Done { id, outcome } => {
-                assert_eq!(id, 9);
+            FromWorker::Done { id, items, outcome } => {
+                assert_eq!((id, items), (9, 256));
                 assert_eq!(&outcome.unwrap()[..], &payload[..]);
             }
             other => panic!("decoded as {other:?}"),

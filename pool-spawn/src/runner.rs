@@ -1,15 +1,16 @@
 //! The worker main loop (child side): Setup → image check → initializer → Ready → Run/Done.
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use pool_ipc::{Duplex, ErrorKind as IpcKind};
-use serde_bytes::ByteBuf;
+use pool_ipc::{Duplex, ErrorKind as IpcKind, Sender};
 
 use crate::protocol::{
     self, EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
+    page,
 };
 use crate::sys;
-use crate::task::{self, ItemError, ItemErrorKind};
+use crate::task::{self, ItemError, ItemErrorKind, ItemSink};
 
 /// Why the loop ended abnormally.
 enum Stop {
@@ -55,7 +56,7 @@ fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(),
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
-    let (max_tasks, same, page) = match recv(&mut conn)? {
+    let (max_tasks, same, page, limits) = match recv(&mut conn)? {
         None | Some(ToWorker::Exit) => return Ok(0),
         Some(ToWorker::Run { .. }) => {
             return Err(Stop::Protocol(
@@ -68,19 +69,18 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             image,
             init,
             progress,
+            limits,
         }) => {
             // Best effort: without the page the pool assumes the oldest task it sent was
             // running.
             let page = progress
                 .and_then(|(pid, fd)| pool_ipc::shm::Segment::open_in_process(pid, fd).ok())
-                .filter(|seg| seg.len() >= 16);
+                .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET);
             if let Some(page) = &page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
                 // /proc missing, or the pool's process not readable to us).
-                page.atomic_u64(1).store(
-                    protocol::PROGRESS_KEPT,
-                    std::sync::atomic::Ordering::Release,
-                );
+                page.atomic_u64(protocol::page::KEPT)
+                    .store(protocol::PROGRESS_KEPT, Ordering::Release);
             }
             sys::set_identity(name);
             let same = match image.verify() {
@@ -96,6 +96,18 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     return Ok(EXIT_IMAGE_MISMATCH);
                 }
             };
+            if let Some(cap) = limits.memory_cap
+                && let Err(e) = set_memory_cap(cap)
+            {
+                send(
+                    &mut conn,
+                    &FromWorker::SetupFailed {
+                        reason: SetupFailure::Initializer,
+                        message: format!("cannot set the memory limit of {cap} bytes: {e}"),
+                    },
+                )?;
+                return Ok(EXIT_INIT_FAILED);
+            }
             if let Some((f, args)) = init
                 && let Err(message) = task::call_init(&same, f, &args)
             {
@@ -108,7 +120,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 )?;
                 return Ok(EXIT_INIT_FAILED);
             }
-            (max_tasks, same, page)
+            (max_tasks, same, page, limits)
         }
     };
     send(
@@ -118,29 +130,39 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         },
     )?;
     let mut runs = 0u64;
-    // Each request is decoded in place, its payload borrowed from the receive buffer. Each
-    // result is written before the next task starts: whenever the worker dies, every result
-    // of a task it finished is already with the parent, so the parent knows the task that
-    // was running (the oldest without a result), and runs no task twice.
-    let handle = |bytes: &[u8]| -> Step {
-        match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
-            Ok(ToWorker::Exit) => Step::Exit,
-            Ok(ToWorker::Setup { .. }) => Step::Bad("a second Setup message arrived".to_owned()),
-            Ok(ToWorker::Run { id, func, payload }) => {
-                if let Some(page) = &page {
-                    page.atomic_u64(0)
-                        .fetch_add(1, std::sync::atomic::Ordering::Release);
-                }
-                let outcome = task::call_batch(&same, func, payload).map(ByteBuf::from);
-                Step::Done(FromWorker::Done { id, outcome })
-            }
-            Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
-        }
-    };
+    let mut results = Results::new(page.as_ref());
     loop {
         // Every result has been written already: block for the next request (one that is
-        // already buffered is handed over without a system call).
-        let step = match conn.recv_with(handle) {
+        // already buffered is handed over without a system call). Each request is decoded
+        // in place, its payload borrowed from the receive buffer; results that outgrow the
+        // result area go out while it is still borrowed.
+        let (tx, rx) = conn.halves();
+        let step = rx.recv_with(|bytes: &[u8]| -> Step {
+            match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
+                Ok(ToWorker::Exit) => Step::Exit,
+                Ok(ToWorker::Setup { .. }) => {
+                    Step::Bad("a second Setup message arrived".to_owned())
+                }
+                Ok(ToWorker::Run {
+                    id,
+                    func,
+                    timed,
+                    payload,
+                }) => {
+                    if !results.take_up(id, timed) {
+                        return Step::Done(Reply::Skipped(id));
+                    }
+                    let mut sink = results.sink(tx);
+                    let outcome = task::call_batch(&same, func, payload, &mut sink);
+                    if sink.lost {
+                        return Step::Lost;
+                    }
+                    Step::Done(Reply::Done(id, outcome))
+                }
+                Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
+            }
+        });
+        let step = match step {
             Ok(step) => step,
             Err(e) => match e.kind() {
                 IpcKind::Closed => Step::Exit,
@@ -148,32 +170,283 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 _ => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
             },
         };
-        let done = match step {
+        match step {
             Step::Exit => return Ok(0),
+            Step::Lost => return Err(Stop::Lost),
             Step::Bad(m) => return Err(Stop::Protocol(m)),
-            Step::Done(done) => done,
-        };
-        if let Err(e) = conn.feed(&done) {
-            match e.kind() {
-                IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
-                // Too large, or unencodable: the batch fails, the worker lives on.
-                _ => {
-                    let FromWorker::Done { id, .. } = done else {
-                        unreachable!("only results are fed here")
-                    };
-                    let outcome = Err(ItemError::new(
-                        ItemErrorKind::Encode,
-                        format!("the batch's results cannot be sent: {e}"),
-                    ));
-                    send(&mut conn, &FromWorker::Done { id, outcome })?;
-                }
+            Step::Done(Reply::Skipped(id)) => {
+                // Not a task run: it does not count toward `max_tasks`.
+                send(&mut conn, &FromWorker::Skipped { id })?;
+                continue;
             }
+            Step::Done(Reply::Done(id, outcome)) => results.send_done(&mut conn, id, outcome)?,
         }
-        flush(&mut conn)?;
         runs += 1;
         if max_tasks.is_some_and(|m| runs >= m) {
             return Ok(0);
         }
+        if let Some(limit) = limits.max_rss
+            && let Some(rss) = resident_bytes()
+            && rss > limit
+        {
+            send(&mut conn, &FromWorker::Recycling { rss })?;
+            return Ok(0);
+        }
+    }
+}
+
+/// Sets the hard cap on this process's private memory.
+fn set_memory_cap(bytes: u64) -> std::io::Result<()> {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    setrlimit(
+        Resource::Data,
+        Rlimit {
+            current: Some(bytes),
+            maximum: Some(bytes),
+        },
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// This process's resident memory, from `/proc/self/statm`.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages.saturating_mul(rustix::param::page_size() as u64))
+}
+
+/// The results of the running task: kept on the progress page's result area as each item
+/// ends (so that they survive the worker), sent in [`FromWorker::Done`] when it ends, and
+/// in [`FromWorker::Part`]s before that when they outgrow the area.
+struct Results<'p> {
+    page: Option<&'p pool_ipc::shm::Segment>,
+    /// Bytes of results in the area.
+    used: usize,
+    /// Items whose results are in the area.
+    items: u64,
+    /// Items of the running task already sent in parts.
+    sent: u64,
+    id: u64,
+    timed: bool,
+    /// Without a page: the results collected in memory.
+    local: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl<'p> Results<'p> {
+    fn new(page: Option<&'p pool_ipc::shm::Segment>) -> Self {
+        Results {
+            page,
+            used: 0,
+            items: 0,
+            sent: 0,
+            id: 0,
+            timed: false,
+            local: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn word(&self, i: usize) -> Option<&AtomicU64> {
+        self.page.map(|p| p.atomic_u64(i))
+    }
+
+    fn area_len(&self) -> usize {
+        self.page
+            .map_or(0, |p| p.len().saturating_sub(page::AREA_OFFSET))
+    }
+
+    /// Takes up task `id`: `false` if the pool cancelled it (it counts as begun, and is
+    /// skipped). Otherwise the area is the task's, and the task counts as begun.
+    fn take_up(&mut self, id: u64, timed: bool) -> bool {
+        self.id = id;
+        self.timed = timed;
+        self.used = 0;
+        self.items = 0;
+        self.sent = 0;
+        self.local.clear();
+        let Some(page) = self.page else { return true };
+        // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
+        // either we see its mark, or it sees that we took the task up.
+        page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);
+        let cancelled = (0..page::CANCEL_SLOTS).any(|i| {
+            page.atomic_u64(page::CANCEL_FIRST + i)
+                .load(Ordering::SeqCst)
+                == id
+        });
+        if !cancelled {
+            page.atomic_u64(page::AREA_ITEMS)
+                .store(0, Ordering::Relaxed);
+            page.atomic_u64(page::AREA_BYTES)
+                .store(0, Ordering::Relaxed);
+            page.atomic_u64(page::AREA_BASE).store(0, Ordering::Relaxed);
+            page.atomic_u64(page::AREA_TASK)
+                .store(id, Ordering::Relaxed);
+            page.atomic_u64(page::STARTED_NS)
+                .store(protocol::monotonic_ns(), Ordering::Relaxed);
+        }
+        page.atomic_u64(page::BEGUN).fetch_add(1, Ordering::Release);
+        !cancelled
+    }
+
+    fn sink<'a>(&'a mut self, tx: &'a mut Sender<FromWorker>) -> AreaSink<'a, 'p> {
+        AreaSink {
+            results: self,
+            tx,
+            lost: false,
+        }
+    }
+
+    /// The results not sent in parts, one after the other.
+    fn tail(&mut self) -> &[u8] {
+        match self.page {
+            Some(page) => {
+                self.local.clear();
+                page.read_to_vec(page::AREA_OFFSET, self.used, &mut self.local);
+                &self.local
+            }
+            None => &self.local,
+        }
+    }
+
+    /// Sends the task's `Done`.
+    fn send_done(
+        &mut self,
+        conn: &mut Duplex<FromWorker, ToWorker>,
+        id: u64,
+        outcome: Result<(), ItemError>,
+    ) -> Result<(), Stop> {
+        let (items, outcome) = match outcome {
+            Ok(()) => (self.items, Ok(())),
+            Err(e) => (0, Err(e)),
+        };
+        let done = FromWorker::<&serde_bytes::Bytes>::Done {
+            id,
+            items,
+            outcome: outcome.map(|()| serde_bytes::Bytes::new(self.tail())),
+        };
+        if let Err(e) = conn.sender().send_frame_of(&done) {
+            match e.kind() {
+                IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
+                // Too large, or unencodable: the batch fails, the worker lives on.
+                _ => {
+                    let outcome = Err(ItemError::new(
+                        ItemErrorKind::Encode,
+                        format!("the batch's results cannot be sent: {e}"),
+                    ));
+                    let done = FromWorker::<&serde_bytes::Bytes>::Done {
+                        id,
+                        items: 0,
+                        outcome,
+                    };
+                    conn.sender()
+                        .send_frame_of(&done)
+                        .map_err(|e| match e.kind() {
+                            IpcKind::Io | IpcKind::Closed => Stop::Lost,
+                            _ => Stop::Protocol(format!("cannot send a message: {e}")),
+                        })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The [`ItemSink`] of a running task: see [`Results`].
+struct AreaSink<'a, 'p> {
+    results: &'a mut Results<'p>,
+    tx: &'a mut Sender<FromWorker>,
+    /// Sending a part failed: the parent is gone.
+    lost: bool,
+}
+
+impl AreaSink<'_, '_> {
+    /// Sends `bytes` (`items` results) as a part of the running task.
+    fn send_part(&mut self, items: u64, bytes: &[u8]) {
+        let part = FromWorker::<&serde_bytes::Bytes>::Part {
+            id: self.results.id,
+            items,
+            results: serde_bytes::Bytes::new(bytes),
+        };
+        if self.tx.send_frame_of(&part).is_err() {
+            self.lost = true;
+        }
+        self.results.sent += items;
+    }
+
+    /// Sends the area's results as a part and empties it.
+    fn flush_area(&mut self) {
+        let r = &mut *self.results;
+        let Some(page) = r.page else { return };
+        if r.items == 0 {
+            return;
+        }
+        let items = r.items;
+        r.local.clear();
+        page.read_to_vec(page::AREA_OFFSET, r.used, &mut r.local);
+        let bytes = std::mem::take(&mut r.local);
+        self.send_part(items, &bytes);
+        let r = &mut *self.results;
+        r.local = bytes;
+        r.used = 0;
+        r.items = 0;
+        // Sent, then emptied: a pool that finds the area's base behind the parts it
+        // received knows the area's items were sent.
+        page.atomic_u64(page::AREA_ITEMS)
+            .store(0, Ordering::Release);
+        page.atomic_u64(page::AREA_BYTES)
+            .store(0, Ordering::Release);
+        page.atomic_u64(page::AREA_BASE)
+            .store(r.sent, Ordering::Release);
+    }
+}
+
+impl ItemSink for AreaSink<'_, '_> {
+    fn begin(&mut self) {
+        if self.results.timed
+            && let Some(w) = self.results.word(page::STARTED_NS)
+        {
+            w.store(protocol::monotonic_ns(), Ordering::Release);
+        }
+    }
+
+    fn scratch(&mut self) -> &mut Vec<u8> {
+        self.results.scratch.clear();
+        &mut self.results.scratch
+    }
+
+    fn commit(&mut self) {
+        if self.lost {
+            return;
+        }
+        let Some(page) = self.results.page else {
+            let r = &mut *self.results;
+            r.local.extend_from_slice(&r.scratch);
+            r.items += 1;
+            return;
+        };
+        let n = self.results.scratch.len();
+        if self.results.used + n > self.results.area_len() {
+            self.flush_area();
+            if n > self.results.area_len() {
+                // Larger than the whole area: straight out.
+                let scratch = std::mem::take(&mut self.results.scratch);
+                self.send_part(1, &scratch);
+                self.results.scratch = scratch;
+                page.atomic_u64(page::AREA_BASE)
+                    .store(self.results.sent, Ordering::Release);
+                return;
+            }
+        }
+        let r = &mut *self.results;
+        page.write_at(page::AREA_OFFSET + r.used, &r.scratch);
+        r.used += n;
+        r.items += 1;
+        // Bytes first, then the count that makes them part of the area.
+        page.atomic_u64(page::AREA_BYTES)
+            .store(r.used as u64, Ordering::Release);
+        page.atomic_u64(page::AREA_ITEMS)
+            .store(r.items, Ordering::Release);
     }
 }
 
@@ -181,15 +454,18 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
 enum Step {
     /// Exit (asked to, or the parent closed the channel).
     Exit,
-    /// A task ran: its result message.
-    Done(FromWorker),
+    /// A task was taken up: what to answer.
+    Done(Reply),
+    /// The parent went away while the task sent results.
+    Lost,
     /// A request that makes no sense here.
     Bad(String),
 }
 
-fn flush(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<(), Stop> {
-    conn.flush().map_err(|e| match e.kind() {
-        IpcKind::Io | IpcKind::Closed => Stop::Lost,
-        _ => Stop::Protocol(format!("cannot send a message: {e}")),
-    })
+/// The answer to a `Run`.
+enum Reply {
+    /// It ran: its id and whether the batch as a whole worked.
+    Done(u64, Result<(), ItemError>),
+    /// It was cancelled before it began.
+    Skipped(u64),
 }

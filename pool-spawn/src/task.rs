@@ -40,6 +40,8 @@ use serde::{Deserialize, Serialize};
 
 mod trampoline;
 
+#[cfg(test)]
+pub(crate) use trampoline::run_local;
 pub(crate) use trampoline::{call_batch, call_init, link_offset};
 
 /// A plain `fn` item or a closure that captures nothing, taking `Args` (a tuple).
@@ -310,8 +312,44 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Decodes a batch, runs `f` on each item, encodes the per-item results.
-fn run_batch<F, Args, R>(f: F, input: &[u8]) -> Result<Vec<u8>, ItemError>
+/// Where a batch's per-item results go, one at a time, as each item ends: the worker keeps
+/// them where they survive it (its result area), so that when it dies mid-batch the pool
+/// still has the results of the items that finished.
+pub(crate) trait ItemSink {
+    /// An item is about to run.
+    fn begin(&mut self);
+    /// An empty buffer to encode the item's result into.
+    fn scratch(&mut self) -> &mut Vec<u8>;
+    /// The item's result (a postcard `Result<R, ItemError>`) is in the scratch buffer.
+    fn commit(&mut self);
+}
+
+/// Collects results in memory (for tests).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct VecSink {
+    /// The results, one after the other.
+    pub(crate) out: Vec<u8>,
+    /// How many.
+    pub(crate) items: u64,
+    scratch: Vec<u8>,
+}
+
+#[cfg(test)]
+impl ItemSink for VecSink {
+    fn begin(&mut self) {}
+    fn scratch(&mut self) -> &mut Vec<u8> {
+        self.scratch.clear();
+        &mut self.scratch
+    }
+    fn commit(&mut self) {
+        self.out.extend_from_slice(&self.scratch);
+        self.items += 1;
+    }
+}
+
+/// Decodes a batch, runs `f` on each item, hands each encoded result to `sink`.
+fn run_batch<F, Args, R>(f: F, input: &[u8], sink: &mut dyn ItemSink) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
@@ -319,28 +357,24 @@ where
 {
     DECODE_NOTE.with(|n| n.borrow_mut().take());
     let whole = catch(|| postcard::from_bytes::<Vec<Args>>(input));
-    // Room for a small result each (tag + varint), so tiny results never reallocate.
-    let mut out = Vec::new();
     match whole {
         Ok(Ok(items)) => {
-            out.reserve(16 + 12 * items.len());
-            // postcard's `Vec<T>` is a varint length then the elements: encode each result
-            // on its own, in place, so that one result failing to encode fails only that item.
-            pool_ipc::encode_seq_len(&mut out, items.len());
             for args in items {
-                run_item(&f, Ok(args), &mut out)?;
+                sink.begin();
+                run_item(&f, Ok(args), sink.scratch())?;
+                sink.commit();
             }
         }
         // Some item does not decode: find which, and run the ones before it.
         Ok(Err(_)) | Err(_) => {
-            let items = decode_each::<Args>(input)?;
-            pool_ipc::encode_seq_len(&mut out, items.len());
-            for item in items {
-                run_item(&f, item, &mut out)?;
+            for item in decode_each::<Args>(input)? {
+                sink.begin();
+                run_item(&f, item, sink.scratch())?;
+                sink.commit();
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Runs one item (or passes on its decoding error) and appends its encoded result.
@@ -453,5 +487,31 @@ where
         Ok(Ok(())) => Ok(()),
         Ok(Err(m)) => Err(format!("the initializer returned an error: {m}")),
         Err(m) => Err(format!("the initializer {m}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn halve(x: u32) -> u32 {
+        assert!(x % 2 == 0, "odd");
+        x / 2
+    }
+
+    #[test]
+    fn a_batch_hands_each_result_to_the_sink_as_its_item_ends() {
+        let input = postcard::to_allocvec(&vec![(4u32,), (3,), (8,)]).unwrap();
+        let mut sink = VecSink::default();
+        run_local(halve, &input, &mut sink).unwrap();
+        let mut got: Vec<Result<u32, ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], Ok(2));
+        assert_eq!(got[1].as_ref().unwrap_err().kind, ItemErrorKind::Panicked);
+        assert_eq!(got[2], Ok(4));
+        // A count that the bytes do not hold is an error, not a short vector.
+        let mut short: Vec<Result<u32, ItemError>> = Vec::new();
+        assert!(crate::protocol::decode_results(4, &sink.out, &mut short).is_err());
     }
 }

@@ -27,11 +27,11 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{FnKind, FnRef, InitOutput, ItemError, ItemErrorKind, TaskFn};
+use super::{FnKind, FnRef, InitOutput, ItemError, ItemErrorKind, ItemSink, TaskFn};
 use crate::protocol::SameImage;
 
 /// The signature of every batch trampoline.
-type BatchFn = fn(&[u8]) -> Result<Vec<u8>, ItemError>;
+type BatchFn = fn(&[u8], &mut dyn ItemSink) -> Result<(), ItemError>;
 /// The signature of every initializer trampoline.
 type InitFn = fn(&[u8]) -> Result<(), String>;
 
@@ -71,7 +71,7 @@ unsafe fn conjure<F: Copy + 'static>() -> F {
     unsafe { std::mem::zeroed::<F>() }
 }
 
-fn batch_trampoline<F, Args, R>(input: &[u8]) -> Result<Vec<u8>, ItemError>
+fn batch_trampoline<F, Args, R>(input: &[u8], sink: &mut dyn ItemSink) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
@@ -80,7 +80,22 @@ where
     // SAFETY: this function is only instantiated in `batch_offset::<F, ..>`, which was given
     // a value of `F` by `batch_ref`.
     let f = unsafe { conjure::<F>() };
-    super::run_batch(f, input)
+    super::run_batch(f, input, sink)
+}
+
+/// Runs a batch of `f` in this process, without a trampoline (for tests).
+#[cfg(test)]
+pub(crate) fn run_local<F, Args, R>(
+    f: F,
+    input: &[u8],
+    sink: &mut dyn ItemSink,
+) -> Result<(), ItemError>
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned,
+    R: Serialize,
+{
+    super::run_batch(f, input, sink)
 }
 
 fn init_trampoline<F, Args>(input: &[u8]) -> Result<(), String>
@@ -131,7 +146,12 @@ fn address(r: FnRef) -> usize {
 ///
 /// The trampoline's own batch-level error, or [`ItemErrorKind::Decode`] if `r` refers to
 /// an initializer.
-pub(crate) fn call_batch(_same: &SameImage, r: FnRef, input: &[u8]) -> Result<Vec<u8>, ItemError> {
+pub(crate) fn call_batch(
+    _same: &SameImage,
+    r: FnRef,
+    input: &[u8],
+    sink: &mut dyn ItemSink,
+) -> Result<(), ItemError> {
     if r.kind != FnKind::Batch {
         return Err(ItemError::new(
             ItemErrorKind::Decode,
@@ -142,7 +162,7 @@ pub(crate) fn call_batch(_same: &SameImage, r: FnRef, input: &[u8]) -> Result<Ve
     // measured from `anchor` to a `batch_trampoline` instance (kind checked above).
     // SAFETY: so the same distance from our `anchor` is that function, a `BatchFn`.
     let f = unsafe { std::mem::transmute::<usize, BatchFn>(address(r)) };
-    match super::catch(|| f(input)) {
+    match super::catch(|| f(input, sink)) {
         Ok(r) => r,
         Err(m) => Err(ItemError::new(ItemErrorKind::Panicked, m)),
     }

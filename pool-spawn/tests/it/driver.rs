@@ -74,6 +74,7 @@ impl Driven {
             image,
             init: init.map(|(f, a)| (f, ByteBuf::from(a))),
             progress: None,
+            limits: Default::default(),
         });
         self.recv()
     }
@@ -99,7 +100,12 @@ impl Driven {
 
     pub(crate) fn send_run<A: Serialize>(&mut self, id: u64, func: FnRef, args: &[A]) {
         let payload = ByteBuf::from(postcard::to_allocvec(args).expect("encode args"));
-        self.send(&ToWorker::Run { id, func, payload });
+        self.send(&ToWorker::Run {
+            id,
+            func,
+            timed: false,
+            payload,
+        });
     }
 
     /// Reads the Done for `id` and decodes it.
@@ -108,9 +114,18 @@ impl Driven {
         id: u64,
     ) -> Result<Vec<Result<R, ItemError>>, ItemError> {
         match self.recv() {
-            FromWorker::Done { id: got, outcome } => {
+            FromWorker::Done {
+                id: got,
+                items,
+                outcome,
+            } => {
                 assert_eq!(got, id);
-                outcome.map(|b| postcard::from_bytes(&b).expect("decode results"))
+                outcome.map(|b| {
+                    let mut out = Vec::new();
+                    pool_spawn::protocol::decode_results(items, &b, &mut out)
+                        .expect("decode results");
+                    out
+                })
             }
             other => panic!("expected Done, got {other:?}"),
         }

@@ -143,6 +143,7 @@ fn max_tasks(method: StartMethod) {
             .feed(&ToWorker::Run {
                 id,
                 func: f,
+                timed: false,
                 payload,
             })
             .unwrap();

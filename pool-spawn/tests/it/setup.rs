@@ -119,6 +119,7 @@ fn bad_runs_fail_the_batch_only(method: StartMethod) {
     w.send(&ToWorker::Run {
         id: 2,
         func: task::batch_ref(tasks::join3),
+        timed: false,
         payload: ByteBuf::from(vec![1, 0xff]),
     });
     // The one item fails, with a decoding error of its own.
@@ -129,6 +130,7 @@ fn bad_runs_fail_the_batch_only(method: StartMethod) {
     w.send(&ToWorker::Run {
         id: 4,
         func: task::batch_ref(tasks::join3),
+        timed: false,
         payload: ByteBuf::from(vec![]),
     });
     assert_eq!(w.done::<String>(4).unwrap_err().kind, ItemErrorKind::Decode);
