@@ -24,12 +24,21 @@ pub(crate) trait Effects<T> {
     fn launch(&mut self, wid: WorkerId);
     /// Hand `task` to worker `wid` (which may still be starting: the channel buffers it).
     fn send(&mut self, wid: WorkerId, id: TaskId, task: &mut T);
-    /// The one outcome of a task that did not come back with a result.
-    fn finish(&mut self, id: TaskId, task: T, why: Finish);
+    /// The one outcome of a task that did not come back with a result. For a task of
+    /// several items that failed part way ([`Finish::Lost`], [`Finish::TimedOut`]), the
+    /// items after the one that failed may come back as a new task to run (with its id):
+    /// the policy queues it first.
+    fn finish(&mut self, id: TaskId, task: T, why: Finish) -> Option<(TaskId, T)>;
     /// Ask an idle worker to exit (the pool is closing).
     fn retire(&mut self, wid: WorkerId);
     /// Kill a worker now (the pool is terminating).
     fn kill(&mut self, wid: WorkerId);
+    /// Stop a worker whose task must not go on (it ran out of time, or was cancelled):
+    /// SIGTERM to its process group, SIGKILL after a grace.
+    fn stop(&mut self, wid: WorkerId);
+    /// Mark task `id`, handed to worker `wid`, as cancelled, so that the worker skips it
+    /// if it has not begun it; `true` if the worker had already begun it (or may have).
+    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool;
 }
 
 /// Why a task ended without a result.
@@ -43,6 +52,21 @@ pub(crate) enum Finish {
     Terminated,
     /// Workers cannot start: the initializer (or the start itself) failed too often.
     InitFailed(String),
+    /// It ran past its time limit; its worker was stopped.
+    TimedOut(WorkerId),
+    /// It was cancelled; `true` if it had begun (its worker is stopped).
+    Cancelled(bool),
+}
+
+/// What [`Policy::cancel`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cancelled {
+    /// The task had not begun: it never runs.
+    Queued,
+    /// The task was running: its worker is stopped and replaced.
+    Running,
+    /// The task had already ended (or is unknown): nothing changed.
+    Finished,
 }
 
 /// Why a submission was refused.
@@ -106,6 +130,9 @@ struct Slot {
     /// Its channel is closed (the process is dying or dead; its exit is not processed yet):
     /// it gets no more tasks and gives up its seat.
     closed: bool,
+    /// The pool is stopping it: the task it was running ran out of time (that task), or
+    /// was cancelled (`None`: the task has had its outcome already).
+    stopping: Option<Option<TaskId>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,8 +152,14 @@ pub(crate) struct Counts {
     pub(crate) init_failed: u64,
     pub(crate) launched: u64,
     pub(crate) recycled: u64,
+    /// Of `recycled`: workers that left because their memory grew past the limit.
+    pub(crate) recycled_memory: u64,
     pub(crate) died: u64,
     pub(crate) start_failures: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) cancelled: u64,
+    /// Workers the pool stopped because of their task (time limit, cancellation).
+    pub(crate) stopped: u64,
 }
 
 /// The policy state machine. See the module docs.
@@ -262,12 +295,106 @@ impl<T> Policy<T> {
         slot.in_flight.remove(pos);
         // A result proves the worker started, whatever messages came before it.
         slot.ever_ready = true;
+        // A cancelled task's record is gone already: the worker's answer (it skipped the
+        // task) only frees its place.
         let task = self.tasks.remove(&id);
-        self.orphaned.remove(&id);
-        self.counts.completed += 1;
+        if task.is_some() {
+            self.orphaned.remove(&id);
+            self.counts.completed += 1;
+        }
         self.dispatch(fx);
         self.retire_idle(fx);
         task
+    }
+
+    /// Cancels task `id`: a queued task never runs, a running one's worker is stopped (and
+    /// replaced); either way the task ends now with [`Finish::Cancelled`].
+    pub(crate) fn cancel(&mut self, id: TaskId, fx: &mut impl Effects<T>) -> Cancelled {
+        if !self.tasks.contains_key(&id) {
+            return Cancelled::Finished;
+        }
+        if let Some(pos) = self.queue.iter().position(|&t| t == id) {
+            self.queue.remove(pos);
+            self.end_cancelled(id, false, fx);
+            return Cancelled::Queued;
+        }
+        let holder = self
+            .workers
+            .iter()
+            .find(|(_, s)| s.in_flight.contains(&id))
+            .map(|(&wid, _)| wid);
+        let Some(wid) = holder else {
+            // Handed back, not queued: cannot happen; end it all the same.
+            self.end_cancelled(id, false, fx);
+            return Cancelled::Queued;
+        };
+        // Only the oldest task a worker holds can have begun; the worker skips the others
+        // once marked, and they keep their place until it says so.
+        let oldest = self.workers[&wid].in_flight.front() == Some(&id);
+        let began = fx.cancel_sent(wid, id) && oldest;
+        if began {
+            let slot = self.workers.get_mut(&wid).expect("holder exists");
+            slot.stopping = Some(None);
+            slot.phase = Phase::Leaving;
+            fx.stop(wid);
+        }
+        self.end_cancelled(id, began, fx);
+        self.ensure_capacity(fx);
+        self.dispatch(fx);
+        if began {
+            Cancelled::Running
+        } else {
+            Cancelled::Queued
+        }
+    }
+
+    fn end_cancelled(&mut self, id: TaskId, began: bool, fx: &mut impl Effects<T>) {
+        if let Some(task) = self.tasks.remove(&id) {
+            self.counts.cancelled += 1;
+            self.orphaned.remove(&id);
+            self.end(id, task, Finish::Cancelled(began), fx);
+        }
+    }
+
+    /// Task `id`, running on worker `wid`, ran past its time limit: the worker is stopped
+    /// and replaced; the task ends with [`Finish::TimedOut`] once the worker is gone (what
+    /// it finished before is delivered then). `false` if `wid` does not hold `id` first.
+    pub(crate) fn time_out(&mut self, wid: WorkerId, id: TaskId, fx: &mut impl Effects<T>) -> bool {
+        let Some(slot) = self.workers.get_mut(&wid) else {
+            return false;
+        };
+        if slot.in_flight.front() != Some(&id) || slot.stopping.is_some() {
+            return false;
+        }
+        slot.stopping = Some(Some(id));
+        slot.phase = Phase::Leaving;
+        fx.stop(wid);
+        self.ensure_capacity(fx);
+        self.dispatch(fx);
+        true
+    }
+
+    /// A worker is leaving after the result it just sent, its memory being over the limit:
+    /// it gets no more tasks and is replaced now.
+    pub(crate) fn recycling(&mut self, wid: WorkerId, fx: &mut impl Effects<T>) {
+        if let Some(slot) = self.workers.get_mut(&wid)
+            && matches!(slot.phase, Phase::Starting | Phase::Ready)
+        {
+            slot.phase = Phase::Retiring;
+            self.counts.recycled_memory += 1;
+        }
+        self.ensure_capacity(fx);
+        self.dispatch(fx);
+    }
+
+    /// Ends a task that has no result; a part still to run (see [`Effects::finish`]) is
+    /// queued first.
+    fn end(&mut self, id: TaskId, task: T, why: Finish, fx: &mut impl Effects<T>) {
+        if let Some((next, rest)) = fx.finish(id, task, why) {
+            let previous = self.tasks.insert(next, rest);
+            assert!(previous.is_none(), "task id {next} handed back twice");
+            self.queue.push_front(next);
+        }
     }
 
     /// How long a worker spent on one task (from when it could start it to its result):
@@ -365,12 +492,14 @@ impl<T> Policy<T> {
                 }
             }
         } else {
-            if slot.in_flight.is_empty()
-                && matches!(slot.phase, Phase::Retiring | Phase::Leaving)
-                && self.state != State::Terminated
+            if self.state == State::Terminated {
+            } else if slot.stopping.is_some() {
+                self.counts.stopped += 1;
+            } else if matches!(slot.phase, Phase::Retiring | Phase::Leaving)
+                && (slot.in_flight.is_empty() || running == Some(false))
             {
                 self.counts.recycled += 1;
-            } else if self.state != State::Terminated {
+            } else {
                 self.counts.died += 1;
             }
             // A worker runs its tasks in the order they were sent and the driver has read
@@ -387,9 +516,15 @@ impl<T> Policy<T> {
             if let Some(id) = held.next()
                 && let Some(task) = self.tasks.remove(&id)
             {
-                self.counts.lost += 1;
                 self.orphaned.remove(&id);
-                fx.finish(id, task, Finish::Lost(wid));
+                let why = if slot.stopping == Some(Some(id)) {
+                    self.counts.timed_out += 1;
+                    Finish::TimedOut(wid)
+                } else {
+                    self.counts.lost += 1;
+                    Finish::Lost(wid)
+                };
+                self.end(id, task, why, fx);
             }
             let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
             self.requeue_unstarted(unstarted, wid, fx);
@@ -444,7 +579,10 @@ impl<T> Policy<T> {
             if let Some(task) = self.tasks.remove(&id) {
                 self.counts.terminated += 1;
                 self.orphaned.remove(&id);
-                fx.finish(id, task, Finish::Terminated);
+                // Terminating: whatever part might come back fails with the rest.
+                if let Some((_, rest)) = fx.finish(id, task, Finish::Terminated) {
+                    let _ = fx.finish(id, rest, Finish::Terminated);
+                }
             }
         }
         for (&wid, slot) in self.workers.iter_mut() {
@@ -505,7 +643,7 @@ impl<T> Policy<T> {
                 self.orphaned.remove(&id);
                 if let Some(task) = self.tasks.remove(&id) {
                     self.counts.lost += 1;
-                    fx.finish(id, task, Finish::Orphaned(wid, times));
+                    self.end(id, task, Finish::Orphaned(wid, times), fx);
                 }
             } else {
                 self.queue.push_front(id);
@@ -539,7 +677,8 @@ impl<T> Policy<T> {
             if let Some(task) = self.tasks.remove(&id) {
                 self.counts.init_failed += 1;
                 self.orphaned.remove(&id);
-                fx.finish(id, task, Finish::InitFailed(why.clone()));
+                // Nothing of it ran: no part comes back.
+                let _ = fx.finish(id, task, Finish::InitFailed(why.clone()));
             }
         }
     }
@@ -574,6 +713,7 @@ impl<T> Policy<T> {
                     assigned: 0,
                     seated: false,
                     closed: false,
+                    stopping: None,
                 },
             );
             self.counts.launched += 1;
@@ -675,9 +815,15 @@ pub mod bench_support {
         fn send(&mut self, wid: WorkerId, id: TaskId, _: &mut ()) {
             self.sent.push_back((wid, id));
         }
-        fn finish(&mut self, _: TaskId, _: (), _: Finish) {}
+        fn finish(&mut self, _: TaskId, _: (), _: Finish) -> Option<(TaskId, ())> {
+            None
+        }
         fn retire(&mut self, _: WorkerId) {}
         fn kill(&mut self, _: WorkerId) {}
+        fn stop(&mut self, _: WorkerId) {}
+        fn cancel_sent(&mut self, _: WorkerId, _: TaskId) -> bool {
+            false
+        }
     }
 
     /// Submits `tasks` tasks to a policy of `workers` workers (replaced every `max_tasks`
@@ -734,6 +880,13 @@ mod tests {
         finished: Vec<(TaskId, Finish)>,
         retired: Vec<WorkerId>,
         killed: Vec<WorkerId>,
+        stopped: Vec<WorkerId>,
+        /// Cancel marks written: (worker, task).
+        marked: Vec<(WorkerId, TaskId)>,
+        /// Tasks the fake workers have begun.
+        begun: Vec<TaskId>,
+        /// What the next `finish` hands back as the rest of its task.
+        continuations: VecDeque<(TaskId, u64)>,
     }
 
     impl Effects<u64> for Fake {
@@ -744,15 +897,28 @@ mod tests {
             assert_eq!(*task, id, "record travels with its id");
             self.sent.push((wid, id));
         }
-        fn finish(&mut self, id: TaskId, task: u64, why: Finish) {
+        fn finish(&mut self, id: TaskId, task: u64, why: Finish) -> Option<(TaskId, u64)> {
             assert_eq!(task, id);
+            let split = matches!(why, Finish::Lost(_) | Finish::TimedOut(_));
             self.finished.push((id, why));
+            if split {
+                self.continuations.pop_front()
+            } else {
+                None
+            }
         }
         fn retire(&mut self, wid: WorkerId) {
             self.retired.push(wid);
         }
         fn kill(&mut self, wid: WorkerId) {
             self.killed.push(wid);
+        }
+        fn stop(&mut self, wid: WorkerId) {
+            self.stopped.push(wid);
+        }
+        fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool {
+            self.marked.push((wid, id));
+            self.begun.contains(&id)
         }
     }
 
@@ -835,6 +1001,121 @@ mod tests {
         // Worker 2 died holding task 1: it fails, and worker 4 takes the seat at once.
         assert_eq!(fx.finished, vec![(1, Finish::Lost(2))]);
         assert_eq!(fx.sent[3..], [(4, 3)]);
+    }
+
+    #[test]
+    fn a_cancelled_queued_task_never_runs() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        for id in 0..3 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        // Two went to the worker; 2 waits in the pool's queue.
+        assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
+        assert_eq!(p.cancel(2, &mut fx), Cancelled::Queued);
+        assert_eq!(fx.finished, vec![(2, Finish::Cancelled(false))]);
+        assert!(fx.marked.is_empty(), "a task in the pool's queue needs no mark");
+        p.done(1, 0, &mut fx).unwrap();
+        p.done(1, 1, &mut fx).unwrap();
+        assert_eq!(fx.sent.len(), 2, "the cancelled task was never sent");
+        assert_eq!(p.cancel(2, &mut fx), Cancelled::Finished);
+        assert_eq!(p.counts().cancelled, 1);
+    }
+
+    #[test]
+    fn a_cancelled_task_sent_but_not_begun_is_skipped_and_keeps_its_place_until_then() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.submit(1, 1, &mut fx).unwrap();
+        p.submit(2, 2, &mut fx).unwrap();
+        fx.begun = vec![0];
+        assert_eq!(p.cancel(1, &mut fx), Cancelled::Queued);
+        assert_eq!(fx.marked, vec![(1, 1)]);
+        assert_eq!(fx.finished, vec![(1, Finish::Cancelled(false))]);
+        assert!(fx.stopped.is_empty(), "the worker goes on");
+        // Its place is taken until the worker skips it: 2 still waits.
+        assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
+        p.done(1, 0, &mut fx).unwrap();
+        assert!(p.done(1, 1, &mut fx).is_none(), "the skip hands nothing back");
+        assert_eq!(fx.sent.last(), Some(&(1, 2)));
+        assert_eq!(p.counts().completed, 1);
+    }
+
+    #[test]
+    fn cancelling_a_running_task_stops_its_worker_and_reruns_what_it_held_unstarted() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.submit(1, 1, &mut fx).unwrap();
+        fx.begun = vec![0];
+        assert_eq!(p.cancel(0, &mut fx), Cancelled::Running);
+        // The outcome is at once; the worker is stopped and a replacement starts.
+        assert_eq!(fx.finished, vec![(0, Finish::Cancelled(true))]);
+        assert_eq!(fx.stopped, vec![1]);
+        assert_eq!(fx.launched, vec![1, 2]);
+        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        assert_eq!(fx.finished.len(), 1, "task 1 never began: it is not failed");
+        p.ready(2, &mut fx);
+        assert_eq!(fx.sent.last(), Some(&(2, 1)));
+        let c = p.counts();
+        assert_eq!((c.stopped, c.died, c.lost, c.cancelled), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn a_task_past_its_time_limit_fails_once_its_worker_is_gone() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.submit(1, 1, &mut fx).unwrap();
+        assert!(!p.time_out(1, 1, &mut fx), "only the oldest task can be running");
+        assert!(p.time_out(1, 0, &mut fx));
+        assert!(!p.time_out(1, 0, &mut fx), "once");
+        assert_eq!(fx.stopped, vec![1]);
+        assert!(fx.finished.is_empty(), "the outcome waits for the worker's end");
+        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        assert_eq!(fx.finished, vec![(0, Finish::TimedOut(1))]);
+        p.ready(2, &mut fx);
+        assert_eq!(fx.sent.last(), Some(&(2, 1)));
+        let c = p.counts();
+        assert_eq!((c.timed_out, c.lost, c.died, c.stopped), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn the_rest_of_a_chunk_whose_item_failed_runs_next() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.submit(1, 1, &mut fx).unwrap();
+        p.submit(2, 2, &mut fx).unwrap();
+        fx.continuations.push_back((100, 100));
+        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        assert_eq!(fx.finished, vec![(0, Finish::Lost(1))]);
+        p.ready(2, &mut fx);
+        // The rest of task 0 first, then 1, which the dead worker held unstarted.
+        assert_eq!(fx.sent[3..], [(2, 100), (2, 1)]);
+        p.done(2, 100, &mut fx).unwrap();
+        p.done(2, 1, &mut fx).unwrap();
+        p.done(2, 2, &mut fx).unwrap();
+        p.close(&mut fx);
+        assert_eq!(fx.retired, vec![2]);
+    }
+
+    #[test]
+    fn a_worker_over_its_memory_limit_is_replaced_and_counted_as_recycled() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.submit(1, 1, &mut fx).unwrap();
+        p.done(1, 0, &mut fx).unwrap();
+        p.recycling(1, &mut fx);
+        assert_eq!(fx.launched, vec![1, 2]);
+        p.exited_with(1, Exit::Ended, 0, Some(false), &mut fx);
+        assert!(fx.finished.is_empty());
+        p.ready(2, &mut fx);
+        assert_eq!(fx.sent.last(), Some(&(2, 1)));
+        let c = p.counts();
+        assert_eq!((c.recycled, c.recycled_memory, c.died), (1, 1, 0));
     }
 
     #[test]
@@ -1125,6 +1406,14 @@ mod tests {
         /// undelivered.
         ChannelClosed(usize),
         DieUndelivered(usize, usize, Option<bool>),
+        /// The oldest task of a worker begins (the fake world learns it).
+        Begin(usize),
+        /// Cancel a task by (wrapped) id.
+        Cancel(u64),
+        /// The oldest task of a worker runs out of time.
+        TimeOut(usize),
+        /// The next task that fails part way hands back its rest as a new task.
+        Split,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1144,6 +1433,10 @@ mod tests {
             1 => (0usize..8).prop_map(Op::ChannelClosed),
             1 => (0usize..8, 0usize..5, prop::option::of(any::<bool>()))
                 .prop_map(|(i, k, r)| Op::DieUndelivered(i, k, r)),
+            2 => (0usize..8).prop_map(Op::Begin),
+            2 => (0u64..64).prop_map(Op::Cancel),
+            1 => (0usize..8).prop_map(Op::TimeOut),
+            1 => Just(Op::Split),
         ]
     }
 
@@ -1185,8 +1478,13 @@ mod tests {
                         if !slot.ever_ready { p.ready(wid, &mut fx); }
                         if let Some(&id) = p.workers[&wid].in_flight.front() {
                             let rec = p.done(wid, id, &mut fx);
-                            prop_assert_eq!(rec, Some(id));
-                            *outcomes.entry(id).or_default() += 1;
+                            if rec.is_none() {
+                                // Only a task cancelled before it began is skipped.
+                                prop_assert!(fx.finished.iter().any(|(t, w)| *t == id && *w == Finish::Cancelled(false)), "task {} vanished", id);
+                            } else {
+                                prop_assert_eq!(rec, Some(id));
+                                *outcomes.entry(id).or_default() += 1;
+                            }
                         }
                     }
                     Op::SetupFail(i) => {
@@ -1228,6 +1526,32 @@ mod tests {
                             p.exited_with(w[i % w.len()], Exit::Ended, k, running, &mut fx);
                         }
                     }
+                    Op::Begin(i) => {
+                        let w = live(&p);
+                        if w.is_empty() { continue; }
+                        if let Some(&id) = p.workers[&w[i % w.len()]].in_flight.front() {
+                            fx.begun.push(id);
+                        }
+                    }
+                    Op::Cancel(id) => {
+                        if next > 0 {
+                            let _ = p.cancel(id % next, &mut fx);
+                        }
+                    }
+                    Op::TimeOut(i) => {
+                        let w = live(&p);
+                        if w.is_empty() { continue; }
+                        let wid = w[i % w.len()];
+                        if let Some(&id) = p.workers[&wid].in_flight.front() {
+                            let _ = p.time_out(wid, id, &mut fx);
+                        }
+                    }
+                    Op::Split => {
+                        if fx.continuations.is_empty() {
+                            fx.continuations.push_back((next, next));
+                            next += 1;
+                        }
+                    }
                 }
                 prop_assert!((2..=4).contains(&p.depth()));
                 // Workers whose channel closed are dead or dying: they run nothing.
@@ -1247,6 +1571,8 @@ mod tests {
             for wid in live(&p) { p.exited(wid, Exit::Ended, &mut fx); }
             prop_assert!(p.is_finished());
             for (id, _) in &fx.finished { *outcomes.entry(*id).or_default() += 1; }
+            // A rest never handed back was never a task.
+            for (id, _) in std::mem::take(&mut fx.continuations) { refused.insert(id); }
             for id in 0..next {
                 let n = outcomes.get(&id).copied().unwrap_or(0);
                 if refused.contains(&id) {
