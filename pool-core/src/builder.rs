@@ -79,7 +79,7 @@ impl PoolBuilder {
     /// A function each worker runs once, with `args`, before its first task. A panic (or an
     /// `Err` return) fails that worker's start; after three such failures in a row the pool
     /// stops starting workers and fails pending tasks with
-    /// [`TaskErrorKind::InitializerFailed`]. Workers that die while starting (killed, or
+    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed). Workers that die while starting (killed, or
     /// crashing in the initializer) are replaced; only many in a row (a crash loop: nine, or
     /// twice `processes`) break the pool the same way.
     #[doc(alias = "initargs")]

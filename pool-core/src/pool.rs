@@ -23,7 +23,7 @@ use crate::event::Pins;
 ///
 /// # Dropping
 /// Dropping a pool that was not joined terminates it, like leaving Python's `with Pool()`
-/// block: unfinished tasks fail with [`TaskErrorKind::PoolClosed`], workers get SIGTERM and,
+/// block: unfinished tasks fail with [`TaskErrorKind::PoolClosed`](crate::TaskErrorKind::PoolClosed), workers get SIGTERM and,
 /// after a short grace, SIGKILL; every worker is reaped before `drop` returns. To let queued
 /// work finish, call [`close`](Pool::close) then [`join`](Pool::join) first.
 pub struct Pool {
@@ -151,7 +151,7 @@ impl Pool {
         self.shared.act(|p, fx| p.close(fx));
     }
 
-    /// Stops now: unfinished tasks fail with [`TaskErrorKind::PoolClosed`], workers get
+    /// Stops now: unfinished tasks fail with [`TaskErrorKind::PoolClosed`](crate::TaskErrorKind::PoolClosed), workers get
     /// SIGTERM then, after a short grace, SIGKILL: Python's `terminate`.
     pub fn terminate(&self) {
         self.shared.terminate();
