@@ -103,7 +103,7 @@
 
 pub use pool_core::{
     AsyncResult, BuildError, BuildErrorKind, Callbacks, Error, ErrorKind, Event, Imap, Metrics,
-    Pool, PoolBuilder, TaskError, TaskErrorKind, WorkerInfo,
+    Pool, PoolBuilder, Task, TaskError, TaskErrorKind, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};
 pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};

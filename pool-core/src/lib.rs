@@ -10,7 +10,9 @@
 //! - `policy`: the state machine (no syscalls), tested with fake workers and proptest;
 //! - `driver`: one thread per pool that polls worker sockets and pidfds and applies the
 //!   policy's decisions to real processes;
-//! - [`Pool`], [`AsyncResult`], [`Imap`]: the user-facing API, shaped like Python's;
+//! - [`Pool`], [`PoolBuilder`], [`AsyncResult`], [`Imap`]: the user-facing API, shaped like
+//!   Python's (`builder`, `pool`, `submit`, `gather`, `imap`, `result`), over chunks of
+//!   items encoded by `chunk`; [`Task`] is what it accepts;
 //! - [`Event`]: a process-shared flag for cooperative stops.
 //!
 //! ```no_run
@@ -30,16 +32,25 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod builder;
+mod chunk;
 mod driver;
 mod error;
 mod event;
+mod gather;
+mod imap;
 mod policy;
 mod pool;
 mod result;
+mod submit;
+mod task;
 
+pub use builder::PoolBuilder;
 pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
 pub use event::Event;
+pub use imap::Imap;
 #[doc(hidden)]
 pub use policy::bench_support as __bench_policy;
-pub use pool::{Imap, Metrics, Pool, PoolBuilder, WorkerInfo};
+pub use pool::{Metrics, Pool, WorkerInfo};
 pub use result::{AsyncResult, Callbacks};
+pub use task::Task;

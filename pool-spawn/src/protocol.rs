@@ -14,8 +14,10 @@
 //! channel, or [`ToWorker::Exit`], also ends it with exit code 0.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::OnceLock;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -300,6 +302,101 @@ pub fn encode_run<T: Serialize + ?Sized>(
     Ok(())
 }
 
+/// A [`ToWorker::Run`] message for a batch of items, as [`encode_run_items`] builds it.
+#[derive(Debug)]
+pub struct RunItems {
+    /// The message, or why it could not be built.
+    pub frame: pool_ipc::Result<pool_ipc::FrameBuf>,
+    /// The index of each item the message carries, in order.
+    pub sent: Vec<usize>,
+    /// The items left out because they cannot be encoded, by index, with why.
+    pub failed: Vec<(usize, pool_ipc::Error)>,
+}
+
+/// Encodes `items` as the [`ToWorker::Run`] message of batch `id`, leaving out any item
+/// that cannot be encoded: the others still go, and the worker's `Vec<Args>` holds only
+/// them (in order, so result `k` belongs to item `sent[k]`).
+///
+/// When every item encodes (the usual case), they are encoded straight into the frame
+/// ([`encode_run`]); otherwise each is encoded on its own and the payload is assembled from
+/// those that succeed.
+pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, items: &[T]) -> RunItems {
+    let mut frame = pool_ipc::FrameBuf::new();
+    if encode_run(&mut frame, id, func, items).is_ok() {
+        return RunItems {
+            frame: Ok(frame),
+            sent: (0..items.len()).collect(),
+            failed: Vec::new(),
+        };
+    }
+    // Some item does not encode: find which, and send the others.
+    let mut body = Vec::new();
+    let mut sent = Vec::new();
+    let mut failed = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match pool_ipc::encode_append(&mut body, item) {
+            Ok(()) => sent.push(i),
+            Err(e) => failed.push((i, e)),
+        }
+    }
+    // postcard encodes a sequence as its varint length followed by the elements.
+    let mut payload = Vec::with_capacity(body.len() + 10);
+    pool_ipc::encode_seq_len(&mut payload, sent.len());
+    payload.extend_from_slice(&body);
+    let mut frame = pool_ipc::FrameBuf::with_capacity(payload.len() + 32);
+    let frame = frame
+        .encode(&ToWorker::<&serde_bytes::Bytes>::Run {
+            id,
+            func,
+            payload: serde_bytes::Bytes::new(&payload),
+        })
+        .map(|()| frame);
+    RunItems {
+        frame,
+        sent,
+        failed,
+    }
+}
+
+/// Encodes an initializer's arguments for [`ToWorker::Setup`]'s `init`.
+///
+/// # Errors
+/// If `args` cannot be encoded.
+pub fn encode_init_args<T: Serialize + ?Sized>(args: &T) -> postcard::Result<Vec<u8>> {
+    postcard::to_allocvec(args)
+}
+
+/// Decodes a worker's message in place: a [`FromWorker::Done`] result is given as the range
+/// of its bytes inside `frame` (no copy; decode them with [`decode_results`]).
+///
+/// # Errors
+/// If `frame` is not a `FromWorker` message.
+pub fn decode_reply(frame: &[u8]) -> postcard::Result<FromWorker<Range<usize>>> {
+    let msg = postcard::from_bytes::<FromWorker<&serde_bytes::Bytes>>(frame)?;
+    Ok(match msg {
+        FromWorker::Ready { pid } => FromWorker::Ready { pid },
+        FromWorker::SetupFailed { reason, message } => FromWorker::SetupFailed { reason, message },
+        FromWorker::Done { id, outcome } => FromWorker::Done {
+            id,
+            outcome: outcome.map(|b| {
+                // `b` lies inside `frame`: its offset is a difference of addresses.
+                let start = b.as_ptr() as usize - frame.as_ptr() as usize;
+                start..start + b.len()
+            }),
+        },
+    })
+}
+
+/// Decodes the result bytes of a [`FromWorker::Done`]: one result per item of the batch.
+///
+/// # Errors
+/// If `bytes` is not a sequence of `Result<R, ItemError>`.
+pub fn decode_results<R: DeserializeOwned>(
+    bytes: &[u8],
+) -> postcard::Result<Vec<Result<R, ItemError>>> {
+    postcard::from_bytes(bytes)
+}
+
 /// A message from a worker to the pool. `B` as for [`ToWorker`].
 #[derive(Serialize, Deserialize, Debug)]
 pub enum FromWorker<B = ByteBuf> {
@@ -459,5 +556,59 @@ mod tests {
             }
             other => panic!("decoded as {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reply_decodes_with_its_result_as_a_range_of_the_frame() {
+        let results: Vec<Result<u32, ItemError>> = vec![Ok(5), Ok(300)];
+        let bytes = postcard::to_allocvec(&results).unwrap();
+        let done: FromWorker = FromWorker::Done {
+            id: 3,
+            outcome: Ok(ByteBuf::from(bytes.clone())),
+        };
+        let frame = postcard::to_allocvec(&done).unwrap();
+        match decode_reply(&frame).unwrap() {
+            FromWorker::Done { id, outcome } => {
+                let range = outcome.unwrap();
+                assert_eq!(id, 3);
+                assert_eq!(&frame[range.clone()], &bytes[..]);
+                let back = decode_results::<u32>(&frame[range]).unwrap();
+                assert_eq!(
+                    back.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+                    [5, 300]
+                );
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        let ready = postcard::to_allocvec(&FromWorker::<ByteBuf>::Ready { pid: 9 }).unwrap();
+        assert!(matches!(
+            decode_reply(&ready),
+            Ok(FromWorker::Ready { pid: 9 })
+        ));
+        assert!(decode_reply(&[0xFF, 0xFF]).is_err());
+    }
+
+    #[test]
+    fn run_items_leaves_out_what_cannot_be_encoded() {
+        struct NoOdd(u32);
+        impl Serialize for NoOdd {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if self.0 % 2 == 1 {
+                    return Err(serde::ser::Error::custom("odd"));
+                }
+                s.serialize_u32(self.0)
+            }
+        }
+        let func = crate::task::batch_ref(noop);
+        let all = encode_run_items(4, func, &[NoOdd(2), NoOdd(4)]);
+        let some = encode_run_items(4, func, &[NoOdd(1), NoOdd(2), NoOdd(3), NoOdd(4)]);
+        assert_eq!((all.sent, some.sent.clone()), (vec![0, 1], vec![1, 3]));
+        assert_eq!(some.failed.iter().map(|f| f.0).collect::<Vec<_>>(), [0, 2]);
+        // Both frames carry the same message: the items that encode, as one `Vec`.
+        assert_eq!(
+            all.frame.unwrap().payload(),
+            some.frame.unwrap().payload(),
+            "the partial encode differs from a whole one"
+        );
     }
 }

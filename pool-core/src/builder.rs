@@ -1,0 +1,175 @@
+//! [`PoolBuilder`]: a pool's settings, and `build`, which starts its workers and driver.
+
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use pool_spawn::protocol;
+use pool_spawn::task::{self, FnRef, InitOutput, TaskFn};
+use pool_spawn::{LaunchOptions, Launcher, StartMethod};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::driver::{Driver, Settings, Shared};
+use crate::error::BuildError;
+use crate::event::{self, Pins};
+use crate::policy::{Policy, PolicyConfig};
+use crate::pool::Pool;
+
+/// Tasks in flight per worker before the pool knows how long tasks take, and when they take
+/// 20 ms or more: one, so that no task waits behind a long one while another worker
+/// idles (as with Python's shared queue). Shorter tasks get more (see `Policy::observe`).
+pub(crate) const IN_FLIGHT: usize = 1;
+/// ... and when they are tiny.
+pub(crate) const MAX_IN_FLIGHT: usize = 16;
+/// Consecutive failed worker starts after which the pool stops starting workers.
+pub(crate) const START_FAILURE_LIMIT: u32 = 3;
+
+/// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
+/// maxtasksperchild, context)`.
+#[derive(Default)]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    max_tasks_per_child: Option<u64>,
+    method: StartMethod,
+    init: Option<Result<(FnRef, Vec<u8>), String>>,
+    allow_fork_with_threads: bool,
+    init_pins: Pins,
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("processes", &self.processes)
+            .field("max_tasks_per_child", &self.max_tasks_per_child)
+            .field("start_method", &self.method)
+            .field("initializer", &self.init.is_some())
+            .finish()
+    }
+}
+
+impl PoolBuilder {
+    /// The number of workers. Default: the CPUs this process may use (CPU affinity and cgroup
+    /// quota), like `os.process_cpu_count()`.
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = Some(n);
+        self
+    }
+
+    /// Tasks a worker completes before it exits and is replaced by a fresh process, freeing
+    /// whatever it leaked. A `map` chunk counts as one task, as in Python. Default: unlimited.
+    ///
+    /// The replacement starts as soon as the worker has been handed its last task, so that
+    /// it is ready when that task ends; it takes no task before then. No more than
+    /// `processes` workers ever run tasks at once, though for a moment `workers()` may list
+    /// a replacement beside the worker it replaces.
+    #[doc(alias = "maxtasksperchild")]
+    pub fn max_tasks_per_child(mut self, n: u64) -> Self {
+        self.max_tasks_per_child = Some(n);
+        self
+    }
+
+    /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`.
+    #[doc(alias = "context")]
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// A function each worker runs once, with `args`, before its first task. A panic (or an
+    /// `Err` return) fails that worker's start; after three such failures in a row the pool
+    /// stops starting workers and fails pending tasks with
+    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed). Workers that die while starting (killed, or
+    /// crashing in the initializer) are replaced; only many in a row (a crash loop: nine, or
+    /// twice `processes`) break the pool the same way.
+    #[doc(alias = "initargs")]
+    pub fn initializer<F, Args>(mut self, f: F, args: Args) -> Self
+    where
+        F: TaskFn<Args>,
+        F::Output: InitOutput,
+        Args: Serialize + DeserializeOwned + 'static,
+    {
+        let (r, pins) = event::pinning(|| protocol::encode_init_args(&args));
+        let r = r
+            .map(|bytes| (task::init_ref::<F, Args>(f), bytes))
+            .map_err(|e| format!("the initializer's arguments cannot be encoded: {e}"));
+        self.init = Some(r);
+        self.init_pins = pins;
+        self
+    }
+
+    /// Allows [`StartMethod::Fork`] in a process that already runs other threads. Forking
+    /// copies only the calling thread: locks other threads hold (in the allocator, stdout,
+    /// a logger) stay locked forever in the child. Without this, `build` refuses.
+    pub fn allow_fork_with_threads(mut self, allow: bool) -> Self {
+        self.allow_fork_with_threads = allow;
+        self
+    }
+
+    /// Starts the workers and returns the pool.
+    ///
+    /// # Errors
+    /// [`BuildError`] if a setting is out of range, the initializer's arguments cannot be
+    /// encoded, or workers cannot be started (for example `procpool::init()` is not called
+    /// first in `main`, or `Fork` is refused in a threaded process).
+    pub fn build(self) -> Result<Pool, BuildError> {
+        let processes = match self.processes {
+            Some(0) => return Err(BuildError::invalid("processes must be at least 1")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if self.max_tasks_per_child == Some(0) {
+            return Err(BuildError::invalid(
+                "max_tasks_per_child must be at least 1",
+            ));
+        }
+        let init = match self.init {
+            Some(Err(m)) => return Err(BuildError::invalid(m)),
+            Some(Ok(i)) => Some(i),
+            None => None,
+        };
+        let mut opts = LaunchOptions::default();
+        opts.allow_fork_with_threads = self.allow_fork_with_threads;
+        let launcher = Launcher::new(self.method, opts).map_err(BuildError::start)?;
+        let policy = Policy::new(PolicyConfig {
+            processes,
+            max_tasks: self.max_tasks_per_child,
+            in_flight: IN_FLIGHT,
+            max_in_flight: MAX_IN_FLIGHT,
+            start_failure_limit: START_FAILURE_LIMIT,
+        });
+        let settings = Settings {
+            prefix: self.method.worker_name_prefix(),
+            max_tasks: self.max_tasks_per_child,
+            init,
+            ipc: pool_spawn::protocol::channel_config(),
+        };
+        let shared = Shared::new(policy, settings)
+            .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
+        let mut driver = Driver::new(Arc::clone(&shared), launcher);
+        shared.act(|p, fx| p.start(fx));
+        if let Err(e) = driver.launch_initial() {
+            shared.terminate();
+            driver.run();
+            return Err(BuildError::start(e));
+        }
+        let (done_tx, finished) = flume::bounded(1);
+        let handle = std::thread::Builder::new()
+            .name("procpool-driver".into())
+            .spawn(move || {
+                driver.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
+        Ok(Pool {
+            shared,
+            driver: Mutex::new(Some(handle)),
+            finished,
+            joining: Mutex::new(()),
+            processes,
+            method: self.method,
+            next_id: Arc::new(AtomicU64::new(1)),
+            _init_pins: self.init_pins,
+        })
+    }
+}

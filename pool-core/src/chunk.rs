@@ -1,0 +1,210 @@
+//! A chunk of items as one task: its Run frame (built by `pool_spawn::protocol`), the items
+//! set aside because they cannot be encoded, and how the worker's results are put back in
+//! item order.
+
+use pool_ipc::FrameBuf;
+use pool_spawn::protocol::RunItems;
+use pool_spawn::task::FnRef;
+
+use crate::error::{TaskError, TaskErrorKind};
+use crate::event::{self, Pins};
+use crate::task::Task;
+
+/// A chunk of items, encoded as the Run message of task `id`, with the items that could not
+/// be encoded set aside.
+pub(crate) struct Encoded {
+    pub(crate) id: u64,
+    /// The Run frame, or why it could not be built.
+    pub(crate) frame: Result<FrameBuf, TaskError>,
+    /// Where each of the worker's results belongs among the chunk's items.
+    pub(crate) placement: Placement,
+    /// Events among the items, kept open until the task is done.
+    pub(crate) pins: Pins,
+}
+
+/// Which of a chunk's items were sent, which failed to encode (and why), and so where each
+/// result the worker sends back belongs.
+#[derive(Debug)]
+pub(crate) struct Placement {
+    /// Relative index of each encoded item, in order.
+    sent: Vec<usize>,
+    /// Items that failed to encode, by relative index.
+    failed: Vec<(usize, TaskError)>,
+    /// Items in the chunk.
+    len: usize,
+}
+
+/// Encodes `items` as the Run frame of task `id` (see `protocol::encode_run_items`), keeping
+/// the events they hold open.
+pub(crate) fn encode_chunk<F: Task<Args>, Args>(id: u64, func: FnRef, items: &[Args]) -> Encoded {
+    let (run, pins) = event::pinning(|| F::encode_run(id, func, items));
+    Encoded::new(id, run, items.len(), pins)
+}
+
+impl Encoded {
+    fn new(id: u64, run: RunItems, len: usize, pins: Pins) -> Self {
+        let RunItems {
+            frame,
+            sent,
+            failed,
+        } = run;
+        let failed = failed
+            .into_iter()
+            .map(|(i, e)| {
+                let e = TaskError::new(
+                    TaskErrorKind::Encode,
+                    format!("the task's arguments cannot be encoded: {e}"),
+                );
+                (i, e)
+            })
+            .collect();
+        Encoded {
+            id,
+            frame: frame.map_err(|e| {
+                TaskError::new(TaskErrorKind::Encode, format!("the task message: {e}"))
+            }),
+            placement: Placement { sent, failed, len },
+            pins,
+        }
+    }
+}
+
+impl Placement {
+    /// Items the worker gets (and sends results for).
+    pub(crate) fn sent(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// The worker's results for the sent items (`got`, in order) and the encode failures,
+    /// one per item of the chunk in item order; errors carry their item's index, `base`
+    /// plus the relative one, when the chunk is part of a `map` (`base` is `Some`).
+    pub(crate) fn merge<R>(
+        self,
+        got: Vec<Result<R, TaskError>>,
+        base: Option<usize>,
+    ) -> Vec<Result<R, TaskError>> {
+        let Placement { sent, failed, len } = self;
+        let index = move |i: usize, e: TaskError| match base {
+            Some(b) => e.with_item(b + i),
+            None => e,
+        };
+        if failed.is_empty() && got.len() == len {
+            // Every item was sent and answered: only errors need their index.
+            return got
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.map_err(|e| index(i, e)))
+                .collect();
+        }
+        let mut out: Vec<Option<Result<R, TaskError>>> = (0..len).map(|_| None).collect();
+        for (i, e) in failed {
+            out[i] = Some(Err(index(i, e)));
+        }
+        for (&i, r) in sent.iter().zip(got) {
+            out[i] = Some(r.map_err(|e| index(i, e)));
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "missing result")))
+            })
+            .collect()
+    }
+}
+
+/// Python's default chunk size: about four chunks per worker.
+pub(crate) fn auto_chunksize(len: usize, processes: usize) -> usize {
+    if len == 0 {
+        return 1;
+    }
+    let per = processes * 4;
+    let (q, r) = (len / per, len % per);
+    (q + usize::from(r > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use pool_spawn::protocol::ToWorker;
+    use serde::{Deserialize, Serialize, Serializer};
+
+    use super::*;
+
+    /// An argument that cannot be encoded when it is odd.
+    #[derive(Deserialize)]
+    struct EvenOnly(u32);
+
+    impl Serialize for EvenOnly {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if self.0 % 2 == 1 {
+                return Err(serde::ser::Error::custom("odd"));
+            }
+            s.serialize_u32(self.0)
+        }
+    }
+
+    fn halve(x: EvenOnly) -> u32 {
+        x.0 / 2
+    }
+
+    fn chunk(items: &[u32]) -> Encoded {
+        let items: Vec<(EvenOnly,)> = items.iter().map(|&x| (EvenOnly(x),)).collect();
+        let func = pool_spawn::task::batch_ref(halve);
+        encode_chunk::<fn(EvenOnly) -> u32, (EvenOnly,)>(7, func, &items)
+    }
+
+    /// The worker's view of a Run frame: its id and its items.
+    fn run_items(frame: &FrameBuf) -> (u64, Vec<u32>) {
+        match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(frame.payload()).unwrap() {
+            ToWorker::Run { id, payload, .. } => (id, postcard::from_bytes(payload).unwrap()),
+            _ => panic!("not a Run message"),
+        }
+    }
+
+    #[test]
+    fn a_chunk_sends_the_items_that_encode_and_sets_the_others_aside() {
+        let whole = chunk(&[2, 4, 6]);
+        assert_eq!(run_items(whole.frame.as_ref().unwrap()), (7, vec![2, 4, 6]));
+        assert_eq!(whole.placement.sent(), 3);
+
+        let enc = chunk(&[2, 3, 4, 5]);
+        assert_eq!(enc.id, 7);
+        assert_eq!(run_items(enc.frame.as_ref().unwrap()), (7, vec![2, 4]));
+        assert_eq!(enc.placement.sent(), 2);
+        // The worker answers the two items it got; the merge puts every result in place.
+        let got = vec![Ok(1), Err(TaskError::panicked("boom".into()))];
+        let out = enc.placement.merge(got, Some(100));
+        assert_eq!(out.len(), 4);
+        assert_eq!(*out[0].as_ref().unwrap(), 1);
+        let e = out[1].as_ref().unwrap_err();
+        assert_eq!(
+            (e.kind(), e.item_index()),
+            (TaskErrorKind::Encode, Some(101))
+        );
+        assert!(e.message().contains("cannot be encoded"), "{e}");
+        let e = out[2].as_ref().unwrap_err();
+        assert_eq!(
+            (e.kind(), e.item_index()),
+            (TaskErrorKind::Panicked, Some(102))
+        );
+        assert_eq!(out[3].as_ref().unwrap_err().item_index(), Some(103));
+    }
+
+    #[test]
+    fn a_result_missing_from_the_worker_fails_its_item_and_apply_errors_have_no_index() {
+        let enc = chunk(&[2, 4]);
+        let out = enc.placement.merge(vec![Ok::<u32, TaskError>(1)], None);
+        assert_eq!(*out[0].as_ref().unwrap(), 1);
+        let e = out[1].as_ref().unwrap_err();
+        assert_eq!((e.kind(), e.item_index()), (TaskErrorKind::Decode, None));
+        assert!(e.message().contains("missing result"), "{e}");
+    }
+
+    #[test]
+    fn auto_chunksize_is_pythons_four_chunks_per_worker() {
+        assert_eq!(auto_chunksize(0, 4), 1);
+        assert_eq!(auto_chunksize(3, 4), 1);
+        assert_eq!(auto_chunksize(16, 4), 1);
+        assert_eq!(auto_chunksize(17, 4), 2);
+        assert_eq!(auto_chunksize(100, 4), 7);
+        assert_eq!(auto_chunksize(1000, 1), 250);
+    }
+}

@@ -1,0 +1,209 @@
+//! A task's outcome into per-item results: the worker's result bytes decoded as the caller's
+//! type, item errors and panics turned into [`TaskError`]s.
+
+use pool_spawn::protocol;
+use pool_spawn::task::ItemError;
+
+use super::Outcome;
+use crate::error::{TaskError, TaskErrorKind};
+
+/// Turns a worker's result bytes into per-item results.
+pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
+    outcome: Outcome,
+    count: usize,
+) -> Vec<Result<R, TaskError>> {
+    match outcome {
+        Outcome::Failed(e) => all_err(e, count),
+        Outcome::Done {
+            result,
+            worker,
+            pid,
+        } => {
+            let bytes = match result {
+                Ok(b) => b,
+                Err(e) => return all_err(item_error(e, &worker, pid), count),
+            };
+            // The result type's `Deserialize` is user code: a panic in it fails these
+            // items, never the thread that delivers results.
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                protocol::decode_results::<R>(bytes.bytes())
+            }));
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(payload) => {
+                    let why = panic_text(&*payload);
+                    drop_payload(payload);
+                    let e = TaskError::new(
+                        TaskErrorKind::Decode,
+                        format!("decoding the result panicked in the pool's process: {why}"),
+                    )
+                    .with_worker(&worker, pid);
+                    return all_err(e, count);
+                }
+            };
+            match decoded {
+                Ok(items) if items.len() == count => items
+                    .into_iter()
+                    .map(|r| r.map_err(|e| item_error(e, &worker, pid)))
+                    .collect(),
+                Ok(items) => {
+                    let e = TaskError::new(
+                        TaskErrorKind::Decode,
+                        format!(
+                            "expected {count} results from the worker, got {}",
+                            items.len()
+                        ),
+                    )
+                    .with_worker(&worker, pid);
+                    all_err(e, count)
+                }
+                Err(e) => {
+                    let e = TaskError::new(
+                        TaskErrorKind::Decode,
+                        format!("the result does not decode as the expected type: {e}"),
+                    )
+                    .with_worker(&worker, pid);
+                    all_err(e, count)
+                }
+            }
+        }
+    }
+}
+
+/// Drops a caught panic's payload, whose `Drop` is user code that may panic again.
+pub(crate) fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)));
+}
+
+/// The message of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+fn all_err<R>(e: TaskError, count: usize) -> Vec<Result<R, TaskError>> {
+    (0..count).map(|_| Err(e.clone())).collect()
+}
+
+fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
+    use pool_spawn::task::ItemErrorKind as K;
+    match e.kind {
+        K::Panicked => TaskError::panicked(e.message),
+        K::Encode => TaskError::new(TaskErrorKind::Encode, e.message),
+        // A panic while decoding the arguments brings its report, backtrace and all.
+        K::Decode => TaskError::with_report(TaskErrorKind::Decode, e.message),
+    }
+    .with_worker(worker, pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use pool_spawn::task::ItemErrorKind;
+    use serde::de::{Deserialize, Deserializer};
+
+    use super::super::Batch;
+    use super::*;
+
+    /// A `Done` outcome whose result bytes sit in the middle of a larger frame, as they
+    /// arrive from a worker.
+    fn done<T: serde::Serialize>(items: &[Result<T, ItemError>]) -> Outcome {
+        let bytes = postcard::to_allocvec(items).unwrap();
+        let mut frame = vec![0xAA; 5];
+        frame.extend_from_slice(&bytes);
+        frame.extend_from_slice(&[0xBB; 3]);
+        Outcome::Done {
+            result: Ok(Batch {
+                frame,
+                range: 5..5 + bytes.len(),
+            }),
+            worker: "W-1".into(),
+            pid: 42,
+        }
+    }
+
+    #[test]
+    fn results_decode_in_place_and_item_errors_keep_their_kind_and_worker() {
+        let items = [
+            Ok(7u32),
+            Err(ItemError::new(
+                ItemErrorKind::Panicked,
+                "boom at src/x.rs:1",
+            )),
+            Err(ItemError::new(ItemErrorKind::Decode, "bad argument")),
+            Ok(9),
+        ];
+        let got = decode_items::<u32>(done(&items), 4);
+        assert_eq!(got[0].as_ref().unwrap(), &7);
+        assert_eq!(got[3].as_ref().unwrap(), &9);
+        let panic = got[1].as_ref().unwrap_err();
+        assert_eq!(panic.kind(), TaskErrorKind::Panicked);
+        assert_eq!(panic.panic_message(), Some("boom at src/x.rs:1"));
+        assert_eq!((panic.worker_name(), panic.pid()), (Some("W-1"), Some(42)));
+        assert_eq!(got[2].as_ref().unwrap_err().kind(), TaskErrorKind::Decode);
+    }
+
+    #[test]
+    fn a_wrong_count_a_wrong_type_or_a_failed_batch_fails_every_item() {
+        let wrong_count = decode_items::<u32>(done(&[Ok::<u32, ItemError>(1)]), 2);
+        assert_eq!(wrong_count.len(), 2);
+        for r in &wrong_count {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::Decode);
+            assert!(e.message().contains("expected 2 results"), "{e}");
+        }
+        let wrong_type = decode_items::<String>(done(&[Ok::<u8, ItemError>(0xFF)]), 1);
+        let e = wrong_type[0].as_ref().unwrap_err();
+        assert!(
+            e.message().contains("does not decode as the expected type"),
+            "{e}"
+        );
+        let whole = Outcome::Done {
+            result: Err(ItemError::new(ItemErrorKind::Encode, "too large")),
+            worker: "W-2".into(),
+            pid: 7,
+        };
+        let got = decode_items::<u32>(whole, 3);
+        assert_eq!(got.len(), 3);
+        assert!(
+            got.iter()
+                .all(|r| r.as_ref().unwrap_err().kind() == TaskErrorKind::Encode)
+        );
+        let failed = decode_items::<u32>(
+            Outcome::Failed(TaskError::new(TaskErrorKind::PoolClosed, "closed")),
+            2,
+        );
+        assert!(
+            failed
+                .iter()
+                .all(|r| r.as_ref().unwrap_err().kind() == TaskErrorKind::PoolClosed)
+        );
+    }
+
+    /// A result type whose `Deserialize` panics.
+    #[derive(Debug)]
+    struct Grumpy;
+
+    impl<'de> Deserialize<'de> for Grumpy {
+        fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+            panic!("grumpy today")
+        }
+    }
+
+    #[test]
+    fn a_panicking_deserialize_fails_the_items_not_the_caller() {
+        let got = decode_items::<Grumpy>(done(&[Ok::<u8, ItemError>(1)]), 1);
+        let e = got[0].as_ref().unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::Decode);
+        assert!(
+            e.message()
+                .contains("panicked in the pool's process: grumpy today"),
+            "{e}"
+        );
+        assert_eq!(e.pid(), Some(42));
+    }
+}

@@ -1,0 +1,329 @@
+//! The driver thread's loop: poll every worker socket, pidfd and the wake-up eventfd; read
+//! results, flush, reap, and enforce the kill deadlines.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pool_spawn::protocol::{self, FromWorker};
+use pool_spawn::{Launcher, Signal};
+use rustix::event::{PollFd, PollFlags};
+
+use super::launch::WatchFds;
+use super::shared::Shared;
+use super::{Batch, Outcome};
+use crate::policy::{Exit, WorkerId};
+
+/// How long a worker that closed its channel may take to exit before it is killed.
+const EOF_GRACE: Duration = Duration::from_secs(2);
+
+/// What the driver polls for one worker (its own duplicates of the fds).
+struct Watch {
+    wid: WorkerId,
+    sock: Option<OwnedFd>,
+    exit: Option<OwnedFd>,
+    eof_at: Option<Instant>,
+}
+
+/// The driver thread's state.
+pub(crate) struct Driver {
+    pub(super) shared: Arc<Shared>,
+    pub(super) launcher: Launcher,
+    watches: Vec<Watch>,
+}
+
+impl Driver {
+    pub(crate) fn new(shared: Arc<Shared>, launcher: Launcher) -> Self {
+        Driver {
+            shared,
+            launcher,
+            watches: Vec::new(),
+        }
+    }
+
+    /// Registers a worker started before the driver thread ran.
+    pub(crate) fn watch(&mut self, wid: WorkerId, fds: WatchFds) {
+        self.watches.push(Watch {
+            wid,
+            sock: Some(fds.sock),
+            exit: fds.exit,
+            eof_at: None,
+        });
+    }
+
+    /// Runs until the pool is finished: closed or terminated, every task done, every worker
+    /// reaped. Then stops the launcher (and its fork server).
+    pub(crate) fn run(mut self) {
+        let mut buf = [0u8; 8];
+        loop {
+            self.launch_pending();
+            let (want_write, deadline, finished) = {
+                let g = self.shared.lock();
+                let want: Vec<bool> = self
+                    .watches
+                    .iter()
+                    .map(|w| {
+                        g.io.get(&w.wid)
+                            .and_then(|io| io.conn.as_ref())
+                            .is_some_and(|c| c.wants_write())
+                    })
+                    .collect();
+                (
+                    want,
+                    g.term_deadline,
+                    g.policy.is_finished() && g.launches.is_empty(),
+                )
+            };
+            if finished {
+                break;
+            }
+            let now = Instant::now();
+            let mut timeout: Option<Duration> = None;
+            let mut consider = |t: Instant| {
+                let d = t.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(d, |x: Duration| x.min(d)));
+            };
+            if let Some(d) = deadline {
+                consider(d);
+            }
+            for w in &self.watches {
+                if let Some(t) = w.eof_at {
+                    consider(t + EOF_GRACE);
+                }
+            }
+            let ready = {
+                let mut fds = Vec::with_capacity(self.watches.len() * 2 + 1);
+                fds.push(PollFd::new(&self.shared.wake, PollFlags::IN));
+                for (w, &ww) in self.watches.iter().zip(&want_write) {
+                    if let Some(s) = &w.sock {
+                        let mut fl = PollFlags::IN;
+                        if ww {
+                            fl |= PollFlags::OUT;
+                        }
+                        fds.push(PollFd::new(s, fl));
+                    }
+                    if let Some(e) = &w.exit {
+                        fds.push(PollFd::new(e, PollFlags::IN));
+                    }
+                }
+                let ts = timeout.map(|d| rustix::time::Timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: i64::from(d.subsec_nanos()),
+                });
+                match rustix::event::poll(&mut fds, ts.as_ref()) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "poll failed in the pool driver");
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+                // Map revents back to (watch index, socket events, exit ready).
+                let mut out = Vec::new();
+                let mut i = 1;
+                for (idx, w) in self.watches.iter().enumerate() {
+                    let mut sock_ev = PollFlags::empty();
+                    let mut exited = false;
+                    if w.sock.is_some() {
+                        sock_ev = fds[i].revents();
+                        i += 1;
+                    }
+                    if w.exit.is_some() {
+                        exited = !fds[i].revents().is_empty();
+                        i += 1;
+                    }
+                    if !sock_ev.is_empty() || exited {
+                        out.push((idx, sock_ev, exited));
+                    }
+                }
+                if !fds[0].revents().is_empty() {
+                    let _ = rustix::io::read(&self.shared.wake, &mut buf);
+                }
+                out
+            };
+            for (idx, ev, exited) in ready {
+                if ev.intersects(PollFlags::OUT) {
+                    self.flush(idx);
+                }
+                if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+                    self.read(idx);
+                }
+                if exited {
+                    self.reap(idx);
+                }
+            }
+            self.timers();
+            self.watches
+                .retain(|w| w.sock.is_some() || w.exit.is_some());
+        }
+        let _ = self.launcher.shutdown();
+    }
+
+    fn flush(&mut self, idx: usize) {
+        let wid = self.watches[idx].wid;
+        let mut g = self.shared.lock();
+        if let Some(conn) = g.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
+            let _ = conn.flush();
+        }
+    }
+
+    /// Reads what the worker sent; handles every complete message.
+    fn read(&mut self, idx: usize) {
+        let wid = self.watches[idx].wid;
+        let mut broken = false;
+        let mut eof = false;
+        let shared = Arc::clone(&self.shared);
+        shared.act(|policy, fx| {
+            let Some(w) = fx.io.get_mut(&wid) else { return };
+            let (name, pid) = (w.name.clone(), w.pid);
+            let Some(conn) = w.conn.as_mut() else { return };
+            if let Err(e) = conn.fill() {
+                tracing::warn!(worker = %name, error = %e, "worker channel failed");
+                broken = true;
+            }
+            let mut msgs = Vec::new();
+            loop {
+                match conn.next_frame() {
+                    Ok(Some(bytes)) => msgs.push(bytes),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(worker = %name, error = %e, "bad frame from worker");
+                        w.exit_note = Some(format!("its channel failed: {e}"));
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            eof = conn.is_eof();
+            for frame in msgs {
+                // Decoded in place: a result's bytes stay where they are in the frame.
+                let msg = protocol::decode_reply(&frame);
+                match msg {
+                    Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
+                    Ok(FromWorker::SetupFailed { message, .. }) => {
+                        tracing::warn!(worker = %name, %message, "worker setup failed");
+                        policy.setup_failed(wid, &message, fx);
+                    }
+                    Ok(FromWorker::Done { id, outcome }) => {
+                        if let Some(w) = fx.io.get_mut(&wid) {
+                            w.results += 1;
+                        }
+                        if let Some(rec) = policy.done(wid, id, fx) {
+                            // The worker could start this task once it was sent and its
+                            // previous one was done: the time since is what it took.
+                            let now = Instant::now();
+                            if let Some(w) = fx.io.get_mut(&wid) {
+                                let began = match (rec.sent_at, w.last_done) {
+                                    (Some(s), Some(l)) => Some(s.max(l)),
+                                    (s, l) => s.or(l),
+                                };
+                                w.last_done = Some(now);
+                                if let Some(b) = began {
+                                    policy.observe(now.saturating_duration_since(b), fx);
+                                }
+                            }
+                            let result = outcome.map(|range| Batch { frame, range });
+                            fx.done.push((
+                                rec,
+                                Outcome::Done {
+                                    result,
+                                    worker: name.clone(),
+                                    pid,
+                                },
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
+                        broken = true;
+                    }
+                }
+            }
+            if broken || eof {
+                // Dying or dead: no more tasks for it, and its replacement starts now.
+                policy.channel_closed(wid, fx);
+            }
+        });
+        let w = &mut self.watches[idx];
+        if broken || eof {
+            // Stop polling the socket (it stays readable at EOF); wait for the exit.
+            w.sock = None;
+            w.eof_at = Some(Instant::now());
+            if broken {
+                let g = self.shared.lock();
+                if let Some(h) = g.io.get(&wid).and_then(|w| w.handle.as_ref()) {
+                    let _ = h.signal_group(Signal::KILL);
+                }
+            }
+            if w.exit.is_none() {
+                self.reap(idx);
+            }
+        }
+    }
+
+    /// The worker's process ended: deliver its last results, reap it, tell the policy.
+    fn reap(&mut self, idx: usize) {
+        if self.watches[idx].sock.is_some() {
+            self.read(idx);
+        }
+        let wid = self.watches[idx].wid;
+        let handle = {
+            let mut g = self.shared.lock();
+            g.io.get_mut(&wid).and_then(|w| w.handle.take())
+        };
+        let status = handle.and_then(|mut h| match h.wait_timeout(Duration::from_secs(2)) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                let _ = h.signal_group(Signal::KILL);
+                h.wait_timeout(Duration::from_secs(2)).ok().flatten()
+            }
+        });
+        tracing::debug!(wid, ?status, "worker exited");
+        self.shared.act(|p, fx| {
+            let (mut undelivered, mut running) = (0, None);
+            if let Some(w) = fx.io.get_mut(&wid) {
+                w.status = status;
+                undelivered = w.undelivered_tasks();
+                running = w.was_running();
+            }
+            p.exited_with(wid, Exit::Ended, undelivered, running, fx);
+            fx.io.remove(&wid);
+        });
+        let w = &mut self.watches[idx];
+        w.sock = None;
+        w.exit = None;
+    }
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        let mut g = self.shared.lock();
+        if g.term_deadline.is_some_and(|d| now >= d) {
+            g.term_deadline = None;
+            for w in g.io.values() {
+                if let Some(h) = &w.handle {
+                    let _ = h.signal_group(Signal::KILL);
+                }
+            }
+        }
+        drop(g);
+        for idx in 0..self.watches.len() {
+            if self.watches[idx]
+                .eof_at
+                .is_some_and(|t| now >= t + EOF_GRACE)
+            {
+                let wid = self.watches[idx].wid;
+                {
+                    let g = self.shared.lock();
+                    if let Some(h) = g.io.get(&wid).and_then(|w| w.handle.as_ref()) {
+                        let _ = h.signal_group(Signal::KILL);
+                    }
+                }
+                self.watches[idx].eof_at = None;
+                if self.watches[idx].exit.is_none() {
+                    self.reap(idx);
+                }
+            }
+        }
+    }
+}

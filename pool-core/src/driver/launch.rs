@@ -1,0 +1,145 @@
+//! Starting a worker: launch the process, send it its Setup and whatever was queued for it
+//! meanwhile, and hand its fds to the event loop.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use pool_ipc::{FrameBuf, FramedConn};
+use pool_spawn::protocol::{ImageId, ToWorker};
+use pool_spawn::{Launcher, Signal};
+use serde_bytes::ByteBuf;
+
+use super::event_loop::Driver;
+use super::shared::Shared;
+use crate::policy::{Exit, WorkerId};
+
+/// Starts one worker for slot `wid` and wires it up. Called from `build` (initial workers)
+/// and from the driver thread (replacements).
+pub(crate) fn launch_one(
+    shared: &Shared,
+    launcher: &mut Launcher,
+    wid: WorkerId,
+) -> Result<Option<WatchFds>, pool_spawn::Error> {
+    let name = {
+        let g = shared.lock();
+        match g.io.get(&wid) {
+            Some(w) => w.name.clone(),
+            None => return Ok(None),
+        }
+    };
+    let mut worker = launcher.launch(&name)?;
+    let sock = worker
+        .take_channel()
+        .expect("a freshly launched worker has its channel");
+    let watch_sock = sock.try_clone().map_err(pool_spawn::Error::from)?;
+    let watch_exit = match worker.exit_fd() {
+        Some(fd) => Some(fd.try_clone_to_owned().map_err(pool_spawn::Error::from)?),
+        None => None,
+    };
+    let mut conn = FramedConn::new(sock, shared.settings.ipc.clone())
+        .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
+    let s = &shared.settings;
+    // A page for the worker to count the tasks it begins; without it (no memory, say) the
+    // pool falls back to assuming the oldest task it sent was running.
+    let progress = pool_ipc::shm::Segment::create("procpool-progress", 4096).ok();
+    let setup = ToWorker::Setup {
+        name: name.clone(),
+        max_tasks: s.max_tasks,
+        image: ImageId::current(),
+        init: s
+            .init
+            .as_ref()
+            .map(|(f, args)| (*f, ByteBuf::from(args.clone()))),
+        progress: progress.as_ref().map(|p| {
+            (
+                std::process::id(),
+                std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
+            )
+        }),
+    };
+    let mut frame = FrameBuf::new();
+    frame
+        .encode(&setup)
+        .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
+    conn.queue(frame);
+    let pid = worker.pid();
+    let mut g = shared.lock();
+    let Some(w) = g.io.get_mut(&wid) else {
+        drop(g);
+        let _ = worker.terminate(Duration::ZERO);
+        return Ok(None);
+    };
+    let backlog = std::mem::take(&mut w.backlog);
+    w.conn = Some(conn);
+    w.progress = progress;
+    for (f, is_task) in backlog {
+        if let Some(conn) = w.conn.as_mut() {
+            conn.queue(f);
+        }
+        if is_task {
+            w.note_task_queued();
+        }
+    }
+    if let Some(conn) = w.conn.as_mut() {
+        let _ = conn.flush();
+    }
+    if w.kill_when_launched {
+        let _ = worker.signal_group(Signal::KILL);
+    }
+    w.pid = pid;
+    w.handle = Some(worker);
+    tracing::debug!(worker = %name, pid, "worker started");
+    Ok(Some(WatchFds {
+        sock: watch_sock,
+        exit: watch_exit,
+    }))
+}
+
+/// The fds the driver watches for a newly started worker.
+pub(crate) struct WatchFds {
+    pub(super) sock: OwnedFd,
+    pub(super) exit: Option<OwnedFd>,
+}
+
+impl Driver {
+    /// Starts the initial workers; the first failure is returned (and the pool is not built).
+    pub(crate) fn launch_initial(&mut self) -> Result<(), pool_spawn::Error> {
+        loop {
+            let wid = {
+                let mut g = self.shared.lock();
+                if g.launches.is_empty() {
+                    return Ok(());
+                }
+                g.launches.remove(0)
+            };
+            if let Some(fds) = launch_one(&self.shared, &mut self.launcher, wid)? {
+                self.watch(wid, fds);
+            }
+        }
+    }
+
+    /// Starts the launches the policy asked for.
+    pub(crate) fn launch_pending(&mut self) {
+        loop {
+            let wid = {
+                let mut g = self.shared.lock();
+                if g.launches.is_empty() {
+                    return;
+                }
+                g.launches.remove(0)
+            };
+            match launch_one(&self.shared, &mut self.launcher, wid) {
+                Ok(Some(fds)) => self.watch(wid, fds),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a worker");
+                    let msg = e.to_string();
+                    self.shared.act(|p, fx| {
+                        p.exited(wid, Exit::LaunchFailed(msg), fx);
+                        fx.io.remove(&wid);
+                    });
+                }
+            }
+        }
+    }
+}
