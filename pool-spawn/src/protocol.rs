@@ -311,51 +311,132 @@ pub struct RunItems {
     pub sent: Vec<usize>,
     /// The items left out because they cannot be encoded, by index, with why.
     pub failed: Vec<(usize, pool_ipc::Error)>,
+    /// Where each item sent lies in the message, for a batch of more than one item: what
+    /// [`encode_run_rest`] needs to send the items after one that failed.
+    pub spans: Option<ItemSpans>,
+}
+
+/// Where the items of a [`ToWorker::Run`] message lie in its payload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ItemSpans {
+    /// The offset of the first item in the message.
+    start: usize,
+    /// The end of each item, from `start`.
+    ends: Vec<usize>,
+}
+
+impl ItemSpans {
+    /// How many items.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
 }
 
 /// Encodes `items` as the [`ToWorker::Run`] message of batch `id`, leaving out any item
 /// that cannot be encoded: the others still go, and the worker's `Vec<Args>` holds only
 /// them (in order, so result `k` belongs to item `sent[k]`).
 ///
-/// When every item encodes (the usual case), they are encoded straight into the frame
-/// ([`encode_run`]); otherwise each is encoded on its own and the payload is assembled from
-/// those that succeed.
-pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, items: &[T]) -> RunItems {
-    let mut frame = pool_ipc::FrameBuf::new();
-    if encode_run(&mut frame, id, func, items).is_ok() {
-        return RunItems {
-            frame: Ok(frame),
-            sent: (0..items.len()).collect(),
-            failed: Vec::new(),
-        };
-    }
-    // Some item does not encode: find which, and send the others.
-    let mut body = Vec::new();
-    let mut sent = Vec::new();
-    let mut failed = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        match pool_ipc::encode_append(&mut body, item) {
-            Ok(()) => sent.push(i),
-            Err(e) => failed.push((i, e)),
+/// A single item is encoded straight into the frame ([`encode_run`]); a batch of several
+/// is encoded item by item in one pass (noting where each lies, see [`RunItems::spans`]),
+/// then framed.
+pub fn encode_run_items<T: Serialize>(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    items: &[T],
+) -> RunItems {
+    if items.len() == 1 {
+        let mut frame = pool_ipc::FrameBuf::new();
+        if encode_run(&mut frame, id, func, timed, items).is_ok() {
+            return RunItems {
+                frame: Ok(frame),
+                sent: vec![0],
+                failed: Vec::new(),
+                spans: None,
+            };
         }
     }
-    // postcard encodes a sequence as its varint length followed by the elements.
-    let mut payload = Vec::with_capacity(body.len() + 10);
-    pool_ipc::encode_seq_len(&mut payload, sent.len());
-    payload.extend_from_slice(&body);
-    let mut frame = pool_ipc::FrameBuf::with_capacity(payload.len() + 32);
-    let frame = frame
-        .encode(&ToWorker::<&serde_bytes::Bytes>::Run {
-            id,
-            func,
-            payload: serde_bytes::Bytes::new(&payload),
-        })
-        .map(|()| frame);
+    let mut body = Vec::with_capacity(items.len() * 4);
+    let mut sent = Vec::with_capacity(items.len());
+    let mut ends = Vec::with_capacity(items.len());
+    let mut failed = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let mark = body.len();
+        match pool_ipc::encode_append(&mut body, item) {
+            Ok(()) => {
+                sent.push(i);
+                ends.push(body.len());
+            }
+            Err(e) => {
+                body.truncate(mark);
+                failed.push((i, e));
+            }
+        }
+    }
+    let (frame, start) = frame_items(id, func, timed, sent.len(), &body);
+    let spans = (sent.len() > 1).then_some(ItemSpans { start, ends });
     RunItems {
         frame,
         sent,
         failed,
+        spans,
     }
+}
+
+/// Frames `count` encoded items (`body`) as a `Run` message; also returns where the first
+/// item starts in it.
+fn frame_items(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    count: usize,
+    body: &[u8],
+) -> (pool_ipc::Result<pool_ipc::FrameBuf>, usize) {
+    // postcard encodes a sequence as its varint length followed by the elements.
+    let mut seq_len = Vec::with_capacity(10);
+    pool_ipc::encode_seq_len(&mut seq_len, count);
+    let head = RunHead {
+        variant: RUN_VARIANT,
+        id,
+        func,
+        timed,
+        len: seq_len.len() + body.len(),
+    };
+    let mut frame = pool_ipc::FrameBuf::with_capacity(body.len() + 48);
+    if let Err(e) = frame.encode(&head) {
+        return (Err(e), 0);
+    }
+    frame.extend_from_slice(&seq_len);
+    let start = frame.payload_len();
+    frame.extend_from_slice(body);
+    (Ok(frame), start)
+}
+
+/// The `Run` message of batch `id` for the items of `frame` (a message built by
+/// [`encode_run_items`], whose items lie at `spans`) from item `from` on: the rest of a
+/// batch whose item `from - 1` failed. `None` if no item is left (or `from` is past them).
+pub fn encode_run_rest(
+    frame: &pool_ipc::FrameBuf,
+    spans: &ItemSpans,
+    from: usize,
+    id: u64,
+    func: FnRef,
+    timed: bool,
+) -> Option<(pool_ipc::FrameBuf, ItemSpans)> {
+    if from >= spans.ends.len() {
+        return None;
+    }
+    let first = if from == 0 { 0 } else { spans.ends[from - 1] };
+    let payload = frame.payload();
+    let body = payload.get(spans.start + first..spans.start + *spans.ends.last()?)?;
+    let (frame, start) = frame_items(id, func, timed, spans.ends.len() - from, body);
+    let ends = spans.ends[from..].iter().map(|e| e - first).collect();
+    Some((frame.ok()?, ItemSpans { start, ends }))
 }
 
 /// Encodes an initializer's arguments for [`ToWorker::Setup`]'s `init`.
@@ -366,35 +447,35 @@ pub fn encode_init_args<T: Serialize + ?Sized>(args: &T) -> postcard::Result<Vec
     postcard::to_allocvec(args)
 }
 
-/// Decodes a worker's message in place: a [`FromWorker::Done`] result is given as the range
-/// of its bytes inside `frame` (no copy; decode them with [`decode_results`]).
+/// Decodes a worker's message in place: result bytes ([`FromWorker::Done`],
+/// [`FromWorker::Part`]) are given as their range inside `frame` (no copy; decode them with
+/// [`decode_results`]).
 ///
 /// # Errors
 /// If `frame` is not a `FromWorker` message.
 pub fn decode_reply(frame: &[u8]) -> postcard::Result<FromWorker<Range<usize>>> {
     let msg = postcard::from_bytes::<FromWorker<&serde_bytes::Bytes>>(frame)?;
+    // A borrowed slice lies inside `frame`: its offset is a difference of addresses.
+    let range = |b: &serde_bytes::Bytes| {
+        let start = b.as_ptr() as usize - frame.as_ptr() as usize;
+        start..start + b.len()
+    };
     Ok(match msg {
         FromWorker::Ready { pid } => FromWorker::Ready { pid },
         FromWorker::SetupFailed { reason, message } => FromWorker::SetupFailed { reason, message },
-        FromWorker::Done { id, outcome } => FromWorker::Done {
+        FromWorker::Done { id, items, outcome } => FromWorker::Done {
             id,
-            outcome: outcome.map(|b| {
-                // `b` lies inside `frame`: its offset is a difference of addresses.
-                let start = b.as_ptr() as usize - frame.as_ptr() as usize;
-                start..start + b.len()
-            }),
+            items,
+            outcome: outcome.map(range),
         },
+        FromWorker::Part { id, items, results } => FromWorker::Part {
+            id,
+            items,
+            results: range(results),
+        },
+        FromWorker::Skipped { id } => FromWorker::Skipped { id },
+        FromWorker::Recycling { rss } => FromWorker::Recycling { rss },
     })
-}
-
-/// Decodes the result bytes of a [`FromWorker::Done`]: one result per item of the batch.
-///
-/// # Errors
-/// If `bytes` is not a sequence of `Result<R, ItemError>`.
-pub fn decode_results<R: DeserializeOwned>(
-    bytes: &[u8],
-) -> postcard::Result<Vec<Result<R, ItemError>>> {
-    postcard::from_bytes(bytes)
 }
 
 /// A message from a worker to the pool. `B` as for [`ToWorker`].
@@ -561,22 +642,36 @@ mod tests {
     #[test]
     fn a_reply_decodes_with_its_result_as_a_range_of_the_frame() {
         let results: Vec<Result<u32, ItemError>> = vec![Ok(5), Ok(300)];
-        let bytes = postcard::to_allocvec(&results).unwrap();
+        let mut bytes = Vec::new();
+        for r in &results {
+            pool_ipc::encode_append(&mut bytes, r).unwrap();
+        }
         let done: FromWorker = FromWorker::Done {
             id: 3,
+            items: 2,
             outcome: Ok(ByteBuf::from(bytes.clone())),
         };
         let frame = postcard::to_allocvec(&done).unwrap();
         match decode_reply(&frame).unwrap() {
-            FromWorker::Done { id, outcome } => {
+            FromWorker::Done { id, items, outcome } => {
                 let range = outcome.unwrap();
-                assert_eq!(id, 3);
+                assert_eq!((id, items), (3, 2));
                 assert_eq!(&frame[range.clone()], &bytes[..]);
-                let back = decode_results::<u32>(&frame[range]).unwrap();
-                assert_eq!(
-                    back.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
-                    [5, 300]
-                );
+                let mut back: Vec<Result<u32, ItemError>> = Vec::new();
+                decode_results(items, &frame[range], &mut back).unwrap();
+                assert_eq!(back, results);
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        let part = postcard::to_allocvec(&FromWorker::<ByteBuf>::Part {
+            id: 3,
+            items: 2,
+            results: ByteBuf::from(bytes.clone()),
+        })
+        .unwrap();
+        match decode_reply(&part).unwrap() {
+            FromWorker::Part { items, results, .. } => {
+                assert_eq!((items, &part[results]), (2, &bytes[..]));
             }
             other => panic!("decoded as {other:?}"),
         }
@@ -586,6 +681,38 @@ mod tests {
             Ok(FromWorker::Ready { pid: 9 })
         ));
         assert!(decode_reply(&[0xFF, 0xFF]).is_err());
+    }
+
+    #[test]
+    fn the_rest_of_a_batch_is_the_same_message_as_a_batch_of_those_items() {
+        let func = crate::task::batch_ref(noop);
+        let items: Vec<(u32, String)> = (0..5).map(|i| (i * 100, "x".repeat(i as usize))).collect();
+        let all = encode_run_items(1, func, true, &items);
+        let frame = all.frame.unwrap();
+        let spans = all.spans.unwrap();
+        assert_eq!(spans.len(), 5);
+        for from in 0..5 {
+            let (rest, rest_spans) = encode_run_rest(&frame, &spans, from, 9, func, true).unwrap();
+            let direct = encode_run_items(9, func, true, &items[from..]);
+            assert_eq!(rest.payload(), direct.frame.unwrap().payload(), "from {from}");
+            assert_eq!(rest_spans.len(), 5 - from);
+            // Its spans let it be split again.
+            if from < 4 {
+                let (again, _) = encode_run_rest(&rest, &rest_spans, 1, 9, func, true).unwrap();
+                let direct = encode_run_items(9, func, true, &items[from + 1..]);
+                assert_eq!(again.payload(), direct.frame.unwrap().payload());
+            }
+        }
+        assert!(encode_run_rest(&frame, &spans, 5, 9, func, true).is_none());
+        // The whole message decodes as the worker reads it.
+        match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(frame.payload()).unwrap() {
+            ToWorker::Run { id, timed, payload, .. } => {
+                assert_eq!((id, timed), (1, true));
+                let back: Vec<(u32, String)> = postcard::from_bytes(payload).unwrap();
+                assert_eq!(back, items);
+            }
+            other => panic!("decoded as {other:?}"),
+        }
     }
 
     #[test]
@@ -600,8 +727,8 @@ mod tests {
             }
         }
         let func = crate::task::batch_ref(noop);
-        let all = encode_run_items(4, func, &[NoOdd(2), NoOdd(4)]);
-        let some = encode_run_items(4, func, &[NoOdd(1), NoOdd(2), NoOdd(3), NoOdd(4)]);
+        let all = encode_run_items(4, func, false, &[NoOdd(2), NoOdd(4)]);
+        let some = encode_run_items(4, func, false, &[NoOdd(1), NoOdd(2), NoOdd(3), NoOdd(4)]);
         assert_eq!((all.sent, some.sent.clone()), (vec![0, 1], vec![1, 3]));
         assert_eq!(some.failed.iter().map(|f| f.0).collect::<Vec<_>>(), [0, 2]);
         // Both frames carry the same message: the items that encode, as one `Vec`.
