@@ -102,7 +102,7 @@
 #![warn(missing_debug_implementations)]
 
 pub use pool_core::{
-    AsyncResult, BuildError, BuildErrorKind, Callbacks, Error, ErrorKind, Event, Imap, Metrics,
+    AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics, Options, WaitError,
     Pool, PoolBuilder, Task, TaskError, TaskErrorKind, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};

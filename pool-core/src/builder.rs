@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pool_spawn::protocol;
 use pool_spawn::task::{self, FnRef, InitOutput, TaskFn};
@@ -24,6 +25,9 @@ pub(crate) const IN_FLIGHT: usize = 1;
 pub(crate) const MAX_IN_FLIGHT: usize = 16;
 /// Consecutive failed worker starts after which the pool stops starting workers.
 pub(crate) const START_FAILURE_LIMIT: u32 = 3;
+/// How long a worker stopped because of its task (time limit, cancellation) has between
+/// SIGTERM and SIGKILL, unless set.
+pub(crate) const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild, context)`.
@@ -35,6 +39,11 @@ pub struct PoolBuilder {
     init: Option<Result<(FnRef, Vec<u8>), String>>,
     allow_fork_with_threads: bool,
     init_pins: Pins,
+    task_timeout: Option<Duration>,
+    stop_grace: Option<Duration>,
+    max_memory_per_child: Option<u64>,
+    memory_limit_per_child: Option<u64>,
+    max_tasks_jitter: u64,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -44,6 +53,11 @@ impl fmt::Debug for PoolBuilder {
             .field("max_tasks_per_child", &self.max_tasks_per_child)
             .field("start_method", &self.method)
             .field("initializer", &self.init.is_some())
+            .field("task_timeout", &self.task_timeout)
+            .field("stop_grace", &self.stop_grace)
+            .field("max_memory_per_child", &self.max_memory_per_child)
+            .field("memory_limit_per_child", &self.memory_limit_per_child)
+            .field("max_tasks_per_child_jitter", &self.max_tasks_jitter)
             .finish()
     }
 }
@@ -66,6 +80,52 @@ impl PoolBuilder {
     #[doc(alias = "maxtasksperchild")]
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
         self.max_tasks_per_child = Some(n);
+        self
+    }
+
+    /// Raises each worker's [`max_tasks_per_child`](PoolBuilder::max_tasks_per_child) by a
+    /// random amount from 0 to `jitter`, so that workers started together do not all retire
+    /// together (gunicorn's `max_requests_jitter`). Default: 0, Python's exact counts.
+    pub fn max_tasks_per_child_jitter(mut self, jitter: u64) -> Self {
+        self.max_tasks_jitter = jitter;
+        self
+    }
+
+    /// The time limit of every task (each item of a `map`), from when it begins running in
+    /// its worker, not from when it was submitted. Past it, the worker's process group gets
+    /// SIGTERM, then SIGKILL after [`stop_grace`](PoolBuilder::stop_grace); the task fails
+    /// with [`TaskErrorKind::TimedOut`](crate::TaskErrorKind::TimedOut), the worker is
+    /// replaced at once, processes the task started die with it, and tasks queued to that
+    /// worker run elsewhere. In a `map`, the items of the chunk before the one that overran
+    /// are delivered and the ones after it run on another worker. A call's
+    /// [`Options::timeout`](crate::Options::timeout) overrides it. Default: none.
+    pub fn task_timeout(mut self, limit: Duration) -> Self {
+        self.task_timeout = Some(limit);
+        self
+    }
+
+    /// How long a worker stopped because of its task (it ran out of time, or was
+    /// cancelled) has between SIGTERM and SIGKILL. Default: 100 ms.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = Some(grace);
+        self
+    }
+
+    /// After each task, a worker whose resident memory is above `bytes` exits (after
+    /// sending its result) and is replaced: leaks are freed before they grow (billiard's
+    /// `max_memory_per_child`). It counts as a recycle, never as a crash. Default: none.
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
+        self
+    }
+
+    /// A hard cap on each worker's private memory (`RLIMIT_DATA`: heap and anonymous
+    /// mappings), set before the initializer runs. A task that goes over it fails with
+    /// [`TaskErrorKind::MemoryLimit`](crate::TaskErrorKind::MemoryLimit) instead of waking
+    /// the system's out-of-memory killer (Rust aborts the worker when an allocation fails),
+    /// and the worker is replaced. Default: none.
+    pub fn memory_limit_per_child(mut self, bytes: u64) -> Self {
+        self.memory_limit_per_child = Some(bytes);
         self
     }
 
@@ -137,12 +197,20 @@ impl PoolBuilder {
             in_flight: IN_FLIGHT,
             max_in_flight: MAX_IN_FLIGHT,
             start_failure_limit: START_FAILURE_LIMIT,
+            max_tasks_jitter: self.max_tasks_jitter,
         });
+        let next_id = Arc::new(AtomicU64::new(1));
         let settings = Settings {
             prefix: self.method.worker_name_prefix(),
             max_tasks: self.max_tasks_per_child,
             init,
             ipc: pool_spawn::protocol::channel_config(),
+            limits: protocol::Limits {
+                memory_cap: self.memory_limit_per_child,
+                max_rss: self.max_memory_per_child,
+            },
+            stop_grace: self.stop_grace.unwrap_or(STOP_GRACE),
+            next_id: Arc::clone(&next_id),
         };
         let shared = Shared::new(policy, settings)
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
@@ -168,7 +236,8 @@ impl PoolBuilder {
             joining: Mutex::new(()),
             processes,
             method: self.method,
-            next_id: Arc::new(AtomicU64::new(1)),
+            next_id,
+            task_timeout: self.task_timeout,
             _init_pins: self.init_pins,
         })
     }

@@ -3,7 +3,7 @@
 //! item order.
 
 use pool_ipc::FrameBuf;
-use pool_spawn::protocol::RunItems;
+use pool_spawn::protocol::{ItemSpans, RunItems};
 use pool_spawn::task::FnRef;
 
 use crate::error::{TaskError, TaskErrorKind};
@@ -16,6 +16,8 @@ pub(crate) struct Encoded {
     pub(crate) id: u64,
     /// The Run frame, or why it could not be built.
     pub(crate) frame: Result<FrameBuf, TaskError>,
+    /// Where its items lie in the frame (several items only).
+    pub(crate) spans: Option<ItemSpans>,
     /// Where each of the worker's results belongs among the chunk's items.
     pub(crate) placement: Placement,
     /// Events among the items, kept open until the task is done.
@@ -36,8 +38,13 @@ pub(crate) struct Placement {
 
 /// Encodes `items` as the Run frame of task `id` (see `protocol::encode_run_items`), keeping
 /// the events they hold open.
-pub(crate) fn encode_chunk<F: Task<Args>, Args>(id: u64, func: FnRef, items: &[Args]) -> Encoded {
-    let (run, pins) = event::pinning(|| F::encode_run(id, func, items));
+pub(crate) fn encode_chunk<F: Task<Args>, Args>(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    items: &[Args],
+) -> Encoded {
+    let (run, pins) = event::pinning(|| F::encode_run(id, func, timed, items));
     Encoded::new(id, run, items.len(), pins)
 }
 
@@ -47,6 +54,7 @@ impl Encoded {
             frame,
             sent,
             failed,
+            spans,
         } = run;
         let failed = failed
             .into_iter()
@@ -63,6 +71,7 @@ impl Encoded {
             frame: frame.map_err(|e| {
                 TaskError::new(TaskErrorKind::Encode, format!("the task message: {e}"))
             }),
+            spans,
             placement: Placement { sent, failed, len },
             pins,
         }
@@ -148,7 +157,7 @@ mod tests {
     fn chunk(items: &[u32]) -> Encoded {
         let items: Vec<(EvenOnly,)> = items.iter().map(|&x| (EvenOnly(x),)).collect();
         let func = pool_spawn::task::batch_ref(halve);
-        encode_chunk::<fn(EvenOnly) -> u32, (EvenOnly,)>(7, func, &items)
+        encode_chunk::<fn(EvenOnly) -> u32, (EvenOnly,)>(7, func, false, &items)
     }
 
     /// The worker's view of a Run frame: its id and its items.

@@ -22,11 +22,18 @@ pub enum TaskErrorKind {
     PoolClosed,
     /// Workers could not start because the initializer kept failing.
     InitializerFailed,
-    /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout) gave up waiting; the
-    /// task goes on and its result can still be fetched.
-    NotReady,
-    /// The result was already taken out of this handle.
-    ResultTaken,
+    /// The task ran past its time limit (`task_timeout`, or the call's `timeout`): its
+    /// worker was stopped with its process group (the task's children die with it) and
+    /// replaced. The error names the limit, how long the task ran, the worker and the
+    /// function.
+    TimedOut,
+    /// The task was cancelled ([`AsyncResult::cancel`](crate::AsyncResult::cancel)): it never
+    /// ran, or its worker was stopped while it ran.
+    Cancelled,
+    /// The worker died at its hard memory cap
+    /// ([`memory_limit_per_child`](crate::PoolBuilder::memory_limit_per_child)): an
+    /// allocation beyond it failed and the process aborted.
+    MemoryLimit,
 }
 
 /// Why a task failed: one value per failed task, with the details a user needs to act on it.
@@ -49,6 +56,10 @@ struct Details {
     backtrace: Option<String>,
     /// For WorkerLost: the task never started (workers kept dying before they began it).
     never_started: bool,
+    /// The task's function (its Rust path).
+    function: Option<&'static str>,
+    /// For TimedOut: the limit.
+    limit: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +79,81 @@ impl TaskError {
             item: None,
             backtrace: None,
             never_started: false,
+            function: None,
+            limit: None,
         }))
+    }
+
+    /// A task that ran past `limit` (for `ran_for`) in worker `name`, which was stopped.
+    pub(crate) fn timed_out(
+        name: &str,
+        pid: u32,
+        limit: Duration,
+        ran_for: Option<Duration>,
+    ) -> Self {
+        let mut e = TaskError::new(TaskErrorKind::TimedOut, String::new());
+        e.0.worker = Some(WorkerRef {
+            name: name.to_string(),
+            pid,
+        });
+        e.0.limit = Some(limit);
+        e.0.ran_for = ran_for;
+        e
+    }
+
+    /// A cancelled task: `began` if its worker was stopped while it ran.
+    pub(crate) fn cancelled(began: bool) -> Self {
+        TaskError::new(
+            TaskErrorKind::Cancelled,
+            if began {
+                "cancelled while it ran: its worker was stopped and replaced"
+            } else {
+                "cancelled before it began: it never ran"
+            },
+        )
+    }
+
+    /// Names the task's function in the error.
+    pub(crate) fn with_function(mut self, name: &'static str) -> Self {
+        self.0.function = Some(name);
+        self
+    }
+
+    /// The task's function, as its Rust path (`my_crate::resize_image`), where the error
+    /// concerns a task that ran or was to run.
+    pub fn function(&self) -> Option<&str> {
+        self.0.function
+    }
+
+    /// For [`TaskErrorKind::TimedOut`]: the time limit the task ran past.
+    pub fn time_limit(&self) -> Option<Duration> {
+        self.0.limit
+    }
+
+    /// How long the task ran before it ended without a result (worker lost, timed out),
+    /// when known.
+    pub fn ran_for(&self) -> Option<Duration> {
+        self.0.ran_for
+    }
+
+    /// True for [`TaskErrorKind::TimedOut`].
+    pub fn is_timeout(&self) -> bool {
+        self.0.kind == TaskErrorKind::TimedOut
+    }
+
+    /// True for [`TaskErrorKind::Cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        self.0.kind == TaskErrorKind::Cancelled
+    }
+
+    /// Turns a worker-lost error into a memory-limit one (the worker aborted at its cap).
+    pub(crate) fn at_memory_cap(mut self, cap: u64) -> Self {
+        self.0.kind = TaskErrorKind::MemoryLimit;
+        self.0.message = format!(
+            "it hit its memory limit of {} MiB (memory_limit_per_child): an allocation beyond              it failed and the process aborted",
+            cap / (1 << 20)
+        );
+        self
     }
 
     /// A panic error from the worker's report: the message, then maybe a backtrace (present
@@ -216,6 +301,12 @@ impl fmt::Display for TaskError {
             }
             Ok(())
         };
+        let function = |f: &mut fmt::Formatter<'_>| -> fmt::Result {
+            if let Some(name) = self.0.function {
+                write!(f, " running `{name}`")?;
+            }
+            Ok(())
+        };
         match self.0.kind {
             TaskErrorKind::Panicked => {
                 write!(f, "task panicked")?;
@@ -232,6 +323,7 @@ impl fmt::Display for TaskError {
                 } else {
                     write!(f, " while running this task")?;
                 }
+                function(f)?;
                 if let Some(d) = self.0.ran_for {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }
@@ -264,9 +356,52 @@ impl fmt::Display for TaskError {
             TaskErrorKind::InitializerFailed => {
                 write!(f, "workers cannot start: {}", self.0.message)
             }
-            TaskErrorKind::NotReady => write!(f, "result not ready: {}", self.0.message),
-            TaskErrorKind::ResultTaken => write!(f, "the result was already taken"),
+            TaskErrorKind::TimedOut => {
+                write!(f, "task")?;
+                function(f)?;
+                write!(f, " ran past its time limit")?;
+                if let Some(l) = self.0.limit {
+                    write!(f, " of {}", secs(l))?;
+                }
+                if let Some(d) = self.0.ran_for {
+                    write!(f, " (ran {})", secs(d))?;
+                }
+                if let Some(w) = &self.0.worker {
+                    write!(
+                        f,
+                        "; worker {} (pid {}) was stopped with its process group and replaced",
+                        w.name, w.pid
+                    )?;
+                }
+                Ok(())
+            }
+            TaskErrorKind::Cancelled => {
+                write!(f, "task")?;
+                function(f)?;
+                write!(f, " {}", self.0.message)
+            }
+            TaskErrorKind::MemoryLimit => {
+                match &self.0.worker {
+                    Some(w) => write!(f, "worker {} (pid {}) died", w.name, w.pid)?,
+                    None => write!(f, "the worker died")?,
+                }
+                function(f)?;
+                write!(f, ": {}", self.0.message)?;
+                if let Some(s) = self.0.status {
+                    write!(f, " ({s})")?;
+                }
+                Ok(())
+            }
         }
+    }
+}
+
+/// A duration in the unit that reads best: `50ms`, `1.250s`.
+fn secs(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{:.1}ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
     }
 }
 

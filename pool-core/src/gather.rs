@@ -3,31 +3,35 @@
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use pool_spawn::task::FnRef;
-
-use crate::chunk::{auto_chunksize, encode_chunk};
+use crate::chunk::auto_chunksize;
 use crate::driver::Shared;
 use crate::error::{TaskError, TaskErrorKind};
+use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Slot};
-use crate::submit::complete;
+use crate::submit::{Submission, complete};
 use crate::task::Task;
 
 impl Pool {
-    /// Sends `items` in chunks as tasks calling `func` (the trampoline of `F`); the result
-    /// holds every item's result in order, or the first failing item's error.
+    /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
+    /// in order, or the first failing item's error.
     pub(crate) fn gather<F, A>(
         &self,
-        func: FnRef,
+        f: F,
         items: &[A],
-        chunksize: Option<usize>,
-        callbacks: Callbacks<Vec<F::Output>>,
+        opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<A>,
     {
+        let Options {
+            chunksize,
+            timeout,
+            callbacks,
+        } = opts;
+        let sub = Submission::new(f, self.timeout_of(timeout));
         let slot = Slot::new();
-        let out = AsyncResult::new(Arc::clone(&slot));
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
         let n = items.len();
         if n == 0 {
             complete(
@@ -55,7 +59,8 @@ impl Pool {
             let base = c * size;
             let state = Arc::clone(&state);
             let task = self.prepare_batch::<F::Output>(
-                encode_chunk::<F, A>(self.new_id(), func, chunk),
+                &sub,
+                sub.encode::<F, A>(self.new_id(), chunk),
                 Some(base),
                 move |results| {
                     let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -1,14 +1,36 @@
 //! [`Imap`]: `imap` and `imap_unordered`, which read their input only as workers free up
 //! and yield results as they come.
 
+use std::any::Any;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use crate::builder::MAX_IN_FLIGHT;
-use crate::chunk::{auto_chunksize, encode_chunk};
+use crate::chunk::auto_chunksize;
+use crate::driver::Group;
 use crate::error::{TaskError, TaskErrorKind};
+use crate::options::Options;
 use crate::pool::Pool;
+use crate::submit::Submission;
 use crate::task::Task;
+
+/// What reading the next chunk of input came to.
+enum Fed {
+    /// A chunk was sent.
+    Sent,
+    /// The input has ended.
+    Ended,
+    /// The input panicked: the items read before it in this chunk were sent (`sent`: there
+    /// were some); the panic resumes on the consumer's thread at the place it happened.
+    Panicked {
+        sent: bool,
+        payload: Box<dyn Any + Send>,
+    },
+}
 
 impl Pool {
     /// Applies `f` to each item lazily and yields results in order as they come: Python's
@@ -21,29 +43,38 @@ impl Pool {
     /// that (join cannot wait for a consumer that may be the joining thread): the next chunk
     /// it tries to send fails with [`TaskErrorKind::PoolClosed`] and the iterator ends
     /// there, reading no more input. Consume an imap before `join`.
+    ///
+    /// If the input iterator panics, the results of the items read before are still
+    /// yielded, then the panic resumes on the consuming thread at that place (Python yields
+    /// the computed results, then raises). Dropping the iterator before its end cancels the
+    /// items it sent that have not begun. It is also a [`Stream`](futures_core::Stream),
+    /// for async code.
     pub fn imap<'p, F, A, I>(&'p self, f: F, items: I) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,
+        A: Send + 'p,
         I: IntoIterator<Item = A>,
-        I::IntoIter: 'p,
+        I::IntoIter: Send + 'p,
     {
-        self.imap_inner(f, items, None, true)
+        self.imap_inner(f, items, Options::new(), true)
     }
 
-    /// [`imap`](Pool::imap) with an explicit chunk size.
+    /// [`imap`](Pool::imap) with per-call [`Options`]: a chunk size, a time limit for each
+    /// item. (Its callbacks are not used: take each result from the iterator.)
     #[doc(alias = "chunksize")]
-    pub fn imap_chunked<'p, F, A, I>(
+    pub fn imap_with<'p, F, A, I>(
         &'p self,
         f: F,
         items: I,
-        chunksize: usize,
+        opts: Options<()>,
     ) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,
+        A: Send + 'p,
         I: IntoIterator<Item = A>,
-        I::IntoIter: 'p,
+        I::IntoIter: Send + 'p,
     {
-        self.imap_inner(f, items, Some(chunksize), true)
+        self.imap_inner(f, items, opts, true)
     }
 
     /// Like [`imap`](Pool::imap), but yields results in the order they finish: Python's
@@ -51,42 +82,47 @@ impl Pool {
     pub fn imap_unordered<'p, F, A, I>(&'p self, f: F, items: I) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,
+        A: Send + 'p,
         I: IntoIterator<Item = A>,
-        I::IntoIter: 'p,
+        I::IntoIter: Send + 'p,
     {
-        self.imap_inner(f, items, None, false)
+        self.imap_inner(f, items, Options::new(), false)
     }
 
-    /// [`imap_unordered`](Pool::imap_unordered) with an explicit chunk size.
-    pub fn imap_unordered_chunked<'p, F, A, I>(
+    /// [`imap_unordered`](Pool::imap_unordered) with per-call [`Options`].
+    pub fn imap_unordered_with<'p, F, A, I>(
         &'p self,
         f: F,
         items: I,
-        chunksize: usize,
+        opts: Options<()>,
     ) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,
+        A: Send + 'p,
         I: IntoIterator<Item = A>,
-        I::IntoIter: 'p,
+        I::IntoIter: Send + 'p,
     {
-        self.imap_inner(f, items, Some(chunksize), false)
+        self.imap_inner(f, items, opts, false)
     }
 
     fn imap_inner<'p, F, A, I>(
         &'p self,
         f: F,
         items: I,
-        chunksize: Option<usize>,
+        opts: Options<()>,
         ordered: bool,
     ) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,
+        A: Send + 'p,
         I: IntoIterator<Item = A>,
-        I::IntoIter: 'p,
+        I::IntoIter: Send + 'p,
     {
-        let func = f.batch_ref();
+        let sub = Submission::new(f, self.timeout_of(opts.timeout));
+        let group = Arc::clone(&sub.group);
         let mut iter = items.into_iter();
-        let size = chunksize
+        let size = opts
+            .chunksize
             .unwrap_or_else(|| match iter.size_hint() {
                 (lo, Some(hi)) if lo == hi => auto_chunksize(hi, self.processes),
                 _ => 1,
@@ -98,29 +134,56 @@ impl Pool {
         let pool: &'p Pool = self;
         // Opened while the pool runs, this imap goes on sending items after close().
         let fed = self.shared.act(|p, _| p.open_feed());
-        let feed = Box::new(move || -> bool {
-            // One-tuples: the task's arguments, the same bytes as the items themselves.
-            let chunk: Vec<(A,)> = iter.by_ref().take(size).map(|a| (a,)).collect();
+        let feed = Box::new(move || -> Fed {
+            // One-tuples: the task's arguments, the same bytes as the items themselves. An
+            // input that panics keeps the items it gave before.
+            let mut chunk: Vec<(A,)> = Vec::with_capacity(size.min(1024));
+            let read = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                while chunk.len() < size {
+                    match iter.next() {
+                        Some(a) => chunk.push((a,)),
+                        None => break,
+                    }
+                }
+            }));
+            let panicked = read.err();
             if chunk.is_empty() {
-                return false;
+                return match panicked {
+                    Some(payload) => Fed::Panicked {
+                        sent: false,
+                        payload,
+                    },
+                    None => Fed::Ended,
+                };
             }
             let (c, base) = (next_chunk, next_item);
             next_chunk += 1;
             next_item += chunk.len();
             let tx = tx.clone();
-            let enc = encode_chunk::<F, (A,)>(pool.new_id(), func, &chunk);
-            pool.submit_batch::<F::Output>(enc, Some(base), fed, move |results| {
+            let enc = sub.encode::<F, (A,)>(pool.new_id(), &chunk);
+            pool.submit_batch::<F::Output>(&sub, enc, Some(base), fed, move |results| {
                 let _ = tx.send((c, results));
             });
-            true
+            match panicked {
+                Some(payload) => Fed::Panicked {
+                    sent: true,
+                    payload,
+                },
+                None => Fed::Sent,
+            }
         });
         let mut imap = Imap {
             feed,
             pool: fed.then_some(self),
+            shared: self,
+            group,
             rx,
+            stream: None,
             window: self.processes * MAX_IN_FLIGHT * 2,
+            sent: 0,
             in_flight: 0,
             exhausted: false,
+            panic: None,
             ordered,
             next_yield: 0,
             parked: BTreeMap::new(),
@@ -134,18 +197,29 @@ impl Pool {
 
 type ChunkResults<R> = (usize, Vec<Result<R, TaskError>>);
 
-/// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item it
-/// sent. Once the pool refuses its items (joined or terminated), it yields the
-/// [`TaskErrorKind::PoolClosed`] errors of the refused chunk and the results of chunks
-/// already sent, then ends without reading more input (which may be endless).
+/// The iterator (and [`Stream`](futures_core::Stream)) of [`Pool::imap`] and
+/// [`Pool::imap_unordered`]: one `Result` per item it sent. Once the pool refuses its items
+/// (joined or terminated), it yields the [`TaskErrorKind::PoolClosed`] errors of the
+/// refused chunk and the results of chunks already sent, then ends without reading more
+/// input (which may be endless).
 pub struct Imap<'p, R> {
-    feed: Box<dyn FnMut() -> bool + 'p>,
+    feed: Box<dyn FnMut() -> Fed + Send + 'p>,
     /// The pool, while this imap holds an open feed there (until its input is exhausted).
     pool: Option<&'p Pool>,
+    shared: &'p Pool,
+    /// The tasks it sent, to cancel those not begun when it is dropped.
+    group: Arc<Group>,
     rx: flume::Receiver<ChunkResults<R>>,
+    /// For async consumers: the receiver as a stream (made on the first poll).
+    stream: Option<Pin<Box<flume::r#async::RecvStream<'p, ChunkResults<R>>>>>,
     window: usize,
+    /// Chunks sent so far.
+    sent: usize,
     in_flight: usize,
     exhausted: bool,
+    /// The input's panic, and the number of chunks sent before it: it resumes once their
+    /// results are yielded.
+    panic: Option<(usize, Box<dyn Any + Send>)>,
     ordered: bool,
     next_yield: usize,
     parked: BTreeMap<usize, Vec<Result<R, TaskError>>>,
@@ -168,10 +242,20 @@ impl<R> Imap<'_, R> {
     /// without bound.
     fn fill(&mut self) {
         while !self.exhausted && self.in_flight + self.parked.len() < self.window {
-            if (self.feed)() {
-                self.in_flight += 1;
-            } else {
-                self.set_exhausted();
+            match (self.feed)() {
+                Fed::Sent => {
+                    self.in_flight += 1;
+                    self.sent += 1;
+                }
+                Fed::Ended => self.set_exhausted(),
+                Fed::Panicked { sent, payload } => {
+                    if sent {
+                        self.in_flight += 1;
+                        self.sent += 1;
+                    }
+                    self.panic = Some((self.sent, payload));
+                    self.set_exhausted();
+                }
             }
         }
     }
@@ -183,18 +267,10 @@ impl<R> Imap<'_, R> {
             pool.shared.act(|p, fx| p.close_feed(fx));
         }
     }
-}
 
-impl<R> Drop for Imap<'_, R> {
-    fn drop(&mut self) {
-        self.set_exhausted();
-    }
-}
-
-impl<R> Iterator for Imap<'_, R> {
-    type Item = Result<R, TaskError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next result already here, or the input's panic once every result before it is
+    /// out; `None` when a chunk must be waited for (or nothing is left: `in_flight == 0`).
+    fn ready(&mut self) -> Option<Result<R, TaskError>> {
         loop {
             if let Some(r) = self.current.pop_front() {
                 return Some(r);
@@ -206,24 +282,93 @@ impl<R> Iterator for Imap<'_, R> {
                     self.current.extend(v);
                     continue;
                 }
-            } else if let Some((_, v)) = self.parked.pop_first() {
-                self.current.extend(v);
-                continue;
+                if self.panic.as_ref().is_some_and(|(at, _)| *at == self.next_yield) {
+                    self.resume_panic();
+                }
+            } else {
+                if let Some((_, v)) = self.parked.pop_first() {
+                    self.current.extend(v);
+                    continue;
+                }
+                if self.in_flight == 0 && self.panic.is_some() {
+                    self.resume_panic();
+                }
+            }
+            return None;
+        }
+    }
+
+    fn resume_panic(&mut self) {
+        if let Some((_, payload)) = self.panic.take() {
+            std::panic::resume_unwind(payload);
+        }
+    }
+
+    /// Takes in a chunk's results.
+    fn arrived(&mut self, (c, v): ChunkResults<R>) {
+        self.in_flight -= 1;
+        if v.iter()
+            .all(|r| matches!(r, Err(e) if e.kind() == TaskErrorKind::PoolClosed))
+        {
+            // The pool is closed: report this chunk, read no more input.
+            self.set_exhausted();
+        }
+        self.parked.insert(c, v);
+    }
+}
+
+impl<R> Drop for Imap<'_, R> {
+    fn drop(&mut self) {
+        self.set_exhausted();
+        if self.in_flight > 0 {
+            // Nobody will read them: what has not begun never runs.
+            let _ = self.shared.shared.cancel(&self.group.ids(), false);
+        }
+    }
+}
+
+impl<R> Iterator for Imap<'_, R> {
+    type Item = Result<R, TaskError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(r) = self.ready() {
+                return Some(r);
             }
             if self.in_flight == 0 {
                 return None;
             }
             // Every chunk in flight resolves (result, failure, or pool shutdown), so this
             // wait ends.
-            let (c, v) = self.rx.recv().ok()?;
-            self.in_flight -= 1;
-            if v.iter()
-                .all(|r| matches!(r, Err(e) if e.kind() == TaskErrorKind::PoolClosed))
-            {
-                // The pool is closed: report this chunk, read no more input.
-                self.set_exhausted();
+            let got = self.rx.recv().ok()?;
+            self.arrived(got);
+        }
+    }
+}
+
+// Nothing in an `Imap` is pinned structurally: moving it never invalidates a poll.
+impl<R> Unpin for Imap<'_, R> {}
+
+impl<R: Send> futures_core::Stream for Imap<'_, R> {
+    type Item = Result<R, TaskError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(r) = this.ready() {
+                return Poll::Ready(Some(r));
             }
-            self.parked.insert(c, v);
+            if this.in_flight == 0 {
+                return Poll::Ready(None);
+            }
+            let stream = this
+                .stream
+                .get_or_insert_with(|| Box::pin(this.rx.clone().into_stream()));
+            match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(got)) => this.arrived(got),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -39,6 +39,7 @@ mod error;
 mod event;
 mod gather;
 mod imap;
+mod options;
 mod policy;
 mod pool;
 mod result;
@@ -52,5 +53,6 @@ pub use imap::Imap;
 #[doc(hidden)]
 pub use policy::bench_support as __bench_policy;
 pub use pool::{Metrics, Pool, WorkerInfo};
-pub use result::{AsyncResult, Callbacks};
+pub use options::Options;
+pub use result::{AsyncResult, CancelOutcome, WaitError};
 pub use task::Task;

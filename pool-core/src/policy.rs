@@ -102,6 +102,9 @@ pub(crate) struct PolicyConfig {
     pub(crate) max_in_flight: usize,
     /// Consecutive failed starts (initializer failures, deaths before ready) that break the pool.
     pub(crate) start_failure_limit: u32,
+    /// Each worker's `max_tasks` is raised by a random amount up to this, so that workers
+    /// started together do not all retire together.
+    pub(crate) max_tasks_jitter: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +133,8 @@ struct Slot {
     /// Its channel is closed (the process is dying or dead; its exit is not processed yet):
     /// it gets no more tasks and gives up its seat.
     closed: bool,
+    /// Tasks it runs before it is replaced.
+    max_tasks: Option<u64>,
     /// The pool is stopping it: the task it was running ran out of time (that task), or
     /// was cancelled (`None`: the task has had its outcome already).
     stopping: Option<Option<TaskId>>,
@@ -187,6 +192,8 @@ pub(crate) struct Policy<T> {
     feeds_revoked: bool,
     /// Tasks handed back by workers that died without starting them, and how often.
     orphaned: HashMap<TaskId, u32>,
+    /// State of the generator behind `max_tasks_jitter`.
+    rng: u64,
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
@@ -213,6 +220,7 @@ impl<T> Policy<T> {
             feeds: 0,
             feeds_revoked: false,
             orphaned: HashMap::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -307,9 +315,15 @@ impl<T> Policy<T> {
         task
     }
 
-    /// Cancels task `id`: a queued task never runs, a running one's worker is stopped (and
-    /// replaced); either way the task ends now with [`Finish::Cancelled`].
-    pub(crate) fn cancel(&mut self, id: TaskId, fx: &mut impl Effects<T>) -> Cancelled {
+    /// Cancels task `id`: a queued task never runs; a running one's worker is stopped (and
+    /// replaced) if `stop_running`, else the task is left to finish. A task cancelled ends
+    /// now with [`Finish::Cancelled`].
+    pub(crate) fn cancel(
+        &mut self,
+        id: TaskId,
+        stop_running: bool,
+        fx: &mut impl Effects<T>,
+    ) -> Cancelled {
         if !self.tasks.contains_key(&id) {
             return Cancelled::Finished;
         }
@@ -332,6 +346,10 @@ impl<T> Policy<T> {
         // once marked, and they keep their place until it says so.
         let oldest = self.workers[&wid].in_flight.front() == Some(&id);
         let began = fx.cancel_sent(wid, id) && oldest;
+        if began && !stop_running {
+            // Left to finish (the mark is too late to matter).
+            return Cancelled::Finished;
+        }
         if began {
             let slot = self.workers.get_mut(&wid).expect("holder exists");
             slot.stopping = Some(None);
@@ -425,6 +443,18 @@ impl<T> Policy<T> {
         }
     }
 
+    /// The tasks worker `wid` runs before it is replaced (`max_tasks` with its jitter).
+    pub(crate) fn max_tasks_of(&self, wid: WorkerId) -> Option<u64> {
+        self.workers.get(&wid).and_then(|s| s.max_tasks)
+    }
+
+    /// The oldest task worker `wid` holds (the one it runs, once it has begun), with its
+    /// record if the task has not had its outcome yet.
+    pub(crate) fn oldest(&self, wid: WorkerId) -> Option<(TaskId, Option<&T>)> {
+        let id = *self.workers.get(&wid)?.in_flight.front()?;
+        Some((id, self.tasks.get(&id)))
+    }
+
     /// The current tasks-in-flight limit per worker.
     pub(crate) fn depth(&self) -> usize {
         self.depth
@@ -439,7 +469,10 @@ impl<T> Policy<T> {
         slot.phase = Phase::Leaving;
         let back: Vec<TaskId> = slot.in_flight.drain(..).collect();
         for id in back.into_iter().rev() {
-            self.queue.push_front(id);
+            // A task cancelled meanwhile has had its outcome.
+            if self.tasks.contains_key(&id) {
+                self.queue.push_front(id);
+            }
         }
         self.start_failed(message, fx);
     }
@@ -513,7 +546,11 @@ impl<T> Policy<T> {
             };
             let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
             let mut held = slot.in_flight.into_iter();
-            if let Some(id) = held.next()
+            let running = held.next();
+            let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
+            self.requeue_unstarted(unstarted, wid, fx);
+            // After the requeue: the rest of a chunk that failed part way goes first.
+            if let Some(id) = running
                 && let Some(task) = self.tasks.remove(&id)
             {
                 self.orphaned.remove(&id);
@@ -526,8 +563,6 @@ impl<T> Policy<T> {
                 };
                 self.end(id, task, why, fx);
             }
-            let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
-            self.requeue_unstarted(unstarted, wid, fx);
         }
         self.ensure_capacity(fx);
         self.dispatch(fx);
@@ -704,6 +739,16 @@ impl<T> Policy<T> {
         while self.active() < wanted {
             let wid = self.next_wid;
             self.next_wid += 1;
+            let max_tasks = self.cfg.max_tasks.map(|m| {
+                if self.cfg.max_tasks_jitter == 0 {
+                    return m;
+                }
+                // xorshift64: spread, not secrecy.
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                m.saturating_add(self.rng % (self.cfg.max_tasks_jitter + 1))
+            });
             self.workers.insert(
                 wid,
                 Slot {
@@ -714,6 +759,7 @@ impl<T> Policy<T> {
                     seated: false,
                     closed: false,
                     stopping: None,
+                    max_tasks,
                 },
             );
             self.counts.launched += 1;
@@ -769,7 +815,7 @@ impl<T> Policy<T> {
             slot.in_flight.push_back(id);
             slot.assigned += 1;
             fx.send(wid, id, task);
-            if self.cfg.max_tasks.is_some_and(|m| slot.assigned >= m) {
+            if slot.max_tasks.is_some_and(|m| slot.assigned >= m) {
                 slot.phase = Phase::Retiring;
                 self.ensure_capacity(fx);
                 self.reseat();
@@ -824,6 +870,7 @@ pub mod bench_support {
         fn cancel_sent(&mut self, _: WorkerId, _: TaskId) -> bool {
             false
         }
+
     }
 
     /// Submits `tasks` tasks to a policy of `workers` workers (replaced every `max_tasks`
@@ -836,6 +883,7 @@ pub mod bench_support {
             in_flight: 2,
             max_in_flight: 2,
             start_failure_limit: 3,
+            max_tasks_jitter: 0,
         });
         let mut fx = Instant::default();
         let mut done_by: HashMap<WorkerId, u64> = HashMap::new();
@@ -920,6 +968,7 @@ mod tests {
             self.marked.push((wid, id));
             self.begun.contains(&id)
         }
+
     }
 
     /// A policy with `config`, started (its first workers launched), and its fake world.
@@ -937,6 +986,7 @@ mod tests {
             in_flight: 2,
             max_in_flight: 2,
             start_failure_limit: 3,
+            max_tasks_jitter: 0,
         }
     }
 
@@ -1004,6 +1054,20 @@ mod tests {
     }
 
     #[test]
+    fn jitter_spreads_the_retirements_of_workers_started_together() {
+        let config = PolicyConfig {
+            max_tasks_jitter: 50,
+            ..cfg(8, Some(100))
+        };
+        let (p, _) = started(config);
+        let limits: BTreeSet<u64> = (1..=8).filter_map(|w| p.max_tasks_of(w)).collect();
+        assert!(limits.iter().all(|m| (100..=150).contains(m)), "{limits:?}");
+        assert!(limits.len() > 1, "every worker got the same limit: {limits:?}");
+        let (plain, _) = started(cfg(8, Some(100)));
+        assert!((1..=8).all(|w| plain.max_tasks_of(w) == Some(100)));
+    }
+
+    #[test]
     fn a_cancelled_queued_task_never_runs() {
         let (mut p, mut fx) = started(cfg(1, None));
         p.ready(1, &mut fx);
@@ -1012,13 +1076,13 @@ mod tests {
         }
         // Two went to the worker; 2 waits in the pool's queue.
         assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
-        assert_eq!(p.cancel(2, &mut fx), Cancelled::Queued);
+        assert_eq!(p.cancel(2, true, &mut fx), Cancelled::Queued);
         assert_eq!(fx.finished, vec![(2, Finish::Cancelled(false))]);
         assert!(fx.marked.is_empty(), "a task in the pool's queue needs no mark");
         p.done(1, 0, &mut fx).unwrap();
         p.done(1, 1, &mut fx).unwrap();
         assert_eq!(fx.sent.len(), 2, "the cancelled task was never sent");
-        assert_eq!(p.cancel(2, &mut fx), Cancelled::Finished);
+        assert_eq!(p.cancel(2, true, &mut fx), Cancelled::Finished);
         assert_eq!(p.counts().cancelled, 1);
     }
 
@@ -1030,7 +1094,7 @@ mod tests {
         p.submit(1, 1, &mut fx).unwrap();
         p.submit(2, 2, &mut fx).unwrap();
         fx.begun = vec![0];
-        assert_eq!(p.cancel(1, &mut fx), Cancelled::Queued);
+        assert_eq!(p.cancel(1, true, &mut fx), Cancelled::Queued);
         assert_eq!(fx.marked, vec![(1, 1)]);
         assert_eq!(fx.finished, vec![(1, Finish::Cancelled(false))]);
         assert!(fx.stopped.is_empty(), "the worker goes on");
@@ -1049,7 +1113,7 @@ mod tests {
         p.submit(0, 0, &mut fx).unwrap();
         p.submit(1, 1, &mut fx).unwrap();
         fx.begun = vec![0];
-        assert_eq!(p.cancel(0, &mut fx), Cancelled::Running);
+        assert_eq!(p.cancel(0, true, &mut fx), Cancelled::Running);
         // The outcome is at once; the worker is stopped and a replacement starts.
         assert_eq!(fx.finished, vec![(0, Finish::Cancelled(true))]);
         assert_eq!(fx.stopped, vec![1]);
@@ -1093,7 +1157,7 @@ mod tests {
         assert_eq!(fx.finished, vec![(0, Finish::Lost(1))]);
         p.ready(2, &mut fx);
         // The rest of task 0 first, then 1, which the dead worker held unstarted.
-        assert_eq!(fx.sent[3..], [(2, 100), (2, 1)]);
+        assert_eq!(fx.sent[2..], [(2, 100), (2, 1)]);
         p.done(2, 100, &mut fx).unwrap();
         p.done(2, 1, &mut fx).unwrap();
         p.done(2, 2, &mut fx).unwrap();
@@ -1479,8 +1543,8 @@ mod tests {
                         if let Some(&id) = p.workers[&wid].in_flight.front() {
                             let rec = p.done(wid, id, &mut fx);
                             if rec.is_none() {
-                                // Only a task cancelled before it began is skipped.
-                                prop_assert!(fx.finished.iter().any(|(t, w)| *t == id && *w == Finish::Cancelled(false)), "task {} vanished", id);
+                                // Only a cancelled task's answer hands nothing back.
+                                prop_assert!(fx.finished.iter().any(|(t, w)| *t == id && matches!(w, Finish::Cancelled(_))), "task {} vanished", id);
                             } else {
                                 prop_assert_eq!(rec, Some(id));
                                 *outcomes.entry(id).or_default() += 1;
@@ -1535,7 +1599,7 @@ mod tests {
                     }
                     Op::Cancel(id) => {
                         if next > 0 {
-                            let _ = p.cancel(id % next, &mut fx);
+                            let _ = p.cancel(id % next, id % 3 != 0, &mut fx);
                         }
                     }
                     Op::TimeOut(i) => {

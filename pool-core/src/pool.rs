@@ -35,6 +35,8 @@ pub struct Pool {
     pub(crate) processes: usize,
     pub(crate) method: StartMethod,
     pub(crate) next_id: Arc<AtomicU64>,
+    /// The time limit of tasks whose call sets none.
+    pub(crate) task_timeout: Option<Duration>,
     /// Events among the initializer's arguments: workers started later still open them.
     pub(crate) _init_pins: Pins,
 }
@@ -74,10 +76,19 @@ pub struct Metrics {
     pub init_failed: u64,
     /// Worker processes started, replacements included.
     pub workers_started: u64,
-    /// Workers that exited after `max_tasks_per_child` tasks, or on close.
+    /// Workers that exited after `max_tasks_per_child` tasks, on close, or over their memory
+    /// limit.
     pub recycled: u64,
+    /// Of `recycled`: workers whose resident memory grew past `max_memory_per_child`.
+    pub recycled_memory: u64,
     /// Workers that died unexpectedly (and were replaced).
     pub died: u64,
+    /// Workers the pool stopped because of their task (time limit, cancellation).
+    pub stopped: u64,
+    /// Tasks failed because they ran past their time limit.
+    pub timed_out: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
     /// Worker starts that failed (initializer, image mismatch, early death).
     pub start_failures: u64,
     /// Tasks waiting for a worker now.
@@ -137,11 +148,23 @@ impl Pool {
             init_failed: c.init_failed,
             workers_started: c.launched,
             recycled: c.recycled,
+            recycled_memory: c.recycled_memory,
             died: c.died,
+            stopped: c.stopped,
+            timed_out: c.timed_out,
+            cancelled: c.cancelled,
             start_failures: c.start_failures,
             queued,
             running,
             in_flight_per_worker: self.shared.depth(),
+        }
+    }
+
+    /// What cancelling the tasks of submission `sub` reaches.
+    pub(crate) fn canceller(&self, sub: &crate::submit::Submission) -> crate::result::Canceller {
+        crate::result::Canceller {
+            shared: Arc::downgrade(&self.shared),
+            group: Arc::clone(&sub.group),
         }
     }
 

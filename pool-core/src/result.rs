@@ -3,11 +3,12 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::error::{TaskError, TaskErrorKind};
+use crate::driver::{Group, Shared};
+use crate::error::TaskError;
 
 enum State<T> {
     Pending,
@@ -46,11 +47,12 @@ impl<T> Slot<T> {
         !matches!(g.0, State::Pending)
     }
 
-    fn successful(&self) -> Option<bool> {
+    fn successful(&self) -> Result<Option<bool>, WaitError> {
         let g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match &g.0 {
-            State::Pending | State::Taken => None,
-            State::Ready(r) => Some(r.is_ok()),
+            State::Pending => Ok(None),
+            State::Taken => Err(WaitError::Taken),
+            State::Ready(r) => Ok(Some(r.is_ok())),
         }
     }
 
@@ -78,14 +80,15 @@ impl<T> Slot<T> {
         }
     }
 
-    fn take(&self) -> Option<Result<T, TaskError>> {
+    /// The result, if it is there; `Err(Taken)` if it was taken before.
+    fn take(&self) -> Result<Option<Result<T, TaskError>>, WaitError> {
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match std::mem::replace(&mut g.0, State::Taken) {
-            State::Ready(r) => Some(r),
-            State::Taken => Some(Err(TaskError::new(TaskErrorKind::ResultTaken, ""))),
+            State::Ready(r) => Ok(Some(r)),
+            State::Taken => Err(WaitError::Taken),
             State::Pending => {
                 g.0 = State::Pending;
-                None
+                Ok(None)
             }
         }
     }
@@ -94,7 +97,7 @@ impl<T> Slot<T> {
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match std::mem::replace(&mut g.0, State::Taken) {
             State::Ready(r) => Poll::Ready(r),
-            State::Taken => Poll::Ready(Err(TaskError::new(TaskErrorKind::ResultTaken, ""))),
+            State::Taken => panic!("an AsyncResult polled after it returned its result"),
             State::Pending => {
                 g.0 = State::Pending;
                 g.1 = Some(cx.waker().clone());
@@ -113,11 +116,53 @@ impl<T> Slot<T> {
 /// terminated, ...). It is also a [`Future`], for async code.
 pub struct AsyncResult<T> {
     slot: Arc<Slot<T>>,
+    cancel: Canceller,
 }
 
+/// What cancelling a submission reaches: its tasks in the pool.
+#[derive(Clone, Debug)]
+pub(crate) struct Canceller {
+    pub(crate) shared: Weak<Shared>,
+    pub(crate) group: Arc<Group>,
+}
+
+/// What [`AsyncResult::cancel`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// Nothing had begun: it never runs.
+    BeforeStart,
+    /// It was running: its worker (with its process group) was stopped and is replaced.
+    /// Of a `map`, at least one chunk was running; the others never run.
+    WhileRunning,
+    /// It had already finished (or failed): nothing changed, the result stands.
+    AlreadyFinished,
+}
+
+/// Why waiting for a result returned without it: never the task's own failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The time ran out; the task goes on, and a later call can still fetch its result.
+    TimedOut,
+    /// An earlier call already took the result out of this handle.
+    Taken,
+}
+
+impl fmt::Display for WaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::TimedOut => write!(f, "the result did not arrive in time"),
+            WaitError::Taken => write!(f, "the result was already taken from this handle"),
+        }
+    }
+}
+
+impl std::error::Error for WaitError {}
+
 impl<T> AsyncResult<T> {
-    pub(crate) fn new(slot: Arc<Slot<T>>) -> Self {
-        AsyncResult { slot }
+    pub(crate) fn new(slot: Arc<Slot<T>>, cancel: Canceller) -> Self {
+        AsyncResult { slot, cancel }
     }
 
     /// Blocks until the result arrives, and returns it.
@@ -126,24 +171,39 @@ impl<T> AsyncResult<T> {
     /// The task's [`TaskError`] if it failed.
     pub fn get(self) -> Result<T, TaskError> {
         self.slot.wait_until(None);
-        self.slot.take().expect("slot is filled after wait")
+        match self.slot.take() {
+            Ok(Some(r)) => r,
+            // `get` takes the handle: nothing took the result before.
+            _ => unreachable!("the slot is filled after the wait, and only `get` empties it"),
+        }
     }
 
-    /// Waits at most `timeout` for the result.
+    /// Waits at most `timeout` for the result and takes it: `Ok` holds the task's own
+    /// outcome; `Err` says why the wait ended without it, which is never the task's
+    /// failure (as Python's `TimeoutError`).
     ///
     /// # Errors
-    /// [`TaskErrorKind::NotReady`] if the result did not arrive in time: the task goes on, and
-    /// a later call can still fetch it. [`TaskErrorKind::ResultTaken`] if an earlier call
-    /// already returned it. Otherwise the task's own error.
+    /// [`WaitError::TimedOut`] if the result did not arrive in time: the task goes on, and a
+    /// later call can still fetch it. [`WaitError::Taken`] if an earlier call already took
+    /// it.
     #[doc(alias = "get")]
-    pub fn get_timeout(&self, timeout: Duration) -> Result<T, TaskError> {
+    pub fn get_timeout(&self, timeout: Duration) -> Result<Result<T, TaskError>, WaitError> {
         if !self.slot.wait_until(Some(deadline_after(timeout))) {
-            return Err(TaskError::new(
-                TaskErrorKind::NotReady,
-                format!("still running after {:.3}s", timeout.as_secs_f64()),
-            ));
+            return Err(WaitError::TimedOut);
         }
-        self.slot.take().expect("slot is filled after wait")
+        self.slot.take()?.ok_or(WaitError::TimedOut)
+    }
+
+    /// Cancels the task (every chunk of a `map`): what had not begun never runs; what was
+    /// running has its worker stopped (SIGTERM to its process group, then SIGKILL) and
+    /// replaced; a finished task is left as it is. The result, unless it was already
+    /// there, becomes [`TaskErrorKind::Cancelled`](crate::TaskErrorKind::Cancelled) at
+    /// once. Says which of these happened.
+    pub fn cancel(&self) -> CancelOutcome {
+        match self.cancel.shared.upgrade() {
+            Some(shared) => shared.cancel(&self.cancel.group.ids(), true),
+            None => CancelOutcome::AlreadyFinished,
+        }
     }
 
     /// Blocks until the result is available, without taking it.
@@ -161,13 +221,19 @@ impl<T> AsyncResult<T> {
         self.slot.is_ready()
     }
 
-    /// `Some(true)` if the task succeeded, `Some(false)` if it failed, `None` while it is not
-    /// ready (Python raises `ValueError` there) or after the result was taken.
-    pub fn successful(&self) -> Option<bool> {
+    /// Whether the task succeeded, once its result is here: `Ok(None)` while it is not ready
+    /// (Python raises `ValueError` there).
+    ///
+    /// # Errors
+    /// [`WaitError::Taken`] once the result was taken out of this handle.
+    pub fn successful(&self) -> Result<Option<bool>, WaitError> {
         self.slot.successful()
     }
 }
 
+/// # Panics
+/// Polled again after it returned its result, or after
+/// [`get_timeout`](AsyncResult::get_timeout) took it.
 impl<T> Future for AsyncResult<T> {
     type Output = Result<T, TaskError>;
 
@@ -192,14 +258,14 @@ type ErrorFn = Box<dyn FnOnce(&TaskError) + Send>;
 /// They run on the pool's callback thread, before the [`AsyncResult`] becomes ready. A
 /// callback that panics is caught and logged; it cannot break the pool, and the result is
 /// still delivered.
-pub struct Callbacks<T> {
+pub(crate) struct Callbacks<T> {
     pub(crate) on_success: Option<SuccessFn<T>>,
     pub(crate) on_error: Option<ErrorFn>,
 }
 
 impl<T> Callbacks<T> {
     /// No callbacks yet.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Callbacks {
             on_success: None,
             on_error: None,
@@ -208,14 +274,14 @@ impl<T> Callbacks<T> {
 
     /// Runs `f` with the result when the task succeeds.
     #[doc(alias = "callback")]
-    pub fn on_success(mut self, f: impl FnOnce(&T) + Send + 'static) -> Self {
+    pub(crate) fn on_success(mut self, f: impl FnOnce(&T) + Send + 'static) -> Self {
         self.on_success = Some(Box::new(f));
         self
     }
 
     /// Runs `f` with the error when the task fails.
     #[doc(alias = "error_callback")]
-    pub fn on_error(mut self, f: impl FnOnce(&TaskError) + Send + 'static) -> Self {
+    pub(crate) fn on_error(mut self, f: impl FnOnce(&TaskError) + Send + 'static) -> Self {
         self.on_error = Some(Box::new(f));
         self
     }

@@ -3,13 +3,16 @@
 //! callbacks.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
+use pool_spawn::task::FnRef;
 use serde::de::DeserializeOwned;
 
 use crate::chunk::{Encoded, encode_chunk};
-use crate::driver::{self, Outcome, Shared, Sink, TaskRec};
+use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
+use crate::options::Options;
 use crate::policy::Refusal;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Slot};
@@ -55,15 +58,110 @@ pub(crate) fn complete<T: Send + 'static>(
     }
 }
 
+/// What a submission's tasks share: the function, its name, the time limit and the group
+/// that cancelling the submission cancels.
+#[derive(Clone)]
+pub(crate) struct Submission {
+    pub(crate) func: FnRef,
+    pub(crate) name: &'static str,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) group: Arc<Group>,
+}
+
+impl Submission {
+    pub(crate) fn new<F: Task<Args>, Args>(f: F, timeout: Option<Duration>) -> Self {
+        Submission {
+            func: f.batch_ref(),
+            name: F::name(),
+            timeout,
+            group: Arc::default(),
+        }
+    }
+
+    /// Encodes `items` as the chunk of task `id`.
+    pub(crate) fn encode<F: Task<Args>, Args>(&self, id: u64, items: &[Args]) -> Encoded {
+        encode_chunk::<F, Args>(id, self.func, self.timeout.is_some(), items)
+    }
+}
+
+/// A chunk's per-item results as they arrive, in pieces when a worker dies or a time limit
+/// strikes part way through it; `done` runs once every item has one.
+struct Pieces<R> {
+    n: usize,
+    state: Mutex<PiecesState<R>>,
+}
+
+type Done<R> = Box<dyn FnOnce(Vec<Result<R, TaskError>>) + Send>;
+
+struct PiecesState<R> {
+    got: Vec<Option<Result<R, TaskError>>>,
+    missing: usize,
+    done: Option<Done<R>>,
+}
+
+impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
+    fn sink(n: usize, done: Done<R>) -> Sink {
+        let pieces = Pieces {
+            n,
+            state: Mutex::new(PiecesState {
+                got: Vec::new(),
+                missing: n,
+                done: Some(done),
+            }),
+        };
+        Arc::new(move |first, count, outcome| pieces.deliver(first, count, outcome))
+    }
+
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        // Decoded before the lock: it is user code, and may take long.
+        let items = driver::decode_items::<R>(outcome, count);
+        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let finished = if g.missing == self.n && first == 0 && count == self.n {
+            // The whole chunk at once (the usual case).
+            g.missing = 0;
+            Some(items)
+        } else {
+            if g.got.is_empty() {
+                g.got = (0..self.n).map(|_| None).collect();
+            }
+            for (i, r) in (first..).zip(items) {
+                if let Some(place) = g.got.get_mut(i)
+                    && place.is_none()
+                {
+                    *place = Some(r);
+                    g.missing -= 1;
+                }
+            }
+            (g.missing == 0).then(|| {
+                std::mem::take(&mut g.got)
+                    .into_iter()
+                    .map(|r| r.expect("every item has its result"))
+                    .collect()
+            })
+        };
+        let done = finished.and_then(|items| g.done.take().map(|d| (d, items)));
+        drop(g);
+        if let Some((done, items)) = done {
+            done(items);
+        }
+    }
+}
+
 impl Pool {
     /// A fresh task id.
     pub(crate) fn new_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The time limit of a call with `opts`.
+    pub(crate) fn timeout_of(&self, requested: Option<Duration>) -> Option<Duration> {
+        requested.or(self.task_timeout)
+    }
+
     /// Sends one encoded batch; `done` receives exactly one per-item result vector.
     pub(crate) fn submit_batch<R>(
         &self,
+        sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
         fed: bool,
@@ -71,7 +169,7 @@ impl Pool {
     ) where
         R: DeserializeOwned + Send + 'static,
     {
-        if let Some(task) = self.prepare_batch(enc, base, done) {
+        if let Some(task) = self.prepare_batch(sub, enc, base, done) {
             self.submit_all(vec![task], fed);
         }
     }
@@ -80,6 +178,7 @@ impl Pool {
     /// (nothing to send, or the frame cannot be built): `None` then.
     pub(crate) fn prepare_batch<R>(
         &self,
+        sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
         done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
@@ -90,6 +189,7 @@ impl Pool {
         let Encoded {
             id,
             frame,
+            spans,
             placement,
             pins,
         } = enc;
@@ -98,34 +198,45 @@ impl Pool {
             done(placement.merge(Vec::new(), base));
             return None;
         }
-        let sink: Sink = Box::new(move |outcome: Outcome| {
-            // The worker has decoded the arguments (or never will): release their events.
-            drop(pins);
-            let got = driver::decode_items::<R>(outcome, n_sent);
-            done(placement.merge(got, base));
-        });
+        let sink = Pieces::<R>::sink(
+            n_sent,
+            Box::new(move |got| {
+                // The worker has decoded the arguments (or never will): release their events.
+                drop(pins);
+                done(placement.merge(got, base));
+            }),
+        );
         let limit = self.shared.frame_limit();
+        let fail = |e: TaskError| sink(0, n_sent, Outcome::Failed(e.with_function(sub.name)));
         let frame = match frame {
             Ok(f) if f.payload_len() > limit => {
-                sink(Outcome::Failed(TaskError::new(
+                fail(TaskError::new(
                     TaskErrorKind::Encode,
                     format!(
                         "the task's arguments encode to {} bytes, over the limit of {limit} \
                          bytes for one message",
                         f.payload_len()
                     ),
-                )));
+                ));
                 return None;
             }
             Ok(f) => f,
             Err(e) => {
-                sink(Outcome::Failed(e));
+                fail(e);
                 return None;
             }
         };
+        sub.group.add(id);
         let rec = TaskRec {
             frame: Some(frame),
+            spans,
             sink,
+            first: 0,
+            count: n_sent,
+            func: sub.func,
+            name: sub.name,
+            timeout: sub.timeout,
+            group: Arc::clone(&sub.group),
             sent_at: None,
         };
         Some((id, rec))
@@ -134,6 +245,9 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
+        if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
+            self.shared.note_timeouts();
+        }
         let refused = self.shared.act(|p, fx| {
             let mut refused = Vec::new();
             for (id, rec) in tasks {
@@ -156,7 +270,7 @@ impl Pool {
                 ),
                 Refusal::Broken(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
             };
-            (rec.sink)(Outcome::Failed(e));
+            (rec.sink)(rec.first, rec.count, Outcome::Failed(e));
         }
     }
 
@@ -165,13 +279,30 @@ impl Pool {
     /// `args` is a tuple: `pool.apply(add, (1, 2))`.
     ///
     /// # Errors
-    /// The task's [`TaskError`]: it panicked, its worker died, it could not be encoded or
+    /// The task's [`TaskError`]: it panicked, its worker died, it ran past the pool's
+    /// [`task_timeout`](crate::PoolBuilder::task_timeout), it could not be encoded or
     /// decoded, or the pool is closed.
     pub fn apply<F, Args>(&self, f: F, args: Args) -> Result<F::Output, TaskError>
     where
         F: Task<Args>,
     {
-        self.apply_async(f, args).get()
+        self.apply_async_with(f, args, Options::new()).get()
+    }
+
+    /// [`apply`](Pool::apply) with per-call [`Options`] (a time limit, say).
+    ///
+    /// # Errors
+    /// As [`apply`](Pool::apply).
+    pub fn apply_with<F, Args>(
+        &self,
+        f: F,
+        args: Args,
+        opts: Options<F::Output>,
+    ) -> Result<F::Output, TaskError>
+    where
+        F: Task<Args>,
+    {
+        self.apply_async_with(f, args, opts).get()
     }
 
     /// Submits `f(args...)` and returns at once: Python's `apply_async`.
@@ -179,25 +310,29 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        self.apply_async_with(f, args, Callbacks::new())
+        self.apply_async_with(f, args, Options::new())
     }
 
-    /// [`apply_async`](Pool::apply_async) with Python's `callback` and `error_callback`.
+    /// [`apply_async`](Pool::apply_async) with per-call [`Options`]: Python's `callback` and
+    /// `error_callback`, and a time limit.
     pub fn apply_async_with<F, Args>(
         &self,
         f: F,
         args: Args,
-        callbacks: Callbacks<F::Output>,
+        opts: Options<F::Output>,
     ) -> AsyncResult<F::Output>
     where
         F: Task<Args>,
     {
+        let Options {
+            timeout, callbacks, ..
+        } = opts;
         let slot = Slot::new();
-        let out = AsyncResult::new(Arc::clone(&slot));
+        let sub = Submission::new(f, self.timeout_of(timeout));
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
         let weak = Arc::downgrade(&self.shared);
-        let func = f.batch_ref();
-        let enc = encode_chunk::<F, Args>(self.new_id(), func, std::slice::from_ref(&args));
-        self.submit_batch::<F::Output>(enc, None, false, move |mut items| {
+        let enc = sub.encode::<F, Args>(self.new_id(), std::slice::from_ref(&args));
+        self.submit_batch::<F::Output>(&sub, enc, None, false, move |mut items| {
             let r = items
                 .pop()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
@@ -216,23 +351,26 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, None, Callbacks::new()).get()
+        self.map_async_with(f, items, Options::new()).get()
     }
 
-    /// [`map`](Pool::map) with an explicit chunk size (Python's `chunksize`).
+    /// [`map`](Pool::map) with per-call [`Options`]: a chunk size (Python's `chunksize`), a
+    /// time limit for each item.
+    ///
+    /// # Errors
+    /// As [`map`](Pool::map).
     #[doc(alias = "chunksize")]
-    pub fn map_chunked<F, A, I>(
+    pub fn map_with<F, A, I>(
         &self,
         f: F,
         items: I,
-        chunksize: usize,
+        opts: Options<Vec<F::Output>>,
     ) -> Result<Vec<F::Output>, TaskError>
     where
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, Some(chunksize), Callbacks::new())
-            .get()
+        self.map_async_with(f, items, opts).get()
     }
 
     /// Submits a `map` and returns at once: Python's `map_async`.
@@ -241,25 +379,24 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, None, Callbacks::new())
+        self.map_async_with(f, items, Options::new())
     }
 
-    /// [`map_async`](Pool::map_async) with a chunk size (`None`: automatic) and callbacks.
+    /// [`map_async`](Pool::map_async) with per-call [`Options`] (chunk size, callbacks, time
+    /// limit).
     pub fn map_async_with<F, A, I>(
         &self,
         f: F,
         items: I,
-        chunksize: Option<usize>,
-        callbacks: Callbacks<Vec<F::Output>>,
+        opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        let func = f.batch_ref();
         // One-tuples: the task's arguments, the same bytes as the items themselves.
         let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
-        self.gather::<F, _>(func, &items, chunksize, callbacks)
+        self.gather::<F, _>(f, &items, opts)
     }
 
     /// Like [`map`](Pool::map) for functions of several arguments: each item is a tuple of
@@ -272,8 +409,24 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, None, Callbacks::new())
-            .get()
+        self.starmap_async_with(f, items, Options::new()).get()
+    }
+
+    /// [`starmap`](Pool::starmap) with per-call [`Options`].
+    ///
+    /// # Errors
+    /// As [`starmap`](Pool::starmap).
+    pub fn starmap_with<F, Args, I>(
+        &self,
+        f: F,
+        items: I,
+        opts: Options<Vec<F::Output>>,
+    ) -> Result<Vec<F::Output>, TaskError>
+    where
+        F: Task<Args>,
+        I: IntoIterator<Item = Args>,
+    {
+        self.starmap_async_with(f, items, opts).get()
     }
 
     /// Submits a `starmap` and returns at once: Python's `starmap_async`.
@@ -282,24 +435,21 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, None, Callbacks::new())
+        self.starmap_async_with(f, items, Options::new())
     }
 
-    /// [`starmap_async`](Pool::starmap_async) with a chunk size (`None`: automatic) and
-    /// callbacks.
+    /// [`starmap_async`](Pool::starmap_async) with per-call [`Options`].
     pub fn starmap_async_with<F, Args, I>(
         &self,
         f: F,
         items: I,
-        chunksize: Option<usize>,
-        callbacks: Callbacks<Vec<F::Output>>,
+        opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        let func = f.batch_ref();
         let items: Vec<Args> = items.into_iter().collect();
-        self.gather::<F, _>(func, &items, chunksize, callbacks)
+        self.gather::<F, _>(f, &items, opts)
     }
 }

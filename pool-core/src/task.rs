@@ -39,8 +39,11 @@ mod sealed {
     pub trait Sealed<Args> {
         /// The batch trampoline the worker calls.
         fn batch_ref(self) -> FnRef;
-        /// `items` as the Run message of batch `id`, calling `func`.
-        fn encode_run(id: u64, func: FnRef, items: &[Args]) -> RunItems;
+        /// `items` as the Run message of batch `id`, calling `func`; `timed` if each item
+        /// has a time limit.
+        fn encode_run(id: u64, func: FnRef, timed: bool, items: &[Args]) -> RunItems;
+        /// The function's Rust path, for errors.
+        fn name() -> &'static str;
     }
 
     impl<F, Args> Sealed<Args> for F
@@ -53,8 +56,12 @@ mod sealed {
             task::batch_ref::<F, Args, F::Output>(self)
         }
 
-        fn encode_run(id: u64, func: FnRef, items: &[Args]) -> RunItems {
-            protocol::encode_run_items(id, func, items)
+        fn encode_run(id: u64, func: FnRef, timed: bool, items: &[Args]) -> RunItems {
+            protocol::encode_run_items(id, func, timed, items)
+        }
+
+        fn name() -> &'static str {
+            std::any::type_name::<F>()
         }
     }
 }

@@ -17,7 +17,6 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 

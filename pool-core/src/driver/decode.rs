@@ -19,14 +19,19 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
             worker,
             pid,
         } => {
-            let bytes = match result {
+            let batches = match result {
                 Ok(b) => b,
                 Err(e) => return all_err(item_error(e, &worker, pid), count),
             };
             // The result type's `Deserialize` is user code: a panic in it fails these
             // items, never the thread that delivers results.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                protocol::decode_results::<R>(bytes.bytes())
+                let mut items: Vec<Result<R, ItemError>> = Vec::with_capacity(count);
+                for b in &batches {
+                    protocol::decode_results(b.items, b.bytes(), &mut items)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(items)
             }));
             let decoded = match decoded {
                 Ok(d) => d,
@@ -112,18 +117,45 @@ mod tests {
     /// A `Done` outcome whose result bytes sit in the middle of a larger frame, as they
     /// arrive from a worker.
     fn done<T: serde::Serialize>(items: &[Result<T, ItemError>]) -> Outcome {
-        let bytes = postcard::to_allocvec(items).unwrap();
-        let mut frame = vec![0xAA; 5];
-        frame.extend_from_slice(&bytes);
-        frame.extend_from_slice(&[0xBB; 3]);
         Outcome::Done {
-            result: Ok(Batch {
-                frame,
-                range: 5..5 + bytes.len(),
-            }),
+            result: Ok(vec![batch(items)]),
             worker: "W-1".into(),
             pid: 42,
         }
+    }
+
+    /// The results of `items`, one after the other, in the middle of a larger frame.
+    fn batch<T: serde::Serialize>(items: &[Result<T, ItemError>]) -> Batch {
+        let mut bytes = Vec::new();
+        for item in items {
+            bytes.extend(postcard::to_allocvec(item).unwrap());
+        }
+        let mut frame = vec![0xAA; 5];
+        frame.extend_from_slice(&bytes);
+        frame.extend_from_slice(&[0xBB; 3]);
+        Batch {
+            frame,
+            range: 5..5 + bytes.len(),
+            items: items.len() as u64,
+        }
+    }
+
+    #[test]
+    fn results_sent_in_several_parts_decode_as_one_run() {
+        let outcome = Outcome::Done {
+            result: Ok(vec![
+                batch(&[Ok::<u32, ItemError>(1), Ok(2)]),
+                batch::<u32>(&[]),
+                batch(&[Ok::<u32, ItemError>(3)]),
+            ]),
+            worker: "W-1".into(),
+            pid: 42,
+        };
+        let got: Vec<u32> = decode_items::<u32>(outcome, 3)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, [1, 2, 3]);
     }
 
     #[test]

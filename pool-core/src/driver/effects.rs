@@ -1,16 +1,18 @@
 //! The policy's effects on real workers: [`Fx`] implements [`Effects`] while the lock is held.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use pool_ipc::FrameBuf;
 use pool_spawn::Signal;
-use pool_spawn::protocol::ToWorker;
+use pool_spawn::protocol::{self, ToWorker};
 use serde_bytes::ByteBuf;
 
 use super::shared::Settings;
 use super::worker_io::WorkerIo;
-use super::{Outcome, TaskRec};
+use super::{Delivery, Outcome, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::policy::{Effects, Finish, TaskId, WorkerId};
 
@@ -18,7 +20,7 @@ use crate::policy::{Effects, Finish, TaskId, WorkerId};
 pub(crate) struct Fx<'a> {
     pub(super) io: &'a mut HashMap<WorkerId, WorkerIo>,
     pub(super) launches: &'a mut Vec<WorkerId>,
-    pub(super) done: &'a mut Vec<(TaskRec, Outcome)>,
+    pub(super) done: &'a mut Vec<Delivery>,
     pub(super) wake_driver: &'a mut bool,
     pub(super) settings: &'a Settings,
     pub(super) terminating: bool,
@@ -56,34 +58,67 @@ impl Effects<TaskRec> for Fx<'_> {
         }
     }
 
-    fn finish(&mut self, _id: TaskId, task: TaskRec, why: Finish) {
-        let err = match why {
-            Finish::Lost(wid) => match self.io.get(&wid) {
-                Some(w) => {
-                    let mut e = TaskError::worker_lost(
-                        &w.name,
-                        w.pid,
-                        w.status,
-                        task.sent_at.map(|t| t.elapsed()),
-                    );
-                    if let Some(note) = &w.exit_note {
-                        e = e.with_note(note);
-                    }
-                    e
-                }
+    fn finish(&mut self, id: TaskId, task: TaskRec, why: Finish) -> Option<(TaskId, TaskRec)> {
+        let err = match &why {
+            Finish::Lost(wid) | Finish::TimedOut(wid) => match self.io.get(wid) {
+                Some(w) => self.lost_error(id, &task, w, &why),
                 None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
             },
-            Finish::Orphaned(wid, times) => match self.io.get(&wid) {
-                Some(w) => TaskError::never_started(&w.name, w.pid, w.status, times),
+            Finish::Orphaned(wid, times) => match self.io.get(wid) {
+                Some(w) => TaskError::never_started(&w.name, w.pid, w.status, *times),
                 None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
             },
             Finish::Terminated => TaskError::new(
                 TaskErrorKind::PoolClosed,
                 "the pool was terminated before this task finished",
             ),
-            Finish::InitFailed(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
+            Finish::InitFailed(m) => {
+                TaskError::with_report(TaskErrorKind::InitializerFailed, m.clone())
+            }
+            Finish::Cancelled(began) => TaskError::cancelled(*began),
+        }
+        .with_function(task.name);
+        let wid = match why {
+            Finish::Lost(wid) | Finish::TimedOut(wid) => wid,
+            _ => {
+                self.done.push(Delivery::all(&task, Outcome::Failed(err)));
+                return None;
+            }
         };
-        self.done.push((task, Outcome::Failed(err)));
+        // The task was running when its worker died or was stopped: the items it finished
+        // are delivered, the one it was running fails, the ones after it run again.
+        let Some(w) = self.io.get_mut(&wid) else {
+            self.done.push(Delivery::all(&task, Outcome::Failed(err)));
+            return None;
+        };
+        let (finished, batches) = w.salvage(id);
+        let k = usize::try_from(finished).unwrap_or(usize::MAX);
+        if k == 0 || k > task.count {
+            self.done.push(Delivery::all(&task, Outcome::Failed(err)));
+            return None;
+        }
+        let (name, pid) = (w.name.clone(), w.pid);
+        self.done.push(Delivery {
+            sink: Arc::clone(&task.sink),
+            first: task.first,
+            count: k,
+            outcome: Outcome::Done {
+                result: Ok(batches),
+                worker: name,
+                pid,
+            },
+        });
+        if k == task.count {
+            // It had finished every item: nothing failed.
+            return None;
+        }
+        self.done.push(Delivery {
+            sink: Arc::clone(&task.sink),
+            first: task.first + k,
+            count: 1,
+            outcome: Outcome::Failed(err),
+        });
+        self.rest_of(task, k + 1)
     }
 
     fn retire(&mut self, wid: WorkerId) {
@@ -105,6 +140,24 @@ impl Effects<TaskRec> for Fx<'_> {
         }
     }
 
+    fn stop(&mut self, wid: WorkerId) {
+        let Some(w) = self.io.get_mut(&wid) else {
+            return;
+        };
+        match &w.handle {
+            Some(h) => {
+                let _ = h.signal_group(Signal::TERM);
+                w.kill_at = Some(Instant::now() + self.settings.stop_grace);
+            }
+            None => w.kill_when_launched = true,
+        }
+        *self.wake_driver = true;
+    }
+
+    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool {
+        self.io.get_mut(&wid).is_some_and(|w| w.mark_cancelled(id))
+    }
+
     fn kill(&mut self, wid: WorkerId) {
         let Some(w) = self.io.get_mut(&wid) else {
             return;
@@ -121,5 +174,82 @@ impl Effects<TaskRec> for Fx<'_> {
             None => w.kill_when_launched = true,
         }
         *self.wake_driver = true;
+    }
+}
+
+impl Fx<'_> {
+    /// The error of task `id`, whose worker `w` died while running it, or was stopped when
+    /// it ran out of time.
+    fn lost_error(&self, id: TaskId, task: &TaskRec, w: &WorkerIo, why: &Finish) -> TaskError {
+        let ran_for = match w.started(id) {
+            Some(ns) if ns > 0 => Some(Duration::from_nanos(
+                protocol::monotonic_ns().saturating_sub(ns),
+            )),
+            _ => task.sent_at.map(|t| t.elapsed()),
+        };
+        if let (Finish::TimedOut(_), Some(limit)) = (why, task.timeout) {
+            return TaskError::timed_out(&w.name, w.pid, limit, ran_for);
+        }
+        let mut e = TaskError::worker_lost(&w.name, w.pid, w.status, ran_for);
+        if let Some(note) = &w.exit_note {
+            e = e.with_note(note);
+        }
+        if let Some(cap) = self.settings.limits.memory_cap
+            && w.status.and_then(|s| s.signal()) == Some(6)
+        {
+            e = e.at_memory_cap(cap);
+        }
+        e
+    }
+
+    /// The items of `task` from item `from` on, as a new task (queued first by the policy).
+    fn rest_of(&mut self, task: TaskRec, from: usize) -> Option<(TaskId, TaskRec)> {
+        if from >= task.count {
+            return None;
+        }
+        let id = self.settings.next_id.fetch_add(1, Ordering::Relaxed);
+        let rest = match (&task.frame, &task.spans) {
+            (Some(frame), Some(spans)) => protocol::encode_run_rest(
+                frame,
+                spans,
+                from,
+                id,
+                task.func,
+                task.timeout.is_some(),
+            ),
+            _ => None,
+        };
+        let Some((frame, spans)) = rest else {
+            let e = TaskError::new(
+                TaskErrorKind::WorkerLost,
+                "not run: an earlier item of its chunk failed with its worker, and the rest of \
+                 the chunk could not be sent again",
+            )
+            .with_function(task.name);
+            self.done.push(Delivery {
+                sink: Arc::clone(&task.sink),
+                first: task.first + from,
+                count: task.count - from,
+                outcome: Outcome::Failed(e),
+            });
+            return None;
+        };
+        task.group.add(id);
+        let count = task.count - from;
+        Some((
+            id,
+            TaskRec {
+                frame: Some(frame),
+                spans: (count > 1).then_some(spans),
+                sink: task.sink,
+                first: task.first + from,
+                count,
+                func: task.func,
+                name: task.name,
+                timeout: task.timeout,
+                group: task.group,
+                sent_at: None,
+            },
+        ))
     }
 }

@@ -11,7 +11,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use super::launch::WatchFds;
 use super::shared::Shared;
-use super::{Batch, Outcome};
+use super::{Batch, Delivery, Outcome};
 use crate::policy::{Exit, WorkerId};
 
 /// How long a worker that closed its channel may take to exit before it is killed.
@@ -30,6 +30,8 @@ pub(crate) struct Driver {
     pub(super) shared: Arc<Shared>,
     pub(super) launcher: Launcher,
     watches: Vec<Watch>,
+    /// When the timers next need a look (a task's time limit, a stopped worker's SIGKILL).
+    next_timer: Option<Instant>,
 }
 
 impl Driver {
@@ -38,6 +40,7 @@ impl Driver {
             shared,
             launcher,
             watches: Vec::new(),
+            next_timer: None,
         }
     }
 
@@ -85,6 +88,9 @@ impl Driver {
             };
             if let Some(d) = deadline {
                 consider(d);
+            }
+            if let Some(t) = self.next_timer {
+                consider(t);
             }
             for w in &self.watches {
                 if let Some(t) = w.eof_at {
@@ -198,16 +204,49 @@ impl Driver {
             eof = conn.is_eof();
             for frame in msgs {
                 // Decoded in place: a result's bytes stay where they are in the frame.
-                let msg = protocol::decode_reply(&frame);
-                match msg {
+                match protocol::decode_reply(&frame) {
                     Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
                     Ok(FromWorker::SetupFailed { message, .. }) => {
                         tracing::warn!(worker = %name, %message, "worker setup failed");
                         policy.setup_failed(wid, &message, fx);
                     }
-                    Ok(FromWorker::Done { id, outcome }) => {
+                    Ok(FromWorker::Part { id, items, results }) => {
+                        let running = policy.oldest(wid).map(|(t, _)| t);
+                        let Some(w) = fx.io.get_mut(&wid) else { continue };
+                        if running != Some(id) {
+                            w.exit_note = Some(format!(
+                                "it sent results for task {id}, which it was not running"
+                            ));
+                            broken = true;
+                            break;
+                        }
+                        if w.parts_task != id {
+                            w.parts.clear();
+                            w.parts_task = id;
+                        }
+                        w.parts.push(Batch {
+                            frame,
+                            range: results,
+                            items,
+                        });
+                    }
+                    Ok(FromWorker::Skipped { id }) => {
                         if let Some(w) = fx.io.get_mut(&wid) {
                             w.results += 1;
+                        }
+                        // The task was cancelled before it began: only its place is freed.
+                        let _ = policy.done(wid, id, fx);
+                    }
+                    Ok(FromWorker::Recycling { rss }) => {
+                        tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
+                        policy.recycling(wid, fx);
+                    }
+                    Ok(FromWorker::Done { id, items, outcome }) => {
+                        let Some(w) = fx.io.get_mut(&wid) else { continue };
+                        w.results += 1;
+                        let mut batches = Vec::new();
+                        if w.parts_task == id {
+                            batches = std::mem::take(&mut w.parts);
                         }
                         if let Some(rec) = policy.done(wid, id, fx) {
                             // The worker could start this task once it was sent and its
@@ -223,9 +262,12 @@ impl Driver {
                                     policy.observe(now.saturating_duration_since(b), fx);
                                 }
                             }
-                            let result = outcome.map(|range| Batch { frame, range });
-                            fx.done.push((
-                                rec,
+                            let result = outcome.map(|range| {
+                                batches.push(Batch { frame, range, items });
+                                batches
+                            });
+                            fx.done.push(Delivery::all(
+                                &rec,
                                 Outcome::Done {
                                     result,
                                     worker: name.clone(),
@@ -297,6 +339,7 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
+        let mut next: Option<Instant> = None;
         let mut g = self.shared.lock();
         if g.term_deadline.is_some_and(|d| now >= d) {
             g.term_deadline = None;
@@ -306,7 +349,31 @@ impl Driver {
                 }
             }
         }
+        // Workers stopped with SIGTERM that are still there after their grace.
+        for w in g.io.values_mut() {
+            if let Some(t) = w.kill_at {
+                if now >= t {
+                    w.kill_at = None;
+                    if let Some(h) = &w.handle {
+                        let _ = h.signal_group(Signal::KILL);
+                    }
+                } else {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+            }
+        }
         drop(g);
+        if self.shared.timeouts.load(std::sync::atomic::Ordering::Relaxed) {
+            let expire = self.clocks(now, &mut next);
+            if !expire.is_empty() {
+                self.shared.act(|p, fx| {
+                    for (wid, id) in expire {
+                        p.time_out(wid, id, fx);
+                    }
+                });
+            }
+        }
+        self.next_timer = next;
         for idx in 0..self.watches.len() {
             if self.watches[idx]
                 .eof_at
@@ -325,5 +392,38 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The running tasks past their time limit, as (worker, task); `next` becomes the
+    /// earliest moment another may be. A task's clock starts when it (its running item, for
+    /// a chunk) begins in its worker, which the worker's progress page tells. A task that
+    /// has not begun cannot run out of time before its limit from now, so it is looked at
+    /// again then; by that time it has begun, or it is looked at again later.
+    fn clocks(&self, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId, u64)> {
+        let g = self.shared.lock();
+        let now_ns = protocol::monotonic_ns();
+        let mut expire = Vec::new();
+        let mut wake = |t: Instant| *next = Some(next.map_or(t, |n| n.min(t)));
+        for (&wid, w) in &g.io {
+            if w.handle.is_none() || w.kill_at.is_some() {
+                continue;
+            }
+            let Some((id, Some(rec))) = g.policy.oldest(wid) else {
+                continue;
+            };
+            let Some(limit) = rec.timeout else { continue };
+            match w.started(id) {
+                Some(start) => {
+                    let ran = Duration::from_nanos(now_ns.saturating_sub(start));
+                    if ran >= limit {
+                        expire.push((wid, id));
+                    } else {
+                        wake(now + (limit - ran));
+                    }
+                }
+                None => wake(now + limit),
+            }
+        }
+        expire
     }
 }

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use pool_ipc::{FrameBuf, FramedConn};
-use pool_spawn::protocol::{ImageId, ToWorker};
+use pool_spawn::protocol::{ImageId, ToWorker, page};
 use pool_spawn::{Launcher, Signal};
 use serde_bytes::ByteBuf;
 
@@ -20,10 +20,10 @@ pub(crate) fn launch_one(
     launcher: &mut Launcher,
     wid: WorkerId,
 ) -> Result<Option<WatchFds>, pool_spawn::Error> {
-    let name = {
+    let (name, max_tasks) = {
         let g = shared.lock();
         match g.io.get(&wid) {
-            Some(w) => w.name.clone(),
+            Some(w) => (w.name.clone(), g.policy.max_tasks_of(wid)),
             None => return Ok(None),
         }
     };
@@ -39,12 +39,14 @@ pub(crate) fn launch_one(
     let mut conn = FramedConn::new(sock, shared.settings.ipc.clone())
         .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
     let s = &shared.settings;
-    // A page for the worker to count the tasks it begins; without it (no memory, say) the
-    // pool falls back to assuming the oldest task it sent was running.
-    let progress = pool_ipc::shm::Segment::create("procpool-progress", 4096).ok();
+    // A page for the worker to count the tasks it begins and keep its results on; without
+    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
+    // running, and cannot cancel tasks it sent.
+    let progress = pool_ipc::shm::Segment::create("procpool-progress", page::LEN).ok();
     let setup = ToWorker::Setup {
         name: name.clone(),
-        max_tasks: s.max_tasks,
+        max_tasks: max_tasks.or(s.max_tasks),
+        limits: s.limits,
         image: ImageId::current(),
         init: s
             .init
@@ -72,6 +74,7 @@ pub(crate) fn launch_one(
     let backlog = std::mem::take(&mut w.backlog);
     w.conn = Some(conn);
     w.progress = progress;
+    w.write_pending_cancels();
     for (f, is_task) in backlog {
         if let Some(conn) = w.conn.as_mut() {
             conn.queue(f);

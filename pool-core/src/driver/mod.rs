@@ -24,10 +24,12 @@ mod launch;
 mod shared;
 mod worker_io;
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use pool_ipc::FrameBuf;
-use pool_spawn::task::ItemError;
+use pool_spawn::protocol::ItemSpans;
+use pool_spawn::task::{FnRef, ItemError};
 
 use crate::error::TaskError;
 
@@ -35,10 +37,12 @@ pub(crate) use decode::{decode_items, drop_payload};
 pub(crate) use event_loop::Driver;
 pub(crate) use shared::{Settings, Shared};
 
-/// A batch's result bytes, left in the frame they arrived in (no copy).
+/// Result bytes of some items of a batch, left in the frame they arrived in (no copy).
 pub(crate) struct Batch {
     pub(super) frame: Vec<u8>,
     pub(super) range: std::ops::Range<usize>,
+    /// How many items' results the bytes hold.
+    pub(super) items: u64,
 }
 
 impl Batch {
@@ -47,24 +51,85 @@ impl Batch {
     }
 }
 
-/// What the driver hands back for a task: its result bytes or its failure.
+/// What the driver hands back for (some items of) a task: their result bytes or their
+/// failure.
 pub(crate) enum Outcome {
-    /// The worker sent a result: postcard `Vec<Result<R, ItemError>>`, or a whole-batch error.
+    /// The worker sent results: the batches hold one result per item, in order; or the
+    /// whole batch failed.
     Done {
-        result: Result<Batch, ItemError>,
+        result: Result<Vec<Batch>, ItemError>,
         worker: String,
         pid: u32,
     },
-    /// The task ended without a result.
+    /// The items ended without a result.
     Failed(TaskError),
 }
 
-/// Receives the one outcome of a task (decodes it and fills the user's slot).
-pub(crate) type Sink = Box<dyn FnOnce(Outcome) + Send>;
+/// Receives a task's outcome, possibly in pieces: `sink(first, count, outcome)` covers
+/// `count` items from item `first` on (indices among the items the sink was made for).
+/// Every item gets exactly one outcome.
+pub(crate) type Sink = Arc<dyn Fn(usize, usize, Outcome) + Send + Sync>;
 
-/// A task as the policy holds it.
+/// The tasks a submission became (its chunks, and the rests of chunks split after an item
+/// failed): what cancelling the submission cancels.
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    ids: Mutex<Vec<u64>>,
+}
+
+impl Group {
+    pub(crate) fn add(&self, id: u64) {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(id);
+    }
+
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A task as the policy holds it: a run of items of one submission.
 pub(crate) struct TaskRec {
+    /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
+    /// before beginning it.
     pub(crate) frame: Option<FrameBuf>,
+    /// Where its items lie in `frame` (several items only): to send the rest of them when
+    /// one fails part way.
+    pub(crate) spans: Option<ItemSpans>,
     pub(crate) sink: Sink,
+    /// Its items among the sink's: `first .. first + count`.
+    pub(crate) first: usize,
+    pub(crate) count: usize,
+    pub(crate) func: FnRef,
+    /// The function's name, for errors.
+    pub(crate) name: &'static str,
+    /// The time limit of each item.
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) group: Arc<Group>,
     pub(crate) sent_at: Option<Instant>,
+}
+
+/// One piece of a task's outcome, ready to hand to its sink.
+pub(crate) struct Delivery {
+    pub(crate) sink: Sink,
+    pub(crate) first: usize,
+    pub(crate) count: usize,
+    pub(crate) outcome: Outcome,
+}
+
+impl Delivery {
+    /// The whole outcome of `rec`.
+    pub(crate) fn all(rec: &TaskRec, outcome: Outcome) -> Self {
+        Delivery {
+            sink: Arc::clone(&rec.sink),
+            first: rec.first,
+            count: rec.count,
+            outcome,
+        }
+    }
 }

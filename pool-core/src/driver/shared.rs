@@ -3,18 +3,21 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use pool_ipc::Config as IpcConfig;
+use pool_spawn::protocol::Limits;
 use pool_spawn::task::FnRef;
 use rustix::event::EventfdFlags;
 
 use super::callbacks::CallbackThread;
 use super::effects::Fx;
 use super::worker_io::WorkerIo;
-use super::{Outcome, TaskRec};
-use crate::policy::{Policy, WorkerId};
+use super::{Delivery, TaskRec};
+use crate::policy::{Cancelled, Policy, WorkerId};
+use crate::result::CancelOutcome;
 
 /// How long a terminated worker has between SIGTERM and SIGKILL.
 pub(crate) const TERM_GRACE: Duration = Duration::from_millis(500);
@@ -25,6 +28,12 @@ pub(crate) struct Settings {
     pub(crate) max_tasks: Option<u64>,
     pub(crate) init: Option<(FnRef, Vec<u8>)>,
     pub(crate) ipc: IpcConfig,
+    /// Memory limits each worker applies to itself.
+    pub(crate) limits: Limits,
+    /// How long a worker stopped because of its task has between SIGTERM and SIGKILL.
+    pub(crate) stop_grace: Duration,
+    /// Where task ids come from (shared with the pool handle).
+    pub(crate) next_id: Arc<AtomicU64>,
 }
 
 /// Everything behind the pool's lock.
@@ -32,7 +41,7 @@ pub(crate) struct Inner {
     pub(crate) policy: Policy<TaskRec>,
     pub(super) io: HashMap<WorkerId, WorkerIo>,
     pub(super) launches: Vec<WorkerId>,
-    pub(super) done: Vec<(TaskRec, Outcome)>,
+    pub(super) done: Vec<Delivery>,
     pub(super) term_deadline: Option<Instant>,
     pub(super) terminating: bool,
     pub(super) wake_driver: bool,
@@ -44,6 +53,8 @@ pub(crate) struct Shared {
     pub(super) wake: OwnedFd,
     pub(super) settings: Settings,
     pub(super) callbacks: Mutex<Option<CallbackThread>>,
+    /// Some task had a time limit: the driver watches the running tasks' clocks.
+    pub(super) timeouts: AtomicBool,
 }
 
 impl Shared {
@@ -62,6 +73,7 @@ impl Shared {
             wake,
             settings,
             callbacks: Mutex::new(None),
+            timeouts: AtomicBool::new(false),
         }))
     }
 
@@ -117,6 +129,30 @@ impl Shared {
         r
     }
 
+    /// A task with a time limit is on its way: the driver starts watching clocks.
+    pub(crate) fn note_timeouts(&self) {
+        if !self.timeouts.swap(true, Ordering::Relaxed) {
+            self.wake();
+        }
+    }
+
+    /// Cancels tasks `ids` (one submission's); `stop_running`: also those that began, by
+    /// stopping their workers (otherwise they are left to finish).
+    pub(crate) fn cancel(&self, ids: &[u64], stop_running: bool) -> CancelOutcome {
+        let found = self.act(|p, fx| {
+            ids.iter()
+                .map(|&id| p.cancel(id, stop_running, fx))
+                .collect::<Vec<_>>()
+        });
+        if found.contains(&Cancelled::Running) {
+            CancelOutcome::WhileRunning
+        } else if found.contains(&Cancelled::Queued) {
+            CancelOutcome::BeforeStart
+        } else {
+            CancelOutcome::AlreadyFinished
+        }
+    }
+
     /// True once `close` or `terminate` was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.lock().policy.is_closed()
@@ -165,13 +201,19 @@ impl Shared {
     }
 }
 
-/// Hands each finished task its outcome.
-fn deliver(done: Vec<(TaskRec, Outcome)>) {
-    for (rec, outcome) in done {
+/// Hands each finished task (or piece of one) its outcome.
+fn deliver(done: Vec<Delivery>) {
+    for d in done {
         // Sinks catch the panics of user code they run; this is the last line of defence,
         // so that one result can never stop the delivery of the others (or the driver).
-        let sink = rec.sink;
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sink(outcome))).is_err() {
+        let Delivery {
+            sink,
+            first,
+            count,
+            outcome,
+        } = d;
+        let run = move || sink(first, count, outcome);
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
             tracing::error!("delivering a task's result panicked; the pool goes on");
         }
     }

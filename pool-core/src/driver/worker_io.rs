@@ -1,10 +1,14 @@
 //! One worker's I/O state: its channel, the frames waiting for it, and what it has begun.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use pool_ipc::{FrameBuf, FramedConn};
+use pool_spawn::protocol::{PROGRESS_KEPT, page};
 use pool_spawn::{ExitStatus, Worker};
+
+use super::Batch;
 
 /// One worker's I/O state.
 pub(super) struct WorkerIo {
@@ -19,8 +23,17 @@ pub(super) struct WorkerIo {
     pub(super) task_ends: VecDeque<u64>,
     /// The page where the worker counts the tasks it began (see `ToWorker::Setup`).
     pub(super) progress: Option<pool_ipc::shm::Segment>,
-    /// Results (`Done` messages) received from the worker.
+    /// Answers (`Done` and `Skipped` messages) received from the worker.
     pub(super) results: u64,
+    /// Results of the running task received in `Part`s, and which task that is.
+    pub(super) parts: Vec<Batch>,
+    pub(super) parts_task: u64,
+    /// Cancel marks to write once the page exists (the worker is still being launched).
+    pub(super) pending_cancels: Vec<u64>,
+    /// The next cancel slot to write.
+    pub(super) next_cancel: usize,
+    /// When to SIGKILL a worker stopped with SIGTERM.
+    pub(super) kill_at: Option<Instant>,
     pub(super) handle: Option<Worker>,
     pub(super) status: Option<ExitStatus>,
     pub(super) kill_when_launched: bool,
@@ -40,6 +53,11 @@ impl WorkerIo {
             task_ends: VecDeque::new(),
             progress: None,
             results: 0,
+            parts: Vec::new(),
+            parts_task: 0,
+            pending_cancels: Vec::new(),
+            next_cancel: 0,
+            kill_at: None,
             handle: None,
             status: None,
             kill_when_launched: false,
@@ -59,23 +77,97 @@ impl WorkerIo {
         }
     }
 
+    /// The progress page, once the worker keeps it (it may not have opened it: it then
+    /// keeps no count).
+    fn page(&self) -> Option<&pool_ipc::shm::Segment> {
+        let page = self.progress.as_ref()?;
+        (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
+    }
+
+    fn word(&self, i: usize) -> Option<&AtomicU64> {
+        self.page().map(|p| p.atomic_u64(i))
+    }
+
     /// Whether the worker had begun a task it sent no result for: `None` if it has no
     /// progress page.
     pub(super) fn was_running(&self) -> Option<bool> {
-        let page = self.progress.as_ref()?;
-        // The worker may not have opened the page (it then keeps no count).
-        if page
-            .atomic_u64(1)
-            .load(std::sync::atomic::Ordering::Acquire)
-            != pool_spawn::protocol::PROGRESS_KEPT
-        {
-            return None;
+        Some(self.word(page::BEGUN)?.load(Ordering::Acquire) > self.results)
+    }
+
+    /// When (`CLOCK_MONOTONIC` ns) the worker began task `id` (its running item, for a
+    /// timed task), if it is running it now; `None` if it has not begun it, or has no page.
+    pub(super) fn started(&self, id: u64) -> Option<u64> {
+        let running = self.was_running()?
+            && self.word(page::CURRENT)?.load(Ordering::SeqCst) == id;
+        running.then(|| {
+            self.word(page::STARTED_NS)
+                .map_or(0, |w| w.load(Ordering::Acquire))
+        })
+    }
+
+    /// Marks task `id` cancelled for the worker (it skips it unless it began it): `true` if
+    /// it has begun it, or may have (no page to mark: it runs whatever it was sent).
+    pub(super) fn mark_cancelled(&mut self, id: u64) -> bool {
+        if self.progress.is_none() {
+            // Not launched yet: the mark is written with the page, before any task is sent.
+            self.pending_cancels.push(id);
+            return false;
         }
-        Some(
-            page.atomic_u64(0)
-                .load(std::sync::atomic::Ordering::Acquire)
-                > self.results,
-        )
+        if self.page().is_none() {
+            return true;
+        }
+        let slot = self.next_cancel % page::CANCEL_SLOTS;
+        self.next_cancel += 1;
+        let page = self.page().expect("checked above");
+        // Store, then load: the worker stores CURRENT, then loads the slots (see `page`).
+        page.atomic_u64(page::CANCEL_FIRST + slot)
+            .store(id, Ordering::SeqCst);
+        page.atomic_u64(page::CURRENT).load(Ordering::SeqCst) == id
+    }
+
+    /// Writes the cancel marks made before the page existed.
+    pub(super) fn write_pending_cancels(&mut self) {
+        let Some(page) = self.progress.as_ref() else {
+            return;
+        };
+        for id in std::mem::take(&mut self.pending_cancels) {
+            let slot = self.next_cancel % page::CANCEL_SLOTS;
+            self.next_cancel += 1;
+            page.atomic_u64(page::CANCEL_FIRST + slot)
+                .store(id, Ordering::SeqCst);
+        }
+    }
+
+    /// The results of task `id` (the one the worker was running when it died) that survive
+    /// it: those received in parts, then those on its page's result area. Returns how many
+    /// items they cover. Read only once the worker is gone.
+    pub(super) fn salvage(&mut self, id: u64) -> (u64, Vec<Batch>) {
+        let mut batches = Vec::new();
+        let mut items = 0;
+        if self.parts_task == id {
+            batches = std::mem::take(&mut self.parts);
+            items = batches.iter().map(|b| b.items).sum();
+        }
+        if let Some(page) = self.page()
+            && page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
+            && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == items
+        {
+            let n = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
+            let len = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
+            let room = page.len().saturating_sub(page::AREA_OFFSET) as u64;
+            // The worker is not trusted to stay in bounds.
+            if n > 0 && len <= room {
+                let mut frame = Vec::new();
+                page.read_to_vec(page::AREA_OFFSET, len as usize, &mut frame);
+                batches.push(Batch {
+                    range: 0..frame.len(),
+                    frame,
+                    items: n,
+                });
+                items += n;
+            }
+        }
+        (items, batches)
     }
 
     /// Task frames that have not entirely left for the worker (all of them while it has no
