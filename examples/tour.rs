@@ -3,7 +3,7 @@
 //! `cargo run --release --example tour`
 use std::time::{Duration, Instant};
 
-use procpool::{Callbacks, Event, Pool, StartMethod, TaskErrorKind, current_process};
+use procpool::{Options, Event, Pool, StartMethod, TaskErrorKind, current_process};
 
 fn square(x: u64) -> u64 {
     x * x
@@ -101,7 +101,7 @@ fn main() -> Result<(), procpool::Error> {
     let r = pool.apply_async_with(
         square,
         (12,),
-        Callbacks::new().on_success(|v: &u64| println!("  callback got {v}")),
+        Options::new().on_success(|v: &u64| println!("  callback got {v}")),
     );
     r.get()?;
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use procpool::{Callbacks, TaskErrorKind, current_process};
+use procpool::{Options, TaskErrorKind, WaitError, current_process};
 
 use crate::util::{METHODS, add, builder, shut_down, sleep_ms, square};
 
@@ -33,8 +33,8 @@ fn apply_map_starmap_give_python_results_under_every_method() {
         assert_eq!(pool.apply(|x: i32| x - 1, (10,)).unwrap(), 9);
         let want: Vec<u64> = (0..1000).map(|x| x * x).collect();
         assert_eq!(pool.map(square, 0..1000u64).unwrap(), want);
-        assert_eq!(pool.map_chunked(square, 0..1000u64, 1).unwrap(), want);
-        assert_eq!(pool.map_chunked(square, 0..1000u64, 333).unwrap(), want);
+        assert_eq!(pool.map_with(square, 0..1000u64, Options::new().chunksize(1)).unwrap(), want);
+        assert_eq!(pool.map_with(square, 0..1000u64, Options::new().chunksize(333)).unwrap(), want);
         assert_eq!(
             pool.map(square, Vec::<u64>::new()).unwrap(),
             Vec::<u64>::new()
@@ -56,16 +56,18 @@ fn async_results_wait_ready_successful_and_timeouts() {
     let pool = builder(Default::default()).build().unwrap();
     let slow = pool.apply_async(sleep_ms, (300,));
     assert!(!slow.ready());
-    assert_eq!(slow.successful(), None);
+    assert_eq!(slow.successful(), Ok(None));
+    // Running out of time to wait is not the task's failure: it cannot pass as one.
     let e = slow.get_timeout(Duration::from_millis(10)).unwrap_err();
-    assert_eq!(e.kind(), TaskErrorKind::NotReady);
+    assert_eq!(e, WaitError::TimedOut);
     assert!(slow.wait_timeout(Duration::from_secs(10)));
     assert!(slow.ready());
-    assert_eq!(slow.successful(), Some(true));
-    let pid = slow.get_timeout(Duration::from_secs(1)).unwrap();
+    assert_eq!(slow.successful(), Ok(Some(true)));
+    let pid = slow.get_timeout(Duration::from_secs(1)).unwrap().unwrap();
     assert!(pool.workers().iter().any(|w| w.pid() == pid));
     let again = slow.get_timeout(Duration::from_secs(1)).unwrap_err();
-    assert_eq!(again.kind(), TaskErrorKind::ResultTaken);
+    assert_eq!(again, WaitError::Taken);
+    assert_eq!(slow.successful(), Err(WaitError::Taken));
 
     let m = pool.map_async(square, 0..10u64);
     m.wait();
@@ -83,7 +85,7 @@ fn callbacks_run_before_the_result_is_ready_and_cannot_break_the_pool() {
     let r = pool.apply_async_with(
         square,
         (9,),
-        Callbacks::new().on_success(move |v: &u64| s2.store(*v, Ordering::SeqCst)),
+        Options::new().on_success(move |v: &u64| s2.store(*v, Ordering::SeqCst)),
     );
     assert_eq!(r.get().unwrap(), 81);
     assert_eq!(
@@ -96,7 +98,7 @@ fn callbacks_run_before_the_result_is_ready_and_cannot_break_the_pool() {
     let r = pool.apply_async_with(
         square,
         (3,),
-        Callbacks::new().on_success(|_: &u64| panic!("callback bug")),
+        Options::new().on_success(|_: &u64| panic!("callback bug")),
     );
     assert_eq!(r.get().unwrap(), 9);
     let errors = Arc::new(AtomicU64::new(0));
@@ -104,13 +106,13 @@ fn callbacks_run_before_the_result_is_ready_and_cannot_break_the_pool() {
     let r = pool.apply_async_with(
         crate::failures::boom,
         (1,),
-        Callbacks::new().on_error(move |_e| {
+        Options::new().on_error(move |_e| {
             e2.fetch_add(1, Ordering::SeqCst);
         }),
     );
     assert!(r.get().unwrap_err().is_panic());
     assert_eq!(errors.load(Ordering::SeqCst), 1);
-    let all = pool.map_async_with(square, 0..4u64, Some(1), Callbacks::new());
+    let all = pool.map_async_with(square, 0..4u64, Options::new().chunksize(1));
     assert_eq!(all.get().unwrap(), vec![0, 1, 4, 9]);
     assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
     shut_down(pool);
@@ -131,13 +133,13 @@ fn imap_is_ordered_lazy_and_works_on_endless_input() {
         .collect();
     assert_eq!(first[49], 49 * 49);
     let mut unordered: Vec<u64> = pool
-        .imap_unordered_chunked(square, 0..300u64, 7)
+        .imap_unordered_with(square, 0..300u64, Options::new().chunksize(7))
         .map(Result::unwrap)
         .collect();
     unordered.sort_unstable();
     assert_eq!(unordered, (0..300).map(|x| x * x).collect::<Vec<_>>());
     let chunked: Vec<u64> = pool
-        .imap_chunked(square, 0..100u64, 9)
+        .imap_with(square, 0..100u64, Options::new().chunksize(9))
         .map(Result::unwrap)
         .collect();
     assert_eq!(chunked.len(), 100);
@@ -212,7 +214,7 @@ fn many_large_payloads_in_flight_at_once_arrive_intact_under_every_method() {
             .map(|b| pool.apply_async(reverse_and_sum, (b.clone(),)))
             .collect();
         for (input, r) in inputs.iter().zip(pending) {
-            let (out, sum) = r.get_timeout(Duration::from_secs(60)).unwrap();
+            let (out, sum) = r.get_timeout(Duration::from_secs(60)).unwrap().unwrap();
             let mut expected = input.to_vec();
             expected.reverse();
             assert_eq!(out.len(), expected.len(), "{method:?}");
@@ -265,7 +267,7 @@ fn a_callback_may_drop_or_join_the_pool() {
         let r = pool.apply_async_with(
             square,
             (2,),
-            Callbacks::new().on_success(move |v: &u64| {
+            Options::new().on_success(move |v: &u64| {
                 assert_eq!(*v, 4);
                 if how == "join" {
                     p.close();
@@ -281,7 +283,7 @@ fn a_callback_may_drop_or_join_the_pool() {
         );
         let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
         drop(pool);
-        assert_eq!(r.get_timeout(Duration::from_secs(20)).unwrap(), 4, "{how}");
+        assert_eq!(r.get_timeout(Duration::from_secs(20)).unwrap().unwrap(), 4, "{how}");
         crate::util::wait_for("the callback to finish", Duration::from_secs(20), || {
             after.load(Ordering::SeqCst)
         });
@@ -367,7 +369,7 @@ fn timeouts_of_duration_max_wait_without_limit() {
     let pool = builder(Default::default()).build().unwrap();
     let r = pool.apply_async(square, (3,));
     assert!(r.wait_timeout(Duration::MAX));
-    assert_eq!(r.get_timeout(Duration::MAX).unwrap(), 9);
+    assert_eq!(r.get_timeout(Duration::MAX).unwrap().unwrap(), 9);
     let e = procpool::Event::new().unwrap();
     e.set();
     assert!(e.wait_timeout(Duration::MAX));
@@ -386,7 +388,7 @@ fn concurrent_joins_all_wait_for_the_callbacks() {
             pool.apply_async_with(
                 square,
                 (i,),
-                Callbacks::new().on_success(move |_| {
+                Options::new().on_success(move |_| {
                     std::thread::sleep(Duration::from_millis(50));
                     ran.fetch_add(1, Ordering::SeqCst);
                 }),
@@ -430,14 +432,14 @@ fn a_callback_panicking_with_a_nasty_payload_does_not_stop_later_callbacks() {
     let a = pool.apply_async_with(
         square,
         (2,),
-        Callbacks::new().on_success(|_| {
+        Options::new().on_success(|_| {
             std::thread::sleep(Duration::from_millis(100));
             std::panic::panic_any(NastyPayload);
         }),
     );
-    let b = pool.apply_async_with(square, (3,), Callbacks::new().on_success(|_| {}));
-    assert_eq!(a.get_timeout(Duration::from_secs(20)).unwrap(), 4);
-    assert_eq!(b.get_timeout(Duration::from_secs(20)).unwrap(), 9);
+    let b = pool.apply_async_with(square, (3,), Options::new().on_success(|_| {}));
+    assert_eq!(a.get_timeout(Duration::from_secs(20)).unwrap().unwrap(), 4);
+    assert_eq!(b.get_timeout(Duration::from_secs(20)).unwrap().unwrap(), 9);
     shut_down(pool);
 }
 
@@ -458,6 +460,6 @@ fn short_tasks_do_not_wait_behind_a_long_one() {
         !long.ready(),
         "the short tasks finished only after the long one: they waited behind it"
     );
-    long.get_timeout(Duration::from_secs(20)).unwrap();
+    long.get_timeout(Duration::from_secs(20)).unwrap().unwrap();
     shut_down(pool);
 }

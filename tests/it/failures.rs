@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use procpool::{TaskErrorKind, current_process};
+use procpool::{Options, TaskErrorKind, current_process};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::util::{METHODS, alive, builder, my_pid, shut_down, square, wait_for};
@@ -239,7 +239,7 @@ fn an_argument_that_does_not_decode_fails_its_own_item() {
     let pool = builder(Default::default()).build().unwrap();
     for bad in [0u8, 255] {
         let items = vec![Fussy(1), Fussy(2), Fussy(bad), Fussy(4)];
-        let got: Vec<_> = pool.imap_chunked(fussy, items, 4).collect();
+        let got: Vec<_> = pool.imap_with(fussy, items, Options::new().chunksize(4)).collect();
         assert_eq!(got[0].as_ref().unwrap(), &1);
         assert_eq!(got[1].as_ref().unwrap(), &2);
         let e = got[2].as_ref().unwrap_err();
@@ -279,7 +279,7 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     );
     // Only the item that cannot be encoded fails; its chunk-mates run.
     let items = vec![Picky(true), Picky(false), Picky(true)];
-    let got: Vec<_> = pool.imap_chunked(picky, items, 3).collect();
+    let got: Vec<_> = pool.imap_with(picky, items, Options::new().chunksize(3)).collect();
     assert_eq!(got[0].as_ref().unwrap(), &1);
     assert_eq!(got[1].as_ref().unwrap_err().kind(), TaskErrorKind::Encode);
     assert_eq!(got[1].as_ref().unwrap_err().item_index(), Some(1));
@@ -288,13 +288,13 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     let e = pool
         .apply_async(give_panicky, ())
         .get_timeout(Duration::from_secs(20))
-        .unwrap_err();
+        .unwrap().unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     assert!(e.to_string().contains("this type never decodes"), "{e}");
     let e = pool
         .map_async(give_panicky_item, 0..10u8)
         .get_timeout(Duration::from_secs(20))
-        .unwrap_err();
+        .unwrap().unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
     shut_down(pool);
@@ -319,10 +319,10 @@ fn tasks_queued_behind_a_killed_worker_run_elsewhere() {
             rustix::process::Signal::KILL,
         )
         .unwrap();
-        let e = running.get_timeout(Duration::from_secs(10)).unwrap_err();
+        let e = running.get_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
         assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
         assert_eq!(e.pid(), Some(first));
-        assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap(), 144);
+        assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap().unwrap(), 144);
         let m = pool.metrics();
         assert_eq!((m.lost, m.died), (1, 1), "{method:?}: {m:?}");
         shut_down(pool);
@@ -354,7 +354,7 @@ fn tasks_sent_to_a_worker_that_dies_while_starting_run_on_its_replacement() {
         )
         .unwrap();
         for (i, r) in pending.into_iter().enumerate() {
-            let v = r.get_timeout(Duration::from_secs(15)).unwrap();
+            let v = r.get_timeout(Duration::from_secs(15)).unwrap().unwrap();
             assert_eq!(v, (i * i) as u64, "{method:?}");
         }
         let m = pool.metrics();
@@ -385,7 +385,7 @@ fn a_failing_initializer_fails_every_task_and_join_returns() {
             let pending: Vec<_> = (0..12u64).map(|i| pool.apply_async(square, (i,))).collect();
             let mapped = pool.map_async(square, 0..40u64);
             for (i, r) in pending.into_iter().enumerate() {
-                let e = r.get_timeout(T).unwrap_err();
+                let e = r.get_timeout(T).unwrap().unwrap_err();
                 assert_eq!(
                     e.kind(),
                     TaskErrorKind::InitializerFailed,
@@ -393,7 +393,7 @@ fn a_failing_initializer_fails_every_task_and_join_returns() {
                 );
                 assert!(e.to_string().contains("the database is gone"), "{e}");
             }
-            let e = mapped.get_timeout(T).unwrap_err();
+            let e = mapped.get_timeout(T).unwrap().unwrap_err();
             assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
             let e = pool.apply(square, (1,)).unwrap_err();
             assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
@@ -427,7 +427,7 @@ fn a_dead_worker_blames_only_the_task_it_was_running_and_reruns_nothing() {
     for method in METHODS {
         let pool = builder(method).processes(1).build().unwrap();
         // Tiny tasks deepen the worker's queue, so the eleven below go out together.
-        pool.map_chunked(square, 0..3000u64, 1).unwrap();
+        pool.map_with(square, 0..3000u64, Options::new().chunksize(1)).unwrap();
         let path = std::env::temp_dir()
             .join(format!("procpool-runs-{}-{method:?}", std::process::id()))
             .to_string_lossy()
@@ -438,7 +438,7 @@ fn a_dead_worker_blames_only_the_task_it_was_running_and_reruns_nothing() {
             .collect();
         let results: Vec<_> = pending
             .into_iter()
-            .map(|r| r.get_timeout(Duration::from_secs(20)))
+            .map(|r| r.get_timeout(Duration::from_secs(20)).expect("in time"))
             .collect();
         for (i, r) in results.iter().enumerate() {
             if i == 10 {
@@ -521,7 +521,7 @@ fn workers_killed_in_their_initializer_are_replaced() {
         let r = pool
             .apply_async(square, (7,))
             .get_timeout(Duration::from_secs(20));
-        assert_eq!(r.unwrap(), 49, "{method:?}");
+        assert_eq!(r.unwrap().unwrap(), 49, "{method:?}");
         shut_down(pool);
     }
 }
@@ -545,7 +545,7 @@ fn a_task_sent_just_after_an_idle_worker_died_runs_elsewhere() {
             let r = pool
                 .apply_async(square, (round,))
                 .get_timeout(Duration::from_secs(20));
-            assert_eq!(r.unwrap(), round * round, "{method:?} round {round}");
+            assert_eq!(r.unwrap().unwrap(), round * round, "{method:?} round {round}");
         }
         shut_down(pool);
     }
@@ -564,7 +564,7 @@ fn closing_a_pool_with_no_worker_left_lets_join_return() {
         let e = pool
             .apply_async(square, (1,))
             .get_timeout(Duration::from_secs(60))
-            .unwrap_err();
+            .unwrap().unwrap_err();
         assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
         wait_for("every worker gone", Duration::from_secs(60), || {
             pool.workers().is_empty()

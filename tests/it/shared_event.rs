@@ -89,7 +89,7 @@ fn an_event_dropped_right_after_submitting_still_reaches_the_worker() {
             .collect();
         for r in results {
             assert!(
-                r.get_timeout(Duration::from_secs(20)).unwrap(),
+                r.get_timeout(Duration::from_secs(20)).unwrap().unwrap(),
                 "{method:?}"
             );
         }
@@ -132,7 +132,7 @@ fn set_wakes_every_waiter_in_every_process() {
     }
     for r in in_workers {
         assert!(
-            r.get_timeout(Duration::from_secs(10)).unwrap(),
+            r.get_timeout(Duration::from_secs(10)).unwrap().unwrap(),
             "a worker slept through set()"
         );
     }
