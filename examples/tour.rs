@@ -3,7 +3,7 @@
 //! `cargo run --release --example tour`
 use std::time::{Duration, Instant};
 
-use procpool::{Options, Event, Pool, StartMethod, TaskErrorKind, current_process};
+use procpool::{Event, Options, Pool, StartMethod, TaskErrorKind, current_process};
 
 fn square(x: u64) -> u64 {
     x * x

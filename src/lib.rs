@@ -102,8 +102,8 @@
 #![warn(missing_debug_implementations)]
 
 pub use pool_core::{
-    AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics, Options, WaitError,
-    Pool, PoolBuilder, Task, TaskError, TaskErrorKind, WorkerInfo,
+    AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics,
+    Options, Pool, PoolBuilder, Task, TaskError, TaskErrorKind, WaitError, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};
 pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};

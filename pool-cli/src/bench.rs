@@ -183,7 +183,9 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             let p = pool(method, 2)?;
             p.map(square, 0..100u64).map_err(err)?;
             let t = Instant::now();
-            let v = p.map_with(square, 0..s.tiny_chunk1, Options::new().chunksize(1)).map_err(err)?;
+            let v = p
+                .map_with(square, 0..s.tiny_chunk1, Options::new().chunksize(1))
+                .map_err(err)?;
             let dt = t.elapsed().as_secs_f64();
             finish(p)?;
             Ok((v.len() as f64 / dt, "tasks/s"))
@@ -203,7 +205,9 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             p.apply(echo, (buf.clone(),)).map_err(err)?;
             let items: Vec<ByteBuf> = (0..s.echo_tasks).map(|_| buf.clone()).collect();
             let t = Instant::now();
-            let out = p.map_with(echo, items, Options::new().chunksize(1)).map_err(err)?;
+            let out = p
+                .map_with(echo, items, Options::new().chunksize(1))
+                .map_err(err)?;
             let dt = t.elapsed().as_secs_f64();
             if out.iter().any(|b| b.len() != 1 << 20) {
                 return Err("an echo came back wrong".into());
@@ -217,7 +221,8 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
                 let p = pool(method, n)?;
                 p.map(square, 0..10u64).map_err(err)?;
                 let t = Instant::now();
-                p.map_with(burn, 0..s.cpu_tasks, Options::new().chunksize(1)).map_err(err)?;
+                p.map_with(burn, 0..s.cpu_tasks, Options::new().chunksize(1))
+                    .map_err(err)?;
                 times[i] = t.elapsed().as_secs_f64();
                 finish(p)?;
             }
@@ -240,7 +245,9 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
                 .build()
                 .map_err(|e| e.to_string())?;
             let t = Instant::now();
-            let v = p.map_with(square, 0..s.recycle_tasks, Options::new().chunksize(1)).map_err(err)?;
+            let v = p
+                .map_with(square, 0..s.recycle_tasks, Options::new().chunksize(1))
+                .map_err(err)?;
             let dt = t.elapsed().as_secs_f64();
             finish(p)?;
             Ok((v.len() as f64 / dt, "tasks/s"))

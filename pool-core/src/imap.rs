@@ -282,7 +282,11 @@ impl<R> Imap<'_, R> {
                     self.current.extend(v);
                     continue;
                 }
-                if self.panic.as_ref().is_some_and(|(at, _)| *at == self.next_yield) {
+                if self
+                    .panic
+                    .as_ref()
+                    .is_some_and(|(at, _)| *at == self.next_yield)
+                {
                     self.resume_panic();
                 }
             } else {

@@ -50,9 +50,9 @@ pub use builder::PoolBuilder;
 pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
 pub use event::Event;
 pub use imap::Imap;
+pub use options::Options;
 #[doc(hidden)]
 pub use policy::bench_support as __bench_policy;
 pub use pool::{Metrics, Pool, WorkerInfo};
-pub use options::Options;
 pub use result::{AsyncResult, CancelOutcome, WaitError};
 pub use task::Task;

@@ -870,7 +870,6 @@ pub mod bench_support {
         fn cancel_sent(&mut self, _: WorkerId, _: TaskId) -> bool {
             false
         }
-
     }
 
     /// Submits `tasks` tasks to a policy of `workers` workers (replaced every `max_tasks`
@@ -968,7 +967,6 @@ mod tests {
             self.marked.push((wid, id));
             self.begun.contains(&id)
         }
-
     }
 
     /// A policy with `config`, started (its first workers launched), and its fake world.
@@ -1062,7 +1060,10 @@ mod tests {
         let (p, _) = started(config);
         let limits: BTreeSet<u64> = (1..=8).filter_map(|w| p.max_tasks_of(w)).collect();
         assert!(limits.iter().all(|m| (100..=150).contains(m)), "{limits:?}");
-        assert!(limits.len() > 1, "every worker got the same limit: {limits:?}");
+        assert!(
+            limits.len() > 1,
+            "every worker got the same limit: {limits:?}"
+        );
         let (plain, _) = started(cfg(8, Some(100)));
         assert!((1..=8).all(|w| plain.max_tasks_of(w) == Some(100)));
     }
@@ -1078,7 +1079,10 @@ mod tests {
         assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
         assert_eq!(p.cancel(2, true, &mut fx), Cancelled::Queued);
         assert_eq!(fx.finished, vec![(2, Finish::Cancelled(false))]);
-        assert!(fx.marked.is_empty(), "a task in the pool's queue needs no mark");
+        assert!(
+            fx.marked.is_empty(),
+            "a task in the pool's queue needs no mark"
+        );
         p.done(1, 0, &mut fx).unwrap();
         p.done(1, 1, &mut fx).unwrap();
         assert_eq!(fx.sent.len(), 2, "the cancelled task was never sent");
@@ -1101,7 +1105,10 @@ mod tests {
         // Its place is taken until the worker skips it: 2 still waits.
         assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
         p.done(1, 0, &mut fx).unwrap();
-        assert!(p.done(1, 1, &mut fx).is_none(), "the skip hands nothing back");
+        assert!(
+            p.done(1, 1, &mut fx).is_none(),
+            "the skip hands nothing back"
+        );
         assert_eq!(fx.sent.last(), Some(&(1, 2)));
         assert_eq!(p.counts().completed, 1);
     }
@@ -1132,11 +1139,17 @@ mod tests {
         p.ready(1, &mut fx);
         p.submit(0, 0, &mut fx).unwrap();
         p.submit(1, 1, &mut fx).unwrap();
-        assert!(!p.time_out(1, 1, &mut fx), "only the oldest task can be running");
+        assert!(
+            !p.time_out(1, 1, &mut fx),
+            "only the oldest task can be running"
+        );
         assert!(p.time_out(1, 0, &mut fx));
         assert!(!p.time_out(1, 0, &mut fx), "once");
         assert_eq!(fx.stopped, vec![1]);
-        assert!(fx.finished.is_empty(), "the outcome waits for the worker's end");
+        assert!(
+            fx.finished.is_empty(),
+            "the outcome waits for the worker's end"
+        );
         p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
         assert_eq!(fx.finished, vec![(0, Finish::TimedOut(1))]);
         p.ready(2, &mut fx);

@@ -343,12 +343,7 @@ impl ItemSpans {
 /// A single item is encoded straight into the frame ([`encode_run`]); a batch of several
 /// is encoded item by item in one pass (noting where each lies, see [`RunItems::spans`]),
 /// then framed.
-pub fn encode_run_items<T: Serialize>(
-    id: u64,
-    func: FnRef,
-    timed: bool,
-    items: &[T],
-) -> RunItems {
+pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: &[T]) -> RunItems {
     if items.len() == 1 {
         let mut frame = pool_ipc::FrameBuf::new();
         if encode_run(&mut frame, id, func, timed, items).is_ok() {
@@ -693,7 +688,11 @@ mod tests {
         for from in 0..5 {
             let (rest, rest_spans) = encode_run_rest(&frame, &spans, from, 9, func, true).unwrap();
             let direct = encode_run_items(9, func, true, &items[from..]);
-            assert_eq!(rest.payload(), direct.frame.unwrap().payload(), "from {from}");
+            assert_eq!(
+                rest.payload(),
+                direct.frame.unwrap().payload(),
+                "from {from}"
+            );
             assert_eq!(rest_spans.len(), 5 - from);
             // Its spans let it be split again.
             if from < 4 {
@@ -705,7 +704,9 @@ mod tests {
         assert!(encode_run_rest(&frame, &spans, 5, 9, func, true).is_none());
         // The whole message decodes as the worker reads it.
         match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(frame.payload()).unwrap() {
-            ToWorker::Run { id, timed, payload, .. } => {
+            ToWorker::Run {
+                id, timed, payload, ..
+            } => {
                 assert_eq!((id, timed), (1, true));
                 let back: Vec<(u32, String)> = postcard::from_bytes(payload).unwrap();
                 assert_eq!(back, items);

@@ -23,6 +23,7 @@ enum Stop {
 /// Runs the worker loop on `chan` and exits the process; never returns.
 pub(crate) fn run(chan: OwnedFd) -> ! {
     task::install_panic_hook();
+    sys::term_kills_group();
     let code = match serve(chan) {
         Ok(code) => code,
         Err(Stop::Lost) => 0,

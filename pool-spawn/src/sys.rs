@@ -39,6 +39,24 @@ pub(crate) fn ignore_sigint() {
     }
 }
 
+/// Makes SIGTERM end this worker's whole process group at once: the handler sends SIGKILL
+/// to the group (the worker leads it), so processes a task started die with the worker even
+/// if they ignore SIGTERM, and the pool need not signal a group whose leader it may already
+/// have reaped. A task that installs its own SIGTERM handler replaces this one.
+pub(crate) fn term_kills_group() {
+    extern "C" fn on_term(_: libc::c_int) {
+        // SAFETY: `kill` is async-signal-safe and touches no memory; 0 names our own group.
+        unsafe {
+            libc::kill(0, libc::SIGKILL);
+        }
+    }
+    let handler = on_term as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only calls an async-signal-safe function (above).
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
 /// Closes every file descriptor from 3 up except `keep`.
 ///
 /// Uses `close_range(2)`; on kernels without it, closes one by one up to the fd limit.

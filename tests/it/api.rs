@@ -33,8 +33,16 @@ fn apply_map_starmap_give_python_results_under_every_method() {
         assert_eq!(pool.apply(|x: i32| x - 1, (10,)).unwrap(), 9);
         let want: Vec<u64> = (0..1000).map(|x| x * x).collect();
         assert_eq!(pool.map(square, 0..1000u64).unwrap(), want);
-        assert_eq!(pool.map_with(square, 0..1000u64, Options::new().chunksize(1)).unwrap(), want);
-        assert_eq!(pool.map_with(square, 0..1000u64, Options::new().chunksize(333)).unwrap(), want);
+        assert_eq!(
+            pool.map_with(square, 0..1000u64, Options::new().chunksize(1))
+                .unwrap(),
+            want
+        );
+        assert_eq!(
+            pool.map_with(square, 0..1000u64, Options::new().chunksize(333))
+                .unwrap(),
+            want
+        );
         assert_eq!(
             pool.map(square, Vec::<u64>::new()).unwrap(),
             Vec::<u64>::new()
@@ -283,7 +291,11 @@ fn a_callback_may_drop_or_join_the_pool() {
         );
         let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
         drop(pool);
-        assert_eq!(r.get_timeout(Duration::from_secs(20)).unwrap().unwrap(), 4, "{how}");
+        assert_eq!(
+            r.get_timeout(Duration::from_secs(20)).unwrap().unwrap(),
+            4,
+            "{how}"
+        );
         crate::util::wait_for("the callback to finish", Duration::from_secs(20), || {
             after.load(Ordering::SeqCst)
         });

@@ -239,7 +239,9 @@ fn an_argument_that_does_not_decode_fails_its_own_item() {
     let pool = builder(Default::default()).build().unwrap();
     for bad in [0u8, 255] {
         let items = vec![Fussy(1), Fussy(2), Fussy(bad), Fussy(4)];
-        let got: Vec<_> = pool.imap_with(fussy, items, Options::new().chunksize(4)).collect();
+        let got: Vec<_> = pool
+            .imap_with(fussy, items, Options::new().chunksize(4))
+            .collect();
         assert_eq!(got[0].as_ref().unwrap(), &1);
         assert_eq!(got[1].as_ref().unwrap(), &2);
         let e = got[2].as_ref().unwrap_err();
@@ -279,7 +281,9 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     );
     // Only the item that cannot be encoded fails; its chunk-mates run.
     let items = vec![Picky(true), Picky(false), Picky(true)];
-    let got: Vec<_> = pool.imap_with(picky, items, Options::new().chunksize(3)).collect();
+    let got: Vec<_> = pool
+        .imap_with(picky, items, Options::new().chunksize(3))
+        .collect();
     assert_eq!(got[0].as_ref().unwrap(), &1);
     assert_eq!(got[1].as_ref().unwrap_err().kind(), TaskErrorKind::Encode);
     assert_eq!(got[1].as_ref().unwrap_err().item_index(), Some(1));
@@ -288,13 +292,15 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     let e = pool
         .apply_async(give_panicky, ())
         .get_timeout(Duration::from_secs(20))
-        .unwrap().unwrap_err();
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     assert!(e.to_string().contains("this type never decodes"), "{e}");
     let e = pool
         .map_async(give_panicky_item, 0..10u8)
         .get_timeout(Duration::from_secs(20))
-        .unwrap().unwrap_err();
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
     shut_down(pool);
@@ -319,10 +325,19 @@ fn tasks_queued_behind_a_killed_worker_run_elsewhere() {
             rustix::process::Signal::KILL,
         )
         .unwrap();
-        let e = running.get_timeout(Duration::from_secs(10)).unwrap().unwrap_err();
+        let e = running
+            .get_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
         assert_eq!(e.pid(), Some(first));
-        assert_eq!(queued.get_timeout(Duration::from_secs(10)).unwrap().unwrap(), 144);
+        assert_eq!(
+            queued
+                .get_timeout(Duration::from_secs(10))
+                .unwrap()
+                .unwrap(),
+            144
+        );
         let m = pool.metrics();
         assert_eq!((m.lost, m.died), (1, 1), "{method:?}: {m:?}");
         shut_down(pool);
@@ -427,7 +442,8 @@ fn a_dead_worker_blames_only_the_task_it_was_running_and_reruns_nothing() {
     for method in METHODS {
         let pool = builder(method).processes(1).build().unwrap();
         // Tiny tasks deepen the worker's queue, so the eleven below go out together.
-        pool.map_with(square, 0..3000u64, Options::new().chunksize(1)).unwrap();
+        pool.map_with(square, 0..3000u64, Options::new().chunksize(1))
+            .unwrap();
         let path = std::env::temp_dir()
             .join(format!("procpool-runs-{}-{method:?}", std::process::id()))
             .to_string_lossy()
@@ -545,7 +561,11 @@ fn a_task_sent_just_after_an_idle_worker_died_runs_elsewhere() {
             let r = pool
                 .apply_async(square, (round,))
                 .get_timeout(Duration::from_secs(20));
-            assert_eq!(r.unwrap().unwrap(), round * round, "{method:?} round {round}");
+            assert_eq!(
+                r.unwrap().unwrap(),
+                round * round,
+                "{method:?} round {round}"
+            );
         }
         shut_down(pool);
     }
@@ -564,7 +584,8 @@ fn closing_a_pool_with_no_worker_left_lets_join_return() {
         let e = pool
             .apply_async(square, (1,))
             .get_timeout(Duration::from_secs(60))
-            .unwrap().unwrap_err();
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.kind(), TaskErrorKind::InitializerFailed, "{e}");
         wait_for("every worker gone", Duration::from_secs(60), || {
             pool.workers().is_empty()

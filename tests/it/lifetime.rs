@@ -73,7 +73,9 @@ fn max_overlap(spans: &[(u64, u64)]) -> usize {
 fn recycling_never_runs_more_than_processes_tasks_at_once() {
     for method in METHODS {
         let pool = builder(method).max_tasks_per_child(1).build().unwrap();
-        let spans = pool.map_with(timed_sleep, vec![60u64; 8], Options::new().chunksize(1)).unwrap();
+        let spans = pool
+            .map_with(timed_sleep, vec![60u64; 8], Options::new().chunksize(1))
+            .unwrap();
         let most = max_overlap(&spans);
         assert!(most <= 2, "{method:?}: {most} tasks ran at once: {spans:?}");
         let m = pool.metrics();

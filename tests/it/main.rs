@@ -6,4 +6,5 @@ mod api;
 mod failures;
 mod lifetime;
 mod shared_event;
+mod task_control;
 mod util;

@@ -24,6 +24,8 @@ pub(crate) struct Fx<'a> {
     pub(super) wake_driver: &'a mut bool,
     pub(super) settings: &'a Settings,
     pub(super) terminating: bool,
+    /// When the driver next looks at the clocks of running tasks.
+    pub(super) timer_at: Option<Instant>,
     /// Workers with frames queued by this step, written once when the step ends.
     pub(super) dirty: Vec<WorkerId>,
 }
@@ -45,7 +47,15 @@ impl Effects<TaskRec> for Fx<'_> {
         let Some(frame) = task.frame.as_ref() else {
             return;
         };
-        task.sent_at = Some(Instant::now());
+        let now = Instant::now();
+        task.sent_at = Some(now);
+        if let Some(limit) = task.timeout
+            && self.timer_at.is_none_or(|t| t > now + limit)
+        {
+            // Its limit may run out before the driver looks: let it look sooner.
+            self.timer_at = Some(now + limit);
+            *self.wake_driver = true;
+        }
         match w.conn.as_mut() {
             Some(conn) => {
                 conn.queue_copy(frame);
@@ -209,14 +219,9 @@ impl Fx<'_> {
         }
         let id = self.settings.next_id.fetch_add(1, Ordering::Relaxed);
         let rest = match (&task.frame, &task.spans) {
-            (Some(frame), Some(spans)) => protocol::encode_run_rest(
-                frame,
-                spans,
-                from,
-                id,
-                task.func,
-                task.timeout.is_some(),
-            ),
+            (Some(frame), Some(spans)) => {
+                protocol::encode_run_rest(frame, spans, from, id, task.func, task.timeout.is_some())
+            }
             _ => None,
         };
         let Some((frame, spans)) = rest else {

@@ -10,7 +10,7 @@ use pool_spawn::{Launcher, Signal};
 use rustix::event::{PollFd, PollFlags};
 
 use super::launch::WatchFds;
-use super::shared::Shared;
+use super::shared::{Inner, Shared};
 use super::{Batch, Delivery, Outcome};
 use crate::policy::{Exit, WorkerId};
 
@@ -362,16 +362,25 @@ impl Driver {
                 }
             }
         }
+        // Under the same lock as the look at the clocks: a task sent after it sees when the
+        // driver looks next, and wakes it if that is too late.
+        let expire = if self
+            .shared
+            .timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            clocks(&g, now, &mut next)
+        } else {
+            Vec::new()
+        };
+        g.timer_at = next;
         drop(g);
-        if self.shared.timeouts.load(std::sync::atomic::Ordering::Relaxed) {
-            let expire = self.clocks(now, &mut next);
-            if !expire.is_empty() {
-                self.shared.act(|p, fx| {
-                    for (wid, id) in expire {
-                        p.time_out(wid, id, fx);
-                    }
-                });
-            }
+        if !expire.is_empty() {
+            self.shared.act(|p, fx| {
+                for (wid, id) in expire {
+                    p.time_out(wid, id, fx);
+                }
+            });
         }
         self.next_timer = next;
         for idx in 0..self.watches.len() {
@@ -393,37 +402,36 @@ impl Driver {
             }
         }
     }
+}
 
-    /// The running tasks past their time limit, as (worker, task); `next` becomes the
-    /// earliest moment another may be. A task's clock starts when it (its running item, for
-    /// a chunk) begins in its worker, which the worker's progress page tells. A task that
-    /// has not begun cannot run out of time before its limit from now, so it is looked at
-    /// again then; by that time it has begun, or it is looked at again later.
-    fn clocks(&self, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId, u64)> {
-        let g = self.shared.lock();
-        let now_ns = protocol::monotonic_ns();
-        let mut expire = Vec::new();
-        let mut wake = |t: Instant| *next = Some(next.map_or(t, |n| n.min(t)));
-        for (&wid, w) in &g.io {
-            if w.handle.is_none() || w.kill_at.is_some() {
-                continue;
-            }
-            let Some((id, Some(rec))) = g.policy.oldest(wid) else {
-                continue;
-            };
-            let Some(limit) = rec.timeout else { continue };
-            match w.started(id) {
-                Some(start) => {
-                    let ran = Duration::from_nanos(now_ns.saturating_sub(start));
-                    if ran >= limit {
-                        expire.push((wid, id));
-                    } else {
-                        wake(now + (limit - ran));
-                    }
-                }
-                None => wake(now + limit),
-            }
+/// The running tasks past their time limit, as (worker, task); `next` becomes the
+/// earliest moment another may be. A task's clock starts when it (its running item, for
+/// a chunk) begins in its worker, which the worker's progress page tells. A task that
+/// has not begun cannot run out of time before its limit from now, so it is looked at
+/// again then; by that time it has begun, or it is looked at again later.
+fn clocks(g: &Inner, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId, u64)> {
+    let now_ns = protocol::monotonic_ns();
+    let mut expire = Vec::new();
+    let mut wake = |t: Instant| *next = Some(next.map_or(t, |n| n.min(t)));
+    for (&wid, w) in &g.io {
+        if w.handle.is_none() || w.kill_at.is_some() {
+            continue;
         }
-        expire
+        let Some((id, Some(rec))) = g.policy.oldest(wid) else {
+            continue;
+        };
+        let Some(limit) = rec.timeout else { continue };
+        match w.started(id) {
+            Some(start) => {
+                let ran = Duration::from_nanos(now_ns.saturating_sub(start));
+                if ran >= limit {
+                    expire.push((wid, id));
+                } else {
+                    wake(now + (limit - ran));
+                }
+            }
+            None => wake(now + limit),
+        }
     }
+    expire
 }

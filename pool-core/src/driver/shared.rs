@@ -45,6 +45,9 @@ pub(crate) struct Inner {
     pub(super) term_deadline: Option<Instant>,
     pub(super) terminating: bool,
     pub(super) wake_driver: bool,
+    /// When the driver next looks at the running tasks' clocks (if it does): a task with a
+    /// time limit that may run out before then wakes it.
+    pub(super) timer_at: Option<Instant>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -69,6 +72,7 @@ impl Shared {
                 term_deadline: None,
                 terminating: false,
                 wake_driver: false,
+                timer_at: None,
             }),
             wake,
             settings,
@@ -98,12 +102,15 @@ impl Shared {
                 wake_driver: &mut inner.wake_driver,
                 settings: &self.settings,
                 terminating,
+                timer_at: inner.timer_at,
                 dirty: Vec::new(),
             };
             let r = step(&mut inner.policy, &mut fx);
+            let timer_at = fx.timer_at;
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
             let mut dirty = std::mem::take(&mut fx.dirty);
+            inner.timer_at = timer_at;
             dirty.sort_unstable();
             dirty.dedup();
             for wid in dirty {

@@ -97,8 +97,7 @@ impl WorkerIo {
     /// When (`CLOCK_MONOTONIC` ns) the worker began task `id` (its running item, for a
     /// timed task), if it is running it now; `None` if it has not begun it, or has no page.
     pub(super) fn started(&self, id: u64) -> Option<u64> {
-        let running = self.was_running()?
-            && self.word(page::CURRENT)?.load(Ordering::SeqCst) == id;
+        let running = self.was_running()? && self.word(page::CURRENT)?.load(Ordering::SeqCst) == id;
         running.then(|| {
             self.word(page::STARTED_NS)
                 .map_or(0, |w| w.load(Ordering::Acquire))
