@@ -283,6 +283,21 @@ pub enum BuildErrorKind {
 }
 
 /// Why [`PoolBuilder::build`](crate::PoolBuilder::build) failed.
+///
+/// Its message says what failed at the pool's level; the error from below (a system call,
+/// the fork refusal, a worker that never ran `procpool::init()`) is its
+/// [`source`](std::error::Error::source).
+///
+/// ```
+/// # use pool_core as procpool;
+/// use std::error::Error as _;
+/// use procpool::{BuildErrorKind, Pool};
+///
+/// let e = Pool::builder().processes(0).build().unwrap_err();
+/// assert_eq!(e.kind(), BuildErrorKind::InvalidConfig);
+/// assert_eq!(e.to_string(), "processes must be at least 1");
+/// assert!(e.source().is_none());
+/// ```
 #[derive(Debug)]
 pub struct BuildError {
     kind: BuildErrorKind,
@@ -299,10 +314,19 @@ impl BuildError {
         }
     }
 
+    /// Workers could not start because of `source`. The fork refusal gets the pool's own
+    /// advice: pool-spawn's names its own option, which a pool's user never sees.
     pub(crate) fn start(source: pool_spawn::Error) -> Self {
+        let message = match source.kind() {
+            pool_spawn::ErrorKind::ForkUnsafe => {
+                "the pool cannot fork its workers: use StartMethod::Forkserver (the default), \
+                 or accept the risk with PoolBuilder::allow_fork_with_threads(true)"
+            }
+            _ => "could not start the pool's workers",
+        };
         BuildError {
             kind: BuildErrorKind::Start,
-            message: "could not start the pool's workers".into(),
+            message: message.into(),
             source: Some(source),
         }
     }
@@ -315,10 +339,7 @@ impl BuildError {
 
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(s) => write!(f, "{}: {s}", self.message),
-            None => write!(f, "{}", self.message),
-        }
+        f.write_str(&self.message)
     }
 }
 
@@ -330,10 +351,28 @@ impl std::error::Error for BuildError {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause`, for the places that keep an
+/// error as text (a task's message, a log line).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Any error procpool returns: a failed build, a failed task, or a shutdown problem.
 ///
 /// `?` converts [`BuildError`] and [`TaskError`] into it, so a `main` returning
-/// `Result<(), procpool::Error>` can use `?` on every pool call.
+/// `Result<(), procpool::Error>` can use `?` on every pool call. It is transparent: its
+/// message is the inner error's, and its [`source`](std::error::Error::source) is the inner
+/// error's source, so an error reporter shows each cause once.
 #[derive(Debug)]
 pub struct Error {
     repr: Repr,
@@ -381,6 +420,14 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The build error inside, if this is one.
+    pub fn as_build_error(&self) -> Option<&BuildError> {
+        match &self.repr {
+            Repr::Build(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -396,8 +443,8 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.repr {
-            Repr::Build(e) => Some(e),
-            Repr::Task(e) => Some(e),
+            Repr::Build(e) => e.source(),
+            Repr::Task(e) => e.source(),
             Repr::Join(_) => None,
         }
     }

@@ -149,17 +149,15 @@ impl Launcher {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
                         format!(
-                            "this process runs {n} threads; forking it can deadlock the \
-                             workers. Use StartMethod::Forkserver, or allow the risk with \
-                             LaunchOptions::allow_fork_with_threads"
+                            "this process runs {n} threads, and a lock one of them holds \
+                             at the fork stays locked forever in the worker"
                         ),
                     ));
                 }
                 None => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
-                        "cannot count this process's threads (/proc/self/task); allow the \
-                         risk with LaunchOptions::allow_fork_with_threads",
+                        "this process's threads cannot be counted (/proc/self/task)",
                     ));
                 }
             },

@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use pool_ipc::{Duplex, ErrorKind as IpcKind};
 use serde_bytes::ByteBuf;
 
+use crate::error::Chain;
 use crate::protocol::{
     self, EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
 };
@@ -39,7 +40,10 @@ fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Sto
         Err(e) => match e.kind() {
             IpcKind::Closed => Ok(None),
             IpcKind::Io => Err(Stop::Lost),
-            _ => Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+            _ => Err(Stop::Protocol(format!(
+                "bad message from the parent: {}",
+                Chain(&e)
+            ))),
         },
     }
 }
@@ -47,14 +51,14 @@ fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Sto
 fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(), Stop> {
     conn.send(msg).map_err(|e| match e.kind() {
         IpcKind::Io | IpcKind::Closed => Stop::Lost,
-        _ => Stop::Protocol(format!("cannot send a message: {e}")),
+        _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
     })
 }
 
 /// The loop; `Ok(code)` is the exit code.
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
-        .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
+        .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page) = match recv(&mut conn)? {
         None | Some(ToWorker::Exit) => return Ok(0),
         Some(ToWorker::Run { .. }) => {
@@ -134,7 +138,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 let outcome = task::call_batch(&same, func, payload).map(ByteBuf::from);
                 Step::Done(FromWorker::Done { id, outcome })
             }
-            Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
+            Err(e) => Step::Bad(format!("bad message from the parent: {}", Chain(&e))),
         }
     };
     loop {
@@ -145,7 +149,12 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Err(e) => match e.kind() {
                 IpcKind::Closed => Step::Exit,
                 IpcKind::Io => return Err(Stop::Lost),
-                _ => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+                _ => {
+                    return Err(Stop::Protocol(format!(
+                        "bad message from the parent: {}",
+                        Chain(&e)
+                    )));
+                }
             },
         };
         let done = match step {
@@ -163,7 +172,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     };
                     let outcome = Err(ItemError::new(
                         ItemErrorKind::Encode,
-                        format!("the batch's results cannot be sent: {e}"),
+                        format!("the batch's results cannot be sent: {}", Chain(&e)),
                     ));
                     send(&mut conn, &FromWorker::Done { id, outcome })?;
                 }
@@ -190,6 +199,6 @@ enum Step {
 fn flush(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<(), Stop> {
     conn.flush().map_err(|e| match e.kind() {
         IpcKind::Io | IpcKind::Closed => Stop::Lost,
-        _ => Stop::Protocol(format!("cannot send a message: {e}")),
+        _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
     })
 }

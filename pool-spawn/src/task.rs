@@ -38,6 +38,8 @@ use std::panic::{self, AssertUnwindSafe};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Chain;
+
 mod trampoline;
 
 pub(crate) use trampoline::{call_batch, call_init, link_offset};
@@ -359,7 +361,7 @@ where
     let mark = out.len();
     let failure = match catch(|| pool_ipc::encode_append(out, &result)) {
         Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => format!("the task's result does not encode: {e}"),
+        Ok(Err(e)) => format!("the task's result does not encode: {}", Chain(&e)),
         Err(m) => format!("encoding the task's result {m}"),
     };
     out.truncate(mark);
@@ -368,7 +370,7 @@ where
     pool_ipc::encode_append(out, &err).map_err(|e| {
         ItemError::new(
             ItemErrorKind::Encode,
-            format!("internal: an item error: {e}"),
+            format!("internal: an item error: {}", Chain(&e)),
         )
     })
 }
