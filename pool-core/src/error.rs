@@ -35,6 +35,28 @@ pub enum TaskErrorKind {
 /// accessors for details (pid, exit status, panic message, item index in a `map`).
 ///
 /// It is one pointer wide (the details are boxed), so `Result<T, TaskError>` stays small.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// fn check(x: u32) -> u32 {
+///     assert!(x < 3, "{x} is too big");
+///     x
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init(); // first line of main: workers start here
+///     let pool = procpool::Pool::builder().processes(2).build()?;
+///     let e = pool.map(check, 0..5u32).unwrap_err();
+///     assert!(e.is_panic());
+///     assert_eq!(e.item_index(), Some(3)); // the first item that failed
+///     assert!(e.panic_message().unwrap().contains("3 is too big"));
+///     assert!(e.pid().is_some()); // the worker that ran it, which lives on
+///     assert_eq!(pool.apply(check, (1,))?, 1);
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskError(Box<Details>);
 
