@@ -122,7 +122,7 @@ impl ChildProc {
     /// once the child has been reaped.
     pub(crate) fn signal(&self, sig: Signal) -> io::Result<()> {
         if self.status.is_some() {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         match &self.pidfd {
             Some(fd) => rustix::process::pidfd_send_signal(fd, sig)?,

@@ -2,10 +2,11 @@
 //!
 //! # Safety
 //!
-//! This module holds the crate's only `libc::fork` call and its only `pre_exec` hook. After
-//! `fork` in a process that has other threads, the child is a copy with a single thread:
-//! any lock another thread held (in the allocator, in `stdout`, in a logger, in a runtime)
-//! stays held forever. POSIX therefore allows only async-signal-safe calls until `exec`.
+//! This module holds the crate's only `libc::fork` call (rustix has no public `fork`) and
+//! its only `pre_exec` hook. After `fork` in a process that has other threads, the child is
+//! a copy with a single thread: any lock another thread held (in the allocator, in
+//! `stdout`, in a logger, in a runtime) stays held forever. POSIX therefore allows only
+//! async-signal-safe calls until `exec`.
 //!
 //! Post-fork checklist, followed by every child path here:
 //!
@@ -116,7 +117,7 @@ pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
         sys::clear_cloexec(keep)?;
         rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
         if rustix::process::getppid() != Some(parent) {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         Ok(())
     };

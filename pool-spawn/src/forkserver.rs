@@ -36,6 +36,8 @@ use crate::role::Role;
 use crate::status::ExitStatus;
 use crate::sys;
 
+const EIO: i32 = rustix::io::Errno::IO.raw_os_error();
+
 /// Parent → server.
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
@@ -242,7 +244,7 @@ impl Server {
         let Some(i) = self.kids.iter().position(|k| k.serial == serial) else {
             return self.send(
                 &Reply::ForkFailed {
-                    errno: libc::ECHILD,
+                    errno: rustix::io::Errno::CHILD.raw_os_error(),
                 },
                 &[],
             );
@@ -272,10 +274,8 @@ impl Server {
     /// Forks one worker (not yet handed out); returns its serial and the parent's end of
     /// its channel, or the errno.
     fn fork_one(&mut self) -> std::result::Result<(u64, OwnedFd), i32> {
-        let (ours, theirs) =
-            pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        let pid =
-            crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
+        let pid = crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
         let serial = self.next_serial;
         self.next_serial += 1;
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();

@@ -1,9 +1,16 @@
-//! Thin wrappers over the few system calls rustix does not offer safely.
+//! Thin wrappers over the few system calls rustix does not offer, and raw descriptor
+//! numbers.
+//!
+//! libc is used only where rustix has no equivalent: `_exit` (rustix exits only through
+//! its `runtime` feature, meant for libc-free programs), `signal` (likewise: no public
+//! `sigaction`), `close_range(2)` (no wrapper), and `fcntl` on a descriptor number that may
+//! not be open (rustix takes only open, borrowed descriptors). `fork` is in [`crate::fork`], for the
+//! same reason: rustix has no public fork. Everything else goes through rustix.
 //!
 //! # Safety
 //!
-//! Every function here is safe to call; each unsafe block is a single libc call (or raw fd
-//! adoption) whose preconditions are stated at the block. Nothing here allocates or takes
+//! Every function here is safe to call; each unsafe block is a single system call (or raw
+//! fd adoption) whose preconditions are stated at the block. Nothing here allocates or takes
 //! a lock except [`set_identity`] and [`adopt_inherited_fd`], so the other functions may be
 //! used in a freshly forked child of a multi-threaded process (they are async-signal-safe:
 //! `_exit`, `signal`, `close_range`/`close`, `fcntl`).
@@ -14,8 +21,10 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
+
+use rustix::io::Errno;
 
 /// Ends the process at once with `code`: no destructors, no `atexit` handlers, no unwinding.
 pub(crate) fn exit_now(code: i32) -> ! {
@@ -44,40 +53,34 @@ pub(crate) fn ignore_sigint() {
 /// Uses `close_range(2)`; on kernels without it, closes one by one up to the fd limit.
 /// Async-signal-safe (no allocation).
 pub(crate) fn close_fds_except(keep: RawFd) {
-    let keep = keep as libc::c_uint;
+    let keep = keep as u32;
     if keep > 3 {
         close_range(3, keep - 1, 0);
     }
-    close_range(keep.max(2) + 1, libc::c_uint::MAX, 0);
+    close_range(keep.max(2) + 1, u32::MAX, 0);
 }
 
 /// Marks every file descriptor from 3 up close-on-exec (best effort; async-signal-safe).
 pub(crate) fn cloexec_from_3() {
-    let _ = try_close_range(
-        3,
-        libc::c_uint::MAX,
-        libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
-    );
+    let _ = try_close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
 }
 
-fn close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) {
+fn close_range(first: u32, last: u32, flags: i32) {
     if try_close_range(first, last, flags).is_ok() {
         return;
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1 << 16)
-        .min(1 << 20) as libc::c_uint;
+        .min(1 << 20) as u32;
     for fd in first..=last.min(limit) {
         // SAFETY: closing a descriptor number has no memory-safety preconditions; in this
         // process nothing will use the closed descriptors again (see callers).
-        unsafe {
-            libc::close(fd as libc::c_int);
-        }
+        unsafe { rustix::io::close(fd as RawFd) };
     }
 }
 
-fn try_close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) -> io::Result<()> {
+fn try_close_range(first: u32, last: u32, flags: i32) -> io::Result<()> {
     // SAFETY: the raw `close_range` system call takes three integers and touches no memory.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
     if r == 0 {
@@ -89,13 +92,10 @@ fn try_close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) 
 
 /// Clears close-on-exec on `fd`, so that exactly this descriptor survives the next exec.
 pub(crate) fn clear_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: `fcntl(F_SETFD)` on a descriptor number touches no memory; async-signal-safe.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `fd` is only named for this one `fcntl(F_SETFD)`, which touches no memory
+    // and is async-signal-safe; the borrow ends with the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?)
 }
 
 /// Takes ownership of the descriptor a parent passed across exec, after checking that it
@@ -106,8 +106,10 @@ pub(crate) fn clear_cloexec(fd: RawFd) -> io::Result<()> {
 /// `EBADF` if `fd` is not open; `ENOTSOCK` if it is not a socket.
 pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 3 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+        return Err(Errno::BADF.into());
     }
+    // libc, not rustix: rustix takes a `BorrowedFd`, which must be open, and whether this
+    // number is open is the question.
     // SAFETY: `fcntl(F_GETFD)` only queries the descriptor number.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
         return Err(io::Error::last_os_error());
@@ -120,7 +122,7 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
         // Not ours after all: give the number back untouched.
         std::mem::forget(owned);
-        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+        return Err(Errno::NOTSOCK.into());
     }
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
     Ok(owned)

@@ -126,14 +126,14 @@ impl Worker {
             Proc::Direct(c) => c.signal(sig),
             Proc::Served {
                 status: Some(_), ..
-            } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            } => Err(io::Error::from(rustix::io::Errno::SRCH)),
             Proc::Served {
                 pidfd: Some(fd), ..
             } => Ok(rustix::process::pidfd_send_signal(fd, sig)?),
             Proc::Served { pid, .. } if self.holds_its_pid() => {
                 Ok(rustix::process::kill_process(*pid, sig)?)
             }
-            Proc::Served { .. } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            Proc::Served { .. } => Err(io::Error::from(rustix::io::Errno::SRCH)),
         }
     }
 
@@ -145,7 +145,7 @@ impl Worker {
     pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
         if !self.holds_its_pid() {
             // The group id is the worker's pid, which may belong to someone else by now.
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         let pgid = Pid::from_raw(self.pid as i32).ok_or(io::ErrorKind::InvalidInput)?;
         Ok(rustix::process::kill_process_group(pgid, sig)?)
