@@ -116,6 +116,13 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pool-spawn (procpool's start methods) runs on Linux only: it watches workers through \
+     pidfds, ties their lives to the parent with PR_SET_PDEATHSIG, and re-executes \
+     /proc/self/exe"
+);
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 mod child;
