@@ -93,3 +93,30 @@ pub(crate) fn init_fails(v: u64) -> Result<(), String> {
 pub(crate) fn read_init_value() -> u64 {
     INIT_VALUE.load(Ordering::SeqCst)
 }
+
+/// A duplicate of the worker's channel: its only socket above stdio.
+pub(crate) fn channel_fd() -> std::os::fd::OwnedFd {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags};
+    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let e = e.expect("entry");
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if fd > 2 && is_socket {
+            // A duplicate taken through a pidfd of ourselves: no raw descriptor to trust.
+            let me = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty())
+                .expect("pidfd_open");
+            return rustix::process::pidfd_getfd(&me, fd, PidfdGetfdFlags::empty())
+                .expect("pidfd_getfd");
+        }
+    }
+    panic!("no channel socket among this worker's descriptors")
+}
+
+/// Writes `bytes` to the worker's own channel, as a library writing to the wrong
+/// descriptor would; returns how many were written.
+pub(crate) fn write_to_channel(bytes: Vec<u8>) -> usize {
+    rustix::io::write(channel_fd(), &bytes).expect("write to the channel")
+}
