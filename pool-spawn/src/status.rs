@@ -55,6 +55,25 @@ impl ExitStatus {
             .map(|sig| Self::from_signal(sig, s.dumped()))
     }
 
+    /// Decodes a `waitpid`-style wait status; `None` if it does not describe a terminated
+    /// process.
+    pub(crate) fn from_wait_status(raw: i32) -> Option<Self> {
+        if libc::WIFEXITED(raw) {
+            Some(Self::from_code(libc::WEXITSTATUS(raw)))
+        } else if libc::WIFSIGNALED(raw) {
+            Some(Self::from_signal(libc::WTERMSIG(raw), libc::WCOREDUMP(raw)))
+        } else {
+            None
+        }
+    }
+
+    /// The status of the exited process behind `pidfd`, read from the pidfd itself: the
+    /// kernel keeps it even when the process was reaped without us (its parent ignores
+    /// `SIGCHLD`, say). `None` if it has not exited, or the kernel is older than 6.15.
+    pub(crate) fn from_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Self> {
+        crate::sys::pidfd_wait_status(pidfd).and_then(Self::from_wait_status)
+    }
+
     /// The exit code, if the process exited normally.
     pub fn code(&self) -> Option<i32> {
         match self.repr {
@@ -174,6 +193,24 @@ mod tests {
             ExitStatus::from_signal(6, false).signal_name(),
             Some("SIGABRT")
         );
+    }
+
+    #[test]
+    fn decodes_wait_statuses() {
+        assert_eq!(
+            ExitStatus::from_wait_status(3 << 8),
+            Some(ExitStatus::from_code(3))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(6 | 0x80),
+            Some(ExitStatus::from_signal(6, true))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(9),
+            Some(ExitStatus::from_signal(9, false))
+        );
+        // Stopped by SIGSTOP: not an end.
+        assert_eq!(ExitStatus::from_wait_status((19 << 8) | 0x7f), None);
     }
 
     #[test]

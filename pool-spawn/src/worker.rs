@@ -156,7 +156,7 @@ impl Worker {
     /// at once), which its pidfd tells.
     fn holds_its_pid(&self) -> bool {
         match &self.proc_ {
-            Proc::Direct(c) => c.status().is_none(),
+            Proc::Direct(c) => c.holds_its_pid(),
             Proc::Served {
                 status: Some(_), ..
             } => false,

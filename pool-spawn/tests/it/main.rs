@@ -11,6 +11,7 @@ mod helper;
 mod hygiene;
 mod lifecycle;
 mod setup;
+mod signals;
 mod stray;
 mod tasks;
 

@@ -120,3 +120,14 @@ pub(crate) fn channel_fd() -> std::os::fd::OwnedFd {
 pub(crate) fn write_to_channel(bytes: Vec<u8>) -> usize {
     rustix::io::write(channel_fd(), &bytes).expect("write to the channel")
 }
+
+/// The signals this process ignores, from `/proc/self/status`.
+pub(crate) fn ignored_signals() -> Vec<i32> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).expect("SigIgn mask"))
+        .expect("a SigIgn line");
+    (1..=64).filter(|s| mask & (1 << (s - 1)) != 0).collect()
+}

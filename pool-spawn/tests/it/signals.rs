@@ -1,0 +1,66 @@
+//! What a parent's signal settings do to its workers: nothing.
+
+use std::time::Duration;
+
+use pool_spawn::{StartMethod, task};
+
+use crate::driver::{WAIT, launch, launcher};
+use crate::{helper, tasks};
+
+const METHODS: [StartMethod; 3] = [
+    StartMethod::Fork,
+    StartMethod::Spawn,
+    StartMethod::Forkserver,
+];
+
+/// Ignored in every worker: SIGINT, SIGPIPE (Rust's convention), SIGTTIN, SIGTTOU.
+const WORKER_IGNORES: [i32; 4] = [2, 13, 21, 22];
+
+#[test]
+fn a_parent_that_ignores_sigchld_still_learns_how_workers_ended() {
+    let mut child = helper::spawn("signals::helper_ignores_sigchld", &[]);
+    let rx = helper::lines(child.stdout.take().unwrap());
+    for method in METHODS {
+        let ign = helper::expect_line(&rx, &format!("{method:?} IGNORES "), WAIT);
+        let expected = format!("{WORKER_IGNORES:?}");
+        assert_eq!(ign, expected, "{method:?}: signals the worker ignores");
+        let status = helper::expect_line(&rx, &format!("{method:?} ENDED "), WAIT);
+        assert!(
+            status.starts_with("signal 6 (SIGABRT)"),
+            "{method:?}: the abort is reported as {status}"
+        );
+    }
+    assert!(helper::wait(&mut child, WAIT).success());
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_ignores_sigchld() {
+    use std::io::Write;
+    // SAFETY: installs no handler code; the helper process is ours alone.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+    }
+    for method in METHODS {
+        let mut l = launcher(method);
+        let mut w = launch(&mut l, 1);
+        w.setup();
+        let mut ign: Vec<i32> = w.call(task::batch_ref(tasks::ignored_signals), ());
+        // The C library reserves 32 and 33 for itself (no `sigaction` for them).
+        ign.retain(|&s| s < 32);
+        println!("{method:?} IGNORES {ign:?}");
+        w.send_run(2, task::batch_ref(tasks::abort_now), &[()]);
+        let status = match w.worker.wait_timeout(WAIT) {
+            Ok(Some(s)) => s.to_string(),
+            Ok(None) => "still running".to_owned(),
+            Err(e) => format!("error: {e}"),
+        };
+        println!("{method:?} ENDED {status}");
+        std::io::stdout().flush().unwrap();
+        drop(w);
+        l.shutdown().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(10));
+}
