@@ -20,6 +20,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ExitStatus {
     repr: Repr,
+    /// The signal that ended the process had been sent through its [`Worker`] handle.
+    ///
+    /// [`Worker`]: crate::Worker
+    #[serde(skip)]
+    sent_by_pool: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,6 +38,7 @@ impl ExitStatus {
     pub fn from_code(code: i32) -> Self {
         ExitStatus {
             repr: Repr::Code(code),
+            sent_by_pool: false,
         }
     }
 
@@ -43,7 +49,27 @@ impl ExitStatus {
                 signal,
                 core_dumped,
             },
+            sent_by_pool: false,
         }
+    }
+
+    /// Whether the signal that ended the process is one its [`Worker`] handle had sent
+    /// ([`signal`], [`signal_group`], [`terminate`], or dropping the handle): the pool
+    /// ended it, not the out-of-memory killer or an operator. Always `false` for an exit
+    /// code.
+    ///
+    /// [`Worker`]: crate::Worker
+    /// [`signal`]: crate::Worker::signal
+    /// [`signal_group`]: crate::Worker::signal_group
+    /// [`terminate`]: crate::Worker::terminate
+    pub fn sent_by_pool(&self) -> bool {
+        self.sent_by_pool
+    }
+
+    /// This status, marked as ended by a signal the worker's handle sent.
+    pub(crate) fn with_sent_by_pool(mut self) -> Self {
+        self.sent_by_pool = self.signal().is_some();
+        self
     }
 
     /// Decodes a `waitid` result; `None` if it does not describe a terminated process.

@@ -64,3 +64,33 @@ fn helper_ignores_sigchld() {
     }
     std::thread::sleep(Duration::from_millis(10));
 }
+
+fn a_status_tells_whether_the_handle_sent_the_signal(method: StartMethod) {
+    let mut l = launcher(method);
+    let mut w = launch(&mut l, 1);
+    w.setup();
+    w.worker.signal_group(pool_spawn::Signal::KILL).unwrap();
+    let s = w.wait();
+    assert_eq!(s.signal(), Some(9));
+    assert!(s.sent_by_pool(), "{method:?}: {s}");
+    // Killed from outside (an operator, the OOM killer): not ours.
+    let mut w = launch(&mut l, 2);
+    w.setup();
+    let pid = rustix::process::Pid::from_raw(w.worker.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, pool_spawn::Signal::KILL).unwrap();
+    let s = w.wait();
+    assert_eq!(s.signal(), Some(9));
+    assert!(!s.sent_by_pool(), "{method:?}: {s}");
+    // An exit code is never the pool's doing, whatever it sent.
+    let mut w = launch(&mut l, 3);
+    w.setup();
+    w.worker.signal(pool_spawn::Signal::CONT).unwrap();
+    w.send_run(1, task::batch_ref(tasks::exit_with), &[(7,)]);
+    let s = w.wait();
+    assert_eq!(s.code(), Some(7));
+    assert!(!s.sent_by_pool());
+}
+crate::per_method!(
+    a_status_tells_whether_the_handle_sent_the_signal,
+    super::a_status_tells_whether_the_handle_sent_the_signal
+);
