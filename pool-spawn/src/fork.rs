@@ -110,12 +110,15 @@ fn prepare_worker(chan: RawFd, parent: Pid) -> rustix::io::Result<()> {
 }
 
 /// Arranges for a spawned child to keep exactly `keep` across exec (all other descriptors
-/// from 3 up are marked close-on-exec), to get `SIGKILL` when the spawning thread dies, and
+/// from 3 up are marked close-on-exec), to start with a worker's signal settings
+/// (`sys::worker_signals`), to get `SIGKILL` when the spawning thread dies, and
 /// to fail the spawn if `parent` is no longer its parent by then.
 pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
     let hook = move || -> io::Result<()> {
-        // An ignored signal stays ignored across exec: the child starts clean.
-        sys::reset_signals();
+        // An ignored signal stays ignored across exec: the child starts with a worker's
+        // settings (also `SIGTTOU` ignored, so that its first print, before it even reaches
+        // `init()`, does not stop it on a terminal with `tostop`).
+        sys::worker_signals();
         sys::cloexec_from_3();
         sys::clear_cloexec(keep)?;
         rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;

@@ -50,7 +50,7 @@ const SIG_MAX: libc::c_int = 64;
 /// exec resets them anyway, and a forked worker keeps its parent's, as Python's do.
 ///
 /// Async-signal-safe: only `sigaction`, `signal` and `sigprocmask`.
-pub(crate) fn reset_signals() {
+fn reset_signals() {
     for sig in 1..=SIG_MAX {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == libc::SIGPIPE {
             continue;

@@ -94,3 +94,61 @@ crate::per_method!(
     a_status_tells_whether_the_handle_sent_the_signal,
     super::a_status_tells_whether_the_handle_sent_the_signal
 );
+
+#[test]
+fn workers_print_to_a_terminal_with_tostop() {
+    // Under a pseudo-terminal (`script`) with `stty tostop`: a worker, in a process group of
+    // its own, is a background job there; its first print would stop it with SIGTTOU.
+    let exe = std::env::current_exe().expect("current_exe");
+    let cmd = format!(
+        "stty tostop && exec '{}' --exact signals::helper_prints_to_terminal --ignored \
+         --nocapture --test-threads=1",
+        exe.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let rx = helper::lines(child.stdout.take().unwrap());
+    // Reaped whatever happens (`script` is not in the helper's process group).
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    for method in METHODS {
+        let said = helper::expect_line(&rx, &format!("{method:?} PRINT "), WAIT);
+        assert_eq!(said, "done", "{method:?}");
+    }
+    assert!(helper::wait(&mut child.0, WAIT).success());
+}
+
+#[test]
+#[ignore = "helper: run via re-exec"]
+fn helper_prints_to_terminal() {
+    use std::io::Write;
+    for method in METHODS {
+        let mut l = launcher(method);
+        let mut w = launch(&mut l, 1);
+        w.setup();
+        w.send_run(
+            1,
+            task::batch_ref(tasks::print_line),
+            &[(format!("hello from {method:?}"),)],
+        );
+        let said = match w.chan.recv_timeout(Duration::from_secs(5)) {
+            Ok(Some(_)) => "done".to_owned(),
+            Ok(None) => "stopped (no answer in 5 s)".to_owned(),
+            Err(e) => format!("failed: {e}"),
+        };
+        println!("{method:?} PRINT {said}");
+        std::io::stdout().flush().unwrap();
+        drop(w);
+        l.shutdown().unwrap();
+    }
+}

@@ -131,3 +131,12 @@ pub(crate) fn ignored_signals() -> Vec<i32> {
         .expect("a SigIgn line");
     (1..=64).filter(|s| mask & (1 << (s - 1)) != 0).collect()
 }
+
+/// Prints `line` on stdout (flushed); returns its length.
+pub(crate) fn print_line(line: String) -> usize {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("print");
+    out.flush().expect("flush");
+    line.len()
+}
