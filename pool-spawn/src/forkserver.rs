@@ -97,6 +97,7 @@ struct Server {
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
     // Its workers inherit these (and set their own again).
     sys::worker_signals();
+    sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
         parent: rustix::process::getppid(),

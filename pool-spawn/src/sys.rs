@@ -222,6 +222,33 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Sets this process's short name (`comm`, at most 15 bytes: what `ps -e`, `top` and
+/// `pgrep` show) to the program's name and `tail`, e.g. `myprog:w3`: a spawned worker
+/// would otherwise be `exe` (it runs `/proc/self/exe`), a forked one its parent's name.
+/// The program's name is cut to fit; `tail` is kept. Best effort.
+pub(crate) fn set_process_name(tail: &str) {
+    const COMM_MAX: usize = 15;
+    let arg0 = std::env::args_os().next().unwrap_or_default();
+    let prog = std::path::Path::new(&arg0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let room = COMM_MAX.saturating_sub(tail.len());
+    let mut cut = prog.len().min(room);
+    while !prog.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut name = format!("{}{tail}", &prog[..cut]).into_bytes();
+    name.truncate(COMM_MAX);
+    name.retain(|&b| b != 0);
+    // The process's name is its main thread's; a role entered on another thread (libtest
+    // runs tests on one) names the main thread through /proc, then itself.
+    let _ = std::fs::write("/proc/self/comm", &name);
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&name);
+    }
+}
+
 /// The worker's name and pid, once `Setup` arrived.
 #[derive(Debug)]
 pub(crate) struct Identity {

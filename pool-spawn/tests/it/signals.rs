@@ -152,3 +152,23 @@ fn helper_prints_to_terminal() {
         l.shutdown().unwrap();
     }
 }
+
+fn workers_are_named_after_the_program(method: StartMethod) {
+    let mut l = launcher(method);
+    let mut w = launch(&mut l, 3);
+    w.setup();
+    let comm: String = w.call(task::batch_ref(tasks::comm), ());
+    // The test binary is `it-<hash>`: cut to fit, then the worker's number.
+    assert!(comm.starts_with("it-"), "{method:?}: {comm}");
+    assert!(comm.ends_with(":w3"), "{method:?}: {comm}");
+    assert_eq!(comm.len(), 15, "{method:?}: {comm}");
+    if let Some(server) = l.server_pid() {
+        let comm = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+        assert!(comm.trim_end().ends_with(":forksrv"), "{comm}");
+    }
+    w.exit();
+}
+crate::per_method!(
+    workers_are_named_after_the_program,
+    super::workers_are_named_after_the_program
+);

@@ -140,3 +140,11 @@ pub(crate) fn print_line(line: String) -> usize {
     out.flush().expect("flush");
     line.len()
 }
+
+/// This process's short name (`/proc/self/comm`).
+pub(crate) fn comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("read /proc/self/comm")
+        .trim_end()
+        .to_owned()
+}
