@@ -258,10 +258,15 @@ impl fmt::Display for TaskError {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }
                 match self.0.status {
+                    Some(s) if s.sent_by_pool() => write!(f, ": {s}, sent by the pool")?,
                     Some(s) => write!(f, ": {s}")?,
                     None => write!(f, ": exit status unknown")?,
                 }
-                if self.0.status.and_then(|s| s.signal()) == Some(9) {
+                if self
+                    .0
+                    .status
+                    .is_some_and(|s| s.signal() == Some(9) && !s.sent_by_pool())
+                {
                     write!(
                         f,
                         "; SIGKILL from outside the pool often means the out-of-memory killer"

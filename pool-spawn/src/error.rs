@@ -25,6 +25,10 @@ pub enum ErrorKind {
     Handshake,
     /// A bounded wait ran out (a process that does not die even after `SIGKILL`).
     TimedOut,
+    /// The worker has exited, but how is unknown: the kernel reaped it because this process
+    /// ignores `SIGCHLD`, on a kernel too old (before 6.15) to keep the status for its
+    /// pidfd.
+    StatusLost,
 }
 
 impl ErrorKind {
@@ -40,6 +44,7 @@ impl ErrorKind {
             ErrorKind::ServerLost => "the fork server is gone",
             ErrorKind::Handshake => "unexpected start-up handshake from the started process",
             ErrorKind::TimedOut => "timed out",
+            ErrorKind::StatusLost => "exit status lost",
         }
     }
 }

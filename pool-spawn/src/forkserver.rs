@@ -97,7 +97,9 @@ struct Server {
 
 /// Runs the fork server on `ctl`; never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
-    sys::ignore_sigint();
+    // Its workers inherit these (and set their own again).
+    sys::worker_signals();
+    sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
         parent: rustix::process::getppid(),
@@ -200,8 +202,14 @@ impl Server {
             };
             let status = match r {
                 Ok(Some(st)) => ExitStatus::from_waitid(&st),
-                // ECHILD: reaped elsewhere (never, here); report an unknown end.
-                Err(rustix::io::Errno::CHILD) => Some(ExitStatus::from_code(-1)),
+                // ECHILD: reaped by the kernel (never, here: the server's SIGCHLD has its
+                // default action); the pidfd still tells on Linux 6.15 and later.
+                Err(rustix::io::Errno::CHILD) => Some(
+                    k.pidfd
+                        .as_ref()
+                        .and_then(|fd| ExitStatus::from_pidfd(fd.as_fd()))
+                        .unwrap_or(ExitStatus::from_code(-1)),
+                ),
                 _ => None,
             };
             match status {

@@ -86,6 +86,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     std::sync::atomic::Ordering::Release,
                 );
             }
+            // `ForkserverPoolWorker-3` shows as `myprog:w3`.
+            let number = name.rsplit('-').next().unwrap_or(&name);
+            sys::set_process_name(&format!(":w{number}"));
             sys::set_identity(name);
             let same = match image.verify() {
                 Ok(same) => same,

@@ -21,6 +21,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ExitStatus {
     repr: Repr,
+    /// The signal that ended the process had been sent through its [`Worker`] handle.
+    ///
+    /// [`Worker`]: crate::Worker
+    #[serde(skip)]
+    sent_by_pool: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -34,6 +39,7 @@ impl ExitStatus {
     pub fn from_code(code: i32) -> Self {
         ExitStatus {
             repr: Repr::Code(code),
+            sent_by_pool: false,
         }
     }
 
@@ -44,7 +50,27 @@ impl ExitStatus {
                 signal,
                 core_dumped,
             },
+            sent_by_pool: false,
         }
+    }
+
+    /// Whether the signal that ended the process is one its [`Worker`] handle had sent
+    /// ([`signal`], [`signal_group`], [`terminate`], or dropping the handle): the pool
+    /// ended it, not the out-of-memory killer or an operator. Always `false` for an exit
+    /// code.
+    ///
+    /// [`Worker`]: crate::Worker
+    /// [`signal`]: crate::Worker::signal
+    /// [`signal_group`]: crate::Worker::signal_group
+    /// [`terminate`]: crate::Worker::terminate
+    pub fn sent_by_pool(&self) -> bool {
+        self.sent_by_pool
+    }
+
+    /// This status, marked as ended by a signal the worker's handle sent.
+    pub(crate) fn with_sent_by_pool(mut self) -> Self {
+        self.sent_by_pool = self.signal().is_some();
+        self
     }
 
     /// Decodes a `waitid` result; `None` if it does not describe a terminated process.
@@ -54,6 +80,25 @@ impl ExitStatus {
         }
         s.terminating_signal()
             .map(|sig| Self::from_signal(sig, s.dumped()))
+    }
+
+    /// Decodes a `waitpid`-style wait status; `None` if it does not describe a terminated
+    /// process.
+    pub(crate) fn from_wait_status(raw: i32) -> Option<Self> {
+        if libc::WIFEXITED(raw) {
+            Some(Self::from_code(libc::WEXITSTATUS(raw)))
+        } else if libc::WIFSIGNALED(raw) {
+            Some(Self::from_signal(libc::WTERMSIG(raw), libc::WCOREDUMP(raw)))
+        } else {
+            None
+        }
+    }
+
+    /// The status of the exited process behind `pidfd`, read from the pidfd itself: the
+    /// kernel keeps it even when the process was reaped without us (its parent ignores
+    /// `SIGCHLD`, say). `None` if it has not exited, or the kernel is older than 6.15.
+    pub(crate) fn from_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Self> {
+        crate::sys::pidfd_wait_status(pidfd).and_then(Self::from_wait_status)
     }
 
     /// The exit code, if the process exited normally.
@@ -175,6 +220,24 @@ mod tests {
             ExitStatus::from_signal(6, false).signal_name(),
             Some("SIGABRT")
         );
+    }
+
+    #[test]
+    fn decodes_wait_statuses() {
+        assert_eq!(
+            ExitStatus::from_wait_status(3 << 8),
+            Some(ExitStatus::from_code(3))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(6 | 0x80),
+            Some(ExitStatus::from_signal(6, true))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(9),
+            Some(ExitStatus::from_signal(9, false))
+        );
+        // Stopped by SIGSTOP: not an end.
+        assert_eq!(ExitStatus::from_wait_status((19 << 8) | 0x7f), None);
     }
 
     #[test]

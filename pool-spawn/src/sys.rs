@@ -13,7 +13,7 @@
 //! fd adoption) whose preconditions are stated at the block. Nothing here allocates or takes
 //! a lock except [`set_identity`] and [`adopt_inherited_fd`], so the other functions may be
 //! used in a freshly forked child of a multi-threaded process (they are async-signal-safe:
-//! `_exit`, `signal`, `close_range`/`close`, `fcntl`).
+//! `_exit`, `signal`, `sigaction`, `sigprocmask`, `close_range`/`close`, `fcntl`).
 //!
 //! The worker identity is a leaked, never-freed `Box`: the pointer stored in [`IDENTITY`]
 //! is either null or points to an `Identity` that lives for the rest of the process.
@@ -21,7 +21,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use rustix::io::Errno;
@@ -40,12 +40,108 @@ pub(crate) fn flush_and_exit(code: i32) -> ! {
     exit_now(code)
 }
 
-/// Makes this process ignore `SIGINT` (Ctrl-C goes to the parent, which shuts down in order).
-pub(crate) fn ignore_sigint() {
+/// Makes this process ignore `sig`.
+fn ignore(sig: libc::c_int) {
     // SAFETY: `signal` with `SIG_IGN` installs no handler code; it is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(sig, libc::SIG_IGN);
     }
+}
+
+/// The highest signal number on Linux (`_NSIG - 1`).
+const SIG_MAX: libc::c_int = 64;
+
+/// Undoes what a parent's signal settings would leave behind across fork and exec: every
+/// ignored signal but `SIGPIPE` (which Rust programs ignore by convention) gets its default
+/// action back, and no signal stays blocked. An ignored `SIGCHLD` would have the kernel
+/// reap this process's children before anyone reads how they ended; an ignored or blocked
+/// `SIGTERM` would make a terminate wait for its grace period. Handlers are left alone:
+/// exec resets them anyway, and a forked worker keeps its parent's, as Python's do.
+///
+/// Async-signal-safe: only `sigaction`, `signal` and `sigprocmask`.
+fn reset_signals() {
+    for sig in 1..=SIG_MAX {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == libc::SIGPIPE {
+            continue;
+        }
+        let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+        // SAFETY: a null new action only queries; `old` is valid for writing. Signal
+        // numbers the C library reserves answer EINVAL, which is ignored.
+        let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+        // SAFETY: `sigaction` succeeded, so it filled `old` (which was zeroed anyway).
+        if r == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN {
+            // SAFETY: `signal` with `SIG_DFL` installs no handler code; async-signal-safe.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: `set` is valid for writing; `sigemptyset` then `sigprocmask` with it only
+    // change this thread's mask (the only thread of a freshly forked or started process).
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+    }
+}
+
+/// The signal settings of a worker: those of [`reset_signals`], then `SIGINT` ignored
+/// (Ctrl-C is the parent's to handle) and `SIGTTOU`/`SIGTTIN` ignored (a worker has a
+/// process group of its own, which a terminal treats as a background job: with `stty
+/// tostop`, its first print would stop it).
+///
+/// Async-signal-safe.
+pub(crate) fn worker_signals() {
+    reset_signals();
+    ignore(libc::SIGINT);
+    ignore(libc::SIGTTOU);
+    ignore(libc::SIGTTIN);
+}
+
+/// `struct pidfd_info` of `<linux/pidfd.h>` (its first version, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+/// `PIDFD_INFO_EXIT`: ask for (and, in the answer, got) the exit status.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// The wait status (as `waitpid` gives it) of the exited process behind `pidfd`, kept by
+/// the kernel even once the process has been reaped by someone else, or automatically
+/// because its parent ignores `SIGCHLD` (Linux 6.15 and later). `None` if the process has
+/// not exited or the kernel does not tell.
+pub(crate) fn pidfd_wait_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: `info` is a live, writable `struct pidfd_info` of the size the request
+    // number encodes; the kernel writes at most that many bytes into it.
+    let r = unsafe {
+        libc::ioctl(
+            pidfd.as_raw_fd(),
+            PIDFD_GET_INFO as _,
+            &mut info as *mut PidfdInfo,
+        )
+    };
+    (r == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
 }
 
 /// Closes every file descriptor from 3 up except `keep`.
@@ -126,6 +222,33 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     }
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
     Ok(owned)
+}
+
+/// Sets this process's short name (`comm`, at most 15 bytes: what `ps -e`, `top` and
+/// `pgrep` show) to the program's name and `tail`, e.g. `myprog:w3`: a spawned worker
+/// would otherwise be `exe` (it runs `/proc/self/exe`), a forked one its parent's name.
+/// The program's name is cut to fit; `tail` is kept. Best effort.
+pub(crate) fn set_process_name(tail: &str) {
+    const COMM_MAX: usize = 15;
+    let arg0 = std::env::args_os().next().unwrap_or_default();
+    let prog = std::path::Path::new(&arg0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let room = COMM_MAX.saturating_sub(tail.len());
+    let mut cut = prog.len().min(room);
+    while !prog.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut name = format!("{}{tail}", &prog[..cut]).into_bytes();
+    name.truncate(COMM_MAX);
+    name.retain(|&b| b != 0);
+    // The process's name is its main thread's; a role entered on another thread (libtest
+    // runs tests on one) names the main thread through /proc, then itself.
+    let _ = std::fs::write("/proc/self/comm", &name);
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&name);
+    }
 }
 
 /// The worker's name and pid, once `Setup` arrived.
