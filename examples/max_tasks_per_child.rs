@@ -1,5 +1,7 @@
-//! Seed 000: two workers, each limited to three tasks; ten tasks. Worker names change after
-//! every three tasks, because each worker is replaced by a fresh process.
+//! Recycling workers: two workers, each limited to three tasks; ten tasks. Worker names
+//! change after every three tasks, because each worker is replaced by a fresh process.
+//!
+//! `cargo run --example max_tasks_per_child`
 use std::time::Duration;
 
 use procpool::{Pool, current_process};

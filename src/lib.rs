@@ -2,12 +2,17 @@
 //!
 //! Threads already give Rust parallelism. Processes give what threads cannot: **isolation**
 //! (a segfault, abort, out-of-memory kill or leak in a native library costs one worker, not
-//! the service), **recycling** (`max_tasks_per_child` frees what a worker leaked),
-//! **hard kill** of a stuck task, and per-worker limits.
+//! the service), **recycling** (`max_tasks_per_child` frees what a worker leaked), and
+//! **hard stops** ([`Pool::terminate`] kills every worker with its children and reaps them;
+//! an [`Event`] lets tasks stop cooperatively while the pool stays usable).
+//!
+//! procpool runs on Linux only: it watches workers through pidfds, shares memory through
+//! memfds, waits on futexes, ties workers' lives to the parent with `PR_SET_PDEATHSIG` and
+//! re-executes `/proc/self/exe`. On other systems the build stops with a message saying so.
 //!
 //! # Quick start
 //!
-//! ```no_run
+//! ```
 //! use procpool::{Pool, StartMethod};
 //!
 //! fn square(x: u64) -> u64 {

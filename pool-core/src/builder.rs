@@ -31,6 +31,38 @@ pub(crate) const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild, context)`.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// use std::sync::OnceLock;
+///
+/// use procpool::{Pool, StartMethod};
+///
+/// static GREETING: OnceLock<String> = OnceLock::new();
+///
+/// /// Runs once in each worker, before its first task.
+/// fn setup(greeting: String) {
+///     GREETING.set(greeting).expect("one initializer per worker");
+/// }
+///
+/// fn greet(name: String) -> String {
+///     format!("{}, {name}", GREETING.get().unwrap())
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init(); // first line of main: workers start here
+///     let pool = Pool::builder()
+///         .processes(2)
+///         .max_tasks_per_child(100) // then a fresh process takes over
+///         .initializer(setup, ("hello".to_string(),))
+///         .start_method(StartMethod::Spawn)
+///         .build()?;
+///     assert_eq!(pool.apply(greet, ("Ada".to_string(),))?, "hello, Ada");
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Default)]
 pub struct PoolBuilder {
     processes: Option<usize>,

@@ -6,7 +6,7 @@ use pool_ipc::FrameBuf;
 use pool_spawn::protocol::{ItemSpans, RunItems};
 use pool_spawn::task::FnRef;
 
-use crate::error::{TaskError, TaskErrorKind};
+use crate::error::{Chain, TaskError, TaskErrorKind};
 use crate::event::{self, Pins};
 use crate::task::Task;
 
@@ -61,7 +61,7 @@ impl Encoded {
             .map(|(i, e)| {
                 let e = TaskError::new(
                     TaskErrorKind::Encode,
-                    format!("the task's arguments cannot be encoded: {e}"),
+                    format!("the task's arguments cannot be encoded: {}", Chain(&e)),
                 );
                 (i, e)
             })
@@ -69,7 +69,10 @@ impl Encoded {
         Encoded {
             id,
             frame: frame.map_err(|e| {
-                TaskError::new(TaskErrorKind::Encode, format!("the task message: {e}"))
+                TaskError::new(
+                    TaskErrorKind::Encode,
+                    format!("the task message: {}", Chain(&e)),
+                )
             }),
             spans,
             placement: Placement { sent, failed, len },

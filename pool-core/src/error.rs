@@ -42,6 +42,28 @@ pub enum TaskErrorKind {
 /// accessors for details (pid, exit status, panic message, item index in a `map`).
 ///
 /// It is one pointer wide (the details are boxed), so `Result<T, TaskError>` stays small.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// fn check(x: u32) -> u32 {
+///     assert!(x < 3, "{x} is too big");
+///     x
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init(); // first line of main: workers start here
+///     let pool = procpool::Pool::builder().processes(2).build()?;
+///     let e = pool.map(check, 0..5u32).unwrap_err();
+///     assert!(e.is_panic());
+///     assert_eq!(e.item_index(), Some(3)); // the first item that failed
+///     assert!(e.panic_message().unwrap().contains("3 is too big"));
+///     assert!(e.pid().is_some()); // the worker that ran it, which lives on
+///     assert_eq!(pool.apply(check, (1,))?, 1);
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskError(Box<Details>);
 
@@ -328,10 +350,15 @@ impl fmt::Display for TaskError {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }
                 match self.0.status {
+                    Some(s) if s.sent_by_pool() => write!(f, ": {s}, sent by the pool")?,
                     Some(s) => write!(f, ": {s}")?,
                     None => write!(f, ": exit status unknown")?,
                 }
-                if self.0.status.and_then(|s| s.signal()) == Some(9) {
+                if self
+                    .0
+                    .status
+                    .is_some_and(|s| s.signal() == Some(9) && !s.sent_by_pool())
+                {
                     write!(
                         f,
                         "; SIGKILL from outside the pool often means the out-of-memory killer"
@@ -418,6 +445,21 @@ pub enum BuildErrorKind {
 }
 
 /// Why [`PoolBuilder::build`](crate::PoolBuilder::build) failed.
+///
+/// Its message says what failed at the pool's level; the error from below (a system call,
+/// the fork refusal, a worker that never ran `procpool::init()`) is its
+/// [`source`](std::error::Error::source).
+///
+/// ```
+/// # use pool_core as procpool;
+/// use std::error::Error as _;
+/// use procpool::{BuildErrorKind, Pool};
+///
+/// let e = Pool::builder().processes(0).build().unwrap_err();
+/// assert_eq!(e.kind(), BuildErrorKind::InvalidConfig);
+/// assert_eq!(e.to_string(), "processes must be at least 1");
+/// assert!(e.source().is_none());
+/// ```
 #[derive(Debug)]
 pub struct BuildError {
     kind: BuildErrorKind,
@@ -434,10 +476,19 @@ impl BuildError {
         }
     }
 
+    /// Workers could not start because of `source`. The fork refusal gets the pool's own
+    /// advice: pool-spawn's names its own option, which a pool's user never sees.
     pub(crate) fn start(source: pool_spawn::Error) -> Self {
+        let message = match source.kind() {
+            pool_spawn::ErrorKind::ForkUnsafe => {
+                "the pool cannot fork its workers: use StartMethod::Forkserver (the default), \
+                 or accept the risk with PoolBuilder::allow_fork_with_threads(true)"
+            }
+            _ => "could not start the pool's workers",
+        };
         BuildError {
             kind: BuildErrorKind::Start,
-            message: "could not start the pool's workers".into(),
+            message: message.into(),
             source: Some(source),
         }
     }
@@ -450,10 +501,7 @@ impl BuildError {
 
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(s) => write!(f, "{}: {s}", self.message),
-            None => write!(f, "{}", self.message),
-        }
+        f.write_str(&self.message)
     }
 }
 
@@ -465,10 +513,28 @@ impl std::error::Error for BuildError {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause`, for the places that keep an
+/// error as text (a task's message, a log line).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Any error procpool returns: a failed build, a failed task, or a shutdown problem.
 ///
 /// `?` converts [`BuildError`] and [`TaskError`] into it, so a `main` returning
-/// `Result<(), procpool::Error>` can use `?` on every pool call.
+/// `Result<(), procpool::Error>` can use `?` on every pool call. It is transparent: its
+/// message is the inner error's, and its [`source`](std::error::Error::source) is the inner
+/// error's source, so an error reporter shows each cause once.
 #[derive(Debug)]
 pub struct Error {
     repr: Repr,
@@ -516,6 +582,14 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The build error inside, if this is one.
+    pub fn as_build_error(&self) -> Option<&BuildError> {
+        match &self.repr {
+            Repr::Build(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -531,8 +605,8 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.repr {
-            Repr::Build(e) => Some(e),
-            Repr::Task(e) => Some(e),
+            Repr::Build(e) => e.source(),
+            Repr::Task(e) => e.source(),
             Repr::Join(_) => None,
         }
     }

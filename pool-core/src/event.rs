@@ -28,6 +28,35 @@ const LEN: usize = 64;
 ///
 /// The typical use is a safe stop of running tasks, leaving the pool usable: tasks poll
 /// [`is_set`](Event::is_set) and return early once it is set.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// use std::time::Duration;
+///
+/// use procpool::{Event, Pool};
+///
+/// /// Works until told to stop; returns the rounds it did.
+/// fn work(stop: Event) -> u32 {
+///     let mut rounds = 0;
+///     while !stop.wait_timeout(Duration::from_millis(5)) {
+///         rounds += 1;
+///     }
+///     rounds
+/// }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     procpool::init(); // first line of main: workers start here
+///     let stop = Event::new()?;
+///     let pool = Pool::builder().processes(2).build()?;
+///     let running = pool.apply_async(work, (stop.clone(),));
+///     std::thread::sleep(Duration::from_millis(50));
+///     stop.set(); // seen at once by the task in its worker
+///     let _rounds: u32 = running.get()?;
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone)]
 pub struct Event {
     seg: Arc<Segment>,

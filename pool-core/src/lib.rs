@@ -15,7 +15,7 @@
 //!   items encoded by `chunk`; [`Task`] is what it accepts;
 //! - [`Event`]: a process-shared flag for cooperative stops.
 //!
-//! ```no_run
+//! ```
 //! # use pool_core as procpool;
 //! fn square(x: u64) -> u64 { x * x }
 //!
@@ -31,6 +31,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pool-core (procpool's pool) runs on Linux only: its driver sleeps on an eventfd and \
+     worker pidfds, and its Event is a futex in a memfd"
+);
 
 mod builder;
 mod chunk;

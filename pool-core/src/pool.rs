@@ -42,6 +42,24 @@ pub struct Pool {
 }
 
 /// A live worker of a pool, as [`Pool::workers`] lists it.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// fn pid() -> u32 {
+///     std::process::id()
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init(); // first line of main: workers start here
+///     let pool = procpool::Pool::builder().processes(1).build()?;
+///     let worker = &pool.workers()[0];
+///     assert!(worker.name().starts_with("ForkserverPoolWorker-"));
+///     assert_eq!(pool.apply(pid, ())?, worker.pid()); // the task ran in that process
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerInfo {
     name: String,
@@ -61,6 +79,29 @@ impl WorkerInfo {
 }
 
 /// Counters of a pool's work so far.
+///
+/// Take one with [`Pool::metrics`]; a `map` counts as one task per chunk.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init(); // first line of main: workers start here
+///     let pool = procpool::Pool::builder().processes(2).build()?;
+///     for x in 0..3 {
+///         pool.apply(square, (x,))?;
+///     }
+///     let m = pool.metrics();
+///     assert_eq!((m.submitted, m.completed, m.lost), (3, 3, 0));
+///     assert_eq!((m.queued, m.running), (0, 0));
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Metrics {
@@ -127,6 +168,20 @@ impl Pool {
 
     /// The live workers, oldest first: Python's `active_children()`. A worker about to be
     /// recycled and its already started replacement may both be listed.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     let workers = pool.workers();
+    ///     assert_eq!(workers.len(), 2);
+    ///     assert_ne!(workers[0].pid(), workers[1].pid());
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     #[doc(alias = "active_children")]
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.shared
@@ -137,6 +192,19 @@ impl Pool {
     }
 
     /// Counters of the pool's work so far.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     assert_eq!(pool.metrics().submitted, 0);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     assert_eq!(pool.metrics().workers_started, 2);
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn metrics(&self) -> Metrics {
         let c = self.shared.counts();
         let (queued, running) = self.shared.load();
@@ -170,18 +238,74 @@ impl Pool {
 
     /// Stops accepting tasks; workers exit once the queued ones are done: Python's `close`.
     /// Iterators from [`imap`](Pool::imap) made before it go on sending their items.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     let pending = pool.apply_async(square, (4,));
+    ///     pool.close();
+    ///     // Work already queued still runs; new work is refused.
+    ///     assert_eq!(pending.get()?, 16);
+    ///     let refused = pool.apply(square, (5,)).unwrap_err();
+    ///     assert_eq!(refused.kind(), procpool::TaskErrorKind::PoolClosed);
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn close(&self) {
         self.shared.act(|p, fx| p.close(fx));
     }
 
     /// Stops now: unfinished tasks fail with [`TaskErrorKind::PoolClosed`](crate::TaskErrorKind::PoolClosed), workers get
     /// SIGTERM then, after a short grace, SIGKILL: Python's `terminate`.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// use std::time::Duration;
+    ///
+    /// fn sleep_ms(ms: u64) {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(1).build()?;
+    ///     let long = pool.apply_async(sleep_ms, (60_000,));
+    ///     pool.terminate();
+    ///     pool.join()?; // returns once the workers are reaped, well before the minute is up
+    ///     assert_eq!(long.get().unwrap_err().kind(), procpool::TaskErrorKind::PoolClosed);
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn terminate(&self) {
         self.shared.terminate();
     }
 
     /// Waits until every worker has exited and been reaped: Python's `join`. Items an
     /// unfinished [`imap`](Pool::imap) has not sent yet will not be sent.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+    ///     assert!(pool.join().is_err()); // not closed: the wait would never end
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     assert!(pool.workers().is_empty());
+    ///     for pid in pids {
+    ///         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists()); // reaped
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     ///
     /// # Errors
     /// If neither [`close`](Pool::close) nor [`terminate`](Pool::terminate) was called

@@ -19,6 +19,7 @@ use crate::frame::MAX_WIRE_LEN;
 pub struct Config {
     pub(crate) max_frame_len: usize,
     pub(crate) shm_threshold: Option<usize>,
+    pub(crate) announce_above: Option<usize>,
 }
 
 impl Default for Config {
@@ -28,11 +29,13 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults: frames up to 1 GiB, shared-memory mode off.
+    /// The defaults: frames up to 1 GiB, shared-memory mode off, large frames not
+    /// announced.
     pub fn new() -> Self {
         Config {
             max_frame_len: 1 << 30,
             shm_threshold: None,
+            announce_above: None,
         }
     }
 
@@ -71,5 +74,30 @@ impl Config {
     pub fn shm_threshold(mut self, n: Option<usize>) -> Self {
         self.shm_threshold = n;
         self
+    }
+
+    /// Announces frames larger than `n` bytes (`None`: no announcements, the default).
+    ///
+    /// A sender with this setting precedes every frame above `n` bytes with a 16-byte
+    /// control frame that repeats its length with a check value. A receiver with this
+    /// setting accepts a plain header above `n` bytes only right after the announcement
+    /// of exactly that length; otherwise it fails with
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) before allocating
+    /// anything. So bytes that do not belong on the channel (a library writing a line of
+    /// text to the wrong descriptor, say) cannot make the receiver wait for, or reserve
+    /// room for, a frame of hundreds of megabytes: at most `n` bytes, which a caller
+    /// watching [`FramedConn::partial_frame_since`](crate::FramedConn::partial_frame_since)
+    /// can give up on.
+    ///
+    /// Both ends must use it (a receiver without it accepts announcements but does not
+    /// require them). Values below 4096 are raised to 4096.
+    pub fn announce_above(mut self, n: Option<usize>) -> Self {
+        self.announce_above = n.map(|n| n.max(crate::frame::ANNOUNCE_MIN));
+        self
+    }
+
+    /// The size above which frames are announced, if they are.
+    pub fn announced_above(&self) -> Option<usize> {
+        self.announce_above
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use rustix::io::Errno;
 use serde::Serialize;
@@ -59,6 +60,8 @@ pub struct FramedConn {
     ready: VecDeque<Vec<u8>>,
     /// A parse error found by `fill`, reported by `next_frame` after the frames before it.
     err: Option<Error>,
+    /// While an incomplete frame is buffered: when bytes last arrived.
+    partial_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for FramedConn {
@@ -88,6 +91,7 @@ impl FramedConn {
             w,
             ready: VecDeque::new(),
             err: None,
+            partial_since: None,
         })
     }
 
@@ -168,26 +172,64 @@ impl FramedConn {
     /// reported by [`next_frame`](FramedConn::next_frame), in order.
     pub fn fill(&mut self) -> Result<bool> {
         let mut budget = FILL_BUDGET;
-        loop {
+        let mut arrived = false;
+        let r = loop {
             self.parse();
             if self.r.eof {
-                return Ok(false);
+                break Ok(false);
             }
             if self.err.is_some() {
-                return Ok(true);
+                break Ok(true);
             }
             match self.r.read_some(self.fd.as_fd()) {
                 Ok(n) => {
+                    arrived |= n > 0;
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
                         self.parse();
-                        return Ok(true);
+                        break Ok(true);
                     }
                 }
-                Err(Errno::AGAIN) => return Ok(true),
-                Err(e) => return Err(e.into()),
+                Err(Errno::AGAIN) => break Ok(true),
+                Err(e) => break Err(e.into()),
             }
+        };
+        if !self.r.has_partial() {
+            self.partial_since = None;
+        } else if arrived || self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
         }
+        r
+    }
+
+    /// While part of a frame has arrived and the rest has not: when bytes last arrived
+    /// (as of the last [`fill`](FramedConn::fill)). `None` when what was read ends at a
+    /// frame boundary.
+    ///
+    /// A peer that writes frames whole never leaves one unfinished for long: an
+    /// incomplete frame that gets no further for seconds means the peer stopped in the
+    /// middle of a write, or wrote bytes that do not belong on the channel (a header
+    /// that promises more than it sends). An event loop gives up on such a peer after a
+    /// bound of its choosing, since no readiness event will come to tell it:
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use pool_ipc::{Config, FramedConn};
+    ///
+    /// let (a, b) = pool_ipc::socketpair()?;
+    /// let mut conn = FramedConn::new(a, Config::new())?;
+    /// rustix::io::write(&b, &[10, 0, 0, 0, 1, 2])?; // 2 of 10 bytes
+    /// conn.fill()?;
+    /// assert_eq!(conn.next_frame()?, None);
+    /// let since = conn.partial_frame_since().expect("a frame is incomplete");
+    /// assert!(since <= Instant::now());
+    /// // In the event loop: wake up at `since + bound`, then give up on the peer if
+    /// // `partial_frame_since()` is still that old.
+    /// # let _ = Duration::from_secs(5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn partial_frame_since(&self) -> Option<Instant> {
+        self.partial_since
     }
 
     /// Moves complete frames from the read buffer to the ready queue.

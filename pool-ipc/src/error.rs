@@ -20,7 +20,10 @@ pub enum ErrorKind {
     /// The stream ended in the middle of a frame: the peer died or closed while writing.
     Truncated,
     /// A frame's announced length exceeds the configured `max_frame_len` (checked before
-    /// anything is allocated), or a message to send is too large for the wire format.
+    /// anything is allocated), or a message to send is too large for the wire format. On a
+    /// channel with [`Config::announce_above`](crate::Config::announce_above), also a
+    /// header above that size that no announcement preceded, or one that differs from its
+    /// announcement: bytes that do not belong on the channel.
     FrameTooLarge,
     /// A frame could not be decoded: malformed postcard data, a malformed control frame,
     /// or a shared-memory reference that does not fit the shared region.
@@ -55,6 +58,8 @@ enum Detail {
     Postcard(postcard::Error),
     Msg(&'static str),
     TooLarge { len: u64, max: u64 },
+    Unannounced { len: u64, limit: u64 },
+    Mismatch { len: u64, announced: u64 },
 }
 
 /// The error type of pool-ipc's channels.
@@ -95,6 +100,26 @@ impl Error {
             detail: Detail::TooLarge {
                 len: len as u64,
                 max: max as u64,
+            },
+        }
+    }
+
+    pub(crate) fn unannounced(len: usize, limit: usize) -> Error {
+        Error {
+            kind: ErrorKind::FrameTooLarge,
+            detail: Detail::Unannounced {
+                len: len as u64,
+                limit: limit as u64,
+            },
+        }
+    }
+
+    pub(crate) fn mismatch(len: usize, announced: usize) -> Error {
+        Error {
+            kind: ErrorKind::FrameTooLarge,
+            detail: Detail::Mismatch {
+                len: len as u64,
+                announced: announced as u64,
             },
         }
     }
@@ -141,6 +166,16 @@ impl fmt::Display for Error {
             Detail::TooLarge { len, max } => {
                 write!(f, "frame of {len} bytes exceeds the limit of {max} bytes")
             }
+            Detail::Unannounced { len, limit } => write!(
+                f,
+                "a frame header gives {len} bytes, but frames above {limit} bytes are \
+                 announced first and this one was not (stray bytes on the channel?)"
+            ),
+            Detail::Mismatch { len, announced } => write!(
+                f,
+                "a frame header gives {len} bytes after an announcement of {announced} bytes \
+                 (stray bytes on the channel?)"
+            ),
             Detail::Msg(m) => write!(f, "{}: {m}", self.kind.describe()),
             Detail::None | Detail::Io(_) | Detail::Postcard(_) => f.write_str(self.kind.describe()),
         }
@@ -152,7 +187,11 @@ impl StdError for Error {
         match &self.detail {
             Detail::Io(e) => Some(e),
             Detail::Postcard(e) => Some(e),
-            Detail::None | Detail::Msg(_) | Detail::TooLarge { .. } => None,
+            Detail::None
+            | Detail::Msg(_)
+            | Detail::TooLarge { .. }
+            | Detail::Unannounced { .. }
+            | Detail::Mismatch { .. } => None,
         }
     }
 }

@@ -8,7 +8,11 @@
 //!
 //! * `1` (region): a new shared ring, whose memfd arrives with this frame as `SCM_RIGHTS`;
 //! * `2` (shm reference): `[2, 0, 0, 0, offset: u64 LE, len: u32 LE]`, a payload of `len`
-//!   bytes stored in the sender's ring at ring position `offset`.
+//!   bytes stored in the sender's ring at ring position `offset`;
+//! * `3` (announcement): `[3, 0, 0, 0, len: u32 LE, len ^ ANNOUNCE_CHECK: u32 LE]`: the next
+//!   frame is a plain frame of `len` bytes. Sent before every frame above
+//!   [`Config::announce_above`]; a receiver with that setting refuses larger plain headers
+//!   that were not announced, so stray bytes cannot pass for a huge frame.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -34,6 +38,14 @@ pub(crate) const CONTROL_MAX: usize = 64;
 pub(crate) const KIND_REGION: u8 = 1;
 /// Control kind: a payload stored in the ring.
 pub(crate) const KIND_SHM_REF: u8 = 2;
+/// Control kind: the announcement of a large plain frame.
+pub(crate) const KIND_ANNOUNCE: u8 = 3;
+/// Mixed into an announcement's length to make its check word ("PROC").
+const ANNOUNCE_CHECK: u32 = 0x434f_5250;
+/// Bytes of an announcement frame (header and body).
+const ANNOUNCE_LEN: usize = HEADER_LEN + 12;
+/// The smallest `announce_above` setting (small frames are coalesced by copying, unannounced).
+pub(crate) const ANNOUNCE_MIN: usize = COPY_LIMIT;
 
 /// Largest size of the read buffer; frames that do not fit are read straight into their
 /// own `Vec`.
@@ -335,6 +347,17 @@ fn region_frame() -> [u8; HEADER_LEN + 4] {
     f
 }
 
+/// A complete announcement of a plain frame of `len` bytes.
+fn announce_frame(len: usize) -> [u8; ANNOUNCE_LEN] {
+    let mut f = [0; ANNOUNCE_LEN];
+    f[..HEADER_LEN].copy_from_slice(&(CONTROL_FLAG | 12).to_le_bytes());
+    f[HEADER_LEN] = KIND_ANNOUNCE;
+    let len = len as u32;
+    f[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&len.to_le_bytes());
+    f[HEADER_LEN + 8..].copy_from_slice(&(len ^ ANNOUNCE_CHECK).to_le_bytes());
+    f
+}
+
 /// A complete "shm reference" control frame.
 fn shm_ref_frame(off: u64, len: usize) -> [u8; HEADER_LEN + 16] {
     let mut f = [0; HEADER_LEN + 16];
@@ -373,6 +396,8 @@ pub(crate) struct WriteHalf {
     threshold: Option<usize>,
     ring: Option<ring::Tx>,
     pub(crate) max: usize,
+    /// Frames above this size are announced (see [`Config::announce_above`]).
+    announce: Option<usize>,
 }
 
 impl WriteHalf {
@@ -388,6 +413,20 @@ impl WriteHalf {
             threshold: if socket { cfg.shm_threshold } else { None },
             ring: None,
             max: cfg.max_frame_len,
+            announce: cfg.announce_above,
+        }
+    }
+
+    /// Whether a frame of `len` payload bytes is announced.
+    fn announces(&self, len: usize) -> bool {
+        self.announce.is_some_and(|a| len > a)
+    }
+
+    /// Queues the announcement of a frame of `len` bytes if it needs one.
+    fn announce_if_large(&mut self, len: usize) {
+        if self.announces(len) {
+            self.agg().extend_from_slice(&announce_frame(len));
+            self.pending += ANNOUNCE_LEN;
         }
     }
 
@@ -429,8 +468,13 @@ impl WriteHalf {
 
     /// Encodes `msg` as a frame at the end of the queue.
     pub(crate) fn encode<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<()> {
+        let size = if self.threshold.is_some() || self.announce.is_some() {
+            postcard::experimental::serialized_size(msg).ok()
+        } else {
+            None
+        };
         if let Some(t) = self.threshold
-            && let Ok(len) = postcard::experimental::serialized_size(msg)
+            && let Some(len) = size
             && len > t
             && len <= self.max
         {
@@ -450,24 +494,47 @@ impl WriteHalf {
             }
         }
         let max = self.max;
+        // An announcement goes first when the size is known to need one.
+        let known = size.filter(|&len| self.announces(len));
         let agg = self.agg();
-        let at = agg.len();
-        let len = encode_frame(agg, msg, max)?;
-        self.pending += HEADER_LEN + len;
+        let start = agg.len();
+        if let Some(len) = known {
+            agg.extend_from_slice(&announce_frame(len));
+        }
+        let mut at = agg.len();
+        let len = match encode_frame(agg, msg, max) {
+            Ok(len) => len,
+            Err(e) => {
+                agg.truncate(start);
+                return Err(e);
+            }
+        };
+        if known.is_some_and(|k| k != len) {
+            // The size estimate was off: announce what was encoded.
+            agg[start..at].copy_from_slice(&announce_frame(len));
+        } else if known.is_none() && self.announce.is_some_and(|a| len > a) {
+            // Size unknown beforehand: slip the announcement in front (a rare path: only
+            // large frames whose size postcard could not count in advance).
+            let agg = self.agg();
+            agg.splice(at..at, announce_frame(len));
+            at += ANNOUNCE_LEN;
+        }
+        self.pending += at - start + HEADER_LEN + len;
         if self.threshold.is_some_and(|t| len > t) {
-            self.divert_tail(at);
+            self.divert_tail(start, at);
         }
         Ok(())
     }
 
-    /// Moves the frame at `at..` of the last chunk into the shared ring, if it fits.
-    fn divert_tail(&mut self, at: usize) {
+    /// Moves the frame at `at..` of the last chunk into the shared ring, if it fits,
+    /// dropping its announcement at `start..at`, if any.
+    fn divert_tail(&mut self, start: usize, at: usize) {
         let chunk = self.chunks.back_mut().expect("the frame was just appended");
         let ring = self.ring.get_or_insert_with(ring::Tx::new);
         if let Some((off, announce)) = ring.place(&chunk.data[at + HEADER_LEN..]) {
             let len = chunk.data.len() - at - HEADER_LEN;
-            chunk.data.truncate(at);
-            self.pending -= HEADER_LEN + len;
+            chunk.data.truncate(start);
+            self.pending -= at - start + HEADER_LEN + len;
             self.push_shm_ref(off, len, announce);
         }
     }
@@ -492,6 +559,7 @@ impl WriteHalf {
     /// Queues a pre-built frame.
     pub(crate) fn push_frame(&mut self, f: FrameBuf) {
         if !self.push_by_copy(&f) {
+            self.announce_if_large(f.payload_len());
             self.push_wire(f.into_wire());
         }
     }
@@ -500,6 +568,7 @@ impl WriteHalf {
     /// be queued as is gets copied.
     pub(crate) fn push_frame_copy(&mut self, f: &FrameBuf) {
         if !self.push_by_copy(f) {
+            self.announce_if_large(f.payload_len());
             self.push_wire(f.clone().into_wire());
         }
     }
@@ -516,6 +585,7 @@ impl WriteHalf {
             }
         }
         if HEADER_LEN + len <= COPY_LIMIT {
+            // Never announced: `announce_above` is at least `COPY_LIMIT`.
             self.pending += HEADER_LEN + len;
             let agg = self.agg();
             agg.extend_from_slice(&(len as u32).to_le_bytes());
@@ -633,6 +703,10 @@ pub(crate) struct ReadHalf {
     ring: ring::Rx,
     /// A spare buffer for large payloads, handed back by [`ReadHalf::recycle`].
     scratch: Vec<u8>,
+    /// Plain frames above this size must be announced (see [`Config::announce_above`]).
+    announce: Option<usize>,
+    /// The length the last announcement gave, until its frame is taken.
+    announced: Option<usize>,
 }
 
 impl ReadHalf {
@@ -648,6 +722,8 @@ impl ReadHalf {
             fds: shm.then(VecDeque::new),
             ring: ring::Rx::new(),
             scratch: Vec::new(),
+            announce: cfg.announce_above,
+            announced: None,
         }
     }
 
@@ -671,9 +747,9 @@ impl ReadHalf {
         v
     }
 
-    /// Whether part of a frame is buffered.
+    /// Whether part of a frame is buffered (an announcement counts: its frame is due).
     pub(crate) fn has_partial(&self) -> bool {
-        self.big.is_some() || self.start != self.end
+        self.big.is_some() || self.start != self.end || self.announced.is_some()
     }
 
     /// The error for end of stream in the current state.
@@ -721,6 +797,19 @@ impl ReadHalf {
                 let mut body = [0; CONTROL_MAX];
                 let b0 = self.start + HEADER_LEN;
                 body[..blen].copy_from_slice(&self.buf[b0..b0 + blen]);
+                if body[0] == KIND_ANNOUNCE {
+                    // Consumed even when malformed (the error says the stream is suspect),
+                    // so that a reader that goes on makes progress to the end.
+                    self.start += HEADER_LEN + blen;
+                    let len = announced_len(&body[..blen])?;
+                    if self.announced.replace(len).is_some() {
+                        return Err(Error::msg(
+                            ErrorKind::Decode,
+                            "two frame announcements in a row (stray bytes on the channel?)",
+                        ));
+                    }
+                    continue;
+                }
                 self.start += HEADER_LEN + blen;
                 match self.control(&body[..blen])? {
                     Some(v) => return Ok(Next::Owned(v)),
@@ -728,12 +817,26 @@ impl ReadHalf {
                 }
             }
             let len = h as usize;
+            match self.announced {
+                Some(a) if a != len => {
+                    return Err(Error::mismatch(len, a));
+                }
+                None if self.announce.is_some_and(|a| len > a) => {
+                    // Not consumed: the stream cannot resync.
+                    return Err(Error::unannounced(
+                        len,
+                        self.announce.expect("checked just above"),
+                    ));
+                }
+                _ => {}
+            }
             if len > self.max {
                 return Err(Error::too_large(len, self.max));
             }
             if avail - HEADER_LEN >= len {
                 let s = self.start + HEADER_LEN;
                 self.start = s + len;
+                self.announced = None;
                 return Ok(Next::Inline(s, len));
             }
             if HEADER_LEN + len <= READ_BUF_LEN && HEADER_LEN + len > self.buf.len() - self.start {
@@ -756,6 +859,7 @@ impl ReadHalf {
                 self.start = 0;
                 self.end = 0;
                 self.big = Some((v, have));
+                self.announced = None;
             }
             return Ok(Next::Pending);
         }
@@ -861,6 +965,29 @@ impl ReadHalf {
         }
         Ok(n)
     }
+}
+
+/// The length an announcement body gives, after checking it.
+fn announced_len(body: &[u8]) -> Result<usize> {
+    if body.len() != 12 {
+        return Err(Error::msg(
+            ErrorKind::Decode,
+            "malformed frame announcement (stray bytes on the channel?)",
+        ));
+    }
+    let word = |at: usize| {
+        let mut w = [0; 4];
+        w.copy_from_slice(&body[at..at + 4]);
+        u32::from_le_bytes(w)
+    };
+    let len = word(4);
+    if body[1..4] != [0, 0, 0] || word(8) != len ^ ANNOUNCE_CHECK {
+        return Err(Error::msg(
+            ErrorKind::Decode,
+            "malformed frame announcement (stray bytes on the channel?)",
+        ));
+    }
+    Ok(len as usize)
 }
 
 /// A payload handed to a decoding closure: borrowed from the read buffer or owned.

@@ -50,6 +50,12 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pool-ipc (procpool's transport) runs on Linux only: its shared memory is memfd, its \
+     waits are futexes, and peers find each other's descriptors through /proc"
+);
+
 mod chan;
 mod config;
 mod conn;

@@ -65,10 +65,13 @@ fn methods(c: &mut Criterion) {
     g.finish();
 }
 
-fn reap(pid: libc::pid_t) {
+fn reap(pid: i32) {
     let pid = Pid::from_raw(pid).expect("pid");
     rustix::process::waitpid(Some(pid), WaitOptions::empty()).expect("waitpid");
 }
+
+// The baselines call libc's `fork`, `_exit` and `execv` directly: rustix has no public
+// equivalent of any of them (its `runtime` module is for libc-free programs).
 
 /// `fork`, the child `_exit`s, the parent reaps it.
 fn bare_fork() -> Duration {

@@ -16,6 +16,9 @@ pub(crate) struct ChildProc {
     pid: Pid,
     pidfd: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// Reaped without us (this process ignores `SIGCHLD`) and its status could not be
+    /// read: its pid may belong to another process already.
+    vanished: bool,
     /// Given up on: dropping it neither kills nor waits.
     detached: bool,
 }
@@ -33,6 +36,7 @@ impl ChildProc {
             pid,
             pidfd,
             status: None,
+            vanished: false,
             detached: false,
         }
     }
@@ -52,6 +56,12 @@ impl ChildProc {
 
     pub(crate) fn status(&self) -> Option<ExitStatus> {
         self.status
+    }
+
+    /// Whether the child still holds its pid (and so its process group id): until we
+    /// reap it, unless the kernel reaped it for us.
+    pub(crate) fn holds_its_pid(&self) -> bool {
+        self.status.is_none() && !self.vanished
     }
 
     /// Reaps the child if it has exited.
@@ -79,9 +89,34 @@ impl ChildProc {
                 }
                 Ok(None) => return Ok(None),
                 Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::CHILD) => return self.reaped_without_us(),
                 Err(e) => return Err(Error::io("waiting for a child process", e.into())),
             }
         }
+    }
+
+    /// `waitid` says the child is not ours to wait for: the kernel reaped it as it exited,
+    /// because this process ignores `SIGCHLD` (or set `SA_NOCLDWAIT`). Its pidfd still
+    /// tells how it ended on Linux 6.15 and later.
+    fn reaped_without_us(&mut self) -> Result<Option<ExitStatus>> {
+        if let Some(s) = self
+            .pidfd
+            .as_ref()
+            .and_then(|fd| ExitStatus::from_pidfd(fd.as_fd()))
+        {
+            self.status = Some(s);
+            return Ok(Some(s));
+        }
+        self.vanished = true;
+        Err(Error::new(
+            ErrorKind::StatusLost,
+            format!(
+                "process {} was reaped by the kernel before its exit status could be read \
+                 (this process ignores SIGCHLD; Linux 6.15 or later keeps the status for \
+                 its pidfd)",
+                self.pid.as_raw_nonzero()
+            ),
+        ))
     }
 
     /// Waits until the child exits or `timeout` passes; reaps it if it exited.
@@ -121,8 +156,8 @@ impl ChildProc {
     /// Sends `sig` to the child (through its pidfd where possible). Errors with `ESRCH`
     /// once the child has been reaped.
     pub(crate) fn signal(&self, sig: Signal) -> io::Result<()> {
-        if self.status.is_some() {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        if !self.holds_its_pid() {
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         match &self.pidfd {
             Some(fd) => rustix::process::pidfd_send_signal(fd, sig)?,
@@ -139,7 +174,9 @@ impl ChildProc {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+        if self.holds_its_pid() {
+            let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+        }
         let _ = self.signal(Signal::KILL);
         match self.wait_timeout(bound)? {
             Some(s) => Ok(s),
@@ -156,7 +193,7 @@ impl ChildProc {
 
 impl Drop for ChildProc {
     fn drop(&mut self) {
-        if self.status.is_none()
+        if self.holds_its_pid()
             && !self.detached
             && let Err(e) = self.kill_and_reap(Duration::from_secs(2))
         {

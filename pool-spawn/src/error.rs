@@ -15,7 +15,9 @@ pub enum ErrorKind {
     /// or the test binary lacks `enable_test_support!()`. The child was killed and reaped.
     InitNotCalled,
     /// [`StartMethod::Fork`](crate::StartMethod::Fork) was refused because the process runs
-    /// other threads (see [`LaunchOptions::allow_fork_with_threads`](crate::LaunchOptions)).
+    /// other threads. The message says why; the remedies are the caller's to name (a pool
+    /// names its own option): [`StartMethod::Forkserver`](crate::StartMethod::Forkserver),
+    /// or [`LaunchOptions::allow_fork_with_threads`](crate::LaunchOptions::allow_fork_with_threads).
     ForkUnsafe,
     /// The fork server died or stopped answering.
     ServerLost,
@@ -23,6 +25,10 @@ pub enum ErrorKind {
     Handshake,
     /// A bounded wait ran out (a process that does not die even after `SIGKILL`).
     TimedOut,
+    /// The worker has exited, but how is unknown: the kernel reaped it because this process
+    /// ignores `SIGCHLD`, on a kernel too old (before 6.15) to keep the status for its
+    /// pidfd.
+    StatusLost,
 }
 
 impl ErrorKind {
@@ -34,10 +40,11 @@ impl ErrorKind {
                 "the started process did not run procpool's entry hook: call procpool::init() \
                  first in main, or enable_test_support!() in test binaries"
             }
-            ErrorKind::ForkUnsafe => "refusing to fork a process that runs other threads",
+            ErrorKind::ForkUnsafe => "refusing to fork",
             ErrorKind::ServerLost => "the fork server is gone",
             ErrorKind::Handshake => "unexpected start-up handshake from the started process",
             ErrorKind::TimedOut => "timed out",
+            ErrorKind::StatusLost => "exit status lost",
         }
     }
 }
@@ -132,6 +139,22 @@ impl From<pool_ipc::Error> for Error {
             detail: None,
             source: Some(Source::Ipc(e)),
         }
+    }
+}
+
+/// An error and its causes on one line, `error: cause: cause`, for the places that keep an
+/// error as text (a task's message, a protocol failure).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! # Safety
 //!
-//! This module holds the crate's only `libc::fork` call and its only `pre_exec` hook. After
-//! `fork` in a process that has other threads, the child is a copy with a single thread:
-//! any lock another thread held (in the allocator, in `stdout`, in a logger, in a runtime)
-//! stays held forever. POSIX therefore allows only async-signal-safe calls until `exec`.
+//! This module holds the crate's only `libc::fork` call (rustix has no public `fork`) and
+//! its only `pre_exec` hook. After `fork` in a process that has other threads, the child is
+//! a copy with a single thread: any lock another thread held (in the allocator, in
+//! `stdout`, in a logger, in a runtime) stays held forever. POSIX therefore allows only
+//! async-signal-safe calls until `exec`.
 //!
 //! Post-fork checklist, followed by every child path here:
 //!
@@ -50,7 +51,9 @@ const EXIT_CHILD_UNWOUND: i32 = 101;
 /// Forks a worker that serves `chan`; returns its pid in the parent.
 ///
 /// The child moves into its own process group, gets `SIGKILL` when the forking thread
-/// dies, checks that its parent is still the forking process, ignores `SIGINT`, reads
+/// dies, checks that its parent is still the forking process, takes the worker's signal
+/// settings (`sys::worker_signals`: nothing inherited ignored or blocked, `SIGINT`,
+/// `SIGTTOU` and `SIGTTIN` ignored), reads
 /// stdin from `/dev/null`, closes every descriptor but 0, 1, 2 and `chan`, then runs the
 /// worker loop and exits; it never returns here.
 ///
@@ -95,7 +98,7 @@ fn prepare_worker(chan: RawFd, parent: Pid) -> rustix::io::Result<()> {
     if rustix::process::getppid() != Some(parent) {
         return Err(rustix::io::Errno::SRCH);
     }
-    sys::ignore_sigint();
+    sys::worker_signals();
     let null = rustix::fs::open(
         c"/dev/null",
         OFlags::RDONLY | OFlags::CLOEXEC,
@@ -108,20 +111,26 @@ fn prepare_worker(chan: RawFd, parent: Pid) -> rustix::io::Result<()> {
 }
 
 /// Arranges for a spawned child to keep exactly `keep` across exec (all other descriptors
-/// from 3 up are marked close-on-exec), to get `SIGKILL` when the spawning thread dies, and
+/// from 3 up are marked close-on-exec), to start with a worker's signal settings
+/// (`sys::worker_signals`), to get `SIGKILL` when the spawning thread dies, and
 /// to fail the spawn if `parent` is no longer its parent by then.
 pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
     let hook = move || -> io::Result<()> {
+        // An ignored signal stays ignored across exec: the child starts with a worker's
+        // settings (also `SIGTTOU` ignored, so that its first print, before it even reaches
+        // `init()`, does not stop it on a terminal with `tostop`).
+        sys::worker_signals();
         sys::cloexec_from_3();
         sys::clear_cloexec(keep)?;
         rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
         if rustix::process::getppid() != Some(parent) {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         Ok(())
     };
     // The hook runs between fork and exec; it captures two integers, allocates nothing and
-    // makes only async-signal-safe system calls (`close_range`, `fcntl`, `prctl`, `getppid`).
+    // makes only async-signal-safe system calls (`sigaction`, `sigprocmask`, `close_range`,
+    // `fcntl`, `prctl`, `getppid`).
     // SAFETY: as just described; its errors are plain errno values (no allocation).
     unsafe {
         cmd.pre_exec(hook);

@@ -36,6 +36,8 @@ use crate::role::Role;
 use crate::status::ExitStatus;
 use crate::sys;
 
+const EIO: i32 = rustix::io::Errno::IO.raw_os_error();
+
 /// Parent → server.
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
@@ -95,7 +97,9 @@ struct Server {
 
 /// Runs the fork server on `ctl`; never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
-    sys::ignore_sigint();
+    // Its workers inherit these (and set their own again).
+    sys::worker_signals();
+    sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
         parent: rustix::process::getppid(),
@@ -198,8 +202,14 @@ impl Server {
             };
             let status = match r {
                 Ok(Some(st)) => ExitStatus::from_waitid(&st),
-                // ECHILD: reaped elsewhere (never, here); report an unknown end.
-                Err(rustix::io::Errno::CHILD) => Some(ExitStatus::from_code(-1)),
+                // ECHILD: reaped by the kernel (never, here: the server's SIGCHLD has its
+                // default action); the pidfd still tells on Linux 6.15 and later.
+                Err(rustix::io::Errno::CHILD) => Some(
+                    k.pidfd
+                        .as_ref()
+                        .and_then(|fd| ExitStatus::from_pidfd(fd.as_fd()))
+                        .unwrap_or(ExitStatus::from_code(-1)),
+                ),
                 _ => None,
             };
             match status {
@@ -242,7 +252,7 @@ impl Server {
         let Some(i) = self.kids.iter().position(|k| k.serial == serial) else {
             return self.send(
                 &Reply::ForkFailed {
-                    errno: libc::ECHILD,
+                    errno: rustix::io::Errno::CHILD.raw_os_error(),
                 },
                 &[],
             );
@@ -272,10 +282,8 @@ impl Server {
     /// Forks one worker (not yet handed out); returns its serial and the parent's end of
     /// its channel, or the errno.
     fn fork_one(&mut self) -> std::result::Result<(u64, OwnedFd), i32> {
-        let (ours, theirs) =
-            pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        let pid =
-            crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
+        let pid = crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
         let serial = self.next_serial;
         self.next_serial += 1;
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();

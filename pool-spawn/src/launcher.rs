@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::child::ChildProc;
 use crate::error::{Error, ErrorKind, Result};
@@ -142,24 +142,26 @@ impl Launcher {
         crate::refuse_unentered_worker();
         let mut link = None;
         match method {
-            StartMethod::Fork => match thread_count() {
+            StartMethod::Fork if opts.allow_fork_with_threads => {
+                if let n @ (None | Some(2..)) = thread_count(Duration::ZERO) {
+                    warn_threads(n);
+                }
+            }
+            StartMethod::Fork => match thread_count(THREADS_SETTLE) {
                 Some(1) => {}
-                n if opts.allow_fork_with_threads => warn_threads(n),
                 Some(n) => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
                         format!(
-                            "this process runs {n} threads; forking it can deadlock the \
-                             workers. Use StartMethod::Forkserver, or allow the risk with \
-                             LaunchOptions::allow_fork_with_threads"
+                            "this process runs {n} threads, and a lock one of them holds \
+                             at the fork stays locked forever in the worker"
                         ),
                     ));
                 }
                 None => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
-                        "cannot count this process's threads (/proc/self/task); allow the \
-                         risk with LaunchOptions::allow_fork_with_threads",
+                        "this process's threads cannot be counted (/proc/self/task)",
                     ));
                 }
             },
@@ -209,7 +211,7 @@ impl Launcher {
             }
             StartMethod::Fork => {
                 if !WARNED_THREADS.load(Ordering::Relaxed) {
-                    let n = thread_count();
+                    let n = thread_count(Duration::ZERO);
                     if n != Some(1) {
                         warn_threads(n);
                     }
@@ -275,16 +277,50 @@ impl Drop for Launcher {
     }
 }
 
-/// The number of threads of this process, if `/proc` tells.
-/// The threads of this process that could hold a lock at a fork: all of them but an idle
-/// spawner thread (which procpool itself keeps parked; see the crate's fork-safety notes).
-pub(crate) fn thread_count() -> Option<usize> {
-    let all = std::fs::read_dir("/proc/self/task").ok()?.count();
-    Some(if crate::spawn::spawner_is_idle() {
-        all.saturating_sub(1).max(1)
-    } else {
-        all
-    })
+/// How long [`Launcher::new`] lets the thread count settle before refusing `Fork`.
+const THREADS_SETTLE: Duration = Duration::from_millis(100);
+
+/// The threads of this process that could hold a lock at a fork, if `/proc` tells: all of
+/// them but an idle spawner thread (which procpool itself keeps parked; see the crate's
+/// fork-safety notes) and threads already dead.
+///
+/// A thread joined a moment ago (the driver of a pool just dropped) can stay listed in
+/// `/proc/self/task` a little longer: while more than one thread is counted, this looks
+/// again for up to `settle`.
+pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
+    let deadline = Instant::now() + settle;
+    loop {
+        let all = live_threads()?;
+        let n = if crate::spawn::spawner_is_idle() {
+            all.saturating_sub(1).max(1)
+        } else {
+            all
+        };
+        if n == 1 || Instant::now() >= deadline {
+            return Some(n);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The entries of `/proc/self/task` that are not dead or zombie threads.
+fn live_threads() -> Option<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(e) = e else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            // Gone between the listing and now.
+            continue;
+        };
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        if !matches!(state, Some("Z" | "X" | "x")) {
+            n += 1;
+        }
+    }
+    Some(n)
 }
 
 fn warn_threads(n: Option<usize>) {

@@ -19,8 +19,9 @@
 //! Every worker runs in its own process group (so a group signal reaches what it started),
 //! gets `SIGKILL` when its parent dies (`PR_SET_PDEATHSIG`, then a recheck of the parent
 //! pid; end of file on its channel is the backstop), ignores `SIGINT` (Ctrl-C is the
-//! parent's to handle), reads stdin from `/dev/null`, and holds no descriptor but its
-//! channel and stdio. [`current_process`] tells a worker its name and pid.
+//! parent's to handle) and `SIGTTOU`/`SIGTTIN` (so that printing to a terminal with `stty
+//! tostop` does not stop it), inherits no other ignored or blocked signal, reads stdin from
+//! `/dev/null`, and holds no descriptor but its channel and stdio. [`current_process`] tells a worker its name and pid.
 //!
 //! # `init()` and test binaries
 //!
@@ -116,6 +117,13 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "pool-spawn (procpool's start methods) runs on Linux only: it watches workers through \
+     pidfds, ties their lives to the parent with PR_SET_PDEATHSIG, and re-executes \
+     /proc/self/exe"
+);
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -239,7 +247,7 @@ fn enter_role() {
     }
     match marker.role {
         Role::Worker => {
-            sys::ignore_sigint();
+            sys::worker_signals();
             runner::run(sock)
         }
         Role::Forkserver => forkserver::serve(sock),

@@ -25,12 +25,27 @@ use crate::task::{FnRef, ItemError};
 /// Payloads larger than this travel through a shared-memory ring instead of the socket.
 pub const SHM_THRESHOLD: usize = 256 * 1024;
 
+/// Frames larger than this are announced on a worker's channel: a header that claims more
+/// without an announcement is refused at once (see
+/// [`pool_ipc::Config::announce_above`]).
+pub const ANNOUNCE_ABOVE: usize = 64 * 1024;
+
 /// The configuration of a worker's channel, which both ends must use: frames up to 1 GiB,
-/// and payloads above [`SHM_THRESHOLD`] through shared memory (one copy each way instead
-/// of a trip through the kernel's socket buffers).
+/// payloads above [`SHM_THRESHOLD`] through shared memory (one copy each way instead of a
+/// trip through the kernel's socket buffers), and frames above [`ANNOUNCE_ABOVE`]
+/// announced, so that bytes a task writes to the channel's descriptor by mistake are
+/// refused at once rather than read as the header of a frame of hundreds of megabytes.
 pub fn channel_config() -> pool_ipc::Config {
-    pool_ipc::Config::new().shm_threshold(Some(SHM_THRESHOLD))
+    pool_ipc::Config::new()
+        .shm_threshold(Some(SHM_THRESHOLD))
+        .announce_above(Some(ANNOUNCE_ABOVE))
 }
+
+/// How long a frame from a worker may stay unfinished before the pool gives up on the
+/// worker: a worker writes each message whole, so a frame that stops half-way means the
+/// worker is stuck or wrote bytes that do not belong on the channel. Compare with
+/// [`pool_ipc::FramedConn::partial_frame_since`].
+pub const PARTIAL_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Exit code of a worker whose parent runs a different executable image.
 pub const EXIT_IMAGE_MISMATCH: i32 = 3;
@@ -70,7 +85,7 @@ pub struct ImageId {
 pub(crate) struct SameImage(());
 
 /// The version of this message protocol; part of [`ImageId`].
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 impl ImageId {
     /// The identity of the running executable image (computed once, then cached).

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pool_ipc::{Duplex, ErrorKind as IpcKind, Sender};
 
+use crate::error::Chain;
 use crate::protocol::{
     self, EXIT_IMAGE_MISMATCH, EXIT_INIT_FAILED, EXIT_PROTOCOL, FromWorker, SetupFailure, ToWorker,
     page,
@@ -41,7 +42,10 @@ fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Sto
         Err(e) => match e.kind() {
             IpcKind::Closed => Ok(None),
             IpcKind::Io => Err(Stop::Lost),
-            _ => Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+            _ => Err(Stop::Protocol(format!(
+                "bad message from the parent: {}",
+                Chain(&e)
+            ))),
         },
     }
 }
@@ -49,14 +53,14 @@ fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Sto
 fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(), Stop> {
     conn.send(msg).map_err(|e| match e.kind() {
         IpcKind::Io | IpcKind::Closed => Stop::Lost,
-        _ => Stop::Protocol(format!("cannot send a message: {e}")),
+        _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
     })
 }
 
 /// The loop; `Ok(code)` is the exit code.
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
-        .map_err(|e| Stop::Protocol(format!("cannot use the channel: {e}")))?;
+        .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {
         None | Some(ToWorker::Exit) => return Ok(0),
         Some(ToWorker::Run { .. }) => {
@@ -83,6 +87,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 page.atomic_u64(protocol::page::KEPT)
                     .store(protocol::PROGRESS_KEPT, Ordering::Release);
             }
+            // `ForkserverPoolWorker-3` shows as `myprog:w3`.
+            let number = name.rsplit('-').next().unwrap_or(&name);
+            sys::set_process_name(&format!(":w{number}"));
             sys::set_identity(name);
             let same = match image.verify() {
                 Ok(same) => same,
@@ -168,7 +175,12 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Err(e) => match e.kind() {
                 IpcKind::Closed => Step::Exit,
                 IpcKind::Io => return Err(Stop::Lost),
-                _ => return Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
+                _ => {
+                    return Err(Stop::Protocol(format!(
+                        "bad message from the parent: {}",
+                        Chain(&e)
+                    )));
+                }
             },
         };
         match step {
@@ -333,7 +345,7 @@ impl<'p> Results<'p> {
                 _ => {
                     let outcome = Err(ItemError::new(
                         ItemErrorKind::Encode,
-                        format!("the batch's results cannot be sent: {e}"),
+                        format!("the batch's results cannot be sent: {}", Chain(&e)),
                     ));
                     let done = FromWorker::<&serde_bytes::Bytes>::Done {
                         id,
@@ -344,7 +356,7 @@ impl<'p> Results<'p> {
                         .send_frame_of(&done)
                         .map_err(|e| match e.kind() {
                             IpcKind::Io | IpcKind::Closed => Stop::Lost,
-                            _ => Stop::Protocol(format!("cannot send a message: {e}")),
+                            _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
                         })?;
                 }
             }

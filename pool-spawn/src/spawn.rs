@@ -197,7 +197,7 @@ fn early_exit(child: &mut ChildProc, pid: i32) -> Error {
 fn describe(r: Result<crate::ExitStatus>) -> String {
     match r {
         Ok(s) => s.to_string(),
-        Err(e) => e.to_string(),
+        Err(e) => crate::error::Chain(&e).to_string(),
     }
 }
 

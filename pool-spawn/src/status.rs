@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 /// How a process ended: an exit code, or the signal that killed it.
@@ -20,6 +21,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ExitStatus {
     repr: Repr,
+    /// The signal that ended the process had been sent through its [`Worker`] handle.
+    ///
+    /// [`Worker`]: crate::Worker
+    #[serde(skip)]
+    sent_by_pool: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,6 +39,7 @@ impl ExitStatus {
     pub fn from_code(code: i32) -> Self {
         ExitStatus {
             repr: Repr::Code(code),
+            sent_by_pool: false,
         }
     }
 
@@ -43,7 +50,27 @@ impl ExitStatus {
                 signal,
                 core_dumped,
             },
+            sent_by_pool: false,
         }
+    }
+
+    /// Whether the signal that ended the process is one its [`Worker`] handle had sent
+    /// ([`signal`], [`signal_group`], [`terminate`], or dropping the handle): the pool
+    /// ended it, not the out-of-memory killer or an operator. Always `false` for an exit
+    /// code.
+    ///
+    /// [`Worker`]: crate::Worker
+    /// [`signal`]: crate::Worker::signal
+    /// [`signal_group`]: crate::Worker::signal_group
+    /// [`terminate`]: crate::Worker::terminate
+    pub fn sent_by_pool(&self) -> bool {
+        self.sent_by_pool
+    }
+
+    /// This status, marked as ended by a signal the worker's handle sent.
+    pub(crate) fn with_sent_by_pool(mut self) -> Self {
+        self.sent_by_pool = self.signal().is_some();
+        self
     }
 
     /// Decodes a `waitid` result; `None` if it does not describe a terminated process.
@@ -53,6 +80,25 @@ impl ExitStatus {
         }
         s.terminating_signal()
             .map(|sig| Self::from_signal(sig, s.dumped()))
+    }
+
+    /// Decodes a `waitpid`-style wait status; `None` if it does not describe a terminated
+    /// process.
+    pub(crate) fn from_wait_status(raw: i32) -> Option<Self> {
+        if libc::WIFEXITED(raw) {
+            Some(Self::from_code(libc::WEXITSTATUS(raw)))
+        } else if libc::WIFSIGNALED(raw) {
+            Some(Self::from_signal(libc::WTERMSIG(raw), libc::WCOREDUMP(raw)))
+        } else {
+            None
+        }
+    }
+
+    /// The status of the exited process behind `pidfd`, read from the pidfd itself: the
+    /// kernel keeps it even when the process was reaped without us (its parent ignores
+    /// `SIGCHLD`, say). `None` if it has not exited, or the kernel is older than 6.15.
+    pub(crate) fn from_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<Self> {
+        crate::sys::pidfd_wait_status(pidfd).and_then(Self::from_wait_status)
     }
 
     /// The exit code, if the process exited normally.
@@ -119,38 +165,38 @@ impl fmt::Display for ExitStatus {
 ///
 /// Real-time signals have no fixed name and give `None`.
 pub fn signal_name(sig: i32) -> Option<&'static str> {
-    Some(match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSTKFLT => "SIGSTKFLT",
-        libc::SIGCHLD => "SIGCHLD",
-        libc::SIGCONT => "SIGCONT",
-        libc::SIGSTOP => "SIGSTOP",
-        libc::SIGTSTP => "SIGTSTP",
-        libc::SIGTTIN => "SIGTTIN",
-        libc::SIGTTOU => "SIGTTOU",
-        libc::SIGURG => "SIGURG",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGVTALRM => "SIGVTALRM",
-        libc::SIGPROF => "SIGPROF",
-        libc::SIGWINCH => "SIGWINCH",
-        libc::SIGIO => "SIGIO",
-        libc::SIGPWR => "SIGPWR",
-        libc::SIGSYS => "SIGSYS",
+    Some(match Signal::from_named_raw(sig)? {
+        Signal::HUP => "SIGHUP",
+        Signal::INT => "SIGINT",
+        Signal::QUIT => "SIGQUIT",
+        Signal::ILL => "SIGILL",
+        Signal::TRAP => "SIGTRAP",
+        Signal::ABORT => "SIGABRT",
+        Signal::BUS => "SIGBUS",
+        Signal::FPE => "SIGFPE",
+        Signal::KILL => "SIGKILL",
+        Signal::USR1 => "SIGUSR1",
+        Signal::SEGV => "SIGSEGV",
+        Signal::USR2 => "SIGUSR2",
+        Signal::PIPE => "SIGPIPE",
+        Signal::ALARM => "SIGALRM",
+        Signal::TERM => "SIGTERM",
+        Signal::STKFLT => "SIGSTKFLT",
+        Signal::CHILD => "SIGCHLD",
+        Signal::CONT => "SIGCONT",
+        Signal::STOP => "SIGSTOP",
+        Signal::TSTP => "SIGTSTP",
+        Signal::TTIN => "SIGTTIN",
+        Signal::TTOU => "SIGTTOU",
+        Signal::URG => "SIGURG",
+        Signal::XCPU => "SIGXCPU",
+        Signal::XFSZ => "SIGXFSZ",
+        Signal::VTALARM => "SIGVTALRM",
+        Signal::PROF => "SIGPROF",
+        Signal::WINCH => "SIGWINCH",
+        Signal::IO => "SIGIO",
+        Signal::POWER => "SIGPWR",
+        Signal::SYS => "SIGSYS",
         _ => return None,
     })
 }
@@ -174,6 +220,24 @@ mod tests {
             ExitStatus::from_signal(6, false).signal_name(),
             Some("SIGABRT")
         );
+    }
+
+    #[test]
+    fn decodes_wait_statuses() {
+        assert_eq!(
+            ExitStatus::from_wait_status(3 << 8),
+            Some(ExitStatus::from_code(3))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(6 | 0x80),
+            Some(ExitStatus::from_signal(6, true))
+        );
+        assert_eq!(
+            ExitStatus::from_wait_status(9),
+            Some(ExitStatus::from_signal(9, false))
+        );
+        // Stopped by SIGSTOP: not an end.
+        assert_eq!(ExitStatus::from_wait_status((19 << 8) | 0x7f), None);
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! Thin wrappers over the few system calls rustix does not offer safely.
+//! Thin wrappers over the few system calls rustix does not offer, and raw descriptor
+//! numbers.
+//!
+//! libc is used only where rustix has no equivalent: `_exit` (rustix exits only through
+//! its `runtime` feature, meant for libc-free programs), `signal` (likewise: no public
+//! `sigaction`), `close_range(2)` (no wrapper), and `fcntl` on a descriptor number that may
+//! not be open (rustix takes only open, borrowed descriptors). `fork` is in [`crate::fork`], for the
+//! same reason: rustix has no public fork. Everything else goes through rustix.
 //!
 //! # Safety
 //!
-//! Every function here is safe to call; each unsafe block is a single libc call (or raw fd
-//! adoption) whose preconditions are stated at the block. Nothing here allocates or takes
+//! Every function here is safe to call; each unsafe block is a single system call (or raw
+//! fd adoption) whose preconditions are stated at the block. Nothing here allocates or takes
 //! a lock except [`set_identity`] and [`adopt_inherited_fd`], so the other functions may be
 //! used in a freshly forked child of a multi-threaded process (they are async-signal-safe:
-//! `_exit`, `signal`, `close_range`/`close`, `fcntl`).
+//! `_exit`, `signal`, `sigaction`, `sigprocmask`, `close_range`/`close`, `fcntl`).
 //!
 //! The worker identity is a leaked, never-freed `Box`: the pointer stored in [`IDENTITY`]
 //! is either null or points to an `Identity` that lives for the rest of the process.
@@ -14,8 +21,10 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
+
+use rustix::io::Errno;
 
 /// Ends the process at once with `code`: no destructors, no `atexit` handlers, no unwinding.
 pub(crate) fn exit_now(code: i32) -> ! {
@@ -31,11 +40,11 @@ pub(crate) fn flush_and_exit(code: i32) -> ! {
     exit_now(code)
 }
 
-/// Makes this process ignore `SIGINT` (Ctrl-C goes to the parent, which shuts down in order).
-pub(crate) fn ignore_sigint() {
+/// Makes this process ignore `sig`.
+fn ignore(sig: libc::c_int) {
     // SAFETY: `signal` with `SIG_IGN` installs no handler code; it is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(sig, libc::SIG_IGN);
     }
 }
 
@@ -57,45 +66,135 @@ pub(crate) fn term_kills_group() {
     }
 }
 
+/// The highest signal number on Linux (`_NSIG - 1`).
+const SIG_MAX: libc::c_int = 64;
+
+/// Undoes what a parent's signal settings would leave behind across fork and exec: every
+/// ignored signal but `SIGPIPE` (which Rust programs ignore by convention) gets its default
+/// action back, and no signal stays blocked. An ignored `SIGCHLD` would have the kernel
+/// reap this process's children before anyone reads how they ended; an ignored or blocked
+/// `SIGTERM` would make a terminate wait for its grace period. Handlers are left alone:
+/// exec resets them anyway, and a forked worker keeps its parent's, as Python's do.
+///
+/// Async-signal-safe: only `sigaction`, `signal` and `sigprocmask`.
+fn reset_signals() {
+    for sig in 1..=SIG_MAX {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == libc::SIGPIPE {
+            continue;
+        }
+        let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+        // SAFETY: a null new action only queries; `old` is valid for writing. Signal
+        // numbers the C library reserves answer EINVAL, which is ignored.
+        let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+        // SAFETY: `sigaction` succeeded, so it filled `old` (which was zeroed anyway).
+        if r == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN {
+            // SAFETY: `signal` with `SIG_DFL` installs no handler code; async-signal-safe.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: `set` is valid for writing; `sigemptyset` then `sigprocmask` with it only
+    // change this thread's mask (the only thread of a freshly forked or started process).
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+    }
+}
+
+/// The signal settings of a worker: those of [`reset_signals`], then `SIGINT` ignored
+/// (Ctrl-C is the parent's to handle) and `SIGTTOU`/`SIGTTIN` ignored (a worker has a
+/// process group of its own, which a terminal treats as a background job: with `stty
+/// tostop`, its first print would stop it).
+///
+/// Async-signal-safe.
+pub(crate) fn worker_signals() {
+    reset_signals();
+    ignore(libc::SIGINT);
+    ignore(libc::SIGTTOU);
+    ignore(libc::SIGTTIN);
+}
+
+/// `struct pidfd_info` of `<linux/pidfd.h>` (its first version, 64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+/// `PIDFD_INFO_EXIT`: ask for (and, in the answer, got) the exit status.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// The wait status (as `waitpid` gives it) of the exited process behind `pidfd`, kept by
+/// the kernel even once the process has been reaped by someone else, or automatically
+/// because its parent ignores `SIGCHLD` (Linux 6.15 and later). `None` if the process has
+/// not exited or the kernel does not tell.
+pub(crate) fn pidfd_wait_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: `info` is a live, writable `struct pidfd_info` of the size the request
+    // number encodes; the kernel writes at most that many bytes into it.
+    let r = unsafe {
+        libc::ioctl(
+            pidfd.as_raw_fd(),
+            PIDFD_GET_INFO as _,
+            &mut info as *mut PidfdInfo,
+        )
+    };
+    (r == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+}
+
 /// Closes every file descriptor from 3 up except `keep`.
 ///
 /// Uses `close_range(2)`; on kernels without it, closes one by one up to the fd limit.
 /// Async-signal-safe (no allocation).
 pub(crate) fn close_fds_except(keep: RawFd) {
-    let keep = keep as libc::c_uint;
+    let keep = keep as u32;
     if keep > 3 {
         close_range(3, keep - 1, 0);
     }
-    close_range(keep.max(2) + 1, libc::c_uint::MAX, 0);
+    close_range(keep.max(2) + 1, u32::MAX, 0);
 }
 
 /// Marks every file descriptor from 3 up close-on-exec (best effort; async-signal-safe).
 pub(crate) fn cloexec_from_3() {
-    let _ = try_close_range(
-        3,
-        libc::c_uint::MAX,
-        libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
-    );
+    let _ = try_close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
 }
 
-fn close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) {
+fn close_range(first: u32, last: u32, flags: i32) {
     if try_close_range(first, last, flags).is_ok() {
         return;
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1 << 16)
-        .min(1 << 20) as libc::c_uint;
+        .min(1 << 20) as u32;
     for fd in first..=last.min(limit) {
         // SAFETY: closing a descriptor number has no memory-safety preconditions; in this
         // process nothing will use the closed descriptors again (see callers).
-        unsafe {
-            libc::close(fd as libc::c_int);
-        }
+        unsafe { rustix::io::close(fd as RawFd) };
     }
 }
 
-fn try_close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) -> io::Result<()> {
+fn try_close_range(first: u32, last: u32, flags: i32) -> io::Result<()> {
     // SAFETY: the raw `close_range` system call takes three integers and touches no memory.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
     if r == 0 {
@@ -107,13 +206,10 @@ fn try_close_range(first: libc::c_uint, last: libc::c_uint, flags: libc::c_int) 
 
 /// Clears close-on-exec on `fd`, so that exactly this descriptor survives the next exec.
 pub(crate) fn clear_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: `fcntl(F_SETFD)` on a descriptor number touches no memory; async-signal-safe.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `fd` is only named for this one `fcntl(F_SETFD)`, which touches no memory
+    // and is async-signal-safe; the borrow ends with the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?)
 }
 
 /// Takes ownership of the descriptor a parent passed across exec, after checking that it
@@ -124,8 +220,10 @@ pub(crate) fn clear_cloexec(fd: RawFd) -> io::Result<()> {
 /// `EBADF` if `fd` is not open; `ENOTSOCK` if it is not a socket.
 pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 3 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+        return Err(Errno::BADF.into());
     }
+    // libc, not rustix: rustix takes a `BorrowedFd`, which must be open, and whether this
+    // number is open is the question.
     // SAFETY: `fcntl(F_GETFD)` only queries the descriptor number.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
         return Err(io::Error::last_os_error());
@@ -138,10 +236,37 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
         // Not ours after all: give the number back untouched.
         std::mem::forget(owned);
-        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+        return Err(Errno::NOTSOCK.into());
     }
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
     Ok(owned)
+}
+
+/// Sets this process's short name (`comm`, at most 15 bytes: what `ps -e`, `top` and
+/// `pgrep` show) to the program's name and `tail`, e.g. `myprog:w3`: a spawned worker
+/// would otherwise be `exe` (it runs `/proc/self/exe`), a forked one its parent's name.
+/// The program's name is cut to fit; `tail` is kept. Best effort.
+pub(crate) fn set_process_name(tail: &str) {
+    const COMM_MAX: usize = 15;
+    let arg0 = std::env::args_os().next().unwrap_or_default();
+    let prog = std::path::Path::new(&arg0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let room = COMM_MAX.saturating_sub(tail.len());
+    let mut cut = prog.len().min(room);
+    while !prog.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut name = format!("{}{tail}", &prog[..cut]).into_bytes();
+    name.truncate(COMM_MAX);
+    name.retain(|&b| b != 0);
+    // The process's name is its main thread's; a role entered on another thread (libtest
+    // runs tests on one) names the main thread through /proc, then itself.
+    let _ = std::fs::write("/proc/self/comm", &name);
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&name);
+    }
 }
 
 /// The worker's name and pid, once `Setup` arrived.

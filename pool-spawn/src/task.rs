@@ -38,6 +38,8 @@ use std::panic::{self, AssertUnwindSafe};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Chain;
+
 mod trampoline;
 
 #[cfg(test)]
@@ -393,7 +395,7 @@ where
     let mark = out.len();
     let failure = match catch(|| pool_ipc::encode_append(out, &result)) {
         Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => format!("the task's result does not encode: {e}"),
+        Ok(Err(e)) => format!("the task's result does not encode: {}", Chain(&e)),
         Err(m) => format!("encoding the task's result {m}"),
     };
     out.truncate(mark);
@@ -402,7 +404,7 @@ where
     pool_ipc::encode_append(out, &err).map_err(|e| {
         ItemError::new(
             ItemErrorKind::Encode,
-            format!("internal: an item error: {e}"),
+            format!("internal: an item error: {}", Chain(&e)),
         )
     })
 }
@@ -495,7 +497,7 @@ mod tests {
     use super::*;
 
     fn halve(x: u32) -> u32 {
-        assert!(x % 2 == 0, "odd");
+        assert!(x.is_multiple_of(2), "odd");
         x / 2
     }
 

@@ -3,6 +3,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
@@ -36,6 +37,8 @@ pub struct Worker {
     method: StartMethod,
     channel: Option<OwnedFd>,
     proc_: Proc,
+    /// The signals sent through this handle (bit `n - 1` for signal `n`).
+    sent: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,7 @@ impl Worker {
             method,
             channel: Some(chan),
             proc_: Proc::Direct(child),
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -76,6 +80,34 @@ impl Worker {
                 link,
                 status: None,
             },
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that `sig` was sent through this handle. A worker answers SIGTERM by killing
+    /// its process group, itself included, with SIGKILL (see `runner`): that SIGKILL counts
+    /// as sent too.
+    fn note_sent(&self, sig: Signal) {
+        let n = sig.as_raw();
+        if (1..=64).contains(&n) {
+            self.sent.fetch_or(1 << (n - 1), Ordering::Relaxed);
+        }
+        if sig == Signal::TERM {
+            self.note_sent(Signal::KILL);
+        }
+    }
+
+    /// `s`, marked if the signal that ended the worker was sent through this handle.
+    fn mark(&self, s: ExitStatus) -> ExitStatus {
+        match s.signal() {
+            Some(n) if (1..=64).contains(&n) => {
+                if self.sent.load(Ordering::Relaxed) & (1 << (n - 1)) != 0 {
+                    s.with_sent_by_pool()
+                } else {
+                    s
+                }
+            }
+            _ => s,
         }
     }
 
@@ -122,18 +154,26 @@ impl Worker {
     /// # Errors
     /// `ESRCH` once the worker has been reaped; other `kill` errors.
     pub fn signal(&self, sig: Signal) -> io::Result<()> {
+        let r = self.signal_unnoted(sig);
+        if r.is_ok() {
+            self.note_sent(sig);
+        }
+        r
+    }
+
+    fn signal_unnoted(&self, sig: Signal) -> io::Result<()> {
         match &self.proc_ {
             Proc::Direct(c) => c.signal(sig),
             Proc::Served {
                 status: Some(_), ..
-            } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            } => Err(io::Error::from(rustix::io::Errno::SRCH)),
             Proc::Served {
                 pidfd: Some(fd), ..
             } => Ok(rustix::process::pidfd_send_signal(fd, sig)?),
             Proc::Served { pid, .. } if self.holds_its_pid() => {
                 Ok(rustix::process::kill_process(*pid, sig)?)
             }
-            Proc::Served { .. } => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            Proc::Served { .. } => Err(io::Error::from(rustix::io::Errno::SRCH)),
         }
     }
 
@@ -145,10 +185,12 @@ impl Worker {
     pub fn signal_group(&self, sig: Signal) -> io::Result<()> {
         if !self.holds_its_pid() {
             // The group id is the worker's pid, which may belong to someone else by now.
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            return Err(io::Error::from(rustix::io::Errno::SRCH));
         }
         let pgid = Pid::from_raw(self.pid as i32).ok_or(io::ErrorKind::InvalidInput)?;
-        Ok(rustix::process::kill_process_group(pgid, sig)?)
+        rustix::process::kill_process_group(pgid, sig)?;
+        self.note_sent(sig);
+        Ok(())
     }
 
     /// Whether the worker's pid (and so its group id) is still the worker's: a direct child
@@ -156,7 +198,7 @@ impl Worker {
     /// at once), which its pidfd tells.
     fn holds_its_pid(&self) -> bool {
         match &self.proc_ {
-            Proc::Direct(c) => c.status().is_none(),
+            Proc::Direct(c) => c.holds_its_pid(),
             Proc::Served {
                 status: Some(_), ..
             } => false,
@@ -186,6 +228,11 @@ impl Worker {
     /// # Errors
     /// As [`Worker::try_wait`].
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let s = self.wait_timeout_unmarked(timeout)?;
+        Ok(s.map(|s| self.mark(s)))
+    }
+
+    fn wait_timeout_unmarked(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         match &mut self.proc_ {
             Proc::Direct(c) => c.wait_timeout(timeout),
             Proc::Served {
@@ -225,7 +272,8 @@ impl Worker {
     /// As [`Worker::try_wait`].
     pub fn wait(&mut self) -> Result<ExitStatus> {
         if let Proc::Direct(c) = &mut self.proc_ {
-            return c.wait();
+            let s = c.wait()?;
+            return Ok(self.mark(s));
         }
         loop {
             if let Some(s) = self.wait_timeout(Duration::from_secs(3600))? {
@@ -242,7 +290,7 @@ impl Worker {
     /// otherwise as [`Worker::try_wait`].
     pub fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(s) = self.status() {
-            return Ok(s);
+            return Ok(self.mark(s));
         }
         let _ = self.signal_group(Signal::TERM);
         let _ = self.signal(Signal::TERM);

@@ -596,3 +596,52 @@ fn closing_a_pool_with_no_worker_left_lets_join_return() {
         pool.join_timeout(Duration::from_secs(20)).unwrap();
     }
 }
+
+/// What an error reporter prints (anyhow, eyre): the error, then each `source()` below it.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut out = format!("Error: {e}");
+    let mut next = e.source();
+    if next.is_some() {
+        out.push_str("\n\nCaused by:");
+    }
+    while let Some(cause) = next {
+        out.push_str(&format!("\n    {cause}"));
+        next = cause.source();
+    }
+    out
+}
+
+#[test]
+fn the_fork_refusal_names_each_cause_once_and_the_pools_own_option() {
+    // A parked thread makes the process threaded whichever thread the harness runs us on.
+    let (keep, parked) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || parked.recv());
+    let built = procpool::Pool::builder()
+        .start_method(procpool::StartMethod::Fork)
+        .build();
+    drop(keep);
+    let _ = thread.join();
+    let e = built.expect_err("Fork in a threaded process is refused");
+    assert_eq!(e.kind(), procpool::BuildErrorKind::Start);
+    // As `main` returning `Result<(), Box<dyn Error>>` gets it, through `?`.
+    let boxed: Box<dyn std::error::Error> = Box::new(procpool::Error::from(e));
+    let chain = report(&*boxed);
+    println!("{chain}\n\nmain prints (Debug): Error: {boxed:?}");
+    for once in [
+        "the pool cannot fork its workers",
+        "PoolBuilder::allow_fork_with_threads(true)",
+        "refusing to fork",
+        "threads, and a lock one of them holds",
+    ] {
+        assert_eq!(chain.matches(once).count(), 1, "{once:?} in:\n{chain}");
+        // `main` itself prints the Debug form, a dump of the fields: nothing twice there.
+        let debug = format!("{boxed:?}");
+        assert!(debug.matches(once).count() <= 1, "{once:?} in:\n{debug}");
+    }
+    assert!(!chain.contains("LaunchOptions"), "{chain}");
+    assert_eq!(
+        chain.lines().filter(|l| !l.is_empty()).count(),
+        3,
+        "{chain}"
+    );
+}

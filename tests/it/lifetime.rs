@@ -11,7 +11,8 @@ fn worker_name(_x: u32) -> String {
     current_process().name().to_string()
 }
 
-/// Seed 000: two workers, three tasks each, ten tasks; names change every three tasks.
+/// Two workers, three tasks each, ten tasks; names change every three tasks (the
+/// `max_tasks_per_child` example).
 #[test]
 fn max_tasks_per_child_replaces_workers_after_three_tasks() {
     for method in METHODS {

@@ -1,4 +1,4 @@
-//! The process-shared Event (seed 004): tasks stop early when it is set; the pool stays usable.
+//! The process-shared Event (the `stop_tasks_with_event` example): tasks stop early when it is set; the pool stays usable.
 
 use std::time::{Duration, Instant};
 

@@ -61,6 +61,47 @@ pub(crate) fn sleep_ms(ms: u64) -> u32 {
     std::process::id()
 }
 
+/// [`write_to_channel`], then waits (for the pool to notice) before returning: the task is
+/// still running when its stray bytes are found.
+pub(crate) fn write_to_channel_and_wait(bytes: Vec<u8>) -> u32 {
+    write_to_channel(bytes);
+    std::thread::sleep(Duration::from_secs(30));
+    std::process::id()
+}
+
 pub(crate) fn my_pid() -> u32 {
+    std::process::id()
+}
+
+/// In a worker: a duplicate of its channel to the pool, the only socket above stdio (taken
+/// through a pidfd of itself, so no raw descriptor number is trusted).
+pub(crate) fn channel_fd() -> std::os::fd::OwnedFd {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags};
+    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let e = e.expect("entry");
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if fd > 2 && is_socket {
+            let me = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty())
+                .expect("pidfd_open");
+            return rustix::process::pidfd_getfd(&me, fd, PidfdGetfdFlags::empty())
+                .expect("pidfd_getfd");
+        }
+    }
+    panic!("no channel socket among this worker's descriptors")
+}
+
+/// In a worker: writes `bytes` to its own channel, as a library writing to the wrong
+/// descriptor would.
+pub(crate) fn write_to_channel(bytes: Vec<u8>) -> u32 {
+    let fd = channel_fd();
+    let mut b = &bytes[..];
+    while !b.is_empty() {
+        let n = rustix::io::write(&fd, b).expect("write to the channel");
+        b = &b[n..];
+    }
     std::process::id()
 }

@@ -36,8 +36,8 @@ pub(crate) fn launch_one(
         Some(fd) => Some(fd.try_clone_to_owned().map_err(pool_spawn::Error::from)?),
         None => None,
     };
-    let mut conn = FramedConn::new(sock, shared.settings.ipc.clone())
-        .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
+    let mut conn =
+        FramedConn::new(sock, shared.settings.ipc.clone()).map_err(pool_spawn::Error::from)?;
     let s = &shared.settings;
     // A page for the worker to count the tasks it begins and keep its results on; without
     // it (no memory, say) the pool falls back to assuming the oldest task it sent was
@@ -60,9 +60,7 @@ pub(crate) fn launch_one(
         }),
     };
     let mut frame = FrameBuf::new();
-    frame
-        .encode(&setup)
-        .map_err(|e| pool_spawn::Error::from(std::io::Error::other(e.to_string())))?;
+    frame.encode(&setup).map_err(pool_spawn::Error::from)?;
     conn.queue(frame);
     let pid = worker.pid();
     let mut g = shared.lock();
@@ -135,8 +133,8 @@ impl Driver {
                 Ok(Some(fds)) => self.watch(wid, fds),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not start a worker");
-                    let msg = e.to_string();
+                    let msg = crate::error::Chain(&e).to_string();
+                    tracing::warn!(error = %msg, "could not start a worker");
                     self.shared.act(|p, fx| {
                         p.exited(wid, Exit::LaunchFailed(msg), fx);
                         fx.io.remove(&wid);

@@ -7,3 +7,4 @@ mod helpers;
 mod procs;
 mod props;
 mod shm;
+mod stray;

@@ -396,7 +396,11 @@ fn no_signal_to_a_reused_group(method: StartMethod) {
         return;
     };
     let e = w.worker.signal_group(Signal::KILL).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{method:?}: {e}");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(rustix::io::Errno::SRCH.raw_os_error()),
+        "{method:?}: {e}"
+    );
     let _ = w.worker.terminate(Duration::from_millis(100));
     drop(w);
     std::thread::sleep(Duration::from_millis(100));

@@ -107,7 +107,11 @@ fn abort_in_task(method: StartMethod) {
     w.send_run::<()>(1, task::batch_ref(tasks::abort_now), &[()]);
     w.expect_eof();
     let s = w.wait();
-    assert_eq!(s.signal(), Some(libc::SIGABRT), "{s}");
+    assert_eq!(
+        s.signal(),
+        Some(rustix::process::Signal::ABORT.as_raw()),
+        "{s}"
+    );
     assert_eq!(s.signal_name(), Some("SIGABRT"));
     assert_gone(w.worker.pid());
 }
@@ -163,7 +167,13 @@ fn terminate_busy(method: StartMethod) {
     w.send_run(1, task::batch_ref(tasks::sleep_ms), &[(60_000u64,)]);
     std::thread::sleep(Duration::from_millis(50));
     let s = w.worker.terminate(Duration::from_secs(5)).unwrap();
-    assert_eq!(s.signal(), Some(libc::SIGTERM), "{s}");
+    // A worker answers SIGTERM by killing its whole process group (itself included).
+    assert_eq!(
+        s.signal(),
+        Some(rustix::process::Signal::KILL.as_raw()),
+        "{s}"
+    );
+    assert!(s.sent_by_pool(), "{s}");
     assert_gone(w.worker.pid());
     // Idempotent.
     assert_eq!(w.worker.terminate(Duration::ZERO).unwrap(), s);

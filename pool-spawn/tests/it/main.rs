@@ -11,6 +11,8 @@ mod helper;
 mod hygiene;
 mod lifecycle;
 mod setup;
+mod signals;
+mod stray;
 mod tasks;
 
 /// Defines `mod $name { fn fork(), fn spawn(), fn forkserver() }`, each calling

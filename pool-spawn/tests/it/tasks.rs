@@ -93,3 +93,58 @@ pub(crate) fn init_fails(v: u64) -> Result<(), String> {
 pub(crate) fn read_init_value() -> u64 {
     INIT_VALUE.load(Ordering::SeqCst)
 }
+
+/// A duplicate of the worker's channel: its only socket above stdio.
+pub(crate) fn channel_fd() -> std::os::fd::OwnedFd {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags};
+    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let e = e.expect("entry");
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if fd > 2 && is_socket {
+            // A duplicate taken through a pidfd of ourselves: no raw descriptor to trust.
+            let me = rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty())
+                .expect("pidfd_open");
+            return rustix::process::pidfd_getfd(&me, fd, PidfdGetfdFlags::empty())
+                .expect("pidfd_getfd");
+        }
+    }
+    panic!("no channel socket among this worker's descriptors")
+}
+
+/// Writes `bytes` to the worker's own channel, as a library writing to the wrong
+/// descriptor would; returns how many were written.
+pub(crate) fn write_to_channel(bytes: Vec<u8>) -> usize {
+    rustix::io::write(channel_fd(), &bytes).expect("write to the channel")
+}
+
+/// The signals this process ignores, from `/proc/self/status`.
+pub(crate) fn ignored_signals() -> Vec<i32> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).expect("SigIgn mask"))
+        .expect("a SigIgn line");
+    (1..=64).filter(|s| mask & (1 << (s - 1)) != 0).collect()
+}
+
+/// Prints `line` on stdout (flushed); returns its length.
+pub(crate) fn print_line(line: String) -> usize {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("print");
+    out.flush().expect("flush");
+    line.len()
+}
+
+/// This process's short name (`/proc/self/comm`).
+pub(crate) fn comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("read /proc/self/comm")
+        .trim_end()
+        .to_owned()
+}

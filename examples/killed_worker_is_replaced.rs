@@ -1,4 +1,6 @@
-//! Seed 003: kill a worker; the pool replaces it at once with a new process.
+//! A killed worker is replaced at once by a new process; the pool goes on.
+//!
+//! `cargo run --example killed_worker_is_replaced`
 use std::time::{Duration, Instant};
 
 use procpool::Pool;

@@ -1,4 +1,6 @@
-//! Seed 004: stop all running tasks safely with a shared `Event`, then reuse the pool.
+//! Stopping every running task safely with a shared `Event`, then reusing the pool.
+//!
+//! `cargo run --example stop_tasks_with_event`
 use std::time::Duration;
 
 use procpool::{Event, Pool};

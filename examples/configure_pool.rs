@@ -1,5 +1,7 @@
-//! Seed 001: configuring a pool: processes, an initializer with arguments, max tasks per
-//! child, and each start method (Python's `context`).
+//! Configuring a pool: processes, an initializer with arguments, max tasks per child, and
+//! each start method (Python's `context`).
+//!
+//! `cargo run --example configure_pool`
 use std::sync::OnceLock;
 
 use procpool::{Pool, StartMethod, current_process};

@@ -1,0 +1,55 @@
+//! Fork pools built one right after another in a single-threaded process: each build must
+//! pass the fork-safety check although the previous pool's threads were joined only a
+//! moment before (a joined thread can linger in `/proc/self/task` for a while).
+//!
+//! `harness = false`: libtest would run the test on a thread of its own, and a process with
+//! two threads is refused `Fork` by design. This runs on the main thread. It speaks enough
+//! of libtest's command line for `cargo test` and nextest (`--list`, `--exact`).
+
+use std::time::{Duration, Instant};
+
+use procpool::{Pool, StartMethod};
+
+const NAME: &str = "fork_pools_rebuilt_at_once";
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn main() {
+    procpool::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ignored = args.iter().any(|a| a == "--ignored");
+    if args.iter().any(|a| a == "--list") {
+        if !ignored {
+            println!("{NAME}: test");
+        }
+        return;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    if ignored || filters.iter().any(|f| !NAME.contains(f.as_str())) {
+        println!("running 0 tests");
+        return;
+    }
+    let started = Instant::now();
+    // The race itself, many times: a thread just joined, then the check.
+    for i in 0..20_000 {
+        std::thread::spawn(|| {}).join().unwrap();
+        if let Err(e) = pool_spawn::Launcher::new(StartMethod::Fork, Default::default()) {
+            panic!("launcher {i}, right after a thread was joined: {e}");
+        }
+    }
+    // Whole pools, built and dropped in a row.
+    let mut i = 0;
+    while i < 300 || (i < 2000 && started.elapsed() < Duration::from_secs(20)) {
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::Fork)
+            .build()
+            .unwrap_or_else(|e| panic!("pool {i}, right after the last was dropped: {e}"));
+        assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+        drop(pool);
+        i += 1;
+    }
+    println!("test {NAME} ... ok ({i} pools in {:?})", started.elapsed());
+}
