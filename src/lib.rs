@@ -59,6 +59,11 @@
 //! Workers run the same executable as the parent; each checks that it does before it runs
 //! anything, and refuses with a clear error otherwise.
 //!
+//! Results are decoded on the pool's own thread as they arrive, before they are handed to
+//! the caller: a result type whose `Deserialize` takes two seconds delays every other result
+//! (and the sending of queued tasks) by two seconds. Keep result decoding cheap, or return
+//! the bytes (`serde_bytes::ByteBuf`) and decode them in the thread that asked.
+//!
 //! # Start methods
 //!
 //! - [`StartMethod::Forkserver`] (the default): a small server process, started fresh, forks
@@ -91,6 +96,11 @@
 //! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
 //! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
 //! from its channel and its pidfd, not by polling.
+//!
+//! A worker is trusted only as far as its messages make sense: one that sends a message out
+//! of order (a setup report once it runs tasks, a result before it is ready), or whose
+//! message stops arriving partway for five seconds, is killed as faulty, and only the task
+//! it was running fails, saying why.
 //!
 //! # Stopping tasks safely
 //!

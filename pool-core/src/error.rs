@@ -239,7 +239,8 @@ impl fmt::Display for TaskError {
                     Some(s) => write!(f, ": {s}")?,
                     None => write!(f, ": exit status unknown")?,
                 }
-                if self.0.status.and_then(|s| s.signal()) == Some(9) {
+                // A note says why the pool killed it; without one, the kill came from outside.
+                if self.0.status.and_then(|s| s.signal()) == Some(9) && self.0.message.is_empty() {
                     write!(
                         f,
                         "; SIGKILL from outside the pool often means the out-of-memory killer"

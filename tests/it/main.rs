@@ -4,6 +4,7 @@ procpool::enable_test_support!();
 
 mod api;
 mod failures;
+mod hostile;
 mod lifetime;
 mod shared_event;
 mod util;

@@ -91,6 +91,9 @@ impl Driver {
                     consider(t + EOF_GRACE);
                 }
             }
+            if let Some(t) = self.stall_deadline() {
+                consider(t);
+            }
             let ready = {
                 let mut fds = Vec::with_capacity(self.watches.len() * 2 + 1);
                 fds.push(PollFd::new(&self.shared.wake, PollFlags::IN));
@@ -189,16 +192,24 @@ impl Driver {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(worker = %name, error = %e, "bad frame from worker");
-                        w.exit_note = Some(format!("its channel failed: {e}"));
+                        w.exit_note
+                            .get_or_insert_with(|| format!("its channel failed: {e}"));
                         broken = true;
                         break;
                     }
                 }
             }
             eof = conn.is_eof();
+            w.guard.after_read(conn.has_partial_frame(), Instant::now());
             for frame in msgs {
                 // Decoded in place: a result's bytes stay where they are in the frame.
                 let msg = protocol::decode_reply(&frame);
+                if let Ok(m) = &msg
+                    && super::phase::out_of_phase(fx.io.get_mut(&wid), m)
+                {
+                    broken = true;
+                    break;
+                }
                 match msg {
                     Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
                     Ok(FromWorker::SetupFailed { message, .. }) => {
@@ -297,6 +308,7 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
+        self.kill_stalled(now);
         let mut g = self.shared.lock();
         if g.term_deadline.is_some_and(|d| now >= d) {
             g.term_deadline = None;

@@ -1,0 +1,124 @@
+//! Hostile conditions: workers that lie on their channel, launches that cannot happen,
+//! crash storms.
+
+use std::time::Duration;
+
+use pool_spawn::protocol::{FromWorker, SetupFailure};
+use procpool::TaskErrorKind;
+
+use crate::util::{METHODS, builder, shut_down, square};
+
+/// This worker's end of its channel to the pool: the one socket a worker keeps open,
+/// duplicated through a pidfd of the worker itself.
+fn own_channel() -> std::os::fd::OwnedFd {
+    let me = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .expect("pidfd_open");
+    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let e = e.expect("entry");
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
+        return rustix::process::pidfd_getfd(&me, fd, rustix::process::PidfdGetfdFlags::empty())
+            .expect("pidfd_getfd");
+    }
+    panic!("the worker has no socket");
+}
+
+/// Appends a line to `path`, then writes `n` forged `SetupFailed` messages on the worker's
+/// own channel, as if the worker had failed to start, and keeps running a while.
+fn forge_setup_failed(path: String, n: u32) -> u32 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "ran").unwrap();
+    drop(f);
+    let mut tx = pool_ipc::Sender::<FromWorker>::new(own_channel());
+    for _ in 0..n {
+        tx.send(&FromWorker::SetupFailed {
+            reason: SetupFailure::Initializer,
+            message: "forged".into(),
+        })
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    7
+}
+
+/// A running worker that claims its setup failed is out of phase: it is killed, only its
+/// running task fails (as a worker fault), the task does not run twice, and the pool goes on.
+#[test]
+fn a_message_out_of_phase_kills_its_worker_and_fails_only_its_task() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+        let path = std::env::temp_dir()
+            .join(format!("procpool-forge-{}-{method:?}", std::process::id()))
+            .to_string_lossy()
+            .into_owned();
+        for n in [1u32, 3] {
+            let _ = std::fs::remove_file(&path);
+            let e = pool
+                .apply_async(forge_setup_failed, (path.clone(), n))
+                .get_timeout(Duration::from_secs(30))
+                .expect_err("a forged message fails the task");
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+            assert!(e.to_string().contains("out of phase"), "{method:?}: {e}");
+            let runs = std::fs::read_to_string(&path).unwrap_or_default();
+            assert_eq!(runs.lines().count(), 1, "{method:?}: ran {runs:?}");
+            let r = pool
+                .apply_async(square, (4,))
+                .get_timeout(Duration::from_secs(30));
+            assert_eq!(r.unwrap(), 16, "{method:?}: the pool goes on after {n}");
+        }
+        let _ = std::fs::remove_file(&path);
+        shut_down(pool);
+    }
+}
+
+/// Writes the start of a frame on the worker's own channel (a header announcing 100 bytes,
+/// and 10 of them), then hangs.
+fn start_a_frame_and_hang() -> u32 {
+    let chan = own_channel();
+    let mut bytes = 100u32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&[0; 10]);
+    rustix::io::write(&chan, &bytes).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    7
+}
+
+/// A frame that starts arriving and then stops is that worker's fault: after a bounded wait
+/// the worker is killed, its running task fails saying why, and the pool goes on.
+#[test]
+fn a_frame_that_stops_arriving_kills_its_worker() {
+    std::thread::scope(|s| {
+        for method in METHODS {
+            s.spawn(move || {
+                let pool = builder(method).processes(1).build().unwrap();
+                let e = pool
+                    .apply_async(start_a_frame_and_hang, ())
+                    .get_timeout(Duration::from_secs(30))
+                    .expect_err("the stalled frame fails the task");
+                assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+                assert!(
+                    e.to_string().contains("stopped arriving"),
+                    "{method:?}: {e}"
+                );
+                let r = pool
+                    .apply_async(square, (5,))
+                    .get_timeout(Duration::from_secs(30));
+                assert_eq!(r.unwrap(), 25, "{method:?}");
+                shut_down(pool);
+            });
+        }
+    });
+}
