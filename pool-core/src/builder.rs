@@ -78,10 +78,20 @@ impl PoolBuilder {
 
     /// A function each worker runs once, with `args`, before its first task. A panic (or an
     /// `Err` return) fails that worker's start; after three such failures in a row the pool
-    /// stops starting workers and fails pending tasks with
-    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed). Workers that die while starting (killed, or
-    /// crashing in the initializer) are replaced; only many in a row (a crash loop: nine, or
-    /// twice `processes`) break the pool the same way.
+    /// fails pending and new tasks with
+    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed).
+    ///
+    /// Failed starts are retried like a supervisor does: the first at once, then with an
+    /// exponential backoff (50 ms doubling to 2 s, with jitter). Workers that die while
+    /// starting (killed, or crashing in the initializer) or cannot be launched (out of file
+    /// descriptors, say) are replaced the same way; only many within ten seconds (nine, or
+    /// twice `processes`) trip the pool, and tasks then fail with
+    /// [`TaskErrorKind::StartFailed`](crate::TaskErrorKind::StartFailed) naming the cause.
+    /// A tripped pool is not broken for good: after a pause (1 s, doubling to 30 s) it
+    /// starts one worker to probe, and once a worker starts it takes tasks again. Workers
+    /// that die while running tasks are replaced at once, but a crash storm is paced: after
+    /// a burst of replacements (eight, or twice `processes`), about four a second (or
+    /// `processes` a second).
     #[doc(alias = "initargs")]
     pub fn initializer<F, Args>(mut self, f: F, args: Args) -> Self
     where

@@ -22,6 +22,11 @@ pub enum TaskErrorKind {
     PoolClosed,
     /// Workers could not start because the initializer kept failing.
     InitializerFailed,
+    /// Workers could not start although the initializer did not fail: they were killed or
+    /// crashed while starting, or could not be launched at all (out of file descriptors or
+    /// processes, say); the message says which. The pool pauses its restarts, tries again,
+    /// and takes tasks again once a worker starts.
+    StartFailed,
     /// [`AsyncResult::get_timeout`](crate::AsyncResult::get_timeout) gave up waiting; the
     /// task goes on and its result can still be fetched.
     NotReady,
@@ -262,7 +267,7 @@ impl fmt::Display for TaskError {
                 write!(f, ": {}", self.0.message)
             }
             TaskErrorKind::PoolClosed => write!(f, "{}", self.0.message),
-            TaskErrorKind::InitializerFailed => {
+            TaskErrorKind::InitializerFailed | TaskErrorKind::StartFailed => {
                 write!(f, "workers cannot start: {}", self.0.message)
             }
             TaskErrorKind::NotReady => write!(f, "result not ready: {}", self.0.message),

@@ -1,7 +1,7 @@
 //! Hostile conditions: workers that lie on their channel, launches that cannot happen,
 //! crash storms.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
@@ -117,6 +117,68 @@ fn a_frame_that_stops_arriving_kills_its_worker() {
                     .apply_async(square, (5,))
                     .get_timeout(Duration::from_secs(30));
                 assert_eq!(r.unwrap(), 25, "{method:?}");
+                shut_down(pool);
+            });
+        }
+    });
+}
+
+fn slow_start(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Workers killed one after another while their initializer runs (an operator, the OOM
+/// killer) may trip the restart breaker; tasks then fail naming that cause (not the
+/// initializer, which never failed), and the pool recovers once the killing stops.
+#[test]
+fn a_pool_whose_starting_workers_were_killed_recovers_and_blames_the_kills() {
+    std::thread::scope(|s| {
+        for method in METHODS {
+            s.spawn(move || {
+                let pool = builder(method)
+                    .processes(1)
+                    .initializer(slow_start, (200,))
+                    .build()
+                    .unwrap();
+                let mut killed: Vec<u32> = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while killed.len() < 13 {
+                    assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
+                    if let Some(w) = pool
+                        .workers()
+                        .into_iter()
+                        .find(|w| !killed.contains(&w.pid()))
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                        let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                        killed.push(w.pid());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                // Whatever fails meanwhile names the kills; then the pool works again.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match pool
+                        .apply_async(square, (6,))
+                        .get_timeout(Duration::from_secs(60))
+                    {
+                        Ok(v) => {
+                            assert_eq!(v, 36);
+                            break;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.kind(), TaskErrorKind::StartFailed, "{method:?}: {e}");
+                            assert!(e.to_string().contains("died before it was ready"), "{e}");
+                        }
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{method:?}: the pool never recovered"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10, "{method:?}");
                 shut_down(pool);
             });
         }

@@ -82,6 +82,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 "the pool was terminated before this task finished",
             ),
             Finish::InitFailed(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
+            Finish::CannotStart(m) => TaskError::new(TaskErrorKind::StartFailed, m),
         };
         self.done.push((task, Outcome::Failed(err)));
     }

@@ -94,6 +94,9 @@ impl Driver {
             if let Some(t) = self.stall_deadline() {
                 consider(t);
             }
+            if let Some(t) = self.shared.lock().policy.wakeup() {
+                consider(t);
+            }
             let ready = {
                 let mut fds = Vec::with_capacity(self.watches.len() * 2 + 1);
                 fds.push(PollFd::new(&self.shared.wake, PollFlags::IN));
@@ -309,6 +312,10 @@ impl Driver {
     fn timers(&mut self) {
         let now = Instant::now();
         self.kill_stalled(now);
+        if self.shared.lock().policy.wakeup().is_some_and(|t| t <= now) {
+            // A start the policy held back is due: a step gives it the time.
+            self.shared.act(|_, _| {});
+        }
         let mut g = self.shared.lock();
         if g.term_deadline.is_some_and(|d| now >= d) {
             g.term_deadline = None;

@@ -88,6 +88,9 @@ impl Shared {
                 terminating,
                 dirty: Vec::new(),
             };
+            // Time reaches the policy here, before every step: starts it held back happen
+            // once due.
+            inner.policy.advance(Instant::now(), &mut fx);
             let r = step(&mut inner.policy, &mut fx);
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
