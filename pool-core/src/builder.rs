@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::driver::{Driver, Settings, Shared};
-use crate::error::BuildError;
+use crate::error::{BuildError, FdLimit};
 use crate::event::{self, Pins};
 use crate::policy::{Policy, PolicyConfig};
 use crate::pool::Pool;
@@ -24,6 +24,44 @@ pub(crate) const IN_FLIGHT: usize = 1;
 pub(crate) const MAX_IN_FLIGHT: usize = 16;
 /// Consecutive failed worker starts after which the pool stops starting workers.
 pub(crate) const START_FAILURE_LIMIT: u32 = 3;
+/// File descriptors the pool holds in this process per worker: its channel and pidfd, the
+/// driver's duplicates of both, and its progress page (payloads over 256 KiB add a
+/// shared ring).
+pub(crate) const FDS_PER_WORKER: u64 = 5;
+/// File descriptors left free beside the pool's when `build` raises the soft limit.
+const FD_SLACK: u64 = 64;
+
+/// Raises the soft open-file limit (RLIMIT_NOFILE) toward the hard one when this process
+/// would otherwise run out with `processes` more workers, as servers commonly do at start;
+/// never lowers it, never beyond what the pool needs plus some slack. Returns the limit now
+/// in force, if it can be read.
+fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (soft, hard) = (lim.current?, lim.maximum.unwrap_or(u64::MAX));
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
+    let need = open + processes as u64 * FDS_PER_WORKER + FD_SLACK;
+    if need > soft && soft < hard {
+        let target = need.min(hard);
+        let raised = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: lim.maximum,
+            },
+        );
+        tracing::debug!(
+            from = soft,
+            to = target,
+            ok = raised.is_ok(),
+            "raised RLIMIT_NOFILE"
+        );
+        if raised.is_ok() {
+            return Some(FdLimit { soft: target, hard });
+        }
+    }
+    Some(FdLimit { soft, hard })
+}
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild, context)`.
@@ -118,10 +156,18 @@ impl PoolBuilder {
 
     /// Starts the workers and returns the pool.
     ///
+    /// Each worker holds about five file descriptors in this process. When the soft
+    /// open-file limit (`RLIMIT_NOFILE`, often 1024) is too low for `processes` workers,
+    /// `build` raises it, once, toward the hard limit, as far as the pool needs (plus some
+    /// slack); it never lowers it. Workers started afterwards inherit the raised limit.
+    ///
     /// # Errors
     /// [`BuildError`] if a setting is out of range, the initializer's arguments cannot be
     /// encoded, or workers cannot be started (for example `procpool::init()` is not called
-    /// first in `main`, or `Fork` is refused in a threaded process).
+    /// first in `main`, `Fork` is refused in a threaded process, or the process runs out of
+    /// file descriptors even at the hard limit: the error says which worker failed, why, and
+    /// what a worker costs). A worker that cannot start during `build` is always an error,
+    /// never a hang.
     pub fn build(self) -> Result<Pool, BuildError> {
         let processes = match self.processes {
             Some(0) => return Err(BuildError::invalid("processes must be at least 1")),
@@ -138,6 +184,7 @@ impl PoolBuilder {
             Some(Ok(i)) => Some(i),
             None => None,
         };
+        let fds = raise_fd_limit(processes);
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
         let launcher = Launcher::new(self.method, opts).map_err(BuildError::start)?;
@@ -158,10 +205,10 @@ impl PoolBuilder {
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
-        if let Err(e) = driver.launch_initial() {
+        if let Err((e, started)) = driver.launch_initial() {
             shared.terminate();
             driver.run();
-            return Err(BuildError::start(e));
+            return Err(BuildError::start_worker(e, started, processes, fds));
         }
         let (done_tx, finished) = flume::bounded(1);
         let handle = std::thread::Builder::new()

@@ -288,6 +288,13 @@ pub enum BuildErrorKind {
     Start,
 }
 
+/// The open-file limit of this process, for error messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FdLimit {
+    pub(crate) soft: u64,
+    pub(crate) hard: u64,
+}
+
 /// Why [`PoolBuilder::build`](crate::PoolBuilder::build) failed.
 #[derive(Debug)]
 pub struct BuildError {
@@ -311,6 +318,49 @@ impl BuildError {
             message: "could not start the pool's workers".into(),
             source: Some(source),
         }
+    }
+
+    /// Worker `started + 1` of `processes` could not be started: as [`BuildError::start`],
+    /// saying so, and when the process ran out of file descriptors, what a worker costs and
+    /// what the limit is.
+    pub(crate) fn start_worker(
+        source: pool_spawn::Error,
+        started: usize,
+        processes: usize,
+        fds: Option<FdLimit>,
+    ) -> Self {
+        let mut e = BuildError::start(source);
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            e.source.as_ref().map(|s| s as _);
+        let mut out_of_fds = None;
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && matches!(io.raw_os_error(), Some(23 | 24))
+            {
+                out_of_fds = Some(io.to_string());
+            }
+            cause = c.source();
+        }
+        e.message = format!(
+            "could not start worker {} of {processes} ({started} started)",
+            started + 1
+        );
+        if let Some(io) = out_of_fds {
+            let limit = fds.map_or_else(String::new, |l| {
+                format!(
+                    "; the limit (RLIMIT_NOFILE) is {} (hard {}), which build raised as far as \
+                     it could",
+                    l.soft, l.hard
+                )
+            });
+            e.message = format!(
+                "{}: the process ran out of file descriptors ({io}): each worker holds about \
+                 {} in this process{limit}; use fewer processes or raise the hard limit",
+                e.message,
+                crate::builder::FDS_PER_WORKER
+            );
+        }
+        e
     }
 
     /// What kind of error this is.

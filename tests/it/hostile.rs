@@ -184,3 +184,94 @@ fn a_pool_whose_starting_workers_were_killed_recovers_and_blames_the_kills() {
         }
     });
 }
+
+/// The child half of the fd-limit test: run only when the parent half re-executes this
+/// binary with `PROCPOOL_TEST_FD_LIMIT=soft,hard`; builds a big pool under that limit and
+/// prints how it went.
+#[test]
+#[ignore = "run by a_pool_too_big_for_the_fd_limit_is_a_build_error"]
+fn fd_limit_child() {
+    let Ok(spec) = std::env::var("PROCPOOL_TEST_FD_LIMIT") else {
+        return;
+    };
+    let (soft, hard) = spec.split_once(',').unwrap();
+    let (soft, hard): (u64, u64) = (soft.parse().unwrap(), hard.parse().unwrap());
+    let method = match std::env::var("PROCPOOL_TEST_METHOD").as_deref() {
+        Ok("Spawn") => procpool::StartMethod::Spawn,
+        Ok("Fork") => procpool::StartMethod::Fork,
+        _ => procpool::StartMethod::Forkserver,
+    };
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        },
+    )
+    .unwrap();
+    match builder(method).processes(40).build() {
+        Ok(pool) => {
+            assert_eq!(pool.map(square, 0..100u64).unwrap().len(), 100);
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+            println!("RESULT built; soft limit now {:?}", limit.current);
+            shut_down(pool);
+        }
+        Err(e) => println!("RESULT error: {e}"),
+    }
+}
+
+/// Builds a 40-worker pool in a child process whose fd limit is `soft`/`hard`; returns what
+/// the child printed (bounded: a hang is killed and reported).
+fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> String {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hostile::fd_limit_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("PROCPOOL_TEST_FD_LIMIT", format!("{soft},{hard}"))
+        .env("PROCPOOL_TEST_METHOD", format!("{method:?}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{method:?}: build hung under an fd limit of {soft}/{hard}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"))
+        .to_owned()
+}
+
+/// A pool that needs more fds than the process may open: `build` says so (and what a worker
+/// costs) instead of hanging; with room under the hard limit, `build` raises the soft one.
+#[test]
+fn a_pool_too_big_for_the_fd_limit_is_a_build_error() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX)
+        .min(4096);
+    for method in METHODS {
+        let r = build_under_fd_limit(method, 64, 64);
+        assert!(r.starts_with("error:"), "{method:?}: {r}");
+        assert!(r.contains("file descriptors"), "{method:?}: {r}");
+        assert!(r.contains("each worker holds about 5"), "{method:?}: {r}");
+        if hard >= 512 {
+            let r = build_under_fd_limit(method, 64, hard);
+            assert!(r.starts_with("built"), "{method:?}: {r}");
+        }
+    }
+}
