@@ -107,7 +107,10 @@ impl PoolBuilder {
         self
     }
 
-    /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`.
+    /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`. Under
+    /// `Fork`, `build` forks this process once into a single-threaded zygote that forks every
+    /// worker, replacements included: workers inherit the parent's state as it was at
+    /// `build`, not later changes.
     #[doc(alias = "context")]
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.method = method;

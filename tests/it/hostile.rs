@@ -275,3 +275,39 @@ fn a_pool_too_big_for_the_fd_limit_is_a_build_error() {
         }
     }
 }
+
+/// Squares `x` after taking the stdout lock, as any `println!` in a task does.
+fn square_using_stdout(x: u64) -> u64 {
+    use std::io::Write;
+    std::io::stdout().lock().flush().unwrap();
+    x * x
+}
+
+/// Under Fork, replacements are forked by the zygote made at build, never by this
+/// (threaded) process: a main thread that holds the stdout lock while workers are replaced
+/// (a `println!` between submissions) cannot deadlock them.
+#[test]
+fn fork_replacements_never_inherit_a_lock_held_by_the_main_thread() {
+    use std::io::Write;
+    let pool = builder(procpool::StartMethod::Fork)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let mut pending = Vec::with_capacity(2000);
+    for i in 0..2000u64 {
+        // The lock stays held while workers exit and their replacements are forked.
+        let mut out = std::io::stdout().lock();
+        pending.push(pool.apply_async(square_using_stdout, (i,)));
+        std::thread::sleep(Duration::from_micros(200));
+        out.flush().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (i, r) in pending.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let v = r
+            .get_timeout(left.max(Duration::from_millis(1)))
+            .unwrap_or_else(|e| panic!("task {i}: {e}"));
+        assert_eq!(v, (i * i) as u64);
+    }
+    shut_down(pool);
+}
