@@ -64,16 +64,25 @@
 //! Workers run the same executable as the parent; each checks that it does before it runs
 //! anything, and refuses with a clear error otherwise.
 //!
+//! Results are decoded on the pool's own thread as they arrive, before they are handed to
+//! the caller: a result type whose `Deserialize` takes two seconds delays every other result
+//! (and the sending of queued tasks) by two seconds. Keep result decoding cheap, or return
+//! the bytes (`serde_bytes::ByteBuf`) and decode them in the thread that asked.
+//!
 //! # Start methods
 //!
 //! - [`StartMethod::Forkserver`] (the default): a small server process, started fresh, forks
 //!   each worker. Cheap starts, and safe whatever threads the parent runs.
 //! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
-//! - [`StartMethod::Fork`]: workers are forks of the parent itself. Fastest, but forking a
-//!   process with other threads is hazardous (a lock another thread holds stays locked
-//!   forever in the child); `build` counts the threads and refuses then, unless
-//!   [`PoolBuilder::allow_fork_with_threads`] says otherwise. (procpool's own launcher thread
-//!   is not counted while it sits idle; another live pool's driver thread is.)
+//! - [`StartMethod::Fork`]: `build` forks the parent once, into a *zygote* that stays
+//!   single-threaded and forks every worker, replacements included. Workers start with a
+//!   copy of the parent's memory as it was at `build`: what the parent changes afterwards
+//!   is not inherited, not even by replacements. Forking a process with other threads is
+//!   hazardous (a lock another thread holds stays locked forever in the child), so `build`
+//!   counts the threads and refuses then, unless [`PoolBuilder::allow_fork_with_threads`]
+//!   says otherwise. (procpool's own launcher thread is not counted while it sits idle;
+//!   another live pool's driver thread is.) The pool's own threads never matter: the parent
+//!   is forked only at `build`.
 //!
 //! Spawn and Forkserver re-run the executable, so [`init`] must be the first line of `main`.
 //! In test binaries (whose `main` belongs to the test harness) put
@@ -96,6 +105,11 @@
 //! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
 //! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
 //! from its channel and its pidfd, not by polling.
+//!
+//! A worker is trusted only as far as its messages make sense: one that sends a message out
+//! of order (a setup report once it runs tasks, a result before it is ready), or whose
+//! message stops arriving partway for five seconds, is killed as faulty, and only the task
+//! it was running fails, saying why.
 //!
 //! # Stopping tasks safely
 //!

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::driver::{Driver, Settings, Shared};
-use crate::error::BuildError;
+use crate::error::{BuildError, FdLimit};
 use crate::event::{self, Pins};
 use crate::policy::{Policy, PolicyConfig};
 use crate::pool::Pool;
@@ -28,6 +28,44 @@ pub(crate) const START_FAILURE_LIMIT: u32 = 3;
 /// How long a worker stopped because of its task (time limit, cancellation) has between
 /// SIGTERM and SIGKILL, unless set.
 pub(crate) const STOP_GRACE: Duration = Duration::from_millis(100);
+/// File descriptors the pool holds in this process per worker: its channel and pidfd, the
+/// driver's duplicates of both, and its progress page (payloads over 256 KiB add a
+/// shared ring).
+pub(crate) const FDS_PER_WORKER: u64 = 5;
+/// File descriptors left free beside the pool's when `build` raises the soft limit.
+const FD_SLACK: u64 = 64;
+
+/// Raises the soft open-file limit (RLIMIT_NOFILE) toward the hard one when this process
+/// would otherwise run out with `processes` more workers, as servers commonly do at start;
+/// never lowers it, never beyond what the pool needs plus some slack. Returns the limit now
+/// in force, if it can be read.
+fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (soft, hard) = (lim.current?, lim.maximum.unwrap_or(u64::MAX));
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
+    let need = open + processes as u64 * FDS_PER_WORKER + FD_SLACK;
+    if need > soft && soft < hard {
+        let target = need.min(hard);
+        let raised = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: lim.maximum,
+            },
+        );
+        tracing::debug!(
+            from = soft,
+            to = target,
+            ok = raised.is_ok(),
+            "raised RLIMIT_NOFILE"
+        );
+        if raised.is_ok() {
+            return Some(FdLimit { soft: target, hard });
+        }
+    }
+    Some(FdLimit { soft, hard })
+}
 
 /// Settings for a [`Pool`]: Python's `Pool(processes, initializer, initargs,
 /// maxtasksperchild, context)`.
@@ -161,7 +199,10 @@ impl PoolBuilder {
         self
     }
 
-    /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`.
+    /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`. Under
+    /// `Fork`, `build` forks this process once into a single-threaded zygote that forks every
+    /// worker, replacements included: workers inherit the parent's state as it was at
+    /// `build`, not later changes.
     #[doc(alias = "context")]
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.method = method;
@@ -170,10 +211,20 @@ impl PoolBuilder {
 
     /// A function each worker runs once, with `args`, before its first task. A panic (or an
     /// `Err` return) fails that worker's start; after three such failures in a row the pool
-    /// stops starting workers and fails pending tasks with
-    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed). Workers that die while starting (killed, or
-    /// crashing in the initializer) are replaced; only many in a row (a crash loop: nine, or
-    /// twice `processes`) break the pool the same way.
+    /// fails pending and new tasks with
+    /// [`TaskErrorKind::InitializerFailed`](crate::TaskErrorKind::InitializerFailed).
+    ///
+    /// Failed starts are retried like a supervisor does: the first at once, then with an
+    /// exponential backoff (50 ms doubling to 2 s, with jitter). Workers that die while
+    /// starting (killed, or crashing in the initializer) or cannot be launched (out of file
+    /// descriptors, say) are replaced the same way; only many within ten seconds (nine, or
+    /// twice `processes`) trip the pool, and tasks then fail with
+    /// [`TaskErrorKind::StartFailed`](crate::TaskErrorKind::StartFailed) naming the cause.
+    /// A tripped pool is not broken for good: after a pause (1 s, doubling to 30 s) it
+    /// starts one worker to probe, and once a worker starts it takes tasks again. Workers
+    /// that die while running tasks are replaced at once, but a crash storm is paced: after
+    /// a burst of replacements (eight, or twice `processes`), about four a second (or
+    /// `processes` a second).
     #[doc(alias = "initargs")]
     pub fn initializer<F, Args>(mut self, f: F, args: Args) -> Self
     where
@@ -200,10 +251,18 @@ impl PoolBuilder {
 
     /// Starts the workers and returns the pool.
     ///
+    /// Each worker holds about five file descriptors in this process. When the soft
+    /// open-file limit (`RLIMIT_NOFILE`, often 1024) is too low for `processes` workers,
+    /// `build` raises it, once, toward the hard limit, as far as the pool needs (plus some
+    /// slack); it never lowers it. Workers started afterwards inherit the raised limit.
+    ///
     /// # Errors
     /// [`BuildError`] if a setting is out of range, the initializer's arguments cannot be
     /// encoded, or workers cannot be started (for example `procpool::init()` is not called
-    /// first in `main`, or `Fork` is refused in a threaded process).
+    /// first in `main`, `Fork` is refused in a threaded process, or the process runs out of
+    /// file descriptors even at the hard limit: the error says which worker failed, why, and
+    /// what a worker costs). A worker that cannot start during `build` is always an error,
+    /// never a hang.
     pub fn build(self) -> Result<Pool, BuildError> {
         let processes = match self.processes {
             Some(0) => return Err(BuildError::invalid("processes must be at least 1")),
@@ -220,6 +279,7 @@ impl PoolBuilder {
             Some(Ok(i)) => Some(i),
             None => None,
         };
+        let fds = raise_fd_limit(processes);
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
         let launcher = Launcher::new(self.method, opts).map_err(BuildError::start)?;
@@ -248,10 +308,10 @@ impl PoolBuilder {
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
-        if let Err(e) = driver.launch_initial() {
+        if let Err((e, started)) = driver.launch_initial() {
             shared.terminate();
             driver.run();
-            return Err(BuildError::start(e));
+            return Err(BuildError::start_worker(e, started, processes, fds));
         }
         let (done_tx, finished) = flume::bounded(1);
         let handle = std::thread::Builder::new()

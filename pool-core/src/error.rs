@@ -34,6 +34,11 @@ pub enum TaskErrorKind {
     /// ([`memory_limit_per_child`](crate::PoolBuilder::memory_limit_per_child)): an
     /// allocation beyond it failed and the process aborted.
     MemoryLimit,
+    /// Workers could not start although the initializer did not fail: they were killed or
+    /// crashed while starting, or could not be launched at all (out of file descriptors or
+    /// processes, say); the message says which. The pool pauses its restarts, tries again,
+    /// and takes tasks again once a worker starts.
+    StartFailed,
 }
 
 /// Why a task failed: one value per failed task, with the details a user needs to act on it.
@@ -380,7 +385,7 @@ impl fmt::Display for TaskError {
                 write!(f, ": {}", self.0.message)
             }
             TaskErrorKind::PoolClosed => write!(f, "{}", self.0.message),
-            TaskErrorKind::InitializerFailed => {
+            TaskErrorKind::InitializerFailed | TaskErrorKind::StartFailed => {
                 write!(f, "workers cannot start: {}", self.0.message)
             }
             TaskErrorKind::TimedOut => {
@@ -444,6 +449,13 @@ pub enum BuildErrorKind {
     Start,
 }
 
+/// The open-file limit of this process, for error messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FdLimit {
+    pub(crate) soft: u64,
+    pub(crate) hard: u64,
+}
+
 /// Why [`PoolBuilder::build`](crate::PoolBuilder::build) failed.
 ///
 /// Its message says what failed at the pool's level; the error from below (a system call,
@@ -491,6 +503,49 @@ impl BuildError {
             message: message.into(),
             source: Some(source),
         }
+    }
+
+    /// Worker `started + 1` of `processes` could not be started: as [`BuildError::start`],
+    /// saying so, and when the process ran out of file descriptors, what a worker costs and
+    /// what the limit is.
+    pub(crate) fn start_worker(
+        source: pool_spawn::Error,
+        started: usize,
+        processes: usize,
+        fds: Option<FdLimit>,
+    ) -> Self {
+        let mut e = BuildError::start(source);
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            e.source.as_ref().map(|s| s as _);
+        let mut out_of_fds = None;
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && matches!(io.raw_os_error(), Some(23 | 24))
+            {
+                out_of_fds = Some(io.to_string());
+            }
+            cause = c.source();
+        }
+        e.message = format!(
+            "could not start worker {} of {processes} ({started} started)",
+            started + 1
+        );
+        if let Some(io) = out_of_fds {
+            let limit = fds.map_or_else(String::new, |l| {
+                format!(
+                    "; the limit (RLIMIT_NOFILE) is {} (hard {}), which build raised as far as \
+                     it could",
+                    l.soft, l.hard
+                )
+            });
+            e.message = format!(
+                "{}: the process ran out of file descriptors ({io}): each worker holds about \
+                 {} in this process{limit}; use fewer processes or raise the hard limit",
+                e.message,
+                crate::builder::FDS_PER_WORKER
+            );
+        }
+        e
     }
 
     /// What kind of error this is.

@@ -11,7 +11,11 @@
 //! handed back by `submit` itself when refused).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+mod restarts;
+
+use restarts::{Cause, Restarts, Trip};
 
 /// Identifies a task inside one pool.
 pub(crate) type TaskId = u64;
@@ -50,8 +54,10 @@ pub(crate) enum Finish {
     Orphaned(WorkerId, u32),
     /// The pool was terminated before the task finished.
     Terminated,
-    /// Workers cannot start: the initializer (or the start itself) failed too often.
+    /// Workers cannot start: the initializer failed too often.
     InitFailed(String),
+    /// Workers cannot start for another reason (killed while starting, launch failed).
+    CannotStart(String),
     /// It ran past its time limit; its worker was stopped.
     TimedOut(WorkerId),
     /// It was cancelled; `true` if it had begun (its worker is stopped).
@@ -74,8 +80,10 @@ pub(crate) enum Cancelled {
 pub(crate) enum Refusal {
     /// `close` or `terminate` was called.
     Closed,
-    /// Workers cannot start: the message of the last failure.
+    /// Workers cannot start: the initializer keeps failing; the message says how.
     Broken(String),
+    /// Workers cannot start for another reason; the message says which.
+    CannotStart(String),
 }
 
 /// How a worker ended, as the policy sees it.
@@ -100,7 +108,8 @@ pub(crate) struct PolicyConfig {
     /// The deepest the policy goes when tasks are so short that round trips would otherwise
     /// leave workers idle.
     pub(crate) max_in_flight: usize,
-    /// Consecutive failed starts (initializer failures, deaths before ready) that break the pool.
+    /// Initializer failures in a row that trip the restart breaker; three times as many
+    /// (or twice `processes`) start failures of any kind within `restarts::PERIOD` do too.
     pub(crate) start_failure_limit: u32,
     /// Each worker's `max_tasks` is raised by a random amount up to this, so that workers
     /// started together do not all retire together.
@@ -176,10 +185,8 @@ pub(crate) struct Policy<T> {
     queue: VecDeque<TaskId>,
     workers: BTreeMap<WorkerId, Slot>,
     next_wid: WorkerId,
-    failures_in_a_row: u32,
-    /// Workers in a row that died (were killed, crashed) before they were ready.
-    deaths_before_ready_in_a_row: u32,
-    broken: Option<String>,
+    /// When workers may start after failures (backoff, restart intensity, crash pacing).
+    restarts: Restarts,
     counts: Counts,
     /// Current tasks-in-flight limit per worker, between the configured bounds.
     depth: usize,
@@ -214,6 +221,11 @@ impl<T> Policy<T> {
             cfg.max_in_flight >= cfg.in_flight,
             "max_in_flight below in_flight"
         );
+        let restarts = Restarts::new(
+            cfg.processes,
+            cfg.start_failure_limit,
+            (cfg.start_failure_limit * 3).max(2 * cfg.processes as u32),
+        );
         Policy {
             depth: cfg.in_flight,
             pace_ns: None,
@@ -227,9 +239,7 @@ impl<T> Policy<T> {
             queue: VecDeque::new(),
             workers: BTreeMap::new(),
             next_wid: 1,
-            failures_in_a_row: 0,
-            deaths_before_ready_in_a_row: 0,
-            broken: None,
+            restarts,
             counts: Counts::default(),
         }
     }
@@ -266,8 +276,14 @@ impl<T> Policy<T> {
         if !open {
             return Err((task, Refusal::Closed));
         }
-        if let Some(why) = &self.broken {
-            return Err((task, Refusal::Broken(why.clone())));
+        if let Some(trip) = self.restarts.tripped() {
+            let why = trip.why.clone();
+            let refusal = if trip.initializer {
+                Refusal::Broken(why)
+            } else {
+                Refusal::CannotStart(why)
+            };
+            return Err((task, refusal));
         }
         self.counts.submitted += 1;
         let previous = self.tasks.insert(id, task);
@@ -284,8 +300,7 @@ impl<T> Policy<T> {
             if slot.phase == Phase::Starting {
                 slot.phase = Phase::Ready;
             }
-            self.failures_in_a_row = 0;
-            self.deaths_before_ready_in_a_row = 0;
+            self.restarts.started();
         }
         self.dispatch(fx);
     }
@@ -474,7 +489,7 @@ impl<T> Policy<T> {
                 self.queue.push_front(id);
             }
         }
-        self.start_failed(message, fx);
+        self.start_failed(Cause::Initializer(message.to_owned()), fx);
     }
 
     /// A worker's channel closed: it is dying or dead. It takes no more tasks; what it
@@ -520,8 +535,8 @@ impl<T> Policy<T> {
             }
             if self.state != State::Terminated {
                 match how {
-                    Exit::LaunchFailed(m) => self.start_failed(&m, fx),
-                    Exit::Ended => self.died_before_ready(fx),
+                    Exit::LaunchFailed(m) => self.start_failed(Cause::Launch(m), fx),
+                    Exit::Ended => self.start_failed(Cause::Died, fx),
                 }
             }
         } else {
@@ -534,6 +549,7 @@ impl<T> Policy<T> {
                 self.counts.recycled += 1;
             } else {
                 self.counts.died += 1;
+                self.restarts.crashed();
             }
             // A worker runs its tasks in the order they were sent and the driver has read
             // every result it managed to send, so the oldest task it still held was the one
@@ -650,15 +666,11 @@ impl<T> Policy<T> {
         (self.queue.len(), running)
     }
 
-    fn start_failed(&mut self, why: &str, fx: &mut impl Effects<T>) {
+    /// A worker could not start: the restart breaker counts it, and may trip (see
+    /// `restarts`).
+    fn start_failed(&mut self, cause: Cause, fx: &mut impl Effects<T>) {
         self.counts.start_failures += 1;
-        self.failures_in_a_row += 1;
-        if self.failures_in_a_row >= self.cfg.start_failure_limit && self.broken.is_none() {
-            self.broken = Some(format!(
-                "{} consecutive worker starts failed; the last: {why}",
-                self.failures_in_a_row
-            ));
-        }
+        self.restarts.failed(&cause);
         self.fail_queue_if_broken(fx);
     }
 
@@ -686,36 +698,43 @@ impl<T> Policy<T> {
         }
     }
 
-    /// A worker died before it was ready without reporting a setup failure: killed from
-    /// outside (an operator, the OOM killer) or crashed in its initializer. A few such deaths
-    /// are replaced like any other; only a crash loop (many in a row, none ready between)
-    /// breaks the pool, so that tasks never wait for workers that cannot start.
-    fn died_before_ready(&mut self, fx: &mut impl Effects<T>) {
-        self.counts.start_failures += 1;
-        self.deaths_before_ready_in_a_row += 1;
-        let limit = (self.cfg.start_failure_limit * 3).max(2 * self.cfg.processes as u32);
-        if self.deaths_before_ready_in_a_row >= limit && self.broken.is_none() {
-            self.broken = Some(format!(
-                "{} workers in a row died before they were ready (crashed or killed in their \
-                 initializer or while starting)",
-                self.deaths_before_ready_in_a_row
-            ));
-        }
-        self.fail_queue_if_broken(fx);
-    }
-
     /// A broken pool starts no worker: whatever waits in the queue (including tasks handed
     /// back by workers that failed after the pool broke) fails now.
     fn fail_queue_if_broken(&mut self, fx: &mut impl Effects<T>) {
-        let Some(why) = &self.broken else { return };
+        let Some(Trip { why, initializer }) = self.restarts.tripped() else {
+            return;
+        };
+        let (why, initializer) = (why.clone(), *initializer);
         for id in std::mem::take(&mut self.queue) {
             if let Some(task) = self.tasks.remove(&id) {
                 self.counts.init_failed += 1;
                 self.orphaned.remove(&id);
+                let why = why.clone();
+                let finish = if initializer {
+                    Finish::InitFailed(why)
+                } else {
+                    Finish::CannotStart(why)
+                };
                 // Nothing of it ran: no part comes back.
-                let _ = fx.finish(id, task, Finish::InitFailed(why.clone()));
+                let _ = fx.finish(id, task, finish);
             }
         }
+    }
+
+    /// The time is now `now`: starts held back (backoff after failed starts, the pause of a
+    /// tripped restart breaker, crash pacing) happen once due. The driver calls it before
+    /// every step; without it the policy holds nothing back.
+    pub(crate) fn advance(&mut self, now: Instant, fx: &mut impl Effects<T>) {
+        let due = self.restarts.wakeup().is_some_and(|t| t <= now);
+        self.restarts.advance(now);
+        if due {
+            self.dispatch(fx);
+        }
+    }
+
+    /// When [`Policy::advance`] should next be called, if a start is held back.
+    pub(crate) fn wakeup(&self) -> Option<Instant> {
+        self.restarts.wakeup()
     }
 
     /// Workers that can still be handed tasks.
@@ -727,9 +746,6 @@ impl<T> Policy<T> {
     }
 
     fn ensure_capacity(&mut self, fx: &mut impl Effects<T>) {
-        if self.broken.is_some() {
-            return;
-        }
         let wanted = match self.state {
             State::Running => self.cfg.processes,
             State::Closed if self.feeds > 0 => self.cfg.processes,
@@ -737,6 +753,9 @@ impl<T> Policy<T> {
             _ => 0,
         };
         while self.active() < wanted {
+            if !self.restarts.may_launch() {
+                break;
+            }
             let wid = self.next_wid;
             self.next_wid += 1;
             let max_tasks = self.cfg.max_tasks.map(|m| {
@@ -1348,7 +1367,11 @@ mod tests {
             assert!(wid < 20, "the crash loop never broke the pool");
             p.exited(wid, Exit::Ended, &mut fx);
         }
-        assert!(matches!(&fx.finished[0], (2, Finish::InitFailed(m)) if m.contains("died before")));
+        assert!(
+            matches!(&fx.finished[0], (2, Finish::CannotStart(m)) if m.contains("died before")),
+            "{:?}",
+            fx.finished
+        );
     }
 
     #[test]
@@ -1463,6 +1486,104 @@ mod tests {
         assert!(fx.sent[8..].iter().all(|&(wid, _)| wid == 3));
     }
 
+    #[test]
+    fn a_pool_tripped_by_workers_killed_while_starting_says_so_and_recovers() {
+        let t0 = Instant::now();
+        let mut p = Policy::<u64>::new(cfg(1, None));
+        let mut fx = Fake::default();
+        p.advance(t0, &mut fx);
+        p.start(&mut fx);
+        p.submit(1, 1, &mut fx).unwrap();
+        // Each new worker is killed in its initializer, as soon as it is launched.
+        let mut now = t0;
+        loop {
+            assert!(fx.launched.len() < 20, "never tripped");
+            let wid = *fx.launched.last().unwrap();
+            p.exited(wid, Exit::Ended, &mut fx);
+            if !fx.finished.is_empty() {
+                break;
+            }
+            if let Some(t) = p.wakeup() {
+                now = now.max(t);
+                p.advance(now, &mut fx);
+            }
+        }
+        assert_eq!(fx.launched.len(), 9, "nine start failures in 10 s trip it");
+        let (id, why) = &fx.finished[0];
+        assert_eq!(*id, 1);
+        assert!(
+            matches!(why, Finish::CannotStart(m) if m.contains("died before it was ready")
+                && m.contains("tries again")),
+            "{why:?}"
+        );
+        assert!(matches!(
+            p.submit(2, 2, &mut fx),
+            Err((2, Refusal::CannotStart(_)))
+        ));
+        // The pause: no start until the probe is due, then exactly one.
+        let probe = p.wakeup().expect("a probe is planned");
+        assert!(probe > now);
+        p.advance(probe - Duration::from_millis(1), &mut fx);
+        assert_eq!(fx.launched.len(), 9);
+        p.advance(probe, &mut fx);
+        assert_eq!(fx.launched.len(), 10, "one probe");
+        // The killing stopped: the probe starts, the pool takes tasks again.
+        p.ready(10, &mut fx);
+        p.submit(3, 3, &mut fx).unwrap();
+        assert_eq!(fx.sent.last(), Some(&(10, 3)));
+        assert_eq!(p.done(10, 3, &mut fx), Some(3));
+    }
+
+    #[test]
+    fn a_crash_storm_paces_replacements_but_one_death_is_replaced_at_once() {
+        let t0 = Instant::now();
+        let mut p = Policy::<u64>::new(cfg(2, None));
+        let mut fx = Fake::default();
+        p.advance(t0, &mut fx);
+        p.start(&mut fx);
+        p.ready(1, &mut fx);
+        p.ready(2, &mut fx);
+        p.submit(0, 0, &mut fx).unwrap();
+        p.exited(1, Exit::Ended, &mut fx);
+        assert_eq!(
+            fx.launched,
+            vec![1, 2, 3],
+            "a single death: replaced at once"
+        );
+        // Every task kills its worker, for ten seconds of fake time.
+        let mut now = t0;
+        let mut id = 1;
+        while now < t0 + Duration::from_secs(10) {
+            let ready: Vec<WorkerId> = p
+                .workers
+                .iter()
+                .filter(|(_, s)| !s.ever_ready)
+                .map(|(w, _)| *w)
+                .collect();
+            for wid in ready {
+                p.ready(wid, &mut fx);
+            }
+            let Some(&wid) = p.workers.keys().next() else {
+                now = p.wakeup().expect("held back").max(now);
+                p.advance(now, &mut fx);
+                continue;
+            };
+            p.submit(id, id, &mut fx).unwrap();
+            id += 1;
+            p.exited(wid, Exit::Ended, &mut fx);
+            now += Duration::from_micros(400);
+            p.advance(now, &mut fx);
+        }
+        // Without pacing, 25 000 starts; with it, the burst and then four a second.
+        let n = fx.launched.len();
+        assert!((40..=60).contains(&n), "{n} starts");
+        assert!(
+            fx.finished
+                .iter()
+                .all(|(_, f)| matches!(f, Finish::Lost(_)))
+        );
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Submit,
@@ -1491,6 +1612,10 @@ mod tests {
         TimeOut(usize),
         /// The next task that fails part way hands back its rest as a new task.
         Split,
+        /// Time passes (milliseconds), when the run has a clock.
+        Advance(u64),
+        /// A launch fails.
+        LaunchFail(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1514,6 +1639,8 @@ mod tests {
             2 => (0u64..64).prop_map(Op::Cancel),
             1 => (0usize..8).prop_map(Op::TimeOut),
             1 => Just(Op::Split),
+            2 => (0u64..3_000).prop_map(Op::Advance),
+            1 => (0usize..8).prop_map(Op::LaunchFail),
         ]
     }
 
@@ -1525,9 +1652,14 @@ mod tests {
             processes in 1usize..4,
             max_tasks in prop::option::of(1u64..4),
             ops in prop::collection::vec(op(), 1..200),
+            clocked in any::<bool>(),
         ) {
             let config = PolicyConfig { max_in_flight: 4, ..cfg(processes, max_tasks) };
-            let (mut p, mut fx) = started(config);
+            let mut p = Policy::<u64>::new(config);
+            let mut fx = Fake::default();
+            let mut now = Instant::now();
+            if clocked { p.advance(now, &mut fx); }
+            p.start(&mut fx);
             let mut next = 0u64;
             let mut outcomes: HashMap<TaskId, u32> = HashMap::new();
             let mut refused = BTreeSet::new();
@@ -1629,6 +1761,18 @@ mod tests {
                             next += 1;
                         }
                     }
+                    Op::Advance(ms) => {
+                        if clocked {
+                            now += Duration::from_millis(ms);
+                            p.advance(now, &mut fx);
+                        }
+                    }
+                    Op::LaunchFail(i) => {
+                        let w: Vec<_> = p.workers.iter().filter(|(_, s)| !s.ever_ready).map(|(w, _)| *w).collect();
+                        if !w.is_empty() {
+                            p.exited(w[i % w.len()], Exit::LaunchFailed("EMFILE".into()), &mut fx);
+                        }
+                    }
                 }
                 prop_assert!((2..=4).contains(&p.depth()));
                 // Workers whose channel closed are dead or dying: they run nothing.
@@ -1636,12 +1780,21 @@ mod tests {
                 prop_assert!(holding <= processes, "{} workers hold tasks, processes = {}", holding, processes);
                 prop_assert!(p.workers.values().filter(|s| s.seated).count() <= processes);
                 // A broken pool starts no worker, so nothing may wait in its queue.
-                prop_assert!(p.broken.is_none() || p.queue.is_empty(), "tasks stranded in a broken pool");
+                prop_assert!(p.restarts.tripped().is_none() || p.queue.is_empty(), "tasks stranded in a broken pool");
                 for (wid, slot) in &p.workers {
                     prop_assert!(slot.in_flight.len() <= 4);
                     if let Some(m) = max_tasks { prop_assert!(slot.assigned <= m); }
                     let _ = sent_per_worker.entry(*wid).or_default();
                 }
+            }
+            // Once workers start again, a running pool recovers from any trip: time passes,
+            // the probe (or any worker) becomes ready.
+            if clocked && p.state == State::Running {
+                now += Duration::from_secs(600);
+                p.advance(now, &mut fx);
+                for wid in live(&p) { p.ready(wid, &mut fx); }
+                prop_assert!(p.restarts.tripped().is_none(), "the pool did not recover");
+                prop_assert!(p.active() >= processes, "capacity restored");
             }
             // Wind down: terminate, and reap every worker.
             p.terminate(&mut fx);

@@ -269,6 +269,7 @@ impl Pool {
                     "the pool is closed: it accepts no new tasks",
                 ),
                 Refusal::Broken(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
+                Refusal::CannotStart(m) => TaskError::new(TaskErrorKind::StartFailed, m),
             };
             (rec.sink)(rec.first, rec.count, Outcome::Failed(e));
         }

@@ -283,6 +283,13 @@ impl FramedConn {
         Ok(None)
     }
 
+    /// Whether part of a frame has been read and the rest has not arrived yet (before end
+    /// of stream). An event loop can time how long it waits, to tell a peer that stopped
+    /// mid-frame.
+    pub fn has_partial_frame(&self) -> bool {
+        !self.r.eof && self.r.has_partial()
+    }
+
     /// Whether end of stream has been seen and every frame before it has been taken.
     pub fn is_eof(&self) -> bool {
         self.r.eof && self.ready.is_empty()

@@ -392,6 +392,35 @@ impl ServerLink {
         }))
     }
 
+    /// Forks a zygote: a fork server that is a fork of this process rather than a fresh
+    /// exec (for [`StartMethod::Fork`](crate::StartMethod::Fork)); see
+    /// `fork::fork_zygote`. `timeout` bounds each fork request.
+    pub(crate) fn start_zygote(timeout: Duration) -> Result<Arc<ServerLink>> {
+        let (ours, theirs) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| Error::io("creating a socketpair", e.into()))?;
+        // From a thread that lives as long as the process, for its parent-death signal.
+        let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_zygote(theirs))
+            .map_err(|e| Error::io("fork", e))?;
+        let server_pid = pid.as_raw_nonzero().get() as u32;
+        tracing::debug!(pid = server_pid, "fork zygote started");
+        Ok(Arc::new(ServerLink {
+            state: Mutex::new(LinkState {
+                ctl: Some(ours),
+                reports: HashMap::new(),
+                abandoned: HashSet::new(),
+                server: Some(ChildProc::adopt(pid)),
+                lost: None,
+            }),
+            server_pid,
+            timeout,
+        }))
+    }
+
     fn lock(&self) -> MutexGuard<'_, LinkState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::child::ChildProc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::forkserver::ServerLink;
 use crate::role::Role;
@@ -14,9 +13,13 @@ use crate::worker::Worker;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum StartMethod {
-    /// Fork the calling process directly: fastest, and the worker starts with a copy of
-    /// the parent's memory. Unsafe in a multi-threaded parent (see the crate docs); refused
-    /// there unless [`LaunchOptions::allow_fork_with_threads`] is set.
+    /// Fork the calling process, once, when the [`Launcher`] is made: that copy (the
+    /// zygote) stays single-threaded and forks every worker, so each starts with a copy of
+    /// the parent's memory *as it was when the launcher was made* (later changes in the
+    /// parent are not inherited, replacements included). Forking the parent is unsafe when
+    /// it runs other threads (see the crate docs): refused then unless
+    /// [`LaunchOptions::allow_fork_with_threads`] is set. Later launches never fork the
+    /// parent again, however many threads it runs by then.
     Fork,
     /// Re-execute the current executable; `procpool::init()` turns the new process into a
     /// worker. Slowest, but nothing is inherited.
@@ -146,9 +149,10 @@ impl Launcher {
                 if let n @ (None | Some(2..)) = thread_count(Duration::ZERO) {
                     warn_threads(n);
                 }
+                link = Some(ServerLink::start_zygote(opts.handshake_timeout)?);
             }
             StartMethod::Fork => match thread_count(THREADS_SETTLE) {
-                Some(1) => {}
+                Some(1) => link = Some(ServerLink::start_zygote(opts.handshake_timeout)?),
                 Some(n) => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
@@ -190,9 +194,8 @@ impl Launcher {
     /// start-up handshake). The worker then waits for
     /// [`ToWorker::Setup`](crate::protocol::ToWorker::Setup) on its channel.
     ///
-    /// For [`StartMethod::Fork`], later launches (the pool starts replacements from its
-    /// own thread) fork a multi-threaded process: see the crate docs' fork safety rule; a
-    /// warning is logged once.
+    /// For [`StartMethod::Fork`], workers are forked by the zygote forked when the launcher
+    /// was made, never by this (possibly multi-threaded) process.
     ///
     /// # Errors
     ///
@@ -210,19 +213,21 @@ impl Launcher {
                 Worker::direct(name, StartMethod::Spawn, s.sock, s.child)
             }
             StartMethod::Fork => {
-                if !WARNED_THREADS.load(Ordering::Relaxed) {
-                    let n = thread_count(Duration::ZERO);
-                    if n != Some(1) {
-                        warn_threads(n);
+                // Never fork this process again (it may run threads by now): the zygote
+                // forks; if it is gone, no Fork worker can start.
+                let link = match &self.link {
+                    Some(l) if !l.is_lost() => Arc::clone(l),
+                    _ => {
+                        return Err(Error::new(
+                            ErrorKind::ServerLost,
+                            "the Fork pool's zygote (the copy of this process made when the \
+                             pool was built, which forks its workers) is gone; forking this \
+                             process again could deadlock, so no worker can start",
+                        ));
                     }
-                }
-                let (ours, theirs) =
-                    pool_ipc::socketpair().map_err(|e| Error::io("creating a socketpair", e))?;
-                // From a thread that lives as long as the process (see `on_spawner_thread`),
-                // so that the worker's parent-death signal means the process died.
-                let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_worker(theirs))
-                    .map_err(|e| Error::io("fork", e))?;
-                Worker::direct(name, StartMethod::Fork, ours, ChildProc::adopt(pid))
+                };
+                let f = link.fork()?;
+                Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
                 let link = self.server()?;
@@ -236,7 +241,7 @@ impl Launcher {
                     }
                     Err(e) => return Err(e),
                 };
-                Worker::served(name, forked.0, forked.1)
+                Worker::served(name, StartMethod::Forkserver, forked.0, forked.1)
             }
         };
         tracing::debug!(worker = name, pid = w.pid(), method = ?self.method, "worker launched");

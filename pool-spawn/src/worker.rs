@@ -67,11 +67,16 @@ impl Worker {
         }
     }
 
-    pub(crate) fn served(name: &str, f: Forked, link: Arc<ServerLink>) -> Self {
+    pub(crate) fn served(
+        name: &str,
+        method: StartMethod,
+        f: Forked,
+        link: Arc<ServerLink>,
+    ) -> Self {
         Worker {
             pid: f.pid.as_raw_nonzero().get() as u32,
             name: name.to_owned(),
-            method: StartMethod::Forkserver,
+            method,
             channel: Some(f.chan),
             proc_: Proc::Served {
                 serial: f.serial,

@@ -153,7 +153,6 @@ fn crafted_headers_on_the_channel() {
 }
 
 #[test]
-#[ignore = "needs driver stall check (FramedConn::partial_frame_since)"]
 fn a_frame_that_stops_half_way() {
     // A header for 100 bytes, 3 of them, then nothing: only a bound on how long a frame may
     // stay unfinished frees the parent.
@@ -203,7 +202,6 @@ fn messages_out_of_turn_on_the_channel() {
 }
 
 #[test]
-#[ignore = "needs driver phase check (issue 10, item 5)"]
 fn a_forged_setup_failure_from_a_running_worker() {
     use pool_spawn::protocol::{FromWorker, SetupFailure};
     survive(

@@ -5,6 +5,7 @@ procpool::enable_test_support!();
 mod api;
 mod failures;
 mod hostile;
+mod hostile_driver;
 mod lifetime;
 mod shared_event;
 mod task_control;

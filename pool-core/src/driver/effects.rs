@@ -85,6 +85,7 @@ impl Effects<TaskRec> for Fx<'_> {
             Finish::InitFailed(m) => {
                 TaskError::with_report(TaskErrorKind::InitializerFailed, m.clone())
             }
+            Finish::CannotStart(m) => TaskError::new(TaskErrorKind::StartFailed, m.clone()),
             Finish::Cancelled(began) => TaskError::cancelled(*began),
         }
         .with_function(task.name);

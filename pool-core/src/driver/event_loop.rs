@@ -97,6 +97,12 @@ impl Driver {
                     consider(t + EOF_GRACE);
                 }
             }
+            if let Some(t) = self.stall_deadline() {
+                consider(t);
+            }
+            if let Some(t) = self.shared.lock().policy.wakeup() {
+                consider(t);
+            }
             let ready = {
                 let mut fds = Vec::with_capacity(self.watches.len() * 2 + 1);
                 fds.push(PollFd::new(&self.shared.wake, PollFlags::IN));
@@ -195,16 +201,25 @@ impl Driver {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(worker = %name, error = %e, "bad frame from worker");
-                        w.exit_note = Some(format!("its channel failed: {e}"));
+                        w.exit_note
+                            .get_or_insert_with(|| format!("its channel failed: {e}"));
                         broken = true;
                         break;
                     }
                 }
             }
             eof = conn.is_eof();
+            w.guard.after_read(conn.has_partial_frame(), Instant::now());
             for frame in msgs {
                 // Decoded in place: a result's bytes stay where they are in the frame.
-                match protocol::decode_reply(&frame) {
+                let msg = protocol::decode_reply(&frame);
+                if let Ok(m) = &msg
+                    && super::phase::out_of_phase(fx.io.get_mut(&wid), m)
+                {
+                    broken = true;
+                    break;
+                }
+                match msg {
                     Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
                     Ok(FromWorker::SetupFailed { message, .. }) => {
                         tracing::warn!(worker = %name, %message, "worker setup failed");
@@ -339,6 +354,11 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
+        self.kill_stalled(now);
+        if self.shared.lock().policy.wakeup().is_some_and(|t| t <= now) {
+            // A start the policy held back is due: a step gives it the time.
+            self.shared.act(|_, _| {});
+        }
         let mut next: Option<Instant> = None;
         let mut g = self.shared.lock();
         if g.term_deadline.is_some_and(|d| now >= d) {

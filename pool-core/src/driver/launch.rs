@@ -103,8 +103,12 @@ pub(crate) struct WatchFds {
 }
 
 impl Driver {
-    /// Starts the initial workers; the first failure is returned (and the pool is not built).
-    pub(crate) fn launch_initial(&mut self) -> Result<(), pool_spawn::Error> {
+    /// Starts the initial workers. The first failure is returned with the number of
+    /// workers started before it; the pool is then terminated, and the slot that failed and
+    /// those never launched are settled as launch failures, so that the driver can run to
+    /// its end (they stayed in the policy forever, and `build` hung).
+    pub(crate) fn launch_initial(&mut self) -> Result<(), (pool_spawn::Error, usize)> {
+        let mut started = 0;
         loop {
             let wid = {
                 let mut g = self.shared.lock();
@@ -113,8 +117,24 @@ impl Driver {
                 }
                 g.launches.remove(0)
             };
-            if let Some(fds) = launch_one(&self.shared, &mut self.launcher, wid)? {
-                self.watch(wid, fds);
+            match launch_one(&self.shared, &mut self.launcher, wid) {
+                Ok(Some(fds)) => {
+                    self.watch(wid, fds);
+                    started += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.shared.terminate();
+                    let msg = e.to_string();
+                    self.shared.act(|p, fx| {
+                        let pending = std::mem::take(fx.launches);
+                        for w in std::iter::once(wid).chain(pending) {
+                            p.exited(w, Exit::LaunchFailed(msg.clone()), fx);
+                            fx.io.remove(&w);
+                        }
+                    });
+                    return Err((e, started));
+                }
             }
         }
     }

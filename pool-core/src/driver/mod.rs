@@ -12,6 +12,7 @@
 //! - `effects`: the policy's [`Effects`](crate::policy::Effects) on real workers;
 //! - `worker_io`: one worker's channel, backlog and progress page;
 //! - `launch`: starting a worker and wiring up its channel;
+//! - `phase`: what a worker may send when, and partial frames that stop arriving;
 //! - `event_loop`: the driver thread: poll, read, reap, timers;
 //! - `callbacks`: the thread that runs result callbacks;
 //! - `decode`: a task's outcome into per-item results.
@@ -21,6 +22,7 @@ mod decode;
 mod effects;
 mod event_loop;
 mod launch;
+mod phase;
 mod shared;
 mod worker_io;
 

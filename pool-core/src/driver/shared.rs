@@ -105,6 +105,9 @@ impl Shared {
                 timer_at: inner.timer_at,
                 dirty: Vec::new(),
             };
+            // Time reaches the policy here, before every step: starts it held back happen
+            // once due.
+            inner.policy.advance(Instant::now(), &mut fx);
             let r = step(&mut inner.policy, &mut fx);
             let timer_at = fx.timer_at;
             // Write what the step queued, one write per worker, from this thread; the driver

@@ -40,6 +40,8 @@ pub(super) struct WorkerIo {
     pub(super) exit_note: Option<String>,
     /// When this worker's last result arrived.
     pub(super) last_done: Option<Instant>,
+    /// What it may send next, and whether a frame from it is stuck partway.
+    pub(super) guard: super::phase::Guard,
 }
 
 impl WorkerIo {
@@ -63,6 +65,7 @@ impl WorkerIo {
             kill_when_launched: false,
             exit_note: None,
             last_done: None,
+            guard: Default::default(),
         }
     }
 
