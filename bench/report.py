@@ -49,6 +49,9 @@ WORKLOADS = [
     "recycle",
     "replace_latency",
     "imap_memory",
+    "map_tiny_chunk1_timeout",
+    "timeout_latency",
+    "cancel_latency",
 ]
 TITLES = {
     "apply_rtt": "apply round trip",
@@ -60,6 +63,9 @@ TITLES = {
     "recycle": "max_tasks_per_child=1",
     "replace_latency": "SIGKILL → replacement",
     "imap_memory": "imap endless: parent RSS growth",
+    "map_tiny_chunk1_timeout": "map 20k tiny, chunk 1, each with a time limit",
+    "timeout_latency": "50 ms limit → TimedOut error, past the limit",
+    "cancel_latency": "cancel a running task → its error",
 }
 # The unit of each workload, for rows that do not carry one (failure rows often do not).
 UNITS = {
@@ -72,6 +78,9 @@ UNITS = {
     "recycle": "tasks/s",
     "replace_latency": "s",
     "imap_memory": "bytes",
+    "map_tiny_chunk1_timeout": "tasks/s",
+    "timeout_latency": "s",
+    "cancel_latency": "s",
 }
 METHODS = ["forkserver", "spawn", "fork"]
 SYSTEM_ORDER = (

@@ -6,7 +6,12 @@ Usage:
                        [--timeout SECS] [--victim waiter|holder]
 
 Workloads: apply_rtt, map_tiny_chunk1, map_tiny_auto, echo_1mib, cpu_speedup, startup,
-recycle, replace_latency, imap_memory (see SIZES for the counts; --quick scales them down).
+recycle, replace_latency, imap_memory (see SIZES for the counts; --quick scales them down),
+and the task-control ones, which multiprocessing.Pool cannot do (it has no per-task time
+limit and cannot cancel a running task): map_tiny_chunk1_timeout, timeout_latency and
+cancel_latency run on pebble's ProcessPool when pebble is installed; without it,
+timeout_latency and cancel_latency use a process per task watched by the calling thread
+(the row says which), and map_tiny_chunk1_timeout reports "pebble not installed".
 Units: "s" and "bytes" (lower is better), "tasks/s", "B/s" and "x" (higher is better).
 
 Prints one JSON line per run on stdout:
@@ -22,7 +27,7 @@ memory) does so.  After a run that timed out, the remaining runs of that workloa
 skipped (the row says how many in "skipped_runs"): a hang repeats, and more runs would
 only spend the time budget.
 
-Only the standard library is used.
+Only the standard library is used, and pebble where it is installed.
 """
 
 import argparse
@@ -47,6 +52,9 @@ WORKLOADS = [
     "recycle",
     "replace_latency",
     "imap_memory",
+    "map_tiny_chunk1_timeout",
+    "timeout_latency",
+    "cancel_latency",
 ]
 METHODS = ["fork", "spawn", "forkserver"]
 UNITS = {
@@ -59,6 +67,9 @@ UNITS = {
     "recycle": "tasks/s",
     "replace_latency": "s",
     "imap_memory": "bytes",
+    "map_tiny_chunk1_timeout": "tasks/s",
+    "timeout_latency": "s",
+    "cancel_latency": "s",
 }
 
 # Sizes per workload: (full, quick).  The same counts as `procpool bench`
@@ -73,6 +84,9 @@ SIZES = {
     "recycle": (400, 40),  # tasks, one per worker process
     "replace_latency": (1, 1),
     "imap_memory": (200_000, 20_000),  # results consumed
+    "map_tiny_chunk1_timeout": (20_000, 2_000),  # tasks, each with a 10 s limit
+    "timeout_latency": (7, 7),  # tasks that sleep forever under a 50 ms limit
+    "cancel_latency": (7, 7),  # running tasks cancelled
 }
 # Hard per-run limit enforced by the driver (seconds): (full, quick).
 HARD_TIMEOUT = (120.0, 20.0)
@@ -88,6 +102,11 @@ MIB = 1 << 20
 
 def square(x):
     return x * x
+
+
+def sleep_forever():
+    while True:
+        time.sleep(3600)
 
 
 def echo(b):
@@ -363,6 +382,96 @@ def w_imap_memory(ctx, n, state):
         # Stop the feeder thread from reading the endless generator while we shut down.
         pool.terminate()
         return peak - base, extra
+
+
+def _pebble():
+    try:
+        import pebble  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    return pebble
+
+
+TIMEOUT_LIMIT = 0.05
+
+
+def w_map_tiny_chunk1_timeout(ctx, n, state):
+    pebble = _pebble()
+    if pebble is None:
+        raise RuntimeError("pebble not installed (pip install pebble)")
+    with pebble.ProcessPool(max_workers=2, context=ctx) as pool:
+        list(pool.map(square, range(200), chunksize=1, timeout=10).result())
+        t0 = time.perf_counter()
+        out = list(pool.map(square, range(n), chunksize=1, timeout=10).result())
+        dt = time.perf_counter() - t0
+        assert len(out) == n
+        return n / dt, {"tasks": n, "elapsed_s": dt, "via": f"pebble {pebble.__version__}"}
+
+
+def w_timeout_latency(ctx, n, state):
+    """A task that sleeps forever under a 50 ms limit: time from the limit to the error."""
+    pebble = _pebble()
+    times = []
+    if pebble is not None:
+        from concurrent.futures import TimeoutError as FutTimeout  # noqa: PLC0415
+
+        with pebble.ProcessPool(max_workers=1, context=ctx) as pool:
+            for _ in range(n):
+                pool.schedule(square, (7,)).result()
+                t0 = time.perf_counter()
+                f = pool.schedule(sleep_forever, timeout=TIMEOUT_LIMIT)
+                try:
+                    f.result()
+                    raise AssertionError("no time-out")
+                except FutTimeout:
+                    pass
+                times.append(time.perf_counter() - t0 - TIMEOUT_LIMIT)
+        via = f"pebble {pebble.__version__}"
+    else:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            p = ctx.Process(target=sleep_forever)
+            p.start()
+            p.join(TIMEOUT_LIMIT)
+            p.terminate()
+            p.join()
+            times.append(time.perf_counter() - t0 - TIMEOUT_LIMIT)
+        via = "a process per task watched by the calling thread (pebble not installed)"
+    return statistics.median(times), {"tasks": n, "via": via}
+
+
+def w_cancel_latency(ctx, n, state):
+    """Cancel a running task: time from the cancel to its error."""
+    pebble = _pebble()
+    times = []
+    if pebble is not None:
+        from concurrent.futures import CancelledError  # noqa: PLC0415
+
+        with pebble.ProcessPool(max_workers=1, context=ctx) as pool:
+            for _ in range(n):
+                pool.schedule(square, (7,)).result()
+                f = pool.schedule(sleep_forever)
+                time.sleep(0.02)
+                t0 = time.perf_counter()
+                f.cancel()
+                try:
+                    f.result()
+                    raise AssertionError("not cancelled")
+                except CancelledError:
+                    pass
+                times.append(time.perf_counter() - t0)
+        via = f"pebble {pebble.__version__}"
+    else:
+        for _ in range(n):
+            p = ctx.Process(target=sleep_forever)
+            p.start()
+            time.sleep(0.02)
+            t0 = time.perf_counter()
+            p.terminate()
+            p.join()
+            times.append(time.perf_counter() - t0)
+        via = "a process per task, terminated by the calling thread (pebble not installed)"
+    return statistics.median(times), {"tasks": n, "via": via}
 
 
 FUNCS = {name: globals()["w_" + name] for name in WORKLOADS}

@@ -64,7 +64,7 @@ fn method_name(m: StartMethod) -> &'static str {
 }
 
 /// Every workload, in report order.
-pub(crate) const WORKLOADS: [&str; 9] = [
+pub(crate) const WORKLOADS: [&str; 12] = [
     "apply_rtt",
     "map_tiny_chunk1",
     "map_tiny_auto",
@@ -74,7 +74,19 @@ pub(crate) const WORKLOADS: [&str; 9] = [
     "recycle",
     "replace_latency",
     "imap_memory",
+    "map_tiny_chunk1_timeout",
+    "timeout_latency",
+    "cancel_latency",
 ];
+
+/// The time limit of `timeout_latency`.
+const TIMEOUT_LIMIT: Duration = Duration::from_millis(50);
+
+fn sleep_forever() -> u32 {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
 
 fn square(x: u64) -> u64 {
     x.wrapping_mul(x)
@@ -251,6 +263,58 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             let dt = t.elapsed().as_secs_f64();
             finish(p)?;
             Ok((v.len() as f64 / dt, "tasks/s"))
+        }
+        "map_tiny_chunk1_timeout" => {
+            // map_tiny_chunk1 with a time limit on every task (never reached): the cost of
+            // the clock the pool keeps for each.
+            let p = pool(method, 2)?;
+            p.map(square, 0..100u64).map_err(err)?;
+            let t = Instant::now();
+            let opts = Options::new().chunksize(1).timeout(Duration::from_secs(10));
+            let v = p.map_with(square, 0..s.tiny_chunk1, opts).map_err(err)?;
+            let dt = t.elapsed().as_secs_f64();
+            finish(p)?;
+            Ok((v.len() as f64 / dt, "tasks/s"))
+        }
+        "timeout_latency" => {
+            // A task that sleeps forever under a 50 ms limit: the time from the limit to
+            // its TimedOut error (measured from the submission, so it includes sending it).
+            let p = pool(method, 1)?;
+            let mut times = Vec::new();
+            for _ in 0..7 {
+                p.apply(square, (7,)).map_err(err)?;
+                let t = Instant::now();
+                let e = p
+                    .apply_with(sleep_forever, (), Options::new().timeout(TIMEOUT_LIMIT))
+                    .expect_err("a task that sleeps forever times out");
+                let dt = t.elapsed();
+                if e.kind() != TaskErrorKind::TimedOut {
+                    return Err(format!("expected a time-out, got: {e}"));
+                }
+                times.push(dt.saturating_sub(TIMEOUT_LIMIT).as_secs_f64());
+            }
+            finish(p)?;
+            Ok((median(times), "s"))
+        }
+        "cancel_latency" => {
+            // Cancel a running task: the time from `cancel` to its Cancelled error.
+            let p = pool(method, 1)?;
+            let mut times = Vec::new();
+            for _ in 0..7 {
+                p.apply(square, (7,)).map_err(err)?;
+                let r = p.apply_async(sleep_forever, ());
+                std::thread::sleep(Duration::from_millis(20));
+                let t = Instant::now();
+                let how = r.cancel();
+                let e = r.get().expect_err("a cancelled task fails");
+                let dt = t.elapsed().as_secs_f64();
+                if how != procpool::CancelOutcome::WhileRunning || !e.is_cancelled() {
+                    return Err(format!("expected a cancel while running, got {how:?}: {e}"));
+                }
+                times.push(dt);
+            }
+            finish(p)?;
+            Ok((median(times), "s"))
         }
         "replace_latency" => {
             let p = pool(method, 1)?;
