@@ -3,7 +3,7 @@
 //! `cargo run --release --example tour`
 use std::time::{Duration, Instant};
 
-use procpool::{Event, Options, Pool, StartMethod, TaskErrorKind, current_process};
+use procpool::{CancelOutcome, Event, Options, Pool, StartMethod, TaskErrorKind, current_process};
 
 fn square(x: u64) -> u64 {
     x * x
@@ -37,6 +37,30 @@ fn wait_for_stop(id: u32, stop: Event) -> String {
         "task {id} stopped after {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
     )
+}
+
+fn sleepy(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// Starts a child process that ignores SIGTERM, then waits for it.
+fn with_stubborn_child() -> u32 {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "trap '' TERM; sleep 600"])
+        .spawn()
+        .expect("start sh");
+    let _ = child.wait();
+    0
+}
+
+/// Allocates without bound.
+fn hog() -> usize {
+    let mut keep: Vec<Vec<u8>> = Vec::new();
+    loop {
+        keep.push(vec![1; 32 << 20]);
+        std::hint::black_box(&keep);
+    }
 }
 
 fn setup(label: String) {
@@ -138,9 +162,67 @@ fn main() -> Result<(), procpool::Error> {
     for line in r.get()? {
         println!("  {line}");
     }
+
+    step("A time limit stops the task's worker, with the processes it started");
+    let t = Instant::now();
+    let e = pool
+        .apply_with(
+            with_stubborn_child,
+            (),
+            Options::new().timeout(Duration::from_millis(100)),
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::TimedOut);
+    println!("after {:.1} ms: {e}", t.elapsed().as_secs_f64() * 1e3);
+    let items = pool.map_with(
+        sleepy,
+        [5, 5, 5, 2_000, 5, 5],
+        Options::new()
+            .chunksize(6)
+            .timeout(Duration::from_millis(300)),
+    );
+    let e = items.unwrap_err();
+    println!(
+        "a map with a limit per item: item {:?} failed ({:?}); the others were delivered or ran elsewhere",
+        e.item_index(),
+        e.kind()
+    );
+
+    step("Cancel: a queued task never runs, a running one has its worker stopped");
+    let running = pool.apply_async(sleepy, (10_000,));
+    let other = pool.apply_async(sleepy, (10_000,));
+    let queued = pool.apply_async(sleepy, (10,));
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let how = running.cancel();
+    assert_eq!(how, CancelOutcome::WhileRunning);
+    println!(
+        "running task: {how:?}, its error after {:.0} µs: {}",
+        t.elapsed().as_secs_f64() * 1e6,
+        running.get().unwrap_err()
+    );
+    println!("other running task: {:?}", other.cancel());
+    println!("the queued one ran: {} ms", queued.get()?);
+    let finished = pool.apply_async(square, (3,));
+    finished.wait();
+    println!(
+        "a finished one: {:?}, its result stands: {}",
+        finished.cancel(),
+        finished.get()?
+    );
     println!("metrics: {:?}", pool.metrics());
     pool.close();
     pool.join()?;
+
+    step("A hard memory cap: a runaway task fails saying so, not by the OOM killer");
+    let capped = Pool::builder()
+        .processes(1)
+        .memory_limit_per_child(256 << 20)
+        .build()?;
+    println!("error: {}", capped.apply(hog, ()).unwrap_err());
+    println!("the pool goes on: {}", capped.apply(square, (11,))?);
+    capped.close();
+    capped.join()?;
 
     step("max_tasks_per_child = 2 under each start method: workers are recycled");
     for method in [

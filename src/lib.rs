@@ -2,9 +2,10 @@
 //!
 //! Threads already give Rust parallelism. Processes give what threads cannot: **isolation**
 //! (a segfault, abort, out-of-memory kill or leak in a native library costs one worker, not
-//! the service), **recycling** (`max_tasks_per_child` frees what a worker leaked), and
-//! **hard stops** ([`Pool::terminate`] kills every worker with its children and reaps them;
-//! an [`Event`] lets tasks stop cooperatively while the pool stays usable).
+//! the service), **recycling** (`max_tasks_per_child`, or a memory limit, frees what a worker
+//! leaked), and **hard stops**: a task past its time limit, or cancelled while it runs, has
+//! its worker stopped together with the processes it started, and only that task fails;
+//! [`Pool::terminate`] stops them all; an [`Event`] lets tasks stop cooperatively.
 //!
 //! procpool runs on Linux only: it watches workers through pidfds, shares memory through
 //! memfds, waits on futexes, ties workers' lives to the parent with `PR_SET_PDEATHSIG` and
@@ -97,7 +98,10 @@
 //! failing, or the pool was closed. No task runs twice: a worker sends each result before
 //! it starts its next task and counts the tasks it begins on a page it shares with the
 //! pool, so when a worker dies the pool knows whether it was running a task, and which;
-//! tasks it had been sent but not begun run elsewhere.
+//! tasks it had been sent but not begun run elsewhere. Of a chunk of a `map` whose worker
+//! died, the items that finished are delivered (each worker keeps its results on a page
+//! shared with the pool as each item ends), the one that was running fails, and the ones
+//! after it run on another worker.
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
 //! one while their length is unknown or when they take 20 ms or more (so no task waits
@@ -111,7 +115,57 @@
 //! message stops arriving partway for five seconds, is killed as faulty, and only the task
 //! it was running fails, saying why.
 //!
-//! # Stopping tasks safely
+//! # Task control: time limits, cancellation, memory limits
+//!
+//! ```
+//! use std::time::Duration;
+//! use procpool::{CancelOutcome, Options, Pool, TaskErrorKind};
+//!
+//! fn slow(ms: u64) -> u64 {
+//!     std::thread::sleep(Duration::from_millis(ms));
+//!     ms
+//! }
+//!
+//! fn main() -> Result<(), procpool::Error> {
+//!     procpool::init();
+//!     let pool = Pool::builder()
+//!         .processes(2)
+//!         .task_timeout(Duration::from_secs(60)) // every task; a call's Options override it
+//!         .max_memory_per_child(512 << 20) // recycle a worker grown past 512 MiB
+//!         .build()?;
+//!     // A limit per call, from when the task begins in its worker.
+//!     let e = pool
+//!         .apply_with(slow, (5_000,), Options::new().timeout(Duration::from_millis(50)))
+//!         .unwrap_err();
+//!     assert_eq!(e.kind(), TaskErrorKind::TimedOut);
+//!     // Cancel: what has not begun never runs; what runs has its worker stopped.
+//!     let r = pool.apply_async(slow, (5_000,));
+//!     std::thread::sleep(Duration::from_millis(100));
+//!     assert_eq!(r.cancel(), CancelOutcome::WhileRunning);
+//!     assert!(r.get().unwrap_err().is_cancelled());
+//!     // Waiting is not failing: a wait that runs out says so, apart from the task's result.
+//!     let r = pool.apply_async(slow, (200,));
+//!     assert!(r.get_timeout(Duration::from_millis(1)).is_err()); // WaitError::TimedOut
+//!     assert_eq!(r.get_timeout(Duration::from_secs(10)).unwrap()?, 200);
+//!     pool.close();
+//!     pool.join()?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A time limit ([`PoolBuilder::task_timeout`], [`Options::timeout`]) counts from when the
+//! task begins in its worker, not from its submission. Past it, the worker's process group
+//! gets SIGTERM (a worker answers by killing its whole group, so the processes a task
+//! started die with it, even those that ignore SIGTERM), then SIGKILL after
+//! [`PoolBuilder::stop_grace`]; the task fails with [`TaskErrorKind::TimedOut`] naming the
+//! limit, how long it ran, the worker and the function; the worker is replaced at once and
+//! the tasks queued to it run elsewhere. In a `map`, the limit applies to each item.
+//! [`AsyncResult::cancel`] (also on a whole `map`) says what it did ([`CancelOutcome`]);
+//! dropping an [`Imap`] cancels the items it sent that have not begun.
+//! [`PoolBuilder::memory_limit_per_child`] caps a worker's memory: a task that goes over it
+//! fails with [`TaskErrorKind::MemoryLimit`] instead of waking the kernel's OOM killer.
+//!
+//! # Stopping tasks cooperatively
 //!
 //! An [`Event`] is a process-shared flag that can be passed to tasks as an argument; tasks
 //! poll it and return early, and the pool stays usable (Python's pattern of a managed

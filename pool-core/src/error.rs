@@ -177,7 +177,8 @@ impl TaskError {
     pub(crate) fn at_memory_cap(mut self, cap: u64) -> Self {
         self.0.kind = TaskErrorKind::MemoryLimit;
         self.0.message = format!(
-            "it hit its memory limit of {} MiB (memory_limit_per_child): an allocation beyond              it failed and the process aborted",
+            "it hit its memory limit of {} MiB (memory_limit_per_child): an allocation beyond \
+             it failed and the process aborted",
             cap / (1 << 20)
         );
         self
