@@ -33,6 +33,18 @@ fn read_forever() -> u32 {
     0
 }
 
+/// Ignores SIGTERM (replacing the worker's own handler), then sleeps for good.
+fn deaf_to_sigterm() -> u32 {
+    // SAFETY: `signal` with `SIG_IGN` installs no handler code; no other thread of the
+    // worker changes signal dispositions.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Starts a grandchild that ignores SIGTERM, writes its pid to `path`, and waits for it.
 fn with_stubborn_child(path: String) -> u32 {
     let mut child = std::process::Command::new("sh")
@@ -142,6 +154,24 @@ fn a_timeout_kills_the_tasks_children_even_those_that_ignore_sigterm() {
         wait_for(&format!("grandchild {child} to die"), PROMPT, || {
             !alive(child)
         });
+        shut_down(pool);
+    }
+}
+
+#[test]
+fn a_task_that_ignores_sigterm_is_killed_after_the_grace() {
+    for method in METHODS {
+        let grace = Duration::from_millis(300);
+        let pool = builder(method).stop_grace(grace).build().unwrap();
+        let t = Instant::now();
+        let e = pool
+            .apply_with(deaf_to_sigterm, (), Options::new().timeout(LIMIT))
+            .unwrap_err();
+        assert!(e.is_timeout(), "{method:?}: {e}");
+        // SIGTERM did nothing: the worker went at SIGKILL, after the grace.
+        assert!(t.elapsed() >= LIMIT + grace, "{method:?}: {:?}", t.elapsed());
+        assert!(t.elapsed() < PROMPT);
+        assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
         shut_down(pool);
     }
 }
