@@ -251,8 +251,9 @@ impl Pool {
         let refused = self.shared.act(|p, fx| {
             let mut refused = Vec::new();
             for (id, rec) in tasks {
-                if let Err(r) = p.submit_from(id, rec, fed, fx) {
-                    refused.push(r);
+                if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
+                    rec.group.remove(id);
+                    refused.push((rec, why));
                 }
             }
             refused

@@ -169,7 +169,11 @@ fn a_task_that_ignores_sigterm_is_killed_after_the_grace() {
             .unwrap_err();
         assert!(e.is_timeout(), "{method:?}: {e}");
         // SIGTERM did nothing: the worker went at SIGKILL, after the grace.
-        assert!(t.elapsed() >= LIMIT + grace, "{method:?}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= LIMIT + grace,
+            "{method:?}: {:?}",
+            t.elapsed()
+        );
         assert!(t.elapsed() < PROMPT);
         assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
         shut_down(pool);

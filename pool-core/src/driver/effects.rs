@@ -69,6 +69,7 @@ impl Effects<TaskRec> for Fx<'_> {
     }
 
     fn finish(&mut self, id: TaskId, task: TaskRec, why: Finish) -> Option<(TaskId, TaskRec)> {
+        task.group.remove(id);
         let err = match &why {
             Finish::Lost(wid) | Finish::TimedOut(wid) => match self.io.get(wid) {
                 Some(w) => self.lost_error(id, &task, w, &why),

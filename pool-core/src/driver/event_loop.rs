@@ -264,6 +264,7 @@ impl Driver {
                             batches = std::mem::take(&mut w.parts);
                         }
                         if let Some(rec) = policy.done(wid, id, fx) {
+                            rec.group.remove(id);
                             // The worker could start this task once it was sent and its
                             // previous one was done: the time since is what it took.
                             let now = Instant::now();

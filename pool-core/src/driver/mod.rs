@@ -26,6 +26,7 @@ mod phase;
 mod shared;
 mod worker_io;
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -73,25 +74,30 @@ pub(crate) enum Outcome {
 pub(crate) type Sink = Arc<dyn Fn(usize, usize, Outcome) + Send + Sync>;
 
 /// The tasks a submission became (its chunks, and the rests of chunks split after an item
-/// failed): what cancelling the submission cancels.
+/// failed) that have no outcome yet: what cancelling the submission cancels. A task leaves
+/// it when its record leaves the policy, so an endless `imap` keeps only its window here.
 #[derive(Debug, Default)]
 pub(crate) struct Group {
-    ids: Mutex<Vec<u64>>,
+    ids: Mutex<HashSet<u64>>,
 }
 
 impl Group {
     pub(crate) fn add(&self, id: u64) {
-        self.ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(id);
+        self.lock().insert(id);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.lock().remove(&id);
     }
 
     pub(crate) fn ids(&self) -> Vec<u64> {
-        self.ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        let mut ids: Vec<u64> = self.lock().iter().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
