@@ -49,6 +49,27 @@ impl Pool {
     /// the computed results, then raises). Dropping the iterator before its end cancels the
     /// items it sent that have not begun. It is also a [`Stream`](futures_core::Stream),
     /// for async code.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     // An endless input: only a bounded window of it is ever read ahead.
+    ///     let firsts: Vec<u64> = pool.imap(square, 1u64..).take(3).collect::<Result<_, _>>()?;
+    ///     assert_eq!(firsts, vec![1, 4, 9]);
+    ///     let mut any_order: Vec<u64> = pool.imap_unordered(square, 0..4u64).collect::<Result<_, _>>()?;
+    ///     any_order.sort_unstable();
+    ///     assert_eq!(any_order, vec![0, 1, 4, 9]);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn imap<'p, F, A, I>(&'p self, f: F, items: I) -> Imap<'p, F::Output>
     where
         F: Task<(A,)>,

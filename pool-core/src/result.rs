@@ -114,6 +114,33 @@ impl<T> Slot<T> {
 /// [`Pool::starmap_async`](crate::Pool::starmap_async). Every handle resolves: with the value,
 /// or with a [`TaskError`] saying why not (the task panicked, its worker died, the pool was
 /// terminated, ...). It is also a [`Future`], for async code.
+///
+/// ```
+/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+/// use std::time::Duration;
+/// use procpool::{CancelOutcome, WaitError};
+///
+/// fn nap(ms: u64) -> u64 {
+///     std::thread::sleep(Duration::from_millis(ms));
+///     ms
+/// }
+///
+/// fn main() -> Result<(), procpool::Error> {
+///     procpool::init();
+///     let pool = procpool::Pool::builder().processes(1).build()?;
+///     let r = pool.apply_async(nap, (300,));
+///     // Running out of time to wait is not the task failing.
+///     assert_eq!(r.get_timeout(Duration::from_millis(1)), Err(WaitError::TimedOut));
+///     assert_eq!(r.get_timeout(Duration::from_secs(10)), Ok(Ok(300)));
+///     let long = pool.apply_async(nap, (60_000,));
+///     std::thread::sleep(Duration::from_millis(100));
+///     assert_eq!(long.cancel(), CancelOutcome::WhileRunning);
+///     assert!(long.get().unwrap_err().is_cancelled());
+///     pool.close();
+///     pool.join()?;
+///     Ok(())
+/// }
+/// ```
 pub struct AsyncResult<T> {
     slot: Arc<Slot<T>>,
     cancel: Canceller,

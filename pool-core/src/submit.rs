@@ -284,6 +284,22 @@ impl Pool {
     /// The task's [`TaskError`]: it panicked, its worker died, it ran past the pool's
     /// [`task_timeout`](crate::PoolBuilder::task_timeout), it could not be encoded or
     /// decoded, or the pool is closed.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn add(a: u64, b: u64) -> u64 {
+    ///     a + b
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(1).build()?;
+    ///     assert_eq!(pool.apply(add, (2, 3))?, 5);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn apply<F, Args>(&self, f: F, args: Args) -> Result<F::Output, TaskError>
     where
         F: Task<Args>,
@@ -317,6 +333,29 @@ impl Pool {
 
     /// [`apply_async`](Pool::apply_async) with per-call [`Options`]: Python's `callback` and
     /// `error_callback`, and a time limit.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// use std::sync::mpsc;
+    /// use procpool::Options;
+    ///
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(1).build()?;
+    ///     let (tx, rx) = mpsc::channel();
+    ///     let opts = Options::new().on_success(move |v: &u64| tx.send(*v).unwrap());
+    ///     let r = pool.apply_async_with(square, (9,), opts);
+    ///     assert_eq!(r.get()?, 81);
+    ///     assert_eq!(rx.recv().unwrap(), 81); // the callback ran before `get` returned
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn apply_async_with<F, Args>(
         &self,
         f: F,
@@ -348,6 +387,22 @@ impl Pool {
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     assert_eq!(pool.map(square, 1..=4u64)?, vec![1, 4, 9, 16]);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn map<F, A, I>(&self, f: F, items: I) -> Result<Vec<F::Output>, TaskError>
     where
         F: Task<(A,)>,
@@ -361,6 +416,28 @@ impl Pool {
     ///
     /// # Errors
     /// As [`map`](Pool::map).
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// use std::time::Duration;
+    /// use procpool::{Options, TaskErrorKind};
+    ///
+    /// fn nap(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     let opts = Options::new().chunksize(2).timeout(Duration::from_millis(200));
+    ///     let e = pool.map_with(nap, vec![1, 2, 5_000, 3], opts).unwrap_err();
+    ///     assert_eq!((e.kind(), e.item_index()), (TaskErrorKind::TimedOut, Some(2)));
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     #[doc(alias = "chunksize")]
     pub fn map_with<F, A, I>(
         &self,
@@ -406,6 +483,22 @@ impl Pool {
     ///
     /// # Errors
     /// The error of the first failing item (by index).
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn add(a: u64, b: u64) -> u64 {
+    ///     a + b
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     assert_eq!(pool.starmap(add, vec![(1, 2), (3, 4)])?, vec![3, 7]);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn starmap<F, Args, I>(&self, f: F, items: I) -> Result<Vec<F::Output>, TaskError>
     where
         F: Task<Args>,
