@@ -1,7 +1,7 @@
 //! [`PoolBuilder`]: a pool's settings, and `build`, which starts its workers and driver.
 
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ const FD_SLACK: u64 = 64;
 /// would otherwise run out with `processes` more workers, as servers commonly do at start;
 /// never lowers it, never beyond what the pool needs plus some slack. Returns the limit now
 /// in force, if it can be read.
-fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
+pub(crate) fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
     let (soft, hard) = (lim.current?, lim.maximum.unwrap_or(u64::MAX));
@@ -304,11 +304,12 @@ impl PoolBuilder {
             stop_grace: self.stop_grace.unwrap_or(STOP_GRACE),
             next_id: Arc::clone(&next_id),
         };
-        let shared = Shared::new(policy, settings)
+        let span = crate::observe::pool_span(self.method, processes);
+        let shared = Shared::new(policy, settings, span.clone())
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
-        if let Err((e, started)) = driver.launch_initial() {
+        if let Err((e, started)) = span.in_scope(|| driver.launch_initial()) {
             shared.terminate();
             driver.run();
             return Err(BuildError::start_worker(e, started, processes, fds));
@@ -317,6 +318,7 @@ impl PoolBuilder {
         let handle = std::thread::Builder::new()
             .name("procpool-driver".into())
             .spawn(move || {
+                let _in_pool = span.enter();
                 driver.run();
                 let _ = done_tx.send(());
             })
@@ -326,7 +328,7 @@ impl PoolBuilder {
             driver: Mutex::new(Some(handle)),
             finished,
             joining: Mutex::new(()),
-            processes,
+            processes: AtomicUsize::new(processes),
             method: self.method,
             next_id,
             task_timeout: self.task_timeout,

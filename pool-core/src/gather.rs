@@ -43,7 +43,7 @@ impl Pool {
             return out;
         }
         let size = chunksize
-            .unwrap_or_else(|| auto_chunksize(n, self.processes))
+            .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
         let chunks = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {

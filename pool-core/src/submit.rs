@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pool_spawn::task::FnRef;
 use serde::de::DeserializeOwned;
@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::chunk::{Encoded, encode_chunk};
 use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
+use crate::observe::Tally;
 use crate::options::Options;
 use crate::policy::Refusal;
 use crate::pool::Pool;
@@ -89,6 +90,9 @@ impl Submission {
 struct Pieces<R> {
     n: usize,
     state: Mutex<PiecesState<R>>,
+    /// The task's span, told how each piece ended.
+    span: tracing::Span,
+    tally: Arc<Tally>,
 }
 
 type Done<R> = Box<dyn FnOnce(Vec<Result<R, TaskError>>) + Send>;
@@ -100,9 +104,11 @@ struct PiecesState<R> {
 }
 
 impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
-    fn sink(n: usize, done: Done<R>) -> Sink {
+    fn sink(n: usize, done: Done<R>, span: tracing::Span, tally: Arc<Tally>) -> Sink {
         let pieces = Pieces {
             n,
+            span,
+            tally,
             state: Mutex::new(PiecesState {
                 got: Vec::new(),
                 missing: n,
@@ -115,6 +121,7 @@ impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
     fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
         // Decoded before the lock: it is user code, and may take long.
         let items = driver::decode_items::<R>(outcome, count);
+        self.tally.count(&self.span, first, &items);
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let finished = if g.missing == self.n && first == 0 && count == self.n {
             // The whole chunk at once (the usual case).
@@ -194,6 +201,7 @@ impl Pool {
             pins,
         } = enc;
         let n_sent = placement.sent();
+        let span = crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent);
         if n_sent == 0 {
             done(placement.merge(Vec::new(), base));
             return None;
@@ -205,6 +213,8 @@ impl Pool {
                 drop(pins);
                 done(placement.merge(got, base));
             }),
+            span.clone(),
+            Arc::clone(&self.shared.tally),
         );
         let limit = self.shared.frame_limit();
         let fail = |e: TaskError| sink(0, n_sent, Outcome::Failed(e.with_function(sub.name)));
@@ -238,6 +248,9 @@ impl Pool {
             timeout: sub.timeout,
             group: Arc::clone(&sub.group),
             sent_at: None,
+            queued_at: Instant::now(),
+            started_at: None,
+            span,
         };
         Some((id, rec))
     }
@@ -251,6 +264,7 @@ impl Pool {
         let refused = self.shared.act(|p, fx| {
             let mut refused = Vec::new();
             for (id, rec) in tasks {
+                tracing::trace!(parent: &rec.span, "task queued");
                 if let Err(r) = p.submit_from(id, rec, fed, fx) {
                     refused.push(r);
                 }

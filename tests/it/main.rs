@@ -7,6 +7,7 @@ mod failures;
 mod hostile;
 mod hostile_driver;
 mod lifetime;
+mod observe;
 mod shared_event;
 mod task_control;
 mod util;
