@@ -122,8 +122,8 @@
 
 pub use pool_core::{
     AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics,
-    Options, Outcomes, Pool, PoolBuilder, Recycles, Summary, Task, TaskError, TaskErrorKind,
-    WaitError, WorkerInfo,
+    Options, Outcomes, Pool, PoolBuilder, QueueFull, Recycles, Summary, Task, TaskError,
+    TaskErrorKind, WaitError, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};
 pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};

@@ -114,6 +114,7 @@ pub struct PoolBuilder {
     max_memory_per_child: Option<u64>,
     memory_limit_per_child: Option<u64>,
     max_tasks_jitter: u64,
+    max_queued: Option<usize>,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -128,6 +129,7 @@ impl fmt::Debug for PoolBuilder {
             .field("max_memory_per_child", &self.max_memory_per_child)
             .field("memory_limit_per_child", &self.memory_limit_per_child)
             .field("max_tasks_per_child_jitter", &self.max_tasks_jitter)
+            .field("max_queued", &self.max_queued)
             .finish()
     }
 }
@@ -196,6 +198,20 @@ impl PoolBuilder {
     /// and the worker is replaced. Default: none.
     pub fn memory_limit_per_child(mut self, bytes: u64) -> Self {
         self.memory_limit_per_child = Some(bytes);
+        self
+    }
+
+    /// Backpressure: while `n` tasks wait in the pool's queue for a worker,
+    /// [`apply_async`](Pool::apply_async), [`map_async`](Pool::map_async) and the other
+    /// submitting calls block until one is taken (a `map` waits chunk by chunk), and
+    /// [`try_apply_async`](Pool::try_apply_async) hands the arguments back. A pool fed
+    /// faster than it works then holds at most `n` queued tasks (plus the few each worker
+    /// holds) instead of every argument ever submitted. `imap` is bounded by its own
+    /// window and does not wait. Default: no limit (Python's behaviour).
+    ///
+    /// A closed pool never blocks: the submission is refused at once.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = Some(n);
         self
     }
 
@@ -274,6 +290,9 @@ impl PoolBuilder {
                 "max_tasks_per_child must be at least 1",
             ));
         }
+        if self.max_queued == Some(0) {
+            return Err(BuildError::invalid("max_queued must be at least 1"));
+        }
         let init = match self.init {
             Some(Err(m)) => return Err(BuildError::invalid(m)),
             Some(Ok(i)) => Some(i),
@@ -303,6 +322,7 @@ impl PoolBuilder {
             },
             stop_grace: self.stop_grace.unwrap_or(STOP_GRACE),
             next_id: Arc::clone(&next_id),
+            max_queued: self.max_queued,
         };
         let span = crate::observe::pool_span(self.method, processes);
         let shared = Shared::new(policy, settings, span.clone())

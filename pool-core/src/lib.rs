@@ -55,7 +55,9 @@ mod submit;
 mod task;
 
 pub use builder::PoolBuilder;
-pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
+pub use error::{
+    BuildError, BuildErrorKind, Error, ErrorKind, QueueFull, TaskError, TaskErrorKind,
+};
 pub use event::Event;
 pub use imap::Imap;
 pub use metrics::{Metrics, Outcomes, Recycles, Summary};

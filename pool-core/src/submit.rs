@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::chunk::{Encoded, encode_chunk};
 use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
-use crate::error::{TaskError, TaskErrorKind};
+use crate::error::{QueueFull, TaskError, TaskErrorKind};
 use crate::observe::Tally;
 use crate::options::Options;
 use crate::policy::Refusal;
@@ -261,16 +261,38 @@ impl Pool {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
-        let refused = self.shared.act(|p, fx| {
-            let mut refused = Vec::new();
-            for (id, rec) in tasks {
-                tracing::trace!(parent: &rec.span, "task queued");
-                if let Err(r) = p.submit_from(id, rec, fed, fx) {
-                    refused.push(r);
+        // Backpressure: one task at a time, each once the queue has room (imap's feeds
+        // are bounded by their window instead).
+        let refused = match self.shared.max_queued().filter(|_| !fed) {
+            None => self.shared.act(|p, fx| {
+                let mut refused = Vec::new();
+                for (id, rec) in tasks {
+                    tracing::trace!(parent: &rec.span, "task queued");
+                    if let Err(r) = p.submit_from(id, rec, fed, fx) {
+                        refused.push(r);
+                    }
                 }
+                refused
+            }),
+            Some(max) => {
+                let mut refused = Vec::new();
+                for (id, rec) in tasks {
+                    tracing::trace!(parent: &rec.span, "task queued");
+                    let r = self
+                        .shared
+                        .act_with_room(max, true, |p, fx| p.submit_from(id, rec, fed, fx));
+                    if let Some(Err(r)) = r {
+                        refused.push(r);
+                    }
+                }
+                refused
             }
-            refused
-        });
+        };
+        self.fail_refused(refused, fed);
+    }
+
+    /// Fails tasks the policy refused, with the reason.
+    fn fail_refused(&self, refused: Vec<(TaskRec, Refusal)>, fed: bool) {
         for (rec, why) in refused {
             let e = match why {
                 Refusal::Closed if fed => TaskError::new(
@@ -326,6 +348,80 @@ impl Pool {
         F: Task<Args>,
     {
         self.apply_async_with(f, args, Options::new())
+    }
+
+    /// Like [`apply_async`](Pool::apply_async), but never blocks: when the pool was built
+    /// with [`max_queued(n)`](crate::PoolBuilder::max_queued) and `n` tasks already wait,
+    /// the arguments come back in [`QueueFull`], as crossbeam's `try_send` returns the
+    /// value. Without `max_queued` it always submits.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn slow_square(x: u64) -> u64 {
+    ///     std::thread::sleep(std::time::Duration::from_millis(200));
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(1).max_queued(1).build()?;
+    ///     let running = pool.apply_async(slow_square, (1,));
+    ///     while pool.metrics().running == 0 {
+    ///         std::thread::yield_now();
+    ///     }
+    ///     let queued = pool.try_apply_async(slow_square, (2,)).expect("room for one");
+    ///     let full = pool.try_apply_async(slow_square, (3,)).unwrap_err();
+    ///     assert_eq!(full.into_inner(), (3,)); // the arguments, back
+    ///     assert_eq!((running.get()?, queued.get()?), (1, 4));
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// [`QueueFull`] with `args`, when the queue is full.
+    pub fn try_apply_async<F, Args>(
+        &self,
+        f: F,
+        args: Args,
+    ) -> Result<AsyncResult<F::Output>, QueueFull<Args>>
+    where
+        F: Task<Args>,
+    {
+        let Some(max) = self.shared.max_queued() else {
+            return Ok(self.apply_async(f, args));
+        };
+        let slot = Slot::new();
+        let sub = Submission::new(f, self.timeout_of(None));
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
+        let weak = Arc::downgrade(&self.shared);
+        let enc = sub.encode::<F, Args>(self.new_id(), std::slice::from_ref(&args));
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
+            let r = items
+                .pop()
+                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+            complete(&weak, slot, r, Callbacks::new());
+        });
+        // Settled already (it could not be encoded, say): its result says so.
+        let Some((id, rec)) = task else {
+            return Ok(out);
+        };
+        if rec.timeout.is_some() {
+            self.shared.note_timeouts();
+        }
+        tracing::trace!(parent: &rec.span, "task queued");
+        match self
+            .shared
+            .act_with_room(max, false, |p, fx| p.submit_from(id, rec, false, fx))
+        {
+            None => Err(QueueFull(args)),
+            Some(Ok(())) => Ok(out),
+            Some(Err(refused)) => {
+                self.fail_refused(vec![refused], false);
+                Ok(out)
+            }
+        }
     }
 
     /// [`apply_async`](Pool::apply_async) with per-call [`Options`]: Python's `callback` and

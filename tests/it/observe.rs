@@ -349,3 +349,117 @@ fn resize_up_and_down_during_a_map_delivers_every_item_once() {
         shut_down(pool);
     }
 }
+
+fn slow_len(bytes: serde_bytes::ByteBuf) -> usize {
+    std::thread::sleep(Duration::from_millis(2));
+    bytes.len()
+}
+
+/// This process's resident memory, in bytes.
+fn vm_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// `max_queued(10)` with a slow pool and a fast producer of 1 MiB tasks: the producer
+/// blocks while ten tasks wait, the queue never holds more, and this process's memory stays
+/// flat (200 tasks submitted at once would hold 200 MiB of arguments); every task runs.
+#[test]
+fn max_queued_blocks_a_fast_producer_and_keeps_memory_flat() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const TASKS: usize = 200;
+    for method in METHODS {
+        let pool = builder(method).processes(1).max_queued(10).build().unwrap();
+        pool.apply(slow_len, (serde_bytes::ByteBuf::from(vec![0; 16]),))
+            .unwrap();
+        let before = vm_rss();
+        let submitted = AtomicUsize::new(0);
+        let finished = AtomicBool::new(false);
+        let (mut peak, mut most_queued, mut seen_blocked) = (before, 0, false);
+        std::thread::scope(|s| {
+            let producer = s.spawn(|| {
+                let mut pending = Vec::with_capacity(TASKS);
+                for _ in 0..TASKS {
+                    let arg = serde_bytes::ByteBuf::from(vec![7u8; 1 << 20]);
+                    pending.push(pool.apply_async(slow_len, (arg,)));
+                    submitted.fetch_add(1, Ordering::SeqCst);
+                }
+                let lens: Vec<usize> = pending.into_iter().map(|r| r.get().unwrap()).collect();
+                finished.store(true, Ordering::SeqCst);
+                lens
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !finished.load(Ordering::SeqCst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{method:?}: producer stuck"
+                );
+                let m = pool.metrics();
+                most_queued = most_queued.max(m.queued);
+                let n = submitted.load(Ordering::SeqCst);
+                // Blocked: the queue is full and the producer has more to submit.
+                seen_blocked |= m.queued == 10 && n < TASKS / 2;
+                peak = peak.max(vm_rss());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let lens = producer.join().unwrap();
+            assert!(lens.iter().all(|&l| l == 1 << 20));
+        });
+        assert!(most_queued <= 10, "{method:?}: {most_queued} queued");
+        assert!(
+            seen_blocked,
+            "{method:?}: the producer never waited on a full queue"
+        );
+        let grew = peak.saturating_sub(before);
+        assert!(
+            grew < 64 << 20,
+            "{method:?}: memory grew by {} MiB",
+            grew >> 20
+        );
+        shut_down(pool);
+    }
+}
+
+/// `try_apply_async` hands the arguments back while the queue is full, and submits once
+/// there is room; without `max_queued` it never refuses.
+#[test]
+fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).max_queued(2).build().unwrap();
+        let running = pool.apply_async(sleep_then_echo, (300,));
+        wait_for("the task to run", Duration::from_secs(10), || {
+            pool.metrics().running == 1
+        });
+        let queued: Vec<_> = (1..=2)
+            .map(|ms| pool.try_apply_async(sleep_then_echo, (ms,)).unwrap())
+            .collect();
+        let full = pool.try_apply_async(sleep_then_echo, (3,)).unwrap_err();
+        assert_eq!(full.into_inner(), (3,), "{method:?}");
+        assert_eq!(running.get().unwrap(), 300);
+        let got: Vec<u64> = queued.into_iter().map(|r| r.get().unwrap()).collect();
+        assert_eq!(got, [1, 2]);
+        assert_eq!(
+            pool.try_apply_async(sleep_then_echo, (4,))
+                .unwrap()
+                .get()
+                .unwrap(),
+            4
+        );
+        shut_down(pool);
+    }
+    let pool = builder(StartMethod::Forkserver)
+        .processes(1)
+        .build()
+        .unwrap();
+    let pending: Vec<_> = (0..50)
+        .map(|_| pool.try_apply_async(sleep_then_echo, (0,)).unwrap())
+        .collect();
+    assert!(pending.into_iter().all(|r| r.get().unwrap() == 0));
+    shut_down(pool);
+}

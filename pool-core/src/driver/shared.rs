@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use pool_ipc::Config as IpcConfig;
@@ -36,6 +36,8 @@ pub(crate) struct Settings {
     pub(crate) stop_grace: Duration,
     /// Where task ids come from (shared with the pool handle).
     pub(crate) next_id: Arc<AtomicU64>,
+    /// Submissions wait while this many tasks wait in the queue (`PoolBuilder::max_queued`).
+    pub(crate) max_queued: Option<usize>,
 }
 
 /// Everything behind the pool's lock.
@@ -52,6 +54,8 @@ pub(crate) struct Inner {
     pub(super) timer_at: Option<Instant>,
     /// Queue-wait and run-time summaries.
     pub(super) timings: Timings,
+    /// Submitters waiting for room in the queue.
+    pub(super) waiting: usize,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -66,6 +70,9 @@ pub(crate) struct Shared {
     pub(crate) span: tracing::Span,
     /// Item outcomes by kind.
     pub(crate) tally: Arc<Tally>,
+    /// Signalled when the queue shrinks below `max_queued` (or the pool closes), with
+    /// submitters waiting.
+    room: Condvar,
 }
 
 impl Shared {
@@ -86,6 +93,7 @@ impl Shared {
                 wake_driver: false,
                 timer_at: None,
                 timings: Timings::default(),
+                waiting: 0,
             }),
             wake,
             settings,
@@ -93,6 +101,7 @@ impl Shared {
             timeouts: AtomicBool::new(false),
             span,
             tally: Arc::default(),
+            room: Condvar::new(),
         }))
     }
 
@@ -106,8 +115,36 @@ impl Shared {
 
     /// Applies one policy step under the lock; delivers outcomes after unlocking.
     pub(crate) fn act<R>(&self, step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R) -> R {
+        self.act_locked(self.lock(), step)
+    }
+
+    /// As [`Shared::act`], once fewer than `max` tasks wait in the queue (or the pool is
+    /// closed, which refuses the step's submissions); `block: false` returns `None` at once
+    /// instead of waiting.
+    pub(crate) fn act_with_room<R>(
+        &self,
+        max: usize,
+        block: bool,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+    ) -> Option<R> {
+        let mut g = self.lock();
+        while g.policy.queued() >= max && !g.policy.is_closed() {
+            if !block {
+                return None;
+            }
+            g.waiting += 1;
+            g = self.room.wait(g).unwrap_or_else(PoisonError::into_inner);
+            g.waiting -= 1;
+        }
+        Some(self.act_locked(g, step))
+    }
+
+    fn act_locked<R>(
+        &self,
+        mut g: MutexGuard<'_, Inner>,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+    ) -> R {
         let (r, done, wake) = {
-            let mut g = self.lock();
             let inner = &mut *g;
             let terminating = inner.terminating;
             let mut fx = Fx {
@@ -150,13 +187,29 @@ impl Shared {
                 inner.wake_driver = true;
             }
             let wake = std::mem::take(&mut inner.wake_driver);
-            (r, std::mem::take(&mut inner.done), wake)
+            if inner.waiting > 0
+                && (inner.policy.is_closed()
+                    || self
+                        .settings
+                        .max_queued
+                        .is_some_and(|m| inner.policy.queued() < m))
+            {
+                self.room.notify_all();
+            }
+            let out = (r, std::mem::take(&mut inner.done), wake);
+            drop(g);
+            out
         };
         if wake {
             self.wake();
         }
         deliver(done);
         r
+    }
+
+    /// `PoolBuilder::max_queued`.
+    pub(crate) fn max_queued(&self) -> Option<usize> {
+        self.settings.max_queued
     }
 
     /// A task with a time limit is on its way: the driver starts watching clocks.
