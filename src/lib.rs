@@ -122,7 +122,7 @@
 
 pub use pool_core::{
     AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics,
-    Options, Outcomes, Pool, PoolBuilder, QueueFull, Recycles, Summary, Task, TaskError,
+    Options, Outcomes, Pool, PoolBuilder, Progress, QueueFull, Recycles, Summary, Task, TaskError,
     TaskErrorKind, WaitError, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};

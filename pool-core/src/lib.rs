@@ -65,5 +65,5 @@ pub use options::Options;
 #[doc(hidden)]
 pub use policy::bench_support as __bench_policy;
 pub use pool::{Pool, WorkerInfo};
-pub use result::{AsyncResult, CancelOutcome, WaitError};
+pub use result::{AsyncResult, CancelOutcome, Progress, WaitError};
 pub use task::Task;

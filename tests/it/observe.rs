@@ -463,3 +463,48 @@ fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
     assert!(pending.into_iter().all(|r| r.get().unwrap() == 0));
     shut_down(pool);
 }
+
+fn slow_add(a: u64, b: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(1));
+    a + b
+}
+
+/// A `map_async`'s and a `starmap_async`'s progress counts items as their chunks come
+/// back: it never goes back, passes through values between 0 and the total, and reaches
+/// the total; an `apply_async` is one item.
+#[test]
+fn progress_of_a_long_map_reaches_the_total() {
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        let items: Vec<(u64, u64)> = (0..200).map(|i| (i, 1)).collect();
+        let mapped = pool.map_async_with(
+            sleep_then_echo,
+            vec![1u64; 200],
+            Options::new().chunksize(10),
+        );
+        let starred = pool.starmap_async_with(slow_add, items, Options::new().chunksize(10));
+        for pending in [&mapped, &starred] {
+            let (mut last, mut between) = (0, false);
+            wait_for("every item", Duration::from_secs(30), || {
+                let p = pending.progress();
+                assert_eq!(p.total, 200);
+                assert!(
+                    p.done >= last,
+                    "{method:?}: progress went back from {last} to {}",
+                    p.done
+                );
+                between |= p.done > 0 && p.done < 200;
+                last = p.done;
+                p.is_complete()
+            });
+            assert!(between, "{method:?}: progress jumped from 0 to the total");
+        }
+        assert_eq!(mapped.get().unwrap().len(), 200);
+        assert_eq!(starred.get().unwrap()[199], 200);
+        let one = pool.apply_async(sleep_then_echo, (50,));
+        assert_eq!((one.progress().done, one.progress().total), (0, 1));
+        one.wait();
+        assert!(one.progress().is_complete());
+        shut_down(pool);
+    }
+}
