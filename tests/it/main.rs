@@ -9,5 +9,6 @@ mod hostile_driver;
 mod lifetime;
 mod observe;
 mod shared_event;
+mod signals;
 mod task_control;
 mod util;
