@@ -280,8 +280,8 @@ impl Pool {
                     tracing::trace!(parent: &rec.span, "task queued");
                     let r = self
                         .shared
-                        .act_with_room(max, true, |p, fx| p.submit_from(id, rec, fed, fx));
-                    if let Some(Err(r)) = r {
+                        .act_with_room(max, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
+                    if let Some(Some(r)) = r {
                         refused.push(r);
                     }
                 }
@@ -413,11 +413,11 @@ impl Pool {
         tracing::trace!(parent: &rec.span, "task queued");
         match self
             .shared
-            .act_with_room(max, false, |p, fx| p.submit_from(id, rec, false, fx))
+            .act_with_room(max, false, |p, fx| p.submit_from(id, rec, false, fx).err())
         {
             None => Err(QueueFull(args)),
-            Some(Ok(())) => Ok(out),
-            Some(Err(refused)) => {
+            Some(None) => Ok(out),
+            Some(Some(refused)) => {
                 self.fail_refused(vec![refused], false);
                 Ok(out)
             }
