@@ -1,7 +1,7 @@
 //! [`PoolBuilder`]: a pool's settings, and `build`, which starts its workers and driver.
 
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ const FD_SLACK: u64 = 64;
 /// would otherwise run out with `processes` more workers, as servers commonly do at start;
 /// never lowers it, never beyond what the pool needs plus some slack. Returns the limit now
 /// in force, if it can be read.
-fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
+pub(crate) fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
     let (soft, hard) = (lim.current?, lim.maximum.unwrap_or(u64::MAX));
@@ -114,6 +114,7 @@ pub struct PoolBuilder {
     max_memory_per_child: Option<u64>,
     memory_limit_per_child: Option<u64>,
     max_tasks_jitter: u64,
+    max_queued: Option<usize>,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -128,6 +129,7 @@ impl fmt::Debug for PoolBuilder {
             .field("max_memory_per_child", &self.max_memory_per_child)
             .field("memory_limit_per_child", &self.memory_limit_per_child)
             .field("max_tasks_per_child_jitter", &self.max_tasks_jitter)
+            .field("max_queued", &self.max_queued)
             .finish()
     }
 }
@@ -196,6 +198,20 @@ impl PoolBuilder {
     /// and the worker is replaced. Default: none.
     pub fn memory_limit_per_child(mut self, bytes: u64) -> Self {
         self.memory_limit_per_child = Some(bytes);
+        self
+    }
+
+    /// Backpressure: while `n` tasks wait in the pool's queue for a worker,
+    /// [`apply_async`](Pool::apply_async), [`map_async`](Pool::map_async) and the other
+    /// submitting calls block until one is taken (a `map` waits chunk by chunk), and
+    /// [`try_apply_async`](Pool::try_apply_async) hands the arguments back. A pool fed
+    /// faster than it works then holds at most `n` queued tasks (plus the few each worker
+    /// holds) instead of every argument ever submitted. `imap` is bounded by its own
+    /// window and does not wait. Default: no limit (Python's behaviour).
+    ///
+    /// A closed pool never blocks: the submission is refused at once.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = Some(n);
         self
     }
 
@@ -274,6 +290,9 @@ impl PoolBuilder {
                 "max_tasks_per_child must be at least 1",
             ));
         }
+        if self.max_queued == Some(0) {
+            return Err(BuildError::invalid("max_queued must be at least 1"));
+        }
         let init = match self.init {
             Some(Err(m)) => return Err(BuildError::invalid(m)),
             Some(Ok(i)) => Some(i),
@@ -303,12 +322,14 @@ impl PoolBuilder {
             },
             stop_grace: self.stop_grace.unwrap_or(STOP_GRACE),
             next_id: Arc::clone(&next_id),
+            max_queued: self.max_queued,
         };
-        let shared = Shared::new(policy, settings)
+        let span = crate::observe::pool_span(self.method, processes);
+        let shared = Shared::new(policy, settings, span.clone())
             .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
-        if let Err((e, started)) = driver.launch_initial() {
+        if let Err((e, started)) = span.in_scope(|| driver.launch_initial()) {
             shared.terminate();
             driver.run();
             return Err(BuildError::start_worker(e, started, processes, fds));
@@ -317,6 +338,7 @@ impl PoolBuilder {
         let handle = std::thread::Builder::new()
             .name("procpool-driver".into())
             .spawn(move || {
+                let _in_pool = span.enter();
                 driver.run();
                 let _ = done_tx.send(());
             })
@@ -326,7 +348,7 @@ impl PoolBuilder {
             driver: Mutex::new(Some(handle)),
             finished,
             joining: Mutex::new(()),
-            processes,
+            processes: AtomicUsize::new(processes),
             method: self.method,
             next_id,
             task_timeout: self.task_timeout,

@@ -569,6 +569,34 @@ impl std::error::Error for BuildError {
     }
 }
 
+/// A submission refused because the pool's queue is full
+/// ([`PoolBuilder::max_queued`](crate::PoolBuilder::max_queued)), with what was submitted:
+/// [`Pool::try_apply_async`](crate::Pool::try_apply_async) hands the arguments back, as
+/// crossbeam's `TrySendError::Full` does the value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull<T>(pub T);
+
+impl<T> QueueFull<T> {
+    /// What was submitted.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> fmt::Debug for QueueFull<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("QueueFull(..)")
+    }
+}
+
+impl<T> fmt::Display for QueueFull<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the pool's queue is full (max_queued)")
+    }
+}
+
+impl<T> std::error::Error for QueueFull<T> {}
+
 /// An error and its causes on one line, `error: cause: cause`, for the places that keep an
 /// error as text (a task's message, a log line).
 pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));

@@ -8,7 +8,7 @@ use crate::driver::Shared;
 use crate::error::{TaskError, TaskErrorKind};
 use crate::options::Options;
 use crate::pool::Pool;
-use crate::result::{AsyncResult, Callbacks, Slot};
+use crate::result::{AsyncResult, Callbacks, Done, Slot};
 use crate::submit::{Submission, complete};
 use crate::task::Task;
 
@@ -31,8 +31,10 @@ impl Pool {
         } = opts;
         let sub = Submission::new(f, self.timeout_of(timeout));
         let slot = Slot::new();
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
         let n = items.len();
+        let done = Done::new(n);
+        let out =
+            AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).counting(Arc::clone(&done));
         if n == 0 {
             complete(
                 &Arc::downgrade(&self.shared),
@@ -43,7 +45,7 @@ impl Pool {
             return out;
         }
         let size = chunksize
-            .unwrap_or_else(|| auto_chunksize(n, self.processes))
+            .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
         let chunks = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {
@@ -58,11 +60,13 @@ impl Pool {
         for (c, chunk) in items.chunks(size).enumerate() {
             let base = c * size;
             let state = Arc::clone(&state);
+            let done = Arc::clone(&done);
             let task = self.prepare_batch::<F::Output>(
                 &sub,
                 sub.encode::<F, A>(self.new_id(), chunk),
                 Some(base),
                 move |results| {
+                    done.add(results.len());
                     let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
                     g.chunks[c] = Some(results);
                     g.remaining -= 1;

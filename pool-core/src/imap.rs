@@ -145,7 +145,7 @@ impl Pool {
         let size = opts
             .chunksize
             .unwrap_or_else(|| match iter.size_hint() {
-                (lo, Some(hi)) if lo == hi => auto_chunksize(hi, self.processes),
+                (lo, Some(hi)) if lo == hi => auto_chunksize(hi, self.processes()),
                 _ => 1,
             })
             .max(1);
@@ -200,7 +200,7 @@ impl Pool {
             group,
             rx,
             stream: None,
-            window: self.processes * MAX_IN_FLIGHT * 2,
+            window: self.processes() * MAX_IN_FLIGHT * 2,
             sent: 0,
             in_flight: 0,
             exhausted: false,

@@ -45,6 +45,8 @@ mod error;
 mod event;
 mod gather;
 mod imap;
+mod metrics;
+mod observe;
 mod options;
 mod policy;
 mod pool;
@@ -53,12 +55,15 @@ mod submit;
 mod task;
 
 pub use builder::PoolBuilder;
-pub use error::{BuildError, BuildErrorKind, Error, ErrorKind, TaskError, TaskErrorKind};
+pub use error::{
+    BuildError, BuildErrorKind, Error, ErrorKind, QueueFull, TaskError, TaskErrorKind,
+};
 pub use event::Event;
 pub use imap::Imap;
+pub use metrics::{Metrics, Outcomes, Recycles, Summary};
 pub use options::Options;
 #[doc(hidden)]
 pub use policy::bench_support as __bench_policy;
-pub use pool::{Metrics, Pool, WorkerInfo};
-pub use result::{AsyncResult, CancelOutcome, WaitError};
+pub use pool::{Pool, WorkerInfo};
+pub use result::{AsyncResult, CancelOutcome, Progress, WaitError};
 pub use task::Task;

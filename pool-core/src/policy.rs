@@ -95,6 +95,57 @@ pub(crate) enum Exit {
     LaunchFailed(String),
 }
 
+/// Why a worker left without dying: a recycle, counted by reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Recycle {
+    /// It ran `max_tasks_per_child` tasks.
+    MaxTasks,
+    /// Its resident memory grew past `max_memory_per_child`.
+    Memory,
+    /// The pool closed and it was idle.
+    Closing,
+    /// The pool was resized below its number of workers.
+    Shrink,
+}
+
+impl Recycle {
+    /// The reason's name, for events.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Recycle::MaxTasks => "max_tasks",
+            Recycle::Memory => "memory",
+            Recycle::Closing => "closing",
+            Recycle::Shrink => "shrink",
+        }
+    }
+}
+
+/// How a worker left, as [`Policy::exited_with`] classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Departure {
+    /// It left as asked, for this reason.
+    Recycled(Recycle),
+    /// It died unexpectedly (it is replaced).
+    Died,
+    /// The pool stopped it because of its task (time limit, cancellation).
+    Stopped,
+    /// It never became ready.
+    StartFailed,
+    /// The pool was terminated.
+    Terminated,
+}
+
+/// Why a worker was launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// One of the pool's first workers.
+    Initial,
+    /// It replaces a worker that left (or will).
+    Replacement,
+    /// The pool was resized above its number of workers.
+    Grow,
+}
+
 /// Settings the policy needs.
 #[derive(Clone, Debug)]
 pub(crate) struct PolicyConfig {
@@ -147,6 +198,10 @@ struct Slot {
     /// The pool is stopping it: the task it was running ran out of time (that task), or
     /// was cancelled (`None`: the task has had its outcome already).
     stopping: Option<Option<TaskId>>,
+    /// Why it is leaving, once it was asked to (or will leave by itself).
+    leaving_for: Option<Recycle>,
+    /// Why it was launched.
+    origin: Origin,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +223,10 @@ pub(crate) struct Counts {
     pub(crate) recycled: u64,
     /// Of `recycled`: workers that left because their memory grew past the limit.
     pub(crate) recycled_memory: u64,
+    /// Of `recycled`: after `max_tasks`, on close, after a shrink.
+    pub(crate) recycled_max_tasks: u64,
+    pub(crate) recycled_closing: u64,
+    pub(crate) recycled_shrink: u64,
     pub(crate) died: u64,
     pub(crate) start_failures: u64,
     pub(crate) timed_out: u64,
@@ -201,6 +260,8 @@ pub(crate) struct Policy<T> {
     orphaned: HashMap<TaskId, u32>,
     /// State of the generator behind `max_tasks_jitter`.
     rng: u64,
+    /// Why the workers launched now are launched (see [`Origin`]).
+    launching: Origin,
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
@@ -233,6 +294,7 @@ impl<T> Policy<T> {
             feeds_revoked: false,
             orphaned: HashMap::new(),
             rng: 0x9E37_79B9_7F4A_7C15,
+            launching: Origin::Initial,
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -247,6 +309,66 @@ impl<T> Policy<T> {
     /// Launches the initial workers.
     pub(crate) fn start(&mut self, fx: &mut impl Effects<T>) {
         self.ensure_capacity(fx);
+        self.launching = Origin::Replacement;
+    }
+
+    /// Changes the number of workers to `processes` while tasks run. Growing launches
+    /// workers at once (as far as the restart breaker allows: a crash loop cannot turn a
+    /// resize into a fork bomb). Shrinking retires idle workers first, then, if it must,
+    /// busy ones, which get no new task and leave once the tasks they hold are done: no
+    /// running task is interrupted.
+    ///
+    /// # Panics
+    /// If `processes` is 0.
+    pub(crate) fn resize(&mut self, processes: usize, fx: &mut impl Effects<T>) {
+        assert!(processes > 0, "a pool needs at least one process");
+        self.cfg.processes = processes;
+        if self.state == State::Terminated {
+            return;
+        }
+        let mut excess = self.active().saturating_sub(processes);
+        if excess > 0 {
+            // Idle workers first (starting ones before ready ones), then the least loaded,
+            // newest first among equals.
+            let mut order: Vec<(usize, bool, std::cmp::Reverse<WorkerId>)> = self
+                .workers
+                .iter()
+                .filter(|(_, s)| !s.closed && matches!(s.phase, Phase::Starting | Phase::Ready))
+                .map(|(&w, s)| {
+                    (
+                        s.in_flight.len(),
+                        s.phase == Phase::Ready,
+                        std::cmp::Reverse(w),
+                    )
+                })
+                .collect();
+            order.sort_unstable();
+            for (_, _, std::cmp::Reverse(wid)) in order {
+                if excess == 0 {
+                    break;
+                }
+                let slot = self.workers.get_mut(&wid).expect("listed worker exists");
+                slot.phase = Phase::Leaving;
+                slot.leaving_for = Some(Recycle::Shrink);
+                // Queued behind the tasks it holds: it finishes them, then exits.
+                fx.retire(wid);
+                excess -= 1;
+            }
+        }
+        self.launching = Origin::Grow;
+        self.ensure_capacity(fx);
+        self.launching = Origin::Replacement;
+        self.dispatch(fx);
+    }
+
+    /// The number of workers the pool keeps.
+    pub(crate) fn processes(&self) -> usize {
+        self.cfg.processes
+    }
+
+    /// Why worker `wid` was launched.
+    pub(crate) fn origin(&self, wid: WorkerId) -> Option<Origin> {
+        self.workers.get(&wid).map(|s| s.origin)
     }
 
     /// Accepts a task, or hands it back with the reason it was refused.
@@ -414,6 +536,7 @@ impl<T> Policy<T> {
             && matches!(slot.phase, Phase::Starting | Phase::Ready)
         {
             slot.phase = Phase::Retiring;
+            slot.leaving_for = Some(Recycle::Memory);
             self.counts.recycled_memory += 1;
         }
         self.ensure_capacity(fx);
@@ -470,6 +593,12 @@ impl<T> Policy<T> {
         Some((id, self.tasks.get(&id)))
     }
 
+    /// The record of the oldest task worker `wid` holds, if it has not had its outcome.
+    pub(crate) fn oldest_mut(&mut self, wid: WorkerId) -> Option<&mut T> {
+        let id = *self.workers.get(&wid)?.in_flight.front()?;
+        self.tasks.get_mut(&id)
+    }
+
     /// The current tasks-in-flight limit per worker.
     pub(crate) fn depth(&self) -> usize {
         self.depth
@@ -504,13 +633,19 @@ impl<T> Policy<T> {
 
     /// A worker is gone (its process was reaped, or could not be started).
     pub(crate) fn exited(&mut self, wid: WorkerId, how: Exit, fx: &mut impl Effects<T>) {
-        self.exited_with(wid, how, 0, None, fx);
+        let _ = self.exited_with(wid, how, 0, None, fx);
+    }
+
+    /// The tasks the queue holds now (waiting for a worker).
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// As [`Policy::exited`], knowing more of how the worker went: the last `undelivered`
     /// tasks sent to it never fully left for it (the writes failed or were still queued), so
     /// they never started; and `running`, when known, says whether it had begun a task it
     /// sent no result for (`Some(false)`: it died between tasks, and none it held started).
+    /// Returns how the worker left (`None` if the policy did not know it).
     pub(crate) fn exited_with(
         &mut self,
         wid: WorkerId,
@@ -518,15 +653,38 @@ impl<T> Policy<T> {
         undelivered: usize,
         running: Option<bool>,
         fx: &mut impl Effects<T>,
-    ) {
-        let Some(mut slot) = self.workers.remove(&wid) else {
-            return;
-        };
+    ) -> Option<Departure> {
+        let mut slot = self.workers.remove(&wid)?;
         let never_started = !slot.ever_ready;
+        let departure;
         if never_started && slot.phase == Phase::Leaving {
             // Setup failure (already counted, tasks already requeued), a retired idle worker,
             // or a terminated one: nothing it held is left to account for.
+            // A worker retired by a shrink before it was ready may hold tasks: none ran.
+            for id in slot.in_flight.drain(..).rev() {
+                if self.tasks.contains_key(&id) {
+                    self.queue.push_front(id);
+                }
+            }
+            departure = if self.state == State::Terminated {
+                Departure::Terminated
+            } else if let Some(r) = slot.leaving_for {
+                if r == Recycle::Shrink {
+                    self.counts.recycled += 1;
+                    self.counts.recycled_shrink += 1;
+                }
+                Departure::Recycled(r)
+            } else if slot.stopping.is_some() {
+                Departure::Stopped
+            } else {
+                Departure::StartFailed
+            };
         } else if never_started {
+            departure = if self.state == State::Terminated {
+                Departure::Terminated
+            } else {
+                Departure::StartFailed
+            };
             // Nothing it held ever ran: give it to the next worker.
             for id in slot.in_flight.into_iter().rev() {
                 if self.tasks.contains_key(&id) {
@@ -541,15 +699,27 @@ impl<T> Policy<T> {
             }
         } else {
             if self.state == State::Terminated {
+                departure = Departure::Terminated;
             } else if slot.stopping.is_some() {
                 self.counts.stopped += 1;
+                departure = Departure::Stopped;
             } else if matches!(slot.phase, Phase::Retiring | Phase::Leaving)
                 && (slot.in_flight.is_empty() || running == Some(false))
             {
                 self.counts.recycled += 1;
+                let why = slot.leaving_for.unwrap_or(Recycle::MaxTasks);
+                match why {
+                    Recycle::MaxTasks => self.counts.recycled_max_tasks += 1,
+                    Recycle::Closing => self.counts.recycled_closing += 1,
+                    Recycle::Shrink => self.counts.recycled_shrink += 1,
+                    // Counted when the worker said so.
+                    Recycle::Memory => {}
+                }
+                departure = Departure::Recycled(why);
             } else {
                 self.counts.died += 1;
                 self.restarts.crashed();
+                departure = Departure::Died;
             }
             // A worker runs its tasks in the order they were sent and the driver has read
             // every result it managed to send, so the oldest task it still held was the one
@@ -584,6 +754,7 @@ impl<T> Policy<T> {
         self.dispatch(fx);
         self.fail_queue_if_broken(fx);
         self.retire_idle(fx);
+        Some(departure)
     }
 
     /// Opens a feed (a lazy submitter, accepted while the pool runs): its tasks are still
@@ -778,6 +949,8 @@ impl<T> Policy<T> {
                     seated: false,
                     closed: false,
                     stopping: None,
+                    leaving_for: None,
+                    origin: self.launching,
                     max_tasks,
                 },
             );
@@ -836,6 +1009,7 @@ impl<T> Policy<T> {
             fx.send(wid, id, task);
             if slot.max_tasks.is_some_and(|m| slot.assigned >= m) {
                 slot.phase = Phase::Retiring;
+                slot.leaving_for = Some(Recycle::MaxTasks);
                 self.ensure_capacity(fx);
                 self.reseat();
             }
@@ -853,6 +1027,7 @@ impl<T> Policy<T> {
                 && matches!(slot.phase, Phase::Starting | Phase::Ready)
             {
                 slot.phase = Phase::Leaving;
+                slot.leaving_for = Some(Recycle::Closing);
                 fx.retire(wid);
             }
         }
@@ -1085,6 +1260,64 @@ mod tests {
         );
         let (plain, _) = started(cfg(8, Some(100)));
         assert!((1..=8).all(|w| plain.max_tasks_of(w) == Some(100)));
+    }
+
+    #[test]
+    fn growing_launches_at_once_and_the_new_workers_take_queued_tasks() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        for id in 0..6 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(p.load(), (4, 2));
+        p.resize(3, &mut fx);
+        assert_eq!(fx.launched, vec![1, 2, 3]);
+        assert_eq!(p.origin(2), Some(Origin::Grow));
+        p.ready(2, &mut fx);
+        p.ready(3, &mut fx);
+        assert_eq!(p.load(), (0, 6));
+    }
+
+    #[test]
+    fn shrinking_retires_idle_workers_first_and_never_a_running_task() {
+        let (mut p, mut fx) = started(cfg(3, None));
+        for w in 1..=3 {
+            p.ready(w, &mut fx);
+        }
+        // Worker 1 holds a task, 2 and 3 are idle.
+        p.submit(0, 0, &mut fx).unwrap();
+        assert_eq!(fx.sent, vec![(1, 0)]);
+        p.resize(1, &mut fx);
+        assert_eq!(fx.retired, vec![3, 2], "the idle ones, newest first");
+        assert!(fx.killed.is_empty() && fx.stopped.is_empty());
+        // Shrinking to one while worker 1 is the only one left retires nobody more.
+        p.submit(1, 1, &mut fx).unwrap();
+        assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
+        p.exited(2, Exit::Ended, &mut fx);
+        p.exited(3, Exit::Ended, &mut fx);
+        assert_eq!(p.counts().recycled_shrink, 2);
+        assert_eq!(p.counts().died, 0);
+        assert_eq!(
+            fx.launched,
+            vec![1, 2, 3],
+            "no replacement for a retired worker"
+        );
+        // A busy worker retired by a shrink finishes what it holds first.
+        p.resize(2, &mut fx);
+        assert_eq!(fx.launched, vec![1, 2, 3, 4]);
+        p.ready(4, &mut fx);
+        p.submit(2, 2, &mut fx).unwrap();
+        assert_eq!(fx.sent.last(), Some(&(4, 2)));
+        p.resize(1, &mut fx);
+        assert_eq!(fx.retired.len(), 3);
+        let retired = *fx.retired.last().unwrap();
+        for id in [0, 1, 2] {
+            let holder = if id == 2 { 4 } else { 1 };
+            assert_eq!(p.done(holder, id, &mut fx), Some(id));
+        }
+        p.exited(retired, Exit::Ended, &mut fx);
+        assert!(fx.finished.is_empty(), "no task failed: {:?}", fx.finished);
+        assert_eq!(p.counts().recycled_shrink, 3);
     }
 
     #[test]
@@ -1587,6 +1820,8 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Submit,
+        /// `Pool::resize` to this many workers.
+        Resize(usize),
         Ready(usize),
         Done(usize),
         SetupFail(usize),
@@ -1641,6 +1876,7 @@ mod tests {
             1 => Just(Op::Split),
             2 => (0u64..3_000).prop_map(Op::Advance),
             1 => (0usize..8).prop_map(Op::LaunchFail),
+            1 => (1usize..5).prop_map(Op::Resize),
         ]
     }
 
@@ -1666,8 +1902,15 @@ mod tests {
             let mut sent_per_worker: HashMap<WorkerId, u64> = HashMap::new();
             let mut feeds = 0usize;
             let live = |p: &Policy<u64>| p.workers.keys().copied().collect::<Vec<_>>();
+            // The most workers the pool was ever sized for: a shrink lets busy workers
+            // finish what they hold.
+            let mut cap = processes;
             for op in ops {
                 match op {
+                    Op::Resize(n) => {
+                        cap = cap.max(n);
+                        p.resize(n, &mut fx);
+                    }
                     Op::Submit => {
                         let id = next;
                         next += 1;
@@ -1777,8 +2020,8 @@ mod tests {
                 prop_assert!((2..=4).contains(&p.depth()));
                 // Workers whose channel closed are dead or dying: they run nothing.
                 let holding = p.workers.values().filter(|s| !s.closed && !s.in_flight.is_empty()).count();
-                prop_assert!(holding <= processes, "{} workers hold tasks, processes = {}", holding, processes);
-                prop_assert!(p.workers.values().filter(|s| s.seated).count() <= processes);
+                prop_assert!(holding <= cap, "{} workers hold tasks, processes = {}", holding, cap);
+                prop_assert!(p.workers.values().filter(|s| s.seated).count() <= cap);
                 // A broken pool starts no worker, so nothing may wait in its queue.
                 prop_assert!(p.restarts.tripped().is_none() || p.queue.is_empty(), "tasks stranded in a broken pool");
                 for (wid, slot) in &p.workers {
@@ -1794,7 +2037,7 @@ mod tests {
                 p.advance(now, &mut fx);
                 for wid in live(&p) { p.ready(wid, &mut fx); }
                 prop_assert!(p.restarts.tripped().is_none(), "the pool did not recover");
-                prop_assert!(p.active() >= processes, "capacity restored");
+                prop_assert!(p.active() >= p.cfg.processes, "capacity restored");
             }
             // Wind down: terminate, and reap every worker.
             p.terminate(&mut fx);

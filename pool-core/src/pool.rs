@@ -3,7 +3,7 @@
 //! `imap`; settings are in `builder`.
 
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,6 +14,8 @@ use crate::builder::PoolBuilder;
 use crate::driver::Shared;
 use crate::error::{BuildError, Error};
 use crate::event::Pins;
+use crate::metrics::Metrics;
+use serde::Serialize;
 
 /// A pool of worker processes: Python's `multiprocessing.Pool`.
 ///
@@ -32,7 +34,8 @@ pub struct Pool {
     pub(crate) finished: flume::Receiver<()>,
     /// Held while a join finishes, so that concurrent joins return together.
     pub(crate) joining: Mutex<()>,
-    pub(crate) processes: usize,
+    /// The number of workers it keeps (changed by `resize`).
+    pub(crate) processes: AtomicUsize,
     pub(crate) method: StartMethod,
     pub(crate) next_id: Arc<AtomicU64>,
     /// The time limit of tasks whose call sets none.
@@ -60,13 +63,48 @@ pub struct Pool {
 ///     Ok(())
 /// }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     name: String,
     pid: u32,
+    ready: bool,
+    tasks_done: u64,
+    current_task: Option<u64>,
+    running_for: Option<Duration>,
+    rss: Option<u64>,
 }
 
 impl WorkerInfo {
+    /// Whether it has finished starting (its initializer ran) and takes tasks.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The tasks it has answered (a `map` chunk is one task; a cancelled task it skipped
+    /// counts too).
+    pub fn tasks_done(&self) -> u64 {
+        self.tasks_done
+    }
+
+    /// The id of the task it is running now, if it is running one. Ids count up from 1
+    /// across the pool; a `map` chunk is one task.
+    pub fn current_task(&self) -> Option<u64> {
+        self.current_task
+    }
+
+    /// How long it has been running its current task (for a chunk of a `map` with a time
+    /// limit, its current item), if it is running one.
+    pub fn running_for(&self) -> Option<Duration> {
+        self.running_for
+    }
+
+    /// Its resident memory (RSS) in bytes when [`Pool::workers`] looked, read from
+    /// `/proc/<pid>/statm`; `None` if it could not be read (it just exited, say).
+    pub fn rss(&self) -> Option<u64> {
+        self.rss
+    }
+
     /// Its name, `ForkserverPoolWorker-N` (`N` counts up across replacements).
     pub fn name(&self) -> &str {
         &self.name
@@ -76,70 +114,6 @@ impl WorkerInfo {
     pub fn pid(&self) -> u32 {
         self.pid
     }
-}
-
-/// Counters of a pool's work so far.
-///
-/// Take one with [`Pool::metrics`]; a `map` counts as one task per chunk.
-///
-/// ```
-/// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
-/// fn square(x: u64) -> u64 {
-///     x * x
-/// }
-///
-/// fn main() -> Result<(), procpool::Error> {
-///     procpool::init(); // first line of main: workers start here
-///     let pool = procpool::Pool::builder().processes(2).build()?;
-///     for x in 0..3 {
-///         pool.apply(square, (x,))?;
-///     }
-///     let m = pool.metrics();
-///     assert_eq!((m.submitted, m.completed, m.lost), (3, 3, 0));
-///     assert_eq!((m.queued, m.running), (0, 0));
-///     pool.close();
-///     pool.join()?;
-///     Ok(())
-/// }
-/// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Metrics {
-    /// Tasks (apply calls, map chunks) accepted.
-    pub submitted: u64,
-    /// Tasks whose worker sent a result (which may be a panic).
-    pub completed: u64,
-    /// Tasks failed because their worker died.
-    pub lost: u64,
-    /// Tasks failed because the pool was terminated.
-    pub terminated: u64,
-    /// Tasks failed because workers could not start.
-    pub init_failed: u64,
-    /// Worker processes started, replacements included.
-    pub workers_started: u64,
-    /// Workers that exited after `max_tasks_per_child` tasks, on close, or over their memory
-    /// limit.
-    pub recycled: u64,
-    /// Of `recycled`: workers whose resident memory grew past `max_memory_per_child`.
-    pub recycled_memory: u64,
-    /// Workers that died unexpectedly (and were replaced).
-    pub died: u64,
-    /// Workers the pool stopped because of their task (time limit, cancellation).
-    pub stopped: u64,
-    /// Tasks failed because they ran past their time limit.
-    pub timed_out: u64,
-    /// Tasks cancelled.
-    pub cancelled: u64,
-    /// Worker starts that failed (initializer, image mismatch, early death).
-    pub start_failures: u64,
-    /// Tasks waiting for a worker now.
-    pub queued: usize,
-    /// Tasks handed to workers now.
-    pub running: usize,
-    /// How many tasks each worker may hold now: 1 for tasks of 20 ms or more (or of
-    /// unknown length), up to 16 when tasks are so short that round trips would leave
-    /// workers idle.
-    pub in_flight_per_worker: usize,
 }
 
 impl Pool {
@@ -156,9 +130,57 @@ impl Pool {
         PoolBuilder::default().build()
     }
 
-    /// The number of workers the pool keeps.
+    /// The number of workers the pool keeps: as built, or as last [resized](Pool::resize).
     pub fn processes(&self) -> usize {
-        self.processes
+        self.processes.load(Ordering::Relaxed)
+    }
+
+    /// Grows or shrinks the pool to `processes` workers while tasks run.
+    ///
+    /// Growing starts the new workers at once; they take queued tasks as soon as they are
+    /// ready. Starts still go through the pool's restart breaker (see
+    /// [`PoolBuilder::initializer`](crate::PoolBuilder::initializer)): a pool whose workers
+    /// keep failing to start backs off and trips instead of forking without end.
+    ///
+    /// Shrinking retires idle workers first; if too few are idle, busy workers are chosen
+    /// (the least loaded first), take no new task, and leave once the tasks they hold are
+    /// done: no running task is interrupted, and no task runs twice. Retired workers count
+    /// as recycles ([`Recycles::shrink`](crate::Recycles::shrink)).
+    ///
+    /// A closed or terminated pool only records the number. Chunk sizes and `imap`'s
+    /// window chosen after the call follow the new number.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(1).build()?;
+    ///     let pending = pool.map_async(square, 0..1000u64);
+    ///     pool.resize(3); // two more workers join the map
+    ///     assert_eq!(pending.get()?.len(), 1000);
+    ///     pool.resize(1);
+    ///     assert_eq!(pool.processes(), 1);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Panics
+    /// If `processes` is 0.
+    pub fn resize(&self, processes: usize) {
+        assert!(processes > 0, "a pool needs at least one process");
+        if processes > self.processes() {
+            crate::builder::raise_fd_limit(processes);
+        }
+        self.processes.store(processes, Ordering::Relaxed);
+        self.shared.span.record("processes", processes);
+        tracing::debug!(parent: &self.shared.span, processes, "pool resized");
+        self.shared.act(|p, fx| p.resize(processes, fx));
     }
 
     /// How the pool starts workers.
@@ -184,10 +206,26 @@ impl Pool {
     /// ```
     #[doc(alias = "active_children")]
     pub fn workers(&self) -> Vec<WorkerInfo> {
+        let now = pool_spawn::protocol::monotonic_ns();
+        // Read outside the pool's lock: /proc takes a few microseconds a worker.
         self.shared
             .workers()
             .into_iter()
-            .map(|(name, pid)| WorkerInfo { name, pid })
+            .map(|w| WorkerInfo {
+                rss: resident_bytes(w.pid),
+                name: w.name,
+                pid: w.pid,
+                ready: w.ready,
+                tasks_done: w.answers,
+                current_task: w.running.map(|(id, _)| id),
+                running_for: w.running.map(|(_, since)| {
+                    Duration::from_nanos(if since == 0 {
+                        0
+                    } else {
+                        now.saturating_sub(since)
+                    })
+                }),
+            })
             .collect()
     }
 
@@ -206,8 +244,7 @@ impl Pool {
     /// }
     /// ```
     pub fn metrics(&self) -> Metrics {
-        let c = self.shared.counts();
-        let (queued, running) = self.shared.load();
+        let (c, queued, running, depth, processes, workers, timings) = self.shared.snapshot();
         Metrics {
             submitted: c.submitted,
             completed: c.completed,
@@ -224,7 +261,18 @@ impl Pool {
             start_failures: c.start_failures,
             queued,
             running,
-            in_flight_per_worker: self.shared.depth(),
+            in_flight_per_worker: depth,
+            processes,
+            workers,
+            items: self.shared.tally.outcomes(),
+            recycles: crate::metrics::Recycles {
+                max_tasks: c.recycled_max_tasks,
+                memory: c.recycled_memory,
+                closing: c.recycled_closing,
+                shrink: c.recycled_shrink,
+            },
+            queue_wait: timings.0,
+            run_time: timings.1,
         }
     }
 
@@ -371,6 +419,13 @@ impl Pool {
     }
 }
 
+/// The resident memory of process `pid`, in bytes, from `/proc/<pid>/statm`.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         let running = self
@@ -389,7 +444,7 @@ impl Drop for Pool {
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
-            .field("processes", &self.processes)
+            .field("processes", &self.processes())
             .field("start_method", &self.method)
             .finish_non_exhaustive()
     }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -144,6 +145,46 @@ impl<T> Slot<T> {
 pub struct AsyncResult<T> {
     slot: Arc<Slot<T>>,
     cancel: Canceller,
+    /// Items done of a `map`'s (`None`: one task).
+    done: Option<Arc<Done>>,
+}
+
+/// The items of a `map` whose results are in, updated as its chunks come back.
+#[derive(Debug)]
+pub(crate) struct Done {
+    done: AtomicUsize,
+    total: usize,
+}
+
+impl Done {
+    pub(crate) fn new(total: usize) -> Arc<Self> {
+        Arc::new(Done {
+            done: AtomicUsize::new(0),
+            total,
+        })
+    }
+
+    /// `n` more items have their result.
+    pub(crate) fn add(&self, n: usize) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// How far a submission has got: [`AsyncResult::progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Progress {
+    /// Items whose result (value or error) is in.
+    pub done: usize,
+    /// Items submitted.
+    pub total: usize,
+}
+
+impl Progress {
+    /// True once every item has its result.
+    pub fn is_complete(&self) -> bool {
+        self.done >= self.total
+    }
 }
 
 /// What cancelling a submission reaches: its tasks in the pool.
@@ -189,7 +230,57 @@ impl std::error::Error for WaitError {}
 
 impl<T> AsyncResult<T> {
     pub(crate) fn new(slot: Arc<Slot<T>>, cancel: Canceller) -> Self {
-        AsyncResult { slot, cancel }
+        AsyncResult {
+            slot,
+            cancel,
+            done: None,
+        }
+    }
+
+    /// A handle whose progress `done` counts.
+    pub(crate) fn counting(mut self, done: Arc<Done>) -> Self {
+        self.done = Some(done);
+        self
+    }
+
+    /// How many items have their result, of how many: for a `map_async` or
+    /// `starmap_async`, items count as their chunk comes back, so a caller can draw a
+    /// progress bar; an `apply_async` is one item, done once its result is ready. `done`
+    /// reaches `total` before the result is ready (the last chunk is still being put in
+    /// order).
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn square(x: u64) -> u64 {
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(2).build()?;
+    ///     let pending = pool.map_async(square, 0..1000u64);
+    ///     let total = pending.progress().total;
+    ///     assert_eq!(total, 1000);
+    ///     while !pending.progress().is_complete() {
+    ///         std::thread::sleep(std::time::Duration::from_millis(1)); // draw a bar here
+    ///     }
+    ///     assert_eq!(pending.get()?.len(), 1000);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn progress(&self) -> Progress {
+        match &self.done {
+            Some(d) => Progress {
+                done: d.done.load(Ordering::Relaxed).min(d.total),
+                total: d.total,
+            },
+            None => Progress {
+                done: usize::from(self.slot.is_ready()),
+                total: 1,
+            },
+        }
     }
 
     /// Blocks until the result arrives, and returns it.

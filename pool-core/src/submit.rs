@@ -4,14 +4,15 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pool_spawn::task::FnRef;
 use serde::de::DeserializeOwned;
 
 use crate::chunk::{Encoded, encode_chunk};
 use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
-use crate::error::{TaskError, TaskErrorKind};
+use crate::error::{QueueFull, TaskError, TaskErrorKind};
+use crate::observe::Tally;
 use crate::options::Options;
 use crate::policy::Refusal;
 use crate::pool::Pool;
@@ -89,6 +90,9 @@ impl Submission {
 struct Pieces<R> {
     n: usize,
     state: Mutex<PiecesState<R>>,
+    /// The task's span, told how each piece ended.
+    span: tracing::Span,
+    tally: Arc<Tally>,
 }
 
 type Done<R> = Box<dyn FnOnce(Vec<Result<R, TaskError>>) + Send>;
@@ -100,9 +104,11 @@ struct PiecesState<R> {
 }
 
 impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
-    fn sink(n: usize, done: Done<R>) -> Sink {
+    fn sink(n: usize, done: Done<R>, span: tracing::Span, tally: Arc<Tally>) -> Sink {
         let pieces = Pieces {
             n,
+            span,
+            tally,
             state: Mutex::new(PiecesState {
                 got: Vec::new(),
                 missing: n,
@@ -115,6 +121,7 @@ impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
     fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
         // Decoded before the lock: it is user code, and may take long.
         let items = driver::decode_items::<R>(outcome, count);
+        self.tally.count(&self.span, first, &items);
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let finished = if g.missing == self.n && first == 0 && count == self.n {
             // The whole chunk at once (the usual case).
@@ -194,6 +201,7 @@ impl Pool {
             pins,
         } = enc;
         let n_sent = placement.sent();
+        let span = crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent);
         if n_sent == 0 {
             done(placement.merge(Vec::new(), base));
             return None;
@@ -205,6 +213,8 @@ impl Pool {
                 drop(pins);
                 done(placement.merge(got, base));
             }),
+            span.clone(),
+            Arc::clone(&self.shared.tally),
         );
         let limit = self.shared.frame_limit();
         let fail = |e: TaskError| sink(0, n_sent, Outcome::Failed(e.with_function(sub.name)));
@@ -238,6 +248,9 @@ impl Pool {
             timeout: sub.timeout,
             group: Arc::clone(&sub.group),
             sent_at: None,
+            queued_at: Instant::now(),
+            started_at: None,
+            span,
         };
         Some((id, rec))
     }
@@ -248,16 +261,40 @@ impl Pool {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
-        let refused = self.shared.act(|p, fx| {
-            let mut refused = Vec::new();
-            for (id, rec) in tasks {
-                if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
-                    rec.group.remove(id);
-                    refused.push((rec, why));
+        // Backpressure: one task at a time, each once the queue has room (imap's feeds
+        // are bounded by their window instead).
+        let refused = match self.shared.max_queued().filter(|_| !fed) {
+            None => self.shared.act(|p, fx| {
+                let mut refused = Vec::new();
+                for (id, rec) in tasks {
+                    tracing::trace!(parent: &rec.span, "task queued");
+                    if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
+                        rec.group.remove(id);
+                        refused.push((rec, why));
+                    }
                 }
+                refused
+            }),
+            Some(max) => {
+                let mut refused = Vec::new();
+                for (id, rec) in tasks {
+                    tracing::trace!(parent: &rec.span, "task queued");
+                    let r = self
+                        .shared
+                        .act_with_room(max, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
+                    if let Some(Some((rec, why))) = r {
+                        rec.group.remove(id);
+                        refused.push((rec, why));
+                    }
+                }
+                refused
             }
-            refused
-        });
+        };
+        self.fail_refused(refused, fed);
+    }
+
+    /// Fails tasks the policy refused, with the reason.
+    fn fail_refused(&self, refused: Vec<(TaskRec, Refusal)>, fed: bool) {
         for (rec, why) in refused {
             let e = match why {
                 Refusal::Closed if fed => TaskError::new(
@@ -329,6 +366,80 @@ impl Pool {
         F: Task<Args>,
     {
         self.apply_async_with(f, args, Options::new())
+    }
+
+    /// Like [`apply_async`](Pool::apply_async), but never blocks: when the pool was built
+    /// with [`max_queued(n)`](crate::PoolBuilder::max_queued) and `n` tasks already wait,
+    /// the arguments come back in [`QueueFull`], as crossbeam's `try_send` returns the
+    /// value. Without `max_queued` it always submits.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// fn slow_square(x: u64) -> u64 {
+    ///     std::thread::sleep(std::time::Duration::from_millis(200));
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init(); // first line of main: workers start here
+    ///     let pool = procpool::Pool::builder().processes(1).max_queued(1).build()?;
+    ///     let running = pool.apply_async(slow_square, (1,));
+    ///     while pool.metrics().running == 0 {
+    ///         std::thread::yield_now();
+    ///     }
+    ///     let queued = pool.try_apply_async(slow_square, (2,)).expect("room for one");
+    ///     let full = pool.try_apply_async(slow_square, (3,)).unwrap_err();
+    ///     assert_eq!(full.into_inner(), (3,)); // the arguments, back
+    ///     assert_eq!((running.get()?, queued.get()?), (1, 4));
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// [`QueueFull`] with `args`, when the queue is full.
+    pub fn try_apply_async<F, Args>(
+        &self,
+        f: F,
+        args: Args,
+    ) -> Result<AsyncResult<F::Output>, QueueFull<Args>>
+    where
+        F: Task<Args>,
+    {
+        let Some(max) = self.shared.max_queued() else {
+            return Ok(self.apply_async(f, args));
+        };
+        let slot = Slot::new();
+        let sub = Submission::new(f, self.timeout_of(None));
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
+        let weak = Arc::downgrade(&self.shared);
+        let enc = sub.encode::<F, Args>(self.new_id(), std::slice::from_ref(&args));
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
+            let r = items
+                .pop()
+                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+            complete(&weak, slot, r, Callbacks::new());
+        });
+        // Settled already (it could not be encoded, say): its result says so.
+        let Some((id, rec)) = task else {
+            return Ok(out);
+        };
+        if rec.timeout.is_some() {
+            self.shared.note_timeouts();
+        }
+        tracing::trace!(parent: &rec.span, "task queued");
+        match self
+            .shared
+            .act_with_room(max, false, |p, fx| p.submit_from(id, rec, false, fx).err())
+        {
+            None => Err(QueueFull(args)),
+            Some(None) => Ok(out),
+            Some(Some(refused)) => {
+                self.fail_refused(vec![refused], false);
+                Ok(out)
+            }
+        }
     }
 
     /// [`apply_async`](Pool::apply_async) with per-call [`Options`]: Python's `callback` and

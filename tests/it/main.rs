@@ -7,6 +7,8 @@ mod failures;
 mod hostile;
 mod hostile_driver;
 mod lifetime;
+mod observe;
 mod shared_event;
+mod signals;
 mod task_control;
 mod util;

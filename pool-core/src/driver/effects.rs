@@ -14,6 +14,7 @@ use super::shared::Settings;
 use super::worker_io::WorkerIo;
 use super::{Delivery, Outcome, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
+use crate::observe::Timings;
 use crate::policy::{Effects, Finish, TaskId, WorkerId};
 
 /// The policy's effects on the real world, while the lock is held.
@@ -28,6 +29,8 @@ pub(crate) struct Fx<'a> {
     pub(super) timer_at: Option<Instant>,
     /// Workers with frames queued by this step, written once when the step ends.
     pub(super) dirty: Vec<WorkerId>,
+    /// Queue-wait and run-time summaries.
+    pub(super) timings: &'a mut Timings,
 }
 
 impl Effects<TaskRec> for Fx<'_> {
@@ -49,6 +52,14 @@ impl Effects<TaskRec> for Fx<'_> {
         };
         let now = Instant::now();
         task.sent_at = Some(now);
+        task.started_at = None;
+        if !task.span.is_disabled() {
+            task.span.record("worker", w.name.as_str());
+            if w.pid != 0 {
+                task.span.record("pid", w.pid);
+            }
+        }
+        tracing::trace!(parent: &task.span, worker = %w.name, "task sent");
         if let Some(limit) = task.timeout
             && self.timer_at.is_none_or(|t| t > now + limit)
         {
@@ -256,6 +267,9 @@ impl Fx<'_> {
                 timeout: task.timeout,
                 group: task.group,
                 sent_at: None,
+                queued_at: Instant::now(),
+                started_at: None,
+                span: task.span,
             },
         ))
     }

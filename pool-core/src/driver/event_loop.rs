@@ -10,9 +10,9 @@ use pool_spawn::{Launcher, Signal};
 use rustix::event::{PollFd, PollFlags};
 
 use super::launch::WatchFds;
-use super::shared::{Inner, Shared};
+use super::shared::{Inner, Shared, note_started};
 use super::{Batch, Delivery, Outcome};
-use crate::policy::{Exit, WorkerId};
+use crate::policy::{Departure, Exit, WorkerId};
 
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
@@ -220,7 +220,11 @@ impl Driver {
                     break;
                 }
                 match msg {
-                    Ok(FromWorker::Ready { .. }) => policy.ready(wid, fx),
+                    Ok(FromWorker::Ready { .. }) => {
+                        tracing::debug!(worker = %name, pid, "worker ready");
+                        policy.ready(wid, fx);
+                        note_started(policy, fx.io, wid, Instant::now());
+                    }
                     Ok(FromWorker::SetupFailed { message, .. }) => {
                         tracing::warn!(worker = %name, %message, "worker setup failed");
                         policy.setup_failed(wid, &message, fx);
@@ -251,6 +255,7 @@ impl Driver {
                         }
                         // The task was cancelled before it began: only its place is freed.
                         let _ = policy.done(wid, id, fx);
+                        note_started(policy, fx.io, wid, Instant::now());
                     }
                     Ok(FromWorker::Recycling { rss }) => {
                         tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
@@ -277,6 +282,12 @@ impl Driver {
                                 if let Some(b) = began {
                                     policy.observe(now.saturating_duration_since(b), fx);
                                 }
+                                let start = rec.started_at.or(began).unwrap_or(now);
+                                fx.timings.record(
+                                    &rec.span,
+                                    start.saturating_duration_since(rec.queued_at),
+                                    now.saturating_duration_since(start),
+                                );
                             }
                             let result = outcome.map(|range| {
                                 batches.push(Batch { frame, range, items });
@@ -291,6 +302,7 @@ impl Driver {
                                 },
                             ));
                         }
+                        note_started(policy, fx.io, wid, Instant::now());
                     }
                     Err(e) => {
                         tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
@@ -337,7 +349,6 @@ impl Driver {
                 h.wait_timeout(Duration::from_secs(2)).ok().flatten()
             }
         });
-        tracing::debug!(wid, ?status, "worker exited");
         self.shared.act(|p, fx| {
             let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
@@ -345,8 +356,10 @@ impl Driver {
                 undelivered = w.undelivered_tasks();
                 running = w.was_running();
             }
-            p.exited_with(wid, Exit::Ended, undelivered, running, fx);
-            fx.io.remove(&wid);
+            let how = p.exited_with(wid, Exit::Ended, undelivered, running, fx);
+            if let Some(w) = fx.io.remove(&wid) {
+                departed(&w.name, w.pid, status, how);
+            }
         });
         let w = &mut self.watches[idx];
         w.sock = None;
@@ -421,6 +434,28 @@ impl Driver {
                     self.reap(idx);
                 }
             }
+        }
+    }
+}
+
+/// Tells how worker `name` left.
+fn departed(name: &str, pid: u32, status: Option<pool_spawn::ExitStatus>, how: Option<Departure>) {
+    let status = status.map(tracing::field::display);
+    match how {
+        Some(Departure::Recycled(why)) => {
+            tracing::debug!(worker = %name, pid, reason = why.as_str(), status, "worker recycled");
+        }
+        Some(Departure::Died) => {
+            tracing::warn!(worker = %name, pid, status, "worker died");
+        }
+        Some(Departure::Stopped) => {
+            tracing::debug!(worker = %name, pid, status, "worker stopped");
+        }
+        Some(Departure::StartFailed) => {
+            tracing::warn!(worker = %name, pid, status, "worker failed to start");
+        }
+        Some(Departure::Terminated) | None => {
+            tracing::debug!(worker = %name, pid, status, "worker terminated");
         }
     }
 }

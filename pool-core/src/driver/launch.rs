@@ -11,7 +11,7 @@ use serde_bytes::ByteBuf;
 
 use super::event_loop::Driver;
 use super::shared::Shared;
-use crate::policy::{Exit, WorkerId};
+use crate::policy::{Exit, Origin, WorkerId};
 
 /// Starts one worker for slot `wid` and wires it up. Called from `build` (initial workers)
 /// and from the driver thread (replacements).
@@ -20,10 +20,14 @@ pub(crate) fn launch_one(
     launcher: &mut Launcher,
     wid: WorkerId,
 ) -> Result<Option<WatchFds>, pool_spawn::Error> {
-    let (name, max_tasks) = {
+    let (name, max_tasks, origin) = {
         let g = shared.lock();
         match g.io.get(&wid) {
-            Some(w) => (w.name.clone(), g.policy.max_tasks_of(wid)),
+            Some(w) => (
+                w.name.clone(),
+                g.policy.max_tasks_of(wid),
+                g.policy.origin(wid),
+            ),
             None => return Ok(None),
         }
     };
@@ -89,7 +93,11 @@ pub(crate) fn launch_one(
     }
     w.pid = pid;
     w.handle = Some(worker);
-    tracing::debug!(worker = %name, pid, "worker started");
+    match origin {
+        Some(Origin::Replacement) => tracing::debug!(worker = %name, pid, "worker replaced"),
+        Some(Origin::Grow) => tracing::debug!(worker = %name, pid, "worker added"),
+        _ => tracing::debug!(worker = %name, pid, "worker started"),
+    }
     Ok(Some(WatchFds {
         sock: watch_sock,
         exit: watch_exit,

@@ -120,6 +120,13 @@ pub(crate) struct TaskRec {
     pub(crate) timeout: Option<Duration>,
     pub(crate) group: Arc<Group>,
     pub(crate) sent_at: Option<Instant>,
+    /// When it was handed to the pool.
+    pub(crate) queued_at: Instant,
+    /// When its worker could begin it: it held it and nothing before it (seen by the
+    /// driver, so a round trip late at most).
+    pub(crate) started_at: Option<Instant>,
+    /// Its span (see `observe`); `Span::none()` when nobody listens.
+    pub(crate) span: tracing::Span,
 }
 
 /// One piece of a task's outcome, ready to hand to its sink.

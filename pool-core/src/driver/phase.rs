@@ -67,6 +67,11 @@ impl Guard {
         Ok(())
     }
 
+    /// It said `Ready`.
+    pub(super) fn is_ready(&self) -> bool {
+        self.ready
+    }
+
     /// Records, after a read, whether part of a frame waits for the rest. Called only when
     /// bytes arrived (the socket was readable), so a partial frame still waiting restarts
     /// the clock.

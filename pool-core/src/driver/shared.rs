@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use pool_ipc::Config as IpcConfig;
@@ -16,6 +16,8 @@ use super::callbacks::CallbackThread;
 use super::effects::Fx;
 use super::worker_io::WorkerIo;
 use super::{Delivery, TaskRec};
+use crate::metrics::Summary;
+use crate::observe::{Tally, Timings};
 use crate::policy::{Cancelled, Policy, WorkerId};
 use crate::result::CancelOutcome;
 
@@ -34,6 +36,8 @@ pub(crate) struct Settings {
     pub(crate) stop_grace: Duration,
     /// Where task ids come from (shared with the pool handle).
     pub(crate) next_id: Arc<AtomicU64>,
+    /// Submissions wait while this many tasks wait in the queue (`PoolBuilder::max_queued`).
+    pub(crate) max_queued: Option<usize>,
 }
 
 /// Everything behind the pool's lock.
@@ -48,6 +52,10 @@ pub(crate) struct Inner {
     /// When the driver next looks at the running tasks' clocks (if it does): a task with a
     /// time limit that may run out before then wakes it.
     pub(super) timer_at: Option<Instant>,
+    /// Queue-wait and run-time summaries.
+    pub(super) timings: Timings,
+    /// Submitters waiting for room in the queue.
+    pub(super) waiting: usize,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -58,10 +66,21 @@ pub(crate) struct Shared {
     pub(super) callbacks: Mutex<Option<CallbackThread>>,
     /// Some task had a time limit: the driver watches the running tasks' clocks.
     pub(super) timeouts: AtomicBool,
+    /// The pool's span: the parent of its tasks' spans; the driver thread runs in it.
+    pub(crate) span: tracing::Span,
+    /// Item outcomes by kind.
+    pub(crate) tally: Arc<Tally>,
+    /// Signalled when the queue shrinks below `max_queued` (or the pool closes), with
+    /// submitters waiting.
+    room: Condvar,
 }
 
 impl Shared {
-    pub(crate) fn new(policy: Policy<TaskRec>, settings: Settings) -> std::io::Result<Arc<Self>> {
+    pub(crate) fn new(
+        policy: Policy<TaskRec>,
+        settings: Settings,
+        span: tracing::Span,
+    ) -> std::io::Result<Arc<Self>> {
         let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Arc::new(Shared {
             inner: Mutex::new(Inner {
@@ -73,11 +92,16 @@ impl Shared {
                 terminating: false,
                 wake_driver: false,
                 timer_at: None,
+                timings: Timings::default(),
+                waiting: 0,
             }),
             wake,
             settings,
             callbacks: Mutex::new(None),
             timeouts: AtomicBool::new(false),
+            span,
+            tally: Arc::default(),
+            room: Condvar::new(),
         }))
     }
 
@@ -91,8 +115,36 @@ impl Shared {
 
     /// Applies one policy step under the lock; delivers outcomes after unlocking.
     pub(crate) fn act<R>(&self, step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R) -> R {
+        self.act_locked(self.lock(), step)
+    }
+
+    /// As [`Shared::act`], once fewer than `max` tasks wait in the queue (or the pool is
+    /// closed, which refuses the step's submissions); `block: false` returns `None` at once
+    /// instead of waiting.
+    pub(crate) fn act_with_room<R>(
+        &self,
+        max: usize,
+        block: bool,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+    ) -> Option<R> {
+        let mut g = self.lock();
+        while g.policy.queued() >= max && !g.policy.is_closed() {
+            if !block {
+                return None;
+            }
+            g.waiting += 1;
+            g = self.room.wait(g).unwrap_or_else(PoisonError::into_inner);
+            g.waiting -= 1;
+        }
+        Some(self.act_locked(g, step))
+    }
+
+    fn act_locked<R>(
+        &self,
+        mut g: MutexGuard<'_, Inner>,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+    ) -> R {
         let (r, done, wake) = {
-            let mut g = self.lock();
             let inner = &mut *g;
             let terminating = inner.terminating;
             let mut fx = Fx {
@@ -104,6 +156,7 @@ impl Shared {
                 terminating,
                 timer_at: inner.timer_at,
                 dirty: Vec::new(),
+                timings: &mut inner.timings,
             };
             // Time reaches the policy here, before every step: starts it held back happen
             // once due.
@@ -116,6 +169,10 @@ impl Shared {
             inner.timer_at = timer_at;
             dirty.sort_unstable();
             dirty.dedup();
+            let now = Instant::now();
+            for &wid in &dirty {
+                note_started(&mut inner.policy, &inner.io, wid, now);
+            }
             for wid in dirty {
                 if let Some(conn) = inner.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
                     match conn.flush() {
@@ -130,13 +187,29 @@ impl Shared {
                 inner.wake_driver = true;
             }
             let wake = std::mem::take(&mut inner.wake_driver);
-            (r, std::mem::take(&mut inner.done), wake)
+            if inner.waiting > 0
+                && (inner.policy.is_closed()
+                    || self
+                        .settings
+                        .max_queued
+                        .is_some_and(|m| inner.policy.queued() < m))
+            {
+                self.room.notify_all();
+            }
+            let out = (r, std::mem::take(&mut inner.done), wake);
+            drop(g);
+            out
         };
         if wake {
             self.wake();
         }
         deliver(done);
         r
+    }
+
+    /// `PoolBuilder::max_queued`.
+    pub(crate) fn max_queued(&self) -> Option<usize> {
+        self.settings.max_queued
     }
 
     /// A task with a time limit is on its way: the driver starts watching clocks.
@@ -181,33 +254,114 @@ impl Shared {
         self.wake();
     }
 
-    /// Live workers: (name, pid), for `Pool::workers`.
-    pub(crate) fn workers(&self) -> Vec<(String, u32)> {
+    /// Live workers, oldest first, for `Pool::workers`: (name, pid, ready, answers, the
+    /// task it runs and since when on `CLOCK_MONOTONIC`).
+    pub(crate) fn workers(&self) -> Vec<WorkerState> {
         let g = self.lock();
         let mut v: Vec<_> =
             g.io.iter()
                 .filter(|(_, w)| w.pid != 0 && w.status.is_none())
-                .map(|(id, w)| (*id, w.name.clone(), w.pid))
+                .map(|(&wid, w)| {
+                    let running = g
+                        .policy
+                        .oldest(wid)
+                        .and_then(|(id, _)| w.started(id).map(|ns| (id, ns)));
+                    (
+                        wid,
+                        WorkerState {
+                            name: w.name.clone(),
+                            pid: w.pid,
+                            ready: w.guard.is_ready(),
+                            answers: w.results,
+                            running,
+                        },
+                    )
+                })
                 .collect();
-        v.sort();
-        v.into_iter().map(|(_, n, p)| (n, p)).collect()
+        v.sort_by_key(|(wid, _)| *wid);
+        v.into_iter().map(|(_, s)| s).collect()
     }
 
-    pub(crate) fn counts(&self) -> crate::policy::Counts {
-        self.lock().policy.counts()
-    }
-
-    pub(crate) fn load(&self) -> (usize, usize) {
-        self.lock().policy.load()
+    /// What `Pool::metrics` reports from behind the lock: the policy's counts, queued and
+    /// running tasks, the depth, the target and live numbers of workers, the summaries.
+    #[allow(clippy::type_complexity, reason = "one snapshot, taken apart at once")]
+    pub(crate) fn snapshot(
+        &self,
+    ) -> (
+        crate::policy::Counts,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (Summary, Summary),
+    ) {
+        let g = self.lock();
+        let (queued, running) = g.policy.load();
+        let workers =
+            g.io.values()
+                .filter(|w| w.pid != 0 && w.status.is_none())
+                .count();
+        (
+            g.policy.counts(),
+            queued,
+            running,
+            g.policy.depth(),
+            g.policy.processes(),
+            workers,
+            (g.timings.queue_wait, g.timings.run_time),
+        )
     }
 
     /// The largest message a worker accepts, in bytes.
     pub(crate) fn frame_limit(&self) -> usize {
         self.settings.ipc.frame_limit()
     }
+}
 
-    pub(crate) fn depth(&self) -> usize {
-        self.lock().policy.depth()
+/// One live worker as `Shared::workers` sees it.
+pub(crate) struct WorkerState {
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+    pub(crate) ready: bool,
+    /// Results (and skips of cancelled tasks) it sent.
+    pub(crate) answers: u64,
+    /// The task it runs, and when it began it (`CLOCK_MONOTONIC` ns; 0 if unknown).
+    pub(crate) running: Option<(u64, u64)>,
+}
+
+/// Notes that worker `wid` could begin the oldest task it holds, if it is ready and that
+/// task is not noted yet: its queue wait ends now ("task started").
+pub(super) fn note_started(
+    policy: &mut Policy<TaskRec>,
+    io: &HashMap<WorkerId, WorkerIo>,
+    wid: WorkerId,
+    now: Instant,
+) {
+    let Some(w) = io.get(&wid).filter(|w| w.guard.is_ready()) else {
+        return;
+    };
+    let Some((id, _)) = policy.oldest(wid) else {
+        return;
+    };
+    if let Some(rec) = policy.oldest_mut(wid)
+        && rec.started_at.is_none()
+    {
+        // The worker stamps when it begins a task: when it has begun this one, that is
+        // when it started, not now.
+        let began = match w.started(id) {
+            Some(ns) if ns > 0 => now.checked_sub(Duration::from_nanos(
+                pool_spawn::protocol::monotonic_ns().saturating_sub(ns),
+            )),
+            _ => None,
+        };
+        let now = began.unwrap_or(now).max(rec.queued_at);
+        rec.started_at = Some(now);
+        tracing::debug!(
+            parent: &rec.span,
+            queue_wait = ?now.saturating_duration_since(rec.queued_at),
+            "task started"
+        );
     }
 }
 
