@@ -4,6 +4,7 @@
 
 mod bench;
 mod common;
+mod map;
 mod proc;
 mod reference;
 mod run;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Runs a command once per input line, many at once (as xargs -P and GNU parallel).
     Run(run::Args),
+    /// Keeps N worker commands (any language) running and feeds them one line per task.
+    Map(map::Args),
     /// Runs procpool's standard workloads and prints one JSON line per run.
     Bench(bench::Args),
     /// Prints what procpool would use on this machine (without starting a pool).
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Map(args) => map::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Info => info(),
         Command::Completions { shell } => {
