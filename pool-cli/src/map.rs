@@ -179,6 +179,8 @@ struct Foreign {
     stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     rbuf: Vec<u8>,
+    /// See [`parse_reply`].
+    scanned: usize,
     answered: u64,
 }
 
@@ -217,6 +219,7 @@ fn spawn_foreign(cfg: &WorkerConfig) -> Result<Foreign, String> {
         stdin: Some(stdin),
         stdout,
         rbuf: Vec::new(),
+        scanned: 0,
         answered: 0,
     })
 }
@@ -259,9 +262,21 @@ enum Fault {
 }
 
 /// Takes one complete reply off the front of `buf`: `Ok(None)` if it is not all there.
-fn parse_reply(buf: &mut Vec<u8>, framing: Framing) -> Result<Option<Vec<u8>>, String> {
+/// `scanned`: how many bytes at the front of `buf` are known to hold no newline (so that a
+/// long reply arriving in many reads is scanned once, not once per read).
+fn parse_reply(
+    buf: &mut Vec<u8>,
+    scanned: &mut usize,
+    framing: Framing,
+) -> Result<Option<Vec<u8>>, String> {
+    let from = (*scanned).min(buf.len());
+    let newline = buf[from..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map(|i| i + from);
+    *scanned = if newline.is_some() { 0 } else { buf.len() };
     match framing {
-        Framing::Lines => match buf.iter().position(|&c| c == b'\n') {
+        Framing::Lines => match newline {
             Some(i) => {
                 let mut line: Vec<u8> = buf.drain(..=i).collect();
                 line.pop();
@@ -273,7 +288,7 @@ fn parse_reply(buf: &mut Vec<u8>, framing: Framing) -> Result<Option<Vec<u8>>, S
             None => Ok(None),
         },
         Framing::Length => {
-            let Some(i) = buf.iter().position(|&c| c == b'\n') else {
+            let Some(i) = newline else {
                 if buf.len() > 20 || buf.iter().any(|c| !c.is_ascii_digit()) {
                     return Err(format!(
                         "expected a length line, got {}",
@@ -294,6 +309,8 @@ fn parse_reply(buf: &mut Vec<u8>, framing: Framing) -> Result<Option<Vec<u8>>, S
                     )
                 })?;
             if buf.len() < i + 1 + n {
+                // The header is whole: search for the next one only after the body.
+                *scanned = 0;
                 return Ok(None);
             }
             let body = buf[i + 1..i + 1 + n].to_vec();
@@ -329,7 +346,7 @@ fn take_replies(
     head_start: &mut Instant,
 ) -> Result<(), Fault> {
     loop {
-        match parse_reply(&mut fw.rbuf, framing) {
+        match parse_reply(&mut fw.rbuf, &mut fw.scanned, framing) {
             Ok(Some(reply)) => {
                 if results.len() - base == asked {
                     return Err(Fault::Garbage(format!(
@@ -968,7 +985,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
     pool.close();
     let _ = pool.join();
     drop(pool);
-    proc::sweep(Duration::from_secs(2), &hurry);
+    proc::sweep(
+        if stopped_by.is_some() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(2)
+        },
+        &hurry,
+    );
     progress.finish();
     if let Some(e) = &input_error {
         eprintln!("procpool map: {e}");
@@ -997,26 +1021,26 @@ mod tests {
     fn replies_are_parsed_whole() {
         let mut b = b"ab\ncd".to_vec();
         assert_eq!(
-            parse_reply(&mut b, Framing::Lines),
+            parse_reply(&mut b, &mut 0, Framing::Lines),
             Ok(Some(b"ab".to_vec()))
         );
-        assert_eq!(parse_reply(&mut b, Framing::Lines), Ok(None));
+        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Lines), Ok(None));
         let mut b = b"3\na\nb2\nxy".to_vec();
         assert_eq!(
-            parse_reply(&mut b, Framing::Length),
+            parse_reply(&mut b, &mut 0, Framing::Length),
             Ok(Some(b"a\nb".to_vec()))
         );
         assert_eq!(
-            parse_reply(&mut b, Framing::Length),
+            parse_reply(&mut b, &mut 0, Framing::Length),
             Ok(Some(b"xy".to_vec()))
         );
-        assert_eq!(parse_reply(&mut b, Framing::Length), Ok(None));
+        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Length), Ok(None));
         let mut b = b"hello\n".to_vec();
-        assert!(parse_reply(&mut b, Framing::Length).is_err());
+        assert!(parse_reply(&mut b, &mut 0, Framing::Length).is_err());
         let mut b = b"12".to_vec();
-        assert_eq!(parse_reply(&mut b, Framing::Length), Ok(None));
+        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Length), Ok(None));
         let mut b = b"x".to_vec();
-        assert!(parse_reply(&mut b, Framing::Length).is_err());
+        assert!(parse_reply(&mut b, &mut 0, Framing::Length).is_err());
     }
 
     #[test]
