@@ -61,16 +61,6 @@ impl From<Method> for procpool::StartMethod {
     }
 }
 
-impl Method {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Method::Forkserver => "forkserver",
-            Method::Spawn => "spawn",
-            Method::Fork => "fork",
-        }
-    }
-}
-
 fn main() -> ExitCode {
     procpool::init();
     let cli = match Cli::try_parse() {

@@ -224,7 +224,7 @@ fn run_reports_failures_in_json_and_the_exit_status_counts_them() {
     assert_eq!(recs.len(), 9);
     for r in &recs {
         let n: u64 = r["input"].as_str().unwrap().parse().unwrap();
-        let fails = n % 3 == 0;
+        let fails = n.is_multiple_of(3);
         assert_eq!(r["ok"], !fails, "{r}");
         assert_eq!(r["stdout"], format!("o{n}\n"));
         assert_eq!(r["stderr"], format!("e{n}\n"));
