@@ -336,7 +336,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
     let workloads: Vec<String> = if args.workloads.is_empty() {
         WORKLOADS.iter().map(|s| s.to_string()).collect()
     } else {
-        args.workloads.iter().map(|w| w.name().to_string()).collect()
+        args.workloads
+            .iter()
+            .map(|w| w.name().to_string())
+            .collect()
     };
     if let Some(dir) = &args.out
         && let Err(e) = std::fs::create_dir_all(dir)
