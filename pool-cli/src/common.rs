@@ -173,15 +173,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Checks that `program` can be started: an executable file, found through `PATH` when
-/// the name has no `/`.
-pub(crate) fn check_program(program: &OsStr) -> Result<(), String> {
+/// the name has no `/`. Returns its path (so that each job does not search `PATH` again).
+pub(crate) fn check_program(program: &OsStr) -> Result<PathBuf, String> {
     let shown = String::from_utf8_lossy(program.as_bytes()).into_owned();
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.as_bytes().contains(&b'/') {
         return if runnable(Path::new(program)) {
-            Ok(())
+            Ok(PathBuf::from(program))
         } else if Path::new(program).exists() {
             Err(format!("cannot run {shown}: not an executable file"))
         } else {
@@ -189,11 +189,10 @@ pub(crate) fn check_program(program: &OsStr) -> Result<(), String> {
         };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
-        Ok(())
-    } else {
-        Err(format!("cannot run {shown}: command not found in PATH"))
-    }
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+        .ok_or_else(|| format!("cannot run {shown}: command not found in PATH"))
 }
 
 /// The text of an input item or output for messages and JSON (lossy UTF-8).

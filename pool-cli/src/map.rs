@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, ChildStdout, Command, ExitCode, Stdio};
@@ -33,7 +33,9 @@ over several hosts (one -j slot per ssh connection).
 
 Protocol (--framing lines, the default): procpool writes one task per line on the worker's
 stdin; the worker writes exactly one line per task on its stdout, in the same order, and
-flushes it (Python: print(result, flush=True)). Its stderr goes to procpool's stderr.
+flushes it (Python: print(result, flush=True)), and nothing else: a banner or a log line
+on stdout would be taken for an answer (log to stderr, which goes to procpool's stderr).
+A worker may answer the lines it has read in a batch and flush once.
 At end of input the worker's stdin is closed: it should exit then.
     import sys
     for line in sys.stdin:
@@ -134,6 +136,8 @@ pub(crate) struct Args {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct WorkerConfig {
     argv: Vec<ByteBuf>,
+    /// Where `argv[0]` was found.
+    path: ByteBuf,
     framing: Framing,
     timeout_ms: Option<u64>,
     init: Option<String>,
@@ -201,7 +205,8 @@ fn spawn_foreign(cfg: &WorkerConfig) -> Result<Foreign, String> {
     let Some((program, args)) = cfg.argv.split_first() else {
         return Err("empty worker command".into());
     };
-    let mut child = Command::new(OsStr::from_bytes(program))
+    let mut child = Command::new(OsStr::from_bytes(&cfg.path))
+        .arg0(OsStr::from_bytes(program))
         .args(args.iter().map(|a| OsStr::from_bytes(a)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -618,9 +623,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if args.chunk_size == Some(0) {
         return fail("--chunk-size must be at least 1".into());
     }
-    if let Err(e) = common::check_program(&args.command[0]) {
-        return fail(e);
-    }
+    let program = match common::check_program(&args.command[0]) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
     let input = match common::open_input(args.arg_file.as_deref()) {
         Ok(i) => i,
         Err(e) => return fail(e),
@@ -633,6 +639,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
             .iter()
             .map(|a| ByteBuf::from(a.as_bytes().to_vec()))
             .collect(),
+        path: ByteBuf::from(program.into_os_string().into_vec()),
         framing: args.framing,
         timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
         init: args.init.clone(),
@@ -960,26 +967,12 @@ pub(crate) fn run(args: Args) -> ExitCode {
             }
         }
     }
-    // Lines never finished: counted, and (in order mode) their places printed empty.
-    let leftover: Vec<Line> = pending
-        .drain(..)
-        .chain(retry.drain(..))
-        .chain(running.drain().flat_map(|(_, (l, _))| l))
-        .collect();
-    tally.not_run += leftover.len() as u64;
-    if !args.unordered {
-        for line in leftover {
-            parked.insert(
-                line.seq,
-                Done {
-                    line,
-                    result: LineResult::NotRun,
-                },
-            );
-        }
-        for d in std::mem::take(&mut parked).into_values() {
-            emit(&d, &mut out, &progress);
-        }
+    // Lines never finished (a stop): counted, not printed; what finished is printed in
+    // order, around the gaps.
+    tally.not_run += (pending.len() + retry.len()) as u64
+        + running.values().map(|(l, _)| l.len() as u64).sum::<u64>();
+    for d in std::mem::take(&mut parked).into_values() {
+        emit(&d, &mut out, &progress);
     }
     let _ = out.flush();
     pool.close();

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -103,6 +103,8 @@ pub(crate) struct Args {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct JobSpec {
     argv: Vec<ByteBuf>,
+    /// Where `argv[0]` was found in `PATH`, when the parent could look it up once.
+    path: Option<ByteBuf>,
     timeout_ms: Option<u64>,
 }
 
@@ -154,8 +156,9 @@ pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
     let Some((program, args)) = spec.argv.split_first() else {
         return JobOutcome::failed_because("empty command".into());
     };
-    let mut cmd = Command::new(OsStr::from_bytes(program));
-    cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
+    let mut cmd = Command::new(OsStr::from_bytes(spec.path.as_deref().unwrap_or(program)));
+    cmd.arg0(OsStr::from_bytes(program))
+        .args(args.iter().map(|a| OsStr::from_bytes(a)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -351,11 +354,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
         return fail("-j must be at least 1".into());
     }
     let program = &args.command[0];
-    if !substitute(program.as_bytes(), b"", 0).1
-        && let Err(e) = common::check_program(program)
-    {
-        return fail(e);
-    }
+    let path = if substitute(program.as_bytes(), b"", 0).1 {
+        None
+    } else {
+        match common::check_program(program) {
+            Ok(p) => Some(ByteBuf::from(p.into_os_string().into_vec())),
+            Err(e) => return fail(e),
+        }
+    };
     let input = match common::open_input(args.arg_file.as_deref()) {
         Ok(i) => i,
         Err(e) => return fail(e),
@@ -474,6 +480,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                     seq,
                     spec: JobSpec {
                         argv: build_argv(&args.command, &item, seq),
+                        path: path.clone(),
                         timeout_ms,
                     },
                     item,
