@@ -17,11 +17,11 @@ use serde_bytes::ByteBuf;
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Start methods to measure (default: all three).
-    #[arg(long = "method", value_parser = parse_method)]
-    methods: Vec<StartMethod>,
+    #[arg(long = "method", value_enum)]
+    methods: Vec<crate::Method>,
     /// Workloads to run (default: all).
-    #[arg(long = "workload")]
-    workloads: Vec<String>,
+    #[arg(long = "workload", value_enum)]
+    workloads: Vec<Workload>,
     /// Runs per workload.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -78,6 +78,42 @@ pub(crate) const WORKLOADS: [&str; 12] = [
     "timeout_latency",
     "cancel_latency",
 ];
+
+/// A standard workload, as `--workload` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(crate) enum Workload {
+    /// Round trip of one apply.
+    ApplyRtt,
+    /// 20k tiny tasks, chunk 1.
+    MapTinyChunk1,
+    /// 200k tiny tasks, automatic chunks.
+    MapTinyAuto,
+    /// 200 echoes of 1 MiB.
+    Echo1mib,
+    /// CPU-bound speedup, 2 workers against 1.
+    CpuSpeedup,
+    /// Start to first result.
+    Startup,
+    /// max_tasks_per_child = 1.
+    Recycle,
+    /// SIGKILL to replacement.
+    ReplaceLatency,
+    /// Parent memory growth over an endless imap.
+    ImapMemory,
+    /// 20k tiny tasks, chunk 1, each with a time limit.
+    MapTinyChunk1Timeout,
+    /// A 50 ms limit's TimedOut error, past the limit.
+    TimeoutLatency,
+    /// Cancel of a running task to its error.
+    CancelLatency,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        WORKLOADS[self as usize]
+    }
+}
 
 /// The time limit of `timeout_latency`.
 const TIMEOUT_LIMIT: Duration = Duration::from_millis(50);
@@ -365,27 +401,23 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(spec) = &args.one {
         return run_in_this_process(spec, args.quick);
     }
-    let methods = if args.methods.is_empty() {
+    let methods: Vec<StartMethod> = if args.methods.is_empty() {
         vec![
             StartMethod::Forkserver,
             StartMethod::Spawn,
             StartMethod::Fork,
         ]
     } else {
-        args.methods.clone()
+        args.methods.iter().map(|&m| m.into()).collect()
     };
     let workloads: Vec<String> = if args.workloads.is_empty() {
         WORKLOADS.iter().map(|s| s.to_string()).collect()
     } else {
-        args.workloads.clone()
+        args.workloads
+            .iter()
+            .map(|w| w.name().to_string())
+            .collect()
     };
-    if let Some(bad) = workloads.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
-        eprintln!(
-            "procpool bench: unknown workload {bad:?}; the workloads are {}",
-            WORKLOADS.join(", ")
-        );
-        return ExitCode::FAILURE;
-    }
     if let Some(dir) = &args.out
         && let Err(e) = std::fs::create_dir_all(dir)
     {
@@ -445,12 +477,7 @@ fn run_isolated_spec(
     quick: bool,
     limit: Duration,
 ) -> String {
-    let failed = |reason: String| {
-        format!(
-            "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"ok\":false,\"reason\":{}}}",
-            json_string(&reason)
-        )
-    };
+    let failed = |reason: String| failed_line(system, workload, &reason);
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return failed(format!("cannot find this program: {e}")),
@@ -506,13 +533,8 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     };
     if spec == "raw:apply_rtt" {
         let line = match raw_pipe_rtt(Scale::new(quick).apply_calls) {
-            Ok(v) => format!(
-                "{{\"system\":\"{RAW_SYSTEM}\",\"workload\":\"apply_rtt\",\"value\":{v:e},\"unit\":\"s\",\"ok\":true}}"
-            ),
-            Err(e) => format!(
-                "{{\"system\":\"{RAW_SYSTEM}\",\"workload\":\"apply_rtt\",\"ok\":false,\"reason\":{}}}",
-                json_string(&e)
-            ),
+            Ok(v) => ok_line(RAW_SYSTEM, "apply_rtt", v, "s"),
+            Err(e) => failed_line(RAW_SYSTEM, "apply_rtt", &e),
         };
         println!("{line}");
         return ExitCode::SUCCESS;
@@ -529,13 +551,8 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     };
     let system = format!("procpool-{}", method_name(method));
     let line = match measure(workload, method, &Scale::new(quick)) {
-        Ok((value, unit)) => format!(
-            "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"value\":{value:e},\"unit\":\"{unit}\",\"ok\":true}}"
-        ),
-        Err(reason) => format!(
-            "{{\"system\":\"{system}\",\"workload\":\"{workload}\",\"ok\":false,\"reason\":{}}}",
-            json_string(&reason)
-        ),
+        Ok((value, unit)) => ok_line(&system, workload, value, unit),
+        Err(reason) => failed_line(&system, workload, &reason),
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -594,17 +611,25 @@ fn pipe_echo() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A result line: `{"system", "workload", "value", "unit", "ok": true}`.
+pub(crate) fn ok_line(system: &str, workload: &str, value: f64, unit: &str) -> String {
+    serde_json::json!({
+        "system": system,
+        "workload": workload,
+        "value": value,
+        "unit": unit,
+        "ok": true,
+    })
+    .to_string()
+}
+
+/// A line for a run that could not measure: `{"system", "workload", "ok": false, "reason"}`.
+pub(crate) fn failed_line(system: &str, workload: &str, reason: &str) -> String {
+    serde_json::json!({
+        "system": system,
+        "workload": workload,
+        "ok": false,
+        "reason": reason,
+    })
+    .to_string()
 }

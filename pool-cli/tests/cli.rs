@@ -61,9 +61,9 @@ fn bench_prints_one_ok_json_line_per_run_and_method() {
 #[test]
 fn an_unknown_workload_is_a_clear_error() {
     let out = procpool(&["bench", "--workload", "nonesuch"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(255));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("unknown workload \"nonesuch\""), "{err}");
+    assert!(err.contains("invalid value 'nonesuch'"), "{err}");
     assert!(
         err.contains("apply_rtt"),
         "the message lists the workloads: {err}"
@@ -76,7 +76,7 @@ fn info_reports_the_defaults() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("default start method: Forkserver"), "{text}");
-    assert!(text.contains("ForkserverPoolWorker-1"), "{text}");
+    assert!(text.contains("ForkserverPoolWorker-N"), "{text}");
 }
 
 #[test]

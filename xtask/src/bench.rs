@@ -1,5 +1,7 @@
-//! `cargo xtask bench [--quick] [--publish]`: procpool beside CPython's `multiprocessing.Pool` and
-//! procspawn, in one run, on this machine.
+//! `cargo xtask bench [--quick] [--publish] [--cli-only]`: procpool beside CPython's
+//! `multiprocessing.Pool` and procspawn, in one run, on this machine; and the `procpool`
+//! command's `run` and `map` beside xargs, GNU parallel and CPython's Pool (`--cli-only`:
+//! that part alone).
 //!
 //! Steps: build `procpool` (pool-cli) in release mode and run `procpool bench --reference`
 //! (procpool with each start method, then `bench/reference/mp_pool.py`, built into the
@@ -33,6 +35,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "build procpool (release)",
         Command::new(cargo()).args(["build", "--release", "-p", "pool-cli"]),
     )?;
+    if args.iter().any(|a| a == "--cli-only") {
+        // Only the command line against xargs, GNU parallel and CPython's Pool.
+        return cli_comparisons(&root, &out_dir, quick);
+    }
     // procpool, then CPython's Pool on the same workloads (the reference script is built
     // into the command), all as JSON lines.
     println!("==> procpool bench --reference (procpool, then CPython's multiprocessing.Pool)");
@@ -72,6 +78,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     drop(raw);
+
+    // The command line against xargs, GNU parallel and CPython's Pool (its own table).
+    if let Err(e) = cli_comparisons(&root, &out_dir, quick) {
+        eprintln!("    command-line comparisons: {e}");
+    }
 
     let report = root.join("bench/report.py");
     if report.exists() {
@@ -156,5 +167,261 @@ fn collect(cmd: &mut Command, raw: &mut File) -> Result<(), String> {
             out.status
         ));
     }
+    Ok(())
+}
+
+/// One measured cell of the command-line comparison.
+struct Cell {
+    workload: &'static str,
+    system: &'static str,
+    /// Throughput (jobs or lines per second) and overhead per job (s), or why not.
+    value: Result<(f64, f64), String>,
+}
+
+/// Wall time of `cmd` with stdin from `input` and stdout discarded (or kept to check it),
+/// median over `runs`; an error if it fails or is missing.
+fn time_cmd(
+    cmd: &mut Command,
+    input: &std::path::Path,
+    runs: usize,
+    check: Option<&str>,
+) -> Result<f64, String> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let stdin = File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        let t = Instant::now();
+        let out = cmd
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+        let dt = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            return Err(format!(
+                "{:?} failed ({}): {}",
+                cmd.get_program(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ));
+        }
+        if let Some(expected) = check
+            && String::from_utf8_lossy(&out.stdout) != expected
+        {
+            return Err(format!("{:?} gave wrong results", cmd.get_program()));
+        }
+        times.push(dt);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn gnu_parallel() -> bool {
+    Command::new("parallel")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("GNU parallel"))
+}
+
+/// `procpool run` against `xargs -P 2` and GNU parallel (2 000 jobs of `true` and of a
+/// 5 ms `sleep`), and `procpool map` with a Python worker against CPython's
+/// `multiprocessing.Pool` and against `xargs -P 2` starting python once per line. Nothing
+/// is installed: a missing tool's cells say so. Writes `cli.jsonl` and `CLI.md` in
+/// `out_dir` and prints the table.
+fn cli_comparisons(
+    root: &std::path::Path,
+    out_dir: &std::path::Path,
+    quick: bool,
+) -> Result<(), String> {
+    println!("==> procpool run / map against xargs, GNU parallel and CPython's Pool");
+    let exe = root.join("target/release/procpool");
+    let worker = root.join("bench/cli/worker.py");
+    let batched = root.join("bench/cli/worker_batched.py");
+    let mp_pool = root.join("bench/cli/mp_pool_lines.py");
+    let runs = if quick { 1 } else { 3 };
+    let jobs = 2000usize;
+    let lines = if quick { 20_000 } else { 200_000 };
+    let per_process_lines = if quick { 40 } else { 200 };
+    let write = |name: &str, text: String| -> Result<std::path::PathBuf, String> {
+        let p = out_dir.join(name);
+        fs::write(&p, text).map_err(|e| format!("write {}: {e}", p.display()))?;
+        Ok(p)
+    };
+    let ones = write("cli-ones.txt", "1\n".repeat(jobs))?;
+    let sleeps = write("cli-sleeps.txt", "0.005\n".repeat(jobs))?;
+    let numbers = write(
+        "cli-lines.txt",
+        (1..=lines).map(|i| format!("{i}\n")).collect(),
+    )?;
+    let few = write(
+        "cli-lines-few.txt",
+        (1..=per_process_lines).map(|i| format!("{i}\n")).collect(),
+    )?;
+    let expect = |n: usize| -> String {
+        (1..=n as u64)
+            .map(|i| format!("{}\n", (i * i + 7) % 1_000_003))
+            .collect()
+    };
+    let (expect_many, expect_few) = (expect(lines), expect(per_process_lines));
+    let parallel = gnu_parallel();
+    let mut cells = Vec::new();
+
+    // procpool run, xargs and GNU parallel: (jobs/s, overhead per job on each of 2 slots).
+    for (workload, input, job_secs, args) in [
+        ("run: 2000 × true", &ones, 0.0, vec!["true"]),
+        ("run: 2000 × sleep 5 ms", &sleeps, 0.005, vec!["sleep"]),
+    ] {
+        let rate = |secs: f64| (jobs as f64 / secs, secs * 2.0 / jobs as f64 - job_secs);
+        let mut pp = Command::new(&exe);
+        pp.args(["run", "-q", "-j", "2"]).args(&args);
+        cells.push(Cell {
+            workload,
+            system: "procpool run -j 2",
+            value: time_cmd(&mut pp, input, runs, None).map(rate),
+        });
+        let mut xa = Command::new("xargs");
+        xa.args(["-P", "2", "-n", "1"]).args(&args);
+        cells.push(Cell {
+            workload,
+            system: "xargs -P 2",
+            value: time_cmd(&mut xa, input, runs, None).map(rate),
+        });
+        let value = if parallel {
+            let mut gp = Command::new("parallel");
+            gp.args(["--will-cite", "-j", "2"]).args(&args);
+            time_cmd(&mut gp, input, runs, None).map(rate)
+        } else {
+            Err("not installed (Debian package `parallel`)".into())
+        };
+        cells.push(Cell {
+            workload,
+            system: "GNU parallel -j 2",
+            value,
+        });
+    }
+
+    // procpool map against CPython's Pool and one python per line: lines/s.
+    let workload = if quick {
+        "map: 20k lines, tiny Python computation"
+    } else {
+        "map: 200k lines, tiny Python computation"
+    };
+    let per_line = |n: usize| move |secs: f64| (n as f64 / secs, secs * 2.0 / n as f64);
+    let mut pm = Command::new(&exe);
+    pm.args(["map", "-q", "-j", "2", "--", "python3"])
+        .arg(&worker);
+    cells.push(Cell {
+        workload,
+        system: "procpool map -j 2 (worker flushes each line)",
+        value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
+    });
+    let mut pb = Command::new(&exe);
+    pb.args(["map", "-q", "-j", "2", "--", "python3"])
+        .arg(&batched);
+    cells.push(Cell {
+        workload,
+        system: "procpool map -j 2 (worker answers in batches)",
+        value: time_cmd(&mut pb, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
+    });
+    let mut mp = Command::new("python3");
+    mp.arg(&mp_pool).arg("2");
+    cells.push(Cell {
+        workload,
+        system: "CPython multiprocessing.Pool(2).map",
+        value: time_cmd(&mut mp, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
+    });
+    let mut xp = Command::new("xargs");
+    xp.args([
+        "-P",
+        "2",
+        "-n",
+        "1",
+        "python3",
+        "-c",
+        "import sys; n = int(sys.argv[1]); print((n * n + 7) % 1000003)",
+    ]);
+    // Order is not kept by xargs -P: only the exit status is checked.
+    let _ = &expect_few;
+    cells.push(Cell {
+        workload,
+        system: "xargs -P 2, one python per line",
+        value: time_cmd(&mut xp, &few, runs, None).map(per_line(per_process_lines)),
+    });
+
+    // Table, JSON lines, goals.
+    let mut md = String::from(
+        "| workload | system | throughput | overhead per job and slot |\n|---|---|---|---|\n",
+    );
+    let mut jsonl = String::new();
+    for c in &cells {
+        match &c.value {
+            Ok((rate, over)) => {
+                md.push_str(&format!(
+                    "| {} | {} | {:.0} /s | {:.3} ms |\n",
+                    c.workload,
+                    c.system,
+                    rate,
+                    over * 1e3
+                ));
+                jsonl.push_str(&format!(
+                    "{{\"workload\":\"{}\",\"system\":\"{}\",\"per_second\":{rate:e},\"overhead_s\":{over:e},\"ok\":true}}\n",
+                    c.workload, c.system
+                ));
+            }
+            Err(e) => {
+                md.push_str(&format!("| {} | {} | {e} | |\n", c.workload, c.system));
+                jsonl.push_str(&format!(
+                    "{{\"workload\":\"{}\",\"system\":\"{}\",\"ok\":false,\"reason\":\"{}\"}}\n",
+                    c.workload,
+                    c.system,
+                    e.replace(['"', '\\'], "'")
+                ));
+            }
+        }
+    }
+    let rate = |system: &str, workload_prefix: &str| {
+        cells
+            .iter()
+            .find(|c| c.system == system && c.workload.starts_with(workload_prefix))
+            .and_then(|c| c.value.as_ref().ok())
+            .map(|v| v.0)
+    };
+    let mut goals = String::new();
+    for w in ["run: 2000 × true", "run: 2000 × sleep"] {
+        if let Some(pp) = rate("procpool run -j 2", w) {
+            for other in ["xargs -P 2", "GNU parallel -j 2"] {
+                if let Some(o) = rate(other, w) {
+                    goals.push_str(&format!(
+                        "- {w}: procpool run / {other} = {:.2}× (goal: > 1)\n",
+                        pp / o
+                    ));
+                }
+            }
+        }
+    }
+    if let (Some(simple), Some(batched), Some(py), Some(xp)) = (
+        rate("procpool map -j 2 (worker flushes each line)", "map"),
+        rate("procpool map -j 2 (worker answers in batches)", "map"),
+        rate("CPython multiprocessing.Pool(2).map", "map"),
+        rate("xargs -P 2, one python per line", "map"),
+    ) {
+        goals.push_str(&format!(
+            "- map: CPython Pool / procpool map = {:.2}× with the per-line worker, {:.2}× with the batching worker (goal: ≤ 1.5)\n",
+            py / simple,
+            py / batched
+        ));
+        goals.push_str(&format!(
+            "- map: procpool map / one python per line = {:.0}× (per-line worker; goal: ≥ 20)\n",
+            simple / xp
+        ));
+    }
+    let text = format!("{md}\n{goals}");
+    println!("{text}");
+    fs::write(out_dir.join("CLI.md"), &text).map_err(|e| format!("write CLI.md: {e}"))?;
+    fs::write(out_dir.join("cli.jsonl"), jsonl).map_err(|e| format!("write cli.jsonl: {e}"))?;
     Ok(())
 }
