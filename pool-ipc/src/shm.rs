@@ -114,6 +114,22 @@ impl Segment {
     ///  - [`memfd_create(2)`](https://man7.org/linux/man-pages/man2/memfd_create.2.html)
     #[doc(alias = "memfd_create")]
     pub fn create(name: &str, len: usize) -> io::Result<Segment> {
+        Segment::create_with(name, len, true)
+    }
+
+    /// Like [`Segment::create`], but its memory is not allocated up front: each page is
+    /// allocated (zeroed) when first written, so a large segment that is mostly unused costs
+    /// only the pages used. A first write when the system is out of memory raises `SIGBUS`
+    /// in the writer instead of failing here.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Segment::create`].
+    pub fn create_sparse(name: &str, len: usize) -> io::Result<Segment> {
+        Segment::create_with(name, len, false)
+    }
+
+    fn create_with(name: &str, len: usize, allocate: bool) -> io::Result<Segment> {
         if len == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -122,9 +138,11 @@ impl Segment {
         }
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         rustix::fs::ftruncate(&fd, len as u64)?;
-        match rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), 0, len as u64) {
-            Ok(()) | Err(Errno::NOTSUP) => {}
-            Err(e) => return Err(e.into()),
+        if allocate {
+            match rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), 0, len as u64) {
+                Ok(()) | Err(Errno::NOTSUP) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
         Segment::map(fd, len)

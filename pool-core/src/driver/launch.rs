@@ -46,7 +46,9 @@ pub(crate) fn launch_one(
     // A page for the worker to count the tasks it begins and keep its results on; without
     // it (no memory, say) the pool falls back to assuming the oldest task it sent was
     // running, and cannot cancel tasks it sent.
-    let progress = pool_ipc::shm::Segment::create("procpool-progress", page::LEN).ok();
+    // Sparse: a worker touches only the pages its results need (allocating the whole
+    // result area up front for every worker made each start several times slower).
+    let progress = pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN).ok();
     let setup = ToWorker::Setup {
         name: name.clone(),
         max_tasks: max_tasks.or(s.max_tasks),
