@@ -52,6 +52,8 @@ WORKLOADS = [
     "map_tiny_chunk1_timeout",
     "timeout_latency",
     "cancel_latency",
+    "map_tiny_64w",
+    "map_10m_memory",
 ]
 TITLES = {
     "apply_rtt": "apply round trip",
@@ -66,6 +68,8 @@ TITLES = {
     "map_tiny_chunk1_timeout": "map 20k tiny, chunk 1, each with a time limit",
     "timeout_latency": "50 ms limit → TimedOut error, past the limit",
     "cancel_latency": "cancel a running task → its error",
+    "map_tiny_64w": "map 20k tiny, chunk 1, 64 processes",
+    "map_10m_memory": "map 10M tiny: parent peak RSS growth",
 }
 # The unit of each workload, for rows that do not carry one (failure rows often do not).
 UNITS = {
@@ -81,6 +85,8 @@ UNITS = {
     "map_tiny_chunk1_timeout": "tasks/s",
     "timeout_latency": "s",
     "cancel_latency": "s",
+    "map_tiny_64w": "tasks/s",
+    "map_10m_memory": "bytes",
 }
 METHODS = ["forkserver", "spawn", "fork"]
 SYSTEM_ORDER = (

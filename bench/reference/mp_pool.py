@@ -55,6 +55,8 @@ WORKLOADS = [
     "map_tiny_chunk1_timeout",
     "timeout_latency",
     "cancel_latency",
+    "map_tiny_64w",
+    "map_10m_memory",
 ]
 METHODS = ["fork", "spawn", "forkserver"]
 UNITS = {
@@ -70,6 +72,8 @@ UNITS = {
     "map_tiny_chunk1_timeout": "tasks/s",
     "timeout_latency": "s",
     "cancel_latency": "s",
+    "map_tiny_64w": "tasks/s",
+    "map_10m_memory": "bytes",
 }
 
 # Sizes per workload: (full, quick).  The same counts as `procpool bench`
@@ -87,6 +91,8 @@ SIZES = {
     "map_tiny_chunk1_timeout": (20_000, 2_000),  # tasks, each with a 10 s limit
     "timeout_latency": (7, 7),  # tasks that sleep forever under a 50 ms limit
     "cancel_latency": (7, 7),  # running tasks cancelled
+    "map_tiny_64w": (20_000, 2_000),  # tasks, 64 processes
+    "map_10m_memory": (10_000_000, 1_000_000),  # items
 }
 # Hard per-run limit enforced by the driver (seconds): (full, quick).
 HARD_TIMEOUT = (120.0, 20.0)
@@ -206,6 +212,30 @@ def w_map_tiny_chunk1(ctx, n, state):
 
 def w_map_tiny_auto(ctx, n, state):
     return _map_throughput(ctx, n, None)
+
+
+def w_map_tiny_64w(ctx, n, state):
+    with ctx.Pool(64) as pool:
+        pool.map(square, range(6400), chunksize=1)
+        t0 = time.perf_counter()
+        out = pool.map(square, range(n), chunksize=1)
+        dt = time.perf_counter() - t0
+        assert len(out) == n
+    return n / dt, {"tasks": n, "processes": 64}
+
+
+def w_map_10m_memory(ctx, n, state):
+    """Peak parent RSS growth over pool.map(square, range(n)) (VmHWM, reset first)."""
+    with ctx.Pool(2) as pool:
+        pool.map(square, range(100))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = rss_bytes()
+        out = pool.map(square, range(n))
+        with open("/proc/self/status") as f:
+            peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+        assert len(out) == n
+    return peak - base, {"items": n}
 
 
 def w_echo_1mib(ctx, n, state):

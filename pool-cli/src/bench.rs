@@ -64,7 +64,7 @@ fn method_name(m: StartMethod) -> &'static str {
 }
 
 /// Every workload, in report order.
-pub(crate) const WORKLOADS: [&str; 12] = [
+pub(crate) const WORKLOADS: [&str; 14] = [
     "apply_rtt",
     "map_tiny_chunk1",
     "map_tiny_auto",
@@ -77,6 +77,8 @@ pub(crate) const WORKLOADS: [&str; 12] = [
     "map_tiny_chunk1_timeout",
     "timeout_latency",
     "cancel_latency",
+    "map_tiny_64w",
+    "map_10m_memory",
 ];
 
 /// A standard workload, as `--workload` names it.
@@ -153,6 +155,7 @@ struct Scale {
     cpu_tasks: u64,
     recycle_tasks: u64,
     imap_items: usize,
+    big_map: u64,
 }
 
 impl Scale {
@@ -166,6 +169,7 @@ impl Scale {
                 cpu_tasks: 4,
                 recycle_tasks: 40,
                 imap_items: 20_000,
+                big_map: 1_000_000,
             }
         } else {
             Scale {
@@ -176,6 +180,7 @@ impl Scale {
                 cpu_tasks: 16,
                 recycle_tasks: 400,
                 imap_items: 200_000,
+                big_map: 10_000_000,
             }
         }
     }
@@ -210,6 +215,20 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The parent's peak resident memory since the last [`reset_peak_rss`].
+fn peak_rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the peak that [`peak_rss_bytes`] reads to the current resident memory.
+fn reset_peak_rss() -> Result<(), String> {
+    std::fs::write("/proc/self/clear_refs", "5").map_err(|e| format!("reset peak RSS: {e}"))
+}
+
 fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
     let err = |e: procpool::TaskError| e.to_string();
     match name {
@@ -237,6 +256,36 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             let dt = t.elapsed().as_secs_f64();
             finish(p)?;
             Ok((v.len() as f64 / dt, "tasks/s"))
+        }
+        "map_tiny_64w" => {
+            // map_tiny_chunk1 with 64 workers on however few cores: the pool's cost per
+            // task must not grow with its workers.
+            let p = pool(method, 64)?;
+            p.map_with(square, 0..6400u64, Options::new().chunksize(1))
+                .map_err(err)?;
+            let t = Instant::now();
+            let v = p
+                .map_with(square, 0..s.tiny_chunk1, Options::new().chunksize(1))
+                .map_err(err)?;
+            let dt = t.elapsed().as_secs_f64();
+            finish(p)?;
+            Ok((v.len() as f64 / dt, "tasks/s"))
+        }
+        "map_10m_memory" => {
+            // The parent's peak memory growth over a map of many tiny items, against the
+            // 16 bytes per item of the u64s in and out themselves.
+            let p = pool(method, 2)?;
+            p.map(square, 0..100u64).map_err(err)?;
+            reset_peak_rss()?;
+            let before = rss_bytes();
+            let v = p.map(square, 0..s.big_map).map_err(err)?;
+            let peak = peak_rss_bytes();
+            if v.len() as u64 != s.big_map || v.last() != Some(&square(s.big_map - 1)) {
+                return Err("the map came back wrong".into());
+            }
+            drop(v);
+            finish(p)?;
+            Ok((peak.saturating_sub(before) as f64, "bytes"))
         }
         "map_tiny_auto" => {
             let p = pool(method, 2)?;

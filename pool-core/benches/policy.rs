@@ -13,7 +13,7 @@ const TASKS: u64 = 10_000;
 fn policy(c: &mut Criterion) {
     let mut g = c.benchmark_group("policy_per_task");
     g.throughput(Throughput::Elements(TASKS));
-    for workers in [2usize, 16] {
+    for workers in [2usize, 16, 64, 256] {
         g.bench_function(format!("submit_dispatch_done/{workers}_workers"), |b| {
             b.iter(|| assert_eq!(run(black_box(TASKS), workers, None), TASKS));
         });

@@ -28,8 +28,9 @@ pub(crate) struct Encoded {
 /// result the worker sends back belongs.
 #[derive(Debug)]
 pub(crate) struct Placement {
-    /// Relative index of each encoded item, in order.
-    sent: Vec<usize>,
+    /// Relative index of each encoded item, in order; `None` when every item was (a large
+    /// map's chunks would otherwise keep a `usize` per item until they are done).
+    sent: Option<Vec<usize>>,
     /// Items that failed to encode, by relative index.
     failed: Vec<(usize, TaskError)>,
     /// Items in the chunk.
@@ -56,7 +57,7 @@ impl Encoded {
             failed,
             spans,
         } = run;
-        let failed = failed
+        let failed: Vec<(usize, TaskError)> = failed
             .into_iter()
             .map(|(i, e)| {
                 let e = TaskError::new(
@@ -75,7 +76,11 @@ impl Encoded {
                 )
             }),
             spans,
-            placement: Placement { sent, failed, len },
+            placement: Placement {
+                sent: (!failed.is_empty()).then_some(sent),
+                failed,
+                len,
+            },
             pins,
         }
     }
@@ -84,7 +89,7 @@ impl Encoded {
 impl Placement {
     /// Items the worker gets (and sends results for).
     pub(crate) fn sent(&self) -> usize {
-        self.sent.len()
+        self.sent.as_ref().map_or(self.len, Vec::len)
     }
 
     /// The worker's results for the sent items (`got`, in order) and the encode failures,
@@ -112,7 +117,11 @@ impl Placement {
         for (i, e) in failed {
             out[i] = Some(Err(index(i, e)));
         }
-        for (&i, r) in sent.iter().zip(got) {
+        let sent: Box<dyn Iterator<Item = usize>> = match &sent {
+            Some(sent) => Box::new(sent.iter().copied()),
+            None => Box::new(0..len),
+        };
+        for (i, r) in sent.zip(got) {
             out[i] = Some(r.map_err(|e| index(i, e)));
         }
         out.into_iter()

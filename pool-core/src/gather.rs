@@ -1,6 +1,7 @@
 //! `map`'s chunks gathered into one result: every chunk's per-item results, in item order,
 //! or the first failing item's error.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::chunk::auto_chunksize;
@@ -49,8 +50,10 @@ impl Pool {
             .max(1);
         let chunks = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {
-            chunks: (0..chunks).map(|_| None).collect(),
-            len: n,
+            out: Vec::with_capacity(n),
+            next: 0,
+            early: BTreeMap::new(),
+            err: None,
             remaining: chunks,
             slot: Some(slot),
             callbacks: Some(callbacks),
@@ -68,7 +71,7 @@ impl Pool {
                 move |results| {
                     done.add(results.len());
                     let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
-                    g.chunks[c] = Some(results);
+                    g.arrived(c, results);
                     g.remaining -= 1;
                     if g.remaining == 0 {
                         g.finish();
@@ -82,10 +85,18 @@ impl Pool {
     }
 }
 
+/// A map's result as its chunks come back: each chunk's results are moved into the final
+/// vector as soon as the chunks before it are in (they mostly come back in order), so a
+/// large map holds its results once, not a chunk vector of them and then the final one.
 struct Gather<R> {
-    /// Each chunk's results, by chunk index; `None` until the chunk is done.
-    chunks: Vec<Option<Vec<Result<R, TaskError>>>>,
-    len: usize,
+    /// The results of chunks `0..next`, in item order.
+    out: Vec<R>,
+    /// The next chunk to move into `out`.
+    next: usize,
+    /// Chunks that came back before their turn, by index.
+    early: BTreeMap<usize, Vec<Result<R, TaskError>>>,
+    /// The first failing item's error, in item order (`out` is dropped then).
+    err: Option<TaskError>,
     remaining: usize,
     slot: Option<Arc<Slot<Vec<R>>>>,
     callbacks: Option<Callbacks<Vec<R>>>,
@@ -93,29 +104,42 @@ struct Gather<R> {
 }
 
 impl<R: Send + 'static> Gather<R> {
-    fn finish(&mut self) {
-        let chunks = std::mem::take(&mut self.chunks);
-        let mut out = Vec::with_capacity(self.len);
-        let mut err = None;
-        // In item order, so the error reported is the first failing item's.
-        'chunks: for chunk in chunks {
-            let Some(chunk) = chunk else {
-                err = Some(TaskError::new(TaskErrorKind::Decode, "missing result"));
-                break;
-            };
-            for r in chunk {
-                match r {
-                    Ok(v) => out.push(v),
-                    Err(e) => {
-                        err = Some(e);
-                        break 'chunks;
-                    }
+    /// Chunk `c` is back with `results`.
+    fn arrived(&mut self, c: usize, results: Vec<Result<R, TaskError>>) {
+        if c != self.next {
+            self.early.insert(c, results);
+            return;
+        }
+        self.take(results);
+        while let Some(results) = self.early.remove(&self.next) {
+            self.take(results);
+        }
+    }
+
+    /// Moves the next chunk's results into `out`, or keeps its first error.
+    fn take(&mut self, results: Vec<Result<R, TaskError>>) {
+        self.next += 1;
+        if self.err.is_some() {
+            return;
+        }
+        for r in results {
+            match r {
+                Ok(v) => self.out.push(v),
+                Err(e) => {
+                    self.err = Some(e);
+                    self.out = Vec::new();
+                    return;
                 }
             }
         }
-        let result = match err {
+    }
+
+    fn finish(&mut self) {
+        let result = match self.err.take() {
             Some(e) => Err(e),
-            None => Ok(out),
+            // Every chunk arrived, so every one has been moved in order.
+            None if self.early.is_empty() => Ok(std::mem::take(&mut self.out)),
+            None => Err(TaskError::new(TaskErrorKind::Decode, "missing result")),
         };
         if let (Some(slot), Some(cb)) = (self.slot.take(), self.callbacks.take()) {
             complete(&self.shared, slot, result, cb);

@@ -10,7 +10,7 @@
 //! exactly once, either returned by [`Policy::done`] or passed to [`Effects::finish`] (or
 //! handed back by `submit` itself when refused).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 mod restarts;
@@ -202,6 +202,80 @@ struct Slot {
     leaving_for: Option<Recycle>,
     /// Why it was launched.
     origin: Origin,
+    /// Where [`Index`] has it: its key among the workers that may be handed a task, whether
+    /// it counts as active, and what its seat depended on when last synced.
+    indexed: Indexed,
+}
+
+/// A slot's entry in the [`Index`], as last synced.
+#[derive(Debug, Default)]
+struct Indexed {
+    /// `(tasks in hand, not ready)` while it may be handed a task.
+    key: Option<(usize, bool)>,
+    /// Counted in [`Index::active`].
+    active: bool,
+    /// `(closed, phase, holds nothing while retiring or leaving)`: what `reseat` reads.
+    seat: Option<(bool, Phase, bool)>,
+}
+
+/// What `dispatch`, `reseat` and `active` would otherwise find by scanning every worker,
+/// kept up to date as slots change (every change to a slot's phase, `closed`, `seated` or
+/// tasks in hand is followed by [`Index::sync`]), so that a task's cost does not grow with
+/// the number of workers.
+#[derive(Debug, Default)]
+struct Index {
+    /// The workers that may be handed a task (seated, open, starting or ready), ordered by
+    /// the choice rule: fewest tasks in hand, ready before starting, lowest id.
+    eligible: BTreeSet<(usize, bool, WorkerId)>,
+    /// Workers open and starting or ready (see `Policy::active`).
+    active: usize,
+    /// Something `reseat` reads changed since it last ran (it is a no-op otherwise).
+    reseat: bool,
+}
+
+impl Index {
+    /// Brings worker `wid`'s entry in line with its slot.
+    fn sync(&mut self, wid: WorkerId, slot: &mut Slot) {
+        let open = !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready);
+        let key = (slot.seated && open).then(|| (slot.in_flight.len(), slot.phase != Phase::Ready));
+        if key != slot.indexed.key {
+            if let Some((n, starting)) = slot.indexed.key {
+                self.eligible.remove(&(n, starting, wid));
+            }
+            if let Some((n, starting)) = key {
+                self.eligible.insert((n, starting, wid));
+            }
+            slot.indexed.key = key;
+        }
+        if open != slot.indexed.active {
+            if open {
+                self.active += 1;
+            } else {
+                self.active -= 1;
+            }
+            slot.indexed.active = open;
+        }
+        let seat = Some((
+            slot.closed,
+            slot.phase,
+            matches!(slot.phase, Phase::Retiring | Phase::Leaving) && slot.in_flight.is_empty(),
+        ));
+        if seat != slot.indexed.seat {
+            slot.indexed.seat = seat;
+            self.reseat = true;
+        }
+    }
+
+    /// Forgets worker `wid`, whose slot is gone.
+    fn remove(&mut self, wid: WorkerId, slot: &Slot) {
+        if let Some((n, starting)) = slot.indexed.key {
+            self.eligible.remove(&(n, starting, wid));
+        }
+        if slot.indexed.active {
+            self.active -= 1;
+        }
+        self.reseat = true;
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,6 +336,8 @@ pub(crate) struct Policy<T> {
     rng: u64,
     /// Why the workers launched now are launched (see [`Origin`]).
     launching: Origin,
+    /// The workers by what dispatch looks for (see [`Index`]).
+    index: Index,
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
@@ -295,6 +371,7 @@ impl<T> Policy<T> {
             orphaned: HashMap::new(),
             rng: 0x9E37_79B9_7F4A_7C15,
             launching: Origin::Initial,
+            index: Index::default(),
             cfg,
             state: State::Running,
             tasks: HashMap::new(),
@@ -323,6 +400,7 @@ impl<T> Policy<T> {
     pub(crate) fn resize(&mut self, processes: usize, fx: &mut impl Effects<T>) {
         assert!(processes > 0, "a pool needs at least one process");
         self.cfg.processes = processes;
+        self.index.reseat = true;
         if self.state == State::Terminated {
             return;
         }
@@ -350,6 +428,7 @@ impl<T> Policy<T> {
                 let slot = self.workers.get_mut(&wid).expect("listed worker exists");
                 slot.phase = Phase::Leaving;
                 slot.leaving_for = Some(Recycle::Shrink);
+                self.index.sync(wid, slot);
                 // Queued behind the tasks it holds: it finishes them, then exits.
                 fx.retire(wid);
                 excess -= 1;
@@ -422,6 +501,7 @@ impl<T> Policy<T> {
             if slot.phase == Phase::Starting {
                 slot.phase = Phase::Ready;
             }
+            self.index.sync(wid, slot);
             self.restarts.started();
         }
         self.dispatch(fx);
@@ -438,6 +518,7 @@ impl<T> Policy<T> {
         let slot = self.workers.get_mut(&wid)?;
         let pos = slot.in_flight.iter().position(|&t| t == id)?;
         slot.in_flight.remove(pos);
+        self.index.sync(wid, slot);
         // A result proves the worker started, whatever messages came before it.
         slot.ever_ready = true;
         // A cancelled task's record is gone already: the worker's answer (it skipped the
@@ -491,6 +572,7 @@ impl<T> Policy<T> {
             let slot = self.workers.get_mut(&wid).expect("holder exists");
             slot.stopping = Some(None);
             slot.phase = Phase::Leaving;
+            self.index.sync(wid, slot);
             fx.stop(wid);
         }
         self.end_cancelled(id, began, fx);
@@ -523,6 +605,7 @@ impl<T> Policy<T> {
         }
         slot.stopping = Some(Some(id));
         slot.phase = Phase::Leaving;
+        self.index.sync(wid, slot);
         fx.stop(wid);
         self.ensure_capacity(fx);
         self.dispatch(fx);
@@ -537,6 +620,7 @@ impl<T> Policy<T> {
         {
             slot.phase = Phase::Retiring;
             slot.leaving_for = Some(Recycle::Memory);
+            self.index.sync(wid, slot);
             self.counts.recycled_memory += 1;
         }
         self.ensure_capacity(fx);
@@ -612,6 +696,7 @@ impl<T> Policy<T> {
         };
         slot.phase = Phase::Leaving;
         let back: Vec<TaskId> = slot.in_flight.drain(..).collect();
+        self.index.sync(wid, slot);
         for id in back.into_iter().rev() {
             // A task cancelled meanwhile has had its outcome.
             if self.tasks.contains_key(&id) {
@@ -626,6 +711,7 @@ impl<T> Policy<T> {
     pub(crate) fn channel_closed(&mut self, wid: WorkerId, fx: &mut impl Effects<T>) {
         if let Some(slot) = self.workers.get_mut(&wid) {
             slot.closed = true;
+            self.index.sync(wid, slot);
         }
         self.ensure_capacity(fx);
         self.dispatch(fx);
@@ -655,6 +741,7 @@ impl<T> Policy<T> {
         fx: &mut impl Effects<T>,
     ) -> Option<Departure> {
         let mut slot = self.workers.remove(&wid)?;
+        self.index.remove(wid, &slot);
         let never_started = !slot.ever_ready;
         let departure;
         if never_started && slot.phase == Phase::Leaving {
@@ -812,6 +899,7 @@ impl<T> Policy<T> {
             if slot.phase != Phase::Leaving {
                 slot.phase = Phase::Leaving;
             }
+            self.index.sync(wid, slot);
             fx.kill(wid);
         }
     }
@@ -910,10 +998,7 @@ impl<T> Policy<T> {
 
     /// Workers that can still be handed tasks.
     fn active(&self) -> usize {
-        self.workers
-            .values()
-            .filter(|s| !s.closed && matches!(s.phase, Phase::Starting | Phase::Ready))
-            .count()
+        self.index.active
     }
 
     fn ensure_capacity(&mut self, fx: &mut impl Effects<T>) {
@@ -952,8 +1037,11 @@ impl<T> Policy<T> {
                     leaving_for: None,
                     origin: self.launching,
                     max_tasks,
+                    indexed: Indexed::default(),
                 },
             );
+            let slot = self.workers.get_mut(&wid).expect("just inserted");
+            self.index.sync(wid, slot);
             self.counts.launched += 1;
             fx.launch(wid);
         }
@@ -961,55 +1049,104 @@ impl<T> Policy<T> {
 
     /// Frees the seats of workers that will take no more tasks and hold none, and gives
     /// free seats to waiting workers, oldest first.
+    /// Does nothing unless something it reads changed since it last ran (see [`Index`]).
     fn reseat(&mut self) {
+        if !self.index.reseat {
+            return;
+        }
+        self.index.reseat = false;
         let mut taken = 0;
-        for slot in self.workers.values_mut() {
+        for (&wid, slot) in self.workers.iter_mut() {
             if slot.seated
                 && (slot.closed
                     || matches!(slot.phase, Phase::Retiring | Phase::Leaving)
                         && slot.in_flight.is_empty())
             {
                 slot.seated = false;
+                self.index.sync(wid, slot);
             }
             taken += usize::from(slot.seated);
         }
-        for slot in self.workers.values_mut() {
+        for (&wid, slot) in self.workers.iter_mut() {
             if taken >= self.cfg.processes {
                 break;
             }
             if !slot.seated && !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready)
             {
                 slot.seated = true;
+                self.index.sync(wid, slot);
                 taken += 1;
             }
+        }
+    }
+
+    /// Checks the [`Index`] against a scan of every worker (tests and debug builds).
+    #[cfg(debug_assertions)]
+    fn check_index(&self) {
+        let eligible: BTreeSet<(usize, bool, WorkerId)> = self
+            .workers
+            .iter()
+            .filter(|(_, s)| {
+                s.seated && !s.closed && matches!(s.phase, Phase::Starting | Phase::Ready)
+            })
+            .map(|(&w, s)| (s.in_flight.len(), s.phase != Phase::Ready, w))
+            .collect();
+        assert_eq!(eligible, self.index.eligible, "index out of step");
+        let active = self
+            .workers
+            .values()
+            .filter(|s| !s.closed && matches!(s.phase, Phase::Starting | Phase::Ready))
+            .count();
+        assert_eq!(active, self.index.active, "active count out of step");
+        if !self.index.reseat {
+            // reseat would change nothing.
+            let mut taken = 0;
+            for s in self.workers.values() {
+                assert!(
+                    !(s.seated
+                        && (s.closed
+                            || matches!(s.phase, Phase::Retiring | Phase::Leaving)
+                                && s.in_flight.is_empty())),
+                    "a seat to free was missed"
+                );
+                taken += usize::from(s.seated);
+            }
+            assert!(
+                taken >= self.cfg.processes
+                    || !self.workers.values().any(|s| !s.seated
+                        && !s.closed
+                        && matches!(s.phase, Phase::Starting | Phase::Ready)),
+                "a seat to give was missed"
+            );
         }
     }
 
     fn dispatch(&mut self, fx: &mut impl Effects<T>) {
         self.reseat();
         while !self.queue.is_empty() {
-            // The worker with the fewest tasks in hand; ready workers before starting ones.
+            #[cfg(debug_assertions)]
+            self.check_index();
+            // The worker with the fewest tasks in hand; ready workers before starting ones;
+            // the lowest id among equals. The first in the index, if it has room: no other
+            // has more.
             let pick = self
-                .workers
-                .iter()
-                .filter(|(_, s)| {
-                    s.seated
-                        && !s.closed
-                        && matches!(s.phase, Phase::Starting | Phase::Ready)
-                        && s.in_flight.len() < self.depth
-                })
-                .min_by_key(|(wid, s)| (s.in_flight.len(), s.phase != Phase::Ready, **wid))
-                .map(|(wid, _)| *wid);
+                .index
+                .eligible
+                .first()
+                .filter(|&&(n, _, _)| n < self.depth)
+                .map(|&(_, _, wid)| wid);
             let Some(wid) = pick else { break };
             let id = self.queue.pop_front().expect("queue is not empty");
             let task = self.tasks.get_mut(&id).expect("queued task has a record");
             let slot = self.workers.get_mut(&wid).expect("picked worker exists");
             slot.in_flight.push_back(id);
             slot.assigned += 1;
+            self.index.sync(wid, slot);
             fx.send(wid, id, task);
             if slot.max_tasks.is_some_and(|m| slot.assigned >= m) {
                 slot.phase = Phase::Retiring;
                 slot.leaving_for = Some(Recycle::MaxTasks);
+                self.index.sync(wid, slot);
                 self.ensure_capacity(fx);
                 self.reseat();
             }
@@ -1028,6 +1165,7 @@ impl<T> Policy<T> {
             {
                 slot.phase = Phase::Leaving;
                 slot.leaving_for = Some(Recycle::Closing);
+                self.index.sync(wid, slot);
                 fx.retire(wid);
             }
         }

@@ -335,8 +335,9 @@ pub struct RunItems {
 pub struct ItemSpans {
     /// The offset of the first item in the message.
     start: usize,
-    /// The end of each item, from `start`.
-    ends: Vec<usize>,
+    /// The end of each item, from `start` (a frame is at most 1 GiB: `u32` holds it, in half
+    /// the memory a large map's chunks would keep in `usize`s until they are done).
+    ends: Vec<u32>,
 }
 
 impl ItemSpans {
@@ -379,7 +380,8 @@ pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: 
         match pool_ipc::encode_append(&mut body, item) {
             Ok(()) => {
                 sent.push(i);
-                ends.push(body.len());
+                // A body past u32 is over any frame limit: framing refuses it below.
+                ends.push(u32::try_from(body.len()).unwrap_or(u32::MAX));
             }
             Err(e) => {
                 body.truncate(mark);
@@ -441,10 +443,11 @@ pub fn encode_run_rest(
         return None;
     }
     let first = if from == 0 { 0 } else { spans.ends[from - 1] };
+    let (start, end) = (first as usize, *spans.ends.last()? as usize);
     let payload = frame.payload();
-    let body = payload.get(spans.start + first..spans.start + *spans.ends.last()?)?;
+    let body = payload.get(spans.start + start..spans.start + end)?;
     let (frame, start) = frame_items(id, func, timed, spans.ends.len() - from, body);
-    let ends = spans.ends[from..].iter().map(|e| e - first).collect();
+    let ends = spans.ends[from..].iter().map(|&e| e - first).collect();
     Some((frame.ok()?, ItemSpans { start, ends }))
 }
 
