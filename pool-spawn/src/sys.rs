@@ -51,8 +51,14 @@ fn ignore(sig: libc::c_int) {
 /// Makes SIGTERM end this worker's whole process group at once: the handler sends SIGKILL
 /// to the group (the worker leads it), so processes a task started die with the worker even
 /// if they ignore SIGTERM, and the pool need not signal a group whose leader it may already
-/// have reaped. A task that installs its own SIGTERM handler replaces this one.
+/// have reaped. A task that installs its own SIGTERM handler replaces this one. Installed
+/// only in a worker that leads its own process group: anywhere else, the group could be
+/// someone else's (the pool's, say).
 pub(crate) fn term_kills_group() {
+    let pid = rustix::process::getpid();
+    if rustix::process::getpgrp() != pid {
+        return;
+    }
     extern "C" fn on_term(_: libc::c_int) {
         // SAFETY: `kill` is async-signal-safe and touches no memory; 0 names our own group.
         unsafe {
