@@ -9,4 +9,5 @@ mod hostile_driver;
 mod lifetime;
 mod shared_event;
 mod task_control;
+mod torture;
 mod util;
