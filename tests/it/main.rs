@@ -4,6 +4,7 @@ procpool::enable_test_support!();
 
 mod api;
 mod failures;
+mod fuzz;
 mod hostile;
 mod hostile_driver;
 mod lifetime;

@@ -513,19 +513,21 @@ fn torture_long() {
         let method = METHODS[k as usize % METHODS.len()];
         let f = round(Round {
             method,
-            processes: 4,
+            processes: 6,
             recycle: Some(25 + k % 50),
-            applies: 2000,
-            map_items: 2000,
-            imap_items: 2000,
-            unordered_items: 2000,
+            applies: 1000,
+            map_items: 1000,
+            imap_items: 1000,
+            unordered_items: 1000,
             max_payload: if k.is_multiple_of(2) {
                 4 << 20
             } else {
                 64 << 10
             },
             kill_every_ms: 5,
-            max_kills: u64::MAX,
+            // Replacements are paced (12 at once, then 6 a second for 6 workers): more
+            // kills per round would only make it wait.
+            max_kills: 40,
             seed: seed.wrapping_add(k),
         });
         println!("  round {k} {method:?}: {f:?}");
