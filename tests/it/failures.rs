@@ -645,3 +645,39 @@ fn the_fork_refusal_names_each_cause_once_and_the_pools_own_option() {
         "{chain}"
     );
 }
+
+/// Item 0 aborts its worker; the others return their pid.
+fn abort_at_zero(x: u32) -> u32 {
+    if x == 0 {
+        std::process::abort();
+    }
+    x
+}
+
+/// A chunk whose first item kills its worker: only that item fails; the rest of the chunk
+/// never began and runs on the replacement (all of it failed, found by the torture test).
+#[test]
+fn a_chunk_whose_first_item_kills_its_worker_fails_only_that_item() {
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        let got: Vec<_> = pool
+            .imap_with(
+                abort_at_zero,
+                [1, 2, 3, 0, 4, 5],
+                Options::new().chunksize(3),
+            )
+            .collect();
+        assert_eq!(got.len(), 6);
+        let e = got[3].as_ref().unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        assert_eq!(e.item_index(), Some(3), "{method:?}: {e}");
+        for (k, want) in [(0, 1), (1, 2), (2, 3), (4, 4), (5, 5)] {
+            assert_eq!(
+                got[k].as_ref().ok(),
+                Some(&want),
+                "{method:?}: item {k}: {got:?}"
+            );
+        }
+        shut_down(pool);
+    }
+}

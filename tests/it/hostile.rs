@@ -212,3 +212,75 @@ fn a_forged_setup_failure_from_a_running_worker() {
         }),
     );
 }
+
+#[test]
+fn a_forged_skip_of_its_own_task() {
+    use pool_spawn::protocol::FromWorker;
+    // In `survive`, the bystander is task 1 and the offender task 2: a Skipped for it, which
+    // nobody cancelled, took its record and left it without an outcome (found by the fuzz).
+    survive(
+        "a Skipped for its own task",
+        encoded(&FromWorker::Skipped { id: 2 }),
+    );
+    survive(
+        "a Skipped for the bystander's task",
+        encoded(&FromWorker::Skipped { id: 1 }),
+    );
+}
+
+/// Writes `bytes` to its channel, then takes a moment (the pool reads them while it runs).
+fn write_then_linger(bytes: Vec<u8>) -> u32 {
+    write_to_channel(bytes);
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::id()
+}
+
+#[test]
+fn a_forged_result_for_the_task_queued_behind() {
+    use pool_spawn::protocol::FromWorker;
+    use serde_bytes::ByteBuf;
+    for method in METHODS {
+        // One worker: the second task waits behind the first in the same worker, and the
+        // first forges its result (0 instead of 49), which was delivered as its own.
+        let pool = builder(method).processes(1).build().unwrap();
+        // Tasks 1 to 20, quick: the pool learns to keep several in flight per worker.
+        for x in 0..20 {
+            assert_eq!(pool.apply(square, (x,)).unwrap(), x * x);
+        }
+        let forged = encoded(&FromWorker::Done {
+            id: 22,
+            items: 1,
+            outcome: Ok(ByteBuf::from(vec![0])),
+        });
+        let offender = pool.apply_async(write_then_linger, (forged,));
+        let victim = pool.apply_async(square, (7,));
+        let r = offender
+            .get_timeout(Duration::from_secs(20))
+            .expect("the offender's task ends");
+        if let Err(e) = r {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+            assert!(e.to_string().contains("not running"), "{method:?}: {e}");
+        }
+        let v = victim
+            .get_timeout(Duration::from_secs(20))
+            .expect("the victim's task ends");
+        assert_eq!(v.ok(), Some(49), "{method:?}");
+        shut_down(pool);
+    }
+}
+
+#[test]
+fn a_forged_recycling_notice_does_not_hold_up_join() {
+    use pool_spawn::protocol::FromWorker;
+    for method in METHODS {
+        let pool = builder(method).build().unwrap();
+        // The worker says it is over its memory limit and will exit, then does not: join
+        // waited for it for ever (found by the fuzz).
+        let notice = encoded(&FromWorker::Recycling { rss: 1 });
+        let _ = pool.apply(write_to_channel, (notice,));
+        assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+        pool.close();
+        pool.join_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{method:?}: join: {e}"));
+    }
+}

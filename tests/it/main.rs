@@ -4,6 +4,7 @@ procpool::enable_test_support!();
 
 mod api;
 mod failures;
+mod fuzz;
 mod hostile;
 mod hostile_driver;
 mod lifetime;
@@ -11,4 +12,5 @@ mod observe;
 mod shared_event;
 mod signals;
 mod task_control;
+mod torture;
 mod util;

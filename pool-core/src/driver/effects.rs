@@ -116,21 +116,24 @@ impl Effects<TaskRec> for Fx<'_> {
         };
         let (finished, batches) = w.salvage(id);
         let k = usize::try_from(finished).unwrap_or(usize::MAX);
-        if k == 0 || k > task.count {
+        if k > task.count || (k == 0 && task.count == 1) {
             self.done.push(Delivery::all(&task, Outcome::Failed(err)));
             return None;
         }
-        let (name, pid) = (w.name.clone(), w.pid);
-        self.done.push(Delivery {
-            sink: Arc::clone(&task.sink),
-            first: task.first,
-            count: k,
-            outcome: Outcome::Done {
-                result: Ok(batches),
-                worker: name,
-                pid,
-            },
-        });
+        if k > 0 {
+            let (name, pid) = (w.name.clone(), w.pid);
+            self.done.push(Delivery {
+                sink: Arc::clone(&task.sink),
+                first: task.first,
+                count: k,
+                outcome: Outcome::Done {
+                    result: Ok(batches),
+                    worker: name,
+                    pid,
+                },
+            });
+        }
+        // (With none finished, the first item was the one running: only it fails.)
         if k == task.count {
             // It had finished every item: nothing failed.
             return None;

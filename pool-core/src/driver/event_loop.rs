@@ -12,7 +12,7 @@ use rustix::event::{PollFd, PollFlags};
 use super::launch::WatchFds;
 use super::shared::{Inner, Shared, note_started};
 use super::{Batch, Delivery, Outcome};
-use crate::policy::{Departure, Exit, WorkerId};
+use crate::policy::{Departure, Effects, Exit, WorkerId};
 
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
@@ -250,9 +250,19 @@ impl Driver {
                         });
                     }
                     Ok(FromWorker::Skipped { id }) => {
-                        if let Some(w) = fx.io.get_mut(&wid) {
-                            w.results += 1;
+                        // Only a task that was cancelled (its record is gone) may be
+                        // skipped, and only the one it holds first: a forged Skipped for a
+                        // live task left that task without an outcome for ever.
+                        let oldest = policy.oldest(wid).map(|(t, rec)| (t, rec.is_some()));
+                        let Some(w) = fx.io.get_mut(&wid) else { continue };
+                        if oldest != Some((id, false)) {
+                            w.exit_note = Some(format!(
+                                "it said it skipped task {id}, which it was not asked to skip"
+                            ));
+                            broken = true;
+                            break;
                         }
+                        w.results += 1;
                         // The task was cancelled before it began: only its place is freed.
                         let _ = policy.done(wid, id, fx);
                         note_started(policy, fx.io, wid, Instant::now());
@@ -260,9 +270,24 @@ impl Driver {
                     Ok(FromWorker::Recycling { rss }) => {
                         tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
                         policy.recycling(wid, fx);
+                        // A worker that recycles exits by itself after its results; one
+                        // that only said so (a task writing to its channel) would be waited
+                        // for at join for ever: Exit, after its tasks, makes sure.
+                        fx.retire(wid);
                     }
                     Ok(FromWorker::Done { id, items, outcome }) => {
+                        // A worker runs its tasks in the order sent: a result for another
+                        // than the first it holds is forged (it would be delivered as that
+                        // task's, a task still queued behind the running one).
+                        let oldest = policy.oldest(wid).map(|(t, _)| t);
                         let Some(w) = fx.io.get_mut(&wid) else { continue };
+                        if oldest != Some(id) {
+                            w.exit_note = Some(format!(
+                                "it sent a result for task {id}, which it was not running"
+                            ));
+                            broken = true;
+                            break;
+                        }
                         w.results += 1;
                         let mut batches = Vec::new();
                         if w.parts_task == id {
