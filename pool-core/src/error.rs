@@ -346,12 +346,12 @@ impl fmt::Display for TaskError {
                     Some(w) => write!(f, "worker {} (pid {}) died", w.name, w.pid)?,
                     None => write!(f, "the worker died")?,
                 }
-                if self.0.never_started {
-                    write!(f, " before starting this task")?;
-                } else {
-                    write!(f, " while running this task")?;
+                match (self.0.never_started, self.0.function) {
+                    (true, Some(name)) => write!(f, " before starting its task `{name}`")?,
+                    (true, None) => write!(f, " before starting this task")?,
+                    (false, Some(name)) => write!(f, " while running `{name}`")?,
+                    (false, None) => write!(f, " while running this task")?,
                 }
-                function(f)?;
                 if let Some(d) = self.0.ran_for {
                     write!(f, " ({:.3}s after it started)", d.as_secs_f64())?;
                 }

@@ -819,9 +819,13 @@ impl<T> Policy<T> {
             };
             let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
             let mut held = slot.in_flight.into_iter();
-            let running = held.next();
+            let running_id = held.next();
             let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
-            self.requeue_unstarted(unstarted, wid, fx);
+            // A worker that died running a task died of that task: the ones waiting behind
+            // it are not suspected of killing it. Only a worker that died between tasks (as
+            // one does when a payload kills it on delivery) counts against what it held.
+            self.requeue_unstarted(unstarted, wid, running == Some(false), fx);
+            let running = running_id;
             // After the requeue: the rest of a chunk that failed part way goes first.
             if let Some(id) = running
                 && let Some(task) = self.tasks.remove(&id)
@@ -937,9 +941,19 @@ impl<T> Policy<T> {
     /// order, except a task that has now been held by [`ORPHAN_LIMIT`] workers that died
     /// without starting it: something about sending it may be what kills them (a payload
     /// too large for a worker's memory, say), so it fails rather than go round forever.
-    fn requeue_unstarted(&mut self, ids: Vec<TaskId>, wid: WorkerId, fx: &mut impl Effects<T>) {
+    fn requeue_unstarted(
+        &mut self,
+        ids: Vec<TaskId>,
+        wid: WorkerId,
+        suspect: bool,
+        fx: &mut impl Effects<T>,
+    ) {
         for id in ids.into_iter().rev() {
             if !self.tasks.contains_key(&id) {
+                continue;
+            }
+            if !suspect {
+                self.queue.push_front(id);
                 continue;
             }
             let times = self.orphaned.entry(id).or_insert(0);
@@ -1638,6 +1652,28 @@ mod tests {
         assert_eq!(fx.sent, vec![(1, 7), (2, 7), (3, 7)]);
         assert_eq!(fx.finished, vec![(7, Finish::Orphaned(3, ORPHAN_LIMIT))]);
         assert!(p.orphaned.is_empty());
+    }
+
+    #[test]
+    fn tasks_waiting_behind_a_task_that_kills_its_workers_are_not_blamed() {
+        let (mut p, mut fx) = started(PolicyConfig {
+            in_flight: 4,
+            max_in_flight: 4,
+            ..cfg(1, None)
+        });
+        for id in 0..8 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        // Three workers in a row die running their oldest task; task 3 waited behind all
+        // three deaths without beginning.
+        for wid in 1..=3 {
+            p.ready(wid, &mut fx);
+            p.exited_with(wid, Exit::Ended, 0, Some(true), &mut fx);
+        }
+        let failed: Vec<TaskId> = fx.finished.iter().map(|(id, _)| *id).collect();
+        assert_eq!(failed, vec![0, 1, 2], "only the running tasks fail");
+        p.ready(4, &mut fx);
+        assert_eq!(p.oldest(4).map(|(id, _)| id), Some(3));
     }
 
     #[test]

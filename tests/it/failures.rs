@@ -681,3 +681,37 @@ fn a_chunk_whose_first_item_kills_its_worker_fails_only_that_item() {
         shut_down(pool);
     }
 }
+
+/// The parent process of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: the fields after it follow its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_task_whose_fork_server_died_says_so() {
+    let pool = builder(procpool::StartMethod::Forkserver)
+        .processes(1)
+        .build()
+        .unwrap();
+    let worker = pool.apply(my_pid, ()).unwrap();
+    let server = parent_of(worker);
+    let running = pool.apply_async(hang_then_pid, (60_000,));
+    std::thread::sleep(Duration::from_millis(100));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(server as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let e = running
+        .get_timeout(Duration::from_secs(20))
+        .expect("the task ends in time")
+        .unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{e}");
+    assert!(e.to_string().contains("fork server"), "{e}");
+    // A new fork server takes over.
+    assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
+    shut_down(pool);
+}

@@ -190,7 +190,7 @@ fn lost(e: &TaskError, what: &str) -> Outcome {
         pid: e.pid(),
         // A task that workers kept dying with before they began it fails too (three in a
         // row: it may be what kills them), saying so; under this killer it happens.
-        started: !e.to_string().contains("died before starting this task"),
+        started: !e.to_string().contains(" before starting "),
     }
 }
 

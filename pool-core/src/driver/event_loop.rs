@@ -367,17 +367,33 @@ impl Driver {
             let mut g = self.shared.lock();
             g.io.get_mut(&wid).and_then(|w| w.handle.take())
         };
+        // Why the status could not be read, when it could not (the fork server that would
+        // report it is gone, say): said in the tasks' errors instead of "status unknown".
+        let mut lost_status = None;
         let status = handle.and_then(|mut h| match h.wait_timeout(Duration::from_secs(2)) {
             Ok(Some(s)) => Some(s),
-            _ => {
+            first => {
                 let _ = h.signal_group(Signal::KILL);
-                h.wait_timeout(Duration::from_secs(2)).ok().flatten()
+                match h.wait_timeout(Duration::from_secs(2)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        lost_status = Some(match first {
+                            Err(first) => first.to_string(),
+                            _ => e.to_string(),
+                        });
+                        None
+                    }
+                }
             }
         });
         self.shared.act(|p, fx| {
             let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
+                if let Some(why) = lost_status {
+                    w.exit_note
+                        .get_or_insert_with(|| format!("its exit status is unknown: {why}"));
+                }
                 undelivered = w.undelivered_tasks();
                 running = w.was_running();
             }
