@@ -108,6 +108,64 @@ COLOURS = {
 
 
 RAW_SYSTEM = "raw-pipe"
+# Floors: systems named raw-* are the machine's own costs, measured in the same run (no
+# pool); they are kept out of the tables. Each goal is a ratio of a procpool figure to one:
+# (workload, floor system, floor workload, what the floor is, goal, "max" or "min").
+FLOOR_GOALS = [
+    ("apply_rtt", "raw-pipe", "apply_rtt", "pipe round trip, 1 byte", None, None),
+    ("startup", "raw-exec", "startup", "fork + exec(/bin/true) + wait", 1.5, "max"),
+    ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
+    ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
+]
+FLOOR_TITLES = {
+    ("raw-pipe", "apply_rtt"): "pipe round trip, 1 byte (no pool, no encoding)",
+    ("raw-fork", "fork_rate"): "bare fork + _exit + waitpid, one after another (rate)",
+    ("raw-fork", "fork_latency"): "bare fork + _exit + waitpid (median latency)",
+    ("raw-exec", "startup"): "fork + exec(/bin/true) + wait (std::process, median)",
+    ("raw-ring", "echo_1mib"): "1 MiB payloads through pool-ipc's shared ring to another process",
+}
+
+
+def floor_section(cells, floors):
+    """Markdown lines: the floors measured in this run, and each goal as a ratio to one."""
+    if not floors:
+        return []
+    out = ["## Floors (the machine's own costs, same run, no pool)", ""]
+    out.append("| floor | figure |\n|---|---|")
+    for key, c in sorted(floors.items()):
+        if c.get("median") is None:
+            continue
+        out.append(
+            f"| {FLOOR_TITLES.get(key, key[0] + ' ' + key[1])} | "
+            f"{fmt_value(c['unit'], c['median'], c['spread'])} (n={c['n']}) |"
+        )
+    ours = sorted({s for s, _ in cells if s.startswith("procpool-")})
+    rows = []
+    for w, fs, fw, what, goal, kind in FLOOR_GOALS:
+        f = floors.get((fs, fw))
+        if not f or f.get("median") is None:
+            continue
+        for s in ours:
+            c = cells.get((s, w))
+            if not c or c.get("median") is None:
+                continue
+            r = c["median"] / f["median"]
+            if goal is None:
+                verdict, goal_text = "", ""
+            elif kind == "max":
+                verdict, goal_text = ("met" if r <= goal else "not met"), f"≤ {goal:g}x"
+            else:
+                verdict, goal_text = ("met" if r >= goal else "not met"), f"≥ {goal:.0%}"
+            shown = f"{r:.0%}" if kind == "min" else f"{r:.3g}x"
+            rows.append(f"| {w} | {s} | {what} | {shown} | {goal_text} | {verdict} |")
+    if rows:
+        out += [
+            "",
+            "Goals as ratios of procpool's median to the floor's median in this run:",
+            "",
+            "| workload | system | floor | procpool / floor | goal | |\n|---|---|---|---|---|---|",
+        ] + rows
+    return out + [""]
 
 
 def read_rows(paths):
@@ -496,8 +554,9 @@ def main(argv=None):
     cells = summarize(rows)
     # The machine's own round-trip floor is context for the reader, not a system to rank.
     floor = cells.pop((RAW_SYSTEM, "apply_rtt"), None)
-    for key in [k for k in cells if k[0] == RAW_SYSTEM]:
-        cells.pop(key)
+    floors = {k: cells.pop(k) for k in [k for k in cells if k[0].startswith("raw-")]}
+    if floor:
+        floors[(RAW_SYSTEM, "apply_rtt")] = floor
     floor_line = None
     if floor and floor.get("median") is not None:
         floor_line = (
@@ -584,6 +643,9 @@ def main(argv=None):
     print("## Ratios (> 1: procpool better)\n")
     print(ratio_note + "\n")
     print(table2)
+    goals = floor_section(cells, floors)
+    if goals:
+        print("\n" + "\n".join(goals))
 
     # Chart.
     series = []
@@ -672,6 +734,7 @@ def main(argv=None):
     ]
     if floor_line:
         bm += [floor_line, ""]
+    bm += floor_section(cells, floors)
     bm += [
         "## Ratios (> 1: procpool better)",
         "",

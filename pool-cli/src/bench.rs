@@ -156,6 +156,9 @@ struct Scale {
     recycle_tasks: u64,
     imap_items: usize,
     big_map: u64,
+    forks: usize,
+    execs: usize,
+    ring_mib: usize,
 }
 
 impl Scale {
@@ -170,6 +173,9 @@ impl Scale {
                 recycle_tasks: 40,
                 imap_items: 20_000,
                 big_map: 1_000_000,
+                forks: 200,
+                execs: 40,
+                ring_mib: 200,
             }
         } else {
             Scale {
@@ -181,6 +187,9 @@ impl Scale {
                 recycle_tasks: 400,
                 imap_items: 200_000,
                 big_map: 10_000_000,
+                forks: 2_000,
+                execs: 200,
+                ring_mib: 2_000,
             }
         }
     }
@@ -485,12 +494,15 @@ pub(crate) fn run(args: Args) -> ExitCode {
             }
         }
     }
-    if workloads.iter().any(|w| w == "apply_rtt") {
-        // The machine's floor for a round trip between two processes, measured beside
-        // the pool so the report can tell a slow machine from a slow pool.
+    // The machine's floors (no pool), measured beside the workloads they bound so the
+    // report can tell a slow machine from a slow pool and give each goal as a ratio.
+    for &(system, workload, beside) in FLOORS {
+        if !workloads.iter().any(|w| w == beside) {
+            continue;
+        }
+        let spec = format!("raw:{system}:{workload}");
         for _ in 0..args.runs.max(1) {
-            let line =
-                run_isolated_spec(RAW_SYSTEM, "raw:apply_rtt", "apply_rtt", args.quick, limit);
+            let line = run_isolated_spec(system, &spec, workload, args.quick, limit);
             println!("{line}");
             rows.push(line);
         }
@@ -580,16 +592,20 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
         eprintln!("procpool bench: --one takes METHOD:WORKLOAD");
         return ExitCode::FAILURE;
     };
-    if spec == "raw:apply_rtt" {
-        let line = match raw_pipe_rtt(Scale::new(quick).apply_calls) {
-            Ok(v) => ok_line(RAW_SYSTEM, "apply_rtt", v, "s"),
-            Err(e) => failed_line(RAW_SYSTEM, "apply_rtt", &e),
+    if m == "raw" {
+        let (system, workload) = workload.split_once(':').unwrap_or(("", workload));
+        let line = match measure_floor(system, workload, &Scale::new(quick)) {
+            Ok((v, unit)) => ok_line(system, workload, v, unit),
+            Err(e) => failed_line(system, workload, &e),
         };
         println!("{line}");
         return ExitCode::SUCCESS;
     }
     if m == "pipe-echo" {
         return pipe_echo();
+    }
+    if m == "ring-sink" {
+        return ring_sink();
     }
     let method = match parse_method(m) {
         Ok(m) => m,
@@ -609,8 +625,140 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The system name of the raw round-trip floor in results.
-const RAW_SYSTEM: &str = "raw-pipe";
+/// The machine's floors: `(system, workload, beside)`, run when the workload `beside` is.
+/// `bench/report.py` keeps them out of the tables and prints each goal as a ratio to them.
+const FLOORS: &[(&str, &str, &str)] = &[
+    // One-byte round trip through a pair of pipes: the floor under apply_rtt.
+    ("raw-pipe", "apply_rtt", "apply_rtt"),
+    // Bare fork + _exit + waitpid, one after another: the rate under recycle...
+    ("raw-fork", "fork_rate", "recycle"),
+    // ... and the latency of one (median).
+    ("raw-fork", "fork_latency", "recycle"),
+    // fork + exec(/bin/true) + wait (std::process): the floor under startup.
+    ("raw-exec", "startup", "startup"),
+    // 1 MiB payloads through pool-ipc's shared ring to another process: under echo_1mib.
+    ("raw-ring", "echo_1mib", "echo_1mib"),
+];
+
+/// Measures one floor of [`FLOORS`].
+fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
+    match (system, workload) {
+        ("raw-pipe", "apply_rtt") => Ok((raw_pipe_rtt(s.apply_calls)?, "s")),
+        ("raw-fork", "fork_rate") => {
+            let fork = || {
+                pool_spawn::bench_support::bare_fork_exit_wait().map_err(|e| format!("fork: {e}"))
+            };
+            for _ in 0..20 {
+                fork()?;
+            }
+            let t = Instant::now();
+            for _ in 0..s.forks {
+                fork()?;
+            }
+            Ok((s.forks as f64 / t.elapsed().as_secs_f64(), "tasks/s"))
+        }
+        ("raw-fork", "fork_latency") => {
+            let mut times = Vec::with_capacity(s.forks);
+            for i in 0..s.forks + 20 {
+                let t = Instant::now();
+                pool_spawn::bench_support::bare_fork_exit_wait()
+                    .map_err(|e| format!("fork: {e}"))?;
+                if i >= 20 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok((median(times), "s"))
+        }
+        ("raw-exec", "startup") => {
+            let mut times = Vec::with_capacity(s.execs);
+            for i in 0..s.execs + 5 {
+                let t = Instant::now();
+                let st = std::process::Command::new("/bin/true")
+                    .status()
+                    .map_err(|e| format!("/bin/true: {e}"))?;
+                if !st.success() {
+                    return Err(format!("/bin/true ended with {st}"));
+                }
+                if i >= 5 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok((median(times), "s"))
+        }
+        ("raw-ring", "echo_1mib") => Ok((ring_bandwidth(s.ring_mib)?, "B/s")),
+        _ => Err(format!("unknown floor {system}:{workload}")),
+    }
+}
+
+/// The shm threshold of the ring floor: the pool's.
+const RING_THRESHOLD: usize = 256 * 1024;
+
+/// Bytes per second of 1 MiB payloads sent through pool-ipc's shared ring to another
+/// process (`procpool bench --one ring-sink:`), which copies each out and acknowledges it:
+/// no pool, no task, one copy in and one out. At most two payloads are in flight, so each
+/// goes through the ring (whose 4 MiB would not take a third with the wrap) and none inline.
+fn ring_bandwidth(payloads: usize) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args(["bench", "--one", "ring-sink:"])
+        .stdin(std::process::Stdio::from(theirs))
+        .spawn()
+        .map_err(|e| format!("cannot start the ring sink: {e}"))?;
+    let cfg = pool_ipc::Config::new().shm_threshold(Some(RING_THRESHOLD));
+    let mut ch: pool_ipc::Duplex<ByteBuf, u32> =
+        pool_ipc::Duplex::with_config(ours, cfg).map_err(|e| e.to_string())?;
+    let payload = ByteBuf::from(vec![7u8; 1 << 20]);
+    let mut run = |n: usize| -> Result<(), String> {
+        let e = |e: pool_ipc::Error| e.to_string();
+        let window = 2.min(n);
+        for _ in 0..window {
+            ch.send(&payload).map_err(e)?;
+        }
+        for i in 0..n {
+            let len = ch.recv().map_err(e)?;
+            if !(1 << 20..(1 << 20) + 8).contains(&(len as usize)) {
+                return Err(format!("the ring sink got {len} bytes"));
+            }
+            if i + window < n {
+                ch.send(&payload).map_err(e)?;
+            }
+        }
+        Ok(())
+    };
+    run(10)?;
+    let t = Instant::now();
+    run(payloads)?;
+    let bw = (payloads << 20) as f64 / t.elapsed().as_secs_f64();
+    drop(ch);
+    let _ = child.wait();
+    Ok(bw)
+}
+
+/// The receiving side of [`ring_bandwidth`]: on the socket that is its stdin, copies each
+/// payload out of the ring and answers its length, until the channel closes.
+fn ring_sink() -> ExitCode {
+    use std::os::fd::AsFd;
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return ExitCode::FAILURE;
+    };
+    let cfg = pool_ipc::Config::new().shm_threshold(Some(RING_THRESHOLD));
+    let Ok(mut ch) = pool_ipc::Duplex::<u32, ByteBuf>::with_config(fd, cfg) else {
+        return ExitCode::FAILURE;
+    };
+    loop {
+        // The encoded payload: a length prefix, then the bytes.
+        let got = ch.recv_with(|b| b.len() as u32);
+        match got {
+            Ok(n) => {
+                if ch.send(&n).is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+            Err(_) => return ExitCode::SUCCESS,
+        }
+    }
+}
 
 /// The mean round trip of one byte through a pair of pipes to a child process that echoes
 /// it (`procpool bench --one pipe-echo:`): no pool, no framing, no encoding.

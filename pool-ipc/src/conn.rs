@@ -15,6 +15,10 @@ use crate::os;
 /// [`FramedConn::fill`] returns after reading this much, so that one busy peer cannot
 /// starve the others in an event loop.
 const FILL_BUDGET: usize = 4 << 20;
+/// Small-frame buffers kept by [`FramedConn::recycle`]...
+const SPARE_SMALL: usize = 4;
+/// ... each of at most this capacity (larger ones go to the read half's payload spares).
+const SPARE_SMALL_MAX: usize = 128 * 1024;
 
 /// A nonblocking framed connection, for the side of a channel that runs an event loop.
 ///
@@ -58,6 +62,9 @@ pub struct FramedConn {
     r: ReadHalf,
     w: WriteHalf,
     ready: VecDeque<Vec<u8>>,
+    /// Buffers of small frames handed back by [`recycle`](FramedConn::recycle), reused for
+    /// the next small frames (at most [`SPARE_SMALL`]).
+    spare: Vec<Vec<u8>>,
     /// A parse error found by `fill`, reported by `next_frame` after the frames before it.
     err: Option<Error>,
     /// While an incomplete frame is buffered: when bytes last arrived.
@@ -90,6 +97,7 @@ impl FramedConn {
             r,
             w,
             ready: VecDeque::new(),
+            spare: Vec::new(),
             err: None,
             partial_since: None,
         })
@@ -240,7 +248,12 @@ impl FramedConn {
         loop {
             match self.r.next() {
                 Ok(Next::Pending) => return,
-                Ok(Next::Inline(s, l)) => self.ready.push_back(self.r.buf()[s..s + l].to_vec()),
+                Ok(Next::Inline(s, l)) => {
+                    let mut v = self.spare.pop().unwrap_or_default();
+                    v.clear();
+                    v.extend_from_slice(&self.r.buf()[s..s + l]);
+                    self.ready.push_back(v);
+                }
                 Ok(Next::Owned(v)) => self.ready.push_back(v),
                 Err(e) => {
                     self.err = Some(e);
@@ -281,6 +294,18 @@ impl FramedConn {
             return Err(self.r.eof_error());
         }
         Ok(None)
+    }
+
+    /// Takes back a payload that [`next_frame`](FramedConn::next_frame) returned and the
+    /// caller is done with, to hold a later frame: a reader that hands its payloads back
+    /// saves an allocation per frame, and for large payloads the page faults and zeroing
+    /// of fresh memory. Buffers beyond a few (a few MiB in all) are freed.
+    pub fn recycle(&mut self, v: Vec<u8>) {
+        if v.capacity() > SPARE_SMALL_MAX {
+            self.r.recycle(v);
+        } else if v.capacity() > 0 && self.spare.len() < SPARE_SMALL {
+            self.spare.push(v);
+        }
     }
 
     /// Whether part of a frame has been read and the rest has not arrived yet (before end

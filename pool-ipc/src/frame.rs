@@ -61,8 +61,10 @@ const AGG_LIMIT: usize = 64 * 1024;
 const COPY_LIMIT: usize = 4096;
 /// A drained write buffer up to this capacity is kept for reuse.
 const KEEP_LIMIT: usize = 2 << 20;
-/// A receiver keeps a payload buffer up to this capacity for reuse.
+/// A receiver keeps payload buffers of up to this capacity in all for reuse...
 const SCRATCH_KEEP: usize = 8 << 20;
+/// ... and at most this many of them.
+const SCRATCH_COUNT: usize = 8;
 /// At most this many iovecs per `writev`.
 const MAX_IOV: usize = 64;
 /// Passed fds kept waiting for their control frame; a peer sending more loses the oldest.
@@ -701,8 +703,9 @@ pub(crate) struct ReadHalf {
     /// Passed fds waiting for their "region" frame; `Some` iff shm mode is on.
     fds: Option<VecDeque<OwnedFd>>,
     ring: ring::Rx,
-    /// A spare buffer for large payloads, handed back by [`ReadHalf::recycle`].
-    scratch: Vec<u8>,
+    /// Spare buffers for large payloads, handed back by [`ReadHalf::recycle`] (at most
+    /// [`SCRATCH_COUNT`], [`SCRATCH_KEEP`] bytes of capacity in all).
+    scratch: Vec<Vec<u8>>,
     /// Plain frames above this size must be announced (see [`Config::announce_above`]).
     announce: Option<usize>,
     /// The length the last announcement gave, until its frame is taken.
@@ -732,19 +735,29 @@ impl ReadHalf {
         &self.buf
     }
 
-    /// Takes back a payload buffer that the caller no longer needs, to be reused for the
-    /// next large payload (saves an allocation and its page faults).
+    /// Takes back a payload buffer that the caller no longer needs, to be reused for a
+    /// later large payload (saves an allocation, its page faults and its zeroing).
     pub(crate) fn recycle(&mut self, v: Vec<u8>) {
-        if v.capacity() <= SCRATCH_KEEP && v.capacity() > self.scratch.capacity() {
-            self.scratch = v;
+        let kept: usize = self.scratch.iter().map(Vec::capacity).sum();
+        if v.capacity() > 0
+            && self.scratch.len() < SCRATCH_COUNT
+            && kept + v.capacity() <= SCRATCH_KEEP
+        {
+            self.scratch.push(v);
         }
     }
 
-    /// An empty buffer for a large payload (the recycled one, if any).
-    fn take_scratch(&mut self) -> Vec<u8> {
-        let mut v = std::mem::take(&mut self.scratch);
-        v.clear();
-        v
+    /// An empty buffer for a payload of `len` bytes: a recycled one that holds it, if
+    /// any.
+    fn take_scratch(&mut self, len: usize) -> Vec<u8> {
+        match self.scratch.iter().position(|v| v.capacity() >= len) {
+            Some(i) => {
+                let mut v = self.scratch.swap_remove(i);
+                v.clear();
+                v
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Whether part of a frame is buffered (an announcement counts: its frame is due).
@@ -847,7 +860,7 @@ impl ReadHalf {
                 // Too big for the read buffer: read the rest straight into its own Vec.
                 // `len <= max` was checked above, so this allocation is bounded.
                 let have = avail - HEADER_LEN;
-                let mut v = self.take_scratch();
+                let mut v = self.take_scratch(len);
                 if v.capacity() >= len {
                     v.resize(len, 0);
                 } else {
@@ -911,7 +924,7 @@ impl ReadHalf {
                 if len > self.max {
                     return Err(Error::too_large(len, self.max));
                 }
-                let buf = self.take_scratch();
+                let buf = self.take_scratch(len);
                 self.ring.take(u64::from_le_bytes(off), len, buf).map(Some)
             }
             _ => Err(Error::msg(ErrorKind::Decode, "unknown control frame")),

@@ -172,3 +172,34 @@ pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
         cmd.pre_exec(hook);
     }
 }
+
+/// Forks a child that only calls `_exit(0)`, and waits for it: the bare cost of a process
+/// (no exec, no setup), the floor that `procpool bench` sets beside recycling. Not part of
+/// the API.
+///
+/// # Errors
+///
+/// The `fork` or `waitpid` error, or an error if the child did not exit with status 0.
+pub(crate) fn bare_fork_exit_wait() -> io::Result<()> {
+    // SAFETY: `fork` has no memory-safety preconditions; the child makes one
+    // async-signal-safe call, `_exit`, and never returns (the module's checklist).
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        // SAFETY: `_exit` is async-signal-safe and skips the parent's destructors.
+        0 => unsafe { libc::_exit(0) },
+        pid => {
+            let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
+            let (_, status) =
+                rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())?
+                    .ok_or_else(|| io::Error::other("waitpid returned no status"))?;
+            if status.exit_status() == Some(0) {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "the forked child ended with {status:?}"
+                )))
+            }
+        }
+    }
+}

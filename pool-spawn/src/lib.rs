@@ -141,6 +141,20 @@ mod sys;
 pub mod task;
 mod worker;
 
+/// Helpers for `procpool bench`'s floors (the machine's own costs, measured beside the
+/// pool). Not part of the API.
+#[doc(hidden)]
+pub mod bench_support {
+    /// Forks a child that only calls `_exit(0)` and waits for it (bare fork, no exec).
+    ///
+    /// # Errors
+    ///
+    /// The `fork` or `waitpid` error, or an error if the child did not exit with 0.
+    pub fn bare_fork_exit_wait() -> std::io::Result<()> {
+        crate::fork::bare_fork_exit_wait()
+    }
+}
+
 pub use error::{Error, ErrorKind, Result};
 pub use launcher::{LaunchOptions, Launcher, StartMethod};
 pub use rustix::process::Signal;

@@ -547,8 +547,23 @@ pub enum FromWorker<B = ByteBuf> {
 /// ones before), or if bytes are left over.
 pub fn decode_results<T: serde::de::DeserializeOwned>(
     items: u64,
-    mut bytes: &[u8],
+    bytes: &[u8],
     out: &mut Vec<T>,
+) -> Result<(), postcard::Error> {
+    decode_results_with(items, bytes, out, |v| v)
+}
+
+/// [`decode_results`], each value passed through `f` on its way into `out` (to decode
+/// straight into the caller's type, with no list of `T`s in between).
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
+    items: u64,
+    mut bytes: &[u8],
+    out: &mut Vec<U>,
+    mut f: impl FnMut(T) -> U,
 ) -> Result<(), postcard::Error> {
     // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
     out.reserve(
@@ -558,7 +573,7 @@ pub fn decode_results<T: serde::de::DeserializeOwned>(
     );
     for _ in 0..items {
         let (v, rest) = postcard::take_from_bytes::<T>(bytes)?;
-        out.push(v);
+        out.push(f(v));
         bytes = rest;
     }
     if bytes.is_empty() {

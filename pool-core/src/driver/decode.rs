@@ -25,14 +25,25 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
             };
             // The result type's `Deserialize` is user code: a panic in it fails these
             // items, never the thread that delivers results.
+            // Decoded straight into the caller's type: an item error becomes a TaskError
+            // as it is read, with no list of the worker's results in between.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut items: Vec<Result<R, ItemError>> = Vec::with_capacity(count);
+                let mut items: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
                 for b in &batches {
-                    protocol::decode_results(b.items, b.bytes(), &mut items)
-                        .map_err(|e| e.to_string())?;
+                    protocol::decode_results_with(
+                        b.items,
+                        b.bytes(),
+                        &mut items,
+                        |r: Result<R, ItemError>| r.map_err(|e| item_error(e, &worker, pid)),
+                    )
+                    .map_err(|e| e.to_string())?;
                 }
                 Ok::<_, String>(items)
             }));
+            // The frames are done with: their buffers hold later frames.
+            for b in batches {
+                super::spare::give(b.frame);
+            }
             let decoded = match decoded {
                 Ok(d) => d,
                 Err(payload) => {
@@ -47,10 +58,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
                 }
             };
             match decoded {
-                Ok(items) if items.len() == count => items
-                    .into_iter()
-                    .map(|r| r.map_err(|e| item_error(e, &worker, pid)))
-                    .collect(),
+                Ok(items) if items.len() == count => items,
                 Ok(items) => {
                     let e = TaskError::new(
                         TaskErrorKind::Decode,

@@ -190,6 +190,7 @@ impl Driver {
             let Some(w) = fx.io.get_mut(&wid) else { return };
             let (name, pid) = (w.name.clone(), w.pid);
             let Some(conn) = w.conn.as_mut() else { return };
+            super::spare::hand_to(conn);
             if let Err(e) = conn.fill() {
                 tracing::warn!(worker = %name, error = %e, "worker channel failed");
                 broken = true;

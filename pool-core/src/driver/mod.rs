@@ -24,6 +24,7 @@ mod event_loop;
 mod launch;
 mod phase;
 mod shared;
+mod spare;
 mod worker_io;
 
 use std::collections::HashSet;

@@ -1,0 +1,40 @@
+//! Frames whose results have been decoded, handed back to a worker's connection to hold
+//! a later frame: a map of tiny items gets one large frame per chunk, and a fresh buffer
+//! for each costs page faults, zeroing and an `munmap` on the driver thread.
+//!
+//! Results are decoded on the driver thread (deliveries run there), so the spares live in
+//! a thread-local list that the driver drains into the connection it reads next. A few
+//! MiB at most are kept; any other thread that decodes keeps at most as much.
+
+use std::cell::RefCell;
+
+use pool_ipc::FramedConn;
+
+/// Spare frames kept at most...
+const KEEP: usize = 8;
+/// ... and bytes of capacity in all.
+const KEEP_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keeps `frame`'s buffer for a later frame (or frees it if enough are kept).
+pub(crate) fn give(frame: Vec<u8>) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        let kept: usize = s.iter().map(Vec::capacity).sum();
+        if s.len() < KEEP && kept + frame.capacity() <= KEEP_BYTES {
+            s.push(frame);
+        }
+    });
+}
+
+/// Hands the kept buffers to `conn`, which reuses them for the frames it reads next.
+pub(crate) fn hand_to(conn: &mut FramedConn) {
+    SPARE.with(|s| {
+        for v in s.borrow_mut().drain(..) {
+            conn.recycle(v);
+        }
+    });
+}
