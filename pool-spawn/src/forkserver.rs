@@ -439,13 +439,18 @@ impl ServerLink {
         let mut st = self.lock();
         st.send(&Request::Fork)?;
         let deadline = crate::child::deadline_after(self.timeout);
+        let mut stopped_since = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 st.lose("it did not answer a fork request in time");
                 return Err(st.lost_error());
             }
-            match st.pump(left)? {
+            // Wait in slices, looking between them whether the server is stopped.
+            if st.stopped_too_long(self.server_pid, &mut stopped_since) {
+                return Err(st.lost_error());
+            }
+            match st.pump(left.min(FORK_SLICE))? {
                 Pumped::Nothing | Pumped::Report => {}
                 Pumped::Reply(Reply::Forked { serial, pid, pidfd }, fds) => {
                     let mut fds = fds.into_iter();
@@ -479,6 +484,7 @@ impl ServerLink {
     /// [`ErrorKind::ServerLost`] if the server is gone and never reported it.
     pub(crate) fn wait_report(&self, serial: u64, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = crate::child::deadline_after(timeout);
+        let mut stopped_since = None;
         loop {
             let mut st = self.lock();
             if let Some(s) = st.reports.remove(&serial) {
@@ -495,6 +501,9 @@ impl ServerLink {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
+            }
+            if st.stopped_too_long(self.server_pid, &mut stopped_since) {
+                return Err(st.lost_error());
             }
             // Wait in short slices so that other users of the link get their turn.
             let _ = st.pump(left.min(Duration::from_millis(10)))?;
@@ -517,10 +526,11 @@ impl ServerLink {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+                // A stopped server cannot answer: it is killed below instead.
+                if left.is_zero() || is_stopped(self.server_pid) {
                     break;
                 }
-                match st.pump(left) {
+                match st.pump(left.min(FORK_SLICE)) {
                     Ok(_) => {}
                     Err(_) => break,
                 }
@@ -534,7 +544,12 @@ impl ServerLink {
             return Ok(());
         };
         drop(st);
-        match server.wait_timeout(Duration::from_secs(5))? {
+        let grace = if is_stopped(self.server_pid) {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(5)
+        };
+        match server.wait_timeout(grace)? {
             Some(s) if s.success() => Ok(()),
             Some(s) => {
                 tracing::debug!(status = %s, "fork server exited");
@@ -546,6 +561,25 @@ impl ServerLink {
             }
         }
     }
+}
+
+/// How long [`ServerLink::fork`] waits between looks at the server's state.
+const FORK_SLICE: Duration = Duration::from_millis(50);
+
+/// How long a fork server may stay stopped while a fork request waits before it is given up
+/// (killed, so that a new one is started).
+const STOPPED_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether process `pid` is stopped: state `T` (by a signal) or `t` (at a tracer's stop) in
+/// `/proc/<pid>/stat`. False when it cannot be read.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        matches!(state, Some("T" | "t"))
+    })
 }
 
 impl Drop for ServerLink {
@@ -565,6 +599,21 @@ impl LinkState {
         if let Some(mut server) = self.server.take() {
             let _ = server.kill_and_reap(Duration::from_secs(2));
         }
+    }
+
+    /// Whether the server (`pid`) has been stopped for [`STOPPED_GRACE`] (`since`: when
+    /// the caller's earlier looks first saw it stopped): then it is given up (killed and
+    /// reaped), for it cannot answer and may never be resumed.
+    fn stopped_too_long(&mut self, pid: u32, since: &mut Option<Instant>) -> bool {
+        if !is_stopped(pid) {
+            *since = None;
+            return false;
+        }
+        if since.get_or_insert_with(Instant::now).elapsed() < STOPPED_GRACE {
+            return false;
+        }
+        self.lose("it is stopped (SIGSTOP or a tracer) and does not answer");
+        true
     }
 
     fn lost_error(&self) -> Error {

@@ -268,3 +268,46 @@ fn pools_leave_no_fd_behind() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
 }
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(pid, sig).expect("kill");
+}
+
+/// A stopped (SIGSTOP) fork server is given up within about a second and a new one forks
+/// the replacement: the driver is not held for the 15 s handshake timeout.
+#[test]
+fn a_stopped_fork_server_is_replaced_quickly() {
+    use rustix::process::Signal;
+    let pool = builder(procpool::StartMethod::Forkserver)
+        .processes(1)
+        .build()
+        .unwrap();
+    let worker = pool.apply(my_pid, ()).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
+    let server: u32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    signal(server, Signal::STOP);
+    signal(worker, Signal::KILL);
+    let t = Instant::now();
+    let r = pool.apply_async(square, (3,));
+    assert_eq!(r.get_timeout(Duration::from_secs(20)).unwrap().unwrap(), 9);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_for(
+        "the stopped server to be reaped",
+        Duration::from_secs(5),
+        || !alive(server),
+    );
+    shut_down(pool);
+}
