@@ -56,6 +56,8 @@ enum Detail {
     None,
     Io(io::Error),
     Postcard(postcard::Error),
+    /// The message a `Serialize` implementation gave, which postcard drops.
+    Custom(String),
     Msg(&'static str),
     TooLarge { len: u64, max: u64 },
     Unannounced { len: u64, limit: u64 },
@@ -131,10 +133,18 @@ impl Error {
         }
     }
 
-    pub(crate) fn encode(e: postcard::Error) -> Error {
+    /// postcard's error encoding `v`; when `v`'s own `Serialize` refused with a message,
+    /// that message (postcard keeps only that there was one).
+    pub(crate) fn encode<T: serde::Serialize + ?Sized>(e: postcard::Error, v: &T) -> Error {
+        let detail = match e {
+            postcard::Error::SerdeSerCustom => {
+                crate::why::custom_message(v).map_or(Detail::Postcard(e), Detail::Custom)
+            }
+            e => Detail::Postcard(e),
+        };
         Error {
             kind: ErrorKind::Encode,
-            detail: Detail::Postcard(e),
+            detail,
         }
     }
 
@@ -177,6 +187,7 @@ impl fmt::Display for Error {
                  (stray bytes on the channel?)"
             ),
             Detail::Msg(m) => write!(f, "{}: {m}", self.kind.describe()),
+            Detail::Custom(m) => write!(f, "{}: {m}", self.kind.describe()),
             Detail::None | Detail::Io(_) | Detail::Postcard(_) => f.write_str(self.kind.describe()),
         }
     }
@@ -189,6 +200,7 @@ impl StdError for Error {
             Detail::Postcard(e) => Some(e),
             Detail::None
             | Detail::Msg(_)
+            | Detail::Custom(_)
             | Detail::TooLarge { .. }
             | Detail::Unannounced { .. }
             | Detail::Mismatch { .. } => None,

@@ -273,7 +273,7 @@ pub fn encode_append<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<
 /// # Ok::<(), pool_ipc::Error>(())
 /// ```
 pub fn encoded_len<T: Serialize + ?Sized>(v: &T) -> Result<usize> {
-    postcard::serialize_with_flavor(v, CountFlavor(0)).map_err(Error::encode)
+    postcard::serialize_with_flavor(v, CountFlavor(0)).map_err(|e| Error::encode(e, v))
 }
 
 /// A postcard output that only counts bytes.
@@ -318,7 +318,7 @@ fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) => {
             out.truncate(at);
-            Err(Error::encode(e))
+            Err(Error::encode(e, v))
         }
     }
 }

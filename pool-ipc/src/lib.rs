@@ -67,6 +67,7 @@ mod ring;
 pub mod shm;
 #[cfg(feature = "proptest")]
 pub mod strategies;
+mod why;
 
 pub use chan::{Duplex, Receiver, Sender, duplex, duplex_with_config};
 pub use config::Config;

@@ -271,6 +271,11 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     let e = pool.apply(take, (Unencodable,)).unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Encode, "{e}");
     assert!(e.to_string().contains("arguments cannot be encoded"), "{e}");
+    // The type's own words, which postcard drops, are recovered.
+    assert!(
+        e.to_string().contains("this value refuses to be encoded"),
+        "{e}"
+    );
     let e = pool.apply(give, ()).unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::Decode, "{e}");
     let e = pool.apply(give_unencodable, ()).unwrap_err();
@@ -278,6 +283,10 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
         e.kind(),
         TaskErrorKind::Encode,
         "result encoding in the worker: {e}"
+    );
+    assert!(
+        e.to_string().contains("this value refuses to be encoded"),
+        "{e}"
     );
     // Only the item that cannot be encoded fails; its chunk-mates run.
     let items = vec![Picky(true), Picky(false), Picky(true)];
@@ -287,6 +296,8 @@ fn encoding_and_decoding_failures_are_that_tasks_error() {
     assert_eq!(got[0].as_ref().unwrap(), &1);
     assert_eq!(got[1].as_ref().unwrap_err().kind(), TaskErrorKind::Encode);
     assert_eq!(got[1].as_ref().unwrap_err().item_index(), Some(1));
+    let e = got[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("picky value refuses"), "{e}");
     assert_eq!(got[2].as_ref().unwrap(), &1);
     // A result whose decoding panics (in this process) fails that task only.
     let e = pool
