@@ -115,6 +115,25 @@
 //! message stops arriving partway for five seconds, is killed as faulty, and only the task
 //! it was running fails, saying why.
 //!
+//! Some edges, and what to do about them:
+//!
+//! - **Processes a task starts outlive a clean exit.** A time limit, a cancel, `terminate`
+//!   or the drop of a pool kill a worker's whole process group, so what its tasks started
+//!   dies with it. A worker that retires cleanly (after `close` and `join`, or recycled by
+//!   [`PoolBuilder::max_tasks_per_child`]) leaves alone the processes its tasks started and
+//!   did not wait for, as Python's pool does: a task that starts a child should wait for it,
+//!   or the child should be meant to outlive the task.
+//! - **A callback must not wait for another result of its pool.** Callbacks
+//!   ([`Options::on_success`], [`Options::on_error`]) run one at a time on the pool's
+//!   callback thread, and a result with callbacks becomes ready only after its callbacks
+//!   ran there: a callback that waits for it (`get`, `wait`) waits for ever, as in Python.
+//!   Hand the work to another thread, or chain it through that result's own callback.
+//! - **Backtraces cost once per worker.** With `RUST_BACKTRACE` set, a panic in a task
+//!   carries its backtrace ([`TaskError::backtrace`]); the first one in each worker reads
+//!   the executable's debug information (about a tenth of a second for a large binary, as
+//!   in any Rust program's first backtrace). Recycling every few tasks pays it again each
+//!   time; leave `RUST_BACKTRACE` unset where panics are frequent and expected.
+//!
 //! # Task control: time limits, cancellation, memory limits
 //!
 //! ```

@@ -62,13 +62,19 @@ impl<T> Options<T> {
 
     /// Runs `f` with the result when the operation succeeds (Python's `callback`), on the
     /// pool's callback thread, before the [`AsyncResult`](crate::AsyncResult) is ready.
+    ///
+    /// Callbacks run one at a time on that one thread: keep them short, and never wait in
+    /// one for another result of the same pool that has callbacks (it becomes ready only
+    /// once its own callbacks ran on this thread, so the wait would never end, as in
+    /// Python's pool).
     #[doc(alias = "callback")]
     pub fn on_success(mut self, f: impl FnOnce(&T) + Send + 'static) -> Self {
         self.callbacks = self.callbacks.on_success(f);
         self
     }
 
-    /// Runs `f` with the error when the operation fails (Python's `error_callback`).
+    /// Runs `f` with the error when the operation fails (Python's `error_callback`), on the
+    /// pool's callback thread, as [`on_success`](Options::on_success) runs.
     #[doc(alias = "error_callback")]
     pub fn on_error(mut self, f: impl FnOnce(&TaskError) + Send + 'static) -> Self {
         self.callbacks = self.callbacks.on_error(f);
