@@ -133,6 +133,24 @@ impl<T: ?Sized> Sender<T> {
         Ok(())
     }
 
+    /// Since when the shared ring this side writes large payloads into holds memory:
+    /// `Some(time of the last payload placed)` until
+    /// [`release_idle_ring`](Sender::release_idle_ring) gives it back, `None` otherwise (no
+    /// ring, or nothing placed since). For a caller that releases rings idle for a while.
+    pub fn ring_dirty_since(&self) -> Option<std::time::Instant> {
+        self.w.ring_dirty_since()
+    }
+
+    /// Gives the memory of this side's shared ring back to the system if the peer has
+    /// taken every payload placed in it; true if it did (if the peer has not, the ring
+    /// counts as used just now: see `ring_dirty_since`). The ring stays set up: later
+    /// large payloads go through it as before (their first pages are faulted in afresh).
+    /// A ring holds up to 256 MiB after large payloads: a long-lived connection that went
+    /// quiet calls this to hand that memory back.
+    pub fn release_idle_ring(&mut self) -> bool {
+        self.w.release_drained_ring()
+    }
+
     /// Flushes, then gives back the fd.
     ///
     /// Anything that cannot be flushed (the peer is gone) is dropped; call
@@ -385,6 +403,23 @@ impl<T: DeserializeOwned> Receiver<T> {
     pub fn recv_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<U> {
         self.next_with(Wait::Forever, false, |p| Ok(f(p.as_slice())))
             .map(|u| u.expect("a blocking receive yields a frame"))
+    }
+
+    /// Like [`recv_with`](Receiver::recv_with), waiting at most `d`: `Ok(None)` if no
+    /// frame was complete by then (a partly received one stays buffered).
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv_with`](Receiver::recv_with).
+    pub fn recv_timeout_with<U>(
+        &mut self,
+        d: Duration,
+        f: impl FnOnce(&[u8]) -> U,
+    ) -> Result<Option<U>> {
+        let wait = Instant::now()
+            .checked_add(d)
+            .map_or(Wait::Forever, Wait::Until);
+        self.next_with(wait, false, |p| Ok(f(p.as_slice())))
     }
 
     /// Like [`try_recv_buffered`](Receiver::try_recv_buffered), lending the payload to `f`

@@ -59,9 +59,18 @@ enum Detail {
     /// The message a `Serialize` implementation gave, which postcard drops.
     Custom(String),
     Msg(&'static str),
-    TooLarge { len: u64, max: u64 },
-    Unannounced { len: u64, limit: u64 },
-    Mismatch { len: u64, announced: u64 },
+    TooLarge {
+        len: u64,
+        max: u64,
+    },
+    Unannounced {
+        len: u64,
+        limit: u64,
+    },
+    Mismatch {
+        len: u64,
+        announced: u64,
+    },
 }
 
 /// The error type of pool-ipc's channels.

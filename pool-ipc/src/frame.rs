@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use postcard::ser_flavors::Flavor;
 use rustix::io::Errno;
@@ -430,6 +431,16 @@ impl WriteHalf {
             self.agg().extend_from_slice(&announce_frame(len));
             self.pending += ANNOUNCE_LEN;
         }
+    }
+
+    /// See [`ring::Tx::dirty_since`].
+    pub(crate) fn ring_dirty_since(&self) -> Option<Instant> {
+        self.ring.as_ref().and_then(ring::Tx::dirty_since)
+    }
+
+    /// See [`ring::Tx::release_if_drained`].
+    pub(crate) fn release_drained_ring(&mut self) -> bool {
+        self.ring.as_mut().is_some_and(ring::Tx::release_if_drained)
     }
 
     /// Whether everything queued has been written.

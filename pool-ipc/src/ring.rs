@@ -17,6 +17,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::shm::Segment;
@@ -42,6 +43,9 @@ pub(crate) struct Tx {
     unannounced: Option<OwnedFd>,
     /// Creating a region failed once; stay inline from now on.
     failed: bool,
+    /// When a payload was last placed, if the data area may hold pages since it was last
+    /// released.
+    dirty_since: Option<Instant>,
 }
 
 impl Tx {
@@ -52,6 +56,42 @@ impl Tx {
             head: 0,
             unannounced: None,
             failed: false,
+            dirty_since: None,
+        }
+    }
+
+    /// When a payload was last placed, if the ring holds memory that
+    /// [`release_if_drained`](Tx::release_if_drained) could give back.
+    pub(crate) fn dirty_since(&self) -> Option<Instant> {
+        self.dirty_since
+    }
+
+    /// Gives the data area's memory back to the system if the receiver has taken every
+    /// payload (nobody reads the area then, and only this side writes it); returns whether
+    /// it did. If the receiver has not, the ring counts as used just now. The ring stays, announced and mapped: the next payloads fault fresh pages
+    /// in.
+    pub(crate) fn release_if_drained(&mut self) -> bool {
+        let Some(seg) = &self.seg else {
+            return false;
+        };
+        if self.dirty_since.is_none() {
+            return false;
+        }
+        if seg.atomic_u64(CONSUMED_WORD).load(Ordering::Acquire) != self.head {
+            // Still in use: count the idle time from now.
+            self.dirty_since = Some(Instant::now());
+            return false;
+        }
+        match seg.discard(REGION_HEADER, self.cap as usize) {
+            Ok(()) => {
+                self.dirty_since = None;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot release an idle shared ring");
+                self.dirty_since = None;
+                false
+            }
         }
     }
 
@@ -121,6 +161,7 @@ impl Tx {
             return None;
         }
         self.head = off + len;
+        self.dirty_since = Some(Instant::now());
         Some((off, self.unannounced.take()))
     }
 }

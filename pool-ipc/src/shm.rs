@@ -287,6 +287,36 @@ impl Segment {
         unsafe { std::ptr::copy(b.as_ptr(), self.ptr.as_ptr().add(off), b.len()) }
     }
 
+    /// Gives the memory behind bytes `off .. off + len` back to the system (the file's
+    /// pages there are freed, in every process that maps it); they read as zeros until
+    /// written again. Only page-aligned whole pages inside the range are freed.
+    ///
+    /// Any process may be reading those bytes at the time: call it only for bytes nobody
+    /// uses any more.
+    ///
+    /// # Errors
+    ///
+    /// The `fallocate` error (e.g. `EPERM` on a segment sealed against writing).
+    ///
+    /// # Panics
+    ///
+    /// If `off + len` exceeds the segment.
+    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check_range(off, len);
+        let page = rustix::param::page_size();
+        let start = off.div_ceil(page) * page;
+        let end = (off + len) / page * page;
+        if end > start {
+            rustix::fs::fallocate(
+                &self.fd,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                start as u64,
+                (end - start) as u64,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Copies `out.len()` bytes from byte offset `off` of the segment into `out`.
     ///
     /// The bytes may be changing under a concurrent writer, so treat them as untrusted.

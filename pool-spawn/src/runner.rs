@@ -2,6 +2,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use pool_ipc::{Duplex, ErrorKind as IpcKind, Sender};
 
@@ -35,6 +36,10 @@ pub(crate) fn run(chan: OwnedFd) -> ! {
     };
     sys::flush_and_exit(code)
 }
+
+/// How long the ring that carries large results may sit unused before its memory is given
+/// back (up to 256 MiB per worker after large results).
+const RING_IDLE: Duration = Duration::from_secs(1);
 
 fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Stop> {
     match conn.recv() {
@@ -143,9 +148,14 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         // Every result has been written already: block for the next request (one that is
         // already buffered is handed over without a system call). Each request is decoded
         // in place, its payload borrowed from the receive buffer; results that outgrow the
-        // result area go out while it is still borrowed.
+        // result area go out while it is still borrowed. A ring that carried large results
+        // and has sat unused for RING_IDLE meanwhile gives its memory back.
+        let idle_wait = conn
+            .sender()
+            .ring_dirty_since()
+            .map(|since| (since + RING_IDLE).saturating_duration_since(Instant::now()));
         let (tx, rx) = conn.halves();
-        let step = rx.recv_with(|bytes: &[u8]| -> Step {
+        let on_frame = |bytes: &[u8]| -> Step {
             match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
                 Ok(ToWorker::Exit) => Step::Exit,
                 Ok(ToWorker::Setup { .. }) => {
@@ -169,7 +179,17 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 }
                 Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
             }
-        });
+        };
+        let step = match idle_wait {
+            Some(wait) => match rx.recv_timeout_with(wait, on_frame) {
+                Ok(None) => {
+                    conn.sender().release_idle_ring();
+                    continue;
+                }
+                got => got.map(|step| step.expect("a frame arrived")),
+            },
+            None => rx.recv_with(on_frame),
+        };
         let step = match step {
             Ok(step) => step,
             Err(e) => match e.kind() {

@@ -311,3 +311,48 @@ fn a_stopped_fork_server_is_replaced_quickly() {
     );
     shut_down(pool);
 }
+
+fn shmem_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn echo_bytes(b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
+    b
+}
+
+/// The shared rings that carry large payloads give their memory back once they have sat
+/// unused for a second, in both directions: after forty 8 MiB round trips, the pool's
+/// process and its worker each hold tens of MiB of shared memory; a few seconds later,
+/// almost none (and the pool still carries large payloads).
+#[test]
+fn idle_shared_rings_give_their_memory_back() {
+    let pool = builder(Default::default()).processes(1).build().unwrap();
+    let worker = pool.apply(my_pid, ()).unwrap();
+    let me = std::process::id();
+    let (before_me, before_worker) = (shmem_kib(me), shmem_kib(worker));
+    let payload = serde_bytes::ByteBuf::from(vec![7u8; 8 << 20]);
+    for _ in 0..40 {
+        let back = pool.apply(echo_bytes, (payload.clone(),)).unwrap();
+        assert_eq!(back.len(), payload.len());
+    }
+    let (held_me, held_worker) = (shmem_kib(me), shmem_kib(worker));
+    assert!(
+        held_me > before_me + 16 * 1024 && held_worker > before_worker + 16 * 1024,
+        "the rings should hold memory now: {before_me} -> {held_me} KiB here, \
+         {before_worker} -> {held_worker} KiB in the worker"
+    );
+    wait_for(
+        "the idle rings to give memory back",
+        Duration::from_secs(10),
+        || shmem_kib(me) < before_me + 4 * 1024 && shmem_kib(worker) < before_worker + 4 * 1024,
+    );
+    let back = pool.apply(echo_bytes, (payload.clone(),)).unwrap();
+    assert_eq!(back, payload);
+    assert_eq!(pool.apply(my_pid, ()).unwrap(), worker);
+    shut_down(pool);
+}

@@ -17,6 +17,36 @@ use crate::policy::{Departure, Effects, Exit, WorkerId};
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the ring that carries large arguments to a worker may sit unused before its
+/// memory is given back.
+const RING_IDLE: Duration = Duration::from_secs(1);
+
+/// Gives back the memory of the rings to workers that have sat unused for [`RING_IDLE`]
+/// (up to 256 MiB each after large payloads); returns when the next one is due for a look.
+fn release_idle_rings(g: &mut Inner, now: Instant) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    for io in g.io.values_mut() {
+        let Some(conn) = io.conn.as_mut() else {
+            continue;
+        };
+        let Some(mut since) = conn.ring_dirty_since() else {
+            continue;
+        };
+        if now >= since + RING_IDLE {
+            if conn.release_idle_ring() {
+                continue;
+            }
+            match conn.ring_dirty_since() {
+                Some(t) => since = t,
+                None => continue,
+            }
+        }
+        let due = since + RING_IDLE;
+        next = Some(next.map_or(due, |n| n.min(due)));
+    }
+    next
+}
+
 /// What the driver polls for one worker (its own duplicates of the fds).
 struct Watch {
     wid: WorkerId,
@@ -60,8 +90,9 @@ impl Driver {
         let mut buf = [0u8; 8];
         loop {
             self.launch_pending();
-            let (want_write, deadline, finished) = {
-                let g = self.shared.lock();
+            let (want_write, deadline, finished, ring_check) = {
+                let mut g = self.shared.lock();
+                let ring_check = release_idle_rings(&mut g, Instant::now());
                 let want: Vec<bool> = self
                     .watches
                     .iter()
@@ -75,6 +106,7 @@ impl Driver {
                     want,
                     g.term_deadline,
                     g.policy.is_finished() && g.launches.is_empty(),
+                    ring_check,
                 )
             };
             if finished {
@@ -90,6 +122,9 @@ impl Driver {
                 consider(d);
             }
             if let Some(t) = self.next_timer {
+                consider(t);
+            }
+            if let Some(t) = ring_check {
                 consider(t);
             }
             for w in &self.watches {
