@@ -40,6 +40,24 @@ struct Why;
 
 type R = Result<(), Custom>;
 
+/// Methods for values with nothing inside to walk: they write nothing.
+macro_rules! ignore {
+    ($($method:ident($t:ty);)*) => {$(
+        fn $method(self, _: $t) -> R {
+            Ok(())
+        }
+    )*};
+}
+
+/// Methods that begin a compound value: its elements are walked by the same serializer.
+macro_rules! open {
+    ($($method:ident($($t:ty),*);)*) => {$(
+        fn $method(self, $(_: $t),*) -> Result<Why, Custom> {
+            Ok(Why)
+        }
+    )*};
+}
+
 impl ser::Serializer for Why {
     type Ok = ();
     type Error = Custom;
@@ -51,53 +69,23 @@ impl ser::Serializer for Why {
     type SerializeStruct = Why;
     type SerializeStructVariant = Why;
 
-    fn serialize_bool(self, _: bool) -> R {
-        Ok(())
-    }
-    fn serialize_i8(self, _: i8) -> R {
-        Ok(())
-    }
-    fn serialize_i16(self, _: i16) -> R {
-        Ok(())
-    }
-    fn serialize_i32(self, _: i32) -> R {
-        Ok(())
-    }
-    fn serialize_i64(self, _: i64) -> R {
-        Ok(())
-    }
-    fn serialize_i128(self, _: i128) -> R {
-        Ok(())
-    }
-    fn serialize_u8(self, _: u8) -> R {
-        Ok(())
-    }
-    fn serialize_u16(self, _: u16) -> R {
-        Ok(())
-    }
-    fn serialize_u32(self, _: u32) -> R {
-        Ok(())
-    }
-    fn serialize_u64(self, _: u64) -> R {
-        Ok(())
-    }
-    fn serialize_u128(self, _: u128) -> R {
-        Ok(())
-    }
-    fn serialize_f32(self, _: f32) -> R {
-        Ok(())
-    }
-    fn serialize_f64(self, _: f64) -> R {
-        Ok(())
-    }
-    fn serialize_char(self, _: char) -> R {
-        Ok(())
-    }
-    fn serialize_str(self, _: &str) -> R {
-        Ok(())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> R {
-        Ok(())
+    ignore! {
+        serialize_bool(bool);
+        serialize_i8(i8);
+        serialize_i16(i16);
+        serialize_i32(i32);
+        serialize_i64(i64);
+        serialize_i128(i128);
+        serialize_u8(u8);
+        serialize_u16(u16);
+        serialize_u32(u32);
+        serialize_u64(u64);
+        serialize_u128(u128);
+        serialize_f32(f32);
+        serialize_f64(f64);
+        serialize_char(char);
+        serialize_str(&str);
+        serialize_bytes(&[u8]);
     }
     fn serialize_none(self) -> R {
         Ok(())
@@ -126,38 +114,14 @@ impl ser::Serializer for Why {
     ) -> R {
         v.serialize(Why)
     }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Why, Custom> {
-        Ok(Why)
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Why, Custom> {
-        Ok(Why)
+    open! {
+        serialize_seq(Option<usize>);
+        serialize_tuple(usize);
+        serialize_tuple_struct(&'static str, usize);
+        serialize_tuple_variant(&'static str, u32, &'static str, usize);
+        serialize_map(Option<usize>);
+        serialize_struct(&'static str, usize);
+        serialize_struct_variant(&'static str, u32, &'static str, usize);
     }
     fn collect_str<T: fmt::Display + ?Sized>(self, _: &T) -> R {
         // Formatting could be costly and cannot fail with a custom message.
@@ -169,48 +133,29 @@ impl ser::Serializer for Why {
     }
 }
 
-impl ser::SerializeSeq for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
+/// The compound serializers: each element is walked, nothing is written.
+macro_rules! walk_elements {
+    ($($trait:ident :: $method:ident $(($key:ty))?;)*) => {$(
+        impl ser::$trait for Why {
+            type Ok = ();
+            type Error = Custom;
+            fn $method<T: Serialize + ?Sized>(&mut self, $(_: $key,)? v: &T) -> R {
+                v.serialize(Why)
+            }
+            fn end(self) -> R {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
+walk_elements! {
+    SerializeSeq::serialize_element;
+    SerializeTuple::serialize_element;
+    SerializeTupleStruct::serialize_field;
+    SerializeTupleVariant::serialize_field;
+    SerializeStruct::serialize_field(&'static str);
+    SerializeStructVariant::serialize_field(&'static str);
 }
 
 impl ser::SerializeMap for Why {
@@ -220,28 +165,6 @@ impl ser::SerializeMap for Why {
         k.serialize(Why)
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, v: &T) -> R {
-        v.serialize(Why)
-    }
-    fn end(self) -> R {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for Why {
-    type Ok = ();
-    type Error = Custom;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, v: &T) -> R {
         v.serialize(Why)
     }
     fn end(self) -> R {
