@@ -18,7 +18,7 @@ use std::process::{ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
-use procpool::{AsyncResult, Options, Pool, TaskErrorKind};
+use procpool::{AsyncResult, TaskErrorKind};
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -610,10 +610,7 @@ const CRASH_LOOP: usize = 3;
 
 /// Runs `procpool map`.
 pub(crate) fn run(args: Args) -> ExitCode {
-    let fail = |m: String| {
-        eprintln!("procpool map: {m}");
-        ExitCode::from(common::EXIT_USAGE)
-    };
+    let fail = |m: String| common::usage_error("map", &m);
     if args.jobs == Some(0) {
         return fail("-j must be at least 1".into());
     }
@@ -645,22 +642,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
         init: args.init.clone(),
         tasks_per_child: args.max_tasks_per_child,
     };
-    let mut builder = Pool::builder()
-        .start_method(args.start_method.into())
-        .allow_fork_with_threads(true)
-        .initializer(map_init, (cfg,));
-    if let Some(j) = args.jobs {
-        builder = builder.processes(j);
-    }
+    let mut builder =
+        common::pool_builder(args.start_method, args.jobs).initializer(map_init, (cfg,));
     if let Some(k) = args.max_tasks_per_child {
         builder = builder.max_tasks_per_child(k);
     }
-    let pool = match builder.build() {
+    let pool = match common::start_pool(builder, "map", "the workers") {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("procpool map: cannot start the workers: {e}");
-            return ExitCode::from(common::EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     let sep = if args.null { 0 } else { b'\n' };
     let (tx, rx) = mpsc::channel::<Ev>();
@@ -810,18 +799,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 .collect();
             let key = next_key;
             next_key += 1;
-            let (tx1, tx2) = (tx.clone(), tx.clone());
-            let handle = pool.apply_async_with(
-                map_chunk,
-                (items,),
-                Options::new()
-                    .on_success(move |_| {
-                        let _ = tx1.send(Ev::Done(key));
-                    })
-                    .on_error(move |_| {
-                        let _ = tx2.send(Ev::Done(key));
-                    }),
-            );
+            let handle = pool.apply_async_with(map_chunk, (items,), common::notify_done(&tx, key));
             running.insert(key, (chunk, handle));
         }
         if !args.unordered {
@@ -837,15 +815,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
         {
             break;
         }
-        let ev = match rx.try_recv() {
-            Ok(ev) => ev,
-            Err(_) => {
-                let _ = out.flush();
-                match rx.recv() {
-                    Ok(ev) => ev,
-                    Err(_) => break,
-                }
-            }
+        let Some(ev) = common::next_event(&rx, || {
+            let _ = out.flush();
+        }) else {
+            break;
         };
         match ev {
             Ev::Item(item) => {
