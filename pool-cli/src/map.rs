@@ -340,65 +340,69 @@ fn encode_tasks(lines: &[ByteBuf], framing: Framing) -> Vec<u8> {
     out
 }
 
-/// Moves the complete replies in the worker's read buffer into `results` (`lines` asked,
-/// the first one at `base`). A reply beyond the last line asked is a fault.
-fn take_replies(
-    fw: &mut Foreign,
+/// The replies of one [`exchange`]: `asked` lines, whose results go into `results` from
+/// index `base` on.
+struct Replies<'r> {
     framing: Framing,
     asked: usize,
     base: usize,
-    results: &mut Vec<LineResult>,
-    head_start: &mut Instant,
-) -> Result<(), Fault> {
-    loop {
-        match parse_reply(&mut fw.rbuf, &mut fw.scanned, framing) {
-            Ok(Some(reply)) => {
-                if results.len() - base == asked {
-                    return Err(Fault::Garbage(format!(
-                        "a line nobody asked for: {}",
-                        common::preview(&reply)
-                    )));
-                }
-                results.push(LineResult::Ok {
-                    out: ByteBuf::from(reply),
-                    pid: fw.w.pid(),
-                    secs: head_start.elapsed().as_secs_f64(),
-                });
-                fw.answered += 1;
-                *head_start = Instant::now();
-            }
-            Ok(None) => return Ok(()),
-            Err(m) => return Err(Fault::Garbage(m)),
-        }
-    }
+    results: &'r mut Vec<LineResult>,
+    /// When the worker command began on the line it is answering now.
+    head_start: Instant,
 }
 
-/// After the worker command stopped taking input or closed its output: takes the replies
-/// it still wrote, then says how it ended (`None`: it had answered everything).
-fn wind_down(
-    fw: &mut Foreign,
-    framing: Framing,
-    asked: usize,
-    base: usize,
-    results: &mut Vec<LineResult>,
-    head_start: &mut Instant,
-) -> Option<Fault> {
-    while proc::readable_within(&fw.stdout, Duration::from_millis(200))
-        && proc::read_some(&mut fw.stdout, &mut fw.rbuf)
-    {}
-    if let Err(f) = take_replies(fw, framing, asked, base, results, head_start) {
-        return Some(f);
+impl Replies<'_> {
+    /// Every line asked has its reply.
+    fn complete(&self) -> bool {
+        self.results.len() - self.base == self.asked
     }
-    if results.len() - base == asked {
-        return None;
+
+    /// Moves the complete replies in the worker's read buffer into `results`. A reply
+    /// beyond the last line asked is a fault.
+    fn take(&mut self, fw: &mut Foreign) -> Result<(), Fault> {
+        loop {
+            match parse_reply(&mut fw.rbuf, &mut fw.scanned, self.framing) {
+                Ok(Some(reply)) => {
+                    if self.complete() {
+                        return Err(Fault::Garbage(format!(
+                            "a line nobody asked for: {}",
+                            common::preview(&reply)
+                        )));
+                    }
+                    self.results.push(LineResult::Ok {
+                        out: ByteBuf::from(reply),
+                        pid: fw.w.pid(),
+                        secs: self.head_start.elapsed().as_secs_f64(),
+                    });
+                    fw.answered += 1;
+                    self.head_start = Instant::now();
+                }
+                Ok(None) => return Ok(()),
+                Err(m) => return Err(Fault::Garbage(m)),
+            }
+        }
     }
-    Some(
-        if proc::readable_within(&fw.w.pidfd, Duration::from_secs(1)) {
-            Fault::Died
-        } else {
-            Fault::Closed
-        },
-    )
+
+    /// After the worker command stopped taking input or closed its output: takes the
+    /// replies it still wrote, then says how it ended (`None`: it had answered everything).
+    fn wind_down(&mut self, fw: &mut Foreign) -> Option<Fault> {
+        while proc::readable_within(&fw.stdout, Duration::from_millis(200))
+            && proc::read_some(&mut fw.stdout, &mut fw.rbuf)
+        {}
+        if let Err(f) = self.take(fw) {
+            return Some(f);
+        }
+        if self.complete() {
+            return None;
+        }
+        Some(
+            if proc::readable_within(&fw.w.pidfd, Duration::from_secs(1)) {
+                Fault::Died
+            } else {
+                Fault::Closed
+            },
+        )
+    }
 }
 
 /// Sends `lines` to the worker command and collects its replies into `results`, until all
@@ -410,17 +414,21 @@ fn exchange(
     lines: &[ByteBuf],
     results: &mut Vec<LineResult>,
 ) -> Option<Fault> {
-    let base = results.len();
-    let asked = lines.len();
+    let mut replies = Replies {
+        framing: cfg.framing,
+        asked: lines.len(),
+        base: results.len(),
+        results,
+        head_start: Instant::now(),
+    };
     let out = encode_tasks(lines, cfg.framing);
     let mut written = 0;
-    let mut head_start = Instant::now();
     let timeout = cfg.timeout_ms.map(Duration::from_millis);
     loop {
-        if let Err(f) = take_replies(fw, cfg.framing, asked, base, results, &mut head_start) {
+        if let Err(f) = replies.take(fw) {
             return Some(f);
         }
-        if results.len() - base == asked {
+        if replies.complete() {
             if fw.rbuf.is_empty() {
                 return None;
             }
@@ -430,7 +438,7 @@ fn exchange(
                 common::preview(&fw.rbuf)
             )));
         }
-        let deadline = timeout.map(|t| head_start + t);
+        let deadline = timeout.map(|t| replies.head_start + t);
         let (exited, readable, writable) = {
             let mut fds = vec![
                 PollFd::new(&fw.w.pidfd, PollFlags::IN),
@@ -460,16 +468,16 @@ fn exchange(
                 // It closed its stdin, or died.
                 Err(_) => {
                     fw.stdin = None;
-                    return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+                    return replies.wind_down(fw);
                 }
             }
         }
         if readable && !proc::read_some(&mut fw.stdout, &mut fw.rbuf) {
             // End of its stdout: it exited or closed it.
-            return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+            return replies.wind_down(fw);
         }
         if exited && !readable {
-            return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+            return replies.wind_down(fw);
         }
     }
 }
