@@ -216,26 +216,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn rss_bytes() -> u64 {
+/// The amount of memory that line `field` (`VmRSS:`, ...) of /proc/self/status gives, in
+/// bytes (0 when it cannot be read).
+fn status_bytes(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
 
+fn rss_bytes() -> u64 {
+    status_bytes("VmRSS:")
+}
+
 /// The parent's peak resident memory since the last [`reset_peak_rss`].
 fn peak_rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    status_bytes("VmHWM:")
 }
 
 /// Resets the peak that [`peak_rss_bytes`] reads to the current resident memory.
 fn reset_peak_rss() -> Result<(), String> {
     std::fs::write("/proc/self/clear_refs", "5").map_err(|e| format!("reset peak RSS: {e}"))
+}
+
+/// Times `map_with(square, 0..n, opts)` on `p`, then shuts `p` down: tasks per second.
+fn square_rate(p: Pool, n: u64, opts: Options<Vec<u64>>) -> Measured {
+    let t = Instant::now();
+    let v = p.map_with(square, 0..n, opts).map_err(|e| e.to_string())?;
+    let dt = t.elapsed().as_secs_f64();
+    finish(p)?;
+    Ok((v.len() as f64 / dt, "tasks/s"))
 }
 
 fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
@@ -258,13 +269,7 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
         "map_tiny_chunk1" => {
             let p = pool(method, 2)?;
             p.map(square, 0..100u64).map_err(err)?;
-            let t = Instant::now();
-            let v = p
-                .map_with(square, 0..s.tiny_chunk1, Options::new().chunksize(1))
-                .map_err(err)?;
-            let dt = t.elapsed().as_secs_f64();
-            finish(p)?;
-            Ok((v.len() as f64 / dt, "tasks/s"))
+            square_rate(p, s.tiny_chunk1, Options::new().chunksize(1))
         }
         "map_tiny_64w" => {
             // map_tiny_chunk1 with 64 workers on however few cores: the pool's cost per
@@ -272,13 +277,7 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             let p = pool(method, 64)?;
             p.map_with(square, 0..6400u64, Options::new().chunksize(1))
                 .map_err(err)?;
-            let t = Instant::now();
-            let v = p
-                .map_with(square, 0..s.tiny_chunk1, Options::new().chunksize(1))
-                .map_err(err)?;
-            let dt = t.elapsed().as_secs_f64();
-            finish(p)?;
-            Ok((v.len() as f64 / dt, "tasks/s"))
+            square_rate(p, s.tiny_chunk1, Options::new().chunksize(1))
         }
         "map_10m_memory" => {
             // The parent's peak memory growth over a map of many tiny items, against the
@@ -299,11 +298,7 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
         "map_tiny_auto" => {
             let p = pool(method, 2)?;
             p.map(square, 0..100u64).map_err(err)?;
-            let t = Instant::now();
-            let v = p.map(square, 0..s.tiny_auto).map_err(err)?;
-            let dt = t.elapsed().as_secs_f64();
-            finish(p)?;
-            Ok((v.len() as f64 / dt, "tasks/s"))
+            square_rate(p, s.tiny_auto, Options::new())
         }
         "echo_1mib" => {
             let p = pool(method, 2)?;
@@ -350,25 +345,15 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
                 .allow_fork_with_threads(true)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let t = Instant::now();
-            let v = p
-                .map_with(square, 0..s.recycle_tasks, Options::new().chunksize(1))
-                .map_err(err)?;
-            let dt = t.elapsed().as_secs_f64();
-            finish(p)?;
-            Ok((v.len() as f64 / dt, "tasks/s"))
+            square_rate(p, s.recycle_tasks, Options::new().chunksize(1))
         }
         "map_tiny_chunk1_timeout" => {
             // map_tiny_chunk1 with a time limit on every task (never reached): the cost of
             // the clock the pool keeps for each.
             let p = pool(method, 2)?;
             p.map(square, 0..100u64).map_err(err)?;
-            let t = Instant::now();
             let opts = Options::new().chunksize(1).timeout(Duration::from_secs(10));
-            let v = p.map_with(square, 0..s.tiny_chunk1, opts).map_err(err)?;
-            let dt = t.elapsed().as_secs_f64();
-            finish(p)?;
-            Ok((v.len() as f64 / dt, "tasks/s"))
+            square_rate(p, s.tiny_chunk1, opts)
         }
         "timeout_latency" => {
             // A task that sleeps forever under a 50 ms limit: the time from the limit to

@@ -1,17 +1,20 @@
 //! What `procpool run` and `procpool map` share: reading the input on a thread of its own,
-//! Ctrl-C, the progress bar, the summary line and the exit status.
+//! Ctrl-C, starting the pool and hearing from its tasks, the progress bar, the summary line
+//! and the exit status.
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, IsTerminal, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use procpool::{Options, Pool, PoolBuilder};
 
 /// Exit status for a usage error (as GNU parallel).
 pub(crate) const EXIT_USAGE: u8 = 255;
@@ -29,6 +32,57 @@ pub(crate) enum Ev {
     Done(u64),
     /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
+}
+
+/// Says `procpool CMD: MESSAGE` on stderr; the exit status of a usage error.
+pub(crate) fn usage_error(cmd: &str, message: &str) -> ExitCode {
+    eprintln!("procpool {cmd}: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// A pool builder with the chosen start method and, when given, `jobs` workers. The
+/// workers may be forks of this process although it runs threads (the input and signal
+/// threads).
+pub(crate) fn pool_builder(method: crate::Method, jobs: Option<usize>) -> PoolBuilder {
+    let builder = Pool::builder()
+        .start_method(method.into())
+        .allow_fork_with_threads(true);
+    match jobs {
+        Some(j) => builder.processes(j),
+        None => builder,
+    }
+}
+
+/// Builds the pool of `procpool CMD`; a failure is a usage error, said as `cannot start
+/// WHAT: ...`.
+pub(crate) fn start_pool(builder: PoolBuilder, cmd: &str, what: &str) -> Result<Pool, ExitCode> {
+    builder
+        .build()
+        .map_err(|e| usage_error(cmd, &format!("cannot start {what}: {e}")))
+}
+
+/// Task options whose callbacks send [`Ev::Done`]`(key)` when the task ends, whichever way.
+pub(crate) fn notify_done<T>(tx: &Sender<Ev>, key: u64) -> Options<T> {
+    let (tx1, tx2) = (tx.clone(), tx.clone());
+    Options::new()
+        .on_success(move |_| {
+            let _ = tx1.send(Ev::Done(key));
+        })
+        .on_error(move |_| {
+            let _ = tx2.send(Ev::Done(key));
+        })
+}
+
+/// The next event of the main loop: one already waiting, else (after `before_waiting`,
+/// which flushes what is buffered) the next one to come; `None` once every sender is gone.
+pub(crate) fn next_event(rx: &Receiver<Ev>, before_waiting: impl FnOnce()) -> Option<Ev> {
+    match rx.try_recv() {
+        Ok(ev) => Some(ev),
+        Err(_) => {
+            before_waiting();
+            rx.recv().ok()
+        }
+    }
 }
 
 /// Input items read ahead of the workers: at most this many...

@@ -18,7 +18,7 @@ use std::process::{ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
-use procpool::{AsyncResult, Options, Pool, TaskErrorKind};
+use procpool::{AsyncResult, TaskErrorKind};
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -340,65 +340,69 @@ fn encode_tasks(lines: &[ByteBuf], framing: Framing) -> Vec<u8> {
     out
 }
 
-/// Moves the complete replies in the worker's read buffer into `results` (`lines` asked,
-/// the first one at `base`). A reply beyond the last line asked is a fault.
-fn take_replies(
-    fw: &mut Foreign,
+/// The replies of one [`exchange`]: `asked` lines, whose results go into `results` from
+/// index `base` on.
+struct Replies<'r> {
     framing: Framing,
     asked: usize,
     base: usize,
-    results: &mut Vec<LineResult>,
-    head_start: &mut Instant,
-) -> Result<(), Fault> {
-    loop {
-        match parse_reply(&mut fw.rbuf, &mut fw.scanned, framing) {
-            Ok(Some(reply)) => {
-                if results.len() - base == asked {
-                    return Err(Fault::Garbage(format!(
-                        "a line nobody asked for: {}",
-                        common::preview(&reply)
-                    )));
-                }
-                results.push(LineResult::Ok {
-                    out: ByteBuf::from(reply),
-                    pid: fw.w.pid(),
-                    secs: head_start.elapsed().as_secs_f64(),
-                });
-                fw.answered += 1;
-                *head_start = Instant::now();
-            }
-            Ok(None) => return Ok(()),
-            Err(m) => return Err(Fault::Garbage(m)),
-        }
-    }
+    results: &'r mut Vec<LineResult>,
+    /// When the worker command began on the line it is answering now.
+    head_start: Instant,
 }
 
-/// After the worker command stopped taking input or closed its output: takes the replies
-/// it still wrote, then says how it ended (`None`: it had answered everything).
-fn wind_down(
-    fw: &mut Foreign,
-    framing: Framing,
-    asked: usize,
-    base: usize,
-    results: &mut Vec<LineResult>,
-    head_start: &mut Instant,
-) -> Option<Fault> {
-    while proc::readable_within(&fw.stdout, Duration::from_millis(200))
-        && proc::read_some(&mut fw.stdout, &mut fw.rbuf)
-    {}
-    if let Err(f) = take_replies(fw, framing, asked, base, results, head_start) {
-        return Some(f);
+impl Replies<'_> {
+    /// Every line asked has its reply.
+    fn complete(&self) -> bool {
+        self.results.len() - self.base == self.asked
     }
-    if results.len() - base == asked {
-        return None;
+
+    /// Moves the complete replies in the worker's read buffer into `results`. A reply
+    /// beyond the last line asked is a fault.
+    fn take(&mut self, fw: &mut Foreign) -> Result<(), Fault> {
+        loop {
+            match parse_reply(&mut fw.rbuf, &mut fw.scanned, self.framing) {
+                Ok(Some(reply)) => {
+                    if self.complete() {
+                        return Err(Fault::Garbage(format!(
+                            "a line nobody asked for: {}",
+                            common::preview(&reply)
+                        )));
+                    }
+                    self.results.push(LineResult::Ok {
+                        out: ByteBuf::from(reply),
+                        pid: fw.w.pid(),
+                        secs: self.head_start.elapsed().as_secs_f64(),
+                    });
+                    fw.answered += 1;
+                    self.head_start = Instant::now();
+                }
+                Ok(None) => return Ok(()),
+                Err(m) => return Err(Fault::Garbage(m)),
+            }
+        }
     }
-    Some(
-        if proc::readable_within(&fw.w.pidfd, Duration::from_secs(1)) {
-            Fault::Died
-        } else {
-            Fault::Closed
-        },
-    )
+
+    /// After the worker command stopped taking input or closed its output: takes the
+    /// replies it still wrote, then says how it ended (`None`: it had answered everything).
+    fn wind_down(&mut self, fw: &mut Foreign) -> Option<Fault> {
+        while proc::readable_within(&fw.stdout, Duration::from_millis(200))
+            && proc::read_some(&mut fw.stdout, &mut fw.rbuf)
+        {}
+        if let Err(f) = self.take(fw) {
+            return Some(f);
+        }
+        if self.complete() {
+            return None;
+        }
+        Some(
+            if proc::readable_within(&fw.w.pidfd, Duration::from_secs(1)) {
+                Fault::Died
+            } else {
+                Fault::Closed
+            },
+        )
+    }
 }
 
 /// Sends `lines` to the worker command and collects its replies into `results`, until all
@@ -410,17 +414,21 @@ fn exchange(
     lines: &[ByteBuf],
     results: &mut Vec<LineResult>,
 ) -> Option<Fault> {
-    let base = results.len();
-    let asked = lines.len();
+    let mut replies = Replies {
+        framing: cfg.framing,
+        asked: lines.len(),
+        base: results.len(),
+        results,
+        head_start: Instant::now(),
+    };
     let out = encode_tasks(lines, cfg.framing);
     let mut written = 0;
-    let mut head_start = Instant::now();
     let timeout = cfg.timeout_ms.map(Duration::from_millis);
     loop {
-        if let Err(f) = take_replies(fw, cfg.framing, asked, base, results, &mut head_start) {
+        if let Err(f) = replies.take(fw) {
             return Some(f);
         }
-        if results.len() - base == asked {
+        if replies.complete() {
             if fw.rbuf.is_empty() {
                 return None;
             }
@@ -430,7 +438,7 @@ fn exchange(
                 common::preview(&fw.rbuf)
             )));
         }
-        let deadline = timeout.map(|t| head_start + t);
+        let deadline = timeout.map(|t| replies.head_start + t);
         let (exited, readable, writable) = {
             let mut fds = vec![
                 PollFd::new(&fw.w.pidfd, PollFlags::IN),
@@ -460,16 +468,16 @@ fn exchange(
                 // It closed its stdin, or died.
                 Err(_) => {
                     fw.stdin = None;
-                    return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+                    return replies.wind_down(fw);
                 }
             }
         }
         if readable && !proc::read_some(&mut fw.stdout, &mut fw.rbuf) {
             // End of its stdout: it exited or closed it.
-            return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+            return replies.wind_down(fw);
         }
         if exited && !readable {
-            return wind_down(fw, cfg.framing, asked, base, results, &mut head_start);
+            return replies.wind_down(fw);
         }
     }
 }
@@ -610,10 +618,7 @@ const CRASH_LOOP: usize = 3;
 
 /// Runs `procpool map`.
 pub(crate) fn run(args: Args) -> ExitCode {
-    let fail = |m: String| {
-        eprintln!("procpool map: {m}");
-        ExitCode::from(common::EXIT_USAGE)
-    };
+    let fail = |m: String| common::usage_error("map", &m);
     if args.jobs == Some(0) {
         return fail("-j must be at least 1".into());
     }
@@ -645,22 +650,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
         init: args.init.clone(),
         tasks_per_child: args.max_tasks_per_child,
     };
-    let mut builder = Pool::builder()
-        .start_method(args.start_method.into())
-        .allow_fork_with_threads(true)
-        .initializer(map_init, (cfg,));
-    if let Some(j) = args.jobs {
-        builder = builder.processes(j);
-    }
+    let mut builder =
+        common::pool_builder(args.start_method, args.jobs).initializer(map_init, (cfg,));
     if let Some(k) = args.max_tasks_per_child {
         builder = builder.max_tasks_per_child(k);
     }
-    let pool = match builder.build() {
+    let pool = match common::start_pool(builder, "map", "the workers") {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("procpool map: cannot start the workers: {e}");
-            return ExitCode::from(common::EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     let sep = if args.null { 0 } else { b'\n' };
     let (tx, rx) = mpsc::channel::<Ev>();
@@ -810,18 +807,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 .collect();
             let key = next_key;
             next_key += 1;
-            let (tx1, tx2) = (tx.clone(), tx.clone());
-            let handle = pool.apply_async_with(
-                map_chunk,
-                (items,),
-                Options::new()
-                    .on_success(move |_| {
-                        let _ = tx1.send(Ev::Done(key));
-                    })
-                    .on_error(move |_| {
-                        let _ = tx2.send(Ev::Done(key));
-                    }),
-            );
+            let handle = pool.apply_async_with(map_chunk, (items,), common::notify_done(&tx, key));
             running.insert(key, (chunk, handle));
         }
         if !args.unordered {
@@ -837,15 +823,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
         {
             break;
         }
-        let ev = match rx.try_recv() {
-            Ok(ev) => ev,
-            Err(_) => {
-                let _ = out.flush();
-                match rx.recv() {
-                    Ok(ev) => ev,
-                    Err(_) => break,
-                }
-            }
+        let Some(ev) = common::next_event(&rx, || {
+            let _ = out.flush();
+        }) else {
+            break;
         };
         match ev {
             Ev::Item(item) => {

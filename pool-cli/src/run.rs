@@ -12,11 +12,11 @@ use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ChildStderr, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use procpool::{AsyncResult, Options, Pool, TaskError, TaskErrorKind};
+use procpool::{AsyncResult, TaskError, TaskErrorKind};
 use rustix::event::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -149,6 +149,43 @@ impl JobOutcome {
     }
 }
 
+/// A job's stdout and stderr, read as the command writes them, until each is closed.
+struct Pipes {
+    out: ChildStdout,
+    err: ChildStderr,
+    obuf: Vec<u8>,
+    ebuf: Vec<u8>,
+    o_open: bool,
+    e_open: bool,
+}
+
+impl Pipes {
+    /// Adds to `fds` one entry for each pipe still open: stdout's, then stderr's.
+    fn watch<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) {
+        if self.o_open {
+            fds.push(PollFd::new(&self.out, PollFlags::IN));
+        }
+        if self.e_open {
+            fds.push(PollFd::new(&self.err, PollFlags::IN));
+        }
+    }
+
+    /// Reads the pipes that polled ready: `ready` holds their entries in [`Pipes::watch`]'s
+    /// order.
+    fn read_ready(&mut self, ready: &[bool]) {
+        let mut i = 0;
+        if self.o_open {
+            if ready[i] {
+                self.o_open = proc::read_some(&mut self.out, &mut self.obuf);
+            }
+            i += 1;
+        }
+        if self.e_open && ready[i] {
+            self.e_open = proc::read_some(&mut self.err, &mut self.ebuf);
+        }
+    }
+}
+
 /// The pool task: runs one command and reports how it went.
 pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
     let start = common::unix_now();
@@ -174,10 +211,14 @@ pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
             };
         }
     };
-    let (mut out, mut err) = (
-        child.stdout.take().expect("piped"),
-        child.stderr.take().expect("piped"),
-    );
+    let mut pipes = Pipes {
+        out: child.stdout.take().expect("piped"),
+        err: child.stderr.take().expect("piped"),
+        obuf: Vec::new(),
+        ebuf: Vec::new(),
+        o_open: true,
+        e_open: true,
+    };
     let pid = child.id();
     let watched = match Watched::new(child) {
         Ok(w) => w,
@@ -186,19 +227,12 @@ pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
         }
     };
     let deadline = spec.timeout_ms.map(|ms| t0 + Duration::from_millis(ms));
-    let (mut obuf, mut ebuf) = (Vec::new(), Vec::new());
-    let (mut o_open, mut e_open) = (true, true);
     let mut exited = false;
     // Read both pipes as the command writes (so it never blocks on a full pipe) until it
     // exits or its time is up.
     while !exited {
         let mut fds = vec![PollFd::new(&watched.pidfd, PollFlags::IN)];
-        if o_open {
-            fds.push(PollFd::new(&out, PollFlags::IN));
-        }
-        if e_open {
-            fds.push(PollFd::new(&err, PollFlags::IN));
-        }
+        pipes.watch(&mut fds);
         match proc::poll_until(&mut fds, deadline) {
             Ok(true) => {}
             Ok(false) | Err(_) => break,
@@ -206,16 +240,7 @@ pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
         exited = ready[0];
-        let mut i = 1;
-        if o_open {
-            if ready[i] {
-                o_open = proc::read_some(&mut out, &mut obuf);
-            }
-            i += 1;
-        }
-        if e_open && ready[i] {
-            e_open = proc::read_some(&mut err, &mut ebuf);
-        }
+        pipes.read_ready(&ready[1..]);
     }
     let timed_out = !exited;
     let ended = if timed_out {
@@ -227,37 +252,23 @@ pub(crate) fn run_job(spec: JobSpec) -> JobOutcome {
     // The group is gone: the pipes reach end of file at once, unless something that left
     // the group holds them; that gets a second at most.
     let drain_until = Instant::now() + Duration::from_secs(1);
-    while o_open || e_open {
+    while pipes.o_open || pipes.e_open {
         let mut fds = Vec::new();
-        if o_open {
-            fds.push(PollFd::new(&out, PollFlags::IN));
-        }
-        if e_open {
-            fds.push(PollFd::new(&err, PollFlags::IN));
-        }
+        pipes.watch(&mut fds);
         if !matches!(proc::poll_until(&mut fds, Some(drain_until)), Ok(true)) {
             break;
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        let mut i = 0;
-        if o_open {
-            if ready[i] {
-                o_open = proc::read_some(&mut out, &mut obuf);
-            }
-            i += 1;
-        }
-        if e_open && ready[i] {
-            e_open = proc::read_some(&mut err, &mut ebuf);
-        }
+        pipes.read_ready(&ready);
     }
     JobOutcome {
         pid,
         ended,
         timed_out,
         error: None,
-        stdout: ByteBuf::from(obuf),
-        stderr: ByteBuf::from(ebuf),
+        stdout: ByteBuf::from(pipes.obuf),
+        stderr: ByteBuf::from(pipes.ebuf),
         start,
         secs: t0.elapsed().as_secs_f64(),
     }
@@ -346,10 +357,7 @@ struct Finished {
 
 /// Runs `procpool run`.
 pub(crate) fn run(args: Args) -> ExitCode {
-    let fail = |m: String| {
-        eprintln!("procpool run: {m}");
-        ExitCode::from(common::EXIT_USAGE)
-    };
+    let fail = |m: String| common::usage_error("run", &m);
     if args.jobs == Some(0) {
         return fail("-j must be at least 1".into());
     }
@@ -381,18 +389,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
     };
     let started = Instant::now();
     proc::become_subreaper();
-    let mut builder = Pool::builder()
-        .start_method(args.start_method.into())
-        .allow_fork_with_threads(true);
-    if let Some(j) = args.jobs {
-        builder = builder.processes(j);
-    }
-    let pool = match builder.build() {
+    let builder = common::pool_builder(args.start_method, args.jobs);
+    let pool = match common::start_pool(builder, "run", "the pool") {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("procpool run: cannot start the pool: {e}");
-            return ExitCode::from(common::EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     let (tx, rx) = mpsc::channel::<Ev>();
     let gate = common::spawn_reader(input, if args.null { 0 } else { b'\n' }, tx.clone());
@@ -491,19 +491,8 @@ pub(crate) fn run(args: Args) -> ExitCode {
             };
             let key = next_key;
             next_key += 1;
-            let tx = tx.clone();
-            let tx2 = tx.clone();
-            let handle = pool.apply_async_with(
-                run_job,
-                (job.spec.clone(),),
-                Options::new()
-                    .on_success(move |_| {
-                        let _ = tx.send(Ev::Done(key));
-                    })
-                    .on_error(move |_| {
-                        let _ = tx2.send(Ev::Done(key));
-                    }),
-            );
+            let handle =
+                pool.apply_async_with(run_job, (job.spec.clone(),), common::notify_done(&tx, key));
             running.insert(key, (job, handle));
         }
         if running.is_empty()
@@ -511,18 +500,13 @@ pub(crate) fn run(args: Args) -> ExitCode {
         {
             break;
         }
-        let ev = match rx.try_recv() {
-            Ok(ev) => ev,
-            Err(_) => {
-                let _ = out.flush();
-                if let Some(j) = joblog.as_mut() {
-                    let _ = j.flush();
-                }
-                match rx.recv() {
-                    Ok(ev) => ev,
-                    Err(_) => break,
-                }
+        let Some(ev) = common::next_event(&rx, || {
+            let _ = out.flush();
+            if let Some(j) = joblog.as_mut() {
+                let _ = j.flush();
             }
+        }) else {
+            break;
         };
         match ev {
             Ev::Item(item) => {

@@ -72,6 +72,14 @@ fn lines(n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `lines(n)`, then `middle`, then `lines(n)` again.
+fn lines_around(middle: &[u8], n: usize) -> Vec<u8> {
+    let mut input = lines(n);
+    input.extend_from_slice(middle);
+    input.extend_from_slice(&lines(n));
+    input
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
@@ -156,6 +164,60 @@ fn sigint(child: &Child) {
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
 }
 
+/// Sends SIGINT to `child`, waits for it (up to 10 s) and checks that it says it was
+/// stopped by SIGINT and exits with status 130.
+fn interrupt(child: Child, what: &str) -> Output {
+    sigint(&child);
+    let out = finish(child, what, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_stderr_has(&out, "stopped by SIGINT");
+    out
+}
+
+fn assert_stderr_has(out: &Output, needle: &str) {
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
+/// Checks that, within `limit`, no process's command line contains `marker`.
+fn assert_none_left(marker: &str, limit: Duration) {
+    assert!(
+        eventually(limit, || processes_with(marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(marker)
+    );
+}
+
+/// The Python worker script of [`scratch`], in its private directory.
+struct Worker {
+    dir: PathBuf,
+    script: String,
+}
+
+impl Worker {
+    fn new(name: &str) -> Self {
+        let dir = scratch(name);
+        let script = dir.join("worker.py").to_str().unwrap().to_string();
+        Worker { dir, script }
+    }
+
+    /// `map OPTIONS -- python3 worker.py DIR`.
+    fn map_args<'a>(&'a self, options: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["map"];
+        args.extend_from_slice(options);
+        args.extend(["--", "python3", &self.script, self.dir.to_str().unwrap()]);
+        args
+    }
+
+    /// Runs `procpool map OPTIONS -- python3 worker.py DIR` on `input`.
+    fn map(&self, options: &[&str], input: &[u8]) -> Output {
+        procpool(&self.map_args(options), input)
+    }
+
+    fn remove(self) {
+        let _ = std::fs::remove_dir_all(self.dir);
+    }
+}
+
 #[test]
 fn run_keeps_input_order_over_1000_jobs() {
     let out = procpool(
@@ -165,11 +227,7 @@ fn run_keeps_input_order_over_1000_jobs() {
     assert!(out.status.success(), "{}", stderr(&out));
     let expected: String = (1..=1000).map(|i| format!("line {i}\n")).collect();
     assert_eq!(stdout(&out), expected);
-    assert!(
-        stderr(&out).contains("procpool run: 1000 jobs, 0 failed"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "procpool run: 1000 jobs, 0 failed");
 }
 
 #[test]
@@ -232,11 +290,7 @@ fn run_reports_failures_in_json_and_the_exit_status_counts_them() {
         assert_eq!(r["exit_code"], i64::from(fails));
         assert_eq!(r["command"][4], n.to_string());
     }
-    assert!(
-        stderr(&out).contains("9 jobs, 3 failed, 3 retries"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "9 jobs, 3 failed, 3 retries");
 }
 
 #[test]
@@ -269,11 +323,7 @@ fn run_timeout_kills_the_whole_process_group() {
     assert_eq!(r["timed_out"], true, "{r}");
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("timed out"), "{r}");
-    assert!(
-        eventually(Duration::from_secs(2), || processes_with(marker).is_empty()),
-        "left behind: {:?}",
-        processes_with(marker)
-    );
+    assert_none_left(marker, Duration::from_secs(2));
 }
 
 #[test]
@@ -310,21 +360,9 @@ fn run_writes_a_joblog() {
 
 #[test]
 fn map_recycles_worker_commands_after_k_tasks() {
-    let dir = scratch("recycle");
-    let script = dir.join("worker.py");
-    let out = procpool(
-        &[
-            "map",
-            "-j",
-            "2",
-            "--max-tasks-per-child",
-            "3",
-            "--json",
-            "--",
-            "python3",
-            script.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ],
+    let worker = Worker::new("recycle");
+    let out = worker.map(
+        &["-j", "2", "--max-tasks-per-child", "3", "--json"],
         &lines(30),
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -344,29 +382,14 @@ fn map_recycles_worker_commands_after_k_tasks() {
     }
     assert!(per_pid.values().all(|&n| n <= 3), "{per_pid:?}");
     assert!(per_pid.len() >= 10, "{per_pid:?}");
-    assert!(stderr(&out).contains("recycles"), "{}", stderr(&out));
-    let _ = std::fs::remove_dir_all(dir);
+    assert_stderr_has(&out, "recycles");
+    worker.remove();
 }
 
 #[test]
 fn map_reports_the_line_that_crashed_its_worker_and_goes_on() {
-    let dir = scratch("crash");
-    let script = dir.join("worker.py");
-    let mut input = lines(20);
-    input.extend_from_slice(b"boom\n");
-    input.extend_from_slice(&lines(20));
-    let out = procpool(
-        &[
-            "map",
-            "-j",
-            "2",
-            "--",
-            "python3",
-            script.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ],
-        &input,
-    );
+    let worker = Worker::new("crash");
+    let out = worker.map(&["-j", "2"], &lines_around(b"boom\n", 20));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let text = stdout(&out);
     let got: Vec<&str> = text.lines().collect();
@@ -387,28 +410,14 @@ fn map_reports_the_line_that_crashed_its_worker_and_goes_on() {
     assert!(err.contains("line 21 (\"boom\") failed"), "{err}");
     assert!(err.contains("exited with status 3"), "{err}");
     assert!(err.contains("41 lines, 1 failed"), "{err}");
-    let _ = std::fs::remove_dir_all(dir);
+    worker.remove();
 }
 
 #[test]
 fn map_times_out_a_hung_worker_and_retries_the_line_on_a_fresh_one() {
-    let dir = scratch("hang");
-    let script = dir.join("worker.py");
-    let out = procpool(
-        &[
-            "map",
-            "-j",
-            "2",
-            "--timeout",
-            "500ms",
-            "--retries",
-            "1",
-            "--json",
-            "--",
-            "python3",
-            script.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ],
+    let worker = Worker::new("hang");
+    let out = worker.map(
+        &["-j", "2", "--timeout", "500ms", "--retries", "1", "--json"],
         b"1\nhang-once\n3\nhang\n5\n",
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -436,15 +445,8 @@ fn map_times_out_a_hung_worker_and_retries_the_line_on_a_fresh_one() {
     for i in [0, 2, 4] {
         assert_eq!(recs[i]["ok"], true, "{}", recs[i]);
     }
-    assert!(
-        eventually(Duration::from_secs(2), || processes_with(
-            script.to_str().unwrap()
-        )
-        .is_empty()),
-        "{:?}",
-        processes_with(script.to_str().unwrap())
-    );
-    let _ = std::fs::remove_dir_all(dir);
+    assert_none_left(&worker.script, Duration::from_secs(2));
+    worker.remove();
 }
 
 #[test]
@@ -535,84 +537,40 @@ fn sigint_stops_run_and_leaves_no_process() {
             >= 4),
         "the jobs did not start"
     );
-    sigint(&child);
-    let out = finish(child, "run (SIGINT)", Duration::from_secs(10));
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("stopped by SIGINT"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        eventually(Duration::from_secs(1), || processes_with(marker).is_empty()),
-        "left behind: {:?}",
-        processes_with(marker)
-    );
+    interrupt(child, "run (SIGINT)");
+    assert_none_left(marker, Duration::from_secs(1));
 }
 
 #[test]
 fn sigint_stops_map_and_leaves_no_process() {
-    let dir = scratch("sigint");
-    let script = dir.join("worker.py");
-    let mut input = lines(10);
-    input.extend_from_slice(b"hang\nhang\n");
-    input.extend_from_slice(&lines(10));
+    let worker = Worker::new("sigint");
     let child = start(
-        &[
-            "map",
-            "-j",
-            "2",
-            "--chunk-size",
-            "1",
-            "--",
-            "python3",
-            script.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ],
-        input,
+        &worker.map_args(&["-j", "2", "--chunk-size", "1"]),
+        lines_around(b"hang\nhang\n", 10),
     );
-    let s = script.to_str().unwrap().to_string();
+    let s = &worker.script;
     assert!(
-        eventually(Duration::from_secs(10), || processes_with(&s).len() >= 3),
+        eventually(Duration::from_secs(10), || processes_with(s).len() >= 3),
         "the workers did not start"
     );
     std::thread::sleep(Duration::from_millis(300));
-    sigint(&child);
-    let out = finish(child, "map (SIGINT)", Duration::from_secs(10));
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("stopped by SIGINT"),
-        "{}",
-        stderr(&out)
-    );
+    interrupt(child, "map (SIGINT)");
     // Only procpool's own command line names the script: once it is gone, nothing is.
-    assert!(
-        eventually(Duration::from_secs(1), || processes_with(&s).is_empty()),
-        "left behind: {:?}",
-        processes_with(&s)
-    );
-    let _ = std::fs::remove_dir_all(dir);
+    assert_none_left(s, Duration::from_secs(1));
+    worker.remove();
 }
 
 #[test]
 fn bad_input_is_a_clear_error() {
     let out = procpool(&["run", "--", "no-such-command-here"], b"1\n");
     assert_eq!(out.status.code(), Some(255));
-    assert!(
-        stderr(&out).contains("no-such-command-here"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "no-such-command-here");
     let out = procpool(&["map", "--", "no-such-command-here"], b"1\n");
     assert_eq!(out.status.code(), Some(255));
-    assert!(
-        stderr(&out).contains("command not found"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "command not found");
     let out = procpool(&["run", "--arg-file", "/no/such/file", "echo"], b"");
     assert_eq!(out.status.code(), Some(255));
-    assert!(stderr(&out).contains("/no/such/file"), "{}", stderr(&out));
+    assert_stderr_has(&out, "/no/such/file");
     let out = procpool(&["run", "--no-such-flag", "echo"], b"");
     assert_eq!(out.status.code(), Some(255));
     let out = procpool(&["map", "--timeout", "soon", "cat"], b"");
@@ -628,11 +586,7 @@ fn bad_input_is_a_clear_error() {
     big.push(b'\n');
     let out = procpool(&["run", "echo"], &big);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("Argument list too long"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_has(&out, "Argument list too long");
 }
 
 #[test]

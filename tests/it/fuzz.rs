@@ -17,7 +17,9 @@ use pool_spawn::task::{ItemError, ItemErrorKind};
 use procpool::{StartMethod, TaskErrorKind};
 use serde_bytes::ByteBuf;
 
-use crate::util::{METHODS, alive, builder, square, wait_for, write_to_channel};
+use crate::util::{
+    METHODS, alive, builder, env_number, rss_kib, seed_from_env, square, wait_for, write_to_channel,
+};
 
 struct Rng(u64);
 
@@ -148,15 +150,6 @@ fn input(seed: u64, n: u64, ids: u64, cut_one_in: u64) -> Vec<u8> {
     v
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// What a fuzz run came to.
 #[derive(Debug, Default)]
 struct Figures {
@@ -253,19 +246,8 @@ fn hostile_worker_fuzz() {
 #[test]
 #[ignore = "long: cargo xtask fuzz"]
 fn fuzz_long() {
-    let inputs: u64 = std::env::var("PROCPOOL_FUZZ_INPUTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let seed: u64 = std::env::var("PROCPOOL_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let inputs = env_number("PROCPOOL_FUZZ_INPUTS").unwrap_or(1_000_000);
+    let seed = seed_from_env("PROCPOOL_FUZZ_SEED");
     println!("fuzz: seed {seed}, {inputs} inputs (rerun: cargo xtask fuzz --seed {seed})");
     let t = Instant::now();
     let mut f = Figures::default();

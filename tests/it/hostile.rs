@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use procpool::TaskErrorKind;
 
 use crate::util::{
-    METHODS, builder, shut_down, square, write_to_channel, write_to_channel_and_wait,
+    METHODS, builder, rss_kib, shut_down, square, write_to_channel, write_to_channel_and_wait,
 };
 
 #[test]
@@ -52,16 +52,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// The parent's resident memory, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// A complete frame: little-endian length, then `payload`.

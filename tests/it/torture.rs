@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use procpool::{Options, Pool, StartMethod, TaskError, TaskErrorKind};
 use serde_bytes::ByteBuf;
 
-use crate::util::{METHODS, builder, shut_down};
+use crate::util::{METHODS, builder, env_number, seed_from_env, shut_down};
 
 /// One item: the runs file, its id, its payload.
 type Item = (String, u64, ByteBuf);
@@ -220,6 +220,16 @@ pub(crate) fn round(r: Round) -> Figures {
         let want = transform(id, &payload(r.seed, id, r.max_payload));
         assert!(*got.1 == want, "{what}: wrong result for item {id}");
     };
+    // How item `id` came out: its result (checked, its bytes counted) or its worker lost.
+    let outcome = |id: u64, got: Result<(u64, ByteBuf), TaskError>, figures: &mut Figures| match got
+    {
+        Ok(v) => {
+            check(id, &v);
+            figures.bytes += v.1.len() as u64;
+            Outcome::Ok
+        }
+        Err(e) => lost(&e, &what),
+    };
 
     let stop = AtomicBool::new(false);
     let kills = AtomicU64::new(0);
@@ -306,14 +316,7 @@ pub(crate) fn round(r: Round) -> Figures {
         );
         for (k, got) in imap.enumerate() {
             let i = imap_ids[k];
-            let o = match got {
-                Ok(v) => {
-                    check(i, &v);
-                    figures.bytes += v.1.len() as u64;
-                    Outcome::Ok
-                }
-                Err(e) => lost(&e, &what),
-            };
+            let o = outcome(i, got, &mut figures);
             assert!(outcomes.insert(i, o).is_none());
         }
         // imap_unordered, automatic chunks: the results carry their ids.
@@ -348,14 +351,7 @@ pub(crate) fn round(r: Round) -> Figures {
             let got = a
                 .get_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("{what}: apply {i} hangs ({e})"));
-            let o = match got {
-                Ok(v) => {
-                    check(i, &v);
-                    figures.bytes += v.1.len() as u64;
-                    Outcome::Ok
-                }
-                Err(e) => lost(&e, &what),
-            };
+            let o = outcome(i, got, &mut figures);
             assert!(outcomes.insert(i, o).is_none());
         }
         match map
@@ -492,19 +488,8 @@ fn torture_under_every_start_method() {
 #[test]
 #[ignore = "minutes long: cargo xtask torture"]
 fn torture_long() {
-    let secs: u64 = std::env::var("PROCPOOL_TORTURE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let seed: u64 = std::env::var("PROCPOOL_TORTURE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let secs = env_number("PROCPOOL_TORTURE_SECS").unwrap_or(120);
+    let seed = seed_from_env("PROCPOOL_TORTURE_SEED");
     println!("torture: seed {seed}, {secs} s");
     let t = Instant::now();
     let mut total = Figures::default();

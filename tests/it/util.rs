@@ -19,6 +19,31 @@ pub(crate) fn builder(method: StartMethod) -> PoolBuilder {
         .allow_fork_with_threads(true)
 }
 
+/// The parent's resident memory, in KiB.
+pub(crate) fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The number in environment variable `name`, when it holds one.
+pub(crate) fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+/// The seed in environment variable `name`, else one from the clock.
+pub(crate) fn seed_from_env(name: &str) -> u64 {
+    env_number(name).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    })
+}
+
 /// True while a process with this pid exists (zombies included).
 pub(crate) fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
