@@ -405,21 +405,19 @@ impl<T: DeserializeOwned> Receiver<T> {
             .map(|u| u.expect("a blocking receive yields a frame"))
     }
 
-    /// Like [`recv_with`](Receiver::recv_with), waiting at most `d`: `Ok(None)` if no
-    /// frame was complete by then (a partly received one stays buffered).
+    /// Waits at most `d` for something to receive, consuming nothing: true at once if bytes
+    /// are buffered (a frame or part of one) or the end of the stream was seen, else once
+    /// the channel is readable; false if `d` passed first. A peer that has chores for its
+    /// idle moments waits with it before a blocking receive.
     ///
     /// # Errors
     ///
-    /// As for [`recv_with`](Receiver::recv_with).
-    pub fn recv_timeout_with<U>(
-        &mut self,
-        d: Duration,
-        f: impl FnOnce(&[u8]) -> U,
-    ) -> Result<Option<U>> {
-        let wait = Instant::now()
-            .checked_add(d)
-            .map_or(Wait::Forever, Wait::Until);
-        self.next_with(wait, false, |p| Ok(f(p.as_slice())))
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) if `poll` fails.
+    pub fn wait_timeout(&self, d: Duration) -> Result<bool> {
+        if self.r.has_partial() || self.r.eof {
+            return Ok(true);
+        }
+        Ok(os::poll_one(self.fd.as_fd(), false, Some(d))?)
     }
 
     /// Like [`try_recv_buffered`](Receiver::try_recv_buffered), lending the payload to `f`

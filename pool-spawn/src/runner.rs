@@ -150,12 +150,16 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         // in place, its payload borrowed from the receive buffer; results that outgrow the
         // result area go out while it is still borrowed. A ring that carried large results
         // and has sat unused for RING_IDLE meanwhile gives its memory back.
-        let idle_wait = conn
-            .sender()
-            .ring_dirty_since()
-            .map(|since| (since + RING_IDLE).saturating_duration_since(Instant::now()));
+        if let Some(since) = conn.sender().ring_dirty_since() {
+            let wait = (since + RING_IDLE).saturating_duration_since(Instant::now());
+            // An error here shows again in the receive below.
+            if let Ok(false) = conn.receiver().wait_timeout(wait) {
+                conn.sender().release_idle_ring();
+                continue;
+            }
+        }
         let (tx, rx) = conn.halves();
-        let on_frame = |bytes: &[u8]| -> Step {
+        let step = rx.recv_with(|bytes: &[u8]| -> Step {
             match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
                 Ok(ToWorker::Exit) => Step::Exit,
                 Ok(ToWorker::Setup { .. }) => {
@@ -179,17 +183,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 }
                 Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
             }
-        };
-        let step = match idle_wait {
-            Some(wait) => match rx.recv_timeout_with(wait, on_frame) {
-                Ok(None) => {
-                    conn.sender().release_idle_ring();
-                    continue;
-                }
-                got => got.map(|step| step.expect("a frame arrived")),
-            },
-            None => rx.recv_with(on_frame),
-        };
+        });
         let step = match step {
             Ok(step) => step,
             Err(e) => match e.kind() {
