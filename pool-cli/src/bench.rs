@@ -92,6 +92,7 @@ pub(crate) enum Workload {
     /// 200k tiny tasks, automatic chunks.
     MapTinyAuto,
     /// 200 echoes of 1 MiB.
+    #[value(name = "echo_1mib", alias = "echo1mib")]
     Echo1mib,
     /// CPU-bound speedup, 2 workers against 1.
     CpuSpeedup,
@@ -109,6 +110,12 @@ pub(crate) enum Workload {
     TimeoutLatency,
     /// Cancel of a running task to its error.
     CancelLatency,
+    /// map_tiny_chunk1 with 64 workers, however few the cores.
+    #[value(name = "map_tiny_64w")]
+    MapTiny64w,
+    /// The parent's peak memory growth over a map of 10M tiny items.
+    #[value(name = "map_10m_memory")]
+    Map10mMemory,
 }
 
 impl Workload {
