@@ -342,3 +342,47 @@ fn large_typed_messages_reuse_buffers() {
         }
     });
 }
+
+#[test]
+fn an_idle_ring_gives_its_memory_back_only_once_drained() {
+    crate::helpers::bounded(60, || {
+        let cfg = Config::new().shm_threshold(Some(100_000));
+        let (mut a, mut b) = pool_ipc::duplex_with_config::<Msg, Msg>(cfg).unwrap();
+        assert_eq!(a.sender().ring_dirty_since(), None, "no ring yet");
+        a.send(&msg(1, 1 << 20)).unwrap();
+        assert!(a.sender().ring_dirty_since().is_some());
+        // Nothing is wiped while the peer has not taken the payload.
+        assert!(!a.sender().release_idle_ring());
+        assert!(a.sender().ring_dirty_since().is_some());
+        assert_eq!(b.recv().unwrap(), msg(1, 1 << 20));
+        assert!(a.sender().release_idle_ring());
+        assert_eq!(a.sender().ring_dirty_since(), None);
+        assert!(!a.sender().release_idle_ring(), "nothing left to give back");
+        // The ring still carries payloads, intact.
+        a.send(&msg(2, 1 << 20)).unwrap();
+        assert_eq!(b.recv().unwrap(), msg(2, 1 << 20));
+    });
+}
+
+#[test]
+fn wait_timeout_says_whether_something_can_be_received() {
+    crate::helpers::bounded(60, || {
+        let (mut a, mut b) = pool_ipc::duplex::<u32, u32>().unwrap();
+        let t = Instant::now();
+        assert!(
+            !b.receiver()
+                .wait_timeout(Duration::from_millis(50))
+                .unwrap()
+        );
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        a.send(&7).unwrap();
+        assert!(b.receiver().wait_timeout(Duration::from_secs(10)).unwrap());
+        // Nothing was consumed.
+        assert_eq!(b.recv().unwrap(), 7);
+        drop(a);
+        assert!(
+            b.receiver().wait_timeout(Duration::from_secs(10)).unwrap(),
+            "end of stream"
+        );
+    });
+}
