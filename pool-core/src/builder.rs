@@ -315,6 +315,7 @@ impl PoolBuilder {
             prefix: self.method.worker_name_prefix(),
             max_tasks: self.max_tasks_per_child,
             init,
+            init_pins: self.init_pins,
             ipc: pool_spawn::protocol::channel_config(),
             limits: protocol::Limits {
                 memory_cap: self.memory_limit_per_child,
@@ -352,7 +353,6 @@ impl PoolBuilder {
             method: self.method,
             next_id,
             task_timeout: self.task_timeout,
-            _init_pins: self.init_pins,
         })
     }
 }

@@ -4,12 +4,13 @@ use std::cell::RefCell;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pool_ipc::shm::{self, Segment};
+use pool_spawn::protocol::FdRef;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const STATE: usize = 0;
@@ -22,9 +23,11 @@ const LEN: usize = 64;
 /// file), so setting it in one process is seen at once in every other; waiters sleep on a
 /// futex. Unlike Python's, it can be passed straight to a task as an argument under every
 /// start method: it serializes as a reference to its owner's segment, which the worker maps
-/// when it decodes the argument. A pool keeps the segment open until every task (or
-/// initializer) it was passed to is done, so the caller may drop its `Event` right after
-/// submitting; the process that called [`Event::new`] must outlive those tasks.
+/// when it decodes the argument (the pool passes the segment's descriptor along with the
+/// task, so this works in a process that is not dumpable too). A pool keeps the segment
+/// open until every task (or initializer) it was passed to is done, so the caller may drop
+/// its `Event` right after submitting; the process that called [`Event::new`] must outlive
+/// those tasks.
 ///
 /// The typical use is a safe stop of running tasks, leaving the pool usable: tasks poll
 /// [`is_set`](Event::is_set) and return early once it is set.
@@ -137,10 +140,24 @@ thread_local! {
 }
 
 /// Keeps the segments of serialized events open while a task that refers to them is pending.
-#[derive(Default)]
-pub(crate) struct Pins(
-    #[allow(dead_code, reason = "held only to keep segments open")] Vec<Arc<Segment>>,
-);
+///
+/// An event's wire form names its place in this list (its slot), so that the descriptors
+/// passed with the message, in this order, tell the worker which is which.
+#[derive(Default, Clone)]
+pub(crate) struct Pins(Vec<Arc<Segment>>);
+
+impl Pins {
+    /// Duplicates of the segments' descriptors, in slot order, to pass with a message that
+    /// carries the encoding: at most as many as one message carries, and only up to the
+    /// first that cannot be duplicated (the events after it are opened through `/proc`).
+    pub(crate) fn fds(&self) -> Vec<OwnedFd> {
+        self.0
+            .iter()
+            .take(pool_ipc::fdpass::MAX_FDS)
+            .map_while(|seg| seg.as_fd().try_clone_to_owned().ok())
+            .collect()
+    }
+}
 
 /// Runs `encode`, collecting the events it serializes, so the caller can keep them open
 /// until a worker has decoded the bytes.
@@ -153,23 +170,32 @@ pub(crate) fn pinning<T>(encode: impl FnOnce() -> T) -> (T, Pins) {
 
 #[derive(Serialize, Deserialize)]
 struct Wire {
-    pid: u32,
-    fd: i32,
+    seg: FdRef,
     token: u64,
 }
 
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        PINS.with(|p| {
-            if let Some(v) = p.borrow_mut().as_mut()
-                && !v.iter().rev().take(8).any(|s| Arc::ptr_eq(s, &self.seg))
-            {
-                v.push(Arc::clone(&self.seg));
-            }
+        let slot = PINS.with(|p| {
+            let mut p = p.borrow_mut();
+            let v = p.as_mut()?;
+            // The same event many times over (in every item of a map, say) takes one slot.
+            let recent = v.len().saturating_sub(8);
+            let i = match v[recent..].iter().position(|s| Arc::ptr_eq(s, &self.seg)) {
+                Some(i) => recent + i,
+                None => {
+                    v.push(Arc::clone(&self.seg));
+                    v.len() - 1
+                }
+            };
+            u32::try_from(i).ok()
         });
         Wire {
-            pid: std::process::id(),
-            fd: self.seg.as_fd().as_raw_fd(),
+            seg: FdRef {
+                pid: std::process::id(),
+                fd: self.seg.as_fd().as_raw_fd(),
+                slot,
+            },
             token: self.token(),
         }
         .serialize(s)
@@ -184,11 +210,11 @@ impl<'de> Deserialize<'de> for Event {
             D::Error::custom(why)
         };
         let w = Wire::deserialize(d)?;
-        let seg = Segment::open_in_process(w.pid, w.fd).map_err(|e| {
+        let seg = w.seg.open().map_err(|e| {
             fail(format!(
                 "cannot open the Event shared by process {} (has it exited, or dropped the \
                  Event?): {e}",
-                w.pid
+                w.seg.pid
             ))
         })?;
         if seg.len() < LEN {
@@ -199,7 +225,7 @@ impl<'de> Deserialize<'de> for Event {
             return Err(fail(format!(
                 "process {} no longer holds this Event (it was dropped and its descriptor \
                  reused)",
-                w.pid
+                w.seg.pid
             )));
         }
         Ok(ev)

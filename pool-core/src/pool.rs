@@ -13,7 +13,6 @@ use pool_spawn::StartMethod;
 use crate::builder::PoolBuilder;
 use crate::driver::Shared;
 use crate::error::{BuildError, Error};
-use crate::event::Pins;
 use crate::metrics::Metrics;
 use serde::Serialize;
 
@@ -40,8 +39,6 @@ pub struct Pool {
     pub(crate) next_id: Arc<AtomicU64>,
     /// The time limit of tasks whose call sets none.
     pub(crate) task_timeout: Option<Duration>,
-    /// Events among the initializer's arguments: workers started later still open them.
-    pub(crate) _init_pins: Pins,
 }
 
 /// A live worker of a pool, as [`Pool::workers`] lists it.

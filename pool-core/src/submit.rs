@@ -201,6 +201,7 @@ impl Pool {
             pins,
         } = enc;
         let n_sent = placement.sent();
+        let task_pins = pins.clone();
         let span = crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent);
         if n_sent == 0 {
             done(placement.merge(Vec::new(), base));
@@ -239,6 +240,7 @@ impl Pool {
         sub.group.add(id);
         let rec = TaskRec {
             frame: Some(frame),
+            pins: task_pins,
             spans,
             sink,
             first: 0,

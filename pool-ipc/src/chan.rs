@@ -288,7 +288,7 @@ impl<T> Receiver<T> {
     ///
     /// As for [`recv`](Receiver::recv), minus decoding.
     pub fn recv_frame(&mut self) -> Result<Vec<u8>> {
-        self.next_with(Wait::Forever, true, |p| Ok(p.into_vec()))
+        self.next_with(Wait::Forever, true, |p, _| Ok(p.into_vec()))
             .map(|v| v.expect("a blocking receive returns a frame or an error"))
     }
 
@@ -299,7 +299,7 @@ impl<T> Receiver<T> {
     ///
     /// As for [`recv`](Receiver::recv), minus decoding.
     pub fn try_recv_frame(&mut self) -> Result<Option<Vec<u8>>> {
-        self.next_with(Wait::Never, true, |p| Ok(p.into_vec()))
+        self.next_with(Wait::Never, true, |p, _| Ok(p.into_vec()))
     }
 
     /// Whether part of a frame has been read but not yet returned.
@@ -312,22 +312,26 @@ impl<T> Receiver<T> {
         Arc::into_inner(self.fd).expect("a Receiver's fd is only shared inside a Duplex")
     }
 
-    /// Waits for the next payload and hands it to `f`. With `owned` false, a payload in
-    /// its own buffer is lent to `f` and the buffer is kept for reuse.
+    /// Waits for the next payload and hands it to `f`, with the descriptors passed with it
+    /// (closed unless `f` keeps them). With `owned` false, a payload in its own buffer is
+    /// lent to `f` and the buffer is kept for reuse.
     fn next_with<U>(
         &mut self,
         wait: Wait,
         owned: bool,
-        f: impl FnOnce(Payload<'_>) -> Result<U>,
+        f: impl FnOnce(Payload<'_>, Vec<OwnedFd>) -> Result<U>,
     ) -> Result<Option<U>> {
         loop {
             match self.r.next()? {
                 Next::Inline(s, l) => {
-                    return f(Payload::Borrowed(&self.r.buf()[s..s + l])).map(Some);
+                    let fds = self.r.take_frame_fds();
+                    return f(Payload::Borrowed(&self.r.buf()[s..s + l]), fds).map(Some);
                 }
-                Next::Owned(v) if owned => return f(Payload::Owned(v)).map(Some),
+                Next::Owned(v) if owned => {
+                    return f(Payload::Owned(v), self.r.take_frame_fds()).map(Some);
+                }
                 Next::Owned(v) => {
-                    let r = f(Payload::Borrowed(&v));
+                    let r = f(Payload::Borrowed(&v), self.r.take_frame_fds());
                     self.r.recycle(v);
                     return r.map(Some);
                 }
@@ -380,7 +384,7 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///   a shm-mode frame is malformed;
     /// * [`ErrorKind::Io`](crate::ErrorKind::Io): a read failed.
     pub fn recv(&mut self) -> Result<T> {
-        self.next_with(Wait::Forever, false, |p| frame::decode(p.as_slice()))
+        self.next_with(Wait::Forever, false, |p, _| frame::decode(p.as_slice()))
             .map(|v| v.expect("a blocking receive returns a message or an error"))
     }
 
@@ -391,7 +395,7 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// As for [`recv`](Receiver::recv).
     pub fn try_recv(&mut self) -> Result<Option<T>> {
-        self.next_with(Wait::Never, false, |p| frame::decode(p.as_slice()))
+        self.next_with(Wait::Never, false, |p, _| frame::decode(p.as_slice()))
     }
 
     /// Receives the next frame, blocking until one is complete, and lends its payload to
@@ -401,7 +405,19 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// As for [`recv`](Receiver::recv), but no `Decode` error: that is `f`'s business.
     pub fn recv_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<U> {
-        self.next_with(Wait::Forever, false, |p| Ok(f(p.as_slice())))
+        self.next_with(Wait::Forever, false, |p, _| Ok(f(p.as_slice())))
+            .map(|u| u.expect("a blocking receive yields a frame"))
+    }
+
+    /// Like [`recv_with`](Receiver::recv_with), also handing `f` the descriptors passed
+    /// with the frame (see [`Config::accept_fds`]; none without it). Those `f` drops are
+    /// closed.
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv_with`](Receiver::recv_with).
+    pub fn recv_with_fds<U>(&mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> U) -> Result<U> {
+        self.next_with(Wait::Forever, false, |p, fds| Ok(f(p.as_slice(), fds)))
             .map(|u| u.expect("a blocking receive yields a frame"))
     }
 
@@ -427,7 +443,7 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// As for [`recv_with`](Receiver::recv_with).
     pub fn try_recv_buffered_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<Option<U>> {
-        self.next_with(Wait::Buffered, false, |p| Ok(f(p.as_slice())))
+        self.next_with(Wait::Buffered, false, |p, _| Ok(f(p.as_slice())))
     }
 
     /// Returns a message only if one is already complete in the read buffer, without any
@@ -441,7 +457,7 @@ impl<T: DeserializeOwned> Receiver<T> {
     /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) for a buffered frame, as
     /// for [`recv`](Receiver::recv). End of stream is left for the next `recv` to report.
     pub fn try_recv_buffered(&mut self) -> Result<Option<T>> {
-        self.next_with(Wait::Buffered, false, |p| frame::decode(p.as_slice()))
+        self.next_with(Wait::Buffered, false, |p, _| frame::decode(p.as_slice()))
     }
 
     /// Receives a message, waiting at most `d`; `Ok(None)` on timeout.
@@ -452,7 +468,7 @@ impl<T: DeserializeOwned> Receiver<T> {
     pub fn recv_timeout(&mut self, d: Duration) -> Result<Option<T>> {
         let deadline = Instant::now().checked_add(d);
         let wait = deadline.map_or(Wait::Forever, Wait::Until);
-        self.next_with(wait, false, |p| frame::decode(p.as_slice()))
+        self.next_with(wait, false, |p, _| frame::decode(p.as_slice()))
     }
 }
 
@@ -626,6 +642,15 @@ impl<S: ?Sized, R: DeserializeOwned> Duplex<S, R> {
     /// As for [`Receiver::recv_with`].
     pub fn recv_with<U>(&mut self, f: impl FnOnce(&[u8]) -> U) -> Result<U> {
         self.rx.recv_with(f)
+    }
+
+    /// See [`Receiver::recv_with_fds`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Receiver::recv_with_fds`].
+    pub fn recv_with_fds<U>(&mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> U) -> Result<U> {
+        self.rx.recv_with_fds(f)
     }
 
     /// See [`Receiver::try_recv_buffered_with`].

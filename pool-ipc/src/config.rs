@@ -20,6 +20,7 @@ pub struct Config {
     pub(crate) max_frame_len: usize,
     pub(crate) shm_threshold: Option<usize>,
     pub(crate) announce_above: Option<usize>,
+    pub(crate) accept_fds: bool,
 }
 
 impl Default for Config {
@@ -36,6 +37,7 @@ impl Config {
             max_frame_len: 1 << 30,
             shm_threshold: None,
             announce_above: None,
+            accept_fds: false,
         }
     }
 
@@ -93,6 +95,20 @@ impl Config {
     /// require them). Values below 4096 are raised to 4096.
     pub fn announce_above(mut self, n: Option<usize>) -> Self {
         self.announce_above = n.map(|n| n.max(crate::frame::ANNOUNCE_MIN));
+        self
+    }
+
+    /// Accepts descriptors passed with frames (`false`, the default: refuses them).
+    ///
+    /// A sender attaches descriptors to a frame with
+    /// [`FramedConn::queue_with_fds`](crate::FramedConn::queue_with_fds); they travel as
+    /// `SCM_RIGHTS` on a control frame just before it. A receiver with this setting hands
+    /// them over with that frame ([`Receiver::recv_with_fds`](crate::Receiver::recv_with_fds));
+    /// one without it rejects the control frame with
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode), so a peer that is not trusted
+    /// cannot make it hold descriptors. Only for Unix sockets.
+    pub fn accept_fds(mut self, yes: bool) -> Self {
+        self.accept_fds = yes;
         self
     }
 

@@ -119,6 +119,23 @@ impl FramedConn {
         self.w.push_frame_copy(f);
     }
 
+    /// Like [`queue`](FramedConn::queue), passing `fds` with the frame (`SCM_RIGHTS`, at
+    /// most [`MAX_FDS`](crate::fdpass::MAX_FDS): the rest are dropped). The peer must
+    /// accept them ([`Config::accept_fds`]); it gets them with the frame from
+    /// [`Receiver::recv_with_fds`](crate::Receiver::recv_with_fds). The descriptors are
+    /// closed here once sent (pass duplicates to keep them).
+    pub fn queue_with_fds(&mut self, f: FrameBuf, fds: Vec<OwnedFd>) {
+        self.w.push_fds(fds);
+        self.w.push_frame(f);
+    }
+
+    /// [`queue_copy`](FramedConn::queue_copy) with descriptors, as
+    /// [`queue_with_fds`](FramedConn::queue_with_fds).
+    pub fn queue_copy_with_fds(&mut self, f: &FrameBuf, fds: Vec<OwnedFd>) {
+        self.w.push_fds(fds);
+        self.w.push_frame_copy(f);
+    }
+
     /// Encodes `m` as a frame at the end of the outbox. No syscall.
     ///
     /// # Errors

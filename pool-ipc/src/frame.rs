@@ -13,6 +13,9 @@
 //!   frame is a plain frame of `len` bytes. Sent before every frame above
 //!   [`Config::announce_above`]; a receiver with that setting refuses larger plain headers
 //!   that were not announced, so stray bytes cannot pass for a huge frame.
+//! * `4` (descriptors): `[4, 0, 0, 0, count: u32 LE]`: `count` descriptors arrive with this
+//!   frame as `SCM_RIGHTS`, for the next payload frame (see [`Config::accept_fds`]; not
+//!   tied to shm mode).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -41,6 +44,8 @@ pub(crate) const KIND_REGION: u8 = 1;
 pub(crate) const KIND_SHM_REF: u8 = 2;
 /// Control kind: the announcement of a large plain frame.
 pub(crate) const KIND_ANNOUNCE: u8 = 3;
+/// Control kind: descriptors for the next payload frame (fds attached).
+pub(crate) const KIND_FDS: u8 = 4;
 /// Mixed into an announcement's length to make its check word ("PROC").
 const ANNOUNCE_CHECK: u32 = 0x434f_5250;
 /// Bytes of an announcement frame (header and body).
@@ -70,6 +75,9 @@ const SCRATCH_COUNT: usize = 8;
 const MAX_IOV: usize = 64;
 /// Passed fds kept waiting for their control frame; a peer sending more loses the oldest.
 const MAX_PENDING_FDS: usize = 16;
+/// The same on a channel that accepts passed descriptors: room for a full message's worth
+/// beyond what a read may bring ahead of its control frame.
+const MAX_PENDING_FDS_ACCEPTING: usize = MAX_PENDING_FDS + 2 * crate::fdpass::MAX_FDS;
 
 /// A complete frame (header + payload), built once and then queued or sent without
 /// copying.
@@ -361,6 +369,15 @@ fn announce_frame(len: usize) -> [u8; ANNOUNCE_LEN] {
     f
 }
 
+/// A complete "descriptors" control frame, for `n` descriptors.
+fn fds_frame(n: usize) -> [u8; HEADER_LEN + 8] {
+    let mut f = [0u8; HEADER_LEN + 8];
+    f[..4].copy_from_slice(&(CONTROL_FLAG | 8).to_le_bytes());
+    f[4] = KIND_FDS;
+    f[8..].copy_from_slice(&(n as u32).to_le_bytes());
+    f
+}
+
 /// A complete "shm reference" control frame.
 fn shm_ref_frame(off: u64, len: usize) -> [u8; HEADER_LEN + 16] {
     let mut f = [0; HEADER_LEN + 16];
@@ -375,10 +392,10 @@ fn shm_ref_frame(off: u64, len: usize) -> [u8; HEADER_LEN + 16] {
 // Write half
 // ---------------------------------------------------------------------------------------
 
-/// One queued buffer; `fd`, if any, travels with the buffer's first byte.
+/// One queued buffer; `fds`, if any, travel with the buffer's first byte.
 struct Chunk {
     data: Vec<u8>,
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
     /// Whether small frames may be appended (false for a queued FrameBuf's own Vec).
     appendable: bool,
 }
@@ -468,7 +485,7 @@ impl WriteHalf {
             let data = std::mem::take(&mut self.spare);
             self.chunks.push_back(Chunk {
                 data,
-                fd: None,
+                fds: Vec::new(),
                 appendable: true,
             });
         }
@@ -560,13 +577,31 @@ impl WriteHalf {
             self.pending += data.len();
             self.chunks.push_back(Chunk {
                 data,
-                fd: Some(fd),
+                fds: vec![fd],
                 appendable: true,
             });
         }
         let f = shm_ref_frame(off, len);
         self.agg().extend_from_slice(&f);
         self.pending += f.len();
+    }
+
+    /// Queues `fds` (at most [`MAX_FDS`](crate::fdpass::MAX_FDS); more are dropped) for the
+    /// next payload frame queued: a control frame that carries them, sent with one
+    /// `sendmsg` of its own (later frames may join it, earlier ones do not).
+    pub(crate) fn push_fds(&mut self, mut fds: Vec<OwnedFd>) {
+        if fds.is_empty() {
+            return;
+        }
+        fds.truncate(crate::fdpass::MAX_FDS);
+        let mut data = std::mem::take(&mut self.spare);
+        data.extend_from_slice(&fds_frame(fds.len()));
+        self.pending += data.len();
+        self.chunks.push_back(Chunk {
+            data,
+            fds,
+            appendable: true,
+        });
     }
 
     /// Queues a pre-built frame.
@@ -613,7 +648,7 @@ impl WriteHalf {
         self.pending += data.len();
         self.chunks.push_back(Chunk {
             data,
-            fd: None,
+            fds: Vec::new(),
             appendable: false,
         });
     }
@@ -635,7 +670,7 @@ impl WriteHalf {
     /// One `writev`/`sendmsg` of what is queued. Returns bytes written (0 when empty).
     pub(crate) fn write_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
         while let Some(c) = self.chunks.front() {
-            if c.data.len() == self.front_off && c.fd.is_none() {
+            if c.data.len() == self.front_off && c.fds.is_empty() {
                 self.pop_front();
             } else {
                 break;
@@ -647,7 +682,7 @@ impl WriteHalf {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut n = 0;
         for (i, c) in self.chunks.iter().enumerate() {
-            if n == MAX_IOV || (i > 0 && c.fd.is_some()) {
+            if n == MAX_IOV || (i > 0 && !c.fds.is_empty()) {
                 break;
             }
             let s = if i == 0 {
@@ -660,14 +695,10 @@ impl WriteHalf {
                 n += 1;
             }
         }
-        let front_fd = self.chunks[0].fd.as_ref().map(|f| f.as_fd());
-        let fds: &[BorrowedFd<'_>] = match &front_fd {
-            Some(f) => std::slice::from_ref(f),
-            None => &[],
-        };
-        let written = os::write_once(fd, &iov[..n], self.socket, fds)?;
+        let fds: Vec<BorrowedFd<'_>> = self.chunks[0].fds.iter().map(AsFd::as_fd).collect();
+        let written = os::write_once(fd, &iov[..n], self.socket, &fds)?;
         if written > 0 {
-            self.chunks[0].fd = None;
+            self.chunks[0].fds.clear();
         }
         self.pending -= written;
         self.written += written as u64;
@@ -711,8 +742,16 @@ pub(crate) struct ReadHalf {
     /// End of stream was seen.
     pub(crate) eof: bool,
     max: usize,
-    /// Passed fds waiting for their "region" frame; `Some` iff shm mode is on.
+    /// Passed fds waiting for their control frame; `Some` iff shm mode is on or passed
+    /// descriptors are accepted.
     fds: Option<VecDeque<OwnedFd>>,
+    shm: bool,
+    /// Descriptors are accepted (see [`Config::accept_fds`]).
+    accept_fds: bool,
+    /// The descriptors a "descriptors" frame brought, until the payload frame after it.
+    attach: Option<Vec<OwnedFd>>,
+    /// The descriptors of the payload frame last returned by [`ReadHalf::next`].
+    frame_fds: Vec<OwnedFd>,
     ring: ring::Rx,
     /// Spare buffers for large payloads, handed back by [`ReadHalf::recycle`] (at most
     /// [`SCRATCH_COUNT`], [`SCRATCH_KEEP`] bytes of capacity in all).
@@ -725,7 +764,9 @@ pub(crate) struct ReadHalf {
 
 impl ReadHalf {
     pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> ReadHalf {
-        let shm = cfg.shm_threshold.is_some() && os::is_socket(fd);
+        let socket = os::is_socket(fd);
+        let shm = cfg.shm_threshold.is_some() && socket;
+        let accept_fds = cfg.accept_fds && socket;
         ReadHalf {
             buf: vec![0; READ_BUF_START].into_boxed_slice(),
             start: 0,
@@ -733,7 +774,11 @@ impl ReadHalf {
             big: None,
             eof: false,
             max: cfg.max_frame_len,
-            fds: shm.then(VecDeque::new),
+            fds: (shm || accept_fds).then(VecDeque::new),
+            shm,
+            accept_fds,
+            attach: None,
+            frame_fds: Vec::new(),
             ring: ring::Rx::new(),
             scratch: Vec::new(),
             announce: cfg.announce_above,
@@ -771,9 +816,26 @@ impl ReadHalf {
         }
     }
 
-    /// Whether part of a frame is buffered (an announcement counts: its frame is due).
+    /// Whether part of a frame is buffered (an announcement or descriptors count: their
+    /// frame is due).
     pub(crate) fn has_partial(&self) -> bool {
-        self.big.is_some() || self.start != self.end || self.announced.is_some()
+        self.big.is_some()
+            || self.start != self.end
+            || self.announced.is_some()
+            || self.attach.is_some()
+    }
+
+    /// Takes the descriptors passed with the payload frame last returned by
+    /// [`next`](ReadHalf::next) (those not taken are closed with the next frame).
+    pub(crate) fn take_frame_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.frame_fds)
+    }
+
+    /// A payload frame is being returned: the descriptors declared before it are its own.
+    fn attach_fds(&mut self) {
+        if self.accept_fds {
+            self.frame_fds = self.attach.take().unwrap_or_default();
+        }
     }
 
     /// The error for end of stream in the current state.
@@ -795,6 +857,7 @@ impl ReadHalf {
                 return Ok(Next::Pending);
             }
             let (v, _) = self.big.take().expect("checked above");
+            self.attach_fds();
             return Ok(Next::Owned(v));
         }
         loop {
@@ -836,7 +899,10 @@ impl ReadHalf {
                 }
                 self.start += HEADER_LEN + blen;
                 match self.control(&body[..blen])? {
-                    Some(v) => return Ok(Next::Owned(v)),
+                    Some(v) => {
+                        self.attach_fds();
+                        return Ok(Next::Owned(v));
+                    }
                     None => continue,
                 }
             }
@@ -861,6 +927,7 @@ impl ReadHalf {
                 let s = self.start + HEADER_LEN;
                 self.start = s + len;
                 self.announced = None;
+                self.attach_fds();
                 return Ok(Next::Inline(s, len));
             }
             if HEADER_LEN + len <= READ_BUF_LEN && HEADER_LEN + len > self.buf.len() - self.start {
@@ -909,7 +976,10 @@ impl ReadHalf {
 
     /// Handles a control frame body; returns a payload for a shm reference.
     fn control(&mut self, body: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(fds) = self.fds.as_mut() else {
+        if body[0] == KIND_FDS {
+            return self.passed_fds(body).map(|()| None);
+        }
+        let Some(fds) = self.fds.as_mut().filter(|_| self.shm) else {
             return Err(Error::msg(
                 ErrorKind::Decode,
                 "shared-memory frame received but shm mode is off",
@@ -942,6 +1012,38 @@ impl ReadHalf {
         }
     }
 
+    /// Handles a "descriptors" control frame: the descriptors that came with it wait for
+    /// the next payload frame.
+    fn passed_fds(&mut self, body: &[u8]) -> Result<()> {
+        let Some(q) = self.fds.as_mut().filter(|_| self.accept_fds) else {
+            return Err(Error::msg(
+                ErrorKind::Decode,
+                "descriptors passed on a channel that does not accept them",
+            ));
+        };
+        let mut n = [0; 4];
+        if body.len() != 8 || body[1..4] != [0, 0, 0] {
+            return Err(Error::msg(ErrorKind::Decode, "malformed descriptors frame"));
+        }
+        n.copy_from_slice(&body[4..8]);
+        let n = (u32::from_le_bytes(n) as usize).min(crate::fdpass::MAX_FDS);
+        // Fewer than announced when this process ran out of descriptors as they arrived
+        // (the kernel installs a prefix): the frame gets what came.
+        let got = n.min(q.len());
+        // A second set before any payload frame replaces (closes) the first.
+        self.attach = Some(q.drain(..got).collect());
+        Ok(())
+    }
+
+    /// Most descriptors one read may bring.
+    fn fd_room(&self) -> usize {
+        if self.accept_fds {
+            crate::fdpass::MAX_FDS
+        } else {
+            os::MAX_FDS_PER_READ
+        }
+    }
+
     /// One read from `fd` into the buffer (or the large frame in progress). Returns the
     /// byte count; 0 means end of stream and sets [`ReadHalf::eof`].
     pub(crate) fn read_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
@@ -951,8 +1053,9 @@ impl ReadHalf {
                 .is_none_or(|(v, filled)| *filled < v.len()),
             "next() takes a complete large frame before the next read"
         );
+        let room = self.fd_room();
         let n = if let Some((v, filled)) = &mut self.big {
-            let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut())?;
+            let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut(), room)?;
             *filled += n;
             n
         } else {
@@ -971,7 +1074,7 @@ impl ReadHalf {
             }
             let room = self.buf.len() - self.end;
             debug_assert!(room > 0, "a frame that fits the read buffer leaves room");
-            let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut())?;
+            let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut(), room)?;
             self.end += n;
             if n == room && self.buf.len() < READ_BUF_LEN {
                 // A burst: read in larger chunks from now on.
@@ -979,8 +1082,13 @@ impl ReadHalf {
             }
             n
         };
+        let keep = if self.accept_fds {
+            MAX_PENDING_FDS_ACCEPTING
+        } else {
+            MAX_PENDING_FDS
+        };
         if let Some(q) = self.fds.as_mut() {
-            while q.len() > MAX_PENDING_FDS {
+            while q.len() > keep {
                 q.pop_front();
             }
         }

@@ -113,21 +113,23 @@ pub(crate) fn poll_one(
     }
 }
 
-/// Most fds accepted in one `recvmsg` (extra ones are closed by the kernel).
+/// Most fds accepted in one `recvmsg` by default (extra ones are closed by the kernel).
 pub(crate) const MAX_FDS_PER_READ: usize = 8;
 
 /// Reads into `dst` once. With `fds` given, uses `recvmsg` and collects any passed fds
-/// (close-on-exec) into it. `EINTR` is retried; `EAGAIN` is returned as `Errno::AGAIN`.
+/// (close-on-exec, at most `max_fds`) into it. `EINTR` is retried; `EAGAIN` is returned as
+/// `Errno::AGAIN`.
 /// `ECONNRESET` (the peer died with unread data) is reported as end of stream.
 pub(crate) fn read_once(
     fd: BorrowedFd<'_>,
     dst: &mut [u8],
     mut fds: Option<&mut VecDeque<OwnedFd>>,
+    max_fds: usize,
 ) -> Result<usize, Errno> {
     loop {
         let r = match fds.as_deref_mut() {
             None => rustix::io::read(fd, &mut *dst),
-            Some(q) => recv_with_fds(fd, dst, MAX_FDS_PER_READ).map(|(n, got, _)| {
+            Some(q) => recv_with_fds(fd, dst, max_fds).map(|(n, got, _)| {
                 q.extend(got);
                 n
             }),

@@ -207,6 +207,66 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(t.tv_nsec as u64)
 }
 
+/// A memfd of the pool's process, for a worker to map: passed with the message that refers
+/// to it (`SCM_RIGHTS`, in slot `slot` of that message's descriptors), and reachable as
+/// `/proc/<pid>/fd/<fd>` too, for when it was not passed. That path opens only for a
+/// process allowed to trace the pool's (not when the pool's process is not dumpable, a
+/// setuid program's or a hardened service's, say), so a passed descriptor comes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRef {
+    /// The process that holds the descriptor.
+    pub pid: u32,
+    /// Its number in that process.
+    pub fd: i32,
+    /// Its place among the descriptors passed with the message, if it was passed.
+    pub slot: Option<u32>,
+}
+
+impl FdRef {
+    /// Maps the segment: the descriptor passed with the message a worker is decoding, if
+    /// there is one, else the `/proc` path.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Segment::open_in_process`](pool_ipc::shm::Segment::open_in_process).
+    pub fn open(&self) -> std::io::Result<pool_ipc::shm::Segment> {
+        let passed = self.slot.and_then(|slot| {
+            PASSED.with(|p| {
+                let p = p.borrow();
+                let fd = p.get(usize::try_from(slot).ok()?)?;
+                fd.try_clone().ok()
+            })
+        });
+        match passed.map(pool_ipc::shm::Segment::from_fd) {
+            Some(Ok(seg)) => Ok(seg),
+            _ => pool_ipc::shm::Segment::open_in_process(self.pid, self.fd),
+        }
+    }
+}
+
+thread_local! {
+    /// The descriptors passed with the message this thread is handling (see [`passing`]).
+    static PASSED: std::cell::RefCell<Vec<std::os::fd::OwnedFd>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Makes `fds`, the descriptors passed with a message, what [`FdRef::open`] looks in on this
+/// thread until the guard is dropped; it closes them then.
+pub(crate) fn passing(fds: Vec<std::os::fd::OwnedFd>) -> Passing {
+    PASSED.with(|p| *p.borrow_mut() = fds);
+    Passing(())
+}
+
+/// See [`passing`].
+pub(crate) struct Passing(());
+
+impl Drop for Passing {
+    fn drop(&mut self) {
+        let fds = PASSED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        drop(fds);
+    }
+}
+
 /// Limits a worker applies to itself (see [`ToWorker::Setup`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -236,12 +296,12 @@ pub enum ToWorker<B = ByteBuf> {
         /// An initializer ([`task::init_ref`](crate::task::init_ref)) and its postcard
         /// arguments.
         init: Option<(FnRef, B)>,
-        /// A shared-memory page (a memfd, opened as `/proc/<pid>/fd/<fd>`) whose first
-        /// `u64` the worker increments as it begins each [`ToWorker::Run`]: when the worker
-        /// dies, the pool compares it with the results it received to tell whether a task
-        /// was running. The worker stores [`PROGRESS_KEPT`] in the second `u64` once it has
-        /// the page; until then the count means nothing.
-        progress: Option<(u32, i32)>,
+        /// A shared-memory page (a memfd: see [`FdRef`]) whose first `u64` the worker
+        /// increments as it begins each [`ToWorker::Run`]: when the worker dies, the pool
+        /// compares it with the results it received to tell whether a task was running.
+        /// The worker stores [`PROGRESS_KEPT`] in the second `u64` once it has the page;
+        /// until then the count means nothing.
+        progress: Option<FdRef>,
         /// Limits the worker applies to itself.
         limits: Limits,
     },

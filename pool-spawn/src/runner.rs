@@ -41,9 +41,12 @@ pub(crate) fn run(chan: OwnedFd) -> ! {
 /// back (up to 256 MiB per worker after large results).
 const RING_IDLE: Duration = Duration::from_secs(1);
 
-fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<ToWorker>, Stop> {
-    match conn.recv() {
-        Ok(m) => Ok(Some(m)),
+/// The next message, with the descriptors passed with it.
+fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<(ToWorker, Vec<OwnedFd>)>, Stop> {
+    let got = conn.recv_with_fds(|bytes, fds| (postcard::from_bytes::<ToWorker>(bytes), fds));
+    match got {
+        Ok((Ok(m), fds)) => Ok(Some((m, fds))),
+        Ok((Err(e), _)) => Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
         Err(e) => match e.kind() {
             IpcKind::Closed => Ok(None),
             IpcKind::Io => Err(Stop::Lost),
@@ -64,27 +67,35 @@ fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(),
 
 /// The loop; `Ok(code)` is the exit code.
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
-    let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, protocol::channel_config())
+    // The pool passes the descriptors of the events a task takes, and of the progress page,
+    // with the messages that refer to them.
+    let config = protocol::channel_config().accept_fds(true);
+    let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, config)
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {
-        None | Some(ToWorker::Exit) => return Ok(0),
-        Some(ToWorker::Run { .. }) => {
+        None | Some((ToWorker::Exit, _)) => return Ok(0),
+        Some((ToWorker::Run { .. }, _)) => {
             return Err(Stop::Protocol(
                 "a Run message arrived before Setup".to_owned(),
             ));
         }
-        Some(ToWorker::Setup {
-            name,
-            max_tasks,
-            image,
-            init,
-            progress,
-            limits,
-        }) => {
+        Some((
+            ToWorker::Setup {
+                name,
+                max_tasks,
+                image,
+                init,
+                progress,
+                limits,
+            },
+            fds,
+        )) => {
+            // The page and the initializer's events open from these (closed at the end).
+            let _passed = protocol::passing(fds);
             // Best effort: without the page the pool assumes the oldest task it sent was
             // running.
             let page = progress
-                .and_then(|(pid, fd)| pool_ipc::shm::Segment::open_in_process(pid, fd).ok())
+                .and_then(|page| page.open().ok())
                 .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET);
             if let Some(page) = &page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
@@ -159,7 +170,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             }
         }
         let (tx, rx) = conn.halves();
-        let step = rx.recv_with(|bytes: &[u8]| -> Step {
+        let step = rx.recv_with_fds(|bytes: &[u8], fds| -> Step {
             match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(bytes) {
                 Ok(ToWorker::Exit) => Step::Exit,
                 Ok(ToWorker::Setup { .. }) => {
@@ -174,6 +185,8 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     if !results.take_up(id, timed) {
                         return Step::Done(Reply::Skipped(id));
                     }
+                    // The events among the arguments open from these (closed after the task).
+                    let _passed = protocol::passing(fds);
                     let mut sink = results.sink(tx);
                     let outcome = task::call_batch(&same, func, payload, &mut sink);
                     if sink.lost {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use procpool::Event;
 
-use crate::util::{METHODS, builder, shut_down, square};
+use crate::util::{METHODS, builder, shut_down, sleep_ms, square};
 
 fn run_until_set(id: u32, event: Event) -> (u32, bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -137,4 +137,84 @@ fn set_wakes_every_waiter_in_every_process() {
         );
     }
     shut_down(pool);
+}
+
+fn event_is_set(event: Event) -> bool {
+    event.is_set()
+}
+
+/// The child half of the non-dumpable test: run only when the parent half re-executes this
+/// binary with `PROCPOOL_TEST_NOT_DUMPABLE` set; this process makes itself non-dumpable (so
+/// its `/proc/<pid>/fd` opens for nobody else), then prints `RESULT ok` if an Event reaches
+/// a worker and time limits work, item by item: the pool times a task by the progress
+/// page its worker keeps, so without the page an item that overruns its limit would run
+/// to its end.
+#[test]
+#[ignore = "run by an_event_and_the_progress_page_reach_workers_of_a_non_dumpable_process"]
+fn not_dumpable_child() {
+    use procpool::{Options, TaskErrorKind};
+    if std::env::var_os("PROCPOOL_TEST_NOT_DUMPABLE").is_none() {
+        return;
+    }
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).unwrap();
+    for method in METHODS {
+        let event = Event::new().unwrap();
+        event.set();
+        let pool = builder(method).processes(1).build().unwrap();
+        let got = pool.apply(event_is_set, (event.clone(),));
+        assert!(got.as_ref().is_ok_and(|&set| set), "{method:?}: {got:?}");
+        // Each item of a chunk has its own limit...
+        let items = pool.map_with(
+            sleep_ms,
+            [150u64, 150, 150],
+            Options::new()
+                .chunksize(3)
+                .timeout(Duration::from_millis(400)),
+        );
+        assert!(items.is_ok(), "{method:?}: {items:?}");
+        // ... and an item that overruns it is stopped.
+        let t = Instant::now();
+        let over = pool.map_with(
+            sleep_ms,
+            [5_000u64],
+            Options::new().timeout(Duration::from_millis(300)),
+        );
+        assert!(
+            over.as_ref()
+                .is_err_and(|e| e.kind() == TaskErrorKind::TimedOut),
+            "{method:?}: {over:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(4), "{method:?}");
+        shut_down(pool);
+    }
+    println!("RESULT ok");
+}
+
+/// Workers of a process that is not dumpable cannot open its `/proc/<pid>/fd`: the pool
+/// passes them the Event's and the progress page's descriptors over their channel instead.
+#[test]
+fn an_event_and_the_progress_page_reach_workers_of_a_non_dumpable_process() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "shared_event::not_dumpable_child"])
+        .args(["--ignored", "--nocapture"])
+        .env("PROCPOOL_TEST_NOT_DUMPABLE", "1")
+        .stdout(std::process::Stdio::piped());
+    if rustix::process::geteuid().is_root() {
+        // Root opens any process's /proc/<pid>/fd (CAP_SYS_PTRACE): run it as nobody.
+        cmd.uid(65534).gid(65534);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the non-dumpable child hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains("RESULT ok"), "{out}");
 }

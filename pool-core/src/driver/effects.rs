@@ -14,6 +14,7 @@ use super::shared::Settings;
 use super::worker_io::WorkerIo;
 use super::{Delivery, Outcome, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
+use crate::event::Pins;
 use crate::observe::Timings;
 use crate::policy::{Effects, Finish, TaskId, WorkerId};
 
@@ -69,13 +70,13 @@ impl Effects<TaskRec> for Fx<'_> {
         }
         match w.conn.as_mut() {
             Some(conn) => {
-                conn.queue_copy(frame);
+                conn.queue_copy_with_fds(frame, task.pins.fds());
                 w.note_task_queued();
                 if self.dirty.last() != Some(&wid) {
                     self.dirty.push(wid);
                 }
             }
-            None => w.backlog.push((frame.clone(), true)),
+            None => w.backlog.push((frame.clone(), task.pins.clone(), true)),
         }
     }
 
@@ -162,7 +163,7 @@ impl Effects<TaskRec> for Fx<'_> {
                     *self.wake_driver = true;
                 }
             }
-            None => w.backlog.push((frame, false)),
+            None => w.backlog.push((frame, Pins::default(), false)),
         }
     }
 
@@ -261,6 +262,7 @@ impl Fx<'_> {
             id,
             TaskRec {
                 frame: Some(frame),
+                pins: task.pins,
                 spans: (count > 1).then_some(spans),
                 sink: task.sink,
                 first: task.first + from,

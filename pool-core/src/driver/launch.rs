@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use pool_ipc::{FrameBuf, FramedConn};
-use pool_spawn::protocol::{ImageId, ToWorker, page};
+use pool_spawn::protocol::{FdRef, ImageId, ToWorker, page};
 use pool_spawn::{Launcher, Signal};
 use serde_bytes::ByteBuf;
 
@@ -49,6 +49,19 @@ pub(crate) fn launch_one(
     // Sparse: a worker touches only the pages its results need (allocating the whole
     // result area up front for every worker made each start several times slower).
     let progress = pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN).ok();
+    // Passed with the Setup: the initializer's events (their slots), then the page. The
+    // worker opens what is missing through /proc (which fails if this process is not
+    // dumpable).
+    let mut fds = s.init_pins.fds();
+    let page_slot = match &progress {
+        Some(p) if fds.len() < pool_ipc::fdpass::MAX_FDS => {
+            p.as_fd().try_clone_to_owned().ok().map(|fd| {
+                fds.push(fd);
+                (fds.len() - 1) as u32
+            })
+        }
+        _ => None,
+    };
     let setup = ToWorker::Setup {
         name: name.clone(),
         max_tasks: max_tasks.or(s.max_tasks),
@@ -58,16 +71,15 @@ pub(crate) fn launch_one(
             .init
             .as_ref()
             .map(|(f, args)| (*f, ByteBuf::from(args.clone()))),
-        progress: progress.as_ref().map(|p| {
-            (
-                std::process::id(),
-                std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
-            )
+        progress: progress.as_ref().map(|p| FdRef {
+            pid: std::process::id(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
+            slot: page_slot,
         }),
     };
     let mut frame = FrameBuf::new();
     frame.encode(&setup).map_err(pool_spawn::Error::from)?;
-    conn.queue(frame);
+    conn.queue_with_fds(frame, fds);
     let pid = worker.pid();
     let mut g = shared.lock();
     let Some(w) = g.io.get_mut(&wid) else {
@@ -79,9 +91,9 @@ pub(crate) fn launch_one(
     w.conn = Some(conn);
     w.progress = progress;
     w.write_pending_cancels();
-    for (f, is_task) in backlog {
+    for (f, pins, is_task) in backlog {
         if let Some(conn) = w.conn.as_mut() {
-            conn.queue(f);
+            conn.queue_with_fds(f, pins.fds());
         }
         if is_task {
             w.note_task_queued();

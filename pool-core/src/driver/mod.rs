@@ -36,6 +36,7 @@ use pool_spawn::protocol::ItemSpans;
 use pool_spawn::task::{FnRef, ItemError};
 
 use crate::error::TaskError;
+use crate::event::Pins;
 
 pub(crate) use decode::{decode_items, drop_payload};
 pub(crate) use event_loop::Driver;
@@ -107,6 +108,8 @@ pub(crate) struct TaskRec {
     /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
     /// before beginning it.
     pub(crate) frame: Option<FrameBuf>,
+    /// The events its arguments hold, whose descriptors go with each copy of `frame` sent.
+    pub(crate) pins: Pins,
     /// Where its items lie in `frame` (several items only): to send the rest of them when
     /// one fails part way.
     pub(crate) spans: Option<ItemSpans>,

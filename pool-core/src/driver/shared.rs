@@ -16,6 +16,7 @@ use super::callbacks::CallbackThread;
 use super::effects::Fx;
 use super::worker_io::WorkerIo;
 use super::{Delivery, TaskRec};
+use crate::event::Pins;
 use crate::metrics::Summary;
 use crate::observe::{Tally, Timings};
 use crate::policy::{Cancelled, Policy, WorkerId};
@@ -29,6 +30,9 @@ pub(crate) struct Settings {
     pub(crate) prefix: &'static str,
     pub(crate) max_tasks: Option<u64>,
     pub(crate) init: Option<(FnRef, Vec<u8>)>,
+    /// The events among the initializer's arguments: every worker, those started later
+    /// too, opens them (their descriptors go with its Setup).
+    pub(crate) init_pins: Pins,
     pub(crate) ipc: IpcConfig,
     /// Memory limits each worker applies to itself.
     pub(crate) limits: Limits,

@@ -9,14 +9,16 @@ use pool_spawn::protocol::{PROGRESS_KEPT, page};
 use pool_spawn::{ExitStatus, Worker};
 
 use super::Batch;
+use crate::event::Pins;
 
 /// One worker's I/O state.
 pub(super) struct WorkerIo {
     pub(super) name: String,
     pub(super) pid: u32,
     pub(super) conn: Option<FramedConn>,
-    /// Frames for a worker still starting (no channel yet), and whether each is a task.
-    pub(super) backlog: Vec<(FrameBuf, bool)>,
+    /// Frames for a worker still starting (no channel yet), the events whose descriptors
+    /// go with them, and whether each is a task.
+    pub(super) backlog: Vec<(FrameBuf, Pins, bool)>,
     /// Where each task frame queued on `conn` ends in its stream, oldest first (entries
     /// already written are dropped as they are found): a task whose frame has not left
     /// entirely when the worker dies never reached it.
@@ -175,7 +177,11 @@ impl WorkerIo {
     /// Task frames that have not entirely left for the worker (all of them while it has no
     /// channel yet).
     pub(super) fn undelivered_tasks(&self) -> usize {
-        let queued = self.backlog.iter().filter(|(_, is_task)| *is_task).count();
+        let queued = self
+            .backlog
+            .iter()
+            .filter(|(_, _, is_task)| *is_task)
+            .count();
         match &self.conn {
             Some(conn) => {
                 let written = conn.bytes_written();
