@@ -204,9 +204,10 @@ impl PoolBuilder {
     /// Backpressure: while `n` tasks wait in the pool's queue for a worker,
     /// [`apply_async`](Pool::apply_async), [`map_async`](Pool::map_async) and the other
     /// submitting calls block until one is taken (a `map` waits chunk by chunk), and
-    /// [`try_apply_async`](Pool::try_apply_async) hands the arguments back. A pool fed
-    /// faster than it works then holds at most `n` queued tasks (plus the few each worker
-    /// holds) instead of every argument ever submitted. `imap` is bounded by its own
+    /// [`try_apply_async`](Pool::try_apply_async) hands the arguments back
+    /// ([`try_map_async`](Pool::try_map_async) the items of a map that does not fit
+    /// whole). A pool fed faster than it works then holds at most `n` queued tasks (plus
+    /// the few each worker holds) instead of every argument ever submitted. `imap` is bounded by its own
     /// window and does not wait. Default: no limit (Python's behaviour).
     ///
     /// A closed pool never blocks: the submission is refused at once.

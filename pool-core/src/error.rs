@@ -571,8 +571,9 @@ impl std::error::Error for BuildError {
 
 /// A submission refused because the pool's queue is full
 /// ([`PoolBuilder::max_queued`](crate::PoolBuilder::max_queued)), with what was submitted:
-/// [`Pool::try_apply_async`](crate::Pool::try_apply_async) hands the arguments back, as
-/// crossbeam's `TrySendError::Full` does the value.
+/// [`Pool::try_apply_async`](crate::Pool::try_apply_async) hands the arguments back and
+/// [`Pool::try_map_async`](crate::Pool::try_map_async) the items, as crossbeam's
+/// `TrySendError::Full` does the value.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull<T>(pub T);
 

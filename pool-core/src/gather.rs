@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::chunk::auto_chunksize;
-use crate::driver::Shared;
+use crate::driver::{Shared, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Done, Slot};
 use crate::submit::{Submission, complete};
 use crate::task::Task;
+
+/// A map's chunks as tasks, by id, ready to submit.
+type Tasks = Vec<(u64, TaskRec)>;
 
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
@@ -22,6 +25,38 @@ impl Pool {
         items: &[A],
         opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
+    where
+        F: Task<A>,
+    {
+        let (out, tasks) = self.prepare_gather(f, items, opts);
+        self.submit_all(tasks, false);
+        out
+    }
+
+    /// As [`gather`](Pool::gather) if the queue has room for every chunk under `max`;
+    /// `None` (nothing submitted) otherwise.
+    pub(crate) fn try_gather<F, A>(
+        &self,
+        f: F,
+        items: &[A],
+        opts: Options<Vec<F::Output>>,
+        max: usize,
+    ) -> Option<AsyncResult<Vec<F::Output>>>
+    where
+        F: Task<A>,
+    {
+        let (out, tasks) = self.prepare_gather(f, items, opts);
+        self.try_submit_all(tasks, max).then_some(out)
+    }
+
+    /// The result of a `map` of `items` and its chunks' tasks, ready to submit (chunks
+    /// that could not be encoded are settled already).
+    fn prepare_gather<F, A>(
+        &self,
+        f: F,
+        items: &[A],
+        opts: Options<Vec<F::Output>>,
+    ) -> (AsyncResult<Vec<F::Output>>, Tasks)
     where
         F: Task<A>,
     {
@@ -43,7 +78,7 @@ impl Pool {
                 Ok(Vec::new()),
                 callbacks,
             );
-            return out;
+            return (out, Vec::new());
         }
         let size = chunksize
             .unwrap_or_else(|| auto_chunksize(n, self.processes()))
@@ -80,8 +115,7 @@ impl Pool {
             );
             tasks.extend(task);
         }
-        self.submit_all(tasks, false);
-        out
+        (out, tasks)
     }
 }
 

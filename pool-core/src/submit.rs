@@ -14,7 +14,7 @@ use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{QueueFull, TaskError, TaskErrorKind};
 use crate::observe::Tally;
 use crate::options::Options;
-use crate::policy::Refusal;
+use crate::policy::{Effects, Policy, Refusal};
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Slot};
 use crate::task::Task;
@@ -266,24 +266,14 @@ impl Pool {
         // Backpressure: one task at a time, each once the queue has room (imap's feeds
         // are bounded by their window instead).
         let refused = match self.shared.max_queued().filter(|_| !fed) {
-            None => self.shared.act(|p, fx| {
-                let mut refused = Vec::new();
-                for (id, rec) in tasks {
-                    tracing::trace!(parent: &rec.span, "task queued");
-                    if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
-                        rec.group.remove(id);
-                        refused.push((rec, why));
-                    }
-                }
-                refused
-            }),
+            None => self.shared.act(|p, fx| submit_each(p, fx, tasks, fed)),
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
                     tracing::trace!(parent: &rec.span, "task queued");
                     let r = self
                         .shared
-                        .act_with_room(max, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
+                        .act_with_room(max, 1, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
                     if let Some(Some((rec, why))) = r {
                         rec.group.remove(id);
                         refused.push((rec, why));
@@ -293,6 +283,26 @@ impl Pool {
             }
         };
         self.fail_refused(refused, fed);
+    }
+
+    /// Submits a whole `map` (its chunks' tasks) only if the
+    /// queue has room for all of it under `max`: `false` (nothing submitted, the tasks
+    /// dropped unrun) otherwise.
+    pub(crate) fn try_submit_all(&self, tasks: Vec<(u64, TaskRec)>, max: usize) -> bool {
+        if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
+            self.shared.note_timeouts();
+        }
+        let need = tasks.len();
+        match self
+            .shared
+            .act_with_room(max, need, false, |p, fx| submit_each(p, fx, tasks, false))
+        {
+            Some(refused) => {
+                self.fail_refused(refused, false);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Fails tasks the policy refused, with the reason.
@@ -431,10 +441,9 @@ impl Pool {
             self.shared.note_timeouts();
         }
         tracing::trace!(parent: &rec.span, "task queued");
-        match self
-            .shared
-            .act_with_room(max, false, |p, fx| p.submit_from(id, rec, false, fx).err())
-        {
+        match self.shared.act_with_room(max, 1, false, |p, fx| {
+            p.submit_from(id, rec, false, fx).err()
+        }) {
             None => Err(QueueFull(args)),
             Some(None) => Ok(out),
             Some(Some(refused)) => {
@@ -591,6 +600,75 @@ impl Pool {
         self.gather::<F, _>(f, &items, opts)
     }
 
+    /// [`map_async_with`](Pool::map_async_with) that never waits: with
+    /// [`max_queued(n)`](crate::PoolBuilder::max_queued), the whole map is submitted only if
+    /// all its chunks fit in the queue beside the tasks already waiting there; otherwise the
+    /// items come back in [`QueueFull`], and nothing of the map was submitted. A map of more
+    /// chunks than `n` never fits: give it a larger
+    /// [`chunksize`](crate::Options::chunksize). Without `max_queued` it always submits.
+    ///
+    /// ```
+    /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
+    /// use procpool::Options;
+    ///
+    /// fn slow_square(x: u64) -> u64 {
+    ///     std::thread::sleep(std::time::Duration::from_millis(50));
+    ///     x * x
+    /// }
+    ///
+    /// fn main() -> Result<(), procpool::Error> {
+    ///     procpool::init();
+    ///     let pool = procpool::Pool::builder().processes(1).max_queued(3).build()?;
+    ///     let by_two = || Options::new().chunksize(2);
+    ///     // Six items in three chunks: they fit.
+    ///     let first = pool.try_map_async_with(slow_square, 0..6, by_two()).expect("room");
+    ///     // Four more in two chunks: with three (or two, once one began) waiting, they do
+    ///     // not fit, so the map comes back whole.
+    ///     let full = pool.try_map_async_with(slow_square, 6..10, by_two()).unwrap_err();
+    ///     assert_eq!(full.into_inner(), vec![6, 7, 8, 9]);
+    ///     assert_eq!(first.get()?, vec![0, 1, 4, 9, 16, 25]);
+    ///     pool.close();
+    ///     pool.join()?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// [`QueueFull`] with the items, when the queue cannot take the whole map.
+    pub fn try_map_async_with<F, A, I>(
+        &self,
+        f: F,
+        items: I,
+        opts: Options<Vec<F::Output>>,
+    ) -> Result<AsyncResult<Vec<F::Output>>, QueueFull<Vec<A>>>
+    where
+        F: Task<(A,)>,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
+        let Some(max) = self.shared.max_queued() else {
+            return Ok(self.gather::<F, _>(f, &items, opts));
+        };
+        self.try_gather::<F, _>(f, &items, opts, max)
+            .ok_or_else(|| QueueFull(items.into_iter().map(|(a,)| a).collect()))
+    }
+
+    /// [`try_map_async_with`](Pool::try_map_async_with) with the default options.
+    ///
+    /// # Errors
+    /// [`QueueFull`] with the items, when the queue cannot take the whole map.
+    pub fn try_map_async<F, A, I>(
+        &self,
+        f: F,
+        items: I,
+    ) -> Result<AsyncResult<Vec<F::Output>>, QueueFull<Vec<A>>>
+    where
+        F: Task<(A,)>,
+        I: IntoIterator<Item = A>,
+    {
+        self.try_map_async_with(f, items, Options::new())
+    }
+
     /// Like [`map`](Pool::map) for functions of several arguments: each item is a tuple of
     /// arguments. Python's `starmap`.
     ///
@@ -660,4 +738,22 @@ impl Pool {
         let items: Vec<Args> = items.into_iter().collect();
         self.gather::<F, _>(f, &items, opts)
     }
+}
+
+/// Hands `tasks` to the policy in one step; returns those it refused, with the reason.
+fn submit_each(
+    p: &mut Policy<TaskRec>,
+    fx: &mut impl Effects<TaskRec>,
+    tasks: Vec<(u64, TaskRec)>,
+    fed: bool,
+) -> Vec<(TaskRec, Refusal)> {
+    let mut refused = Vec::new();
+    for (id, rec) in tasks {
+        tracing::trace!(parent: &rec.span, "task queued");
+        if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
+            rec.group.remove(id);
+            refused.push((rec, why));
+        }
+    }
+    refused
 }

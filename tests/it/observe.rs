@@ -11,7 +11,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::util::{METHODS, builder, shut_down, wait_for};
+use crate::util::{METHODS, builder, shut_down, square, wait_for};
 
 /// A span as the recorder saw it: its fields (as text), parent, and the events in it.
 #[derive(Clone, Debug, Default)]
@@ -461,6 +461,54 @@ fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
         .map(|_| pool.try_apply_async(sleep_then_echo, (0,)).unwrap())
         .collect();
     assert!(pending.into_iter().all(|r| r.get().unwrap() == 0));
+    shut_down(pool);
+}
+
+/// `try_map_async` submits a whole map or none of it: with `max_queued(3)` and a busy
+/// worker, a map of three chunks fits, one of two more chunks comes back whole with its
+/// items, and once the queue has drained a map of two chunks fits again; every item of the
+/// maps that went in is delivered once.
+#[test]
+fn try_map_async_submits_the_whole_map_or_hands_its_items_back() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).max_queued(3).build().unwrap();
+        let running = pool.apply_async(sleep_then_echo, (300,));
+        wait_for("the task to run", Duration::from_secs(10), || {
+            pool.metrics().running == 1
+        });
+        let by_one = || Options::new().chunksize(1);
+        let first = pool
+            .try_map_async_with(sleep_then_echo, [1u64, 2, 3], by_one())
+            .unwrap();
+        assert_eq!(pool.metrics().queued, 3, "{method:?}");
+        let full = pool
+            .try_map_async_with(sleep_then_echo, [4u64, 5], by_one())
+            .unwrap_err();
+        assert_eq!(full.into_inner(), [4, 5], "{method:?}");
+        assert_eq!(
+            pool.metrics().queued,
+            3,
+            "nothing of it went in: {method:?}"
+        );
+        assert_eq!(running.get().unwrap(), 300);
+        assert_eq!(first.get().unwrap(), [1, 2, 3]);
+        let again = pool
+            .try_map_async_with(sleep_then_echo, [4u64, 5], by_one())
+            .unwrap();
+        assert_eq!(again.get().unwrap(), [4, 5]);
+        // More chunks than max_queued never fit; in fewer chunks the same items do.
+        assert!(pool.try_map_async_with(square, 0..4u64, by_one()).is_err());
+        let squares = pool.try_map_async_with(square, 0..4u64, Options::new().chunksize(2));
+        assert_eq!(squares.unwrap().get().unwrap(), [0, 1, 4, 9]);
+        assert_eq!(pool.metrics().submitted, 1 + 3 + 2 + 2, "{method:?}");
+        shut_down(pool);
+    }
+    let pool = builder(StartMethod::Forkserver)
+        .processes(1)
+        .build()
+        .unwrap();
+    let all = pool.try_map_async(square, 0..100u64).unwrap();
+    assert_eq!(all.get().unwrap().len(), 100);
     shut_down(pool);
 }
 

@@ -122,17 +122,19 @@ impl Shared {
         self.act_locked(self.lock(), step)
     }
 
-    /// As [`Shared::act`], once fewer than `max` tasks wait in the queue (or the pool is
-    /// closed, which refuses the step's submissions); `block: false` returns `None` at once
-    /// instead of waiting.
+    /// As [`Shared::act`], once `need` more tasks fit in the queue without more than `max`
+    /// waiting there (or the pool is closed, which refuses the step's submissions);
+    /// `block: false` returns `None` at once instead of waiting (callers that block ask for
+    /// room for one task, which always comes).
     pub(crate) fn act_with_room<R>(
         &self,
         max: usize,
+        need: usize,
         block: bool,
         step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
     ) -> Option<R> {
         let mut g = self.lock();
-        while g.policy.queued() >= max && !g.policy.is_closed() {
+        while g.policy.queued() + need > max && !g.policy.is_closed() {
             if !block {
                 return None;
             }
