@@ -1053,9 +1053,9 @@ impl ReadHalf {
                 .is_none_or(|(v, filled)| *filled < v.len()),
             "next() takes a complete large frame before the next read"
         );
-        let room = self.fd_room();
+        let max_fds = self.fd_room();
         let n = if let Some((v, filled)) = &mut self.big {
-            let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut(), room)?;
+            let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut(), max_fds)?;
             *filled += n;
             n
         } else {
@@ -1074,7 +1074,7 @@ impl ReadHalf {
             }
             let room = self.buf.len() - self.end;
             debug_assert!(room > 0, "a frame that fits the read buffer leaves room");
-            let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut(), room)?;
+            let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut(), max_fds)?;
             self.end += n;
             if n == room && self.buf.len() < READ_BUF_LEN {
                 // A burst: read in larger chunks from now on.
