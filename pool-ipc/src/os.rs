@@ -142,16 +142,22 @@ pub(crate) fn read_once(
     }
 }
 
-/// One `recvmsg` with room for `max_fds` passed fds, received close-on-exec.
+/// Bytes of ancillary data for the most descriptors one message carries
+/// ([`MAX_FDS`](crate::fdpass::MAX_FDS)): about 1 KiB, kept on the stack by every
+/// `recvmsg`/`sendmsg` here rather than allocated per call.
+const ANCILLARY_MAX: usize = rustix::cmsg_space!(ScmRights(crate::fdpass::MAX_FDS));
+
+/// One `recvmsg` with room for `max_fds` passed fds (at most
+/// [`MAX_FDS`](crate::fdpass::MAX_FDS), all a message can carry), received close-on-exec.
 /// Returns the byte count, the fds, and whether control data was truncated.
 pub(crate) fn recv_with_fds(
     fd: BorrowedFd<'_>,
     dst: &mut [u8],
     max_fds: usize,
 ) -> Result<(usize, Vec<OwnedFd>, bool), Errno> {
-    let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(max_fds.max(1)))];
-    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let mut space = [MaybeUninit::<u8>::uninit(); ANCILLARY_MAX];
+    let len = rustix::cmsg_space!(ScmRights(max_fds.clamp(1, crate::fdpass::MAX_FDS)));
+    let mut anc = RecvAncillaryBuffer::new(&mut space[..len]);
     let mut iov = [IoSliceMut::new(dst)];
     let r = rustix::net::recvmsg(fd, &mut iov, &mut anc, RecvFlags::CMSG_CLOEXEC)?;
     let mut got = Vec::new();
@@ -177,8 +183,8 @@ pub(crate) fn write_once(
                 let mut anc = SendAncillaryBuffer::new(&mut []);
                 rustix::net::sendmsg(fd, bufs, &mut anc, SendFlags::NOSIGNAL)
             } else {
-                let mut space =
-                    vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+                // More than MAX_FDS do not fit: EINVAL, as the kernel would answer.
+                let mut space = [MaybeUninit::<u8>::uninit(); ANCILLARY_MAX];
                 let mut anc = SendAncillaryBuffer::new(&mut space);
                 if !anc.push(SendAncillaryMessage::ScmRights(fds)) {
                     return Err(Errno::INVAL);
