@@ -61,16 +61,36 @@ const EXIT_CHILD_UNWOUND: i32 = 101;
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
+    fork_serving(chan, crate::runner::run)
+}
+
+/// Forks the zygote of a [`StartMethod::Fork`](crate::StartMethod::Fork) launcher: a fork
+/// server without exec, serving `ctl` (see `forkserver`). Forked once, when the launcher is
+/// made (while the process is still single-threaded, or the user allowed the risk), it is
+/// single-threaded for good, so the workers it forks later never inherit a lock that another
+/// thread of the parent held at that moment (a `println!` in `main`, say). Returns its pid
+/// in the parent. The child is prepared as a worker is (see [`fork_worker`]).
+///
+/// # Errors
+///
+/// The `fork` error (`EAGAIN`, `ENOMEM`).
+pub(crate) fn fork_zygote(ctl: OwnedFd) -> io::Result<Pid> {
+    fork_serving(ctl, crate::forkserver::serve)
+}
+
+/// Forks a child that prepares as a worker, then runs `serve` on `fd` (the worker loop or
+/// the fork server's); returns its pid in the parent.
+fn fork_serving(fd: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
     let parent = rustix::process::getpid();
     // In the child (return value 0) we follow the module's post-fork checklist: `child`
-    // makes only async-signal-safe calls until the worker loop, and never returns.
+    // makes only async-signal-safe calls until `serve`, and never returns.
     // SAFETY: `fork` has no memory-safety preconditions; the child path is described above.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
-        0 => child(chan, parent),
+        0 => child(fd, parent, serve),
         pid => {
-            drop(chan);
+            drop(fd);
             let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
             // Also set the group from this side, so that signalling it right after we
             // return cannot race with the child's own `setpgid`.
@@ -80,49 +100,14 @@ pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
     }
 }
 
-/// Forks the zygote of a [`StartMethod::Fork`](crate::StartMethod::Fork) launcher: a fork
-/// server without exec, serving `ctl` (see `forkserver`). Forked once, when the launcher is
-/// made (while the process is still single-threaded, or the user allowed the risk), it is
-/// single-threaded for good, so the workers it forks later never inherit a lock that another
-/// thread of the parent held at that moment (a `println!` in `main`, say). Returns its pid
-/// in the parent.
-///
-/// # Errors
-///
-/// The `fork` error (`EAGAIN`, `ENOMEM`).
-pub(crate) fn fork_zygote(ctl: OwnedFd) -> io::Result<Pid> {
-    let parent = rustix::process::getpid();
-    // SAFETY: as for `fork_worker`; the child path is `zygote`, which follows the module's
-    // checklist until it hands over to the server loop.
-    let pid = unsafe { libc::fork() };
-    match pid {
-        -1 => Err(io::Error::last_os_error()),
-        0 => zygote(ctl, parent),
-        pid => {
-            drop(ctl);
-            let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
-            let _ = rustix::process::setpgid(Some(pid), Some(pid));
-            Ok(pid)
-        }
-    }
-}
-
-/// The forked zygote: prepare as a worker would, then serve fork requests; never returns.
-fn zygote(ctl: OwnedFd, parent: Pid) -> ! {
-    if prepare_worker(ctl.as_raw_fd(), parent).is_err() {
-        sys::exit_now(EXIT_CHILD_SETUP);
-    }
-    let _ = panic::catch_unwind(AssertUnwindSafe(move || crate::forkserver::serve(ctl)));
-    sys::exit_now(EXIT_CHILD_UNWOUND)
-}
-
 /// The forked child: prepare, then serve; never returns.
-fn child(chan: OwnedFd, parent: Pid) -> ! {
-    if prepare_worker(chan.as_raw_fd(), parent).is_err() {
+fn child(fd: OwnedFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
+    if prepare_worker(fd.as_raw_fd(), parent).is_err() {
         sys::exit_now(EXIT_CHILD_SETUP);
     }
-    // The handoff: from here on the worker loop may allocate (see the module docs).
-    let _ = panic::catch_unwind(AssertUnwindSafe(move || crate::runner::run(chan)));
+    // The handoff: from here on the worker loop (or the server loop) may allocate (see the
+    // module docs).
+    let _ = panic::catch_unwind(AssertUnwindSafe(move || serve(fd)));
     sys::exit_now(EXIT_CHILD_UNWOUND)
 }
 
