@@ -377,48 +377,40 @@ impl ServerLink {
     /// Starts a fork server.
     pub(crate) fn start(handshake_timeout: Duration, test_entry: &str) -> Result<Arc<ServerLink>> {
         let started = crate::spawn::start(Role::Forkserver, handshake_timeout, test_entry)?;
-        let server_pid = started.child.pid().as_raw_nonzero().get() as u32;
-        tracing::debug!(pid = server_pid, "fork server started");
-        Ok(Arc::new(ServerLink {
-            state: Mutex::new(LinkState {
-                ctl: Some(started.sock),
-                reports: HashMap::new(),
-                abandoned: HashSet::new(),
-                server: Some(started.child),
-                lost: None,
-            }),
-            server_pid,
-            timeout: handshake_timeout,
-        }))
+        let link = ServerLink::new(started.sock, started.child, handshake_timeout);
+        tracing::debug!(pid = link.server_pid, "fork server started");
+        Ok(link)
     }
 
     /// Forks a zygote: a fork server that is a fork of this process rather than a fresh
     /// exec (for [`StartMethod::Fork`](crate::StartMethod::Fork)); see
     /// `fork::fork_zygote`. `timeout` bounds each fork request.
     pub(crate) fn start_zygote(timeout: Duration) -> Result<Arc<ServerLink>> {
-        let (ours, theirs) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| Error::io("creating a socketpair", e.into()))?;
+        let (ours, theirs) =
+            control_socketpair().map_err(|e| Error::io("creating a socketpair", e))?;
         // From a thread that lives as long as the process, for its parent-death signal.
         let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_zygote(theirs))
             .map_err(|e| Error::io("fork", e))?;
-        let server_pid = pid.as_raw_nonzero().get() as u32;
-        tracing::debug!(pid = server_pid, "fork zygote started");
-        Ok(Arc::new(ServerLink {
+        let link = ServerLink::new(ours, ChildProc::adopt(pid), timeout);
+        tracing::debug!(pid = link.server_pid, "fork zygote started");
+        Ok(link)
+    }
+
+    /// The link to `server`, a fork server started either way, reached through `ctl`;
+    /// `timeout` bounds each fork request.
+    fn new(ctl: OwnedFd, server: ChildProc, timeout: Duration) -> Arc<ServerLink> {
+        let server_pid = server.pid().as_raw_nonzero().get() as u32;
+        Arc::new(ServerLink {
             state: Mutex::new(LinkState {
-                ctl: Some(ours),
+                ctl: Some(ctl),
                 reports: HashMap::new(),
                 abandoned: HashSet::new(),
-                server: Some(ChildProc::adopt(pid)),
+                server: Some(server),
                 lost: None,
             }),
             server_pid,
             timeout,
-        }))
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, LinkState> {
@@ -561,6 +553,16 @@ impl ServerLink {
             }
         }
     }
+}
+
+/// The socketpair between a parent and its fork server (`SOCK_SEQPACKET`, close-on-exec).
+pub(crate) fn control_socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// How long [`ServerLink::fork`] waits between looks at the server's state.

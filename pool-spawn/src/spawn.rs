@@ -17,7 +17,6 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::Pid;
 
 use crate::child::{ChildProc, poll};
@@ -66,13 +65,7 @@ fn exe_path() -> io::Result<PathBuf> {
 pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -> Result<Started> {
     let (ours, theirs) = match role {
         Role::Worker => pool_ipc::socketpair(),
-        Role::Forkserver => rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(io::Error::from),
+        Role::Forkserver => crate::forkserver::control_socketpair(),
     }
     .map_err(|e| Error::io("creating a socketpair", e))?;
     let parent = rustix::process::getpid();
