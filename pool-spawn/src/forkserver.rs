@@ -575,13 +575,10 @@ const STOPPED_GRACE: Duration = Duration::from_millis(500);
 /// Whether process `pid` is stopped: state `T` (by a signal) or `t` (at a tracer's stop) in
 /// `/proc/<pid>/stat`. False when it cannot be read.
 fn is_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
-        matches!(state, Some("T" | "t"))
-    })
+    matches!(
+        sys::proc_state(format!("/proc/{pid}/stat")),
+        Some('T' | 't')
+    )
 }
 
 impl Drop for ServerLink {

@@ -313,16 +313,11 @@ fn live_threads() -> Option<usize> {
     let mut n = 0;
     for e in std::fs::read_dir("/proc/self/task").ok()? {
         let Ok(e) = e else { continue };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+        match crate::sys::proc_state(e.path().join("stat")) {
             // Gone between the listing and now.
-            continue;
-        };
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
-        if !matches!(state, Some("Z" | "X" | "x")) {
-            n += 1;
+            None => {}
+            Some('Z' | 'X' | 'x') => {}
+            Some(_) => n += 1,
         }
     }
     Some(n)

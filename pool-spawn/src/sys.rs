@@ -275,6 +275,19 @@ pub(crate) fn set_process_name(tail: &str) {
     }
 }
 
+/// The state letter of a process or thread (`R`, `S`, `T`, `Z`...) from its
+/// `/proc/.../stat` file at `path`; `None` if that cannot be read (it is gone, say).
+pub(crate) fn proc_state(path: impl AsRef<std::path::Path>) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name, in parentheses, may hold anything: the state follows its last `)`.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 /// The worker's name and pid, once `Setup` arrived.
 #[derive(Debug)]
 pub(crate) struct Identity {
