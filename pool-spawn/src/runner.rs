@@ -47,22 +47,32 @@ fn recv(conn: &mut Duplex<FromWorker, ToWorker>) -> Result<Option<(ToWorker, Vec
     match got {
         Ok((Ok(m), fds)) => Ok(Some((m, fds))),
         Ok((Err(e), _)) => Err(Stop::Protocol(format!("bad message from the parent: {e}"))),
-        Err(e) => match e.kind() {
-            IpcKind::Closed => Ok(None),
-            IpcKind::Io => Err(Stop::Lost),
-            _ => Err(Stop::Protocol(format!(
-                "bad message from the parent: {}",
-                Chain(&e)
-            ))),
-        },
+        Err(e) => recv_failed(&e).map_or(Ok(None), Err),
+    }
+}
+
+/// Why a receive failed: `None` when the parent closed the channel (the worker exits).
+fn recv_failed(e: &pool_ipc::Error) -> Option<Stop> {
+    match e.kind() {
+        IpcKind::Closed => None,
+        IpcKind::Io => Some(Stop::Lost),
+        _ => Some(Stop::Protocol(format!(
+            "bad message from the parent: {}",
+            Chain(e)
+        ))),
     }
 }
 
 fn send(conn: &mut Duplex<FromWorker, ToWorker>, msg: &FromWorker) -> Result<(), Stop> {
-    conn.send(msg).map_err(|e| match e.kind() {
+    conn.send(msg).map_err(send_failed)
+}
+
+/// Why a send failed.
+fn send_failed(e: pool_ipc::Error) -> Stop {
+    match e.kind() {
         IpcKind::Io | IpcKind::Closed => Stop::Lost,
         _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
-    })
+    }
 }
 
 /// The loop; `Ok(code)` is the exit code.
@@ -199,15 +209,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         });
         let step = match step {
             Ok(step) => step,
-            Err(e) => match e.kind() {
-                IpcKind::Closed => Step::Exit,
-                IpcKind::Io => return Err(Stop::Lost),
-                _ => {
-                    return Err(Stop::Protocol(format!(
-                        "bad message from the parent: {}",
-                        Chain(&e)
-                    )));
-                }
+            Err(e) => match recv_failed(&e) {
+                None => Step::Exit,
+                Some(stop) => return Err(stop),
             },
         };
         match step {
@@ -379,12 +383,7 @@ impl<'p> Results<'p> {
                         items: 0,
                         outcome,
                     };
-                    conn.sender()
-                        .send_frame_of(&done)
-                        .map_err(|e| match e.kind() {
-                            IpcKind::Io | IpcKind::Closed => Stop::Lost,
-                            _ => Stop::Protocol(format!("cannot send a message: {}", Chain(&e))),
-                        })?;
+                    conn.sender().send_frame_of(&done).map_err(send_failed)?;
                 }
             }
         }
