@@ -143,8 +143,14 @@ impl From<pool_ipc::Error> for Error {
 }
 
 /// An error and its causes on one line, `error: cause: cause`, for the places that keep an
-/// error as text (a task's message, a protocol failure).
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+/// error as text (a task's message, a protocol failure). Shared with the crates above this
+/// one (re-exported as `pool_spawn::Chain`); not part of the API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Chain<'a>(
+    /// The error whose chain is written.
+    pub &'a (dyn std::error::Error + 'static),
+);
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

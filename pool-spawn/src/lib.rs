@@ -155,6 +155,8 @@ pub mod bench_support {
     }
 }
 
+#[doc(hidden)]
+pub use error::Chain;
 pub use error::{Error, ErrorKind, Result};
 pub use launcher::{LaunchOptions, Launcher, StartMethod};
 pub use rustix::process::Signal;
