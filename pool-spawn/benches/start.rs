@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
 use pool_ipc::Duplex;
-use pool_spawn::protocol::{self, FromWorker, ImageId, ToWorker};
+use pool_spawn::protocol::{self, FromWorker, ToWorker};
 use pool_spawn::{LaunchOptions, Launcher, StartMethod};
 use rustix::process::{Pid, WaitOptions};
 
@@ -24,15 +24,7 @@ fn start_to_ready(l: &mut Launcher, n: &mut u64) -> Duration {
         protocol::channel_config(),
     )
     .expect("duplex");
-    chan.send(&ToWorker::Setup {
-        name,
-        max_tasks: None,
-        image: ImageId::current(),
-        init: None,
-        progress: None,
-        limits: Default::default(),
-    })
-    .expect("setup");
+    chan.send(&ToWorker::bare_setup(name)).expect("setup");
     match chan.recv().expect("reply") {
         FromWorker::Ready { .. } => {}
         other => panic!("expected Ready, got {other:?}"),

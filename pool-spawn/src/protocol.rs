@@ -321,6 +321,23 @@ pub enum ToWorker<B = ByteBuf> {
     Exit,
 }
 
+impl<B> ToWorker<B> {
+    /// The [`ToWorker::Setup`] of worker `name` with nothing else to set: no task limit,
+    /// no initializer, no progress page, default [`Limits`], this process's [`ImageId`].
+    /// For tests and benchmarks that drive a worker by hand; not part of the API.
+    #[doc(hidden)]
+    pub fn bare_setup(name: String) -> Self {
+        ToWorker::Setup {
+            name,
+            max_tasks: None,
+            image: ImageId::current(),
+            init: None,
+            progress: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// The fields of [`ToWorker::Run`] before its payload bytes, as postcard lays them out:
 /// the variant index, `id`, `func`, then the payload's length.
 #[derive(Serialize)]
