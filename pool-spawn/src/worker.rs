@@ -41,6 +41,12 @@ pub struct Worker {
     sent: AtomicU64,
 }
 
+/// The bit of signal `n` in [`Worker`]'s set of signals sent (bit `n - 1`); `None` for a
+/// number outside `1..=64`.
+fn signal_bit(n: i32) -> Option<u64> {
+    (1..=64).contains(&n).then(|| 1 << (n - 1))
+}
+
 #[derive(Debug)]
 enum Proc {
     /// Our own child (spawn, fork).
@@ -93,9 +99,8 @@ impl Worker {
     /// its process group, itself included, with SIGKILL (see `runner`): that SIGKILL counts
     /// as sent too.
     fn note_sent(&self, sig: Signal) {
-        let n = sig.as_raw();
-        if (1..=64).contains(&n) {
-            self.sent.fetch_or(1 << (n - 1), Ordering::Relaxed);
+        if let Some(bit) = signal_bit(sig.as_raw()) {
+            self.sent.fetch_or(bit, Ordering::Relaxed);
         }
         if sig == Signal::TERM {
             self.note_sent(Signal::KILL);
@@ -104,14 +109,8 @@ impl Worker {
 
     /// `s`, marked if the signal that ended the worker was sent through this handle.
     fn mark(&self, s: ExitStatus) -> ExitStatus {
-        match s.signal() {
-            Some(n) if (1..=64).contains(&n) => {
-                if self.sent.load(Ordering::Relaxed) & (1 << (n - 1)) != 0 {
-                    s.with_sent_by_pool()
-                } else {
-                    s
-                }
-            }
+        match s.signal().and_then(signal_bit) {
+            Some(bit) if self.sent.load(Ordering::Relaxed) & bit != 0 => s.with_sent_by_pool(),
             _ => s,
         }
     }
