@@ -165,20 +165,14 @@ impl FramedConn {
         Ok(true)
     }
 
-    /// Since when the shared ring this side writes large payloads into holds memory:
-    /// `Some(time of the last payload placed)` until
-    /// [`release_idle_ring`](FramedConn::release_idle_ring) gives it back, `None` otherwise (no
-    /// ring, or nothing placed since). For a caller that releases rings idle for a while.
+    /// As [`Sender::ring_dirty_since`](crate::Sender::ring_dirty_since), for the ring this
+    /// side writes large payloads into.
     pub fn ring_dirty_since(&self) -> Option<std::time::Instant> {
         self.w.ring_dirty_since()
     }
 
-    /// Gives the memory of this side's shared ring back to the system if the peer has
-    /// taken every payload placed in it; true if it did (if the peer has not, the ring
-    /// counts as used just now: see `ring_dirty_since`). The ring stays set up: later
-    /// large payloads go through it as before (their first pages are faulted in afresh).
-    /// A ring holds up to 256 MiB after large payloads: a long-lived connection that went
-    /// quiet calls this to hand that memory back.
+    /// As [`Sender::release_idle_ring`](crate::Sender::release_idle_ring): gives the memory
+    /// of this side's shared ring back if the peer has taken every payload placed in it.
     pub fn release_idle_ring(&mut self) -> bool {
         self.w.release_drained_ring()
     }
