@@ -997,16 +997,13 @@ impl ReadHalf {
                 Ok(None)
             }
             (KIND_SHM_REF, 16) => {
-                let mut off = [0; 8];
-                off.copy_from_slice(&body[4..12]);
-                let mut len = [0; 4];
-                len.copy_from_slice(&body[12..16]);
-                let len = u32::from_le_bytes(len) as usize;
+                let off = u64::from_le_bytes(body[4..12].try_into().expect("8 bytes"));
+                let len = le_u32(body, 12) as usize;
                 if len > self.max {
                     return Err(Error::too_large(len, self.max));
                 }
                 let buf = self.take_scratch(len);
-                self.ring.take(u64::from_le_bytes(off), len, buf).map(Some)
+                self.ring.take(off, len, buf).map(Some)
             }
             _ => Err(Error::msg(ErrorKind::Decode, "unknown control frame")),
         }
@@ -1021,12 +1018,10 @@ impl ReadHalf {
                 "descriptors passed on a channel that does not accept them",
             ));
         };
-        let mut n = [0; 4];
         if body.len() != 8 || body[1..4] != [0, 0, 0] {
             return Err(Error::msg(ErrorKind::Decode, "malformed descriptors frame"));
         }
-        n.copy_from_slice(&body[4..8]);
-        let n = (u32::from_le_bytes(n) as usize).min(crate::fdpass::MAX_FDS);
+        let n = (le_u32(body, 4) as usize).min(crate::fdpass::MAX_FDS);
         // Fewer than announced when this process ran out of descriptors as they arrived
         // (the kernel installs a prefix): the frame gets what came.
         let got = n.min(q.len());
@@ -1101,25 +1096,21 @@ impl ReadHalf {
 
 /// The length an announcement body gives, after checking it.
 fn announced_len(body: &[u8]) -> Result<usize> {
-    if body.len() != 12 {
+    if body.len() != 12
+        || body[1..4] != [0, 0, 0]
+        || le_u32(body, 8) != le_u32(body, 4) ^ ANNOUNCE_CHECK
+    {
         return Err(Error::msg(
             ErrorKind::Decode,
             "malformed frame announcement (stray bytes on the channel?)",
         ));
     }
-    let word = |at: usize| {
-        let mut w = [0; 4];
-        w.copy_from_slice(&body[at..at + 4]);
-        u32::from_le_bytes(w)
-    };
-    let len = word(4);
-    if body[1..4] != [0, 0, 0] || word(8) != len ^ ANNOUNCE_CHECK {
-        return Err(Error::msg(
-            ErrorKind::Decode,
-            "malformed frame announcement (stray bytes on the channel?)",
-        ));
-    }
-    Ok(len as usize)
+    Ok(le_u32(body, 4) as usize)
+}
+
+/// The little-endian `u32` at `b[at..at + 4]` (a control frame's word).
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("a slice of 4 bytes"))
 }
 
 /// A payload handed to a decoding closure: borrowed from the read buffer or owned.
