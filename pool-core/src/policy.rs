@@ -677,10 +677,10 @@ impl<T> Policy<T> {
         Some((id, self.tasks.get(&id)))
     }
 
-    /// The record of the oldest task worker `wid` holds, if it has not had its outcome.
-    pub(crate) fn oldest_mut(&mut self, wid: WorkerId) -> Option<&mut T> {
+    /// The oldest task worker `wid` holds and its record, if it has not had its outcome.
+    pub(crate) fn oldest_mut(&mut self, wid: WorkerId) -> Option<(TaskId, &mut T)> {
         let id = *self.workers.get(&wid)?.in_flight.front()?;
-        self.tasks.get_mut(&id)
+        Some((id, self.tasks.get_mut(&id)?))
     }
 
     /// The current tasks-in-flight limit per worker.

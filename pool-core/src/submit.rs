@@ -285,9 +285,9 @@ impl Pool {
         self.fail_refused(refused, fed);
     }
 
-    /// Submits a whole `map` (its chunks' tasks) only if the
-    /// queue has room for all of it under `max`: `false` (nothing submitted, the tasks
-    /// dropped unrun) otherwise.
+    /// Submits tasks (a whole `map`'s chunks, or one `apply`) only if the queue has room for
+    /// all of them under `max`: `false` (nothing submitted, the tasks dropped unrun)
+    /// otherwise.
     pub(crate) fn try_submit_all(&self, tasks: Vec<(u64, TaskRec)>, max: usize) -> bool {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
@@ -434,22 +434,13 @@ impl Pool {
             complete(&weak, slot, r, Callbacks::new());
         });
         // Settled already (it could not be encoded, say): its result says so.
-        let Some((id, rec)) = task else {
+        let Some(task) = task else {
             return Ok(out);
         };
-        if rec.timeout.is_some() {
-            self.shared.note_timeouts();
-        }
-        tracing::trace!(parent: &rec.span, "task queued");
-        match self.shared.act_with_room(max, 1, false, |p, fx| {
-            p.submit_from(id, rec, false, fx).err()
-        }) {
-            None => Err(QueueFull(args)),
-            Some(None) => Ok(out),
-            Some(Some(refused)) => {
-                self.fail_refused(vec![refused], false);
-                Ok(out)
-            }
+        if self.try_submit_all(vec![task], max) {
+            Ok(out)
+        } else {
+            Err(QueueFull(args))
         }
     }
 

@@ -10,6 +10,7 @@ use pool_spawn::{Launcher, Signal};
 use rustix::event::{PollFd, PollFlags};
 
 use super::launch::WatchFds;
+use super::phase::{kill_stalled, stall_deadline};
 use super::shared::{Inner, Shared, note_started};
 use super::{Batch, Delivery, Outcome};
 use crate::policy::{Departure, Effects, Exit, WorkerId};
@@ -90,7 +91,7 @@ impl Driver {
         let mut buf = [0u8; 8];
         loop {
             self.launch_pending();
-            let (want_write, deadline, finished, ring_check) = {
+            let (want_write, deadline, finished, ring_check, stall, wakeup) = {
                 let mut g = self.shared.lock();
                 let ring_check = release_idle_rings(&mut g, Instant::now());
                 let want: Vec<bool> = self
@@ -107,6 +108,8 @@ impl Driver {
                     g.term_deadline,
                     g.policy.is_finished() && g.launches.is_empty(),
                     ring_check,
+                    stall_deadline(&g),
+                    g.policy.wakeup(),
                 )
             };
             if finished {
@@ -132,10 +135,10 @@ impl Driver {
                     consider(t + EOF_GRACE);
                 }
             }
-            if let Some(t) = self.stall_deadline() {
+            if let Some(t) = stall {
                 consider(t);
             }
-            if let Some(t) = self.shared.lock().policy.wakeup() {
+            if let Some(t) = wakeup {
                 consider(t);
             }
             let ready = {
@@ -445,13 +448,15 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
-        self.kill_stalled(now);
-        if self.shared.lock().policy.wakeup().is_some_and(|t| t <= now) {
+        let mut g = self.shared.lock();
+        kill_stalled(&mut g, now);
+        if g.policy.wakeup().is_some_and(|t| t <= now) {
             // A start the policy held back is due: a step gives it the time.
+            drop(g);
             self.shared.act(|_, _| {});
+            g = self.shared.lock();
         }
         let mut next: Option<Instant> = None;
-        let mut g = self.shared.lock();
         if g.term_deadline.is_some_and(|d| now >= d) {
             g.term_deadline = None;
             for w in g.io.values() {

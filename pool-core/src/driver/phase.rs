@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use pool_spawn::Signal;
 use pool_spawn::protocol::FromWorker;
 
-use super::event_loop::Driver;
+use super::shared::Inner;
 use super::worker_io::WorkerIo;
 
 /// How long part of a frame may wait for the rest with no new bytes before its worker is
@@ -95,37 +95,33 @@ pub(super) fn out_of_phase<B>(w: Option<&mut WorkerIo>, msg: &FromWorker<B>) -> 
     }
 }
 
-impl Driver {
-    /// When the oldest partial frame runs out of time, if any waits.
-    pub(super) fn stall_deadline(&self) -> Option<Instant> {
-        let g = self.shared.lock();
-        g.io.values()
-            .filter_map(|w| w.guard.partial_since)
-            .min()
-            .map(|t| t + PARTIAL_FRAME_STALL)
-    }
+/// When the oldest partial frame runs out of time, if any waits.
+pub(super) fn stall_deadline(g: &Inner) -> Option<Instant> {
+    g.io.values()
+        .filter_map(|w| w.guard.partial_since)
+        .min()
+        .map(|t| t + PARTIAL_FRAME_STALL)
+}
 
-    /// Kills the workers whose partial frame made no progress for [`PARTIAL_FRAME_STALL`];
-    /// their exit is then handled as any other (the task each was running fails).
-    pub(super) fn kill_stalled(&mut self, now: Instant) {
-        let mut g = self.shared.lock();
-        for w in g.io.values_mut() {
-            if w.guard
-                .partial_since
-                .is_some_and(|t| now >= t + PARTIAL_FRAME_STALL)
-            {
-                w.guard.partial_since = None;
-                tracing::warn!(worker = %w.name, "a message from a worker stopped arriving");
-                w.exit_note.get_or_insert_with(|| {
-                    format!(
-                        "a message from it stopped arriving partway (no new bytes for {} s); \
-                         it was killed as faulty",
-                        PARTIAL_FRAME_STALL.as_secs()
-                    )
-                });
-                if let Some(h) = &w.handle {
-                    let _ = h.signal_group(Signal::KILL);
-                }
+/// Kills the workers whose partial frame made no progress for [`PARTIAL_FRAME_STALL`];
+/// their exit is then handled as any other (the task each was running fails).
+pub(super) fn kill_stalled(g: &mut Inner, now: Instant) {
+    for w in g.io.values_mut() {
+        if w.guard
+            .partial_since
+            .is_some_and(|t| now >= t + PARTIAL_FRAME_STALL)
+        {
+            w.guard.partial_since = None;
+            tracing::warn!(worker = %w.name, "a message from a worker stopped arriving");
+            w.exit_note.get_or_insert_with(|| {
+                format!(
+                    "a message from it stopped arriving partway (no new bytes for {} s); \
+                     it was killed as faulty",
+                    PARTIAL_FRAME_STALL.as_secs()
+                )
+            });
+            if let Some(h) = &w.handle {
+                let _ = h.signal_group(Signal::KILL);
             }
         }
     }

@@ -347,10 +347,7 @@ pub(super) fn note_started(
     let Some(w) = io.get(&wid).filter(|w| w.guard.is_ready()) else {
         return;
     };
-    let Some((id, _)) = policy.oldest(wid) else {
-        return;
-    };
-    if let Some(rec) = policy.oldest_mut(wid)
+    if let Some((id, rec)) = policy.oldest_mut(wid)
         && rec.started_at.is_none()
     {
         // The worker stamps when it begins a task: when it has begun this one, that is
