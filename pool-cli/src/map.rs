@@ -116,12 +116,8 @@ pub(crate) struct Args {
     /// Lines handed to a worker at once [default: adapts to how long tasks take].
     #[arg(long, value_name = "N")]
     chunk_size: Option<usize>,
-    /// No progress bar, no summary line.
-    #[arg(short, long)]
-    quiet: bool,
-    /// How the pool starts its workers.
-    #[arg(long, value_enum, default_value_t)]
-    start_method: crate::Method,
+    #[command(flatten)]
+    shared: common::SharedArgs,
     /// The worker command and its arguments.
     #[arg(
         required = true,
@@ -656,7 +652,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         tasks_per_child: args.max_tasks_per_child,
     };
     let mut builder =
-        common::pool_builder(args.start_method, args.jobs).initializer(map_init, (cfg,));
+        common::pool_builder(args.shared.start_method, args.jobs).initializer(map_init, (cfg,));
     if let Some(k) = args.max_tasks_per_child {
         builder = builder.max_tasks_per_child(k);
     }
@@ -668,7 +664,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     let (tx, rx) = mpsc::channel::<Ev>();
     let gate = common::spawn_reader(input, sep, tx.clone());
     let hurry = common::watch_signals(tx.clone());
-    let mut progress = Progress::new(!args.quiet);
+    let mut progress = Progress::new(!args.shared.quiet);
     let window = pool.processes() * 4;
 
     let mut tally = Tally::default();
@@ -980,7 +976,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(f) = &fatal {
         eprintln!("procpool map: {f}");
     }
-    if !args.quiet {
+    if !args.shared.quiet {
         eprintln!(
             "{}",
             common::summary("map", "lines", &tally, started.elapsed(), stopped_by)
