@@ -266,7 +266,7 @@ fn cli_comparisons(
             .map(|i| format!("{}\n", (i * i + 7) % 1_000_003))
             .collect()
     };
-    let (expect_many, expect_few) = (expect(lines), expect(per_process_lines));
+    let expect_many = expect(lines);
     let parallel = gnu_parallel();
     let mut cells = Vec::new();
 
@@ -345,7 +345,6 @@ fn cli_comparisons(
         "import sys; n = int(sys.argv[1]); print((n * n + 7) % 1000003)",
     ]);
     // Order is not kept by xargs -P: only the exit status is checked.
-    let _ = &expect_few;
     cells.push(Cell {
         workload,
         system: "xargs -P 2, one python per line",
