@@ -511,12 +511,11 @@ pub(crate) fn map_chunk(lines: Vec<ByteBuf>) -> ChunkOutcome {
                     st.fw.insert(fw)
                 }
                 Err(e) => {
-                    let ended = None;
                     results.push(LineResult::Failed {
                         error: e,
                         pid: 0,
                         secs: 0.0,
-                        ended,
+                        ended: None,
                         fresh: true,
                     });
                     results.resize(lines.len(), LineResult::NotRun);
@@ -858,11 +857,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 let Some((lines, handle)) = running.remove(&key) else {
                     continue;
                 };
-                let result = handle.get();
-                let outcome = match result {
+                let outcome = match handle.get() {
                     Ok(o) => o,
-                    Err(e) if stopped_by.is_some() || fatal.is_some() => {
-                        let _ = e;
+                    Err(_) if stopped_by.is_some() || fatal.is_some() => {
                         tally.not_run += lines.len() as u64;
                         continue;
                     }

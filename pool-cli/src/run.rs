@@ -532,8 +532,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 };
                 let outcome = match handle.get() {
                     Ok(o) => o,
-                    Err(e) if stopped_by.is_some() => {
-                        let _ = e;
+                    Err(_) if stopped_by.is_some() => {
                         tally.not_run += 1;
                         continue;
                     }
