@@ -63,25 +63,7 @@ fn method_name(m: StartMethod) -> &'static str {
     }
 }
 
-/// Every workload, in report order.
-pub(crate) const WORKLOADS: [&str; 14] = [
-    "apply_rtt",
-    "map_tiny_chunk1",
-    "map_tiny_auto",
-    "echo_1mib",
-    "cpu_speedup",
-    "startup",
-    "recycle",
-    "replace_latency",
-    "imap_memory",
-    "map_tiny_chunk1_timeout",
-    "timeout_latency",
-    "cancel_latency",
-    "map_tiny_64w",
-    "map_10m_memory",
-];
-
-/// A standard workload, as `--workload` names it.
+/// A standard workload, as `--workload` names it; every workload, in report order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub(crate) enum Workload {
@@ -119,8 +101,12 @@ pub(crate) enum Workload {
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
-        WORKLOADS[self as usize]
+    /// Its `--workload` name, which results and the report use too.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no workload is skipped")
+            .get_name()
+            .to_string()
     }
 }
 
@@ -460,14 +446,12 @@ pub(crate) fn run(args: Args) -> ExitCode {
     } else {
         args.methods.iter().map(|&m| m.into()).collect()
     };
-    let workloads: Vec<String> = if args.workloads.is_empty() {
-        WORKLOADS.iter().map(|s| s.to_string()).collect()
+    let chosen: &[Workload] = if args.workloads.is_empty() {
+        <Workload as clap::ValueEnum>::value_variants()
     } else {
-        args.workloads
-            .iter()
-            .map(|w| w.name().to_string())
-            .collect()
+        &args.workloads
     };
+    let workloads: Vec<String> = chosen.iter().map(|w| w.name()).collect();
     if let Some(dir) = &args.out
         && let Err(e) = std::fs::create_dir_all(dir)
     {
