@@ -311,22 +311,19 @@ fn cli_comparisons(
         "map: 200k lines, tiny Python computation"
     };
     let per_line = |n: usize| move |secs: f64| (n as f64 / secs, secs * 2.0 / n as f64);
-    let mut pm = Command::new(&exe);
-    pm.args(["map", "-q", "-j", "2", "--", "python3"])
-        .arg(&worker);
-    cells.push(Cell {
-        workload,
-        system: "procpool map -j 2 (worker flushes each line)",
-        value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
-    });
-    let mut pb = Command::new(&exe);
-    pb.args(["map", "-q", "-j", "2", "--", "python3"])
-        .arg(&batched);
-    cells.push(Cell {
-        workload,
-        system: "procpool map -j 2 (worker answers in batches)",
-        value: time_cmd(&mut pb, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
-    });
+    for (script, system) in [
+        (&worker, "procpool map -j 2 (worker flushes each line)"),
+        (&batched, "procpool map -j 2 (worker answers in batches)"),
+    ] {
+        let mut pm = Command::new(&exe);
+        pm.args(["map", "-q", "-j", "2", "--", "python3"])
+            .arg(script);
+        cells.push(Cell {
+            workload,
+            system,
+            value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
+        });
+    }
     let mut mp = Command::new("python3");
     mp.arg(&mp_pool).arg("2");
     cells.push(Cell {
