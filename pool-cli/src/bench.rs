@@ -44,25 +44,6 @@ pub(crate) struct Args {
     one: Option<String>,
 }
 
-fn parse_method(s: &str) -> Result<StartMethod, String> {
-    match s {
-        "fork" => Ok(StartMethod::Fork),
-        "spawn" => Ok(StartMethod::Spawn),
-        "forkserver" => Ok(StartMethod::Forkserver),
-        _ => Err(format!(
-            "unknown start method {s:?}: fork, spawn or forkserver"
-        )),
-    }
-}
-
-fn method_name(m: StartMethod) -> &'static str {
-    match m {
-        StartMethod::Fork => "fork",
-        StartMethod::Spawn => "spawn",
-        _ => "forkserver",
-    }
-}
-
 /// A standard workload, as `--workload` names it; every workload, in report order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -437,14 +418,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(spec) = &args.one {
         return run_in_this_process(spec, args.quick);
     }
-    let methods: Vec<StartMethod> = if args.methods.is_empty() {
-        vec![
-            StartMethod::Forkserver,
-            StartMethod::Spawn,
-            StartMethod::Fork,
-        ]
+    let methods: &[crate::Method] = if args.methods.is_empty() {
+        <crate::Method as clap::ValueEnum>::value_variants()
     } else {
-        args.methods.iter().map(|&m| m.into()).collect()
+        &args.methods
     };
     let chosen: &[Workload] = if args.workloads.is_empty() {
         <Workload as clap::ValueEnum>::value_variants()
@@ -461,7 +438,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     }
     let mut rows = Vec::new();
     let limit = Duration::from_secs(args.timeout);
-    for method in &methods {
+    for method in methods {
         for w in &workloads {
             for _ in 0..args.runs.max(1) {
                 let line = run_isolated(w, *method, args.quick, limit);
@@ -484,7 +461,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
     }
     if args.reference {
-        match crate::reference::run_cpython(&methods, &workloads, args.runs.max(1), args.quick) {
+        match crate::reference::run_cpython(methods, &workloads, args.runs.max(1), args.quick) {
             Ok(lines) => rows.extend(lines),
             Err(e) => eprintln!("procpool bench: the CPython reference did not run: {e}"),
         }
@@ -500,9 +477,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
 
 /// Runs one `(method, workload)` as `procpool bench --one METHOD:WORKLOAD` and returns its
 /// JSON line; past `limit` the child is killed and the line says it timed out.
-fn run_isolated(workload: &str, method: StartMethod, quick: bool, limit: Duration) -> String {
-    let system = format!("procpool-{}", method_name(method));
-    let spec = format!("{}:{workload}", method_name(method));
+fn run_isolated(workload: &str, method: crate::Method, quick: bool, limit: Duration) -> String {
+    let system = format!("procpool-{}", method.name());
+    let spec = format!("{}:{workload}", method.name());
     run_isolated_spec(&system, &spec, workload, quick, limit)
 }
 
@@ -583,15 +560,12 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     if m == "ring-sink" {
         return ring_sink();
     }
-    let method = match parse_method(m) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("procpool bench: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(method) = <crate::Method as clap::ValueEnum>::from_str(m, false) else {
+        eprintln!("procpool bench: unknown start method {m:?}: fork, spawn or forkserver");
+        return ExitCode::FAILURE;
     };
-    let system = format!("procpool-{}", method_name(method));
-    let line = match measure(workload, method, &Scale::new(quick)) {
+    let system = format!("procpool-{}", method.name());
+    let line = match measure(workload, method.into(), &Scale::new(quick)) {
         Ok((value, unit)) => ok_line(&system, workload, value, unit),
         Err(reason) => failed_line(&system, workload, &reason),
     };
