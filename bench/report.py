@@ -552,11 +552,9 @@ def main(argv=None):
         print("report: no result rows in the input", file=sys.stderr)
         return 1
     cells = summarize(rows)
-    # The machine's own round-trip floor is context for the reader, not a system to rank.
-    floor = cells.pop((RAW_SYSTEM, "apply_rtt"), None)
+    # The machine's floors (raw-*) are context for the reader, not systems to rank.
     floors = {k: cells.pop(k) for k in [k for k in cells if k[0].startswith("raw-")]}
-    if floor:
-        floors[(RAW_SYSTEM, "apply_rtt")] = floor
+    floor = floors.get((RAW_SYSTEM, "apply_rtt"))
     floor_line = None
     if floor and floor.get("median") is not None:
         floor_line = (

@@ -143,11 +143,12 @@ def _on_alarm(signum, frame):
     raise SoftTimeout()
 
 
-def rss_bytes():
-    """Resident set size of this process, from /proc/self/status."""
+def rss_bytes(field="VmRSS:"):
+    """Resident set size of this process (or the `field` line given, such as its peak
+    "VmHWM:"), from /proc/self/status."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -232,8 +233,7 @@ def w_map_10m_memory(ctx, n, state):
             f.write("5")
         base = rss_bytes()
         out = pool.map(square, range(n))
-        with open("/proc/self/status") as f:
-            peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+        peak = rss_bytes("VmHWM:")
         assert len(out) == n
     return peak - base, {"items": n}
 

@@ -44,44 +44,7 @@ pub(crate) struct Args {
     one: Option<String>,
 }
 
-fn parse_method(s: &str) -> Result<StartMethod, String> {
-    match s {
-        "fork" => Ok(StartMethod::Fork),
-        "spawn" => Ok(StartMethod::Spawn),
-        "forkserver" => Ok(StartMethod::Forkserver),
-        _ => Err(format!(
-            "unknown start method {s:?}: fork, spawn or forkserver"
-        )),
-    }
-}
-
-fn method_name(m: StartMethod) -> &'static str {
-    match m {
-        StartMethod::Fork => "fork",
-        StartMethod::Spawn => "spawn",
-        _ => "forkserver",
-    }
-}
-
-/// Every workload, in report order.
-pub(crate) const WORKLOADS: [&str; 14] = [
-    "apply_rtt",
-    "map_tiny_chunk1",
-    "map_tiny_auto",
-    "echo_1mib",
-    "cpu_speedup",
-    "startup",
-    "recycle",
-    "replace_latency",
-    "imap_memory",
-    "map_tiny_chunk1_timeout",
-    "timeout_latency",
-    "cancel_latency",
-    "map_tiny_64w",
-    "map_10m_memory",
-];
-
-/// A standard workload, as `--workload` names it.
+/// A standard workload, as `--workload` names it; every workload, in report order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub(crate) enum Workload {
@@ -119,8 +82,12 @@ pub(crate) enum Workload {
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
-        WORKLOADS[self as usize]
+    /// Its `--workload` name, which results and the report use too.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no workload is skipped")
+            .get_name()
+            .to_string()
     }
 }
 
@@ -451,23 +418,17 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(spec) = &args.one {
         return run_in_this_process(spec, args.quick);
     }
-    let methods: Vec<StartMethod> = if args.methods.is_empty() {
-        vec![
-            StartMethod::Forkserver,
-            StartMethod::Spawn,
-            StartMethod::Fork,
-        ]
+    let methods: &[crate::Method] = if args.methods.is_empty() {
+        <crate::Method as clap::ValueEnum>::value_variants()
     } else {
-        args.methods.iter().map(|&m| m.into()).collect()
+        &args.methods
     };
-    let workloads: Vec<String> = if args.workloads.is_empty() {
-        WORKLOADS.iter().map(|s| s.to_string()).collect()
+    let chosen: &[Workload] = if args.workloads.is_empty() {
+        <Workload as clap::ValueEnum>::value_variants()
     } else {
-        args.workloads
-            .iter()
-            .map(|w| w.name().to_string())
-            .collect()
+        &args.workloads
     };
+    let workloads: Vec<String> = chosen.iter().map(|w| w.name()).collect();
     if let Some(dir) = &args.out
         && let Err(e) = std::fs::create_dir_all(dir)
     {
@@ -477,7 +438,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     }
     let mut rows = Vec::new();
     let limit = Duration::from_secs(args.timeout);
-    for method in &methods {
+    for method in methods {
         for w in &workloads {
             for _ in 0..args.runs.max(1) {
                 let line = run_isolated(w, *method, args.quick, limit);
@@ -500,7 +461,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
     }
     if args.reference {
-        match crate::reference::run_cpython(&methods, &workloads, args.runs.max(1), args.quick) {
+        match crate::reference::run_cpython(methods, &workloads, args.runs.max(1), args.quick) {
             Ok(lines) => rows.extend(lines),
             Err(e) => eprintln!("procpool bench: the CPython reference did not run: {e}"),
         }
@@ -516,9 +477,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
 
 /// Runs one `(method, workload)` as `procpool bench --one METHOD:WORKLOAD` and returns its
 /// JSON line; past `limit` the child is killed and the line says it timed out.
-fn run_isolated(workload: &str, method: StartMethod, quick: bool, limit: Duration) -> String {
-    let system = format!("procpool-{}", method_name(method));
-    let spec = format!("{}:{workload}", method_name(method));
+fn run_isolated(workload: &str, method: crate::Method, quick: bool, limit: Duration) -> String {
+    let system = format!("procpool-{}", method.name());
+    let spec = format!("{}:{workload}", method.name());
     run_isolated_spec(&system, &spec, workload, quick, limit)
 }
 
@@ -599,15 +560,12 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     if m == "ring-sink" {
         return ring_sink();
     }
-    let method = match parse_method(m) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("procpool bench: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(method) = <crate::Method as clap::ValueEnum>::from_str(m, false) else {
+        eprintln!("procpool bench: unknown start method {m:?}: fork, spawn or forkserver");
+        return ExitCode::FAILURE;
     };
-    let system = format!("procpool-{}", method_name(method));
-    let line = match measure(workload, method, &Scale::new(quick)) {
+    let system = format!("procpool-{}", method.name());
+    let line = match measure(workload, method.into(), &Scale::new(quick)) {
         Ok((value, unit)) => ok_line(&system, workload, value, unit),
         Err(reason) => failed_line(&system, workload, &reason),
     };

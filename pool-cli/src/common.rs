@@ -34,6 +34,18 @@ pub(crate) enum Ev {
     Signal(i32),
 }
 
+/// The options `procpool run` and `procpool map` share word for word (flattened last,
+/// before CMD, where each command's help lists them).
+#[derive(Debug, clap::Args)]
+pub(crate) struct SharedArgs {
+    /// No progress bar, no summary line.
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// How the pool starts its workers.
+    #[arg(long, value_enum, default_value_t)]
+    pub(crate) start_method: crate::Method,
+}
+
 /// Says `procpool CMD: MESSAGE` on stderr; the exit status of a usage error.
 pub(crate) fn usage_error(cmd: &str, message: &str) -> ExitCode {
     eprintln!("procpool {cmd}: {message}");

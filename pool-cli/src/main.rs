@@ -51,6 +51,17 @@ pub(crate) enum Method {
     Fork,
 }
 
+impl Method {
+    /// Its name, as `--start-method` and `bench --method` take it (and results say it).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Method::Forkserver => "forkserver",
+            Method::Spawn => "spawn",
+            Method::Fork => "fork",
+        }
+    }
+}
+
 impl From<Method> for procpool::StartMethod {
     fn from(m: Method) -> Self {
         match m {

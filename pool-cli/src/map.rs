@@ -116,12 +116,8 @@ pub(crate) struct Args {
     /// Lines handed to a worker at once [default: adapts to how long tasks take].
     #[arg(long, value_name = "N")]
     chunk_size: Option<usize>,
-    /// No progress bar, no summary line.
-    #[arg(short, long)]
-    quiet: bool,
-    /// How the pool starts its workers.
-    #[arg(long, value_enum, default_value_t)]
-    start_method: crate::Method,
+    #[command(flatten)]
+    shared: common::SharedArgs,
     /// The worker command and its arguments.
     #[arg(
         required = true,
@@ -266,43 +262,46 @@ enum Fault {
     Garbage(String),
 }
 
-/// Takes one complete reply off the front of `buf`: `Ok(None)` if it is not all there.
-/// `scanned`: how many bytes at the front of `buf` are known to hold no newline (so that a
-/// long reply arriving in many reads is scanned once, not once per read).
-fn parse_reply(
-    buf: &mut Vec<u8>,
+/// Takes one complete reply off `buf[*pos..]`, moving `*pos` past it: `Ok(None)` if it is
+/// not all there. `scanned`: how many bytes from `*pos` on are known to hold no newline (so
+/// that a long reply arriving in many reads is scanned once, not once per read). The caller
+/// drops the bytes before `*pos` once it has taken every reply (one move per read, not one
+/// per reply).
+fn parse_reply<'b>(
+    buf: &'b [u8],
+    pos: &mut usize,
     scanned: &mut usize,
     framing: Framing,
-) -> Result<Option<Vec<u8>>, String> {
-    let from = (*scanned).min(buf.len());
-    let newline = buf[from..]
+) -> Result<Option<&'b [u8]>, String> {
+    let rest = &buf[*pos..];
+    let from = (*scanned).min(rest.len());
+    let newline = rest[from..]
         .iter()
         .position(|&c| c == b'\n')
         .map(|i| i + from);
-    *scanned = if newline.is_some() { 0 } else { buf.len() };
+    *scanned = if newline.is_some() { 0 } else { rest.len() };
     match framing {
         Framing::Lines => match newline {
             Some(i) => {
-                let mut line: Vec<u8> = buf.drain(..=i).collect();
-                line.pop();
-                Ok(Some(line))
+                *pos += i + 1;
+                Ok(Some(&rest[..i]))
             }
-            None if buf.len() > MAX_REPLY => Err(format!(
+            None if rest.len() > MAX_REPLY => Err(format!(
                 "a line of more than {MAX_REPLY} bytes without a newline"
             )),
             None => Ok(None),
         },
         Framing::Length => {
             let Some(i) = newline else {
-                if buf.len() > 20 || buf.iter().any(|c| !c.is_ascii_digit()) {
+                if rest.len() > 20 || rest.iter().any(|c| !c.is_ascii_digit()) {
                     return Err(format!(
                         "expected a length line, got {}",
-                        common::preview(&buf[..buf.len().min(60)])
+                        common::preview(&rest[..rest.len().min(60)])
                     ));
                 }
                 return Ok(None);
             };
-            let header = &buf[..i];
+            let header = &rest[..i];
             let n: usize = std::str::from_utf8(header)
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
@@ -313,14 +312,13 @@ fn parse_reply(
                         common::preview(header)
                     )
                 })?;
-            if buf.len() < i + 1 + n {
+            if rest.len() < i + 1 + n {
                 // The header is whole: search for the next one only after the body.
                 *scanned = 0;
                 return Ok(None);
             }
-            let body = buf[i + 1..i + 1 + n].to_vec();
-            buf.drain(..i + 1 + n);
-            Ok(Some(body))
+            *pos += i + 1 + n;
+            Ok(Some(&rest[i + 1..i + 1 + n]))
         }
     }
 }
@@ -329,8 +327,7 @@ fn encode_tasks(lines: &[ByteBuf], framing: Framing) -> Vec<u8> {
     let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 12).sum());
     for l in lines {
         if framing == Framing::Length {
-            out.extend_from_slice(l.len().to_string().as_bytes());
-            out.push(b'\n');
+            let _ = writeln!(out, "{}", l.len());
             out.extend_from_slice(l);
         } else {
             out.extend_from_slice(l);
@@ -360,27 +357,31 @@ impl Replies<'_> {
     /// Moves the complete replies in the worker's read buffer into `results`. A reply
     /// beyond the last line asked is a fault.
     fn take(&mut self, fw: &mut Foreign) -> Result<(), Fault> {
-        loop {
-            match parse_reply(&mut fw.rbuf, &mut fw.scanned, self.framing) {
+        let mut pos = 0;
+        let taken = loop {
+            match parse_reply(&fw.rbuf, &mut pos, &mut fw.scanned, self.framing) {
                 Ok(Some(reply)) => {
                     if self.complete() {
-                        return Err(Fault::Garbage(format!(
+                        break Err(Fault::Garbage(format!(
                             "a line nobody asked for: {}",
-                            common::preview(&reply)
+                            common::preview(reply)
                         )));
                     }
+                    let now = Instant::now();
                     self.results.push(LineResult::Ok {
                         out: ByteBuf::from(reply),
                         pid: fw.w.pid(),
-                        secs: self.head_start.elapsed().as_secs_f64(),
+                        secs: (now - self.head_start).as_secs_f64(),
                     });
                     fw.answered += 1;
-                    self.head_start = Instant::now();
+                    self.head_start = now;
                 }
-                Ok(None) => return Ok(()),
-                Err(m) => return Err(Fault::Garbage(m)),
+                Ok(None) => break Ok(()),
+                Err(m) => break Err(Fault::Garbage(m)),
             }
-        }
+        };
+        fw.rbuf.drain(..pos);
+        taken
     }
 
     /// After the worker command stopped taking input or closed its output: takes the
@@ -454,8 +455,8 @@ fn exchange(
                 Ok(false) => return Some(Fault::Timeout),
                 Err(_) => return Some(Fault::Died),
             }
-            let r: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-            (r[0], r[1], r.get(2).copied().unwrap_or(false))
+            let ready = |i: usize| fds.get(i).is_some_and(|f| !f.revents().is_empty());
+            (ready(0), ready(1), ready(2))
         };
         if writable && let Some(stdin) = fw.stdin.as_mut() {
             match stdin.write(&out[written..]) {
@@ -510,12 +511,11 @@ pub(crate) fn map_chunk(lines: Vec<ByteBuf>) -> ChunkOutcome {
                     st.fw.insert(fw)
                 }
                 Err(e) => {
-                    let ended = None;
                     results.push(LineResult::Failed {
                         error: e,
                         pid: 0,
                         secs: 0.0,
-                        ended,
+                        ended: None,
                         fresh: true,
                     });
                     results.resize(lines.len(), LineResult::NotRun);
@@ -651,7 +651,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         tasks_per_child: args.max_tasks_per_child,
     };
     let mut builder =
-        common::pool_builder(args.start_method, args.jobs).initializer(map_init, (cfg,));
+        common::pool_builder(args.shared.start_method, args.jobs).initializer(map_init, (cfg,));
     if let Some(k) = args.max_tasks_per_child {
         builder = builder.max_tasks_per_child(k);
     }
@@ -663,7 +663,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     let (tx, rx) = mpsc::channel::<Ev>();
     let gate = common::spawn_reader(input, sep, tx.clone());
     let hurry = common::watch_signals(tx.clone());
-    let mut progress = Progress::new(!args.quiet);
+    let mut progress = Progress::new(!args.shared.quiet);
     let window = pool.processes() * 4;
 
     let mut tally = Tally::default();
@@ -773,8 +773,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
             if chunk.is_empty() {
                 break;
             }
-            // A line holding a newline cannot be sent as a line.
-            if args.framing == Framing::Lines {
+            // A line holding a newline cannot be sent as a line (only NUL-separated input
+            // can hold one).
+            if args.framing == Framing::Lines && args.null {
                 let (bad, good): (Vec<Line>, Vec<Line>) =
                     chunk.into_iter().partition(|l| l.item.contains(&b'\n'));
                 for line in bad {
@@ -856,11 +857,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 let Some((lines, handle)) = running.remove(&key) else {
                     continue;
                 };
-                let result = handle.get();
-                let outcome = match result {
+                let outcome = match handle.get() {
                     Ok(o) => o,
-                    Err(e) if stopped_by.is_some() || fatal.is_some() => {
-                        let _ = e;
+                    Err(_) if stopped_by.is_some() || fatal.is_some() => {
                         tally.not_run += lines.len() as u64;
                         continue;
                     }
@@ -974,7 +973,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(f) = &fatal {
         eprintln!("procpool map: {f}");
     }
-    if !args.quiet {
+    if !args.shared.quiet {
         eprintln!(
             "{}",
             common::summary("map", "lines", &tally, started.elapsed(), stopped_by)
@@ -991,30 +990,35 @@ pub(crate) fn run(args: Args) -> ExitCode {
 mod tests {
     use super::*;
 
+    /// [`parse_reply`] on the front of `b`, then the reply taken off it.
+    fn next_reply(b: &mut Vec<u8>, framing: Framing) -> Result<Option<Vec<u8>>, String> {
+        let mut pos = 0;
+        let reply = parse_reply(b, &mut pos, &mut 0, framing)?.map(<[u8]>::to_vec);
+        b.drain(..pos);
+        Ok(reply)
+    }
+
     #[test]
     fn replies_are_parsed_whole() {
         let mut b = b"ab\ncd".to_vec();
-        assert_eq!(
-            parse_reply(&mut b, &mut 0, Framing::Lines),
-            Ok(Some(b"ab".to_vec()))
-        );
-        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Lines), Ok(None));
+        assert_eq!(next_reply(&mut b, Framing::Lines), Ok(Some(b"ab".to_vec())));
+        assert_eq!(next_reply(&mut b, Framing::Lines), Ok(None));
         let mut b = b"3\na\nb2\nxy".to_vec();
         assert_eq!(
-            parse_reply(&mut b, &mut 0, Framing::Length),
+            next_reply(&mut b, Framing::Length),
             Ok(Some(b"a\nb".to_vec()))
         );
         assert_eq!(
-            parse_reply(&mut b, &mut 0, Framing::Length),
+            next_reply(&mut b, Framing::Length),
             Ok(Some(b"xy".to_vec()))
         );
-        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Length), Ok(None));
+        assert_eq!(next_reply(&mut b, Framing::Length), Ok(None));
         let mut b = b"hello\n".to_vec();
-        assert!(parse_reply(&mut b, &mut 0, Framing::Length).is_err());
+        assert!(next_reply(&mut b, Framing::Length).is_err());
         let mut b = b"12".to_vec();
-        assert_eq!(parse_reply(&mut b, &mut 0, Framing::Length), Ok(None));
+        assert_eq!(next_reply(&mut b, Framing::Length), Ok(None));
         let mut b = b"x".to_vec();
-        assert!(parse_reply(&mut b, &mut 0, Framing::Length).is_err());
+        assert!(next_reply(&mut b, Framing::Length).is_err());
     }
 
     #[test]

@@ -5,8 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use procpool::StartMethod;
-
 const MP_POOL_PY: &str = include_str!("../../bench/reference/mp_pool.py");
 const REPORT_PY: &str = include_str!("../../bench/report.py");
 
@@ -38,18 +36,10 @@ impl Drop for Scripts {
     }
 }
 
-fn method_name(m: StartMethod) -> &'static str {
-    match m {
-        StartMethod::Fork => "fork",
-        StartMethod::Spawn => "spawn",
-        _ => "forkserver",
-    }
-}
-
 /// Runs CPython's Pool on `workloads` with each of `methods`; prints and returns its JSON
 /// lines. A workload it cannot do comes back as an `"ok": false` line from the script.
 pub(crate) fn run_cpython(
-    methods: &[StartMethod],
+    methods: &[crate::Method],
     workloads: &[String],
     runs: usize,
     quick: bool,
@@ -60,7 +50,7 @@ pub(crate) fn run_cpython(
         for w in workloads {
             let mut cmd = Command::new("python3");
             cmd.arg(scripts.path("mp_pool.py"))
-                .args(["--method", method_name(*m), "--workload", w])
+                .args(["--method", m.name(), "--workload", w])
                 .args(["--runs", &runs.to_string()]);
             if quick {
                 cmd.arg("--quick");

@@ -83,12 +83,8 @@ pub(crate) struct Args {
     /// Items are separated by NUL bytes, not newlines.
     #[arg(short = '0', long)]
     null: bool,
-    /// No progress bar, no summary line.
-    #[arg(short, long)]
-    quiet: bool,
-    /// How the pool starts its workers.
-    #[arg(long, value_enum, default_value_t)]
-    start_method: crate::Method,
+    #[command(flatten)]
+    shared: common::SharedArgs,
     /// The command and its arguments; `{}` stands for the item.
     #[arg(
         required = true,
@@ -389,7 +385,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     };
     let started = Instant::now();
     proc::become_subreaper();
-    let builder = common::pool_builder(args.start_method, args.jobs);
+    let builder = common::pool_builder(args.shared.start_method, args.jobs);
     let pool = match common::start_pool(builder, "run", "the pool") {
         Ok(p) => p,
         Err(code) => return code,
@@ -397,7 +393,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     let (tx, rx) = mpsc::channel::<Ev>();
     let gate = common::spawn_reader(input, if args.null { 0 } else { b'\n' }, tx.clone());
     let hurry = common::watch_signals(tx.clone());
-    let mut progress = Progress::new(!args.quiet);
+    let mut progress = Progress::new(!args.shared.quiet);
     let window = pool.processes() * 4;
     let timeout_ms = args.timeout.map(|t| t.as_millis().max(1) as u64);
 
@@ -536,8 +532,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 };
                 let outcome = match handle.get() {
                     Ok(o) => o,
-                    Err(e) if stopped_by.is_some() => {
-                        let _ = e;
+                    Err(_) if stopped_by.is_some() => {
                         tally.not_run += 1;
                         continue;
                     }
@@ -587,7 +582,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(e) = &input_error {
         eprintln!("procpool run: {e}");
     }
-    if !args.quiet {
+    if !args.shared.quiet {
         eprintln!(
             "{}",
             common::summary("run", "jobs", &tally, started.elapsed(), stopped_by)

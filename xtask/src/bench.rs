@@ -266,7 +266,7 @@ fn cli_comparisons(
             .map(|i| format!("{}\n", (i * i + 7) % 1_000_003))
             .collect()
     };
-    let (expect_many, expect_few) = (expect(lines), expect(per_process_lines));
+    let expect_many = expect(lines);
     let parallel = gnu_parallel();
     let mut cells = Vec::new();
 
@@ -311,22 +311,19 @@ fn cli_comparisons(
         "map: 200k lines, tiny Python computation"
     };
     let per_line = |n: usize| move |secs: f64| (n as f64 / secs, secs * 2.0 / n as f64);
-    let mut pm = Command::new(&exe);
-    pm.args(["map", "-q", "-j", "2", "--", "python3"])
-        .arg(&worker);
-    cells.push(Cell {
-        workload,
-        system: "procpool map -j 2 (worker flushes each line)",
-        value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
-    });
-    let mut pb = Command::new(&exe);
-    pb.args(["map", "-q", "-j", "2", "--", "python3"])
-        .arg(&batched);
-    cells.push(Cell {
-        workload,
-        system: "procpool map -j 2 (worker answers in batches)",
-        value: time_cmd(&mut pb, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
-    });
+    for (script, system) in [
+        (&worker, "procpool map -j 2 (worker flushes each line)"),
+        (&batched, "procpool map -j 2 (worker answers in batches)"),
+    ] {
+        let mut pm = Command::new(&exe);
+        pm.args(["map", "-q", "-j", "2", "--", "python3"])
+            .arg(script);
+        cells.push(Cell {
+            workload,
+            system,
+            value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
+        });
+    }
     let mut mp = Command::new("python3");
     mp.arg(&mp_pool).arg("2");
     cells.push(Cell {
@@ -345,7 +342,6 @@ fn cli_comparisons(
         "import sys; n = int(sys.argv[1]); print((n * n + 7) % 1000003)",
     ]);
     // Order is not kept by xargs -P: only the exit status is checked.
-    let _ = &expect_few;
     cells.push(Cell {
         workload,
         system: "xargs -P 2, one python per line",
