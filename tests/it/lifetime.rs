@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use procpool::{Options, Pool, TaskErrorKind, current_process};
 
-use crate::util::{METHODS, alive, builder, my_pid, shut_down, sleep_ms, square, wait_for};
+use crate::util::{
+    METHODS, alive, builder, my_pid, shut_down, sleep_ms, square, status_kib, wait_for,
+};
 
 fn worker_name(_x: u32) -> String {
     current_process().name().to_string()
@@ -313,12 +315,7 @@ fn a_stopped_fork_server_is_replaced_quickly() {
 }
 
 fn shmem_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    status_kib(pid, "RssShmem").unwrap_or(0)
 }
 
 fn echo_bytes(b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {

@@ -11,7 +11,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::util::{METHODS, builder, shut_down, square, wait_for};
+use crate::util::{METHODS, builder, rss_kib, shut_down, square, wait_for};
 
 /// A span as the recorder saw it: its fields (as text), parent, and the events in it.
 #[derive(Clone, Debug, Default)]
@@ -357,14 +357,7 @@ fn slow_len(bytes: serde_bytes::ByteBuf) -> usize {
 
 /// This process's resident memory, in bytes.
 fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
+    rss_kib() * 1024
 }
 
 /// `max_queued(10)` with a slow pool and a fast producer of 1 MiB tasks: the producer

@@ -19,14 +19,19 @@ pub(crate) fn builder(method: StartMethod) -> PoolBuilder {
         .allow_fork_with_threads(true)
 }
 
-/// The parent's resident memory, in KiB.
-pub(crate) fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+/// The field `name` (in kB) of `/proc/<pid>/status`, `pid` being a number or `self`; `None`
+/// when the process or the field is not there.
+pub(crate) fn status_kib(pid: impl std::fmt::Display, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+}
+
+/// The parent's resident memory, in KiB.
+pub(crate) fn rss_kib() -> u64 {
+    status_kib("self", "VmRSS").unwrap()
 }
 
 /// The number in environment variable `name`, when it holds one.
