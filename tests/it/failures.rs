@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use procpool::{Options, TaskErrorKind, current_process};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::util::{METHODS, alive, builder, my_pid, shut_down, square, wait_for};
+use crate::util::{METHODS, alive, builder, my_pid, parent_of, shut_down, square, wait_for};
 
 pub(crate) fn boom(x: u32) -> u32 {
     if x > 0 {
@@ -691,14 +691,6 @@ fn a_chunk_whose_first_item_kills_its_worker_fails_only_that_item() {
         }
         shut_down(pool);
     }
-}
-
-/// The parent process of `pid`, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may hold spaces: the fields after it follow its closing parenthesis.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use procpool::{Options, Pool, TaskErrorKind, current_process};
 
 use crate::util::{
-    METHODS, alive, builder, my_pid, shut_down, sleep_ms, square, status_kib, wait_for,
+    METHODS, alive, builder, my_pid, parent_of, shut_down, sleep_ms, square, status_kib, wait_for,
 };
 
 fn worker_name(_x: u32) -> String {
@@ -286,16 +286,7 @@ fn a_stopped_fork_server_is_replaced_quickly() {
         .build()
         .unwrap();
     let worker = pool.apply(my_pid, ()).unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
-    let server: u32 = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let server = parent_of(worker);
     signal(server, Signal::STOP);
     signal(worker, Signal::KILL);
     let t = Instant::now();
