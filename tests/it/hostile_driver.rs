@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
 
-use crate::util::{METHODS, builder, shut_down, square};
+use crate::util::{METHODS, builder, output_within, shut_down, square};
 
 /// This worker's end of its channel to the pool: the one socket a worker keeps open,
 /// duplicated through a pidfd of the worker itself.
@@ -231,7 +231,7 @@ fn fd_limit_child() {
 /// Builds a 40-worker pool in a child process whose fd limit is `soft`/`hard`; returns what
 /// the child printed (bounded: a hang is killed and reported).
 fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> String {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "hostile_driver::fd_limit_child",
@@ -244,20 +244,9 @@ fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{method:?}: build hung under an fd limit of {soft}/{hard}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let what = format!("{method:?}: build under an fd limit of {soft}/{hard}");
+    let out = output_within(child, Duration::from_secs(60), &what).stdout;
+    let out = String::from_utf8_lossy(&out);
     out.lines()
         .find_map(|l| l.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"))

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use procpool::{Options, Pool, TaskErrorKind, current_process};
 
 use crate::util::{
-    METHODS, alive, builder, my_pid, parent_of, shut_down, sleep_ms, square, status_kib, wait_for,
+    METHODS, alive, builder, my_pid, output_within, parent_of, shut_down, sleep_ms, square,
+    status_kib, wait_for,
 };
 
 fn worker_name(_x: u32) -> String {
@@ -253,15 +254,18 @@ fn helper_fd_balance() {
 #[test]
 fn pools_leave_no_fd_behind() {
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
+    let child = std::process::Command::new(exe)
         .args([
             "lifetime::helper_fd_balance",
             "--exact",
             "--ignored",
             "--test-threads=1",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let out = output_within(child, Duration::from_secs(60), "the fd balance helper");
     assert!(
         out.status.success(),
         "helper failed: {}\n{}",

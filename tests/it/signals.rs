@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use procpool::StartMethod;
 
-use crate::util::{METHODS, builder, sleep_ms, wait_for};
+use crate::util::{METHODS, builder, sleep_ms, wait_child, wait_for};
 
 /// The processes descended from `root` (not `root` itself).
 fn descendants(root: u32) -> Vec<u32> {
@@ -139,18 +139,8 @@ fn signal_busy_child(
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     let sent = Instant::now();
     rustix::process::kill_process(pid, signal).unwrap();
-    let deadline = sent + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{method:?}: the child did not end after {signal:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let what = format!("{method:?}: the child, sent {signal:?},");
+    let status = wait_child(&mut child, Duration::from_secs(10), &what);
     wait_for(
         "every process of the child to be gone",
         Duration::from_secs(5),

@@ -1,5 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 
+use std::io::Read;
+use std::process::{Child, ExitStatus, Output};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use procpool::{Pool, PoolBuilder, StartMethod};
@@ -68,6 +71,45 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> 
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits (bounded) for `child` to exit; past `within`, kills and reaps it and panics, saying
+/// `what` did not end.
+pub(crate) fn wait_child(child: &mut Child, within: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// [`wait_child`], and what `child` wrote to its piped stdout and stderr (empty where not
+/// piped), read while it runs so that a full pipe cannot hold it.
+pub(crate) fn output_within(mut child: Child, within: Duration, what: &str) -> Output {
+    fn read_all<R: Read + Send + 'static>(r: Option<R>) -> Option<JoinHandle<Vec<u8>>> {
+        r.map(|mut r| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        })
+    }
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    let status = wait_child(&mut child, within, what);
+    let join = |t: Option<JoinHandle<Vec<u8>>>| t.map(|t| t.join().unwrap()).unwrap_or_default();
+    Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
     }
 }
 
