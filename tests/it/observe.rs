@@ -383,7 +383,11 @@ fn max_queued_blocks_a_fast_producer_and_keeps_memory_flat() {
                     pending.push(pool.apply_async(slow_len, (arg,)));
                     submitted.fetch_add(1, Ordering::SeqCst);
                 }
-                let lens: Vec<usize> = pending.into_iter().map(|r| r.get().unwrap()).collect();
+                // Bounded: the scope joins this thread even when the watcher below panics.
+                let lens: Vec<usize> = pending
+                    .into_iter()
+                    .map(|r| r.get_timeout(Duration::from_secs(60)).unwrap().unwrap())
+                    .collect();
                 finished.store(true, Ordering::SeqCst);
                 lens
             });
