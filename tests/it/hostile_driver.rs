@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
 
-use crate::util::{METHODS, builder, output_within, shut_down, square};
+use crate::util::{METHODS, builder, kill_new_workers, output_within, shut_down, square};
 
 /// This worker's end of its channel to the pool: the one socket a worker keeps open,
 /// duplicated through a pidfd of the worker itself.
@@ -147,22 +147,13 @@ fn a_pool_whose_starting_workers_were_killed_recovers_and_blames_the_kills() {
                     .initializer(slow_start, (200,))
                     .build()
                     .unwrap();
-                let mut killed: Vec<u32> = Vec::new();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while killed.len() < 13 {
-                    assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
-                    if let Some(w) = pool
-                        .workers()
-                        .into_iter()
-                        .find(|w| !killed.contains(&w.pid()))
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                        let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                        killed.push(w.pid());
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                kill_new_workers(
+                    &pool,
+                    method,
+                    13,
+                    Duration::from_millis(20),
+                    Duration::from_secs(60),
+                );
                 // Whatever fails meanwhile names the kills; then the pool works again.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {

@@ -74,6 +74,34 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Kills (SIGKILL) `n` workers of `pool` one after another, each `after` it was first seen
+/// (inside its initializer, when that is slower). Panics, naming
+/// `method`, when `within` passes first.
+pub(crate) fn kill_new_workers(
+    pool: &Pool,
+    method: StartMethod,
+    n: usize,
+    after: Duration,
+    within: Duration,
+) {
+    let mut killed: Vec<u32> = Vec::new();
+    let deadline = Instant::now() + within;
+    while killed.len() < n {
+        assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
+        if let Some(w) = pool
+            .workers()
+            .into_iter()
+            .find(|w| !killed.contains(&w.pid()))
+        {
+            std::thread::sleep(after);
+            let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            killed.push(w.pid());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits (bounded) for `child` to exit; past `within`, kills and reaps it and panics, saying
 /// `what` did not end.
 pub(crate) fn wait_child(child: &mut Child, within: Duration, what: &str) -> ExitStatus {
