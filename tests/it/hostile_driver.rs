@@ -7,30 +7,9 @@ use std::time::{Duration, Instant};
 use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
 
-use crate::util::{METHODS, builder, kill_new_workers, output_within, shut_down, square};
-
-/// This worker's end of its channel to the pool: the one socket a worker keeps open,
-/// duplicated through a pidfd of the worker itself.
-fn own_channel() -> std::os::fd::OwnedFd {
-    let me = rustix::process::pidfd_open(
-        rustix::process::getpid(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .expect("pidfd_open");
-    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
-        let e = e.expect("entry");
-        let Ok(target) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        if !target.to_string_lossy().starts_with("socket:") {
-            continue;
-        }
-        let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
-        return rustix::process::pidfd_getfd(&me, fd, rustix::process::PidfdGetfdFlags::empty())
-            .expect("pidfd_getfd");
-    }
-    panic!("the worker has no socket");
-}
+use crate::util::{
+    METHODS, builder, channel_fd, kill_new_workers, output_within, shut_down, square,
+};
 
 /// Appends a line to `path`, then writes `n` forged `SetupFailed` messages on the worker's
 /// own channel, as if the worker had failed to start, and keeps running a while.
@@ -43,7 +22,7 @@ fn forge_setup_failed(path: String, n: u32) -> u32 {
         .unwrap();
     writeln!(f, "ran").unwrap();
     drop(f);
-    let mut tx = pool_ipc::Sender::<FromWorker>::new(own_channel());
+    let mut tx = pool_ipc::Sender::<FromWorker>::new(channel_fd());
     for _ in 0..n {
         tx.send(&FromWorker::SetupFailed {
             reason: SetupFailure::Initializer,
@@ -94,7 +73,7 @@ fn a_message_out_of_phase_kills_its_worker_and_fails_only_its_task() {
 /// Writes the start of a frame on the worker's own channel (a header announcing 100 bytes,
 /// and 10 of them), then hangs.
 fn start_a_frame_and_hang() -> u32 {
-    let chan = own_channel();
+    let chan = channel_fd();
     let mut bytes = 100u32.to_le_bytes().to_vec();
     bytes.extend_from_slice(&[0; 10]);
     rustix::io::write(&chan, &bytes).unwrap();
