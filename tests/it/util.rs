@@ -2,7 +2,7 @@
 
 use std::io::Read;
 use std::process::{Child, ExitStatus, Output};
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use procpool::{Pool, PoolBuilder, StartMethod};
@@ -120,24 +120,35 @@ pub(crate) fn wait_child(child: &mut Child, within: Duration, what: &str) -> Exi
 }
 
 /// [`wait_child`], and what `child` wrote to its piped stdout and stderr (empty where not
-/// piped), read while it runs so that a full pipe cannot hold it.
+/// piped), read while it runs so that a full pipe cannot hold it. The reading is bounded by
+/// the same deadline: a descendant left holding a pipe fails the test instead of hanging it.
 pub(crate) fn output_within(mut child: Child, within: Duration, what: &str) -> Output {
-    fn read_all<R: Read + Send + 'static>(r: Option<R>) -> Option<JoinHandle<Vec<u8>>> {
-        r.map(|mut r| {
-            std::thread::spawn(move || {
-                let mut v = Vec::new();
+    fn read_all<R: Read + Send + 'static>(r: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
                 let _ = r.read_to_end(&mut v);
-                v
-            })
-        })
+            }
+            let _ = tx.send(v);
+        });
+        rx
     }
+    let deadline = Instant::now() + within;
     let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
     let status = wait_child(&mut child, within, what);
-    let join = |t: Option<JoinHandle<Vec<u8>>>| t.map(|t| t.join().unwrap()).unwrap_or_default();
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1)),
+        )
+        .unwrap_or_else(|_| panic!("{what}: its output was still open after {within:?}"))
+    };
     Output {
         status,
-        stdout: join(out),
-        stderr: join(err),
+        stdout: collect(out),
+        stderr: collect(err),
     }
 }
 
