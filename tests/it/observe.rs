@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use procpool::{Options, StartMethod};
+use procpool::{AsyncResult, Options, Pool, StartMethod};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
@@ -423,16 +423,27 @@ fn max_queued_blocks_a_fast_producer_and_keeps_memory_flat() {
     }
 }
 
+/// A pool of one worker and a queue of `max_queued`, its worker busy with a 300 ms task
+/// (returned; its result is 300).
+fn busy_pool(method: StartMethod, max_queued: usize) -> (Pool, AsyncResult<u64>) {
+    let pool = builder(method)
+        .processes(1)
+        .max_queued(max_queued)
+        .build()
+        .unwrap();
+    let running = pool.apply_async(sleep_then_echo, (300,));
+    wait_for("the task to run", Duration::from_secs(10), || {
+        pool.metrics().running == 1
+    });
+    (pool, running)
+}
+
 /// `try_apply_async` hands the arguments back while the queue is full, and submits once
 /// there is room; without `max_queued` it never refuses.
 #[test]
 fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
     for method in METHODS {
-        let pool = builder(method).processes(1).max_queued(2).build().unwrap();
-        let running = pool.apply_async(sleep_then_echo, (300,));
-        wait_for("the task to run", Duration::from_secs(10), || {
-            pool.metrics().running == 1
-        });
+        let (pool, running) = busy_pool(method, 2);
         let queued: Vec<_> = (1..=2)
             .map(|ms| pool.try_apply_async(sleep_then_echo, (ms,)).unwrap())
             .collect();
@@ -468,11 +479,7 @@ fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
 #[test]
 fn try_map_async_submits_the_whole_map_or_hands_its_items_back() {
     for method in METHODS {
-        let pool = builder(method).processes(1).max_queued(3).build().unwrap();
-        let running = pool.apply_async(sleep_then_echo, (300,));
-        wait_for("the task to run", Duration::from_secs(10), || {
-            pool.metrics().running == 1
-        });
+        let (pool, running) = busy_pool(method, 3);
         let by_one = || Options::new().chunksize(1);
         let first = pool
             .try_map_async_with(sleep_then_echo, [1u64, 2, 3], by_one())
