@@ -26,17 +26,21 @@ fn start(args: &[&str], input: Vec<u8>) -> Child {
     child
 }
 
-/// Waits for `child` with a deadline (a hang fails the test instead of stalling it).
+/// Waits for `child` with a deadline (a hang fails the test instead of stalling it); its
+/// output is read meanwhile, and waited for within the same deadline (a worker left holding
+/// a pipe fails the test instead of hanging it).
 fn finish(child: Child, what: &str, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     let mut child = child;
     let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let read = |mut r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut v = Vec::new();
             let _ = r.read_to_end(&mut v);
-            v
-        })
+            let _ = tx.send(v);
+        });
+        rx
     };
     let (o, e) = (read(Box::new(out)), read(Box::new(err)));
     let status = loop {
@@ -50,10 +54,15 @@ fn finish(child: Child, what: &str, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        rx.recv_timeout(left.max(Duration::from_secs(1)))
+            .unwrap_or_else(|_| panic!("procpool {what}: its output was still open"))
+    };
     Output {
         status,
-        stdout: o.join().unwrap(),
-        stderr: e.join().unwrap(),
+        stdout: collect(o),
+        stderr: collect(e),
     }
 }
 

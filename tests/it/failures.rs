@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use procpool::{Options, TaskErrorKind, current_process};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::util::{METHODS, alive, builder, my_pid, shut_down, square, wait_for};
+use crate::util::{
+    METHODS, alive, builder, kill_new_workers, my_pid, parent_of, shut_down, square, wait_for,
+};
 
 pub(crate) fn boom(x: u32) -> u32 {
     if x > 0 {
@@ -528,23 +530,14 @@ fn workers_killed_in_their_initializer_are_replaced() {
             .initializer(slow_start, (300,))
             .build()
             .unwrap();
-        let mut killed: Vec<u32> = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while killed.len() < 3 {
-            assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
-            if let Some(w) = pool
-                .workers()
-                .into_iter()
-                .find(|w| !killed.contains(&w.pid()))
-            {
-                // Well inside its 300 ms initializer.
-                std::thread::sleep(Duration::from_millis(50));
-                let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                killed.push(w.pid());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        // Each 50 ms after it appears: well inside its 300 ms initializer.
+        kill_new_workers(
+            &pool,
+            method,
+            3,
+            Duration::from_millis(50),
+            Duration::from_secs(20),
+        );
         let r = pool
             .apply_async(square, (7,))
             .get_timeout(Duration::from_secs(20));
@@ -691,14 +684,6 @@ fn a_chunk_whose_first_item_kills_its_worker_fails_only_that_item() {
         }
         shut_down(pool);
     }
-}
-
-/// The parent process of `pid`, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may hold spaces: the fields after it follow its closing parenthesis.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -7,30 +7,9 @@ use std::time::{Duration, Instant};
 use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
 
-use crate::util::{METHODS, builder, shut_down, square};
-
-/// This worker's end of its channel to the pool: the one socket a worker keeps open,
-/// duplicated through a pidfd of the worker itself.
-fn own_channel() -> std::os::fd::OwnedFd {
-    let me = rustix::process::pidfd_open(
-        rustix::process::getpid(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .expect("pidfd_open");
-    for e in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
-        let e = e.expect("entry");
-        let Ok(target) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        if !target.to_string_lossy().starts_with("socket:") {
-            continue;
-        }
-        let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
-        return rustix::process::pidfd_getfd(&me, fd, rustix::process::PidfdGetfdFlags::empty())
-            .expect("pidfd_getfd");
-    }
-    panic!("the worker has no socket");
-}
+use crate::util::{
+    METHODS, builder, channel_fd, kill_new_workers, output_within, shut_down, square,
+};
 
 /// Appends a line to `path`, then writes `n` forged `SetupFailed` messages on the worker's
 /// own channel, as if the worker had failed to start, and keeps running a while.
@@ -43,7 +22,7 @@ fn forge_setup_failed(path: String, n: u32) -> u32 {
         .unwrap();
     writeln!(f, "ran").unwrap();
     drop(f);
-    let mut tx = pool_ipc::Sender::<FromWorker>::new(own_channel());
+    let mut tx = pool_ipc::Sender::<FromWorker>::new(channel_fd());
     for _ in 0..n {
         tx.send(&FromWorker::SetupFailed {
             reason: SetupFailure::Initializer,
@@ -94,7 +73,7 @@ fn a_message_out_of_phase_kills_its_worker_and_fails_only_its_task() {
 /// Writes the start of a frame on the worker's own channel (a header announcing 100 bytes,
 /// and 10 of them), then hangs.
 fn start_a_frame_and_hang() -> u32 {
-    let chan = own_channel();
+    let chan = channel_fd();
     let mut bytes = 100u32.to_le_bytes().to_vec();
     bytes.extend_from_slice(&[0; 10]);
     rustix::io::write(&chan, &bytes).unwrap();
@@ -147,22 +126,13 @@ fn a_pool_whose_starting_workers_were_killed_recovers_and_blames_the_kills() {
                     .initializer(slow_start, (200,))
                     .build()
                     .unwrap();
-                let mut killed: Vec<u32> = Vec::new();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while killed.len() < 13 {
-                    assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
-                    if let Some(w) = pool
-                        .workers()
-                        .into_iter()
-                        .find(|w| !killed.contains(&w.pid()))
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                        let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                        killed.push(w.pid());
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                kill_new_workers(
+                    &pool,
+                    method,
+                    13,
+                    Duration::from_millis(20),
+                    Duration::from_secs(60),
+                );
                 // Whatever fails meanwhile names the kills; then the pool works again.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
@@ -231,7 +201,7 @@ fn fd_limit_child() {
 /// Builds a 40-worker pool in a child process whose fd limit is `soft`/`hard`; returns what
 /// the child printed (bounded: a hang is killed and reported).
 fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> String {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "hostile_driver::fd_limit_child",
@@ -244,20 +214,9 @@ fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{method:?}: build hung under an fd limit of {soft}/{hard}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let what = format!("{method:?}: build under an fd limit of {soft}/{hard}");
+    let out = output_within(child, Duration::from_secs(60), &what).stdout;
+    let out = String::from_utf8_lossy(&out);
     out.lines()
         .find_map(|l| l.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"))

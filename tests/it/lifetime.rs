@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use procpool::{Options, Pool, TaskErrorKind, current_process};
 
-use crate::util::{METHODS, alive, builder, my_pid, shut_down, sleep_ms, square, wait_for};
+use crate::util::{
+    METHODS, alive, builder, my_pid, output_within, parent_of, shut_down, sleep_ms, square,
+    status_kib, wait_for,
+};
 
 fn worker_name(_x: u32) -> String {
     current_process().name().to_string()
@@ -251,15 +254,18 @@ fn helper_fd_balance() {
 #[test]
 fn pools_leave_no_fd_behind() {
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
+    let child = std::process::Command::new(exe)
         .args([
             "lifetime::helper_fd_balance",
             "--exact",
             "--ignored",
             "--test-threads=1",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let out = output_within(child, Duration::from_secs(60), "the fd balance helper");
     assert!(
         out.status.success(),
         "helper failed: {}\n{}",
@@ -284,16 +290,7 @@ fn a_stopped_fork_server_is_replaced_quickly() {
         .build()
         .unwrap();
     let worker = pool.apply(my_pid, ()).unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
-    let server: u32 = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let server = parent_of(worker);
     signal(server, Signal::STOP);
     signal(worker, Signal::KILL);
     let t = Instant::now();
@@ -313,12 +310,7 @@ fn a_stopped_fork_server_is_replaced_quickly() {
 }
 
 fn shmem_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    status_kib(pid, "RssShmem").unwrap_or(0)
 }
 
 fn echo_bytes(b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use procpool::{Options, StartMethod};
+use procpool::{AsyncResult, Options, Pool, StartMethod};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::util::{METHODS, builder, shut_down, square, wait_for};
+use crate::util::{METHODS, builder, rss_kib, shut_down, square, wait_for};
 
 /// A span as the recorder saw it: its fields (as text), parent, and the events in it.
 #[derive(Clone, Debug, Default)]
@@ -357,14 +357,7 @@ fn slow_len(bytes: serde_bytes::ByteBuf) -> usize {
 
 /// This process's resident memory, in bytes.
 fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
+    rss_kib() * 1024
 }
 
 /// `max_queued(10)` with a slow pool and a fast producer of 1 MiB tasks: the producer
@@ -390,7 +383,11 @@ fn max_queued_blocks_a_fast_producer_and_keeps_memory_flat() {
                     pending.push(pool.apply_async(slow_len, (arg,)));
                     submitted.fetch_add(1, Ordering::SeqCst);
                 }
-                let lens: Vec<usize> = pending.into_iter().map(|r| r.get().unwrap()).collect();
+                // Bounded: the scope joins this thread even when the watcher below panics.
+                let lens: Vec<usize> = pending
+                    .into_iter()
+                    .map(|r| r.get_timeout(Duration::from_secs(60)).unwrap().unwrap())
+                    .collect();
                 finished.store(true, Ordering::SeqCst);
                 lens
             });
@@ -426,16 +423,27 @@ fn max_queued_blocks_a_fast_producer_and_keeps_memory_flat() {
     }
 }
 
+/// A pool of one worker and a queue of `max_queued`, its worker busy with a 300 ms task
+/// (returned; its result is 300).
+fn busy_pool(method: StartMethod, max_queued: usize) -> (Pool, AsyncResult<u64>) {
+    let pool = builder(method)
+        .processes(1)
+        .max_queued(max_queued)
+        .build()
+        .unwrap();
+    let running = pool.apply_async(sleep_then_echo, (300,));
+    wait_for("the task to run", Duration::from_secs(10), || {
+        pool.metrics().running == 1
+    });
+    (pool, running)
+}
+
 /// `try_apply_async` hands the arguments back while the queue is full, and submits once
 /// there is room; without `max_queued` it never refuses.
 #[test]
 fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
     for method in METHODS {
-        let pool = builder(method).processes(1).max_queued(2).build().unwrap();
-        let running = pool.apply_async(sleep_then_echo, (300,));
-        wait_for("the task to run", Duration::from_secs(10), || {
-            pool.metrics().running == 1
-        });
+        let (pool, running) = busy_pool(method, 2);
         let queued: Vec<_> = (1..=2)
             .map(|ms| pool.try_apply_async(sleep_then_echo, (ms,)).unwrap())
             .collect();
@@ -471,11 +479,7 @@ fn try_apply_async_returns_the_arguments_when_the_queue_is_full() {
 #[test]
 fn try_map_async_submits_the_whole_map_or_hands_its_items_back() {
     for method in METHODS {
-        let pool = builder(method).processes(1).max_queued(3).build().unwrap();
-        let running = pool.apply_async(sleep_then_echo, (300,));
-        wait_for("the task to run", Duration::from_secs(10), || {
-            pool.metrics().running == 1
-        });
+        let (pool, running) = busy_pool(method, 3);
         let by_one = || Options::new().chunksize(1);
         let first = pool
             .try_map_async_with(sleep_then_echo, [1u64, 2, 3], by_one())

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use procpool::Event;
 
-use crate::util::{METHODS, builder, shut_down, sleep_ms, square};
+use crate::util::{METHODS, builder, output_within, shut_down, sleep_ms, square};
 
 fn run_until_set(id: u32, event: Event) -> (u32, bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -204,17 +204,8 @@ fn an_event_and_the_progress_page_reach_workers_of_a_non_dumpable_process() {
         // Root opens any process's /proc/<pid>/fd (CAP_SYS_PTRACE): run it as nobody.
         cmd.uid(65534).gid(65534);
     }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the non-dumpable child hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let child = cmd.spawn().unwrap();
+    let out = output_within(child, Duration::from_secs(60), "the non-dumpable child").stdout;
+    let out = String::from_utf8_lossy(&out);
     assert!(out.contains("RESULT ok"), "{out}");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use procpool::StartMethod;
 
-use crate::util::{METHODS, builder, sleep_ms, wait_for};
+use crate::util::{METHODS, builder, sleep_ms, wait_child, wait_for};
 
 /// The processes descended from `root` (not `root` itself).
 fn descendants(root: u32) -> Vec<u32> {
@@ -117,15 +117,25 @@ fn signal_busy_child(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
+    // Its lines come through a thread, so that each wait for one has a deadline.
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
     let pids: Vec<u32> = loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap() == 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{method:?}: the child ended before its pool was busy");
-        }
+            panic!("{method:?}: the child ended or hung before its pool was busy");
+        };
         // libtest may have written "test NAME ... " before it on the line.
         if let Some((_, list)) = line.trim().split_once("PIDS ") {
             break list
@@ -139,18 +149,8 @@ fn signal_busy_child(
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     let sent = Instant::now();
     rustix::process::kill_process(pid, signal).unwrap();
-    let deadline = sent + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{method:?}: the child did not end after {signal:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let what = format!("{method:?}: the child, sent {signal:?},");
+    let status = wait_child(&mut child, Duration::from_secs(10), &what);
     wait_for(
         "every process of the child to be gone",
         Duration::from_secs(5),
@@ -158,7 +158,10 @@ fn signal_busy_child(
     );
     let gone = sent.elapsed();
     let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
     (pids, status, rest, gone)
 }
 

@@ -201,7 +201,11 @@ fn tasks_queued_behind_a_task_that_times_out_run_elsewhere_once() {
         let rest: Vec<_> = (0..20)
             .map(|i| pool.apply_async(record, (p.clone(), i, 0)))
             .collect();
-        assert!(stuck.get().unwrap_err().is_timeout());
+        // Bounded: `spin` never ends by itself.
+        let stuck = stuck
+            .get_timeout(PROMPT)
+            .expect("the stuck task ends in time");
+        assert!(stuck.unwrap_err().is_timeout());
         for (i, r) in rest.into_iter().enumerate() {
             assert_eq!(r.get().unwrap(), i as u64);
         }

@@ -1,5 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 
+use std::io::Read;
+use std::process::{Child, ExitStatus, Output};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use procpool::{Pool, PoolBuilder, StartMethod};
@@ -19,14 +22,19 @@ pub(crate) fn builder(method: StartMethod) -> PoolBuilder {
         .allow_fork_with_threads(true)
 }
 
-/// The parent's resident memory, in KiB.
-pub(crate) fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+/// The field `name` (in kB) of `/proc/<pid>/status`, `pid` being a number or `self`; `None`
+/// when the process or the field is not there.
+pub(crate) fn status_kib(pid: impl std::fmt::Display, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+}
+
+/// The parent's resident memory, in KiB.
+pub(crate) fn rss_kib() -> u64 {
+    status_kib("self", "VmRSS").unwrap()
 }
 
 /// The number in environment variable `name`, when it holds one.
@@ -49,12 +57,98 @@ pub(crate) fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The parent process of `pid`, from `/proc/<pid>/stat`.
+pub(crate) fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: the fields after it follow its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
 /// Waits (bounded) until `cond` holds; panics with `what` otherwise.
 pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills (SIGKILL) `n` workers of `pool` one after another, each `after` it was first seen
+/// (inside its initializer, when that is slower). Panics, naming
+/// `method`, when `within` passes first.
+pub(crate) fn kill_new_workers(
+    pool: &Pool,
+    method: StartMethod,
+    n: usize,
+    after: Duration,
+    within: Duration,
+) {
+    let mut killed: Vec<u32> = Vec::new();
+    let deadline = Instant::now() + within;
+    while killed.len() < n {
+        assert!(Instant::now() < deadline, "{method:?}: no worker to kill");
+        if let Some(w) = pool
+            .workers()
+            .into_iter()
+            .find(|w| !killed.contains(&w.pid()))
+        {
+            std::thread::sleep(after);
+            let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            killed.push(w.pid());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits (bounded) for `child` to exit; past `within`, kills and reaps it and panics, saying
+/// `what` did not end.
+pub(crate) fn wait_child(child: &mut Child, within: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// [`wait_child`], and what `child` wrote to its piped stdout and stderr (empty where not
+/// piped), read while it runs so that a full pipe cannot hold it. The reading is bounded by
+/// the same deadline: a descendant left holding a pipe fails the test instead of hanging it.
+pub(crate) fn output_within(mut child: Child, within: Duration, what: &str) -> Output {
+    fn read_all<R: Read + Send + 'static>(r: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            let _ = tx.send(v);
+        });
+        rx
+    }
+    let deadline = Instant::now() + within;
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    let status = wait_child(&mut child, within, what);
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1)),
+        )
+        .unwrap_or_else(|_| panic!("{what}: its output was still open after {within:?}"))
+    };
+    Output {
+        status,
+        stdout: collect(out),
+        stderr: collect(err),
     }
 }
 

@@ -49,57 +49,60 @@ fn without_announcements_a_line_of_text_is_a_huge_frame() {
 
 #[test]
 fn large_frames_are_announced_on_every_path() {
-    for shm in [None, Some(256 * 1024)] {
-        let cfg = strict().shm_threshold(shm);
-        let (a, b) = pool_ipc::socketpair().unwrap();
-        let mut conn = FramedConn::new(a, cfg.clone()).unwrap();
-        let mut peer = Duplex::<Vec<u8>, Vec<u8>>::with_config(b, cfg).unwrap();
-        let sizes = [10usize, 64 * 1024, 64 * 1024 + 1, 200_000, 3 << 20, 5];
-        let t = std::thread::spawn(move || {
-            for &n in &sizes {
-                let v: Vec<u8> = peer.recv().unwrap();
-                assert_eq!(v.len(), n);
-                peer.send(&v).unwrap();
-            }
-            // Queued together, the frames share buffers.
-            for &n in &sizes {
-                peer.feed(&vec![7u8; n]).unwrap();
-            }
-            peer.flush().unwrap();
-            peer
-        });
-        for (i, &n) in sizes.iter().enumerate() {
-            let payload = vec![i as u8; n];
-            match i % 3 {
-                0 => conn.queue_msg(&payload).unwrap(),
-                1 => {
-                    let mut f = FrameBuf::new();
-                    f.encode(&payload).unwrap();
-                    conn.queue(f);
+    // Bounded: the peer thread's receives and the join have no deadline of their own.
+    bounded(60, || {
+        for shm in [None, Some(256 * 1024)] {
+            let cfg = strict().shm_threshold(shm);
+            let (a, b) = pool_ipc::socketpair().unwrap();
+            let mut conn = FramedConn::new(a, cfg.clone()).unwrap();
+            let mut peer = Duplex::<Vec<u8>, Vec<u8>>::with_config(b, cfg).unwrap();
+            let sizes = [10usize, 64 * 1024, 64 * 1024 + 1, 200_000, 3 << 20, 5];
+            let t = std::thread::spawn(move || {
+                for &n in &sizes {
+                    let v: Vec<u8> = peer.recv().unwrap();
+                    assert_eq!(v.len(), n);
+                    peer.send(&v).unwrap();
                 }
-                _ => {
-                    let mut f = FrameBuf::new();
-                    f.encode(&payload).unwrap();
-                    conn.queue_copy(&f);
+                // Queued together, the frames share buffers.
+                for &n in &sizes {
+                    peer.feed(&vec![7u8; n]).unwrap();
                 }
+                peer.flush().unwrap();
+                peer
+            });
+            for (i, &n) in sizes.iter().enumerate() {
+                let payload = vec![i as u8; n];
+                match i % 3 {
+                    0 => conn.queue_msg(&payload).unwrap(),
+                    1 => {
+                        let mut f = FrameBuf::new();
+                        f.encode(&payload).unwrap();
+                        conn.queue(f);
+                    }
+                    _ => {
+                        let mut f = FrameBuf::new();
+                        f.encode(&payload).unwrap();
+                        conn.queue_copy(&f);
+                    }
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !conn.flush().unwrap() {
+                    assert!(Instant::now() < deadline, "flush timed out");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let back = next_blocking(&mut conn).unwrap().unwrap();
+                let back: Vec<u8> = postcard::from_bytes(&back).unwrap();
+                assert_eq!(back, payload, "size {n}, shm {shm:?}");
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !conn.flush().unwrap() {
-                assert!(Instant::now() < deadline, "flush timed out");
-                std::thread::sleep(Duration::from_millis(1));
+            for &n in &sizes {
+                let back = next_blocking(&mut conn).unwrap().unwrap();
+                let back: Vec<u8> = postcard::from_bytes(&back).unwrap();
+                assert_eq!(back.len(), n);
             }
-            let back = next_blocking(&mut conn).unwrap().unwrap();
-            let back: Vec<u8> = postcard::from_bytes(&back).unwrap();
-            assert_eq!(back, payload, "size {n}, shm {shm:?}");
+            assert!(conn.partial_frame_since().is_none());
+            drop(t.join().unwrap());
         }
-        for &n in &sizes {
-            let back = next_blocking(&mut conn).unwrap().unwrap();
-            let back: Vec<u8> = postcard::from_bytes(&back).unwrap();
-            assert_eq!(back.len(), n);
-        }
-        assert!(conn.partial_frame_since().is_none());
-        drop(t.join().unwrap());
-    }
+    });
 }
 
 #[test]

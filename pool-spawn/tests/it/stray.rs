@@ -62,7 +62,14 @@ fn a_line_on_the_channel_is_refused_at_once(method: StartMethod) {
         payload: ByteBuf::from(payload),
     })
     .unwrap();
-    while !conn.flush().unwrap() {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !conn.flush().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "{method:?}: the worker does not read its channel"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Ready first, then the stray line (whose "1234" reads as an 835 MiB header).
     let e = first_error(&mut conn, Duration::from_secs(10))
         .expect("the stray line is refused, not waited for");
