@@ -598,21 +598,8 @@ impl<T> fmt::Display for QueueFull<T> {
 
 impl<T> std::error::Error for QueueFull<T> {}
 
-/// An error and its causes on one line, `error: cause: cause`, for the places that keep an
-/// error as text (a task's message, a log line).
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut next = self.0.source();
-        while let Some(e) = next {
-            write!(f, ": {e}")?;
-            next = e.source();
-        }
-        Ok(())
-    }
-}
+/// An error and its causes on one line (pool-spawn's formatter, shared).
+pub(crate) use pool_spawn::Chain;
 
 /// Any error procpool returns: a failed build, a failed task, or a shutdown problem.
 ///
