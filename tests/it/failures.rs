@@ -695,7 +695,11 @@ fn a_task_whose_fork_server_died_says_so() {
     let worker = pool.apply(my_pid, ()).unwrap();
     let server = parent_of(worker);
     let running = pool.apply_async(hang_then_pid, (60_000,));
-    std::thread::sleep(Duration::from_millis(100));
+    // Killed before its worker began it, the task would rightly run again on a replacement
+    // (and sleep its minute): wait until the worker has begun it.
+    crate::util::wait_for("the task to begin", Duration::from_secs(10), || {
+        pool.workers().iter().any(|w| w.current_task().is_some())
+    });
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(server as i32).unwrap(),
         rustix::process::Signal::KILL,
