@@ -710,7 +710,7 @@ fn ring_sink() -> ExitCode {
     }
 }
 
-/// The mean round trip of one byte through a pair of pipes to a child process that echoes
+/// The median round trip of one byte through a pair of pipes to a child process that echoes
 /// it (`procpool bench --one pipe-echo:`): no pool, no framing, no encoding.
 fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
     use std::io::Read;
@@ -731,14 +731,16 @@ fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
     for _ in 0..100 {
         round(&mut to)?;
     }
-    let t = Instant::now();
+    // Timed one by one, as apply_rtt is: the two medians compare like with like.
+    let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
+        let t = Instant::now();
         round(&mut to)?;
+        times.push(t.elapsed().as_secs_f64());
     }
-    let mean = t.elapsed().as_secs_f64() / rounds as f64;
     drop(to);
     let _ = child.wait();
-    Ok(mean)
+    Ok(median(times))
 }
 
 /// The echo side of [`raw_pipe_rtt`]: copies stdin to stdout a byte at a time until EOF.

@@ -677,6 +677,11 @@ impl<T> Policy<T> {
         Some((id, self.tasks.get(&id)))
     }
 
+    /// The record of task `id`, if it has not had its outcome.
+    pub(crate) fn task(&self, id: TaskId) -> Option<&T> {
+        self.tasks.get(&id)
+    }
+
     /// The oldest task worker `wid` holds and its record, if it has not had its outcome.
     pub(crate) fn oldest_mut(&mut self, wid: WorkerId) -> Option<(TaskId, &mut T)> {
         let id = *self.workers.get(&wid)?.in_flight.front()?;

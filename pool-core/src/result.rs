@@ -19,14 +19,15 @@ enum State<T> {
 
 /// Where one result lands: filled once by the pool, taken once by the user.
 pub(crate) struct Slot<T> {
-    state: Mutex<(State<T>, Option<Waker>)>,
+    /// The result, the waker of a task awaiting it, and how many threads wait on `cond`.
+    state: Mutex<(State<T>, Option<Waker>, usize)>,
     cond: Condvar,
 }
 
 impl<T> Slot<T> {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Slot {
-            state: Mutex::new((State::Pending, None)),
+            state: Mutex::new((State::Pending, None, 0)),
             cond: Condvar::new(),
         })
     }
@@ -39,7 +40,9 @@ impl<T> Slot<T> {
             if let Some(w) = g.1.take() {
                 w.wake();
             }
-            self.cond.notify_all();
+            if g.2 > 0 {
+                self.cond.notify_all();
+            }
         }
     }
 
@@ -64,20 +67,21 @@ impl<T> Slot<T> {
             if !matches!(g.0, State::Pending) {
                 return true;
             }
-            match deadline {
-                None => g = self.cond.wait(g).unwrap_or_else(PoisonError::into_inner),
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            g.2 += 1;
+            g = match deadline {
+                None => self.cond.wait(g).unwrap_or_else(PoisonError::into_inner),
                 Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return false;
-                    }
-                    g = self
-                        .cond
+                    self.cond
                         .wait_timeout(g, d - now)
                         .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                        .0
                 }
-            }
+            };
+            g.2 -= 1;
         }
     }
 
@@ -147,6 +151,9 @@ pub struct AsyncResult<T> {
     cancel: Canceller,
     /// Items done of a `map`'s (`None`: one task).
     done: Option<Arc<Done>>,
+    /// The task whose answer is the result, when one task's is (`apply_async`): a caller
+    /// waiting for it reads it from its worker itself.
+    own: Option<u64>,
 }
 
 /// The items of a `map` whose results are in, updated as its chunks come back.
@@ -234,7 +241,26 @@ impl<T> AsyncResult<T> {
             slot,
             cancel,
             done: None,
+            own: None,
         }
+    }
+
+    /// A handle whose result is the answer of task `id` alone.
+    pub(crate) fn of_task(mut self, id: u64) -> Self {
+        self.own = Some(id);
+        self
+    }
+
+    /// Waits until the result is in or `deadline` passes, reading the answer from the
+    /// worker on this thread while it can (see `Shared::read_own_answer`), then on the slot
+    /// the pool fills: true if the result is in.
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        if let Some(id) = self.own
+            && let Some(shared) = self.cancel.shared.upgrade()
+        {
+            while !self.slot.is_ready() && shared.read_own_answer(id, deadline) {}
+        }
+        self.slot.wait_until(deadline)
     }
 
     /// A handle whose progress `done` counts.
@@ -288,7 +314,7 @@ impl<T> AsyncResult<T> {
     /// # Errors
     /// The task's [`TaskError`] if it failed.
     pub fn get(self) -> Result<T, TaskError> {
-        self.slot.wait_until(None);
+        self.wait_until(None);
         match self.slot.take() {
             Ok(Some(r)) => r,
             // `get` takes the handle: nothing took the result before.
@@ -306,7 +332,7 @@ impl<T> AsyncResult<T> {
     /// it.
     #[doc(alias = "get")]
     pub fn get_timeout(&self, timeout: Duration) -> Result<Result<T, TaskError>, WaitError> {
-        if !self.slot.wait_until(Some(deadline_after(timeout))) {
+        if !self.wait_until(Some(deadline_after(timeout))) {
             return Err(WaitError::TimedOut);
         }
         self.slot.take()?.ok_or(WaitError::TimedOut)
@@ -326,12 +352,12 @@ impl<T> AsyncResult<T> {
 
     /// Blocks until the result is available, without taking it.
     pub fn wait(&self) {
-        self.slot.wait_until(None);
+        self.wait_until(None);
     }
 
     /// Waits at most `timeout`; true if the result is available.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.slot.wait_until(Some(deadline_after(timeout)))
+        self.wait_until(Some(deadline_after(timeout)))
     }
 
     /// True once the result is available (whether success or failure).

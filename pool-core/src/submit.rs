@@ -250,6 +250,7 @@ impl Pool {
             timeout: sub.timeout,
             group: Arc::clone(&sub.group),
             sent_at: None,
+            sent_to: None,
             queued_at: Instant::now(),
             started_at: None,
             span,
@@ -353,7 +354,7 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        self.apply_async_with(f, args, Options::new()).get()
+        self.apply_and_wait(f, args, Options::new())
     }
 
     /// [`apply`](Pool::apply) with per-call [`Options`] (a time limit, say).
@@ -369,7 +370,7 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        self.apply_async_with(f, args, opts).get()
+        self.apply_and_wait(f, args, opts)
     }
 
     /// Submits `f(args...)` and returns at once: Python's `apply_async`.
@@ -424,9 +425,10 @@ impl Pool {
         };
         let slot = Slot::new();
         let sub = Submission::new(f, self.timeout_of(None));
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
+        let id = self.new_id();
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
-        let enc = sub.encode::<F, Args>(self.new_id(), std::slice::from_ref(&args));
+        let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
             let r = items
                 .pop()
@@ -478,21 +480,81 @@ impl Pool {
     where
         F: Task<Args>,
     {
+        let (out, task) = self.prepare_apply(f, args, opts);
+        if let Some(task) = task {
+            self.submit_all(vec![task], false);
+        }
+        out
+    }
+
+    /// One task for `f(args...)`, and the handle to its result; `None` for the task if it
+    /// was settled at once (its arguments could not be encoded, say).
+    fn prepare_apply<F, Args>(
+        &self,
+        f: F,
+        args: Args,
+        opts: Options<F::Output>,
+    ) -> (AsyncResult<F::Output>, Option<(u64, TaskRec)>)
+    where
+        F: Task<Args>,
+    {
         let Options {
             timeout, callbacks, ..
         } = opts;
         let slot = Slot::new();
         let sub = Submission::new(f, self.timeout_of(timeout));
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub));
+        let id = self.new_id();
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
-        let enc = sub.encode::<F, Args>(self.new_id(), std::slice::from_ref(&args));
-        self.submit_batch::<F::Output>(&sub, enc, None, false, move |mut items| {
+        let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
             let r = items
                 .pop()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, callbacks);
         });
-        out
+        (out, task)
+    }
+
+    /// `apply`: submits the task and, in the same step, borrows the socket of the worker it
+    /// went to (before its frame is written, so the answer wakes only this thread), then
+    /// waits for the answer reading that socket itself (see `driver::reader`).
+    fn apply_and_wait<F, Args>(
+        &self,
+        f: F,
+        args: Args,
+        opts: Options<F::Output>,
+    ) -> Result<F::Output, TaskError>
+    where
+        F: Task<Args>,
+    {
+        let (out, task) = self.prepare_apply(f, args, opts);
+        let Some(task) = task else {
+            return out.get();
+        };
+        if self.shared.max_queued().is_some() {
+            // Backpressure waits for room first: the plain way.
+            self.submit_all(vec![task], false);
+            return out.get();
+        }
+        if task.1.timeout.is_some() {
+            self.shared.note_timeouts();
+        }
+        let id = task.0;
+        let (refused, lent) = self.shared.act(|p, fx| {
+            let refused = submit_each(p, fx, vec![task], false);
+            let lent = if refused.is_empty() {
+                fx.lend(p, id, true)
+            } else {
+                None
+            };
+            (refused, lent)
+        });
+        self.fail_refused(refused, false);
+        if let Some(b) = lent {
+            self.shared.await_answer(b, None);
+        }
+        out.get()
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order: Python's

@@ -82,6 +82,8 @@ pub fn send_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> i
 ///
 /// * [`io::ErrorKind::InvalidData`] if more than `max_fds` descriptors were attached (the
 ///   surplus was closed by the kernel; the ones received are closed too);
+/// * `EMFILE` if descriptors were attached but this process could not take them all (it is
+///   at its limit of open files; the ones received are closed);
 /// * the `recvmsg(2)` error otherwise (`EAGAIN` on an empty nonblocking socket).
 ///
 /// # References
@@ -92,8 +94,15 @@ pub fn recv_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let room = max_fds.min(MAX_FDS);
     loop {
-        match os::recv_with_fds(sock, buf, max_fds.min(MAX_FDS)) {
+        match os::recv_with_fds(sock, buf, room) {
+            Ok((_, fds, true)) if fds.len() < room.max(1) => {
+                // There was room for more than arrived: the kernel could not give this
+                // process the descriptors (it is at its limit of open files).
+                drop(fds);
+                return Err(io::Error::from_raw_os_error(Errno::MFILE.raw_os_error()));
+            }
             Ok((_, fds, truncated)) if truncated || fds.len() > max_fds => {
                 drop(fds);
                 return Err(io::Error::new(

@@ -653,6 +653,13 @@ impl LinkState {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Nothing),
             Err(e) => {
                 self.lose(&format!("its control socket failed: {e}"));
+                let out_of_fds = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE]
+                    .iter()
+                    .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
+                if out_of_fds {
+                    // Said with its cause, so that the pool can say what ran out.
+                    return Err(Error::io("receiving a worker's descriptors", e));
+                }
                 return Err(self.lost_error());
             }
         };

@@ -116,6 +116,76 @@ fn killing_a_busy_worker_fails_only_its_tasks() {
     shut_down(pool);
 }
 
+/// Starts `sleep 60` holding inheritable copies of every socket this worker has open (its
+/// channel to the pool among them), writes the sleeper's pid to `path`, then hangs: when
+/// the worker dies, its channel does not end.
+fn hang_holding_the_channel(path: String) -> u32 {
+    let mut copies = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().starts_with("socket:") {
+            let n: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+            // SAFETY: `n` was just listed in /proc/self/fd, and nothing in this task closes
+            // it while it is borrowed for the `dup`.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+            // Without close-on-exec: the sleeper inherits it.
+            copies.push(rustix::io::dup(fd).unwrap());
+        }
+    }
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    std::fs::write(&path, child.id().to_string()).unwrap();
+    let _ = child.wait();
+    0
+}
+
+/// `apply` waits on its worker itself (the answer wakes only the caller): a worker killed
+/// meanwhile whose channel stays open (a grandchild holds it) still fails the call at once,
+/// with the signal, and the pool goes on.
+#[test]
+fn an_apply_whose_dead_worker_leaves_its_channel_open_fails_at_once() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        // A ready worker: the call below waits on it, not on the pool.
+        assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+        let path = std::env::temp_dir().join(format!(
+            "procpool-held-channel-{}-{method:?}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let arg = path.display().to_string();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| pool.apply(hang_holding_the_channel, (arg.clone(),)));
+            wait_for("the sleeper's pid", Duration::from_secs(10), || {
+                std::fs::read_to_string(&path).is_ok_and(|t| !t.is_empty())
+            });
+            let worker = pool.workers()[0].pid();
+            let t = Instant::now();
+            rustix::process::kill_process(
+                rustix::process::Pid::from_raw(worker as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            )
+            .unwrap();
+            let e = waiter.join().unwrap().unwrap_err();
+            assert!(t.elapsed() < Duration::from_secs(3), "{method:?}: {e}");
+            assert_eq!(e.signal(), Some(9), "{method:?}: {e}");
+        });
+        let sleeper: i32 = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(sleeper).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+        wait_for("the sleeper to die", Duration::from_secs(10), || {
+            !alive(sleeper as u32)
+        });
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(pool.apply(square, (4,)).unwrap(), 16, "{method:?}");
+        shut_down(pool);
+    }
+}
+
 /// A value whose encoding always fails.
 #[derive(Debug)]
 struct Unencodable;

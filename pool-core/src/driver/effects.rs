@@ -32,6 +32,10 @@ pub(crate) struct Fx<'a> {
     pub(super) dirty: Vec<WorkerId>,
     /// Queue-wait and run-time summaries.
     pub(super) timings: &'a mut Timings,
+    /// Workers whose channel a caller found closed or broken, for the driver to finish.
+    pub(super) reader_ended: &'a mut Vec<(WorkerId, super::reader::ReadEnd)>,
+    /// The driver's epoll set (a socket lent to a caller leaves it).
+    pub(super) epoll: &'a std::os::fd::OwnedFd,
 }
 
 impl Effects<TaskRec> for Fx<'_> {
@@ -53,6 +57,7 @@ impl Effects<TaskRec> for Fx<'_> {
         };
         let now = Instant::now();
         task.sent_at = Some(now);
+        task.sent_to = Some(wid);
         task.started_at = None;
         if !task.span.is_disabled() {
             task.span.record("worker", w.name.as_str());
@@ -272,6 +277,7 @@ impl Fx<'_> {
                 timeout: task.timeout,
                 group: task.group,
                 sent_at: None,
+                sent_to: None,
                 queued_at: Instant::now(),
                 started_at: None,
                 span: task.span,

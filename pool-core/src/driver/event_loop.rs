@@ -1,19 +1,22 @@
-//! The driver thread's loop: poll every worker socket, pidfd and the wake-up eventfd; read
-//! results, flush, reap, and enforce the kill deadlines.
+//! The driver thread's loop: wait on its epoll set (every worker socket no caller has
+//! borrowed, every pidfd, the wake-up eventfd); read results, flush, reap, and enforce the
+//! kill deadlines.
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pool_spawn::protocol::{self, FromWorker};
+use pool_spawn::protocol;
 use pool_spawn::{Launcher, Signal};
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::launch::WatchFds;
 use super::phase::{kill_stalled, stall_deadline};
-use super::shared::{Inner, Shared, note_started};
-use super::{Batch, Delivery, Outcome};
-use crate::policy::{Departure, Effects, Exit, WorkerId};
+use super::reader::{ReadEnd, read_worker};
+use super::shared::{Inner, Shared};
+use super::worker_io::{WAKE_TOKEN, exit_token};
+use crate::policy::{Departure, Exit, WorkerId};
 
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
@@ -48,11 +51,11 @@ fn release_idle_rings(g: &mut Inner, now: Instant) -> Option<Instant> {
     next
 }
 
-/// What the driver polls for one worker (its own duplicates of the fds).
+/// What the driver watches for one worker: its socket (registered by `WorkerIo::arm`) until
+/// its channel ends, and its pidfd (its own duplicate, registered here) until it is reaped.
 struct Watch {
-    wid: WorkerId,
-    sock: Option<OwnedFd>,
-    exit: Option<OwnedFd>,
+    sock: bool,
+    exit: Option<Arc<OwnedFd>>,
     eof_at: Option<Instant>,
 }
 
@@ -60,7 +63,7 @@ struct Watch {
 pub(crate) struct Driver {
     pub(super) shared: Arc<Shared>,
     pub(super) launcher: Launcher,
-    watches: Vec<Watch>,
+    watches: BTreeMap<WorkerId, Watch>,
     /// When the timers next need a look (a task's time limit, a stopped worker's SIGKILL).
     next_timer: Option<Instant>,
 }
@@ -70,48 +73,72 @@ impl Driver {
         Driver {
             shared,
             launcher,
-            watches: Vec::new(),
+            watches: BTreeMap::new(),
             next_timer: None,
         }
     }
 
-    /// Registers a worker started before the driver thread ran.
+    /// Watches a worker just started: its socket is in the epoll set already; its pidfd
+    /// joins it.
     pub(crate) fn watch(&mut self, wid: WorkerId, fds: WatchFds) {
-        self.watches.push(Watch {
+        if let Some(exit) = &fds.exit
+            && let Err(e) = epoll::add(
+                &self.shared.epoll,
+                &**exit,
+                EventData::new_u64(exit_token(wid)),
+                EventFlags::IN,
+            )
+        {
+            // Its end is still seen as the end of its channel, then reaped by waiting.
+            tracing::warn!(error = %e, "cannot watch a worker's pidfd");
+            self.watches.insert(
+                wid,
+                Watch {
+                    sock: true,
+                    exit: None,
+                    eof_at: None,
+                },
+            );
+            return;
+        }
+        self.watches.insert(
             wid,
-            sock: Some(fds.sock),
-            exit: fds.exit,
-            eof_at: None,
-        });
+            Watch {
+                sock: true,
+                exit: fds.exit,
+                eof_at: None,
+            },
+        );
     }
 
     /// Runs until the pool is finished: closed or terminated, every task done, every worker
     /// reaped. Then stops the launcher (and its fork server).
     pub(crate) fn run(mut self) {
         let mut buf = [0u8; 8];
+        // What `epoll_wait` returns (local: an event is not `Send`).
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         loop {
             self.launch_pending();
-            let (want_write, deadline, finished, ring_check, stall, wakeup) = {
+            let (deadline, finished, ring_check, stall, wakeup, ended) = {
                 let mut g = self.shared.lock();
                 let ring_check = release_idle_rings(&mut g, Instant::now());
-                let want: Vec<bool> = self
-                    .watches
-                    .iter()
-                    .map(|w| {
-                        g.io.get(&w.wid)
-                            .and_then(|io| io.conn.as_ref())
-                            .is_some_and(|c| c.wants_write())
-                    })
-                    .collect();
+                // Sockets with frames waiting are watched for room too.
+                let ep = &self.shared.epoll;
+                for (&wid, w) in g.io.iter_mut() {
+                    w.arm(ep, wid);
+                }
                 (
-                    want,
                     g.term_deadline,
                     g.policy.is_finished() && g.launches.is_empty(),
                     ring_check,
                     stall_deadline(&g),
                     g.policy.wakeup(),
+                    std::mem::take(&mut g.reader_ended),
                 )
             };
+            for (wid, end) in ended {
+                self.after_read(wid, end);
+            }
             if finished {
                 break;
             }
@@ -130,7 +157,7 @@ impl Driver {
             if let Some(t) = ring_check {
                 consider(t);
             }
-            for w in &self.watches {
+            for w in self.watches.values() {
                 if let Some(t) = w.eof_at {
                     consider(t + EOF_GRACE);
                 }
@@ -141,267 +168,121 @@ impl Driver {
             if let Some(t) = wakeup {
                 consider(t);
             }
-            let ready = {
-                let mut fds = Vec::with_capacity(self.watches.len() * 2 + 1);
-                fds.push(PollFd::new(&self.shared.wake, PollFlags::IN));
-                for (w, &ww) in self.watches.iter().zip(&want_write) {
-                    if let Some(s) = &w.sock {
-                        let mut fl = PollFlags::IN;
-                        if ww {
-                            fl |= PollFlags::OUT;
-                        }
-                        fds.push(PollFd::new(s, fl));
-                    }
-                    if let Some(e) = &w.exit {
-                        fds.push(PollFd::new(e, PollFlags::IN));
-                    }
-                }
-                let ts = timeout.map(|d| rustix::time::Timespec {
-                    tv_sec: d.as_secs() as i64,
-                    tv_nsec: i64::from(d.subsec_nanos()),
-                });
-                match rustix::event::poll(&mut fds, ts.as_ref()) {
-                    Ok(_) => {}
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => {
-                        tracing::error!(error = %e, "poll failed in the pool driver");
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                }
-                // Map revents back to (watch index, socket events, exit ready).
-                let mut out = Vec::new();
-                let mut i = 1;
-                for (idx, w) in self.watches.iter().enumerate() {
-                    let mut sock_ev = PollFlags::empty();
-                    let mut exited = false;
-                    if w.sock.is_some() {
-                        sock_ev = fds[i].revents();
-                        i += 1;
-                    }
-                    if w.exit.is_some() {
-                        exited = !fds[i].revents().is_empty();
-                        i += 1;
-                    }
-                    if !sock_ev.is_empty() || exited {
-                        out.push((idx, sock_ev, exited));
-                    }
-                }
-                if !fds[0].revents().is_empty() {
-                    let _ = rustix::io::read(&self.shared.wake, &mut buf);
-                }
-                out
-            };
-            for (idx, ev, exited) in ready {
-                if ev.intersects(PollFlags::OUT) {
-                    self.flush(idx);
-                }
-                if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
-                    self.read(idx);
-                }
-                if exited {
-                    self.reap(idx);
+            let ts = timeout.map(|d| rustix::time::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            });
+            events.clear();
+            match epoll::wait(
+                &self.shared.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                ts.as_ref(),
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed in the pool driver");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
                 }
             }
+            for ev in &events {
+                let (token, flags) = (ev.data.u64(), ev.flags);
+                if token == WAKE_TOKEN {
+                    let _ = rustix::io::read(&self.shared.wake, &mut buf);
+                    continue;
+                }
+                let wid = token >> 1;
+                let Some(w) = self.watches.get(&wid) else {
+                    // Reaped since (an event from before its fds left the set).
+                    continue;
+                };
+                if token & 1 == 1 {
+                    if w.exit.is_some() {
+                        self.reap(wid);
+                    }
+                    continue;
+                }
+                if !w.sock {
+                    continue;
+                }
+                if flags.intersects(EventFlags::OUT) {
+                    self.flush(wid);
+                }
+                if flags.intersects(EventFlags::IN | EventFlags::HUP | EventFlags::ERR) {
+                    self.read(wid);
+                }
+            }
+            if events.len() == events.capacity() {
+                events.reserve(events.capacity());
+            }
             self.timers();
-            self.watches
-                .retain(|w| w.sock.is_some() || w.exit.is_some());
+            self.watches.retain(|_, w| w.sock || w.exit.is_some());
         }
         let _ = self.launcher.shutdown();
     }
 
-    fn flush(&mut self, idx: usize) {
-        let wid = self.watches[idx].wid;
+    fn flush(&mut self, wid: WorkerId) {
         let mut g = self.shared.lock();
         if let Some(conn) = g.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
             let _ = conn.flush();
         }
     }
 
-    /// Reads what the worker sent; handles every complete message.
-    fn read(&mut self, idx: usize) {
-        let wid = self.watches[idx].wid;
-        let mut broken = false;
-        let mut eof = false;
+    /// Reads what the worker sent; handles every complete message (unless a caller has
+    /// borrowed its socket: it reads it then).
+    fn read(&mut self, wid: WorkerId) {
         let shared = Arc::clone(&self.shared);
-        shared.act(|policy, fx| {
-            let Some(w) = fx.io.get_mut(&wid) else { return };
-            let (name, pid) = (w.name.clone(), w.pid);
-            let Some(conn) = w.conn.as_mut() else { return };
-            super::spare::hand_to(conn);
-            if let Err(e) = conn.fill() {
-                tracing::warn!(worker = %name, error = %e, "worker channel failed");
-                broken = true;
+        let end = shared.act(|policy, fx| {
+            if fx.io.get(&wid).is_some_and(|w| w.borrowed.is_some()) {
+                return ReadEnd::default();
             }
-            let mut msgs = Vec::new();
-            loop {
-                match conn.next_frame() {
-                    Ok(Some(bytes)) => msgs.push(bytes),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(worker = %name, error = %e, "bad frame from worker");
-                        w.exit_note
-                            .get_or_insert_with(|| format!("its channel failed: {e}"));
-                        broken = true;
-                        break;
-                    }
-                }
-            }
-            eof = conn.is_eof();
-            w.guard.after_read(conn.has_partial_frame(), Instant::now());
-            for frame in msgs {
-                // Decoded in place: a result's bytes stay where they are in the frame.
-                let msg = protocol::decode_reply(&frame);
-                if let Ok(m) = &msg
-                    && super::phase::out_of_phase(fx.io.get_mut(&wid), m)
-                {
-                    broken = true;
-                    break;
-                }
-                match msg {
-                    Ok(FromWorker::Ready { .. }) => {
-                        tracing::debug!(worker = %name, pid, "worker ready");
-                        policy.ready(wid, fx);
-                        note_started(policy, fx.io, wid, Instant::now());
-                    }
-                    Ok(FromWorker::SetupFailed { message, .. }) => {
-                        tracing::warn!(worker = %name, %message, "worker setup failed");
-                        policy.setup_failed(wid, &message, fx);
-                    }
-                    Ok(FromWorker::Part { id, items, results }) => {
-                        let running = policy.oldest(wid).map(|(t, _)| t);
-                        let Some(w) = fx.io.get_mut(&wid) else { continue };
-                        if running != Some(id) {
-                            w.exit_note = Some(format!(
-                                "it sent results for task {id}, which it was not running"
-                            ));
-                            broken = true;
-                            break;
-                        }
-                        if w.parts_task != id {
-                            w.parts.clear();
-                            w.parts_task = id;
-                        }
-                        w.parts.push(Batch {
-                            frame,
-                            range: results,
-                            items,
-                        });
-                    }
-                    Ok(FromWorker::Skipped { id }) => {
-                        // Only a task that was cancelled (its record is gone) may be
-                        // skipped, and only the one it holds first: a forged Skipped for a
-                        // live task left that task without an outcome for ever.
-                        let oldest = policy.oldest(wid).map(|(t, rec)| (t, rec.is_some()));
-                        let Some(w) = fx.io.get_mut(&wid) else { continue };
-                        if oldest != Some((id, false)) {
-                            w.exit_note = Some(format!(
-                                "it said it skipped task {id}, which it was not asked to skip"
-                            ));
-                            broken = true;
-                            break;
-                        }
-                        w.results += 1;
-                        // The task was cancelled before it began: only its place is freed.
-                        let _ = policy.done(wid, id, fx);
-                        note_started(policy, fx.io, wid, Instant::now());
-                    }
-                    Ok(FromWorker::Recycling { rss }) => {
-                        tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
-                        policy.recycling(wid, fx);
-                        // A worker that recycles exits by itself after its results; one
-                        // that only said so (a task writing to its channel) would be waited
-                        // for at join for ever: Exit, after its tasks, makes sure.
-                        fx.retire(wid);
-                    }
-                    Ok(FromWorker::Done { id, items, outcome }) => {
-                        // A worker runs its tasks in the order sent: a result for another
-                        // than the first it holds is forged (it would be delivered as that
-                        // task's, a task still queued behind the running one).
-                        let oldest = policy.oldest(wid).map(|(t, _)| t);
-                        let Some(w) = fx.io.get_mut(&wid) else { continue };
-                        if oldest != Some(id) {
-                            w.exit_note = Some(format!(
-                                "it sent a result for task {id}, which it was not running"
-                            ));
-                            broken = true;
-                            break;
-                        }
-                        w.results += 1;
-                        let mut batches = Vec::new();
-                        if w.parts_task == id {
-                            batches = std::mem::take(&mut w.parts);
-                        }
-                        if let Some(rec) = policy.done(wid, id, fx) {
-                            rec.group.remove(id);
-                            // The worker could start this task once it was sent and its
-                            // previous one was done: the time since is what it took.
-                            let now = Instant::now();
-                            if let Some(w) = fx.io.get_mut(&wid) {
-                                let began = match (rec.sent_at, w.last_done) {
-                                    (Some(s), Some(l)) => Some(s.max(l)),
-                                    (s, l) => s.or(l),
-                                };
-                                w.last_done = Some(now);
-                                if let Some(b) = began {
-                                    policy.observe(now.saturating_duration_since(b), fx);
-                                }
-                                let start = rec.started_at.or(began).unwrap_or(now);
-                                fx.timings.record(
-                                    &rec.span,
-                                    start.saturating_duration_since(rec.queued_at),
-                                    now.saturating_duration_since(start),
-                                );
-                            }
-                            let result = outcome.map(|range| {
-                                batches.push(Batch { frame, range, items });
-                                batches
-                            });
-                            fx.done.push(Delivery::all(
-                                &rec,
-                                Outcome::Done {
-                                    result,
-                                    worker: name.clone(),
-                                    pid,
-                                },
-                            ));
-                        }
-                        note_started(policy, fx.io, wid, Instant::now());
-                    }
-                    Err(e) => {
-                        tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
-                        broken = true;
-                    }
-                }
-            }
-            if broken || eof {
-                // Dying or dead: no more tasks for it, and its replacement starts now.
-                policy.channel_closed(wid, fx);
-            }
+            read_worker(policy, fx, wid)
         });
-        let w = &mut self.watches[idx];
-        if broken || eof {
-            // Stop polling the socket (it stays readable at EOF); wait for the exit.
-            w.sock = None;
-            w.eof_at = Some(Instant::now());
-            if broken {
-                let g = self.shared.lock();
-                if let Some(h) = g.io.get(&wid).and_then(|w| w.handle.as_ref()) {
+        self.after_read(wid, end);
+    }
+
+    /// After a read (by the driver or a caller): a channel that ended is watched no more, a
+    /// worker that broke the protocol is killed, and the exit is awaited.
+    fn after_read(&mut self, wid: WorkerId, end: ReadEnd) {
+        if !end.closed() {
+            return;
+        }
+        let Some(w) = self.watches.get_mut(&wid) else {
+            return;
+        };
+        if !w.sock {
+            return;
+        }
+        // Stop watching the socket (it stays readable at EOF); wait for the exit.
+        w.sock = false;
+        w.eof_at = Some(Instant::now());
+        let no_exit = w.exit.is_none();
+        {
+            let mut g = self.shared.lock();
+            if let Some(io) = g.io.get_mut(&wid) {
+                io.unwatch_sock(&self.shared.epoll, wid);
+                if end.broken
+                    && let Some(h) = &io.handle
+                {
                     let _ = h.signal_group(Signal::KILL);
                 }
             }
-            if w.exit.is_none() {
-                self.reap(idx);
-            }
+        }
+        if no_exit {
+            self.reap(wid);
         }
     }
 
     /// The worker's process ended: deliver its last results, reap it, tell the policy.
-    fn reap(&mut self, idx: usize) {
-        if self.watches[idx].sock.is_some() {
-            self.read(idx);
+    fn reap(&mut self, wid: WorkerId) {
+        if self.watches.get(&wid).is_some_and(|w| w.sock) {
+            // A caller reading the socket gives it back: what is left is read here.
+            if let Some(io) = self.shared.lock().io.get_mut(&wid) {
+                io.borrowed = None;
+            }
+            self.read(wid);
         }
-        let wid = self.watches[idx].wid;
         let handle = {
             let mut g = self.shared.lock();
             g.io.get_mut(&wid).and_then(|w| w.handle.take())
@@ -437,13 +318,17 @@ impl Driver {
                 running = w.was_running();
             }
             let how = p.exited_with(wid, Exit::Ended, undelivered, running, fx);
-            if let Some(w) = fx.io.remove(&wid) {
+            if let Some(mut w) = fx.io.remove(&wid) {
+                w.unwatch_sock(&self.shared.epoll, wid);
                 departed(&w.name, w.pid, status, how);
             }
         });
-        let w = &mut self.watches[idx];
-        w.sock = None;
-        w.exit = None;
+        if let Some(w) = self.watches.get_mut(&wid) {
+            w.sock = false;
+            if let Some(exit) = w.exit.take() {
+                let _ = epoll::delete(&self.shared.epoll, &*exit);
+            }
+        }
     }
 
     fn timers(&mut self) {
@@ -499,21 +384,26 @@ impl Driver {
             });
         }
         self.next_timer = next;
-        for idx in 0..self.watches.len() {
-            if self.watches[idx]
-                .eof_at
-                .is_some_and(|t| now >= t + EOF_GRACE)
+        let overdue: Vec<WorkerId> = self
+            .watches
+            .iter()
+            .filter(|(_, w)| w.eof_at.is_some_and(|t| now >= t + EOF_GRACE))
+            .map(|(&wid, _)| wid)
+            .collect();
+        for wid in overdue {
             {
-                let wid = self.watches[idx].wid;
                 {
                     let g = self.shared.lock();
                     if let Some(h) = g.io.get(&wid).and_then(|w| w.handle.as_ref()) {
                         let _ = h.signal_group(Signal::KILL);
                     }
                 }
-                self.watches[idx].eof_at = None;
-                if self.watches[idx].exit.is_none() {
-                    self.reap(idx);
+                let Some(w) = self.watches.get_mut(&wid) else {
+                    continue;
+                };
+                w.eof_at = None;
+                if w.exit.is_none() {
+                    self.reap(wid);
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! meanwhile, and hand its fds to the event loop.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pool_ipc::{FrameBuf, FramedConn};
@@ -35,9 +36,11 @@ pub(crate) fn launch_one(
     let sock = worker
         .take_channel()
         .expect("a freshly launched worker has its channel");
-    let watch_sock = sock.try_clone().map_err(pool_spawn::Error::from)?;
+    let watch_sock = Arc::new(sock.try_clone().map_err(pool_spawn::Error::from)?);
     let watch_exit = match worker.exit_fd() {
-        Some(fd) => Some(fd.try_clone_to_owned().map_err(pool_spawn::Error::from)?),
+        Some(fd) => Some(Arc::new(
+            fd.try_clone_to_owned().map_err(pool_spawn::Error::from)?,
+        )),
         None => None,
     };
     let mut conn =
@@ -102,6 +105,10 @@ pub(crate) fn launch_one(
     if let Some(conn) = w.conn.as_mut() {
         let _ = conn.flush();
     }
+    // The driver reads the socket from now on (and knows to write what is left).
+    w.sock_watch = Some(Arc::clone(&watch_sock));
+    w.exit_watch = watch_exit.clone();
+    w.arm(&shared.epoll, wid);
     if w.kill_when_launched {
         let _ = worker.signal_group(Signal::KILL);
     }
@@ -112,16 +119,13 @@ pub(crate) fn launch_one(
         Some(Origin::Grow) => tracing::debug!(worker = %name, pid, "worker added"),
         _ => tracing::debug!(worker = %name, pid, "worker started"),
     }
-    Ok(Some(WatchFds {
-        sock: watch_sock,
-        exit: watch_exit,
-    }))
+    Ok(Some(WatchFds { exit: watch_exit }))
 }
 
-/// The fds the driver watches for a newly started worker.
+/// What the driver watches for a newly started worker besides its socket (registered in
+/// its epoll set by `launch_one`): its pidfd, where the start method gives one.
 pub(crate) struct WatchFds {
-    pub(super) sock: OwnedFd,
-    pub(super) exit: Option<OwnedFd>,
+    pub(super) exit: Option<Arc<OwnedFd>>,
 }
 
 impl Driver {

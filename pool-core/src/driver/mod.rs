@@ -3,17 +3,20 @@
 //!
 //! Submitting threads lock [`Inner`](shared::Inner), let the policy pick a worker, queue the
 //! task's frame on that worker's connection and write it at once (nonblocking): no thread hop
-//! on the way in. The driver thread polls every worker socket, every worker's pidfd and a
-//! wake-up eventfd; it reads results, delivers them (outside the lock), flushes what sockets
-//! could not take, launches and reaps workers. A worker's death is seen as EOF on its socket
-//! or readiness of its pidfd, never by polling on a timer.
+//! on the way in. The driver thread waits on an epoll set of every worker socket, every
+//! worker's pidfd and a wake-up eventfd; it reads results, delivers them (outside the lock),
+//! flushes what sockets could not take, launches and reaps workers. A worker's death is seen
+//! as EOF on its socket or readiness of its pidfd, never by polling on a timer. A caller
+//! blocked in `apply` borrows its worker's socket and reads the answer itself (`reader`): no
+//! thread hop on the way out either.
 //!
 //! - `shared`: the state behind the pool's lock and the one way to change it, [`Shared::act`];
 //! - `effects`: the policy's [`Effects`](crate::policy::Effects) on real workers;
 //! - `worker_io`: one worker's channel, backlog and progress page;
 //! - `launch`: starting a worker and wiring up its channel;
 //! - `phase`: what a worker may send when, and partial frames that stop arriving;
-//! - `event_loop`: the driver thread: poll, read, reap, timers;
+//! - `event_loop`: the driver thread: epoll, read, reap, timers;
+//! - `reader`: reading a worker's answers, by the driver or by the caller waiting for them;
 //! - `callbacks`: the thread that runs result callbacks;
 //! - `decode`: a task's outcome into per-item results.
 
@@ -23,6 +26,7 @@ mod effects;
 mod event_loop;
 mod launch;
 mod phase;
+mod reader;
 mod shared;
 mod spare;
 mod worker_io;
@@ -124,6 +128,8 @@ pub(crate) struct TaskRec {
     pub(crate) timeout: Option<Duration>,
     pub(crate) group: Arc<Group>,
     pub(crate) sent_at: Option<Instant>,
+    /// The worker it was last sent to.
+    pub(crate) sent_to: Option<crate::policy::WorkerId>,
     /// When it was handed to the pool.
     pub(crate) queued_at: Instant,
     /// When its worker could begin it: it held it and nothing before it (seen by the

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pool_ipc::Config as IpcConfig;
 use pool_spawn::protocol::Limits;
 use pool_spawn::task::FnRef;
-use rustix::event::EventfdFlags;
+use rustix::event::{EventfdFlags, epoll};
 
 use super::callbacks::CallbackThread;
 use super::effects::Fx;
@@ -60,12 +60,18 @@ pub(crate) struct Inner {
     pub(super) timings: Timings,
     /// Submitters waiting for room in the queue.
     pub(super) waiting: usize,
+    /// Workers whose channel a caller reading its own answer found closed or broken: the
+    /// driver stops watching them (see `reader`).
+    pub(super) reader_ended: Vec<(WorkerId, super::reader::ReadEnd)>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
 pub(crate) struct Shared {
     pub(super) inner: Mutex<Inner>,
     pub(super) wake: OwnedFd,
+    /// The driver's epoll set: the wake-up eventfd, every worker's pidfd, and every
+    /// worker's socket that no caller has borrowed.
+    pub(super) epoll: OwnedFd,
     pub(super) settings: Settings,
     pub(super) callbacks: Mutex<Option<CallbackThread>>,
     /// Some task had a time limit: the driver watches the running tasks' clocks.
@@ -86,6 +92,13 @@ impl Shared {
         span: tracing::Span,
     ) -> std::io::Result<Arc<Self>> {
         let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &ep,
+            &wake,
+            epoll::EventData::new_u64(super::worker_io::WAKE_TOKEN),
+            epoll::EventFlags::IN,
+        )?;
         Ok(Arc::new(Shared {
             inner: Mutex::new(Inner {
                 policy,
@@ -98,8 +111,10 @@ impl Shared {
                 timer_at: None,
                 timings: Timings::default(),
                 waiting: 0,
+                reader_ended: Vec::new(),
             }),
             wake,
+            epoll: ep,
             settings,
             callbacks: Mutex::new(None),
             timeouts: AtomicBool::new(false),
@@ -163,11 +178,23 @@ impl Shared {
                 timer_at: inner.timer_at,
                 dirty: Vec::new(),
                 timings: &mut inner.timings,
+                reader_ended: &mut inner.reader_ended,
+                epoll: &self.epoll,
             };
             // Time reaches the policy here, before every step: starts it held back happen
             // once due.
             inner.policy.advance(Instant::now(), &mut fx);
+            let held_until = inner.policy.wakeup();
             let r = step(&mut inner.policy, &mut fx);
+            if inner
+                .policy
+                .wakeup()
+                .is_some_and(|t| held_until.is_none_or(|h| t < h))
+            {
+                // A start held back until sooner than the driver knew: its timer changes
+                // (the driver may sleep on, its workers answering their callers directly).
+                *fx.wake_driver = true;
+            }
             let timer_at = fx.timer_at;
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
@@ -180,11 +207,16 @@ impl Shared {
                 note_started(&mut inner.policy, &inner.io, wid, now);
             }
             for wid in dirty {
-                if let Some(conn) = inner.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
-                    match conn.flush() {
-                        Ok(true) => {}
-                        Ok(false) | Err(_) => inner.wake_driver = true,
-                    }
+                let Some(w) = inner.io.get_mut(&wid) else {
+                    continue;
+                };
+                if let Some(conn) = w.conn.as_mut()
+                    && !matches!(conn.flush(), Ok(true))
+                {
+                    inner.wake_driver = true;
+                    // The driver finishes the write: a caller may not keep the socket.
+                    w.borrowed = None;
+                    w.arm(&self.epoll, wid);
                 }
             }
             // The driver sleeps until a worker or a launch needs it; a step that leaves the

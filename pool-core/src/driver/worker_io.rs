@@ -1,8 +1,12 @@
 //! One worker's I/O state: its channel, the frames waiting for it, and what it has begun.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use rustix::event::epoll::{self, EventData, EventFlags};
 
 use pool_ipc::{FrameBuf, FramedConn};
 use pool_spawn::protocol::{PROGRESS_KEPT, page};
@@ -44,6 +48,19 @@ pub(super) struct WorkerIo {
     pub(super) last_done: Option<Instant>,
     /// What it may send next, and whether a frame from it is stuck partway.
     pub(super) guard: super::phase::Guard,
+    /// The driver's duplicate of the worker's socket while it watches it: the fd registered
+    /// in the driver's epoll set, lent to a caller reading its own answer (see `reader`).
+    pub(super) sock_watch: Option<Arc<OwnedFd>>,
+    /// The driver's duplicate of the worker's pidfd (for a caller reading its own answer).
+    pub(super) exit_watch: Option<Arc<OwnedFd>>,
+    /// What `sock_watch` is registered for in the driver's epoll set; `None`: not in it.
+    pub(super) armed: Option<EventFlags>,
+    /// The ticket of the caller reading the socket instead of the driver, if one does.
+    pub(super) borrowed: Option<u64>,
+    /// Its channel broke or reached its end: it is read no more.
+    pub(super) ended: bool,
+    /// A caller saw its process end: the driver reaps it, no caller borrows it again.
+    pub(super) exited: bool,
 }
 
 impl WorkerIo {
@@ -68,6 +85,58 @@ impl WorkerIo {
             exit_note: None,
             last_done: None,
             guard: Default::default(),
+            sock_watch: None,
+            exit_watch: None,
+            armed: None,
+            borrowed: None,
+            ended: false,
+            exited: false,
+        }
+    }
+
+    /// Brings the socket's registration in the driver's epoll set `ep` in line with the
+    /// worker's state: read for (and, while frames wait, written to) while the driver
+    /// watches it and no caller has borrowed it; out of the set otherwise (a borrowed
+    /// socket is not even in the set: the set would still report its hang-up).
+    pub(super) fn arm(&mut self, ep: &OwnedFd, wid: u64) {
+        let want = match (&self.sock_watch, self.borrowed, self.ended) {
+            (Some(_), None, false) => {
+                let out = self.conn.as_ref().is_some_and(|c| c.wants_write());
+                Some(if out {
+                    EventFlags::IN | EventFlags::OUT
+                } else {
+                    EventFlags::IN
+                })
+            }
+            _ => None,
+        };
+        if want == self.armed {
+            return;
+        }
+        let Some(fd) = &self.sock_watch else {
+            self.armed = None;
+            return;
+        };
+        let data = EventData::new_u64(sock_token(wid));
+        // Failures leave `armed` as the kernel has it: the next look tries again.
+        let ok = match (self.armed, want) {
+            (None, Some(f)) => epoll::add(ep, fd, data, f).is_ok(),
+            (Some(_), Some(f)) => epoll::modify(ep, fd, data, f).is_ok(),
+            (Some(_), None) => epoll::delete(ep, fd).is_ok(),
+            (None, None) => true,
+        };
+        if ok {
+            self.armed = want;
+        }
+    }
+
+    /// The driver stops watching the socket (its channel ended): out of the set, and no
+    /// caller may borrow it.
+    pub(super) fn unwatch_sock(&mut self, ep: &OwnedFd, wid: u64) {
+        self.ended = true;
+        self.arm(ep, wid);
+        if self.armed.is_none() {
+            self.sock_watch = None;
         }
     }
 
@@ -191,3 +260,16 @@ impl WorkerIo {
         }
     }
 }
+
+/// The epoll token of worker `wid`'s socket.
+pub(super) fn sock_token(wid: u64) -> u64 {
+    wid << 1
+}
+
+/// The epoll token of worker `wid`'s pidfd.
+pub(super) fn exit_token(wid: u64) -> u64 {
+    (wid << 1) | 1
+}
+
+/// The epoll token of the driver's wake-up eventfd (no worker's: ids stay far below).
+pub(super) const WAKE_TOKEN: u64 = u64::MAX;

@@ -1,0 +1,356 @@
+//! Reading a worker's answers: by the driver thread, or by a caller waiting for its own.
+//!
+//! The driver reads every worker's socket as its epoll set reports it. A caller blocked on
+//! the result of one task (`apply`, `AsyncResult::get`) can instead *borrow* the socket of
+//! the worker that runs it: the socket leaves the driver's set, the caller polls it and the
+//! worker's pidfd itself, reads what arrives with the same code the driver uses (under the
+//! pool's lock, so every check and every policy step is the same), and hands the socket
+//! back. The answer then wakes only the caller: two wakeups per round trip (the worker's
+//! and the caller's) where the driver made three.
+//!
+//! A caller borrows only what it can finish alone: a ready worker whose oldest task is its
+//! own, with nothing left to write to it and no frame half read; otherwise it waits on its
+//! result as usual. If the worker dies meanwhile, the caller wakes (the pidfd), reads what
+//! is left and gives the rest to the driver, which reaps the worker as always; if the
+//! driver reaps first, the borrow ends there and the caller waits on its result.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use pool_spawn::protocol::{self, FromWorker};
+use rustix::event::{PollFd, PollFlags};
+
+use super::effects::Fx;
+use super::shared::{Shared, note_started};
+use super::{Batch, Delivery, Outcome, TaskRec};
+use crate::policy::{Effects, Policy, WorkerId};
+
+/// How a read of a worker's socket ended.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ReadEnd {
+    /// The worker sent something it may not: it is killed.
+    pub(super) broken: bool,
+    /// Its channel reached its end: it is dying or dead.
+    pub(super) eof: bool,
+}
+
+impl ReadEnd {
+    pub(super) fn closed(self) -> bool {
+        self.broken || self.eof
+    }
+}
+
+/// Reads what worker `wid` sent and handles every complete message, under the pool's lock.
+pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> ReadEnd {
+    let mut end = ReadEnd::default();
+    let Some(w) = fx.io.get_mut(&wid) else {
+        return end;
+    };
+    if w.ended {
+        return end;
+    }
+    let (name, pid) = (w.name.clone(), w.pid);
+    let Some(conn) = w.conn.as_mut() else {
+        return end;
+    };
+    super::spare::hand_to(conn);
+    if let Err(e) = conn.fill() {
+        tracing::warn!(worker = %name, error = %e, "worker channel failed");
+        end.broken = true;
+    }
+    let mut msgs = Vec::new();
+    loop {
+        match conn.next_frame() {
+            Ok(Some(bytes)) => msgs.push(bytes),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(worker = %name, error = %e, "bad frame from worker");
+                w.exit_note
+                    .get_or_insert_with(|| format!("its channel failed: {e}"));
+                end.broken = true;
+                break;
+            }
+        }
+    }
+    end.eof = conn.is_eof();
+    w.guard.after_read(conn.has_partial_frame(), Instant::now());
+    for frame in msgs {
+        // Decoded in place: a result's bytes stay where they are in the frame.
+        let msg = protocol::decode_reply(&frame);
+        if let Ok(m) = &msg
+            && super::phase::out_of_phase(fx.io.get_mut(&wid), m)
+        {
+            end.broken = true;
+            break;
+        }
+        match msg {
+            Ok(FromWorker::Ready { .. }) => {
+                tracing::debug!(worker = %name, pid, "worker ready");
+                policy.ready(wid, fx);
+                note_started(policy, fx.io, wid, Instant::now());
+            }
+            Ok(FromWorker::SetupFailed { message, .. }) => {
+                tracing::warn!(worker = %name, %message, "worker setup failed");
+                policy.setup_failed(wid, &message, fx);
+            }
+            Ok(FromWorker::Part { id, items, results }) => {
+                let running = policy.oldest(wid).map(|(t, _)| t);
+                let Some(w) = fx.io.get_mut(&wid) else {
+                    continue;
+                };
+                if running != Some(id) {
+                    w.exit_note = Some(format!(
+                        "it sent results for task {id}, which it was not running"
+                    ));
+                    end.broken = true;
+                    break;
+                }
+                if w.parts_task != id {
+                    w.parts.clear();
+                    w.parts_task = id;
+                }
+                w.parts.push(Batch {
+                    frame,
+                    range: results,
+                    items,
+                });
+            }
+            Ok(FromWorker::Skipped { id }) => {
+                // Only a task that was cancelled (its record is gone) may be
+                // skipped, and only the one it holds first: a forged Skipped for a
+                // live task left that task without an outcome for ever.
+                let oldest = policy.oldest(wid).map(|(t, rec)| (t, rec.is_some()));
+                let Some(w) = fx.io.get_mut(&wid) else {
+                    continue;
+                };
+                if oldest != Some((id, false)) {
+                    w.exit_note = Some(format!(
+                        "it said it skipped task {id}, which it was not asked to skip"
+                    ));
+                    end.broken = true;
+                    break;
+                }
+                w.results += 1;
+                // The task was cancelled before it began: only its place is freed.
+                let _ = policy.done(wid, id, fx);
+                note_started(policy, fx.io, wid, Instant::now());
+            }
+            Ok(FromWorker::Recycling { rss }) => {
+                tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
+                policy.recycling(wid, fx);
+                // A worker that recycles exits by itself after its results; one
+                // that only said so (a task writing to its channel) would be waited
+                // for at join for ever: Exit, after its tasks, makes sure.
+                fx.retire(wid);
+            }
+            Ok(FromWorker::Done { id, items, outcome }) => {
+                // A worker runs its tasks in the order sent: a result for another
+                // than the first it holds is forged (it would be delivered as that
+                // task's, a task still queued behind the running one).
+                let oldest = policy.oldest(wid).map(|(t, _)| t);
+                let Some(w) = fx.io.get_mut(&wid) else {
+                    continue;
+                };
+                if oldest != Some(id) {
+                    w.exit_note = Some(format!(
+                        "it sent a result for task {id}, which it was not running"
+                    ));
+                    end.broken = true;
+                    break;
+                }
+                w.results += 1;
+                let mut batches = Vec::new();
+                if w.parts_task == id {
+                    batches = std::mem::take(&mut w.parts);
+                }
+                if let Some(rec) = policy.done(wid, id, fx) {
+                    rec.group.remove(id);
+                    // The worker could start this task once it was sent and its
+                    // previous one was done: the time since is what it took.
+                    let now = Instant::now();
+                    if let Some(w) = fx.io.get_mut(&wid) {
+                        let began = match (rec.sent_at, w.last_done) {
+                            (Some(s), Some(l)) => Some(s.max(l)),
+                            (s, l) => s.or(l),
+                        };
+                        w.last_done = Some(now);
+                        if let Some(b) = began {
+                            policy.observe(now.saturating_duration_since(b), fx);
+                        }
+                        let start = rec.started_at.or(began).unwrap_or(now);
+                        fx.timings.record(
+                            &rec.span,
+                            start.saturating_duration_since(rec.queued_at),
+                            now.saturating_duration_since(start),
+                        );
+                    }
+                    let result = outcome.map(|range| {
+                        batches.push(Batch {
+                            frame,
+                            range,
+                            items,
+                        });
+                        batches
+                    });
+                    fx.done.push(Delivery::all(
+                        &rec,
+                        Outcome::Done {
+                            result,
+                            worker: name.clone(),
+                            pid,
+                        },
+                    ));
+                }
+                note_started(policy, fx.io, wid, Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
+                end.broken = true;
+            }
+        }
+    }
+    if end.broken || end.eof {
+        // Dying or dead: no more tasks for it, and its replacement starts now.
+        policy.channel_closed(wid, fx);
+    }
+    if end.closed()
+        && let Some(w) = fx.io.get_mut(&wid)
+    {
+        w.ended = true;
+    }
+    end
+}
+
+/// Where borrow tickets come from.
+static TICKETS: AtomicU64 = AtomicU64::new(1);
+
+/// A worker's socket lent to the caller waiting for the answer to one task.
+pub(crate) struct Borrow {
+    ticket: u64,
+    wid: WorkerId,
+    sock: Arc<OwnedFd>,
+    exit: Arc<OwnedFd>,
+}
+
+impl Fx<'_> {
+    /// Lends the socket of the worker that runs task `id` next to the caller waiting for
+    /// it, if the caller can finish alone: the worker is ready, `id` is the oldest task it
+    /// holds, nothing half read waits on its socket, and nothing waits to be written to it
+    /// (`unflushed_ok`: except what this step queued, which `Shared::act` writes before
+    /// unlocking and gives the socket back if it cannot).
+    pub(crate) fn lend(
+        &mut self,
+        policy: &Policy<TaskRec>,
+        id: u64,
+        unflushed_ok: bool,
+    ) -> Option<Borrow> {
+        // The worker it was last sent to, if that worker is to run it next.
+        let wid = policy.task(id).and_then(|rec| rec.sent_to)?;
+        if policy.oldest(wid).map(|(t, _)| t) != Some(id) {
+            return None;
+        }
+        let w = self.io.get_mut(&wid)?;
+        let free = w.borrowed.is_none()
+            && !w.ended
+            && !w.exited
+            && w.kill_at.is_none()
+            && w.guard.is_ready()
+            && w.conn
+                .as_ref()
+                .is_some_and(|c| (unflushed_ok || !c.wants_write()) && !c.has_partial_frame());
+        if !free {
+            return None;
+        }
+        let (Some(sock), Some(exit)) = (&w.sock_watch, &w.exit_watch) else {
+            return None;
+        };
+        let b = Borrow {
+            ticket: TICKETS.fetch_add(1, Ordering::Relaxed),
+            wid,
+            sock: Arc::clone(sock),
+            exit: Arc::clone(exit),
+        };
+        w.borrowed = Some(b.ticket);
+        w.arm(self.epoll, wid);
+        if w.armed.is_some() {
+            // Still in the driver's set (the kernel refused): left to the driver.
+            w.borrowed = None;
+            return None;
+        }
+        Some(b)
+    }
+}
+
+impl Shared {
+    /// For a caller blocked on task `id`'s result: borrows the socket of the worker running
+    /// it and waits on it (see [`Shared::await_answer`]). `false` if it could not borrow it
+    /// (wait on the result instead).
+    pub(crate) fn read_own_answer(&self, id: u64, deadline: Option<Instant>) -> bool {
+        match self.act(|p, fx| fx.lend(p, id, false)) {
+            Some(b) => self.await_answer(b, deadline),
+            None => false,
+        }
+    }
+
+    /// Waits (until `deadline`) on a borrowed socket for the worker to answer or die, reads
+    /// what came and gives the socket back. `true` if it waited on the worker (the result
+    /// may be in, or something else came first: call again); `false` once the deadline
+    /// passed.
+    pub(crate) fn await_answer(&self, b: Borrow, deadline: Option<Instant>) -> bool {
+        let mut fds = [
+            PollFd::new(&*b.sock, PollFlags::IN),
+            PollFd::new(&*b.exit, PollFlags::IN),
+        ];
+        let timeout = deadline.map(|d| {
+            let d = d.saturating_duration_since(Instant::now());
+            rustix::time::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            }
+        });
+        let woke = match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => n > 0,
+            // Interrupted: look, then call again.
+            Err(_) => true,
+        };
+        let exited = !fds[1].revents().is_empty();
+        let readable = !fds[0].revents().is_empty() || exited;
+        let (wid, ticket) = (b.wid, b.ticket);
+        self.act(|policy, fx| {
+            let Some(w) = fx.io.get_mut(&wid) else { return };
+            if w.borrowed != Some(ticket) {
+                // The driver took the socket back (it reaps the worker), or it was given
+                // back when the task's frame could not be written at once.
+                return;
+            }
+            let end = if readable {
+                read_worker(policy, fx, wid)
+            } else {
+                ReadEnd::default()
+            };
+            let Some(w) = fx.io.get_mut(&wid) else { return };
+            w.borrowed = None;
+            w.exited |= exited;
+            w.arm(fx.epoll, wid);
+            let partial = w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
+            // A ring the task's arguments went through gives its memory back once idle, on
+            // the driver's timer: the driver must know to set it.
+            let ring = w
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.ring_dirty_since().is_some());
+            if end.closed() {
+                // The driver stops watching it and kills it if it broke the protocol.
+                fx.reader_ended.push((wid, end));
+                *fx.wake_driver = true;
+            } else if partial || ring || w.armed.is_none() {
+                // A frame half read has a stall deadline the driver keeps, a used ring a
+                // release; a socket the kernel would not take back needs its next look.
+                *fx.wake_driver = true;
+            }
+        });
+        woke
+    }
+}
