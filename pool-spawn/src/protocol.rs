@@ -660,6 +660,52 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
     }
 }
 
+/// Decodes `items` per-item results laid one after the other (postcard
+/// `Result<R, ItemError>`s, as in [`FromWorker::Done`] and [`FromWorker::Part`]), each
+/// passed through `ok` or `err` on its way into `out`: the same as [`decode_results_with`]
+/// on `Result<R, ItemError>`, but each result's variant is read first and its value decoded
+/// as `R` (or `ItemError`) directly, which spares a large generic `Result` per item.
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_item_results<R: serde::de::DeserializeOwned, U>(
+    items: u64,
+    mut bytes: &[u8],
+    out: &mut Vec<U>,
+    mut ok: impl FnMut(R) -> U,
+    mut err: impl FnMut(ItemError) -> U,
+) -> Result<(), postcard::Error> {
+    // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
+    out.reserve(
+        usize::try_from(items)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len()),
+    );
+    for _ in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
+        match bytes.split_first() {
+            Some((0, rest)) => {
+                let (v, rest) = postcard::take_from_bytes::<R>(rest)?;
+                out.push(ok(v));
+                bytes = rest;
+            }
+            Some((1, rest)) => {
+                let (e, rest) = postcard::take_from_bytes::<ItemError>(rest)?;
+                out.push(err(e));
+                bytes = rest;
+            }
+            Some(_) => return Err(postcard::Error::DeserializeBadEnum),
+            None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+        }
+    }
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
 /// Why a worker's setup failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SetupFailure {
@@ -785,6 +831,28 @@ mod tests {
             Ok(FromWorker::Ready { pid: 9 })
         ));
         assert!(decode_reply(&[0xFF, 0xFF]).is_err());
+    }
+
+    #[test]
+    fn item_results_decode_by_variant_as_the_generic_result_does() {
+        let results: Vec<Result<u64, ItemError>> = vec![
+            Ok(5),
+            Err(ItemError::new(crate::task::ItemErrorKind::Panicked, "boom")),
+            Ok(u64::MAX),
+            Ok(300),
+        ];
+        let mut bytes = Vec::new();
+        for r in &results {
+            pool_ipc::encode_append(&mut bytes, r).unwrap();
+        }
+        let mut got: Vec<Result<u64, ItemError>> = Vec::new();
+        decode_item_results(4, &bytes, &mut got, Ok, Err).unwrap();
+        assert_eq!(got, results);
+        // Too few bytes, too many, and a variant that is neither `Ok` nor `Err`.
+        let mut v: Vec<Result<u64, ItemError>> = Vec::new();
+        assert!(decode_item_results(5, &bytes, &mut v, Ok, Err).is_err());
+        assert!(decode_item_results(3, &bytes, &mut v, Ok, Err).is_err());
+        assert!(decode_item_results(1, &[2, 0], &mut v, Ok, Err).is_err());
     }
 
     #[test]
