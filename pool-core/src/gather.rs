@@ -13,12 +13,16 @@ use crate::result::{AsyncResult, Callbacks, Done, Slot};
 use crate::submit::{Submission, complete};
 use crate::task::Task;
 
+/// A batch of a `map`'s chunks holding this many items goes to the pool at once, without
+/// waiting for more chunks: its workers have enough to begin with.
+const SUBMIT_ITEMS: usize = 4096;
+
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
     /// in order, or the first failing item's error.
     ///
     /// Each chunk is encoded from the items as they come (through one chunk-sized buffer,
-    /// not a copy of the whole input) and submitted at once, so workers begin the first
+    /// not a copy of the whole input) and submitted soon after, so workers begin the first
     /// chunks while the later ones are encoded.
     pub(crate) fn gather<F, A>(
         &self,
@@ -56,17 +60,27 @@ impl Pool {
         let (out, plan) = self.plan_gather(f, n, opts);
         let Some(plan) = plan else { return out };
         let mut chunk = Vec::with_capacity(plan.size.min(n.max(1)));
+        // Submitted in batches that double (one policy step and one write per worker for
+        // each), and at once whatever their number when they hold many items.
+        let (mut batch, mut batch_items, mut next_batch) = (Vec::new(), 0, 1);
         for c in 0.. {
             chunk.extend(items.by_ref().take(plan.size));
             if chunk.is_empty() {
                 break;
             }
             let task = plan.chunk::<F, A>(self, c, &chunk);
+            batch_items += chunk.len();
             // The chunk's bytes are in its frame: the items go (their events stay pinned).
             chunk.clear();
-            if let Some(task) = task {
-                self.submit_all(vec![task], false);
+            batch.extend(task);
+            if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
+                self.submit_all(std::mem::take(&mut batch), false);
+                batch_items = 0;
+                next_batch = next_batch.saturating_mul(2);
             }
+        }
+        if !batch.is_empty() {
+            self.submit_all(batch, false);
         }
         plan.seal();
         out
