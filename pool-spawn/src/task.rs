@@ -245,10 +245,32 @@ thread_local! {
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
     /// The last panic recorded by the hook: message, location, maybe a backtrace.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether `LAST_PANIC` may hold a message: a plain flag, cheap to test on every item.
+    static PANIC_KEPT: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
     static DECODE_NOTE: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether `DECODE_NOTE` may hold a note (as `PANIC_KEPT`).
+    static NOTE_KEPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Takes the note [`note_decode_failure`] left, if any.
+#[inline]
+fn take_note() -> Option<String> {
+    if !NOTE_KEPT.with(|k| k.replace(false)) {
+        return None;
+    }
+    DECODE_NOTE.with(|n| n.borrow_mut().take())
+}
+
+/// Takes the panic message the hook recorded, if any.
+#[inline]
+fn take_panic() -> Option<String> {
+    if !PANIC_KEPT.with(|k| k.replace(false)) {
+        return None;
+    }
+    LAST_PANIC.with(|s| s.borrow_mut().take())
 }
 
 /// Records why a `Deserialize` impl is failing, for the worker's decode error.
@@ -259,6 +281,7 @@ thread_local! {
 /// error then carries the note instead of postcard's generic message.
 pub fn note_decode_failure(why: impl Into<String>) {
     DECODE_NOTE.with(|n| *n.borrow_mut() = Some(why.into()));
+    NOTE_KEPT.with(|k| k.set(true));
 }
 
 /// Installs the worker's panic hook: inside task code it records the message and location
@@ -282,6 +305,7 @@ pub(crate) fn install_panic_hook() {
                 msg.push_str(&format!("\nstack backtrace:\n{bt}"));
             }
             LAST_PANIC.with(|s| *s.borrow_mut() = Some(msg));
+            PANIC_KEPT.with(|k| k.set(true));
         } else {
             previous(info);
         }
@@ -302,11 +326,11 @@ fn payload_str(p: &(dyn std::any::Any + Send)) -> &str {
 /// installed, else from the payload).
 pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     let was = IN_TASK.with(|c| c.replace(true));
-    LAST_PANIC.with(|s| s.borrow_mut().take());
+    take_panic();
     let r = panic::catch_unwind(AssertUnwindSafe(f));
     IN_TASK.with(|c| c.set(was));
     r.map_err(|payload| {
-        let recorded = LAST_PANIC.with(|s| s.borrow_mut().take());
+        let recorded = take_panic();
         let msg = recorded.unwrap_or_else(|| format!("panicked: {}", payload_str(&*payload)));
         // Dropping a payload may itself panic; never let that escape.
         let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
@@ -362,7 +386,7 @@ where
     Args: DeserializeOwned,
     R: Serialize,
 {
-    DECODE_NOTE.with(|n| n.borrow_mut().take());
+    take_note();
     // Items take at least a byte each, except zero-sized ones (and such), which take the
     // whole-batch path below.
     if let Ok((n, mut rest)) = postcard::take_from_bytes::<usize>(input)
@@ -439,7 +463,7 @@ where
     let stage = Cell::new(Stage::Decode);
     let mut after = None;
     let ran = catch(|| -> Result<(), String> {
-        DECODE_NOTE.with(|d| d.borrow_mut().take());
+        take_note();
         let (args, rest) = match postcard::take_from_bytes::<Args>(bytes) {
             Ok(decoded) => decoded,
             Err(e) => return Err(decode_failure(&e)),
@@ -471,7 +495,7 @@ where
 /// Why an item's arguments did not decode: the note its `Deserialize` left (see
 /// [`note_decode_failure`]), else postcard's error.
 fn decode_failure(e: &postcard::Error) -> String {
-    match DECODE_NOTE.with(|d| d.borrow_mut().take()) {
+    match take_note() {
         Some(note) => format!("the task's arguments cannot be decoded: {note}"),
         None => format!(
             "the task's arguments cannot be decoded: they do not decode as the function's \
@@ -483,7 +507,7 @@ fn decode_failure(e: &postcard::Error) -> String {
 /// Decodes one item's arguments from the front of `bytes`: the arguments and the bytes
 /// after them, or why they do not decode (a `Deserialize` that panics included).
 fn decode_one<Args: DeserializeOwned>(bytes: &[u8]) -> Result<(Args, &[u8]), String> {
-    DECODE_NOTE.with(|d| d.borrow_mut().take());
+    take_note();
     match catch(|| postcard::take_from_bytes::<Args>(bytes)) {
         Ok(Ok(decoded)) => Ok(decoded),
         Ok(Err(e)) => Err(decode_failure(&e)),
@@ -580,13 +604,11 @@ where
     F::Output: InitOutput,
     Args: DeserializeOwned,
 {
-    DECODE_NOTE.with(|n| n.borrow_mut().take());
+    take_note();
     let args: Args = match catch(|| postcard::from_bytes::<Args>(input)) {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
-            let why = DECODE_NOTE
-                .with(|n| n.borrow_mut().take())
-                .unwrap_or_else(|| e.to_string());
+            let why = take_note().unwrap_or_else(|| e.to_string());
             return Err(format!(
                 "the initializer's arguments cannot be decoded: {why}"
             ));
