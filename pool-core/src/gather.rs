@@ -113,12 +113,7 @@ impl Pool {
 
     /// The result of a `map` of `n` items, and the plan its chunks are made by; no plan
     /// when there is no item (the result is settled already).
-    fn plan_gather<F, A>(
-        &self,
-        f: F,
-        n: usize,
-        opts: Options<Vec<F::Output>>,
-    ) -> (AsyncResult<Vec<F::Output>>, Option<Plan<F::Output>>)
+    fn plan_gather<F, A>(&self, f: F, n: usize, opts: Options<Vec<F::Output>>) -> Planned<F::Output>
     where
         F: Task<A>,
     {
@@ -164,6 +159,9 @@ impl Pool {
         (out, Some(plan))
     }
 }
+
+/// A `map`'s result and the plan its chunks are made by (none when it has no item).
+type Planned<R> = (AsyncResult<Vec<R>>, Option<Plan<R>>);
 
 /// How a `map`'s chunks are made into tasks whose results gather into one.
 struct Plan<R> {
