@@ -13,28 +13,81 @@ use crate::result::{AsyncResult, Callbacks, Done, Slot};
 use crate::submit::{Submission, complete};
 use crate::task::Task;
 
-/// A map's chunks as tasks, by id, ready to submit.
-type Tasks = Vec<(u64, TaskRec)>;
+/// A batch of a `map`'s chunks holding this many items goes to the pool at once, without
+/// waiting for more chunks: its workers have enough to begin with.
+const SUBMIT_ITEMS: usize = 4096;
 
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
     /// in order, or the first failing item's error.
+    ///
+    /// Each chunk is encoded from the items as they come (through one chunk-sized buffer,
+    /// not a copy of the whole input) and submitted soon after, so workers begin the first
+    /// chunks while the later ones are encoded.
     pub(crate) fn gather<F, A>(
         &self,
         f: F,
-        items: &[A],
+        items: impl IntoIterator<Item = A>,
         opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<A>,
     {
-        let (out, tasks) = self.prepare_gather(f, items, opts);
-        self.submit_all(tasks, false);
+        let items = items.into_iter();
+        match items.size_hint() {
+            (n, Some(m)) if n == m => self.gather_known(f, n, items, opts),
+            // The chunk size depends on the count: count them first.
+            _ => {
+                let items: Vec<A> = items.collect();
+                self.gather_known(f, items.len(), items.into_iter(), opts)
+            }
+        }
+    }
+
+    /// [`gather`](Pool::gather) of `items`, which says it holds `n` items (their chunk
+    /// size and the result's capacity depend on it; an iterator that holds more or fewer
+    /// still gets every item's result).
+    fn gather_known<F, A>(
+        &self,
+        f: F,
+        n: usize,
+        mut items: impl Iterator<Item = A>,
+        opts: Options<Vec<F::Output>>,
+    ) -> AsyncResult<Vec<F::Output>>
+    where
+        F: Task<A>,
+    {
+        let (out, plan) = self.plan_gather(f, n, opts);
+        let Some(plan) = plan else { return out };
+        let mut chunk = Vec::with_capacity(plan.size.min(n.max(1)));
+        // Submitted in batches that double (one policy step and one write per worker for
+        // each), and at once whatever their number when they hold many items.
+        let (mut batch, mut batch_items, mut next_batch) = (Vec::new(), 0, 1);
+        for c in 0.. {
+            chunk.extend(items.by_ref().take(plan.size));
+            if chunk.is_empty() {
+                break;
+            }
+            let task = plan.chunk::<F, A>(self, c, &chunk);
+            batch_items += chunk.len();
+            // The chunk's bytes are in its frame: the items go (their events stay pinned).
+            chunk.clear();
+            batch.extend(task);
+            if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
+                self.submit_all(std::mem::take(&mut batch), false);
+                batch_items = 0;
+                next_batch = next_batch.saturating_mul(2);
+            }
+        }
+        if !batch.is_empty() {
+            self.submit_all(batch, false);
+        }
+        plan.seal();
         out
     }
 
-    /// As [`gather`](Pool::gather) if the queue has room for every chunk under `max`;
-    /// `None` (nothing submitted) otherwise.
+    /// As [`gather`](Pool::gather) of a slice if the queue has room for every chunk under
+    /// `max`; `None` (nothing submitted) otherwise.
     pub(crate) fn try_gather<F, A>(
         &self,
         f: F,
@@ -45,18 +98,22 @@ impl Pool {
     where
         F: Task<A>,
     {
-        let (out, tasks) = self.prepare_gather(f, items, opts);
+        let (out, plan) = self.plan_gather(f, items.len(), opts);
+        let Some(plan) = plan else {
+            return Some(out);
+        };
+        let tasks: Vec<(u64, TaskRec)> = items
+            .chunks(plan.size)
+            .enumerate()
+            .filter_map(|(c, chunk)| plan.chunk::<F, A>(self, c, chunk))
+            .collect();
+        plan.seal();
         self.try_submit_all(tasks, max).then_some(out)
     }
 
-    /// The result of a `map` of `items` and its chunks' tasks, ready to submit (chunks
-    /// that could not be encoded are settled already).
-    fn prepare_gather<F, A>(
-        &self,
-        f: F,
-        items: &[A],
-        opts: Options<Vec<F::Output>>,
-    ) -> (AsyncResult<Vec<F::Output>>, Tasks)
+    /// The result of a `map` of `n` items, and the plan its chunks are made by; no plan
+    /// when there is no item (the result is settled already).
+    fn plan_gather<F, A>(&self, f: F, n: usize, opts: Options<Vec<F::Output>>) -> Planned<F::Output>
     where
         F: Task<A>,
     {
@@ -67,7 +124,6 @@ impl Pool {
         } = opts;
         let sub = Submission::new(f, self.timeout_of(timeout));
         let slot = Slot::new();
-        let n = items.len();
         let done = Done::new(n);
         let out =
             AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).counting(Arc::clone(&done));
@@ -78,44 +134,81 @@ impl Pool {
                 Ok(Vec::new()),
                 callbacks,
             );
-            return (out, Vec::new());
+            return (out, None);
         }
         let size = chunksize
             .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
-        let chunks = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {
             out: Vec::with_capacity(n),
             next: 0,
             early: BTreeMap::new(),
             err: None,
-            remaining: chunks,
+            remaining: 0,
+            sealed: false,
             slot: Some(slot),
             callbacks: Some(callbacks),
             shared: Arc::downgrade(&self.shared),
         }));
-        let mut tasks = Vec::with_capacity(chunks);
-        for (c, chunk) in items.chunks(size).enumerate() {
-            let base = c * size;
-            let state = Arc::clone(&state);
-            let done = Arc::clone(&done);
-            let task = self.prepare_batch::<F::Output>(
-                &sub,
-                sub.encode::<F, A>(self.new_id(), chunk),
-                Some(base),
-                move |results| {
-                    done.add(results.len());
-                    let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
-                    g.arrived(c, results);
-                    g.remaining -= 1;
-                    if g.remaining == 0 {
-                        g.finish();
-                    }
-                },
-            );
-            tasks.extend(task);
+        let plan = Plan {
+            sub,
+            size,
+            state,
+            done,
+        };
+        (out, Some(plan))
+    }
+}
+
+/// A `map`'s result and the plan its chunks are made by (none when it has no item).
+type Planned<R> = (AsyncResult<Vec<R>>, Option<Plan<R>>);
+
+/// How a `map`'s chunks are made into tasks whose results gather into one.
+struct Plan<R> {
+    sub: Submission,
+    /// Items per chunk.
+    size: usize,
+    state: Arc<Mutex<Gather<R>>>,
+    done: Arc<Done>,
+}
+
+impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
+    /// Chunk `c` (of items `c * size..`) as a task ready to submit; `None` if it is settled
+    /// already (its items could not be encoded).
+    fn chunk<F, A>(&self, pool: &Pool, c: usize, chunk: &[A]) -> Option<(u64, TaskRec)>
+    where
+        F: Task<A, Output = R>,
+    {
+        // Counted before it can come back (a chunk that cannot be encoded comes back at once).
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remaining += 1;
+        let state = Arc::clone(&self.state);
+        let done = Arc::clone(&self.done);
+        pool.prepare_batch::<R>(
+            &self.sub,
+            self.sub.encode::<F, A>(pool.new_id(), chunk),
+            Some(c * self.size),
+            move |results| {
+                done.add(results.len());
+                let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
+                g.arrived(c, results);
+                g.remaining -= 1;
+                if g.remaining == 0 && g.sealed {
+                    g.finish();
+                }
+            },
+        )
+    }
+
+    /// Every chunk has been made: the result is complete once they are all back.
+    fn seal(&self) {
+        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        g.sealed = true;
+        if g.remaining == 0 {
+            g.finish();
         }
-        (out, tasks)
     }
 }
 
@@ -131,7 +224,10 @@ struct Gather<R> {
     early: BTreeMap<usize, Vec<Result<R, TaskError>>>,
     /// The first failing item's error, in item order (`out` is dropped then).
     err: Option<TaskError>,
+    /// Chunks made and not yet back.
     remaining: usize,
+    /// Every chunk has been made.
+    sealed: bool,
     slot: Option<Arc<Slot<Vec<R>>>>,
     callbacks: Option<Callbacks<Vec<R>>>,
     shared: Weak<Shared>,

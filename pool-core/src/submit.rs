@@ -649,8 +649,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         // One-tuples: the task's arguments, the same bytes as the items themselves.
-        let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
-        self.gather::<F, _>(f, &items, opts)
+        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts)
     }
 
     /// [`map_async_with`](Pool::map_async_with) that never waits: with
@@ -698,10 +697,10 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
         let Some(max) = self.shared.max_queued() else {
-            return Ok(self.gather::<F, _>(f, &items, opts));
+            return Ok(self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts));
         };
+        let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
         self.try_gather::<F, _>(f, &items, opts, max)
             .ok_or_else(|| QueueFull(items.into_iter().map(|(a,)| a).collect()))
     }
@@ -788,8 +787,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        let items: Vec<Args> = items.into_iter().collect();
-        self.gather::<F, _>(f, &items, opts)
+        self.gather::<F, _>(f, items, opts)
     }
 }
 

@@ -182,6 +182,33 @@ impl FrameBuf {
         self.buf.truncate(HEADER_LEN + len);
     }
 
+    /// Replaces the first `n` payload bytes by `with`; the bytes after them move to follow
+    /// it. For a message whose head is known only once its body is written: the body goes
+    /// after a gap, the head into the gap.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is more than the payload's length, or the payload would exceed the wire
+    /// format's limit of 2³¹ − 1 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut f = pool_ipc::FrameBuf::new();
+    /// f.extend_from_slice(&[0, 0, 0, 7, 8]);
+    /// f.replace_payload_prefix(3, &[1]);
+    /// assert_eq!(f.payload(), &[1, 7, 8]);
+    /// ```
+    pub fn replace_payload_prefix(&mut self, n: usize, with: &[u8]) {
+        assert!(n <= self.payload_len(), "FrameBuf prefix past the payload");
+        assert!(
+            self.payload_len() - n + with.len() <= MAX_WIRE_LEN,
+            "FrameBuf payload would exceed the 2 GiB wire limit"
+        );
+        self.buf
+            .splice(HEADER_LEN..HEADER_LEN + n, with.iter().copied());
+    }
+
     /// Removes the whole payload, keeping the allocation.
     pub fn clear(&mut self) {
         self.truncate_payload(0);
@@ -201,11 +228,22 @@ struct VecFlavor<'a>(&'a mut Vec<u8>);
 impl Flavor for VecFlavor<'_> {
     type Output = ();
 
+    #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        // postcard writes each varint (at most 10 bytes) and fixed-size field through
+        // here: bytes pushed one by one cost less than a call to memcpy for each.
+        if data.len() <= 16 {
+            self.0.reserve(data.len());
+            for &b in data {
+                self.0.push(b);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
         Ok(())
     }
 
+    #[inline]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         self.0.push(data);
         Ok(())

@@ -262,6 +262,7 @@ impl Segment {
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) }
     }
 
+    #[inline]
     fn check_range(&self, off: usize, n: usize) {
         assert!(
             off.checked_add(n).is_some_and(|end| end <= self.len),
@@ -278,13 +279,27 @@ impl Segment {
     /// # Panics
     ///
     /// If `off + b.len()` exceeds the segment.
+    #[inline]
     pub fn write_at(&self, off: usize, b: &[u8]) {
         self.check_range(off, b.len());
+        // SAFETY: `off` is inside the mapping or at its end (checked above).
+        let dst = unsafe { self.ptr.as_ptr().add(off) };
+        if b.len() <= 16 {
+            // A worker writes each tiny result here, just encoded byte by byte: copied the
+            // same way, each byte's load is forwarded from its store (a wider load of bytes
+            // stored one at a time stalls), and no memmove is called.
+            for (i, &x) in b.iter().enumerate() {
+                // `dst + i` is below `off + b.len() <= len`: inside the live mapping.
+                // SAFETY: in bounds (checked above).
+                unsafe { std::ptr::write_volatile(dst.add(i), x) };
+            }
+            return;
+        }
         // The destination range is inside the live mapping (checked above) and `b` is valid
         // for reads of `b.len()` bytes. `ptr::copy` tolerates overlap (only possible through
         // the unsafe `as_slice`, whose contract already forbids writes).
         // SAFETY: both ranges valid for the copy (above).
-        unsafe { std::ptr::copy(b.as_ptr(), self.ptr.as_ptr().add(off), b.len()) }
+        unsafe { std::ptr::copy(b.as_ptr(), dst, b.len()) }
     }
 
     /// Gives the memory behind bytes `off .. off + len` back to the system (the file's

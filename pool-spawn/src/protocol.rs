@@ -398,7 +398,8 @@ pub fn encode_run<T: Serialize + ?Sized>(
 pub struct RunItems {
     /// The message, or why it could not be built.
     pub frame: pool_ipc::Result<pool_ipc::FrameBuf>,
-    /// The index of each item the message carries, in order.
+    /// The index of each item the message carries, in order, when some item was left out;
+    /// empty when the message carries every item.
     pub sent: Vec<usize>,
     /// The items left out because they cannot be encoded, by index, with why.
     pub failed: Vec<(usize, pool_ipc::Error)>,
@@ -412,68 +413,137 @@ pub struct RunItems {
 pub struct ItemSpans {
     /// The offset of the first item in the message.
     start: usize,
-    /// The end of each item, from `start` (a frame is at most 1 GiB: `u32` holds it, in half
-    /// the memory a large map's chunks would keep in `usize`s until they are done).
-    ends: Vec<u32>,
+    /// How many items.
+    count: usize,
+    /// The length of each item in bytes, one varint after the other: a byte per item of
+    /// under 128 bytes, which a large map's chunks keep until they are done.
+    sizes: Vec<u8>,
 }
 
 impl ItemSpans {
     /// How many items.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.count
     }
 
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.count == 0
+    }
+
+    /// Where item `k` starts, from the first item, and where its length lies in `sizes`;
+    /// `None` if `sizes` is cut short.
+    fn offset_of(&self, k: usize) -> Option<(usize, usize)> {
+        let (mut offset, mut rest) = (0usize, &self.sizes[..]);
+        for _ in 0..k {
+            let (len, after) = postcard::take_from_bytes::<usize>(rest).ok()?;
+            offset = offset.checked_add(len)?;
+            rest = after;
+        }
+        Some((offset, self.sizes.len() - rest.len()))
     }
 }
 
+/// Room left before a batch's items for the head of its [`ToWorker::Run`] message: the
+/// variant, the id, the function, `timed`, the payload's length and the item count, each a
+/// varint of at most 10 bytes (the variant and `timed` 1, the function 11).
+const RUN_HEAD_ROOM: usize = 48;
+
 /// Encodes `items` as the [`ToWorker::Run`] message of batch `id`, leaving out any item
 /// that cannot be encoded: the others still go, and the worker's `Vec<Args>` holds only
-/// them (in order, so result `k` belongs to item `sent[k]`).
+/// them (in order, so result `k` belongs to item `sent[k]`, or to item `k` when `sent` is
+/// empty).
 ///
 /// A single item is encoded straight into the frame ([`encode_run`]); a batch of several
-/// is encoded item by item in one pass (noting where each lies, see [`RunItems::spans`]),
-/// then framed.
+/// is encoded item by item in one pass straight into the frame, after room for the head
+/// (noting each item's length, see [`RunItems::spans`]); the head, known once the items
+/// are, then takes the room's place.
 pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: &[T]) -> RunItems {
     if items.len() == 1 {
         let mut frame = pool_ipc::FrameBuf::new();
         if encode_run(&mut frame, id, func, timed, items).is_ok() {
             return RunItems {
                 frame: Ok(frame),
-                sent: vec![0],
+                sent: Vec::new(),
                 failed: Vec::new(),
                 spans: None,
             };
         }
     }
-    let mut body = Vec::with_capacity(items.len() * 4);
-    let mut sent = Vec::with_capacity(items.len());
-    let mut ends = Vec::with_capacity(items.len());
+    let mut frame = pool_ipc::FrameBuf::with_capacity(RUN_HEAD_ROOM + items.len() * 4);
+    frame.extend_from_slice(&[0; RUN_HEAD_ROOM]);
+    let mut sent = Vec::new();
+    let mut sizes = Vec::with_capacity(items.len());
     let mut failed = Vec::new();
+    let mut count = 0;
     for (i, item) in items.iter().enumerate() {
-        let mark = body.len();
-        match pool_ipc::encode_append(&mut body, item) {
+        let mark = frame.payload_len();
+        // On error the frame is left as it was.
+        match frame.encode(item) {
             Ok(()) => {
-                sent.push(i);
-                // A body past u32 is over any frame limit: framing refuses it below.
-                ends.push(u32::try_from(body.len()).unwrap_or(u32::MAX));
+                if !failed.is_empty() {
+                    sent.push(i);
+                }
+                count += 1;
+                pool_ipc::encode_seq_len(&mut sizes, frame.payload_len() - mark);
             }
             Err(e) => {
-                body.truncate(mark);
+                if failed.is_empty() {
+                    sent.extend(0..i);
+                }
                 failed.push((i, e));
             }
         }
     }
-    let (frame, start) = frame_items(id, func, timed, sent.len(), &body);
-    let spans = (sent.len() > 1).then_some(ItemSpans { start, ends });
+    let body = frame.payload_len() - RUN_HEAD_ROOM;
+    let frame = match run_head(id, func, timed, count, body) {
+        Ok(head) => {
+            frame.replace_payload_prefix(RUN_HEAD_ROOM, &head);
+            let spans = (count > 1).then_some(ItemSpans {
+                start: head.len(),
+                count,
+                sizes,
+            });
+            return RunItems {
+                frame: Ok(frame),
+                sent,
+                failed,
+                spans,
+            };
+        }
+        Err(e) => Err(e),
+    };
     RunItems {
         frame,
         sent,
         failed,
-        spans,
+        spans: None,
     }
+}
+
+/// The head of a [`ToWorker::Run`] message whose payload is `count` items in `body` bytes:
+/// the fields before the items, and their count (postcard encodes a sequence as its varint
+/// length followed by the elements).
+fn run_head(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    count: usize,
+    body: usize,
+) -> pool_ipc::Result<Vec<u8>> {
+    let mut seq_len = Vec::with_capacity(10);
+    pool_ipc::encode_seq_len(&mut seq_len, count);
+    let head = RunHead {
+        variant: RUN_VARIANT,
+        id,
+        func,
+        timed,
+        len: seq_len.len() + body,
+    };
+    let mut out = Vec::with_capacity(RUN_HEAD_ROOM);
+    pool_ipc::encode_append(&mut out, &head)?;
+    out.extend_from_slice(&seq_len);
+    Ok(out)
 }
 
 /// Frames `count` encoded items (`body`) as a `Run` message; also returns where the first
@@ -485,24 +555,14 @@ fn frame_items(
     count: usize,
     body: &[u8],
 ) -> (pool_ipc::Result<pool_ipc::FrameBuf>, usize) {
-    // postcard encodes a sequence as its varint length followed by the elements.
-    let mut seq_len = Vec::with_capacity(10);
-    pool_ipc::encode_seq_len(&mut seq_len, count);
-    let head = RunHead {
-        variant: RUN_VARIANT,
-        id,
-        func,
-        timed,
-        len: seq_len.len() + body.len(),
+    let head = match run_head(id, func, timed, count, body.len()) {
+        Ok(head) => head,
+        Err(e) => return (Err(e), 0),
     };
-    let mut frame = pool_ipc::FrameBuf::with_capacity(body.len() + 48);
-    if let Err(e) = frame.encode(&head) {
-        return (Err(e), 0);
-    }
-    frame.extend_from_slice(&seq_len);
-    let start = frame.payload_len();
+    let mut frame = pool_ipc::FrameBuf::with_capacity(head.len() + body.len());
+    frame.extend_from_slice(&head);
     frame.extend_from_slice(body);
-    (Ok(frame), start)
+    (Ok(frame), head.len())
 }
 
 /// The `Run` message of batch `id` for the items of `frame` (a message built by
@@ -516,16 +576,23 @@ pub fn encode_run_rest(
     func: FnRef,
     timed: bool,
 ) -> Option<(pool_ipc::FrameBuf, ItemSpans)> {
-    if from >= spans.ends.len() {
+    if from >= spans.count {
         return None;
     }
-    let first = if from == 0 { 0 } else { spans.ends[from - 1] };
-    let (start, end) = (first as usize, *spans.ends.last()? as usize);
-    let payload = frame.payload();
-    let body = payload.get(spans.start + start..spans.start + end)?;
-    let (frame, start) = frame_items(id, func, timed, spans.ends.len() - from, body);
-    let ends = spans.ends[from..].iter().map(|&e| e - first).collect();
-    Some((frame.ok()?, ItemSpans { start, ends }))
+    let (offset, at) = spans.offset_of(from)?;
+    // The items run to the end of the payload.
+    let body = frame.payload().get(spans.start.checked_add(offset)?..)?;
+    let count = spans.count - from;
+    let (frame, start) = frame_items(id, func, timed, count, body);
+    let sizes = spans.sizes[at..].to_vec();
+    Some((
+        frame.ok()?,
+        ItemSpans {
+            start,
+            count,
+            sizes,
+        },
+    ))
 }
 
 /// Encodes an initializer's arguments for [`ToWorker::Setup`]'s `init`.
@@ -652,6 +719,52 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
         let (v, rest) = postcard::take_from_bytes::<T>(bytes)?;
         out.push(f(v));
         bytes = rest;
+    }
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
+/// Decodes `items` per-item results laid one after the other (postcard
+/// `Result<R, ItemError>`s, as in [`FromWorker::Done`] and [`FromWorker::Part`]), each
+/// passed through `ok` or `err` on its way into `out`: the same as [`decode_results_with`]
+/// on `Result<R, ItemError>`, but each result's variant is read first and its value decoded
+/// as `R` (or `ItemError`) directly, which spares a large generic `Result` per item.
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_item_results<R: serde::de::DeserializeOwned, U>(
+    items: u64,
+    mut bytes: &[u8],
+    out: &mut Vec<U>,
+    mut ok: impl FnMut(R) -> U,
+    mut err: impl FnMut(ItemError) -> U,
+) -> Result<(), postcard::Error> {
+    // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
+    out.reserve(
+        usize::try_from(items)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len()),
+    );
+    for _ in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
+        match bytes.split_first() {
+            Some((0, rest)) => {
+                let (v, rest) = postcard::take_from_bytes::<R>(rest)?;
+                out.push(ok(v));
+                bytes = rest;
+            }
+            Some((1, rest)) => {
+                let (e, rest) = postcard::take_from_bytes::<ItemError>(rest)?;
+                out.push(err(e));
+                bytes = rest;
+            }
+            Some(_) => return Err(postcard::Error::DeserializeBadEnum),
+            None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+        }
     }
     if bytes.is_empty() {
         Ok(())
@@ -788,6 +901,28 @@ mod tests {
     }
 
     #[test]
+    fn item_results_decode_by_variant_as_the_generic_result_does() {
+        let results: Vec<Result<u64, ItemError>> = vec![
+            Ok(5),
+            Err(ItemError::new(crate::task::ItemErrorKind::Panicked, "boom")),
+            Ok(u64::MAX),
+            Ok(300),
+        ];
+        let mut bytes = Vec::new();
+        for r in &results {
+            pool_ipc::encode_append(&mut bytes, r).unwrap();
+        }
+        let mut got: Vec<Result<u64, ItemError>> = Vec::new();
+        decode_item_results(4, &bytes, &mut got, Ok, Err).unwrap();
+        assert_eq!(got, results);
+        // Too few bytes, too many, and a variant that is neither `Ok` nor `Err`.
+        let mut v: Vec<Result<u64, ItemError>> = Vec::new();
+        assert!(decode_item_results(5, &bytes, &mut v, Ok, Err).is_err());
+        assert!(decode_item_results(3, &bytes, &mut v, Ok, Err).is_err());
+        assert!(decode_item_results(1, &[2, 0], &mut v, Ok, Err).is_err());
+    }
+
+    #[test]
     fn the_rest_of_a_batch_is_the_same_message_as_a_batch_of_those_items() {
         let func = crate::task::batch_ref(noop);
         let items: Vec<(u32, String)> = (0..5).map(|i| (i * 100, "x".repeat(i as usize))).collect();
@@ -839,7 +974,7 @@ mod tests {
         let func = crate::task::batch_ref(noop);
         let all = encode_run_items(4, func, false, &[NoOdd(2), NoOdd(4)]);
         let some = encode_run_items(4, func, false, &[NoOdd(1), NoOdd(2), NoOdd(3), NoOdd(4)]);
-        assert_eq!((all.sent, some.sent.clone()), (vec![0, 1], vec![1, 3]));
+        assert_eq!((all.sent, some.sent.clone()), (vec![], vec![1, 3]));
         assert_eq!(some.failed.iter().map(|f| f.0).collect::<Vec<_>>(), [0, 2]);
         // Both frames carry the same message: the items that encode, as one `Vec`.
         assert_eq!(

@@ -264,6 +264,11 @@ fn resident_bytes() -> Option<u64> {
 /// in [`FromWorker::Part`]s before that when they outgrow the area.
 struct Results<'p> {
     page: Option<&'p pool_ipc::shm::Segment>,
+    /// The page's [`page::AREA_BYTES`] and [`page::AREA_ITEMS`] words, written after every
+    /// item (looked up once).
+    area_words: Option<(&'p AtomicU64, &'p AtomicU64)>,
+    /// The size of the result area.
+    area_len: usize,
     /// Bytes of results in the area.
     used: usize,
     /// Items whose results are in the area.
@@ -281,6 +286,13 @@ impl<'p> Results<'p> {
     fn new(page: Option<&'p pool_ipc::shm::Segment>) -> Self {
         Results {
             page,
+            area_words: page.map(|p| {
+                (
+                    p.atomic_u64(page::AREA_BYTES),
+                    p.atomic_u64(page::AREA_ITEMS),
+                )
+            }),
+            area_len: page.map_or(0, |p| p.len().saturating_sub(page::AREA_OFFSET)),
             used: 0,
             items: 0,
             sent: 0,
@@ -296,8 +308,7 @@ impl<'p> Results<'p> {
     }
 
     fn area_len(&self) -> usize {
-        self.page
-            .map_or(0, |p| p.len().saturating_sub(page::AREA_OFFSET))
+        self.area_len
     }
 
     /// Takes up task `id`: `false` if the pool cancelled it (it counts as begun, and is
@@ -482,10 +493,10 @@ impl ItemSink for AreaSink<'_, '_> {
         r.used += n;
         r.items += 1;
         // Bytes first, then the count that makes them part of the area.
-        page.atomic_u64(page::AREA_BYTES)
-            .store(r.used as u64, Ordering::Release);
-        page.atomic_u64(page::AREA_ITEMS)
-            .store(r.items, Ordering::Release);
+        if let Some((bytes, items)) = r.area_words {
+            bytes.store(r.used as u64, Ordering::Release);
+            items.store(r.items, Ordering::Release);
+        }
     }
 }
 

@@ -245,10 +245,32 @@ thread_local! {
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
     /// The last panic recorded by the hook: message, location, maybe a backtrace.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether `LAST_PANIC` may hold a message: a plain flag, cheap to test on every item.
+    static PANIC_KEPT: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
     static DECODE_NOTE: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether `DECODE_NOTE` may hold a note (as `PANIC_KEPT`).
+    static NOTE_KEPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Takes the note [`note_decode_failure`] left, if any.
+#[inline]
+fn take_note() -> Option<String> {
+    if !NOTE_KEPT.with(|k| k.replace(false)) {
+        return None;
+    }
+    DECODE_NOTE.with(|n| n.borrow_mut().take())
+}
+
+/// Takes the panic message the hook recorded, if any.
+#[inline]
+fn take_panic() -> Option<String> {
+    if !PANIC_KEPT.with(|k| k.replace(false)) {
+        return None;
+    }
+    LAST_PANIC.with(|s| s.borrow_mut().take())
 }
 
 /// Records why a `Deserialize` impl is failing, for the worker's decode error.
@@ -259,6 +281,7 @@ thread_local! {
 /// error then carries the note instead of postcard's generic message.
 pub fn note_decode_failure(why: impl Into<String>) {
     DECODE_NOTE.with(|n| *n.borrow_mut() = Some(why.into()));
+    NOTE_KEPT.with(|k| k.set(true));
 }
 
 /// Installs the worker's panic hook: inside task code it records the message and location
@@ -282,6 +305,7 @@ pub(crate) fn install_panic_hook() {
                 msg.push_str(&format!("\nstack backtrace:\n{bt}"));
             }
             LAST_PANIC.with(|s| *s.borrow_mut() = Some(msg));
+            PANIC_KEPT.with(|k| k.set(true));
         } else {
             previous(info);
         }
@@ -302,11 +326,11 @@ fn payload_str(p: &(dyn std::any::Any + Send)) -> &str {
 /// installed, else from the payload).
 pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     let was = IN_TASK.with(|c| c.replace(true));
-    LAST_PANIC.with(|s| s.borrow_mut().take());
+    take_panic();
     let r = panic::catch_unwind(AssertUnwindSafe(f));
     IN_TASK.with(|c| c.set(was));
     r.map_err(|payload| {
-        let recorded = LAST_PANIC.with(|s| s.borrow_mut().take());
+        let recorded = take_panic();
         let msg = recorded.unwrap_or_else(|| format!("panicked: {}", payload_str(&*payload)));
         // Dropping a payload may itself panic; never let that escape.
         let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
@@ -351,13 +375,43 @@ impl ItemSink for VecSink {
 }
 
 /// Decodes a batch, runs `f` on each item, hands each encoded result to `sink`.
+///
+/// Items are decoded one at a time, each just before it runs (no vector of the batch's
+/// arguments): an item that does not decode fails, those before it ran, and those after it
+/// (whose bytes can no longer be located) fail with an error that says so. A count the
+/// bytes cannot hold is handled as before, by decoding the whole batch first.
 fn run_batch<F, Args, R>(f: F, input: &[u8], sink: &mut dyn ItemSink) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
     R: Serialize,
 {
-    DECODE_NOTE.with(|n| n.borrow_mut().take());
+    take_note();
+    // Items take at least a byte each, except zero-sized ones (and such), which take the
+    // whole-batch path below.
+    if let Ok((n, mut rest)) = postcard::take_from_bytes::<usize>(input)
+        && n <= rest.len()
+    {
+        for i in 0..n {
+            sink.begin();
+            let after = run_next(&f, rest, sink.scratch())?;
+            sink.commit();
+            match after {
+                Some(after) => rest = after,
+                None => {
+                    let after = not_run_after(i);
+                    for _ in i + 1..n {
+                        sink.begin();
+                        let e = ItemError::new(ItemErrorKind::Decode, after.clone());
+                        run_item(&f, Err(e), sink.scratch())?;
+                        sink.commit();
+                    }
+                    break;
+                }
+            }
+        }
+        return Ok(());
+    }
     let whole = catch(|| postcard::from_bytes::<Vec<Args>>(input));
     match whole {
         Ok(Ok(items)) => {
@@ -377,6 +431,96 @@ where
         }
     }
     Ok(())
+}
+
+/// What [`run_next`] was doing when it stopped short.
+#[derive(Clone, Copy)]
+enum Stage {
+    Decode,
+    Call,
+    Encode,
+}
+
+/// Decodes the item at the front of `bytes`, runs `f` on it and appends its encoded result
+/// to `out`, all under one `catch` (the stage tells which step a panic came from): the
+/// bytes after the item, or `None` if it did not decode (its error is the result then).
+///
+/// # Errors
+///
+/// As for [`run_item`]: only when not even an item error can be encoded.
+fn run_next<'b, F, Args, R>(
+    f: &F,
+    bytes: &'b [u8],
+    out: &mut Vec<u8>,
+) -> Result<Option<&'b [u8]>, ItemError>
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned,
+    R: Serialize,
+{
+    let mark = out.len();
+    // A Cell: read after an unwind, which the compiler's liveness lint does not see.
+    let stage = Cell::new(Stage::Decode);
+    let mut after = None;
+    let ran = catch(|| -> Result<(), String> {
+        take_note();
+        let (args, rest) = match postcard::take_from_bytes::<Args>(bytes) {
+            Ok(decoded) => decoded,
+            Err(e) => return Err(decode_failure(&e)),
+        };
+        after = Some(rest);
+        stage.set(Stage::Call);
+        let result: Result<R, ItemError> = Ok(f.call(args));
+        stage.set(Stage::Encode);
+        pool_ipc::encode_append(out, &result)
+            .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))
+    });
+    let failure = match (ran, stage.get()) {
+        (Ok(Ok(())), _) => return Ok(after),
+        (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
+            ItemError::new(ItemErrorKind::Decode, why)
+        }
+        (Err(m), Stage::Call) => ItemError::new(ItemErrorKind::Panicked, m),
+        (Ok(Err(why)), _) => ItemError::new(ItemErrorKind::Encode, why),
+        (Err(m), Stage::Encode) => ItemError::new(
+            ItemErrorKind::Encode,
+            format!("encoding the task's result {m}"),
+        ),
+    };
+    out.truncate(mark);
+    run_item(f, Err(failure), out)?;
+    Ok(after)
+}
+
+/// Why an item's arguments did not decode: the note its `Deserialize` left (see
+/// [`note_decode_failure`]), else postcard's error.
+fn decode_failure(e: &postcard::Error) -> String {
+    match take_note() {
+        Some(note) => format!("the task's arguments cannot be decoded: {note}"),
+        None => format!(
+            "the task's arguments cannot be decoded: they do not decode as the function's \
+             types: {e}"
+        ),
+    }
+}
+
+/// Decodes one item's arguments from the front of `bytes`: the arguments and the bytes
+/// after them, or why they do not decode (a `Deserialize` that panics included).
+fn decode_one<Args: DeserializeOwned>(bytes: &[u8]) -> Result<(Args, &[u8]), String> {
+    take_note();
+    match catch(|| postcard::take_from_bytes::<Args>(bytes)) {
+        Ok(Ok(decoded)) => Ok(decoded),
+        Ok(Err(e)) => Err(decode_failure(&e)),
+        Err(m) => Err(m),
+    }
+}
+
+/// The error of the items after item `i` of a batch, which could not be decoded.
+fn not_run_after(i: usize) -> String {
+    format!(
+        "not run: an earlier item of its chunk (number {i} in the chunk, counting from 0) \
+         could not be decoded, so where this one's bytes start is unknown"
+    )
 }
 
 /// Runs one item (or passes on its decoding error) and appends its encoded result.
@@ -437,27 +581,15 @@ fn decode_each<Args: DeserializeOwned>(
     let mut items = Vec::with_capacity(n);
     while items.len() < n {
         let i = items.len();
-        DECODE_NOTE.with(|d| d.borrow_mut().take());
-        let why = match catch(|| postcard::take_from_bytes::<Args>(rest)) {
-            Ok(Ok((args, after))) => {
+        match decode_one::<Args>(rest) {
+            Ok((args, after)) => {
                 items.push(Ok(args));
                 rest = after;
                 continue;
             }
-            Ok(Err(e)) => match DECODE_NOTE.with(|d| d.borrow_mut().take()) {
-                Some(note) => format!("the task's arguments cannot be decoded: {note}"),
-                None => format!(
-                    "the task's arguments cannot be decoded: they do not decode as the \
-                     function's types: {e}"
-                ),
-            },
-            Err(m) => m,
-        };
-        items.push(Err(ItemError::new(ItemErrorKind::Decode, why)));
-        let after = format!(
-            "not run: an earlier item of its chunk (number {i} in the chunk, counting from \
-             0) could not be decoded, so where this one's bytes start is unknown"
-        );
+            Err(why) => items.push(Err(ItemError::new(ItemErrorKind::Decode, why))),
+        }
+        let after = not_run_after(i);
         while items.len() < n {
             items.push(Err(ItemError::new(ItemErrorKind::Decode, after.clone())));
         }
@@ -472,13 +604,11 @@ where
     F::Output: InitOutput,
     Args: DeserializeOwned,
 {
-    DECODE_NOTE.with(|n| n.borrow_mut().take());
+    take_note();
     let args: Args = match catch(|| postcard::from_bytes::<Args>(input)) {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
-            let why = DECODE_NOTE
-                .with(|n| n.borrow_mut().take())
-                .unwrap_or_else(|| e.to_string());
+            let why = take_note().unwrap_or_else(|| e.to_string());
             return Err(format!(
                 "the initializer's arguments cannot be decoded: {why}"
             ));
@@ -515,5 +645,51 @@ mod tests {
         // A count that the bytes do not hold is an error, not a short vector.
         let mut short: Vec<Result<u32, ItemError>> = Vec::new();
         assert!(crate::protocol::decode_results(4, &sink.out, &mut short).is_err());
+    }
+
+    fn flip(b: bool) -> bool {
+        !b
+    }
+
+    /// A result whose encoding fails.
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no"))
+        }
+    }
+
+    fn unencodable(_: u8) -> Unencodable {
+        Unencodable
+    }
+
+    #[test]
+    fn an_item_that_does_not_decode_fails_with_the_ones_after_it_and_the_ones_before_ran() {
+        // 5 is no bool: the second item does not decode.
+        let input = postcard::to_allocvec(&vec![(1u8,), (5,), (0,)]).unwrap();
+        let mut sink = VecSink::default();
+        run_local(flip, &input, &mut sink).unwrap();
+        let mut got: Vec<Result<bool, ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got[0], Ok(false));
+        let e = got[1].as_ref().unwrap_err();
+        assert_eq!(e.kind, ItemErrorKind::Decode);
+        assert!(e.message.contains("cannot be decoded"), "{e}");
+        let e = got[2].as_ref().unwrap_err();
+        assert_eq!(e.kind, ItemErrorKind::Decode);
+        assert!(e.message.contains("number 1 in the chunk"), "{e}");
+        // A result that does not encode fails its item only.
+        let input = postcard::to_allocvec(&vec![(1u8,), (2,)]).unwrap();
+        let mut sink = VecSink::default();
+        run_local(unencodable, &input, &mut sink).unwrap();
+        let mut got: Vec<Result<(), ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got.len(), 2);
+        for r in got {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind, ItemErrorKind::Encode);
+            assert!(e.message.contains("does not encode"), "{e}");
+        }
     }
 }

@@ -30,12 +30,9 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut items: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
                 for b in &batches {
-                    protocol::decode_results_with(
-                        b.items,
-                        b.bytes(),
-                        &mut items,
-                        |r: Result<R, ItemError>| r.map_err(|e| item_error(e, &worker, pid)),
-                    )
+                    protocol::decode_item_results(b.items, b.bytes(), &mut items, Ok, |e| {
+                        Err(item_error(e, &worker, pid))
+                    })
                     .map_err(|e| e.to_string())?;
                 }
                 Ok::<_, String>(items)

@@ -347,3 +347,29 @@ fn hostile_refs_out_of_bounds() {
         assert_eq!(rx.recv().unwrap_err().kind(), ErrorKind::FrameTooLarge);
     });
 }
+
+#[test]
+fn writes_of_every_small_length_land_whole_and_touch_nothing_else() {
+    let seg = Segment::create("t", 4096).unwrap();
+    for n in 0..=40usize {
+        let at = 1000 + n;
+        // Around the write: a fence of known bytes.
+        seg.write_at(at - 8, &[0xEE; 8]);
+        seg.write_at(at + n, &[0xEE; 8]);
+        let data: Vec<u8> = (0..n).map(|i| i as u8 + 1).collect();
+        seg.write_at(at, &data);
+        let mut back = vec![0; n + 16];
+        seg.read_at(at - 8, &mut back);
+        assert_eq!(&back[..8], &[0xEE; 8], "before, n = {n}");
+        assert_eq!(&back[8..8 + n], &data[..], "n = {n}");
+        assert_eq!(&back[8 + n..], &[0xEE; 8], "after, n = {n}");
+    }
+    // The last bytes of the segment, at every small length.
+    for n in 1..=16usize {
+        let data = vec![n as u8; n];
+        seg.write_at(4096 - n, &data);
+        let mut back = vec![0; n];
+        seg.read_at(4096 - n, &mut back);
+        assert_eq!(back, data);
+    }
+}
