@@ -19,16 +19,32 @@ type Tasks = Vec<(u64, TaskRec)>;
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
     /// in order, or the first failing item's error.
+    ///
+    /// Each chunk's items are dropped as soon as the chunk is encoded: the map holds its
+    /// arguments once (as items, then as encoded chunks), not twice, and the memory of a
+    /// large item is free again for the next chunk's frame.
     pub(crate) fn gather<F, A>(
         &self,
         f: F,
-        items: &[A],
+        items: Vec<A>,
         opts: Options<Vec<F::Output>>,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<A>,
     {
-        let (out, tasks) = self.prepare_gather(f, items, opts);
+        let n = items.len();
+        let (out, tasks) = self.prepare_gather(f, n, opts, |size, each| {
+            let mut it = items.into_iter();
+            let mut chunk = Vec::with_capacity(size.min(n));
+            loop {
+                chunk.extend(it.by_ref().take(size));
+                if chunk.is_empty() {
+                    break;
+                }
+                each(&chunk);
+                chunk.clear();
+            }
+        });
         self.submit_all(tasks, false);
         out
     }
@@ -45,17 +61,23 @@ impl Pool {
     where
         F: Task<A>,
     {
-        let (out, tasks) = self.prepare_gather(f, items, opts);
+        let (out, tasks) = self.prepare_gather(f, items.len(), opts, |size, each| {
+            for chunk in items.chunks(size) {
+                each(chunk);
+            }
+        });
         self.try_submit_all(tasks, max).then_some(out)
     }
 
-    /// The result of a `map` of `items` and its chunks' tasks, ready to submit (chunks
-    /// that could not be encoded are settled already).
+    /// The result of a `map` of `n` items and its chunks' tasks, ready to submit (chunks
+    /// that could not be encoded are settled already). `chunks(size, each)` calls `each` on
+    /// the items in chunks of `size`, in order.
     fn prepare_gather<F, A>(
         &self,
         f: F,
-        items: &[A],
+        n: usize,
         opts: Options<Vec<F::Output>>,
+        chunks: impl FnOnce(usize, &mut dyn FnMut(&[A])),
     ) -> (AsyncResult<Vec<F::Output>>, Tasks)
     where
         F: Task<A>,
@@ -67,7 +89,6 @@ impl Pool {
         } = opts;
         let sub = Submission::new(f, self.timeout_of(timeout));
         let slot = Slot::new();
-        let n = items.len();
         let done = Done::new(n);
         let out =
             AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).counting(Arc::clone(&done));
@@ -83,19 +104,20 @@ impl Pool {
         let size = chunksize
             .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
-        let chunks = n.div_ceil(size);
+        let count = n.div_ceil(size);
         let state = Arc::new(Mutex::new(Gather {
             out: Vec::with_capacity(n),
             next: 0,
             early: BTreeMap::new(),
             err: None,
-            remaining: chunks,
+            remaining: count,
             slot: Some(slot),
             callbacks: Some(callbacks),
             shared: Arc::downgrade(&self.shared),
         }));
-        let mut tasks = Vec::with_capacity(chunks);
-        for (c, chunk) in items.chunks(size).enumerate() {
+        let mut tasks = Vec::with_capacity(count);
+        let mut c = 0;
+        chunks(size, &mut |chunk| {
             let base = c * size;
             let state = Arc::clone(&state);
             let done = Arc::clone(&done);
@@ -114,7 +136,8 @@ impl Pool {
                 },
             );
             tasks.extend(task);
-        }
+            c += 1;
+        });
         (out, tasks)
     }
 }

@@ -588,7 +588,7 @@ impl Pool {
     {
         // One-tuples: the task's arguments, the same bytes as the items themselves.
         let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
-        self.gather::<F, _>(f, &items, opts)
+        self.gather::<F, _>(f, items, opts)
     }
 
     /// [`map_async_with`](Pool::map_async_with) that never waits: with
@@ -638,7 +638,7 @@ impl Pool {
     {
         let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
         let Some(max) = self.shared.max_queued() else {
-            return Ok(self.gather::<F, _>(f, &items, opts));
+            return Ok(self.gather::<F, _>(f, items, opts));
         };
         self.try_gather::<F, _>(f, &items, opts, max)
             .ok_or_else(|| QueueFull(items.into_iter().map(|(a,)| a).collect()))
@@ -727,7 +727,7 @@ impl Pool {
         I: IntoIterator<Item = Args>,
     {
         let items: Vec<Args> = items.into_iter().collect();
-        self.gather::<F, _>(f, &items, opts)
+        self.gather::<F, _>(f, items, opts)
     }
 }
 
