@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use postcard::ser_flavors::Flavor;
@@ -100,9 +101,28 @@ const MAX_PENDING_FDS_ACCEPTING: usize = MAX_PENDING_FDS + 2 * crate::fdpass::MA
 /// assert_eq!(f.payload(), &[1, 3, b't', b'w', b'o']);
 /// # Ok::<(), pool_ipc::Error>(())
 /// ```
-#[derive(Clone)]
 pub struct FrameBuf {
     buf: Vec<u8>,
+    /// The payload was copied into a shared ring: when the frame is dropped, its buffer
+    /// goes to the process's cache of large buffers (see [`crate::reuse_buffer`]).
+    in_ring: AtomicBool,
+}
+
+impl Clone for FrameBuf {
+    fn clone(&self) -> Self {
+        FrameBuf {
+            buf: self.buf.clone(),
+            in_ring: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Drop for FrameBuf {
+    fn drop(&mut self) {
+        if *self.in_ring.get_mut() {
+            crate::bufs::give(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 impl std::fmt::Debug for FrameBuf {
@@ -126,14 +146,27 @@ impl FrameBuf {
     }
 
     /// An empty frame with room for `n` payload bytes.
+    ///
+    /// A large frame (hundreds of KiB) reuses a buffer of an earlier large frame when the
+    /// process keeps one (see [`reuse_buffer`](crate::reuse_buffer)).
     pub fn with_capacity(n: usize) -> Self {
-        let mut buf = Vec::with_capacity(HEADER_LEN + n);
+        let mut buf = crate::bufs::reuse_buffer(HEADER_LEN.saturating_add(n));
         buf.extend_from_slice(&[0; HEADER_LEN]);
-        FrameBuf { buf }
+        FrameBuf {
+            buf,
+            in_ring: AtomicBool::new(false),
+        }
     }
 
-    /// Makes room for at least `additional` more payload bytes.
+    /// Makes room for at least `additional` more payload bytes (reusing a kept buffer, as
+    /// [`with_capacity`](FrameBuf::with_capacity) does, while the frame is empty).
     pub fn reserve(&mut self, additional: usize) {
+        if self.payload_len() == 0 && self.buf.capacity() - HEADER_LEN < additional {
+            let mut buf = crate::bufs::reuse_buffer(HEADER_LEN.saturating_add(additional));
+            buf.extend_from_slice(&[0; HEADER_LEN]);
+            self.buf = buf;
+            return;
+        }
         self.buf.reserve(additional);
     }
 
@@ -190,8 +223,9 @@ impl FrameBuf {
     /// The frame's bytes on the wire, header filled in.
     pub(crate) fn into_wire(mut self) -> Vec<u8> {
         let len = self.payload_len() as u32;
-        self.buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
-        self.buf
+        let mut buf = std::mem::take(&mut self.buf);
+        buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+        buf
     }
 }
 
@@ -629,6 +663,7 @@ impl WriteHalf {
             let ring = self.ring.get_or_insert_with(ring::Tx::new);
             if let Some((off, announce)) = ring.place(f.payload()) {
                 self.push_shm_ref(off, len, announce);
+                f.in_ring.store(true, Ordering::Relaxed);
                 return true;
             }
         }

@@ -622,7 +622,7 @@ pub enum FromWorker<B = ByteBuf> {
 ///
 /// postcard's error if the bytes do not hold `items` values of `T` (then `out` holds the
 /// ones before), or if bytes are left over.
-pub fn decode_results<T: serde::de::DeserializeOwned>(
+pub fn decode_results<T: serde::de::DeserializeOwned + 'static>(
     items: u64,
     bytes: &[u8],
     out: &mut Vec<T>,
@@ -633,10 +633,15 @@ pub fn decode_results<T: serde::de::DeserializeOwned>(
 /// [`decode_results`], each value passed through `f` on its way into `out` (to decode
 /// straight into the caller's type, with no list of `T`s in between).
 ///
+/// A successful result that is a byte string ([`ByteBuf`] or `Vec<u8>`) is copied in one
+/// piece into a buffer of its own, a large one reused from an earlier large payload when
+/// the process keeps one ([`pool_ipc::reuse_buffer`]): no fresh pages to fault in and
+/// zero, and no byte-by-byte decoding of a `Vec<u8>`.
+///
 /// # Errors
 ///
 /// As for [`decode_results`].
-pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
+pub fn decode_results_with<T: serde::de::DeserializeOwned + 'static, U>(
     items: u64,
     mut bytes: &[u8],
     out: &mut Vec<U>,
@@ -649,7 +654,10 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
             .min(bytes.len()),
     );
     for _ in 0..items {
-        let (v, rest) = postcard::take_from_bytes::<T>(bytes)?;
+        let (v, rest) = match take_byte_string_result::<T>(bytes) {
+            Some(got) => got,
+            None => postcard::take_from_bytes::<T>(bytes)?,
+        };
         out.push(f(v));
         bytes = rest;
     }
@@ -658,6 +666,54 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
     } else {
         Err(postcard::Error::DeserializeBadEncoding)
     }
+}
+
+/// The first result of `bytes` when `T` is `Result<B, ItemError>` for a byte string `B`
+/// ([`ByteBuf`] or `Vec<u8>`, which postcard lays out alike: the variant index 0, the
+/// length as a varint, the bytes) and the result is `Ok`; `None` for any other type, an
+/// error result, or bytes that do not hold such a result (postcard decodes those, and
+/// reports what is wrong).
+fn take_byte_string_result<T: 'static>(bytes: &[u8]) -> Option<(T, &[u8])> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<T>();
+    let is_buf = t == TypeId::of::<Result<ByteBuf, ItemError>>();
+    if !is_buf && t != TypeId::of::<Result<Vec<u8>, ItemError>>() {
+        return None;
+    }
+    let (&0, rest) = bytes.split_first()? else {
+        return None;
+    };
+    let (len, rest) = take_varint(rest)?;
+    if len > rest.len() {
+        return None;
+    }
+    let (payload, rest) = rest.split_at(len);
+    let mut v = pool_ipc::reuse_buffer(len);
+    v.extend_from_slice(payload);
+    let value: Box<dyn Any> = if is_buf {
+        Box::new(Ok::<ByteBuf, ItemError>(ByteBuf::from(v)))
+    } else {
+        Box::new(Ok::<Vec<u8>, ItemError>(v))
+    };
+    let value = value.downcast::<T>().ok()?;
+    Some((*value, rest))
+}
+
+/// A `usize` varint as postcard writes it (at most ten bytes, canonical or not), and the
+/// bytes after it; `None` if it overflows or is cut short.
+fn take_varint(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        let part = u64::from(b & 0x7f);
+        if i == 9 && b > 1 {
+            return None;
+        }
+        n |= part << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((usize::try_from(n).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
 }
 
 /// Why a worker's setup failed.
@@ -785,6 +841,44 @@ mod tests {
             Ok(FromWorker::Ready { pid: 9 })
         ));
         assert!(decode_reply(&[0xFF, 0xFF]).is_err());
+    }
+
+    #[test]
+    fn byte_string_results_decode_as_postcard_decodes_them() {
+        let big = vec![7u8; 300 * 1024];
+        let results: Vec<Result<Vec<u8>, ItemError>> = vec![
+            Ok(vec![1, 2, 3]),
+            Err(ItemError::new(crate::task::ItemErrorKind::Panicked, "boom")),
+            Ok(big.clone()),
+            Ok(Vec::new()),
+        ];
+        let mut bytes = Vec::new();
+        for r in &results {
+            pool_ipc::encode_append(&mut bytes, r).unwrap();
+        }
+        let mut back: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        decode_results(4, &bytes, &mut back).unwrap();
+        assert_eq!(back, results);
+        let mut bufs: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+        decode_results(4, &bytes, &mut bufs).unwrap();
+        let bufs: Vec<_> = bufs.into_iter().map(|r| r.map(ByteBuf::into_vec)).collect();
+        assert_eq!(bufs, results);
+        // Cut short anywhere, or with a length past the end: an error, as from postcard.
+        for cut in [1, 2, 4, 20, bytes.len() - 1] {
+            let mut got: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+            assert!(
+                decode_results(4, &bytes[..cut], &mut got).is_err(),
+                "cut {cut}"
+            );
+        }
+        let lie = [0u8, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2];
+        let mut got: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        assert!(decode_results(1, &lie, &mut got).is_err());
+        let overflow = [
+            0u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ];
+        assert!(decode_results(1, &overflow, &mut got).is_err());
+        assert_eq!(take_varint(&[0x80, 0x01, 9]), Some((128, &[9u8][..])));
     }
 
     #[test]
