@@ -590,6 +590,42 @@ impl WriteHalf {
         Ok(())
     }
 
+    /// Queues one frame whose payload is `pieces` one after the other (in shm mode, a large
+    /// one is copied piece by piece into the ring).
+    pub(crate) fn push_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        let len = pieces
+            .iter()
+            .try_fold(0usize, |n, p| n.checked_add(p.len()))
+            .filter(|&n| n <= self.max)
+            .ok_or_else(|| {
+                let n = pieces.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
+                Error::too_large(n, self.max)
+            })?;
+        if self.threshold.is_some_and(|t| len > t) {
+            let ring = self.ring.get_or_insert_with(ring::Tx::new);
+            let placed = ring.place_with(len, |seg, mut at| {
+                for p in pieces {
+                    seg.write_at(at, p);
+                    at += p.len();
+                }
+                true
+            });
+            if let Some((off, announce)) = placed {
+                self.push_shm_ref(off, len, announce);
+                return Ok(());
+            }
+        }
+        self.announce_if_large(len);
+        let agg = self.agg();
+        agg.reserve(HEADER_LEN + len);
+        agg.extend_from_slice(&(len as u32).to_le_bytes());
+        for p in pieces {
+            agg.extend_from_slice(p);
+        }
+        self.pending += HEADER_LEN + len;
+        Ok(())
+    }
+
     /// Moves the frame at `at..` of the last chunk into the shared ring, if it fits,
     /// dropping its announcement at `start..at`, if any.
     fn divert_tail(&mut self, start: usize, at: usize) {

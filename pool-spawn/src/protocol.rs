@@ -352,6 +352,31 @@ struct RunHead {
 /// Index of `Run` among [`ToWorker`]'s variants.
 const RUN_VARIANT: u32 = 1;
 
+/// The fields of [`FromWorker::Part`] before its result bytes, as postcard lays them out:
+/// the variant index, `id`, `items`, then the length of the bytes.
+#[derive(Serialize)]
+struct PartHead {
+    variant: u32,
+    id: u64,
+    items: u64,
+    len: usize,
+}
+
+/// Index of `Part` among [`FromWorker`]'s variants.
+const PART_VARIANT: u32 = 3;
+
+/// The bytes of a [`FromWorker::Part`] message up to its results: followed by `len` bytes
+/// of results, it is the message (sent in pieces, the results taken from where they lie).
+pub(crate) fn part_head(id: u64, items: u64, len: usize) -> Vec<u8> {
+    let head = PartHead {
+        variant: PART_VARIANT,
+        id,
+        items,
+        len,
+    };
+    postcard::to_allocvec(&head).expect("integers always encode")
+}
+
 /// Appends a [`ToWorker::Run`] message whose payload is postcard(`args`) to `frame`,
 /// encoding `args` straight into the frame: the same bytes as encoding the message with a
 /// separately encoded payload, without the intermediate buffer and its copy.
@@ -841,6 +866,20 @@ mod tests {
             Ok(FromWorker::Ready { pid: 9 })
         ));
         assert!(decode_reply(&[0xFF, 0xFF]).is_err());
+    }
+
+    #[test]
+    fn a_part_sent_in_pieces_is_the_part_message() {
+        let results = vec![5u8; 1000];
+        let whole = postcard::to_allocvec(&FromWorker::<ByteBuf>::Part {
+            id: 1 << 40,
+            items: 300,
+            results: ByteBuf::from(results.clone()),
+        })
+        .unwrap();
+        let mut pieces = part_head(1 << 40, 300, results.len());
+        pieces.extend_from_slice(&results);
+        assert_eq!(pieces, whole);
     }
 
     #[test]
