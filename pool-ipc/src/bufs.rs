@@ -52,29 +52,36 @@ impl Cache {
         }
     }
 
-    /// The smallest kept buffer that holds `len` bytes, if any.
+    /// A kept buffer that holds `len` bytes, if any: the one given last among those at
+    /// most twice that size (its bytes are the likeliest to be in a CPU cache still), else
+    /// the smallest.
     fn take(&mut self, len: usize, now: Instant, stale: &mut Vec<Vec<u8>>) -> Option<Vec<u8>> {
         self.take_stale(now, stale);
+        let fits = |b: &Vec<u8>| b.capacity() >= len;
         let best = self
             .bufs
             .iter()
-            .enumerate()
-            .filter(|(_, (b, _))| b.capacity() >= len)
-            .min_by_key(|(_, (b, _))| b.capacity())
-            .map(|(i, _)| i)?;
-        Some(self.bufs.swap_remove(best).0)
+            .rposition(|(b, _)| fits(b) && b.capacity() / 2 <= len)
+            .or_else(|| {
+                self.bufs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (b, _))| fits(b))
+                    .min_by_key(|(_, (b, _))| b.capacity())
+                    .map(|(i, _)| i)
+            })?;
+        Some(self.bufs.remove(best).0)
     }
 
     /// Moves the buffers idle for [`IDLE`] to `out`.
     fn take_stale(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) {
-        let mut i = 0;
-        while i < self.bufs.len() {
-            if now.saturating_duration_since(self.bufs[i].1) >= IDLE {
-                out.push(self.bufs.swap_remove(i).0);
-            } else {
-                i += 1;
-            }
-        }
+        // Oldest first: the idle ones are a prefix.
+        let idle = self
+            .bufs
+            .iter()
+            .take_while(|(_, t)| now.saturating_duration_since(*t) >= IDLE)
+            .count();
+        out.extend(self.bufs.drain(..idle).map(|(b, _)| b));
     }
 
     #[cfg(test)]
@@ -175,6 +182,14 @@ mod tests {
         c.give(v, t0, &mut freed);
         let got = c.take(2 * MIN_KEEP, t0, &mut freed).unwrap();
         assert_eq!((got.as_ptr(), got.len()), (at, 0));
+        // Of buffers alike, the one given last.
+        c.bufs.clear();
+        let (a, b) = (Vec::with_capacity(MIN_KEEP), Vec::with_capacity(MIN_KEEP));
+        let b_at = b.as_ptr();
+        c.give(a, t0, &mut freed);
+        c.give(b, t0, &mut freed);
+        let got = c.take(MIN_KEEP, t0, &mut freed).unwrap();
+        assert_eq!(got.as_ptr(), b_at);
         // What sat unused for IDLE is freed at the next use.
         let later = t0 + IDLE;
         freed.clear();
