@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 pub(crate) const MIN_KEEP: usize = 256 * 1024;
 /// Larger buffers are not kept: a payload of many megabytes is rare enough, and keeping
 /// it would hold that much memory for nothing most of the time.
-const MAX_KEEP: usize = 4 << 20;
+const MAX_KEEP: usize = 2 << 20;
 /// At most this many buffers are kept...
 const MAX_COUNT: usize = 8;
 /// ... holding at most this many bytes in all.
-const MAX_BYTES: usize = 16 << 20;
+const MAX_BYTES: usize = 8 << 20;
 /// A buffer unused this long is freed.
 const IDLE: Duration = Duration::from_secs(1);
 
