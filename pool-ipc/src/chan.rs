@@ -172,6 +172,30 @@ impl<T: ?Sized> Sender<T> {
         self.w.encode(msg)?;
         self.flush()
     }
+
+    /// Sends one frame whose payload is `pieces` one after the other, and flushes: a
+    /// message put together from parts held in different places (an encoded header and a
+    /// large byte string, say) without first copying them into one buffer. In shm mode a
+    /// large payload is copied piece by piece straight into the shared ring.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) if the payload exceeds
+    /// `max_frame_len` (nothing is queued); otherwise as for [`flush`](Sender::flush).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let (mut tx, mut rx) = pool_ipc::duplex::<(u8, String), (u8, String)>()?;
+    /// // postcard of (7, "hi"): 7, the length 2, then the bytes.
+    /// tx.sender().send_pieces(&[&[7, 2], b"hi"])?;
+    /// assert_eq!(rx.recv()?, (7, "hi".to_string()));
+    /// # Ok::<(), pool_ipc::Error>(())
+    /// ```
+    pub fn send_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        self.w.push_pieces(pieces)?;
+        self.flush()
+    }
 }
 
 impl<T: Serialize + ?Sized> Sender<T> {

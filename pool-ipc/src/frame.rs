@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use postcard::ser_flavors::Flavor;
@@ -100,9 +101,28 @@ const MAX_PENDING_FDS_ACCEPTING: usize = MAX_PENDING_FDS + 2 * crate::fdpass::MA
 /// assert_eq!(f.payload(), &[1, 3, b't', b'w', b'o']);
 /// # Ok::<(), pool_ipc::Error>(())
 /// ```
-#[derive(Clone)]
 pub struct FrameBuf {
     buf: Vec<u8>,
+    /// The payload was copied into a shared ring: when the frame is dropped, its buffer
+    /// goes to the process's cache of large buffers (see [`crate::reuse_buffer`]).
+    in_ring: AtomicBool,
+}
+
+impl Clone for FrameBuf {
+    fn clone(&self) -> Self {
+        FrameBuf {
+            buf: self.buf.clone(),
+            in_ring: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Drop for FrameBuf {
+    fn drop(&mut self) {
+        if *self.in_ring.get_mut() {
+            crate::bufs::give(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 impl std::fmt::Debug for FrameBuf {
@@ -126,14 +146,27 @@ impl FrameBuf {
     }
 
     /// An empty frame with room for `n` payload bytes.
+    ///
+    /// A large frame (hundreds of KiB) reuses a buffer of an earlier large frame when the
+    /// process keeps one (see [`reuse_buffer`](crate::reuse_buffer)).
     pub fn with_capacity(n: usize) -> Self {
-        let mut buf = Vec::with_capacity(HEADER_LEN + n);
+        let mut buf = crate::bufs::reuse_buffer(HEADER_LEN.saturating_add(n));
         buf.extend_from_slice(&[0; HEADER_LEN]);
-        FrameBuf { buf }
+        FrameBuf {
+            buf,
+            in_ring: AtomicBool::new(false),
+        }
     }
 
-    /// Makes room for at least `additional` more payload bytes.
+    /// Makes room for at least `additional` more payload bytes (reusing a kept buffer, as
+    /// [`with_capacity`](FrameBuf::with_capacity) does, while the frame is empty).
     pub fn reserve(&mut self, additional: usize) {
+        if self.payload_len() == 0 && self.buf.capacity() - HEADER_LEN < additional {
+            let mut buf = crate::bufs::reuse_buffer(HEADER_LEN.saturating_add(additional));
+            buf.extend_from_slice(&[0; HEADER_LEN]);
+            self.buf = buf;
+            return;
+        }
         self.buf.reserve(additional);
     }
 
@@ -217,8 +250,9 @@ impl FrameBuf {
     /// The frame's bytes on the wire, header filled in.
     pub(crate) fn into_wire(mut self) -> Vec<u8> {
         let len = self.payload_len() as u32;
-        self.buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
-        self.buf
+        let mut buf = std::mem::take(&mut self.buf);
+        buf[..HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+        buf
     }
 }
 
@@ -594,6 +628,42 @@ impl WriteHalf {
         Ok(())
     }
 
+    /// Queues one frame whose payload is `pieces` one after the other (in shm mode, a large
+    /// one is copied piece by piece into the ring).
+    pub(crate) fn push_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        let len = pieces
+            .iter()
+            .try_fold(0usize, |n, p| n.checked_add(p.len()))
+            .filter(|&n| n <= self.max)
+            .ok_or_else(|| {
+                let n = pieces.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
+                Error::too_large(n, self.max)
+            })?;
+        if self.threshold.is_some_and(|t| len > t) {
+            let ring = self.ring.get_or_insert_with(ring::Tx::new);
+            let placed = ring.place_with(len, |seg, mut at| {
+                for p in pieces {
+                    seg.write_at(at, p);
+                    at += p.len();
+                }
+                true
+            });
+            if let Some((off, announce)) = placed {
+                self.push_shm_ref(off, len, announce);
+                return Ok(());
+            }
+        }
+        self.announce_if_large(len);
+        let agg = self.agg();
+        agg.reserve(HEADER_LEN + len);
+        agg.extend_from_slice(&(len as u32).to_le_bytes());
+        for p in pieces {
+            agg.extend_from_slice(p);
+        }
+        self.pending += HEADER_LEN + len;
+        Ok(())
+    }
+
     /// Moves the frame at `at..` of the last chunk into the shared ring, if it fits,
     /// dropping its announcement at `start..at`, if any.
     fn divert_tail(&mut self, start: usize, at: usize) {
@@ -667,6 +737,7 @@ impl WriteHalf {
             let ring = self.ring.get_or_insert_with(ring::Tx::new);
             if let Some((off, announce)) = ring.place(f.payload()) {
                 self.push_shm_ref(off, len, announce);
+                f.in_ring.store(true, Ordering::Relaxed);
                 return true;
             }
         }
@@ -844,9 +915,10 @@ impl ReadHalf {
     /// An empty buffer for a payload of `len` bytes: a recycled one that holds it, if
     /// any.
     fn take_scratch(&mut self, len: usize) -> Vec<u8> {
-        match self.scratch.iter().position(|v| v.capacity() >= len) {
+        // The one handed back last that holds it: the likeliest to be in a CPU cache.
+        match self.scratch.iter().rposition(|v| v.capacity() >= len) {
             Some(i) => {
-                let mut v = self.scratch.swap_remove(i);
+                let mut v = self.scratch.remove(i);
                 v.clear();
                 v
             }

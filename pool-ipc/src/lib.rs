@@ -56,6 +56,7 @@ compile_error!(
      waits are futexes, and peers find each other's descriptors through /proc"
 );
 
+mod bufs;
 mod chan;
 mod config;
 mod conn;
@@ -69,6 +70,7 @@ pub mod shm;
 pub mod strategies;
 mod why;
 
+pub use bufs::reuse_buffer;
 pub use chan::{Duplex, Receiver, Sender, duplex, duplex_with_config};
 pub use config::Config;
 pub use conn::FramedConn;

@@ -85,6 +85,9 @@ impl Tx {
         match seg.discard(REGION_HEADER, self.cap as usize) {
             Ok(()) => {
                 self.dirty_since = None;
+                // The process's cache of large buffers sits idle too, as a rule: the
+                // frames that fill it went through a ring like this one.
+                crate::bufs::release();
                 true
             }
             Err(e) => {

@@ -352,6 +352,31 @@ struct RunHead {
 /// Index of `Run` among [`ToWorker`]'s variants.
 const RUN_VARIANT: u32 = 1;
 
+/// The fields of [`FromWorker::Part`] before its result bytes, as postcard lays them out:
+/// the variant index, `id`, `items`, then the length of the bytes.
+#[derive(Serialize)]
+struct PartHead {
+    variant: u32,
+    id: u64,
+    items: u64,
+    len: usize,
+}
+
+/// Index of `Part` among [`FromWorker`]'s variants.
+const PART_VARIANT: u32 = 3;
+
+/// The bytes of a [`FromWorker::Part`] message up to its results: followed by `len` bytes
+/// of results, it is the message (sent in pieces, the results taken from where they lie).
+pub(crate) fn part_head(id: u64, items: u64, len: usize) -> Vec<u8> {
+    let head = PartHead {
+        variant: PART_VARIANT,
+        id,
+        items,
+        len,
+    };
+    postcard::to_allocvec(&head).expect("integers always encode")
+}
+
 /// Appends a [`ToWorker::Run`] message whose payload is postcard(`args`) to `frame`,
 /// encoding `args` straight into the frame: the same bytes as encoding the message with a
 /// separately encoded payload, without the intermediate buffer and its copy.
@@ -689,7 +714,7 @@ pub enum FromWorker<B = ByteBuf> {
 ///
 /// postcard's error if the bytes do not hold `items` values of `T` (then `out` holds the
 /// ones before), or if bytes are left over.
-pub fn decode_results<T: serde::de::DeserializeOwned>(
+pub fn decode_results<T: serde::de::DeserializeOwned + 'static>(
     items: u64,
     bytes: &[u8],
     out: &mut Vec<T>,
@@ -700,10 +725,15 @@ pub fn decode_results<T: serde::de::DeserializeOwned>(
 /// [`decode_results`], each value passed through `f` on its way into `out` (to decode
 /// straight into the caller's type, with no list of `T`s in between).
 ///
+/// A successful result that is a byte string ([`ByteBuf`] or `Vec<u8>`) is copied in one
+/// piece into a buffer of its own, a large one reused from an earlier large payload when
+/// the process keeps one ([`pool_ipc::reuse_buffer`]): no fresh pages to fault in and
+/// zero, and no byte-by-byte decoding of a `Vec<u8>`.
+///
 /// # Errors
 ///
 /// As for [`decode_results`].
-pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
+pub fn decode_results_with<T: serde::de::DeserializeOwned + 'static, U>(
     items: u64,
     mut bytes: &[u8],
     out: &mut Vec<U>,
@@ -716,7 +746,10 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
             .min(bytes.len()),
     );
     for _ in 0..items {
-        let (v, rest) = postcard::take_from_bytes::<T>(bytes)?;
+        let (v, rest) = match take_byte_string_result::<T>(bytes) {
+            Some(got) => got,
+            None => postcard::take_from_bytes::<T>(bytes)?,
+        };
         out.push(f(v));
         bytes = rest;
     }
@@ -736,7 +769,7 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned, U>(
 /// # Errors
 ///
 /// As for [`decode_results`].
-pub fn decode_item_results<R: serde::de::DeserializeOwned, U>(
+pub fn decode_item_results<R: serde::de::DeserializeOwned + 'static, U>(
     items: u64,
     mut bytes: &[u8],
     out: &mut Vec<U>,
@@ -753,7 +786,10 @@ pub fn decode_item_results<R: serde::de::DeserializeOwned, U>(
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
             Some((0, rest)) => {
-                let (v, rest) = postcard::take_from_bytes::<R>(rest)?;
+                let (v, rest) = match take_byte_string::<R>(rest) {
+                    Some(got) => got,
+                    None => postcard::take_from_bytes::<R>(rest)?,
+                };
                 out.push(ok(v));
                 bytes = rest;
             }
@@ -771,6 +807,71 @@ pub fn decode_item_results<R: serde::de::DeserializeOwned, U>(
     } else {
         Err(postcard::Error::DeserializeBadEncoding)
     }
+}
+
+/// The first result of `bytes` when `T` is `Result<B, ItemError>` for a byte string `B`
+/// ([`ByteBuf`] or `Vec<u8>`) and the result is `Ok` (the variant index 0, then the byte
+/// string: see [`take_byte_string`]); `None` for any other type, an error result, or bytes
+/// that do not hold such a result (postcard decodes those, and reports what is wrong).
+fn take_byte_string_result<T: 'static>(bytes: &[u8]) -> Option<(T, &[u8])> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<T>();
+    let (&0, rest) = bytes.split_first()? else {
+        return None;
+    };
+    let (value, rest): (Box<dyn Any>, &[u8]) = if t == TypeId::of::<Result<ByteBuf, ItemError>>() {
+        let (b, rest) = take_byte_string::<ByteBuf>(rest)?;
+        (Box::new(Ok::<ByteBuf, ItemError>(b)), rest)
+    } else if t == TypeId::of::<Result<Vec<u8>, ItemError>>() {
+        let (v, rest) = take_byte_string::<Vec<u8>>(rest)?;
+        (Box::new(Ok::<Vec<u8>, ItemError>(v)), rest)
+    } else {
+        return None;
+    };
+    Some((*value.downcast::<T>().ok()?, rest))
+}
+
+/// The first value of `bytes` when `B` is a byte string ([`ByteBuf`] or `Vec<u8>`, which
+/// postcard lays out alike: the length as a varint, then the bytes), copied in one piece
+/// into a buffer of its own (a large one reused when the process keeps one:
+/// [`pool_ipc::reuse_buffer`]); `None` for any other type or bytes that do not hold one.
+fn take_byte_string<B: 'static>(bytes: &[u8]) -> Option<(B, &[u8])> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<B>();
+    let is_buf = t == TypeId::of::<ByteBuf>();
+    if !is_buf && t != TypeId::of::<Vec<u8>>() {
+        return None;
+    }
+    let (len, rest) = take_varint(bytes)?;
+    if len > rest.len() {
+        return None;
+    }
+    let (payload, rest) = rest.split_at(len);
+    let mut v = pool_ipc::reuse_buffer(len);
+    v.extend_from_slice(payload);
+    let value: Box<dyn Any> = if is_buf {
+        Box::new(ByteBuf::from(v))
+    } else {
+        Box::new(v)
+    };
+    Some((*value.downcast::<B>().ok()?, rest))
+}
+
+/// A `usize` varint as postcard writes it (at most ten bytes, canonical or not), and the
+/// bytes after it; `None` if it overflows or is cut short.
+fn take_varint(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        let part = u64::from(b & 0x7f);
+        if i == 9 && b > 1 {
+            return None;
+        }
+        n |= part << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((usize::try_from(n).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
 }
 
 /// Why a worker's setup failed.
@@ -920,6 +1021,68 @@ mod tests {
         assert!(decode_item_results(5, &bytes, &mut v, Ok, Err).is_err());
         assert!(decode_item_results(3, &bytes, &mut v, Ok, Err).is_err());
         assert!(decode_item_results(1, &[2, 0], &mut v, Ok, Err).is_err());
+    }
+
+    #[test]
+    fn a_part_sent_in_pieces_is_the_part_message() {
+        let results = vec![5u8; 1000];
+        let whole = postcard::to_allocvec(&FromWorker::<ByteBuf>::Part {
+            id: 1 << 40,
+            items: 300,
+            results: ByteBuf::from(results.clone()),
+        })
+        .unwrap();
+        let mut pieces = part_head(1 << 40, 300, results.len());
+        pieces.extend_from_slice(&results);
+        assert_eq!(pieces, whole);
+    }
+
+    #[test]
+    fn byte_string_results_decode_as_postcard_decodes_them() {
+        let big = vec![7u8; 300 * 1024];
+        let results: Vec<Result<Vec<u8>, ItemError>> = vec![
+            Ok(vec![1, 2, 3]),
+            Err(ItemError::new(crate::task::ItemErrorKind::Panicked, "boom")),
+            Ok(big.clone()),
+            Ok(Vec::new()),
+        ];
+        let mut bytes = Vec::new();
+        for r in &results {
+            pool_ipc::encode_append(&mut bytes, r).unwrap();
+        }
+        let mut back: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        decode_results(4, &bytes, &mut back).unwrap();
+        assert_eq!(back, results);
+        let mut bufs: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+        decode_results(4, &bytes, &mut bufs).unwrap();
+        let bufs: Vec<_> = bufs.into_iter().map(|r| r.map(ByteBuf::into_vec)).collect();
+        assert_eq!(bufs, results);
+        // Cut short anywhere, or with a length past the end: an error, as from postcard.
+        for cut in [1, 2, 4, 20, bytes.len() - 1] {
+            let mut got: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+            assert!(
+                decode_results(4, &bytes[..cut], &mut got).is_err(),
+                "cut {cut}"
+            );
+        }
+        let lie = [0u8, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2];
+        let mut got: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        assert!(decode_results(1, &lie, &mut got).is_err());
+        let overflow = [
+            0u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ];
+        assert!(decode_results(1, &overflow, &mut got).is_err());
+        assert_eq!(take_varint(&[0x80, 0x01, 9]), Some((128, &[9u8][..])));
+        // The same through decode_item_results, which the pool's driver uses.
+        let mut by_variant: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+        decode_item_results(4, &bytes, &mut by_variant, Ok, Err).unwrap();
+        let by_variant: Vec<_> = by_variant
+            .into_iter()
+            .map(|r| r.map(ByteBuf::into_vec))
+            .collect();
+        assert_eq!(by_variant, results);
+        let mut got: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        assert!(decode_item_results(1, &lie, &mut got, Ok, Err).is_err());
     }
 
     #[test]

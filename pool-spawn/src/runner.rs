@@ -413,12 +413,14 @@ struct AreaSink<'a, 'p> {
 impl AreaSink<'_, '_> {
     /// Sends `bytes` (`items` results) as a part of the running task.
     fn send_part(&mut self, items: u64, bytes: &[u8]) {
-        let part = FromWorker::<&serde_bytes::Bytes>::Part {
-            id: self.results.id,
-            items,
-            results: serde_bytes::Bytes::new(bytes),
-        };
-        if self.tx.send_frame_of(&part).is_err() {
+        self.send_part_pieces(items, bytes, &[]);
+    }
+
+    /// Sends `head` then `tail` (`items` results in all) as a part of the running task,
+    /// each copied once, straight into the frame.
+    fn send_part_pieces(&mut self, items: u64, head: &[u8], tail: &[u8]) {
+        let part = protocol::part_head(self.results.id, items, head.len() + tail.len());
+        if self.tx.send_pieces(&[&part, head, tail]).is_err() {
             self.lost = true;
         }
         self.results.sent += items;
@@ -466,22 +468,27 @@ impl ItemSink for AreaSink<'_, '_> {
     }
 
     fn commit(&mut self) {
+        self.commit_with(&[]);
+    }
+
+    fn commit_with(&mut self, tail: &[u8]) {
         if self.lost {
             return;
         }
         let Some(page) = self.results.page else {
             let r = &mut *self.results;
             r.local.extend_from_slice(&r.scratch);
+            r.local.extend_from_slice(tail);
             r.items += 1;
             return;
         };
-        let n = self.results.scratch.len();
+        let n = self.results.scratch.len() + tail.len();
         if self.results.used + n > self.results.area_len() {
             self.flush_area();
             if n > self.results.area_len() {
                 // Larger than the whole area: straight out.
                 let scratch = std::mem::take(&mut self.results.scratch);
-                self.send_part(1, &scratch);
+                self.send_part_pieces(1, &scratch, tail);
                 self.results.scratch = scratch;
                 page.atomic_u64(page::AREA_BASE)
                     .store(self.results.sent, Ordering::Release);
@@ -490,6 +497,7 @@ impl ItemSink for AreaSink<'_, '_> {
         }
         let r = &mut *self.results;
         page.write_at(page::AREA_OFFSET + r.used, &r.scratch);
+        page.write_at(page::AREA_OFFSET + r.used + r.scratch.len(), tail);
         r.used += n;
         r.items += 1;
         // Bytes first, then the count that makes them part of the area.

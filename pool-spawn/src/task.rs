@@ -348,6 +348,9 @@ pub(crate) trait ItemSink {
     fn scratch(&mut self) -> &mut Vec<u8>;
     /// The item's result (a postcard `Result<R, ItemError>`) is in the scratch buffer.
     fn commit(&mut self);
+    /// The item's result is the scratch buffer's bytes followed by `tail` (a large byte
+    /// string, encoded where it lies instead of copied into the scratch buffer first).
+    fn commit_with(&mut self, tail: &[u8]);
 }
 
 /// Collects results in memory (for tests).
@@ -369,7 +372,11 @@ impl ItemSink for VecSink {
         &mut self.scratch
     }
     fn commit(&mut self) {
+        self.commit_with(&[]);
+    }
+    fn commit_with(&mut self, tail: &[u8]) {
         self.out.extend_from_slice(&self.scratch);
+        self.out.extend_from_slice(tail);
         self.items += 1;
     }
 }
@@ -384,7 +391,7 @@ fn run_batch<F, Args, R>(f: F, input: &[u8], sink: &mut dyn ItemSink) -> Result<
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + 'static,
 {
     take_note();
     // Items take at least a byte each, except zero-sized ones (and such), which take the
@@ -394,8 +401,7 @@ where
     {
         for i in 0..n {
             sink.begin();
-            let after = run_next(&f, rest, sink.scratch())?;
-            sink.commit();
+            let after = run_next(&f, rest, sink)?;
             match after {
                 Some(after) => rest = after,
                 None => {
@@ -403,8 +409,7 @@ where
                     for _ in i + 1..n {
                         sink.begin();
                         let e = ItemError::new(ItemErrorKind::Decode, after.clone());
-                        run_item(&f, Err(e), sink.scratch())?;
-                        sink.commit();
+                        run_item(&f, Err(e), sink)?;
                     }
                     break;
                 }
@@ -417,16 +422,14 @@ where
         Ok(Ok(items)) => {
             for args in items {
                 sink.begin();
-                run_item(&f, Ok(args), sink.scratch())?;
-                sink.commit();
+                run_item(&f, Ok(args), sink)?;
             }
         }
         // Some item does not decode: find which, and run the ones before it.
         Ok(Err(_)) | Err(_) => {
             for item in decode_each::<Args>(input)? {
                 sink.begin();
-                run_item(&f, item, sink.scratch())?;
-                sink.commit();
+                run_item(&f, item, sink)?;
             }
         }
     }
@@ -441,9 +444,10 @@ enum Stage {
     Encode,
 }
 
-/// Decodes the item at the front of `bytes`, runs `f` on it and appends its encoded result
-/// to `out`, all under one `catch` (the stage tells which step a panic came from): the
-/// bytes after the item, or `None` if it did not decode (its error is the result then).
+/// Decodes the item at the front of `bytes`, runs `f` on it and commits its encoded result
+/// to `sink`, all under one `catch` (the stage tells which step a panic came from): the
+/// bytes after the item, or `None` if it did not decode (its error is the result then). A
+/// large byte-string result is committed from where it lies (see [`large_byte_string`]).
 ///
 /// # Errors
 ///
@@ -451,17 +455,19 @@ enum Stage {
 fn run_next<'b, F, Args, R>(
     f: &F,
     bytes: &'b [u8],
-    out: &mut Vec<u8>,
+    sink: &mut dyn ItemSink,
 ) -> Result<Option<&'b [u8]>, ItemError>
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + 'static,
 {
-    let mark = out.len();
     // A Cell: read after an unwind, which the compiler's liveness lint does not see.
     let stage = Cell::new(Stage::Decode);
     let mut after = None;
+    let mut large: Option<R> = None;
+    let out = sink.scratch();
+    let mark = out.len();
     let ran = catch(|| -> Result<(), String> {
         take_note();
         let (args, rest) = match postcard::take_from_bytes::<Args>(bytes) {
@@ -470,13 +476,31 @@ where
         };
         after = Some(rest);
         stage.set(Stage::Call);
-        let result: Result<R, ItemError> = Ok(f.call(args));
+        let v = f.call(args);
+        if large_byte_string(&v).is_some() {
+            large = Some(v);
+            return Ok(());
+        }
         stage.set(Stage::Encode);
+        let result: Result<R, ItemError> = Ok(v);
         pool_ipc::encode_append(out, &result)
             .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))
     });
     let failure = match (ran, stage.get()) {
-        (Ok(Ok(())), _) => return Ok(after),
+        (Ok(Ok(())), _) => {
+            match large.as_ref().and_then(large_byte_string) {
+                Some(bytes) => {
+                    // postcard's `Ok(bytes)`: the variant index 0, the length, then the
+                    // bytes, which the sink takes from where they are.
+                    let out = sink.scratch();
+                    out.push(0);
+                    pool_ipc::encode_seq_len(out, bytes.len());
+                    sink.commit_with(bytes);
+                }
+                None => sink.commit(),
+            }
+            return Ok(after);
+        }
         (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
             ItemError::new(ItemErrorKind::Decode, why)
         }
@@ -487,8 +511,8 @@ where
             format!("encoding the task's result {m}"),
         ),
     };
-    out.truncate(mark);
-    run_item(f, Err(failure), out)?;
+    sink.scratch().truncate(mark);
+    run_item(f, Err(failure), sink)?;
     Ok(after)
 }
 
@@ -523,19 +547,58 @@ fn not_run_after(i: usize) -> String {
     )
 }
 
-/// Runs one item (or passes on its decoding error) and appends its encoded result.
+/// Byte strings at least this long are handed to the sink where they lie
+/// ([`ItemSink::commit_with`]) rather than encoded into its scratch buffer first.
+const SPLIT_MIN: usize = 16 * 1024;
+
+/// The bytes of `v` if it is a byte string ([`ByteBuf`](serde_bytes::ByteBuf) or
+/// `Vec<u8>`, which postcard lays out alike: the length as a varint, then the bytes) of at
+/// least [`SPLIT_MIN`] bytes.
+fn large_byte_string<R: 'static>(v: &R) -> Option<&[u8]> {
+    let any: &dyn std::any::Any = v;
+    let bytes: &[u8] = if let Some(b) = any.downcast_ref::<serde_bytes::ByteBuf>() {
+        b
+    } else {
+        any.downcast_ref::<Vec<u8>>()?
+    };
+    (bytes.len() >= SPLIT_MIN).then_some(bytes)
+}
+
+/// Runs one item (or passes on its decoding error) and commits its encoded result to
+/// `sink`.
 fn run_item<F, Args, R>(
     f: &F,
     args: Result<Args, ItemError>,
-    out: &mut Vec<u8>,
+    sink: &mut dyn ItemSink,
 ) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
-    R: Serialize,
+    R: Serialize + 'static,
 {
     let result: Result<R, ItemError> = args.and_then(|args| {
         catch(|| f.call(args)).map_err(|m| ItemError::new(ItemErrorKind::Panicked, m))
     });
+    if let Ok(v) = &result
+        && let Some(bytes) = large_byte_string(v)
+    {
+        // postcard's `Ok(bytes)`: the variant index 0, the length, then the bytes, which
+        // the sink takes from where they are.
+        let out = sink.scratch();
+        out.push(0);
+        pool_ipc::encode_seq_len(out, bytes.len());
+        sink.commit_with(bytes);
+        return Ok(());
+    }
+    encode_result(result, sink.scratch())?;
+    sink.commit();
+    Ok(())
+}
+
+/// Appends the encoding of `result` to `out` (an item error if it cannot be encoded).
+fn encode_result<R: Serialize>(
+    result: Result<R, ItemError>,
+    out: &mut Vec<u8>,
+) -> Result<(), ItemError> {
     let mark = out.len();
     let failure = match catch(|| pool_ipc::encode_append(out, &result)) {
         Ok(Ok(())) => return Ok(()),
@@ -629,6 +692,30 @@ mod tests {
     fn halve(x: u32) -> u32 {
         assert!(x.is_multiple_of(2), "odd");
         x / 2
+    }
+
+    fn bytes_of(n: u32) -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(vec![n as u8; n as usize])
+    }
+
+    fn vec_of(n: u32) -> Vec<u8> {
+        vec![n as u8; n as usize]
+    }
+
+    #[test]
+    fn large_byte_string_results_are_encoded_as_postcard_encodes_them() {
+        let sizes = [0u32, 10, SPLIT_MIN as u32, 100_000];
+        let input = postcard::to_allocvec(&sizes.map(|n| (n,)).to_vec()).unwrap();
+        let mut expected = Vec::new();
+        for &n in &sizes {
+            pool_ipc::encode_append(&mut expected, &Ok::<_, ItemError>(vec_of(n))).unwrap();
+        }
+        let mut sink = VecSink::default();
+        run_local(bytes_of, &input, &mut sink).unwrap();
+        assert_eq!((sink.items, &sink.out), (4, &expected));
+        let mut sink = VecSink::default();
+        run_local(vec_of, &input, &mut sink).unwrap();
+        assert_eq!((sink.items, &sink.out), (4, &expected));
     }
 
     #[test]

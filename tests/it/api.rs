@@ -236,6 +236,58 @@ fn many_large_payloads_in_flight_at_once_arrive_intact_under_every_method() {
     }
 }
 
+fn reversed(b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
+    let mut v = b.into_vec();
+    v.reverse();
+    serde_bytes::ByteBuf::from(v)
+}
+
+fn reversed_vec(mut v: Vec<u8>) -> Vec<u8> {
+    v.reverse();
+    v
+}
+
+#[test]
+fn byte_string_results_of_every_size_come_back_intact() {
+    // Byte-string results take shortcuts (sent from where they lie, decoded into reused
+    // buffers): sizes around each threshold (16 KiB, the 256 KiB shared-memory threshold,
+    // the worker's 1 MiB result area), alone and several in one chunk.
+    let sizes = [
+        0usize,
+        1,
+        16 * 1024 - 1,
+        16 * 1024,
+        256 * 1024 + 1,
+        (1 << 20) - 8,
+        1 << 20,
+        (3 << 20) + 5,
+    ];
+    let pool = builder(procpool::StartMethod::Forkserver).build().unwrap();
+    let inputs: Vec<serde_bytes::ByteBuf> = (0..24)
+        .map(|i| payload(i, sizes[i % sizes.len()]))
+        .collect();
+    let expected: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|b| b.iter().rev().copied().collect())
+        .collect();
+    for chunk in [1, 3] {
+        let got = pool
+            .map_with(reversed, inputs.clone(), Options::new().chunksize(chunk))
+            .unwrap();
+        assert!(
+            got.iter()
+                .map(|b| b.as_slice())
+                .eq(expected.iter().map(Vec::as_slice))
+        );
+        let vecs = inputs.iter().map(|b| b.to_vec());
+        let got = pool
+            .map_with(reversed_vec, vecs, Options::new().chunksize(chunk))
+            .unwrap();
+        assert!(got == expected, "Vec<u8> results, chunks of {chunk}");
+    }
+    shut_down(pool);
+}
+
 #[test]
 fn pools_and_results_cross_threads() {
     fn send_sync<T: Send + Sync>() {}

@@ -8,7 +8,7 @@ use super::Outcome;
 use crate::error::{TaskError, TaskErrorKind};
 
 /// Turns a worker's result bytes into per-item results.
-pub(crate) fn decode_items<R: serde::de::DeserializeOwned>(
+pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
     outcome: Outcome,
     count: usize,
 ) -> Vec<Result<R, TaskError>> {

@@ -373,3 +373,31 @@ fn writes_of_every_small_length_land_whole_and_touch_nothing_else() {
         assert_eq!(back, data);
     }
 }
+
+#[test]
+fn a_frame_sent_in_pieces_arrives_as_one_inline_or_through_the_ring() {
+    crate::helpers::bounded(60, || {
+        let cfg = Config::new()
+            .shm_threshold(Some(64 * 1024))
+            .announce_above(Some(8 * 1024));
+        let (mut a, mut b) = pool_ipc::duplex_with_config::<Vec<u8>, Vec<u8>>(cfg).unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        for len in [0, 5, 20_000, big.len()] {
+            // postcard of a Vec<u8>: the length as a varint, then the bytes, here sent as
+            // a head, the first byte and the rest.
+            let mut head = Vec::new();
+            pool_ipc::encode_seq_len(&mut head, len);
+            let body = &big[..len];
+            let (first, rest) = body.split_at(len.min(1));
+            a.sender().send_pieces(&[&head, first, rest]).unwrap();
+            assert_eq!(b.recv().unwrap(), body, "{len} bytes");
+        }
+        // Over the limit: refused, nothing sent.
+        let cfg = Config::new().max_frame_len(10);
+        let (mut a, mut b) = pool_ipc::duplex_with_config::<Vec<u8>, Vec<u8>>(cfg).unwrap();
+        let e = a.sender().send_pieces(&[&[5], &[1; 10]]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FrameTooLarge);
+        a.sender().send_pieces(&[&[1], &[9]]).unwrap();
+        assert_eq!(b.recv().unwrap(), [9]);
+    });
+}

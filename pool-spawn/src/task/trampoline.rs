@@ -75,7 +75,7 @@ fn batch_trampoline<F, Args, R>(input: &[u8], sink: &mut dyn ItemSink) -> Result
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + 'static,
 {
     // SAFETY: this function is only instantiated in `batch_offset::<F, ..>`, which was given
     // a value of `F` by `batch_ref`.
@@ -93,7 +93,7 @@ pub(crate) fn run_local<F, Args, R>(
 where
     F: TaskFn<Args, Output = R>,
     Args: DeserializeOwned,
-    R: Serialize,
+    R: Serialize + 'static,
 {
     super::run_batch(f, input, sink)
 }

@@ -88,7 +88,7 @@ impl Driven {
     }
 
     /// Runs one batch and decodes its results.
-    pub(crate) fn run<A: Serialize, R: DeserializeOwned>(
+    pub(crate) fn run<A: Serialize, R: DeserializeOwned + 'static>(
         &mut self,
         id: u64,
         func: FnRef,
@@ -109,7 +109,7 @@ impl Driven {
     }
 
     /// Reads the Done for `id` and decodes it.
-    pub(crate) fn done<R: DeserializeOwned>(
+    pub(crate) fn done<R: DeserializeOwned + 'static>(
         &mut self,
         id: u64,
     ) -> Result<Vec<Result<R, ItemError>>, ItemError> {
@@ -132,7 +132,11 @@ impl Driven {
     }
 
     /// Runs `f(args)` for one item and returns its result.
-    pub(crate) fn call<A: Serialize, R: DeserializeOwned>(&mut self, func: FnRef, args: A) -> R {
+    pub(crate) fn call<A: Serialize, R: DeserializeOwned + 'static>(
+        &mut self,
+        func: FnRef,
+        args: A,
+    ) -> R {
         let mut v = self.run::<A, R>(7, func, &[args]).expect("batch");
         assert_eq!(v.len(), 1);
         v.pop().unwrap().expect("item")
