@@ -68,7 +68,10 @@
 //! Results are decoded on the pool's own thread as they arrive, before they are handed to
 //! the caller: a result type whose `Deserialize` takes two seconds delays every other result
 //! (and the sending of queued tasks) by two seconds. Keep result decoding cheap, or return
-//! the bytes (`serde_bytes::ByteBuf`) and decode them in the thread that asked.
+//! the bytes (`serde_bytes::ByteBuf`) and decode them in the thread that asked. (A thread
+//! blocked in [`Pool::apply`], or in [`AsyncResult::get`] on an `apply_async`, usually reads
+//! and decodes its answer itself, straight from the worker: the answer then wakes only that
+//! thread.)
 //!
 //! # Start methods
 //!
