@@ -735,9 +735,26 @@ pub fn decode_results<T: serde::de::DeserializeOwned + 'static>(
 /// As for [`decode_results`].
 pub fn decode_results_with<T: serde::de::DeserializeOwned + 'static, U>(
     items: u64,
-    mut bytes: &[u8],
+    bytes: &[u8],
     out: &mut Vec<U>,
     mut f: impl FnMut(T) -> U,
+) -> Result<(), postcard::Error> {
+    decode_each(items, bytes, out, |bytes| {
+        let (v, rest) = match take_byte_string_result::<T>(bytes) {
+            Some(got) => got,
+            None => postcard::take_from_bytes::<T>(bytes)?,
+        };
+        Ok((f(v), rest))
+    })
+}
+
+/// Takes `items` values from `bytes` with `take` (one value and the bytes after it) into
+/// `out`; the bytes must end with the last.
+fn decode_each<'b, U>(
+    items: u64,
+    mut bytes: &'b [u8],
+    out: &mut Vec<U>,
+    mut take: impl FnMut(&'b [u8]) -> Result<(U, &'b [u8]), postcard::Error>,
 ) -> Result<(), postcard::Error> {
     // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
     out.reserve(
@@ -746,11 +763,8 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned + 'static, U>(
             .min(bytes.len()),
     );
     for _ in 0..items {
-        let (v, rest) = match take_byte_string_result::<T>(bytes) {
-            Some(got) => got,
-            None => postcard::take_from_bytes::<T>(bytes)?,
-        };
-        out.push(f(v));
+        let (v, rest) = take(bytes)?;
+        out.push(v);
         bytes = rest;
     }
     if bytes.is_empty() {
@@ -771,18 +785,12 @@ pub fn decode_results_with<T: serde::de::DeserializeOwned + 'static, U>(
 /// As for [`decode_results`].
 pub fn decode_item_results<R: serde::de::DeserializeOwned + 'static, U>(
     items: u64,
-    mut bytes: &[u8],
+    bytes: &[u8],
     out: &mut Vec<U>,
     mut ok: impl FnMut(R) -> U,
     mut err: impl FnMut(ItemError) -> U,
 ) -> Result<(), postcard::Error> {
-    // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
-    out.reserve(
-        usize::try_from(items)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len()),
-    );
-    for _ in 0..items {
+    decode_each(items, bytes, out, |bytes| {
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
             Some((0, rest)) => {
@@ -790,23 +798,16 @@ pub fn decode_item_results<R: serde::de::DeserializeOwned + 'static, U>(
                     Some(got) => got,
                     None => postcard::take_from_bytes::<R>(rest)?,
                 };
-                out.push(ok(v));
-                bytes = rest;
+                Ok((ok(v), rest))
             }
             Some((1, rest)) => {
                 let (e, rest) = postcard::take_from_bytes::<ItemError>(rest)?;
-                out.push(err(e));
-                bytes = rest;
+                Ok((err(e), rest))
             }
-            Some(_) => return Err(postcard::Error::DeserializeBadEnum),
-            None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+            Some(_) => Err(postcard::Error::DeserializeBadEnum),
+            None => Err(postcard::Error::DeserializeUnexpectedEnd),
         }
-    }
-    if bytes.is_empty() {
-        Ok(())
-    } else {
-        Err(postcard::Error::DeserializeBadEncoding)
-    }
+    })
 }
 
 /// The first result of `bytes` when `T` is `Result<B, ItemError>` for a byte string `B`
