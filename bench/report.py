@@ -113,12 +113,14 @@ RAW_SYSTEM = "raw-pipe"
 # (workload, floor system, floor workload, what the floor is, goal, "max" or "min").
 FLOOR_GOALS = [
     ("apply_rtt", "raw-pipe", "apply_rtt", "pipe round trip, 1 byte", 1.3, "max"),
+    ("apply_rtt", "raw-socket", "apply_rtt", "socketpair round trip, 1 byte, poll + read", None, None),
     ("startup", "raw-exec", "startup", "fork + exec(/bin/true) + wait", 1.5, "max"),
     ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
     ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
 ]
 FLOOR_TITLES = {
     ("raw-pipe", "apply_rtt"): "pipe round trip, 1 byte (no pool, no encoding)",
+    ("raw-socket", "apply_rtt"): "Unix socketpair round trip, 1 byte, each side in poll() then read() (the pool's transport and wait, no pool)",
     ("raw-fork", "fork_rate"): "bare fork + _exit + waitpid, one after another (rate)",
     ("raw-fork", "fork_latency"): "bare fork + _exit + waitpid (median latency)",
     ("raw-exec", "startup"): "fork + exec(/bin/true) + wait (std::process, median)",

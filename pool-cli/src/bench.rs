@@ -557,6 +557,9 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
     if m == "pipe-echo" {
         return pipe_echo();
     }
+    if m == "socket-echo" {
+        return socket_echo();
+    }
     if m == "ring-sink" {
         return ring_sink();
     }
@@ -580,6 +583,9 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
 const FLOORS: &[(&str, &str, &str)] = &[
     // One-byte round trip through a pair of pipes: the floor under apply_rtt.
     ("raw-pipe", "apply_rtt", "apply_rtt"),
+    // The same through a Unix socketpair, each side waiting in poll() as the pool does:
+    // the floor of the pool's own transport.
+    ("raw-socket", "apply_rtt", "apply_rtt"),
     // Bare fork + _exit + waitpid, one after another: the rate under recycle...
     ("raw-fork", "fork_rate", "recycle"),
     // ... and the latency of one (median).
@@ -594,6 +600,7 @@ const FLOORS: &[(&str, &str, &str)] = &[
 fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
     match (system, workload) {
         ("raw-pipe", "apply_rtt") => Ok((raw_pipe_rtt(s.apply_calls)?, "s")),
+        ("raw-socket", "apply_rtt") => Ok((raw_socket_rtt(s.apply_calls)?, "s")),
         ("raw-fork", "fork_rate") => {
             let fork = || {
                 pool_spawn::bench_support::bare_fork_exit_wait().map_err(|e| format!("fork: {e}"))
@@ -741,6 +748,69 @@ fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
     drop(to);
     let _ = child.wait();
     Ok(median(times))
+}
+
+/// The median round trip of one byte through a Unix socketpair to a child process that
+/// echoes it (`procpool bench --one socket-echo:`), each side waiting for the byte in
+/// `poll` (for input only, as the pool's waiting threads do) and then reading it.
+fn raw_socket_rtt(rounds: usize) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args(["bench", "--one", "socket-echo:"])
+        .stdin(std::process::Stdio::from(theirs))
+        .spawn()
+        .map_err(|e| format!("cannot start the echo process: {e}"))?;
+    let round = || -> Result<(), String> {
+        let e = |e: rustix::io::Errno| e.to_string();
+        rustix::io::write(&ours, &[7]).map_err(e)?;
+        wait_readable(&ours).map_err(e)?;
+        let mut byte = [0u8; 1];
+        match rustix::io::read(&ours, &mut byte).map_err(e)? {
+            1 => Ok(()),
+            _ => Err("the echo process ended".into()),
+        }
+    };
+    for _ in 0..100 {
+        round()?;
+    }
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        round()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    drop(ours);
+    let _ = child.wait();
+    Ok(median(times))
+}
+
+/// Waits in `poll` until `fd` is readable.
+fn wait_readable(fd: &impl std::os::fd::AsFd) -> rustix::io::Result<()> {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// The echo side of [`raw_socket_rtt`]: on the socket that is its stdin, waits for a byte
+/// in `poll`, reads it and sends it back, until the socket closes.
+fn socket_echo() -> ExitCode {
+    use std::os::fd::AsFd;
+    let Ok(sock) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return ExitCode::FAILURE;
+    };
+    let mut byte = [0u8; 1];
+    while wait_readable(&sock).is_ok() {
+        match rustix::io::read(&sock, &mut byte) {
+            Ok(1) if rustix::io::write(&sock, &byte).is_ok() => {}
+            _ => break,
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// The echo side of [`raw_pipe_rtt`]: copies stdin to stdout a byte at a time until EOF.
