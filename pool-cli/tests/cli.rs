@@ -40,9 +40,9 @@ fn bench_prints_one_ok_json_line_per_run_and_method() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
-    // Two runs per method, then two of the machine's raw round trip (the floor under
-    // apply_rtt).
-    assert_eq!(lines.len(), 6, "{text}");
+    // Two runs per method, then two of each of the machine's raw round trips (the floors
+    // under apply_rtt: a pipe, and a socketpair waited on with poll).
+    assert_eq!(lines.len(), 8, "{text}");
     for (line, system) in lines.iter().zip([
         "procpool-fork",
         "procpool-fork",
@@ -50,6 +50,8 @@ fn bench_prints_one_ok_json_line_per_run_and_method() {
         "procpool-forkserver",
         "raw-pipe",
         "raw-pipe",
+        "raw-socket",
+        "raw-socket",
     ]) {
         assert!(line.contains(&format!("\"system\":\"{system}\"")), "{line}");
         assert!(line.contains("\"workload\":\"apply_rtt\""), "{line}");
