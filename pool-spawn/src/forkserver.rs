@@ -103,6 +103,11 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
     // changes while it serves.
     sys::worker_signals();
     crate::task::install_panic_hook();
+    // Likewise the worker loop's thread-local list of the descriptors passed with a
+    // message: its first use registers a destructor with the C library, which resolves a
+    // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
+    // pages); done once here, a forked worker inherits it done.
+    drop(crate::protocol::passing(Vec::new()));
     sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
