@@ -48,20 +48,21 @@ const EXIT_CHILD_SETUP: i32 = 126;
 /// Exit code of a forked child whose worker loop unwound (it never should).
 const EXIT_CHILD_UNWOUND: i32 = 101;
 
-/// Forks a worker that serves `chan`; returns its pid in the parent.
+/// Forks a worker that serves `chan`; returns its pid in the parent. Called only by a fork
+/// server (see `forkserver::serve`), which has already taken a worker's signal settings
+/// (`sys::worker_signals`: nothing ignored or blocked that should not be, `SIGINT`,
+/// `SIGTTOU` and `SIGTTIN` ignored), reads stdin from `/dev/null` and never changes either
+/// afterwards: the child inherits both as they are and does not set them again.
 ///
 /// The child moves into its own process group, gets `SIGKILL` when the forking thread
-/// dies, checks that its parent is still the forking process, takes the worker's signal
-/// settings (`sys::worker_signals`: nothing inherited ignored or blocked, `SIGINT`,
-/// `SIGTTOU` and `SIGTTIN` ignored), reads
-/// stdin from `/dev/null`, closes every descriptor but 0, 1, 2 and `chan`, then runs the
-/// worker loop and exits; it never returns here.
+/// dies, checks that its parent is still the forking process, closes every descriptor but
+/// 0, 1, 2 and `chan`, then runs the worker loop and exits; it never returns here.
 ///
 /// # Errors
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
-    fork_serving(chan, crate::runner::run)
+    fork_serving(chan, Prepare::Inherited, crate::runner::run)
 }
 
 /// Forks the zygote of a [`StartMethod::Fork`](crate::StartMethod::Fork) launcher: a fork
@@ -75,12 +76,22 @@ pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_zygote(ctl: OwnedFd) -> io::Result<Pid> {
-    fork_serving(ctl, crate::forkserver::serve)
+    fork_serving(ctl, Prepare::Full, crate::forkserver::serve)
+}
+
+/// How much of a worker's setup a forked child does itself.
+#[derive(Clone, Copy)]
+enum Prepare {
+    /// Everything: its parent may have any signal settings and any stdin.
+    Full,
+    /// Its parent is a fork server, whose signal settings and stdin are a worker's
+    /// already: only what is the child's own (group, parent-death signal, descriptors).
+    Inherited,
 }
 
 /// Forks a child that prepares as a worker, then runs `serve` on `fd` (the worker loop or
 /// the fork server's); returns its pid in the parent.
-fn fork_serving(fd: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
+fn fork_serving(fd: OwnedFd, prepare: Prepare, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
     let parent = rustix::process::getpid();
     // In the child (return value 0) we follow the module's post-fork checklist: `child`
     // makes only async-signal-safe calls until `serve`, and never returns.
@@ -88,7 +99,7 @@ fn fork_serving(fd: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
-        0 => child(fd, parent, serve),
+        0 => child(fd, parent, prepare, serve),
         pid => {
             drop(fd);
             let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
@@ -101,8 +112,8 @@ fn fork_serving(fd: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
 }
 
 /// The forked child: prepare, then serve; never returns.
-fn child(fd: OwnedFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
-    if prepare_worker(fd.as_raw_fd(), parent).is_err() {
+fn child(fd: OwnedFd, parent: Pid, prepare: Prepare, serve: fn(OwnedFd) -> !) -> ! {
+    if prepare_worker(fd.as_raw_fd(), parent, prepare).is_err() {
         sys::exit_now(EXIT_CHILD_SETUP);
     }
     // The handoff: from here on the worker loop (or the server loop) may allocate (see the
@@ -112,22 +123,29 @@ fn child(fd: OwnedFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
 }
 
 /// Async-signal-safe setup of a freshly forked worker.
-fn prepare_worker(chan: RawFd, parent: Pid) -> rustix::io::Result<()> {
+fn prepare_worker(chan: RawFd, parent: Pid, prepare: Prepare) -> rustix::io::Result<()> {
     rustix::process::setpgid(None, None)?;
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
     // The parent may have died before the line above: then nobody will send the signal.
     if rustix::process::getppid() != Some(parent) {
         return Err(rustix::io::Errno::SRCH);
     }
-    sys::worker_signals();
+    if let Prepare::Full = prepare {
+        sys::worker_signals();
+        stdin_from_null()?;
+    }
+    sys::close_fds_except(chan);
+    Ok(())
+}
+
+/// Points stdin at `/dev/null`. Async-signal-safe (`open`, `dup2`, `close`).
+fn stdin_from_null() -> rustix::io::Result<()> {
     let null = rustix::fs::open(
         c"/dev/null",
         OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     rustix::stdio::dup2_stdin(&null)?;
-    drop(null);
-    sys::close_fds_except(chan);
     Ok(())
 }
 

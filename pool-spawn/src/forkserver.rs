@@ -97,8 +97,17 @@ struct Server {
 
 /// Runs the fork server on `ctl`; never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
-    // Its workers inherit these (and set their own again).
+    // Its workers inherit these as they are (`fork::fork_worker` relies on it, and on
+    // stdin being `/dev/null` already: spawn starts the server so, and a zygote is prepared
+    // as a worker is): a worker's signal settings and the worker loop's panic hook. Neither
+    // changes while it serves.
     sys::worker_signals();
+    crate::task::install_panic_hook();
+    // Likewise the worker loop's thread-local list of the descriptors passed with a
+    // message: its first use registers a destructor with the C library, which resolves a
+    // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
+    // pages); done once here, a forked worker inherits it done.
+    drop(crate::protocol::passing(Vec::new()));
     sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
@@ -438,12 +447,16 @@ impl ServerLink {
                 st.lose("it did not answer a fork request in time");
                 return Err(st.lost_error());
             }
-            // Wait in slices, looking between them whether the server is stopped.
-            if st.stopped_too_long(self.server_pid, &mut stopped_since) {
-                return Err(st.lost_error());
-            }
+            // Wait in slices, looking after a slice that brought nothing whether the server
+            // is stopped (not before the first: it answers at once as a rule, and the look
+            // reads /proc).
             match st.pump(left.min(FORK_SLICE))? {
-                Pumped::Nothing | Pumped::Report => {}
+                Pumped::Nothing => {
+                    if st.stopped_too_long(self.server_pid, &mut stopped_since) {
+                        return Err(st.lost_error());
+                    }
+                }
+                Pumped::Report => {}
                 Pumped::Reply(Reply::Forked { serial, pid, pidfd }, fds) => {
                     let mut fds = fds.into_iter();
                     let chan = fds.next();

@@ -268,8 +268,12 @@ pub(crate) fn set_process_name(tail: &str) {
     name.truncate(COMM_MAX);
     name.retain(|&b| b != 0);
     // The process's name is its main thread's; a role entered on another thread (libtest
-    // runs tests on one) names the main thread through /proc, then itself.
-    let _ = std::fs::write("/proc/self/comm", &name);
+    // runs tests on one) names the main thread through /proc, then itself. On the main
+    // thread (every forked worker: a fork's only thread is its main thread) naming itself
+    // is enough, and spares a path lookup in /proc.
+    if rustix::thread::gettid() != rustix::process::getpid() {
+        let _ = std::fs::write("/proc/self/comm", &name);
+    }
     if let Ok(name) = std::ffi::CString::new(name) {
         let _ = rustix::thread::set_name(&name);
     }

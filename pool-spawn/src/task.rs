@@ -287,6 +287,12 @@ pub fn note_decode_failure(why: impl Into<String>) {
 /// Installs the worker's panic hook: inside task code it records the message and location
 /// for the [`ItemError`] instead of printing; elsewhere it defers to the previous hook.
 pub(crate) fn install_panic_hook() {
+    // Once per process: a worker forked by a fork server inherits the server's.
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(install_panic_hook_now);
+}
+
+fn install_panic_hook_now() {
     let previous = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
         if IN_TASK.with(Cell::get) {
