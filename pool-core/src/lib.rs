@@ -44,6 +44,7 @@ mod driver;
 mod error;
 mod event;
 mod gather;
+mod ids;
 mod imap;
 mod metrics;
 mod observe;

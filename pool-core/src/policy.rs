@@ -10,8 +10,10 @@
 //! exactly once, either returned by [`Policy::done`] or passed to [`Effects::finish`] (or
 //! handed back by `submit` itself when refused).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
+
+use crate::ids::IdMap;
 
 mod restarts;
 
@@ -314,7 +316,7 @@ pub(crate) struct Counts {
 pub(crate) struct Policy<T> {
     cfg: PolicyConfig,
     state: State,
-    tasks: HashMap<TaskId, T>,
+    tasks: IdMap<T>,
     queue: VecDeque<TaskId>,
     workers: BTreeMap<WorkerId, Slot>,
     next_wid: WorkerId,
@@ -331,7 +333,7 @@ pub(crate) struct Policy<T> {
     /// `join` or `terminate` ended every feed's right to submit.
     feeds_revoked: bool,
     /// Tasks handed back by workers that died without starting them, and how often.
-    orphaned: HashMap<TaskId, u32>,
+    orphaned: IdMap<u32>,
     /// State of the generator behind `max_tasks_jitter`.
     rng: u64,
     /// Why the workers launched now are launched (see [`Origin`]).
@@ -368,13 +370,13 @@ impl<T> Policy<T> {
             pace_ns: None,
             feeds: 0,
             feeds_revoked: false,
-            orphaned: HashMap::new(),
+            orphaned: IdMap::default(),
             rng: 0x9E37_79B9_7F4A_7C15,
             launching: Origin::Initial,
             index: Index::default(),
             cfg,
             state: State::Running,
-            tasks: HashMap::new(),
+            tasks: IdMap::default(),
             queue: VecDeque::new(),
             workers: BTreeMap::new(),
             next_wid: 1,
@@ -1268,7 +1270,7 @@ pub mod bench_support {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeSet, HashMap};
 
     /// A fake world: records what the policy asked for.
     #[derive(Default, Debug)]

@@ -31,7 +31,6 @@ mod shared;
 mod spare;
 mod worker_io;
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -41,6 +40,7 @@ use pool_spawn::task::{FnRef, ItemError};
 
 use crate::error::TaskError;
 use crate::event::Pins;
+use crate::ids::IdSet;
 
 pub(crate) use decode::{decode_items, drop_payload};
 pub(crate) use event_loop::Driver;
@@ -84,7 +84,7 @@ pub(crate) type Sink = Arc<dyn Fn(usize, usize, Outcome) + Send + Sync>;
 /// it when its record leaves the policy, so an endless `imap` keeps only its window here.
 #[derive(Debug, Default)]
 pub(crate) struct Group {
-    ids: Mutex<HashSet<u64>>,
+    ids: Mutex<IdSet>,
 }
 
 impl Group {
@@ -102,7 +102,7 @@ impl Group {
         ids
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdSet> {
         self.ids.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
