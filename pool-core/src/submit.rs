@@ -86,25 +86,28 @@ impl Submission {
 }
 
 /// A chunk's per-item results as they arrive, in pieces when a worker dies or a time limit
-/// strikes part way through it; `done` runs once every item has one.
-struct Pieces<R> {
+/// strikes part way through it; `done` runs once every item has one. (`D`, the closure,
+/// is held in place: one allocation per chunk for the sink and all.)
+struct Pieces<R, D> {
     n: usize,
-    state: Mutex<PiecesState<R>>,
+    state: Mutex<PiecesState<R, D>>,
     /// The task's span, told how each piece ended.
     span: tracing::Span,
     tally: Arc<Tally>,
 }
 
-type Done<R> = Box<dyn FnOnce(Vec<Result<R, TaskError>>) + Send>;
-
-struct PiecesState<R> {
+struct PiecesState<R, D> {
     got: Vec<Option<Result<R, TaskError>>>,
     missing: usize,
-    done: Option<Done<R>>,
+    done: Option<D>,
 }
 
-impl<R: DeserializeOwned + Send + 'static> Pieces<R> {
-    fn sink(n: usize, done: Done<R>, span: tracing::Span, tally: Arc<Tally>) -> Sink {
+impl<R, D> Pieces<R, D>
+where
+    R: DeserializeOwned + Send + 'static,
+    D: FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
+{
+    fn sink(n: usize, done: D, span: tracing::Span, tally: Arc<Tally>) -> Sink {
         let pieces = Pieces {
             n,
             span,
@@ -207,13 +210,13 @@ impl Pool {
             done(placement.merge(Vec::new(), base));
             return None;
         }
-        let sink = Pieces::<R>::sink(
+        let sink = Pieces::sink(
             n_sent,
-            Box::new(move |got| {
+            move |got: Vec<Result<R, TaskError>>| {
                 // The worker has decoded the arguments (or never will): release their events.
                 drop(pins);
                 done(placement.merge(got, base));
-            }),
+            },
             span.clone(),
             Arc::clone(&self.shared.tally),
         );
