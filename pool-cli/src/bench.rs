@@ -438,26 +438,28 @@ pub(crate) fn run(args: Args) -> ExitCode {
     }
     let mut rows = Vec::new();
     let limit = Duration::from_secs(args.timeout);
-    for method in methods {
-        for w in &workloads {
-            for _ in 0..args.runs.max(1) {
+    // Run by run, each method's run of a workload and then one run of each floor under it
+    // (the machine's own cost, no pool): the floors are measured in the same minutes as
+    // the figures they bound, so the report can tell a slow machine from a slow pool and
+    // give each goal as a ratio. (How fast this shared machine wakes a process changes
+    // from one minute to the next: floors measured at the end once compared a fast-waking
+    // minute with a slow one.)
+    for w in &workloads {
+        for _ in 0..args.runs.max(1) {
+            for method in methods {
                 let line = run_isolated(w, *method, args.quick, limit);
                 println!("{line}");
                 rows.push(line);
             }
-        }
-    }
-    // The machine's floors (no pool), measured beside the workloads they bound so the
-    // report can tell a slow machine from a slow pool and give each goal as a ratio.
-    for &(system, workload, beside) in FLOORS {
-        if !workloads.iter().any(|w| w == beside) {
-            continue;
-        }
-        let spec = format!("raw:{system}:{workload}");
-        for _ in 0..args.runs.max(1) {
-            let line = run_isolated_spec(system, &spec, workload, args.quick, limit);
-            println!("{line}");
-            rows.push(line);
+            for &(system, workload, beside) in FLOORS {
+                if beside != w {
+                    continue;
+                }
+                let spec = format!("raw:{system}:{workload}");
+                let line = run_isolated_spec(system, &spec, workload, args.quick, limit);
+                println!("{line}");
+                rows.push(line);
+            }
         }
     }
     if args.reference {
