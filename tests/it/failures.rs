@@ -785,3 +785,105 @@ fn a_task_whose_fork_server_died_says_so() {
     assert_eq!(pool.apply(square, (5,)).unwrap(), 25);
     shut_down(pool);
 }
+
+/// Appends `i` to the file `path` (one write, so lines of concurrent runs never mix).
+fn note_run(path: String, i: u64) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+    // Long enough for kills to land mid-task now and then.
+    std::thread::sleep(Duration::from_micros(300));
+    i * 2
+}
+
+/// Threads calling `apply` (each waits on its worker's socket itself) while workers are
+/// killed under them: every call returns, with its value or the worker's death, and no task
+/// runs twice; the ones that returned a value ran exactly once.
+#[test]
+fn concurrent_applies_survive_workers_killed_under_them() {
+    const THREADS: u64 = 3;
+    const CALLS: u64 = 150;
+    let pool = builder(Default::default()).processes(2).build().unwrap();
+    assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
+    let path = std::env::temp_dir()
+        .join(format!("procpool-applies-{}", std::process::id()))
+        .to_string_lossy()
+        .into_owned();
+    let _ = std::fs::remove_file(&path);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (outcomes, kills) = std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (pool, path, tx, done) = (&pool, path.clone(), tx.clone(), &done);
+            s.spawn(move || {
+                let mut got = Vec::new();
+                for c in 0..CALLS {
+                    let i = t * CALLS + c;
+                    got.push((i, pool.apply(note_run, (path.clone(), i))));
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tx.send(got).unwrap();
+            });
+        }
+        drop(tx);
+        let killer = s.spawn(|| {
+            let mut kills = 0;
+            while done.load(std::sync::atomic::Ordering::SeqCst) < THREADS {
+                std::thread::sleep(Duration::from_millis(8));
+                if let Some(w) = pool
+                    .workers()
+                    .into_iter()
+                    .find(|w| w.current_task().is_some())
+                {
+                    let pid = rustix::process::Pid::from_raw(w.pid() as i32).unwrap();
+                    if rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok() {
+                        kills += 1;
+                    }
+                }
+            }
+            kills
+        });
+        // Bounded: a call that never returns fails the test here.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut outcomes = Vec::new();
+        for _ in 0..THREADS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            outcomes.extend(rx.recv_timeout(left).expect("every apply returns"));
+        }
+        (outcomes, killer.join().unwrap())
+    });
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let mut runs = std::collections::BTreeMap::<u64, usize>::new();
+    for l in text.lines() {
+        *runs.entry(l.parse().unwrap()).or_default() += 1;
+    }
+    assert!(kills > 0, "no worker was killed");
+    assert!(runs.values().all(|&n| n == 1), "ran twice: {runs:?}");
+    let mut lost = 0;
+    for (i, r) in &outcomes {
+        match r {
+            Ok(v) => {
+                assert_eq!(*v, i * 2);
+                assert_eq!(
+                    runs.get(i),
+                    Some(&1),
+                    "task {i} returned but did not run once"
+                );
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "task {i}: {e}");
+                lost += 1;
+            }
+        }
+    }
+    assert_eq!(outcomes.len() as u64, THREADS * CALLS);
+    assert!(lost <= kills, "{lost} calls lost to {kills} kills");
+    eprintln!("{kills} kills, {lost} calls lost");
+    assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+    shut_down(pool);
+}
