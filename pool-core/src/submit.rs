@@ -561,7 +561,10 @@ impl Pool {
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order: Python's
-    /// `map`. Items are sent in chunks of an automatic size (about four per worker).
+    /// `map`. Items are sent in chunks of an automatic size (about four per worker), each
+    /// chunk as soon as it is encoded: workers begin on the first while the input is still
+    /// read (a `close` from another thread meanwhile fails the chunks not yet sent with
+    /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)).
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.
