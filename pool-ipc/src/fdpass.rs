@@ -94,15 +94,34 @@ pub fn recv_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
+    match recv_fds_or_short(sock, buf, max_fds)? {
+        (_, fds, true) => {
+            drop(fds);
+            Err(io::Error::from_raw_os_error(Errno::MFILE.raw_os_error()))
+        }
+        (n, fds, false) => Ok((n, fds)),
+    }
+}
+
+/// As [`recv_fds`], but when descriptors were attached that this process could not take
+/// (it is at its limit of open files: the kernel closes them), the bytes are returned all
+/// the same, with the descriptors that did arrive and `true`: the message is not lost, only
+/// what it carried.
+///
+/// # Errors
+///
+/// As [`recv_fds`], except `EMFILE`.
+pub fn recv_fds_or_short(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let room = max_fds.min(MAX_FDS);
     loop {
         match os::recv_with_fds(sock, buf, room) {
-            Ok((_, fds, true)) if fds.len() < room.max(1) => {
-                // There was room for more than arrived: the kernel could not give this
-                // process the descriptors (it is at its limit of open files).
-                drop(fds);
-                return Err(io::Error::from_raw_os_error(Errno::MFILE.raw_os_error()));
-            }
+            // There was room for more than arrived: the kernel could not give this process
+            // the descriptors.
+            Ok((n, fds, true)) if fds.len() < room.max(1) => return Ok((n, fds, true)),
             Ok((_, fds, truncated)) if truncated || fds.len() > max_fds => {
                 drop(fds);
                 return Err(io::Error::new(
@@ -110,7 +129,7 @@ pub fn recv_fds(
                     "more file descriptors received than max_fds",
                 ));
             }
-            Ok((n, fds, _)) => return Ok((n, fds)),
+            Ok((n, fds, _)) => return Ok((n, fds, false)),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }

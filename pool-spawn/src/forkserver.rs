@@ -660,22 +660,26 @@ impl LinkState {
             return Ok(Pumped::Nothing);
         }
         let mut buf = [0u8; MSG_MAX];
-        let (n, fds) = match pool_ipc::fdpass::recv_fds(ctl.as_fd(), &mut buf, 2) {
+        let (n, fds, short) = match pool_ipc::fdpass::recv_fds_or_short(ctl.as_fd(), &mut buf, 2) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Pumped::Nothing),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Nothing),
             Err(e) => {
                 self.lose(&format!("its control socket failed: {e}"));
-                let out_of_fds = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE]
-                    .iter()
-                    .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
-                if out_of_fds {
-                    // Said with its cause, so that the pool can say what ran out.
-                    return Err(Error::io("receiving a worker's descriptors", e));
-                }
                 return Err(self.lost_error());
             }
         };
+        if short && n > 0 {
+            // This process is out of descriptors: a new worker's channel and pidfd did not
+            // reach it. The link goes on (the reply itself arrived whole); that worker sees
+            // its channel end and exits, and its exit report is dropped.
+            drop(fds);
+            let e = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+            if let Ok(Reply::Forked { serial, .. }) = postcard::from_bytes::<Reply>(&buf[..n]) {
+                self.abandoned.insert(serial);
+            }
+            return Err(Error::io("receiving a new worker's descriptors", e));
+        }
         if n == 0 {
             self.lose("it exited (end of file on its control socket)");
             return Err(self.lost_error());

@@ -279,3 +279,77 @@ fn fork_replacements_never_inherit_a_lock_held_by_the_main_thread() {
     }
     shut_down(pool);
 }
+
+/// The child half of the fd-shortage test (`PROCPOOL_TEST_FD_SHORT=<method>`): a pool of one
+/// worker whose replacement is started while this process can open no more descriptors;
+/// once it can again, the pool must start workers and run tasks.
+#[test]
+#[ignore = "run by a_worker_start_without_fds_fails_and_the_pool_recovers"]
+fn fd_shortage_child() {
+    let Ok(method) = std::env::var("PROCPOOL_TEST_FD_SHORT") else {
+        return;
+    };
+    let method = match method.as_str() {
+        "Spawn" => procpool::StartMethod::Spawn,
+        "Fork" => procpool::StartMethod::Fork,
+        _ => procpool::StartMethod::Forkserver,
+    };
+    let pool = builder(method).processes(1).build().unwrap();
+    assert_eq!(pool.apply(square, (2,)).unwrap(), 4);
+    let before = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    // No new descriptor at all: each takes the lowest free number, and none is below 3
+    // (the ones the dead worker frees included).
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(3),
+            maximum: before.maximum,
+        },
+    )
+    .unwrap();
+    let victim = pool.workers()[0].pid();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(victim as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The replacement's start meets the shortage.
+    std::thread::sleep(Duration::from_millis(300));
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, before).unwrap();
+    let r = pool.apply_async(square, (3,));
+    match r.get_timeout(Duration::from_secs(20)) {
+        Ok(Ok(9)) => println!("RESULT recovered"),
+        Ok(other) => println!("RESULT task failed: {other:?}"),
+        Err(e) => println!("RESULT no answer: {e}"),
+    }
+    shut_down(pool);
+}
+
+/// A worker start that meets a process out of descriptors fails; once descriptors are
+/// free again, the pool starts workers and runs tasks (under every start method: the fork
+/// server's link survives a reply whose descriptors could not be taken).
+#[test]
+fn a_worker_start_without_fds_fails_and_the_pool_recovers() {
+    for method in METHODS {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "hostile_driver::fd_shortage_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("PROCPOOL_TEST_FD_SHORT", format!("{method:?}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let what = format!("{method:?}: a start without fds");
+        let out = output_within(child, Duration::from_secs(60), &what).stdout;
+        let out = String::from_utf8_lossy(&out);
+        let result = out
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"));
+        assert_eq!(result, "recovered", "{method:?}");
+    }
+}
