@@ -6,7 +6,8 @@ use procpool::{Options, TaskErrorKind, current_process};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::util::{
-    METHODS, alive, builder, kill_new_workers, my_pid, parent_of, shut_down, square, wait_for,
+    METHODS, alive, append_line, builder, kill_new_workers, my_pid, parent_of, shut_down, square,
+    wait_for,
 };
 
 pub(crate) fn boom(x: u32) -> u32 {
@@ -503,14 +504,7 @@ fn a_failing_initializer_fails_every_task_and_join_returns() {
 
 /// Appends `i` to the file `path`; exits with code 3 when `i` is 10.
 fn record_run(path: String, i: u64) -> u64 {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
-    writeln!(f, "{i}").unwrap();
-    drop(f);
+    append_line(&path, i);
     if i == 10 {
         std::process::exit(3);
     }
@@ -786,15 +780,9 @@ fn a_task_whose_fork_server_died_says_so() {
     shut_down(pool);
 }
 
-/// Appends `i` to the file `path` (one write, so lines of concurrent runs never mix).
+/// Appends `i` to the file `path`, then takes a moment.
 fn note_run(path: String, i: u64) -> u64 {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+    append_line(&path, i);
     // Long enough for kills to land mid-task now and then.
     std::thread::sleep(Duration::from_micros(300));
     i * 2

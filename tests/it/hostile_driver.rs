@@ -8,7 +8,7 @@ use pool_spawn::protocol::{FromWorker, SetupFailure};
 use procpool::TaskErrorKind;
 
 use crate::util::{
-    METHODS, builder, channel_fd, kill_new_workers, output_within, shut_down, square,
+    METHODS, builder, channel_fd, child_result, kill_new_workers, shut_down, square,
 };
 
 /// Appends a line to `path`, then writes `n` forged `SetupFailed` messages on the worker's
@@ -201,26 +201,14 @@ fn fd_limit_child() {
 /// Builds a 40-worker pool in a child process whose fd limit is `soft`/`hard`; returns what
 /// the child printed (bounded: a hang is killed and reported).
 fn build_under_fd_limit(method: procpool::StartMethod, soft: u64, hard: u64) -> String {
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "hostile_driver::fd_limit_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("PROCPOOL_TEST_FD_LIMIT", format!("{soft},{hard}"))
-        .env("PROCPOOL_TEST_METHOD", format!("{method:?}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let what = format!("{method:?}: build under an fd limit of {soft}/{hard}");
-    let out = output_within(child, Duration::from_secs(60), &what).stdout;
-    let out = String::from_utf8_lossy(&out);
-    out.lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"))
-        .to_owned()
+    child_result(
+        "hostile_driver::fd_limit_child",
+        &[
+            ("PROCPOOL_TEST_FD_LIMIT", format!("{soft},{hard}")),
+            ("PROCPOOL_TEST_METHOD", format!("{method:?}")),
+        ],
+        &format!("{method:?}: build under an fd limit of {soft}/{hard}"),
+    )
 }
 
 /// A pool that needs more fds than the process may open: `build` says so (and what a worker
@@ -331,25 +319,11 @@ fn fd_shortage_child() {
 #[test]
 fn a_worker_start_without_fds_fails_and_the_pool_recovers() {
     for method in METHODS {
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "hostile_driver::fd_shortage_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("PROCPOOL_TEST_FD_SHORT", format!("{method:?}"))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let what = format!("{method:?}: a start without fds");
-        let out = output_within(child, Duration::from_secs(60), &what).stdout;
-        let out = String::from_utf8_lossy(&out);
-        let result = out
-            .lines()
-            .find_map(|l| l.strip_prefix("RESULT "))
-            .unwrap_or_else(|| panic!("{method:?}: the child said nothing: {out}"));
+        let result = child_result(
+            "hostile_driver::fd_shortage_child",
+            &[("PROCPOOL_TEST_FD_SHORT", format!("{method:?}"))],
+            &format!("{method:?}: a start without fds"),
+        );
         assert_eq!(result, "recovered", "{method:?}");
     }
 }

@@ -2,7 +2,6 @@
 //! input and its async form.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use procpool::{CancelOutcome, Options, TaskErrorKind, current_process};
 
-use crate::util::{METHODS, alive, builder, shut_down, sleep_ms, square, wait_for};
+use crate::util::{METHODS, alive, append_line, builder, shut_down, sleep_ms, square, wait_for};
 
 /// The time limit the tests use: short, so that they run fast.
 const LIMIT: Duration = Duration::from_millis(200);
@@ -58,14 +57,7 @@ fn with_stubborn_child(path: String) -> u32 {
 
 /// Appends `i` to the file at `path` (one line a run), then sleeps `ms`.
 fn record(path: String, i: u64, ms: u64) -> u64 {
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)
-        .unwrap();
-    // One write: lines of concurrent runs never interleave (O_APPEND).
-    f.write_all(format!("{i}\n").as_bytes()).unwrap();
-    drop(f);
+    append_line(&path, i);
     std::thread::sleep(Duration::from_millis(ms));
     i
 }

@@ -7,6 +7,37 @@ use std::time::{Duration, Instant};
 
 use procpool::{Pool, PoolBuilder, StartMethod};
 
+/// Appends `i` as a line to the file at `path`, in one write: lines of concurrent runs never
+/// mix (O_APPEND).
+pub(crate) fn append_line(path: &str, i: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap();
+    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+}
+
+/// Runs the ignored test `test` of this binary in a child process with `env` set, and
+/// returns what it printed after `RESULT ` (bounded: a hang is killed and reported as
+/// `what`).
+pub(crate) fn child_result(test: &str, env: &[(&str, String)], what: &str) -> String {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--ignored", "--nocapture"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = output_within(cmd.spawn().unwrap(), Duration::from_secs(60), what).stdout;
+    let out = String::from_utf8_lossy(&out);
+    out.lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("{what}: the child said nothing: {out}"))
+        .to_owned()
+}
+
 /// Every start method, for tests that must hold under each.
 pub(crate) const METHODS: [StartMethod; 3] = [
     StartMethod::Forkserver,
