@@ -649,6 +649,25 @@ fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
     }
 }
 
+/// Starts this program as `procpool bench --one ROLE` (a floor's other side) with one end
+/// of a new socketpair as its stdin; returns the other end and the child.
+fn spawn_peer(role: &str) -> Result<(std::os::fd::OwnedFd, std::process::Child), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.to_string())?;
+    let child = std::process::Command::new(exe)
+        .args(["bench", "--one", role])
+        .stdin(std::process::Stdio::from(theirs))
+        .spawn()
+        .map_err(|e| format!("cannot start `procpool bench --one {role}`: {e}"))?;
+    Ok((ours, child))
+}
+
+/// The socket [`spawn_peer`] gave this process as its stdin.
+fn stdin_socket() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    std::io::stdin().as_fd().try_clone_to_owned().ok()
+}
+
 /// The shm threshold of the ring floor: the pool's.
 const RING_THRESHOLD: usize = 256 * 1024;
 
@@ -657,13 +676,7 @@ const RING_THRESHOLD: usize = 256 * 1024;
 /// no pool, no task, one copy in and one out. At most two payloads are in flight, so each
 /// goes through the ring (whose 4 MiB would not take a third with the wrap) and none inline.
 fn ring_bandwidth(payloads: usize) -> Result<f64, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new(exe)
-        .args(["bench", "--one", "ring-sink:"])
-        .stdin(std::process::Stdio::from(theirs))
-        .spawn()
-        .map_err(|e| format!("cannot start the ring sink: {e}"))?;
+    let (ours, mut child) = spawn_peer("ring-sink:")?;
     let cfg = pool_ipc::Config::new().shm_threshold(Some(RING_THRESHOLD));
     let mut ch: pool_ipc::Duplex<ByteBuf, u32> =
         pool_ipc::Duplex::with_config(ours, cfg).map_err(|e| e.to_string())?;
@@ -697,8 +710,7 @@ fn ring_bandwidth(payloads: usize) -> Result<f64, String> {
 /// The receiving side of [`ring_bandwidth`]: on the socket that is its stdin, copies each
 /// payload out of the ring and answers its length, until the channel closes.
 fn ring_sink() -> ExitCode {
-    use std::os::fd::AsFd;
-    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+    let Some(fd) = stdin_socket() else {
         return ExitCode::FAILURE;
     };
     let cfg = pool_ipc::Config::new().shm_threshold(Some(RING_THRESHOLD));
@@ -756,13 +768,7 @@ fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
 /// echoes it (`procpool bench --one socket-echo:`), each side waiting for the byte in
 /// `poll` (for input only, as the pool's waiting threads do) and then reading it.
 fn raw_socket_rtt(rounds: usize) -> Result<f64, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new(exe)
-        .args(["bench", "--one", "socket-echo:"])
-        .stdin(std::process::Stdio::from(theirs))
-        .spawn()
-        .map_err(|e| format!("cannot start the echo process: {e}"))?;
+    let (ours, mut child) = spawn_peer("socket-echo:")?;
     let round = || -> Result<(), String> {
         let e = |e: rustix::io::Errno| e.to_string();
         rustix::io::write(&ours, &[7]).map_err(e)?;
@@ -801,8 +807,7 @@ fn wait_readable(fd: &impl std::os::fd::AsFd) -> rustix::io::Result<()> {
 /// The echo side of [`raw_socket_rtt`]: on the socket that is its stdin, waits for a byte
 /// in `poll`, reads it and sends it back, until the socket closes.
 fn socket_echo() -> ExitCode {
-    use std::os::fd::AsFd;
-    let Ok(sock) = std::io::stdin().as_fd().try_clone_to_owned() else {
+    let Some(sock) = stdin_socket() else {
         return ExitCode::FAILURE;
     };
     let mut byte = [0u8; 1];

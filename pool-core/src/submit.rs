@@ -10,7 +10,7 @@ use pool_spawn::task::FnRef;
 use serde::de::DeserializeOwned;
 
 use crate::chunk::{Encoded, encode_chunk};
-use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
+use crate::driver::{self, Fx, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{QueueFull, TaskError, TaskErrorKind};
 use crate::observe::Tally;
 use crate::options::Options;
@@ -264,13 +264,33 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
+        let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
+    }
+
+    /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
+    /// task was taken (before their frames are written); its answer. Under backpressure
+    /// (`max_queued`) each task waits for room in a step of its own, and `then` does not run.
+    fn submit_then<R>(
+        &self,
+        tasks: Vec<(u64, TaskRec)>,
+        fed: bool,
+        then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
+    ) -> Option<R> {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
         // Backpressure: one task at a time, each once the queue has room (imap's feeds
         // are bounded by their window instead).
-        let refused = match self.shared.max_queued().filter(|_| !fed) {
-            None => self.shared.act(|p, fx| submit_each(p, fx, tasks, fed)),
+        let (refused, r) = match self.shared.max_queued().filter(|_| !fed) {
+            None => self.shared.act(|p, fx| {
+                let refused = submit_each(p, fx, tasks, fed);
+                let r = if refused.is_empty() {
+                    then(p, fx)
+                } else {
+                    None
+                };
+                (refused, r)
+            }),
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
@@ -283,10 +303,11 @@ impl Pool {
                         refused.push((rec, why));
                     }
                 }
-                refused
+                (refused, None)
             }
         };
         self.fail_refused(refused, fed);
+        r
     }
 
     /// Submits tasks (a whole `map`'s chunks, or one `apply`) only if the queue has room for
@@ -535,26 +556,8 @@ impl Pool {
         let Some(task) = task else {
             return out.get();
         };
-        if self.shared.max_queued().is_some() {
-            // Backpressure waits for room first: the plain way.
-            self.submit_all(vec![task], false);
-            return out.get();
-        }
-        if task.1.timeout.is_some() {
-            self.shared.note_timeouts();
-        }
         let id = task.0;
-        let (refused, lent) = self.shared.act(|p, fx| {
-            let refused = submit_each(p, fx, vec![task], false);
-            let lent = if refused.is_empty() {
-                fx.lend(p, id, true)
-            } else {
-                None
-            };
-            (refused, lent)
-        });
-        self.fail_refused(refused, false);
-        if let Some(b) = lent {
+        if let Some(b) = self.submit_then(vec![task], false, |p, fx| fx.lend(p, id, true)) {
             self.shared.await_answer(b, None);
         }
         out.get()

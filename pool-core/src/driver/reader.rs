@@ -24,6 +24,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use super::effects::Fx;
 use super::shared::{Shared, note_started};
+use super::worker_io::WorkerIo;
 use super::{Batch, Delivery, Outcome, TaskRec};
 use crate::policy::{Effects, Policy, WorkerId};
 
@@ -40,6 +41,13 @@ impl ReadEnd {
     pub(super) fn closed(self) -> bool {
         self.broken || self.eof
     }
+}
+
+/// Worker `w` sent a message about a task it may not speak of now (`note` says which, for
+/// the error of the task it was running): it is faulty, and is killed.
+fn faulty(w: &mut WorkerIo, end: &mut ReadEnd, note: String) {
+    w.exit_note = Some(note);
+    end.broken = true;
 }
 
 /// Reads what worker `wid` sent and handles every complete message, under the pool's lock.
@@ -101,10 +109,11 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     continue;
                 };
                 if running != Some(id) {
-                    w.exit_note = Some(format!(
-                        "it sent results for task {id}, which it was not running"
-                    ));
-                    end.broken = true;
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it sent results for task {id}, which it was not running"),
+                    );
                     break;
                 }
                 if w.parts_task != id {
@@ -126,10 +135,11 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     continue;
                 };
                 if oldest != Some((id, false)) {
-                    w.exit_note = Some(format!(
-                        "it said it skipped task {id}, which it was not asked to skip"
-                    ));
-                    end.broken = true;
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it said it skipped task {id}, which it was not asked to skip"),
+                    );
                     break;
                 }
                 w.results += 1;
@@ -154,10 +164,11 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     continue;
                 };
                 if oldest != Some(id) {
-                    w.exit_note = Some(format!(
-                        "it sent a result for task {id}, which it was not running"
-                    ));
-                    end.broken = true;
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it sent a result for task {id}, which it was not running"),
+                    );
                     break;
                 }
                 w.results += 1;
