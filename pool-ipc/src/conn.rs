@@ -208,6 +208,24 @@ impl FramedConn {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if a read fails. Framing errors are
     /// reported by [`next_frame`](FramedConn::next_frame), in order.
     pub fn fill(&mut self) -> Result<bool> {
+        self.fill_until(false)
+    }
+
+    /// Like [`fill`](FramedConn::fill), but stops at the first read that returns less than
+    /// it had room for, instead of reading again to see `EAGAIN`: the descriptor held no
+    /// more at that moment. That saves a system call per wakeup, but a short read can also
+    /// end where the kernel keeps passed descriptors apart from the bytes after them, so
+    /// bytes may remain: only for a caller that learns readiness level-triggered (`poll`,
+    /// or epoll without `EPOLLET`), which reports the descriptor again while bytes remain.
+    ///
+    /// # Errors
+    ///
+    /// As [`fill`](FramedConn::fill).
+    pub fn fill_level(&mut self) -> Result<bool> {
+        self.fill_until(true)
+    }
+
+    fn fill_until(&mut self, stop_short: bool) -> Result<bool> {
         let mut budget = FILL_BUDGET;
         let mut arrived = false;
         let r = loop {
@@ -222,7 +240,7 @@ impl FramedConn {
                 Ok(n) => {
                     arrived |= n > 0;
                     budget = budget.saturating_sub(n);
-                    if budget == 0 {
+                    if budget == 0 || (stop_short && n > 0 && self.r.short) {
                         self.parse();
                         break Ok(true);
                     }

@@ -850,6 +850,9 @@ pub(crate) struct ReadHalf {
     big: Option<(Vec<u8>, usize)>,
     /// End of stream was seen.
     pub(crate) eof: bool,
+    /// The last read returned fewer bytes than it had room for: the fd held no more at
+    /// that moment.
+    pub(crate) short: bool,
     max: usize,
     /// Passed fds waiting for their control frame; `Some` iff shm mode is on or passed
     /// descriptors are accepted.
@@ -882,6 +885,7 @@ impl ReadHalf {
             end: 0,
             big: None,
             eof: false,
+            short: false,
             max: cfg.max_frame_len,
             fds: (shm || accept_fds).then(VecDeque::new),
             shm,
@@ -1160,8 +1164,10 @@ impl ReadHalf {
         );
         let max_fds = self.fd_room();
         let n = if let Some((v, filled)) = &mut self.big {
+            let room = v.len() - *filled;
             let n = os::read_once(fd, &mut v[*filled..], self.fds.as_mut(), max_fds)?;
             *filled += n;
+            self.short = n < room;
             n
         } else {
             if self.start == self.end {
@@ -1181,6 +1187,7 @@ impl ReadHalf {
             debug_assert!(room > 0, "a frame that fits the read buffer leaves room");
             let n = os::read_once(fd, &mut self.buf[self.end..], self.fds.as_mut(), max_fds)?;
             self.end += n;
+            self.short = n < room;
             if n == room && self.buf.len() < READ_BUF_LEN {
                 // A burst: read in larger chunks from now on.
                 self.grow(self.buf.len() * 2);

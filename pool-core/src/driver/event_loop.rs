@@ -210,7 +210,7 @@ impl Driver {
                     self.flush(wid);
                 }
                 if flags.intersects(EventFlags::IN | EventFlags::HUP | EventFlags::ERR) {
-                    self.read(wid);
+                    self.read(wid, false);
                 }
             }
             if events.len() == events.capacity() {
@@ -231,13 +231,14 @@ impl Driver {
 
     /// Reads what the worker sent; handles every complete message (unless a caller has
     /// borrowed its socket: it reads it then).
-    fn read(&mut self, wid: WorkerId) {
+    /// `drain`: see [`read_worker`].
+    fn read(&mut self, wid: WorkerId, drain: bool) {
         let shared = Arc::clone(&self.shared);
         let end = shared.act(|policy, fx| {
             if fx.io.get(&wid).is_some_and(|w| w.borrowed.is_some()) {
                 return ReadEnd::default();
             }
-            read_worker(policy, fx, wid)
+            read_worker(policy, fx, wid, drain)
         });
         self.after_read(wid, end);
     }
@@ -281,7 +282,7 @@ impl Driver {
             if let Some(io) = self.shared.lock().io.get_mut(&wid) {
                 io.borrowed = None;
             }
-            self.read(wid);
+            self.read(wid, true);
         }
         let handle = {
             let mut g = self.shared.lock();

@@ -51,7 +51,16 @@ fn faulty(w: &mut WorkerIo, end: &mut ReadEnd, note: String) {
 }
 
 /// Reads what worker `wid` sent and handles every complete message, under the pool's lock.
-pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> ReadEnd {
+///
+/// `drain`: read until the socket has nothing more (after the worker's exit, when no
+/// readiness will come again); otherwise stop at the first short read (the driver's epoll
+/// set and a borrowing caller's poll report the socket again while bytes remain).
+pub(super) fn read_worker(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    wid: WorkerId,
+    drain: bool,
+) -> ReadEnd {
     let mut end = ReadEnd::default();
     let Some(w) = fx.io.get_mut(&wid) else {
         return end;
@@ -64,7 +73,12 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
         return end;
     };
     super::spare::hand_to(conn);
-    if let Err(e) = conn.fill() {
+    let filled = if drain {
+        conn.fill()
+    } else {
+        conn.fill_level()
+    };
+    if let Err(e) = filled {
         tracing::warn!(worker = %name, error = %e, "worker channel failed");
         end.broken = true;
     }
@@ -337,7 +351,7 @@ impl Shared {
                 return;
             }
             let end = if readable {
-                read_worker(policy, fx, wid)
+                read_worker(policy, fx, wid, false)
             } else {
                 ReadEnd::default()
             };

@@ -190,3 +190,51 @@ fn queue_copy_sends_the_frame_and_leaves_it_to_the_caller() {
         );
     }
 }
+
+/// `fill_level` stops at a short read; a reader that waits level-triggered (poll) between
+/// calls still gets every frame, in order, even when descriptors (the shared ring's, for
+/// the large payloads) split the stream into pieces a single read does not cross.
+#[test]
+fn fill_level_with_a_level_triggered_wait_gets_every_frame() {
+    crate::helpers::bounded(60, || {
+        let (mut conn, mut peer) = conn_with_peer(Config::new().shm_threshold(Some(4096)));
+        let sizes: Vec<usize> = (0..40)
+            .map(|i| [3usize, 100_000, 17, 5000, 300_000][i % 5])
+            .collect();
+        let sent = sizes.clone();
+        let t = std::thread::spawn(move || {
+            for (i, &n) in sent.iter().enumerate() {
+                peer.send(&vec![i as u8; n]).unwrap();
+            }
+            peer
+        });
+        let mut got = 0;
+        let mut reads = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got < sizes.len() {
+            assert!(Instant::now() < deadline, "stalled after {got} frames");
+            while let Some(f) = conn.next_frame().unwrap() {
+                let v: Vec<u8> = postcard::from_bytes(&f).unwrap();
+                assert_eq!((v.len(), v.first()), (sizes[got], Some(&(got as u8))));
+                got += 1;
+            }
+            if got == sizes.len() {
+                break;
+            }
+            let mut pfd = [rustix::event::PollFd::new(
+                &conn,
+                rustix::event::PollFlags::IN,
+            )];
+            let ts = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            rustix::event::poll(&mut pfd, Some(&ts)).unwrap();
+            assert!(conn.fill_level().unwrap());
+            reads += 1;
+        }
+        drop(t.join().unwrap());
+        assert!(reads > 0);
+        assert_eq!(next_blocking(&mut conn).unwrap(), None);
+    });
+}
