@@ -50,6 +50,10 @@ pub(crate) struct Args {
 pub(crate) enum Workload {
     /// Round trip of one apply.
     ApplyRtt,
+    /// The same with the caller and the worker held on one CPU.
+    ApplyRttOneCpu,
+    /// The same with the caller and the worker held on two different CPUs.
+    ApplyRttTwoCpus,
     /// 20k tiny tasks, chunk 1.
     MapTinyChunk1,
     /// 200k tiny tasks, automatic chunks.
@@ -226,10 +230,17 @@ fn square_rate(p: Pool, n: u64, opts: Options<Vec<u64>>) -> Measured {
 fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
     let err = |e: procpool::TaskError| e.to_string();
     match name {
-        "apply_rtt" => {
+        "apply_rtt" | "apply_rtt_one_cpu" | "apply_rtt_two_cpus" => {
             let p = pool(method, 2)?;
             for _ in 0..100 {
                 p.apply(square, (7,)).map_err(err)?;
+            }
+            if let Some(placement) = Placement::of(name) {
+                let pids: Vec<u32> = p.workers().iter().map(|w| w.pid()).collect();
+                placement.apply(&pids)?;
+                for _ in 0..100 {
+                    p.apply(square, (7,)).map_err(err)?;
+                }
             }
             let mut times = Vec::with_capacity(s.apply_calls);
             for _ in 0..s.apply_calls {
@@ -585,6 +596,11 @@ fn run_in_this_process(spec: &str, quick: bool) -> ExitCode {
 const FLOORS: &[(&str, &str, &str)] = &[
     // One-byte round trip through a pair of pipes: the floor under apply_rtt.
     ("raw-pipe", "apply_rtt", "apply_rtt"),
+    // The pipe round trip with both sides held on one CPU, then on two: the floors under
+    // apply_rtt placed the same way. (Unplaced, the scheduler keeps a ping-pong pair on
+    // one CPU or on two, run by run; on a virtual machine the two differ several times.)
+    ("raw-pipe", "apply_rtt_one_cpu", "apply_rtt_one_cpu"),
+    ("raw-pipe", "apply_rtt_two_cpus", "apply_rtt_two_cpus"),
     // The same through a Unix socketpair, each side waiting in poll() as the pool does:
     // the floor of the pool's own transport.
     ("raw-socket", "apply_rtt", "apply_rtt"),
@@ -601,7 +617,10 @@ const FLOORS: &[(&str, &str, &str)] = &[
 /// Measures one floor of [`FLOORS`].
 fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
     match (system, workload) {
-        ("raw-pipe", "apply_rtt") => Ok((raw_pipe_rtt(s.apply_calls)?, "s")),
+        ("raw-pipe", "apply_rtt") => Ok((raw_pipe_rtt(s.apply_calls, None)?, "s")),
+        ("raw-pipe", w @ ("apply_rtt_one_cpu" | "apply_rtt_two_cpus")) => {
+            Ok((raw_pipe_rtt(s.apply_calls, Placement::of(w))?, "s"))
+        }
         ("raw-socket", "apply_rtt") => Ok((raw_socket_rtt(s.apply_calls)?, "s")),
         ("raw-fork", "fork_rate") => {
             let fork = || {
@@ -733,7 +752,7 @@ fn ring_sink() -> ExitCode {
 
 /// The median round trip of one byte through a pair of pipes to a child process that echoes
 /// it (`procpool bench --one pipe-echo:`): no pool, no framing, no encoding.
-fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
+fn raw_pipe_rtt(rounds: usize, placement: Option<Placement>) -> Result<f64, String> {
     use std::io::Read;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(exe)
@@ -742,6 +761,9 @@ fn raw_pipe_rtt(rounds: usize) -> Result<f64, String> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start the echo process: {e}"))?;
+    if let Some(placement) = placement {
+        placement.apply(&[child.id()])?;
+    }
     let mut to = child.stdin.take().expect("piped");
     let mut from = child.stdout.take().expect("piped");
     let mut byte = [0u8; 1];
@@ -791,6 +813,59 @@ fn raw_socket_rtt(rounds: usize) -> Result<f64, String> {
     drop(ours);
     let _ = child.wait();
     Ok(median(times))
+}
+
+/// Where a round trip's two sides run: held on one CPU, or on two different CPUs.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    OneCpu,
+    TwoCpus,
+}
+
+impl Placement {
+    /// The placement a workload's name asks for (`..._one_cpu`, `..._two_cpus`).
+    fn of(workload: &str) -> Option<Placement> {
+        if workload.ends_with("_one_cpu") {
+            Some(Placement::OneCpu)
+        } else if workload.ends_with("_two_cpus") {
+            Some(Placement::TwoCpus)
+        } else {
+            None
+        }
+    }
+
+    /// Holds the calling thread on one CPU this process may use and every thread of the
+    /// processes `pids` on the same CPU (`OneCpu`) or on another (`TwoCpus`).
+    fn apply(self, pids: &[u32]) -> Result<(), String> {
+        use rustix::thread::{CpuSet, Pid, sched_getaffinity, sched_setaffinity};
+        let allowed = sched_getaffinity(None).map_err(|e| format!("sched_getaffinity: {e}"))?;
+        let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+            .filter(|&c| allowed.is_set(c))
+            .collect();
+        let (ours, theirs) = match (self, cpus.as_slice()) {
+            (Placement::OneCpu, [c, ..]) => (*c, *c),
+            (Placement::TwoCpus, [a, b, ..]) => (*b, *a),
+            _ => return Err(format!("needs two CPUs; this process may use {cpus:?}")),
+        };
+        let only = |cpu: usize| {
+            let mut set = CpuSet::new();
+            set.set(cpu);
+            set
+        };
+        sched_setaffinity(None, &only(ours)).map_err(|e| format!("sched_setaffinity: {e}"))?;
+        for &pid in pids {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map_err(|e| format!("threads of {pid}: {e}"))?;
+            for t in tasks.flatten() {
+                let tid = t.file_name().to_string_lossy().parse::<i32>().ok();
+                if let Some(tid) = tid.and_then(Pid::from_raw) {
+                    sched_setaffinity(Some(tid), &only(theirs))
+                        .map_err(|e| format!("sched_setaffinity({tid:?}): {e}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Waits in `poll` until `fd` is readable.

@@ -124,8 +124,9 @@ impl Driver {
                 let ring_check = release_idle_rings(&mut g, Instant::now());
                 // Sockets with frames waiting are watched for room too.
                 let ep = &self.shared.epoll;
-                for (&wid, w) in g.io.iter_mut() {
-                    w.arm(ep, wid);
+                let inner = &mut *g;
+                for (&wid, w) in inner.io.iter_mut() {
+                    w.arm(ep, wid, inner.policy.oldest(wid).is_some());
                 }
                 (
                     g.term_deadline,

@@ -108,7 +108,8 @@ pub(crate) fn launch_one(
     // The driver reads the socket from now on (and knows to write what is left).
     w.sock_watch = Some(Arc::clone(&watch_sock));
     w.exit_watch = watch_exit.clone();
-    w.arm(&shared.epoll, wid);
+    // Not ready yet: watched whether or not it holds tasks.
+    w.arm(&shared.epoll, wid, true);
     if w.kill_when_launched {
         let _ = worker.signal_group(Signal::KILL);
     }

@@ -298,7 +298,7 @@ impl Fx<'_> {
             exit: Arc::clone(exit),
         };
         w.borrowed = Some(b.ticket);
-        w.arm(self.epoll, wid);
+        w.arm(self.epoll, wid, true);
         if w.armed.is_some() {
             // Still in the driver's set (the kernel refused): left to the driver.
             w.borrowed = None;
@@ -355,10 +355,11 @@ impl Shared {
             } else {
                 ReadEnd::default()
             };
+            let busy = policy.oldest(wid).is_some();
             let Some(w) = fx.io.get_mut(&wid) else { return };
             w.borrowed = None;
             w.exited |= exited;
-            w.arm(fx.epoll, wid);
+            w.arm(fx.epoll, wid, busy);
             let partial = w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
             // A ring the task's arguments went through gives its memory back once idle, on
             // the driver's timer: the driver must know to set it.
@@ -370,7 +371,7 @@ impl Shared {
                 // The driver stops watching it and kills it if it broke the protocol.
                 fx.reader_ended.push((wid, end));
                 *fx.wake_driver = true;
-            } else if partial || ring || w.armed.is_none() {
+            } else if partial || ring || (busy && w.armed.is_none()) {
                 // A frame half read has a stall deadline the driver keeps, a used ring a
                 // release; a socket the kernel would not take back needs its next look.
                 *fx.wake_driver = true;

@@ -216,7 +216,14 @@ impl Shared {
                     inner.wake_driver = true;
                     // The driver finishes the write: a caller may not keep the socket.
                     w.borrowed = None;
-                    w.arm(&self.epoll, wid);
+                }
+                // A worker given its first task since it was idle is watched again (unless
+                // a caller borrowed it to read the answer itself).
+                let busy = inner.policy.oldest(wid).is_some();
+                w.arm(&self.epoll, wid, busy);
+                if w.borrowed.is_none() && w.armed.is_none() && busy {
+                    // The kernel refused: the driver's next pass tries again.
+                    inner.wake_driver = true;
                 }
             }
             // The driver sleeps until a worker or a launch needs it; a step that leaves the

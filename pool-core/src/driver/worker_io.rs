@@ -98,15 +98,17 @@ impl WorkerIo {
     /// worker's state: read for (and, while frames wait, written to) while the driver
     /// watches it and no caller has borrowed it; out of the set otherwise (a borrowed
     /// socket is not even in the set: the set would still report its hang-up).
-    pub(super) fn arm(&mut self, ep: &OwnedFd, wid: u64) {
+    pub(super) fn arm(&mut self, ep: &OwnedFd, wid: u64, busy: bool) {
         let want = match (&self.sock_watch, self.borrowed, self.ended) {
             (Some(_), None, false) => {
                 let out = self.conn.as_ref().is_some_and(|c| c.wants_write());
-                Some(if out {
-                    EventFlags::IN | EventFlags::OUT
+                if out {
+                    Some(EventFlags::IN | EventFlags::OUT)
+                } else if busy || !self.guard.is_ready() || self.has_partial() {
+                    Some(EventFlags::IN)
                 } else {
-                    EventFlags::IN
-                })
+                    None
+                }
             }
             _ => None,
         };
@@ -130,11 +132,16 @@ impl WorkerIo {
         }
     }
 
+    /// Part of a frame from the worker waits for the rest.
+    fn has_partial(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.has_partial_frame())
+    }
+
     /// The driver stops watching the socket (its channel ended): out of the set, and no
     /// caller may borrow it.
     pub(super) fn unwatch_sock(&mut self, ep: &OwnedFd, wid: u64) {
         self.ended = true;
-        self.arm(ep, wid);
+        self.arm(ep, wid, false);
         if self.armed.is_none() {
             self.sock_watch = None;
         }
