@@ -41,6 +41,8 @@ from html import escape
 
 WORKLOADS = [
     "apply_rtt",
+    "apply_rtt_one_cpu",
+    "apply_rtt_two_cpus",
     "map_tiny_chunk1",
     "map_tiny_auto",
     "echo_1mib",
@@ -57,6 +59,8 @@ WORKLOADS = [
 ]
 TITLES = {
     "apply_rtt": "apply round trip",
+    "apply_rtt_one_cpu": "apply round trip, caller and worker on one CPU",
+    "apply_rtt_two_cpus": "apply round trip, caller and worker on two CPUs",
     "map_tiny_chunk1": "map 20k tiny, chunk 1",
     "map_tiny_auto": "map 200k tiny, auto chunk",
     "echo_1mib": "200 × 1 MiB echo",
@@ -74,6 +78,8 @@ TITLES = {
 # The unit of each workload, for rows that do not carry one (failure rows often do not).
 UNITS = {
     "apply_rtt": "s",
+    "apply_rtt_one_cpu": "s",
+    "apply_rtt_two_cpus": "s",
     "map_tiny_chunk1": "tasks/s",
     "map_tiny_auto": "tasks/s",
     "echo_1mib": "B/s",
@@ -114,12 +120,16 @@ RAW_SYSTEM = "raw-pipe"
 FLOOR_GOALS = [
     ("apply_rtt", "raw-pipe", "apply_rtt", "pipe round trip, 1 byte", 1.3, "max"),
     ("apply_rtt", "raw-socket", "apply_rtt", "socketpair round trip, 1 byte, poll + read", None, None),
+    ("apply_rtt_one_cpu", "raw-pipe", "apply_rtt_one_cpu", "pipe round trip, 1 byte, on one CPU", 1.3, "max"),
+    ("apply_rtt_two_cpus", "raw-pipe", "apply_rtt_two_cpus", "pipe round trip, 1 byte, on two CPUs", 1.3, "max"),
     ("startup", "raw-exec", "startup", "fork + exec(/bin/true) + wait", 1.5, "max"),
     ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
     ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
 ]
 FLOOR_TITLES = {
     ("raw-pipe", "apply_rtt"): "pipe round trip, 1 byte (no pool, no encoding)",
+    ("raw-pipe", "apply_rtt_one_cpu"): "pipe round trip, 1 byte, both processes held on one CPU",
+    ("raw-pipe", "apply_rtt_two_cpus"): "pipe round trip, 1 byte, the two processes held on two different CPUs",
     ("raw-socket", "apply_rtt"): "Unix socketpair round trip, 1 byte, each side in poll() then read() (the pool's transport and wait, no pool)",
     ("raw-fork", "fork_rate"): "bare fork + _exit + waitpid, one after another (rate)",
     ("raw-fork", "fork_latency"): "bare fork + _exit + waitpid (median latency)",

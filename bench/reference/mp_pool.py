@@ -44,6 +44,8 @@ import time
 
 WORKLOADS = [
     "apply_rtt",
+    "apply_rtt_one_cpu",
+    "apply_rtt_two_cpus",
     "map_tiny_chunk1",
     "map_tiny_auto",
     "echo_1mib",
@@ -61,6 +63,8 @@ WORKLOADS = [
 METHODS = ["fork", "spawn", "forkserver"]
 UNITS = {
     "apply_rtt": "s",
+    "apply_rtt_one_cpu": "s",
+    "apply_rtt_two_cpus": "s",
     "map_tiny_chunk1": "tasks/s",
     "map_tiny_auto": "tasks/s",
     "echo_1mib": "B/s",
@@ -80,6 +84,8 @@ UNITS = {
 # (pool-cli/src/bench.rs, `Scale`), so that fixed costs weigh the same on both sides.
 SIZES = {
     "apply_rtt": (5000, 500),  # round trips per run
+    "apply_rtt_one_cpu": (5000, 500),
+    "apply_rtt_two_cpus": (5000, 500),
     "map_tiny_chunk1": (20_000, 2_000),  # tasks
     "map_tiny_auto": (200_000, 20_000),  # tasks
     "echo_1mib": (200, 20),  # 1 MiB tasks
@@ -184,10 +190,28 @@ def calibrate_burn(target_s):
 # Each returns (value, extra_dict); raising SoftTimeout or anything else is reported.
 
 
-def w_apply_rtt(ctx, n, state):
+def _place(pool, two_cpus):
+    """Holds every thread of this process on one CPU it may use, and every thread of the
+    pool's workers on the same CPU, or (two_cpus) on another."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if two_cpus and len(cpus) < 2:
+        raise RuntimeError(f"needs two CPUs; this process may use {cpus}")
+    ours, theirs = (cpus[1], cpus[0]) if two_cpus else (cpus[0], cpus[0])
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), {ours})
+    for p in pool._pool:
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            os.sched_setaffinity(int(tid), {theirs})
+
+
+def w_apply_rtt(ctx, n, state, placement=None):
     with ctx.Pool(2) as pool:
         for _ in range(50):
             pool.apply(square, (7,))
+        if placement is not None:
+            _place(pool, placement == "two_cpus")
+            for _ in range(50):
+                pool.apply(square, (7,))
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -195,6 +219,14 @@ def w_apply_rtt(ctx, n, state):
             times.append(time.perf_counter() - t0)
             assert r == 49
         return statistics.median(times), {"calls": n, "mean_s": statistics.fmean(times)}
+
+
+def w_apply_rtt_one_cpu(ctx, n, state):
+    return w_apply_rtt(ctx, n, state, "one_cpu")
+
+
+def w_apply_rtt_two_cpus(ctx, n, state):
+    return w_apply_rtt(ctx, n, state, "two_cpus")
 
 
 def _map_throughput(ctx, n, chunksize):

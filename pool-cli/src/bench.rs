@@ -834,7 +834,7 @@ impl Placement {
         }
     }
 
-    /// Holds the calling thread on one CPU this process may use and every thread of the
+    /// Holds every thread of this process on one CPU it may use and every thread of the
     /// processes `pids` on the same CPU (`OneCpu`) or on another (`TwoCpus`).
     fn apply(self, pids: &[u32]) -> Result<(), String> {
         use rustix::thread::{CpuSet, Pid, sched_getaffinity, sched_setaffinity};
@@ -852,17 +852,20 @@ impl Placement {
             set.set(cpu);
             set
         };
-        sched_setaffinity(None, &only(ours)).map_err(|e| format!("sched_setaffinity: {e}"))?;
-        for &pid in pids {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map_err(|e| format!("threads of {pid}: {e}"))?;
+        let hold = |dir: String, cpu: usize| -> Result<(), String> {
+            let tasks = std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?;
             for t in tasks.flatten() {
                 let tid = t.file_name().to_string_lossy().parse::<i32>().ok();
                 if let Some(tid) = tid.and_then(Pid::from_raw) {
-                    sched_setaffinity(Some(tid), &only(theirs))
+                    sched_setaffinity(Some(tid), &only(cpu))
                         .map_err(|e| format!("sched_setaffinity({tid:?}): {e}"))?;
                 }
             }
+            Ok(())
+        };
+        hold("/proc/self/task".into(), ours)?;
+        for &pid in pids {
+            hold(format!("/proc/{pid}/task"), theirs)?;
         }
         Ok(())
     }
