@@ -8,6 +8,7 @@ use pool_spawn::task::FnRef;
 
 use crate::error::{Chain, TaskError, TaskErrorKind};
 use crate::event::{self, Pins};
+use crate::items::Items;
 use crate::task::Task;
 
 /// A chunk of items, encoded as the Run message of task `id`, with the items that could not
@@ -95,11 +96,7 @@ impl Placement {
     /// The worker's results for the sent items (`got`, in order) and the encode failures,
     /// one per item of the chunk in item order; errors carry their item's index, `base`
     /// plus the relative one, when the chunk is part of a `map` (`base` is `Some`).
-    pub(crate) fn merge<R>(
-        self,
-        got: Vec<Result<R, TaskError>>,
-        base: Option<usize>,
-    ) -> Vec<Result<R, TaskError>> {
+    pub(crate) fn merge<R>(self, got: Items<R>, base: Option<usize>) -> Items<R> {
         let Placement { sent, failed, len } = self;
         let index = move |i: usize, e: TaskError| match base {
             Some(b) => e.with_item(b + i),
@@ -107,12 +104,17 @@ impl Placement {
         };
         if failed.is_empty() && got.len() == len {
             // Every item was sent and answered: only errors need their index.
-            return got
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| r.map_err(|e| index(i, e)))
-                .collect();
+            return match got {
+                Items::Ok(v) => Items::Ok(v),
+                Items::Mixed(v) => Items::Mixed(
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, r)| r.map_err(|e| index(i, e)))
+                        .collect(),
+                ),
+            };
         }
+        let got = got.into_results();
         let mut out: Vec<Option<Result<R, TaskError>>> = (0..len).map(|_| None).collect();
         for (i, e) in failed {
             out[i] = Some(Err(index(i, e)));
@@ -124,11 +126,15 @@ impl Placement {
         for (i, r) in sent.zip(got) {
             out[i] = Some(r.map_err(|e| index(i, e)));
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "missing result")))
-            })
-            .collect()
+        Items::Mixed(
+            out.into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(TaskError::new(TaskErrorKind::Decode, "missing result"))
+                    })
+                })
+                .collect(),
+        )
     }
 }
 
@@ -191,8 +197,8 @@ mod tests {
         assert_eq!(run_items(enc.frame.as_ref().unwrap()), (7, vec![2, 4]));
         assert_eq!(enc.placement.sent(), 2);
         // The worker answers the two items it got; the merge puts every result in place.
-        let got = vec![Ok(1), Err(TaskError::panicked("boom".into()))];
-        let out = enc.placement.merge(got, Some(100));
+        let got = Items::Mixed(vec![Ok(1), Err(TaskError::panicked("boom".into()))]);
+        let out = enc.placement.merge(got, Some(100)).into_results();
         assert_eq!(out.len(), 4);
         assert_eq!(*out[0].as_ref().unwrap(), 1);
         let e = out[1].as_ref().unwrap_err();
@@ -210,9 +216,19 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_whose_items_all_succeeded_keeps_the_values_alone() {
+        let enc = chunk(&[2, 4, 6]);
+        let out = enc.placement.merge(Items::Ok(vec![1u32, 2, 3]), Some(100));
+        assert!(matches!(out, Items::Ok(v) if v == [1, 2, 3]));
+    }
+
+    #[test]
     fn a_result_missing_from_the_worker_fails_its_item_and_apply_errors_have_no_index() {
         let enc = chunk(&[2, 4]);
-        let out = enc.placement.merge(vec![Ok::<u32, TaskError>(1)], None);
+        let out = enc
+            .placement
+            .merge(Items::Ok(vec![1u32]), None)
+            .into_results();
         assert_eq!(*out[0].as_ref().unwrap(), 1);
         let e = out[1].as_ref().unwrap_err();
         assert_eq!((e.kind(), e.item_index()), (TaskErrorKind::Decode, None));

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use crate::chunk::auto_chunksize;
 use crate::driver::{Shared, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
+use crate::items::Items;
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Done, Slot};
@@ -221,7 +222,7 @@ struct Gather<R> {
     /// The next chunk to move into `out`.
     next: usize,
     /// Chunks that came back before their turn, by index.
-    early: BTreeMap<usize, Vec<Result<R, TaskError>>>,
+    early: BTreeMap<usize, Items<R>>,
     /// The first failing item's error, in item order (`out` is dropped then).
     err: Option<TaskError>,
     /// Chunks made and not yet back.
@@ -235,7 +236,7 @@ struct Gather<R> {
 
 impl<R: Send + 'static> Gather<R> {
     /// Chunk `c` is back with `results`.
-    fn arrived(&mut self, c: usize, results: Vec<Result<R, TaskError>>) {
+    fn arrived(&mut self, c: usize, results: Items<R>) {
         if c != self.next {
             self.early.insert(c, results);
             return;
@@ -247,11 +248,24 @@ impl<R: Send + 'static> Gather<R> {
     }
 
     /// Moves the next chunk's results into `out`, or keeps its first error.
-    fn take(&mut self, results: Vec<Result<R, TaskError>>) {
+    fn take(&mut self, results: Items<R>) {
         self.next += 1;
         if self.err.is_some() {
             return;
         }
+        let results = match results {
+            Items::Ok(mut v) => {
+                // Moved in one piece (the first chunk, into a vector with no room reserved,
+                // is taken as it is).
+                if self.out.is_empty() && self.out.capacity() < v.len() {
+                    self.out = v;
+                } else {
+                    self.out.append(&mut v);
+                }
+                return;
+            }
+            Items::Mixed(results) => results,
+        };
         for r in results {
             match r {
                 Ok(v) => self.out.push(v),

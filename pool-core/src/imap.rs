@@ -183,7 +183,7 @@ impl Pool {
             let tx = tx.clone();
             let enc = sub.encode::<F, (A,)>(pool.new_id(), &chunk);
             pool.submit_batch::<F::Output>(&sub, enc, Some(base), fed, move |results| {
-                let _ = tx.send((c, results));
+                let _ = tx.send((c, results.into_results()));
             });
             match panicked {
                 Some(payload) => Fed::Panicked {

@@ -46,6 +46,7 @@ mod event;
 mod gather;
 mod ids;
 mod imap;
+mod items;
 mod metrics;
 mod observe;
 mod options;

@@ -23,6 +23,7 @@ use tracing::Span;
 use tracing::field::Empty;
 
 use crate::error::{TaskError, TaskErrorKind};
+use crate::items::Items;
 use crate::metrics::{Outcomes, Summary};
 
 /// The span of a new pool: its id (counting pools built in this process), start method and
@@ -91,7 +92,15 @@ fn kind_index(kind: TaskErrorKind) -> usize {
 
 impl Tally {
     /// Counts the outcomes of some items of task `span`, and tells the span how they ended.
-    pub(crate) fn count<R>(&self, span: &Span, first: usize, items: &[Result<R, TaskError>]) {
+    pub(crate) fn count<R>(&self, span: &Span, first: usize, items: &Items<R>) {
+        let items = match items {
+            Items::Ok(v) => {
+                self.ok.fetch_add(v.len() as u64, Ordering::Relaxed);
+                tracing::debug!(parent: span, items = v.len(), "task finished");
+                return;
+            }
+            Items::Mixed(items) => items,
+        };
         let mut ok = 0;
         let mut first_err: Option<(usize, &TaskError)> = None;
         let mut failed = 0;

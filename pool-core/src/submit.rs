@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::chunk::{Encoded, encode_chunk};
 use crate::driver::{self, Fx, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{QueueFull, TaskError, TaskErrorKind};
+use crate::items::Items;
 use crate::observe::Tally;
 use crate::options::Options;
 use crate::policy::{Effects, Policy, Refusal};
@@ -105,7 +106,7 @@ struct PiecesState<R, D> {
 impl<R, D> Pieces<R, D>
 where
     R: DeserializeOwned + Send + 'static,
-    D: FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
+    D: FnOnce(Items<R>) + Send + 'static,
 {
     fn sink(n: usize, done: D, span: tracing::Span, tally: Arc<Tally>) -> Sink {
         let pieces = Pieces {
@@ -134,7 +135,7 @@ where
             if g.got.is_empty() {
                 g.got = (0..self.n).map(|_| None).collect();
             }
-            for (i, r) in (first..).zip(items) {
+            for (i, r) in (first..).zip(items.into_results()) {
                 if let Some(place) = g.got.get_mut(i)
                     && place.is_none()
                 {
@@ -143,10 +144,12 @@ where
                 }
             }
             (g.missing == 0).then(|| {
-                std::mem::take(&mut g.got)
-                    .into_iter()
-                    .map(|r| r.expect("every item has its result"))
-                    .collect()
+                Items::Mixed(
+                    std::mem::take(&mut g.got)
+                        .into_iter()
+                        .map(|r| r.expect("every item has its result"))
+                        .collect(),
+                )
             })
         };
         let done = finished.and_then(|items| g.done.take().map(|d| (d, items)));
@@ -175,7 +178,7 @@ impl Pool {
         enc: Encoded,
         base: Option<usize>,
         fed: bool,
-        done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
+        done: impl FnOnce(Items<R>) + Send + 'static,
     ) where
         R: DeserializeOwned + Send + 'static,
     {
@@ -191,7 +194,7 @@ impl Pool {
         sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
-        done: impl FnOnce(Vec<Result<R, TaskError>>) + Send + 'static,
+        done: impl FnOnce(Items<R>) + Send + 'static,
     ) -> Option<(u64, TaskRec)>
     where
         R: DeserializeOwned + Send + 'static,
@@ -207,12 +210,12 @@ impl Pool {
         let task_pins = pins.clone();
         let span = crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent);
         if n_sent == 0 {
-            done(placement.merge(Vec::new(), base));
+            done(placement.merge(Items::Ok(Vec::new()), base));
             return None;
         }
         let sink = Pieces::sink(
             n_sent,
-            move |got: Vec<Result<R, TaskError>>| {
+            move |got: Items<R>| {
                 // The worker has decoded the arguments (or never will): release their events.
                 drop(pins);
                 done(placement.merge(got, base));
@@ -453,9 +456,9 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |items| {
             let r = items
-                .pop()
+                .into_last()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, Callbacks::new());
         });
@@ -531,9 +534,9 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |mut items| {
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |items| {
             let r = items
-                .pop()
+                .into_last()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, callbacks);
         });

@@ -810,6 +810,48 @@ pub fn decode_item_results<R: serde::de::DeserializeOwned + 'static, U>(
     })
 }
 
+/// Decodes per-item results laid as for [`decode_item_results`] while they are `Ok`, their
+/// values alone into `out`: `Ok(None)` when all `items` were (and the bytes end with the
+/// last); `Ok(Some((i, rest)))` at the first item error, item `i`, whose bytes start
+/// `rest` (decode from there with [`decode_item_results`], `items - i` results).
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
+    items: u64,
+    mut bytes: &'b [u8],
+    out: &mut Vec<R>,
+) -> Result<Option<(u64, &'b [u8])>, postcard::Error> {
+    // Every encoded result takes at least a byte: a count beyond the bytes is a lie.
+    out.reserve(
+        usize::try_from(items)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len()),
+    );
+    for i in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
+        match bytes.split_first() {
+            Some((0, rest)) => {
+                let (v, rest) = match take_byte_string::<R>(rest) {
+                    Some(got) => got,
+                    None => postcard::take_from_bytes::<R>(rest)?,
+                };
+                out.push(v);
+                bytes = rest;
+            }
+            Some((1, _)) => return Ok(Some((i, bytes))),
+            Some(_) => return Err(postcard::Error::DeserializeBadEnum),
+            None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+        }
+    }
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
 /// The first result of `bytes` when `T` is `Result<B, ItemError>` for a byte string `B`
 /// ([`ByteBuf`] or `Vec<u8>`) and the result is `Ok` (the variant index 0, then the byte
 /// string: see [`take_byte_string`]); `None` for any other type, an error result, or bytes
@@ -1022,6 +1064,25 @@ mod tests {
         assert!(decode_item_results(5, &bytes, &mut v, Ok, Err).is_err());
         assert!(decode_item_results(3, &bytes, &mut v, Ok, Err).is_err());
         assert!(decode_item_results(1, &[2, 0], &mut v, Ok, Err).is_err());
+        // While they are Ok, the values alone; at the first error, where it starts, and
+        // the rest decode from there as before.
+        let mut oks: Vec<u64> = Vec::new();
+        let (i, rest) = decode_ok_results(4, &bytes, &mut oks).unwrap().unwrap();
+        assert_eq!((i, oks.as_slice()), (1, &[5u64][..]));
+        let mut tail: Vec<Result<u64, ItemError>> = Vec::new();
+        decode_item_results(4 - i, rest, &mut tail, Ok, Err).unwrap();
+        assert_eq!(tail, results[1..]);
+        let mut all_ok = Vec::new();
+        for r in [Ok::<u64, ItemError>(1), Ok(300)] {
+            pool_ipc::encode_append(&mut all_ok, &r).unwrap();
+        }
+        let mut oks: Vec<u64> = Vec::new();
+        assert_eq!(decode_ok_results(2, &all_ok, &mut oks).unwrap(), None);
+        assert_eq!(oks, [1, 300]);
+        let mut oks: Vec<u64> = Vec::new();
+        assert!(decode_ok_results(3, &all_ok, &mut oks).is_err());
+        assert!(decode_ok_results(1, &all_ok, &mut oks).is_err());
+        assert!(decode_ok_results(1, &[2, 0], &mut oks).is_err());
     }
 
     #[test]

@@ -6,12 +6,13 @@ use pool_spawn::task::ItemError;
 
 use super::Outcome;
 use crate::error::{TaskError, TaskErrorKind};
+use crate::items::Items;
 
 /// Turns a worker's result bytes into per-item results.
 pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
     outcome: Outcome,
     count: usize,
-) -> Vec<Result<R, TaskError>> {
+) -> Items<R> {
     match outcome {
         Outcome::Failed(e) => all_err(e, count),
         Outcome::Done {
@@ -28,14 +29,33 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             // Decoded straight into the caller's type: an item error becomes a TaskError
             // as it is read, with no list of the worker's results in between.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut items: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
-                for b in &batches {
-                    protocol::decode_item_results(b.items, b.bytes(), &mut items, Ok, |e| {
+                // The values alone while every item succeeded; a result per item from the
+                // first that failed.
+                let mut oks: Vec<R> = Vec::with_capacity(count);
+                let mut batches_left = batches.iter();
+                let mut mixed = loop {
+                    let Some(b) = batches_left.next() else {
+                        return Ok::<_, String>(Items::Ok(oks));
+                    };
+                    let stop = protocol::decode_ok_results(b.items, b.bytes(), &mut oks)
+                        .map_err(|e| e.to_string())?;
+                    if let Some((i, rest)) = stop {
+                        let mut mixed: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
+                        mixed.extend(oks.drain(..).map(Ok));
+                        protocol::decode_item_results(b.items - i, rest, &mut mixed, Ok, |e| {
+                            Err(item_error(e, &worker, pid))
+                        })
+                        .map_err(|e| e.to_string())?;
+                        break mixed;
+                    }
+                };
+                for b in batches_left {
+                    protocol::decode_item_results(b.items, b.bytes(), &mut mixed, Ok, |e| {
                         Err(item_error(e, &worker, pid))
                     })
                     .map_err(|e| e.to_string())?;
                 }
-                Ok::<_, String>(items)
+                Ok(Items::Mixed(mixed))
             }));
             // The frames are done with: their buffers hold later frames.
             for b in batches {
@@ -96,8 +116,8 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn all_err<R>(e: TaskError, count: usize) -> Vec<Result<R, TaskError>> {
-    (0..count).map(|_| Err(e.clone())).collect()
+fn all_err<R>(e: TaskError, count: usize) -> Items<R> {
+    Items::Mixed((0..count).map(|_| Err(e.clone())).collect())
 }
 
 fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
@@ -156,11 +176,26 @@ mod tests {
             worker: "W-1".into(),
             pid: 42,
         };
-        let got: Vec<u32> = decode_items::<u32>(outcome, 3)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(got, [1, 2, 3]);
+        // Every item succeeded: the values alone.
+        assert!(matches!(decode_items::<u32>(outcome, 3), Items::Ok(v) if v == [1, 2, 3]));
+        // An item failed in a later part: a result per item, in order, the values decoded
+        // before it included.
+        let panicked = ItemError::new(ItemErrorKind::Panicked, "boom");
+        let outcome = Outcome::Done {
+            result: Ok(vec![
+                batch(&[Ok::<u32, ItemError>(1), Ok(2)]),
+                batch(&[Ok::<u32, ItemError>(3), Err(panicked), Ok(5)]),
+                batch(&[Ok::<u32, ItemError>(6)]),
+            ]),
+            worker: "W-1".into(),
+            pid: 42,
+        };
+        let got = decode_items::<u32>(outcome, 6);
+        assert!(matches!(got, Items::Mixed(_)));
+        let got = got.into_results();
+        let oks: Vec<Option<u32>> = got.iter().map(|r| r.as_ref().ok().copied()).collect();
+        assert_eq!(oks, [Some(1), Some(2), Some(3), None, Some(5), Some(6)]);
+        assert_eq!(got[3].as_ref().unwrap_err().kind(), TaskErrorKind::Panicked);
     }
 
     #[test]
@@ -174,7 +209,7 @@ mod tests {
             Err(ItemError::new(ItemErrorKind::Decode, "bad argument")),
             Ok(9),
         ];
-        let got = decode_items::<u32>(done(&items), 4);
+        let got = decode_items::<u32>(done(&items), 4).into_results();
         assert_eq!(got[0].as_ref().unwrap(), &7);
         assert_eq!(got[3].as_ref().unwrap(), &9);
         let panic = got[1].as_ref().unwrap_err();
@@ -186,14 +221,15 @@ mod tests {
 
     #[test]
     fn a_wrong_count_a_wrong_type_or_a_failed_batch_fails_every_item() {
-        let wrong_count = decode_items::<u32>(done(&[Ok::<u32, ItemError>(1)]), 2);
+        let wrong_count = decode_items::<u32>(done(&[Ok::<u32, ItemError>(1)]), 2).into_results();
         assert_eq!(wrong_count.len(), 2);
         for r in &wrong_count {
             let e = r.as_ref().unwrap_err();
             assert_eq!(e.kind(), TaskErrorKind::Decode);
             assert!(e.message().contains("expected 2 results"), "{e}");
         }
-        let wrong_type = decode_items::<String>(done(&[Ok::<u8, ItemError>(0xFF)]), 1);
+        let wrong_type =
+            decode_items::<String>(done(&[Ok::<u8, ItemError>(0xFF)]), 1).into_results();
         let e = wrong_type[0].as_ref().unwrap_err();
         assert!(
             e.message().contains("does not decode as the expected type"),
@@ -204,7 +240,7 @@ mod tests {
             worker: "W-2".into(),
             pid: 7,
         };
-        let got = decode_items::<u32>(whole, 3);
+        let got = decode_items::<u32>(whole, 3).into_results();
         assert_eq!(got.len(), 3);
         assert!(
             got.iter()
@@ -213,7 +249,8 @@ mod tests {
         let failed = decode_items::<u32>(
             Outcome::Failed(TaskError::new(TaskErrorKind::PoolClosed, "closed")),
             2,
-        );
+        )
+        .into_results();
         assert!(
             failed
                 .iter()
@@ -233,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_panicking_deserialize_fails_the_items_not_the_caller() {
-        let got = decode_items::<Grumpy>(done(&[Ok::<u8, ItemError>(1)]), 1);
+        let got = decode_items::<Grumpy>(done(&[Ok::<u8, ItemError>(1)]), 1).into_results();
         let e = got[0].as_ref().unwrap_err();
         assert_eq!(e.kind(), TaskErrorKind::Decode);
         assert!(
