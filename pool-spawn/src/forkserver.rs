@@ -490,6 +490,7 @@ impl ServerLink {
     pub(crate) fn wait_report(&self, serial: u64, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = crate::child::deadline_after(timeout);
         let mut stopped_since = None;
+        let mut first = true;
         loop {
             let mut st = self.lock();
             if let Some(s) = st.reports.remove(&serial) {
@@ -507,7 +508,11 @@ impl ServerLink {
             if left.is_zero() {
                 return Ok(None);
             }
-            if st.stopped_too_long(self.server_pid, &mut stopped_since) {
+            // Not before the first wait: the report usually follows the worker's exit by
+            // moments (the server is woken by it too), and the look reads /proc.
+            if !std::mem::take(&mut first)
+                && st.stopped_too_long(self.server_pid, &mut stopped_since)
+            {
                 return Err(st.lost_error());
             }
             // Wait in short slices so that other users of the link get their turn.
