@@ -108,6 +108,7 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
     // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
     // pages); done once here, a forked worker inherits it done.
     drop(crate::protocol::passing(Vec::new()));
+    warm_up();
     sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
@@ -118,6 +119,27 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
     };
     s.run();
     sys::flush_and_exit(0)
+}
+
+/// Does once, in the server, what every worker would otherwise do first in its own
+/// short life: lazy set-ups whose state a forked worker inherits done.
+///
+/// - rustix finds the vDSO (for the clock a worker reads as it begins each task) and the
+///   page size through the auxiliary vector the first time it needs them, checking the
+///   vDSO's ELF header;
+/// - std's stdout is set up at its first use, which for a worker that never prints is
+///   the flush on its way out;
+/// - the program's name, which a worker puts in its process name, is read from the
+///   arguments once.
+///
+/// Each costs a worker page faults and system calls; a worker recycled after every task
+/// paid them for each task.
+fn warm_up() {
+    use std::io::Write;
+    let _ = crate::protocol::monotonic_ns();
+    let _ = rustix::param::page_size();
+    let _ = std::io::stdout().flush();
+    sys::program_name();
 }
 
 impl Server {
