@@ -97,11 +97,19 @@ struct Server {
 
 /// Runs the fork server on `ctl`; never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
+    // Whatever `main` did before `init()` happened here too: signal settings it changed
+    // are put back to a worker's.
+    sys::worker_signals();
+    serve_prepared(ctl)
+}
+
+/// Runs the fork server on `ctl` in a process that has a worker's signal settings already
+/// (a zygote, prepared as a worker is); never returns.
+pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
     // Its workers inherit these as they are (`fork::fork_worker` relies on it, and on
     // stdin being `/dev/null` already: spawn starts the server so, and a zygote is prepared
     // as a worker is): a worker's signal settings and the worker loop's panic hook. Neither
     // changes while it serves.
-    sys::worker_signals();
     crate::task::install_panic_hook();
     // Likewise the worker loop's thread-local list of the descriptors passed with a
     // message: its first use registers a destructor with the C library, which resolves a
@@ -457,10 +465,14 @@ impl ServerLink {
         self.lock().lost.is_some()
     }
 
-    /// Asks the server for a worker.
-    pub(crate) fn fork(&self) -> Result<Forked> {
+    /// Asks the server for a worker; runs `meanwhile` (if it is still there) once the request
+    /// is sent, while the server forks.
+    pub(crate) fn fork(&self, meanwhile: &mut Option<impl FnOnce()>) -> Result<Forked> {
         let mut st = self.lock();
         st.send(&Request::Fork)?;
+        if let Some(f) = meanwhile.take() {
+            f();
+        }
         let deadline = crate::child::deadline_after(self.timeout);
         let mut stopped_since = None;
         loop {

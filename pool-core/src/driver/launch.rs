@@ -33,7 +33,12 @@ pub(crate) fn launch_one(
             None => return Ok(None),
         }
     };
-    let mut worker = launcher.launch(&name)?;
+    // A page for the worker to count the tasks it begins and keep its results on; without
+    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
+    // running, and cannot cancel tasks it sent. Readied while the fork server (or zygote)
+    // forks the worker.
+    let mut progress = None;
+    let mut worker = launcher.launch_meanwhile(&name, || progress = fresh_page(pages))?;
     let sock = worker
         .take_channel()
         .expect("a freshly launched worker has its channel");
@@ -47,10 +52,6 @@ pub(crate) fn launch_one(
     let mut conn =
         FramedConn::new(sock, shared.settings.ipc.clone()).map_err(pool_spawn::Error::from)?;
     let s = &shared.settings;
-    // A page for the worker to count the tasks it begins and keep its results on; without
-    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
-    // running, and cannot cancel tasks it sent.
-    let progress = fresh_page(pages);
     // Passed with the Setup: the initializer's events (their slots), then the page. The
     // worker opens what is missing through /proc (which fails if this process is not
     // dumpable).
