@@ -45,6 +45,9 @@ use rustix::thread::futex;
 /// `f_type` of the kernel's shmem filesystem, where memfds live.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 
+/// The largest written range [`Segment::zero`] overwrites rather than gives back.
+pub const ZERO_IN_PLACE: usize = 16 << 10;
+
 /// A shared memory segment: a sealed memfd mapped read-write and `MAP_SHARED`.
 ///
 /// The file is sealed against shrinking and growing when created here, and
@@ -328,6 +331,46 @@ impl Segment {
                 start as u64,
                 (end - start) as u64,
             )?;
+        }
+        Ok(())
+    }
+
+    /// Sets every byte of the segment to zero, in every process that maps it.
+    ///
+    /// Only the file's written ranges are cleared (found with `SEEK_DATA` and `SEEK_HOLE`):
+    /// one of at most [`ZERO_IN_PLACE`] bytes is overwritten, keeping its memory for the
+    /// next writer (freeing it, then faulting it in and zeroing it again on the next write,
+    /// costs more); a larger one is given back, as [`Segment::discard`] does.
+    ///
+    /// Any process may be reading those bytes at the time: call it only for a segment
+    /// nobody uses any more.
+    ///
+    /// # Errors
+    ///
+    /// The `lseek` or `fallocate` error.
+    pub fn zero(&self) -> io::Result<()> {
+        use rustix::fs::SeekFrom;
+        let len = self.len as u64;
+        let mut off = 0;
+        while off < len {
+            let start = match rustix::fs::seek(&self.fd, SeekFrom::Data(off)) {
+                Ok(d) => d,
+                // No data from `off` on.
+                Err(Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if start >= len {
+                break;
+            }
+            let end = rustix::fs::seek(&self.fd, SeekFrom::Hole(start))?.min(len);
+            let (start, n) = (start as usize, (end - start) as usize);
+            if n <= ZERO_IN_PLACE {
+                // SAFETY: `start + n <= len`: the range is inside the live mapping.
+                unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(start), 0, n) };
+            } else {
+                self.discard(start, n)?;
+            }
+            off = end;
         }
         Ok(())
     }

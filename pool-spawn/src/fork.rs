@@ -76,7 +76,7 @@ pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_zygote(ctl: OwnedFd) -> io::Result<Pid> {
-    fork_serving(ctl, Prepare::Full, crate::forkserver::serve)
+    fork_serving(ctl, Prepare::Full, crate::forkserver::serve_prepared)
 }
 
 /// How much of a worker's setup a forked child does itself.

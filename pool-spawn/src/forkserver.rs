@@ -97,17 +97,26 @@ struct Server {
 
 /// Runs the fork server on `ctl`; never returns.
 pub(crate) fn serve(ctl: OwnedFd) -> ! {
+    // Whatever `main` did before `init()` happened here too: signal settings it changed
+    // are put back to a worker's.
+    sys::worker_signals();
+    serve_prepared(ctl)
+}
+
+/// Runs the fork server on `ctl` in a process that has a worker's signal settings already
+/// (a zygote, prepared as a worker is); never returns.
+pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
     // Its workers inherit these as they are (`fork::fork_worker` relies on it, and on
     // stdin being `/dev/null` already: spawn starts the server so, and a zygote is prepared
     // as a worker is): a worker's signal settings and the worker loop's panic hook. Neither
     // changes while it serves.
-    sys::worker_signals();
     crate::task::install_panic_hook();
     // Likewise the worker loop's thread-local list of the descriptors passed with a
     // message: its first use registers a destructor with the C library, which resolves a
     // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
     // pages); done once here, a forked worker inherits it done.
     drop(crate::protocol::passing(Vec::new()));
+    warm_up();
     sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
@@ -118,6 +127,27 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
     };
     s.run();
     sys::flush_and_exit(0)
+}
+
+/// Does once, in the server, what every worker would otherwise do first in its own
+/// short life: lazy set-ups whose state a forked worker inherits done.
+///
+/// - rustix finds the vDSO (for the clock a worker reads as it begins each task) and the
+///   page size through the auxiliary vector the first time it needs them, checking the
+///   vDSO's ELF header;
+/// - std's stdout is set up at its first use, which for a worker that never prints is
+///   the flush on its way out;
+/// - the program's name, which a worker puts in its process name, is read from the
+///   arguments once.
+///
+/// Each costs a worker page faults and system calls; a worker recycled after every task
+/// paid them for each task.
+fn warm_up() {
+    use std::io::Write;
+    let _ = crate::protocol::monotonic_ns();
+    let _ = rustix::param::page_size();
+    let _ = std::io::stdout().flush();
+    sys::program_name();
 }
 
 impl Server {
@@ -435,10 +465,14 @@ impl ServerLink {
         self.lock().lost.is_some()
     }
 
-    /// Asks the server for a worker.
-    pub(crate) fn fork(&self) -> Result<Forked> {
+    /// Asks the server for a worker; runs `meanwhile` (if it is still there) once the request
+    /// is sent, while the server forks.
+    pub(crate) fn fork(&self, meanwhile: &mut Option<impl FnOnce()>) -> Result<Forked> {
         let mut st = self.lock();
         st.send(&Request::Fork)?;
+        if let Some(f) = meanwhile.take() {
+            f();
+        }
         let deadline = crate::child::deadline_after(self.timeout);
         let mut stopped_since = None;
         loop {
@@ -490,6 +524,7 @@ impl ServerLink {
     pub(crate) fn wait_report(&self, serial: u64, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = crate::child::deadline_after(timeout);
         let mut stopped_since = None;
+        let mut first = true;
         loop {
             let mut st = self.lock();
             if let Some(s) = st.reports.remove(&serial) {
@@ -507,7 +542,11 @@ impl ServerLink {
             if left.is_zero() {
                 return Ok(None);
             }
-            if st.stopped_too_long(self.server_pid, &mut stopped_since) {
+            // Not before the first wait: the report usually follows the worker's exit by
+            // moments (the server is woken by it too), and the look reads /proc.
+            if !std::mem::take(&mut first)
+                && st.stopped_too_long(self.server_pid, &mut stopped_since)
+            {
                 return Err(st.lost_error());
             }
             // Wait in short slices so that other users of the link get their turn.

@@ -203,8 +203,36 @@ impl Launcher {
     /// [`ErrorKind::InitNotCalled`] / [`ErrorKind::Handshake`] for spawn,
     /// [`ErrorKind::ServerLost`] if the fork server died and could not be restarted.
     pub fn launch(&mut self, name: &str) -> Result<Worker> {
+        self.launch_meanwhile(name, || ())
+    }
+
+    /// [`Launcher::launch`], running `meanwhile` during the launch, where the launch waits
+    /// for another process (the fork server or zygote forking the worker): the caller's own
+    /// preparations for the worker overlap its fork. `meanwhile` runs once, whatever the
+    /// outcome (before the launch, for [`StartMethod::Spawn`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Launcher::launch`].
+    pub fn launch_meanwhile(&mut self, name: &str, meanwhile: impl FnOnce()) -> Result<Worker> {
+        let mut meanwhile = Some(meanwhile);
+        let w = self.launch_inner(name, &mut meanwhile);
+        if let Some(f) = meanwhile.take() {
+            f();
+        }
+        w
+    }
+
+    fn launch_inner(
+        &mut self,
+        name: &str,
+        meanwhile: &mut Option<impl FnOnce()>,
+    ) -> Result<Worker> {
         let w = match self.method {
             StartMethod::Spawn => {
+                if let Some(f) = meanwhile.take() {
+                    f();
+                }
                 let s = crate::spawn::start(
                     Role::Worker,
                     self.opts.handshake_timeout,
@@ -226,18 +254,18 @@ impl Launcher {
                         ));
                     }
                 };
-                let f = link.fork()?;
+                let f = link.fork(meanwhile)?;
                 Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
                 let link = self.server()?;
-                let forked = match link.fork() {
+                let forked = match link.fork(meanwhile) {
                     Ok(f) => (f, link),
                     Err(e) if e.kind() == ErrorKind::ServerLost => {
                         tracing::warn!(error = %e, "the fork server is gone; starting a new one");
                         self.link = None;
                         let link = self.server()?;
-                        (link.fork()?, link)
+                        (link.fork(meanwhile)?, link)
                     }
                     Err(e) => return Err(e),
                 };
@@ -293,6 +321,10 @@ const THREADS_SETTLE: Duration = Duration::from_millis(100);
 /// `/proc/self/task` a little longer: while more than one thread is counted, this looks
 /// again for up to `settle`.
 pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
+    // The common case in one small read: a process with one thread is done counting.
+    if num_threads() == Some(1) {
+        return Some(1);
+    }
     let deadline = Instant::now() + settle;
     loop {
         let all = live_threads()?;
@@ -306,6 +338,19 @@ pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The thread count in `/proc/self/stat` (its 20th field), if it can be read.
+fn num_threads() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name, in parentheses, may hold anything: the fields after its last `)`
+    // start with the 3rd (the state); the thread count is the 20th.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(17)?
+        .parse()
+        .ok()
 }
 
 /// The entries of `/proc/self/task` that are not dead or zombie threads.

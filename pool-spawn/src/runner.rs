@@ -104,10 +104,15 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             let _passed = protocol::passing(fds);
             // Best effort: without the page the pool assumes the oldest task it sent was
             // running.
-            let page = progress
+            // Kept mapped for the rest of the process (a worker gets one Setup): its exit
+            // unmaps it with everything else, sparing a separate unmap and close as the
+            // worker ends, which for a worker recycled after each task is a good part of
+            // its system calls.
+            let page: Option<&'static pool_ipc::shm::Segment> = progress
                 .and_then(|page| page.open().ok())
-                .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET);
-            if let Some(page) = &page {
+                .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET)
+                .map(|seg| &*Box::leak(Box::new(seg)));
+            if let Some(page) = page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
                 // /proc missing, or the pool's process not readable to us).
                 page.atomic_u64(protocol::page::KEPT)
@@ -164,7 +169,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         },
     )?;
     let mut runs = 0u64;
-    let mut results = Results::new(page.as_ref());
+    let mut results = Results::new(page);
     loop {
         // Every result has been written already: block for the next request (one that is
         // already buffered is handed over without a system call). Each request is decoded

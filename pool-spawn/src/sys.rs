@@ -11,9 +11,10 @@
 //!
 //! Every function here is safe to call; each unsafe block is a single system call (or raw
 //! fd adoption) whose preconditions are stated at the block. Nothing here allocates or takes
-//! a lock except [`set_identity`] and [`adopt_inherited_fd`], so the other functions may be
-//! used in a freshly forked child of a multi-threaded process (they are async-signal-safe:
-//! `_exit`, `signal`, `sigaction`, `sigprocmask`, `close_range`/`close`, `fcntl`).
+//! a lock except [`set_identity`], [`adopt_inherited_fd`], [`set_process_name`],
+//! [`program_name`] and [`proc_state`], so the other functions may be used in a freshly
+//! forked child of a multi-threaded process (they are async-signal-safe: `_exit`, `signal`,
+//! `sigaction`, `sigprocmask`, `close_range`/`close`, `fcntl`).
 //!
 //! The worker identity is a leaked, never-freed `Box`: the pointer stored in [`IDENTITY`]
 //! is either null or points to an `Identity` that lives for the rest of the process.
@@ -254,11 +255,7 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 /// The program's name is cut to fit; `tail` is kept. Best effort.
 pub(crate) fn set_process_name(tail: &str) {
     const COMM_MAX: usize = 15;
-    let arg0 = std::env::args_os().next().unwrap_or_default();
-    let prog = std::path::Path::new(&arg0)
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let prog = program_name();
     let room = COMM_MAX.saturating_sub(tail.len());
     let mut cut = prog.len().min(room);
     while !prog.is_char_boundary(cut) {
@@ -277,6 +274,19 @@ pub(crate) fn set_process_name(tail: &str) {
     if let Ok(name) = std::ffi::CString::new(name) {
         let _ = rustix::thread::set_name(&name);
     }
+}
+
+/// The file name of the program (from `argv[0]`), read once: a fork server reads it before
+/// it forks, so that its workers find it read.
+pub(crate) fn program_name() -> &'static str {
+    static PROG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PROG.get_or_init(|| {
+        let arg0 = std::env::args_os().next().unwrap_or_default();
+        std::path::Path::new(&arg0)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    })
 }
 
 /// The state letter of a process or thread (`R`, `S`, `T`, `Z`...) from its

@@ -66,6 +66,8 @@ pub(crate) struct Driver {
     watches: BTreeMap<WorkerId, Watch>,
     /// When the timers next need a look (a task's time limit, a stopped worker's SIGKILL).
     next_timer: Option<Instant>,
+    /// Progress pages of reaped workers, for the next launches (see `launch::fresh_page`).
+    pub(super) pages: Vec<pool_ipc::shm::Segment>,
 }
 
 impl Driver {
@@ -75,6 +77,7 @@ impl Driver {
             launcher,
             watches: BTreeMap::new(),
             next_timer: None,
+            pages: Vec::new(),
         }
     }
 
@@ -308,7 +311,7 @@ impl Driver {
                 }
             }
         });
-        self.shared.act(|p, fx| {
+        let page = self.shared.act(|p, fx| {
             let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
@@ -320,11 +323,19 @@ impl Driver {
                 running = w.was_running();
             }
             let how = p.exited_with(wid, Exit::Ended, undelivered, running, fx);
-            if let Some(mut w) = fx.io.remove(&wid) {
-                w.unwatch_sock(&self.shared.epoll, wid);
-                departed(&w.name, w.pid, status, how);
-            }
+            let mut w = fx.io.remove(&wid)?;
+            w.unwatch_sock(&self.shared.epoll, wid);
+            departed(&w.name, w.pid, status, how);
+            // Its page serves a later worker only once the process is known to be gone (it
+            // was reaped): nothing writes to it any more. (Whatever the page held was read
+            // above, by `exited_with`.)
+            status.and(w.progress.take())
         });
+        if let Some(page) = page
+            && self.pages.len() < super::launch::KEEP_PAGES
+        {
+            self.pages.push(page);
+        }
         if let Some(w) = self.watches.get_mut(&wid) {
             w.sock = false;
             if let Some(exit) = w.exit.take() {

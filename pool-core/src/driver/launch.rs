@@ -19,6 +19,7 @@ use crate::policy::{Exit, Origin, WorkerId};
 pub(crate) fn launch_one(
     shared: &Shared,
     launcher: &mut Launcher,
+    pages: &mut Vec<pool_ipc::shm::Segment>,
     wid: WorkerId,
 ) -> Result<Option<WatchFds>, pool_spawn::Error> {
     let (name, max_tasks, origin) = {
@@ -32,7 +33,12 @@ pub(crate) fn launch_one(
             None => return Ok(None),
         }
     };
-    let mut worker = launcher.launch(&name)?;
+    // A page for the worker to count the tasks it begins and keep its results on; without
+    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
+    // running, and cannot cancel tasks it sent. Readied while the fork server (or zygote)
+    // forks the worker.
+    let mut progress = None;
+    let mut worker = launcher.launch_meanwhile(&name, || progress = fresh_page(pages))?;
     let sock = worker
         .take_channel()
         .expect("a freshly launched worker has its channel");
@@ -46,12 +52,6 @@ pub(crate) fn launch_one(
     let mut conn =
         FramedConn::new(sock, shared.settings.ipc.clone()).map_err(pool_spawn::Error::from)?;
     let s = &shared.settings;
-    // A page for the worker to count the tasks it begins and keep its results on; without
-    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
-    // running, and cannot cancel tasks it sent.
-    // Sparse: a worker touches only the pages its results need (allocating the whole
-    // result area up front for every worker made each start several times slower).
-    let progress = pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN).ok();
     // Passed with the Setup: the initializer's events (their slots), then the page. The
     // worker opens what is missing through /proc (which fails if this process is not
     // dumpable).
@@ -123,6 +123,28 @@ pub(crate) fn launch_one(
     Ok(Some(WatchFds { exit: watch_exit }))
 }
 
+/// How many progress pages of reaped workers the driver keeps for later launches.
+pub(super) const KEEP_PAGES: usize = 4;
+
+/// A progress page for a new worker, all zeros: one a reaped worker left (`pages`), wiped,
+/// or else a new one.
+///
+/// Reusing a page spares each launch creating, sealing and mapping a memfd, and later
+/// unmapping it and freeing its inode (a quarter of the driver's time when every task gets
+/// a fresh worker). A kept page is zeroed whole (it reads as a new one does), so nothing of
+/// the worker that had it reaches the next one's count, cancel marks or results; it was
+/// kept only once that worker had been reaped.
+fn fresh_page(pages: &mut Vec<pool_ipc::shm::Segment>) -> Option<pool_ipc::shm::Segment> {
+    while let Some(page) = pages.pop() {
+        if page.zero().is_ok() {
+            return Some(page);
+        }
+    }
+    // Sparse: a worker touches only the pages its results need (allocating the whole
+    // result area up front for every worker made each start several times slower).
+    pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN).ok()
+}
+
 /// What the driver watches for a newly started worker besides its socket (registered in
 /// its epoll set by `launch_one`): its pidfd, where the start method gives one.
 pub(crate) struct WatchFds {
@@ -144,7 +166,7 @@ impl Driver {
                 }
                 g.launches.remove(0)
             };
-            match launch_one(&self.shared, &mut self.launcher, wid) {
+            match launch_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Some(fds)) => {
                     self.watch(wid, fds);
                     started += 1;
@@ -176,7 +198,7 @@ impl Driver {
                 }
                 g.launches.remove(0)
             };
-            match launch_one(&self.shared, &mut self.launcher, wid) {
+            match launch_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Some(fds)) => self.watch(wid, fds),
                 Ok(None) => {}
                 Err(e) => {
@@ -189,5 +211,43 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use pool_spawn::protocol::{PROGRESS_KEPT, page};
+
+    use super::fresh_page;
+
+    /// A page a reaped worker left is handed to the next one all zeros: its count, kept
+    /// mark, running task, cancel marks and results are gone.
+    #[test]
+    fn a_kept_page_is_wiped_before_reuse() {
+        let used = fresh_page(&mut Vec::new()).expect("a new page");
+        used.atomic_u64(page::BEGUN).store(3, Ordering::SeqCst);
+        used.atomic_u64(page::KEPT)
+            .store(PROGRESS_KEPT, Ordering::SeqCst);
+        used.atomic_u64(page::CURRENT).store(7, Ordering::SeqCst);
+        used.atomic_u64(page::AREA_TASK).store(7, Ordering::SeqCst);
+        used.atomic_u64(page::AREA_ITEMS).store(2, Ordering::SeqCst);
+        used.atomic_u64(page::CANCEL_FIRST + 5)
+            .store(9, Ordering::SeqCst);
+        used.write_at(page::AREA_OFFSET, &[0xab; 100]);
+        used.write_at(page::LEN - 10, &[0xcd; 10]);
+        let mut pages = vec![used];
+        let page = fresh_page(&mut pages).expect("the kept page");
+        assert!(pages.is_empty(), "the kept page is the one reused");
+        let mut words = vec![0u8; page::AREA_OFFSET];
+        page.read_at(0, &mut words);
+        assert!(words.iter().all(|&b| b == 0), "the words are all zero");
+        let mut area = vec![0u8; 100];
+        page.read_at(page::AREA_OFFSET, &mut area);
+        assert!(area.iter().all(|&b| b == 0), "the result area is zero");
+        let mut tail = [0u8; 10];
+        page.read_at(page::LEN - 10, &mut tail);
+        assert_eq!(tail, [0; 10]);
     }
 }

@@ -52,6 +52,43 @@ impl RawI32 for std::os::fd::BorrowedFd<'_> {
     }
 }
 
+/// `zero` clears every written byte, seen through another mapping too: a small written
+/// range in place (its memory stays), a large one given back (it reads as a hole again).
+#[test]
+fn zero_clears_every_written_byte_and_gives_back_large_ranges() {
+    use pool_ipc::shm::ZERO_IN_PLACE;
+    use rustix::fs::SeekFrom;
+    let len = 1 << 20;
+    let seg = Segment::create_sparse("t", len).unwrap();
+    let peer = Segment::from_fd(seg.as_fd().try_clone_to_owned().unwrap()).unwrap();
+    seg.atomic_u64(1).store(u64::MAX, Ordering::SeqCst);
+    seg.write_at(4096, &[0xab; 100]);
+    let big = 256 << 10;
+    seg.write_at(len - big - 8192, &vec![0xcd; big]);
+    seg.write_at(len - 3, &[1, 2, 3]);
+    seg.zero().unwrap();
+    // The small range at the start is still there (data), the large one is a hole. (Looked
+    // at before reading the whole segment: a read through a mapping fills holes.)
+    let first = rustix::fs::seek(seg.as_fd(), SeekFrom::Data(0)).unwrap();
+    assert_eq!(first, 0);
+    let hole = rustix::fs::seek(seg.as_fd(), SeekFrom::Hole(0)).unwrap() as usize;
+    assert!(
+        hole <= ZERO_IN_PLACE,
+        "the small range kept its memory, no more: hole at {hole}"
+    );
+    let next = rustix::fs::seek(seg.as_fd(), SeekFrom::Data(hole as u64)).unwrap() as usize;
+    assert!(
+        next >= len - 4096,
+        "the large range was given back: data at {next}"
+    );
+    let mut all = vec![1u8; len];
+    peer.read_at(0, &mut all);
+    assert!(all.iter().all(|&b| b == 0), "every byte reads as zero");
+    // Zeroing a segment nobody wrote, or one zeroed already, is fine.
+    seg.zero().unwrap();
+    Segment::create_sparse("t", 8192).unwrap().zero().unwrap();
+}
+
 #[test]
 fn from_fd_refuses_unsealed_and_non_memfd() {
     crate::helpers::bounded(60, || {
