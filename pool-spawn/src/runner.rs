@@ -198,7 +198,10 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     // The events among the arguments open from these (closed after the task).
                     let _passed = protocol::passing(fds);
                     let mut sink = results.sink(tx);
+                    // Descriptors the results pass (shared bytes, say) go with them.
+                    protocol::start_collecting();
                     let outcome = task::call_batch(&same, func, payload, &mut sink);
+                    drop(protocol::take_collected());
                     if sink.lost {
                         return Step::Lost;
                     }
@@ -426,6 +429,41 @@ impl AreaSink<'_, '_> {
         self.results.sent += items;
     }
 
+    /// Sends one item's result, `head` then the large `tail`, as a part in two frames
+    /// ([`FromWorker::PartTail`]): the tail's bytes go into a frame of their own (through
+    /// the shared ring), so that the pool receives them in a buffer that becomes the
+    /// result as it is.
+    fn send_part_tail(&mut self, head: &[u8], tail: &[u8]) {
+        let msg = FromWorker::<&serde_bytes::Bytes>::PartTail {
+            id: self.results.id,
+            head: serde_bytes::Bytes::new(head),
+        };
+        if self.tx.feed_frame_of(&msg).is_err() || self.tx.send_pieces(&[tail]).is_err() {
+            self.lost = true;
+        }
+        self.results.sent += 1;
+    }
+
+    /// Sends the results not sent yet (the area's, or those kept in memory without a
+    /// page) as a part.
+    fn flush_pending(&mut self) {
+        if self.results.page.is_some() {
+            self.flush_area();
+            return;
+        }
+        let r = &mut *self.results;
+        if r.items == 0 {
+            return;
+        }
+        let items = r.items;
+        let bytes = std::mem::take(&mut r.local);
+        self.send_part(items, &bytes);
+        let r = &mut *self.results;
+        r.local = bytes;
+        r.local.clear();
+        r.items = 0;
+    }
+
     /// Sends the area's results as a part and empties it.
     fn flush_area(&mut self) {
         let r = &mut *self.results;
@@ -472,6 +510,34 @@ impl ItemSink for AreaSink<'_, '_> {
     }
 
     fn commit_with(&mut self, tail: &[u8]) {
+        if protocol::collected_any() {
+            let fds = protocol::take_collected_so_far();
+            if self.lost {
+                return;
+            }
+            // The descriptors travel with a frame, not through the result area (which
+            // survives the worker, while they would not): the results before this one go
+            // first, then this one alone, with its descriptors.
+            self.flush_pending();
+            let r = &mut *self.results;
+            let scratch = std::mem::take(&mut r.scratch);
+            let part = protocol::part_head(r.id, 1, scratch.len() + tail.len());
+            if self
+                .tx
+                .send_pieces_with_fds(&[&part, &scratch, tail], fds)
+                .is_err()
+            {
+                self.lost = true;
+            }
+            let r = &mut *self.results;
+            r.scratch = scratch;
+            r.sent += 1;
+            if let Some(page) = r.page {
+                page.atomic_u64(page::AREA_BASE)
+                    .store(r.sent, Ordering::Release);
+            }
+            return;
+        }
         if self.lost {
             return;
         }
@@ -488,7 +554,11 @@ impl ItemSink for AreaSink<'_, '_> {
             if n > self.results.area_len() {
                 // Larger than the whole area: straight out.
                 let scratch = std::mem::take(&mut self.results.scratch);
-                self.send_part_pieces(1, &scratch, tail);
+                if tail.len() > protocol::SHM_THRESHOLD {
+                    self.send_part_tail(&scratch, tail);
+                } else {
+                    self.send_part_pieces(1, &scratch, tail);
+                }
                 self.results.scratch = scratch;
                 page.atomic_u64(page::AREA_BASE)
                     .store(self.results.sent, Ordering::Release);

@@ -27,12 +27,21 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             // items, never the thread that delivers results.
             // Decoded straight into the caller's type: an item error becomes a TaskError
             // as it is read, with no list of the worker's results in between.
+            let mut batches = batches;
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut items: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
-                for b in &batches {
-                    protocol::decode_item_results(b.items, b.bytes(), &mut items, Ok, |e| {
-                        Err(item_error(e, &worker, pid))
-                    })
+                for b in &mut batches {
+                    let err = |e| Err(item_error(e, &worker, pid));
+                    // Shared bytes among the results map the descriptors passed with them.
+                    let _passed = protocol::passing(std::mem::take(&mut b.fds));
+                    if b.tail.is_empty() {
+                        protocol::decode_item_results(b.items, b.bytes(), &mut items, Ok, err)
+                    } else {
+                        // A large result's bytes in a buffer of their own: it becomes the
+                        // value as it is.
+                        let tail = std::mem::take(&mut b.tail);
+                        protocol::decode_item_result_tail(b.bytes(), tail, &mut items, Ok, err)
+                    }
                     .map_err(|e| e.to_string())?;
                 }
                 Ok::<_, String>(items)
@@ -139,6 +148,8 @@ mod tests {
         frame.extend_from_slice(&bytes);
         frame.extend_from_slice(&[0xBB; 3]);
         Batch {
+            tail: Vec::new(),
+            fds: Vec::new(),
             frame,
             range: 5..5 + bytes.len(),
             items: items.len() as u64,

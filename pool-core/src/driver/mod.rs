@@ -53,6 +53,11 @@ pub(crate) struct Batch {
     pub(super) range: std::ops::Range<usize>,
     /// How many items' results the bytes hold.
     pub(super) items: u64,
+    /// The rest of the one result's bytes, after `frame[range]`, when they came in a frame
+    /// of their own (`FromWorker::PartTail`); empty otherwise.
+    pub(super) tail: Vec<u8>,
+    /// The descriptors passed with the results (those of shared bytes among them).
+    pub(super) fds: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Batch {

@@ -50,6 +50,15 @@ fn faulty(w: &mut WorkerIo, end: &mut ReadEnd, note: String) {
     end.broken = true;
 }
 
+/// Keeps `batch`, results of task `id` (which worker `w` runs) that came before its `Done`.
+fn add_part(w: &mut WorkerIo, id: u64, batch: Batch) {
+    if w.parts_task != id {
+        w.parts.clear();
+        w.parts_task = id;
+    }
+    w.parts.push(batch);
+}
+
 /// Reads what worker `wid` sent and handles every complete message, under the pool's lock.
 pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> ReadEnd {
     let mut end = ReadEnd::default();
@@ -70,8 +79,8 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
     }
     let mut msgs = Vec::new();
     loop {
-        match conn.next_frame() {
-            Ok(Some(bytes)) => msgs.push(bytes),
+        match conn.next_frame_with_fds() {
+            Ok(Some(got)) => msgs.push(got),
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "bad frame from worker");
@@ -83,8 +92,25 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
         }
     }
     end.eof = conn.is_eof();
-    w.guard.after_read(conn.has_partial_frame(), Instant::now());
-    for frame in msgs {
+    let partial = conn.has_partial_frame();
+    for (frame, fds) in msgs {
+        if let Some(w) = fx.io.get_mut(&wid)
+            && let Some((id, head, range)) = w.tail_wait.take()
+        {
+            // The frame after a `PartTail`: the rest of that result's bytes, as they are.
+            add_part(
+                w,
+                id,
+                Batch {
+                    frame: head,
+                    range,
+                    items: 1,
+                    tail: frame,
+                    fds,
+                },
+            );
+            continue;
+        }
         // Decoded in place: a result's bytes stay where they are in the frame.
         let msg = protocol::decode_reply(&frame);
         if let Ok(m) = &msg
@@ -116,15 +142,33 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     );
                     break;
                 }
-                if w.parts_task != id {
-                    w.parts.clear();
-                    w.parts_task = id;
+                add_part(
+                    w,
+                    id,
+                    Batch {
+                        frame,
+                        range: results,
+                        items,
+                        tail: Vec::new(),
+                        fds,
+                    },
+                );
+            }
+            Ok(FromWorker::PartTail { id, head }) => {
+                let running = policy.oldest(wid).map(|(t, _)| t);
+                let Some(w) = fx.io.get_mut(&wid) else {
+                    continue;
+                };
+                if running != Some(id) {
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it sent results for task {id}, which it was not running"),
+                    );
+                    break;
                 }
-                w.parts.push(Batch {
-                    frame,
-                    range: results,
-                    items,
-                });
+                // The next frame holds the rest of this result.
+                w.tail_wait = Some((id, frame, head));
             }
             Ok(FromWorker::Skipped { id }) => {
                 // Only a task that was cancelled (its record is gone) may be
@@ -202,6 +246,8 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                             frame,
                             range,
                             items,
+                            tail: Vec::new(),
+                            fds,
                         });
                         batches
                     });
@@ -221,6 +267,11 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                 end.broken = true;
             }
         }
+    }
+    if let Some(w) = fx.io.get_mut(&wid) {
+        // A `PartTail` waiting for its tail frame is a frame stuck partway too.
+        let waiting = partial || w.tail_wait.is_some();
+        w.guard.after_read(waiting, Instant::now());
     }
     if end.broken || end.eof {
         // Dying or dead: no more tasks for it, and its replacement starts now.
@@ -268,6 +319,7 @@ impl Fx<'_> {
             && !w.exited
             && w.kill_at.is_none()
             && w.guard.is_ready()
+            && w.tail_wait.is_none()
             && w.conn
                 .as_ref()
                 .is_some_and(|c| (unflushed_ok || !c.wants_write()) && !c.has_partial_frame());
@@ -345,7 +397,8 @@ impl Shared {
             w.borrowed = None;
             w.exited |= exited;
             w.arm(fx.epoll, wid);
-            let partial = w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
+            let partial =
+                w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
             // A ring the task's arguments went through gives its memory back once idle, on
             // the driver's timer: the driver must know to set it.
             let ring = w
