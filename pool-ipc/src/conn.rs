@@ -137,6 +137,18 @@ impl FramedConn {
         self.w.push_frame_copy(f);
     }
 
+    /// Appends one frame whose payload is `pieces` one after the other, copying them (into
+    /// the shared ring for a large payload in shm mode, into the outbox otherwise): for a
+    /// payload the caller keeps, to send it again elsewhere, say. No syscall.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) above `max_frame_len`;
+    /// nothing is queued then.
+    pub fn queue_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        self.w.push_pieces(pieces)
+    }
+
     /// Encodes `m` as a frame at the end of the outbox. No syscall.
     ///
     /// # Errors

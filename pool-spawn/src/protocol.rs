@@ -415,6 +415,20 @@ pub enum ToWorker<B = ByteBuf> {
     },
     /// Finish what was sent before, then exit with code 0.
     Exit,
+    /// A [`ToWorker::Run`] whose payload is `head` followed by the whole payload of the
+    /// frame right after this one (raw bytes, not a message): a task of one large byte
+    /// string, whose bytes the pool sends from where they lie and the worker receives in
+    /// a buffer that becomes the argument as it is.
+    RunTail {
+        /// As in [`ToWorker::Run`].
+        id: u64,
+        /// As in [`ToWorker::Run`].
+        func: FnRef,
+        /// As in [`ToWorker::Run`].
+        timed: bool,
+        /// The payload's bytes before the tail frame's.
+        head: B,
+    },
 }
 
 impl<B> ToWorker<B> {
@@ -447,6 +461,27 @@ struct RunHead {
 
 /// Index of `Run` among [`ToWorker`]'s variants.
 const RUN_VARIANT: u32 = 1;
+
+/// The [`ToWorker::RunTail`] of a task whose arguments are one byte string of `len` bytes
+/// (a `(ByteBuf,)` or `(Vec<u8>,)`), sent as the frame after it: the head holds the item
+/// count (1) and the string's length, as postcard lays out a `Vec` of that one item.
+pub fn encode_run_tail(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    len: usize,
+) -> pool_ipc::Result<pool_ipc::FrameBuf> {
+    let mut head = vec![1];
+    pool_ipc::encode_seq_len(&mut head, len);
+    let mut frame = pool_ipc::FrameBuf::new();
+    frame.encode(&ToWorker::<&serde_bytes::Bytes>::RunTail {
+        id,
+        func,
+        timed,
+        head: serde_bytes::Bytes::new(&head),
+    })?;
+    Ok(frame)
+}
 
 /// The fields of [`FromWorker::Part`] before its result bytes, as postcard lays them out:
 /// the variant index, `id`, `items`, then the length of the bytes.

@@ -84,7 +84,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {
         None | Some((ToWorker::Exit, _)) => return Ok(0),
-        Some((ToWorker::Run { .. }, _)) => {
+        Some((ToWorker::Run { .. } | ToWorker::RunTail { .. }, _)) => {
             return Err(Stop::Protocol(
                 "a Run message arrived before Setup".to_owned(),
             ));
@@ -191,25 +191,29 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     func,
                     timed,
                     payload,
-                }) => {
-                    if !results.take_up(id, timed) {
-                        return Step::Done(Reply::Skipped(id));
-                    }
-                    // The events among the arguments open from these (closed after the task).
-                    let _passed = protocol::passing(fds);
-                    let mut sink = results.sink(tx);
-                    // Descriptors the results pass (shared bytes, say) go with them.
-                    protocol::start_collecting();
-                    let outcome = task::call_batch(&same, func, payload, &mut sink);
-                    drop(protocol::take_collected());
-                    if sink.lost {
-                        return Step::Lost;
-                    }
-                    Step::Done(Reply::Done(id, outcome))
-                }
+                }) => run_task(&mut results, tx, &same, (id, func, timed), payload, fds),
+                Ok(ToWorker::RunTail {
+                    id,
+                    func,
+                    timed,
+                    head,
+                }) => Step::Tail((id, func, timed), head.to_vec(), fds),
                 Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
             }
         });
+        let step = match step {
+            Ok(Step::Tail(run, head, fds)) => match conn.receiver().recv_frame() {
+                // The frame after a `RunTail`: the rest of the arguments, as they are.
+                Ok(tail) => {
+                    let (tx, _) = conn.halves();
+                    Ok(task::with_arg_tail(tail, || {
+                        run_task(&mut results, tx, &same, run, &head, fds)
+                    }))
+                }
+                Err(e) => Err(e),
+            },
+            other => other,
+        };
         let step = match step {
             Ok(step) => step,
             Err(e) => match recv_failed(&e) {
@@ -221,6 +225,11 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Step::Exit => return Ok(0),
             Step::Lost => return Err(Stop::Lost),
             Step::Bad(m) => return Err(Stop::Protocol(m)),
+            Step::Tail(..) => {
+                return Err(Stop::Protocol(
+                    "internal: a RunTail left without its tail".to_owned(),
+                ));
+            }
             Step::Done(Reply::Skipped(id)) => {
                 // Not a task run: it does not count toward `max_tasks`.
                 send(&mut conn, &FromWorker::Skipped { id })?;
@@ -578,8 +587,36 @@ impl ItemSink for AreaSink<'_, '_> {
     }
 }
 
+/// Runs task `id` of `func` on `payload` (unless it was cancelled before it began), with
+/// `fds`, the descriptors passed with it.
+fn run_task(
+    results: &mut Results<'_>,
+    tx: &mut Sender<FromWorker>,
+    same: &protocol::SameImage,
+    (id, func, timed): (u64, task::FnRef, bool),
+    payload: &[u8],
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Step {
+    if !results.take_up(id, timed) {
+        return Step::Done(Reply::Skipped(id));
+    }
+    // The events among the arguments open from these (closed after the task).
+    let _passed = protocol::passing(fds);
+    let mut sink = results.sink(tx);
+    // Descriptors the results pass (shared bytes, say) go with them.
+    protocol::start_collecting();
+    let outcome = task::call_batch(same, func, payload, &mut sink);
+    drop(protocol::take_collected());
+    if sink.lost {
+        return Step::Lost;
+    }
+    Step::Done(Reply::Done(id, outcome))
+}
+
 /// What handling one request came to.
 enum Step {
+    /// A `RunTail` (its task, head and descriptors): its tail frame is to be read next.
+    Tail((u64, task::FnRef, bool), Vec<u8>, Vec<std::os::fd::OwnedFd>),
     /// Exit (asked to, or the parent closed the channel).
     Exit,
     /// A task was taken up: what to answer.

@@ -118,6 +118,9 @@ pub(crate) struct TaskRec {
     /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
     /// before beginning it.
     pub(crate) frame: Option<FrameBuf>,
+    /// The bytes of a `RunTail`'s tail frame, sent after `frame` each time it is (kept as
+    /// long as `frame`).
+    pub(crate) tail: Option<crate::chunk::Tail>,
     /// The events its arguments hold, whose descriptors go with each copy of `frame` sent.
     pub(crate) pins: Pins,
     /// Where its items lie in `frame` (several items only): to send the rest of them when
