@@ -787,9 +787,10 @@ pub fn decode_reply(frame: &[u8]) -> postcard::Result<FromWorker<Range<usize>>> 
         },
         FromWorker::Skipped { id } => FromWorker::Skipped { id },
         FromWorker::Recycling { rss } => FromWorker::Recycling { rss },
-        FromWorker::PartTail { id, head } => FromWorker::PartTail {
+        FromWorker::PartTail { id, head, len } => FromWorker::PartTail {
             id,
             head: range(head),
+            len,
         },
     })
 }
@@ -850,6 +851,9 @@ pub enum FromWorker<B = ByteBuf> {
         id: u64,
         /// The result's bytes before the tail frame's.
         head: B,
+        /// The length of the tail frame's payload: more than [`SHM_THRESHOLD`]. A frame of
+        /// any other length after it is not its tail, and the worker is faulty.
+        len: u64,
     },
 }
 

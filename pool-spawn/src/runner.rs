@@ -446,6 +446,7 @@ impl AreaSink<'_, '_> {
         let msg = FromWorker::<&serde_bytes::Bytes>::PartTail {
             id: self.results.id,
             head: serde_bytes::Bytes::new(head),
+            len: tail.len() as u64,
         };
         if self.tx.feed_frame_of(&msg).is_err() || self.tx.send_pieces(&[tail]).is_err() {
             self.lost = true;

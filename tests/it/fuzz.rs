@@ -91,7 +91,11 @@ fn message(r: &mut Rng, ids: u64) -> FromWorker {
             results: bytes,
         },
         5 => FromWorker::Skipped { id },
-        6 => FromWorker::PartTail { id, head: bytes },
+        6 => FromWorker::PartTail {
+            id,
+            head: bytes,
+            len: [0, 1, 300_000, r.next()][r.below(4) as usize],
+        },
         _ => FromWorker::Recycling { rss: r.next() },
     }
 }

@@ -95,9 +95,18 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
     let partial = conn.has_partial_frame();
     for (frame, fds) in msgs {
         if let Some(w) = fx.io.get_mut(&wid)
-            && let Some((id, head, range)) = w.tail_wait.take()
+            && let Some((id, head, range, len)) = w.tail_wait.take()
         {
             // The frame after a `PartTail`: the rest of that result's bytes, as they are.
+            if frame.len() as u64 != len {
+                let got = frame.len();
+                faulty(
+                    w,
+                    &mut end,
+                    format!("it announced a result tail of {len} bytes, then sent {got}"),
+                );
+                break;
+            }
             add_part(
                 w,
                 id,
@@ -154,7 +163,7 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     },
                 );
             }
-            Ok(FromWorker::PartTail { id, head }) => {
+            Ok(FromWorker::PartTail { id, head, len }) => {
                 let running = policy.oldest(wid).map(|(t, _)| t);
                 let Some(w) = fx.io.get_mut(&wid) else {
                     continue;
@@ -167,8 +176,18 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                     );
                     break;
                 }
+                if len <= protocol::SHM_THRESHOLD as u64 {
+                    // Only large results go in two frames: a small "tail" could be a real
+                    // message about to be taken for bytes.
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it announced a result tail of {len} bytes"),
+                    );
+                    break;
+                }
                 // The next frame holds the rest of this result.
-                w.tail_wait = Some((id, frame, head));
+                w.tail_wait = Some((id, frame, head, len));
             }
             Ok(FromWorker::Skipped { id }) => {
                 // Only a task that was cancelled (its record is gone) may be
