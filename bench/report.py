@@ -46,6 +46,7 @@ WORKLOADS = [
     "map_tiny_chunk1",
     "map_tiny_auto",
     "echo_1mib",
+    "echo_1mib_shared",
     "cpu_speedup",
     "startup",
     "recycle",
@@ -64,6 +65,7 @@ TITLES = {
     "map_tiny_chunk1": "map 20k tiny, chunk 1",
     "map_tiny_auto": "map 200k tiny, auto chunk",
     "echo_1mib": "200 × 1 MiB echo",
+    "echo_1mib_shared": "200 × 1 MiB echo, SharedBytes (no copy)",
     "cpu_speedup": "CPU-bound speedup (2 vs 1)",
     "startup": "start to first result",
     "recycle": "max_tasks_per_child=1",
@@ -83,6 +85,7 @@ UNITS = {
     "map_tiny_chunk1": "tasks/s",
     "map_tiny_auto": "tasks/s",
     "echo_1mib": "B/s",
+    "echo_1mib_shared": "B/s",
     "cpu_speedup": "x",
     "startup": "s",
     "recycle": "tasks/s",
@@ -125,6 +128,7 @@ FLOOR_GOALS = [
     ("startup", "raw-exec", "startup", "fork + exec(/bin/true) + wait", 1.5, "max"),
     ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
     ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
+    ("echo_1mib_shared", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", None, None),
 ]
 FLOOR_TITLES = {
     ("raw-pipe", "apply_rtt"): "pipe round trip, 1 byte (no pool, no encoding)",

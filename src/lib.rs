@@ -193,6 +193,14 @@
 //! poll it and return early, and the pool stays usable (Python's pattern of a managed
 //! `Event`, without a manager process).
 //!
+//! # Large payloads without copies
+//!
+//! Arguments and results travel encoded (postcard); payloads above 256 KiB go through a
+//! shared-memory ring instead of the socket, and byte strings (`serde_bytes::ByteBuf`,
+//! `Vec<u8>`) take shortcuts, but their bytes are still copied on the way. A
+//! [`SharedBytes`] is not: it is made once in sealed shared memory, and only its descriptor
+//! crosses to the worker (and back, as a result), which maps the same bytes.
+//!
 //! # Signals (Ctrl-C, SIGTERM)
 //!
 //! Workers ignore SIGINT, so a Ctrl-C at a terminal reaches only the program. What happens
@@ -236,8 +244,8 @@
 
 pub use pool_core::{
     AsyncResult, BuildError, BuildErrorKind, CancelOutcome, Error, ErrorKind, Event, Imap, Metrics,
-    Options, Outcomes, Pool, PoolBuilder, Progress, QueueFull, Recycles, Summary, Task, TaskError,
-    TaskErrorKind, WaitError, WorkerInfo,
+    Options, Outcomes, Pool, PoolBuilder, Progress, QueueFull, Recycles, SharedBytes, Summary,
+    Task, TaskError, TaskErrorKind, WaitError, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};
 pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};

@@ -61,6 +61,9 @@ pub(crate) enum Workload {
     /// 200 echoes of 1 MiB.
     #[value(name = "echo_1mib", alias = "echo1mib")]
     Echo1mib,
+    /// echo_1mib with the payloads in shared memory (SharedBytes), not copied.
+    #[value(name = "echo_1mib_shared")]
+    Echo1mibShared,
     /// CPU-bound speedup, 2 workers against 1.
     CpuSpeedup,
     /// Start to first result.
@@ -109,6 +112,10 @@ fn square(x: u64) -> u64 {
 }
 
 fn echo(b: ByteBuf) -> ByteBuf {
+    b
+}
+
+fn echo_shared(b: procpool::SharedBytes) -> procpool::SharedBytes {
     b
 }
 
@@ -298,6 +305,33 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             if out.iter().any(|b| b.len() != 1 << 20) {
                 return Err("an echo came back wrong".into());
             }
+            finish(p)?;
+            Ok(((2 * s.echo_tasks * (1 << 20)) as f64 / dt, "B/s"))
+        }
+        "echo_1mib_shared" => {
+            // echo_1mib with SharedBytes: the payloads are made in shared memory before
+            // the clock starts (as echo_1mib's ByteBufs are made), and only their
+            // descriptors cross to the workers and back.
+            let p = pool(method, 2)?;
+            let make = || {
+                procpool::SharedBytes::with_len(1 << 20, |b| b.fill(7)).map_err(|e| e.to_string())
+            };
+            p.apply(echo_shared, (make()?,)).map_err(err)?;
+            let items = (0..s.echo_tasks)
+                .map(|_| make())
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = Instant::now();
+            let out = p
+                .map_with(echo_shared, items, Options::new().chunksize(1))
+                .map_err(err)?;
+            let dt = t.elapsed().as_secs_f64();
+            if out
+                .iter()
+                .any(|b| b.len() != 1 << 20 || b[(1 << 20) - 1] != 7)
+            {
+                return Err("an echo came back wrong".into());
+            }
+            drop(out);
             finish(p)?;
             Ok(((2 * s.echo_tasks * (1 << 20)) as f64 / dt, "B/s"))
         }
@@ -610,8 +644,10 @@ const FLOORS: &[(&str, &str, &str)] = &[
     ("raw-fork", "fork_latency", "recycle"),
     // fork + exec(/bin/true) + wait (std::process): the floor under startup.
     ("raw-exec", "startup", "startup"),
-    // 1 MiB payloads through pool-ipc's shared ring to another process: under echo_1mib.
+    // 1 MiB payloads through pool-ipc's shared ring to another process: under echo_1mib
+    // (and beside echo_1mib_shared, for comparison).
     ("raw-ring", "echo_1mib", "echo_1mib"),
+    ("raw-ring", "echo_1mib", "echo_1mib_shared"),
 ];
 
 /// Measures one floor of [`FLOORS`].

@@ -317,7 +317,8 @@ impl PoolBuilder {
             max_tasks: self.max_tasks_per_child,
             init,
             init_pins: self.init_pins,
-            ipc: pool_spawn::protocol::channel_config(),
+            // A worker passes descriptors with the results that hold some (`SharedBytes`).
+            ipc: pool_spawn::protocol::channel_config().accept_fds(true),
             limits: protocol::Limits {
                 memory_cap: self.memory_limit_per_child,
                 max_rss: self.max_memory_per_child,

@@ -23,6 +23,75 @@ pub(crate) struct Encoded {
     pub(crate) placement: Placement,
     /// Events among the items, kept open until the task is done.
     pub(crate) pins: Pins,
+    /// The bytes of a task of one large byte string, sent from here as the frame after
+    /// `frame` (a `RunTail`), not copied into it.
+    pub(crate) tail: Option<Tail>,
+}
+
+/// Byte strings above this many bytes go as a tail (see [`take_tail`]): those that take
+/// the shared ring...
+const TAIL_MIN: usize = pool_spawn::protocol::SHM_THRESHOLD;
+/// ... up to this many (far below the frame limit, which larger ones are checked against
+/// on the usual path).
+const TAIL_MAX: usize = 64 << 20;
+
+/// The bytes of a large byte-string argument, sent as a frame of their own. Dropped (the
+/// task done), its buffer is kept for a later large payload.
+pub(crate) struct Tail(Vec<u8>);
+
+impl Tail {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        pool_ipc::keep_buffer(std::mem::take(&mut self.0));
+    }
+}
+
+/// If `items` is one item whose arguments are one large byte string (`(ByteBuf,)` or
+/// `(Vec<u8>,)`), takes the string's bytes out of it: the task is sent as a `RunTail`
+/// whose tail they are, without copying them into a Run frame (the pool copies them once,
+/// into the worker's shared ring, and the worker's copy out of it is the argument).
+pub(crate) fn take_tail<A: 'static>(items: &mut Vec<A>) -> Option<Vec<u8>> {
+    use std::any::Any;
+    let [one] = items.as_slice() else {
+        return None;
+    };
+    let any: &dyn Any = one;
+    let len = if let Some((b,)) = any.downcast_ref::<(serde_bytes::ByteBuf,)>() {
+        b.len()
+    } else {
+        any.downcast_ref::<(Vec<u8>,)>()?.0.len()
+    };
+    if !(TAIL_MIN + 1..=TAIL_MAX).contains(&len) {
+        return None;
+    }
+    let item: Box<dyn Any> = Box::new(items.pop()?);
+    match item.downcast::<(serde_bytes::ByteBuf,)>() {
+        Ok(b) => Some(b.0.into_vec()),
+        Err(item) => item.downcast::<(Vec<u8>,)>().ok().map(|v| v.0),
+    }
+}
+
+/// The task `id` of one byte-string argument, `tail` (see [`take_tail`]).
+pub(crate) fn encode_tail(id: u64, func: FnRef, timed: bool, tail: Vec<u8>) -> Encoded {
+    let frame = pool_spawn::protocol::encode_run_tail(id, func, timed, tail.len());
+    let mut enc = Encoded::new(
+        id,
+        RunItems {
+            frame,
+            sent: Vec::new(),
+            failed: Vec::new(),
+            spans: None,
+        },
+        1,
+        Pins::default(),
+    );
+    enc.tail = Some(Tail(tail));
+    enc
 }
 
 /// Which of a chunk's items were sent, which failed to encode (and why), and so where each
@@ -83,6 +152,7 @@ impl Encoded {
                 len,
             },
             pins,
+            tail: None,
         }
     }
 }

@@ -4,12 +4,12 @@ use std::cell::RefCell;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pool_ipc::shm::{self, Segment};
+use pool_ipc::shm::{self, FrozenSegment, Segment};
 use pool_spawn::protocol::FdRef;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -135,21 +135,49 @@ impl fmt::Debug for Event {
 }
 
 thread_local! {
-    /// The segments of the events serialized since [`pinning`] began on this thread.
-    static PINS: RefCell<Option<Vec<Arc<Segment>>>> = const { RefCell::new(None) };
+    /// The segments of the events (and shared bytes) serialized since [`pinning`] began on
+    /// this thread.
+    static PINS: RefCell<Option<Vec<Pin>>> = const { RefCell::new(None) };
 }
 
-/// Keeps the segments of serialized events open while a task that refers to them is pending.
+/// A shared segment a task's arguments refer to.
+#[derive(Clone)]
+pub(crate) enum Pin {
+    /// An [`Event`]'s.
+    Event(Arc<Segment>),
+    /// A [`SharedBytes`](crate::SharedBytes)'.
+    Bytes(Arc<FrozenSegment>),
+}
+
+impl Pin {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Pin::Event(s) => s.as_fd(),
+            Pin::Bytes(s) => s.as_fd(),
+        }
+    }
+
+    fn same(&self, other: &Pin) -> bool {
+        match (self, other) {
+            (Pin::Event(a), Pin::Event(b)) => Arc::ptr_eq(a, b),
+            (Pin::Bytes(a), Pin::Bytes(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// Keeps the segments of serialized events and shared bytes open while a task that refers
+/// to them is pending.
 ///
-/// An event's wire form names its place in this list (its slot), so that the descriptors
+/// A value's wire form names its place in this list (its slot), so that the descriptors
 /// passed with the message, in this order, tell the worker which is which.
 #[derive(Default, Clone)]
-pub(crate) struct Pins(Vec<Arc<Segment>>);
+pub(crate) struct Pins(Vec<Pin>);
 
 impl Pins {
     /// Duplicates of the segments' descriptors, in slot order, to pass with a message that
     /// carries the encoding: at most as many as one message carries, and only up to the
-    /// first that cannot be duplicated (the events after it are opened through `/proc`).
+    /// first that cannot be duplicated (the values after it are opened through `/proc`).
     pub(crate) fn fds(&self) -> Vec<OwnedFd> {
         self.0
             .iter()
@@ -157,6 +185,25 @@ impl Pins {
             .map_while(|seg| seg.as_fd().try_clone_to_owned().ok())
             .collect()
     }
+}
+
+/// While [`pinning`] runs on this thread: keeps `pin` for the message being encoded and
+/// returns its slot (the same segment many times over, in every item of a map say, takes
+/// one slot). `None` outside `pinning`.
+pub(crate) fn pin(pin: Pin) -> Option<u32> {
+    PINS.with(|p| {
+        let mut p = p.borrow_mut();
+        let v = p.as_mut()?;
+        let recent = v.len().saturating_sub(8);
+        let i = match v[recent..].iter().position(|s| s.same(&pin)) {
+            Some(i) => recent + i,
+            None => {
+                v.push(pin);
+                v.len() - 1
+            }
+        };
+        u32::try_from(i).ok()
+    })
 }
 
 /// Runs `encode`, collecting the events it serializes, so the caller can keep them open
@@ -176,20 +223,7 @@ struct Wire {
 
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let slot = PINS.with(|p| {
-            let mut p = p.borrow_mut();
-            let v = p.as_mut()?;
-            // The same event many times over (in every item of a map, say) takes one slot.
-            let recent = v.len().saturating_sub(8);
-            let i = match v[recent..].iter().position(|s| Arc::ptr_eq(s, &self.seg)) {
-                Some(i) => recent + i,
-                None => {
-                    v.push(Arc::clone(&self.seg));
-                    v.len() - 1
-                }
-            };
-            u32::try_from(i).ok()
-        });
+        let slot = pin(Pin::Event(Arc::clone(&self.seg)));
         Wire {
             seg: FdRef {
                 pid: std::process::id(),

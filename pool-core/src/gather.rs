@@ -69,7 +69,7 @@ impl Pool {
             if chunk.is_empty() {
                 break;
             }
-            let task = plan.chunk::<F, A>(self, c, &chunk);
+            let task = plan.chunk(self, c, |sub, id| sub.encode_owned::<F, A>(id, &mut chunk));
             batch_items += chunk.len();
             // The chunk's bytes are in its frame: the items go (their events stay pinned).
             chunk.clear();
@@ -106,7 +106,7 @@ impl Pool {
         let tasks: Vec<(u64, TaskRec)> = items
             .chunks(plan.size)
             .enumerate()
-            .filter_map(|(c, chunk)| plan.chunk::<F, A>(self, c, chunk))
+            .filter_map(|(c, chunk)| plan.chunk(self, c, |sub, id| sub.encode::<F, A>(id, chunk)))
             .collect();
         plan.seal();
         self.try_submit_all(tasks, max).then_some(out)
@@ -176,10 +176,12 @@ struct Plan<R> {
 impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
     /// Chunk `c` (of items `c * size..`) as a task ready to submit; `None` if it is settled
     /// already (its items could not be encoded).
-    fn chunk<F, A>(&self, pool: &Pool, c: usize, chunk: &[A]) -> Option<(u64, TaskRec)>
-    where
-        F: Task<A, Output = R>,
-    {
+    fn chunk(
+        &self,
+        pool: &Pool,
+        c: usize,
+        encode: impl FnOnce(&Submission, u64) -> crate::chunk::Encoded,
+    ) -> Option<(u64, TaskRec)> {
         // Counted before it can come back (a chunk that cannot be encoded comes back at once).
         self.state
             .lock()
@@ -189,7 +191,7 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
         let done = Arc::clone(&self.done);
         pool.prepare_batch::<R>(
             &self.sub,
-            self.sub.encode::<F, A>(pool.new_id(), chunk),
+            encode(&self.sub, pool.new_id()),
             Some(c * self.size),
             move |results| {
                 done.add(results.len());

@@ -39,6 +39,7 @@ compile_error!(
 );
 
 mod builder;
+mod bytes;
 mod chunk;
 mod driver;
 mod error;
@@ -57,6 +58,7 @@ mod submit;
 mod task;
 
 pub use builder::PoolBuilder;
+pub use bytes::SharedBytes;
 pub use error::{
     BuildError, BuildErrorKind, Error, ErrorKind, QueueFull, TaskError, TaskErrorKind,
 };

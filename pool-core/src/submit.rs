@@ -84,6 +84,19 @@ impl Submission {
     pub(crate) fn encode<F: Task<Args>, Args>(&self, id: u64, items: &[Args]) -> Encoded {
         encode_chunk::<F, Args>(id, self.func, self.timeout.is_some(), items)
     }
+
+    /// [`encode`](Submission::encode) of items the caller gives up: one large byte-string
+    /// argument is taken out and sent from where it lies (see `chunk::take_tail`).
+    pub(crate) fn encode_owned<F: Task<Args>, Args>(
+        &self,
+        id: u64,
+        items: &mut Vec<Args>,
+    ) -> Encoded {
+        match F::take_tail(items) {
+            Some(tail) => crate::chunk::encode_tail(id, self.func, self.timeout.is_some(), tail),
+            None => self.encode::<F, Args>(id, items),
+        }
+    }
 }
 
 /// A chunk's per-item results as they arrive, in pieces when a worker dies or a time limit
@@ -205,6 +218,7 @@ impl Pool {
             spans,
             placement,
             pins,
+            tail,
         } = enc;
         let n_sent = placement.sent();
         let task_pins = pins.clone();
@@ -246,6 +260,7 @@ impl Pool {
         sub.group.add(id);
         let rec = TaskRec {
             frame: Some(frame),
+            tail,
             pins: task_pins,
             spans,
             sink,
@@ -533,7 +548,7 @@ impl Pool {
         let id = self.new_id();
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
-        let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
+        let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |items| {
             let r = items
                 .into_last()

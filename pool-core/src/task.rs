@@ -42,6 +42,8 @@ mod sealed {
         /// `items` as the Run message of batch `id`, calling `func`; `timed` if each item
         /// has a time limit.
         fn encode_run(id: u64, func: FnRef, timed: bool, items: &[Args]) -> RunItems;
+        /// See `chunk::take_tail`.
+        fn take_tail(items: &mut Vec<Args>) -> Option<Vec<u8>>;
         /// The function's Rust path, for errors.
         fn name() -> &'static str;
     }
@@ -58,6 +60,10 @@ mod sealed {
 
         fn encode_run(id: u64, func: FnRef, timed: bool, items: &[Args]) -> RunItems {
             protocol::encode_run_items(id, func, timed, items)
+        }
+
+        fn take_tail(items: &mut Vec<Args>) -> Option<Vec<u8>> {
+            crate::chunk::take_tail(items)
         }
 
         fn name() -> &'static str {

@@ -138,6 +138,24 @@ pub fn reuse_buffer(len: usize) -> Vec<u8> {
     Vec::with_capacity(len)
 }
 
+/// Keeps `v`'s allocation for a later [`reuse_buffer`], if it is large (256 KiB to 2 MiB)
+/// and the cache has room (a few MiB); frees it otherwise. For a large payload buffer its
+/// owner is done with, so that the next large payload does not fault in fresh memory.
+///
+/// # Examples
+///
+/// ```
+/// let v = vec![7u8; 1 << 20];
+/// let at = v.as_ptr();
+/// pool_ipc::keep_buffer(v);
+/// let again = pool_ipc::reuse_buffer(1 << 20);
+/// assert!(again.is_empty() && again.capacity() >= 1 << 20);
+/// # let _ = at;
+/// ```
+pub fn keep_buffer(v: Vec<u8>) {
+    give(v);
+}
+
 /// Frees every kept buffer.
 pub(crate) fn release() {
     with_cache(|c, freed| freed.extend(c.bufs.drain(..).map(|(b, _)| b)));

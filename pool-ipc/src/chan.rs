@@ -173,6 +173,17 @@ impl<T: ?Sized> Sender<T> {
         self.flush()
     }
 
+    /// Like [`send_frame_of`](Sender::send_frame_of), without flushing (flushes by itself
+    /// when much is queued): for a message that goes out with the next one.
+    ///
+    /// # Errors
+    ///
+    /// As for [`feed`](Sender::feed).
+    pub fn feed_frame_of<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<()> {
+        self.w.encode(msg)?;
+        self.maybe_flush()
+    }
+
     /// Sends one frame whose payload is `pieces` one after the other, and flushes: a
     /// message put together from parts held in different places (an encoded header and a
     /// large byte string, say) without first copying them into one buffer. In shm mode a
@@ -194,6 +205,36 @@ impl<T: ?Sized> Sender<T> {
     /// ```
     pub fn send_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
         self.w.push_pieces(pieces)?;
+        self.flush()
+    }
+
+    /// [`send_pieces`](Sender::send_pieces), passing `fds` with the frame (`SCM_RIGHTS`, at
+    /// most [`MAX_FDS`](crate::fdpass::MAX_FDS): the rest are dropped). The peer must accept
+    /// them ([`Config::accept_fds`](crate::Config::accept_fds)); it gets them with the frame
+    /// from [`Receiver::recv_with_fds`] or
+    /// [`FramedConn::next_frame_with_fds`](crate::FramedConn::next_frame_with_fds). The
+    /// descriptors are closed here once sent.
+    ///
+    /// # Errors
+    ///
+    /// As for [`send_pieces`](Sender::send_pieces); nothing is queued (and the descriptors
+    /// are closed) when the frame is too large.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::os::fd::AsFd;
+    ///
+    /// let cfg = pool_ipc::Config::new().accept_fds(true);
+    /// let (mut tx, mut rx) = pool_ipc::duplex_with_config::<u8, u8>(cfg)?;
+    /// let (r, _w) = pool_ipc::pipe()?;
+    /// tx.sender().send_pieces_with_fds(&[&[7]], vec![r])?;
+    /// let (v, fds) = rx.recv_with_fds(|b, fds| (b.to_vec(), fds))?;
+    /// assert_eq!((v, fds.len()), (vec![7], 1));
+    /// # Ok::<(), pool_ipc::Error>(())
+    /// ```
+    pub fn send_pieces_with_fds(&mut self, pieces: &[&[u8]], fds: Vec<OwnedFd>) -> Result<()> {
+        self.w.push_pieces_with_fds(pieces, fds)?;
         self.flush()
     }
 }

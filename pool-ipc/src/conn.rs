@@ -61,7 +61,8 @@ pub struct FramedConn {
     fd: OwnedFd,
     r: ReadHalf,
     w: WriteHalf,
-    ready: VecDeque<Vec<u8>>,
+    /// Complete frames, each with the descriptors passed with it.
+    ready: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
     /// Buffers of small frames handed back by [`recycle`](FramedConn::recycle), reused for
     /// the next small frames (at most [`SPARE_SMALL`]).
     spare: Vec<Vec<u8>>,
@@ -134,6 +135,18 @@ impl FramedConn {
     pub fn queue_copy_with_fds(&mut self, f: &FrameBuf, fds: Vec<OwnedFd>) {
         self.w.push_fds(fds);
         self.w.push_frame_copy(f);
+    }
+
+    /// Appends one frame whose payload is `pieces` one after the other, copying them (into
+    /// the shared ring for a large payload in shm mode, into the outbox otherwise): for a
+    /// payload the caller keeps, to send it again elsewhere, say. No syscall.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) above `max_frame_len`;
+    /// nothing is queued then.
+    pub fn queue_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        self.w.push_pieces(pieces)
     }
 
     /// Encodes `m` as a frame at the end of the outbox. No syscall.
@@ -299,9 +312,9 @@ impl FramedConn {
                     let mut v = self.spare.pop().unwrap_or_default();
                     v.clear();
                     v.extend_from_slice(&self.r.buf()[s..s + l]);
-                    self.ready.push_back(v);
+                    self.ready.push_back((v, self.r.take_frame_fds()));
                 }
-                Ok(Next::Owned(v)) => self.ready.push_back(v),
+                Ok(Next::Owned(v)) => self.ready.push_back((v, self.r.take_frame_fds())),
                 Err(e) => {
                     self.err = Some(e);
                     return;
@@ -324,6 +337,16 @@ impl FramedConn {
     /// * [`ErrorKind::Decode`](crate::ErrorKind::Decode): a malformed shm-mode frame (it was
     ///   skipped; later frames can still be read).
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(self.next_frame_with_fds()?.map(|(v, _)| v))
+    }
+
+    /// Like [`next_frame`](FramedConn::next_frame), with the descriptors passed with the
+    /// frame (on a connection that accepts them: [`Config::accept_fds`]; none otherwise).
+    ///
+    /// # Errors
+    ///
+    /// As for [`next_frame`](FramedConn::next_frame).
+    pub fn next_frame_with_fds(&mut self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
         if let Some(v) = self.ready.pop_front() {
             return Ok(Some(v));
         }

@@ -628,17 +628,34 @@ impl WriteHalf {
         Ok(())
     }
 
-    /// Queues one frame whose payload is `pieces` one after the other (in shm mode, a large
-    /// one is copied piece by piece into the ring).
-    pub(crate) fn push_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
-        let len = pieces
+    /// The payload length of a frame made of `pieces`, if it is within `max_frame_len`.
+    fn pieces_len(&self, pieces: &[&[u8]]) -> Result<usize> {
+        pieces
             .iter()
             .try_fold(0usize, |n, p| n.checked_add(p.len()))
             .filter(|&n| n <= self.max)
             .ok_or_else(|| {
                 let n = pieces.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
                 Error::too_large(n, self.max)
-            })?;
+            })
+    }
+
+    /// [`push_pieces`](Self::push_pieces), passing `fds` with the frame (see
+    /// [`push_fds`](Self::push_fds)); nothing is queued if the frame is too large.
+    pub(crate) fn push_pieces_with_fds(
+        &mut self,
+        pieces: &[&[u8]],
+        fds: Vec<OwnedFd>,
+    ) -> Result<()> {
+        self.pieces_len(pieces)?;
+        self.push_fds(fds);
+        self.push_pieces(pieces)
+    }
+
+    /// Queues one frame whose payload is `pieces` one after the other (in shm mode, a large
+    /// one is copied piece by piece into the ring).
+    pub(crate) fn push_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        let len = self.pieces_len(pieces)?;
         if self.threshold.is_some_and(|t| len > t) {
             let ring = self.ring.get_or_insert_with(ring::Tx::new);
             let placed = ring.place_with(len, |seg, mut at| {
@@ -1116,7 +1133,12 @@ impl ReadHalf {
                 if len > self.max {
                     return Err(Error::too_large(len, self.max));
                 }
-                let buf = self.take_scratch(len);
+                let mut buf = self.take_scratch(len);
+                if buf.capacity() < len {
+                    // No spare of our own: one the process keeps (a payload's buffer that
+                    // the caller kept, a result say, need not be faulted in afresh).
+                    buf = crate::bufs::reuse_buffer(len);
+                }
                 self.ring.take(off, len, buf).map(Some)
             }
             _ => Err(Error::msg(ErrorKind::Decode, "unknown control frame")),

@@ -27,6 +27,13 @@
 //!   ([`Segment::atomic_u32`], [`Segment::atomic_u64`]), which are made for concurrent
 //!   mutation. Everything read from a segment is treated as untrusted input by the rest
 //!   of the crate. [`Segment::as_slice`] is `unsafe` for that reason.
+//! * **Frozen bytes are immutable.** A [`FrozenSegment`] is mapped read-only, and only
+//!   once its file carries `F_SEAL_WRITE` (with `F_SEAL_SHRINK` and `F_SEAL_GROW`: set
+//!   before mapping when we make it, checked before mapping when a peer sent it; seals are
+//!   never removed). The kernel then refuses every write, truncation and hole punch to
+//!   the file in every process, so its bytes cannot change while mapped and
+//!   [`FrozenSegment::as_slice`] is safe. Its writable mapping while being filled is
+//!   exclusive (the file is not shared yet) and unmapped before the seal.
 //! * **Alignment.** `mmap` returns a page-aligned address, so word `i` (at byte `4 * i` or
 //!   `8 * i`) is aligned for `AtomicU32`/`AtomicU64`.
 #![allow(unsafe_code)]
@@ -435,6 +442,238 @@ impl Drop for Segment {
             tracing::warn!(error = %e, "munmap of a shared segment failed");
         }
     }
+}
+
+/// Bytes in shared memory that nobody can change: a memfd sealed against writing
+/// (`F_SEAL_WRITE`), shrinking and growing, mapped read-only.
+///
+/// Its contents are fixed when it is made ([`FrozenSegment::copy_from`],
+/// [`FrozenSegment::with_fill`]); from then on the kernel refuses every write to the file,
+/// in this process and in any other that gets its descriptor, so the bytes can be borrowed
+/// as a plain `&[u8]` ([`FrozenSegment::as_slice`]) without copying them. Pass its
+/// descriptor to another process (with [`fdpass`](crate::fdpass), say) and map it there with
+/// [`FrozenSegment::from_fd`], which refuses a file that is not sealed so.
+///
+/// # Examples
+///
+/// ```
+/// use pool_ipc::shm::FrozenSegment;
+///
+/// let seg = FrozenSegment::copy_from("example", b"hello")?;
+/// // Another mapping of the same memory, as a peer process would have it.
+/// let peer = FrozenSegment::from_fd(seg.as_fd().try_clone_to_owned()?)?;
+/// assert_eq!(peer.as_slice(), b"hello");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct FrozenSegment {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its file sealed against writes: its bytes never
+// change, so sharing `&[u8]` into it between threads is as sound as for any immutable data.
+unsafe impl Send for FrozenSegment {}
+// SAFETY: as above.
+unsafe impl Sync for FrozenSegment {}
+
+impl std::fmt::Debug for FrozenSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrozenSegment")
+            .field("fd", &self.fd)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// The seals of a [`FrozenSegment`]'s file.
+const FROZEN_SEALS: SealFlags = SealFlags::WRITE
+    .union(SealFlags::SHRINK)
+    .union(SealFlags::GROW)
+    .union(SealFlags::SEAL);
+
+/// A writable shared mapping, unmapped when dropped (also when a fill panics).
+struct WritableMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Drop for WritableMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is a mapping made by `with_fill` and unmapped only here;
+        // the slice handed to the fill closure does not outlive it.
+        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "munmap of a shared segment failed");
+        }
+    }
+}
+
+impl FrozenSegment {
+    /// A segment holding a copy of `bytes` (written into the file by the kernel, with no
+    /// page faults in this process).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] if `bytes` is empty or `name` contains a NUL byte;
+    /// the system call's error otherwise (`ENOSPC`/`ENOMEM` when memory is short, `EMFILE`
+    /// when out of descriptors).
+    pub fn copy_from(name: &str, bytes: &[u8]) -> io::Result<FrozenSegment> {
+        let fd = new_memfd(name, bytes.len())?;
+        let mut done = 0;
+        while done < bytes.len() {
+            match rustix::io::pwrite(&fd, &bytes[done..], done as u64) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        FrozenSegment::seal_and_map(fd, bytes.len())
+    }
+
+    /// A segment of `len` bytes that `fill` writes in place (they start zeroed), then
+    /// frozen: for contents made straight into shared memory, with no copy.
+    ///
+    /// # Errors
+    ///
+    /// As for [`FrozenSegment::copy_from`] (`len` 0 is refused).
+    ///
+    /// # Panics
+    ///
+    /// If `fill` panics (nothing is left behind).
+    pub fn with_fill(
+        name: &str,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> io::Result<FrozenSegment> {
+        let fd = new_memfd(name, len)?;
+        // A null hint: a fresh range that aliases no Rust object. The file was just created
+        // with `len` bytes and no other process has it, so every page stays backed.
+        // SAFETY: a fresh range, every page backed (above).
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )?
+        };
+        let map = WritableMap {
+            ptr: NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?,
+            len,
+        };
+        // The mapping is `len` bytes, live until `map` drops (after `fill` returns), and
+        // only this slice refers to it: nothing else writes or reads it meanwhile.
+        // SAFETY: valid, exclusive, initialized (zeroed) memory for the slice's life.
+        fill(unsafe { std::slice::from_raw_parts_mut(map.ptr.as_ptr(), len) });
+        // The write seal needs every writable mapping gone.
+        drop(map);
+        FrozenSegment::seal_and_map(fd, len)
+    }
+
+    /// Maps a frozen segment from a descriptor received from a peer (or inherited); a
+    /// read-only descriptor is enough. The descriptor is kept (and closed on drop).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidData`] if the file is not a memfd on shmem sealed against
+    /// writing, shrinking and growing, or is empty; the system call's error otherwise.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<FrozenSegment> {
+        let seals = rustix::fs::fcntl_get_seals(&fd)?;
+        if !seals.contains(SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW) {
+            return Err(invalid("shared bytes are not sealed against every change"));
+        }
+        let fs = rustix::fs::fstatfs(&fd)?;
+        #[allow(
+            clippy::useless_conversion,
+            reason = "f_type's type differs between targets"
+        )]
+        let fs_type = u64::try_from(fs.f_type).unwrap_or(0);
+        if fs_type != TMPFS_MAGIC {
+            return Err(invalid("shared bytes are not in a shmem file"));
+        }
+        let st = rustix::fs::fstat(&fd)?;
+        let len = usize::try_from(st.st_size).map_err(|_| invalid("bad segment size"))?;
+        if len == 0 {
+            return Err(invalid("empty shared segment"));
+        }
+        FrozenSegment::map(fd, len)
+    }
+
+    fn seal_and_map(fd: OwnedFd, len: usize) -> io::Result<FrozenSegment> {
+        rustix::fs::fcntl_add_seals(&fd, FROZEN_SEALS)?;
+        FrozenSegment::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<FrozenSegment> {
+        // A null hint: a fresh range that aliases no Rust object. The file is sealed
+        // against shrinking (checked or set by the callers) with size `len`, so every page
+        // of the mapping stays backed.
+        // SAFETY: a fresh range, every page backed (above).
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )?
+        };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?;
+        Ok(FrozenSegment { fd, ptr, len })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // The mapping is live for `&self` and `len` bytes long; its file is sealed against
+        // writing, shrinking and growing (checked or set before mapping; seals are never
+        // removed), so no process can change or remove these bytes while the slice lives.
+        // SAFETY: valid, immutable memory for the slice's life (above).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Length in bytes (never 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: frozen segments are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd (close-on-exec), e.g. to pass it to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for FrozenSegment {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping made in `map`, unmapped only here; every
+        // reference into it borrows `self`, so none outlives this call.
+        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "munmap of a shared segment failed");
+        }
+    }
+}
+
+/// A new memfd of `len` bytes (not 0) that can be sealed.
+fn new_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty shared segment",
+        ));
+    }
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, len as u64)?;
+    Ok(fd)
 }
 
 /// Blocks while `*word == expected`, until woken by [`futex_wake`] or `timeout` passes.

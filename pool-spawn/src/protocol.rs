@@ -230,6 +230,37 @@ impl FdRef {
     ///
     /// As for [`Segment::open_in_process`](pool_ipc::shm::Segment::open_in_process).
     pub fn open(&self) -> std::io::Result<pool_ipc::shm::Segment> {
+        self.open_with(
+            pool_ipc::shm::Segment::from_fd,
+            pool_ipc::shm::Segment::open_in_process,
+        )
+    }
+
+    /// Maps the frozen segment it names (see [`pool_ipc::shm::FrozenSegment`]): the
+    /// descriptor passed with the message this thread is decoding, if there is one, else
+    /// the `/proc` path (opened read-only).
+    ///
+    /// # Errors
+    ///
+    /// As for [`FrozenSegment::from_fd`](pool_ipc::shm::FrozenSegment::from_fd), and the
+    /// errors of opening the `/proc` path.
+    pub fn open_frozen(&self) -> std::io::Result<pool_ipc::shm::FrozenSegment> {
+        use pool_ipc::shm::FrozenSegment;
+        self.open_with(FrozenSegment::from_fd, |pid, fd| {
+            let f = rustix::fs::open(
+                format!("/proc/{pid}/fd/{fd}"),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?;
+            FrozenSegment::from_fd(f)
+        })
+    }
+
+    fn open_with<S>(
+        &self,
+        from_fd: impl Fn(std::os::fd::OwnedFd) -> std::io::Result<S>,
+        from_proc: impl FnOnce(u32, i32) -> std::io::Result<S>,
+    ) -> std::io::Result<S> {
         let passed = self.slot.and_then(|slot| {
             PASSED.with(|p| {
                 let p = p.borrow();
@@ -237,9 +268,9 @@ impl FdRef {
                 fd.try_clone().ok()
             })
         });
-        match passed.map(pool_ipc::shm::Segment::from_fd) {
+        match passed.map(from_fd) {
             Some(Ok(seg)) => Ok(seg),
-            _ => pool_ipc::shm::Segment::open_in_process(self.pid, self.fd),
+            _ => from_proc(self.pid, self.fd),
         }
     }
 }
@@ -252,13 +283,78 @@ thread_local! {
 
 /// Makes `fds`, the descriptors passed with a message, what [`FdRef::open`] looks in on this
 /// thread until the guard is dropped; it closes them then.
-pub(crate) fn passing(fds: Vec<std::os::fd::OwnedFd>) -> Passing {
+pub fn passing(fds: Vec<std::os::fd::OwnedFd>) -> Passing {
     PASSED.with(|p| *p.borrow_mut() = fds);
     Passing(())
 }
 
 /// See [`passing`].
-pub(crate) struct Passing(());
+#[derive(Debug)]
+pub struct Passing(());
+
+thread_local! {
+    /// Whether values serialized on this thread now pass their descriptors with the
+    /// message (a worker encoding a task's result: [`pass_fd`]), and how many they passed:
+    /// the worker's check after each item costs two plain reads when none passes any.
+    static COLLECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static COLLECTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The descriptors themselves.
+    static OUTGOING: std::cell::RefCell<Vec<std::os::fd::OwnedFd>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The descriptors collected so far, leaving none.
+fn take_outgoing() -> Vec<std::os::fd::OwnedFd> {
+    if COLLECTED.replace(0) == 0 {
+        return Vec::new();
+    }
+    OUTGOING.with(|o| std::mem::take(&mut *o.borrow_mut()))
+}
+
+/// Starts collecting the descriptors that values serialized on this thread pass
+/// ([`pass_fd`]), until [`take_collected`].
+pub(crate) fn start_collecting() {
+    COLLECTING.set(true);
+    drop(take_outgoing());
+}
+
+/// Whether values serialized since [`start_collecting`] (or the last
+/// [`take_collected_so_far`]) passed descriptors.
+#[inline]
+pub(crate) fn collected_any() -> bool {
+    COLLECTED.get() != 0
+}
+
+/// The descriptors collected since [`start_collecting`] (or the last call), collecting on.
+pub(crate) fn take_collected_so_far() -> Vec<std::os::fd::OwnedFd> {
+    take_outgoing()
+}
+
+/// Ends what [`start_collecting`] began: the descriptors collected since.
+pub(crate) fn take_collected() -> Vec<std::os::fd::OwnedFd> {
+    COLLECTING.set(false);
+    take_outgoing()
+}
+
+/// For a value being serialized as part of a worker's result (a task's result is encoded
+/// while the worker collects): passes a duplicate of `fd` with the message that carries
+/// the result and returns its slot among the message's descriptors (for [`FdRef::slot`]).
+/// `None` anywhere else, past the most one message carries, or when `fd` cannot be
+/// duplicated.
+pub fn pass_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    if !COLLECTING.get() {
+        return None;
+    }
+    OUTGOING.with(|o| {
+        let mut v = o.borrow_mut();
+        if v.len() >= pool_ipc::fdpass::MAX_FDS {
+            return None;
+        }
+        v.push(fd.try_clone_to_owned().ok()?);
+        COLLECTED.set(v.len());
+        u32::try_from(v.len() - 1).ok()
+    })
+}
 
 impl Drop for Passing {
     fn drop(&mut self) {
@@ -319,6 +415,20 @@ pub enum ToWorker<B = ByteBuf> {
     },
     /// Finish what was sent before, then exit with code 0.
     Exit,
+    /// A [`ToWorker::Run`] whose payload is `head` followed by the whole payload of the
+    /// frame right after this one (raw bytes, not a message): a task of one large byte
+    /// string, whose bytes the pool sends from where they lie and the worker receives in
+    /// a buffer that becomes the argument as it is.
+    RunTail {
+        /// As in [`ToWorker::Run`].
+        id: u64,
+        /// As in [`ToWorker::Run`].
+        func: FnRef,
+        /// As in [`ToWorker::Run`].
+        timed: bool,
+        /// The payload's bytes before the tail frame's.
+        head: B,
+    },
 }
 
 impl<B> ToWorker<B> {
@@ -351,6 +461,27 @@ struct RunHead {
 
 /// Index of `Run` among [`ToWorker`]'s variants.
 const RUN_VARIANT: u32 = 1;
+
+/// The [`ToWorker::RunTail`] of a task whose arguments are one byte string of `len` bytes
+/// (a `(ByteBuf,)` or `(Vec<u8>,)`), sent as the frame after it: the head holds the item
+/// count (1) and the string's length, as postcard lays out a `Vec` of that one item.
+pub fn encode_run_tail(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    len: usize,
+) -> pool_ipc::Result<pool_ipc::FrameBuf> {
+    let mut head = vec![1];
+    pool_ipc::encode_seq_len(&mut head, len);
+    let mut frame = pool_ipc::FrameBuf::new();
+    frame.encode(&ToWorker::<&serde_bytes::Bytes>::RunTail {
+        id,
+        func,
+        timed,
+        head: serde_bytes::Bytes::new(&head),
+    })?;
+    Ok(frame)
+}
 
 /// The fields of [`FromWorker::Part`] before its result bytes, as postcard lays them out:
 /// the variant index, `id`, `items`, then the length of the bytes.
@@ -656,6 +787,11 @@ pub fn decode_reply(frame: &[u8]) -> postcard::Result<FromWorker<Range<usize>>> 
         },
         FromWorker::Skipped { id } => FromWorker::Skipped { id },
         FromWorker::Recycling { rss } => FromWorker::Recycling { rss },
+        FromWorker::PartTail { id, head, len } => FromWorker::PartTail {
+            id,
+            head: range(head),
+            len,
+        },
     })
 }
 
@@ -704,6 +840,20 @@ pub enum FromWorker<B = ByteBuf> {
     Recycling {
         /// Its resident memory, in bytes.
         rss: u64,
+    },
+    /// The next result of a batch still running, one item's, in two frames: `head` (the
+    /// result's first bytes) here, and the rest of its bytes as the whole payload of the
+    /// frame right after this one (raw bytes, not a message). A large byte-string result
+    /// goes this way: its bytes arrive in a buffer of their own, which becomes the
+    /// caller's value as is, without another copy.
+    PartTail {
+        /// The `id` of the [`ToWorker::Run`].
+        id: u64,
+        /// The result's bytes before the tail frame's.
+        head: B,
+        /// The length of the tail frame's payload: more than [`SHM_THRESHOLD`]. A frame of
+        /// any other length after it is not its tail, and the worker is faulty.
+        len: u64,
     },
 }
 
@@ -850,6 +1000,66 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
     } else {
         Err(postcard::Error::DeserializeBadEncoding)
     }
+}
+
+/// Decodes the one result of a [`FromWorker::PartTail`]: its `head`, then the bytes of the
+/// frame after it (`tail`), passed through `ok` or `err` on its way into `out`. A
+/// successful byte-string result ([`ByteBuf`] or `Vec<u8>`) whose bytes are the whole tail
+/// takes the tail's buffer as it is (no copy); anything else is decoded from the two joined
+/// (as [`decode_item_results`] does, errors included).
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_item_result_tail<R: serde::de::DeserializeOwned + 'static, U>(
+    head: &[u8],
+    tail: Vec<u8>,
+    out: &mut Vec<U>,
+    mut ok: impl FnMut(R) -> U,
+    err: impl FnMut(ItemError) -> U,
+) -> Result<(), postcard::Error> {
+    if let Some((&0, rest)) = head.split_first()
+        && let Some((len, [])) = take_varint(rest)
+        && len == tail.len()
+    {
+        match byte_string_of_vec::<R>(tail) {
+            Ok(v) => {
+                out.push(ok(v));
+                return Ok(());
+            }
+            Err(tail) => return decode_joined(head, &tail, out, ok, err),
+        }
+    }
+    decode_joined(head, &tail, out, ok, err)
+}
+
+/// [`decode_item_results`] of one result laid out as `head` then `tail`.
+fn decode_joined<R: serde::de::DeserializeOwned + 'static, U>(
+    head: &[u8],
+    tail: &[u8],
+    out: &mut Vec<U>,
+    ok: impl FnMut(R) -> U,
+    err: impl FnMut(ItemError) -> U,
+) -> Result<(), postcard::Error> {
+    let mut joined = Vec::with_capacity(head.len() + tail.len());
+    joined.extend_from_slice(head);
+    joined.extend_from_slice(tail);
+    decode_item_results(1, &joined, out, ok, err)
+}
+
+/// `v` as a value of `B` when `B` is a byte string ([`ByteBuf`] or `Vec<u8>`), without
+/// copying; `v` back otherwise.
+fn byte_string_of_vec<B: 'static>(v: Vec<u8>) -> Result<B, Vec<u8>> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<B>();
+    let value: Box<dyn Any> = if t == TypeId::of::<ByteBuf>() {
+        Box::new(ByteBuf::from(v))
+    } else if t == TypeId::of::<Vec<u8>>() {
+        Box::new(v)
+    } else {
+        return Err(v);
+    };
+    Ok(*value.downcast::<B>().expect("B is the type just checked"))
 }
 
 /// The first result of `bytes` when `T` is `Result<B, ItemError>` for a byte string `B`
@@ -1097,6 +1307,34 @@ mod tests {
         let mut pieces = part_head(1 << 40, 300, results.len());
         pieces.extend_from_slice(&results);
         assert_eq!(pieces, whole);
+    }
+
+    #[test]
+    fn a_result_in_head_and_tail_takes_the_tail_buffer_or_decodes_as_one() {
+        let tail = vec![9u8; 1000];
+        let at = tail.as_ptr();
+        let mut head = vec![0u8];
+        pool_ipc::encode_seq_len(&mut head, tail.len());
+        // A byte string that is the whole tail: the tail's own buffer, no copy.
+        let mut got: Vec<Result<ByteBuf, ItemError>> = Vec::new();
+        decode_item_result_tail(&head, tail.clone(), &mut got, Ok, Err).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().as_slice(), &tail[..]);
+        let mut got: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        decode_item_result_tail(&head, tail, &mut got, Ok, Err).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().as_ptr(), at);
+        // Any other type decodes from the two joined, as one result would.
+        let mut got: Vec<Result<String, ItemError>> = Vec::new();
+        decode_item_result_tail(&[0, 2], b"hi".to_vec(), &mut got, Ok, Err).unwrap();
+        assert_eq!(got[0].as_deref().unwrap(), "hi");
+        // A head whose length is not the tail's, or an error result, likewise.
+        let mut got: Vec<Result<Vec<u8>, ItemError>> = Vec::new();
+        assert!(decode_item_result_tail(&[0, 5], vec![1, 2], &mut got, Ok, Err).is_err());
+        let e: Result<(), ItemError> =
+            Err(ItemError::new(crate::task::ItemErrorKind::Panicked, "x"));
+        let e = postcard::to_allocvec(&e).unwrap();
+        let (h, t) = e.split_at(2);
+        decode_item_result_tail(h, t.to_vec(), &mut got, Ok, Err).unwrap();
+        assert!(got[0].is_err());
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {
         None | Some((ToWorker::Exit, _)) => return Ok(0),
-        Some((ToWorker::Run { .. }, _)) => {
+        Some((ToWorker::Run { .. } | ToWorker::RunTail { .. }, _)) => {
             return Err(Stop::Protocol(
                 "a Run message arrived before Setup".to_owned(),
             ));
@@ -196,22 +196,29 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     func,
                     timed,
                     payload,
-                }) => {
-                    if !results.take_up(id, timed) {
-                        return Step::Done(Reply::Skipped(id));
-                    }
-                    // The events among the arguments open from these (closed after the task).
-                    let _passed = protocol::passing(fds);
-                    let mut sink = results.sink(tx);
-                    let outcome = task::call_batch(&same, func, payload, &mut sink);
-                    if sink.lost {
-                        return Step::Lost;
-                    }
-                    Step::Done(Reply::Done(id, outcome))
-                }
+                }) => run_task(&mut results, tx, &same, (id, func, timed), payload, fds),
+                Ok(ToWorker::RunTail {
+                    id,
+                    func,
+                    timed,
+                    head,
+                }) => Step::Tail((id, func, timed), head.to_vec(), fds),
                 Err(e) => Step::Bad(format!("bad message from the parent: {e}")),
             }
         });
+        let step = match step {
+            Ok(Step::Tail(run, head, fds)) => match conn.receiver().recv_frame() {
+                // The frame after a `RunTail`: the rest of the arguments, as they are.
+                Ok(tail) => {
+                    let (tx, _) = conn.halves();
+                    Ok(task::with_arg_tail(tail, || {
+                        run_task(&mut results, tx, &same, run, &head, fds)
+                    }))
+                }
+                Err(e) => Err(e),
+            },
+            other => other,
+        };
         let step = match step {
             Ok(step) => step,
             Err(e) => match recv_failed(&e) {
@@ -223,6 +230,11 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Step::Exit => return Ok(0),
             Step::Lost => return Err(Stop::Lost),
             Step::Bad(m) => return Err(Stop::Protocol(m)),
+            Step::Tail(..) => {
+                return Err(Stop::Protocol(
+                    "internal: a RunTail left without its tail".to_owned(),
+                ));
+            }
             Step::Done(Reply::Skipped(id)) => {
                 // Not a task run: it does not count toward `max_tasks`.
                 send(&mut conn, &FromWorker::Skipped { id })?;
@@ -431,6 +443,42 @@ impl AreaSink<'_, '_> {
         self.results.sent += items;
     }
 
+    /// Sends one item's result, `head` then the large `tail`, as a part in two frames
+    /// ([`FromWorker::PartTail`]): the tail's bytes go into a frame of their own (through
+    /// the shared ring), so that the pool receives them in a buffer that becomes the
+    /// result as it is.
+    fn send_part_tail(&mut self, head: &[u8], tail: &[u8]) {
+        let msg = FromWorker::<&serde_bytes::Bytes>::PartTail {
+            id: self.results.id,
+            head: serde_bytes::Bytes::new(head),
+            len: tail.len() as u64,
+        };
+        if self.tx.feed_frame_of(&msg).is_err() || self.tx.send_pieces(&[tail]).is_err() {
+            self.lost = true;
+        }
+        self.results.sent += 1;
+    }
+
+    /// Sends the results not sent yet (the area's, or those kept in memory without a
+    /// page) as a part.
+    fn flush_pending(&mut self) {
+        if self.results.page.is_some() {
+            self.flush_area();
+            return;
+        }
+        let r = &mut *self.results;
+        if r.items == 0 {
+            return;
+        }
+        let items = r.items;
+        let bytes = std::mem::take(&mut r.local);
+        self.send_part(items, &bytes);
+        let r = &mut *self.results;
+        r.local = bytes;
+        r.local.clear();
+        r.items = 0;
+    }
+
     /// Sends the area's results as a part and empties it.
     fn flush_area(&mut self) {
         let r = &mut *self.results;
@@ -477,6 +525,34 @@ impl ItemSink for AreaSink<'_, '_> {
     }
 
     fn commit_with(&mut self, tail: &[u8]) {
+        if protocol::collected_any() {
+            let fds = protocol::take_collected_so_far();
+            if self.lost {
+                return;
+            }
+            // The descriptors travel with a frame, not through the result area (which
+            // survives the worker, while they would not): the results before this one go
+            // first, then this one alone, with its descriptors.
+            self.flush_pending();
+            let r = &mut *self.results;
+            let scratch = std::mem::take(&mut r.scratch);
+            let part = protocol::part_head(r.id, 1, scratch.len() + tail.len());
+            if self
+                .tx
+                .send_pieces_with_fds(&[&part, &scratch, tail], fds)
+                .is_err()
+            {
+                self.lost = true;
+            }
+            let r = &mut *self.results;
+            r.scratch = scratch;
+            r.sent += 1;
+            if let Some(page) = r.page {
+                page.atomic_u64(page::AREA_BASE)
+                    .store(r.sent, Ordering::Release);
+            }
+            return;
+        }
         if self.lost {
             return;
         }
@@ -493,7 +569,11 @@ impl ItemSink for AreaSink<'_, '_> {
             if n > self.results.area_len() {
                 // Larger than the whole area: straight out.
                 let scratch = std::mem::take(&mut self.results.scratch);
-                self.send_part_pieces(1, &scratch, tail);
+                if tail.len() > protocol::SHM_THRESHOLD {
+                    self.send_part_tail(&scratch, tail);
+                } else {
+                    self.send_part_pieces(1, &scratch, tail);
+                }
                 self.results.scratch = scratch;
                 page.atomic_u64(page::AREA_BASE)
                     .store(self.results.sent, Ordering::Release);
@@ -513,8 +593,36 @@ impl ItemSink for AreaSink<'_, '_> {
     }
 }
 
+/// Runs task `id` of `func` on `payload` (unless it was cancelled before it began), with
+/// `fds`, the descriptors passed with it.
+fn run_task(
+    results: &mut Results<'_>,
+    tx: &mut Sender<FromWorker>,
+    same: &protocol::SameImage,
+    (id, func, timed): (u64, task::FnRef, bool),
+    payload: &[u8],
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Step {
+    if !results.take_up(id, timed) {
+        return Step::Done(Reply::Skipped(id));
+    }
+    // The events among the arguments open from these (closed after the task).
+    let _passed = protocol::passing(fds);
+    let mut sink = results.sink(tx);
+    // Descriptors the results pass (shared bytes, say) go with them.
+    protocol::start_collecting();
+    let outcome = task::call_batch(same, func, payload, &mut sink);
+    drop(protocol::take_collected());
+    if sink.lost {
+        return Step::Lost;
+    }
+    Step::Done(Reply::Done(id, outcome))
+}
+
 /// What handling one request came to.
 enum Step {
+    /// A `RunTail` (its task, head and descriptors): its tail frame is to be read next.
+    Tail((u64, task::FnRef, bool), Vec<u8>, Vec<std::os::fd::OwnedFd>),
     /// Exit (asked to, or the parent closed the channel).
     Exit,
     /// A task was taken up: what to answer.

@@ -387,6 +387,40 @@ impl ItemSink for VecSink {
     }
 }
 
+thread_local! {
+    /// The tail of the arguments of the task about to run (see [`with_arg_tail`]).
+    static ARG_TAIL: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Runs `run` (which calls a batch trampoline) with `tail` as the rest of the batch's
+/// payload, after the bytes the trampoline is given ([`ToWorker::RunTail`]): a task of one
+/// byte-string argument takes `tail` as that argument, without copying it.
+///
+/// [`ToWorker::RunTail`]: crate::protocol::ToWorker::RunTail
+pub(crate) fn with_arg_tail<T>(tail: Vec<u8>, run: impl FnOnce() -> T) -> T {
+    ARG_TAIL.with(|t| *t.borrow_mut() = Some(tail));
+    let out = run();
+    ARG_TAIL.with(|t| t.borrow_mut().take());
+    out
+}
+
+/// The arguments `(B,)` for a byte string `B` ([`ByteBuf`](serde_bytes::ByteBuf) or
+/// `Vec<u8>`) made of `v` without copying, if `Args` is such a tuple; `v` back otherwise.
+fn byte_string_args<Args: 'static>(v: Vec<u8>) -> Result<Args, Vec<u8>> {
+    use std::any::{Any, TypeId};
+    let t = TypeId::of::<Args>();
+    let args: Box<dyn Any> = if t == TypeId::of::<(serde_bytes::ByteBuf,)>() {
+        Box::new((serde_bytes::ByteBuf::from(v),))
+    } else if t == TypeId::of::<(Vec<u8>,)>() {
+        Box::new((v,))
+    } else {
+        return Err(v);
+    };
+    Ok(*args
+        .downcast::<Args>()
+        .expect("Args is the type just checked"))
+}
+
 /// Decodes a batch, runs `f` on each item, hands each encoded result to `sink`.
 ///
 /// Items are decoded one at a time, each just before it runs (no vector of the batch's
@@ -396,10 +430,37 @@ impl ItemSink for VecSink {
 fn run_batch<F, Args, R>(f: F, input: &[u8], sink: &mut dyn ItemSink) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
-    Args: DeserializeOwned,
+    Args: DeserializeOwned + 'static,
     R: Serialize + 'static,
 {
     take_note();
+    if let Some(tail) = ARG_TAIL.with(|t| t.borrow_mut().take()) {
+        // One byte string in a frame of its own: `input` is the item count (1) and its
+        // length; the tail, its bytes, becomes the argument as it is.
+        let mut head = [0u8; 11];
+        let mut n = 1;
+        head[0] = 1;
+        let mut len = tail.len();
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            head[n] = if len == 0 { b } else { b | 0x80 };
+            n += 1;
+            if len == 0 {
+                break;
+            }
+        }
+        if input == &head[..n] {
+            match byte_string_args::<Args>(tail) {
+                Ok(args) => {
+                    sink.begin();
+                    return run_item(&f, Ok(args), sink);
+                }
+                Err(tail) => return run_joined(f, input, &tail, sink),
+            }
+        }
+        return run_joined(f, input, &tail, sink);
+    }
     // Items take at least a byte each, except zero-sized ones (and such), which take the
     // whole-batch path below.
     if let Ok((n, mut rest)) = postcard::take_from_bytes::<usize>(input)
@@ -440,6 +501,24 @@ where
         }
     }
     Ok(())
+}
+
+/// [`run_batch`] of the payload `head` then `tail`, joined.
+fn run_joined<F, Args, R>(
+    f: F,
+    head: &[u8],
+    tail: &[u8],
+    sink: &mut dyn ItemSink,
+) -> Result<(), ItemError>
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned + 'static,
+    R: Serialize + 'static,
+{
+    let mut joined = Vec::with_capacity(head.len() + tail.len());
+    joined.extend_from_slice(head);
+    joined.extend_from_slice(tail);
+    run_batch(f, &joined, sink)
 }
 
 /// What [`run_next`] was doing when it stopped short.
@@ -738,6 +817,41 @@ mod tests {
         // A count that the bytes do not hold is an error, not a short vector.
         let mut short: Vec<Result<u32, ItemError>> = Vec::new();
         assert!(crate::protocol::decode_results(4, &sink.out, &mut short).is_err());
+    }
+
+    fn where_and_len(b: serde_bytes::ByteBuf) -> (u64, usize) {
+        (b.as_ptr() as u64, b.len())
+    }
+
+    fn text_len(s: String) -> usize {
+        s.len()
+    }
+
+    #[test]
+    fn a_byte_string_argument_in_a_tail_is_the_tail_buffer_itself() {
+        let tail = vec![5u8; 300_000];
+        let at = tail.as_ptr() as u64;
+        let mut head = vec![1u8];
+        pool_ipc::encode_seq_len(&mut head, tail.len());
+        let mut sink = VecSink::default();
+        with_arg_tail(tail, || run_local(where_and_len, &head, &mut sink)).unwrap();
+        let mut got: Vec<Result<(u64, usize), ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got, vec![Ok((at, 300_000))]);
+        // Any other argument type, or a head that does not describe the tail, is decoded
+        // from the two joined, like any payload (errors included).
+        let mut sink = VecSink::default();
+        with_arg_tail(b"hey".to_vec(), || run_local(text_len, &[1, 3], &mut sink)).unwrap();
+        let mut got: Vec<Result<usize, ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got, vec![Ok(3)]);
+        let mut sink = VecSink::default();
+        with_arg_tail(vec![1, 2], || run_local(where_and_len, &[1, 5], &mut sink)).unwrap();
+        let mut got: Vec<Result<(u64, usize), ItemError>> = Vec::new();
+        crate::protocol::decode_results(sink.items, &sink.out, &mut got).unwrap();
+        assert_eq!(got[0].as_ref().unwrap_err().kind, ItemErrorKind::Decode);
+        // No tail left behind for the next task.
+        assert!(ARG_TAIL.with(|t| t.borrow().is_none()));
     }
 
     fn flip(b: bool) -> bool {

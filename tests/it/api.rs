@@ -288,6 +288,44 @@ fn byte_string_results_of_every_size_come_back_intact() {
     shut_down(pool);
 }
 
+/// Aborts the worker after `ms`.
+fn abort_after(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::abort();
+}
+
+#[test]
+fn large_arguments_queued_behind_a_worker_that_dies_are_sent_again_intact() {
+    // Large byte strings go to the worker as a frame of their own, from the caller's
+    // buffer; a worker that dies before beginning them must not lose them: they go to its
+    // replacement whole.
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        // Short tasks first: the worker is then sent several tasks ahead, so the large
+        // ones are queued on it when it dies.
+        pool.map(square, 0..50u64).unwrap();
+        let die = pool.apply_async(abort_after, (300,));
+        let queued: Vec<_> = (1..6)
+            .map(|i| {
+                let b = payload(i, (1 << 20) + i);
+                (b.clone(), pool.map_async(reversed, vec![b]))
+            })
+            .collect();
+        let e = die
+            .get_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}");
+        for (b, r) in queued {
+            let got = r.get_timeout(Duration::from_secs(60)).unwrap().unwrap();
+            let expected: Vec<u8> = b.iter().rev().copied().collect();
+            assert!(got[0].as_slice() == expected.as_slice(), "{method:?}");
+        }
+        assert_eq!(pool.metrics().died, 1, "{method:?}");
+        shut_down(pool);
+    }
+}
+
 #[test]
 fn pools_and_results_cross_threads() {
     fn send_sync<T: Send + Sync>() {}

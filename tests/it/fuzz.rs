@@ -56,7 +56,7 @@ fn message(r: &mut Rng, ids: u64) -> FromWorker {
     let items = [0, 1, 1, 2, 7, u64::MAX][r.below(6) as usize];
     let len = r.below(24) as usize;
     let bytes = ByteBuf::from(r.bytes(len));
-    match r.below(7) {
+    match r.below(8) {
         0 => FromWorker::Ready {
             pid: r.next() as u32,
         },
@@ -91,6 +91,11 @@ fn message(r: &mut Rng, ids: u64) -> FromWorker {
             results: bytes,
         },
         5 => FromWorker::Skipped { id },
+        6 => FromWorker::PartTail {
+            id,
+            head: bytes,
+            len: [0, 1, 300_000, r.next()][r.below(4) as usize],
+        },
         _ => FromWorker::Recycling { rss: r.next() },
     }
 }

@@ -218,6 +218,25 @@ fn a_forged_skip_of_its_own_task() {
     );
 }
 
+#[test]
+fn a_forged_result_tail_never_swallows_the_real_result() {
+    use pool_spawn::protocol::FromWorker;
+    use serde_bytes::ByteBuf;
+    // A PartTail says the next frame is raw result bytes: forged for its own task (2), the
+    // next frame would be its real Done, taken for bytes, leaving the task without an
+    // outcome (found by the fuzz). A tail must be large and of the announced length.
+    for len in [5, 300_000] {
+        survive(
+            &format!("a PartTail announcing {len} bytes"),
+            encoded(&FromWorker::PartTail {
+                id: 2,
+                head: ByteBuf::from(vec![0]),
+                len,
+            }),
+        );
+    }
+}
+
 /// Writes `bytes` to its channel, then takes a moment (the pool reads them while it runs).
 fn write_then_linger(bytes: Vec<u8>) -> u32 {
     write_to_channel(bytes);

@@ -9,6 +9,7 @@ mod hostile;
 mod hostile_driver;
 mod lifetime;
 mod observe;
+mod shared_bytes;
 mod shared_event;
 mod signals;
 mod task_control;

@@ -28,34 +28,56 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             // items, never the thread that delivers results.
             // Decoded straight into the caller's type: an item error becomes a TaskError
             // as it is read, with no list of the worker's results in between.
+            let mut batches = batches;
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // The values alone while every item succeeded; a result per item from the
                 // first that failed.
                 let mut oks: Vec<R> = Vec::with_capacity(count);
-                let mut batches_left = batches.iter();
-                let mut mixed = loop {
-                    let Some(b) = batches_left.next() else {
-                        return Ok::<_, String>(Items::Ok(oks));
+                let mut mixed: Option<Vec<Result<R, TaskError>>> = None;
+                let err = |e| Err(item_error(e, &worker, pid));
+                for b in &mut batches {
+                    // Shared bytes among the results map the descriptors passed with them.
+                    let _passed = protocol::passing(std::mem::take(&mut b.fds));
+                    // A large result's bytes in a buffer of their own: it becomes the value
+                    // as it is.
+                    let tail = std::mem::take(&mut b.tail);
+                    let Some(m) = &mut mixed else {
+                        // Every item so far succeeded.
+                        if tail.is_empty() {
+                            let stop = protocol::decode_ok_results(b.items, b.bytes(), &mut oks)
+                                .map_err(|e| e.to_string())?;
+                            let Some((i, rest)) = stop else { continue };
+                            let m = mixed.insert(Vec::with_capacity(count));
+                            m.extend(oks.drain(..).map(Ok));
+                            protocol::decode_item_results(b.items - i, rest, m, Ok, err)
+                                .map_err(|e| e.to_string())?;
+                        } else {
+                            let mut one = Vec::with_capacity(1);
+                            protocol::decode_item_result_tail(b.bytes(), tail, &mut one, Ok, err)
+                                .map_err(|e| e.to_string())?;
+                            match one.pop() {
+                                Some(Ok(v)) if one.is_empty() => oks.push(v),
+                                last => {
+                                    let m = mixed.insert(Vec::with_capacity(count));
+                                    m.extend(oks.drain(..).map(Ok));
+                                    m.extend(one);
+                                    m.extend(last);
+                                }
+                            }
+                        }
+                        continue;
                     };
-                    let stop = protocol::decode_ok_results(b.items, b.bytes(), &mut oks)
-                        .map_err(|e| e.to_string())?;
-                    if let Some((i, rest)) = stop {
-                        let mut mixed: Vec<Result<R, TaskError>> = Vec::with_capacity(count);
-                        mixed.extend(oks.drain(..).map(Ok));
-                        protocol::decode_item_results(b.items - i, rest, &mut mixed, Ok, |e| {
-                            Err(item_error(e, &worker, pid))
-                        })
-                        .map_err(|e| e.to_string())?;
-                        break mixed;
+                    if tail.is_empty() {
+                        protocol::decode_item_results(b.items, b.bytes(), m, Ok, err)
+                    } else {
+                        protocol::decode_item_result_tail(b.bytes(), tail, m, Ok, err)
                     }
-                };
-                for b in batches_left {
-                    protocol::decode_item_results(b.items, b.bytes(), &mut mixed, Ok, |e| {
-                        Err(item_error(e, &worker, pid))
-                    })
                     .map_err(|e| e.to_string())?;
                 }
-                Ok(Items::Mixed(mixed))
+                Ok::<_, String>(match mixed {
+                    Some(m) => Items::Mixed(m),
+                    None => Items::Ok(oks),
+                })
             }));
             // The frames are done with: their buffers hold later frames.
             for b in batches {
@@ -159,6 +181,8 @@ mod tests {
         frame.extend_from_slice(&bytes);
         frame.extend_from_slice(&[0xBB; 3]);
         Batch {
+            tail: Vec::new(),
+            fds: Vec::new(),
             frame,
             range: 5..5 + bytes.len(),
             items: items.len() as u64,

@@ -76,12 +76,26 @@ impl Effects<TaskRec> for Fx<'_> {
         match w.conn.as_mut() {
             Some(conn) => {
                 conn.queue_copy_with_fds(frame, task.pins.fds());
+                if let Some(tail) = &task.tail {
+                    // A tail is at most 64 MiB (`chunk::take_tail`), far below the frame
+                    // limit: it is always queued.
+                    let queued = conn.queue_pieces(&[tail.bytes()]);
+                    debug_assert!(queued.is_ok(), "a tail within the frame limit");
+                }
                 w.note_task_queued();
                 if self.dirty.last() != Some(&wid) {
                     self.dirty.push(wid);
                 }
             }
-            None => w.backlog.push((frame.clone(), task.pins.clone(), true)),
+            None => {
+                w.backlog.push((frame.clone(), task.pins.clone(), true));
+                if let Some(tail) = &task.tail {
+                    // Copied: a backlog is only waited for while the worker starts.
+                    let mut f = FrameBuf::with_capacity(tail.bytes().len());
+                    f.extend_from_slice(tail.bytes());
+                    w.backlog.push((f, Pins::default(), false));
+                }
+            }
         }
     }
 
@@ -267,6 +281,7 @@ impl Fx<'_> {
             id,
             TaskRec {
                 frame: Some(frame),
+                tail: None,
                 pins: task.pins,
                 spans: (count > 1).then_some(spans),
                 sink: task.sink,

@@ -53,6 +53,11 @@ pub(crate) struct Batch {
     pub(super) range: std::ops::Range<usize>,
     /// How many items' results the bytes hold.
     pub(super) items: u64,
+    /// The rest of the one result's bytes, after `frame[range]`, when they came in a frame
+    /// of their own (`FromWorker::PartTail`); empty otherwise.
+    pub(super) tail: Vec<u8>,
+    /// The descriptors passed with the results (those of shared bytes among them).
+    pub(super) fds: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Batch {
@@ -113,6 +118,9 @@ pub(crate) struct TaskRec {
     /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
     /// before beginning it.
     pub(crate) frame: Option<FrameBuf>,
+    /// The bytes of a `RunTail`'s tail frame, sent after `frame` each time it is (kept as
+    /// long as `frame`).
+    pub(crate) tail: Option<crate::chunk::Tail>,
     /// The events its arguments hold, whose descriptors go with each copy of `frame` sent.
     pub(crate) pins: Pins,
     /// Where its items lie in `frame` (several items only): to send the rest of them when

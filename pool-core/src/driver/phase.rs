@@ -2,7 +2,7 @@
 //! being believed.
 //!
 //! A worker's messages follow its life: `Ready` or `SetupFailed` once, before anything else;
-//! then only results (`Part`, `Done`, `Skipped`) and `Recycling`. A message out of that order (a task that writes a forged
+//! then only results (`Part`, `PartTail`, `Done`, `Skipped`) and `Recycling`. A message out of that order (a task that writes a forged
 //! `SetupFailed` on its channel, say) is a fault of that worker: it is killed and only the
 //! task it was running fails, with a note saying why. Believing it instead would requeue the
 //! running task (so it ran twice) and count a start failure that never happened.
@@ -41,9 +41,10 @@ impl Guard {
         let (what, ok) = match msg {
             FromWorker::Ready { .. } => ("Ready", !self.set_up),
             FromWorker::SetupFailed { .. } => ("SetupFailed", !self.set_up),
-            FromWorker::Done { .. } | FromWorker::Part { .. } | FromWorker::Skipped { .. } => {
-                ("a result", self.ready)
-            }
+            FromWorker::Done { .. }
+            | FromWorker::Part { .. }
+            | FromWorker::PartTail { .. }
+            | FromWorker::Skipped { .. } => ("a result", self.ready),
             FromWorker::Recycling { .. } => ("a recycling notice", self.ready),
         };
         if !ok {

@@ -50,6 +50,15 @@ fn faulty(w: &mut WorkerIo, end: &mut ReadEnd, note: String) {
     end.broken = true;
 }
 
+/// Keeps `batch`, results of task `id` (which worker `w` runs) that came before its `Done`.
+fn add_part(w: &mut WorkerIo, id: u64, batch: Batch) {
+    if w.parts_task != id {
+        w.parts.clear();
+        w.parts_task = id;
+    }
+    w.parts.push(batch);
+}
+
 /// Reads what worker `wid` sent and handles every complete message, under the pool's lock.
 ///
 /// `drain`: read until the socket has nothing more (after the worker's exit, when no
@@ -84,8 +93,8 @@ pub(super) fn read_worker(
     }
     let mut msgs = Vec::new();
     loop {
-        match conn.next_frame() {
-            Ok(Some(bytes)) => msgs.push(bytes),
+        match conn.next_frame_with_fds() {
+            Ok(Some(got)) => msgs.push(got),
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "bad frame from worker");
@@ -97,8 +106,34 @@ pub(super) fn read_worker(
         }
     }
     end.eof = conn.is_eof();
-    w.guard.after_read(conn.has_partial_frame(), Instant::now());
-    for frame in msgs {
+    let partial = conn.has_partial_frame();
+    for (frame, fds) in msgs {
+        if let Some(w) = fx.io.get_mut(&wid)
+            && let Some((id, head, range, len)) = w.tail_wait.take()
+        {
+            // The frame after a `PartTail`: the rest of that result's bytes, as they are.
+            if frame.len() as u64 != len {
+                let got = frame.len();
+                faulty(
+                    w,
+                    &mut end,
+                    format!("it announced a result tail of {len} bytes, then sent {got}"),
+                );
+                break;
+            }
+            add_part(
+                w,
+                id,
+                Batch {
+                    frame: head,
+                    range,
+                    items: 1,
+                    tail: frame,
+                    fds,
+                },
+            );
+            continue;
+        }
         // Decoded in place: a result's bytes stay where they are in the frame.
         let msg = protocol::decode_reply(&frame);
         if let Ok(m) = &msg
@@ -130,15 +165,43 @@ pub(super) fn read_worker(
                     );
                     break;
                 }
-                if w.parts_task != id {
-                    w.parts.clear();
-                    w.parts_task = id;
+                add_part(
+                    w,
+                    id,
+                    Batch {
+                        frame,
+                        range: results,
+                        items,
+                        tail: Vec::new(),
+                        fds,
+                    },
+                );
+            }
+            Ok(FromWorker::PartTail { id, head, len }) => {
+                let running = policy.oldest(wid).map(|(t, _)| t);
+                let Some(w) = fx.io.get_mut(&wid) else {
+                    continue;
+                };
+                if running != Some(id) {
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it sent results for task {id}, which it was not running"),
+                    );
+                    break;
                 }
-                w.parts.push(Batch {
-                    frame,
-                    range: results,
-                    items,
-                });
+                if len <= protocol::SHM_THRESHOLD as u64 {
+                    // Only large results go in two frames: a small "tail" could be a real
+                    // message about to be taken for bytes.
+                    faulty(
+                        w,
+                        &mut end,
+                        format!("it announced a result tail of {len} bytes"),
+                    );
+                    break;
+                }
+                // The next frame holds the rest of this result.
+                w.tail_wait = Some((id, frame, head, len));
             }
             Ok(FromWorker::Skipped { id }) => {
                 // Only a task that was cancelled (its record is gone) may be
@@ -216,6 +279,8 @@ pub(super) fn read_worker(
                             frame,
                             range,
                             items,
+                            tail: Vec::new(),
+                            fds,
                         });
                         batches
                     });
@@ -235,6 +300,11 @@ pub(super) fn read_worker(
                 end.broken = true;
             }
         }
+    }
+    if let Some(w) = fx.io.get_mut(&wid) {
+        // A `PartTail` waiting for its tail frame is a frame stuck partway too.
+        let waiting = partial || w.tail_wait.is_some();
+        w.guard.after_read(waiting, Instant::now());
     }
     if end.broken || end.eof {
         // Dying or dead: no more tasks for it, and its replacement starts now.
@@ -282,6 +352,7 @@ impl Fx<'_> {
             && !w.exited
             && w.kill_at.is_none()
             && w.guard.is_ready()
+            && w.tail_wait.is_none()
             && w.conn
                 .as_ref()
                 .is_some_and(|c| (unflushed_ok || !c.wants_write()) && !c.has_partial_frame());
@@ -360,7 +431,8 @@ impl Shared {
             w.borrowed = None;
             w.exited |= exited;
             w.arm(fx.epoll, wid, busy);
-            let partial = w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
+            let partial =
+                w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
             // A ring the task's arguments went through gives its memory back once idle, on
             // the driver's timer: the driver must know to set it.
             let ring = w

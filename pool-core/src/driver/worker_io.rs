@@ -34,6 +34,9 @@ pub(super) struct WorkerIo {
     /// Results of the running task received in `Part`s, and which task that is.
     pub(super) parts: Vec<Batch>,
     pub(super) parts_task: u64,
+    /// A `PartTail` whose tail frame has not been read yet: its task, its frame, where its
+    /// head lies in it, and the length its tail must have.
+    pub(super) tail_wait: Option<(u64, Vec<u8>, std::ops::Range<usize>, u64)>,
     /// Cancel marks to write once the page exists (the worker is still being launched).
     pub(super) pending_cancels: Vec<u64>,
     /// The next cancel slot to write.
@@ -76,6 +79,7 @@ impl WorkerIo {
             results: 0,
             parts: Vec::new(),
             parts_task: 0,
+            tail_wait: None,
             pending_cancels: Vec::new(),
             next_cancel: 0,
             kill_at: None,
@@ -243,6 +247,8 @@ impl WorkerIo {
                     range: 0..frame.len(),
                     frame,
                     items: n,
+                    tail: Vec::new(),
+                    fds: Vec::new(),
                 });
                 items += n;
             }

@@ -438,3 +438,54 @@ fn a_frame_sent_in_pieces_arrives_as_one_inline_or_through_the_ring() {
         assert_eq!(b.recv().unwrap(), [9]);
     });
 }
+
+#[test]
+fn frozen_segments_hold_their_bytes_and_refuse_every_change() {
+    use pool_ipc::shm::FrozenSegment;
+    use rustix::mm::{MapFlags, ProtFlags};
+    let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    let copied = FrozenSegment::copy_from("t", &data).unwrap();
+    let filled = FrozenSegment::with_fill("t", data.len(), |b| b.copy_from_slice(&data)).unwrap();
+    for seg in [&copied, &filled] {
+        assert_eq!(seg.as_slice(), &data[..]);
+        // A peer's view, from a read-only descriptor as much as a read-write one.
+        let ro = rustix::fs::open(
+            format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&seg.as_fd())
+            ),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert_eq!(FrozenSegment::from_fd(ro).unwrap().as_slice(), &data[..]);
+        // Nobody can change the bytes: no write, no writable shared mapping, no hole, no
+        // truncation.
+        let fd = seg.as_fd().try_clone_to_owned().unwrap();
+        assert!(rustix::io::pwrite(&fd, b"x", 0).is_err());
+        // SAFETY: a fresh range; the call is expected to fail, and is unmapped if not.
+        let w = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                4096,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        };
+        assert!(w.is_err(), "a writable shared mapping of frozen bytes");
+        let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        assert!(rustix::fs::fallocate(&fd, punch, 0, 4096).is_err());
+        assert!(rustix::fs::ftruncate(&fd, 10).is_err());
+        assert_eq!(seg.as_slice(), &data[..]);
+    }
+    // A plain segment (writable) is refused, and nothing is empty.
+    let plain = Segment::create("t", 4096).unwrap();
+    let e = FrozenSegment::from_fd(plain.as_fd().try_clone_to_owned().unwrap()).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    assert!(FrozenSegment::copy_from("t", &[]).is_err());
+    // A fill that panics leaves nothing behind (its mapping and descriptor are freed).
+    let r = std::panic::catch_unwind(|| FrozenSegment::with_fill("t", 4096, |_| panic!("boom")));
+    assert!(r.is_err());
+}

@@ -74,7 +74,7 @@ unsafe fn conjure<F: Copy + 'static>() -> F {
 fn batch_trampoline<F, Args, R>(input: &[u8], sink: &mut dyn ItemSink) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
-    Args: DeserializeOwned,
+    Args: DeserializeOwned + 'static,
     R: Serialize + 'static,
 {
     // SAFETY: this function is only instantiated in `batch_offset::<F, ..>`, which was given
@@ -92,7 +92,7 @@ pub(crate) fn run_local<F, Args, R>(
 ) -> Result<(), ItemError>
 where
     F: TaskFn<Args, Output = R>,
-    Args: DeserializeOwned,
+    Args: DeserializeOwned + 'static,
     R: Serialize + 'static,
 {
     super::run_batch(f, input, sink)
