@@ -192,10 +192,23 @@ pub mod page {
     pub const CANCEL_FIRST: usize = 8;
     /// How many cancel slots there are (used as a ring by the pool).
     pub const CANCEL_SLOTS: usize = 32;
+    /// How many answers the held area holds (each complete; see [`HELD_OFFSET`]).
+    pub const HELD_COUNT: usize = CANCEL_FIRST + CANCEL_SLOTS;
+    /// How many bytes of the held area they fill.
+    pub const HELD_BYTES: usize = HELD_COUNT + 1;
     /// Where the result area starts, in bytes.
     pub const AREA_OFFSET: usize = 4096;
-    /// The size of the whole page the pool makes: the words and a 1 MiB result area.
-    pub const LEN: usize = AREA_OFFSET + (1 << 20);
+    /// Where the result area ends and the held area starts, in bytes. The held area keeps
+    /// the `Done` messages of tasks the worker finished but has not written to its channel
+    /// yet (it writes several at once while more requests wait), each as a little-endian
+    /// `u32` length then the message's postcard bytes, so that they survive the worker:
+    /// whatever `HELD_COUNT` says is held may have been written already, or not.
+    pub const HELD_OFFSET: usize = AREA_OFFSET + (1 << 20);
+    /// The size of the held area.
+    pub const HELD_LEN: usize = 64 << 10;
+    /// The size of the whole page the pool makes: the words, a 1 MiB result area and the
+    /// held area.
+    pub const LEN: usize = HELD_OFFSET + HELD_LEN;
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`page::STARTED_NS`] (the same clock

@@ -307,6 +307,8 @@ impl Driver {
             }
         });
         self.shared.act(|p, fx| {
+            // The answers it held back first: the tasks they answer ran, and are delivered.
+            super::reader::salvage_held(p, fx, wid);
             let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;

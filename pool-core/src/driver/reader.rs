@@ -156,65 +156,10 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                 fx.retire(wid);
             }
             Ok(FromWorker::Done { id, items, outcome }) => {
-                // A worker runs its tasks in the order sent: a result for another
-                // than the first it holds is forged (it would be delivered as that
-                // task's, a task still queued behind the running one).
-                let oldest = policy.oldest(wid).map(|(t, _)| t);
-                let Some(w) = fx.io.get_mut(&wid) else {
-                    continue;
-                };
-                if oldest != Some(id) {
-                    faulty(
-                        w,
-                        &mut end,
-                        format!("it sent a result for task {id}, which it was not running"),
-                    );
+                if !on_done(policy, fx, wid, (&name, pid), id, items, outcome, frame) {
+                    end.broken = true;
                     break;
                 }
-                w.results += 1;
-                let mut batches = Vec::new();
-                if w.parts_task == id {
-                    batches = std::mem::take(&mut w.parts);
-                }
-                if let Some(rec) = policy.done(wid, id, fx) {
-                    rec.group.remove(id);
-                    // The worker could start this task once it was sent and its
-                    // previous one was done: the time since is what it took.
-                    let now = Instant::now();
-                    if let Some(w) = fx.io.get_mut(&wid) {
-                        let began = match (rec.sent_at, w.last_done) {
-                            (Some(s), Some(l)) => Some(s.max(l)),
-                            (s, l) => s.or(l),
-                        };
-                        w.last_done = Some(now);
-                        if let Some(b) = began {
-                            policy.observe(now.saturating_duration_since(b), fx);
-                        }
-                        let start = rec.started_at.or(began).unwrap_or(now);
-                        fx.timings.record(
-                            &rec.span,
-                            start.saturating_duration_since(rec.queued_at),
-                            now.saturating_duration_since(start),
-                        );
-                    }
-                    let result = outcome.map(|range| {
-                        batches.push(Batch {
-                            frame,
-                            range,
-                            items,
-                        });
-                        batches
-                    });
-                    fx.done.push(Delivery::all(
-                        &rec,
-                        Outcome::Done {
-                            result,
-                            worker: name.clone(),
-                            pid,
-                        },
-                    ));
-                }
-                note_started(policy, fx.io, wid, Instant::now());
             }
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
@@ -232,6 +177,104 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
         w.ended = true;
     }
     end
+}
+
+/// Handles worker `wid`'s `Done` for task `id`, in `frame`: `false` if the worker may not
+/// send it (it is not the oldest task the worker holds).
+#[allow(clippy::too_many_arguments)]
+fn on_done(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    wid: WorkerId,
+    (name, pid): (&str, u32),
+    id: u64,
+    items: u64,
+    outcome: Result<std::ops::Range<usize>, pool_spawn::task::ItemError>,
+    frame: Vec<u8>,
+) -> bool {
+    // A worker runs its tasks in the order sent: a result for another than the first it
+    // holds is forged (it would be delivered as that task's, a task still queued behind
+    // the running one).
+    let oldest = policy.oldest(wid).map(|(t, _)| t);
+    let Some(w) = fx.io.get_mut(&wid) else {
+        return true;
+    };
+    if oldest != Some(id) {
+        w.exit_note = Some(format!(
+            "it sent a result for task {id}, which it was not running"
+        ));
+        return false;
+    }
+    w.results += 1;
+    let mut batches = Vec::new();
+    if w.parts_task == id {
+        batches = std::mem::take(&mut w.parts);
+    }
+    if let Some(rec) = policy.done(wid, id, fx) {
+        rec.group.remove(id);
+        // The worker could start this task once it was sent and its previous one was
+        // done: the time since is what it took.
+        let now = Instant::now();
+        if let Some(w) = fx.io.get_mut(&wid) {
+            let began = match (rec.sent_at, w.last_done) {
+                (Some(s), Some(l)) => Some(s.max(l)),
+                (s, l) => s.or(l),
+            };
+            w.last_done = Some(now);
+            if let Some(b) = began {
+                policy.observe(now.saturating_duration_since(b), fx);
+            }
+            let start = rec.started_at.or(began).unwrap_or(now);
+            fx.timings.record(
+                &rec.span,
+                start.saturating_duration_since(rec.queued_at),
+                now.saturating_duration_since(start),
+            );
+        }
+        let result = outcome.map(|range| {
+            batches.push(Batch {
+                frame,
+                range,
+                items,
+            });
+            batches
+        });
+        fx.done.push(Delivery::all(
+            &rec,
+            Outcome::Done {
+                result,
+                worker: name.to_owned(),
+                pid,
+            },
+        ));
+    }
+    note_started(policy, fx.io, wid, Instant::now());
+    true
+}
+
+/// Delivers the answers worker `wid` held back when it died (see `page::HELD_OFFSET`), as
+/// if they had arrived: a finished task is delivered, not run again. Those that did arrive
+/// are no longer among the tasks it holds, and are passed over. Called once the worker is
+/// gone and its channel read to the end, before its tasks are settled.
+pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) {
+    let Some(w) = fx.io.get(&wid) else {
+        return;
+    };
+    let answers = w.held_answers();
+    if answers.is_empty() {
+        return;
+    }
+    let (name, pid) = (w.name.clone(), w.pid);
+    for frame in answers {
+        let Ok(FromWorker::Done { id, items, outcome }) = protocol::decode_reply(&frame) else {
+            continue;
+        };
+        if policy.oldest(wid).map(|(t, _)| t) != Some(id) {
+            // Arrived already (or never the worker's to send).
+            continue;
+        }
+        on_done(policy, fx, wid, (&name, pid), id, items, outcome, frame);
+    }
 }
 
 /// Where borrow tickets come from.

@@ -227,7 +227,10 @@ impl WorkerIo {
         {
             let n = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
             let len = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
-            let room = page.len().saturating_sub(page::AREA_OFFSET) as u64;
+            let room = page
+                .len()
+                .min(page::HELD_OFFSET)
+                .saturating_sub(page::AREA_OFFSET) as u64;
             // The worker is not trusted to stay in bounds.
             if n > 0 && len <= room {
                 let mut frame = Vec::new();
@@ -241,6 +244,41 @@ impl WorkerIo {
             }
         }
         (items, batches)
+    }
+
+    /// The answers the worker held back when it died (see `page::HELD_OFFSET`), oldest
+    /// first: each may have reached the channel too, or not. Read only once the worker is
+    /// gone.
+    pub(super) fn held_answers(&self) -> Vec<Vec<u8>> {
+        let mut answers = Vec::new();
+        let Some(page) = self.page() else {
+            return answers;
+        };
+        if page.len() < page::HELD_OFFSET + page::HELD_LEN {
+            return answers;
+        }
+        let count = page.atomic_u64(page::HELD_COUNT).load(Ordering::Acquire);
+        let bytes = page.atomic_u64(page::HELD_BYTES).load(Ordering::Acquire);
+        // The worker is not trusted to stay in bounds.
+        let bytes = usize::try_from(bytes).map_or(0, |b| b.min(page::HELD_LEN));
+        let mut at = 0;
+        let mut len = Vec::with_capacity(4);
+        for _ in 0..count {
+            if at + 4 > bytes {
+                break;
+            }
+            len.clear();
+            page.read_to_vec(page::HELD_OFFSET + at, 4, &mut len);
+            let n = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            if n > bytes - at - 4 {
+                break;
+            }
+            let mut answer = Vec::new();
+            page.read_to_vec(page::HELD_OFFSET + at + 4, n, &mut answer);
+            answers.push(answer);
+            at += 4 + n;
+        }
+        answers
     }
 
     /// Task frames that have not entirely left for the worker (all of them while it has no
