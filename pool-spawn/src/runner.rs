@@ -310,7 +310,7 @@ struct Results<'p> {
     answer: Vec<u8>,
     /// When (`CLOCK_MONOTONIC` ns) the running task was taken up.
     began_ns: u64,
-    /// When the oldest answer held back was.
+    /// When the task of the oldest answer held back began.
     held_since_ns: u64,
 }
 
@@ -319,12 +319,11 @@ struct Results<'p> {
 const HELD_MAX: u64 = 8;
 /// The largest answer that may be held back (larger ones are sent at once).
 const HELD_ANSWER_MAX: usize = 4096;
-/// Only the answer of a task that took less than this may be held back (tasks come in
-/// runs alike: the next is likely as brief)...
-const HOLD_TASK_NS: u64 = 50_000;
-/// ... and none for longer than this, checked as each task is taken up. (A long task
+/// Answers held back go out before the next task begins once this long has passed since
+/// the first of their tasks began: a task that took this long has its answer written before
+/// the worker goes on, and brief ones are held for about this long at most. (A long task
 /// right after brief ones still delays their held answers until it ends.)
-const HOLD_AGE_NS: u64 = 200_000;
+const HOLD_AGE_NS: u64 = 100_000;
 
 impl<'p> Results<'p> {
     fn new(page: Option<&'p pool_ipc::shm::Segment>) -> Self {
@@ -364,7 +363,8 @@ impl<'p> Results<'p> {
         }
     }
 
-    /// Whether the oldest answer held back has waited long enough to go out now.
+    /// Whether the answers held back have waited long enough to go out now (see
+    /// [`HOLD_AGE_NS`]).
     fn held_too_long(&self, now: u64) -> bool {
         self.held > 0 && now.saturating_sub(self.held_since_ns) >= HOLD_AGE_NS
     }
@@ -401,10 +401,6 @@ impl<'p> Results<'p> {
         if outcome.is_err() || self.sent > 0 || self.used > HELD_ANSWER_MAX {
             return Ok(false);
         }
-        let now = protocol::monotonic_ns();
-        if now.saturating_sub(self.began_ns) >= HOLD_TASK_NS {
-            return Ok(false);
-        }
         let mut answer = std::mem::take(&mut self.answer);
         answer.clear();
         let done = FromWorker::<&serde_bytes::Bytes>::Done {
@@ -423,7 +419,7 @@ impl<'p> Results<'p> {
             page.write_at(at + 4, &answer);
             self.held_bytes += 4 + answer.len();
             if self.held == 0 {
-                self.held_since_ns = now;
+                self.held_since_ns = self.began_ns;
             }
             self.held += 1;
             bytes.store(self.held_bytes as u64, Ordering::Release);

@@ -60,7 +60,7 @@ impl Effects<TaskRec> for Fx<'_> {
         task.sent_to = Some(wid);
         task.started_at = None;
         if !task.span.is_disabled() {
-            task.span.record("worker", w.name.as_str());
+            task.span.record("worker", &*w.name);
             if w.pid != 0 {
                 task.span.record("pid", w.pid);
             }

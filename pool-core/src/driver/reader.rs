@@ -83,7 +83,9 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
         }
     }
     end.eof = conn.is_eof();
-    w.guard.after_read(conn.has_partial_frame(), Instant::now());
+    // What one read brought arrived at one moment: one clock reading serves it all.
+    let now = Instant::now();
+    w.guard.after_read(conn.has_partial_frame(), now);
     for frame in msgs {
         // Decoded in place: a result's bytes stay where they are in the frame.
         let msg = protocol::decode_reply(&frame);
@@ -97,7 +99,7 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
             Ok(FromWorker::Ready { .. }) => {
                 tracing::debug!(worker = %name, pid, "worker ready");
                 policy.ready(wid, fx);
-                note_started(policy, fx.io, wid, Instant::now());
+                note_started(policy, fx.io, wid, now);
             }
             Ok(FromWorker::SetupFailed { message, .. }) => {
                 tracing::warn!(worker = %name, %message, "worker setup failed");
@@ -145,7 +147,7 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                 w.results += 1;
                 // The task was cancelled before it began: only its place is freed.
                 let _ = policy.done(wid, id, fx);
-                note_started(policy, fx.io, wid, Instant::now());
+                note_started(policy, fx.io, wid, now);
             }
             Ok(FromWorker::Recycling { rss }) => {
                 tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
@@ -156,7 +158,17 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                 fx.retire(wid);
             }
             Ok(FromWorker::Done { id, items, outcome }) => {
-                if !on_done(policy, fx, wid, (&name, pid), id, items, outcome, frame) {
+                if !on_done(
+                    policy,
+                    fx,
+                    wid,
+                    (&name, pid),
+                    id,
+                    items,
+                    outcome,
+                    frame,
+                    now,
+                ) {
                     end.broken = true;
                     break;
                 }
@@ -186,11 +198,12 @@ fn on_done(
     policy: &mut Policy<TaskRec>,
     fx: &mut Fx<'_>,
     wid: WorkerId,
-    (name, pid): (&str, u32),
+    (name, pid): (&Arc<str>, u32),
     id: u64,
     items: u64,
     outcome: Result<std::ops::Range<usize>, pool_spawn::task::ItemError>,
     frame: Vec<u8>,
+    now: Instant,
 ) -> bool {
     // A worker runs its tasks in the order sent: a result for another than the first it
     // holds is forged (it would be delivered as that task's, a task still queued behind
@@ -214,7 +227,6 @@ fn on_done(
         rec.group.remove(id);
         // The worker could start this task once it was sent and its previous one was
         // done: the time since is what it took.
-        let now = Instant::now();
         if let Some(w) = fx.io.get_mut(&wid) {
             let began = match (rec.sent_at, w.last_done) {
                 (Some(s), Some(l)) => Some(s.max(l)),
@@ -243,12 +255,12 @@ fn on_done(
             &rec,
             Outcome::Done {
                 result,
-                worker: name.to_owned(),
+                worker: Arc::clone(name),
                 pid,
             },
         ));
     }
-    note_started(policy, fx.io, wid, Instant::now());
+    note_started(policy, fx.io, wid, now);
     true
 }
 
@@ -265,6 +277,7 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
         return;
     }
     let (name, pid) = (w.name.clone(), w.pid);
+    let now = Instant::now();
     for frame in answers {
         let Ok(FromWorker::Done { id, items, outcome }) = protocol::decode_reply(&frame) else {
             continue;
@@ -273,7 +286,17 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
             // Arrived already (or never the worker's to send).
             continue;
         }
-        on_done(policy, fx, wid, (&name, pid), id, items, outcome, frame);
+        on_done(
+            policy,
+            fx,
+            wid,
+            (&name, pid),
+            id,
+            items,
+            outcome,
+            frame,
+            now,
+        );
     }
 }
 

@@ -307,7 +307,7 @@ impl Shared {
                     (
                         wid,
                         WorkerState {
-                            name: w.name.clone(),
+                            name: w.name.to_string(),
                             pid: w.pid,
                             ready: w.guard.is_ready(),
                             answers: w.results,

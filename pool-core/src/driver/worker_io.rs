@@ -17,7 +17,7 @@ use crate::event::Pins;
 
 /// One worker's I/O state.
 pub(super) struct WorkerIo {
-    pub(super) name: String,
+    pub(super) name: Arc<str>,
     pub(super) pid: u32,
     pub(super) conn: Option<FramedConn>,
     /// Frames for a worker still starting (no channel yet), the events whose descriptors
@@ -67,7 +67,7 @@ impl WorkerIo {
     /// A worker about to be launched: no process, no channel yet.
     pub(super) fn new(name: String) -> Self {
         WorkerIo {
-            name,
+            name: name.into(),
             pid: 0,
             conn: None,
             backlog: Vec::new(),
