@@ -110,6 +110,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             if let Some(page) = &page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
                 // /proc missing, or the pool's process not readable to us).
+                // Nothing taken up yet.
+                page.atomic_u64(protocol::page::CURRENT)
+                    .store(protocol::page::ENDED, Ordering::Release);
                 page.atomic_u64(protocol::page::KEPT)
                     .store(protocol::PROGRESS_KEPT, Ordering::Release);
             }
@@ -299,9 +302,12 @@ struct Results<'p> {
     /// Without a page: the results collected in memory.
     local: Vec<u8>,
     scratch: Vec<u8>,
-    /// The page's [`page::HELD_COUNT`] and [`page::HELD_BYTES`] words, if the page has a
-    /// held area: answers may then be held back (see [`Results::finish`]).
-    held_words: Option<(&'p AtomicU64, &'p AtomicU64)>,
+    /// The page's [`page::HELD_COUNT`], [`page::HELD_BYTES`] and [`page::HELD_GEN`]
+    /// words, if the page has a held area: answers may then be held back (see
+    /// [`Results::finish`]).
+    held_words: Option<(&'p AtomicU64, &'p AtomicU64, &'p AtomicU64)>,
+    /// How many times the held area was emptied.
+    held_gen: u64,
     /// Answers queued on the channel but not written yet, kept in the held area too.
     held: u64,
     /// Bytes of the held area they fill.
@@ -322,8 +328,9 @@ const HELD_ANSWER_MAX: usize = 4096;
 /// Answers held back go out before the next task begins once this long has passed since
 /// the first of their tasks began: a task that took this long has its answer written before
 /// the worker goes on, and brief ones are held for about this long at most. (A long task
-/// right after brief ones still delays their held answers until it ends.)
-const HOLD_AGE_NS: u64 = 100_000;
+/// begun right after brief ones keeps their answers here until it ends; the pool takes
+/// them from the page meanwhile.)
+const HOLD_AGE_NS: u64 = page::HOLD_AGE_NS;
 
 impl<'p> Results<'p> {
     fn new(page: Option<&'p pool_ipc::shm::Segment>) -> Self {
@@ -353,8 +360,10 @@ impl<'p> Results<'p> {
                     (
                         p.atomic_u64(page::HELD_COUNT),
                         p.atomic_u64(page::HELD_BYTES),
+                        p.atomic_u64(page::HELD_GEN),
                     )
                 }),
+            held_gen: 0,
             held: 0,
             held_bytes: 0,
             answer: Vec::new(),
@@ -380,11 +389,20 @@ impl<'p> Results<'p> {
         hold: bool,
     ) -> Result<(), Stop> {
         if hold && self.held < HELD_MAX && self.hold(conn.sender(), id, &outcome)? {
+            self.ended(id);
             return Ok(());
         }
         self.send_done(conn, id, outcome)?;
         self.held_sent();
+        self.ended(id);
         Ok(())
+    }
+
+    /// Task `id` has ended, its answer written or held: the page says so.
+    fn ended(&self, id: u64) {
+        if let Some(w) = self.word(page::CURRENT) {
+            w.store(id | page::ENDED, Ordering::Release);
+        }
     }
 
     /// Holds back the `Done` of task `id` if it is small and the held area has room:
@@ -395,10 +413,11 @@ impl<'p> Results<'p> {
         id: u64,
         outcome: &Result<(), ItemError>,
     ) -> Result<bool, Stop> {
-        let (Some(page), Some((count, bytes))) = (self.page, self.held_words) else {
+        let (Some(page), Some((count, bytes, _))) = (self.page, self.held_words) else {
             return Ok(false);
         };
-        if outcome.is_err() || self.sent > 0 || self.used > HELD_ANSWER_MAX {
+        // A timed task's answer is never held: nothing waits behind a timed task.
+        if outcome.is_err() || self.timed || self.sent > 0 || self.used > HELD_ANSWER_MAX {
             return Ok(false);
         }
         let mut answer = std::mem::take(&mut self.answer);
@@ -448,7 +467,12 @@ impl<'p> Results<'p> {
         }
         self.held = 0;
         self.held_bytes = 0;
-        if let Some((count, _)) = self.held_words {
+        if let Some((count, _, generation)) = self.held_words {
+            // The new generation first: a reader that copies what the next answers are
+            // written over sees it changed (see `page::HELD_GEN`).
+            self.held_gen += 1;
+            generation.store(self.held_gen, Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Release);
             count.store(0, Ordering::Release);
         }
     }
@@ -472,6 +496,10 @@ impl<'p> Results<'p> {
         self.sent = 0;
         self.local.clear();
         let Some(page) = self.page else { return true };
+        // When it began, published by the store of CURRENT: a pool that sees the task
+        // running sees when it began, not when the one before did.
+        page.atomic_u64(page::STARTED_NS)
+            .store(now, Ordering::Relaxed);
         // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
         // either we see its mark, or it sees that we took the task up.
         page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);
@@ -480,7 +508,10 @@ impl<'p> Results<'p> {
                 .load(Ordering::SeqCst)
                 == id
         });
-        if !cancelled {
+        if cancelled {
+            page.atomic_u64(page::CURRENT)
+                .store(id | page::ENDED | page::SKIPPED, Ordering::Release);
+        } else {
             page.atomic_u64(page::AREA_ITEMS)
                 .store(0, Ordering::Relaxed);
             page.atomic_u64(page::AREA_BYTES)
@@ -488,8 +519,6 @@ impl<'p> Results<'p> {
             page.atomic_u64(page::AREA_BASE).store(0, Ordering::Relaxed);
             page.atomic_u64(page::AREA_TASK)
                 .store(id, Ordering::Relaxed);
-            page.atomic_u64(page::STARTED_NS)
-                .store(now, Ordering::Relaxed);
         }
         page.atomic_u64(page::BEGUN).fetch_add(1, Ordering::Release);
         !cancelled

@@ -17,7 +17,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pool_spawn::protocol::{self, FromWorker};
 use rustix::event::{PollFd, PollFlags};
@@ -86,6 +86,7 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
     // What one read brought arrived at one moment: one clock reading serves it all.
     let now = Instant::now();
     w.guard.after_read(conn.has_partial_frame(), now);
+    let heard = !msgs.is_empty();
     for frame in msgs {
         // Decoded in place: a result's bytes stay where they are in the frame.
         let msg = protocol::decode_reply(&frame);
@@ -94,6 +95,17 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
         {
             end.broken = true;
             break;
+        }
+        if let Some(w) = fx.io.get_mut(&wid)
+            && let Some(&first) = w.salvaged.front()
+        {
+            // The answers taken from its page come again first, as it writes them out:
+            // delivered already, they are passed over. Anything else means none is owed.
+            if matches!(msg, Ok(FromWorker::Done { id, .. }) if id == first) {
+                w.salvaged.pop_front();
+                continue;
+            }
+            w.salvaged.clear();
         }
         match msg {
             Ok(FromWorker::Ready { .. }) => {
@@ -178,6 +190,11 @@ pub(super) fn read_worker(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: Wo
                 end.broken = true;
             }
         }
+    }
+    if heard && !end.closed() {
+        // Whatever it held back went out with this (see `look_held`).
+        let next = (policy.holding(wid) >= 2).then(|| now + HELD_LOOK);
+        fx.plan_look(wid, next);
     }
     if end.broken || end.eof {
         // Dying or dead: no more tasks for it, and its replacement starts now.
@@ -264,17 +281,27 @@ fn on_done(
     true
 }
 
-/// Delivers the answers worker `wid` held back when it died (see `page::HELD_OFFSET`), as
-/// if they had arrived: a finished task is delivered, not run again. Those that did arrive
-/// are no longer among the tasks it holds, and are passed over. Called once the worker is
-/// gone and its channel read to the end, before its tasks are settled.
-pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) {
+/// How long a worker that holds two tasks or more may go without a word before the pool
+/// looks at the answers it holds back (see `page::HELD_OFFSET`) and delivers them from its
+/// page: a task that runs long keeps the answers of the brief ones before it no longer
+/// than about this.
+pub(super) const HELD_LOOK: Duration = Duration::from_millis(1);
+
+/// Delivers the answers worker `wid` holds back (see `page::HELD_OFFSET`), as if they had
+/// arrived: a task it finished is delivered, and never run again. Those that did arrive are
+/// no longer among the tasks it holds, and are passed over; those delivered here are
+/// passed over when they arrive (`WorkerIo::salvaged`). Called while the worker lives (see
+/// [`look_held`]), and once it is gone and its channel read to the end, before its tasks
+/// are settled. `false` if the worker wrote over them while they were copied.
+pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> bool {
     let Some(w) = fx.io.get(&wid) else {
-        return;
+        return true;
     };
-    let answers = w.held_answers();
+    let Some(answers) = w.held_answers() else {
+        return false;
+    };
     if answers.is_empty() {
-        return;
+        return true;
     }
     let (name, pid) = (w.name.clone(), w.pid);
     let now = Instant::now();
@@ -297,7 +324,52 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
             frame,
             now,
         );
+        if let Some(w) = fx.io.get_mut(&wid) {
+            w.salvaged.push_back(id);
+        }
     }
+    true
+}
+
+/// Looks at the answers worker `wid` holds back and delivers them (see [`salvage_held`]);
+/// returns when to look again, if ever before it next says something.
+///
+/// A worker holds answers back only while it has more requests waiting, and writes them
+/// before it takes up a task once the first of their tasks began `HOLD_AGE_NS` ago: so a
+/// task it has been running for that long ends with every answer before it, and its own,
+/// written out (nothing is held behind a timed task at all). Until the worker runs such a
+/// task, it is looked at every [`HELD_LOOK`] while it holds two tasks or more.
+pub(super) fn look_held(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    wid: WorkerId,
+    now: Instant,
+) -> Option<Instant> {
+    let w = fx.io.get(&wid)?;
+    if w.ended {
+        // Its death settles what it held.
+        return None;
+    }
+    // What it runs first, then what it holds: an answer held after this look at the
+    // running task is that task's, or one behind it.
+    let running = w.running();
+    let started = running.and_then(|id| w.started(id));
+    if !salvage_held(policy, fx, wid) {
+        // Written out while copied: what it holds now is young.
+        return Some(now + HELD_LOOK);
+    }
+    if policy.holding(wid) < 2 {
+        return None;
+    }
+    if let (Some(id), Some(ns)) = (running, started)
+        && policy.holds(wid, id)
+    {
+        let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
+        if timed || protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS {
+            return None;
+        }
+    }
+    Some(now + HELD_LOOK)
 }
 
 /// Where borrow tickets come from.
@@ -309,6 +381,11 @@ pub(crate) struct Borrow {
     wid: WorkerId,
     sock: Arc<OwnedFd>,
     exit: Arc<OwnedFd>,
+    /// When to look at the answers the worker holds back, if the caller's may be among
+    /// them one day (see [`look_held`]).
+    look: Option<Instant>,
+    /// Readable once the worker is sent another task (see `WorkerIo::nudge`).
+    nudge: Option<Arc<OwnedFd>>,
 }
 
 impl Fx<'_> {
@@ -343,11 +420,33 @@ impl Fx<'_> {
         let (Some(sock), Some(exit)) = (&w.sock_watch, &w.exit_watch) else {
             return None;
         };
+        let (sock, exit) = (Arc::clone(sock), Arc::clone(exit));
+        // Its answer may be held back (see `look_held`), unless the worker keeps no page or
+        // has been running it long enough to write it out when it ends. While it holds no
+        // other task, it holds nothing back: the step that sends it another nudges the
+        // caller, which then looks at its held answers every HELD_LOOK.
+        let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
+        let settled = !w.keeps_page()
+            || w.started(id).is_some_and(|ns| {
+                timed || protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
+            });
+        let (look, nudge) = if settled {
+            (None, None)
+        } else if policy.holding(wid) < 2
+            && let Some(nudge) = w.nudge_fd()
+        {
+            (None, Some(nudge))
+        } else {
+            (Some(Instant::now() + HELD_LOOK), None)
+        };
+        w.nudge_armed = nudge.is_some();
         let b = Borrow {
             ticket: TICKETS.fetch_add(1, Ordering::Relaxed),
             wid,
-            sock: Arc::clone(sock),
-            exit: Arc::clone(exit),
+            sock,
+            exit,
+            look,
+            nudge,
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid);
@@ -374,26 +473,41 @@ impl Shared {
     /// Waits (until `deadline`) on a borrowed socket for the worker to answer or die, reads
     /// what came and gives the socket back. `true` if it waited on the worker (the result
     /// may be in, or something else came first: call again); `false` once the deadline
-    /// passed.
+    /// passed. A worker silent past the borrow's look has its held answers looked at.
     pub(crate) fn await_answer(&self, b: Borrow, deadline: Option<Instant>) -> bool {
+        let nudge = b.nudge.as_deref().unwrap_or(&*b.sock);
         let mut fds = [
             PollFd::new(&*b.sock, PollFlags::IN),
             PollFd::new(&*b.exit, PollFlags::IN),
+            PollFd::new(nudge, PollFlags::IN),
         ];
-        let timeout = deadline.map(|d| {
+        let n = if b.nudge.is_some() { 3 } else { 2 };
+        let until = match (deadline, b.look) {
+            (Some(d), Some(l)) => Some(d.min(l)),
+            (d, l) => d.or(l),
+        };
+        let timeout = until.map(|d| {
             let d = d.saturating_duration_since(Instant::now());
             rustix::time::Timespec {
                 tv_sec: d.as_secs() as i64,
                 tv_nsec: i64::from(d.subsec_nanos()),
             }
         });
-        let woke = match rustix::event::poll(&mut fds, timeout.as_ref()) {
+        let woke = match rustix::event::poll(&mut fds[..n], timeout.as_ref()) {
             Ok(n) => n > 0,
             // Interrupted: look, then call again.
             Err(_) => true,
         };
         let exited = !fds[1].revents().is_empty();
         let readable = !fds[0].revents().is_empty() || exited;
+        if let Some(fd) = &b.nudge
+            && !fds[2].revents().is_empty()
+        {
+            // Nudged: lent again, the socket comes with a look (`lend`).
+            let _ = rustix::io::read(fd, &mut [0u8; 8]);
+        }
+        let now = Instant::now();
+        let look = !woke && b.look.is_some_and(|l| now >= l);
         let (wid, ticket) = (b.wid, b.ticket);
         self.act(|policy, fx| {
             let Some(w) = fx.io.get_mut(&wid) else { return };
@@ -407,8 +521,13 @@ impl Shared {
             } else {
                 ReadEnd::default()
             };
+            if look && !end.closed() {
+                let next = look_held(policy, fx, wid, now);
+                fx.plan_look(wid, next);
+            }
             let Some(w) = fx.io.get_mut(&wid) else { return };
             w.borrowed = None;
+            w.nudge_armed = false;
             w.exited |= exited;
             w.arm(fx.epoll, wid);
             let partial = w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
@@ -428,6 +547,6 @@ impl Shared {
                 *fx.wake_driver = true;
             }
         });
-        woke
+        woke || look
     }
 }
