@@ -210,6 +210,9 @@ pub mod page {
     /// area while the worker lives loads it before and after its copy (with an acquire
     /// fence before the second load) and trusts the copy only if both loads agree.
     pub const HELD_GEN: usize = HELD_COUNT + 2;
+    /// For a task sent with `timed` (whose [`STARTED_NS`] follows its items): when the
+    /// worker took it up, stored with [`STARTED_NS`] before [`CURRENT`].
+    pub const TAKEN_NS: usize = HELD_COUNT + 3;
     /// Where the result area starts, in bytes.
     pub const AREA_OFFSET: usize = 4096;
     /// Where the result area ends and the held area starts, in bytes. The held area keeps
@@ -218,9 +221,9 @@ pub mod page {
     /// `u32` length then the message's postcard bytes, so that they survive the worker:
     /// whatever `HELD_COUNT` says is held may have been written already, or not. Answers
     /// are held back only behind brief tasks: the worker writes them before it takes up a
-    /// task once the first of their tasks began 100 us ago or more (or before a timed
-    /// task), so only a long task begun right after brief ones keeps them waiting, and
-    /// the pool then takes them from here (see `HELD_GEN`).
+    /// task once the first of their tasks began [`HOLD_AGE_NS`] ago or more, so only a
+    /// long task begun right after brief ones keeps them waiting, and the pool then takes
+    /// them from here (see `HELD_GEN`).
     pub const HELD_OFFSET: usize = AREA_OFFSET + (1 << 20);
     /// The size of the held area.
     pub const HELD_LEN: usize = 64 << 10;

@@ -196,10 +196,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                     payload,
                 }) => {
                     let now = protocol::monotonic_ns();
-                    // A timed task's clock runs in the pool from when it is the oldest the
-                    // worker holds, and no answer waits long: the answers held back go out
-                    // first.
-                    if (timed || results.held_too_long(now)) && results.flush_held(tx).is_err() {
+                    // No answer waits long: those held back since a task that began
+                    // HOLD_AGE_NS ago go out first.
+                    if results.held_too_long(now) && results.flush_held(tx).is_err() {
                         return Step::Lost;
                     }
                     if !results.take_up(id, timed, now) {
@@ -322,7 +321,7 @@ struct Results<'p> {
 
 /// Answers held back at most: the pool sends the next tasks as answers arrive, so a
 /// worker holding too many would run out of work before they come.
-const HELD_MAX: u64 = 8;
+const HELD_MAX: u64 = 32;
 /// The largest answer that may be held back (larger ones are sent at once).
 const HELD_ANSWER_MAX: usize = 4096;
 /// Answers held back go out before the next task begins once this long has passed since
@@ -416,8 +415,7 @@ impl<'p> Results<'p> {
         let (Some(page), Some((count, bytes, _))) = (self.page, self.held_words) else {
             return Ok(false);
         };
-        // A timed task's answer is never held: nothing waits behind a timed task.
-        if outcome.is_err() || self.timed || self.sent > 0 || self.used > HELD_ANSWER_MAX {
+        if outcome.is_err() || self.sent > 0 || self.used > HELD_ANSWER_MAX {
             return Ok(false);
         }
         let mut answer = std::mem::take(&mut self.answer);
@@ -500,6 +498,11 @@ impl<'p> Results<'p> {
         // running sees when it began, not when the one before did.
         page.atomic_u64(page::STARTED_NS)
             .store(now, Ordering::Relaxed);
+        if timed {
+            // (Its items' beginnings go to STARTED_NS.)
+            page.atomic_u64(page::TAKEN_NS)
+                .store(now, Ordering::Relaxed);
+        }
         // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
         // either we see its mark, or it sees that we took the task up.
         page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);

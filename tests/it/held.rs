@@ -183,3 +183,30 @@ fn a_task_cancelled_while_the_answers_before_it_are_held_is_stopped_as_running()
         shut_down(pool);
     }
 }
+
+#[test]
+fn a_timed_task_that_overruns_after_brief_ones_is_timed_out_and_their_answers_delivered() {
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        warm_up(&pool);
+        let limit = || Options::new().timeout(Duration::from_millis(300));
+        let first = pool.apply_async_with(mark_and_nap, ((String::new(), 0, 50),), limit());
+        let brief: Vec<_> = (1..=7u64)
+            .map(|x| pool.apply_async_with(mark_and_nap, ((String::new(), x, 0),), limit()))
+            .collect();
+        let long = pool.apply_async_with(mark_and_nap, ((String::new(), 8, 10_000),), limit());
+        assert_eq!(first.get().unwrap(), 0);
+        let t = Instant::now();
+        let e = long.get().unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::TimedOut, "{method:?}: {e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{method:?}: {:?}",
+            t.elapsed()
+        );
+        for (x, r) in (1..).zip(brief) {
+            assert_eq!(r.get(), Ok(x), "{method:?}");
+        }
+        shut_down(pool);
+    }
+}

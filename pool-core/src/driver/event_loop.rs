@@ -13,7 +13,7 @@ use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::launch::WatchFds;
 use super::phase::{kill_stalled, stall_deadline};
-use super::reader::{ReadEnd, look_held, read_worker};
+use super::reader::{ReadEnd, look_held, read_worker, salvage_held};
 use super::shared::{Inner, Shared};
 use super::worker_io::{WAKE_TOKEN, exit_token};
 use crate::policy::{Departure, Exit, WorkerId};
@@ -420,6 +420,12 @@ impl Driver {
         if !expire.is_empty() {
             self.shared.act(|p, fx| {
                 for (wid, id) in expire {
+                    // The answers it held back before this task are delivered first: the
+                    // task is then the oldest it holds (unless they are still on their way
+                    // in its channel: the next look at the clocks stops it).
+                    if p.oldest(wid).map(|(t, _)| t) != Some(id) {
+                        let _ = salvage_held(p, fx, wid);
+                    }
                     p.time_out(wid, id, fx);
                 }
             });
@@ -500,11 +506,10 @@ fn clocks(g: &Inner, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId,
                     let ran = Duration::from_nanos(now_ns.saturating_sub(start));
                     if ran < limit {
                         wake(now + (limit - ran));
-                    } else if g.policy.oldest(wid).map(|(t, _)| t) == Some(id) {
-                        expire.push((wid, id));
                     } else {
-                        // The answers before it are on their way (written before a timed
-                        // task begins): it is stopped once they are in.
+                        expire.push((wid, id));
+                        // Stopped once the answers before it are in (it may not be the
+                        // oldest task its worker holds): looked at again meanwhile.
                         wake(now + Duration::from_millis(1));
                     }
                 }

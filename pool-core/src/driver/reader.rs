@@ -337,8 +337,8 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
 /// A worker holds answers back only while it has more requests waiting, and writes them
 /// before it takes up a task once the first of their tasks began `HOLD_AGE_NS` ago: so a
 /// task it has been running for that long ends with every answer before it, and its own,
-/// written out (nothing is held behind a timed task at all). Until the worker runs such a
-/// task, it is looked at every [`HELD_LOOK`] while it holds two tasks or more.
+/// written out. Until the worker runs such a task, it is looked at every [`HELD_LOOK`]
+/// while it holds two tasks or more.
 pub(super) fn look_held(
     policy: &mut Policy<TaskRec>,
     fx: &mut Fx<'_>,
@@ -353,7 +353,10 @@ pub(super) fn look_held(
     // What it runs first, then what it holds: an answer held after this look at the
     // running task is that task's, or one behind it.
     let running = w.running();
-    let started = running.and_then(|id| w.started(id));
+    let timed = running
+        .and_then(|id| policy.task(id))
+        .is_some_and(|rec| rec.timeout.is_some());
+    let taken = running.and_then(|id| w.taken(id, timed));
     if !salvage_held(policy, fx, wid) {
         // Written out while copied: what it holds now is young.
         return Some(now + HELD_LOOK);
@@ -361,13 +364,11 @@ pub(super) fn look_held(
     if policy.holding(wid) < 2 {
         return None;
     }
-    if let (Some(id), Some(ns)) = (running, started)
+    if let (Some(id), Some(ns)) = (running, taken)
         && policy.holds(wid, id)
+        && protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
     {
-        let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
-        if timed || protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS {
-            return None;
-        }
+        return None;
     }
     Some(now + HELD_LOOK)
 }
@@ -427,8 +428,8 @@ impl Fx<'_> {
         // caller, which then looks at its held answers every HELD_LOOK.
         let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
         let settled = !w.keeps_page()
-            || w.started(id).is_some_and(|ns| {
-                timed || protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
+            || w.taken(id, timed).is_some_and(|ns| {
+                protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
             });
         let (look, nudge) = if settled {
             (None, None)
@@ -506,8 +507,7 @@ impl Shared {
             // Nudged: lent again, the socket comes with a look (`lend`).
             let _ = rustix::io::read(fd, &mut [0u8; 8]);
         }
-        let now = Instant::now();
-        let look = !woke && b.look.is_some_and(|l| now >= l);
+        let look = !woke && b.look.is_some_and(|l| Instant::now() >= l);
         let (wid, ticket) = (b.wid, b.ticket);
         self.act(|policy, fx| {
             let Some(w) = fx.io.get_mut(&wid) else { return };
@@ -522,7 +522,7 @@ impl Shared {
                 ReadEnd::default()
             };
             if look && !end.closed() {
-                let next = look_held(policy, fx, wid, now);
+                let next = look_held(policy, fx, wid, Instant::now());
                 fx.plan_look(wid, next);
             }
             let Some(w) = fx.io.get_mut(&wid) else { return };

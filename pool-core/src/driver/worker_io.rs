@@ -229,6 +229,21 @@ impl WorkerIo {
         })
     }
 
+    /// When (`CLOCK_MONOTONIC` ns) the worker took up task `id` (sent `timed` or not), if
+    /// it is running it now: that moment or a later one (never an earlier one: a task
+    /// looks no older than it is).
+    pub(super) fn taken(&self, id: u64, timed: bool) -> Option<u64> {
+        if !timed {
+            return self.started(id);
+        }
+        // CURRENT first: the word read after it is this task's (stored before it), or a
+        // later one's.
+        (self.running()? == id).then(|| {
+            self.word(page::TAKEN_NS)
+                .map_or(0, |w| w.load(Ordering::Acquire))
+        })
+    }
+
     /// Marks task `id` cancelled for the worker (it skips it unless it took it up), and
     /// says what the worker had taken up then.
     pub(super) fn mark_cancelled(&mut self, id: u64) -> TakenUp {
