@@ -108,7 +108,7 @@
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
 //! one while their length is unknown or when they take 20 ms or more (so no task waits
-//! behind a long one while another worker idles), up to sixteen when they take microseconds
+//! behind a long one while another worker idles), up to sixty-four when they take microseconds
 //! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
 //! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
 //! from its channel and its pidfd, not by polling.

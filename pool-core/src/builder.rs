@@ -21,8 +21,11 @@ use crate::pool::Pool;
 /// 20 ms or more: one, so that no task waits behind a long one while another worker
 /// idles (as with Python's shared queue). Shorter tasks get more (see `Policy::observe`).
 pub(crate) const IN_FLIGHT: usize = 1;
-/// ... and when they are tiny.
-pub(crate) const MAX_IN_FLIGHT: usize = 16;
+/// ... and when they are tiny: enough that a worker answering brief tasks in batches (it
+/// holds answers back while more requests wait) always has the next batch waiting.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
+/// Tasks an `imap` keeps in the pool per worker (read ahead of what was consumed).
+pub(crate) const IMAP_WINDOW_PER_WORKER: usize = 32;
 /// Consecutive failed worker starts after which the pool stops starting workers.
 pub(crate) const START_FAILURE_LIMIT: u32 = 3;
 /// How long a worker stopped because of its task (time limit, cancellation) has between

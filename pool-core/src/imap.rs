@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::builder::MAX_IN_FLIGHT;
+use crate::builder::IMAP_WINDOW_PER_WORKER;
 use crate::chunk::auto_chunksize;
 use crate::driver::Group;
 use crate::error::{TaskError, TaskErrorKind};
@@ -200,7 +200,7 @@ impl Pool {
             group,
             rx,
             stream: None,
-            window: self.processes() * MAX_IN_FLIGHT * 2,
+            window: self.processes() * IMAP_WINDOW_PER_WORKER,
             sent: 0,
             in_flight: 0,
             exhausted: false,

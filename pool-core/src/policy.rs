@@ -43,8 +43,22 @@ pub(crate) trait Effects<T> {
     /// SIGTERM to its process group, SIGKILL after a grace.
     fn stop(&mut self, wid: WorkerId);
     /// Mark task `id`, handed to worker `wid`, as cancelled, so that the worker skips it
-    /// if it has not begun it; `true` if the worker had already begun it (or may have).
-    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool;
+    /// if it has not begun it; returns what the worker had taken up when the mark was made.
+    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> TakenUp;
+}
+
+/// What a worker had taken up when the pool marked one of its tasks cancelled (see
+/// [`Effects::cancel_sent`]). A worker takes up its tasks in the order they were sent, and
+/// may end several before their answers arrive (it holds brief tasks' answers back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TakenUp {
+    /// Nothing the mark comes too late for: the worker skips the task.
+    Nothing,
+    /// The worker does not say (it keeps no progress page): it runs what it was sent, in
+    /// order, and the oldest task it holds is taken to be running.
+    Unknown,
+    /// The last task it took up is `id` (and no other since): running it, or `ended`.
+    Task { id: TaskId, ended: bool },
 }
 
 /// Why a task ended without a result.
@@ -562,10 +576,29 @@ impl<T> Policy<T> {
             self.end_cancelled(id, false, fx);
             return Cancelled::Queued;
         };
-        // Only the oldest task a worker holds can have begun; the worker skips the others
-        // once marked, and they keep their place until it says so.
-        let oldest = self.workers[&wid].in_flight.front() == Some(&id);
-        let began = fx.cancel_sent(wid, id) && oldest;
+        // What the worker says it took up decides: the task it runs (or may be about to
+        // skip) began; a task it took up after this one means this one ended (its answer is
+        // on its way, and is delivered); otherwise the worker has not reached it and skips
+        // it once marked, the task keeping its place until it says so.
+        let in_flight = &self.workers[&wid].in_flight;
+        let pos = in_flight.iter().position(|&t| t == id);
+        let began = match fx.cancel_sent(wid, id) {
+            TakenUp::Nothing => false,
+            TakenUp::Unknown => pos == Some(0),
+            TakenUp::Task { id: last, ended } if last == id => {
+                if ended {
+                    return Cancelled::Finished;
+                }
+                true
+            }
+            TakenUp::Task { id: last, .. } => {
+                let last_pos = in_flight.iter().position(|&t| t == last);
+                if last_pos.is_some() && last_pos > pos {
+                    return Cancelled::Finished;
+                }
+                false
+            }
+        };
         if began && !stop_running {
             // Left to finish (the mark is too late to matter).
             return Cancelled::Finished;
@@ -677,6 +710,26 @@ impl<T> Policy<T> {
     pub(crate) fn oldest(&self, wid: WorkerId) -> Option<(TaskId, Option<&T>)> {
         let id = *self.workers.get(&wid)?.in_flight.front()?;
         Some((id, self.tasks.get(&id)))
+    }
+
+    /// Whether worker `wid` holds task `id`.
+    pub(crate) fn holds(&self, wid: WorkerId, id: TaskId) -> bool {
+        self.workers
+            .get(&wid)
+            .is_some_and(|s| s.in_flight.contains(&id))
+    }
+
+    /// The tasks worker `wid` holds, oldest first.
+    pub(crate) fn held_by(&self, wid: WorkerId) -> impl Iterator<Item = TaskId> + '_ {
+        self.workers
+            .get(&wid)
+            .into_iter()
+            .flat_map(|s| s.in_flight.iter().copied())
+    }
+
+    /// How many tasks worker `wid` holds.
+    pub(crate) fn holding(&self, wid: WorkerId) -> usize {
+        self.workers.get(&wid).map_or(0, |s| s.in_flight.len())
     }
 
     /// The record of task `id`, if it has not had its outcome.
@@ -1199,7 +1252,7 @@ impl<T> Policy<T> {
 pub mod bench_support {
     use std::collections::{HashMap, VecDeque};
 
-    use super::{Effects, Exit, Finish, Policy, PolicyConfig, TaskId, WorkerId};
+    use super::{Effects, Exit, Finish, Policy, PolicyConfig, TakenUp, TaskId, WorkerId};
 
     #[derive(Default)]
     struct Instant {
@@ -1220,8 +1273,8 @@ pub mod bench_support {
         fn retire(&mut self, _: WorkerId) {}
         fn kill(&mut self, _: WorkerId) {}
         fn stop(&mut self, _: WorkerId) {}
-        fn cancel_sent(&mut self, _: WorkerId, _: TaskId) -> bool {
-            false
+        fn cancel_sent(&mut self, _: WorkerId, _: TaskId) -> TakenUp {
+            TakenUp::Nothing
         }
     }
 
@@ -1285,6 +1338,8 @@ mod tests {
         marked: Vec<(WorkerId, TaskId)>,
         /// Tasks the fake workers have begun.
         begun: Vec<TaskId>,
+        /// What `cancel_sent` says the worker took up, if set (else from `begun`).
+        taken: Option<TakenUp>,
         /// What the next `finish` hands back as the rest of its task.
         continuations: VecDeque<(TaskId, u64)>,
     }
@@ -1316,9 +1371,13 @@ mod tests {
         fn stop(&mut self, wid: WorkerId) {
             self.stopped.push(wid);
         }
-        fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool {
+        fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> TakenUp {
             self.marked.push((wid, id));
-            self.begun.contains(&id)
+            self.taken.unwrap_or(if self.begun.contains(&id) {
+                TakenUp::Task { id, ended: false }
+            } else {
+                TakenUp::Nothing
+            })
         }
     }
 
@@ -1542,6 +1601,43 @@ mod tests {
         assert_eq!(fx.sent.last(), Some(&(2, 1)));
         let c = p.counts();
         assert_eq!((c.stopped, c.died, c.lost, c.cancelled), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn a_cancel_follows_what_the_worker_says_it_took_up_not_the_oldest_task() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        for id in 0..4 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
+        // The worker ended 0 (its answer held back) and runs 1.
+        fx.taken = Some(TakenUp::Task {
+            id: 1,
+            ended: false,
+        });
+        assert_eq!(
+            p.cancel(0, true, &mut fx),
+            Cancelled::Finished,
+            "ended: its answer comes"
+        );
+        assert!(fx.finished.is_empty() && fx.stopped.is_empty());
+        assert_eq!(p.cancel(1, true, &mut fx), Cancelled::Running);
+        assert_eq!(fx.finished, vec![(1, Finish::Cancelled(true))]);
+        assert_eq!(fx.stopped, vec![1]);
+        // The held answer is delivered at the worker's end; 0 is not run again.
+        assert_eq!(p.done(1, 0, &mut fx), Some(0));
+        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        assert_eq!(fx.finished.len(), 1);
+        p.ready(2, &mut fx);
+        assert_eq!(fx.sent[2..], [(2, 2), (2, 3)]);
+        // A task the worker has not reached (it runs an older one) is skipped.
+        fx.taken = Some(TakenUp::Task {
+            id: 2,
+            ended: false,
+        });
+        assert_eq!(p.cancel(3, true, &mut fx), Cancelled::Queued);
+        assert_eq!(fx.stopped, vec![1], "the worker goes on");
     }
 
     #[test]

@@ -237,6 +237,30 @@ impl<T: ?Sized> Sender<T> {
         self.w.push_pieces_with_fds(pieces, fds)?;
         self.flush()
     }
+
+    /// Queues one frame whose payload is `pieces` one after the other, as
+    /// [`send_pieces`](Sender::send_pieces) does, but writes nothing: the frame leaves with
+    /// the next [`flush`](Sender::flush) or send. A peer that answers several requests in a
+    /// row queues its answers this way and writes them together.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::FrameTooLarge`](crate::ErrorKind::FrameTooLarge) if the payload exceeds
+    /// `max_frame_len` (nothing is queued).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let (mut tx, mut rx) = pool_ipc::duplex::<u8, u8>()?;
+    /// tx.sender().queue_pieces(&[&[7]])?;
+    /// tx.sender().queue_pieces(&[&[9]])?;
+    /// tx.sender().flush()?;
+    /// assert_eq!((rx.recv()?, rx.recv()?), (7, 9));
+    /// # Ok::<(), pool_ipc::Error>(())
+    /// ```
+    pub fn queue_pieces(&mut self, pieces: &[&[u8]]) -> Result<()> {
+        self.w.push_pieces(pieces)
+    }
 }
 
 impl<T: Serialize + ?Sized> Sender<T> {

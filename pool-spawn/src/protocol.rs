@@ -169,14 +169,23 @@ pub const PROGRESS_KEPT: u64 = 0x7072_6f67_7265_7373;
 /// pool reads the task and area words when the worker is gone (or stopped), so they need
 /// no protocol between the two beyond their order; [`CURRENT`](page::CURRENT) and the
 /// cancel slots form a store-then-load handshake on each side (sequentially consistent),
-/// so that a task is either seen cancelled by the worker or seen begun by the pool.
+/// so that a task is either seen cancelled by the worker or seen begun by the pool. The
+/// held area is also read while the worker lives: [`HELD_GEN`](page::HELD_GEN) tells a
+/// reader whether what it copied was overwritten meanwhile.
 pub mod page {
     /// Tasks the worker has begun (skipped ones included).
     pub const BEGUN: usize = 0;
     /// [`PROGRESS_KEPT`](super::PROGRESS_KEPT) once the worker keeps this page.
     pub const KEPT: usize = 1;
-    /// The id of the task the worker took up last (stored before it checks the cancel slots).
+    /// The id of the task the worker took up last (stored before it checks the cancel
+    /// slots), with [`ENDED`] set once it has ended it (its answer written, or held in the
+    /// held area) and [`SKIPPED`] too if it skipped it as cancelled. Every task that ended
+    /// before it did so in the order the pool sent them.
     pub const CURRENT: usize = 2;
+    /// In [`CURRENT`]: the task has ended.
+    pub const ENDED: u64 = 1 << 63;
+    /// In [`CURRENT`]: the task was skipped, being cancelled (with [`ENDED`]).
+    pub const SKIPPED: u64 = 1 << 62;
     /// `CLOCK_MONOTONIC` nanoseconds when the running task began; for a task sent with
     /// `timed`, when its running item began.
     pub const STARTED_NS: usize = 3;
@@ -192,10 +201,38 @@ pub mod page {
     pub const CANCEL_FIRST: usize = 8;
     /// How many cancel slots there are (used as a ring by the pool).
     pub const CANCEL_SLOTS: usize = 32;
+    /// How many answers the held area holds (each complete; see [`HELD_OFFSET`]).
+    pub const HELD_COUNT: usize = CANCEL_FIRST + CANCEL_SLOTS;
+    /// How many bytes of the held area they fill.
+    pub const HELD_BYTES: usize = HELD_COUNT + 1;
+    /// How many times the held area was emptied (its answers written to the channel). The
+    /// worker bumps it before it writes anything over what the area held; a reader of the
+    /// area while the worker lives loads it before and after its copy (with an acquire
+    /// fence before the second load) and trusts the copy only if both loads agree.
+    pub const HELD_GEN: usize = HELD_COUNT + 2;
+    /// For a task sent with `timed` (whose [`STARTED_NS`] follows its items): when the
+    /// worker took it up, stored with [`STARTED_NS`] before [`CURRENT`].
+    pub const TAKEN_NS: usize = HELD_COUNT + 3;
     /// Where the result area starts, in bytes.
     pub const AREA_OFFSET: usize = 4096;
-    /// The size of the whole page the pool makes: the words and a 1 MiB result area.
-    pub const LEN: usize = AREA_OFFSET + (1 << 20);
+    /// Where the result area ends and the held area starts, in bytes. The held area keeps
+    /// the `Done` messages of tasks the worker finished but has not written to its channel
+    /// yet (it writes several at once while more requests wait), each as a little-endian
+    /// `u32` length then the message's postcard bytes, so that they survive the worker:
+    /// whatever `HELD_COUNT` says is held may have been written already, or not. Answers
+    /// are held back only behind brief tasks: the worker writes them before it takes up a
+    /// task once the first of their tasks began [`HOLD_AGE_NS`] ago or more, so only a
+    /// long task begun right after brief ones keeps them waiting, and the pool then takes
+    /// them from here (see `HELD_GEN`).
+    pub const HELD_OFFSET: usize = AREA_OFFSET + (1 << 20);
+    /// The size of the held area.
+    pub const HELD_LEN: usize = 64 << 10;
+    /// Answers held back go out before the worker takes up another task once this long
+    /// (ns) has passed since the first of their tasks began (see [`HELD_OFFSET`]).
+    pub const HOLD_AGE_NS: u64 = 100_000;
+    /// The size of the whole page the pool makes: the words, a 1 MiB result area and the
+    /// held area.
+    pub const LEN: usize = HELD_OFFSET + HELD_LEN;
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`page::STARTED_NS`] (the same clock

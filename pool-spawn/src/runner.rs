@@ -115,6 +115,9 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             if let Some(page) = page {
                 // Tells the pool that the count in word 0 is kept (the page may not open:
                 // /proc missing, or the pool's process not readable to us).
+                // Nothing taken up yet.
+                page.atomic_u64(protocol::page::CURRENT)
+                    .store(protocol::page::ENDED, Ordering::Release);
                 page.atomic_u64(protocol::page::KEPT)
                     .store(protocol::PROGRESS_KEPT, Ordering::Release);
             }
@@ -227,7 +230,11 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             },
         };
         match step {
-            Step::Exit => return Ok(0),
+            Step::Exit => {
+                // Best effort: a pool that closed the channel reads them from the page.
+                let _ = results.flush_held(conn.sender());
+                return Ok(0);
+            }
             Step::Lost => return Err(Stop::Lost),
             Step::Bad(m) => return Err(Stop::Protocol(m)),
             Step::Tail(..) => {
@@ -238,9 +245,17 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Step::Done(Reply::Skipped(id)) => {
                 // Not a task run: it does not count toward `max_tasks`.
                 send(&mut conn, &FromWorker::Skipped { id })?;
+                results.held_sent();
                 continue;
             }
-            Step::Done(Reply::Done(id, outcome)) => results.send_done(&mut conn, id, outcome)?,
+            Step::Done(Reply::Done(id, outcome)) => {
+                // While another request waits (read already, whole or in part), the answer
+                // may wait for the next ones, to go out with them in one write; not the
+                // last answer before the worker exits.
+                let hold =
+                    conn.receiver().has_partial_frame() && max_tasks.is_none_or(|m| runs + 1 < m);
+                results.finish(&mut conn, id, outcome, hold)?;
+            }
         }
         runs += 1;
         if max_tasks.is_some_and(|m| runs >= m) {
@@ -297,7 +312,35 @@ struct Results<'p> {
     /// Without a page: the results collected in memory.
     local: Vec<u8>,
     scratch: Vec<u8>,
+    /// The page's [`page::HELD_COUNT`], [`page::HELD_BYTES`] and [`page::HELD_GEN`]
+    /// words, if the page has a held area: answers may then be held back (see
+    /// [`Results::finish`]).
+    held_words: Option<(&'p AtomicU64, &'p AtomicU64, &'p AtomicU64)>,
+    /// How many times the held area was emptied.
+    held_gen: u64,
+    /// Answers queued on the channel but not written yet, kept in the held area too.
+    held: u64,
+    /// Bytes of the held area they fill.
+    held_bytes: usize,
+    /// An answer being encoded.
+    answer: Vec<u8>,
+    /// When (`CLOCK_MONOTONIC` ns) the running task was taken up.
+    began_ns: u64,
+    /// When the task of the oldest answer held back began.
+    held_since_ns: u64,
 }
+
+/// Answers held back at most: the pool sends the next tasks as answers arrive, so a
+/// worker holding too many would run out of work before they come.
+const HELD_MAX: u64 = 32;
+/// The largest answer that may be held back (larger ones are sent at once).
+const HELD_ANSWER_MAX: usize = 4096;
+/// Answers held back go out before the next task begins once this long has passed since
+/// the first of their tasks began: a task that took this long has its answer written before
+/// the worker goes on, and brief ones are held for about this long at most. (A long task
+/// begun right after brief ones keeps their answers here until it ends; the pool takes
+/// them from the page meanwhile.)
+const HOLD_AGE_NS: u64 = page::HOLD_AGE_NS;
 
 impl<'p> Results<'p> {
     fn new(page: Option<&'p pool_ipc::shm::Segment>) -> Self {
@@ -309,7 +352,11 @@ impl<'p> Results<'p> {
                     p.atomic_u64(page::AREA_ITEMS),
                 )
             }),
-            area_len: page.map_or(0, |p| p.len().saturating_sub(page::AREA_OFFSET)),
+            area_len: page.map_or(0, |p| {
+                p.len()
+                    .min(page::HELD_OFFSET)
+                    .saturating_sub(page::AREA_OFFSET)
+            }),
             used: 0,
             items: 0,
             sent: 0,
@@ -317,6 +364,125 @@ impl<'p> Results<'p> {
             timed: false,
             local: Vec::new(),
             scratch: Vec::new(),
+            held_words: page
+                .filter(|p| p.len() >= page::HELD_OFFSET + page::HELD_LEN)
+                .map(|p| {
+                    (
+                        p.atomic_u64(page::HELD_COUNT),
+                        p.atomic_u64(page::HELD_BYTES),
+                        p.atomic_u64(page::HELD_GEN),
+                    )
+                }),
+            held_gen: 0,
+            held: 0,
+            held_bytes: 0,
+            answer: Vec::new(),
+            began_ns: 0,
+            held_since_ns: 0,
+        }
+    }
+
+    /// Whether the answers held back have waited long enough to go out now (see
+    /// [`HOLD_AGE_NS`]).
+    fn held_too_long(&self, now: u64) -> bool {
+        self.held > 0 && now.saturating_sub(self.held_since_ns) >= HOLD_AGE_NS
+    }
+
+    /// Ends task `id`: its `Done` goes out now, with any held before it; or, with `hold`,
+    /// is queued on the channel and kept in the page's held area (so that it survives the
+    /// worker), to go out with the next write.
+    fn finish(
+        &mut self,
+        conn: &mut Duplex<FromWorker, ToWorker>,
+        id: u64,
+        outcome: Result<(), ItemError>,
+        hold: bool,
+    ) -> Result<(), Stop> {
+        if hold && self.held < HELD_MAX && self.hold(conn.sender(), id, &outcome)? {
+            self.ended(id);
+            return Ok(());
+        }
+        self.send_done(conn, id, outcome)?;
+        self.held_sent();
+        self.ended(id);
+        Ok(())
+    }
+
+    /// Task `id` has ended, its answer written or held: the page says so.
+    fn ended(&self, id: u64) {
+        if let Some(w) = self.word(page::CURRENT) {
+            w.store(id | page::ENDED, Ordering::Release);
+        }
+    }
+
+    /// Holds back the `Done` of task `id` if it is small and the held area has room:
+    /// `Ok(false)` if it does not.
+    fn hold(
+        &mut self,
+        tx: &mut Sender<FromWorker>,
+        id: u64,
+        outcome: &Result<(), ItemError>,
+    ) -> Result<bool, Stop> {
+        let (Some(page), Some((count, bytes, _))) = (self.page, self.held_words) else {
+            return Ok(false);
+        };
+        if outcome.is_err() || self.sent > 0 || self.used > HELD_ANSWER_MAX {
+            return Ok(false);
+        }
+        let mut answer = std::mem::take(&mut self.answer);
+        answer.clear();
+        let done = FromWorker::<&serde_bytes::Bytes>::Done {
+            id,
+            items: self.items,
+            outcome: Ok(serde_bytes::Bytes::new(self.tail())),
+        };
+        let fits = pool_ipc::encode_append(&mut answer, &done).is_ok()
+            && answer.len() <= HELD_ANSWER_MAX
+            && self.held_bytes + 4 + answer.len() <= page::HELD_LEN;
+        if fits {
+            // The bytes, then the count that makes them part of the held area; then onto
+            // the channel's queue.
+            let at = page::HELD_OFFSET + self.held_bytes;
+            page.write_at(at, &(answer.len() as u32).to_le_bytes());
+            page.write_at(at + 4, &answer);
+            self.held_bytes += 4 + answer.len();
+            if self.held == 0 {
+                self.held_since_ns = self.began_ns;
+            }
+            self.held += 1;
+            bytes.store(self.held_bytes as u64, Ordering::Release);
+            count.store(self.held, Ordering::Release);
+            tx.queue_pieces(&[&answer]).map_err(send_failed)?;
+        }
+        self.answer = answer;
+        Ok(fits)
+    }
+
+    /// Writes the answers held back, if any.
+    fn flush_held(&mut self, tx: &mut Sender<FromWorker>) -> Result<(), Stop> {
+        if self.held > 0 {
+            tx.flush().map_err(send_failed)?;
+            self.held_sent();
+        }
+        Ok(())
+    }
+
+    /// The channel's queue was written out: no answer is held back any more. (Only
+    /// after the write: an answer held that was written too is recognised as such by the
+    /// pool, one lost from both is not.)
+    fn held_sent(&mut self) {
+        if self.held == 0 {
+            return;
+        }
+        self.held = 0;
+        self.held_bytes = 0;
+        if let Some((count, _, generation)) = self.held_words {
+            // The new generation first: a reader that copies what the next answers are
+            // written over sees it changed (see `page::HELD_GEN`).
+            self.held_gen += 1;
+            generation.store(self.held_gen, Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Release);
+            count.store(0, Ordering::Release);
         }
     }
 
@@ -330,14 +496,24 @@ impl<'p> Results<'p> {
 
     /// Takes up task `id`: `false` if the pool cancelled it (it counts as begun, and is
     /// skipped). Otherwise the area is the task's, and the task counts as begun.
-    fn take_up(&mut self, id: u64, timed: bool) -> bool {
+    fn take_up(&mut self, id: u64, timed: bool, now: u64) -> bool {
         self.id = id;
+        self.began_ns = now;
         self.timed = timed;
         self.used = 0;
         self.items = 0;
         self.sent = 0;
         self.local.clear();
         let Some(page) = self.page else { return true };
+        // When it began, published by the store of CURRENT: a pool that sees the task
+        // running sees when it began, not when the one before did.
+        page.atomic_u64(page::STARTED_NS)
+            .store(now, Ordering::Relaxed);
+        if timed {
+            // (Its items' beginnings go to STARTED_NS.)
+            page.atomic_u64(page::TAKEN_NS)
+                .store(now, Ordering::Relaxed);
+        }
         // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
         // either we see its mark, or it sees that we took the task up.
         page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);
@@ -346,7 +522,10 @@ impl<'p> Results<'p> {
                 .load(Ordering::SeqCst)
                 == id
         });
-        if !cancelled {
+        if cancelled {
+            page.atomic_u64(page::CURRENT)
+                .store(id | page::ENDED | page::SKIPPED, Ordering::Release);
+        } else {
             page.atomic_u64(page::AREA_ITEMS)
                 .store(0, Ordering::Relaxed);
             page.atomic_u64(page::AREA_BYTES)
@@ -354,8 +533,6 @@ impl<'p> Results<'p> {
             page.atomic_u64(page::AREA_BASE).store(0, Ordering::Relaxed);
             page.atomic_u64(page::AREA_TASK)
                 .store(id, Ordering::Relaxed);
-            page.atomic_u64(page::STARTED_NS)
-                .store(protocol::monotonic_ns(), Ordering::Relaxed);
         }
         page.atomic_u64(page::BEGUN).fetch_add(1, Ordering::Release);
         !cancelled
@@ -439,6 +616,9 @@ impl AreaSink<'_, '_> {
         let part = protocol::part_head(self.results.id, items, head.len() + tail.len());
         if self.tx.send_pieces(&[&part, head, tail]).is_err() {
             self.lost = true;
+        } else {
+            // The answers held back went out before it.
+            self.results.held_sent();
         }
         self.results.sent += items;
     }
@@ -455,6 +635,9 @@ impl AreaSink<'_, '_> {
         };
         if self.tx.feed_frame_of(&msg).is_err() || self.tx.send_pieces(&[tail]).is_err() {
             self.lost = true;
+        } else {
+            // The answers held back went out before it.
+            self.results.held_sent();
         }
         self.results.sent += 1;
     }
@@ -543,6 +726,9 @@ impl ItemSink for AreaSink<'_, '_> {
                 .is_err()
             {
                 self.lost = true;
+            } else {
+                // The answers held back went out before it.
+                self.results.held_sent();
             }
             let r = &mut *self.results;
             r.scratch = scratch;
@@ -603,7 +789,13 @@ fn run_task(
     payload: &[u8],
     fds: Vec<std::os::fd::OwnedFd>,
 ) -> Step {
-    if !results.take_up(id, timed) {
+    let now = protocol::monotonic_ns();
+    // No answer waits long: those held back since a task that began HOLD_AGE_NS ago go out
+    // first.
+    if results.held_too_long(now) && results.flush_held(tx).is_err() {
+        return Step::Lost;
+    }
+    if !results.take_up(id, timed, now) {
         return Step::Done(Reply::Skipped(id));
     }
     // The events among the arguments open from these (closed after the task).

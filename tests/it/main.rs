@@ -5,6 +5,7 @@ procpool::enable_test_support!();
 mod api;
 mod failures;
 mod fuzz;
+mod held;
 mod hostile;
 mod hostile_driver;
 mod lifetime;

@@ -16,7 +16,7 @@ use super::{Delivery, Outcome, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::event::Pins;
 use crate::observe::Timings;
-use crate::policy::{Effects, Finish, TaskId, WorkerId};
+use crate::policy::{Effects, Finish, TakenUp, TaskId, WorkerId};
 
 /// The policy's effects on the real world, while the lock is held.
 pub(crate) struct Fx<'a> {
@@ -36,6 +36,8 @@ pub(crate) struct Fx<'a> {
     pub(super) reader_ended: &'a mut Vec<(WorkerId, super::reader::ReadEnd)>,
     /// The driver's epoll set (a socket lent to a caller leaves it).
     pub(super) epoll: &'a std::os::fd::OwnedFd,
+    /// The earliest look at held answers this step planned (see `reader::look_held`).
+    pub(super) look_min: Option<Instant>,
 }
 
 impl Effects<TaskRec> for Fx<'_> {
@@ -60,7 +62,7 @@ impl Effects<TaskRec> for Fx<'_> {
         task.sent_to = Some(wid);
         task.started_at = None;
         if !task.span.is_disabled() {
-            task.span.record("worker", w.name.as_str());
+            task.span.record("worker", &*w.name);
             if w.pid != 0 {
                 task.span.record("pid", w.pid);
             }
@@ -200,8 +202,10 @@ impl Effects<TaskRec> for Fx<'_> {
         *self.wake_driver = true;
     }
 
-    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> bool {
-        self.io.get_mut(&wid).is_some_and(|w| w.mark_cancelled(id))
+    fn cancel_sent(&mut self, wid: WorkerId, id: TaskId) -> TakenUp {
+        self.io
+            .get_mut(&wid)
+            .map_or(TakenUp::Nothing, |w| w.mark_cancelled(id))
     }
 
     fn kill(&mut self, wid: WorkerId) {
@@ -224,6 +228,16 @@ impl Effects<TaskRec> for Fx<'_> {
 }
 
 impl Fx<'_> {
+    /// Worker `wid`'s held answers are looked at `at` (never, if `None`).
+    pub(super) fn plan_look(&mut self, wid: WorkerId, at: Option<Instant>) {
+        if let Some(w) = self.io.get_mut(&wid) {
+            w.look_at = at;
+        }
+        if let Some(t) = at {
+            self.look_min = Some(self.look_min.map_or(t, |m| m.min(t)));
+        }
+    }
+
     /// The error of task `id`, whose worker `w` died while running it, or was stopped when
     /// it ran out of time.
     fn lost_error(&self, id: TaskId, task: &TaskRec, w: &WorkerIo, why: &Finish) -> TaskError {

@@ -13,7 +13,7 @@ use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::launch::WatchFds;
 use super::phase::{kill_stalled, stall_deadline};
-use super::reader::{ReadEnd, read_worker};
+use super::reader::{ReadEnd, look_held, read_worker, salvage_held};
 use super::shared::{Inner, Shared};
 use super::worker_io::{WAKE_TOKEN, exit_token};
 use crate::policy::{Departure, Exit, WorkerId};
@@ -49,6 +49,17 @@ fn release_idle_rings(g: &mut Inner, now: Instant) -> Option<Instant> {
         next = Some(next.map_or(due, |n| n.min(due)));
     }
     next
+}
+
+thread_local! {
+    /// This thread is a pool's driver.
+    static DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is a pool's driver (which looks at every timer before it sleeps
+/// again, and needs no wake-up).
+pub(super) fn on_driver_thread() -> bool {
+    DRIVER.with(|d| d.get())
 }
 
 /// What the driver watches for one worker: its socket (registered by `WorkerIo::arm`) until
@@ -117,20 +128,26 @@ impl Driver {
     /// Runs until the pool is finished: closed or terminated, every task done, every worker
     /// reaped. Then stops the launcher (and its fork server).
     pub(crate) fn run(mut self) {
+        DRIVER.with(|d| d.set(true));
         let mut buf = [0u8; 8];
         // What `epoll_wait` returns (local: an event is not `Send`).
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         loop {
             self.launch_pending();
-            let (deadline, finished, ring_check, stall, wakeup, ended) = {
+            let (deadline, finished, ring_check, stall, wakeup, ended, looks) = {
                 let mut g = self.shared.lock();
                 let ring_check = release_idle_rings(&mut g, Instant::now());
                 // Sockets with frames waiting are watched for room too.
                 let ep = &self.shared.epoll;
                 let inner = &mut *g;
+                let mut looks: Option<Instant> = None;
                 for (&wid, w) in inner.io.iter_mut() {
                     w.arm(ep, wid, inner.policy.oldest(wid).is_some());
+                    if let Some(t) = w.look_at {
+                        looks = Some(looks.map_or(t, |l| l.min(t)));
+                    }
                 }
+                g.looks_planned = looks;
                 (
                     g.term_deadline,
                     g.policy.is_finished() && g.launches.is_empty(),
@@ -138,6 +155,7 @@ impl Driver {
                     stall_deadline(&g),
                     g.policy.wakeup(),
                     std::mem::take(&mut g.reader_ended),
+                    looks,
                 )
             };
             for (wid, end) in ended {
@@ -170,6 +188,9 @@ impl Driver {
                 consider(t);
             }
             if let Some(t) = wakeup {
+                consider(t);
+            }
+            if let Some(t) = looks {
                 consider(t);
             }
             let ts = timeout.map(|d| rustix::time::Timespec {
@@ -312,6 +333,9 @@ impl Driver {
             }
         });
         let page = self.shared.act(|p, fx| {
+            // The answers it held back first: the tasks they answer ran, and are delivered.
+            // (Gone: nothing writes over them.)
+            let _ = super::reader::salvage_held(p, fx, wid);
             let (mut undelivered, mut running) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
@@ -347,6 +371,23 @@ impl Driver {
     fn timers(&mut self) {
         let now = Instant::now();
         let mut g = self.shared.lock();
+        if g.io.values().any(|w| w.look_at.is_some_and(|t| t <= now)) {
+            // Workers silent while they may hold answers back: their pages are looked at.
+            drop(g);
+            self.shared.act(|p, fx| {
+                let due: Vec<WorkerId> = fx
+                    .io
+                    .iter()
+                    .filter(|(_, w)| w.look_at.is_some_and(|t| t <= now))
+                    .map(|(&wid, _)| wid)
+                    .collect();
+                for wid in due {
+                    let next = look_held(p, fx, wid, now);
+                    fx.plan_look(wid, next);
+                }
+            });
+            g = self.shared.lock();
+        }
         kill_stalled(&mut g, now);
         if g.policy.wakeup().is_some_and(|t| t <= now) {
             // A start the policy held back is due: a step gives it the time.
@@ -392,6 +433,12 @@ impl Driver {
         if !expire.is_empty() {
             self.shared.act(|p, fx| {
                 for (wid, id) in expire {
+                    // The answers it held back before this task are delivered first: the
+                    // task is then the oldest it holds (unless they are still on their way
+                    // in its channel: the next look at the clocks stops it).
+                    if p.oldest(wid).map(|(t, _)| t) != Some(id) {
+                        let _ = salvage_held(p, fx, wid);
+                    }
                     p.time_out(wid, id, fx);
                 }
             });
@@ -447,9 +494,11 @@ fn departed(name: &str, pid: u32, status: Option<pool_spawn::ExitStatus>, how: O
 
 /// The running tasks past their time limit, as (worker, task); `next` becomes the
 /// earliest moment another may be. A task's clock starts when it (its running item, for
-/// a chunk) begins in its worker, which the worker's progress page tells. A task that
-/// has not begun cannot run out of time before its limit from now, so it is looked at
-/// again then; by that time it has begun, or it is looked at again later.
+/// a chunk) begins in its worker, which the worker's progress page tells: the task it
+/// runs is the one the page names, not the oldest it holds (the tasks before may have
+/// ended, their answers on their way). A task that has not begun cannot run out of time
+/// before its limit from now, so it is looked at again then; by that time it has begun,
+/// or it is looked at again later.
 fn clocks(g: &Inner, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId, u64)> {
     let now_ns = protocol::monotonic_ns();
     let mut expire = Vec::new();
@@ -458,20 +507,37 @@ fn clocks(g: &Inner, now: Instant, next: &mut Option<Instant>) -> Vec<(WorkerId,
         if w.handle.is_none() || w.kill_at.is_some() {
             continue;
         }
-        let Some((id, Some(rec))) = g.policy.oldest(wid) else {
-            continue;
+        // The page's word, or (without a page) the oldest task it holds.
+        let running = match w.running() {
+            Some(id) => g.policy.holds(wid, id).then_some(id),
+            None => g.policy.oldest(wid).map(|(id, _)| id),
         };
-        let Some(limit) = rec.timeout else { continue };
-        match w.started(id) {
-            Some(start) => {
-                let ran = Duration::from_nanos(now_ns.saturating_sub(start));
-                if ran >= limit {
-                    expire.push((wid, id));
-                } else {
-                    wake(now + (limit - ran));
+        let mut limited = running.and_then(|id| Some((id, g.policy.task(id)?.timeout?)));
+        if let Some((id, limit)) = limited {
+            match w.started(id) {
+                Some(start) => {
+                    let ran = Duration::from_nanos(now_ns.saturating_sub(start));
+                    if ran < limit {
+                        wake(now + (limit - ran));
+                    } else {
+                        expire.push((wid, id));
+                        // Stopped once the answers before it are in (it may not be the
+                        // oldest task its worker holds): looked at again meanwhile.
+                        wake(now + Duration::from_millis(1));
+                    }
                 }
+                None => wake(now + limit),
             }
-            None => wake(now + limit),
+            continue;
+        }
+        // None running with a limit: the first to begin cannot run out before its limit.
+        limited = g
+            .policy
+            .held_by(wid)
+            .filter_map(|id| Some((id, g.policy.task(id)?.timeout?)))
+            .min_by_key(|&(_, limit)| limit);
+        if let Some((_, limit)) = limited {
+            wake(now + limit);
         }
     }
     expire

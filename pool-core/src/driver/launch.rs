@@ -26,7 +26,7 @@ pub(crate) fn launch_one(
         let g = shared.lock();
         match g.io.get(&wid) {
             Some(w) => (
-                w.name.clone(),
+                w.name.to_string(),
                 g.policy.max_tasks_of(wid),
                 g.policy.origin(wid),
             ),

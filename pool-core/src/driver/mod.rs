@@ -73,7 +73,8 @@ pub(crate) enum Outcome {
     /// whole batch failed.
     Done {
         result: Result<Vec<Batch>, ItemError>,
-        worker: String,
+        /// The worker's name (shared: every task's outcome names it).
+        worker: Arc<str>,
         pid: u32,
     },
     /// The items ended without a result.

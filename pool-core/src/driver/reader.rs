@@ -17,7 +17,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pool_spawn::protocol::{self, FromWorker};
 use rustix::event::{PollFd, PollFlags};
@@ -106,7 +106,10 @@ pub(super) fn read_worker(
         }
     }
     end.eof = conn.is_eof();
+    // What one read brought arrived at one moment: one clock reading serves it all.
+    let now = Instant::now();
     let partial = conn.has_partial_frame();
+    let heard = !msgs.is_empty();
     for (frame, fds) in msgs {
         if let Some(w) = fx.io.get_mut(&wid)
             && let Some((id, head, range, len)) = w.tail_wait.take()
@@ -142,11 +145,22 @@ pub(super) fn read_worker(
             end.broken = true;
             break;
         }
+        if let Some(w) = fx.io.get_mut(&wid)
+            && let Some(&first) = w.salvaged.front()
+        {
+            // The answers taken from its page come again first, as it writes them out:
+            // delivered already, they are passed over. Anything else means none is owed.
+            if matches!(msg, Ok(FromWorker::Done { id, .. }) if id == first) {
+                w.salvaged.pop_front();
+                continue;
+            }
+            w.salvaged.clear();
+        }
         match msg {
             Ok(FromWorker::Ready { .. }) => {
                 tracing::debug!(worker = %name, pid, "worker ready");
                 policy.ready(wid, fx);
-                note_started(policy, fx.io, wid, Instant::now());
+                note_started(policy, fx.io, wid, now);
             }
             Ok(FromWorker::SetupFailed { message, .. }) => {
                 tracing::warn!(worker = %name, %message, "worker setup failed");
@@ -222,7 +236,7 @@ pub(super) fn read_worker(
                 w.results += 1;
                 // The task was cancelled before it began: only its place is freed.
                 let _ = policy.done(wid, id, fx);
-                note_started(policy, fx.io, wid, Instant::now());
+                note_started(policy, fx.io, wid, now);
             }
             Ok(FromWorker::Recycling { rss }) => {
                 tracing::debug!(worker = %name, rss, "worker over its memory limit, recycling");
@@ -233,67 +247,20 @@ pub(super) fn read_worker(
                 fx.retire(wid);
             }
             Ok(FromWorker::Done { id, items, outcome }) => {
-                // A worker runs its tasks in the order sent: a result for another
-                // than the first it holds is forged (it would be delivered as that
-                // task's, a task still queued behind the running one).
-                let oldest = policy.oldest(wid).map(|(t, _)| t);
-                let Some(w) = fx.io.get_mut(&wid) else {
-                    continue;
-                };
-                if oldest != Some(id) {
-                    faulty(
-                        w,
-                        &mut end,
-                        format!("it sent a result for task {id}, which it was not running"),
-                    );
+                if !on_done(
+                    policy,
+                    fx,
+                    wid,
+                    (&name, pid),
+                    id,
+                    items,
+                    outcome,
+                    (frame, fds),
+                    now,
+                ) {
+                    end.broken = true;
                     break;
                 }
-                w.results += 1;
-                let mut batches = Vec::new();
-                if w.parts_task == id {
-                    batches = std::mem::take(&mut w.parts);
-                }
-                if let Some(rec) = policy.done(wid, id, fx) {
-                    rec.group.remove(id);
-                    // The worker could start this task once it was sent and its
-                    // previous one was done: the time since is what it took.
-                    let now = Instant::now();
-                    if let Some(w) = fx.io.get_mut(&wid) {
-                        let began = match (rec.sent_at, w.last_done) {
-                            (Some(s), Some(l)) => Some(s.max(l)),
-                            (s, l) => s.or(l),
-                        };
-                        w.last_done = Some(now);
-                        if let Some(b) = began {
-                            policy.observe(now.saturating_duration_since(b), fx);
-                        }
-                        let start = rec.started_at.or(began).unwrap_or(now);
-                        fx.timings.record(
-                            &rec.span,
-                            start.saturating_duration_since(rec.queued_at),
-                            now.saturating_duration_since(start),
-                        );
-                    }
-                    let result = outcome.map(|range| {
-                        batches.push(Batch {
-                            frame,
-                            range,
-                            items,
-                            tail: Vec::new(),
-                            fds,
-                        });
-                        batches
-                    });
-                    fx.done.push(Delivery::all(
-                        &rec,
-                        Outcome::Done {
-                            result,
-                            worker: name.clone(),
-                            pid,
-                        },
-                    ));
-                }
-                note_started(policy, fx.io, wid, Instant::now());
             }
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "undecodable message from worker");
@@ -304,7 +271,12 @@ pub(super) fn read_worker(
     if let Some(w) = fx.io.get_mut(&wid) {
         // A `PartTail` waiting for its tail frame is a frame stuck partway too.
         let waiting = partial || w.tail_wait.is_some();
-        w.guard.after_read(waiting, Instant::now());
+        w.guard.after_read(waiting, now);
+    }
+    if heard && !end.closed() {
+        // Whatever it held back went out with this (see `look_held`).
+        let next = (policy.holding(wid) >= 2).then(|| now + HELD_LOOK);
+        fx.plan_look(wid, next);
     }
     if end.broken || end.eof {
         // Dying or dead: no more tasks for it, and its replacement starts now.
@@ -318,6 +290,173 @@ pub(super) fn read_worker(
     end
 }
 
+/// Handles worker `wid`'s `Done` for task `id`, in `frame`: `false` if the worker may not
+/// send it (it is not the oldest task the worker holds).
+#[allow(clippy::too_many_arguments)]
+fn on_done(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    wid: WorkerId,
+    (name, pid): (&Arc<str>, u32),
+    id: u64,
+    items: u64,
+    outcome: Result<std::ops::Range<usize>, pool_spawn::task::ItemError>,
+    (frame, fds): (Vec<u8>, Vec<OwnedFd>),
+    now: Instant,
+) -> bool {
+    // A worker runs its tasks in the order sent: a result for another than the first it
+    // holds is forged (it would be delivered as that task's, a task still queued behind
+    // the running one).
+    let oldest = policy.oldest(wid).map(|(t, _)| t);
+    let Some(w) = fx.io.get_mut(&wid) else {
+        return true;
+    };
+    if oldest != Some(id) {
+        w.exit_note = Some(format!(
+            "it sent a result for task {id}, which it was not running"
+        ));
+        return false;
+    }
+    w.results += 1;
+    let mut batches = Vec::new();
+    if w.parts_task == id {
+        batches = std::mem::take(&mut w.parts);
+    }
+    if let Some(rec) = policy.done(wid, id, fx) {
+        rec.group.remove(id);
+        // The worker could start this task once it was sent and its previous one was
+        // done: the time since is what it took.
+        if let Some(w) = fx.io.get_mut(&wid) {
+            let began = match (rec.sent_at, w.last_done) {
+                (Some(s), Some(l)) => Some(s.max(l)),
+                (s, l) => s.or(l),
+            };
+            w.last_done = Some(now);
+            if let Some(b) = began {
+                policy.observe(now.saturating_duration_since(b), fx);
+            }
+            let start = rec.started_at.or(began).unwrap_or(now);
+            fx.timings.record(
+                &rec.span,
+                start.saturating_duration_since(rec.queued_at),
+                now.saturating_duration_since(start),
+            );
+        }
+        let result = outcome.map(|range| {
+            batches.push(Batch {
+                frame,
+                range,
+                items,
+                tail: Vec::new(),
+                fds,
+            });
+            batches
+        });
+        fx.done.push(Delivery::all(
+            &rec,
+            Outcome::Done {
+                result,
+                worker: Arc::clone(name),
+                pid,
+            },
+        ));
+    }
+    note_started(policy, fx.io, wid, now);
+    true
+}
+
+/// How long a worker that holds two tasks or more may go without a word before the pool
+/// looks at the answers it holds back (see `page::HELD_OFFSET`) and delivers them from its
+/// page: a task that runs long keeps the answers of the brief ones before it no longer
+/// than about this.
+pub(super) const HELD_LOOK: Duration = Duration::from_millis(1);
+
+/// Delivers the answers worker `wid` holds back (see `page::HELD_OFFSET`), as if they had
+/// arrived: a task it finished is delivered, and never run again. Those that did arrive are
+/// no longer among the tasks it holds, and are passed over; those delivered here are
+/// passed over when they arrive (`WorkerIo::salvaged`). Called while the worker lives (see
+/// [`look_held`]), and once it is gone and its channel read to the end, before its tasks
+/// are settled. `false` if the worker wrote over them while they were copied.
+pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> bool {
+    let Some(w) = fx.io.get(&wid) else {
+        return true;
+    };
+    let Some(answers) = w.held_answers() else {
+        return false;
+    };
+    if answers.is_empty() {
+        return true;
+    }
+    let (name, pid) = (w.name.clone(), w.pid);
+    let now = Instant::now();
+    for frame in answers {
+        let Ok(FromWorker::Done { id, items, outcome }) = protocol::decode_reply(&frame) else {
+            continue;
+        };
+        if policy.oldest(wid).map(|(t, _)| t) != Some(id) {
+            // Arrived already (or never the worker's to send).
+            continue;
+        }
+        on_done(
+            policy,
+            fx,
+            wid,
+            (&name, pid),
+            id,
+            items,
+            outcome,
+            (frame, Vec::new()),
+            now,
+        );
+        if let Some(w) = fx.io.get_mut(&wid) {
+            w.salvaged.push_back(id);
+        }
+    }
+    true
+}
+
+/// Looks at the answers worker `wid` holds back and delivers them (see [`salvage_held`]);
+/// returns when to look again, if ever before it next says something.
+///
+/// A worker holds answers back only while it has more requests waiting, and writes them
+/// before it takes up a task once the first of their tasks began `HOLD_AGE_NS` ago: so a
+/// task it has been running for that long ends with every answer before it, and its own,
+/// written out. Until the worker runs such a task, it is looked at every [`HELD_LOOK`]
+/// while it holds two tasks or more.
+pub(super) fn look_held(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    wid: WorkerId,
+    now: Instant,
+) -> Option<Instant> {
+    let w = fx.io.get(&wid)?;
+    if w.ended {
+        // Its death settles what it held.
+        return None;
+    }
+    // What it runs first, then what it holds: an answer held after this look at the
+    // running task is that task's, or one behind it.
+    let running = w.running();
+    let timed = running
+        .and_then(|id| policy.task(id))
+        .is_some_and(|rec| rec.timeout.is_some());
+    let taken = running.and_then(|id| w.taken(id, timed));
+    if !salvage_held(policy, fx, wid) {
+        // Written out while copied: what it holds now is young.
+        return Some(now + HELD_LOOK);
+    }
+    if policy.holding(wid) < 2 {
+        return None;
+    }
+    if let (Some(id), Some(ns)) = (running, taken)
+        && policy.holds(wid, id)
+        && protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
+    {
+        return None;
+    }
+    Some(now + HELD_LOOK)
+}
+
 /// Where borrow tickets come from.
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
@@ -327,6 +466,11 @@ pub(crate) struct Borrow {
     wid: WorkerId,
     sock: Arc<OwnedFd>,
     exit: Arc<OwnedFd>,
+    /// When to look at the answers the worker holds back, if the caller's may be among
+    /// them one day (see [`look_held`]).
+    look: Option<Instant>,
+    /// Readable once the worker is sent another task (see `WorkerIo::nudge`).
+    nudge: Option<Arc<OwnedFd>>,
 }
 
 impl Fx<'_> {
@@ -362,11 +506,33 @@ impl Fx<'_> {
         let (Some(sock), Some(exit)) = (&w.sock_watch, &w.exit_watch) else {
             return None;
         };
+        let (sock, exit) = (Arc::clone(sock), Arc::clone(exit));
+        // Its answer may be held back (see `look_held`), unless the worker keeps no page or
+        // has been running it long enough to write it out when it ends. While it holds no
+        // other task, it holds nothing back: the step that sends it another nudges the
+        // caller, which then looks at its held answers every HELD_LOOK.
+        let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
+        let settled = !w.keeps_page()
+            || w.taken(id, timed).is_some_and(|ns| {
+                protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
+            });
+        let (look, nudge) = if settled {
+            (None, None)
+        } else if policy.holding(wid) < 2
+            && let Some(nudge) = w.nudge_fd()
+        {
+            (None, Some(nudge))
+        } else {
+            (Some(Instant::now() + HELD_LOOK), None)
+        };
+        w.nudge_armed = nudge.is_some();
         let b = Borrow {
             ticket: TICKETS.fetch_add(1, Ordering::Relaxed),
             wid,
-            sock: Arc::clone(sock),
-            exit: Arc::clone(exit),
+            sock,
+            exit,
+            look,
+            nudge,
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid, true);
@@ -393,26 +559,40 @@ impl Shared {
     /// Waits (until `deadline`) on a borrowed socket for the worker to answer or die, reads
     /// what came and gives the socket back. `true` if it waited on the worker (the result
     /// may be in, or something else came first: call again); `false` once the deadline
-    /// passed.
+    /// passed. A worker silent past the borrow's look has its held answers looked at.
     pub(crate) fn await_answer(&self, b: Borrow, deadline: Option<Instant>) -> bool {
+        let nudge = b.nudge.as_deref().unwrap_or(&*b.sock);
         let mut fds = [
             PollFd::new(&*b.sock, PollFlags::IN),
             PollFd::new(&*b.exit, PollFlags::IN),
+            PollFd::new(nudge, PollFlags::IN),
         ];
-        let timeout = deadline.map(|d| {
+        let n = if b.nudge.is_some() { 3 } else { 2 };
+        let until = match (deadline, b.look) {
+            (Some(d), Some(l)) => Some(d.min(l)),
+            (d, l) => d.or(l),
+        };
+        let timeout = until.map(|d| {
             let d = d.saturating_duration_since(Instant::now());
             rustix::time::Timespec {
                 tv_sec: d.as_secs() as i64,
                 tv_nsec: i64::from(d.subsec_nanos()),
             }
         });
-        let woke = match rustix::event::poll(&mut fds, timeout.as_ref()) {
+        let woke = match rustix::event::poll(&mut fds[..n], timeout.as_ref()) {
             Ok(n) => n > 0,
             // Interrupted: look, then call again.
             Err(_) => true,
         };
         let exited = !fds[1].revents().is_empty();
         let readable = !fds[0].revents().is_empty() || exited;
+        if let Some(fd) = &b.nudge
+            && !fds[2].revents().is_empty()
+        {
+            // Nudged: lent again, the socket comes with a look (`lend`).
+            let _ = rustix::io::read(fd, &mut [0u8; 8]);
+        }
+        let look = !woke && b.look.is_some_and(|l| Instant::now() >= l);
         let (wid, ticket) = (b.wid, b.ticket);
         self.act(|policy, fx| {
             let Some(w) = fx.io.get_mut(&wid) else { return };
@@ -426,9 +606,14 @@ impl Shared {
             } else {
                 ReadEnd::default()
             };
+            if look && !end.closed() {
+                let next = look_held(policy, fx, wid, Instant::now());
+                fx.plan_look(wid, next);
+            }
             let busy = policy.oldest(wid).is_some();
             let Some(w) = fx.io.get_mut(&wid) else { return };
             w.borrowed = None;
+            w.nudge_armed = false;
             w.exited |= exited;
             w.arm(fx.epoll, wid, busy);
             let partial =
@@ -449,6 +634,6 @@ impl Shared {
                 *fx.wake_driver = true;
             }
         });
-        woke
+        woke || look
     }
 }

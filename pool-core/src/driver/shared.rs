@@ -63,6 +63,9 @@ pub(crate) struct Inner {
     /// Workers whose channel a caller reading its own answer found closed or broken: the
     /// driver stops watching them (see `reader`).
     pub(super) reader_ended: Vec<(WorkerId, super::reader::ReadEnd)>,
+    /// The earliest look at a worker's held answers the driver sleeps until, if any (see
+    /// `reader::look_held`): a step on another thread that plans one sooner wakes it.
+    pub(super) looks_planned: Option<Instant>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -112,6 +115,7 @@ impl Shared {
                 timings: Timings::default(),
                 waiting: 0,
                 reader_ended: Vec::new(),
+                looks_planned: None,
             }),
             wake,
             epoll: ep,
@@ -180,6 +184,7 @@ impl Shared {
                 timings: &mut inner.timings,
                 reader_ended: &mut inner.reader_ended,
                 epoll: &self.epoll,
+                look_min: None,
             };
             // Time reaches the policy here, before every step: starts it held back happen
             // once due.
@@ -196,6 +201,7 @@ impl Shared {
                 *fx.wake_driver = true;
             }
             let timer_at = fx.timer_at;
+            let mut look_min = fx.look_min;
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
             let mut dirty = std::mem::take(&mut fx.dirty);
@@ -205,6 +211,26 @@ impl Shared {
             let now = Instant::now();
             for &wid in &dirty {
                 note_started(&mut inner.policy, &inner.io, wid, now);
+                // A worker sent a task while it holds another may hold answers back from
+                // now on: looked at unless it says something first.
+                if inner.policy.holding(wid) >= 2
+                    && let Some(w) = inner.io.get_mut(&wid)
+                {
+                    w.nudge_caller();
+                    if w.look_at.is_none() {
+                        let t = now + super::reader::HELD_LOOK;
+                        w.look_at = Some(t);
+                        look_min = Some(look_min.map_or(t, |m: Instant| m.min(t)));
+                    }
+                }
+            }
+            if let Some(t) = look_min
+                && inner.looks_planned.is_none_or(|p| t < p)
+            {
+                inner.looks_planned = Some(t);
+                if !super::event_loop::on_driver_thread() {
+                    inner.wake_driver = true;
+                }
             }
             for wid in dirty {
                 let Some(w) = inner.io.get_mut(&wid) else {
@@ -307,14 +333,16 @@ impl Shared {
             g.io.iter()
                 .filter(|(_, w)| w.pid != 0 && w.status.is_none())
                 .map(|(&wid, w)| {
-                    let running = g
-                        .policy
-                        .oldest(wid)
-                        .and_then(|(id, _)| w.started(id).map(|ns| (id, ns)));
+                    // What its page says it runs (the tasks before may have ended, their
+                    // answers held back).
+                    let running = w
+                        .running()
+                        .filter(|&id| g.policy.holds(wid, id))
+                        .and_then(|id| w.started(id).map(|ns| (id, ns)));
                     (
                         wid,
                         WorkerState {
-                            name: w.name.clone(),
+                            name: w.name.to_string(),
                             pid: w.pid,
                             ready: w.guard.is_ready(),
                             answers: w.results,

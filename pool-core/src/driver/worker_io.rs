@@ -14,10 +14,11 @@ use pool_spawn::{ExitStatus, Worker};
 
 use super::Batch;
 use crate::event::Pins;
+use crate::policy::TakenUp;
 
 /// One worker's I/O state.
 pub(super) struct WorkerIo {
-    pub(super) name: String,
+    pub(super) name: Arc<str>,
     pub(super) pid: u32,
     pub(super) conn: Option<FramedConn>,
     /// Frames for a worker still starting (no channel yet), the events whose descriptors
@@ -64,13 +65,25 @@ pub(super) struct WorkerIo {
     pub(super) ended: bool,
     /// A caller saw its process end: the driver reaps it, no caller borrows it again.
     pub(super) exited: bool,
+    /// When to look at the answers it holds back, if it may hold some (see
+    /// `reader::look_held`).
+    pub(super) look_at: Option<Instant>,
+    /// Tasks whose answers were taken from its page while it lived, oldest first: it
+    /// writes them out still, and they are passed over when they arrive.
+    pub(super) salvaged: VecDeque<u64>,
+    /// An eventfd a caller that borrowed the socket also waits on (made at the first
+    /// borrow that needs it): written when the worker is sent a second task meanwhile, as
+    /// it may hold the caller's answer back from then on (see `reader::look_held`).
+    pub(super) nudge: Option<Arc<OwnedFd>>,
+    /// The caller that borrowed the socket waits on `nudge` (and has no look planned).
+    pub(super) nudge_armed: bool,
 }
 
 impl WorkerIo {
     /// A worker about to be launched: no process, no channel yet.
     pub(super) fn new(name: String) -> Self {
         WorkerIo {
-            name,
+            name: name.into(),
             pid: 0,
             conn: None,
             backlog: Vec::new(),
@@ -95,6 +108,10 @@ impl WorkerIo {
             borrowed: None,
             ended: false,
             exited: false,
+            look_at: None,
+            salvaged: VecDeque::new(),
+            nudge: None,
+            nudge_armed: false,
         }
     }
 
@@ -169,36 +186,85 @@ impl WorkerIo {
         (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
     }
 
+    /// Whether the worker keeps its progress page (it may then hold answers back).
+    pub(super) fn keeps_page(&self) -> bool {
+        self.page().is_some()
+    }
+
+    /// The eventfd that nudges a caller waiting on this worker's socket (see `nudge`),
+    /// made now if need be; `None` if it cannot be made.
+    pub(super) fn nudge_fd(&mut self) -> Option<Arc<OwnedFd>> {
+        if self.nudge.is_none() {
+            let flags =
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+            self.nudge = rustix::event::eventfd(0, flags).ok().map(Arc::new);
+        }
+        self.nudge.clone()
+    }
+
+    /// Wakes the caller waiting on this worker's socket without a look planned, if one
+    /// does: the worker was sent another task.
+    pub(super) fn nudge_caller(&mut self) {
+        if self.nudge_armed && self.borrowed.is_some() {
+            self.nudge_armed = false;
+            if let Some(fd) = &self.nudge {
+                let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+            }
+        }
+    }
+
     fn word(&self, i: usize) -> Option<&AtomicU64> {
         self.page().map(|p| p.atomic_u64(i))
     }
 
     /// Whether the worker had begun a task it sent no result for: `None` if it has no
-    /// progress page.
+    /// progress page. (Exact once the worker is gone and its held answers are counted.)
     pub(super) fn was_running(&self) -> Option<bool> {
         Some(self.word(page::BEGUN)?.load(Ordering::Acquire) > self.results)
     }
 
+    /// The task the worker runs now, as its page says: `None` if it runs none (it is
+    /// between tasks), or has no page.
+    pub(super) fn running(&self) -> Option<u64> {
+        let current = self.word(page::CURRENT)?.load(Ordering::SeqCst);
+        (current & page::ENDED == 0).then_some(current)
+    }
+
     /// When (`CLOCK_MONOTONIC` ns) the worker began task `id` (its running item, for a
-    /// timed task), if it is running it now; `None` if it has not begun it, or has no page.
+    /// timed task), if it is running it now; `None` if it is not (not begun, or ended), or
+    /// has no page.
     pub(super) fn started(&self, id: u64) -> Option<u64> {
-        let running = self.was_running()? && self.word(page::CURRENT)?.load(Ordering::SeqCst) == id;
-        running.then(|| {
+        (self.running()? == id).then(|| {
             self.word(page::STARTED_NS)
                 .map_or(0, |w| w.load(Ordering::Acquire))
         })
     }
 
-    /// Marks task `id` cancelled for the worker (it skips it unless it began it): `true` if
-    /// it has begun it, or may have (no page to mark: it runs whatever it was sent).
-    pub(super) fn mark_cancelled(&mut self, id: u64) -> bool {
+    /// When (`CLOCK_MONOTONIC` ns) the worker took up task `id` (sent `timed` or not), if
+    /// it is running it now: that moment or a later one (never an earlier one: a task
+    /// looks no older than it is).
+    pub(super) fn taken(&self, id: u64, timed: bool) -> Option<u64> {
+        if !timed {
+            return self.started(id);
+        }
+        // CURRENT first: the word read after it is this task's (stored before it), or a
+        // later one's.
+        (self.running()? == id).then(|| {
+            self.word(page::TAKEN_NS)
+                .map_or(0, |w| w.load(Ordering::Acquire))
+        })
+    }
+
+    /// Marks task `id` cancelled for the worker (it skips it unless it took it up), and
+    /// says what the worker had taken up then.
+    pub(super) fn mark_cancelled(&mut self, id: u64) -> TakenUp {
         if self.progress.is_none() {
             // Not launched yet: the mark is written with the page, before any task is sent.
             self.pending_cancels.push(id);
-            return false;
+            return TakenUp::Nothing;
         }
         if self.page().is_none() {
-            return true;
+            return TakenUp::Unknown;
         }
         let slot = self.next_cancel % page::CANCEL_SLOTS;
         self.next_cancel += 1;
@@ -206,7 +272,16 @@ impl WorkerIo {
         // Store, then load: the worker stores CURRENT, then loads the slots (see `page`).
         page.atomic_u64(page::CANCEL_FIRST + slot)
             .store(id, Ordering::SeqCst);
-        page.atomic_u64(page::CURRENT).load(Ordering::SeqCst) == id
+        let current = page.atomic_u64(page::CURRENT).load(Ordering::SeqCst);
+        let last = current & !(page::ENDED | page::SKIPPED);
+        if last == id && current & page::SKIPPED != 0 {
+            // It saw the mark.
+            return TakenUp::Nothing;
+        }
+        TakenUp::Task {
+            id: last,
+            ended: current & page::ENDED != 0,
+        }
     }
 
     /// Writes the cancel marks made before the page existed.
@@ -238,7 +313,10 @@ impl WorkerIo {
         {
             let n = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
             let len = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
-            let room = page.len().saturating_sub(page::AREA_OFFSET) as u64;
+            let room = page
+                .len()
+                .min(page::HELD_OFFSET)
+                .saturating_sub(page::AREA_OFFSET) as u64;
             // The worker is not trusted to stay in bounds.
             if n > 0 && len <= room {
                 let mut frame = Vec::new();
@@ -254,6 +332,46 @@ impl WorkerIo {
             }
         }
         (items, batches)
+    }
+
+    /// The answers the worker holds back (see `page::HELD_OFFSET`), oldest first: each may
+    /// have reached the channel too, or not. `None` if the worker wrote over them while
+    /// they were copied (a living worker that wrote them out meanwhile: look again).
+    pub(super) fn held_answers(&self) -> Option<Vec<Vec<u8>>> {
+        let mut answers = Vec::new();
+        let Some(page) = self.page() else {
+            return Some(answers);
+        };
+        if page.len() < page::HELD_OFFSET + page::HELD_LEN {
+            return Some(answers);
+        }
+        let generation = page.atomic_u64(page::HELD_GEN).load(Ordering::Acquire);
+        let count = page.atomic_u64(page::HELD_COUNT).load(Ordering::Acquire);
+        if count == 0 {
+            return Some(answers);
+        }
+        let bytes = page.atomic_u64(page::HELD_BYTES).load(Ordering::Acquire);
+        // The worker is not trusted to stay in bounds.
+        let bytes = usize::try_from(bytes).map_or(0, |b| b.min(page::HELD_LEN));
+        let mut area = Vec::new();
+        page.read_to_vec(page::HELD_OFFSET, bytes, &mut area);
+        std::sync::atomic::fence(Ordering::Acquire);
+        if page.atomic_u64(page::HELD_GEN).load(Ordering::Relaxed) != generation {
+            return None;
+        }
+        let mut at = 0;
+        for _ in 0..count {
+            let Some(len) = area.get(at..at + 4) else {
+                break;
+            };
+            let n = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(answer) = area.get(at + 4..).and_then(|rest| rest.get(..n)) else {
+                break;
+            };
+            answers.push(answer.to_vec());
+            at += 4 + n;
+        }
+        Some(answers)
     }
 
     /// Task frames that have not entirely left for the worker (all of them while it has no
