@@ -14,6 +14,7 @@
 //! is left and gives the rest to the driver, which reaps the worker as always; if the
 //! driver reaps first, the borrow ends there and the caller waits on its result.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,34 @@ impl ReadEnd {
 fn faulty(w: &mut WorkerIo, end: &mut ReadEnd, note: String) {
     w.exit_note = Some(note);
     end.broken = true;
+}
+
+/// A message the worker may not send: it is killed (see [`faulty`]).
+struct Faulty;
+
+/// The state of worker `wid`, about to take results of task `id`, which it may send only
+/// while it runs it (the oldest task it holds); `Ok(None)` if it is gone; `Err` if it is
+/// not running that task (then it is faulty, and `end` says so).
+fn running_io<'a>(
+    policy: &Policy<TaskRec>,
+    io: &'a mut HashMap<WorkerId, WorkerIo>,
+    wid: WorkerId,
+    id: u64,
+    end: &mut ReadEnd,
+) -> Result<Option<&'a mut WorkerIo>, Faulty> {
+    let running = policy.oldest(wid).map(|(t, _)| t);
+    let Some(w) = io.get_mut(&wid) else {
+        return Ok(None);
+    };
+    if running != Some(id) {
+        faulty(
+            w,
+            end,
+            format!("it sent results for task {id}, which it was not running"),
+        );
+        return Err(Faulty);
+    }
+    Ok(Some(w))
 }
 
 /// Keeps `batch`, results of task `id` (which worker `w` runs) that came before its `Done`.
@@ -167,18 +196,11 @@ pub(super) fn read_worker(
                 policy.setup_failed(wid, &message, fx);
             }
             Ok(FromWorker::Part { id, items, results }) => {
-                let running = policy.oldest(wid).map(|(t, _)| t);
-                let Some(w) = fx.io.get_mut(&wid) else {
-                    continue;
+                let w = match running_io(policy, fx.io, wid, id, &mut end) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(Faulty) => break,
                 };
-                if running != Some(id) {
-                    faulty(
-                        w,
-                        &mut end,
-                        format!("it sent results for task {id}, which it was not running"),
-                    );
-                    break;
-                }
                 add_part(
                     w,
                     id,
@@ -192,18 +214,11 @@ pub(super) fn read_worker(
                 );
             }
             Ok(FromWorker::PartTail { id, head, len }) => {
-                let running = policy.oldest(wid).map(|(t, _)| t);
-                let Some(w) = fx.io.get_mut(&wid) else {
-                    continue;
+                let w = match running_io(policy, fx.io, wid, id, &mut end) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(Faulty) => break,
                 };
-                if running != Some(id) {
-                    faulty(
-                        w,
-                        &mut end,
-                        format!("it sent results for task {id}, which it was not running"),
-                    );
-                    break;
-                }
                 if len <= protocol::SHM_THRESHOLD as u64 {
                     // Only large results go in two frames: a small "tail" could be a real
                     // message about to be taken for bytes.
