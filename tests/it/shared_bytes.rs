@@ -229,18 +229,5 @@ fn not_dumpable_shared_bytes_child() {
 /// passed with the messages.
 #[test]
 fn shared_bytes_reach_workers_of_a_non_dumpable_process_and_come_back() {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "shared_bytes::not_dumpable_shared_bytes_child"])
-        .args(["--ignored", "--nocapture"])
-        .env("PROCPOOL_TEST_NOT_DUMPABLE", "1")
-        .stdout(std::process::Stdio::piped());
-    if rustix::process::geteuid().is_root() {
-        // Root opens any process's /proc/<pid>/fd (CAP_SYS_PTRACE): run it as nobody.
-        cmd.uid(65534).gid(65534);
-    }
-    let child = cmd.spawn().unwrap();
-    let out = output_within(child, Duration::from_secs(60), "the non-dumpable child").stdout;
-    let out = String::from_utf8_lossy(&out);
-    assert!(out.contains("RESULT ok"), "{out}");
+    crate::util::not_dumpable_child_ok("shared_bytes::not_dumpable_shared_bytes_child");
 }

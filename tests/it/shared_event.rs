@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use procpool::Event;
 
-use crate::util::{METHODS, builder, output_within, shut_down, sleep_ms, square};
+use crate::util::{METHODS, builder, shut_down, sleep_ms, square};
 
 fn run_until_set(id: u32, event: Event) -> (u32, bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -194,18 +194,5 @@ fn not_dumpable_child() {
 /// passes them the Event's and the progress page's descriptors over their channel instead.
 #[test]
 fn an_event_and_the_progress_page_reach_workers_of_a_non_dumpable_process() {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "shared_event::not_dumpable_child"])
-        .args(["--ignored", "--nocapture"])
-        .env("PROCPOOL_TEST_NOT_DUMPABLE", "1")
-        .stdout(std::process::Stdio::piped());
-    if rustix::process::geteuid().is_root() {
-        // Root opens any process's /proc/<pid>/fd (CAP_SYS_PTRACE): run it as nobody.
-        cmd.uid(65534).gid(65534);
-    }
-    let child = cmd.spawn().unwrap();
-    let out = output_within(child, Duration::from_secs(60), "the non-dumpable child").stdout;
-    let out = String::from_utf8_lossy(&out);
-    assert!(out.contains("RESULT ok"), "{out}");
+    crate::util::not_dumpable_child_ok("shared_event::not_dumpable_child");
 }

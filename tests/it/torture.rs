@@ -484,7 +484,9 @@ fn torture_under_every_start_method() {
 
 /// `cargo xtask torture`: rounds under every start method, recycling on, payloads from
 /// bytes to megabytes, until `PROCPOOL_TORTURE_SECS` (default 120) have passed; prints the
-/// figures.
+/// figures. With `PROCPOOL_TORTURE_FORK_ONLY` set, every round is the Fork one with
+/// recycling after 27 tasks and payloads up to 4 MiB (the rounds where answers held back
+/// by workers made tasks run twice: see `HOLD_ANSWERS` in pool-spawn's runner).
 #[test]
 #[ignore = "minutes long: cargo xtask torture"]
 fn torture_long() {
@@ -494,17 +496,22 @@ fn torture_long() {
     let t = Instant::now();
     let mut total = Figures::default();
     let mut k = 0u64;
+    let fork_only = std::env::var_os("PROCPOOL_TORTURE_FORK_ONLY").is_some();
     while t.elapsed() < Duration::from_secs(secs) {
-        let method = METHODS[k as usize % METHODS.len()];
+        let method = if fork_only {
+            StartMethod::Fork
+        } else {
+            METHODS[k as usize % METHODS.len()]
+        };
         let f = round(Round {
             method,
             processes: 6,
-            recycle: Some(25 + k % 50),
+            recycle: Some(if fork_only { 27 } else { 25 + k % 50 }),
             applies: 1000,
             map_items: 1000,
             imap_items: 1000,
             unordered_items: 1000,
-            max_payload: if k.is_multiple_of(2) {
+            max_payload: if fork_only || k.is_multiple_of(2) {
                 4 << 20
             } else {
                 64 << 10

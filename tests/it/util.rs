@@ -38,6 +38,24 @@ pub(crate) fn child_result(test: &str, env: &[(&str, String)], what: &str) -> St
         .to_owned()
 }
 
+/// Runs the ignored test `test` of this binary in a child process that is not dumpable
+/// (`PROCPOOL_TEST_NOT_DUMPABLE`; as nobody when run as root, since root opens any
+/// process's `/proc/<pid>/fd`), and checks that it printed `RESULT ok` (within 60 s).
+pub(crate) fn not_dumpable_child_ok(test: &str) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--ignored", "--nocapture"])
+        .env("PROCPOOL_TEST_NOT_DUMPABLE", "1")
+        .stdout(std::process::Stdio::piped());
+    if rustix::process::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let child = cmd.spawn().unwrap();
+    let out = output_within(child, Duration::from_secs(60), "the non-dumpable child").stdout;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("RESULT ok"), "{out}");
+}
+
 /// Every start method, for tests that must hold under each.
 pub(crate) const METHODS: [StartMethod; 3] = [
     StartMethod::Forkserver,
