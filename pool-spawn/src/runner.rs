@@ -252,7 +252,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
                 // While another request waits (read already, whole or in part), the answer
                 // may wait for the next ones, to go out with them in one write; not the
                 // last answer before the worker exits. Off for now (see HOLD_ANSWERS).
-                let hold = HOLD_ANSWERS
+                let hold = protocol::HOLD_ANSWERS
                     && conn.receiver().has_partial_frame()
                     && max_tasks.is_none_or(|m| runs + 1 < m);
                 results.finish(&mut conn, id, outcome, hold)?;
@@ -811,14 +811,6 @@ fn run_task(
     }
     Step::Done(Reply::Done(id, outcome))
 }
-
-/// Whether a worker may hold back the answer of a brief task while more requests wait, to
-/// write it with the next ones (see `page::HELD_OFFSET`). Off: with it on, the long
-/// torture run (`cargo xtask torture`, Fork rounds with recycling and payloads up to 4 MiB)
-/// found tasks run twice, about one round in ten, and the cause is not found yet. Everything
-/// else that came with it stays: the pool follows the task the page names, takes held
-/// answers from the page, and a worker that holds nothing behaves as before.
-const HOLD_ANSWERS: bool = false;
 
 /// What handling one request came to.
 enum Step {

@@ -486,7 +486,7 @@ fn torture_under_every_start_method() {
 /// bytes to megabytes, until `PROCPOOL_TORTURE_SECS` (default 120) have passed; prints the
 /// figures. With `PROCPOOL_TORTURE_FORK_ONLY` set, every round is the Fork one with
 /// recycling after 27 tasks and payloads up to 4 MiB (the rounds where answers held back
-/// by workers made tasks run twice: see `HOLD_ANSWERS` in pool-spawn's runner).
+/// by workers made tasks run twice: see `HOLD_ANSWERS` in pool-spawn's protocol).
 #[test]
 #[ignore = "minutes long: cargo xtask torture"]
 fn torture_long() {

@@ -288,7 +288,11 @@ pub(super) fn read_worker(
         let waiting = partial || w.tail_wait.is_some();
         w.guard.after_read(waiting, now);
     }
-    if heard && !end.closed() {
+    if heard
+        && !end.closed()
+        && let Some(w) = fx.io.get(&wid)
+        && w.may_hold()
+    {
         // Whatever it held back went out with this (see `look_held`).
         let next = (policy.holding(wid) >= 2).then(|| now + HELD_LOOK);
         fx.plan_look(wid, next);
@@ -527,7 +531,7 @@ impl Fx<'_> {
         // other task, it holds nothing back: the step that sends it another nudges the
         // caller, which then looks at its held answers every HELD_LOOK.
         let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
-        let settled = !w.keeps_page()
+        let settled = !w.may_hold()
             || w.taken(id, timed).is_some_and(|ns| {
                 protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
             });

@@ -215,6 +215,7 @@ impl Shared {
                 // now on: looked at unless it says something first.
                 if inner.policy.holding(wid) >= 2
                     && let Some(w) = inner.io.get_mut(&wid)
+                    && w.may_hold()
                 {
                     w.nudge_caller();
                     if w.look_at.is_none() {

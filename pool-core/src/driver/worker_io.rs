@@ -191,6 +191,13 @@ impl WorkerIo {
         self.page().is_some()
     }
 
+    /// Whether the worker may hold answers back: it keeps its page, and workers hold
+    /// answers at all (`protocol::HOLD_ANSWERS`). Looks at held answers, and a waiting
+    /// caller's nudge, are for such a worker only.
+    pub(super) fn may_hold(&self) -> bool {
+        pool_spawn::protocol::HOLD_ANSWERS && self.keeps_page()
+    }
+
     /// The eventfd that nudges a caller waiting on this worker's socket (see `nudge`),
     /// made now if need be; `None` if it cannot be made.
     pub(super) fn nudge_fd(&mut self) -> Option<Arc<OwnedFd>> {
