@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use procpool::{Options, Pool, TaskErrorKind, current_process};
 
 use crate::util::{
-    METHODS, alive, builder, my_pid, output_within, parent_of, shut_down, sleep_ms, square,
-    status_kib, wait_for,
+    METHODS, alive, builder, my_pid, parent_of, shut_down, sleep_ms, square, status_kib, wait_for,
 };
 
 fn worker_name(_x: u32) -> String {
@@ -253,26 +252,12 @@ fn helper_fd_balance() {
 
 #[test]
 fn pools_leave_no_fd_behind() {
-    let exe = std::env::current_exe().unwrap();
-    let child = std::process::Command::new(exe)
-        .args([
-            "lifetime::helper_fd_balance",
-            "--exact",
-            "--ignored",
-            "--test-threads=1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = output_within(child, Duration::from_secs(60), "the fd balance helper");
-    assert!(
-        out.status.success(),
-        "helper failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = crate::util::helper_passed(
+        "lifetime::helper_fd_balance",
+        Duration::from_secs(60),
+        "the fd balance helper",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    assert!(out.contains("1 passed"), "{out}");
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {

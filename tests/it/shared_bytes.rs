@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use procpool::{Options, SharedBytes, TaskErrorKind};
 
-use crate::util::{METHODS, builder, output_within, shut_down};
+use crate::util::{METHODS, builder, shut_down};
 
 /// Bytes `len` long that differ from one `seed` to the next.
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -173,26 +173,12 @@ fn helper_shared_bytes_fd_balance() {
 
 #[test]
 fn shared_bytes_leave_no_descriptor_or_shm_file_behind() {
-    let exe = std::env::current_exe().unwrap();
-    let child = std::process::Command::new(exe)
-        .args([
-            "shared_bytes::helper_shared_bytes_fd_balance",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = output_within(child, Duration::from_secs(120), "the shared bytes helper");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("BALANCED"),
-        "helper failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = crate::util::helper_passed(
+        "shared_bytes::helper_shared_bytes_fd_balance",
+        Duration::from_secs(120),
+        "the shared bytes helper",
     );
+    assert!(out.contains("BALANCED"), "{out}");
 }
 
 /// The child half of the non-dumpable test: run only when the parent half re-executes this
@@ -202,10 +188,9 @@ fn shared_bytes_leave_no_descriptor_or_shm_file_behind() {
 #[test]
 #[ignore = "run by shared_bytes_reach_workers_of_a_non_dumpable_process_and_come_back"]
 fn not_dumpable_shared_bytes_child() {
-    if std::env::var_os("PROCPOOL_TEST_NOT_DUMPABLE").is_none() {
+    if !crate::util::as_not_dumpable_child() {
         return;
     }
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).unwrap();
     for method in METHODS {
         let pool = builder(method).processes(1).build().unwrap();
         let data = pattern(5, 300_000);

@@ -153,10 +153,9 @@ fn event_is_set(event: Event) -> bool {
 #[ignore = "run by an_event_and_the_progress_page_reach_workers_of_a_non_dumpable_process"]
 fn not_dumpable_child() {
     use procpool::{Options, TaskErrorKind};
-    if std::env::var_os("PROCPOOL_TEST_NOT_DUMPABLE").is_none() {
+    if !crate::util::as_not_dumpable_child() {
         return;
     }
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).unwrap();
     for method in METHODS {
         let event = Event::new().unwrap();
         event.set();

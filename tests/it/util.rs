@@ -56,6 +56,43 @@ pub(crate) fn not_dumpable_child_ok(test: &str) {
     assert!(out.contains("RESULT ok"), "{out}");
 }
 
+/// The child half of a test run by [`not_dumpable_child_ok`]: `false` (return at once)
+/// unless its parent half started this process; otherwise makes this process non-dumpable
+/// and returns `true`.
+pub(crate) fn as_not_dumpable_child() -> bool {
+    if std::env::var_os("PROCPOOL_TEST_NOT_DUMPABLE").is_none() {
+        return false;
+    }
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).unwrap();
+    true
+}
+
+/// Runs the ignored test `test` of this binary alone in a child process (within `within`,
+/// named `what` if it hangs) and returns what it printed, once it passed; panics with its
+/// output if it failed.
+pub(crate) fn helper_passed(test: &str, within: Duration, what: &str) -> String {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = output_within(child, within, what);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Every start method, for tests that must hold under each.
 pub(crate) const METHODS: [StartMethod; 3] = [
     StartMethod::Forkserver,
