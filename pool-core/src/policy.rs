@@ -78,6 +78,10 @@ pub(crate) enum Finish {
     TimedOut(WorkerId),
     /// It was cancelled; `true` if it had begun (its worker is stopped).
     Cancelled(bool),
+    /// Its worker ran it to the end, but its answer never counted: the worker died or broke
+    /// the protocol before the pool believed it. It fails whole (it ran: none of its items
+    /// runs again).
+    Unanswered(WorkerId),
 }
 
 /// What [`Policy::cancel`] found.
@@ -789,15 +793,16 @@ impl<T> Policy<T> {
 
     /// As [`Policy::exited`], knowing more of how the worker went: the last `undelivered`
     /// tasks sent to it never fully left for it (the writes failed or were still queued), so
-    /// they never started; and `running`, when known, says whether it had begun a task it
-    /// sent no result for (`Some(false)`: it died between tasks, and none it held started).
+    /// they never started; and `begun`, when known, says how many tasks it began that no
+    /// result came for (`Some(0)`: it died between tasks, and none it held started; more
+    /// than one: the answers of all but the last were lost on the way).
     /// Returns how the worker left (`None` if the policy did not know it).
     pub(crate) fn exited_with(
         &mut self,
         wid: WorkerId,
         how: Exit,
         undelivered: usize,
-        running: Option<bool>,
+        begun: Option<u64>,
         fx: &mut impl Effects<T>,
     ) -> Option<Departure> {
         let mut slot = self.workers.remove(&wid)?;
@@ -851,7 +856,7 @@ impl<T> Policy<T> {
                 self.counts.stopped += 1;
                 departure = Departure::Stopped;
             } else if matches!(slot.phase, Phase::Retiring | Phase::Leaving)
-                && (slot.in_flight.is_empty() || running == Some(false))
+                && (slot.in_flight.is_empty() || begun == Some(0))
             {
                 self.counts.recycled += 1;
                 let why = slot.leaving_for.unwrap_or(Recycle::MaxTasks);
@@ -868,24 +873,29 @@ impl<T> Policy<T> {
                 self.restarts.crashed();
                 departure = Departure::Died;
             }
-            // A worker runs its tasks in the order they were sent and the driver has read
-            // every result it managed to send, so the oldest task it still held was the one
-            // running: that one fails. The others never started; they go back to the front of
-            // the queue for the other workers (at most once each, never run twice).
-            let keep = if running == Some(false) {
-                0
-            } else {
-                slot.in_flight.len().saturating_sub(undelivered)
-            };
-            let never_sent: Vec<TaskId> = slot.in_flight.drain(keep..).collect();
-            let mut held = slot.in_flight.into_iter();
-            let running_id = held.next();
-            let unstarted: Vec<TaskId> = held.chain(never_sent).collect();
+            // A worker runs its tasks in the order they were sent, so the tasks it began are
+            // the oldest it still holds: `begun` of them (the oldest alone when that is not
+            // known), among those that left for it. The last of them was running: it fails.
+            // Any before it ended, but their answers never counted (the worker broke the
+            // protocol, and nothing it sent after was believed): they fail whole, since they
+            // ran. The others never started; they go back to the front of the queue for the
+            // other workers (at most once each, never run twice).
+            let sent = slot.in_flight.len().saturating_sub(undelivered);
+            let keep = begun.map_or(1, |b| usize::try_from(b).unwrap_or(usize::MAX));
+            let unstarted: Vec<TaskId> = slot.in_flight.drain(keep.min(sent)..).collect();
+            let mut began: Vec<TaskId> = slot.in_flight.into_iter().collect();
+            let running = began.pop();
             // A worker that died running a task died of that task: the ones waiting behind
             // it are not suspected of killing it. Only a worker that died between tasks (as
             // one does when a payload kills it on delivery) counts against what it held.
-            self.requeue_unstarted(unstarted, wid, running == Some(false), fx);
-            let running = running_id;
+            self.requeue_unstarted(unstarted, wid, begun == Some(0), fx);
+            for id in began {
+                if let Some(task) = self.tasks.remove(&id) {
+                    self.orphaned.remove(&id);
+                    self.counts.lost += 1;
+                    self.end(id, task, Finish::Unanswered(wid), fx);
+                }
+            }
             // After the requeue: the rest of a chunk that failed part way goes first.
             if let Some(id) = running
                 && let Some(task) = self.tasks.remove(&id)
@@ -1595,7 +1605,7 @@ mod tests {
         assert_eq!(fx.finished, vec![(0, Finish::Cancelled(true))]);
         assert_eq!(fx.stopped, vec![1]);
         assert_eq!(fx.launched, vec![1, 2]);
-        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        p.exited_with(1, Exit::Ended, 0, Some(1), &mut fx);
         assert_eq!(fx.finished.len(), 1, "task 1 never began: it is not failed");
         p.ready(2, &mut fx);
         assert_eq!(fx.sent.last(), Some(&(2, 1)));
@@ -1627,7 +1637,7 @@ mod tests {
         assert_eq!(fx.stopped, vec![1]);
         // The held answer is delivered at the worker's end; 0 is not run again.
         assert_eq!(p.done(1, 0, &mut fx), Some(0));
-        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        p.exited_with(1, Exit::Ended, 0, Some(1), &mut fx);
         assert_eq!(fx.finished.len(), 1);
         p.ready(2, &mut fx);
         assert_eq!(fx.sent[2..], [(2, 2), (2, 3)]);
@@ -1657,12 +1667,34 @@ mod tests {
             fx.finished.is_empty(),
             "the outcome waits for the worker's end"
         );
-        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        p.exited_with(1, Exit::Ended, 0, Some(1), &mut fx);
         assert_eq!(fx.finished, vec![(0, Finish::TimedOut(1))]);
         p.ready(2, &mut fx);
         assert_eq!(fx.sent.last(), Some(&(2, 1)));
         let c = p.counts();
         assert_eq!((c.timed_out, c.lost, c.died, c.stopped), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn a_dead_worker_that_began_two_unanswered_tasks_fails_both_and_reruns_neither() {
+        let (mut p, mut fx) = started(cfg(1, None));
+        p.ready(1, &mut fx);
+        for id in 0..3 {
+            p.submit(id, id, &mut fx).unwrap();
+        }
+        assert_eq!(fx.sent, vec![(1, 0), (1, 1)]);
+        // Its page says it began both; no answer counted for either (say the pool stopped
+        // believing it before they were read). Task 0 ended, task 1 was running.
+        fx.continuations.push_back((100, 100));
+        p.exited_with(1, Exit::Ended, 0, Some(2), &mut fx);
+        assert_eq!(
+            fx.finished,
+            vec![(0, Finish::Unanswered(1)), (1, Finish::Lost(1))]
+        );
+        p.ready(2, &mut fx);
+        // The rest of task 1's chunk, then task 2: neither 0 nor 1 runs again.
+        assert_eq!(fx.sent[2..], [(2, 100), (2, 2)]);
+        assert_eq!(p.counts().lost, 2);
     }
 
     #[test]
@@ -1673,7 +1705,7 @@ mod tests {
         p.submit(1, 1, &mut fx).unwrap();
         p.submit(2, 2, &mut fx).unwrap();
         fx.continuations.push_back((100, 100));
-        p.exited_with(1, Exit::Ended, 0, Some(true), &mut fx);
+        p.exited_with(1, Exit::Ended, 0, Some(1), &mut fx);
         assert_eq!(fx.finished, vec![(0, Finish::Lost(1))]);
         p.ready(2, &mut fx);
         // The rest of task 0 first, then 1, which the dead worker held unstarted.
@@ -1694,7 +1726,7 @@ mod tests {
         p.done(1, 0, &mut fx).unwrap();
         p.recycling(1, &mut fx);
         assert_eq!(fx.launched, vec![1, 2]);
-        p.exited_with(1, Exit::Ended, 0, Some(false), &mut fx);
+        p.exited_with(1, Exit::Ended, 0, Some(0), &mut fx);
         assert!(fx.finished.is_empty());
         p.ready(2, &mut fx);
         assert_eq!(fx.sent.last(), Some(&(2, 1)));
@@ -1750,7 +1782,7 @@ mod tests {
         // Each worker becomes ready, is sent task 7, and dies without beginning it.
         for wid in 1..=3 {
             p.ready(wid, &mut fx);
-            p.exited_with(wid, Exit::Ended, 0, Some(false), &mut fx);
+            p.exited_with(wid, Exit::Ended, 0, Some(0), &mut fx);
         }
         assert_eq!(fx.sent, vec![(1, 7), (2, 7), (3, 7)]);
         assert_eq!(fx.finished, vec![(7, Finish::Orphaned(3, ORPHAN_LIMIT))]);
@@ -1771,7 +1803,7 @@ mod tests {
         // three deaths without beginning.
         for wid in 1..=3 {
             p.ready(wid, &mut fx);
-            p.exited_with(wid, Exit::Ended, 0, Some(true), &mut fx);
+            p.exited_with(wid, Exit::Ended, 0, Some(1), &mut fx);
         }
         let failed: Vec<TaskId> = fx.finished.iter().map(|(id, _)| *id).collect();
         assert_eq!(failed, vec![0, 1, 2], "only the running tasks fail");
@@ -2115,7 +2147,7 @@ mod tests {
         /// A worker's channel closes; later it dies with some of its newest tasks
         /// undelivered.
         ChannelClosed(usize),
-        DieUndelivered(usize, usize, Option<bool>),
+        DieUndelivered(usize, usize, Option<u64>),
         /// The oldest task of a worker begins (the fake world learns it).
         Begin(usize),
         /// Cancel a task by (wrapped) id.
@@ -2145,7 +2177,7 @@ mod tests {
             1 => Just(Op::CloseFeed),
             1 => Just(Op::Revoke),
             1 => (0usize..8).prop_map(Op::ChannelClosed),
-            1 => (0usize..8, 0usize..5, prop::option::of(any::<bool>()))
+            1 => (0usize..8, 0usize..5, prop::option::of(0u64..4))
                 .prop_map(|(i, k, r)| Op::DieUndelivered(i, k, r)),
             2 => (0usize..8).prop_map(Op::Begin),
             2 => (0u64..64).prop_map(Op::Cancel),
@@ -2249,10 +2281,10 @@ mod tests {
                         let w = live(&p);
                         if !w.is_empty() { p.channel_closed(w[i % w.len()], &mut fx); }
                     }
-                    Op::DieUndelivered(i, k, running) => {
+                    Op::DieUndelivered(i, k, begun) => {
                         let w = live(&p);
                         if !w.is_empty() {
-                            p.exited_with(w[i % w.len()], Exit::Ended, k, running, &mut fx);
+                            p.exited_with(w[i % w.len()], Exit::Ended, k, begun, &mut fx);
                         }
                     }
                     Op::Begin(i) => {

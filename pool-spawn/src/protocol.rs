@@ -163,14 +163,10 @@ impl fmt::Debug for ImageId {
 pub const PROGRESS_KEPT: u64 = 0x7072_6f67_7265_7373;
 
 /// Whether a worker may hold back the answer of a brief task while more requests wait, to
-/// write it with the next ones (see `page::HELD_OFFSET`). Off: with it on, the long
-/// torture run (`cargo xtask torture`, Fork rounds with recycling and payloads up to 4 MiB)
-/// found tasks run twice, about one round in ten, and the cause is not found yet. Everything
-/// else that came with it stays: the pool follows the task the page names, takes held
-/// answers from the page, and a worker that holds nothing behaves as before. The pool reads
-/// it too: while it is off, it plans no looks at held answers and no waiting caller watches
-/// for a nudge.
-pub const HOLD_ANSWERS: bool = false;
+/// write it with the next ones (see `page::HELD_OFFSET`). The pool reads it too: while it is
+/// off, it plans no looks at held answers and no waiting caller watches for a nudge; a
+/// worker that holds nothing behaves as one without a held area.
+pub const HOLD_ANSWERS: bool = true;
 
 /// The layout of a worker's progress page: the words (`u64`, by index) the worker and the
 /// pool share, and the result area that follows them.

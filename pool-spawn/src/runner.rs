@@ -251,7 +251,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             Step::Done(Reply::Done(id, outcome)) => {
                 // While another request waits (read already, whole or in part), the answer
                 // may wait for the next ones, to go out with them in one write; not the
-                // last answer before the worker exits. Off for now (see HOLD_ANSWERS).
+                // last answer before the worker exits (see HOLD_ANSWERS).
                 let hold = protocol::HOLD_ANSWERS
                     && conn.receiver().has_partial_frame()
                     && max_tasks.is_none_or(|m| runs + 1 < m);

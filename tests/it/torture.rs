@@ -485,8 +485,8 @@ fn torture_under_every_start_method() {
 /// `cargo xtask torture`: rounds under every start method, recycling on, payloads from
 /// bytes to megabytes, until `PROCPOOL_TORTURE_SECS` (default 120) have passed; prints the
 /// figures. With `PROCPOOL_TORTURE_FORK_ONLY` set, every round is the Fork one with
-/// recycling after 27 tasks and payloads up to 4 MiB (the rounds where answers held back
-/// by workers made tasks run twice: see `HOLD_ANSWERS` in pool-spawn's protocol).
+/// recycling after 27 tasks and payloads up to 4 MiB (the rounds that found a replacement
+/// worker's held answers delivered twice when its `Ready` was read after them).
 #[test]
 #[ignore = "minutes long: cargo xtask torture"]
 fn torture_long() {

@@ -104,10 +104,12 @@ impl Effects<TaskRec> for Fx<'_> {
     fn finish(&mut self, id: TaskId, task: TaskRec, why: Finish) -> Option<(TaskId, TaskRec)> {
         task.group.remove(id);
         let err = match &why {
-            Finish::Lost(wid) | Finish::TimedOut(wid) => match self.io.get(wid) {
-                Some(w) => self.lost_error(id, &task, w, &why),
-                None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
-            },
+            Finish::Lost(wid) | Finish::TimedOut(wid) | Finish::Unanswered(wid) => {
+                match self.io.get(wid) {
+                    Some(w) => self.lost_error(id, &task, w, &why),
+                    None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),
+                }
+            }
             Finish::Orphaned(wid, times) => match self.io.get(wid) {
                 Some(w) => TaskError::never_started(&w.name, w.pid, w.status, *times),
                 None => TaskError::new(TaskErrorKind::WorkerLost, "worker state missing"),

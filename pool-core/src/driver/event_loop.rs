@@ -336,7 +336,7 @@ impl Driver {
             // The answers it held back first: the tasks they answer ran, and are delivered.
             // (Gone: nothing writes over them.)
             let _ = super::reader::salvage_held(p, fx, wid);
-            let (mut undelivered, mut running) = (0, None);
+            let (mut undelivered, mut begun) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
                 if let Some(why) = lost_status {
@@ -344,9 +344,9 @@ impl Driver {
                         .get_or_insert_with(|| format!("its exit status is unknown: {why}"));
                 }
                 undelivered = w.undelivered_tasks();
-                running = w.was_running();
+                begun = w.begun_unanswered();
             }
-            let how = p.exited_with(wid, Exit::Ended, undelivered, running, fx);
+            let how = p.exited_with(wid, Exit::Ended, undelivered, begun, fx);
             let mut w = fx.io.remove(&wid)?;
             w.unwatch_sock(&self.shared.epoll, wid);
             departed(&w.name, w.pid, status, how);

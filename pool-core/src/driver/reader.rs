@@ -174,16 +174,9 @@ pub(super) fn read_worker(
             end.broken = true;
             break;
         }
-        if let Some(w) = fx.io.get_mut(&wid)
-            && let Some(&first) = w.salvaged.front()
-        {
-            // The answers taken from its page come again first, as it writes them out:
-            // delivered already, they are passed over. Anything else means none is owed.
-            if matches!(msg, Ok(FromWorker::Done { id, .. }) if id == first) {
-                w.salvaged.pop_front();
-                continue;
-            }
-            w.salvaged.clear();
+        if fx.io.get_mut(&wid).is_some_and(|w| w.passes_over(&msg)) {
+            // Delivered already, from its page.
+            continue;
         }
         match msg {
             Ok(FromWorker::Ready { .. }) => {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use rustix::event::epoll::{self, EventData, EventFlags};
 
 use pool_ipc::{FrameBuf, FramedConn};
-use pool_spawn::protocol::{PROGRESS_KEPT, page};
+use pool_spawn::protocol::{FromWorker, PROGRESS_KEPT, page};
 use pool_spawn::{ExitStatus, Worker};
 
 use super::Batch;
@@ -69,7 +69,8 @@ pub(super) struct WorkerIo {
     /// `reader::look_held`).
     pub(super) look_at: Option<Instant>,
     /// Tasks whose answers were taken from its page while it lived, oldest first: it
-    /// writes them out still, and they are passed over when they arrive.
+    /// writes them out still, and they are passed over when they arrive (see
+    /// [`WorkerIo::passes_over`]).
     pub(super) salvaged: VecDeque<u64>,
     /// An eventfd a caller that borrowed the socket also waits on (made at the first
     /// borrow that needs it): written when the worker is sent a second task meanwhile, as
@@ -224,10 +225,11 @@ impl WorkerIo {
         self.page().map(|p| p.atomic_u64(i))
     }
 
-    /// Whether the worker had begun a task it sent no result for: `None` if it has no
-    /// progress page. (Exact once the worker is gone and its held answers are counted.)
-    pub(super) fn was_running(&self) -> Option<bool> {
-        Some(self.word(page::BEGUN)?.load(Ordering::Acquire) > self.results)
+    /// How many tasks the worker began that no result of it counted for: `None` if it has
+    /// no progress page. (Exact once the worker is gone and its held answers are counted.)
+    pub(super) fn begun_unanswered(&self) -> Option<u64> {
+        let begun = self.word(page::BEGUN)?.load(Ordering::Acquire);
+        Some(begun.saturating_sub(self.results))
     }
 
     /// The task the worker runs now, as its page says: `None` if it runs none (it is
@@ -381,6 +383,30 @@ impl WorkerIo {
         Some(answers)
     }
 
+    /// Whether `msg`, just read from the worker's channel, is the copy of an answer already
+    /// taken from its page (see `salvaged`): then it is passed over, not delivered again.
+    ///
+    /// Those copies come first among its results, in order. Another result means none is
+    /// owed any more. A message about no task changes nothing: a worker's `Ready` may still
+    /// be on its way when the answers it holds are taken from its page (it is sent its
+    /// first tasks before it is ready, and runs them as soon as it is).
+    pub(super) fn passes_over<B, E>(&mut self, msg: &Result<FromWorker<B>, E>) -> bool {
+        let Some(&first) = self.salvaged.front() else {
+            return false;
+        };
+        match msg {
+            Ok(FromWorker::Done { id, .. }) if *id == first => {
+                self.salvaged.pop_front();
+                true
+            }
+            Ok(FromWorker::Ready { .. } | FromWorker::SetupFailed { .. }) => false,
+            _ => {
+                self.salvaged.clear();
+                false
+            }
+        }
+    }
+
     /// Task frames that have not entirely left for the worker (all of them while it has no
     /// channel yet).
     pub(super) fn undelivered_tasks(&self) -> usize {
@@ -411,3 +437,37 @@ pub(super) fn exit_token(wid: u64) -> u64 {
 
 /// The epoll token of the driver's wake-up eventfd (no worker's: ids stay far below).
 pub(super) const WAKE_TOKEN: u64 = u64::MAX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(id: u64) -> Result<FromWorker<()>, ()> {
+        Ok(FromWorker::Done {
+            id,
+            items: 1,
+            outcome: Ok(()),
+        })
+    }
+
+    #[test]
+    fn answers_taken_from_the_page_are_passed_over_once_even_after_a_late_ready() {
+        let mut w = WorkerIo::new("w".into());
+        // Tasks 5 and 6 were delivered from the page before the worker's `Ready` was read.
+        w.salvaged.extend([5, 6]);
+        assert!(!w.passes_over::<(), ()>(&Ok(FromWorker::Ready { pid: 1 })));
+        assert!(w.passes_over(&done(5)));
+        assert!(w.passes_over(&done(6)));
+        // Task 7's answer is new: delivered.
+        assert!(!w.passes_over(&done(7)));
+    }
+
+    #[test]
+    fn another_result_first_means_no_copy_is_owed() {
+        let mut w = WorkerIo::new("w".into());
+        w.salvaged.extend([5]);
+        let skipped: Result<FromWorker<()>, ()> = Ok(FromWorker::Skipped { id: 8 });
+        assert!(!w.passes_over(&skipped));
+        assert!(!w.passes_over(&done(5)), "nothing is passed over any more");
+    }
+}
