@@ -264,6 +264,13 @@ fn take_note() -> Option<String> {
     DECODE_NOTE.with(|n| n.borrow_mut().take())
 }
 
+/// Takes the note a failing `Deserialize` left with [`note_decode_failure`] on this thread,
+/// if any: for a process decoding values itself (the pool's, decoding results) to say why
+/// one did not decode. Take it once before decoding too, to drop a stale note.
+pub fn take_decode_note() -> Option<String> {
+    take_note()
+}
+
 /// Takes the panic message the hook recorded, if any.
 #[inline]
 fn take_panic() -> Option<String> {

@@ -29,6 +29,8 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             // Decoded straight into the caller's type: an item error becomes a TaskError
             // as it is read, with no list of the worker's results in between.
             let mut batches = batches;
+            // A note left by an earlier failure on this thread is not this one's.
+            let _stale = pool_spawn::task::take_decode_note();
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // The values alone while every item succeeded; a result per item from the
                 // first that failed.
@@ -45,16 +47,16 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                         // Every item so far succeeded.
                         if tail.is_empty() {
                             let stop = protocol::decode_ok_results(b.items, b.bytes(), &mut oks)
-                                .map_err(|e| e.to_string())?;
+                                .map_err(why)?;
                             let Some((i, rest)) = stop else { continue };
                             let m = mixed.insert(Vec::with_capacity(count));
                             m.extend(oks.drain(..).map(Ok));
                             protocol::decode_item_results(b.items - i, rest, m, Ok, err)
-                                .map_err(|e| e.to_string())?;
+                                .map_err(why)?;
                         } else {
                             let mut one = Vec::with_capacity(1);
                             protocol::decode_item_result_tail(b.bytes(), tail, &mut one, Ok, err)
-                                .map_err(|e| e.to_string())?;
+                                .map_err(why)?;
                             match one.pop() {
                                 Some(Ok(v)) if one.is_empty() => oks.push(v),
                                 last => {
@@ -72,7 +74,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                     } else {
                         protocol::decode_item_result_tail(b.bytes(), tail, m, Ok, err)
                     }
-                    .map_err(|e| e.to_string())?;
+                    .map_err(why)?;
                 }
                 Ok::<_, String>(match mixed {
                     Some(m) => Items::Mixed(m),
@@ -110,11 +112,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                     all_err(e, count)
                 }
                 Err(e) => {
-                    let e = TaskError::new(
-                        TaskErrorKind::Decode,
-                        format!("the result does not decode as the expected type: {e}"),
-                    )
-                    .with_worker(&worker, pid);
+                    let e = TaskError::new(TaskErrorKind::Decode, e).with_worker(&worker, pid);
                     all_err(e, count)
                 }
             }
@@ -151,6 +149,15 @@ fn item_error(e: ItemError, worker: &str, pid: u32) -> TaskError {
         K::Decode => TaskError::with_report(TaskErrorKind::Decode, e.message),
     }
     .with_worker(worker, pid)
+}
+
+/// Why a result did not decode: the note its `Deserialize` left (shared bytes that cannot
+/// be mapped, say), else the decoder's error `e`.
+fn why(e: impl std::fmt::Display) -> String {
+    match pool_spawn::task::take_decode_note() {
+        Some(note) => format!("the result cannot be decoded: {note}"),
+        None => format!("the result does not decode as the expected type: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -280,6 +287,36 @@ mod tests {
                 .iter()
                 .all(|r| r.as_ref().unwrap_err().kind() == TaskErrorKind::PoolClosed)
         );
+    }
+
+    /// A result type that never decodes, and says why.
+    #[derive(Debug)]
+    struct Gone;
+
+    impl<'de> Deserialize<'de> for Gone {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            use serde::de::Error as _;
+            u8::deserialize(d)?;
+            pool_spawn::task::note_decode_failure("the resource it names is gone");
+            Err(D::Error::custom("the resource it names is gone"))
+        }
+    }
+
+    #[test]
+    fn a_result_that_cannot_be_decoded_says_why_in_its_types_words() {
+        let got = decode_items::<Gone>(done(&[Ok::<u8, ItemError>(1)]), 1).into_results();
+        let e = got[0].as_ref().unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::Decode);
+        assert!(
+            e.message()
+                .contains("cannot be decoded: the resource it names is gone"),
+            "{e}"
+        );
+        // A note left by an earlier failure does not stick to a later one.
+        pool_spawn::task::note_decode_failure("stale");
+        let got = decode_items::<String>(done(&[Ok::<u8, ItemError>(0xFF)]), 1).into_results();
+        let e = got[0].as_ref().unwrap_err();
+        assert!(!e.message().contains("stale"), "{e}");
     }
 
     /// A result type whose `Deserialize` panics.
