@@ -255,17 +255,14 @@ pub(super) fn read_worker(
                 fx.retire(wid);
             }
             Ok(FromWorker::Done { id, items, outcome }) => {
-                if !on_done(
-                    policy,
-                    fx,
-                    wid,
-                    (&name, pid),
+                let answer = Answer {
                     id,
                     items,
                     outcome,
-                    (frame, fds),
-                    now,
-                ) {
+                    frame,
+                    fds,
+                };
+                if !on_done(policy, fx, wid, (&name, pid), answer, now) {
                     end.broken = true;
                     break;
                 }
@@ -302,20 +299,36 @@ pub(super) fn read_worker(
     end
 }
 
-/// Handles worker `wid`'s `Done` for task `id`, in `frame`: `false` if the worker may not
-/// send it (it is not the oldest task the worker holds).
-#[allow(clippy::too_many_arguments)]
+/// A worker's `Done`, as read from its channel or taken from its page.
+struct Answer {
+    /// The task it answers.
+    id: u64,
+    /// How many items' results it carries (after those sent in parts).
+    items: u64,
+    /// Where the results lie in `frame`, or why the task failed as a whole.
+    outcome: Result<std::ops::Range<usize>, pool_spawn::task::ItemError>,
+    frame: Vec<u8>,
+    /// The descriptors that came with it.
+    fds: Vec<OwnedFd>,
+}
+
+/// Handles worker `wid`'s `answer`: `false` if the worker may not send it (it is not the
+/// oldest task the worker holds).
 fn on_done(
     policy: &mut Policy<TaskRec>,
     fx: &mut Fx<'_>,
     wid: WorkerId,
     (name, pid): (&Arc<str>, u32),
-    id: u64,
-    items: u64,
-    outcome: Result<std::ops::Range<usize>, pool_spawn::task::ItemError>,
-    (frame, fds): (Vec<u8>, Vec<OwnedFd>),
+    answer: Answer,
     now: Instant,
 ) -> bool {
+    let Answer {
+        id,
+        items,
+        outcome,
+        frame,
+        fds,
+    } = answer;
     // A worker runs its tasks in the order sent: a result for another than the first it
     // holds is forged (it would be delivered as that task's, a task still queued behind
     // the running one).
@@ -409,17 +422,14 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
             // Arrived already (or never the worker's to send).
             continue;
         }
-        on_done(
-            policy,
-            fx,
-            wid,
-            (&name, pid),
+        let answer = Answer {
             id,
             items,
             outcome,
-            (frame, Vec::new()),
-            now,
-        );
+            frame,
+            fds: Vec::new(),
+        };
+        on_done(policy, fx, wid, (&name, pid), answer, now);
         if let Some(w) = fx.io.get_mut(&wid) {
             w.salvaged.push_back(id);
         }
