@@ -565,3 +565,42 @@ fn short_tasks_do_not_wait_behind_a_long_one() {
     long.get_timeout(Duration::from_secs(20)).unwrap().unwrap();
     shut_down(pool);
 }
+
+/// Triples `x`; the first chunk's items (under 8) are slow, so the chunks after them come
+/// back first; `fail` (if not 0) panics.
+fn triple_slow_start(x: u64, fail: u64) -> u64 {
+    if x < 8 {
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(fail == 0 || x != fail, "item {x} fails");
+    x * 3
+}
+
+#[test]
+fn a_map_whose_chunks_come_back_out_of_order_gathers_them_in_order_and_names_a_late_failure() {
+    for method in METHODS {
+        let pool = builder(method).build().expect("build");
+        let opts = || Options::new().chunksize(8);
+        let items = |fail: u64| (0..4000u64).map(move |x| (x, fail));
+        let want: Vec<u64> = (0..4000).map(|x| x * 3).collect();
+        // Every chunk but the first is back before it: they wait, then follow it in order.
+        assert_eq!(
+            pool.starmap_with(triple_slow_start, items(0), opts())
+                .unwrap(),
+            want,
+            "{method:?}"
+        );
+        // A failure after results were gathered, in a chunk that came back early, and in
+        // the last chunk.
+        for fail in [9, 2001, 3999] {
+            let e = pool
+                .starmap_with(triple_slow_start, items(fail), opts())
+                .unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::Panicked, "{method:?}: {e}");
+            assert_eq!(e.item_index(), Some(fail as usize), "{method:?}: {e}");
+        }
+        // The pool goes on.
+        assert_eq!(pool.map(square, 0..1000u64).unwrap().len(), 1000);
+        shut_down(pool);
+    }
+}
