@@ -679,16 +679,20 @@ pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: 
     let mut sizes = Vec::with_capacity(items.len());
     let mut failed = Vec::new();
     let mut count = 0;
+    // One serializer for every item, each noted as it is written: a single pass.
+    let mut out = frame.appender();
     for (i, item) in items.iter().enumerate() {
-        let mark = frame.payload_len();
         // On error the frame is left as it was.
-        match frame.encode(item) {
-            Ok(()) => {
+        match out.encode(item) {
+            Ok(len) => {
                 if !failed.is_empty() {
                     sent.push(i);
                 }
                 count += 1;
-                pool_ipc::encode_seq_len(&mut sizes, frame.payload_len() - mark);
+                match u8::try_from(len) {
+                    Ok(b) if b < 0x80 => sizes.push(b),
+                    _ => pool_ipc::encode_seq_len(&mut sizes, len),
+                }
             }
             Err(e) => {
                 if failed.is_empty() {
