@@ -1030,6 +1030,9 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
             .unwrap_or(usize::MAX)
             .min(bytes.len()),
     );
+    if !is_byte_string::<R>() {
+        return decode_ok_run(items, bytes, out);
+    }
     for i in 0..items {
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
@@ -1051,6 +1054,43 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
     } else {
         Err(postcard::Error::DeserializeBadEncoding)
     }
+}
+
+/// [`decode_ok_results`] of a type other than a byte string, through one deserializer
+/// kept from one value to the next.
+fn decode_ok_run<'b, R: serde::de::DeserializeOwned>(
+    items: u64,
+    bytes: &'b [u8],
+    out: &mut Vec<R>,
+) -> Result<Option<(u64, &'b [u8])>, postcard::Error> {
+    use serde::Deserialize;
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    for i in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte
+        // 1 (read as one raw byte, a `u8`).
+        match u8::deserialize(&mut de)? {
+            0 => out.push(R::deserialize(&mut de)?),
+            1 => {
+                // From that byte on.
+                let after = de.finalize()?;
+                let at = bytes.len() - after.len() - 1;
+                return Ok(Some((i, &bytes[at..])));
+            }
+            _ => return Err(postcard::Error::DeserializeBadEnum),
+        }
+    }
+    if de.finalize()?.is_empty() {
+        Ok(None)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
+/// Whether `B` is a byte string that [`take_byte_string`] takes.
+fn is_byte_string<B: 'static>() -> bool {
+    use std::any::TypeId;
+    let t = TypeId::of::<B>();
+    t == TypeId::of::<ByteBuf>() || t == TypeId::of::<Vec<u8>>()
 }
 
 /// Decodes the one result of a [`FromWorker::PartTail`]: its `head`, then the bytes of the

@@ -639,19 +639,16 @@ where
 {
     let stage = Cell::new(Stage::Decode);
     let kept = Cell::new(0usize);
-    let mut after: Option<&'b [u8]> = None;
-    let bytes = Cell::new(*rest);
+    // One deserializer for the run, where the item after the last one decoded starts.
+    let mut de = postcard::Deserializer::from_bytes(rest);
     let ran = catch(|| -> Result<RunEnd<'b, R>, String> {
         while kept.get() < left {
             stage.set(Stage::Decode);
-            after = None;
             take_note();
-            let (args, next) = match postcard::take_from_bytes::<Args>(bytes.get()) {
-                Ok(decoded) => decoded,
+            let args = match Args::deserialize(&mut de) {
+                Ok(args) => args,
                 Err(e) => return Err(decode_failure(&e)),
             };
-            after = Some(next);
-            bytes.set(next);
             stage.set(Stage::Call);
             let v = f.call(args);
             if large_byte_string(&v).is_some() {
@@ -669,7 +666,14 @@ where
         }
         Ok(RunEnd::Done)
     });
-    *rest = bytes.get();
+    // (A deserializer of a slice always ends with the rest of it.)
+    let after = de.finalize().unwrap_or_default();
+    *rest = after;
+    // Where the item after a failed one starts, if that one decoded.
+    let after = match stage.get() {
+        Stage::Decode => None,
+        Stage::Call | Stage::Encode => Some(after),
+    };
     let failure = match (ran, stage.get()) {
         (Ok(Ok(end)), _) => return (kept.get(), end),
         (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
