@@ -18,6 +18,10 @@ use crate::task::Task;
 /// waiting for more chunks: its workers have enough to begin with.
 const SUBMIT_ITEMS: usize = 4096;
 
+/// Chunks of at least this many items decode their values straight onto the map's result
+/// (see [`ChunkOnto`]).
+const ONTO_MIN_ITEMS: usize = 64;
+
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
     /// in order, or the first failing item's error.
@@ -191,16 +195,20 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
             .remaining += 1;
         let state = Arc::clone(&self.state);
         let done = Arc::clone(&self.done);
-        let onto = ChunkOnto {
-            state: Arc::clone(&self.state),
-            c,
-            done: Arc::clone(&self.done),
-        };
+        // Chunks of a few items gain nothing from it (their values are few to move) and
+        // would pay for the lending.
+        let onto = (self.size >= ONTO_MIN_ITEMS).then(|| {
+            Box::new(ChunkOnto {
+                state: Arc::clone(&self.state),
+                c,
+                done: Arc::clone(&self.done),
+            }) as Box<dyn Onto<R>>
+        });
         pool.prepare_batch::<R>(
             &self.sub,
             encode(&self.sub, pool.new_id()),
             Some(c * self.size),
-            Some(Box::new(onto)),
+            onto,
             move |results| {
                 done.add(results.len());
                 let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
