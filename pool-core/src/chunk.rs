@@ -158,6 +158,11 @@ impl Encoded {
 }
 
 impl Placement {
+    /// Whether every item was sent (none failed to encode).
+    pub(crate) fn all_sent(&self) -> bool {
+        self.failed.is_empty()
+    }
+
     /// Items the worker gets (and sends results for).
     pub(crate) fn sent(&self) -> usize {
         self.sent.as_ref().map_or(self.len, Vec::len)

@@ -11,12 +11,16 @@ use crate::items::Items;
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Done, Slot};
-use crate::submit::{Submission, complete};
+use crate::submit::{Onto, Submission, complete};
 use crate::task::Task;
 
 /// A batch of a `map`'s chunks holding this many items goes to the pool at once, without
 /// waiting for more chunks: its workers have enough to begin with.
 const SUBMIT_ITEMS: usize = 4096;
+
+/// Chunks of at least this many items decode their values straight onto the map's result
+/// (see [`ChunkOnto`]).
+const ONTO_MIN_ITEMS: usize = 64;
 
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
@@ -144,6 +148,8 @@ impl Pool {
             out: Vec::with_capacity(n),
             next: 0,
             early: BTreeMap::new(),
+            lent_to: None,
+            spare: Vec::new(),
             err: None,
             remaining: 0,
             sealed: false,
@@ -189,10 +195,20 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
             .remaining += 1;
         let state = Arc::clone(&self.state);
         let done = Arc::clone(&self.done);
+        // Chunks of a few items gain nothing from it (their values are few to move) and
+        // would pay for the lending.
+        let onto = (self.size >= ONTO_MIN_ITEMS).then(|| {
+            Box::new(ChunkOnto {
+                state: Arc::clone(&self.state),
+                c,
+                done: Arc::clone(&self.done),
+            }) as Box<dyn Onto<R>>
+        });
         pool.prepare_batch::<R>(
             &self.sub,
             encode(&self.sub, pool.new_id()),
             Some(c * self.size),
+            onto,
             move |results| {
                 done.add(results.len());
                 let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -215,6 +231,64 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
     }
 }
 
+/// Chunk `c` of a map: while it is the next chunk due, its values are decoded straight
+/// onto the map's result (lent by [`Onto::lend`]), with no vector of their own; a chunk
+/// that comes back early is decoded into the vector an earlier early chunk left behind
+/// (emptied into the result), so that they do not each fault in fresh memory.
+struct ChunkOnto<R> {
+    state: Arc<Mutex<Gather<R>>>,
+    c: usize,
+    done: Arc<Done>,
+}
+
+impl<R: Send + 'static> Onto<R> for ChunkOnto<R> {
+    fn lend(&self) -> Option<Vec<R>> {
+        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.err.is_some() {
+            return None;
+        }
+        if g.next == self.c && g.lent_to.is_none() {
+            g.lent_to = Some(self.c);
+            return Some(std::mem::take(&mut g.out));
+        }
+        Some(std::mem::take(&mut g.spare))
+    }
+
+    fn give_back(&self, mut v: Vec<R>, appended: Option<usize>) {
+        if let Some(n) = appended {
+            self.done.add(n);
+        }
+        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = &mut *g;
+        if g.lent_to != Some(self.c) {
+            // The spare vector, holding this chunk's values alone if it arrived.
+            match appended {
+                Some(_) => g.arrived(self.c, Items::Ok(v)),
+                None => {
+                    v.clear();
+                    g.keep_spare(v);
+                    return;
+                }
+            }
+        } else {
+            g.out = v;
+            g.lent_to = None;
+            if appended.is_none() {
+                return;
+            }
+            // Chunk `c` has arrived, as `arrived` takes it; those that came early follow.
+            g.next += 1;
+            while let Some(results) = g.early.remove(&g.next) {
+                g.take(results);
+            }
+        }
+        g.remaining -= 1;
+        if g.remaining == 0 && g.sealed {
+            g.finish();
+        }
+    }
+}
+
 /// A map's result as its chunks come back: each chunk's results are moved into the final
 /// vector as soon as the chunks before it are in (they mostly come back in order), so a
 /// large map holds its results once, not a chunk vector of them and then the final one.
@@ -225,6 +299,11 @@ struct Gather<R> {
     next: usize,
     /// Chunks that came back before their turn, by index.
     early: BTreeMap<usize, Items<R>>,
+    /// The chunk `out` is lent to (the one due next, see [`ChunkOnto`]), which is decoding
+    /// onto it.
+    lent_to: Option<usize>,
+    /// An empty vector, for a chunk that comes back early to decode into.
+    spare: Vec<R>,
     /// The first failing item's error, in item order (`out` is dropped then).
     err: Option<TaskError>,
     /// Chunks made and not yet back.
@@ -263,6 +342,7 @@ impl<R: Send + 'static> Gather<R> {
                     self.out = v;
                 } else {
                     self.out.append(&mut v);
+                    self.keep_spare(v);
                 }
                 return;
             }
@@ -280,7 +360,16 @@ impl<R: Send + 'static> Gather<R> {
         }
     }
 
+    /// Keeps `v` (empty) for the next chunk that comes back early, if it is larger than
+    /// the one kept.
+    fn keep_spare(&mut self, v: Vec<R>) {
+        if v.is_empty() && v.capacity() > self.spare.capacity() {
+            self.spare = v;
+        }
+    }
+
     fn finish(&mut self) {
+        self.spare = Vec::new();
         let result = match self.err.take() {
             Some(e) => Err(e),
             // Every chunk arrived, so every one has been moved in order.

@@ -91,14 +91,16 @@ fn kind_index(kind: TaskErrorKind) -> usize {
 }
 
 impl Tally {
+    /// Counts `n` items of task `span` that succeeded, and tells the span so.
+    pub(crate) fn count_ok(&self, span: &Span, n: usize) {
+        self.ok.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::debug!(parent: span, items = n, "task finished");
+    }
+
     /// Counts the outcomes of some items of task `span`, and tells the span how they ended.
     pub(crate) fn count<R>(&self, span: &Span, first: usize, items: &Items<R>) {
         let items = match items {
-            Items::Ok(v) => {
-                self.ok.fetch_add(v.len() as u64, Ordering::Relaxed);
-                tracing::debug!(parent: span, items = v.len(), "task finished");
-                return;
-            }
+            Items::Ok(v) => return self.count_ok(span, v.len()),
             Items::Mixed(items) => items,
         };
         let mut ok = 0;

@@ -104,6 +104,8 @@ impl Submission {
 /// is held in place: one allocation per chunk for the sink and all.)
 struct Pieces<R, D> {
     n: usize,
+    /// Where the chunk's values may go straight, if every item succeeds.
+    onto: Option<Box<dyn Onto<R>>>,
     state: Mutex<PiecesState<R, D>>,
     /// The task's span, told how each piece ended.
     span: tracing::Span,
@@ -121,9 +123,16 @@ where
     R: DeserializeOwned + Send + 'static,
     D: FnOnce(Items<R>) + Send + 'static,
 {
-    fn sink(n: usize, done: D, span: tracing::Span, tally: Arc<Tally>) -> Sink {
+    fn sink(
+        n: usize,
+        onto: Option<Box<dyn Onto<R>>>,
+        done: D,
+        span: tracing::Span,
+        tally: Arc<Tally>,
+    ) -> Sink {
         let pieces = Pieces {
             n,
+            onto,
             span,
             tally,
             state: Mutex::new(PiecesState {
@@ -136,6 +145,15 @@ where
     }
 
     fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        let outcome = match &self.onto {
+            Some(onto) if first == 0 && count == self.n => {
+                match self.deliver_onto(&**onto, outcome) {
+                    Some(outcome) => outcome,
+                    None => return,
+                }
+            }
+            _ => outcome,
+        };
         // Decoded before the lock: it is user code, and may take long.
         let items = driver::decode_items::<R>(outcome, count);
         self.tally.count(&self.span, first, &items);
@@ -171,6 +189,54 @@ where
             done(items);
         }
     }
+
+    /// Delivers the whole chunk's `outcome` onto the vector `onto` lends, if it lends it
+    /// and every item succeeded; else through `done` as usual. `outcome` back (nothing
+    /// done) if the chunk had results already.
+    fn deliver_onto(&self, onto: &dyn Onto<R>, outcome: Outcome) -> Option<Outcome> {
+        let done = {
+            let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if g.missing != self.n {
+                return Some(outcome);
+            }
+            g.missing = 0;
+            g.done.take()
+        }?;
+        let items = match onto.lend() {
+            Some(mut v) => {
+                // Decoded with the vector lent, no lock held: it is user code.
+                match driver::decode_onto::<R>(outcome, self.n, &mut v) {
+                    None => {
+                        self.tally.count_ok(&self.span, self.n);
+                        // Its arguments' events are released as before (with `done`).
+                        drop(done);
+                        onto.give_back(v, Some(self.n));
+                        return None;
+                    }
+                    Some(items) => {
+                        onto.give_back(v, None);
+                        items
+                    }
+                }
+            }
+            None => driver::decode_items::<R>(outcome, self.n),
+        };
+        self.tally.count(&self.span, 0, &items);
+        done(items);
+        None
+    }
+}
+
+/// A vector a chunk whose items all succeed may append its values to, instead of a vector
+/// of its own that is then moved there: a `map`'s result, lent to its chunks in turn.
+pub(crate) trait Onto<R>: Send + Sync {
+    /// The vector, if the chunk may append to it now (it is the chunk due next and no
+    /// one else holds the vector).
+    fn lend(&self) -> Option<Vec<R>>;
+    /// The vector back: with the chunk's `n` values appended (`Some(n)`: the chunk has
+    /// arrived, and its `done` is not called), or as it was lent (`None`: the chunk's
+    /// results come through its `done`).
+    fn give_back(&self, v: Vec<R>, appended: Option<usize>);
 }
 
 impl Pool {
@@ -195,7 +261,7 @@ impl Pool {
     ) where
         R: DeserializeOwned + Send + 'static,
     {
-        if let Some(task) = self.prepare_batch(sub, enc, base, done) {
+        if let Some(task) = self.prepare_batch(sub, enc, base, None, done) {
             self.submit_all(vec![task], fed);
         }
     }
@@ -207,6 +273,7 @@ impl Pool {
         sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
+        onto: Option<Box<dyn Onto<R>>>,
         done: impl FnOnce(Items<R>) + Send + 'static,
     ) -> Option<(u64, TaskRec)>
     where
@@ -227,8 +294,11 @@ impl Pool {
             done(placement.merge(Items::Ok(Vec::new()), base));
             return None;
         }
+        // Values appended straight to `onto` need no placing among failed items.
+        let onto = onto.filter(|_| placement.all_sent());
         let sink = Pieces::sink(
             n_sent,
+            onto,
             move |got: Items<R>| {
                 // The worker has decoded the arguments (or never will): release their events.
                 drop(pins);
@@ -471,7 +541,7 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |items| {
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
             let r = items
                 .into_last()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
@@ -549,7 +619,7 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, move |items| {
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
             let r = items
                 .into_last()
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));

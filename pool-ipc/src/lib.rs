@@ -75,5 +75,5 @@ pub use chan::{Duplex, Receiver, Sender, duplex, duplex_with_config};
 pub use config::Config;
 pub use conn::FramedConn;
 pub use error::{Error, ErrorKind, Result};
-pub use frame::{FrameBuf, encode_append, encode_seq_len, encoded_len};
+pub use frame::{FrameAppender, FrameBuf, encode_append, encode_seq_len, encoded_len};
 pub use os::{pipe, socketpair};

@@ -675,16 +675,20 @@ pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: 
     let mut sizes = Vec::with_capacity(items.len());
     let mut failed = Vec::new();
     let mut count = 0;
+    // One serializer for every item, each noted as it is written: a single pass.
+    let mut out = frame.appender();
     for (i, item) in items.iter().enumerate() {
-        let mark = frame.payload_len();
         // On error the frame is left as it was.
-        match frame.encode(item) {
-            Ok(()) => {
+        match out.encode(item) {
+            Ok(len) => {
                 if !failed.is_empty() {
                     sent.push(i);
                 }
                 count += 1;
-                pool_ipc::encode_seq_len(&mut sizes, frame.payload_len() - mark);
+                match u8::try_from(len) {
+                    Ok(b) if b < 0x80 => sizes.push(b),
+                    _ => pool_ipc::encode_seq_len(&mut sizes, len),
+                }
             }
             Err(e) => {
                 if failed.is_empty() {
@@ -1022,6 +1026,9 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
             .unwrap_or(usize::MAX)
             .min(bytes.len()),
     );
+    if !is_byte_string::<R>() {
+        return decode_ok_run(items, bytes, out);
+    }
     for i in 0..items {
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
@@ -1043,6 +1050,43 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
     } else {
         Err(postcard::Error::DeserializeBadEncoding)
     }
+}
+
+/// [`decode_ok_results`] of a type other than a byte string, through one deserializer
+/// kept from one value to the next.
+fn decode_ok_run<'b, R: serde::de::DeserializeOwned>(
+    items: u64,
+    bytes: &'b [u8],
+    out: &mut Vec<R>,
+) -> Result<Option<(u64, &'b [u8])>, postcard::Error> {
+    use serde::Deserialize;
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    for i in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte
+        // 1 (read as one raw byte, a `u8`).
+        match u8::deserialize(&mut de)? {
+            0 => out.push(R::deserialize(&mut de)?),
+            1 => {
+                // From that byte on.
+                let after = de.finalize()?;
+                let at = bytes.len() - after.len() - 1;
+                return Ok(Some((i, &bytes[at..])));
+            }
+            _ => return Err(postcard::Error::DeserializeBadEnum),
+        }
+    }
+    if de.finalize()?.is_empty() {
+        Ok(None)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
+/// Whether `B` is a byte string that [`take_byte_string`] takes.
+fn is_byte_string<B: 'static>() -> bool {
+    use std::any::TypeId;
+    let t = TypeId::of::<B>();
+    t == TypeId::of::<ByteBuf>() || t == TypeId::of::<Vec<u8>>()
 }
 
 /// Decodes the one result of a [`FromWorker::PartTail`]: its `head`, then the bytes of the

@@ -708,6 +708,25 @@ impl ItemSink for AreaSink<'_, '_> {
         self.commit_with(&[]);
     }
 
+    fn direct(&mut self) -> Option<task::Direct<'_>> {
+        let r = &mut *self.results;
+        // A timed task's items each note when they begin (`begin`); a lost parent takes
+        // nothing more.
+        if r.timed || self.lost {
+            return None;
+        }
+        let (page, words) = (r.page?, r.area_words?);
+        Some(task::Direct {
+            scratch: &mut r.scratch,
+            seg: page,
+            offset: page::AREA_OFFSET,
+            len: r.area_len,
+            used: &mut r.used,
+            items: &mut r.items,
+            words,
+        })
+    }
+
     fn commit_with(&mut self, tail: &[u8]) {
         if protocol::collected_any() {
             let fds = protocol::take_collected_so_far();
@@ -832,4 +851,81 @@ enum Reply {
     Done(u64, Result<(), ItemError>),
     /// It was cancelled before it began.
     Skipped(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{VecSink, run_local};
+
+    /// Panics on 3, returns a large byte string on 5, a small one otherwise.
+    fn mixed(x: u32) -> serde_bytes::ByteBuf {
+        assert!(x != 3, "three");
+        let len = if x == 5 { 40_000 } else { x as usize };
+        serde_bytes::ByteBuf::from(vec![x as u8; len])
+    }
+
+    /// What a worker with a result area of `area` bytes sends and keeps for a batch of
+    /// `input`: the results of its parts, then those left in the area.
+    fn through_area(area: usize, input: &[u8]) -> (u64, Vec<u8>) {
+        let seg =
+            pool_ipc::shm::Segment::create("procpool-test-area", page::AREA_OFFSET + area).unwrap();
+        let (mut conn, mut peer) = pool_ipc::duplex::<FromWorker, ToWorker>().unwrap();
+        let mut results = Results::new(Some(&seg));
+        assert!(results.take_up(1, false, 0));
+        let mut sink = results.sink(conn.sender());
+        run_local(mixed, input, &mut sink).unwrap();
+        assert!(!sink.lost);
+        let (mut items, mut bytes) = (0, Vec::new());
+        // Each part in its own frame; the tail of a `PartTail` is the frame after it.
+        while results.sent > items {
+            match peer.recv().unwrap() {
+                FromWorker::Part {
+                    items: n, results, ..
+                } => {
+                    items += n;
+                    bytes.extend_from_slice(&results);
+                }
+                FromWorker::PartTail { head, len, .. } => {
+                    items += 1;
+                    bytes.extend_from_slice(&head);
+                    let tail = peer.recv_frame().unwrap();
+                    assert_eq!(tail.len() as u64, len);
+                    bytes.extend_from_slice(&tail);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let tail = results.tail().to_vec();
+        bytes.extend_from_slice(&tail);
+        (items + results.items, bytes)
+    }
+
+    #[test]
+    fn results_kept_in_the_area_are_those_a_plain_sink_gets_whatever_its_room() {
+        let items: Vec<(u32,)> = (0..40).map(|x| (x % 9,)).collect();
+        let input = postcard::to_allocvec(&items).unwrap();
+        let mut plain = VecSink::default();
+        run_local(mixed, &input, &mut plain).unwrap();
+        assert_eq!(plain.items, 40);
+        // Room for every result, for a few, for none.
+        for area in [1 << 20, 64, 9, 1] {
+            let (n, bytes) = through_area(area, &input);
+            assert_eq!(n, 40, "area of {area} bytes");
+            assert!(bytes == plain.out, "area of {area} bytes: other results");
+        }
+    }
+
+    #[test]
+    fn an_item_that_does_not_decode_fails_the_rest_of_its_batch_in_the_area_too() {
+        // Three items announced, two present and a stray byte: the third does not decode.
+        let mut input = postcard::to_allocvec(&vec![(1u32,), (2,), (4,)]).unwrap();
+        input.truncate(input.len() - 1);
+        input.push(0xff);
+        let mut plain = VecSink::default();
+        run_local(mixed, &input, &mut plain).unwrap();
+        let (n, bytes) = through_area(1 << 20, &input);
+        assert_eq!((n, plain.items), (3, 3));
+        assert!(bytes == plain.out);
+    }
 }

@@ -364,6 +364,56 @@ pub(crate) trait ItemSink {
     /// The item's result is the scratch buffer's bytes followed by `tail` (a large byte
     /// string, encoded where it lies instead of copied into the scratch buffer first).
     fn commit_with(&mut self, tail: &[u8]);
+    /// Where the next items' results can be kept without a call through this trait for
+    /// each (see [`Direct`]); `None` when each must go through [`begin`](Self::begin)
+    /// and [`commit`](Self::commit).
+    fn direct(&mut self) -> Option<Direct<'_>> {
+        None
+    }
+}
+
+/// A sink's result area, written straight by a run of items: each item's result is
+/// encoded into `scratch` and then kept by [`Direct::keep`] exactly as
+/// [`ItemSink::commit`] keeps it (the bytes, then the words that make them part of the
+/// area), so that an item counts as finished, with its result, the moment it ends, as
+/// before; what is saved is three calls through the trait and a `catch_unwind` set up per
+/// item (a run of items shares one). A result that the area cannot take as it is
+/// (no room left, or it passes descriptors) stays in `scratch` for
+/// [`ItemSink::commit`].
+pub(crate) struct Direct<'a> {
+    pub(crate) scratch: &'a mut Vec<u8>,
+    pub(crate) seg: &'a pool_ipc::shm::Segment,
+    /// Where the area starts in `seg`, and its length.
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+    /// Bytes and items of results in the area.
+    pub(crate) used: &'a mut usize,
+    pub(crate) items: &'a mut u64,
+    /// The words that publish them (bytes, then items).
+    pub(crate) words: (
+        &'a std::sync::atomic::AtomicU64,
+        &'a std::sync::atomic::AtomicU64,
+    ),
+}
+
+impl Direct<'_> {
+    /// Keeps the result in `scratch` in the area: `false` (nothing kept) if it does not
+    /// fit or passed descriptors.
+    #[inline]
+    fn keep(&mut self) -> bool {
+        use std::sync::atomic::Ordering;
+        let n = self.scratch.len();
+        if crate::protocol::collected_any() || *self.used + n > self.len {
+            return false;
+        }
+        self.seg.write_at(self.offset + *self.used, self.scratch);
+        *self.used += n;
+        *self.items += 1;
+        // Bytes first, then the count that makes them part of the area.
+        self.words.0.store(*self.used as u64, Ordering::Release);
+        self.words.1.store(*self.items, Ordering::Release);
+        true
+    }
 }
 
 /// Collects results in memory (for tests).
@@ -473,14 +523,52 @@ where
     if let Ok((n, mut rest)) = postcard::take_from_bytes::<usize>(input)
         && n <= rest.len()
     {
-        for i in 0..n {
+        let mut i = 0;
+        while i < n {
+            if let Some(d) = sink.direct() {
+                let (kept, end) = run_direct(&f, &mut rest, n - i, d);
+                i += kept;
+                match end {
+                    RunEnd::Done => continue,
+                    RunEnd::Commit => {
+                        sink.commit();
+                        i += 1;
+                        continue;
+                    }
+                    RunEnd::Large(v) => {
+                        commit_large(&v, sink);
+                        i += 1;
+                        continue;
+                    }
+                    RunEnd::Failed(e, after) => {
+                        run_item(&f, Err(e), sink)?;
+                        match after {
+                            Some(after) => {
+                                rest = after;
+                                i += 1;
+                                continue;
+                            }
+                            None => {
+                                let after = not_run_after(i);
+                                for _ in i + 1..n {
+                                    sink.begin();
+                                    let e = ItemError::new(ItemErrorKind::Decode, after.clone());
+                                    run_item(&f, Err(e), sink)?;
+                                }
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
             sink.begin();
             let after = run_next(&f, rest, sink)?;
+            i += 1;
             match after {
                 Some(after) => rest = after,
                 None => {
-                    let after = not_run_after(i);
-                    for _ in i + 1..n {
+                    let after = not_run_after(i - 1);
+                    for _ in i..n {
                         sink.begin();
                         let e = ItemError::new(ItemErrorKind::Decode, after.clone());
                         run_item(&f, Err(e), sink)?;
@@ -526,6 +614,98 @@ where
     joined.extend_from_slice(head);
     joined.extend_from_slice(tail);
     run_batch(f, &joined, sink)
+}
+
+/// How a run of items in [`run_direct`] ended.
+enum RunEnd<'b, R> {
+    /// Every item it was given ran, its result kept.
+    Done,
+    /// An item ended with its result in the scratch buffer, not kept: for
+    /// [`ItemSink::commit`].
+    Commit,
+    /// An item ended with a large byte string: for [`commit_large`].
+    Large(R),
+    /// An item failed (with the bytes after it, if it decoded).
+    Failed(ItemError, Option<&'b [u8]>),
+}
+
+/// Runs up to `left` items from the front of `rest` (advanced past each item that
+/// decodes), all under one `catch`, keeping each result in the area of `d` as the item
+/// ends: how many results were kept, and how the run ended. It does per item what
+/// [`run_next`] does, without a call through [`ItemSink`] for each.
+fn run_direct<'b, F, Args, R>(
+    f: &F,
+    rest: &mut &'b [u8],
+    left: usize,
+    mut d: Direct<'_>,
+) -> (usize, RunEnd<'b, R>)
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned,
+    R: Serialize + 'static,
+{
+    let stage = Cell::new(Stage::Decode);
+    let kept = Cell::new(0usize);
+    // One deserializer for the run, where the item after the last one decoded starts.
+    let mut de = postcard::Deserializer::from_bytes(rest);
+    let ran = catch(|| -> Result<RunEnd<'b, R>, String> {
+        while kept.get() < left {
+            stage.set(Stage::Decode);
+            take_note();
+            let args = match Args::deserialize(&mut de) {
+                Ok(args) => args,
+                Err(e) => return Err(decode_failure(&e)),
+            };
+            stage.set(Stage::Call);
+            let v = f.call(args);
+            if large_byte_string(&v).is_some() {
+                return Ok(RunEnd::Large(v));
+            }
+            stage.set(Stage::Encode);
+            d.scratch.clear();
+            let result: Result<R, ItemError> = Ok(v);
+            pool_ipc::encode_append(d.scratch, &result)
+                .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))?;
+            if !d.keep() {
+                return Ok(RunEnd::Commit);
+            }
+            kept.set(kept.get() + 1);
+        }
+        Ok(RunEnd::Done)
+    });
+    // (A deserializer of a slice always ends with the rest of it.)
+    let after = de.finalize().unwrap_or_default();
+    *rest = after;
+    // Where the item after a failed one starts, if that one decoded.
+    let after = match stage.get() {
+        Stage::Decode => None,
+        Stage::Call | Stage::Encode => Some(after),
+    };
+    let failure = match (ran, stage.get()) {
+        (Ok(Ok(end)), _) => return (kept.get(), end),
+        (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
+            ItemError::new(ItemErrorKind::Decode, why)
+        }
+        (Err(m), Stage::Call) => ItemError::new(ItemErrorKind::Panicked, m),
+        (Ok(Err(why)), _) => ItemError::new(ItemErrorKind::Encode, why),
+        (Err(m), Stage::Encode) => ItemError::new(
+            ItemErrorKind::Encode,
+            format!("encoding the task's result {m}"),
+        ),
+    };
+    d.scratch.clear();
+    (kept.get(), RunEnd::Failed(failure, after))
+}
+
+/// Commits an item's large byte-string result `v` from where it lies: postcard's
+/// `Ok(bytes)`, the variant index 0 and the length in the scratch buffer, the bytes as the
+/// tail.
+fn commit_large<R: 'static>(v: &R, sink: &mut dyn ItemSink) {
+    let bytes = large_byte_string(v).expect("a large byte string");
+    let out = sink.scratch();
+    out.push(0);
+    pool_ipc::encode_seq_len(out, bytes.len());
+    sink.commit_with(bytes);
 }
 
 /// What [`run_next`] was doing when it stopped short.

@@ -565,3 +565,56 @@ fn short_tasks_do_not_wait_behind_a_long_one() {
     long.get_timeout(Duration::from_secs(20)).unwrap().unwrap();
     shut_down(pool);
 }
+
+/// Triples `x`; `fail` panics.
+fn triple_or_fail(x: u64, fail: u64) -> u64 {
+    assert!(x != fail, "item {x} fails");
+    x * 3
+}
+
+/// Triples `x`; the first item is slow, so the chunks after the first come back before
+/// it; `fail` (if not 0) panics.
+fn triple_slow_start(x: u64, fail: u64) -> u64 {
+    if x == 0 {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(fail == 0 || x != fail, "item {x} fails");
+    x * 3
+}
+
+#[test]
+fn a_map_whose_chunks_come_back_out_of_order_gathers_them_in_order_and_names_a_late_failure() {
+    for method in METHODS {
+        let pool = builder(method).build().expect("build");
+        // Chunks large enough to decode onto the result (64 items or more); a bounded wait.
+        let map = |fail: u64| {
+            let items = (0..4000u64).map(move |x| (x, fail));
+            pool.starmap_async_with(triple_slow_start, items, Options::new().chunksize(64))
+                .get_timeout(Duration::from_secs(60))
+                .expect("the map ends")
+        };
+        let want: Vec<u64> = (0..4000).map(|x| x * 3).collect();
+        // Every chunk but the first is back before it: they wait, then follow it in order.
+        assert_eq!(map(0).unwrap(), want, "{method:?}");
+        // A failure in the second chunk, in one further on and in the last, each back
+        // before the first.
+        for fail in [70, 2001, 3999] {
+            let e = map(fail).unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::Panicked, "{method:?}: {e}");
+            assert_eq!(e.item_index(), Some(fail as usize), "{method:?}: {e}");
+        }
+        // In order, mostly: the failing chunk is due next when it comes back, its values
+        // not gathered onto the result, and the results before it kept apart.
+        let items = (0..4000u64).map(|x| (x, 3000));
+        let e = pool
+            .starmap_async_with(triple_or_fail, items, Options::new().chunksize(64))
+            .get_timeout(Duration::from_secs(60))
+            .expect("the map ends")
+            .unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::Panicked, "{method:?}: {e}");
+        assert_eq!(e.item_index(), Some(3000), "{method:?}: {e}");
+        // The pool goes on.
+        assert_eq!(pool.map(square, 0..1000u64).unwrap().len(), 1000);
+        shut_down(pool);
+    }
+}

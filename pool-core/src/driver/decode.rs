@@ -13,8 +13,24 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
     outcome: Outcome,
     count: usize,
 ) -> Items<R> {
+    let mut oks = Vec::with_capacity(count);
+    match decode_onto(outcome, count, &mut oks) {
+        None => Items::Ok(oks),
+        Some(items) => items,
+    }
+}
+
+/// [`decode_items`], the values appended to `onto` while every item succeeds: `None` when
+/// all `count` of them did (they are the last `count` elements of `onto`); otherwise the
+/// per-item results, `onto` cut back to what it held.
+pub(crate) fn decode_onto<R: serde::de::DeserializeOwned + 'static>(
+    outcome: Outcome,
+    count: usize,
+    onto: &mut Vec<R>,
+) -> Option<Items<R>> {
+    let base = onto.len();
     match outcome {
-        Outcome::Failed(e) => all_err(e, count),
+        Outcome::Failed(e) => Some(all_err(e, count)),
         Outcome::Done {
             result,
             worker,
@@ -22,7 +38,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
         } => {
             let batches = match result {
                 Ok(b) => b,
-                Err(e) => return all_err(item_error(e, &worker, pid), count),
+                Err(e) => return Some(all_err(item_error(e, &worker, pid), count)),
             };
             // The result type's `Deserialize` is user code: a panic in it fails these
             // items, never the thread that delivers results.
@@ -31,10 +47,10 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             let mut batches = batches;
             // A note left by an earlier failure on this thread is not this one's.
             let _stale = pool_spawn::task::take_decode_note();
+            let oks = &mut *onto;
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // The values alone while every item succeeded; a result per item from the
-                // first that failed.
-                let mut oks: Vec<R> = Vec::with_capacity(count);
+                // The values alone while every item succeeded (onto `oks`, after its first
+                // `base`); a result per item from the first that failed.
                 let mut mixed: Option<Vec<Result<R, TaskError>>> = None;
                 let err = |e| Err(item_error(e, &worker, pid));
                 for b in &mut batches {
@@ -46,11 +62,11 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                     let Some(m) = &mut mixed else {
                         // Every item so far succeeded.
                         if tail.is_empty() {
-                            let stop = protocol::decode_ok_results(b.items, b.bytes(), &mut oks)
+                            let stop = protocol::decode_ok_results(b.items, b.bytes(), oks)
                                 .map_err(why)?;
                             let Some((i, rest)) = stop else { continue };
                             let m = mixed.insert(Vec::with_capacity(count));
-                            m.extend(oks.drain(..).map(Ok));
+                            m.extend(oks.drain(base..).map(Ok));
                             protocol::decode_item_results(b.items - i, rest, m, Ok, err)
                                 .map_err(why)?;
                         } else {
@@ -61,7 +77,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                                 Some(Ok(v)) if one.is_empty() => oks.push(v),
                                 last => {
                                     let m = mixed.insert(Vec::with_capacity(count));
-                                    m.extend(oks.drain(..).map(Ok));
+                                    m.extend(oks.drain(base..).map(Ok));
                                     m.extend(one);
                                     m.extend(last);
                                 }
@@ -76,10 +92,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                     }
                     .map_err(why)?;
                 }
-                Ok::<_, String>(match mixed {
-                    Some(m) => Items::Mixed(m),
-                    None => Items::Ok(oks),
-                })
+                Ok::<_, String>(mixed)
             }));
             // The frames are done with: their buffers hold later frames.
             for b in batches {
@@ -88,6 +101,7 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
             let decoded = match decoded {
                 Ok(d) => d,
                 Err(payload) => {
+                    cut_back(onto, base);
                     let why = panic_text(&*payload);
                     drop_payload(payload);
                     let e = TaskError::new(
@@ -95,28 +109,41 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
                         format!("decoding the result panicked in the pool's process: {why}"),
                     )
                     .with_worker(&worker, pid);
-                    return all_err(e, count);
+                    return Some(all_err(e, count));
                 }
             };
+            let got = match &decoded {
+                Ok(Some(m)) => m.len(),
+                Ok(None) => onto.len() - base,
+                Err(_) => 0,
+            };
             match decoded {
-                Ok(items) if items.len() == count => items,
-                Ok(items) => {
+                Ok(None) if got == count => None,
+                Ok(Some(m)) if got == count => Some(Items::Mixed(m)),
+                Ok(_) => {
+                    cut_back(onto, base);
                     let e = TaskError::new(
                         TaskErrorKind::Decode,
-                        format!(
-                            "expected {count} results from the worker, got {}",
-                            items.len()
-                        ),
+                        format!("expected {count} results from the worker, got {got}"),
                     )
                     .with_worker(&worker, pid);
-                    all_err(e, count)
+                    Some(all_err(e, count))
                 }
                 Err(e) => {
+                    cut_back(onto, base);
                     let e = TaskError::new(TaskErrorKind::Decode, e).with_worker(&worker, pid);
-                    all_err(e, count)
+                    Some(all_err(e, count))
                 }
             }
         }
+    }
+}
+
+/// Cuts `v` back to `len` elements; the values dropped are user code, whose `Drop` may
+/// panic: never let that escape.
+fn cut_back<R>(v: &mut Vec<R>, len: usize) {
+    if v.len() > len {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.truncate(len)));
     }
 }
 

@@ -232,3 +232,50 @@ fn split_at_every_byte_boundary() {
         }
     });
 }
+
+/// Writes some bytes, then fails when asked to.
+struct FailsPartway(bool);
+
+impl Serialize for FailsPartway {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeTuple};
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&0x1234_5678u64)?;
+        if self.0 {
+            return Err(S::Error::custom("fails part way"));
+        }
+        t.serialize_element(&1u8)?;
+        t.end()
+    }
+}
+
+proptest! {
+    /// Values appended one after another are the bytes `encode` of each gives; one that
+    /// fails leaves nothing behind, and the ones after it follow as if it had not been.
+    #[test]
+    fn an_appender_writes_what_encode_of_each_writes(
+        msgs in proptest::collection::vec((msg(), any::<bool>()), 0..20)
+    ) {
+        let mut one_by_one = FrameBuf::new();
+        let mut appended = FrameBuf::new();
+        let mut sizes = Vec::new();
+        {
+            let mut out = appended.appender();
+            for (m, fail) in &msgs {
+                match out.encode(&FailsPartway(*fail)) {
+                    Ok(n) => sizes.push(n),
+                    Err(e) => prop_assert!(*fail, "{e}"),
+                }
+                let n = out.encode(m).unwrap();
+                prop_assert_eq!(n, postcard::to_allocvec(m).unwrap().len());
+                sizes.push(n);
+            }
+        }
+        for (m, fail) in &msgs {
+            prop_assert!(one_by_one.encode(&FailsPartway(*fail)).is_err() == *fail);
+            one_by_one.encode(m).unwrap();
+        }
+        prop_assert_eq!(appended.payload(), one_by_one.payload());
+        prop_assert_eq!(sizes.iter().sum::<usize>(), appended.payload_len());
+    }
+}
