@@ -9,10 +9,13 @@
 //! server is the workers' parent, so only it can reap them; it waits for their pidfds to
 //! become readable and reports each exit status.
 //!
-//! The server keeps one spare worker forked ahead: a fork request is answered at once with
-//! the spare, and the next spare is forked after the answer, while the parent goes on. A
-//! spare that has not been handed out is the server's own business: if it dies it is reaped
-//! without a report and replaced on the next request.
+//! The server keeps spare workers forked ahead, the first as soon as it starts: a fork
+//! request is answered at once with a spare, and the next spare is forked after the
+//! answer (when no other request waits), while the parent goes on. It keeps one spare, and
+//! one more (up to four) each time a request finds none ready: a pool that replaces its
+//! workers faster than one fork at a time (`max_tasks_per_child` of 1, say) finds them
+//! ready. A spare that has not been handed out is the server's own business: if it dies it
+//! is reaped without a report and replaced.
 //!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
 //! pid, and treats end of file on its control socket as shutdown. It never leaves orphans:
@@ -58,6 +61,11 @@ enum Reply {
     Exited { serial: u64, status: ExitStatus },
 }
 
+/// The most workers the server keeps forked ahead: it starts keeping one, and one more
+/// each time a request finds none ready (a pool that replaces workers faster than one
+/// fork at a time), up to this many.
+const MAX_SPARES: usize = 4;
+
 /// Large enough for any `Request` or `Reply`.
 const MSG_MAX: usize = 64;
 
@@ -92,7 +100,10 @@ struct Server {
     parent: Option<Pid>,
     kids: Vec<Kid>,
     next_serial: u64,
-    spare: Option<Spare>,
+    /// Workers forked ahead, oldest first...
+    spares: std::collections::VecDeque<Spare>,
+    /// ... and how many it keeps (1 to [`MAX_SPARES`]).
+    keep: usize,
 }
 
 /// Runs the fork server on `ctl`; never returns.
@@ -123,8 +134,13 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
         parent: rustix::process::getppid(),
         kids: Vec::new(),
         next_serial: 1,
-        spare: None,
+        spares: std::collections::VecDeque::new(),
+        keep: 1,
     };
+    // The first spare now, while the parent still readies the pool after the hello: its
+    // first request is answered at once too. (A failure here is not the parent's: the
+    // first request forks afresh and reports it.)
+    s.fork_spare();
     s.run();
     sys::flush_and_exit(0)
 }
@@ -156,7 +172,10 @@ impl Server {
         loop {
             // Without pidfds, fall back to polling the children's status.
             let slow = self.kids.iter().any(|k| k.pidfd.is_none());
-            let timeout = if slow {
+            let timeout = if self.spares.len() < self.keep {
+                // A spare to fork, once nothing else waits.
+                Duration::ZERO
+            } else if slow {
                 Duration::from_millis(20)
             } else {
                 Duration::from_secs(1)
@@ -191,7 +210,13 @@ impl Server {
                 self.stop(false);
                 return;
             }
-            if ctl_ready {
+            if !ctl_ready {
+                if self.spares.len() < self.keep {
+                    self.fork_spare();
+                }
+                continue;
+            }
+            {
                 let req = match rustix::net::recv(&self.ctl, &mut buf, RecvFlags::empty()) {
                     Ok((0, _)) => None,
                     Ok((n, _)) => postcard::from_bytes::<Request>(&buf[..n]).ok(),
@@ -256,9 +281,7 @@ impl Server {
                     // The spare died before anyone asked for it (killed from outside, say):
                     // nobody expects a report; the next request forks afresh.
                     let k = self.kids.swap_remove(i);
-                    if self.spare.as_ref().is_some_and(|s| s.serial == k.serial) {
-                        self.spare = None;
-                    }
+                    self.spares.retain(|s| s.serial != k.serial);
                 }
                 Some(status) => {
                     let k = self.kids.swap_remove(i);
@@ -278,11 +301,16 @@ impl Server {
         true
     }
 
-    /// Answers a fork request with the spare, or a worker forked now; then forks the next
-    /// spare. `false` if the parent is gone.
+    /// Answers a fork request with a spare, or a worker forked now. `false` if the parent
+    /// is gone.
     fn fork(&mut self) -> bool {
-        let (serial, ours) = match self.spare.take() {
-            Some(s) => (s.serial, s.ours),
+        let spare = self.spares.pop_front().map(|s| (s.serial, s.ours));
+        if spare.is_none() {
+            // Asked faster than spares were forked: keep one more from now on.
+            self.keep = (self.keep + 1).min(MAX_SPARES);
+        }
+        let (serial, ours) = match spare {
+            Some(s) => s,
             None => match self.fork_one() {
                 Ok(w) => w,
                 Err(errno) => return self.send(&Reply::ForkFailed { errno }, &[]),
@@ -308,14 +336,17 @@ impl Server {
             None => self.send(&reply, &[ours.as_fd()]),
         };
         drop(ours);
-        if sent {
-            // A failure here is not the parent's: the next request forks afresh and
-            // reports it.
-            if let Ok((serial, ours)) = self.fork_one() {
-                self.spare = Some(Spare { serial, ours });
-            }
-        }
+        // The next spare is forked by the loop, once no request waits.
         sent
+    }
+
+    /// Forks one more spare (a failure is not the parent's: the next request forks afresh
+    /// and reports it; a spare that cannot be forked is not tried again before then).
+    fn fork_spare(&mut self) {
+        match self.fork_one() {
+            Ok((serial, ours)) => self.spares.push_back(Spare { serial, ours }),
+            Err(_) => self.keep = self.spares.len(),
+        }
     }
 
     /// Forks one worker (not yet handed out); returns its serial and the parent's end of

@@ -1,5 +1,6 @@
 //! [`Launcher`], [`StartMethod`] and [`LaunchOptions`]: how workers are started.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -128,6 +129,96 @@ pub struct Launcher {
     link: Option<Arc<ServerLink>>,
 }
 
+/// A launch begun by [`Launcher::begin_meanwhile`].
+#[derive(Debug)]
+pub enum Launch {
+    /// The worker is started: it waits for its `Setup`.
+    Ready(Worker),
+    /// A spawned worker that has not answered its start-up handshake yet.
+    Starting(Starting),
+}
+
+/// A spawned worker whose start-up hello has not arrived yet (see
+/// [`Launcher::begin_meanwhile`]). Dropping it kills and reaps the process.
+#[derive(Debug)]
+pub struct Starting {
+    name: String,
+    pending: crate::spawn::Pending,
+}
+
+/// What [`Starting::poll`] found.
+#[derive(Debug)]
+pub enum Progress {
+    /// The worker answered: it waits for its `Setup`.
+    Done(Worker),
+    /// Not yet: poll again when its channel or its pidfd becomes readable, or expire it at
+    /// its deadline.
+    Waiting(Starting),
+}
+
+impl Starting {
+    /// The worker's process id, once the process exists (it is forked on another thread
+    /// when the launch was begun off the main thread); `None` before, or if the spawn
+    /// failed (which [`Starting::poll`] tells).
+    pub fn pid(&mut self) -> Option<u32> {
+        self.pending.pid()
+    }
+
+    /// The parent's end of the worker's channel: readable once (more of) the hello has
+    /// come, or the worker has ended.
+    pub fn channel_fd(&self) -> BorrowedFd<'_> {
+        self.pending.sock()
+    }
+
+    /// The worker's pidfd, readable once it has exited (`None` without pidfds: poll again
+    /// now and then).
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pending.exit_fd()
+    }
+
+    /// When its silence becomes an error: [`Starting::expire`] then.
+    pub fn deadline(&self) -> Instant {
+        self.pending.deadline()
+    }
+
+    /// Takes what has arrived of the hello, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InitNotCalled`] if the process ended before answering,
+    /// [`ErrorKind::Handshake`] if it said something unexpected, [`ErrorKind::Io`]: the
+    /// process is killed and reaped.
+    pub fn poll(mut self) -> Result<Progress> {
+        if !self.pending.read_hello()? {
+            return Ok(Progress::Waiting(self));
+        }
+        Ok(Progress::Done(self.into_worker()?))
+    }
+
+    /// Waits for the hello, until the deadline.
+    ///
+    /// # Errors
+    ///
+    /// As [`Starting::poll`]; [`ErrorKind::InitNotCalled`] at the deadline.
+    pub fn wait(mut self) -> Result<Worker> {
+        self.pending.wait()?;
+        self.into_worker()
+    }
+
+    /// The deadline passed without an answer: the process is killed and reaped, and this
+    /// is the error ([`ErrorKind::InitNotCalled`]).
+    pub fn expire(mut self) -> Error {
+        self.pending.expire()
+    }
+
+    fn into_worker(self) -> Result<Worker> {
+        let s = self.pending.into_started()?;
+        let w = Worker::direct(&self.name, StartMethod::Spawn, s.sock, s.child);
+        tracing::debug!(worker = %self.name, pid = w.pid(), method = ?StartMethod::Spawn, "worker launched");
+        Ok(w)
+    }
+}
+
 /// Whether the "forking with threads" warning was emitted.
 static WARNED_THREADS: AtomicBool = AtomicBool::new(false);
 
@@ -221,6 +312,34 @@ impl Launcher {
             f();
         }
         w
+    }
+
+    /// Begins starting one worker named `name`, without waiting for a spawned worker's
+    /// start-up handshake: for [`StartMethod::Spawn`] this returns once the new process has
+    /// been executed, as [`Launch::Starting`], whose hello the caller takes when the
+    /// worker's channel becomes readable ([`Starting::poll`]), so that an event loop goes on
+    /// meanwhile (a spawned worker takes milliseconds to load and answer). The other methods
+    /// return [`Launch::Ready`], as [`Launcher::launch_meanwhile`] would. `meanwhile` runs
+    /// once, as for [`Launcher::launch_meanwhile`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Launcher::launch`] that come before the handshake; the handshake's own
+    /// come from [`Starting::poll`], [`Starting::wait`] or [`Starting::expire`].
+    pub fn begin_meanwhile(&mut self, name: &str, meanwhile: impl FnOnce()) -> Result<Launch> {
+        if self.method != StartMethod::Spawn {
+            return self.launch_meanwhile(name, meanwhile).map(Launch::Ready);
+        }
+        meanwhile();
+        let pending = crate::spawn::begin(
+            Role::Worker,
+            self.opts.handshake_timeout,
+            &self.opts.test_entry,
+        )?;
+        Ok(Launch::Starting(Starting {
+            name: name.to_owned(),
+            pending,
+        }))
     }
 
     fn launch_inner(

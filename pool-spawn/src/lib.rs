@@ -158,7 +158,7 @@ pub mod bench_support {
 #[doc(hidden)]
 pub use error::Chain;
 pub use error::{Error, ErrorKind, Result};
-pub use launcher::{LaunchOptions, Launcher, StartMethod};
+pub use launcher::{Launch, LaunchOptions, Launcher, Progress, StartMethod, Starting};
 pub use rustix::process::Signal;
 pub use status::{ExitStatus, signal_name};
 pub use worker::Worker;

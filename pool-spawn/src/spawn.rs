@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -17,6 +17,7 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use rustix::net::RecvFlags;
 use rustix::process::Pid;
 
 use crate::child::{ChildProc, poll};
@@ -63,6 +64,37 @@ fn exe_path() -> io::Result<PathBuf> {
 /// [`ErrorKind::InitNotCalled`] if the child exits or stays silent for `handshake_timeout`
 /// (it is killed and reaped), [`ErrorKind::Handshake`] if it says something unexpected.
 pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -> Result<Started> {
+    let mut p = begin(role, handshake_timeout, test_entry)?;
+    p.wait()?;
+    p.into_started()
+}
+
+/// A child started by [`begin`] whose hello has not (all) arrived yet.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The child (or the error of its spawn), once the spawner has forked and executed
+    /// it...
+    child: Option<io::Result<ChildProc>>,
+    /// ... which it hands back here.
+    spawned: Option<mpsc::Receiver<io::Result<ChildProc>>>,
+    sock: OwnedFd,
+    role: Role,
+    timeout: Duration,
+    deadline: Instant,
+    buf: [u8; HELLO_LEN],
+    got: usize,
+}
+
+/// Starts a child of `role` without waiting for it: the fork and exec happen on the
+/// spawner thread (or here, on the main thread), and [`Pending::read_hello`] or
+/// [`Pending::wait`] take the hello. A caller off the main thread goes on at once; our end
+/// of the child's socket becomes readable when the hello comes, or when the spawn failed
+/// or the child died (its end closed), which `read_hello` then tells.
+///
+/// # Errors
+///
+/// [`ErrorKind::Io`] if the socket cannot be created.
+pub(crate) fn begin(role: Role, handshake_timeout: Duration, test_entry: &str) -> Result<Pending> {
     let (ours, theirs) = match role {
         Role::Worker => pool_ipc::socketpair(),
         Role::Forkserver => crate::forkserver::control_socketpair(),
@@ -80,7 +112,7 @@ pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -
         libtest_args(test_entry)
     };
     let exe = exe_path().map_err(|e| Error::io("finding the current executable", e))?;
-    let mut child = on_spawner_thread(move || -> io::Result<ChildProc> {
+    let spawned = spawner_job(move || -> io::Result<ChildProc> {
         let mut cmd = Command::new(&exe);
         if let Some(arg0) = std::env::args_os().next() {
             cmd.arg0(arg0);
@@ -96,37 +128,212 @@ pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -
         drop(child);
         drop(theirs);
         Ok(ChildProc::adopt(pid))
+    });
+    Ok(Pending {
+        child: None,
+        spawned: Some(spawned),
+        sock: ours,
+        role,
+        timeout: handshake_timeout,
+        deadline: crate::child::deadline_after(handshake_timeout),
+        buf: [0; HELLO_LEN],
+        got: 0,
     })
-    .map_err(|e| Error::io("starting a process", e))?;
-    handshake(&ours, &mut child, role, handshake_timeout)?;
-    tracing::debug!(
-        pid = child.pid().as_raw_nonzero().get(),
-        ?role,
-        "child process answered"
-    );
-    Ok(Started { child, sock: ours })
 }
 
-/// Reads the child's hello, watching for its early exit and the deadline.
-fn handshake(sock: &OwnedFd, child: &mut ChildProc, role: Role, timeout: Duration) -> Result<()> {
-    let pid = child.pid().as_raw_nonzero().get();
-    let deadline = crate::child::deadline_after(timeout);
-    let mut buf = [0u8; HELLO_LEN];
-    let mut got = 0;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let status = describe(child.kill_and_reap(Duration::from_secs(5)));
-            return Err(Error::new(
-                ErrorKind::InitNotCalled,
-                format!(
-                    "process {pid} did not answer within {timeout:?} and was killed ({status})"
-                ),
-            ));
+impl Pending {
+    /// Takes the spawner's answer if it has come (`block`: waits for it; it has come, or is
+    /// about to, once the hello or an end of file arrived).
+    fn receive(&mut self, block: bool) {
+        if self.child.is_some() {
+            return;
         }
-        let (sock_ready, exited) = {
-            let mut fds = vec![PollFd::new(sock, PollFlags::IN)];
-            let slice = match child.pidfd() {
+        let Some(rx) = &self.spawned else {
+            return;
+        };
+        let got = if block {
+            rx.recv().ok()
+        } else {
+            match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        self.spawned = None;
+        self.child =
+            Some(got.unwrap_or_else(|| Err(io::Error::other("the spawner thread's job panicked"))));
+    }
+
+    /// The child, waiting for the spawner to hand it over.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the process could not be started.
+    fn child(&mut self) -> Result<&mut ChildProc> {
+        self.receive(true);
+        self.handed_over()
+    }
+
+    /// The child if the spawner has handed it over, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pending::child`].
+    fn try_child(&mut self) -> Result<Option<&mut ChildProc>> {
+        self.receive(false);
+        if self.child.is_none() {
+            return Ok(None);
+        }
+        self.handed_over().map(Some)
+    }
+
+    /// The child handed over, or the error of its spawn (told once).
+    fn handed_over(&mut self) -> Result<&mut ChildProc> {
+        if matches!(self.child, Some(Err(_)))
+            && let Some(Err(e)) = self.child.take()
+        {
+            return Err(Error::io("starting a process", e));
+        }
+        match &mut self.child {
+            Some(Ok(c)) => Ok(c),
+            _ => Err(not_started()),
+        }
+    }
+
+    /// The child's pid, once the spawner has handed the child over (`None` before, or if
+    /// the spawn failed).
+    pub(crate) fn pid(&mut self) -> Option<u32> {
+        self.receive(false);
+        match &self.child {
+            Some(Ok(c)) => Some(c.pid().as_raw_nonzero().get() as u32),
+            _ => None,
+        }
+    }
+
+    /// Our end of the child's socket: readable when (more of) the hello has come, or the
+    /// child has closed it.
+    pub(crate) fn sock(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// The child's pidfd (readable once it has exited), where the kernel gives one and
+    /// the spawner has handed the child over.
+    pub(crate) fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.child {
+            Some(Ok(c)) => c.pidfd(),
+            _ => None,
+        }
+    }
+
+    /// When the child's silence becomes an error ([`Pending::expire`]).
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Takes what has arrived of the hello, without waiting; `Ok(true)` once it is whole
+    /// and right.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`]'s, the child killed and reaped: it ended before answering, or its
+    /// hello is wrong.
+    pub(crate) fn read_hello(&mut self) -> Result<bool> {
+        loop {
+            match rustix::net::recv(&self.sock, &mut self.buf[self.got..], RecvFlags::DONTWAIT) {
+                Ok((0, _)) => {
+                    let child = self.child()?;
+                    let pid = child.pid().as_raw_nonzero().get();
+                    return Err(early_exit(child, pid));
+                }
+                Ok((n, _)) => {
+                    self.got += n;
+                    if self.got == HELLO_LEN {
+                        self.child()?;
+                        return self.check().map(|()| true);
+                    }
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => {
+                    let _ = self.child()?.kill_and_reap(Duration::from_secs(5));
+                    return Err(Error::io("reading the child's hello", e.into()));
+                }
+            }
+        }
+        // Not handed over yet: a spawn that failed closed our socket's other end, which the
+        // read above saw; otherwise the child runs (or is about to).
+        let Some(child) = self.try_child()? else {
+            return Ok(false);
+        };
+        if child.try_wait()?.is_some() {
+            let pid = child.pid().as_raw_nonzero().get();
+            return Err(early_exit(child, pid));
+        }
+        Ok(false)
+    }
+
+    /// The child stayed silent past its deadline: it is killed and reaped, and this is the
+    /// error.
+    pub(crate) fn expire(&mut self) -> Error {
+        let child = match self.child() {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let pid = child.pid().as_raw_nonzero().get();
+        let status = describe(child.kill_and_reap(Duration::from_secs(5)));
+        let timeout = self.timeout;
+        Error::new(
+            ErrorKind::InitNotCalled,
+            format!("process {pid} did not answer within {timeout:?} and was killed ({status})"),
+        )
+    }
+
+    /// The hello, read whole: checks it names this child in its role.
+    fn check(&mut self) -> Result<()> {
+        let role = self.role;
+        let checked = role::check_hello(&self.buf, role);
+        let child = self.child()?;
+        let pid = child.pid().as_raw_nonzero().get();
+        match checked {
+            Ok(p) if p == pid as u32 => {
+                tracing::debug!(pid, ?role, "child process answered");
+                Ok(())
+            }
+            Ok(p) => {
+                let _ = child.kill_and_reap(Duration::from_secs(5));
+                Err(Error::new(
+                    ErrorKind::Handshake,
+                    format!("process {pid} introduced itself as {p}"),
+                ))
+            }
+            Err(m) => {
+                let _ = child.kill_and_reap(Duration::from_secs(5));
+                Err(Error::new(
+                    ErrorKind::Handshake,
+                    format!("process {pid}: {m}"),
+                ))
+            }
+        }
+    }
+
+    /// Waits for the hello (until the deadline), watching for the child's early exit.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`]'s.
+    pub(crate) fn wait(&mut self) -> Result<()> {
+        self.child()?;
+        loop {
+            if self.read_hello()? {
+                return Ok(());
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.expire());
+            }
+            let mut fds = vec![PollFd::new(&self.sock, PollFlags::IN)];
+            let slice = match self.exit_fd() {
                 Some(p) => {
                     fds.push(PollFd::from_borrowed_fd(p, PollFlags::IN));
                     left
@@ -134,46 +341,32 @@ fn handshake(sock: &OwnedFd, child: &mut ChildProc, role: Role, timeout: Duratio
                 None => left.min(Duration::from_millis(20)),
             };
             poll(&mut fds, Some(slice)).map_err(|e| Error::io("waiting for the child", e))?;
-            (
-                !fds[0].revents().is_empty(),
-                fds.get(1).is_some_and(|f| !f.revents().is_empty()),
-            )
-        };
-        if sock_ready {
-            match rustix::io::read(sock.as_fd(), &mut buf[got..]) {
-                Ok(0) => return Err(early_exit(child, pid)),
-                Ok(n) => {
-                    got += n;
-                    if got == HELLO_LEN {
-                        return match role::check_hello(&buf, role) {
-                            Ok(p) if p == pid as u32 => Ok(()),
-                            Ok(p) => {
-                                let _ = child.kill_and_reap(Duration::from_secs(5));
-                                Err(Error::new(
-                                    ErrorKind::Handshake,
-                                    format!("process {pid} introduced itself as {p}"),
-                                ))
-                            }
-                            Err(m) => {
-                                let _ = child.kill_and_reap(Duration::from_secs(5));
-                                Err(Error::new(
-                                    ErrorKind::Handshake,
-                                    format!("process {pid}: {m}"),
-                                ))
-                            }
-                        };
-                    }
-                }
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
-                Err(e) => {
-                    let _ = child.kill_and_reap(Duration::from_secs(5));
-                    return Err(Error::io("reading the child's hello", e.into()));
-                }
-            }
-        } else if exited || child.try_wait()?.is_some() {
-            return Err(early_exit(child, pid));
         }
     }
+
+    /// The started child and our end of its socket, once the hello was read.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pending::child`].
+    pub(crate) fn into_started(mut self) -> Result<Started> {
+        self.child()?;
+        let Some(Ok(child)) = self.child.take() else {
+            return Err(not_started());
+        };
+        Ok(Started {
+            child,
+            sock: self.sock,
+        })
+    }
+}
+
+/// The error of a child that is not there: its spawn failed (and said so already).
+fn not_started() -> Error {
+    Error::io(
+        "starting a process",
+        io::Error::other("the process was not started"),
+    )
 }
 
 fn early_exit(child: &mut ChildProc, pid: i32) -> Error {
@@ -223,8 +416,38 @@ pub(crate) fn spawner_is_idle() -> bool {
 pub(crate) fn on_spawner_thread<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
+    spawner_job(f)
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread's job panicked")))
+}
+
+/// Counts a job handed to the spawner thread until it is dropped (the job done, or
+/// unwound).
+struct Busy;
+
+impl Busy {
+    fn new() -> Busy {
+        SPAWNER_BUSY.fetch_add(1, Ordering::SeqCst);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        SPAWNER_BUSY.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// As [`on_spawner_thread`], without waiting: `f`'s result comes on the returned channel
+/// (at once when the caller is the main thread, which runs `f` itself). A result nobody
+/// receives any more is dropped on the spawner thread.
+pub(crate) fn spawner_job<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> mpsc::Receiver<io::Result<T>> {
+    let (rtx, rrx) = mpsc::sync_channel(1);
     if rustix::thread::gettid() == rustix::process::getpid() {
-        return f();
+        let _ = rtx.send(f());
+        return rrx;
     }
     let tx = {
         let mut g = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
@@ -251,11 +474,12 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
         }
         g.as_ref().map(|s| s.tx.clone())
     };
-    let (rtx, rrx) = mpsc::sync_channel(1);
+    let busy = Busy::new();
     let job: Job = Box::new(move || {
-        let _ = rtx.send(f());
+        let r = f();
+        drop(busy);
+        let _ = rtx.send(r);
     });
-    SPAWNER_BUSY.fetch_add(1, Ordering::SeqCst);
     match tx {
         Some(tx) => {
             if let Err(mpsc::SendError(job)) = tx.send(job) {
@@ -264,9 +488,5 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
         }
         None => job(),
     }
-    let out = rrx
-        .recv()
-        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread's job panicked")));
-    SPAWNER_BUSY.fetch_sub(1, Ordering::SeqCst);
-    out
+    rrx
 }

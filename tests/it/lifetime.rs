@@ -150,6 +150,31 @@ fn terminate_fails_pending_tasks_and_reaps_workers_quickly() {
 }
 
 #[test]
+fn terminating_while_a_spawned_replacement_starts_is_prompt() {
+    // Each task retires its worker, whose replacement (spawned: milliseconds to load and
+    // answer) is still starting when the pool is terminated: it is stopped, not waited for,
+    // and the pool's end is as prompt as ever.
+    for _ in 0..5 {
+        let pool = builder(procpool::StartMethod::Spawn)
+            .processes(1)
+            .max_tasks_per_child(1)
+            .build()
+            .unwrap();
+        let first = pool.apply(my_pid, ()).unwrap();
+        let t = Instant::now();
+        pool.terminate();
+        pool.join().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert!(!alive(first), "worker {first} reaped");
+        assert!(pool.workers().is_empty());
+    }
+}
+
+#[test]
 fn dropping_a_pool_terminates_and_reaps_it() {
     let pool = builder(Default::default()).build().unwrap();
     let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid()).collect();

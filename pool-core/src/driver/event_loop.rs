@@ -11,11 +11,11 @@ use pool_spawn::protocol;
 use pool_spawn::{Launcher, Signal};
 use rustix::event::epoll::{self, EventData, EventFlags};
 
-use super::launch::WatchFds;
+use super::launch::{Start, WatchFds, finish_start};
 use super::phase::{kill_stalled, stall_deadline};
 use super::reader::{ReadEnd, look_held, read_worker, salvage_held};
 use super::shared::{Inner, Shared};
-use super::worker_io::{WAKE_TOKEN, exit_token};
+use super::worker_io::{WAKE_TOKEN, exit_token, sock_token};
 use crate::policy::{Departure, Exit, WorkerId};
 
 /// How long a worker that closed its channel may take to exit before it is killed.
@@ -79,6 +79,9 @@ pub(crate) struct Driver {
     next_timer: Option<Instant>,
     /// Progress pages of reaped workers, for the next launches (see `launch::fresh_page`).
     pub(super) pages: Vec<pool_ipc::shm::Segment>,
+    /// Workers started that have not answered yet (spawn), their channel and pidfd in the
+    /// epoll set under the tokens they keep once wired up.
+    starting: BTreeMap<WorkerId, Start>,
 }
 
 impl Driver {
@@ -89,7 +92,120 @@ impl Driver {
             watches: BTreeMap::new(),
             next_timer: None,
             pages: Vec::new(),
+            starting: BTreeMap::new(),
         }
+    }
+
+    /// Watches a worker that has not answered yet: its channel (for the hello, or the end
+    /// of file of a worker that died) and its pidfd.
+    pub(super) fn watch_start(&mut self, wid: WorkerId, start: Start) {
+        let ep = &self.shared.epoll;
+        let sock = epoll::add(
+            ep,
+            start.starting.channel_fd(),
+            EventData::new_u64(sock_token(wid)),
+            EventFlags::IN,
+        );
+        if let Some(fd) = start.starting.exit_fd() {
+            // Without it, the end of file on the channel tells of an early death.
+            let _ = epoll::add(ep, fd, EventData::new_u64(exit_token(wid)), EventFlags::IN);
+        }
+        self.starting.insert(wid, start);
+        if let Err(e) = sock {
+            // Unwatched: its hello is waited for here and now.
+            tracing::warn!(error = %e, "cannot watch a starting worker's channel");
+            self.finish_waiting(wid);
+        }
+    }
+
+    /// Takes the hello of starting worker `wid` if it has come (its channel or pidfd became
+    /// readable): wires it up, or settles its slot as a launch failure if it died or said
+    /// something wrong.
+    fn advance_start(&mut self, wid: WorkerId) {
+        let Some(start) = self.starting.remove(&wid) else {
+            return;
+        };
+        self.unwatch_start(&start);
+        match start.poll() {
+            Ok(Ok((worker, prepared))) => self.started(wid, worker, prepared),
+            Ok(Err(start)) => self.watch_start(wid, start),
+            Err(e) => self.launch_failed(wid, &e),
+        }
+    }
+
+    /// Waits for the hello of starting worker `wid` (until its deadline), then as
+    /// [`Driver::advance_start`].
+    fn finish_waiting(&mut self, wid: WorkerId) {
+        let Some(start) = self.starting.remove(&wid) else {
+            return;
+        };
+        self.unwatch_start(&start);
+        match start.wait() {
+            Ok((worker, prepared)) => self.started(wid, worker, prepared),
+            Err(e) => self.launch_failed(wid, &e),
+        }
+    }
+
+    fn unwatch_start(&self, start: &Start) {
+        let ep = &self.shared.epoll;
+        let _ = epoll::delete(ep, start.starting.channel_fd());
+        if let Some(fd) = start.starting.exit_fd() {
+            let _ = epoll::delete(ep, fd);
+        }
+    }
+
+    fn started(
+        &mut self,
+        wid: WorkerId,
+        worker: pool_spawn::Worker,
+        prepared: super::launch::Prepared,
+    ) {
+        match finish_start(&self.shared, wid, worker, prepared) {
+            Ok(Some(fds)) => self.watch(wid, fds),
+            Ok(None) => {}
+            Err(e) => self.launch_failed(wid, &e),
+        }
+    }
+
+    /// Starting workers past their deadline fail; those of a pool being terminated are
+    /// stopped at once (killed and reaped as their start is dropped), not waited for.
+    /// Returns the earliest deadline left.
+    fn starting_timers(&mut self, now: Instant) -> Option<Instant> {
+        if self.starting.is_empty() {
+            return None;
+        }
+        let doomed: Vec<WorkerId> = {
+            let g = self.shared.lock();
+            self.starting
+                .keys()
+                .copied()
+                .filter(|wid| g.io.get(wid).is_none_or(|w| w.kill_when_launched))
+                .collect()
+        };
+        for wid in doomed {
+            if let Some(start) = self.starting.remove(&wid) {
+                self.unwatch_start(&start);
+                drop(start);
+                self.settle_unstarted(
+                    wid,
+                    "stopped before it answered its start-up handshake".to_owned(),
+                );
+            }
+        }
+        let expired: Vec<WorkerId> = self
+            .starting
+            .iter()
+            .filter(|(_, s)| s.starting.deadline() <= now)
+            .map(|(&wid, _)| wid)
+            .collect();
+        for wid in expired {
+            if let Some(start) = self.starting.remove(&wid) {
+                self.unwatch_start(&start);
+                let e = start.expire();
+                self.launch_failed(wid, &e);
+            }
+        }
+        self.starting.values().map(|s| s.starting.deadline()).min()
     }
 
     /// Watches a worker just started: its socket is in the epoll set already; its pidfd
@@ -134,6 +250,7 @@ impl Driver {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         loop {
             self.launch_pending();
+            let start_deadline = self.starting_timers(Instant::now());
             let (deadline, finished, ring_check, stall, wakeup, ended, looks) = {
                 let mut g = self.shared.lock();
                 let ring_check = release_idle_rings(&mut g, Instant::now());
@@ -161,7 +278,7 @@ impl Driver {
             for (wid, end) in ended {
                 self.after_read(wid, end);
             }
-            if finished {
+            if finished && self.starting.is_empty() {
                 break;
             }
             let now = Instant::now();
@@ -193,6 +310,9 @@ impl Driver {
             if let Some(t) = looks {
                 consider(t);
             }
+            if let Some(t) = start_deadline {
+                consider(t);
+            }
             let ts = timeout.map(|d| rustix::time::Timespec {
                 tv_sec: d.as_secs() as i64,
                 tv_nsec: i64::from(d.subsec_nanos()),
@@ -218,6 +338,10 @@ impl Driver {
                     continue;
                 }
                 let wid = token >> 1;
+                if self.starting.contains_key(&wid) {
+                    self.advance_start(wid);
+                    continue;
+                }
                 let Some(w) = self.watches.get(&wid) else {
                     // Reaped since (an event from before its fds left the set).
                     continue;

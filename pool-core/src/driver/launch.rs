@@ -7,30 +7,61 @@ use std::time::Duration;
 
 use pool_ipc::{FrameBuf, FramedConn};
 use pool_spawn::protocol::{FdRef, ImageId, ToWorker, page};
-use pool_spawn::{Launcher, Signal};
+use pool_spawn::{Launch, Launcher, Progress, Signal, Starting, Worker};
 use serde_bytes::ByteBuf;
 
 use super::event_loop::Driver;
 use super::shared::Shared;
 use crate::policy::{Exit, Origin, WorkerId};
 
-/// Starts one worker for slot `wid` and wires it up. Called from `build` (initial workers)
-/// and from the driver thread (replacements).
-pub(crate) fn launch_one(
+/// What a worker is started with, read under the lock when its launch begins.
+pub(crate) struct Plan {
+    name: String,
+    max_tasks: Option<u64>,
+    origin: Option<Origin>,
+}
+
+/// A launch under way whose worker has not answered yet (spawn): the driver takes its
+/// hello when its channel becomes readable, then wires it up ([`finish_start`]).
+pub(crate) struct Start {
+    pub(super) starting: Starting,
+    prepared: Prepared,
+}
+
+/// What was readied for a worker while it started: its plan and progress page.
+pub(crate) struct Prepared {
+    progress: Option<pool_ipc::shm::Segment>,
+    plan: Plan,
+}
+
+/// How [`begin_one`] went.
+pub(crate) enum Begun {
+    /// The slot was gone (the pool moved on): nothing was started.
+    Gone,
+    /// The worker is started and wired up.
+    Ready(WatchFds),
+    /// The worker is started but has not answered yet.
+    Starting(Start),
+}
+
+/// Begins starting one worker for slot `wid`: a worker whose start method answers at once
+/// is wired up now; a spawned one is handed back to be finished when it answers. Called
+/// from `build` (initial workers) and from the driver thread (replacements).
+pub(crate) fn begin_one(
     shared: &Shared,
     launcher: &mut Launcher,
     pages: &mut Vec<pool_ipc::shm::Segment>,
     wid: WorkerId,
-) -> Result<Option<WatchFds>, pool_spawn::Error> {
-    let (name, max_tasks, origin) = {
+) -> Result<Begun, pool_spawn::Error> {
+    let plan = {
         let g = shared.lock();
         match g.io.get(&wid) {
-            Some(w) => (
-                w.name.to_string(),
-                g.policy.max_tasks_of(wid),
-                g.policy.origin(wid),
-            ),
-            None => return Ok(None),
+            Some(w) => Plan {
+                name: w.name.to_string(),
+                max_tasks: g.policy.max_tasks_of(wid),
+                origin: g.policy.origin(wid),
+            },
+            None => return Ok(Begun::Gone),
         }
     };
     // A page for the worker to count the tasks it begins and keep its results on; without
@@ -38,7 +69,65 @@ pub(crate) fn launch_one(
     // running, and cannot cancel tasks it sent. Readied while the fork server (or zygote)
     // forks the worker.
     let mut progress = None;
-    let mut worker = launcher.launch_meanwhile(&name, || progress = fresh_page(pages))?;
+    match launcher.begin_meanwhile(&plan.name, || progress = fresh_page(pages))? {
+        Launch::Ready(worker) => Ok(match wire_up(shared, wid, worker, progress, &plan)? {
+            Some(fds) => Begun::Ready(fds),
+            None => Begun::Gone,
+        }),
+        Launch::Starting(starting) => Ok(Begun::Starting(Start {
+            starting,
+            prepared: Prepared { progress, plan },
+        })),
+    }
+}
+
+/// Finishes a launch whose worker answered: wires it up. `None` if its slot is gone (the
+/// worker is stopped then).
+pub(crate) fn finish_start(
+    shared: &Shared,
+    wid: WorkerId,
+    worker: Worker,
+    prepared: Prepared,
+) -> Result<Option<WatchFds>, pool_spawn::Error> {
+    wire_up(shared, wid, worker, prepared.progress, &prepared.plan)
+}
+
+impl Start {
+    /// Takes the worker's hello if it has come; `Err(self)` while it has not.
+    pub(crate) fn poll(self) -> Result<Result<(Worker, Prepared), Start>, pool_spawn::Error> {
+        let Start { starting, prepared } = self;
+        Ok(match starting.poll()? {
+            Progress::Done(w) => Ok((w, prepared)),
+            Progress::Waiting(starting) => Err(Start { starting, prepared }),
+        })
+    }
+
+    /// Its deadline passed without a hello: the worker is killed and reaped; the error.
+    pub(crate) fn expire(self) -> pool_spawn::Error {
+        self.starting.expire()
+    }
+
+    /// Waits for the worker's hello (until its deadline).
+    pub(crate) fn wait(self) -> Result<(Worker, Prepared), pool_spawn::Error> {
+        let Start { starting, prepared } = self;
+        Ok((starting.wait()?, prepared))
+    }
+}
+
+/// Hands a started worker its Setup and whatever was queued for it meanwhile, and lets
+/// the driver read it.
+fn wire_up(
+    shared: &Shared,
+    wid: WorkerId,
+    mut worker: Worker,
+    progress: Option<pool_ipc::shm::Segment>,
+    plan: &Plan,
+) -> Result<Option<WatchFds>, pool_spawn::Error> {
+    let Plan {
+        name,
+        max_tasks,
+        origin,
+    } = plan;
     let sock = worker
         .take_channel()
         .expect("a freshly launched worker has its channel");
@@ -152,43 +241,73 @@ pub(crate) struct WatchFds {
 }
 
 impl Driver {
-    /// Starts the initial workers. The first failure is returned with the number of
-    /// workers started before it; the pool is then terminated, and the slot that failed and
-    /// those never launched are settled as launch failures, so that the driver can run to
-    /// its end (they stayed in the policy forever, and `build` hung).
+    /// Starts the initial workers: every one is begun before any is waited for, so that
+    /// spawned workers load and answer in parallel. The first failure is returned with the
+    /// number of workers started before it; the pool is then terminated, and the slot that
+    /// failed, those still starting and those never launched are settled as launch
+    /// failures, so that the driver can run to its end (they stayed in the policy forever,
+    /// and `build` hung).
     pub(crate) fn launch_initial(&mut self) -> Result<(), (pool_spawn::Error, usize)> {
         let mut started = 0;
-        loop {
+        let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
+        let mut failure = loop {
             let wid = {
                 let mut g = self.shared.lock();
                 if g.launches.is_empty() {
-                    return Ok(());
+                    break None;
                 }
                 g.launches.remove(0)
             };
-            match launch_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
+            match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
+                Ok(Begun::Ready(fds)) => {
+                    self.watch(wid, fds);
+                    started += 1;
+                }
+                Ok(Begun::Gone) => {}
+                Ok(Begun::Starting(s)) => waiting.push((wid, s)),
+                Err(e) => break Some((wid, e)),
+            }
+        };
+        // Those begun after a failure are stopped (dropping a start kills and reaps it).
+        let mut abandoned = Vec::new();
+        for (wid, start) in waiting {
+            if failure.is_some() {
+                abandoned.push(wid);
+                continue;
+            }
+            let (worker, prepared) = match start.wait() {
+                Ok(w) => w,
+                Err(e) => {
+                    failure = Some((wid, e));
+                    continue;
+                }
+            };
+            match finish_start(&self.shared, wid, worker, prepared) {
                 Ok(Some(fds)) => {
                     self.watch(wid, fds);
                     started += 1;
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    self.shared.terminate();
-                    let msg = e.to_string();
-                    self.shared.act(|p, fx| {
-                        let pending = std::mem::take(fx.launches);
-                        for w in std::iter::once(wid).chain(pending) {
-                            p.exited(w, Exit::LaunchFailed(msg.clone()), fx);
-                            fx.io.remove(&w);
-                        }
-                    });
-                    return Err((e, started));
-                }
+                Err(e) => failure = Some((wid, e)),
             }
         }
+        let Some((wid, e)) = failure else {
+            return Ok(());
+        };
+        self.shared.terminate();
+        let msg = e.to_string();
+        self.shared.act(|p, fx| {
+            let pending = std::mem::take(fx.launches);
+            for w in std::iter::once(wid).chain(abandoned).chain(pending) {
+                p.exited(w, Exit::LaunchFailed(msg.clone()), fx);
+                fx.io.remove(&w);
+            }
+        });
+        Err((e, started))
     }
 
-    /// Starts the launches the policy asked for.
+    /// Begins the launches the policy asked for; a worker that has not answered yet is
+    /// watched (its channel and pidfd) until it does ([`Driver::advance_start`]).
     pub(crate) fn launch_pending(&mut self) {
         loop {
             let wid = {
@@ -198,19 +317,28 @@ impl Driver {
                 }
                 g.launches.remove(0)
             };
-            match launch_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
-                Ok(Some(fds)) => self.watch(wid, fds),
-                Ok(None) => {}
-                Err(e) => {
-                    let msg = crate::error::Chain(&e).to_string();
-                    tracing::warn!(error = %msg, "could not start a worker");
-                    self.shared.act(|p, fx| {
-                        p.exited(wid, Exit::LaunchFailed(msg), fx);
-                        fx.io.remove(&wid);
-                    });
-                }
+            match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
+                Ok(Begun::Ready(fds)) => self.watch(wid, fds),
+                Ok(Begun::Gone) => {}
+                Ok(Begun::Starting(s)) => self.watch_start(wid, s),
+                Err(e) => self.launch_failed(wid, &e),
             }
         }
+    }
+
+    /// Settles slot `wid`, whose worker could not be started, as a launch failure.
+    pub(super) fn launch_failed(&mut self, wid: WorkerId, e: &pool_spawn::Error) {
+        let msg = crate::error::Chain(e).to_string();
+        tracing::warn!(error = %msg, "could not start a worker");
+        self.settle_unstarted(wid, msg);
+    }
+
+    /// Settles slot `wid`, whose worker never started (for the reason `msg`).
+    pub(super) fn settle_unstarted(&mut self, wid: WorkerId, msg: String) {
+        self.shared.act(|p, fx| {
+            p.exited(wid, Exit::LaunchFailed(msg), fx);
+            fx.io.remove(&wid);
+        });
     }
 }
 

@@ -6,6 +6,7 @@
 
 pool_spawn::enable_test_support!();
 
+mod begin;
 mod driver;
 mod helper;
 mod hygiene;
