@@ -25,6 +25,82 @@ const EOF_GRACE: Duration = Duration::from_secs(2);
 /// memory is given back.
 const RING_IDLE: Duration = Duration::from_secs(1);
 
+/// How close a clock's deadline (a task's time limit, a stopped worker's SIGKILL) must be for
+/// the driver to wait for it on its timer (to the microsecond) rather than with `epoll_wait`'s
+/// own timeout, which counts whole milliseconds and so wakes up to one late. A deadline
+/// further off is waited for with the timeout, to this close (one wakeup more per deadline),
+/// so that the timer is set only in a deadline's last moments.
+const PRECISE_WITHIN: Duration = Duration::from_millis(2);
+
+/// The driver's timer (a `timerfd` in its epoll set): wakes it at the next clock's deadline
+/// to the microsecond.
+struct ClockTimer {
+    fd: OwnedFd,
+    /// The deadline it is set for, if any (until it fires).
+    set_for: Option<Instant>,
+}
+
+impl ClockTimer {
+    /// A timer in `epoll`'s set under `TIMER_TOKEN`; `None` if the system gives none (the
+    /// driver then waits with `epoll_wait`'s timeout alone).
+    fn new(ep: &OwnedFd) -> Option<Self> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+        )
+        .ok()?;
+        epoll::add(ep, &fd, EventData::new_u64(TIMER_TOKEN), EventFlags::IN).ok()?;
+        Some(ClockTimer { fd, set_for: None })
+    }
+
+    /// Sets the timer for `at` (or stops it, with `None`); `false` if it could not be set.
+    fn set(&mut self, at: Option<Instant>) -> bool {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        if at == self.set_for {
+            return true;
+        }
+        let value = match at {
+            // `Instant` counts on CLOCK_MONOTONIC, the timer's clock. A microsecond late
+            // rather than early: a wakeup just before the deadline would find it not due.
+            Some(t) => {
+                let ns = protocol::monotonic_ns()
+                    .saturating_add(t.saturating_duration_since(Instant::now()).as_nanos() as u64)
+                    .saturating_add(1_000);
+                Timespec {
+                    tv_sec: (ns / 1_000_000_000) as i64,
+                    tv_nsec: (ns % 1_000_000_000) as i64,
+                }
+            }
+            // All zeros: stopped.
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        let ok = timerfd_settime(&self.fd, TimerfdTimerFlags::ABSTIME, &spec).is_ok();
+        self.set_for = if ok { at } else { None };
+        ok
+    }
+
+    /// It fired: read, so that it is no longer readable.
+    fn fired(&mut self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut buf);
+        self.set_for = None;
+    }
+}
+
+/// The epoll token of the driver's timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+
 /// Gives back the memory of the rings to workers that have sat unused for [`RING_IDLE`]
 /// (up to 256 MiB each after large payloads); returns when the next one is due for a look.
 fn release_idle_rings(g: &mut Inner, now: Instant) -> Option<Instant> {
@@ -248,6 +324,7 @@ impl Driver {
         let mut buf = [0u8; 8];
         // What `epoll_wait` returns (local: an event is not `Send`).
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        let mut clock_timer = ClockTimer::new(&self.shared.epoll);
         loop {
             self.launch_pending();
             let start_deadline = self.starting_timers(Instant::now());
@@ -290,7 +367,22 @@ impl Driver {
             if let Some(d) = deadline {
                 consider(d);
             }
+            // A clock's deadline close by is waited for on the timer; one further off with
+            // the timeout, until it is close.
+            let mut precise = None;
             if let Some(t) = self.next_timer {
+                match &clock_timer {
+                    Some(_) if t.saturating_duration_since(now) <= PRECISE_WITHIN => {
+                        precise = Some(t);
+                    }
+                    Some(_) => consider(t.checked_sub(PRECISE_WITHIN / 2).unwrap_or(now)),
+                    None => consider(t),
+                }
+            }
+            if let Some(timer) = &mut clock_timer
+                && !timer.set(precise)
+                && let Some(t) = precise
+            {
                 consider(t);
             }
             if let Some(t) = ring_check {
@@ -335,6 +427,13 @@ impl Driver {
                 let (token, flags) = (ev.data.u64(), ev.flags);
                 if token == WAKE_TOKEN {
                     let _ = rustix::io::read(&self.shared.wake, &mut buf);
+                    continue;
+                }
+                if token == TIMER_TOKEN {
+                    // The clocks are looked at below.
+                    if let Some(timer) = &mut clock_timer {
+                        timer.fired();
+                    }
                     continue;
                 }
                 let wid = token >> 1;
