@@ -681,17 +681,10 @@ where
         Stage::Decode => None,
         Stage::Call | Stage::Encode => Some(after),
     };
-    let failure = match (ran, stage.get()) {
-        (Ok(Ok(end)), _) => return (kept.get(), end),
-        (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
-            ItemError::new(ItemErrorKind::Decode, why)
-        }
-        (Err(m), Stage::Call) => ItemError::new(ItemErrorKind::Panicked, m),
-        (Ok(Err(why)), _) => ItemError::new(ItemErrorKind::Encode, why),
-        (Err(m), Stage::Encode) => ItemError::new(
-            ItemErrorKind::Encode,
-            format!("encoding the task's result {m}"),
-        ),
+    let failure = match ran {
+        Ok(Ok(end)) => return (kept.get(), end),
+        Ok(Err(why)) => item_failure(Ok(why), stage.get()),
+        Err(m) => item_failure(Err(m), stage.get()),
     };
     d.scratch.clear();
     (kept.get(), RunEnd::Failed(failure, after))
@@ -714,6 +707,20 @@ enum Stage {
     Decode,
     Call,
     Encode,
+}
+
+/// The error of an item that did not come through, at `stage`: `failed` is the error a step
+/// returned (`Ok`) or the message of a panic (`Err`).
+fn item_failure(failed: Result<String, String>, stage: Stage) -> ItemError {
+    match (failed, stage) {
+        (Ok(why) | Err(why), Stage::Decode) => ItemError::new(ItemErrorKind::Decode, why),
+        (Err(m), Stage::Call) => ItemError::new(ItemErrorKind::Panicked, m),
+        (Ok(why), _) => ItemError::new(ItemErrorKind::Encode, why),
+        (Err(m), Stage::Encode) => ItemError::new(
+            ItemErrorKind::Encode,
+            format!("encoding the task's result {m}"),
+        ),
+    }
 }
 
 /// Decodes the item at the front of `bytes`, runs `f` on it and commits its encoded result
@@ -773,15 +780,8 @@ where
             }
             return Ok(after);
         }
-        (Ok(Err(why)), Stage::Decode) | (Err(why), Stage::Decode) => {
-            ItemError::new(ItemErrorKind::Decode, why)
-        }
-        (Err(m), Stage::Call) => ItemError::new(ItemErrorKind::Panicked, m),
-        (Ok(Err(why)), _) => ItemError::new(ItemErrorKind::Encode, why),
-        (Err(m), Stage::Encode) => ItemError::new(
-            ItemErrorKind::Encode,
-            format!("encoding the task's result {m}"),
-        ),
+        (Ok(Err(why)), stage) => item_failure(Ok(why), stage),
+        (Err(m), stage) => item_failure(Err(m), stage),
     };
     sink.scratch().truncate(mark);
     run_item(f, Err(failure), sink)?;
