@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use procpool::TaskErrorKind;
 
 use crate::util::{
-    METHODS, builder, rss_kib, shut_down, square, write_to_channel, write_to_channel_and_wait,
+    METHODS, append_line, builder, rss_kib, shut_down, square, write_to_channel,
+    write_to_channel_and_wait,
 };
 
 #[test]
@@ -275,6 +276,61 @@ fn a_forged_result_for_the_task_queued_behind() {
             .expect("the victim's task ends");
         assert_eq!(v.ok(), Some(49), "{method:?}");
         shut_down(pool);
+    }
+}
+
+/// Appends a line to the file at `path` (its run), then takes a moment.
+fn record_then_linger(path: String) -> u32 {
+    append_line(&path, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::id()
+}
+
+#[test]
+fn a_task_begun_by_a_worker_then_killed_as_faulty_never_runs_again() {
+    use pool_spawn::protocol::FromWorker;
+    use serde_bytes::ByteBuf;
+    for method in METHODS {
+        let path =
+            std::env::temp_dir().join(format!("procpool-faulty-{}-{method:?}", std::process::id()));
+        std::fs::File::create(&path).expect("create the runs file");
+        let p = path.to_string_lossy().into_owned();
+        let pool = builder(method).processes(1).build().unwrap();
+        // Tasks 1 to 20, quick: the pool learns to keep several in flight per worker.
+        for x in 0..20 {
+            assert_eq!(pool.apply(square, (x,)).unwrap(), x * x);
+        }
+        // Task 21 forges an answer for task 22, queued behind it in the same worker, and
+        // returns at once: task 22 begins while the pool reads the forgery and kills the
+        // worker as faulty (its real answer to 21, after the forgery, is not believed).
+        // Both had begun: they fail, and neither runs again elsewhere.
+        let forged = encoded(&FromWorker::Done {
+            id: 22,
+            items: 1,
+            outcome: Ok(ByteBuf::from(vec![0])),
+        });
+        let offender = pool.apply_async(write_to_channel, (forged,));
+        let victim = pool.apply_async(record_then_linger, (p.clone(),));
+        let r = offender
+            .get_timeout(Duration::from_secs(20))
+            .expect("the offender's task ends");
+        if let Err(e) = r {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        }
+        let v = victim
+            .get_timeout(Duration::from_secs(20))
+            .expect("the victim's task ends");
+        if let Err(e) = v {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        }
+        shut_down(pool);
+        let runs = std::fs::read_to_string(&path).expect("read the runs file");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            runs.lines().count() <= 1,
+            "{method:?}: the task behind the forgery ran {} times",
+            runs.lines().count()
+        );
     }
 }
 
