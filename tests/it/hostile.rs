@@ -245,36 +245,53 @@ fn write_then_linger(bytes: Vec<u8>) -> u32 {
     std::process::id()
 }
 
+/// A pool of one worker that ran tasks 1 to 20, quick ones: it has learnt to keep several
+/// in flight per worker, so that tasks 21 and 22 go to the worker together.
+fn one_warm_worker(method: procpool::StartMethod) -> procpool::Pool {
+    let pool = builder(method).processes(1).build().unwrap();
+    for x in 0..20 {
+        assert_eq!(pool.apply(square, (x,)).unwrap(), x * x);
+    }
+    pool
+}
+
+/// A forged answer for task 22: one item, its result the byte 0.
+fn forged_answer_for_22() -> Vec<u8> {
+    use pool_spawn::protocol::FromWorker;
+    encoded(&FromWorker::Done {
+        id: 22,
+        items: 1,
+        outcome: Ok(serde_bytes::ByteBuf::from(vec![0])),
+    })
+}
+
+/// The outcome of `r` (waited for 20 s at most), which may only fail with `WorkerLost`.
+fn ok_or_lost<T>(r: procpool::AsyncResult<T>, what: &str) -> Option<T> {
+    match r.get_timeout(Duration::from_secs(20)) {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{what}: {e}");
+            None
+        }
+        Err(e) => panic!("{what}: the task does not end: {e}"),
+    }
+}
+
 #[test]
 fn a_forged_result_for_the_task_queued_behind() {
-    use pool_spawn::protocol::FromWorker;
-    use serde_bytes::ByteBuf;
     for method in METHODS {
         // One worker: the second task waits behind the first in the same worker, and the
         // first forges its result (0 instead of 49), which was delivered as its own.
-        let pool = builder(method).processes(1).build().unwrap();
-        // Tasks 1 to 20, quick: the pool learns to keep several in flight per worker.
-        for x in 0..20 {
-            assert_eq!(pool.apply(square, (x,)).unwrap(), x * x);
-        }
-        let forged = encoded(&FromWorker::Done {
-            id: 22,
-            items: 1,
-            outcome: Ok(ByteBuf::from(vec![0])),
-        });
-        let offender = pool.apply_async(write_then_linger, (forged,));
+        let pool = one_warm_worker(method);
+        let offender = pool.apply_async(write_then_linger, (forged_answer_for_22(),));
         let victim = pool.apply_async(square, (7,));
-        let r = offender
-            .get_timeout(Duration::from_secs(20))
-            .expect("the offender's task ends");
-        if let Err(e) = r {
-            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
-            assert!(e.to_string().contains("not running"), "{method:?}: {e}");
+        let what = format!("{method:?}, the offender");
+        if let Err(e) = offender.get_timeout(Duration::from_secs(20)).expect(&what) {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{what}: {e}");
+            assert!(e.to_string().contains("not running"), "{what}: {e}");
         }
-        let v = victim
-            .get_timeout(Duration::from_secs(20))
-            .expect("the victim's task ends");
-        assert_eq!(v.ok(), Some(49), "{method:?}");
+        let v = ok_or_lost(victim, &format!("{method:?}, the victim"));
+        assert_eq!(v, Some(49), "{method:?}");
         shut_down(pool);
     }
 }
@@ -288,41 +305,20 @@ fn record_then_linger(path: String) -> u32 {
 
 #[test]
 fn a_task_begun_by_a_worker_then_killed_as_faulty_never_runs_again() {
-    use pool_spawn::protocol::FromWorker;
-    use serde_bytes::ByteBuf;
     for method in METHODS {
         let path =
             std::env::temp_dir().join(format!("procpool-faulty-{}-{method:?}", std::process::id()));
         std::fs::File::create(&path).expect("create the runs file");
         let p = path.to_string_lossy().into_owned();
-        let pool = builder(method).processes(1).build().unwrap();
-        // Tasks 1 to 20, quick: the pool learns to keep several in flight per worker.
-        for x in 0..20 {
-            assert_eq!(pool.apply(square, (x,)).unwrap(), x * x);
-        }
+        let pool = one_warm_worker(method);
         // Task 21 forges an answer for task 22, queued behind it in the same worker, and
         // returns at once: task 22 begins while the pool reads the forgery and kills the
         // worker as faulty (its real answer to 21, after the forgery, is not believed).
         // Both had begun: they fail, and neither runs again elsewhere.
-        let forged = encoded(&FromWorker::Done {
-            id: 22,
-            items: 1,
-            outcome: Ok(ByteBuf::from(vec![0])),
-        });
-        let offender = pool.apply_async(write_to_channel, (forged,));
+        let offender = pool.apply_async(write_to_channel, (forged_answer_for_22(),));
         let victim = pool.apply_async(record_then_linger, (p.clone(),));
-        let r = offender
-            .get_timeout(Duration::from_secs(20))
-            .expect("the offender's task ends");
-        if let Err(e) = r {
-            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
-        }
-        let v = victim
-            .get_timeout(Duration::from_secs(20))
-            .expect("the victim's task ends");
-        if let Err(e) = v {
-            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
-        }
+        ok_or_lost(offender, &format!("{method:?}, the offender"));
+        ok_or_lost(victim, &format!("{method:?}, the victim"));
         shut_down(pool);
         let runs = std::fs::read_to_string(&path).expect("read the runs file");
         let _ = std::fs::remove_file(&path);
