@@ -82,8 +82,7 @@ pub const ZERO_IN_PLACE: usize = 16 << 10;
 /// ```
 pub struct Segment {
     fd: OwnedFd,
-    ptr: NonNull<u8>,
-    len: usize,
+    map: Mapping,
 }
 
 // SAFETY: a Segment owns its mapping and fd; the memory is only accessed through atomics
@@ -98,7 +97,7 @@ impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Segment")
             .field("fd", &self.fd)
-            .field("len", &self.len)
+            .field("len", &self.map.len)
             .finish()
     }
 }
@@ -169,24 +168,12 @@ impl Segment {
     /// on shmem, or is empty; the system call's error otherwise (e.g. `EINVAL` from
     /// `F_GET_SEALS` for a file that is not a memfd, `EACCES` for a read-only fd).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Segment> {
-        let seals = rustix::fs::fcntl_get_seals(&fd)?;
-        if !seals.contains(SealFlags::SHRINK) {
-            return Err(invalid("shared segment is not sealed against shrinking"));
-        }
-        let fs = rustix::fs::fstatfs(&fd)?;
-        #[allow(
-            clippy::useless_conversion,
-            reason = "f_type's type differs between targets"
-        )]
-        let fs_type = u64::try_from(fs.f_type).unwrap_or(0);
-        if fs_type != TMPFS_MAGIC {
-            return Err(invalid("shared segment is not a shmem file"));
-        }
-        let st = rustix::fs::fstat(&fd)?;
-        let len = usize::try_from(st.st_size).map_err(|_| invalid("bad segment size"))?;
-        if len == 0 {
-            return Err(invalid("empty shared segment"));
-        }
+        let len = sealed_shmem_len(
+            &fd,
+            SealFlags::SHRINK,
+            "shared segment is not sealed against shrinking",
+            "shared segment is not a shmem file",
+        )?;
         Segment::map(fd, len)
     }
 
@@ -212,32 +199,20 @@ impl Segment {
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Segment> {
-        // A null address hint lets the kernel pick a fresh range, so the mapping aliases no
-        // existing Rust object. `fd` was checked (or made) to be sealed against shrinking
-        // with size >= len, so every page of the mapping stays backed.
-        // SAFETY: a fresh range, every page backed (above).
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )?
-        };
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?;
-        Ok(Segment { fd, ptr, len })
+        // `fd` was checked (or made) to be sealed against shrinking with size >= len, so
+        // every page of the mapping stays backed.
+        let map = Mapping::new(&fd, len, ProtFlags::READ | ProtFlags::WRITE)?;
+        Ok(Segment { fd, map })
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// Always `false`: segments are never empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
     /// The memfd (close-on-exec), e.g. to pass it to another process.
@@ -251,13 +226,13 @@ impl Segment {
     ///
     /// If the word lies outside the segment.
     pub fn atomic_u32(&self, index: usize) -> &AtomicU32 {
-        let off = index.checked_mul(4).filter(|o| o + 4 <= self.len);
+        let off = index.checked_mul(4).filter(|o| o + 4 <= self.map.len);
         let off = off.expect("atomic_u32 index outside the shared segment");
         // `off + 4 <= len`, so the word is inside the live mapping, which outlives `&self`;
         // it is 4-aligned (page-aligned base). Atomics may be mutated concurrently by other
         // threads and processes; no non-atomic Rust reference to it exists.
         // SAFETY: in bounds, aligned, only ever accessed atomically (above).
-        unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast::<u32>()) }
+        unsafe { AtomicU32::from_ptr(self.map.ptr.as_ptr().add(off).cast::<u32>()) }
     }
 
     /// The `u64` word number `index` (bytes `8 * index .. 8 * index + 8`) as an atomic.
@@ -266,18 +241,18 @@ impl Segment {
     ///
     /// If the word lies outside the segment.
     pub fn atomic_u64(&self, index: usize) -> &AtomicU64 {
-        let off = index.checked_mul(8).filter(|o| o + 8 <= self.len);
+        let off = index.checked_mul(8).filter(|o| o + 8 <= self.map.len);
         let off = off.expect("atomic_u64 index outside the shared segment");
         // SAFETY: in bounds and 8-aligned, as for `atomic_u32`.
-        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) }
+        unsafe { AtomicU64::from_ptr(self.map.ptr.as_ptr().add(off).cast::<u64>()) }
     }
 
     #[inline]
     fn check_range(&self, off: usize, n: usize) {
         assert!(
-            off.checked_add(n).is_some_and(|end| end <= self.len),
+            off.checked_add(n).is_some_and(|end| end <= self.map.len),
             "range {off}+{n} outside the shared segment of {} bytes",
-            self.len
+            self.map.len
         );
     }
 
@@ -293,7 +268,7 @@ impl Segment {
     pub fn write_at(&self, off: usize, b: &[u8]) {
         self.check_range(off, b.len());
         // SAFETY: `off` is inside the mapping or at its end (checked above).
-        let dst = unsafe { self.ptr.as_ptr().add(off) };
+        let dst = unsafe { self.map.ptr.as_ptr().add(off) };
         if b.len() <= 16 {
             // A worker writes each tiny result here, just encoded byte by byte: copied the
             // same way, each byte's load is forwarded from its store (a wider load of bytes
@@ -357,7 +332,7 @@ impl Segment {
     /// The `lseek` or `fallocate` error.
     pub fn zero(&self) -> io::Result<()> {
         use rustix::fs::SeekFrom;
-        let len = self.len as u64;
+        let len = self.map.len as u64;
         let mut off = 0;
         while off < len {
             let start = match rustix::fs::seek(&self.fd, SeekFrom::Data(off)) {
@@ -373,7 +348,7 @@ impl Segment {
             let (start, n) = (start as usize, (end - start) as usize);
             if n <= ZERO_IN_PLACE {
                 // SAFETY: `start + n <= len`: the range is inside the live mapping.
-                unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(start), 0, n) };
+                unsafe { std::ptr::write_bytes(self.map.ptr.as_ptr().add(start), 0, n) };
             } else {
                 self.discard(start, n)?;
             }
@@ -394,7 +369,11 @@ impl Segment {
         // SAFETY: the source range is inside the live mapping (checked above); `out` is a
         // distinct Rust buffer, so the ranges do not overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+            std::ptr::copy_nonoverlapping(
+                self.map.ptr.as_ptr().add(off),
+                out.as_mut_ptr(),
+                out.len(),
+            )
         }
     }
 
@@ -412,7 +391,11 @@ impl Segment {
         // After the copy those bytes are initialized, so `set_len` is sound.
         // SAFETY: valid, disjoint ranges; the new length covers initialized bytes (above).
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr().add(old), n);
+            std::ptr::copy_nonoverlapping(
+                self.map.ptr.as_ptr().add(off),
+                out.as_mut_ptr().add(old),
+                n,
+            );
             out.set_len(old + n);
         }
     }
@@ -429,18 +412,7 @@ impl Segment {
     pub unsafe fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is live for `&self` and `len` bytes long; the caller promises
         // that nothing writes to it while the slice exists.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is the mapping made in `map`, unmapped only here; every
-        // reference into it borrows `self`, so none outlives this call.
-        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "munmap of a shared segment failed");
-        }
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr(), self.map.len) }
     }
 }
 
@@ -467,8 +439,7 @@ impl Drop for Segment {
 /// ```
 pub struct FrozenSegment {
     fd: OwnedFd,
-    ptr: NonNull<u8>,
-    len: usize,
+    map: Mapping,
 }
 
 // SAFETY: the mapping is read-only and its file sealed against writes: its bytes never
@@ -481,7 +452,7 @@ impl std::fmt::Debug for FrozenSegment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrozenSegment")
             .field("fd", &self.fd)
-            .field("len", &self.len)
+            .field("len", &self.map.len)
             .finish()
     }
 }
@@ -491,23 +462,6 @@ const FROZEN_SEALS: SealFlags = SealFlags::WRITE
     .union(SealFlags::SHRINK)
     .union(SealFlags::GROW)
     .union(SealFlags::SEAL);
-
-/// A writable shared mapping, unmapped when dropped (also when a fill panics).
-struct WritableMap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Drop for WritableMap {
-    fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is a mapping made by `with_fill` and unmapped only here;
-        // the slice handed to the fill closure does not outlive it.
-        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "munmap of a shared segment failed");
-        }
-    }
-}
 
 impl FrozenSegment {
     /// A segment holding a copy of `bytes` (written into the file by the kernel, with no
@@ -548,23 +502,9 @@ impl FrozenSegment {
         fill: impl FnOnce(&mut [u8]),
     ) -> io::Result<FrozenSegment> {
         let fd = new_memfd(name, len)?;
-        // A null hint: a fresh range that aliases no Rust object. The file was just created
-        // with `len` bytes and no other process has it, so every page stays backed.
-        // SAFETY: a fresh range, every page backed (above).
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )?
-        };
-        let map = WritableMap {
-            ptr: NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?,
-            len,
-        };
+        // The file was just created with `len` bytes and no other process has it, so every
+        // page of the mapping stays backed.
+        let map = Mapping::new(&fd, len, ProtFlags::READ | ProtFlags::WRITE)?;
         // The mapping is `len` bytes, live until `map` drops (after `fill` returns), and
         // only this slice refers to it: nothing else writes or reads it meanwhile.
         // SAFETY: valid, exclusive, initialized (zeroed) memory for the slice's life.
@@ -582,24 +522,12 @@ impl FrozenSegment {
     /// [`io::ErrorKind::InvalidData`] if the file is not a memfd on shmem sealed against
     /// writing, shrinking and growing, or is empty; the system call's error otherwise.
     pub fn from_fd(fd: OwnedFd) -> io::Result<FrozenSegment> {
-        let seals = rustix::fs::fcntl_get_seals(&fd)?;
-        if !seals.contains(SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW) {
-            return Err(invalid("shared bytes are not sealed against every change"));
-        }
-        let fs = rustix::fs::fstatfs(&fd)?;
-        #[allow(
-            clippy::useless_conversion,
-            reason = "f_type's type differs between targets"
-        )]
-        let fs_type = u64::try_from(fs.f_type).unwrap_or(0);
-        if fs_type != TMPFS_MAGIC {
-            return Err(invalid("shared bytes are not in a shmem file"));
-        }
-        let st = rustix::fs::fstat(&fd)?;
-        let len = usize::try_from(st.st_size).map_err(|_| invalid("bad segment size"))?;
-        if len == 0 {
-            return Err(invalid("empty shared segment"));
-        }
+        let len = sealed_shmem_len(
+            &fd,
+            SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW,
+            "shared bytes are not sealed against every change",
+            "shared bytes are not in a shmem file",
+        )?;
         FrozenSegment::map(fd, len)
     }
 
@@ -609,22 +537,10 @@ impl FrozenSegment {
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<FrozenSegment> {
-        // A null hint: a fresh range that aliases no Rust object. The file is sealed
-        // against shrinking (checked or set by the callers) with size `len`, so every page
-        // of the mapping stays backed.
-        // SAFETY: a fresh range, every page backed (above).
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )?
-        };
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?;
-        Ok(FrozenSegment { fd, ptr, len })
+        // The file is sealed against shrinking (checked or set by the callers) with size
+        // `len`, so every page of the mapping stays backed.
+        let map = Mapping::new(&fd, len, ProtFlags::READ)?;
+        Ok(FrozenSegment { fd, map })
     }
 
     /// The bytes.
@@ -633,17 +549,17 @@ impl FrozenSegment {
         // writing, shrinking and growing (checked or set before mapping; seals are never
         // removed), so no process can change or remove these bytes while the slice lives.
         // SAFETY: valid, immutable memory for the slice's life (above).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr(), self.map.len) }
     }
 
     /// Length in bytes (never 0).
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// Always `false`: frozen segments are never empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
     /// The memfd (close-on-exec), e.g. to pass it to another process.
@@ -652,15 +568,65 @@ impl FrozenSegment {
     }
 }
 
-impl Drop for FrozenSegment {
+/// A shared mapping of a file, at an address the kernel picked, unmapped when dropped
+/// (also when a fill panics).
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from its start, shared, with `prot`. Its owner sees to it
+    /// that every page stays backed (the file sealed against shrinking, at `len` bytes or
+    /// more).
+    fn new(fd: &OwnedFd, len: usize, prot: ProtFlags) -> io::Result<Mapping> {
+        // A null address hint lets the kernel pick a fresh range, so the mapping aliases no
+        // existing Rust object.
+        // SAFETY: a fresh range (above).
+        let p =
+            unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| invalid("mmap returned null"))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr..ptr + len` is the mapping made in `map`, unmapped only here; every
-        // reference into it borrows `self`, so none outlives this call.
+        // SAFETY: `ptr..ptr + len` is the mapping made in `new`, unmapped only here; every
+        // reference into it borrows its owner, so none outlives this call.
         let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
         if let Err(e) = r {
             tracing::warn!(error = %e, "munmap of a shared segment failed");
         }
     }
+}
+
+/// The size of `fd`, a file a peer handed over: a non-empty file on shmem with at least
+/// `seals`. Otherwise [`io::ErrorKind::InvalidData`], saying `unsealed` or `not_shmem`.
+fn sealed_shmem_len(
+    fd: &OwnedFd,
+    seals: SealFlags,
+    unsealed: &'static str,
+    not_shmem: &'static str,
+) -> io::Result<usize> {
+    if !rustix::fs::fcntl_get_seals(fd)?.contains(seals) {
+        return Err(invalid(unsealed));
+    }
+    let fs = rustix::fs::fstatfs(fd)?;
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type's type differs between targets"
+    )]
+    let fs_type = u64::try_from(fs.f_type).unwrap_or(0);
+    if fs_type != TMPFS_MAGIC {
+        return Err(invalid(not_shmem));
+    }
+    let st = rustix::fs::fstat(fd)?;
+    let len = usize::try_from(st.st_size).map_err(|_| invalid("bad segment size"))?;
+    if len == 0 {
+        return Err(invalid("empty shared segment"));
+    }
+    Ok(len)
 }
 
 /// A new memfd of `len` bytes (not 0) that can be sealed.
