@@ -207,11 +207,7 @@ impl Serialize for SharedBytes {
 
 impl<'de> Deserialize<'de> for SharedBytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let fail = |why: String| {
-            pool_spawn::task::note_decode_failure(why.clone());
-            D::Error::custom(why)
-        };
+        let fail = pool_spawn::task::noted_decode_error::<D::Error>;
         let Some(w) = Option::<Wire>::deserialize(d)? else {
             return Ok(SharedBytes::new());
         };

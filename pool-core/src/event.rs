@@ -238,11 +238,7 @@ impl Serialize for Event {
 
 impl<'de> Deserialize<'de> for Event {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let fail = |why: String| {
-            pool_spawn::task::note_decode_failure(why.clone());
-            D::Error::custom(why)
-        };
+        let fail = pool_spawn::task::noted_decode_error::<D::Error>;
         let w = Wire::deserialize(d)?;
         let seg = w.seg.open().map_err(|e| {
             fail(format!(

@@ -291,6 +291,13 @@ pub fn note_decode_failure(why: impl Into<String>) {
     NOTE_KEPT.with(|k| k.set(true));
 }
 
+/// [`note_decode_failure`] of `why`, and the deserializer's error saying it: what a
+/// `Deserialize` that fails for a reason the user should see returns.
+pub fn noted_decode_error<E: serde::de::Error>(why: String) -> E {
+    note_decode_failure(why.clone());
+    E::custom(why)
+}
+
 /// Installs the worker's panic hook: inside task code it records the message and location
 /// for the [`ItemError`] instead of printing; elsewhere it defers to the previous hook.
 pub(crate) fn install_panic_hook() {
