@@ -250,14 +250,8 @@ impl Driver {
     pub(crate) fn launch_initial(&mut self) -> Result<(), (pool_spawn::Error, usize)> {
         let mut started = 0;
         let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
-        let mut failure = loop {
-            let wid = {
-                let mut g = self.shared.lock();
-                if g.launches.is_empty() {
-                    break None;
-                }
-                g.launches.remove(0)
-            };
+        let mut failure = None;
+        while let Some(wid) = self.next_launch() {
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Begun::Ready(fds)) => {
                     self.watch(wid, fds);
@@ -265,9 +259,12 @@ impl Driver {
                 }
                 Ok(Begun::Gone) => {}
                 Ok(Begun::Starting(s)) => waiting.push((wid, s)),
-                Err(e) => break Some((wid, e)),
+                Err(e) => {
+                    failure = Some((wid, e));
+                    break;
+                }
             }
-        };
+        }
         // Those begun after a failure are stopped (dropping a start kills and reaps it).
         let mut abandoned = Vec::new();
         for (wid, start) in waiting {
@@ -309,14 +306,7 @@ impl Driver {
     /// Begins the launches the policy asked for; a worker that has not answered yet is
     /// watched (its channel and pidfd) until it does ([`Driver::advance_start`]).
     pub(crate) fn launch_pending(&mut self) {
-        loop {
-            let wid = {
-                let mut g = self.shared.lock();
-                if g.launches.is_empty() {
-                    return;
-                }
-                g.launches.remove(0)
-            };
+        while let Some(wid) = self.next_launch() {
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Begun::Ready(fds)) => self.watch(wid, fds),
                 Ok(Begun::Gone) => {}
@@ -324,6 +314,13 @@ impl Driver {
                 Err(e) => self.launch_failed(wid, &e),
             }
         }
+    }
+
+    /// The next slot whose worker the policy asked to start, taken off the list; `None`
+    /// once there is none.
+    fn next_launch(&self) -> Option<WorkerId> {
+        let mut g = self.shared.lock();
+        (!g.launches.is_empty()).then(|| g.launches.remove(0))
     }
 
     /// Settles slot `wid`, whose worker could not be started, as a launch failure.
