@@ -23,7 +23,7 @@ use crate::pool::Pool;
 pub(crate) const IN_FLIGHT: usize = 1;
 /// ... and when they are tiny: enough that a worker answering brief tasks in batches (it
 /// holds answers back while more requests wait) always has the next batch waiting.
-pub(crate) const MAX_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_IN_FLIGHT: usize = 1024;
 /// Tasks an `imap` keeps in the pool per worker (read ahead of what was consumed).
 pub(crate) const IMAP_WINDOW_PER_WORKER: usize = 32;
 /// Consecutive failed worker starts after which the pool stops starting workers.

@@ -91,7 +91,7 @@ pub struct Metrics {
     /// result; a chunk of a `map` is one task).
     pub run_time: Summary,
     /// How many tasks each worker may hold now: 1 for tasks of 20 ms or more (or of
-    /// unknown length), up to 64 when tasks are so short that round trips would leave
+    /// unknown length), up to 1024 when tasks are so short that round trips would leave
     /// workers idle.
     pub in_flight_per_worker: usize,
 }

@@ -361,8 +361,11 @@ pub(crate) struct Policy<T> {
 }
 
 /// Queued work worth keeping in front of each worker: the depth is chosen so that the
-/// tasks in flight take about this long, which hides a round trip many times over.
-const DEPTH_TARGET_NS: u64 = 100_000;
+/// tasks in flight take about this long, which hides a round trip many times over, even
+/// on a machine whose wakeups take tens of microseconds (a worker that runs out of work
+/// waits a whole round trip for more). It is also about the most a map's last tasks can
+/// keep one worker busy while another has nothing left.
+const DEPTH_TARGET_NS: u64 = 500_000;
 /// Workers that may die holding a task without starting it before the task fails.
 const ORPHAN_LIMIT: u32 = 3;
 /// Tasks at least this long run one at a time per worker (`PolicyConfig::in_flight`);
@@ -1986,7 +1989,8 @@ mod tests {
             vec![(1, 0), (2, 1)],
             "one each while the pace is unknown"
         );
-        p.observe(Duration::from_micros(150), &mut fx);
+        // Long enough that two of them fill the depth target.
+        p.observe(Duration::from_nanos(DEPTH_TARGET_NS * 3 / 4), &mut fx);
         assert_eq!(p.depth(), 2, "tasks under 20 ms: at least two");
         for _ in 0..40 {
             p.observe(Duration::from_micros(2), &mut fx);

@@ -17,8 +17,13 @@ use crate::os;
 const FILL_BUDGET: usize = 4 << 20;
 /// Small-frame buffers kept by [`FramedConn::recycle`]...
 const SPARE_SMALL: usize = 4;
-/// ... each of at most this capacity (larger ones go to the read half's payload spares).
+/// ... each of at most this capacity (larger ones go to the read half's payload spares);
 const SPARE_SMALL_MAX: usize = 128 * 1024;
+/// and, besides them, buffers of at most this capacity (a peer that answers many small
+/// messages in one write gets that many frames from one read)...
+const SPARE_TINY_MAX: usize = 1024;
+/// ... at most this many.
+const SPARE_TINY: usize = 64;
 
 /// A nonblocking framed connection, for the side of a channel that runs an event loop.
 ///
@@ -66,6 +71,8 @@ pub struct FramedConn {
     /// Buffers of small frames handed back by [`recycle`](FramedConn::recycle), reused for
     /// the next small frames (at most [`SPARE_SMALL`]).
     spare: Vec<Vec<u8>>,
+    /// The same for tiny frames (at most [`SPARE_TINY`], of [`SPARE_TINY_MAX`] bytes).
+    tiny: Vec<Vec<u8>>,
     /// A parse error found by `fill`, reported by `next_frame` after the frames before it.
     err: Option<Error>,
     /// While an incomplete frame is buffered: when bytes last arrived.
@@ -99,6 +106,7 @@ impl FramedConn {
             w,
             ready: VecDeque::new(),
             spare: Vec::new(),
+            tiny: Vec::new(),
             err: None,
             partial_since: None,
         })
@@ -309,7 +317,11 @@ impl FramedConn {
             match self.r.next() {
                 Ok(Next::Pending) => return,
                 Ok(Next::Inline(s, l)) => {
-                    let mut v = self.spare.pop().unwrap_or_default();
+                    let spare = match l <= SPARE_TINY_MAX {
+                        true => self.tiny.pop().or_else(|| self.spare.pop()),
+                        false => self.spare.pop(),
+                    };
+                    let mut v = spare.unwrap_or_default();
                     v.clear();
                     v.extend_from_slice(&self.r.buf()[s..s + l]);
                     self.ready.push_back((v, self.r.take_frame_fds()));
@@ -373,8 +385,12 @@ impl FramedConn {
     pub fn recycle(&mut self, v: Vec<u8>) {
         if v.capacity() > SPARE_SMALL_MAX {
             self.r.recycle(v);
-        } else if v.capacity() > 0 && self.spare.len() < SPARE_SMALL {
-            self.spare.push(v);
+        } else if v.capacity() > SPARE_TINY_MAX {
+            if self.spare.len() < SPARE_SMALL {
+                self.spare.push(v);
+            }
+        } else if v.capacity() > 0 && self.tiny.len() < SPARE_TINY {
+            self.tiny.push(v);
         }
     }
 

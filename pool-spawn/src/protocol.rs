@@ -659,7 +659,8 @@ const RUN_HEAD_ROOM: usize = 48;
 /// are, then takes the room's place.
 pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: &[T]) -> RunItems {
     if items.len() == 1 {
-        let mut frame = pool_ipc::FrameBuf::new();
+        // Room for the head and a small item: a small task's frame is one allocation.
+        let mut frame = pool_ipc::FrameBuf::with_capacity(RUN_HEAD_ROOM + 32);
         if encode_run(&mut frame, id, func, timed, items).is_ok() {
             return RunItems {
                 frame: Ok(frame),

@@ -333,7 +333,7 @@ struct Results<'p> {
 
 /// Answers held back at most: the pool sends the next tasks as answers arrive, so a
 /// worker holding too many would run out of work before they come.
-const HELD_MAX: u64 = 32;
+const HELD_MAX: u64 = 256;
 /// The largest answer that may be held back (larger ones are sent at once).
 const HELD_ANSWER_MAX: usize = 4096;
 /// Answers held back go out before the next task begins once this long has passed since

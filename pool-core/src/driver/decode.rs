@@ -53,7 +53,7 @@ pub(crate) fn decode_onto<R: serde::de::DeserializeOwned + 'static>(
                 // `base`); a result per item from the first that failed.
                 let mut mixed: Option<Vec<Result<R, TaskError>>> = None;
                 let err = |e| Err(item_error(e, &worker, pid));
-                for b in &mut batches {
+                for b in batches.iter_mut() {
                     // Shared bytes among the results map the descriptors passed with them.
                     let _passed = protocol::passing(std::mem::take(&mut b.fds));
                     // A large result's bytes in a buffer of their own: it becomes the value
@@ -192,14 +192,14 @@ mod tests {
     use pool_spawn::task::ItemErrorKind;
     use serde::de::{Deserialize, Deserializer};
 
-    use super::super::Batch;
+    use super::super::{Batch, Batches};
     use super::*;
 
     /// A `Done` outcome whose result bytes sit in the middle of a larger frame, as they
     /// arrive from a worker.
     fn done<T: serde::Serialize>(items: &[Result<T, ItemError>]) -> Outcome {
         Outcome::Done {
-            result: Ok(vec![batch(items)]),
+            result: Ok(vec![batch(items)].into()),
             worker: "W-1".into(),
             pid: 42,
         }
@@ -226,11 +226,10 @@ mod tests {
     #[test]
     fn results_sent_in_several_parts_decode_as_one_run() {
         let outcome = Outcome::Done {
-            result: Ok(vec![
-                batch(&[Ok::<u32, ItemError>(1), Ok(2)]),
-                batch::<u32>(&[]),
-                batch(&[Ok::<u32, ItemError>(3)]),
-            ]),
+            result: Ok(Batches::new(
+                vec![batch(&[Ok::<u32, ItemError>(1), Ok(2)]), batch::<u32>(&[])],
+                Some(batch(&[Ok::<u32, ItemError>(3)])),
+            )),
             worker: "W-1".into(),
             pid: 42,
         };
@@ -244,7 +243,8 @@ mod tests {
                 batch(&[Ok::<u32, ItemError>(1), Ok(2)]),
                 batch(&[Ok::<u32, ItemError>(3), Err(panicked), Ok(5)]),
                 batch(&[Ok::<u32, ItemError>(6)]),
-            ]),
+            ]
+            .into()),
             worker: "W-1".into(),
             pid: 42,
         };

@@ -66,13 +66,46 @@ impl Batch {
     }
 }
 
+/// The result batches of (some items of) a task, in order: those that came in parts, then
+/// the last. One batch, the usual case, needs no vector.
+#[derive(Default)]
+pub(crate) struct Batches {
+    parts: Vec<Batch>,
+    last: Option<Batch>,
+}
+
+impl Batches {
+    pub(super) fn new(parts: Vec<Batch>, last: Option<Batch>) -> Self {
+        Batches { parts, last }
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Batch> {
+        self.parts.iter_mut().chain(self.last.as_mut())
+    }
+}
+
+impl IntoIterator for Batches {
+    type Item = Batch;
+    type IntoIter = std::iter::Chain<std::vec::IntoIter<Batch>, std::option::IntoIter<Batch>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.parts.into_iter().chain(self.last)
+    }
+}
+
+impl From<Vec<Batch>> for Batches {
+    fn from(parts: Vec<Batch>) -> Self {
+        Batches::new(parts, None)
+    }
+}
+
 /// What the driver hands back for (some items of) a task: their result bytes or their
 /// failure.
 pub(crate) enum Outcome {
     /// The worker sent results: the batches hold one result per item, in order; or the
     /// whole batch failed.
     Done {
-        result: Result<Vec<Batch>, ItemError>,
+        result: Result<Batches, ItemError>,
         /// The worker's name (shared: every task's outcome names it).
         worker: Arc<str>,
         pid: u32,

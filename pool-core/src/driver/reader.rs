@@ -26,7 +26,7 @@ use rustix::event::{PollFd, PollFlags};
 use super::effects::Fx;
 use super::shared::{Shared, note_started};
 use super::worker_io::WorkerIo;
-use super::{Batch, Delivery, Outcome, TaskRec};
+use super::{Batch, Batches, Delivery, Outcome, TaskRec};
 use crate::policy::{Effects, Policy, WorkerId};
 
 /// How a read of a worker's socket ended.
@@ -273,6 +273,7 @@ pub(super) fn read_worker(
             }
         }
     }
+    tell_pace(policy, fx, wid, now);
     if let Some(w) = fx.io.get_mut(&wid) {
         // A `PartTail` waiting for its tail frame is a frame stuck partway too.
         let waiting = partial || w.tail_wait.is_some();
@@ -297,6 +298,20 @@ pub(super) fn read_worker(
         w.ended = true;
     }
     end
+}
+
+/// Tells the policy how long worker `wid` took per task over the answers read together
+/// (at `now`). A worker writes the answers of brief tasks in batches, so they arrive at one
+/// moment: the time since it could begin the first of them, shared among them, is each
+/// one's time; timed one by one, all but the first would seem to take none.
+fn tell_pace(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId, now: Instant) {
+    let Some((first, n)) = fx.io.get_mut(&wid).and_then(|w| w.unpaced.take()) else {
+        return;
+    };
+    let each = now.saturating_duration_since(first) / n.max(1);
+    for _ in 0..n {
+        policy.observe(each, fx);
+    }
 }
 
 /// A worker's `Done`, as read from its channel or taken from its page.
@@ -343,9 +358,9 @@ fn on_done(
         return false;
     }
     w.results += 1;
-    let mut batches = Vec::new();
+    let mut parts = Vec::new();
     if w.parts_task == id {
-        batches = std::mem::take(&mut w.parts);
+        parts = std::mem::take(&mut w.parts);
     }
     if let Some(rec) = policy.done(wid, id, fx) {
         rec.group.remove(id);
@@ -358,7 +373,11 @@ fn on_done(
             };
             w.last_done = Some(now);
             if let Some(b) = began {
-                policy.observe(now.saturating_duration_since(b), fx);
+                // Told to the policy once the read's answers are all in (`tell_pace`).
+                w.unpaced = match w.unpaced {
+                    Some((first, n)) => Some((first.min(b), n.saturating_add(1))),
+                    None => Some((b, 1)),
+                };
             }
             let start = rec.started_at.or(began).unwrap_or(now);
             fx.timings.record(
@@ -368,14 +387,14 @@ fn on_done(
             );
         }
         let result = outcome.map(|range| {
-            batches.push(Batch {
+            let last = Batch {
                 frame,
                 range,
                 items,
                 tail: Vec::new(),
                 fds,
-            });
-            batches
+            };
+            Batches::new(parts, Some(last))
         });
         fx.done.push(Delivery::all(
             &rec,
@@ -434,6 +453,7 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
             w.salvaged.push_back(id);
         }
     }
+    tell_pace(policy, fx, wid, now);
     true
 }
 

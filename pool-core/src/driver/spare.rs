@@ -10,22 +10,28 @@ use std::cell::RefCell;
 
 use pool_ipc::FramedConn;
 
-/// Spare frames kept at most...
-const KEEP: usize = 8;
+/// Spare frames kept at most (a read can bring dozens of small answers)...
+const KEEP: usize = 64;
 /// ... and bytes of capacity in all.
 const KEEP_BYTES: usize = 16 << 20;
 
 thread_local! {
-    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Spares> = const { RefCell::new(Spares { bufs: Vec::new(), bytes: 0 }) };
+}
+
+/// The kept buffers and their capacity in all.
+struct Spares {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 /// Keeps `frame`'s buffer for a later frame (or frees it if enough are kept).
 pub(crate) fn give(frame: Vec<u8>) {
     SPARE.with(|s| {
         let mut s = s.borrow_mut();
-        let kept: usize = s.iter().map(Vec::capacity).sum();
-        if s.len() < KEEP && kept + frame.capacity() <= KEEP_BYTES {
-            s.push(frame);
+        if s.bufs.len() < KEEP && s.bytes + frame.capacity() <= KEEP_BYTES {
+            s.bytes += frame.capacity();
+            s.bufs.push(frame);
         }
     });
 }
@@ -33,7 +39,9 @@ pub(crate) fn give(frame: Vec<u8>) {
 /// Hands the kept buffers to `conn`, which reuses them for the frames it reads next.
 pub(crate) fn hand_to(conn: &mut FramedConn) {
     SPARE.with(|s| {
-        for v in s.borrow_mut().drain(..) {
+        let mut s = s.borrow_mut();
+        s.bytes = 0;
+        for v in s.bufs.drain(..) {
             conn.recycle(v);
         }
     });

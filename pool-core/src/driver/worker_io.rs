@@ -12,7 +12,7 @@ use pool_ipc::{FrameBuf, FramedConn};
 use pool_spawn::protocol::{FromWorker, PROGRESS_KEPT, page};
 use pool_spawn::{ExitStatus, Worker};
 
-use super::Batch;
+use super::{Batch, Batches};
 use crate::event::Pins;
 use crate::policy::TakenUp;
 
@@ -50,6 +50,9 @@ pub(super) struct WorkerIo {
     pub(super) exit_note: Option<String>,
     /// When this worker's last result arrived.
     pub(super) last_done: Option<Instant>,
+    /// Answers read together, not yet told to the policy's pace: when the worker could
+    /// begin the first of them, and how many there are (see `reader::tell_pace`).
+    pub(super) unpaced: Option<(Instant, u32)>,
     /// What it may send next, and whether a frame from it is stuck partway.
     pub(super) guard: super::phase::Guard,
     /// The driver's duplicate of the worker's socket while it watches it: the fd registered
@@ -102,6 +105,7 @@ impl WorkerIo {
             kill_when_launched: false,
             exit_note: None,
             last_done: None,
+            unpaced: None,
             guard: Default::default(),
             sock_watch: None,
             exit_watch: None,
@@ -309,13 +313,14 @@ impl WorkerIo {
     /// The results of task `id` (the one the worker was running when it died) that survive
     /// it: those received in parts, then those on its page's result area. Returns how many
     /// items they cover. Read only once the worker is gone.
-    pub(super) fn salvage(&mut self, id: u64) -> (u64, Vec<Batch>) {
-        let mut batches = Vec::new();
+    pub(super) fn salvage(&mut self, id: u64) -> (u64, Batches) {
+        let mut parts = Vec::new();
         let mut items = 0;
         if self.parts_task == id {
-            batches = std::mem::take(&mut self.parts);
-            items = batches.iter().map(|b| b.items).sum();
+            parts = std::mem::take(&mut self.parts);
+            items = parts.iter().map(|b| b.items).sum();
         }
+        let mut last = None;
         if let Some(page) = self.page()
             && page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
             && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == items
@@ -330,7 +335,7 @@ impl WorkerIo {
             if n > 0 && len <= room {
                 let mut frame = Vec::new();
                 page.read_to_vec(page::AREA_OFFSET, len as usize, &mut frame);
-                batches.push(Batch {
+                last = Some(Batch {
                     range: 0..frame.len(),
                     frame,
                     items: n,
@@ -340,7 +345,7 @@ impl WorkerIo {
                 items += n;
             }
         }
-        (items, batches)
+        (items, Batches::new(parts, last))
     }
 
     /// The answers the worker holds back (see `page::HELD_OFFSET`), oldest first: each may
