@@ -18,6 +18,15 @@ use crate::task::Task;
 /// waiting for more chunks: its workers have enough to begin with.
 const SUBMIT_ITEMS: usize = 4096;
 
+/// ... and a batch of at most this many chunks: the pool's lock is held while a batch is
+/// handed to the policy, and the driver, which hands out the next tasks as answers come,
+/// waits for it meanwhile (4096 tasks of one item held it for about 1 ms, longer than the
+/// work each worker has queued).
+const SUBMIT_TASKS: usize = 256;
+
+/// A map of at least this many chunks makes room for their records in the policy first.
+const RESERVE_MIN_CHUNKS: usize = 256;
+
 /// Chunks of at least this many items decode their values straight onto the map's result
 /// (see [`ChunkOnto`]).
 const ONTO_MIN_ITEMS: usize = 64;
@@ -81,7 +90,7 @@ impl Pool {
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
                 self.submit_all(std::mem::take(&mut batch), false);
                 batch_items = 0;
-                next_batch = next_batch.saturating_mul(2);
+                next_batch = next_batch.saturating_mul(2).min(SUBMIT_TASKS);
             }
         }
         if !batch.is_empty() {
@@ -144,6 +153,13 @@ impl Pool {
         let size = chunksize
             .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
+        // Every chunk is submitted at once (up to the queue's limit, if it has one).
+        let chunks = n
+            .div_ceil(size)
+            .min(self.shared.max_queued().unwrap_or(usize::MAX));
+        if chunks >= RESERVE_MIN_CHUNKS {
+            self.shared.act(|p, _| p.reserve(chunks));
+        }
         let state = Arc::new(Mutex::new(Gather {
             out: Vec::with_capacity(n),
             next: 0,

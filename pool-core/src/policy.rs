@@ -794,6 +794,13 @@ impl<T> Policy<T> {
         self.queue.len()
     }
 
+    /// Makes room for `n` more task records at once: a `map` about to submit that many
+    /// chunks spares the table its growth (each step a copy of every record held, and fresh
+    /// pages to fault in).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.tasks.reserve(n);
+    }
+
     /// As [`Policy::exited`], knowing more of how the worker went: the last `undelivered`
     /// tasks sent to it never fully left for it (the writes failed or were still queued), so
     /// they never started; and `begun`, when known, says how many tasks it began that no
