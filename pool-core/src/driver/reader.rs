@@ -305,10 +305,9 @@ pub(super) fn read_worker(
 /// moment: the time since it could begin the first of them, shared among them, is each
 /// one's time; timed one by one, all but the first would seem to take none.
 fn tell_pace(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId, now: Instant) {
-    let Some((first, n)) = fx.io.get_mut(&wid).and_then(|w| w.unpaced.take()) else {
+    let Some((each, n)) = fx.io.get_mut(&wid).and_then(|w| w.pace(now)) else {
         return;
     };
-    let each = now.saturating_duration_since(first) / n.max(1);
     for _ in 0..n {
         policy.observe(each, fx);
     }
@@ -374,10 +373,7 @@ fn on_done(
             w.last_done = Some(now);
             if let Some(b) = began {
                 // Told to the policy once the read's answers are all in (`tell_pace`).
-                w.unpaced = match w.unpaced {
-                    Some((first, n)) => Some((first.min(b), n.saturating_add(1))),
-                    None => Some((b, 1)),
-                };
+                w.answered(b);
             }
             let start = rec.started_at.or(began).unwrap_or(now);
             fx.timings.record(

@@ -310,6 +310,24 @@ impl WorkerIo {
         }
     }
 
+    /// An answer arrived for a task the worker could begin at `began`; its time is told
+    /// with the others read at the same moment ([`pace`](WorkerIo::pace)).
+    pub(super) fn answered(&mut self, began: Instant) {
+        self.unpaced = match self.unpaced {
+            Some((first, n)) => Some((first.min(began), n.saturating_add(1))),
+            None => Some((began, 1)),
+        };
+    }
+
+    /// The time each answer read since the last call took, and how many there were: the
+    /// time from when the worker could begin the first of them to `now`, shared among them
+    /// (the answers of brief tasks arrive in batches, all but the first as if they took no
+    /// time).
+    pub(super) fn pace(&mut self, now: Instant) -> Option<(std::time::Duration, u32)> {
+        let (first, n) = self.unpaced.take()?;
+        Some((now.saturating_duration_since(first) / n.max(1), n))
+    }
+
     /// The results of task `id` (the one the worker was running when it died) that survive
     /// it: those received in parts, then those on its page's result area. Returns how many
     /// items they cover. Read only once the worker is gone.
@@ -465,6 +483,22 @@ mod tests {
         assert!(w.passes_over(&done(6)));
         // Task 7's answer is new: delivered.
         assert!(!w.passes_over(&done(7)));
+    }
+
+    #[test]
+    fn answers_read_together_share_the_time_since_the_first_could_begin() {
+        let mut w = WorkerIo::new("w".into());
+        let t0 = Instant::now();
+        assert_eq!(w.pace(t0), None);
+        // Four answers in one read: the first task could begin at t0, the others once the
+        // one before them ended (seen as the moment of this read).
+        let now = t0 + std::time::Duration::from_micros(40);
+        w.answered(t0);
+        for _ in 0..3 {
+            w.answered(now);
+        }
+        assert_eq!(w.pace(now), Some((std::time::Duration::from_micros(10), 4)));
+        assert_eq!(w.pace(now), None, "told once");
     }
 
     #[test]
