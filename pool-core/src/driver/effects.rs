@@ -1,6 +1,6 @@
 //! The policy's effects on real workers: [`Fx`] implements [`Effects`] while the lock is held.
 
-use std::collections::HashMap;
+use crate::ids::IdMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use crate::policy::{Effects, Finish, TakenUp, TaskId, WorkerId};
 
 /// The policy's effects on the real world, while the lock is held.
 pub(crate) struct Fx<'a> {
-    pub(super) io: &'a mut HashMap<WorkerId, WorkerIo>,
+    pub(super) io: &'a mut IdMap<WorkerIo>,
     pub(super) launches: &'a mut Vec<WorkerId>,
     pub(super) done: &'a mut Vec<Delivery>,
     pub(super) wake_driver: &'a mut bool,

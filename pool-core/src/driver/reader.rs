@@ -14,7 +14,7 @@
 //! is left and gives the rest to the driver, which reaps the worker as always; if the
 //! driver reaps first, the borrow ends there and the caller waits on its result.
 
-use std::collections::HashMap;
+use crate::ids::IdMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,7 +59,7 @@ struct Faulty;
 /// not running that task (then it is faulty, and `end` says so).
 fn running_io<'a>(
     policy: &Policy<TaskRec>,
-    io: &'a mut HashMap<WorkerId, WorkerIo>,
+    io: &'a mut IdMap<WorkerIo>,
     wid: WorkerId,
     id: u64,
     end: &mut ReadEnd,

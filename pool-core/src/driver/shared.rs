@@ -1,7 +1,7 @@
 //! The state shared by the pool handle, the driver thread and submitting threads, behind one
 //! lock; [`Shared::act`] runs a policy step under it and delivers outcomes after it.
 
-use std::collections::HashMap;
+use crate::ids::IdMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -47,7 +47,7 @@ pub(crate) struct Settings {
 /// Everything behind the pool's lock.
 pub(crate) struct Inner {
     pub(crate) policy: Policy<TaskRec>,
-    pub(super) io: HashMap<WorkerId, WorkerIo>,
+    pub(super) io: IdMap<WorkerIo>,
     pub(super) launches: Vec<WorkerId>,
     pub(super) done: Vec<Delivery>,
     pub(super) term_deadline: Option<Instant>,
@@ -105,7 +105,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             inner: Mutex::new(Inner {
                 policy,
-                io: HashMap::new(),
+                io: IdMap::default(),
                 launches: Vec::new(),
                 done: Vec::new(),
                 term_deadline: None,
@@ -408,7 +408,7 @@ pub(crate) struct WorkerState {
 /// task is not noted yet: its queue wait ends now ("task started").
 pub(super) fn note_started(
     policy: &mut Policy<TaskRec>,
-    io: &HashMap<WorkerId, WorkerIo>,
+    io: &IdMap<WorkerIo>,
     wid: WorkerId,
     now: Instant,
 ) {
