@@ -59,6 +59,10 @@ pub(crate) enum TakenUp {
     Unknown,
     /// The last task it took up is `id` (and no other since): running it, or `ended`.
     Task { id: TaskId, ended: bool },
+    /// The mark could not be made: every slot it may go in holds the mark of another task
+    /// the worker has not passed yet (it holds many cancelled tasks whose ids collide). The
+    /// worker may run the task, so it is taken for running.
+    NoRoom,
 }
 
 /// Why a task ended without a result.
@@ -592,6 +596,7 @@ impl<T> Policy<T> {
         let began = match fx.cancel_sent(wid, id) {
             TakenUp::Nothing => false,
             TakenUp::Unknown => pos == Some(0),
+            TakenUp::NoRoom => true,
             TakenUp::Task { id: last, ended } if last == id => {
                 if ended {
                     return Cancelled::Finished;

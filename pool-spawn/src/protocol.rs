@@ -85,7 +85,7 @@ pub struct ImageId {
 pub(crate) struct SameImage(());
 
 /// The version of this message protocol; part of [`ImageId`].
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 impl ImageId {
     /// The identity of the running executable image (computed once, then cached).
@@ -203,12 +203,18 @@ pub mod page {
     pub const AREA_ITEMS: usize = 6;
     /// How many bytes of the area they fill.
     pub const AREA_BYTES: usize = 7;
-    /// The first of the cancel slots: ids of tasks the worker must not begin.
-    pub const CANCEL_FIRST: usize = 8;
-    /// How many cancel slots there are (used as a ring by the pool).
-    pub const CANCEL_SLOTS: usize = 32;
+    /// The first of the cancel slots (a word index, past the held area): ids of tasks the
+    /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
+    /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
+    /// needed, so the worker checks a few slots before each task however many tasks it
+    /// holds. (Words 8 to 39 are unused.)
+    pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
+    /// How many cancel slots there are: four times as many as tasks a worker may hold.
+    pub const CANCEL_SLOTS: usize = 4096;
+    /// How many slots a task's mark may go in.
+    pub const CANCEL_PROBES: usize = 4;
     /// How many answers the held area holds (each complete; see [`HELD_OFFSET`]).
-    pub const HELD_COUNT: usize = CANCEL_FIRST + CANCEL_SLOTS;
+    pub const HELD_COUNT: usize = 40;
     /// How many bytes of the held area they fill.
     pub const HELD_BYTES: usize = HELD_COUNT + 1;
     /// How many times the held area was emptied (its answers written to the channel). The
@@ -236,9 +242,16 @@ pub mod page {
     /// Answers held back go out before the worker takes up another task once this long
     /// (ns) has passed since the first of their tasks began (see [`HELD_OFFSET`]).
     pub const HOLD_AGE_NS: u64 = 100_000;
-    /// The size of the whole page the pool makes: the words, a 1 MiB result area and the
-    /// held area.
-    pub const LEN: usize = HELD_OFFSET + HELD_LEN;
+    /// The size of the whole page the pool makes: the words, a 1 MiB result area, the
+    /// held area and the cancel slots.
+    pub const LEN: usize = HELD_OFFSET + HELD_LEN + CANCEL_SLOTS * 8;
+
+    /// The word index of the `k`th slot (`k < CANCEL_PROBES`) where task `id`'s cancel
+    /// mark may go.
+    pub fn cancel_slot(id: u64, k: usize) -> usize {
+        // The remainder is below CANCEL_SLOTS, so it fits.
+        CANCEL_FIRST + (id as usize).wrapping_add(k) % CANCEL_SLOTS
+    }
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`page::STARTED_NS`] (the same clock

@@ -302,6 +302,8 @@ struct Results<'p> {
     area_words: Option<(&'p AtomicU64, &'p AtomicU64)>,
     /// The size of the result area.
     area_len: usize,
+    /// Whether the page has the cancel slots (a page as large as `page::LEN`).
+    cancels: bool,
     /// Bytes of results in the area.
     used: usize,
     /// Items whose results are in the area.
@@ -358,6 +360,7 @@ impl<'p> Results<'p> {
                     .min(page::HELD_OFFSET)
                     .saturating_sub(page::AREA_OFFSET)
             }),
+            cancels: page.is_some_and(|p| p.len() >= page::LEN),
             used: 0,
             items: 0,
             sent: 0,
@@ -518,11 +521,12 @@ impl<'p> Results<'p> {
         // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
         // either we see its mark, or it sees that we took the task up.
         page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);
-        let cancelled = (0..page::CANCEL_SLOTS).any(|i| {
-            page.atomic_u64(page::CANCEL_FIRST + i)
-                .load(Ordering::SeqCst)
-                == id
-        });
+        let cancelled = self.cancels
+            && (0..page::CANCEL_PROBES).any(|k| {
+                page.atomic_u64(page::cancel_slot(id, k))
+                    .load(Ordering::SeqCst)
+                    == id
+            });
         if cancelled {
             page.atomic_u64(page::CURRENT)
                 .store(id | page::ENDED | page::SKIPPED, Ordering::Release);

@@ -292,6 +292,53 @@ fn cancel_says_what_it_did_and_a_cancelled_task_never_runs() {
     }
 }
 
+/// Waits until a file exists at `path` (for at most 20 s), then returns 0.
+fn wait_for_file(path: String) -> u32 {
+    let t = Instant::now();
+    while !Path::new(&path).exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    0
+}
+
+#[test]
+fn cancelling_hundreds_of_tasks_sent_to_one_worker_runs_none_of_them() {
+    // A worker that has shown its tasks are brief is sent hundreds at once; here they wait
+    // behind a task that waits for a file. Cancelling them marks every one of them for the
+    // worker, however many: none runs.
+    let pool = builder(Default::default()).processes(1).build().unwrap();
+    let t = Instant::now();
+    while pool.metrics().in_flight_per_worker < 100 && t.elapsed() < PROMPT {
+        pool.map_with(square, 0..2000u64, Options::new().chunksize(1))
+            .unwrap();
+    }
+    let depth = pool.metrics().in_flight_per_worker;
+    assert!(depth >= 100, "brief tasks deepen the queue: {depth}");
+    let gate = scratch("cancel-many-gate");
+    let path = scratch("cancel-many");
+    let p = path.display().to_string();
+    let blocker = pool.apply_async(wait_for_file, (gate.display().to_string(),));
+    let n = (depth - 2) as u64;
+    let m = pool.starmap_async_with(
+        record,
+        (0..n).map(|i| (p.clone(), i, 0)),
+        Options::new().chunksize(1),
+    );
+    wait_for("every task to be sent to the worker", PROMPT, || {
+        pool.metrics().queued == 0
+    });
+    assert_eq!(m.cancel(), CancelOutcome::BeforeStart);
+    assert!(m.get().unwrap_err().is_cancelled());
+    std::fs::write(&gate, b"go").unwrap();
+    assert_eq!(blocker.get().unwrap(), 0);
+    // The worker has gone past every cancelled task once a task sent after them is done.
+    assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
+    let ran = runs(&path);
+    assert!(ran.is_empty(), "{} of {n} cancelled tasks ran", ran.len());
+    assert_eq!(pool.metrics().cancelled, n);
+    shut_down(pool);
+}
+
 #[test]
 fn cancelling_a_map_half_way_stops_what_runs_and_drops_the_rest() {
     let pool = builder(Default::default()).build().unwrap();

@@ -374,5 +374,11 @@ mod tests {
         let mut tail = [0u8; 10];
         page.read_at(page::LEN - 10, &mut tail);
         assert_eq!(tail, [0; 10]);
+        assert_eq!(
+            page.atomic_u64(page::CANCEL_FIRST + 5)
+                .load(Ordering::SeqCst),
+            0,
+            "the cancel marks are gone"
+        );
     }
 }

@@ -242,6 +242,7 @@ pub(super) fn read_worker(
                     break;
                 }
                 w.results += 1;
+                w.passed(id);
                 // The task was cancelled before it began: only its place is freed.
                 let _ = policy.done(wid, id, fx);
                 note_started(policy, fx.io, wid, now);
@@ -357,6 +358,7 @@ fn on_done(
         return false;
     }
     w.results += 1;
+    w.passed(id);
     let mut parts = Vec::new();
     if w.parts_task == id {
         parts = std::mem::take(&mut w.parts);

@@ -14,6 +14,7 @@ use pool_spawn::{ExitStatus, Worker};
 
 use super::{Batch, Batches};
 use crate::event::Pins;
+use crate::ids::IdSet;
 use crate::policy::TakenUp;
 
 /// One worker's I/O state.
@@ -40,8 +41,9 @@ pub(super) struct WorkerIo {
     pub(super) tail_wait: Option<(u64, Vec<u8>, std::ops::Range<usize>, u64)>,
     /// Cancel marks to write once the page exists (the worker is still being launched).
     pub(super) pending_cancels: Vec<u64>,
-    /// The next cancel slot to write.
-    pub(super) next_cancel: usize,
+    /// Tasks marked cancelled on the page that the worker has not passed yet (no answer
+    /// and no `Skipped` from it): their slots are taken.
+    pub(super) marked: IdSet,
     /// When to SIGKILL a worker stopped with SIGTERM.
     pub(super) kill_at: Option<Instant>,
     pub(super) handle: Option<Worker>,
@@ -98,7 +100,7 @@ impl WorkerIo {
             parts_task: 0,
             tail_wait: None,
             pending_cancels: Vec::new(),
-            next_cancel: 0,
+            marked: IdSet::default(),
             kill_at: None,
             handle: None,
             status: None,
@@ -279,12 +281,14 @@ impl WorkerIo {
         if self.page().is_none() {
             return TakenUp::Unknown;
         }
-        let slot = self.next_cancel % page::CANCEL_SLOTS;
-        self.next_cancel += 1;
+        let page = self.page().expect("checked above");
+        let Some(slot) = free_cancel_slot(page, &self.marked, id) else {
+            return TakenUp::NoRoom;
+        };
+        self.marked.insert(id);
         let page = self.page().expect("checked above");
         // Store, then load: the worker stores CURRENT, then loads the slots (see `page`).
-        page.atomic_u64(page::CANCEL_FIRST + slot)
-            .store(id, Ordering::SeqCst);
+        page.atomic_u64(slot).store(id, Ordering::SeqCst);
         let current = page.atomic_u64(page::CURRENT).load(Ordering::SeqCst);
         let last = current & !(page::ENDED | page::SKIPPED);
         if last == id && current & page::SKIPPED != 0 {
@@ -297,16 +301,26 @@ impl WorkerIo {
         }
     }
 
+    /// The worker has passed task `id` (answered or skipped it): a cancel mark it had is
+    /// no longer needed.
+    pub(super) fn passed(&mut self, id: u64) {
+        if !self.marked.is_empty() {
+            self.marked.remove(&id);
+        }
+    }
+
     /// Writes the cancel marks made before the page existed.
     pub(super) fn write_pending_cancels(&mut self) {
         let Some(page) = self.progress.as_ref() else {
             return;
         };
         for id in std::mem::take(&mut self.pending_cancels) {
-            let slot = self.next_cancel % page::CANCEL_SLOTS;
-            self.next_cancel += 1;
-            page.atomic_u64(page::CANCEL_FIRST + slot)
-                .store(id, Ordering::SeqCst);
+            // A fresh page, so a slot is free unless the pool marked more tasks than a
+            // worker can hold; the task is never sent then anyway (it ended cancelled).
+            if let Some(slot) = free_cancel_slot(page, &self.marked, id) {
+                page.atomic_u64(slot).store(id, Ordering::SeqCst);
+                self.marked.insert(id);
+            }
         }
     }
 
@@ -461,6 +475,17 @@ pub(super) fn exit_token(wid: u64) -> u64 {
 /// The epoll token of the driver's wake-up eventfd (no worker's: ids stay far below).
 pub(super) const WAKE_TOKEN: u64 = u64::MAX;
 
+/// A slot of `page` for task `id`'s cancel mark: one of its slots that is empty, holds
+/// its mark already, or holds the mark of a task not in `marked` (the worker passed it).
+fn free_cancel_slot(page: &pool_ipc::shm::Segment, marked: &IdSet, id: u64) -> Option<usize> {
+    (0..page::CANCEL_PROBES)
+        .map(|k| page::cancel_slot(id, k))
+        .find(|&slot| {
+            let held = page.atomic_u64(slot).load(Ordering::Acquire);
+            held == 0 || held == id || !marked.contains(&held)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +524,40 @@ mod tests {
         }
         assert_eq!(w.pace(now), Some((std::time::Duration::from_micros(10), 4)));
         assert_eq!(w.pace(now), None, "told once");
+    }
+
+    #[test]
+    fn a_cancel_mark_takes_a_slot_no_mark_the_worker_still_needs_holds() {
+        let mut w = WorkerIo::new("w".into());
+        let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
+        page.atomic_u64(page::KEPT)
+            .store(PROGRESS_KEPT, Ordering::SeqCst);
+        w.progress = Some(page);
+        // Ids that share their slots: as many marks as slots to probe fit; one more does
+        // not, until the worker passes a marked task.
+        let slots = page::CANCEL_SLOTS as u64;
+        let ids: Vec<u64> = (0..=page::CANCEL_PROBES as u64)
+            .map(|k| 10 + k * slots)
+            .collect();
+        for &id in &ids[..page::CANCEL_PROBES] {
+            assert_ne!(w.mark_cancelled(id), TakenUp::NoRoom, "{id}");
+        }
+        let last = ids[page::CANCEL_PROBES];
+        assert_eq!(w.mark_cancelled(last), TakenUp::NoRoom);
+        w.passed(ids[1]);
+        assert_ne!(w.mark_cancelled(last), TakenUp::NoRoom);
+        // Every mark the worker still needs is where it looks for it.
+        let seen = |id: u64| {
+            let page = w.page().unwrap();
+            (0..page::CANCEL_PROBES).any(|k| {
+                page.atomic_u64(page::cancel_slot(id, k))
+                    .load(Ordering::SeqCst)
+                    == id
+            })
+        };
+        for &id in ids.iter().filter(|&&id| id != ids[1]) {
+            assert!(seen(id), "{id}");
+        }
     }
 
     #[test]
