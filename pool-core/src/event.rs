@@ -175,6 +175,11 @@ impl Pin {
 pub(crate) struct Pins(Vec<Pin>);
 
 impl Pins {
+    /// Whether it holds no event.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Duplicates of the segments' descriptors, in slot order, to pass with a message that
     /// carries the encoding: at most as many as one message carries, and only up to the
     /// first that cannot be duplicated (the values after it are opened through `/proc`).

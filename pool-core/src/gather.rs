@@ -76,7 +76,8 @@ impl Pool {
         let mut chunk = Vec::with_capacity(plan.size.min(n.max(1)));
         // Submitted in batches that double (one policy step and one write per worker for
         // each), and at once whatever their number when they hold many items.
-        let (mut batch, mut batch_items, mut next_batch) = (Vec::new(), 0, 1);
+        let mut batch = Vec::with_capacity(SUBMIT_TASKS.min(n.div_ceil(plan.size)));
+        let (mut batch_items, mut next_batch) = (0, 1);
         for c in 0.. {
             chunk.extend(items.by_ref().take(plan.size));
             if chunk.is_empty() {
@@ -88,7 +89,7 @@ impl Pool {
             chunk.clear();
             batch.extend(task);
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
-                self.submit_all(std::mem::take(&mut batch), false);
+                self.submit_drain(&mut batch);
                 batch_items = 0;
                 next_batch = next_batch.saturating_mul(2).min(SUBMIT_TASKS);
             }

@@ -330,9 +330,7 @@ impl Pool {
         sub.group.add(id);
         let rec = TaskRec {
             frame: Some(frame),
-            tail,
-            pins: task_pins,
-            spans,
+            extra: crate::driver::TaskExtra::boxed(tail, task_pins, spans),
             sink,
             first: 0,
             count: n_sent,
@@ -353,6 +351,24 @@ impl Pool {
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
         let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
+    }
+
+    /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds, leaving it empty with
+    /// its room, for the next batch: a batch of records moves into the policy once, not
+    /// into a fresh vector that grows as it fills first.
+    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>) {
+        if self.shared.max_queued().is_some() {
+            // Each task waits for room in a step of its own.
+            self.submit_all(std::mem::take(tasks), false);
+            return;
+        }
+        if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
+            self.shared.note_timeouts();
+        }
+        let refused = self
+            .shared
+            .act(|p, fx| submit_each(p, fx, tasks.drain(..), false));
+        self.fail_refused(refused, false);
     }
 
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
@@ -892,7 +908,7 @@ impl Pool {
 fn submit_each(
     p: &mut Policy<TaskRec>,
     fx: &mut impl Effects<TaskRec>,
-    tasks: Vec<(u64, TaskRec)>,
+    tasks: impl IntoIterator<Item = (u64, TaskRec)>,
     fed: bool,
 ) -> Vec<(TaskRec, Refusal)> {
     let mut refused = Vec::new();

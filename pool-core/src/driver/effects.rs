@@ -77,8 +77,10 @@ impl Effects<TaskRec> for Fx<'_> {
         }
         match w.conn.as_mut() {
             Some(conn) => {
-                conn.queue_copy_with_fds(frame, task.pins.fds());
-                if let Some(tail) = &task.tail {
+                let extra = task.extra.as_deref();
+                let fds = extra.map(|x| x.pins.fds()).unwrap_or_default();
+                conn.queue_copy_with_fds(frame, fds);
+                if let Some(tail) = extra.and_then(|x| x.tail.as_ref()) {
                     // A tail is at most 64 MiB (`chunk::take_tail`), far below the frame
                     // limit: it is always queued.
                     let queued = conn.queue_pieces(&[tail.bytes()]);
@@ -90,8 +92,10 @@ impl Effects<TaskRec> for Fx<'_> {
                 }
             }
             None => {
-                w.backlog.push((frame.clone(), task.pins.clone(), true));
-                if let Some(tail) = &task.tail {
+                let extra = task.extra.as_deref();
+                let pins = extra.map(|x| x.pins.clone()).unwrap_or_default();
+                w.backlog.push((frame.clone(), pins, true));
+                if let Some(tail) = extra.and_then(|x| x.tail.as_ref()) {
                     // Copied: a backlog is only waited for while the worker starts.
                     let mut f = FrameBuf::with_capacity(tail.bytes().len());
                     f.extend_from_slice(tail.bytes());
@@ -270,7 +274,8 @@ impl Fx<'_> {
             return None;
         }
         let id = self.settings.next_id.fetch_add(1, Ordering::Relaxed);
-        let rest = match (&task.frame, &task.spans) {
+        let spans = task.extra.as_ref().and_then(|x| x.spans.as_ref());
+        let rest = match (&task.frame, spans) {
             (Some(frame), Some(spans)) => {
                 protocol::encode_run_rest(frame, spans, from, id, task.func, task.timeout.is_some())
             }
@@ -297,9 +302,11 @@ impl Fx<'_> {
             id,
             TaskRec {
                 frame: Some(frame),
-                tail: None,
-                pins: task.pins,
-                spans: (count > 1).then_some(spans),
+                extra: super::TaskExtra::boxed(
+                    None,
+                    task.extra.map(|x| x.pins).unwrap_or_default(),
+                    (count > 1).then_some(spans),
+                ),
                 sink: task.sink,
                 first: task.first + from,
                 count,

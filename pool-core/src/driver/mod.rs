@@ -147,11 +147,9 @@ impl Group {
     }
 }
 
-/// A task as the policy holds it: a run of items of one submission.
-pub(crate) struct TaskRec {
-    /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
-    /// before beginning it.
-    pub(crate) frame: Option<FrameBuf>,
+/// The parts of a [`TaskRec`] that only some tasks have.
+#[derive(Default)]
+pub(crate) struct TaskExtra {
     /// The bytes of a `RunTail`'s tail frame, sent after `frame` each time it is (kept as
     /// long as `frame`).
     pub(crate) tail: Option<crate::chunk::Tail>,
@@ -160,6 +158,28 @@ pub(crate) struct TaskRec {
     /// Where its items lie in `frame` (several items only): to send the rest of them when
     /// one fails part way.
     pub(crate) spans: Option<ItemSpans>,
+}
+
+impl TaskExtra {
+    /// `None` when there is nothing to keep.
+    pub(crate) fn boxed(
+        tail: Option<crate::chunk::Tail>,
+        pins: Pins,
+        spans: Option<ItemSpans>,
+    ) -> Option<Box<TaskExtra>> {
+        (tail.is_some() || !pins.is_empty() || spans.is_some())
+            .then(|| Box::new(TaskExtra { tail, pins, spans }))
+    }
+}
+
+/// A task as the policy holds it: a run of items of one submission.
+pub(crate) struct TaskRec {
+    /// Its `Run` message; kept until the task is done, to be sent again if a worker dies
+    /// before beginning it.
+    pub(crate) frame: Option<FrameBuf>,
+    /// What only some tasks need (a record of a few hundred bytes is moved and kept for
+    /// every task of a map: a `map` of tiny items keeps it small).
+    pub(crate) extra: Option<Box<TaskExtra>>,
     pub(crate) sink: Sink,
     /// Its items among the sink's: `first .. first + count`.
     pub(crate) first: usize,
