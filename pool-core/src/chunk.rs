@@ -213,14 +213,26 @@ impl Placement {
     }
 }
 
-/// Python's default chunk size: about four chunks per worker.
+/// The most items an automatic chunk holds (see [`auto_chunksize`]).
+pub(crate) const AUTO_CHUNK_MAX: usize = 8192;
+
+/// The default chunk size: Python's, about four chunks per worker, while that makes
+/// chunks of at most [`AUTO_CHUNK_MAX`] items; beyond, as many more chunks per worker (a
+/// whole number each, so that the workers get equal shares) as keep them within it. Up to
+/// that size Python's rule holds (fewer, larger chunks cost less per item when items are
+/// tiny); beyond it, larger chunks only cost: each is encoded whole before a worker can
+/// begin it and decoded whole once it ends, so the workers start later and the last
+/// results come later; its frames outgrow the channel's read buffer and take a buffer of
+/// their own; and a huge map keeps megabytes per chunk in flight.
 pub(crate) fn auto_chunksize(len: usize, processes: usize) -> usize {
     if len == 0 {
         return 1;
     }
-    let per = processes * 4;
-    let (q, r) = (len / per, len % per);
-    (q + usize::from(r > 0)).max(1)
+    let processes = processes.max(1);
+    let per_worker = len
+        .div_ceil(processes.saturating_mul(AUTO_CHUNK_MAX))
+        .max(4);
+    len.div_ceil(processes.saturating_mul(per_worker)).max(1)
 }
 
 #[cfg(test)]
@@ -311,12 +323,27 @@ mod tests {
     }
 
     #[test]
-    fn auto_chunksize_is_pythons_four_chunks_per_worker() {
+    fn auto_chunksize_is_pythons_four_chunks_per_worker_up_to_a_bound() {
         assert_eq!(auto_chunksize(0, 4), 1);
         assert_eq!(auto_chunksize(3, 4), 1);
         assert_eq!(auto_chunksize(16, 4), 1);
         assert_eq!(auto_chunksize(17, 4), 2);
         assert_eq!(auto_chunksize(100, 4), 7);
         assert_eq!(auto_chunksize(1000, 1), 250);
+        assert_eq!(auto_chunksize(8 * AUTO_CHUNK_MAX, 2), AUTO_CHUNK_MAX);
+        // Beyond, a whole number of chunks per worker, each within the bound.
+        assert_eq!(auto_chunksize(8 * AUTO_CHUNK_MAX + 1, 2), 6554);
+        assert_eq!(auto_chunksize(100_000, 2), 7143);
+        assert_eq!(auto_chunksize(200_000, 2), 7693);
+        for (n, w) in [
+            (10_000_000, 2),
+            (1 << 40, 3),
+            (usize::MAX, 64),
+            (123_457, 7),
+        ] {
+            let size = auto_chunksize(n, w);
+            assert!((1..=AUTO_CHUNK_MAX).contains(&size), "{n} {w}: {size}");
+        }
+        assert_eq!(auto_chunksize(usize::MAX, 1), AUTO_CHUNK_MAX);
     }
 }

@@ -45,7 +45,9 @@ impl<T> Options<T> {
     }
 
     /// Items per task for `map`, `starmap` and `imap` (Python's `chunksize`). Default:
-    /// about four chunks per worker when the number of items is known, else 1.
+    /// when the number of items is known, about four chunks per worker (Python's rule), or
+    /// more, a whole number per worker, when that would make chunks of over 8192 items;
+    /// else 1.
     pub fn chunksize(mut self, n: usize) -> Self {
         self.chunksize = Some(n);
         self

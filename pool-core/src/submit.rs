@@ -668,9 +668,10 @@ impl Pool {
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order: Python's
-    /// `map`. Items are sent in chunks of an automatic size (about four per worker), each
-    /// chunk as soon as it is encoded: workers begin on the first while the input is still
-    /// read (a `close` from another thread meanwhile fails the chunks not yet sent with
+    /// `map`. Items are sent in chunks of an automatic size (about four per worker, and
+    /// at most 8192 items each: see [`Options::chunksize`]), each chunk as soon as it is encoded:
+    /// workers begin on the first while the input is still read (a `close` from another
+    /// thread meanwhile fails the chunks not yet sent with
     /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)).
     ///
     /// # Errors

@@ -200,6 +200,38 @@ impl FrameBuf {
         Ok(())
     }
 
+    /// Appends up to `max` bytes that `fill` writes into the front of the slice it is given
+    /// (`max` bytes long, zeroed): `fill` answers how many it wrote, and the payload keeps
+    /// those (`None` from `fill`: none, the frame left as it was). For values encoded
+    /// by hand, many at once, without a check of room per byte.
+    ///
+    /// # Panics
+    ///
+    /// If the payload would exceed the wire format's limit of 2³¹ − 1 bytes, or `fill`
+    /// answers more than `max`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut f = pool_ipc::FrameBuf::new();
+    /// f.append_with(8, |out| {
+    ///     out[..2].copy_from_slice(&[7, 9]);
+    ///     Some(2)
+    /// });
+    /// assert_eq!(f.payload(), &[7, 9]);
+    /// ```
+    pub fn append_with(&mut self, max: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
+        assert!(
+            self.payload_len() + max <= MAX_WIRE_LEN,
+            "FrameBuf payload would exceed the 2 GiB wire limit"
+        );
+        let at = self.buf.len();
+        self.buf.resize(at + max, 0);
+        let n = fill(&mut self.buf[at..]).unwrap_or(0);
+        assert!(n <= max, "FrameBuf::append_with wrote past its room");
+        self.buf.truncate(at + n);
+    }
+
     /// An encoder of values one after another onto the payload (see [`FrameAppender`]).
     pub fn appender(&mut self) -> FrameAppender<'_> {
         FrameAppender {

@@ -132,6 +132,7 @@ mod error;
 mod fork;
 mod forkserver;
 mod launcher;
+mod plain;
 pub mod protocol;
 mod role;
 mod runner;

@@ -670,7 +670,18 @@ const RUN_HEAD_ROOM: usize = 48;
 /// is encoded item by item in one pass straight into the frame, after room for the head
 /// (noting each item's length, see [`RunItems::spans`]); the head, known once the items
 /// are, then takes the room's place.
-pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: &[T]) -> RunItems {
+pub fn encode_run_items<T: Serialize + 'static>(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    items: &[T],
+) -> RunItems {
+    if items.len() > 1
+        && crate::plain::is_plain::<T>()
+        && let Some(run) = encode_plain_items(id, func, timed, items)
+    {
+        return run;
+    }
     if items.len() == 1 {
         // Room for the head and a small item: a small task's frame is one allocation.
         let mut frame = pool_ipc::FrameBuf::with_capacity(RUN_HEAD_ROOM + 32);
@@ -736,6 +747,66 @@ pub fn encode_run_items<T: Serialize>(id: u64, func: FnRef, timed: bool, items: 
         failed,
         spans: None,
     }
+}
+
+/// Items of plain numbers encoded together: see [`PLAIN_BLOCK`].
+const PLAIN_BLOCK: usize = 256;
+
+/// [`encode_run_items`] of several items of a plain number type (see `crate::plain`):
+/// the same message, written by a loop made for them rather than by postcard's serializer,
+/// a block of [`PLAIN_BLOCK`] items at a time. Such items always encode. `None` if the
+/// items are not plain after all, or so many that the frame could reach the wire's limit
+/// (the usual path then says so per item).
+fn encode_plain_items<T: 'static>(
+    id: u64,
+    func: FnRef,
+    timed: bool,
+    items: &[T],
+) -> Option<RunItems> {
+    use crate::plain::{self, MAX_LEN};
+    if items.len() > (1 << 30) / MAX_LEN {
+        return None;
+    }
+    let mut frame = pool_ipc::FrameBuf::with_capacity(RUN_HEAD_ROOM + items.len() * 4);
+    frame.extend_from_slice(&[0; RUN_HEAD_ROOM]);
+    // Each item's length, below 128: one byte each, as `ItemSpans` keeps them.
+    let mut sizes = Vec::with_capacity(items.len());
+    for block in items.chunks(PLAIN_BLOCK) {
+        let mut plain = true;
+        frame.append_with(block.len() * MAX_LEN, |out| {
+            let mut n = 0;
+            for item in block {
+                let room: &mut [u8; MAX_LEN] = (&mut out[n..n + MAX_LEN]).try_into().ok()?;
+                let Some(len) = plain::write(item, room) else {
+                    plain = false;
+                    return None;
+                };
+                sizes.push(len as u8);
+                n += len;
+            }
+            Some(n)
+        });
+        if !plain {
+            return None;
+        }
+    }
+    let body = frame.payload_len() - RUN_HEAD_ROOM;
+    let count = items.len();
+    let head = match run_head(id, func, timed, count, body) {
+        Ok(head) => head,
+        Err(_) => return None,
+    };
+    frame.replace_payload_prefix(RUN_HEAD_ROOM, &head);
+    Some(RunItems {
+        frame: Ok(frame),
+        sent: Vec::new(),
+        failed: Vec::new(),
+        spans: Some(ItemSpans {
+            start: head.len(),
+            count,
+            sizes,
+        }),
+    })
 }
 
 /// The head of a [`ToWorker::Run`] message whose payload is `count` items in `body` bytes:
@@ -1040,6 +1111,9 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
             .unwrap_or(usize::MAX)
             .min(bytes.len()),
     );
+    if crate::plain::is_plain::<R>() {
+        return decode_ok_plain(items, bytes, out);
+    }
     if !is_byte_string::<R>() {
         return decode_ok_run(items, bytes, out);
     }
@@ -1060,6 +1134,42 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
         }
     }
     if bytes.is_empty() {
+        Ok(None)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
+/// [`decode_ok_results`] of a plain number type (see `crate::plain`): each value read by a
+/// loop made for them; a value it does not take (cut short, or out of its type's range)
+/// is left to postcard, for its error.
+fn decode_ok_plain<'b, R: serde::de::DeserializeOwned + 'static>(
+    items: u64,
+    bytes: &'b [u8],
+    out: &mut Vec<R>,
+) -> Result<Option<(u64, &'b [u8])>, postcard::Error> {
+    let mut at = 0;
+    for i in 0..items {
+        // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
+        match bytes.get(at) {
+            Some(0) => {
+                let rest = &bytes[at + 1..];
+                let (v, n) = match crate::plain::read::<R>(rest) {
+                    Some(got) => got,
+                    None => {
+                        let (v, after) = postcard::take_from_bytes::<R>(rest)?;
+                        (v, rest.len() - after.len())
+                    }
+                };
+                out.push(v);
+                at += 1 + n;
+            }
+            Some(1) => return Ok(Some((i, &bytes[at..]))),
+            Some(_) => return Err(postcard::Error::DeserializeBadEnum),
+            None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+        }
+    }
+    if at == bytes.len() {
         Ok(None)
     } else {
         Err(postcard::Error::DeserializeBadEncoding)

@@ -408,12 +408,21 @@ impl Direct<'_> {
     /// fit or passed descriptors.
     #[inline]
     fn keep(&mut self) -> bool {
+        let b = std::mem::take(self.scratch);
+        let kept = self.keep_bytes(&b);
+        *self.scratch = b;
+        kept
+    }
+
+    /// [`keep`](Direct::keep) of `b` rather than the scratch buffer's bytes.
+    #[inline]
+    fn keep_bytes(&mut self, b: &[u8]) -> bool {
         use std::sync::atomic::Ordering;
-        let n = self.scratch.len();
+        let n = b.len();
         if crate::protocol::collected_any() || *self.used + n > self.len {
             return false;
         }
-        self.seg.write_at(self.offset + *self.used, self.scratch);
+        self.seg.write_at(self.offset + *self.used, b);
         *self.used += n;
         *self.items += 1;
         // Bytes first, then the count that makes them part of the area.
@@ -533,7 +542,11 @@ where
         let mut i = 0;
         while i < n {
             if let Some(d) = sink.direct() {
-                let (kept, end) = run_direct(&f, &mut rest, n - i, d);
+                let (kept, end) = if crate::plain::is_plain::<Args>() {
+                    run_direct_plain(&f, &mut rest, n - i, d)
+                } else {
+                    run_direct(&f, &mut rest, n - i, d)
+                };
                 i += kept;
                 match end {
                     RunEnd::Done => continue,
@@ -669,10 +682,7 @@ where
                 return Ok(RunEnd::Large(v));
             }
             stage.set(Stage::Encode);
-            d.scratch.clear();
-            let result: Result<R, ItemError> = Ok(v);
-            pool_ipc::encode_append(d.scratch, &result)
-                .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))?;
+            encode_ok(v, d.scratch)?;
             if !d.keep() {
                 return Ok(RunEnd::Commit);
             }
@@ -687,6 +697,104 @@ where
     let after = match stage.get() {
         Stage::Decode => None,
         Stage::Call | Stage::Encode => Some(after),
+    };
+    let failure = match ran {
+        Ok(Ok(end)) => return (kept.get(), end),
+        Ok(Err(why)) => item_failure(Ok(why), stage.get()),
+        Err(m) => item_failure(Err(m), stage.get()),
+    };
+    d.scratch.clear();
+    (kept.get(), RunEnd::Failed(failure, after))
+}
+
+/// Encodes `Ok(v)`, an item's result, into `scratch` (emptied first), as postcard does:
+/// by hand for a plain number (see `crate::plain`).
+#[inline(always)]
+fn encode_ok<R: Serialize + 'static>(v: R, scratch: &mut Vec<u8>) -> Result<(), String> {
+    scratch.clear();
+    let mut room = [0u8; crate::plain::MAX_LEN];
+    if let Some(n) = crate::plain::write(&v, &mut room) {
+        // postcard's `Ok`: the variant index 0, then the value.
+        scratch.push(0);
+        scratch.extend_from_slice(&room[..n]);
+        return Ok(());
+    }
+    let result: Result<R, ItemError> = Ok(v);
+    pool_ipc::encode_append(scratch, &result)
+        .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))
+}
+
+/// [`run_direct`] of items of a plain number type (see `crate::plain`): each read by a
+/// loop made for them instead of postcard's deserializer. An item it does not take (cut
+/// short, or out of its type's range) is left to postcard, whose error it gets as before.
+fn run_direct_plain<'b, F, Args, R>(
+    f: &F,
+    rest: &mut &'b [u8],
+    left: usize,
+    mut d: Direct<'_>,
+) -> (usize, RunEnd<'b, R>)
+where
+    F: TaskFn<Args, Output = R>,
+    Args: DeserializeOwned + 'static,
+    R: Serialize + 'static,
+{
+    let stage = Cell::new(Stage::Decode);
+    let kept = Cell::new(0usize);
+    // Where the next item starts.
+    let at = Cell::new(*rest);
+    let ran = catch(|| -> Result<RunEnd<'b, R>, String> {
+        while kept.get() < left {
+            stage.set(Stage::Decode);
+            let bytes = at.get();
+            let args = match crate::plain::read::<Args>(bytes) {
+                Some((args, n)) => {
+                    at.set(&bytes[n..]);
+                    args
+                }
+                None => {
+                    take_note();
+                    match postcard::take_from_bytes::<Args>(bytes) {
+                        Ok((args, after)) => {
+                            at.set(after);
+                            args
+                        }
+                        Err(e) => return Err(decode_failure(&e)),
+                    }
+                }
+            };
+            stage.set(Stage::Call);
+            let v = f.call(args);
+            if large_byte_string(&v).is_some() {
+                return Ok(RunEnd::Large(v));
+            }
+            stage.set(Stage::Encode);
+            // postcard's `Ok(v)`: the variant index 0, then the value.
+            let mut ok = [0u8; 1 + crate::plain::MAX_LEN];
+            let (tag, room) = ok.split_first_mut().expect("not empty");
+            *tag = 0;
+            match crate::plain::write(&v, room.try_into().expect("MAX_LEN bytes")) {
+                Some(n) if d.keep_bytes(&ok[..1 + n]) => {}
+                Some(n) => {
+                    d.scratch.clear();
+                    d.scratch.extend_from_slice(&ok[..1 + n]);
+                    return Ok(RunEnd::Commit);
+                }
+                None => {
+                    encode_ok(v, d.scratch)?;
+                    if !d.keep() {
+                        return Ok(RunEnd::Commit);
+                    }
+                }
+            }
+            kept.set(kept.get() + 1);
+        }
+        Ok(RunEnd::Done)
+    });
+    *rest = at.get();
+    // Where the item after a failed one starts, if that one decoded.
+    let after = match stage.get() {
+        Stage::Decode => None,
+        Stage::Call | Stage::Encode => Some(*rest),
     };
     let failure = match ran {
         Ok(Ok(end)) => return (kept.get(), end),

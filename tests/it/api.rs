@@ -618,3 +618,118 @@ fn a_map_whose_chunks_come_back_out_of_order_gathers_them_in_order_and_names_a_l
         shut_down(pool);
     }
 }
+
+/// Negates `x`; 7 panics.
+fn negate_but_seven(x: i64) -> i64 {
+    assert!(x != 7, "seven");
+    x.wrapping_neg()
+}
+
+fn halve(x: f64) -> f64 {
+    x / 2.0
+}
+
+fn flip(b: bool) -> bool {
+    !b
+}
+
+fn widest(x: u8) -> (u64,) {
+    (u64::MAX - u64::from(x),)
+}
+
+fn as_i16(x: u16) -> i16 {
+    x as i16
+}
+
+fn as_u32(x: i8) -> u32 {
+    x as u32
+}
+
+fn smallest(x: usize) -> isize {
+    isize::MIN + x as isize
+}
+
+fn tenth(x: f32) -> f32 {
+    x / 10.0
+}
+
+/// Maps over plain numbers (their arguments and results written and read by hand, not by
+/// serde: see `pool_spawn::plain`) give the values postcard would carry, extremes included,
+/// and a panic in the middle of a chunk fails that item alone, with its index.
+#[test]
+fn maps_over_plain_numbers_give_every_value_and_a_panic_its_own_index() {
+    for method in METHODS {
+        let pool = builder(method).build().expect("build");
+        let ints: Vec<i64> = (-300..300).chain([i64::MIN, i64::MAX]).collect();
+        let got = pool
+            .imap_with(negate_but_seven, ints.clone(), Options::new().chunksize(50))
+            .collect::<Vec<_>>();
+        for (x, r) in ints.iter().zip(&got) {
+            match r {
+                Ok(v) => assert_eq!(*v, x.wrapping_neg(), "{method:?}"),
+                Err(e) => {
+                    assert_eq!(*x, 7, "{method:?}: {e}");
+                    assert_eq!(e.kind(), TaskErrorKind::Panicked, "{method:?}: {e}");
+                    assert_eq!(e.item_index(), Some(307), "{method:?}: {e}");
+                }
+            }
+        }
+        let e = pool
+            .map_with(negate_but_seven, ints, Options::new().chunksize(50))
+            .unwrap_err();
+        assert_eq!(e.item_index(), Some(307), "{method:?}: {e}");
+        let floats = vec![0.0, -1.5, f64::MAX, f64::MIN_POSITIVE, 1e300];
+        let want: Vec<f64> = floats.iter().map(|x| x / 2.0).collect();
+        assert_eq!(
+            pool.map_with(halve, floats, Options::new().chunksize(2))
+                .unwrap(),
+            want
+        );
+        let nan = pool
+            .map_with(halve, vec![f64::NAN; 3], Options::new().chunksize(2))
+            .unwrap();
+        assert!(nan.iter().all(|x| x.is_nan()), "{method:?}: {nan:?}");
+        let bools = vec![true, false, true];
+        assert_eq!(
+            pool.map_with(flip, bools, Options::new().chunksize(2))
+                .unwrap(),
+            [false, true, false]
+        );
+        let bytes: Vec<u8> = (0..=255).collect();
+        let want: Vec<(u64,)> = bytes.iter().map(|&x| (u64::MAX - u64::from(x),)).collect();
+        assert_eq!(
+            pool.map_with(widest, bytes, Options::new().chunksize(100))
+                .unwrap(),
+            want
+        );
+        let shorts: Vec<u16> = (0..=u16::MAX).step_by(97).chain([u16::MAX]).collect();
+        let want: Vec<i16> = shorts.iter().map(|&x| x as i16).collect();
+        assert_eq!(
+            pool.map_with(as_i16, shorts, Options::new().chunksize(64))
+                .unwrap(),
+            want
+        );
+        let signed: Vec<i8> = (-128..=127).collect();
+        let want: Vec<u32> = signed.iter().map(|&x| x as u32).collect();
+        assert_eq!(
+            pool.map_with(as_u32, signed, Options::new().chunksize(64))
+                .unwrap(),
+            want
+        );
+        let sizes = vec![0usize, 1, 1 << 40, usize::MAX >> 1];
+        let want: Vec<isize> = sizes.iter().map(|&x| isize::MIN + x as isize).collect();
+        assert_eq!(
+            pool.map_with(smallest, sizes, Options::new().chunksize(3))
+                .unwrap(),
+            want
+        );
+        let singles = vec![1.0f32, -0.0, f32::MAX, 3.25];
+        let want: Vec<f32> = singles.iter().map(|x| x / 10.0).collect();
+        assert_eq!(
+            pool.map_with(tenth, singles, Options::new().chunksize(3))
+                .unwrap(),
+            want
+        );
+        shut_down(pool);
+    }
+}
