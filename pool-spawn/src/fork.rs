@@ -375,3 +375,44 @@ pub(crate) fn bare_fork_exit_wait() -> io::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use rustix::process::{WaitOptions, getpid, waitpid};
+
+    use super::{ExecPlan, spawn_exec};
+
+    fn plan(path: &str, args: &[&str]) -> ExecPlan {
+        ExecPlan::new(
+            path.as_ref(),
+            args.iter().map(|a| a.into()),
+            std::env::vars_os().map(|(k, v)| {
+                let mut e = k;
+                e.push("=");
+                e.push(v);
+                e
+            }),
+        )
+        .unwrap()
+    }
+
+    /// A program that runs is started, and ends as it says; one that cannot be executed, or
+    /// a child whose parent is not the one named, is an error with the errno of the step
+    /// that failed (that child is reaped: `cargo xtask test` checks that no process is left).
+    #[test]
+    fn spawn_exec_starts_a_program_or_says_why_not_and_reaps_the_child() {
+        let (_ours, theirs) = pool_ipc::socketpair().unwrap();
+        let keep = theirs.as_raw_fd();
+        let pid = spawn_exec(&plan("/bin/sh", &["sh", "-c", "exit 3"]), keep, getpid()).unwrap();
+        let (_, status) = waitpid(Some(pid), WaitOptions::empty()).unwrap().unwrap();
+        assert_eq!(status.exit_status(), Some(3));
+
+        let e = spawn_exec(&plan("/nonexistent/program", &["x"]), keep, getpid()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        let other = rustix::process::Pid::from_raw(1).unwrap();
+        let e = spawn_exec(&plan("/bin/sh", &["sh", "-c", "exit 0"]), keep, other).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
+    }
+}
