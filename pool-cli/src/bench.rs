@@ -644,6 +644,11 @@ const FLOORS: &[(&str, &str, &str)] = &[
     ("raw-fork", "fork_latency", "recycle"),
     // fork + exec(/bin/true) + wait (std::process): the floor under startup.
     ("raw-exec", "startup", "startup"),
+    // The same with this program (`procpool -V`) instead of /bin/true: not a goal's floor,
+    // but what one exec of this (larger, dynamically linked) program costs, which spawn
+    // pays per worker and forkserver once for its server; the rest of their startup is the
+    // pool's own work.
+    ("raw-exec", "startup_self", "startup"),
     // 1 MiB payloads through pool-ipc's shared ring to another process: under echo_1mib
     // (and beside echo_1mib_shared, for comparison).
     ("raw-ring", "echo_1mib", "echo_1mib"),
@@ -692,6 +697,25 @@ fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
                     .map_err(|e| format!("/bin/true: {e}"))?;
                 if !st.success() {
                     return Err(format!("/bin/true ended with {st}"));
+                }
+                if i >= 5 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok((median(times), "s"))
+        }
+        ("raw-exec", "startup_self") => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut times = Vec::with_capacity(s.execs);
+            for i in 0..s.execs + 5 {
+                let t = Instant::now();
+                let st = std::process::Command::new(&exe)
+                    .arg("-V")
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .map_err(|e| format!("{} -V: {e}", exe.display()))?;
+                if !st.success() {
+                    return Err(format!("{} -V ended with {st}", exe.display()));
                 }
                 if i >= 5 {
                     times.push(t.elapsed().as_secs_f64());

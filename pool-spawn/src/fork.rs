@@ -3,7 +3,7 @@
 //! # Safety
 //!
 //! This module holds the crate's only `libc::fork` call (rustix has no public `fork`) and
-//! its only `pre_exec` hook. After `fork` in a process that has other threads, the child is
+//! its only `libc::clone` (the spawn of a program, `spawn_exec`). After `fork` in a process that has other threads, the child is
 //! a copy with a single thread: any lock another thread held (in the allocator, in
 //! `stdout`, in a logger, in a runtime) stays held forever. POSIX therefore allows only
 //! async-signal-safe calls until `exec`.
@@ -14,7 +14,12 @@
 //!   execs) it calls only raw system calls through rustix's `linux_raw` backend and the
 //!   async-signal-safe libc calls in [`crate::sys`]; nothing takes a lock.
 //! - **No allocation before the handoff.** Paths are `&CStr` literals, errors are errno
-//!   values; `pre_exec` captures only integers.
+//!   values; a spawned program's path, arguments and environment are made ready as C
+//!   strings by the parent before the clone.
+//! - **Nothing of the parent's runs in a child that shares its memory.** The child of
+//!   `spawn_exec` (cloned with `CLONE_VM | CLONE_VFORK`, its parent suspended until the
+//!   exec) starts with every signal blocked, resets every handler before it unblocks any,
+//!   runs on a stack of its own and writes nothing of the parent's but its error word.
 //! - **Reseed randomness if it matters.** The child shares the parent's RNG state and
 //!   `HashMap` keys; pool-spawn keeps none that matter, task code that needs fresh
 //!   randomness must reseed.
@@ -32,11 +37,12 @@
 
 #![allow(unsafe_code)]
 
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
-use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, Signal};
@@ -149,31 +155,194 @@ fn stdin_from_null() -> rustix::io::Result<()> {
     Ok(())
 }
 
-/// Arranges for a spawned child to keep exactly `keep` across exec (all other descriptors
-/// from 3 up are marked close-on-exec), to start with a worker's signal settings
-/// (`sys::worker_signals`), to get `SIGKILL` when the spawning thread dies, and
-/// to fail the spawn if `parent` is no longer its parent by then.
-pub(crate) fn prepare_exec(cmd: &mut Command, keep: RawFd, parent: Pid) {
-    let hook = move || -> io::Result<()> {
-        // An ignored signal stays ignored across exec: the child starts with a worker's
-        // settings (also `SIGTTOU` ignored, so that its first print, before it even reaches
-        // `init()`, does not stop it on a terminal with `tostop`).
-        sys::worker_signals();
-        sys::cloexec_from_3();
-        sys::clear_cloexec(keep)?;
-        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-        if rustix::process::getppid() != Some(parent) {
-            return Err(io::Error::from(rustix::io::Errno::SRCH));
-        }
-        Ok(())
-    };
-    // The hook runs between fork and exec; it captures two integers, allocates nothing and
-    // makes only async-signal-safe system calls (`sigaction`, `sigprocmask`, `close_range`,
-    // `fcntl`, `prctl`, `getppid`).
-    // SAFETY: as just described; its errors are plain errno values (no allocation).
-    unsafe {
-        cmd.pre_exec(hook);
+/// A program to execute in a new process: its path, arguments and environment, made
+/// ready (as C strings) before the process is made, so that the child allocates nothing.
+pub(crate) struct ExecPlan {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+impl ExecPlan {
+    /// `path` run with `argv` (the first is the program's name) and `envp` (`NAME=value`).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if a string holds a NUL byte.
+    pub(crate) fn new(
+        path: &OsStr,
+        argv: impl IntoIterator<Item = OsString>,
+        envp: impl IntoIterator<Item = OsString>,
+    ) -> io::Result<ExecPlan> {
+        let c = |s: &OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        };
+        Ok(ExecPlan {
+            path: c(path)?,
+            argv: argv.into_iter().map(|a| c(&a)).collect::<io::Result<_>>()?,
+            envp: envp.into_iter().map(|e| c(&e)).collect::<io::Result<_>>()?,
+        })
     }
+}
+
+/// What the child of [`spawn_exec`] reads (and writes its error into), in the parent's
+/// memory, which it shares until it executes.
+struct ExecChild {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    keep: RawFd,
+    null: RawFd,
+    parent: libc::pid_t,
+    /// The errno of the step that failed, 0 if none did (the exec replaced the child).
+    error: AtomicI32,
+}
+
+/// The size of the stack [`spawn_exec`]'s child runs on until it executes.
+const EXEC_STACK: usize = 64 * 1024;
+
+/// Starts `plan` in a new process, as a worker of `parent` whose channel is `keep`:
+/// that descriptor alone (with stdio) survives the exec; the child starts with a worker's
+/// signal settings (`sys::worker_signals`: also `SIGTTOU` ignored, so that its first print,
+/// before it even reaches `init()`, does not stop it on a terminal with `tostop`), in a
+/// process group of its own, with stdin from `/dev/null`, gets `SIGKILL` when the spawning
+/// thread dies, and fails if `parent` is no longer its parent by then. Returns its pid once
+/// it has executed the program.
+///
+/// The child is cloned with `CLONE_VM | CLONE_VFORK`: it runs in this process's memory, on
+/// a stack of its own, while this thread waits, until the exec gives it its own. So this
+/// process's page tables are never copied (a fork costs a parent in proportion to the
+/// memory it maps, then a page copy for each page either side writes first), which is
+/// what `posix_spawn` does too; std's `Command` cannot do it with a hook to run before
+/// the exec.
+///
+/// # Errors
+///
+/// The `clone` error, or the error of the step of the child's set-up (or of the exec)
+/// that failed: that child has exited and is reaped.
+pub(crate) fn spawn_exec(plan: &ExecPlan, keep: RawFd, parent: Pid) -> io::Result<Pid> {
+    let null = rustix::fs::open(
+        c"/dev/null",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let argv: Vec<*const libc::c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = plan
+        .envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let child = ExecChild {
+        path: plan.path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        keep,
+        null: null.as_raw_fd(),
+        parent: parent.as_raw_nonzero().get(),
+        error: AtomicI32::new(0),
+    };
+    // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else refers to it.
+    let stack = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            EXEC_STACK,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::STACK,
+        )?
+    };
+    // Every signal is blocked in this thread while the child shares its memory (the child
+    // starts with this mask, and resets every handler before it unblocks any).
+    let mut all = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    let mut old = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: both sets are valid for writing; only this thread's mask changes, and it is
+    // put back below.
+    unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+    }
+    // SAFETY: `exec_child` runs on the fresh stack (its top passed; it grows down) and reads
+    // `child` and the strings it points to, which outlive the call: with `CLONE_VFORK` this
+    // thread is suspended until the child has executed the program or exited. The child
+    // makes only async-signal-safe calls and never returns into this process's code (see
+    // `exec_child`).
+    let pid = unsafe {
+        libc::clone(
+            exec_child,
+            stack.cast::<u8>().add(EXEC_STACK).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&child as *const ExecChild).cast_mut().cast(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: restores this thread's own mask, saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+    }
+    // SAFETY: the child no longer runs on the stack: it has executed or exited (`CLONE_VFORK`),
+    // or was never made.
+    let _ = unsafe { rustix::mm::munmap(stack, EXEC_STACK) };
+    drop(null);
+    if pid == -1 {
+        return Err(clone_error);
+    }
+    let pid = Pid::from_raw(pid).expect("clone returned a positive pid");
+    match child.error.load(Ordering::SeqCst) {
+        0 => Ok(pid),
+        errno => {
+            // It exited at once: reap it.
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            Err(io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+/// The child of [`spawn_exec`]: sets itself up as a worker and executes the program; on
+/// failure, writes the errno where its parent reads it and exits. Runs in the parent's
+/// memory, while the parent waits: only async-signal-safe calls (`sigaction`, `signal`,
+/// `sigprocmask` and raw system calls), no allocation, no lock, no unwinding, and never a
+/// return into the parent's code.
+extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ExecChild` the parent passed, alive while the parent waits.
+    let c = unsafe { &*(arg as *const ExecChild) };
+    let errno = match prepare_child(c) {
+        Err(e) => e.raw_os_error(),
+        Ok(()) => {
+            // SAFETY: `path`, `argv` and `envp` are NUL-terminated strings and
+            // null-terminated arrays of them, alive while the parent waits.
+            unsafe { libc::execve(c.path, c.argv, c.envp) };
+            // Only on failure.
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        }
+    };
+    c.error.store(errno.max(1), Ordering::SeqCst);
+    sys::exit_now(EXIT_CHILD_SETUP)
+}
+
+/// The set-up of a spawned worker, before its exec (see [`spawn_exec`]).
+fn prepare_child(c: &ExecChild) -> rustix::io::Result<()> {
+    // Handlers reset first (a parent's handler must not run here), then the mask opened.
+    sys::worker_signals_before_exec();
+    rustix::process::setpgid(None, None)?;
+    // SAFETY: `null` is the parent's open descriptor of /dev/null, alive while it waits.
+    let null = unsafe { BorrowedFd::borrow_raw(c.null) };
+    rustix::stdio::dup2_stdin(null)?;
+    sys::cloexec_from_3();
+    sys::clear_cloexec(c.keep).map_err(|e| {
+        rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EBADF))
+    })?;
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(c.parent) {
+        return Err(rustix::io::Errno::SRCH);
+    }
+    Ok(())
 }
 
 /// Forks a child that only calls `_exit(0)`, and waits for it: the bare cost of a process
@@ -204,5 +373,46 @@ pub(crate) fn bare_fork_exit_wait() -> io::Result<()> {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use rustix::process::{WaitOptions, getpid, waitpid};
+
+    use super::{ExecPlan, spawn_exec};
+
+    fn plan(path: &str, args: &[&str]) -> ExecPlan {
+        ExecPlan::new(
+            path.as_ref(),
+            args.iter().map(|a| a.into()),
+            std::env::vars_os().map(|(k, v)| {
+                let mut e = k;
+                e.push("=");
+                e.push(v);
+                e
+            }),
+        )
+        .unwrap()
+    }
+
+    /// A program that runs is started, and ends as it says; one that cannot be executed, or
+    /// a child whose parent is not the one named, is an error with the errno of the step
+    /// that failed (that child is reaped: `cargo xtask test` checks that no process is left).
+    #[test]
+    fn spawn_exec_starts_a_program_or_says_why_not_and_reaps_the_child() {
+        let (_ours, theirs) = pool_ipc::socketpair().unwrap();
+        let keep = theirs.as_raw_fd();
+        let pid = spawn_exec(&plan("/bin/sh", &["sh", "-c", "exit 3"]), keep, getpid()).unwrap();
+        let (_, status) = waitpid(Some(pid), WaitOptions::empty()).unwrap().unwrap();
+        assert_eq!(status.exit_status(), Some(3));
+
+        let e = spawn_exec(&plan("/nonexistent/program", &["x"]), keep, getpid()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        let other = rustix::process::Pid::from_raw(1).unwrap();
+        let e = spawn_exec(&plan("/bin/sh", &["sh", "-c", "exit 0"]), keep, other).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
     }
 }

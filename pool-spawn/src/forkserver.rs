@@ -14,8 +14,9 @@
 //! answer (when no other request waits), while the parent goes on. It keeps one spare, and
 //! one more (up to four) each time a request finds none ready: a pool that replaces its
 //! workers faster than one fork at a time (`max_tasks_per_child` of 1, say) finds them
-//! ready. A spare that has not been handed out is the server's own business: if it dies it
-//! is reaped without a report and replaced.
+//! ready. Once no request has come for [`SPARES_IDLE`], it goes back to keeping one (the
+//! others see their channel end and exit). A spare that has not been handed out is the
+//! server's own business: if it dies it is reaped without a report and replaced.
 //!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
 //! pid, and treats end of file on its control socket as shutdown. It never leaves orphans:
@@ -66,6 +67,9 @@ enum Reply {
 /// fork at a time), up to this many.
 const MAX_SPARES: usize = 4;
 
+/// How long without a fork request before the server lets its spares beyond the first go.
+const SPARES_IDLE: Duration = Duration::from_secs(1);
+
 /// Large enough for any `Request` or `Reply`.
 const MSG_MAX: usize = 64;
 
@@ -104,6 +108,8 @@ struct Server {
     spares: std::collections::VecDeque<Spare>,
     /// ... and how many it keeps (1 to [`MAX_SPARES`]).
     keep: usize,
+    /// When the last fork request came (or the server started).
+    asked_at: Instant,
 }
 
 /// Runs the fork server on `ctl`; never returns.
@@ -136,6 +142,7 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
         next_serial: 1,
         spares: std::collections::VecDeque::new(),
         keep: 1,
+        asked_at: Instant::now(),
     };
     // The first spare now, while the parent still readies the pool after the hello: its
     // first request is answered at once too. (A failure here is not the parent's: the
@@ -213,6 +220,8 @@ impl Server {
             if !ctl_ready {
                 if self.spares.len() < self.keep {
                     self.fork_spare();
+                } else if self.keep > 1 && self.asked_at.elapsed() >= SPARES_IDLE {
+                    self.shrink_spares();
                 }
                 continue;
             }
@@ -225,6 +234,7 @@ impl Server {
                 };
                 match req {
                     Some(Request::Fork) => {
+                        self.asked_at = Instant::now();
                         if !self.fork() {
                             self.stop(false);
                             return;
@@ -338,6 +348,15 @@ impl Server {
         drop(ours);
         // The next spare is forked by the loop, once no request waits.
         sent
+    }
+
+    /// Goes back to keeping one spare: the newest others are let go (their channel closed
+    /// here, they exit; reaped without a report, as spares are).
+    fn shrink_spares(&mut self) {
+        self.keep = 1;
+        while self.spares.len() > self.keep {
+            drop(self.spares.pop_back());
+        }
     }
 
     /// Forks one more spare (a failure is not the parent's: the next request forks afresh

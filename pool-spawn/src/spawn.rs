@@ -9,9 +9,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
@@ -112,20 +110,27 @@ pub(crate) fn begin(role: Role, handshake_timeout: Duration, test_entry: &str) -
         libtest_args(test_entry)
     };
     let exe = exe_path().map_err(|e| Error::io("finding the current executable", e))?;
+    // The program's name, its libtest arguments, and this environment with the marker.
+    let arg0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| exe.clone().into_os_string());
+    let argv = std::iter::once(arg0).chain(args);
+    let envp = std::env::vars_os()
+        .filter(|(k, _)| k != ROLE_ENV)
+        .map(|(k, v)| {
+            let mut e = k;
+            e.push("=");
+            e.push(v);
+            e
+        })
+        .chain(std::iter::once(OsString::from(format!(
+            "{ROLE_ENV}={}",
+            marker.to_env_value()
+        ))));
+    let plan = crate::fork::ExecPlan::new(exe.as_os_str(), argv, envp)
+        .map_err(|e| Error::io("preparing the command line", e))?;
     let spawned = spawner_job(move || -> io::Result<ChildProc> {
-        let mut cmd = Command::new(&exe);
-        if let Some(arg0) = std::env::args_os().next() {
-            cmd.arg0(arg0);
-        }
-        cmd.args(&args)
-            .env(ROLE_ENV, marker.to_env_value())
-            .stdin(Stdio::null())
-            .process_group(0);
-        crate::fork::prepare_exec(&mut cmd, marker.fd, parent);
-        let child = cmd.spawn()?;
-        let pid = Pid::from_raw(child.id() as i32).ok_or(io::ErrorKind::InvalidData)?;
-        // `Child` neither kills nor waits on drop: from here `ChildProc` owns the process.
-        drop(child);
+        let pid = crate::fork::spawn_exec(&plan, marker.fd, parent)?;
         drop(theirs);
         Ok(ChildProc::adopt(pid))
     });

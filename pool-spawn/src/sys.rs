@@ -84,17 +84,23 @@ const SIG_MAX: libc::c_int = 64;
 /// exec resets them anyway, and a forked worker keeps its parent's, as Python's do.
 ///
 /// Async-signal-safe: only `sigaction`, `signal` and `sigprocmask`.
-fn reset_signals() {
+///
+/// With `handlers`, signals with a handler get their default action back too (for a child
+/// that still shares its parent's memory, where a parent's handler must never run).
+fn reset_signals(handlers: bool) {
     for sig in 1..=SIG_MAX {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == libc::SIGPIPE {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
         let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
         // SAFETY: a null new action only queries; `old` is valid for writing. Signal
         // numbers the C library reserves answer EINVAL, which is ignored.
         let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
-        // SAFETY: `sigaction` succeeded, so it filled `old` (which was zeroed anyway).
-        if r == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN {
+        // SAFETY: `old` was zeroed, and `sigaction` filled it if it succeeded.
+        let action = unsafe { old.assume_init() }.sa_sigaction;
+        let handler = action != libc::SIG_IGN && action != libc::SIG_DFL;
+        let ignored_here = action == libc::SIG_IGN && sig != libc::SIGPIPE;
+        if r == 0 && (ignored_here || (handlers && handler)) {
             // SAFETY: `signal` with `SIG_DFL` installs no handler code; async-signal-safe.
             unsafe {
                 libc::signal(sig, libc::SIG_DFL);
@@ -117,7 +123,19 @@ fn reset_signals() {
 ///
 /// Async-signal-safe.
 pub(crate) fn worker_signals() {
-    reset_signals();
+    reset_signals(false);
+    ignore(libc::SIGINT);
+    ignore(libc::SIGTTOU);
+    ignore(libc::SIGTTIN);
+}
+
+/// [`worker_signals`] in a child cloned with `CLONE_VM` (sharing its parent's memory until
+/// it executes): every handler is reset to the default action first, so that a signal
+/// arriving before the exec never runs the parent's handler code in the child.
+///
+/// Async-signal-safe.
+pub(crate) fn worker_signals_before_exec() {
+    reset_signals(true);
     ignore(libc::SIGINT);
     ignore(libc::SIGTTOU);
     ignore(libc::SIGTTIN);

@@ -365,3 +365,56 @@ fn idle_shared_rings_give_their_memory_back() {
     assert_eq!(pool.apply(my_pid, ()).unwrap(), worker);
     shut_down(pool);
 }
+
+/// The processes a process forked and has not reaped yet, from `/proc` (each thread lists
+/// those it forked).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The worker's parent: the fork server (or zygote).
+fn parent_pid(_x: u32) -> u32 {
+    std::os::unix::process::parent_id()
+}
+
+/// A fork server that forked spares ahead while a pool replaced a worker after every task
+/// goes back to one spare once no worker has been asked for in a while: an idle pool does not
+/// keep up to four idle processes for good.
+#[test]
+fn the_fork_servers_extra_spares_go_once_the_pool_is_idle() {
+    for method in [
+        procpool::StartMethod::Forkserver,
+        procpool::StartMethod::Fork,
+    ] {
+        let pool = builder(method).max_tasks_per_child(1).build().unwrap();
+        let mut most = 0;
+        let mut server = 0;
+        for _ in 0..10 {
+            let parents = pool.map(parent_pid, 0..40u32).unwrap();
+            server = parents[39];
+            most = most.max(children_of(server).len());
+        }
+        // The two workers, and one spare.
+        wait_for(
+            &format!("{method:?}: the fork server to keep one spare ({most} children at most)"),
+            Duration::from_secs(10),
+            || children_of(server).len() <= 3,
+        );
+        println!("{method:?}: {most} children of the fork server at most, then 3 or fewer");
+        // It still answers at once.
+        assert_eq!(pool.map(square, 0..20u64).unwrap().len(), 20);
+        shut_down(pool);
+    }
+}
