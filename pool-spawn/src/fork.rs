@@ -185,6 +185,16 @@ impl ExecPlan {
     }
 }
 
+/// `strings` as `execve` takes them: pointers to each, then a null pointer (valid while
+/// `strings` is).
+fn c_array(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
 /// What the child of [`spawn_exec`] reads (and writes its error into), in the parent's
 /// memory, which it shares until it executes.
 struct ExecChild {
@@ -226,18 +236,7 @@ pub(crate) fn spawn_exec(plan: &ExecPlan, keep: RawFd, parent: Pid) -> io::Resul
         OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let argv: Vec<*const libc::c_char> = plan
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = plan
-        .envp
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let (argv, envp) = (c_array(&plan.argv), c_array(&plan.envp));
     let child = ExecChild {
         path: plan.path.as_ptr(),
         argv: argv.as_ptr(),
