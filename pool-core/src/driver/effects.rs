@@ -1,6 +1,5 @@
 //! The policy's effects on real workers: [`Fx`] implements [`Effects`] while the lock is held.
 
-use crate::ids::IdMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use super::worker_io::WorkerIo;
 use super::{Delivery, Outcome, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::event::Pins;
+use crate::ids::IdMap;
 use crate::observe::Timings;
 use crate::policy::{Effects, Finish, TakenUp, TaskId, WorkerId};
 

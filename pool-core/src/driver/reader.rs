@@ -14,7 +14,6 @@
 //! is left and gives the rest to the driver, which reaps the worker as always; if the
 //! driver reaps first, the borrow ends there and the caller waits on its result.
 
-use crate::ids::IdMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +26,7 @@ use super::effects::Fx;
 use super::shared::{Shared, note_started};
 use super::worker_io::WorkerIo;
 use super::{Batch, Batches, Delivery, Outcome, TaskRec};
+use crate::ids::IdMap;
 use crate::policy::{Effects, Policy, WorkerId};
 
 /// How a read of a worker's socket ended.

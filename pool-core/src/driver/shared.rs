@@ -1,7 +1,6 @@
 //! The state shared by the pool handle, the driver thread and submitting threads, behind one
 //! lock; [`Shared::act`] runs a policy step under it and delivers outcomes after it.
 
-use crate::ids::IdMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -17,6 +16,7 @@ use super::effects::Fx;
 use super::worker_io::WorkerIo;
 use super::{Delivery, TaskRec};
 use crate::event::Pins;
+use crate::ids::IdMap;
 use crate::metrics::Summary;
 use crate::observe::{Tally, Timings};
 use crate::policy::{Cancelled, Policy, WorkerId};
