@@ -265,11 +265,11 @@ pub(crate) fn spawn_exec(plan: &ExecPlan, keep: RawFd, parent: Pid) -> io::Resul
         libc::sigfillset(all.as_mut_ptr());
         libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
     }
-    // SAFETY: `exec_child` runs on the fresh stack (its top passed; it grows down) and reads
-    // `child` and the strings it points to, which outlive the call: with `CLONE_VFORK` this
-    // thread is suspended until the child has executed the program or exited. The child
-    // makes only async-signal-safe calls and never returns into this process's code (see
-    // `exec_child`).
+    // `exec_child` runs on the fresh stack (its top passed; it grows down) and reads `child`
+    // and the strings it points to, which outlive the call: with `CLONE_VFORK` this thread
+    // is suspended until the child has executed the program or exited.
+    // SAFETY: as just said; the child makes only async-signal-safe calls and never returns
+    // into this process's code (see `exec_child`).
     let pid = unsafe {
         libc::clone(
             exec_child,
