@@ -682,8 +682,7 @@ where
                 return Ok(RunEnd::Large(v));
             }
             stage.set(Stage::Encode);
-            encode_ok(v, d.scratch)?;
-            if !d.keep() {
+            if !keep_ok(v, &mut d)? {
                 return Ok(RunEnd::Commit);
             }
             kept.set(kept.get() + 1);
@@ -691,34 +690,60 @@ where
         Ok(RunEnd::Done)
     });
     // (A deserializer of a slice always ends with the rest of it.)
-    let after = de.finalize().unwrap_or_default();
-    *rest = after;
-    // Where the item after a failed one starts, if that one decoded.
-    let after = match stage.get() {
-        Stage::Decode => None,
-        Stage::Call | Stage::Encode => Some(after),
-    };
-    let failure = match ran {
-        Ok(Ok(end)) => return (kept.get(), end),
-        Ok(Err(why)) => item_failure(Ok(why), stage.get()),
-        Err(m) => item_failure(Err(m), stage.get()),
-    };
-    d.scratch.clear();
-    (kept.get(), RunEnd::Failed(failure, after))
+    *rest = de.finalize().unwrap_or_default();
+    run_ended(ran, stage.get(), kept.get(), rest, d)
 }
 
-/// Encodes `Ok(v)`, an item's result, into `scratch` (emptied first), as postcard does:
-/// by hand for a plain number (see `crate::plain`).
+/// Encodes `Ok(v)`, an item's result, and keeps it in the area of `d`: `Ok(false)` if the
+/// area has no room for it (it is then in the scratch buffer, for a commit). A plain number
+/// is written by hand (see `crate::plain`) and straight into the area.
 #[inline(always)]
-fn encode_ok<R: Serialize + 'static>(v: R, scratch: &mut Vec<u8>) -> Result<(), String> {
-    scratch.clear();
-    let mut room = [0u8; crate::plain::MAX_LEN];
-    if let Some(n) = crate::plain::write(&v, &mut room) {
-        // postcard's `Ok`: the variant index 0, then the value.
-        scratch.push(0);
-        scratch.extend_from_slice(&room[..n]);
-        return Ok(());
+fn keep_ok<R: Serialize + 'static>(v: R, d: &mut Direct<'_>) -> Result<bool, String> {
+    // postcard's `Ok(v)`: the variant index 0, then the value.
+    let mut ok = [0u8; 1 + crate::plain::MAX_LEN];
+    let (tag, room) = ok.split_first_mut().expect("not empty");
+    *tag = 0;
+    match crate::plain::write(&v, room.try_into().expect("MAX_LEN bytes")) {
+        Some(n) if d.keep_bytes(&ok[..1 + n]) => Ok(true),
+        Some(n) => {
+            d.scratch.clear();
+            d.scratch.extend_from_slice(&ok[..1 + n]);
+            Ok(false)
+        }
+        None => {
+            encode_ok(v, d.scratch)?;
+            Ok(d.keep())
+        }
     }
+}
+
+/// How a run of [`run_direct`] or [`run_direct_plain`] ended, from what its loop returned
+/// (`ran`), the stage it was at, the results it kept and the bytes after the last item
+/// that decoded (`rest`).
+fn run_ended<'b, R>(
+    ran: Result<Result<RunEnd<'b, R>, String>, String>,
+    stage: Stage,
+    kept: usize,
+    rest: &'b [u8],
+    d: Direct<'_>,
+) -> (usize, RunEnd<'b, R>) {
+    // Where the item after a failed one starts, if that one decoded.
+    let after = match stage {
+        Stage::Decode => None,
+        Stage::Call | Stage::Encode => Some(rest),
+    };
+    let failure = match ran {
+        Ok(Ok(end)) => return (kept, end),
+        Ok(Err(why)) => item_failure(Ok(why), stage),
+        Err(m) => item_failure(Err(m), stage),
+    };
+    d.scratch.clear();
+    (kept, RunEnd::Failed(failure, after))
+}
+
+/// Encodes `Ok(v)`, an item's result, into `scratch` (emptied first), with postcard.
+fn encode_ok<R: Serialize>(v: R, scratch: &mut Vec<u8>) -> Result<(), String> {
+    scratch.clear();
     let result: Result<R, ItemError> = Ok(v);
     pool_ipc::encode_append(scratch, &result)
         .map_err(|e| format!("the task's result does not encode: {}", Chain(&e)))
@@ -768,41 +793,15 @@ where
                 return Ok(RunEnd::Large(v));
             }
             stage.set(Stage::Encode);
-            // postcard's `Ok(v)`: the variant index 0, then the value.
-            let mut ok = [0u8; 1 + crate::plain::MAX_LEN];
-            let (tag, room) = ok.split_first_mut().expect("not empty");
-            *tag = 0;
-            match crate::plain::write(&v, room.try_into().expect("MAX_LEN bytes")) {
-                Some(n) if d.keep_bytes(&ok[..1 + n]) => {}
-                Some(n) => {
-                    d.scratch.clear();
-                    d.scratch.extend_from_slice(&ok[..1 + n]);
-                    return Ok(RunEnd::Commit);
-                }
-                None => {
-                    encode_ok(v, d.scratch)?;
-                    if !d.keep() {
-                        return Ok(RunEnd::Commit);
-                    }
-                }
+            if !keep_ok(v, &mut d)? {
+                return Ok(RunEnd::Commit);
             }
             kept.set(kept.get() + 1);
         }
         Ok(RunEnd::Done)
     });
     *rest = at.get();
-    // Where the item after a failed one starts, if that one decoded.
-    let after = match stage.get() {
-        Stage::Decode => None,
-        Stage::Call | Stage::Encode => Some(*rest),
-    };
-    let failure = match ran {
-        Ok(Ok(end)) => return (kept.get(), end),
-        Ok(Err(why)) => item_failure(Ok(why), stage.get()),
-        Err(m) => item_failure(Err(m), stage.get()),
-    };
-    d.scratch.clear();
-    (kept.get(), RunEnd::Failed(failure, after))
+    run_ended(ran, stage.get(), kept.get(), rest, d)
 }
 
 /// Commits an item's large byte-string result `v` from where it lies: postcard's
