@@ -47,6 +47,7 @@ WORKLOADS = [
     "apply_rtt_one_cpu",
     "apply_rtt_two_cpus",
     "map_tiny_chunk1",
+    "imap_tiny_chunk1",
     "map_tiny_auto",
     "echo_1mib",
     "cpu_speedup",
@@ -66,6 +67,7 @@ UNITS = {
     "apply_rtt_one_cpu": "s",
     "apply_rtt_two_cpus": "s",
     "map_tiny_chunk1": "tasks/s",
+    "imap_tiny_chunk1": "tasks/s",
     "map_tiny_auto": "tasks/s",
     "echo_1mib": "B/s",
     "cpu_speedup": "x",
@@ -87,6 +89,7 @@ SIZES = {
     "apply_rtt_one_cpu": (5000, 500),
     "apply_rtt_two_cpus": (5000, 500),
     "map_tiny_chunk1": (20_000, 2_000),  # tasks
+    "imap_tiny_chunk1": (20_000, 2_000),  # tasks
     "map_tiny_auto": (200_000, 20_000),  # tasks
     "echo_1mib": (200, 20),  # 1 MiB tasks
     "cpu_speedup": (16, 4),  # ~20 ms tasks
@@ -241,6 +244,19 @@ def _map_throughput(ctx, n, chunksize):
 
 def w_map_tiny_chunk1(ctx, n, state):
     return _map_throughput(ctx, n, 1)
+
+
+def w_imap_tiny_chunk1(ctx, n, state):
+    with ctx.Pool(2) as pool:
+        pool.map(square, range(200), chunksize=1)  # warm up, all workers alive
+        t0 = time.perf_counter()
+        got = 0
+        for r in pool.imap(square, range(n), chunksize=1):
+            assert r == got * got
+            got += 1
+        dt = time.perf_counter() - t0
+        assert got == n
+        return n / dt, {"tasks": n, "elapsed_s": dt}
 
 
 def w_map_tiny_auto(ctx, n, state):

@@ -56,6 +56,8 @@ pub(crate) enum Workload {
     ApplyRttTwoCpus,
     /// 20k tiny tasks, chunk 1.
     MapTinyChunk1,
+    /// The same through imap: results in order as they come.
+    ImapTinyChunk1,
     /// 200k tiny tasks, automatic chunks.
     MapTinyAuto,
     /// 200 echoes of 1 MiB.
@@ -262,6 +264,27 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
             let p = pool(method, 2)?;
             p.map(square, 0..100u64).map_err(err)?;
             square_rate(p, s.tiny_chunk1, Options::new().chunksize(1))
+        }
+        "imap_tiny_chunk1" => {
+            // map_tiny_chunk1 through imap: the input is read as the workers free up and
+            // each result is taken in order as it comes.
+            let p = pool(method, 2)?;
+            p.map(square, 0..100u64).map_err(err)?;
+            let n = s.tiny_chunk1;
+            let t = Instant::now();
+            let mut got = 0u64;
+            for r in p.imap_with(square, 0..n, Options::new().chunksize(1)) {
+                if r.map_err(err)? != square(got) {
+                    return Err("the imap came back wrong".into());
+                }
+                got += 1;
+            }
+            let dt = t.elapsed().as_secs_f64();
+            if got != n {
+                return Err(format!("the imap yielded {got} of {n} results"));
+            }
+            finish(p)?;
+            Ok((n as f64 / dt, "tasks/s"))
         }
         "map_tiny_64w" => {
             // map_tiny_chunk1 with 64 workers on however few cores: the pool's cost per

@@ -24,8 +24,15 @@ pub(crate) const IN_FLIGHT: usize = 1;
 /// ... and when they are tiny: enough that a worker answering brief tasks in batches (it
 /// holds answers back while more requests wait) always has the next batch waiting.
 pub(crate) const MAX_IN_FLIGHT: usize = 1024;
-/// Tasks an `imap` keeps in the pool per worker (read ahead of what was consumed).
+/// Chunks an `imap` keeps in the pool per worker (read ahead of what was consumed) at
+/// least...
 pub(crate) const IMAP_WINDOW_PER_WORKER: usize = 32;
+/// ... and at most, when its chunks are so brief that each worker may hold more of them
+/// (see `Policy::observe`) and their arguments are small (see [`IMAP_BYTES_PER_WORKER`]).
+pub(crate) const IMAP_WINDOW_MAX_PER_WORKER: usize = 64;
+/// The arguments in flight, per worker, past which an `imap`'s window grows no further than
+/// [`IMAP_WINDOW_PER_WORKER`] chunks: a deep window is for small items.
+pub(crate) const IMAP_BYTES_PER_WORKER: usize = 4 << 20;
 /// Consecutive failed worker starts after which the pool stops starting workers.
 pub(crate) const START_FAILURE_LIMIT: u32 = 3;
 /// How long a worker stopped because of its task (time limit, cancellation) has between

@@ -9,25 +9,35 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::builder::IMAP_WINDOW_PER_WORKER;
+use crate::builder::{IMAP_BYTES_PER_WORKER, IMAP_WINDOW_MAX_PER_WORKER, IMAP_WINDOW_PER_WORKER};
 use crate::chunk::auto_chunksize;
-use crate::driver::Group;
+use crate::driver::{Group, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::submit::Submission;
 use crate::task::Task;
 
+/// A refill sends its chunks in batches of at most this many (one policy step and one write
+/// per worker for each)...
+const FILL_BATCH: usize = 256;
+
+/// ... and waits until the window has room for an eighth of it (or nothing is in flight):
+/// the chunks still queued keep the workers busy meanwhile.
+const FILL_FRACTION: usize = 8;
+
 /// What reading the next chunk of input came to.
 enum Fed {
-    /// A chunk was sent.
-    Sent,
+    /// A chunk was made (its arguments' bytes): it is in the batch to send, or settled
+    /// already if it could not be encoded.
+    Sent(usize),
     /// The input has ended.
     Ended,
-    /// The input panicked: the items read before it in this chunk were sent (`sent`: there
-    /// were some); the panic resumes on the consumer's thread at the place it happened.
+    /// The input panicked: the items read before it in this chunk were made into one
+    /// (`sent`, its bytes: there were some); the panic resumes on the consumer's thread at
+    /// the place it happened.
     Panicked {
-        sent: bool,
+        sent: Option<usize>,
         payload: Box<dyn Any + Send>,
     },
 }
@@ -35,7 +45,8 @@ enum Fed {
 impl Pool {
     /// Applies `f` to each item lazily and yields results in order as they come: Python's
     /// `imap`. The input is read only as workers free up (a bounded window of chunks in
-    /// flight, the first ones sent at once), so an endless iterator works and memory stays
+    /// flight, the first ones sent at once: 32 per worker, up to 64 while the tasks are
+    /// brief and their arguments small), so an endless iterator works and memory stays
     /// bounded. Chunk size: automatic when the iterator knows its length, else 1.
     ///
     /// As in Python, an imap made before [`close`](Pool::close) still gets all its results
@@ -154,8 +165,8 @@ impl Pool {
         let mut next_item = 0usize;
         let pool: &'p Pool = self;
         // Opened while the pool runs, this imap goes on sending items after close().
-        let fed = self.shared.act(|p, _| p.open_feed());
-        let feed = Box::new(move || -> Fed {
+        let (fed, depth) = self.shared.act(|p, _| (p.open_feed(), p.depth()));
+        let feed = Box::new(move |batch: &mut Vec<(u64, TaskRec)>| -> Fed {
             // One-tuples: the task's arguments, the same bytes as the items themselves. An
             // input that panics keeps the items it gave before.
             let mut chunk: Vec<(A,)> = Vec::with_capacity(size.min(1024));
@@ -171,7 +182,7 @@ impl Pool {
             if chunk.is_empty() {
                 return match panicked {
                     Some(payload) => Fed::Panicked {
-                        sent: false,
+                        sent: None,
                         payload,
                     },
                     None => Fed::Ended,
@@ -182,15 +193,18 @@ impl Pool {
             next_item += chunk.len();
             let tx = tx.clone();
             let enc = sub.encode::<F, (A,)>(pool.new_id(), &chunk);
-            pool.submit_batch::<F::Output>(&sub, enc, Some(base), fed, move |results| {
-                let _ = tx.send((c, results.into_results()));
+            let bytes = enc.frame.as_ref().map_or(0, |f| f.payload_len())
+                + enc.tail.as_ref().map_or(0, |t| t.bytes().len());
+            let task = pool.prepare_batch::<F::Output>(&sub, enc, Some(base), None, move |r| {
+                let _ = tx.send((c, bytes, r.into_results()));
             });
+            batch.extend(task);
             match panicked {
                 Some(payload) => Fed::Panicked {
-                    sent: true,
+                    sent: Some(bytes),
                     payload,
                 },
-                None => Fed::Sent,
+                None => Fed::Sent(bytes),
             }
         });
         let mut imap = Imap {
@@ -200,9 +214,12 @@ impl Pool {
             group,
             rx,
             stream: None,
-            window: self.processes() * IMAP_WINDOW_PER_WORKER,
+            processes: self.processes(),
+            depth,
+            batch: Vec::new(),
             sent: 0,
             in_flight: 0,
+            bytes: 0,
             exhausted: false,
             panic: None,
             ordered,
@@ -216,7 +233,26 @@ impl Pool {
     }
 }
 
-type ChunkResults<R> = (usize, Vec<Result<R, TaskError>>);
+/// The chunks an imap keeps in a pool of `processes` workers that may each hold `depth`
+/// tasks, with `bytes` of arguments in flight: 32 per worker, and up to 64 when its chunks
+/// are brief enough that each worker may hold that many (so that the workers never wait for
+/// the consumer to read more input) while their arguments stay small (under 4 MiB in flight
+/// per worker).
+fn window(processes: usize, depth: usize, bytes: usize) -> usize {
+    let processes = processes.max(1);
+    let per_worker = if bytes >= processes * IMAP_BYTES_PER_WORKER {
+        IMAP_WINDOW_PER_WORKER
+    } else {
+        depth.clamp(IMAP_WINDOW_PER_WORKER, IMAP_WINDOW_MAX_PER_WORKER)
+    };
+    processes * per_worker
+}
+
+/// Reads the next chunk of input and makes it into a task, put in the batch to send.
+type Feed<'p> = dyn FnMut(&mut Vec<(u64, TaskRec)>) -> Fed + Send + 'p;
+
+/// A chunk's index, its arguments' bytes and its results.
+type ChunkResults<R> = (usize, usize, Vec<Result<R, TaskError>>);
 
 /// The iterator (and [`Stream`](futures_core::Stream)) of [`Pool::imap`] and
 /// [`Pool::imap_unordered`]: one `Result` per item it sent. Once the pool refuses its items
@@ -224,7 +260,7 @@ type ChunkResults<R> = (usize, Vec<Result<R, TaskError>>);
 /// refused chunk and the results of chunks already sent, then ends without reading more
 /// input (which may be endless).
 pub struct Imap<'p, R> {
-    feed: Box<dyn FnMut() -> Fed + Send + 'p>,
+    feed: Box<Feed<'p>>,
     /// The pool, while this imap holds an open feed there (until its input is exhausted).
     pool: Option<&'p Pool>,
     shared: &'p Pool,
@@ -233,10 +269,17 @@ pub struct Imap<'p, R> {
     rx: flume::Receiver<ChunkResults<R>>,
     /// For async consumers: the receiver as a stream (made on the first poll).
     stream: Option<Pin<Box<flume::r#async::RecvStream<'p, ChunkResults<R>>>>>,
-    window: usize,
+    /// The pool's workers when this imap was made: its window is per worker.
+    processes: usize,
+    /// The tasks each worker may hold, as the pool said at the last refill.
+    depth: usize,
+    /// Chunks made and not yet handed to the pool (empty between refills).
+    batch: Vec<(u64, TaskRec)>,
     /// Chunks sent so far.
     sent: usize,
     in_flight: usize,
+    /// The bytes of the arguments of the chunks in flight.
+    bytes: usize,
     exhausted: bool,
     /// The input's panic, and the number of chunks sent before it: it resumes once their
     /// results are yielded.
@@ -258,26 +301,68 @@ impl<R> fmt::Debug for Imap<'_, R> {
 }
 
 impl<R> Imap<'_, R> {
-    /// Sends chunks until the window is full or the input ends. Chunks parked out of order
-    /// count against the window too, so one slow chunk cannot let the input run ahead
-    /// without bound.
+    /// The chunks this imap keeps in the pool (and parked here): see [`window`].
+    fn window(&self) -> usize {
+        window(self.processes, self.depth, self.bytes)
+    }
+
+    /// Sends chunks until the window is full or the input ends, once it has room for an
+    /// eighth of itself (or nothing is in flight). Chunks parked out of order count against
+    /// the window too, so one slow chunk cannot let the input run ahead without bound.
+    ///
+    /// The chunks go in batches: when nothing is in flight, of 1, 2, 4... (the workers
+    /// begin on the first chunk while the next are read), otherwise of up to 256.
     fn fill(&mut self) {
-        while !self.exhausted && self.in_flight + self.parked.len() < self.window {
-            match (self.feed)() {
-                Fed::Sent => {
-                    self.in_flight += 1;
-                    self.sent += 1;
-                }
-                Fed::Ended => self.set_exhausted(),
+        let held = self.in_flight + self.parked.len();
+        let window = self.window();
+        if self.exhausted
+            || held >= window
+            || (self.in_flight > 0 && window - held < window / FILL_FRACTION)
+        {
+            return;
+        }
+        let mut next_batch = if self.in_flight == 0 { 1 } else { FILL_BATCH };
+        let mut ended = false;
+        while !ended && self.in_flight + self.parked.len() < self.window() {
+            match (self.feed)(&mut self.batch) {
+                Fed::Sent(bytes) => self.made(bytes),
+                Fed::Ended => ended = true,
                 Fed::Panicked { sent, payload } => {
-                    if sent {
-                        self.in_flight += 1;
-                        self.sent += 1;
+                    if let Some(bytes) = sent {
+                        self.made(bytes);
                     }
                     self.panic = Some((self.sent, payload));
-                    self.set_exhausted();
+                    ended = true;
                 }
             }
+            if self.batch.len() >= next_batch {
+                self.send_batch();
+                next_batch = next_batch.saturating_mul(2).min(FILL_BATCH);
+            }
+        }
+        // Sent before the feed closes: an imap's chunks are taken after close() only
+        // while its feed is open.
+        self.send_batch();
+        if ended {
+            self.set_exhausted();
+        }
+    }
+
+    /// A chunk of `bytes` of arguments was made.
+    fn made(&mut self, bytes: usize) {
+        self.in_flight += 1;
+        self.sent += 1;
+        self.bytes += bytes;
+    }
+
+    /// Hands the chunks made to the pool.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let fed = self.pool.is_some();
+        if let Some(depth) = self.shared.submit_feed(&mut self.batch, fed) {
+            self.depth = depth;
         }
     }
 
@@ -330,8 +415,9 @@ impl<R> Imap<'_, R> {
     }
 
     /// Takes in a chunk's results.
-    fn arrived(&mut self, (c, v): ChunkResults<R>) {
+    fn arrived(&mut self, (c, bytes, v): ChunkResults<R>) {
         self.in_flight -= 1;
+        self.bytes = self.bytes.saturating_sub(bytes);
         if v.iter()
             .all(|r| matches!(r, Err(e) if e.kind() == TaskErrorKind::PoolClosed))
         {
@@ -367,6 +453,10 @@ impl<R> Iterator for Imap<'_, R> {
             // wait ends.
             let got = self.rx.recv().ok()?;
             self.arrived(got);
+            // Whatever came with it is taken too: the window refills once for them all.
+            while let Ok(got) = self.rx.try_recv() {
+                self.arrived(got);
+            }
         }
     }
 }
@@ -395,5 +485,30 @@ impl<R: Send> futures_core::Stream for Imap<'_, R> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_deepens_with_the_pools_depth_for_small_arguments_only() {
+        // Long or unknown tasks (depth 1): the least window.
+        assert_eq!(window(2, 1, 0), 2 * IMAP_WINDOW_PER_WORKER);
+        // Brief tasks: as deep as each worker may hold, within the most.
+        assert_eq!(window(2, 50, 0), 100);
+        assert_eq!(window(2, 1024, 0), 2 * IMAP_WINDOW_MAX_PER_WORKER);
+        // Large arguments in flight: back to the least, however brief the tasks.
+        assert_eq!(
+            window(2, 1024, 2 * IMAP_BYTES_PER_WORKER),
+            2 * IMAP_WINDOW_PER_WORKER
+        );
+        assert_eq!(
+            window(2, 1024, 2 * IMAP_BYTES_PER_WORKER - 1),
+            2 * IMAP_WINDOW_MAX_PER_WORKER
+        );
+        // A pool with no worker yet still sends.
+        assert_eq!(window(0, 1, 0), IMAP_WINDOW_PER_WORKER);
     }
 }

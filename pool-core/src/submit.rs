@@ -250,22 +250,6 @@ impl Pool {
         requested.or(self.task_timeout)
     }
 
-    /// Sends one encoded batch; `done` receives exactly one per-item result vector.
-    pub(crate) fn submit_batch<R>(
-        &self,
-        sub: &Submission,
-        enc: Encoded,
-        base: Option<usize>,
-        fed: bool,
-        done: impl FnOnce(Items<R>) + Send + 'static,
-    ) where
-        R: DeserializeOwned + Send + 'static,
-    {
-        if let Some(task) = self.prepare_batch(sub, enc, base, None, done) {
-            self.submit_all(vec![task], fed);
-        }
-    }
-
     /// Turns an encoded batch into a task record for the policy, or settles it at once
     /// (nothing to send, or the frame cannot be built): `None` then.
     pub(crate) fn prepare_batch<R>(
@@ -369,6 +353,13 @@ impl Pool {
             .shared
             .act(|p, fx| submit_each(p, fx, tasks.drain(..), false));
         self.fail_refused(refused, false);
+    }
+
+    /// Hands an `imap`'s chunks to the policy under one lock (taking them out of `tasks`),
+    /// as [`submit_all`](Pool::submit_all) does (`fed`: its feed is open); the tasks each
+    /// worker may hold now ([`Policy::depth`]), unless a chunk was refused.
+    pub(crate) fn submit_feed(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> Option<usize> {
+        self.submit_then(std::mem::take(tasks), fed, |p, _| Some(p.depth()))
     }
 
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every

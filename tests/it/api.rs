@@ -175,6 +175,41 @@ fn imap_reads_its_input_lazily() {
     shut_down(pool);
 }
 
+fn byte_count(b: serde_bytes::ByteBuf) -> u64 {
+    b.len() as u64
+}
+
+/// An imap of brief tasks may read further ahead (more chunks in flight keep the workers
+/// busy), but not one of large items: it keeps at most 32 per worker in flight, however
+/// brief the pool's earlier tasks were (the window's rule itself is unit-tested in
+/// pool-core).
+#[test]
+fn an_imap_of_large_items_keeps_at_most_32_per_worker_in_flight() {
+    let pool = builder(Default::default()).build().unwrap();
+    // Tiny tasks first: the pool then lets each worker hold hundreds.
+    pool.map_with(square, 0..20_000u64, Options::new().chunksize(1))
+        .unwrap();
+    let pulled = Arc::new(AtomicU64::new(0));
+    let p2 = Arc::clone(&pulled);
+    let input = (0u64..).map(move |_| {
+        p2.fetch_add(1, Ordering::SeqCst);
+        serde_bytes::ByteBuf::from(vec![1u8; 512 << 10])
+    });
+    let mut it = pool.imap(byte_count, input);
+    for _ in 0..5 {
+        assert_eq!(it.next().unwrap().unwrap(), 512 << 10);
+    }
+    let read = pulled.load(Ordering::SeqCst);
+    // Two workers: 32 chunks each at most once 8 MiB are in flight, plus the 5 consumed and
+    // the chunk that crossed the limit.
+    assert!(
+        read <= 5 + 2 * 32 + 1,
+        "imap read {read} items of 512 KiB ahead of 5 consumed"
+    );
+    drop(it);
+    shut_down(pool);
+}
+
 #[test]
 fn a_closed_pool_refuses_new_tasks_with_pool_closed() {
     let pool = builder(Default::default()).build().unwrap();

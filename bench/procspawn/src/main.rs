@@ -41,6 +41,7 @@ const WINDOW: usize = 64;
 const WORKLOADS: &[&str] = &[
     "apply_rtt",
     "map_tiny_chunk1",
+    "imap_tiny_chunk1",
     "map_tiny_auto",
     "echo_1mib",
     "cpu_speedup",
@@ -53,7 +54,7 @@ const WORKLOADS: &[&str] = &[
 fn unit(workload: &str) -> &'static str {
     match workload {
         "apply_rtt" | "startup" | "replace_latency" => "s",
-        "map_tiny_chunk1" | "map_tiny_auto" | "recycle" => "tasks/s",
+        "map_tiny_chunk1" | "imap_tiny_chunk1" | "map_tiny_auto" | "recycle" => "tasks/s",
         "echo_1mib" => "B/s",
         "cpu_speedup" => "x",
         "imap_memory" => "bytes",
@@ -83,7 +84,7 @@ fn size(workload: &str, quick: bool) -> usize {
 /// Why procspawn cannot run a workload, if it cannot.
 fn cannot(workload: &str) -> Option<&'static str> {
     match workload {
-        "imap_memory" => {
+        "imap_memory" | "imap_tiny_chunk1" => {
             Some("no imap: procspawn has no lazy map over an iterator (only spawn + join per job)")
         }
         _ => None,
