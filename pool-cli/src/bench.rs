@@ -1,5 +1,6 @@
 //! `procpool bench`: the standard workloads, one JSON line per run; with `--reference`,
-//! CPython's `multiprocessing.Pool` on the same workloads; with `--out DIR`, a report.
+//! CPython's `multiprocessing.Pool` on the same workloads (and with `--procspawn PATH`,
+//! procspawn), run by run beside procpool's; with `--out DIR`, a report.
 //!
 //! The same workloads, names and JSON schema as the CPython reference script
 //! (`bench/reference/mp_pool.py`), so a report can set them side by side:
@@ -31,10 +32,14 @@ pub(crate) struct Args {
     /// Seconds a single run may take before it is reported as timed out.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// Also run CPython's multiprocessing.Pool (`python3`) on the same workloads, for
-    /// ratios measured in the same run.
+    /// Also run CPython's multiprocessing.Pool (`python3`) on the same workloads, run by
+    /// run beside procpool's, for ratios measured in the same minutes.
     #[arg(long)]
     reference: bool,
+    /// Also run the procspawn comparison program at this path (`bench/procspawn`, built
+    /// by `cargo xtask bench`) on the workloads it can do, run by run beside procpool's.
+    #[arg(long, value_name = "PATH")]
+    procspawn: Option<std::path::PathBuf>,
     /// Write the results, a markdown report and a ratio chart (SVG) into this directory
     /// (the report needs `python3`).
     #[arg(long, value_name = "DIR")]
@@ -480,8 +485,8 @@ fn measure(name: &str, method: StartMethod, s: &Scale) -> Measured {
 }
 
 /// Runs the requested workloads, each run in a child process of its own (so a run that
-/// hangs or crashes is reported and the others go on), then the CPython reference and the
-/// report if asked.
+/// hangs or crashes is reported and the others go on), each run followed by the references
+/// asked for, then the report if asked.
 pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(spec) = &args.one {
         return run_in_this_process(spec, args.quick);
@@ -506,12 +511,19 @@ pub(crate) fn run(args: Args) -> ExitCode {
     }
     let mut rows = Vec::new();
     let limit = Duration::from_secs(args.timeout);
-    // Run by run, each method's run of a workload and then one run of each floor under it
-    // (the machine's own cost, no pool): the floors are measured in the same minutes as
-    // the figures they bound, so the report can tell a slow machine from a slow pool and
-    // give each goal as a ratio. (How fast this shared machine wakes a process changes
-    // from one minute to the next: floors measured at the end once compared a fast-waking
-    // minute with a slow one.)
+    let refs = match crate::reference::References::new(args.reference, args.procspawn.clone()) {
+        Ok(refs) => refs,
+        Err(e) => {
+            eprintln!("procpool bench: the CPython reference cannot run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Run by run, each method's run of a workload, then one run of each floor under it
+    // (the machine's own cost, no pool) and of each reference: the floors and the
+    // references are measured in the same minutes as the figures they are set against, so
+    // the report can tell a slow machine from a slow pool and give each goal as a ratio.
+    // (How fast this shared machine wakes a process changes from one minute to the next:
+    // floors measured at the end once compared a fast-waking minute with a slow one.)
     for w in &workloads {
         for _ in 0..args.runs.max(1) {
             for method in methods {
@@ -528,12 +540,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 println!("{line}");
                 rows.push(line);
             }
-        }
-    }
-    if args.reference {
-        match crate::reference::run_cpython(methods, &workloads, args.runs.max(1), args.quick) {
-            Ok(lines) => rows.extend(lines),
-            Err(e) => eprintln!("procpool bench: the CPython reference did not run: {e}"),
+            rows.extend(refs.run(methods, w, args.quick));
         }
     }
     if let Some(dir) = &args.out

@@ -1,6 +1,7 @@
-//! The reference measured beside procpool: CPython's `multiprocessing.Pool`, through the
+//! The references measured beside procpool: CPython's `multiprocessing.Pool`, through the
 //! script in `bench/reference/` (built into this program, run with `python3`), and the
-//! report script in `bench/` that sets both side by side.
+//! procspawn comparison program (`bench/procspawn`, built apart) if it is given; and the
+//! report script in `bench/` that sets them side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,44 +37,84 @@ impl Drop for Scripts {
     }
 }
 
-/// Runs CPython's Pool on `workloads` with each of `methods`; prints and returns its JSON
-/// lines. A workload it cannot do comes back as an `"ok": false` line from the script.
-pub(crate) fn run_cpython(
-    methods: &[crate::Method],
-    workloads: &[String],
-    runs: usize,
-    quick: bool,
-) -> Result<Vec<String>, String> {
-    let scripts = Scripts::write()?;
-    let mut rows = Vec::new();
-    for m in methods {
-        for w in workloads {
-            if w == "echo_1mib_shared" {
-                // procpool's own type: the script has no such workload.
-                continue;
-            }
-            let mut cmd = Command::new("python3");
-            cmd.arg(scripts.path("mp_pool.py"))
-                .args(["--method", m.name(), "--workload", w])
-                .args(["--runs", &runs.to_string()]);
-            if quick {
-                cmd.arg("--quick");
-            }
-            let out = cmd
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|e| format!("cannot run python3: {e}"))?;
-            for line in String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.trim_start().starts_with('{'))
-            {
-                println!("{line}");
-                rows.push(line.to_string());
+/// The references a run of the bench sets beside procpool: CPython's Pool (through the
+/// embedded script), and the procspawn comparison program if one was given. Each runs once
+/// per call, so that the bench can measure them run by run in the same minutes as procpool
+/// (this machine's speed changes from one minute to the next).
+pub(crate) struct References {
+    scripts: Option<Scripts>,
+    procspawn: Option<PathBuf>,
+}
+
+impl References {
+    /// CPython's Pool if `cpython` (its script written to a private directory now), and the
+    /// procspawn comparison program at `procspawn`.
+    pub(crate) fn new(cpython: bool, procspawn: Option<PathBuf>) -> Result<References, String> {
+        let scripts = if cpython {
+            Some(Scripts::write()?)
+        } else {
+            None
+        };
+        Ok(References { scripts, procspawn })
+    }
+
+    /// One run of each reference on `workload` (CPython's with each of `methods`): their
+    /// JSON lines, printed too. A workload a reference cannot do comes back as its
+    /// `"ok": false` line, or none for one it does not know.
+    pub(crate) fn run(
+        &self,
+        methods: &[crate::Method],
+        workload: &str,
+        quick: bool,
+    ) -> Vec<String> {
+        let mut rows = Vec::new();
+        // procpool's own type: the script has no such workload.
+        if let Some(scripts) = self
+            .scripts
+            .as_ref()
+            .filter(|_| workload != "echo_1mib_shared")
+        {
+            for m in methods {
+                let mut cmd = Command::new("python3");
+                cmd.arg(scripts.path("mp_pool.py"))
+                    .args(["--method", m.name(), "--workload", workload, "--runs", "1"])
+                    .stderr(Stdio::inherit());
+                rows.extend(json_lines(&mut cmd, quick, "python3"));
             }
         }
+        if let Some(exe) = &self.procspawn {
+            let mut cmd = Command::new(exe);
+            cmd.args(["--workload", workload, "--runs", "1"])
+                // It prints its usage for a workload it does not know: no line then.
+                .stderr(Stdio::null());
+            rows.extend(json_lines(&mut cmd, quick, "procspawn"));
+        }
+        rows
     }
-    Ok(rows)
+}
+
+/// Runs `cmd` (with `--quick` if `quick`) and returns the JSON lines it prints, printed
+/// here too; a program that cannot start is said on stderr.
+fn json_lines(cmd: &mut Command, quick: bool, what: &str) -> Vec<String> {
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = match cmd.stdin(Stdio::null()).output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("procpool bench: cannot run {what}: {e}");
+            return Vec::new();
+        }
+    };
+    let rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(str::to_string)
+        .collect();
+    for line in &rows {
+        println!("{line}");
+    }
+    rows
 }
 
 /// Writes `rows` to `DIR/raw.jsonl` and runs the report: `DIR/BENCHMARKS.md`,

@@ -3,10 +3,11 @@
 //! command's `run` and `map` beside xargs, GNU parallel and CPython's Pool (`--cli-only`:
 //! that part alone).
 //!
-//! Steps: build `procpool` (pool-cli) in release mode and run `procpool bench --reference`
-//! (procpool with each start method, then `bench/reference/mp_pool.py`, built into the
-//! command, with `python3` for each start method); build and run the
-//! procspawn comparison (`bench/procspawn`, outside the workspace) where it builds; then
+//! Steps: build `procpool` (pool-cli) in release mode and the procspawn comparison
+//! (`bench/procspawn`, outside the workspace) where it builds; run `procpool bench
+//! --reference --procspawn ...`: run by run, procpool with each start method, then
+//! `bench/reference/mp_pool.py` (built into the command) with `python3` for each start
+//! method, then procspawn, so that all are measured in the same minutes; then
 //! `bench/report.py` turns all the JSON lines into a markdown table (stdout),
 //! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
 //! With `--publish`, that report replaces the repository's `BENCHMARKS.md` (chart and data
@@ -39,44 +40,30 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         // Only the command line against xargs, GNU parallel and CPython's Pool.
         return cli_comparisons(&root, &out_dir, quick);
     }
-    // procpool, then CPython's Pool on the same workloads (the reference script is built
-    // into the command), all as JSON lines.
-    println!("==> procpool bench --reference (procpool, then CPython's multiprocessing.Pool)");
+    // procspawn's comparison program, built first so that it runs beside procpool.
+    let procspawn = procspawn_exe(&root);
+    if procspawn.is_none() {
+        writeln!(
+            raw,
+            "{{\"system\":\"procspawn\",\"workload\":\"apply_rtt\",\"ok\":false,\"reason\":\"procspawn did not build here\"}}"
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    // procpool, each run followed by CPython's Pool (the reference script is built into
+    // the command) and procspawn on the same workload, all as JSON lines.
+    println!(
+        "==> procpool bench --reference (procpool, CPython's multiprocessing.Pool and \
+         procspawn, run by run)"
+    );
     let mut cmd = Command::new(root.join("target/release/procpool"));
     cmd.args(["bench", "--reference", "--runs", runs]);
+    if let Some(exe) = &procspawn {
+        cmd.arg("--procspawn").arg(exe);
+    }
     if quick {
         cmd.arg("--quick");
     }
     collect(&mut cmd, &mut raw)?;
-
-    let procspawn = root.join("bench/procspawn/Cargo.toml");
-    if procspawn.exists() {
-        println!("==> procspawn (where it can do the workload)");
-        let built = Command::new(cargo())
-            .args(["build", "--release", "--manifest-path"])
-            .arg(&procspawn)
-            .env("CARGO_TARGET_DIR", root.join("target/procspawn-bench"))
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        let exe = root.join("target/procspawn-bench/release/procspawn-bench");
-        if built && exe.exists() {
-            let mut cmd = Command::new(exe);
-            cmd.args(["--workload", "all", "--runs", runs]);
-            if quick {
-                cmd.arg("--quick");
-            }
-            if let Err(e) = collect(&mut cmd, &mut raw) {
-                eprintln!("    procspawn: {e}");
-            }
-        } else {
-            writeln!(
-                raw,
-                "{{\"system\":\"procspawn\",\"workload\":\"apply_rtt\",\"ok\":false,\"reason\":\"procspawn did not build here\"}}"
-            )
-            .map_err(|e| e.to_string())?;
-        }
-    }
     drop(raw);
 
     // The command line against xargs, GNU parallel and CPython's Pool (its own table).
@@ -124,6 +111,25 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         raw_path.display()
     );
     Ok(())
+}
+
+/// Builds the procspawn comparison (`bench/procspawn`, outside the workspace, with its own
+/// target directory); its program, if it built.
+fn procspawn_exe(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    let manifest = root.join("bench/procspawn/Cargo.toml");
+    if !manifest.exists() {
+        return None;
+    }
+    println!("==> build the procspawn comparison");
+    let built = Command::new(cargo())
+        .args(["build", "--release", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", root.join("target/procspawn-bench"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let exe = root.join("target/procspawn-bench/release/procspawn-bench");
+    (built && exe.exists()).then_some(exe)
 }
 
 /// `--publish`: the report becomes the repository's `BENCHMARKS.md`, its chart and data go
