@@ -666,8 +666,9 @@ const FLOORS: &[(&str, &str, &str)] = &[
     ("raw-pipe", "apply_rtt_one_cpu", "apply_rtt_one_cpu"),
     ("raw-pipe", "apply_rtt_two_cpus", "apply_rtt_two_cpus"),
     // The same through a Unix socketpair, each side waiting in poll() as the pool does:
-    // the floor of the pool's own transport.
+    // the floor of the pool's own transport, unplaced and on one CPU.
     ("raw-socket", "apply_rtt", "apply_rtt"),
+    ("raw-socket", "apply_rtt_one_cpu", "apply_rtt_one_cpu"),
     // Bare fork + _exit + waitpid, one after another: the rate under recycle...
     ("raw-fork", "fork_rate", "recycle"),
     // ... and the latency of one (median).
@@ -692,7 +693,10 @@ fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
         ("raw-pipe", w @ ("apply_rtt_one_cpu" | "apply_rtt_two_cpus")) => {
             Ok((raw_pipe_rtt(s.apply_calls, Placement::of(w))?, "s"))
         }
-        ("raw-socket", "apply_rtt") => Ok((raw_socket_rtt(s.apply_calls)?, "s")),
+        ("raw-socket", "apply_rtt") => Ok((raw_socket_rtt(s.apply_calls, None)?, "s")),
+        ("raw-socket", w @ "apply_rtt_one_cpu") => {
+            Ok((raw_socket_rtt(s.apply_calls, Placement::of(w))?, "s"))
+        }
         ("raw-fork", "fork_rate") => {
             let fork = || {
                 pool_spawn::bench_support::bare_fork_exit_wait().map_err(|e| format!("fork: {e}"))
@@ -878,9 +882,13 @@ fn raw_pipe_rtt(rounds: usize, placement: Option<Placement>) -> Result<f64, Stri
 
 /// The median round trip of one byte through a Unix socketpair to a child process that
 /// echoes it (`procpool bench --one socket-echo:`), each side waiting for the byte in
-/// `poll` (for input only, as the pool's waiting threads do) and then reading it.
-fn raw_socket_rtt(rounds: usize) -> Result<f64, String> {
+/// `poll` (for input only, as the pool's waiting threads do) and then reading it; both held as
+/// `placement` says, if it says.
+fn raw_socket_rtt(rounds: usize, placement: Option<Placement>) -> Result<f64, String> {
     let (ours, mut child) = spawn_peer("socket-echo:")?;
+    if let Some(placement) = placement {
+        placement.apply(&[child.id()])?;
+    }
     let round = || -> Result<(), String> {
         let e = |e: rustix::io::Errno| e.to_string();
         rustix::io::write(&ours, &[7]).map_err(e)?;
