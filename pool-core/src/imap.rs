@@ -480,7 +480,13 @@ impl<R: Send> futures_core::Stream for Imap<'_, R> {
                 .stream
                 .get_or_insert_with(|| Box::pin(this.rx.clone().into_stream()));
             match stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(got)) => this.arrived(got),
+                Poll::Ready(Some(got)) => {
+                    this.arrived(got);
+                    // As `next` does: whatever came with it is taken too.
+                    while let Ok(got) = this.rx.try_recv() {
+                        this.arrived(got);
+                    }
+                }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
