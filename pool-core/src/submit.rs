@@ -261,19 +261,21 @@ impl Pool {
     ) where
         R: DeserializeOwned + Send + 'static,
     {
-        if let Some(task) = self.prepare_batch(sub, enc, base, None, done) {
+        if let Some(task) = self.prepare_batch(sub, enc, base, None, Instant::now(), done) {
             self.submit_all(vec![task], fed);
         }
     }
 
     /// Turns an encoded batch into a task record for the policy, or settles it at once
-    /// (nothing to send, or the frame cannot be built): `None` then.
+    /// (nothing to send, or the frame cannot be built): `None` then. `queued_at`: when it
+    /// is handed to the pool (now, or when the batch it goes with began).
     pub(crate) fn prepare_batch<R>(
         &self,
         sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
         onto: Option<Box<dyn Onto<R>>>,
+        queued_at: Instant,
         done: impl FnOnce(Items<R>) + Send + 'static,
     ) -> Option<(u64, TaskRec)>
     where
@@ -340,7 +342,7 @@ impl Pool {
             group: Arc::clone(&sub.group),
             sent_at: None,
             sent_to: None,
-            queued_at: Instant::now(),
+            queued_at,
             started_at: None,
             span,
         };
@@ -355,20 +357,23 @@ impl Pool {
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds, leaving it empty with
     /// its room, for the next batch: a batch of records moves into the policy once, not
-    /// into a fresh vector that grows as it fills first.
-    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>) {
+    /// into a fresh vector that grows as it fills first. Returns the tasks left waiting in
+    /// the queue after the step (0 under backpressure, whose steps wait for room).
+    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>) -> usize {
         if self.shared.max_queued().is_some() {
             // Each task waits for room in a step of its own.
             self.submit_all(std::mem::take(tasks), false);
-            return;
+            return 0;
         }
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
-        let refused = self
-            .shared
-            .act(|p, fx| submit_each(p, fx, tasks.drain(..), false));
+        let (refused, queued) = self.shared.act(|p, fx| {
+            let refused = submit_each(p, fx, tasks.drain(..), false);
+            (refused, p.queued())
+        });
         self.fail_refused(refused, false);
+        queued
     }
 
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
@@ -557,12 +562,13 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
-            let r = items
-                .into_last()
-                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-            complete(&weak, slot, r, Callbacks::new());
-        });
+        let task =
+            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
+                let r = items
+                    .into_last()
+                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+                complete(&weak, slot, r, Callbacks::new());
+            });
         // Settled already (it could not be encoded, say): its result says so.
         let Some(task) = task else {
             return Ok(out);
@@ -635,12 +641,13 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
-            let r = items
-                .into_last()
-                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-            complete(&weak, slot, r, callbacks);
-        });
+        let task =
+            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
+                let r = items
+                    .into_last()
+                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+                complete(&weak, slot, r, callbacks);
+            });
         (out, task)
     }
 
@@ -672,7 +679,10 @@ impl Pool {
     /// at most 8192 items each: see [`Options::chunksize`]), each chunk as soon as it is encoded:
     /// workers begin on the first while the input is still read (a `close` from another
     /// thread meanwhile fails the chunks not yet sent with
-    /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)).
+    /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)). As it waits for the result
+    /// anyway, it stops reading while about a thousand chunks wait for a worker, and reads
+    /// on once half of them are taken: a map of many small chunks keeps no more than that
+    /// many in memory ([`map_async`](Pool::map_async) makes them all before it returns).
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.
@@ -697,7 +707,7 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, Options::new()).get()
+        self.map_with(f, items, Options::new())
     }
 
     /// [`map`](Pool::map) with per-call [`Options`]: a chunk size (Python's `chunksize`), a
@@ -738,7 +748,9 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, opts).get()
+        // The caller waits for the result: the chunks are made as the queue has room.
+        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, true)
+            .get()
     }
 
     /// Submits a `map` and returns at once: Python's `map_async`.
@@ -763,7 +775,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         // One-tuples: the task's arguments, the same bytes as the items themselves.
-        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts)
+        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, false)
     }
 
     /// [`map_async_with`](Pool::map_async_with) that never waits: with
@@ -812,7 +824,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let Some(max) = self.shared.max_queued() else {
-            return Ok(self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts));
+            return Ok(self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, false));
         };
         let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
         self.try_gather::<F, _>(f, &items, opts, max)
@@ -861,7 +873,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, Options::new()).get()
+        self.starmap_with(f, items, Options::new())
     }
 
     /// [`starmap`](Pool::starmap) with per-call [`Options`].
@@ -878,7 +890,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, opts).get()
+        self.gather::<F, _>(f, items, opts, true).get()
     }
 
     /// Submits a `starmap` and returns at once: Python's `starmap_async`.
@@ -901,7 +913,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.gather::<F, _>(f, items, opts)
+        self.gather::<F, _>(f, items, opts, false)
     }
 }
 
