@@ -88,6 +88,16 @@ impl Pool {
     {
         let (out, plan) = self.plan_gather(f, n, opts, paced);
         let Some(plan) = plan else { return out };
+        // A map of fewer chunks than the window never waits: made all at once, as before.
+        let paced = paced && n.div_ceil(plan.size) > PACE_HIGH;
+        // A paced map sends chunks long after it began: like an imap, it goes on after a
+        // `close` (from another thread) until `join` or `terminate` (a feed), rather than
+        // fail the chunks it had not made yet. Not beside `max_queued`, whose waits for
+        // room a feed would skip.
+        let feed = (paced && self.shared.max_queued().is_none())
+            .then(|| Feed::open(self))
+            .flatten();
+        let fed = feed.is_some();
         let mut chunk = Vec::with_capacity(plan.size.min(n.max(1)));
         // Submitted in batches that double (one policy step and one write per worker for
         // each), and at once whatever their number when they hold many items.
@@ -109,9 +119,9 @@ impl Pool {
             chunk.clear();
             batch.extend(task);
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
-                let queued = self.submit_drain(&mut batch);
+                let queued = self.submit_drain(&mut batch, fed);
                 if paced && queued >= PACE_HIGH {
-                    self.shared.wait_queue(PACE_LOW);
+                    self.shared.wait_queue(PACE_LOW, fed);
                 }
                 batch_at = Instant::now();
                 batch_items = 0;
@@ -119,8 +129,9 @@ impl Pool {
             }
         }
         if !batch.is_empty() {
-            self.submit_all(batch, false);
+            self.submit_all(batch, fed);
         }
+        drop(feed);
         plan.seal();
         out
     }
@@ -222,6 +233,23 @@ impl Pool {
             done,
         };
         (out, Some(plan))
+    }
+}
+
+/// A paced map's feed (see `Policy::open_feed`), open while it makes its chunks; closed
+/// when dropped, if its input panics too.
+struct Feed<'a>(&'a Pool);
+
+impl<'a> Feed<'a> {
+    /// `None` if the pool no longer runs (the map's tasks are refused as any others).
+    fn open(pool: &'a Pool) -> Option<Self> {
+        pool.shared.act(|p, _| p.open_feed()).then_some(Feed(pool))
+    }
+}
+
+impl Drop for Feed<'_> {
+    fn drop(&mut self) {
+        self.0.shared.act(|p, fx| p.close_feed(fx));
     }
 }
 

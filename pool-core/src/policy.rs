@@ -544,12 +544,7 @@ impl<T> Policy<T> {
         fed: bool,
         fx: &mut impl Effects<T>,
     ) -> Result<(), (T, Refusal)> {
-        let open = match self.state {
-            State::Running => true,
-            State::Closed => fed && self.feeds > 0 && !self.feeds_revoked,
-            State::Terminated => false,
-        };
-        if !open {
+        if !self.takes(fed) {
             return Err((task, Refusal::Closed));
         }
         if let Some(trip) = self.restarts.tripped() {
@@ -567,6 +562,16 @@ impl<T> Policy<T> {
         self.queue.push_back(id);
         self.dispatch(fx);
         Ok(())
+    }
+
+    /// Whether the pool's state lets a task in (one from a feed, if `fed`: after `close`
+    /// too, until the feeds are revoked).
+    pub(crate) fn takes(&self, fed: bool) -> bool {
+        match self.state {
+            State::Running => true,
+            State::Closed => fed && self.feeds > 0 && !self.feeds_revoked,
+            State::Terminated => false,
+        }
     }
 
     /// A worker finished its setup and is ready.

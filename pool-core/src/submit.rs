@@ -355,24 +355,25 @@ impl Pool {
         let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
     }
 
-    /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds, leaving it empty with
-    /// its room, for the next batch: a batch of records moves into the policy once, not
-    /// into a fresh vector that grows as it fills first. Returns the tasks left waiting in
-    /// the queue after the step (0 under backpressure, whose steps wait for room).
-    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>) -> usize {
+    /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
+    /// leaving it empty with its room, for the next batch: a batch of records moves into
+    /// the policy once, not into a fresh vector that grows as it fills first. Returns the
+    /// tasks left waiting in the queue after the step (0 under backpressure, whose steps
+    /// wait for room).
+    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> usize {
         if self.shared.max_queued().is_some() {
             // Each task waits for room in a step of its own.
-            self.submit_all(std::mem::take(tasks), false);
+            self.submit_all(std::mem::take(tasks), fed);
             return 0;
         }
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
         let (refused, queued) = self.shared.act(|p, fx| {
-            let refused = submit_each(p, fx, tasks.drain(..), false);
+            let refused = submit_each(p, fx, tasks.drain(..), fed);
             (refused, p.queued())
         });
-        self.fail_refused(refused, false);
+        self.fail_refused(refused, fed);
         queued
     }
 
@@ -446,7 +447,8 @@ impl Pool {
                 Refusal::Closed if fed => TaskError::new(
                     TaskErrorKind::PoolClosed,
                     "the pool was joined or terminated before this item was sent: imap sends \
-                     items as their results are consumed, so consume it before join()",
+                     items as their results are consumed (map, as the workers take them), so \
+                     let it finish before join()",
                 ),
                 Refusal::Closed => TaskError::new(
                     TaskErrorKind::PoolClosed,
@@ -680,9 +682,11 @@ impl Pool {
     /// workers begin on the first while the input is still read (a `close` from another
     /// thread meanwhile fails the chunks not yet sent with
     /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)). As it waits for the result
-    /// anyway, it stops reading while about a thousand chunks wait for a worker, and reads
-    /// on once half of them are taken: a map of many small chunks keeps no more than that
-    /// many in memory ([`map_async`](Pool::map_async) makes them all before it returns).
+    /// anyway, a map of more than about a thousand chunks stops reading while that many
+    /// wait for a worker, and reads on once half of them are taken: it keeps no more than
+    /// that many in memory; like an [`imap`](Pool::imap), it then goes on sending its
+    /// chunks after a `close`, until a [`join`](Pool::join) or `terminate`
+    /// ([`map_async`](Pool::map_async) makes every chunk before it returns).
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.

@@ -779,32 +779,59 @@ fn a_map_that_waits_for_its_result_keeps_its_queue_short_and_map_async_hands_ove
     shut_down(pool);
 }
 
-#[test]
-fn a_close_while_a_map_waits_for_room_fails_its_unsent_chunks_and_nothing_hangs() {
-    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+/// Runs a `map` of `n` items of 0.2 ms on its own thread: its result, bounded.
+fn map_aside(
+    pool: &Arc<procpool::Pool>,
+    n: u64,
+) -> impl FnOnce() -> Result<Vec<u64>, procpool::TaskError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let p = Arc::clone(&pool);
+    let p = Arc::clone(pool);
     let map = std::thread::spawn(move || {
-        let items = (0..5000u64).map(|_| 200);
+        let items = (0..n).map(|_| 200);
         let _ = tx.send(p.map_with(nap_us, items, Options::new().chunksize(1)));
     });
-    // The map has its window queued (its chunks take a second at least) when the pool
-    // closes.
-    crate::util::wait_for("the map to begin", Duration::from_secs(30), || {
-        pool.metrics().completed > 10
-    });
+    move || {
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the map returns");
+        map.join().unwrap();
+        got
+    }
+}
+
+#[test]
+fn a_map_waiting_for_room_goes_on_after_close_and_stops_at_join() {
+    // One worker, 3000 one-item chunks of 0.2 ms: the map waits for room in the queue for
+    // most of its run. A close meanwhile (from another thread) lets it send the rest, as
+    // an imap made before it would; a join ends that, failing what it had not sent.
+    let begun = |pool: &procpool::Pool| {
+        crate::util::wait_for("the map to begin", Duration::from_secs(30), || {
+            pool.metrics().completed > 10
+        })
+    };
+    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+    let map = map_aside(&pool, 3000);
+    begun(&pool);
     pool.close();
-    let got = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the map returns");
-    map.join().unwrap();
-    let e = got.unwrap_err();
-    assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
-    // What was handed over before the close ran; the pool drains and joins.
+    assert_eq!(map().expect("every item runs after close").len(), 3000);
     pool.join().unwrap();
+    let Ok(pool) = Arc::try_unwrap(pool) else {
+        panic!("the map's thread is done, its pool handle dropped");
+    };
+    shut_down(pool);
+
+    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+    let map = map_aside(&pool, 3000);
+    begun(&pool);
+    pool.close();
+    pool.join().unwrap();
+    let e = map().unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
+    assert!(e.to_string().contains("joined"), "{e}");
+    // What was handed over before the join ran.
     let m = pool.metrics();
     assert_eq!(m.completed, m.submitted, "{m:?}");
-    assert!(m.submitted < 5000, "{m:?}");
+    assert!(m.submitted < 3000, "{m:?}");
     let Ok(pool) = Arc::try_unwrap(pool) else {
         panic!("the map's thread is done, its pool handle dropped");
     };

@@ -167,12 +167,13 @@ impl Shared {
         Some(self.act_locked(g, step))
     }
 
-    /// Waits until no more than `low` tasks wait in the queue, or the pool is closed (the
-    /// caller's next submissions are then refused). The queue drains by the workers alone
-    /// (or fails, when the pool cannot start them), so the wait ends.
-    pub(crate) fn wait_queue(&self, low: usize) {
+    /// Waits until no more than `low` tasks wait in the queue, or the pool takes no more
+    /// tasks from the caller (from a feed, if `fed`; its next submissions are then
+    /// refused). The queue drains by the workers alone (or fails, when the pool cannot
+    /// start them), so the wait ends. Not with `max_queued` (whose waits are its own).
+    pub(crate) fn wait_queue(&self, low: usize, fed: bool) {
         let mut g = self.lock();
-        while g.policy.queued() > low && !g.policy.is_closed() {
+        while g.policy.queued() > low && g.policy.takes(fed) {
             g.waiting += 1;
             g.room_at = Some(g.room_at.map_or(low, |r| r.max(low)));
             g = self.room.wait(g).unwrap_or_else(PoisonError::into_inner);
@@ -278,14 +279,18 @@ impl Shared {
                 inner.wake_driver = true;
             }
             let wake = std::mem::take(&mut inner.wake_driver);
-            if inner.waiting > 0
-                && (inner.policy.is_closed()
-                    || inner.room_at.is_some_and(|r| inner.policy.queued() <= r)
-                    || self
-                        .settings
-                        .max_queued
-                        .is_some_and(|m| inner.policy.queued() < m))
-            {
+            let room = match inner.room_at {
+                // Maps waiting in `wait_queue` (never beside `max_queued`'s waits).
+                Some(r) => inner.policy.queued() <= r || !inner.policy.takes(true),
+                None => {
+                    inner.policy.is_closed()
+                        || self
+                            .settings
+                            .max_queued
+                            .is_some_and(|m| inner.policy.queued() < m)
+                }
+            };
+            if inner.waiting > 0 && room {
                 self.room.notify_all();
             }
             let out = (r, std::mem::take(&mut inner.done), wake);
