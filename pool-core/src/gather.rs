@@ -1,11 +1,12 @@
 //! `map`'s chunks gathered into one result: every chunk's per-item results, in item order,
 //! or the first failing item's error.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Instant;
 
 use crate::chunk::auto_chunksize;
-use crate::driver::{Shared, TaskRec};
+use crate::driver::{Group, Shared, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::items::Items;
 use crate::options::Options;
@@ -27,6 +28,16 @@ const SUBMIT_TASKS: usize = 256;
 /// A map of at least this many chunks makes room for their records in the policy first.
 const RESERVE_MIN_CHUNKS: usize = 256;
 
+/// A map whose caller waits for its result (`map`, `starmap`) stops making chunks once this
+/// many tasks wait in the queue, and goes on once no more than [`PACE_LOW`] do: the
+/// workers have far more than a round trip's work waiting meanwhile, and the records of
+/// the chunks in flight are few enough to reuse the memory of those done (a map of
+/// 20 000 one-item chunks made all at once faulted in some 8 MB of fresh records, a
+/// sixth of its time).
+const PACE_HIGH: usize = 1024;
+/// See [`PACE_HIGH`].
+const PACE_LOW: usize = 512;
+
 /// Chunks of at least this many items decode their values straight onto the map's result
 /// (see [`ChunkOnto`]).
 const ONTO_MIN_ITEMS: usize = 64;
@@ -37,23 +48,26 @@ impl Pool {
     ///
     /// Each chunk is encoded from the items as they come (through one chunk-sized buffer,
     /// not a copy of the whole input) and submitted soon after, so workers begin the first
-    /// chunks while the later ones are encoded.
+    /// chunks while the later ones are encoded. `paced`: the caller waits for the result
+    /// anyway, so it makes the chunks as the queue has room for them (see [`PACE_HIGH`]),
+    /// not all before it returns.
     pub(crate) fn gather<F, A>(
         &self,
         f: F,
         items: impl IntoIterator<Item = A>,
         opts: Options<Vec<F::Output>>,
+        paced: bool,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<A>,
     {
         let items = items.into_iter();
         match items.size_hint() {
-            (n, Some(m)) if n == m => self.gather_known(f, n, items, opts),
+            (n, Some(m)) if n == m => self.gather_known(f, n, items, opts, paced),
             // The chunk size depends on the count: count them first.
             _ => {
                 let items: Vec<A> = items.collect();
-                self.gather_known(f, items.len(), items.into_iter(), opts)
+                self.gather_known(f, items.len(), items.into_iter(), opts, paced)
             }
         }
     }
@@ -67,36 +81,57 @@ impl Pool {
         n: usize,
         mut items: impl Iterator<Item = A>,
         opts: Options<Vec<F::Output>>,
+        paced: bool,
     ) -> AsyncResult<Vec<F::Output>>
     where
         F: Task<A>,
     {
-        let (out, plan) = self.plan_gather(f, n, opts);
+        let (out, plan) = self.plan_gather(f, n, opts, paced);
         let Some(plan) = plan else { return out };
+        // A map of fewer chunks than the window never waits: made all at once, as before.
+        let paced = paced && n.div_ceil(plan.size) > PACE_HIGH;
+        // A paced map sends chunks long after it began: like an imap, it goes on after a
+        // `close` (from another thread) until `join` or `terminate` (a feed), rather than
+        // fail the chunks it had not made yet. Not beside `max_queued`, whose waits for
+        // room a feed would skip.
+        let feed = (paced && self.shared.max_queued().is_none())
+            .then(|| Feed::open(self))
+            .flatten();
+        let fed = feed.is_some();
         let mut chunk = Vec::with_capacity(plan.size.min(n.max(1)));
         // Submitted in batches that double (one policy step and one write per worker for
         // each), and at once whatever their number when they hold many items.
         let mut batch = Vec::with_capacity(SUBMIT_TASKS.min(n.div_ceil(plan.size)));
         let (mut batch_items, mut next_batch) = (0, 1);
+        // The records of a batch count as handed to the pool when the batch began (one
+        // reading of the clock for all; they wait for each other from then on).
+        let mut batch_at = Instant::now();
         for c in 0.. {
             chunk.extend(items.by_ref().take(plan.size));
             if chunk.is_empty() {
                 break;
             }
-            let task = plan.chunk(self, c, |sub, id| sub.encode_owned::<F, A>(id, &mut chunk));
+            let task = plan.chunk(self, c, batch_at, |sub, id| {
+                sub.encode_owned::<F, A>(id, &mut chunk)
+            });
             batch_items += chunk.len();
             // The chunk's bytes are in its frame: the items go (their events stay pinned).
             chunk.clear();
             batch.extend(task);
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
-                self.submit_drain(&mut batch);
+                let queued = self.submit_drain(&mut batch, fed);
+                if paced && queued >= PACE_HIGH {
+                    self.shared.wait_queue(PACE_LOW, fed);
+                }
+                batch_at = Instant::now();
                 batch_items = 0;
                 next_batch = next_batch.saturating_mul(2).min(SUBMIT_TASKS);
             }
         }
         if !batch.is_empty() {
-            self.submit_all(batch, false);
+            self.submit_all(batch, fed);
         }
+        drop(feed);
         plan.seal();
         out
     }
@@ -113,22 +148,33 @@ impl Pool {
     where
         F: Task<A>,
     {
-        let (out, plan) = self.plan_gather(f, items.len(), opts);
+        let (out, plan) = self.plan_gather(f, items.len(), opts, false);
         let Some(plan) = plan else {
             return Some(out);
         };
         let tasks: Vec<(u64, TaskRec)> = items
             .chunks(plan.size)
             .enumerate()
-            .filter_map(|(c, chunk)| plan.chunk(self, c, |sub, id| sub.encode::<F, A>(id, chunk)))
+            .filter_map(|(c, chunk)| {
+                plan.chunk(self, c, Instant::now(), |sub, id| {
+                    sub.encode::<F, A>(id, chunk)
+                })
+            })
             .collect();
         plan.seal();
         self.try_submit_all(tasks, max).then_some(out)
     }
 
     /// The result of a `map` of `n` items, and the plan its chunks are made by; no plan
-    /// when there is no item (the result is settled already).
-    fn plan_gather<F, A>(&self, f: F, n: usize, opts: Options<Vec<F::Output>>) -> Planned<F::Output>
+    /// when there is no item (the result is settled already). `paced`: as
+    /// [`gather`](Pool::gather).
+    fn plan_gather<F, A>(
+        &self,
+        f: F,
+        n: usize,
+        opts: Options<Vec<F::Output>>,
+        paced: bool,
+    ) -> Planned<F::Output>
     where
         F: Task<A>,
     {
@@ -137,7 +183,11 @@ impl Pool {
             timeout,
             callbacks,
         } = opts;
-        let sub = Submission::new(f, self.timeout_of(timeout));
+        let mut sub = Submission::new(f, self.timeout_of(timeout));
+        if paced {
+            // Its caller waits for the result: nobody holds the handle to cancel it.
+            sub.group = Arc::new(Group::unseen());
+        }
         let slot = Slot::new();
         let done = Done::new(n);
         let out =
@@ -154,17 +204,19 @@ impl Pool {
         let size = chunksize
             .unwrap_or_else(|| auto_chunksize(n, self.processes()))
             .max(1);
-        // Every chunk is submitted at once (up to the queue's limit, if it has one).
+        // Every chunk is submitted at once (up to the queue's limit, if it has one; a paced
+        // map's records, about the queue's window beside those in flight).
         let chunks = n
             .div_ceil(size)
-            .min(self.shared.max_queued().unwrap_or(usize::MAX));
+            .min(self.shared.max_queued().unwrap_or(usize::MAX))
+            .min(if paced { 2 * PACE_HIGH } else { usize::MAX });
         if chunks >= RESERVE_MIN_CHUNKS {
             self.shared.act(|p, _| p.reserve(chunks));
         }
         let state = Arc::new(Mutex::new(Gather {
             out: Vec::with_capacity(n),
             next: 0,
-            early: BTreeMap::new(),
+            early: VecDeque::new(),
             lent_to: None,
             spare: Vec::new(),
             err: None,
@@ -181,6 +233,23 @@ impl Pool {
             done,
         };
         (out, Some(plan))
+    }
+}
+
+/// A paced map's feed (see `Policy::open_feed`), open while it makes its chunks; closed
+/// when dropped, if its input panics too.
+struct Feed<'a>(&'a Pool);
+
+impl<'a> Feed<'a> {
+    /// `None` if the pool no longer runs (the map's tasks are refused as any others).
+    fn open(pool: &'a Pool) -> Option<Self> {
+        pool.shared.act(|p, _| p.open_feed()).then_some(Feed(pool))
+    }
+}
+
+impl Drop for Feed<'_> {
+    fn drop(&mut self) {
+        self.0.shared.act(|p, fx| p.close_feed(fx));
     }
 }
 
@@ -203,6 +272,7 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
         &self,
         pool: &Pool,
         c: usize,
+        queued_at: Instant,
         encode: impl FnOnce(&Submission, u64) -> crate::chunk::Encoded,
     ) -> Option<(u64, TaskRec)> {
         // Counted before it can come back (a chunk that cannot be encoded comes back at once).
@@ -226,6 +296,7 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
             encode(&self.sub, pool.new_id()),
             Some(c * self.size),
             onto,
+            queued_at,
             move |results| {
                 done.add(results.len());
                 let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -295,9 +366,7 @@ impl<R: Send + 'static> Onto<R> for ChunkOnto<R> {
             }
             // Chunk `c` has arrived, as `arrived` takes it; those that came early follow.
             g.next += 1;
-            while let Some(results) = g.early.remove(&g.next) {
-                g.take(results);
-            }
+            g.take_early();
         }
         g.remaining -= 1;
         if g.remaining == 0 && g.sealed {
@@ -314,8 +383,9 @@ struct Gather<R> {
     out: Vec<R>,
     /// The next chunk to move into `out`.
     next: usize,
-    /// Chunks that came back before their turn, by index.
-    early: BTreeMap<usize, Items<R>>,
+    /// Chunks that came back before their turn: `early[i]` is chunk `next + 1 + i`, if it
+    /// came (a window, not a map: chunks mostly come back close to their turn).
+    early: VecDeque<Option<Items<R>>>,
     /// The chunk `out` is lent to (the one due next, see [`ChunkOnto`]), which is decoding
     /// onto it.
     lent_to: Option<usize>,
@@ -336,11 +406,26 @@ impl<R: Send + 'static> Gather<R> {
     /// Chunk `c` is back with `results`.
     fn arrived(&mut self, c: usize, results: Items<R>) {
         if c != self.next {
-            self.early.insert(c, results);
+            // Chunks before `next` have all come back (each once): this one is after it.
+            let Some(i) = c.checked_sub(self.next + 1) else {
+                debug_assert!(false, "chunk {c} came back twice");
+                return;
+            };
+            if i >= self.early.len() {
+                self.early.resize_with(i + 1, || None);
+            }
+            self.early[i] = Some(results);
             return;
         }
         self.take(results);
-        while let Some(results) = self.early.remove(&self.next) {
+        self.take_early();
+    }
+
+    /// `next` has just moved on: takes the chunks from it on that came early, up to the
+    /// first that has not come; `early` starts after `next` again.
+    fn take_early(&mut self) {
+        // Each front slot is chunk `next`'s as it is popped.
+        while let Some(Some(results)) = self.early.pop_front() {
             self.take(results);
         }
     }

@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use crate::builder::{IMAP_BYTES_PER_WORKER, IMAP_WINDOW_MAX_PER_WORKER, IMAP_WINDOW_PER_WORKER};
 use crate::chunk::auto_chunksize;
@@ -195,7 +196,8 @@ impl Pool {
             let enc = sub.encode::<F, (A,)>(pool.new_id(), &chunk);
             let bytes = enc.frame.as_ref().map_or(0, |f| f.payload_len())
                 + enc.tail.as_ref().map_or(0, |t| t.bytes().len());
-            let task = pool.prepare_batch::<F::Output>(&sub, enc, Some(base), None, move |r| {
+            let at = Instant::now();
+            let task = pool.prepare_batch::<F::Output>(&sub, enc, Some(base), None, at, move |r| {
                 let _ = tx.send((c, bytes, r.into_results()));
             });
             batch.extend(task);

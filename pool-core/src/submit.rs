@@ -251,13 +251,15 @@ impl Pool {
     }
 
     /// Turns an encoded batch into a task record for the policy, or settles it at once
-    /// (nothing to send, or the frame cannot be built): `None` then.
+    /// (nothing to send, or the frame cannot be built): `None` then. `queued_at`: when it
+    /// is handed to the pool (now, or when the batch it goes with began).
     pub(crate) fn prepare_batch<R>(
         &self,
         sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
         onto: Option<Box<dyn Onto<R>>>,
+        queued_at: Instant,
         done: impl FnOnce(Items<R>) + Send + 'static,
     ) -> Option<(u64, TaskRec)>
     where
@@ -324,7 +326,7 @@ impl Pool {
             group: Arc::clone(&sub.group),
             sent_at: None,
             sent_to: None,
-            queued_at: Instant::now(),
+            queued_at,
             started_at: None,
             span,
         };
@@ -337,22 +339,26 @@ impl Pool {
         let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
     }
 
-    /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds, leaving it empty with
-    /// its room, for the next batch: a batch of records moves into the policy once, not
-    /// into a fresh vector that grows as it fills first.
-    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>) {
+    /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
+    /// leaving it empty with its room, for the next batch: a batch of records moves into
+    /// the policy once, not into a fresh vector that grows as it fills first. Returns the
+    /// tasks left waiting in the queue after the step (0 under backpressure, whose steps
+    /// wait for room).
+    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> usize {
         if self.shared.max_queued().is_some() {
             // Each task waits for room in a step of its own.
-            self.submit_all(std::mem::take(tasks), false);
-            return;
+            self.submit_all(std::mem::take(tasks), fed);
+            return 0;
         }
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
-        let refused = self
-            .shared
-            .act(|p, fx| submit_each(p, fx, tasks.drain(..), false));
-        self.fail_refused(refused, false);
+        let (refused, queued) = self.shared.act(|p, fx| {
+            let refused = submit_each(p, fx, tasks.drain(..), fed);
+            (refused, p.queued())
+        });
+        self.fail_refused(refused, fed);
+        queued
     }
 
     /// Hands an `imap`'s chunks to the policy under one lock (taking them out of `tasks`),
@@ -432,7 +438,8 @@ impl Pool {
                 Refusal::Closed if fed => TaskError::new(
                     TaskErrorKind::PoolClosed,
                     "the pool was joined or terminated before this item was sent: imap sends \
-                     items as their results are consumed, so consume it before join()",
+                     items as their results are consumed (map, as the workers take them), so \
+                     let it finish before join()",
                 ),
                 Refusal::Closed => TaskError::new(
                     TaskErrorKind::PoolClosed,
@@ -548,12 +555,13 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
-            let r = items
-                .into_last()
-                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-            complete(&weak, slot, r, Callbacks::new());
-        });
+        let task =
+            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
+                let r = items
+                    .into_last()
+                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+                complete(&weak, slot, r, Callbacks::new());
+            });
         // Settled already (it could not be encoded, say): its result says so.
         let Some(task) = task else {
             return Ok(out);
@@ -626,12 +634,13 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
-        let task = self.prepare_batch::<F::Output>(&sub, enc, None, None, move |items| {
-            let r = items
-                .into_last()
-                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-            complete(&weak, slot, r, callbacks);
-        });
+        let task =
+            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
+                let r = items
+                    .into_last()
+                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+                complete(&weak, slot, r, callbacks);
+            });
         (out, task)
     }
 
@@ -663,7 +672,12 @@ impl Pool {
     /// at most 8192 items each: see [`Options::chunksize`]), each chunk as soon as it is encoded:
     /// workers begin on the first while the input is still read (a `close` from another
     /// thread meanwhile fails the chunks not yet sent with
-    /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)).
+    /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)). As it waits for the result
+    /// anyway, a map of more than about a thousand chunks stops reading while that many
+    /// wait for a worker, and reads on once half of them are taken: it keeps no more than
+    /// that many in memory; like an [`imap`](Pool::imap), it then goes on sending its
+    /// chunks after a `close`, until a [`join`](Pool::join) or `terminate`
+    /// ([`map_async`](Pool::map_async) makes every chunk before it returns).
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.
@@ -688,7 +702,7 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, Options::new()).get()
+        self.map_with(f, items, Options::new())
     }
 
     /// [`map`](Pool::map) with per-call [`Options`]: a chunk size (Python's `chunksize`), a
@@ -729,7 +743,9 @@ impl Pool {
         F: Task<(A,)>,
         I: IntoIterator<Item = A>,
     {
-        self.map_async_with(f, items, opts).get()
+        // The caller waits for the result: the chunks are made as the queue has room.
+        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, true)
+            .get()
     }
 
     /// Submits a `map` and returns at once: Python's `map_async`.
@@ -754,7 +770,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         // One-tuples: the task's arguments, the same bytes as the items themselves.
-        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts)
+        self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, false)
     }
 
     /// [`map_async_with`](Pool::map_async_with) that never waits: with
@@ -803,7 +819,7 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let Some(max) = self.shared.max_queued() else {
-            return Ok(self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts));
+            return Ok(self.gather::<F, _>(f, items.into_iter().map(|a| (a,)), opts, false));
         };
         let items: Vec<(A,)> = items.into_iter().map(|a| (a,)).collect();
         self.try_gather::<F, _>(f, &items, opts, max)
@@ -852,7 +868,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, Options::new()).get()
+        self.starmap_with(f, items, Options::new())
     }
 
     /// [`starmap`](Pool::starmap) with per-call [`Options`].
@@ -869,7 +885,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.starmap_async_with(f, items, opts).get()
+        self.gather::<F, _>(f, items, opts, true).get()
     }
 
     /// Submits a `starmap` and returns at once: Python's `starmap_async`.
@@ -892,7 +908,7 @@ impl Pool {
         F: Task<Args>,
         I: IntoIterator<Item = Args>,
     {
-        self.gather::<F, _>(f, items, opts)
+        self.gather::<F, _>(f, items, opts, false)
     }
 }
 

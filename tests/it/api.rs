@@ -631,6 +631,10 @@ fn a_map_whose_chunks_come_back_out_of_order_gathers_them_in_order_and_names_a_l
         let want: Vec<u64> = (0..4000).map(|x| x * 3).collect();
         // Every chunk but the first is back before it: they wait, then follow it in order.
         assert_eq!(map(0).unwrap(), want, "{method:?}");
+        // The same in one-item chunks, by a `map` that makes them as the queue has room.
+        let items = (0..4000u64).map(|x| (x, 0));
+        let got = pool.starmap_with(triple_slow_start, items, Options::new().chunksize(1));
+        assert_eq!(got.unwrap(), want, "{method:?}");
         // A failure in the second chunk, in one further on and in the last, each back
         // before the first.
         for fail in [70, 2001, 3999] {
@@ -767,4 +771,104 @@ fn maps_over_plain_numbers_give_every_value_and_a_panic_its_own_index() {
         );
         shut_down(pool);
     }
+}
+
+/// Sleeps `us` microseconds; returns it.
+fn nap_us(us: u64) -> u64 {
+    std::thread::sleep(Duration::from_micros(us));
+    us
+}
+
+#[test]
+fn a_map_that_waits_for_its_result_keeps_its_queue_short_and_map_async_hands_over_all() {
+    // One worker and 4000 one-item chunks of 0.1 ms or more: a `map` (its caller waits)
+    // makes its chunks as the queue has room, never more than about a thousand waiting
+    // (plus the batch that crossed the line); `map_async` hands every chunk to the pool
+    // before it returns.
+    let pool = builder(Default::default()).processes(1).build().unwrap();
+    let one = || Options::new().chunksize(1);
+    let items = || (0..4000u64).map(|i| 100 + i % 2);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while !done.load(Ordering::SeqCst) {
+                most = most.max(pool.metrics().queued);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            most
+        });
+        let got = pool.map_with(nap_us, items(), one()).unwrap();
+        done.store(true, Ordering::SeqCst);
+        assert_eq!(got, items().collect::<Vec<_>>());
+        sampler.join().unwrap()
+    });
+    assert!(
+        (100..=1024 + 256).contains(&most),
+        "a map kept {most} chunks waiting at most"
+    );
+    let before = pool.metrics().submitted;
+    let r = pool.map_async_with(nap_us, items(), one());
+    assert_eq!(pool.metrics().submitted - before, 4000, "all handed over");
+    assert_eq!(r.get().unwrap().len(), 4000);
+    shut_down(pool);
+}
+
+/// Runs a `map` of `n` items of 0.2 ms on its own thread: its result, bounded.
+fn map_aside(
+    pool: &Arc<procpool::Pool>,
+    n: u64,
+) -> impl FnOnce() -> Result<Vec<u64>, procpool::TaskError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = Arc::clone(pool);
+    let map = std::thread::spawn(move || {
+        let items = (0..n).map(|_| 200);
+        let _ = tx.send(p.map_with(nap_us, items, Options::new().chunksize(1)));
+    });
+    move || {
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the map returns");
+        map.join().unwrap();
+        got
+    }
+}
+
+#[test]
+fn a_map_waiting_for_room_goes_on_after_close_and_stops_at_join() {
+    // One worker, 3000 one-item chunks of 0.2 ms: the map waits for room in the queue for
+    // most of its run. A close meanwhile (from another thread) lets it send the rest, as
+    // an imap made before it would; a join ends that, failing what it had not sent.
+    let begun = |pool: &procpool::Pool| {
+        crate::util::wait_for("the map to begin", Duration::from_secs(30), || {
+            pool.metrics().completed > 10
+        })
+    };
+    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+    let map = map_aside(&pool, 3000);
+    begun(&pool);
+    pool.close();
+    assert_eq!(map().expect("every item runs after close").len(), 3000);
+    pool.join().unwrap();
+    let Ok(pool) = Arc::try_unwrap(pool) else {
+        panic!("the map's thread is done, its pool handle dropped");
+    };
+    shut_down(pool);
+
+    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+    let map = map_aside(&pool, 3000);
+    begun(&pool);
+    pool.close();
+    pool.join().unwrap();
+    let e = map().unwrap_err();
+    assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
+    assert!(e.to_string().contains("joined"), "{e}");
+    // What was handed over before the join ran.
+    let m = pool.metrics();
+    assert_eq!(m.completed, m.submitted, "{m:?}");
+    assert!(m.submitted < 3000, "{m:?}");
+    let Ok(pool) = Arc::try_unwrap(pool) else {
+        panic!("the map's thread is done, its pool handle dropped");
+    };
+    shut_down(pool);
 }

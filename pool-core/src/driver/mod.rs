@@ -125,15 +125,30 @@ pub(crate) type Sink = Arc<dyn Fn(usize, usize, Outcome) + Send + Sync>;
 #[derive(Debug, Default)]
 pub(crate) struct Group {
     ids: Mutex<IdSet>,
+    /// Nobody can cancel the submission (a `map` whose caller waits for its result: its
+    /// handle never leaves the pool): no ids are kept, and no lock taken for each task.
+    unseen: bool,
 }
 
 impl Group {
+    /// The group of a submission nobody can cancel (see `unseen`).
+    pub(crate) fn unseen() -> Self {
+        Group {
+            ids: Mutex::default(),
+            unseen: true,
+        }
+    }
+
     pub(crate) fn add(&self, id: u64) {
-        self.lock().insert(id);
+        if !self.unseen {
+            self.lock().insert(id);
+        }
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        if !self.unseen {
+            self.lock().remove(&id);
+        }
     }
 
     pub(crate) fn ids(&self) -> Vec<u64> {

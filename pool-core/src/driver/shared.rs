@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     pub(super) timings: Timings,
     /// Submitters waiting for room in the queue.
     pub(super) waiting: usize,
+    /// The longest queue some submitter in [`Shared::wait_queue`] waits for, while one does.
+    pub(super) room_at: Option<usize>,
     /// Workers whose channel a caller reading its own answer found closed or broken: the
     /// driver stops watching them (see `reader`).
     pub(super) reader_ended: Vec<(WorkerId, super::reader::ReadEnd)>,
@@ -83,8 +85,8 @@ pub(crate) struct Shared {
     pub(crate) span: tracing::Span,
     /// Item outcomes by kind.
     pub(crate) tally: Arc<Tally>,
-    /// Signalled when the queue shrinks below `max_queued` (or the pool closes), with
-    /// submitters waiting.
+    /// Signalled when the queue shrinks below `max_queued` or to a waiting map's `room_at`
+    /// (or the pool closes), with submitters waiting.
     room: Condvar,
 }
 
@@ -114,6 +116,7 @@ impl Shared {
                 timer_at: None,
                 timings: Timings::default(),
                 waiting: 0,
+                room_at: None,
                 reader_ended: Vec::new(),
                 looks_planned: None,
             }),
@@ -162,6 +165,23 @@ impl Shared {
             g.waiting -= 1;
         }
         Some(self.act_locked(g, step))
+    }
+
+    /// Waits until no more than `low` tasks wait in the queue, or the pool takes no more
+    /// tasks from the caller (from a feed, if `fed`; its next submissions are then
+    /// refused). The queue drains by the workers alone (or fails, when the pool cannot
+    /// start them), so the wait ends. Not with `max_queued` (whose waits are its own).
+    pub(crate) fn wait_queue(&self, low: usize, fed: bool) {
+        let mut g = self.lock();
+        while g.policy.queued() > low && g.policy.takes(fed) {
+            g.waiting += 1;
+            g.room_at = Some(g.room_at.map_or(low, |r| r.max(low)));
+            g = self.room.wait(g).unwrap_or_else(PoisonError::into_inner);
+            g.waiting -= 1;
+            if g.waiting == 0 {
+                g.room_at = None;
+            }
+        }
     }
 
     fn act_locked<R>(
@@ -259,13 +279,18 @@ impl Shared {
                 inner.wake_driver = true;
             }
             let wake = std::mem::take(&mut inner.wake_driver);
-            if inner.waiting > 0
-                && (inner.policy.is_closed()
-                    || self
-                        .settings
-                        .max_queued
-                        .is_some_and(|m| inner.policy.queued() < m))
-            {
+            let room = match inner.room_at {
+                // Maps waiting in `wait_queue` (never beside `max_queued`'s waits).
+                Some(r) => inner.policy.queued() <= r || !inner.policy.takes(true),
+                None => {
+                    inner.policy.is_closed()
+                        || self
+                            .settings
+                            .max_queued
+                            .is_some_and(|m| inner.policy.queued() < m)
+                }
+            };
+            if inner.waiting > 0 && room {
                 self.room.notify_all();
             }
             let out = (r, std::mem::take(&mut inner.done), wake);
