@@ -243,13 +243,16 @@ struct Feed<'a>(&'a Pool);
 impl<'a> Feed<'a> {
     /// `None` if the pool no longer runs (the map's tasks are refused as any others).
     fn open(pool: &'a Pool) -> Option<Self> {
-        pool.shared.act(|p, _| p.open_feed()).then_some(Feed(pool))
+        pool.shared
+            .act(|p, _| p.open_waited_feed())
+            .then_some(Feed(pool))
     }
 }
 
 impl Drop for Feed<'_> {
     fn drop(&mut self) {
-        self.0.shared.act(|p, fx| p.close_feed(fx));
+        self.0.shared.act(|p, fx| p.close_waited_feed(fx));
+        self.0.shared.feed_closed();
     }
 }
 

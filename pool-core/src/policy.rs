@@ -400,6 +400,9 @@ pub(crate) struct Policy<T> {
     /// Lazy submitters (imap iterators) opened while the pool ran: after `close` they may
     /// still submit, and the workers stay for them.
     feeds: usize,
+    /// Of `feeds`: those of maps whose callers wait for their results (`join` waits for
+    /// them to close before it revokes the others).
+    waited_feeds: usize,
     /// `join` or `terminate` ended every feed's right to submit.
     feeds_revoked: bool,
     /// Tasks handed back by workers that died without starting them, and how often.
@@ -442,6 +445,7 @@ impl<T> Policy<T> {
             depth: cfg.in_flight,
             pace_ns: None,
             feeds: 0,
+            waited_feeds: 0,
             feeds_revoked: false,
             orphaned: IdMap::default(),
             rng: 0x9E37_79B9_7F4A_7C15,
@@ -1003,9 +1007,35 @@ impl<T> Policy<T> {
         self.retire_idle(fx);
     }
 
+    /// As [`open_feed`](Policy::open_feed), for a map whose caller waits for its result:
+    /// `join` waits for it to close (it sends its chunks by itself; an imap's consumer may
+    /// be the joining thread).
+    pub(crate) fn open_waited_feed(&mut self) -> bool {
+        let opened = self.open_feed();
+        if opened {
+            self.waited_feeds += 1;
+        }
+        opened
+    }
+
+    /// A feed opened by [`open_waited_feed`](Policy::open_waited_feed) has submitted
+    /// everything it will.
+    pub(crate) fn close_waited_feed(&mut self, fx: &mut impl Effects<T>) {
+        if self.waited_feeds > 0 {
+            self.waited_feeds -= 1;
+            self.close_feed(fx);
+        }
+    }
+
+    /// The feeds of maps whose callers wait, still open.
+    pub(crate) fn waited_feeds(&self) -> usize {
+        self.waited_feeds
+    }
+
     /// Ends every feed's right to submit (`join`): workers exit once the queue drains.
     pub(crate) fn revoke_feeds(&mut self, fx: &mut impl Effects<T>) {
         self.feeds = 0;
+        self.waited_feeds = 0;
         self.feeds_revoked = true;
         self.retire_idle(fx);
     }
@@ -1022,6 +1052,7 @@ impl<T> Policy<T> {
     pub(crate) fn terminate(&mut self, fx: &mut impl Effects<T>) {
         self.state = State::Terminated;
         self.feeds = 0;
+        self.waited_feeds = 0;
         self.feeds_revoked = true;
         self.queue.clear();
         let mut ids: Vec<TaskId> = self.tasks.keys().copied().collect();

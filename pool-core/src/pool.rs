@@ -282,7 +282,8 @@ impl Pool {
     }
 
     /// Stops accepting tasks; workers exit once the queued ones are done: Python's `close`.
-    /// Iterators from [`imap`](Pool::imap) made before it go on sending their items.
+    /// Iterators from [`imap`](Pool::imap) made before it go on sending their items, as
+    /// does a [`map`](Pool::map) still sending its chunks in another thread.
     ///
     /// ```
     /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
@@ -332,8 +333,10 @@ impl Pool {
         self.shared.terminate();
     }
 
-    /// Waits until every worker has exited and been reaped: Python's `join`. Items an
-    /// unfinished [`imap`](Pool::imap) has not sent yet will not be sent.
+    /// Waits until every worker has exited and been reaped: Python's `join`. A
+    /// [`map`](Pool::map) begun before [`close`](Pool::close) (in another thread) that is
+    /// still sending its chunks sends them all first; items an unfinished
+    /// [`imap`](Pool::imap) has not sent yet will not be sent.
     ///
     /// ```
     /// # mod procpool { pub use pool_core::*; pub use pool_spawn::{current_process, init, StartMethod}; }
@@ -361,6 +364,9 @@ impl Pool {
                 "join() waits for the workers to exit: call close() or terminate() first",
             ));
         }
+        // A map begun before close (in another thread) still handing its chunks over
+        // finishes first, as it would in Python; then the imaps' feeds end.
+        self.shared.wait_waited_feeds(None);
         self.shared.act(|p, fx| p.revoke_feeds(fx));
         let _ = self.finished.recv();
         self.finish_join();
@@ -378,11 +384,12 @@ impl Pool {
                 "join() waits for the workers to exit: call close() or terminate() first",
             ));
         }
-        self.shared.act(|p, fx| p.revoke_feeds(fx));
-        match self
-            .finished
-            .recv_deadline(crate::result::deadline_after(timeout))
-        {
+        let deadline = crate::result::deadline_after(timeout);
+        // As `join`: maps still handing their chunks over finish first, within the time.
+        if self.shared.wait_waited_feeds(Some(deadline)) {
+            self.shared.act(|p, fx| p.revoke_feeds(fx));
+        }
+        match self.finished.recv_deadline(deadline) {
             // Disconnected: another join already took the signal; the pool is finished.
             Ok(()) | Err(flume::RecvTimeoutError::Disconnected) => {
                 self.finish_join();

@@ -438,8 +438,9 @@ impl Pool {
                 Refusal::Closed if fed => TaskError::new(
                     TaskErrorKind::PoolClosed,
                     "the pool was joined or terminated before this item was sent: imap sends \
-                     items as their results are consumed (map, as the workers take them), so \
-                     let it finish before join()",
+                     items as their results are consumed, so let it finish before join() (a \
+                     long map sends them as the workers take them: join waits for it, \
+                     terminate stops it)",
                 ),
                 Refusal::Closed => TaskError::new(
                     TaskErrorKind::PoolClosed,
@@ -675,9 +676,10 @@ impl Pool {
     /// [`PoolClosed`](crate::TaskErrorKind::PoolClosed)). As it waits for the result
     /// anyway, a map of more than about a thousand chunks stops reading while that many
     /// wait for a worker, and reads on once half of them are taken: it keeps no more than
-    /// that many in memory; like an [`imap`](Pool::imap), it then goes on sending its
-    /// chunks after a `close`, until a [`join`](Pool::join) or `terminate`
-    /// ([`map_async`](Pool::map_async) makes every chunk before it returns).
+    /// that many in memory. Like an [`imap`](Pool::imap), it then goes on sending its
+    /// chunks after a `close`; a [`join`](Pool::join) waits for it to send them all (as
+    /// Python's join does for a map begun before close), a `terminate` stops it.
+    /// ([`map_async`](Pool::map_async) makes every chunk before it returns.)
     ///
     /// # Errors
     /// The error of the first failing item (by index); [`TaskError::item_index`] says which.

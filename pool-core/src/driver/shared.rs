@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     /// Signalled when the queue shrinks below `max_queued` or to a waiting map's `room_at`
     /// (or the pool closes), with submitters waiting.
     room: Condvar,
+    /// Signalled when a waiting map's feed closes (or the pool is terminated), for `join`.
+    feeds: Condvar,
 }
 
 impl Shared {
@@ -128,6 +130,7 @@ impl Shared {
             span,
             tally: Arc::default(),
             room: Condvar::new(),
+            feeds: Condvar::new(),
         }))
     }
 
@@ -348,7 +351,38 @@ impl Shared {
             }
         }
         self.act(|p, fx| p.terminate(fx));
+        self.feeds.notify_all();
         self.wake();
+    }
+
+    /// A waiting map's feed closed (see [`Shared::wait_waited_feeds`]).
+    pub(crate) fn feed_closed(&self) {
+        let _g = self.lock();
+        self.feeds.notify_all();
+    }
+
+    /// Waits (until `deadline`) while maps whose callers wait for their results still hand
+    /// their chunks to the pool (`Policy::open_waited_feed`): `join` lets them finish, as a
+    /// map begun before `close` does in Python. Each sends its chunks as the workers take
+    /// them, so the wait ends with the map's input. `false` if the deadline passed first.
+    pub(crate) fn wait_waited_feeds(&self, deadline: Option<Instant>) -> bool {
+        let mut g = self.lock();
+        while g.policy.waited_feeds() > 0 {
+            g = match deadline {
+                None => self.feeds.wait(g).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.feeds
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        true
     }
 
     /// Live workers, oldest first, for `Pool::workers`: (name, pid, ready, answers, the
