@@ -17,7 +17,8 @@
 //! ready. Once no request has come for [`SPARES_IDLE`], it goes back to keeping one (the
 //! others see their channel end and exit). After the last of a pool's initial workers
 //! (a `quiet` request), the next spare waits until no request has come for
-//! [`SPARE_DEFER`]: the pool's first tasks run meanwhile, without a fork beside them. A spare that has not been handed out is the
+//! [`SPARE_DEFER`] (or one of the workers it handed out ends: a replacement is likely
+//! asked for next): the pool's first tasks run meanwhile, without a fork beside them. A spare that has not been handed out is the
 //! server's own business: if it dies it is reaped without a report and replaced.
 //!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
@@ -313,6 +314,9 @@ impl Server {
                     self.spares.retain(|s| s.serial != k.serial);
                 }
                 Some(status) => {
+                    // A worker of the pool ended: its replacement is likely asked for next,
+                    // so a spare held back (`quiet`) is held back no longer.
+                    self.defer_until = None;
                     let k = self.kids.swap_remove(i);
                     if !self.send(
                         &Reply::Exited {
