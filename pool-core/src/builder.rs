@@ -53,6 +53,10 @@ pub(crate) fn raise_fd_limit(processes: usize) -> Option<FdLimit> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
     let (soft, hard) = (lim.current?, lim.maximum.unwrap_or(u64::MAX));
+    if soft >= hard {
+        // Nothing to raise: no need to count what is open.
+        return Some(FdLimit { soft, hard });
+    }
     let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
     let need = open + processes as u64 * FDS_PER_WORKER + FD_SLACK;
     if need > soft && soft < hard {
@@ -313,6 +317,32 @@ impl PoolBuilder {
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
         let launcher = Launcher::new(self.method, opts).map_err(BuildError::start)?;
+        let span = crate::observe::pool_span(self.method, processes);
+        // The driver's thread starts now and waits for its driver, handed over once the
+        // initial workers are launched: making a thread (its stack, its first steps) is
+        // done while the fork server or zygote readies and forks them, not after.
+        // After the launcher, which for `Fork` forks this process once and counts its
+        // threads first.
+        let (driver_tx, driver_rx) = std::sync::mpsc::sync_channel::<Driver>(1);
+        let (done_tx, finished) = flume::bounded(1);
+        let thread_span = span.clone();
+        let handle = std::thread::Builder::new()
+            .name("procpool-driver".into())
+            .spawn(move || {
+                // No driver comes if `build` failed: nothing to run.
+                if let Ok(driver) = driver_rx.recv() {
+                    let _in_pool = thread_span.enter();
+                    driver.run();
+                }
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
+        // On an error below: the thread gets no driver and ends; it is waited for.
+        let stop_thread = |handle: std::thread::JoinHandle<()>,
+                           tx: std::sync::mpsc::SyncSender<Driver>| {
+            drop(tx);
+            let _ = handle.join();
+        };
         let policy = Policy::new(PolicyConfig {
             processes,
             max_tasks: self.max_tasks_per_child,
@@ -337,25 +367,30 @@ impl PoolBuilder {
             next_id: Arc::clone(&next_id),
             max_queued: self.max_queued,
         };
-        let span = crate::observe::pool_span(self.method, processes);
-        let shared = Shared::new(policy, settings, span.clone())
-            .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
+        let shared = match Shared::new(policy, settings, span.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                stop_thread(handle, driver_tx);
+                return Err(BuildError::start(pool_spawn::Error::from(e)));
+            }
+        };
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
         if let Err((e, started)) = span.in_scope(|| driver.launch_initial()) {
+            stop_thread(handle, driver_tx);
             shared.terminate();
             driver.run();
             return Err(BuildError::start_worker(e, started, processes, fds));
         }
-        let (done_tx, finished) = flume::bounded(1);
-        let handle = std::thread::Builder::new()
-            .name("procpool-driver".into())
-            .spawn(move || {
-                let _in_pool = span.enter();
-                driver.run();
-                let _ = done_tx.send(());
-            })
-            .map_err(|e| BuildError::start(pool_spawn::Error::from(e)))?;
+        if let Err(std::sync::mpsc::SendError(driver)) = driver_tx.send(driver) {
+            // The thread is gone (it cannot be, short of a panic in `recv`): wind down here.
+            let _ = handle.join();
+            shared.terminate();
+            driver.run();
+            return Err(BuildError::start(pool_spawn::Error::from(
+                std::io::Error::other("the pool's driver thread ended before it started"),
+            )));
+        }
         Ok(Pool {
             shared,
             driver: Mutex::new(Some(handle)),

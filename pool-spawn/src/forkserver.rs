@@ -15,7 +15,10 @@
 //! one more (up to four) each time a request finds none ready: a pool that replaces its
 //! workers faster than one fork at a time (`max_tasks_per_child` of 1, say) finds them
 //! ready. Once no request has come for [`SPARES_IDLE`], it goes back to keeping one (the
-//! others see their channel end and exit). A spare that has not been handed out is the
+//! others see their channel end and exit). After the last of a pool's initial workers
+//! (a `quiet` request), the next spare waits until no request has come for
+//! [`SPARE_DEFER`] (or one of the workers it handed out ends: a replacement is likely
+//! asked for next): the pool's first tasks run meanwhile, without a fork beside them. A spare that has not been handed out is the
 //! server's own business: if it dies it is reaped without a report and replaced.
 //!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
@@ -45,8 +48,11 @@ const EIO: i32 = rustix::io::Errno::IO.raw_os_error();
 /// Parent → server.
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
-    /// Fork a worker; answer `Forked` or `ForkFailed`.
-    Fork,
+    /// Fork a worker; answer `Forked` or `ForkFailed`. With `quiet`, the parent asks for no
+    /// other worker soon (the last of a pool's initial workers): the next spare waits until
+    /// no request has come for [`SPARE_DEFER`], rather than being forked at once, while the
+    /// new workers take their first tasks.
+    Fork { quiet: bool },
     /// Kill and reap the remaining workers, report them, then exit.
     Shutdown,
 }
@@ -69,6 +75,10 @@ const MAX_SPARES: usize = 4;
 
 /// How long without a fork request before the server lets its spares beyond the first go.
 const SPARES_IDLE: Duration = Duration::from_secs(1);
+
+/// How long after a `quiet` fork request the server waits before forking its next spare
+/// (see [`Request::Fork`]).
+const SPARE_DEFER: Duration = Duration::from_millis(2);
 
 /// Large enough for any `Request` or `Reply`.
 const MSG_MAX: usize = 64;
@@ -110,6 +120,8 @@ struct Server {
     keep: usize,
     /// When the last fork request came (or the server started).
     asked_at: Instant,
+    /// Not before then is the next spare forked (after a `quiet` request).
+    defer_until: Option<Instant>,
 }
 
 /// Runs the fork server on `ctl`; never returns.
@@ -143,6 +155,7 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
         spares: std::collections::VecDeque::new(),
         keep: 1,
         asked_at: Instant::now(),
+        defer_until: None,
     };
     // The first spare now, while the parent still readies the pool after the hello: its
     // first request is answered at once too. (A failure here is not the parent's: the
@@ -180,8 +193,10 @@ impl Server {
             // Without pidfds, fall back to polling the children's status.
             let slow = self.kids.iter().any(|k| k.pidfd.is_none());
             let timeout = if self.spares.len() < self.keep {
-                // A spare to fork, once nothing else waits.
-                Duration::ZERO
+                // A spare to fork, once nothing else waits (and its deferral is over).
+                self.defer_until.map_or(Duration::ZERO, |t| {
+                    t.saturating_duration_since(Instant::now())
+                })
             } else if slow {
                 Duration::from_millis(20)
             } else {
@@ -219,6 +234,10 @@ impl Server {
             }
             if !ctl_ready {
                 if self.spares.len() < self.keep {
+                    if self.defer_until.is_some_and(|t| Instant::now() < t) {
+                        continue;
+                    }
+                    self.defer_until = None;
                     self.fork_spare();
                 } else if self.keep > 1 && self.asked_at.elapsed() >= SPARES_IDLE {
                     self.shrink_spares();
@@ -233,12 +252,13 @@ impl Server {
                     Err(_) => None,
                 };
                 match req {
-                    Some(Request::Fork) => {
+                    Some(Request::Fork { quiet }) => {
                         self.asked_at = Instant::now();
                         if !self.fork() {
                             self.stop(false);
                             return;
                         }
+                        self.defer_until = quiet.then(|| Instant::now() + SPARE_DEFER);
                     }
                     Some(Request::Shutdown) => {
                         self.stop(true);
@@ -294,6 +314,9 @@ impl Server {
                     self.spares.retain(|s| s.serial != k.serial);
                 }
                 Some(status) => {
+                    // A worker of the pool ended: its replacement is likely asked for next,
+                    // so a spare held back (`quiet`) is held back no longer.
+                    self.defer_until = None;
                     let k = self.kids.swap_remove(i);
                     if !self.send(
                         &Reply::Exited {
@@ -315,8 +338,9 @@ impl Server {
     /// is gone.
     fn fork(&mut self) -> bool {
         let spare = self.spares.pop_front().map(|s| (s.serial, s.ours));
-        if spare.is_none() {
-            // Asked faster than spares were forked: keep one more from now on.
+        if spare.is_none() && self.defer_until.is_none() {
+            // Asked faster than spares were forked (not one the server held back on
+            // purpose): keep one more from now on.
             self.keep = (self.keep + 1).min(MAX_SPARES);
         }
         let (serial, ours) = match spare {
@@ -516,10 +540,15 @@ impl ServerLink {
     }
 
     /// Asks the server for a worker; runs `meanwhile` (if it is still there) once the request
-    /// is sent, while the server forks.
-    pub(crate) fn fork(&self, meanwhile: &mut Option<impl FnOnce()>) -> Result<Forked> {
+    /// is sent, while the server forks. `quiet`: no other request follows soon (see
+    /// [`Request::Fork`]).
+    pub(crate) fn fork(
+        &self,
+        meanwhile: &mut Option<impl FnOnce()>,
+        quiet: bool,
+    ) -> Result<Forked> {
         let mut st = self.lock();
-        st.send(&Request::Fork)?;
+        st.send(&Request::Fork { quiet })?;
         if let Some(f) = meanwhile.take() {
             f();
         }

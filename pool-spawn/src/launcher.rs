@@ -127,6 +127,8 @@ pub struct Launcher {
     method: StartMethod,
     opts: LaunchOptions,
     link: Option<Arc<ServerLink>>,
+    /// The next launch ends a batch (see [`Launcher::last_of_batch`]).
+    last_of_batch: bool,
 }
 
 /// A launch begun by [`Launcher::begin_meanwhile`].
@@ -265,7 +267,21 @@ impl Launcher {
                 link = Some(ServerLink::start(opts.handshake_timeout, &opts.test_entry)?);
             }
         }
-        Ok(Launcher { method, opts, link })
+        Ok(Launcher {
+            method,
+            opts,
+            link,
+            last_of_batch: false,
+        })
+    }
+
+    /// Says that the next launch is the last of a batch started together (a pool's initial
+    /// workers), after which no other is expected soon: the fork server (or zygote) then
+    /// forks its next spare worker only once it has had no request for a moment, rather
+    /// than at once, so that the fork does not compete for the CPU with the new workers'
+    /// first tasks. Nothing changes for [`StartMethod::Spawn`].
+    pub fn last_of_batch(&mut self) {
+        self.last_of_batch = true;
     }
 
     /// The start method.
@@ -331,6 +347,7 @@ impl Launcher {
             return self.launch_meanwhile(name, meanwhile).map(Launch::Ready);
         }
         meanwhile();
+        self.last_of_batch = false;
         let pending = crate::spawn::begin(
             Role::Worker,
             self.opts.handshake_timeout,
@@ -347,6 +364,7 @@ impl Launcher {
         name: &str,
         meanwhile: &mut Option<impl FnOnce()>,
     ) -> Result<Worker> {
+        let quiet = std::mem::take(&mut self.last_of_batch);
         let w = match self.method {
             StartMethod::Spawn => {
                 if let Some(f) = meanwhile.take() {
@@ -373,18 +391,18 @@ impl Launcher {
                         ));
                     }
                 };
-                let f = link.fork(meanwhile)?;
+                let f = link.fork(meanwhile, quiet)?;
                 Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
                 let link = self.server()?;
-                let forked = match link.fork(meanwhile) {
+                let forked = match link.fork(meanwhile, quiet) {
                     Ok(f) => (f, link),
                     Err(e) if e.kind() == ErrorKind::ServerLost => {
                         tracing::warn!(error = %e, "the fork server is gone; starting a new one");
                         self.link = None;
                         let link = self.server()?;
-                        (link.fork(meanwhile)?, link)
+                        (link.fork(meanwhile, quiet)?, link)
                     }
                     Err(e) => return Err(e),
                 };

@@ -502,6 +502,63 @@ fn a_failing_initializer_fails_every_task_and_join_returns() {
     }
 }
 
+/// Fails (panics) the first time it runs with `path`, which it creates; succeeds after.
+fn fail_first_start(path: String) {
+    let first = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .is_ok();
+    if first {
+        panic!("the first start fails");
+    }
+}
+
+/// The first `apply` on a new pool goes to a worker that has not said `Ready` yet, whose
+/// answers its caller reads itself: when that worker's setup fails, the task runs once, on
+/// the replacement, and the caller gets its result; when the initializer takes a while, the
+/// caller waits through it.
+#[test]
+fn the_first_apply_outlives_a_failed_first_start_and_runs_once() {
+    for method in METHODS {
+        let dir = std::env::temp_dir();
+        let tag = format!("{}-{method:?}", std::process::id());
+        let flag = dir.join(format!("procpool-first-start-{tag}"));
+        let runs = dir.join(format!("procpool-first-runs-{tag}"));
+        let (flag, runs) = (
+            flag.to_string_lossy().into_owned(),
+            runs.to_string_lossy().into_owned(),
+        );
+        let _ = std::fs::remove_file(&flag);
+        let _ = std::fs::remove_file(&runs);
+        let pool = builder(method)
+            .processes(1)
+            .initializer(fail_first_start, (flag.clone(),))
+            .build()
+            .unwrap();
+        assert_eq!(pool.apply(record_run, (runs.clone(), 7)).unwrap(), 7);
+        let m = pool.metrics();
+        assert_eq!(m.start_failures, 1, "{method:?}: {m:?}");
+        let text = std::fs::read_to_string(&runs).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            ["7"],
+            "{method:?}: ran once"
+        );
+        shut_down(pool);
+        let _ = std::fs::remove_file(&flag);
+        let _ = std::fs::remove_file(&runs);
+
+        let pool = builder(method)
+            .processes(1)
+            .initializer(slow_start, (300,))
+            .build()
+            .unwrap();
+        assert_eq!(pool.apply(square, (9,)).unwrap(), 81, "{method:?}");
+        shut_down(pool);
+    }
+}
+
 /// Appends `i` to the file `path`; exits with code 3 when `i` is 10.
 fn record_run(path: String, i: u64) -> u64 {
     append_line(&path, i);

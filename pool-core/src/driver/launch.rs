@@ -252,6 +252,10 @@ impl Driver {
         let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
         let mut failure = None;
         while let Some(wid) = self.next_launch() {
+            if self.shared.lock().launches.is_empty() {
+                // The new workers' first tasks come next, not more launches.
+                self.launcher.last_of_batch();
+            }
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Begun::Ready(fds)) => {
                     self.watch(wid, fds);

@@ -73,6 +73,12 @@ impl Guard {
         self.ready
     }
 
+    /// Whether the worker may still answer tasks: it is ready, or has not finished its
+    /// setup yet (a worker whose setup failed never will).
+    pub(super) fn may_answer(&self) -> bool {
+        self.ready || !self.set_up
+    }
+
     /// Records, after a read, whether part of a frame waits for the rest. Called only when
     /// bytes arrived (the socket was readable), so a partial frame still waiting restarts
     /// the clock.

@@ -8,9 +8,11 @@
 //! back. The answer then wakes only the caller: two wakeups per round trip (the worker's
 //! and the caller's) where the driver made three.
 //!
-//! A caller borrows only what it can finish alone: a ready worker whose oldest task is its
-//! own, with nothing left to write to it and no frame half read; otherwise it waits on its
-//! result as usual. If the worker dies meanwhile, the caller wakes (the pidfd), reads what
+//! A caller borrows only what it can finish alone: a worker whose oldest task is its own,
+//! with nothing left to write to it and no frame half read, that is ready or still setting
+//! up (a pool's first task goes to a worker that has not said `Ready` yet: the caller reads
+//! the `Ready`, then its answer, with the same code); otherwise it waits on its result as
+//! usual. If the worker dies meanwhile, the caller wakes (the pidfd), reads what
 //! is left and gives the rest to the driver, which reaps the worker as always; if the
 //! driver reaps first, the borrow ends there and the caller waits on its result.
 
@@ -515,7 +517,8 @@ pub(crate) struct Borrow {
 
 impl Fx<'_> {
     /// Lends the socket of the worker that runs task `id` next to the caller waiting for
-    /// it, if the caller can finish alone: the worker is ready, `id` is the oldest task it
+    /// it, if the caller can finish alone: the worker is ready (or still setting up; its
+    /// setup did not fail), `id` is the oldest task it
     /// holds, nothing half read waits on its socket, and nothing waits to be written to it
     /// (`unflushed_ok`: except what this step queued, which `Shared::act` writes before
     /// unlocking and gives the socket back if it cannot).
@@ -535,7 +538,7 @@ impl Fx<'_> {
             && !w.ended
             && !w.exited
             && w.kill_at.is_none()
-            && w.guard.is_ready()
+            && w.guard.may_answer()
             && w.tail_wait.is_none()
             && w.conn
                 .as_ref()
@@ -551,11 +554,13 @@ impl Fx<'_> {
         // has been running it long enough to write it out when it ends. While it holds no
         // other task, it holds nothing back: the step that sends it another nudges the
         // caller, which then looks at its held answers every HELD_LOOK.
+        // A worker not ready yet has not said whether it keeps its page: it may.
         let timed = policy.task(id).is_some_and(|rec| rec.timeout.is_some());
-        let settled = !w.may_hold()
-            || w.taken(id, timed).is_some_and(|ns| {
-                protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
-            });
+        let settled = w.guard.is_ready()
+            && (!w.may_hold()
+                || w.taken(id, timed).is_some_and(|ns| {
+                    protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
+                }));
         let (look, nudge) = if settled {
             (None, None)
         } else if policy.holding(wid) < 2

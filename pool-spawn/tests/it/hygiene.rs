@@ -315,6 +315,47 @@ fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
     assert_gone(server);
 }
 
+/// After a launch said to end a batch (`last_of_batch`: a pool's initial workers), the
+/// fork server (and the zygote) still forks its next spare, once it has been asked for
+/// nothing for a moment; a request that comes before, finding no spare, is answered by a
+/// fork then, and does not make the server keep more spares from then on (it held the
+/// spare back on purpose).
+#[test]
+fn a_spare_held_back_after_a_batch_comes_later_and_more_are_not_kept() {
+    for method in [StartMethod::Forkserver, StartMethod::Fork] {
+        let mut l = launcher(method);
+        let server = l.server_pid().unwrap();
+        let mut w1 = launch(&mut l, 1);
+        w1.setup();
+        let _ = the_spare(server, &[w1.worker.pid()]);
+        l.last_of_batch();
+        let mut w2 = launch(&mut l, 2);
+        w2.setup();
+        // Asked again at once: answered all the same.
+        let mut w3 = launch(&mut l, 3);
+        w3.setup();
+        assert_eq!(
+            w3.call::<_, u64>(task::batch_ref(tasks::square), (6u64,)),
+            36
+        );
+        let handed = [w1.worker.pid(), w2.worker.pid(), w3.worker.pid()];
+        // One spare comes, and one only stays: the server did not start keeping two.
+        let _ = the_spare(server, &handed);
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            let kids = children_of(server);
+            let spares = kids.iter().filter(|p| !handed.contains(p)).count();
+            assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for w in [w1, w2, w3] {
+            w.exit();
+        }
+        l.shutdown().unwrap();
+        assert_gone(server);
+    }
+}
+
 #[test]
 fn handles_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
