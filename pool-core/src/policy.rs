@@ -10,7 +10,7 @@
 //! exactly once, either returned by [`Policy::done`] or passed to [`Effects::finish`] (or
 //! handed back by `submit` itself when refused).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::ids::IdMap;
@@ -250,7 +250,7 @@ struct Indexed {
 struct Index {
     /// The workers that may be handed a task (seated, open, starting or ready), ordered by
     /// the choice rule: fewest tasks in hand, ready before starting, lowest id.
-    eligible: Ranked,
+    eligible: BTreeSet<(usize, bool, WorkerId)>,
     /// Workers open and starting or ready (see `Policy::active`).
     active: usize,
     /// Something `reseat` reads changed since it last ran (it is a no-op otherwise).
@@ -263,9 +263,12 @@ impl Index {
         let open = !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready);
         let key = (slot.seated && open).then(|| (slot.in_flight.len(), slot.phase != Phase::Ready));
         if key != slot.indexed.key {
-            let old = slot.indexed.key.map(|(n, starting)| (n, starting, wid));
-            self.eligible
-                .rekey(old, key.map(|(n, starting)| (n, starting, wid)));
+            if let Some((n, starting)) = slot.indexed.key {
+                self.eligible.remove(&(n, starting, wid));
+            }
+            if let Some((n, starting)) = key {
+                self.eligible.insert((n, starting, wid));
+            }
             slot.indexed.key = key;
         }
         if open != slot.indexed.active {
@@ -290,63 +293,12 @@ impl Index {
     /// Forgets worker `wid`, whose slot is gone.
     fn remove(&mut self, wid: WorkerId, slot: &Slot) {
         if let Some((n, starting)) = slot.indexed.key {
-            self.eligible.rekey(Some((n, starting, wid)), None);
+            self.eligible.remove(&(n, starting, wid));
         }
         if slot.indexed.active {
             self.active -= 1;
         }
         self.reseat = true;
-    }
-}
-
-/// The keys of [`Index::eligible`], sorted, in a vector: a task handed out or answered
-/// moves its worker's key by one, past only the keys between its old and new place (the
-/// workers holding as many tasks), in place; a tree would take a node out and put one in
-/// for each (the most of the driver's policy work on a pool of a few workers).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Ranked(Vec<(usize, bool, WorkerId)>);
-
-impl Ranked {
-    fn first(&self) -> Option<&(usize, bool, WorkerId)> {
-        self.0.first()
-    }
-
-    /// Replaces key `old` (if any; it is there) with `new` (if any; it is not there yet).
-    fn rekey(
-        &mut self,
-        old: Option<(usize, bool, WorkerId)>,
-        new: Option<(usize, bool, WorkerId)>,
-    ) {
-        if old == new {
-            return;
-        }
-        let v = &mut self.0;
-        let at = old.map(|k| v.binary_search(&k).expect("an indexed key is in the index"));
-        match (at, new) {
-            (Some(i), Some(k)) => {
-                // Where `k` goes among the others: shift those between into the gap.
-                let j = match v.binary_search(&k) {
-                    Ok(_) => unreachable!("worker ids are unique"),
-                    Err(j) => j,
-                };
-                if j > i {
-                    v[i..j].rotate_left(1);
-                    v[j - 1] = k;
-                } else {
-                    v[j..=i].rotate_right(1);
-                    v[j] = k;
-                }
-            }
-            (Some(i), None) => {
-                v.remove(i);
-            }
-            (None, Some(k)) => {
-                if let Err(j) = v.binary_search(&k) {
-                    v.insert(j, k);
-                }
-            }
-            (None, None) => {}
-        }
     }
 }
 
@@ -1266,7 +1218,7 @@ impl<T> Policy<T> {
     /// Checks the [`Index`] against a scan of every worker (tests and debug builds).
     #[cfg(debug_assertions)]
     fn check_index(&self) {
-        let mut eligible: Vec<(usize, bool, WorkerId)> = self
+        let eligible: BTreeSet<(usize, bool, WorkerId)> = self
             .workers
             .iter()
             .filter(|(_, s)| {
@@ -1274,8 +1226,7 @@ impl<T> Policy<T> {
             })
             .map(|(&w, s)| (s.in_flight.len(), s.phase != Phase::Ready, w))
             .collect();
-        eligible.sort_unstable();
-        assert_eq!(eligible, self.index.eligible.0, "index out of step");
+        assert_eq!(eligible, self.index.eligible, "index out of step");
         let active = self
             .workers
             .values()
@@ -1514,39 +1465,6 @@ mod tests {
     fn starts_the_configured_number_of_workers() {
         let (_, fx) = started(cfg(3, None));
         assert_eq!(fx.launched, vec![1, 2, 3]);
-    }
-
-    #[test]
-    fn the_ranked_keys_stay_sorted_as_a_tree_would_keep_them() {
-        // Workers' keys moved up and down by one task, taken out and put back, at random:
-        // the vector holds what a sorted set would, in its order.
-        let mut ranked = Ranked::default();
-        let mut tree = std::collections::BTreeSet::new();
-        let mut keys: Vec<Option<(usize, bool, WorkerId)>> = vec![None; 40];
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        for _ in 0..20_000 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let w = (rng % 40) as usize;
-            let old = keys[w];
-            let new = match (old, rng >> 32 & 7) {
-                (_, 0) => None,
-                (None, _) => Some(((rng >> 40) as usize % 5, rng >> 50 & 1 == 1, w as u64)),
-                (Some((n, s, id)), r) if r < 4 => Some((n + 1, s, id)),
-                (Some((n, s, id)), 4) => Some((n, !s, id)),
-                (Some((n, s, id)), _) => Some((n.saturating_sub(1), s, id)),
-            };
-            ranked.rekey(old, new);
-            if let Some(k) = old {
-                tree.remove(&k);
-            }
-            if let Some(k) = new {
-                tree.insert(k);
-            }
-            keys[w] = new;
-            assert!(ranked.0.iter().eq(tree.iter()), "{ranked:?} {tree:?}");
-        }
     }
 
     #[test]
