@@ -818,7 +818,7 @@ fn a_map_that_waits_for_its_result_keeps_its_queue_short_and_map_async_hands_ove
 fn map_aside(
     pool: &Arc<procpool::Pool>,
     n: u64,
-) -> impl FnOnce() -> Result<Vec<u64>, procpool::TaskError> {
+) -> impl FnOnce() -> Result<Vec<u64>, procpool::TaskError> + use<> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = Arc::clone(pool);
     let map = std::thread::spawn(move || {
@@ -834,31 +834,43 @@ fn map_aside(
     }
 }
 
+/// A pool of one worker running a map of `n` one-item chunks of 0.2 ms in another thread
+/// (see [`map_aside`]), once the map has begun.
+fn map_begun(
+    n: u64,
+) -> (
+    Arc<procpool::Pool>,
+    impl FnOnce() -> Result<Vec<u64>, procpool::TaskError>,
+) {
+    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
+    let map = map_aside(&pool, n);
+    crate::util::wait_for("the map to begin", Duration::from_secs(30), || {
+        pool.metrics().completed > 10
+    });
+    (pool, map)
+}
+
+/// Shuts down a pool whose other handles (a map's thread) are gone.
+fn shut_down_shared(pool: Arc<procpool::Pool>) {
+    let Ok(pool) = Arc::try_unwrap(pool) else {
+        panic!("the map's thread is done, its pool handle dropped");
+    };
+    shut_down(pool);
+}
+
 #[test]
 fn a_map_waiting_for_room_goes_on_after_close_and_join_waits_for_it() {
     // One worker, 3000 one-item chunks of 0.2 ms: the map waits for room in the queue for
     // most of its run. A close meanwhile (from another thread) lets it send the rest, as
     // an imap made before it would; a join waits for it to send them all, as Python's
     // join waits for a map begun before close; only terminate stops it.
-    let begun = |pool: &procpool::Pool| {
-        crate::util::wait_for("the map to begin", Duration::from_secs(30), || {
-            pool.metrics().completed > 10
-        })
-    };
-    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
-    let map = map_aside(&pool, 3000);
-    begun(&pool);
+    let (pool, map) = map_begun(3000);
     pool.close();
     assert_eq!(map().expect("every item runs after close").len(), 3000);
     pool.join().unwrap();
-    let Ok(pool) = Arc::try_unwrap(pool) else {
-        panic!("the map's thread is done, its pool handle dropped");
-    };
-    shut_down(pool);
+    shut_down_shared(pool);
 
-    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
-    let map = map_aside(&pool, 3000);
-    begun(&pool);
+    let (pool, map) = map_begun(3000);
     pool.close();
     pool.join_timeout(Duration::from_secs(60)).unwrap();
     // Every chunk was handed over and ran before the join returned.
@@ -868,22 +880,14 @@ fn a_map_waiting_for_room_goes_on_after_close_and_join_waits_for_it() {
         map().expect("every item runs before join returns").len(),
         3000
     );
-    let Ok(pool) = Arc::try_unwrap(pool) else {
-        panic!("the map's thread is done, its pool handle dropped");
-    };
-    shut_down(pool);
+    shut_down_shared(pool);
 
     // terminate stops it: what it had not run fails, and nothing hangs.
-    let pool = Arc::new(builder(Default::default()).processes(1).build().unwrap());
-    let map = map_aside(&pool, 3000);
-    begun(&pool);
+    let (pool, map) = map_begun(3000);
     pool.terminate();
     pool.join_timeout(Duration::from_secs(60)).unwrap();
     let e = map().unwrap_err();
     assert_eq!(e.kind(), TaskErrorKind::PoolClosed, "{e}");
     assert!(pool.metrics().completed < 3000);
-    let Ok(pool) = Arc::try_unwrap(pool) else {
-        panic!("the map's thread is done, its pool handle dropped");
-    };
-    shut_down(pool);
+    shut_down_shared(pool);
 }
