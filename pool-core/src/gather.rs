@@ -119,7 +119,7 @@ impl Pool {
             chunk.clear();
             batch.extend(task);
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
-                let queued = self.submit_drain(&mut batch, fed);
+                let queued = self.submit_drain(&mut batch, fed).map_or(0, |h| h.queued);
                 if paced && queued >= PACE_HIGH {
                     self.shared.wait_queue(PACE_LOW, fed);
                 }

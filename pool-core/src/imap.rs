@@ -363,8 +363,8 @@ impl<R> Imap<'_, R> {
             return;
         }
         let fed = self.pool.is_some();
-        if let Some(depth) = self.shared.submit_feed(&mut self.batch, fed) {
-            self.depth = depth;
+        if let Some(held) = self.shared.submit_drain(&mut self.batch, fed) {
+            self.depth = held.depth;
         }
     }
 

@@ -341,31 +341,27 @@ impl Pool {
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
     /// leaving it empty with its room, for the next batch: a batch of records moves into
-    /// the policy once, not into a fresh vector that grows as it fills first. Returns the
-    /// tasks left waiting in the queue after the step (0 under backpressure, whose steps
-    /// wait for room).
-    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> usize {
-        if self.shared.max_queued().is_some() {
-            // Each task waits for room in a step of its own.
+    /// the policy once, not into a fresh vector that grows as it fills first. Returns what
+    /// the pool holds after the step; `None` under backpressure (`max_queued`, which a
+    /// feed skips), whose tasks each wait for room in a step of their own.
+    pub(crate) fn submit_drain(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> Option<Held> {
+        if self.shared.max_queued().is_some() && !fed {
             self.submit_all(std::mem::take(tasks), fed);
-            return 0;
+            return None;
         }
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
-        let (refused, queued) = self.shared.act(|p, fx| {
+        let (refused, held) = self.shared.act(|p, fx| {
             let refused = submit_each(p, fx, tasks.drain(..), fed);
-            (refused, p.queued())
+            let held = Held {
+                queued: p.queued(),
+                depth: p.depth(),
+            };
+            (refused, held)
         });
         self.fail_refused(refused, fed);
-        queued
-    }
-
-    /// Hands an `imap`'s chunks to the policy under one lock (taking them out of `tasks`),
-    /// as [`submit_all`](Pool::submit_all) does (`fed`: its feed is open); the tasks each
-    /// worker may hold now ([`Policy::depth`]), unless a chunk was refused.
-    pub(crate) fn submit_feed(&self, tasks: &mut Vec<(u64, TaskRec)>, fed: bool) -> Option<usize> {
-        self.submit_then(std::mem::take(tasks), fed, |p, _| Some(p.depth()))
+        Some(held)
     }
 
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
@@ -912,6 +908,14 @@ impl Pool {
     {
         self.gather::<F, _>(f, items, opts, false)
     }
+}
+
+/// What the pool holds after a batch was handed to it ([`Pool::submit_drain`]).
+pub(crate) struct Held {
+    /// Tasks waiting in the queue for a worker.
+    pub(crate) queued: usize,
+    /// The tasks each worker may hold now ([`Policy::depth`]).
+    pub(crate) depth: usize,
 }
 
 /// Hands `tasks` to the policy in one step; returns those it refused, with the reason.
