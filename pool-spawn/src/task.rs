@@ -676,22 +676,43 @@ where
                 Ok(args) => args,
                 Err(e) => return Err(decode_failure(&e)),
             };
-            stage.set(Stage::Call);
-            let v = f.call(args);
-            if large_byte_string(&v).is_some() {
-                return Ok(RunEnd::Large(v));
+            if let Some(end) = call_and_keep(f, args, &stage, &kept, &mut d)? {
+                return Ok(end);
             }
-            stage.set(Stage::Encode);
-            if !keep_ok(v, &mut d)? {
-                return Ok(RunEnd::Commit);
-            }
-            kept.set(kept.get() + 1);
         }
         Ok(RunEnd::Done)
     });
     // (A deserializer of a slice always ends with the rest of it.)
     *rest = de.finalize().unwrap_or_default();
     run_ended(ran, stage.get(), kept.get(), rest, d)
+}
+
+/// An item of [`run_direct`] or [`run_direct_plain`] once its arguments decoded: calls
+/// `f` and keeps the result (see [`keep_ok`]). `Ok(None)` to go on with the next item;
+/// otherwise how the run ends here.
+#[inline(always)]
+fn call_and_keep<'b, F, Args, R>(
+    f: &F,
+    args: Args,
+    stage: &Cell<Stage>,
+    kept: &Cell<usize>,
+    d: &mut Direct<'_>,
+) -> Result<Option<RunEnd<'b, R>>, String>
+where
+    F: TaskFn<Args, Output = R>,
+    R: Serialize + 'static,
+{
+    stage.set(Stage::Call);
+    let v = f.call(args);
+    if large_byte_string(&v).is_some() {
+        return Ok(Some(RunEnd::Large(v)));
+    }
+    stage.set(Stage::Encode);
+    if !keep_ok(v, d)? {
+        return Ok(Some(RunEnd::Commit));
+    }
+    kept.set(kept.get() + 1);
+    Ok(None)
 }
 
 /// Encodes `Ok(v)`, an item's result, and keeps it in the area of `d`: `Ok(false)` if the
@@ -787,16 +808,9 @@ where
                     }
                 }
             };
-            stage.set(Stage::Call);
-            let v = f.call(args);
-            if large_byte_string(&v).is_some() {
-                return Ok(RunEnd::Large(v));
+            if let Some(end) = call_and_keep(f, args, &stage, &kept, &mut d)? {
+                return Ok(end);
             }
-            stage.set(Stage::Encode);
-            if !keep_ok(v, &mut d)? {
-                return Ok(RunEnd::Commit);
-            }
-            kept.set(kept.get() + 1);
         }
         Ok(RunEnd::Done)
     });
