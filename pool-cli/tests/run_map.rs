@@ -425,8 +425,11 @@ fn map_reports_the_line_that_crashed_its_worker_and_goes_on() {
 #[test]
 fn map_times_out_a_hung_worker_and_retries_the_line_on_a_fresh_one() {
     let worker = Worker::new("hang");
+    // The limit counts from when a line is sent, and a fresh worker's first line waits for
+    // python to start: 2 s, not less, so that a loaded machine (the suite runs tests side
+    // by side on two cores) does not time out the lines that do not hang.
     let out = worker.map(
-        &["-j", "2", "--timeout", "500ms", "--retries", "1", "--json"],
+        &["-j", "2", "--timeout", "2s", "--retries", "1", "--json"],
         b"1\nhang-once\n3\nhang\n5\n",
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
