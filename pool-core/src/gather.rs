@@ -1,18 +1,19 @@
 //! `map`'s chunks gathered into one result: every chunk's per-item results, in item order,
 //! or the first failing item's error.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
-use crate::chunk::auto_chunksize;
-use crate::driver::{Group, Shared, TaskRec};
+use crate::chunk::{Encoded, auto_chunksize};
+use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::items::Items;
+use crate::observe::Tally;
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Done, Slot};
-use crate::submit::{Onto, Submission, complete};
+use crate::submit::{Submission, complete};
 use crate::task::Task;
 
 /// A batch of a `map`'s chunks holding this many items goes to the pool at once, without
@@ -28,6 +29,10 @@ const SUBMIT_TASKS: usize = 256;
 /// A map of at least this many chunks makes room for their records in the policy first.
 const RESERVE_MIN_CHUNKS: usize = 256;
 
+/// Items that come back early this many or more at a time wait whole (in `Gather::runs`),
+/// not item by item in the window: moved into the result in one piece.
+const RUN_MIN_ITEMS: usize = 64;
+
 /// A map whose caller waits for its result (`map`, `starmap`) stops making chunks once this
 /// many tasks wait in the queue, and goes on once no more than [`PACE_LOW`] do: the
 /// workers have far more than a round trip's work waiting meanwhile, and the records of
@@ -37,10 +42,6 @@ const RESERVE_MIN_CHUNKS: usize = 256;
 const PACE_HIGH: usize = 1024;
 /// See [`PACE_HIGH`].
 const PACE_LOW: usize = 512;
-
-/// Chunks of at least this many items decode their values straight onto the map's result
-/// (see [`ChunkOnto`]).
-const ONTO_MIN_ITEMS: usize = 64;
 
 impl Pool {
     /// Sends `items` in chunks as tasks calling `f`; the result holds every item's result
@@ -106,11 +107,13 @@ impl Pool {
         // The records of a batch count as handed to the pool when the batch began (one
         // reading of the clock for all; they wait for each other from then on).
         let mut batch_at = Instant::now();
+        let mut made = 0;
         for c in 0.. {
             chunk.extend(items.by_ref().take(plan.size));
             if chunk.is_empty() {
                 break;
             }
+            made += chunk.len();
             let task = plan.chunk(self, c, batch_at, |sub, id| {
                 sub.encode_owned::<F, A>(id, &mut chunk)
             });
@@ -132,7 +135,7 @@ impl Pool {
             self.submit_all(batch, fed);
         }
         drop(feed);
-        plan.seal();
+        plan.seal(made);
         out
     }
 
@@ -161,7 +164,7 @@ impl Pool {
                 })
             })
             .collect();
-        plan.seal();
+        plan.seal(items.len());
         self.try_submit_all(tasks, max).then_some(out)
     }
 
@@ -216,21 +219,27 @@ impl Pool {
         let state = Arc::new(Mutex::new(Gather {
             out: Vec::with_capacity(n),
             next: 0,
-            early: VecDeque::new(),
-            lent_to: None,
-            spare: Vec::new(),
+            window: VecDeque::new(),
+            runs: BTreeMap::new(),
+            scratch: Vec::new(),
             err: None,
-            remaining: 0,
-            sealed: false,
+            placed: 0,
+            total: None,
             slot: Some(slot),
             callbacks: Some(callbacks),
             shared: Arc::downgrade(&self.shared),
         }));
+        let sink = MapSink::sink(
+            Arc::clone(&state),
+            Arc::clone(&done),
+            Arc::clone(&self.shared.tally),
+        );
         let plan = Plan {
             sub,
             size,
             state,
             done,
+            sink,
         };
         (out, Some(plan))
     }
@@ -266,6 +275,9 @@ struct Plan<R> {
     size: usize,
     state: Arc<Mutex<Gather<R>>>,
     done: Arc<Done>,
+    /// The map's one sink, which every chunk that can delivers to (see
+    /// [`Pool::prepare_shared`]).
+    sink: Sink,
 }
 
 impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
@@ -276,213 +288,370 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
         pool: &Pool,
         c: usize,
         queued_at: Instant,
-        encode: impl FnOnce(&Submission, u64) -> crate::chunk::Encoded,
+        encode: impl FnOnce(&Submission, u64) -> Encoded,
     ) -> Option<(u64, TaskRec)> {
-        // Counted before it can come back (a chunk that cannot be encoded comes back at once).
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remaining += 1;
+        let first = c * self.size;
+        let enc = encode(&self.sub, pool.new_id());
+        // Its results go to the map's sink, with nothing made for the chunk alone...
+        if let Some(span) = pool.may_share(&self.sub, &enc, first) {
+            return pool.prepare_shared(&self.sub, enc, (first, &self.sink), queued_at, span);
+        }
+        // ... or, when it needs more (items that could not be encoded, events to release,
+        // a task span to tell), through a sink of its own that hands them on whole.
         let state = Arc::clone(&self.state);
         let done = Arc::clone(&self.done);
-        // Chunks of a few items gain nothing from it (their values are few to move) and
-        // would pay for the lending.
-        let onto = (self.size >= ONTO_MIN_ITEMS).then(|| {
-            Box::new(ChunkOnto {
-                state: Arc::clone(&self.state),
-                c,
-                done: Arc::clone(&self.done),
-            }) as Box<dyn Onto<R>>
-        });
-        pool.prepare_batch::<R>(
-            &self.sub,
-            encode(&self.sub, pool.new_id()),
-            Some(c * self.size),
-            onto,
-            queued_at,
-            move |results| {
-                done.add(results.len());
-                let mut g = state.lock().unwrap_or_else(PoisonError::into_inner);
-                g.arrived(c, results);
-                g.remaining -= 1;
-                if g.remaining == 0 && g.sealed {
-                    g.finish();
-                }
-            },
-        )
+        pool.prepare_batch::<R>(&self.sub, enc, Some(first), queued_at, move |results| {
+            done.add(results.len());
+            let mut g = lock(&state);
+            g.arrive(first, results);
+            g.finish_if_done();
+        })
     }
 
-    /// Every chunk has been made: the result is complete once they are all back.
-    fn seal(&self) {
-        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        g.sealed = true;
-        if g.remaining == 0 {
-            g.finish();
-        }
+    /// Every chunk has been made, holding `items` items in all: the result is complete
+    /// once they are all back.
+    fn seal(&self, items: usize) {
+        let mut g = lock(&self.state);
+        g.total = Some(items);
+        g.finish_if_done();
     }
 }
 
-/// Chunk `c` of a map: while it is the next chunk due, its values are decoded straight
-/// onto the map's result (lent by [`Onto::lend`]), with no vector of their own; a chunk
-/// that comes back early is decoded into the vector an earlier early chunk left behind
-/// (emptied into the result), so that they do not each fault in fresh memory.
-struct ChunkOnto<R> {
+fn lock<R>(state: &Mutex<Gather<R>>) -> std::sync::MutexGuard<'_, Gather<R>> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The one sink of a `map`'s chunks (those that need no sink of their own): each piece of
+/// results is decoded under the map's lock, straight onto the result when it is the piece
+/// due next (the usual case for the chunk a worker runs first), else into a reused vector
+/// and from there into the window of items that came early. No allocation per chunk, on
+/// the caller's side or the driver's, and none freed on another thread.
+struct MapSink<R> {
     state: Arc<Mutex<Gather<R>>>,
-    c: usize,
     done: Arc<Done>,
+    tally: Arc<Tally>,
 }
 
-impl<R: Send + 'static> Onto<R> for ChunkOnto<R> {
-    fn lend(&self) -> Option<Vec<R>> {
-        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if g.err.is_some() {
-            return None;
-        }
-        if g.next == self.c && g.lent_to.is_none() {
-            g.lent_to = Some(self.c);
-            return Some(std::mem::take(&mut g.out));
-        }
-        Some(std::mem::take(&mut g.spare))
+impl<R: serde::de::DeserializeOwned + Send + 'static> MapSink<R> {
+    fn sink(state: Arc<Mutex<Gather<R>>>, done: Arc<Done>, tally: Arc<Tally>) -> Sink {
+        let sink = MapSink { state, done, tally };
+        Arc::new(move |first, count, outcome| sink.deliver(first, count, outcome))
     }
 
-    fn give_back(&self, mut v: Vec<R>, appended: Option<usize>) {
-        if let Some(n) = appended {
-            self.done.add(n);
-        }
-        let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Items `first..first + count` of the map have `outcome`. Decoded under the map's lock
+    /// (only this map's other deliveries wait for it; the decoder's panics are caught).
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        let mut g = lock(&self.state);
         let g = &mut *g;
-        if g.lent_to != Some(self.c) {
-            // The spare vector, holding this chunk's values alone if it arrived.
-            match appended {
-                Some(_) => g.arrived(self.c, Items::Ok(v)),
+        let items = if first == g.next && g.err.is_none() {
+            match driver::decode_onto::<R>(outcome, count, &mut g.out) {
                 None => {
-                    v.clear();
-                    g.keep_spare(v);
+                    self.tally.add_ok(count);
+                    self.done.add(count);
+                    g.placed += count;
+                    g.appended(count);
+                    g.finish_if_done();
                     return;
                 }
+                Some(items) => items,
             }
         } else {
-            g.out = v;
-            g.lent_to = None;
-            if appended.is_none() {
-                return;
+            let mut v = std::mem::take(&mut g.scratch);
+            match driver::decode_onto::<R>(outcome, count, &mut v) {
+                None => Items::Ok(v),
+                Some(items) => {
+                    g.keep_scratch(v);
+                    items
+                }
             }
-            // Chunk `c` has arrived, as `arrived` takes it; those that came early follow.
-            g.next += 1;
-            g.take_early();
-        }
-        g.remaining -= 1;
-        if g.remaining == 0 && g.sealed {
-            g.finish();
-        }
+        };
+        // An error names its item's index in the map.
+        let items = match items {
+            Items::Ok(v) => Items::Ok(v),
+            Items::Mixed(v) => Items::Mixed(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, r)| r.map_err(|e| e.with_item(first + i)))
+                    .collect(),
+            ),
+        };
+        self.tally.count_untraced(&items);
+        self.done.add(items.len());
+        g.arrive(first, items);
+        g.finish_if_done();
     }
 }
 
-/// A map's result as its chunks come back: each chunk's results are moved into the final
-/// vector as soon as the chunks before it are in (they mostly come back in order), so a
-/// large map holds its results once, not a chunk vector of them and then the final one.
+/// A map's result as its items come back: the values of the items due next are moved
+/// into the final vector as they come (they mostly come back in order), those that come
+/// early wait in a window until the items before them are in; so a large map holds its
+/// results once, not a vector per chunk and then the final one.
 struct Gather<R> {
-    /// The results of chunks `0..next`, in item order.
+    /// The values of items `0..next`, in order (dropped once an item failed).
     out: Vec<R>,
-    /// The next chunk to move into `out`.
+    /// The first item not yet in `out`.
     next: usize,
-    /// Chunks that came back before their turn: `early[i]` is chunk `next + 1 + i`, if it
-    /// came (a window, not a map: chunks mostly come back close to their turn).
-    early: VecDeque<Option<Items<R>>>,
-    /// The chunk `out` is lent to (the one due next, see [`ChunkOnto`]), which is decoding
-    /// onto it.
-    lent_to: Option<usize>,
-    /// An empty vector, for a chunk that comes back early to decode into.
-    spare: Vec<R>,
+    /// Items that came back before their turn, a few at a time: `window[i]` is item
+    /// `next + i`'s result, if it came.
+    window: VecDeque<Option<Result<R, TaskError>>>,
+    /// Runs of at least [`RUN_MIN_ITEMS`] items that came back before their turn, by their
+    /// first item.
+    runs: BTreeMap<usize, Items<R>>,
+    /// An empty vector that items coming early are decoded into, on their way to `window`.
+    scratch: Vec<R>,
     /// The first failing item's error, in item order (`out` is dropped then).
     err: Option<TaskError>,
-    /// Chunks made and not yet back.
-    remaining: usize,
-    /// Every chunk has been made.
-    sealed: bool,
+    /// Items back so far (each comes back once).
+    placed: usize,
+    /// The items in all the map's chunks, once every chunk has been made.
+    total: Option<usize>,
     slot: Option<Arc<Slot<Vec<R>>>>,
     callbacks: Option<Callbacks<Vec<R>>>,
     shared: Weak<Shared>,
 }
 
 impl<R: Send + 'static> Gather<R> {
-    /// Chunk `c` is back with `results`.
-    fn arrived(&mut self, c: usize, results: Items<R>) {
-        if c != self.next {
-            // Chunks before `next` have all come back (each once): this one is after it.
-            let Some(i) = c.checked_sub(self.next + 1) else {
-                debug_assert!(false, "chunk {c} came back twice");
-                return;
-            };
-            if i >= self.early.len() {
-                self.early.resize_with(i + 1, || None);
-            }
-            self.early[i] = Some(results);
-            return;
-        }
-        self.take(results);
-        self.take_early();
-    }
-
-    /// `next` has just moved on: takes the chunks from it on that came early, up to the
-    /// first that has not come; `early` starts after `next` again.
-    fn take_early(&mut self) {
-        // Each front slot is chunk `next`'s as it is popped.
-        while let Some(Some(results)) = self.early.pop_front() {
-            self.take(results);
-        }
-    }
-
-    /// Moves the next chunk's results into `out`, or keeps its first error.
-    fn take(&mut self, results: Items<R>) {
-        self.next += 1;
+    /// Items `first..` are back with `results`.
+    fn arrive(&mut self, first: usize, results: Items<R>) {
+        let n = results.len();
+        self.placed += n;
         if self.err.is_some() {
             return;
         }
         let results = match results {
-            Items::Ok(mut v) => {
-                // Moved in one piece (the first chunk, into a vector with no room reserved,
-                // is taken as it is).
+            Items::Ok(mut v) if first == self.next => {
+                // Moved in one piece (the first, into a vector with no room reserved, is
+                // taken as it is).
                 if self.out.is_empty() && self.out.capacity() < v.len() {
                     self.out = v;
                 } else {
                     self.out.append(&mut v);
-                    self.keep_spare(v);
+                    self.keep_scratch(v);
                 }
+                self.appended(n);
                 return;
             }
-            Items::Mixed(results) => results,
+            r => r,
         };
-        for r in results {
-            match r {
-                Ok(v) => self.out.push(v),
-                Err(e) => {
-                    self.err = Some(e);
-                    self.out = Vec::new();
-                    return;
+        // Items before `next` have all come back (each once): these are after it.
+        let Some(at) = first.checked_sub(self.next) else {
+            debug_assert!(false, "items from {first} came back twice");
+            return;
+        };
+        if n >= RUN_MIN_ITEMS {
+            // Kept whole, to be moved in one piece once its turn comes (its places in the
+            // window, if the window reaches past it, stay empty).
+            self.runs.insert(first, results);
+            if at == 0 {
+                self.take_early();
+            }
+            return;
+        }
+        if self.window.len() < at + n {
+            self.window.resize_with(at + n, || None);
+        }
+        let places = self.window.range_mut(at..at + n);
+        match results {
+            Items::Ok(mut v) => {
+                for (place, x) in places.zip(v.drain(..)) {
+                    *place = Some(Ok(x));
+                }
+                self.keep_scratch(v);
+            }
+            Items::Mixed(v) => {
+                for (place, r) in places.zip(v) {
+                    *place = Some(r);
+                }
+            }
+        }
+        self.take_early();
+    }
+
+    /// The `n` items due next have just been appended to `out`: those that came early
+    /// and are due now follow.
+    fn appended(&mut self, n: usize) {
+        self.next += n;
+        self.window.drain(..n.min(self.window.len()));
+        self.take_early();
+    }
+
+    /// Moves the items that came early and are now due into `out`, up to the first that
+    /// has not come, or keeps the first error.
+    fn take_early(&mut self) {
+        while self.err.is_none() {
+            if matches!(self.window.front(), Some(Some(_))) {
+                let Some(Some(r)) = self.window.pop_front() else {
+                    break;
+                };
+                self.take_one(r);
+                continue;
+            }
+            let Some(run) = self.runs.remove(&self.next) else {
+                break;
+            };
+            // Its places in the window are empty: they go with it.
+            self.window.drain(..run.len().min(self.window.len()));
+            match run {
+                Items::Ok(mut v) => {
+                    self.next += v.len();
+                    self.out.append(&mut v);
+                    self.keep_scratch(v);
+                }
+                Items::Mixed(v) => {
+                    for r in v {
+                        self.take_one(r);
+                    }
                 }
             }
         }
     }
 
-    /// Keeps `v` (empty) for the next chunk that comes back early, if it is larger than
+    /// Item `next`'s result, in its turn.
+    fn take_one(&mut self, r: Result<R, TaskError>) {
+        self.next += 1;
+        if self.err.is_some() {
+            return;
+        }
+        match r {
+            Ok(v) => self.out.push(v),
+            Err(e) => {
+                self.err = Some(e);
+                self.out = Vec::new();
+                self.window = VecDeque::new();
+                self.runs = BTreeMap::new();
+            }
+        }
+    }
+
+    /// Keeps `v` (empty) for the next items that come back early, if it is larger than
     /// the one kept.
-    fn keep_spare(&mut self, v: Vec<R>) {
-        if v.is_empty() && v.capacity() > self.spare.capacity() {
-            self.spare = v;
+    fn keep_scratch(&mut self, v: Vec<R>) {
+        if v.is_empty() && v.capacity() > self.scratch.capacity() {
+            self.scratch = v;
+        }
+    }
+
+    /// Settles the map's result once every chunk has been made and every item is back.
+    fn finish_if_done(&mut self) {
+        if self.total.is_some_and(|t| self.placed >= t) {
+            self.finish();
         }
     }
 
     fn finish(&mut self) {
-        self.spare = Vec::new();
+        self.scratch = Vec::new();
         let result = match self.err.take() {
             Some(e) => Err(e),
-            // Every chunk arrived, so every one has been moved in order.
-            None if self.early.is_empty() => Ok(std::mem::take(&mut self.out)),
+            // Every item came back, so every one has been moved in order.
+            None if self.window.is_empty() && self.runs.is_empty() => {
+                Ok(std::mem::take(&mut self.out))
+            }
             None => Err(TaskError::new(TaskErrorKind::Decode, "missing result")),
         };
         if let (Some(slot), Some(cb)) = (self.slot.take(), self.callbacks.take()) {
             complete(&self.shared, slot, result, cb);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::result::Canceller;
+
+    fn gather(n: usize) -> (Gather<u64>, AsyncResult<Vec<u64>>) {
+        let slot = Slot::new();
+        let canceller = Canceller {
+            shared: Weak::new(),
+            group: Arc::default(),
+        };
+        let out = AsyncResult::new(Arc::clone(&slot), canceller);
+        let g = Gather {
+            out: Vec::with_capacity(n),
+            next: 0,
+            window: VecDeque::new(),
+            runs: BTreeMap::new(),
+            scratch: Vec::new(),
+            err: None,
+            placed: 0,
+            total: None,
+            slot: Some(slot),
+            callbacks: Some(Callbacks::new()),
+            shared: Weak::new(),
+        };
+        (g, out)
+    }
+
+    /// Pieces of a map's results of every size (one item, a few, runs kept whole), back in
+    /// a scrambled order, some failing: the result holds every value in item order, or the
+    /// error of the lowest failing item, and it is settled only by the last piece (or the
+    /// seal, whichever comes last).
+    #[test]
+    fn pieces_in_any_order_settle_in_item_order() {
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        for round in 0..300 {
+            let n = 1 + next(700);
+            let mut pieces = Vec::new();
+            let mut first = 0;
+            while first < n {
+                let len = [1, 1, 2, 3, 63, 64, 100][next(7)].min(n - first);
+                pieces.push((first, len));
+                first += len;
+            }
+            for i in (1..pieces.len()).rev() {
+                pieces.swap(i, next(i + 1));
+            }
+            let failing: Vec<usize> = (0..next(3)).map(|_| next(n)).collect();
+            let seal_after = next(pieces.len() + 1);
+            let (mut g, out) = gather(n);
+            for (k, &(first, len)) in pieces.iter().enumerate() {
+                if k == seal_after {
+                    g.total = Some(n);
+                    g.finish_if_done();
+                }
+                assert!(
+                    g.slot.is_some(),
+                    "round {round}: settled before every piece was in"
+                );
+                let items = if (first..first + len).any(|i| failing.contains(&i)) {
+                    Items::Mixed(
+                        (first..first + len)
+                            .map(|i| {
+                                if failing.contains(&i) {
+                                    Err(TaskError::new(TaskErrorKind::Panicked, "no").with_item(i))
+                                } else {
+                                    Ok(i as u64 * 3)
+                                }
+                            })
+                            .collect(),
+                    )
+                } else {
+                    Items::Ok((first..first + len).map(|i| i as u64 * 3).collect())
+                };
+                g.arrive(first, items);
+                g.finish_if_done();
+            }
+            if seal_after == pieces.len() {
+                assert!(g.slot.is_some(), "round {round}: settled before the seal");
+                g.total = Some(n);
+                g.finish_if_done();
+            }
+            let got = out.get_timeout(Duration::ZERO).expect("settled");
+            match failing.iter().min() {
+                None => assert_eq!(got, Ok((0..n as u64).map(|i| i * 3).collect())),
+                Some(&i) => {
+                    let e = got.unwrap_err();
+                    assert_eq!(e.item_index(), Some(i), "round {round}: {e}");
+                }
+            }
         }
     }
 }

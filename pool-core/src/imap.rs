@@ -197,7 +197,7 @@ impl Pool {
             let bytes = enc.frame.as_ref().map_or(0, |f| f.payload_len())
                 + enc.tail.as_ref().map_or(0, |t| t.bytes().len());
             let at = Instant::now();
-            let task = pool.prepare_batch::<F::Output>(&sub, enc, Some(base), None, at, move |r| {
+            let task = pool.prepare_batch::<F::Output>(&sub, enc, Some(base), at, move |r| {
                 let _ = tx.send((c, bytes, r.into_results()));
             });
             batch.extend(task);

@@ -97,6 +97,27 @@ impl Tally {
         tracing::debug!(parent: span, items = n, "task finished");
     }
 
+    /// Counts `n` items that succeeded, of a task nobody traces.
+    pub(crate) fn add_ok(&self, n: usize) {
+        self.ok.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts the outcomes of some items of a task nobody traces.
+    pub(crate) fn count_untraced<R>(&self, items: &Items<R>) {
+        let items = match items {
+            Items::Ok(v) => return self.add_ok(v.len()),
+            Items::Mixed(items) => items,
+        };
+        for r in items {
+            match r {
+                Ok(_) => self.add_ok(1),
+                Err(e) => {
+                    self.by_kind[kind_index(e.kind())].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// Counts the outcomes of some items of task `span`, and tells the span how they ended.
     pub(crate) fn count<R>(&self, span: &Span, first: usize, items: &Items<R>) {
         let items = match items {

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::chunk::{Encoded, encode_chunk};
 use crate::driver::{self, Fx, Group, Outcome, Shared, Sink, TaskRec};
 use crate::error::{QueueFull, TaskError, TaskErrorKind};
+use crate::event::Pins;
 use crate::items::Items;
 use crate::observe::Tally;
 use crate::options::Options;
@@ -104,8 +105,6 @@ impl Submission {
 /// is held in place: one allocation per chunk for the sink and all.)
 struct Pieces<R, D> {
     n: usize,
-    /// Where the chunk's values may go straight, if every item succeeds.
-    onto: Option<Box<dyn Onto<R>>>,
     state: Mutex<PiecesState<R, D>>,
     /// The task's span, told how each piece ended.
     span: tracing::Span,
@@ -123,16 +122,9 @@ where
     R: DeserializeOwned + Send + 'static,
     D: FnOnce(Items<R>) + Send + 'static,
 {
-    fn sink(
-        n: usize,
-        onto: Option<Box<dyn Onto<R>>>,
-        done: D,
-        span: tracing::Span,
-        tally: Arc<Tally>,
-    ) -> Sink {
+    fn sink(n: usize, done: D, span: tracing::Span, tally: Arc<Tally>) -> Sink {
         let pieces = Pieces {
             n,
-            onto,
             span,
             tally,
             state: Mutex::new(PiecesState {
@@ -145,15 +137,6 @@ where
     }
 
     fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
-        let outcome = match &self.onto {
-            Some(onto) if first == 0 && count == self.n => {
-                match self.deliver_onto(&**onto, outcome) {
-                    Some(outcome) => outcome,
-                    None => return,
-                }
-            }
-            _ => outcome,
-        };
         // Decoded before the lock: it is user code, and may take long.
         let items = driver::decode_items::<R>(outcome, count);
         self.tally.count(&self.span, first, &items);
@@ -189,54 +172,6 @@ where
             done(items);
         }
     }
-
-    /// Delivers the whole chunk's `outcome` onto the vector `onto` lends, if it lends it
-    /// and every item succeeded; else through `done` as usual. `outcome` back (nothing
-    /// done) if the chunk had results already.
-    fn deliver_onto(&self, onto: &dyn Onto<R>, outcome: Outcome) -> Option<Outcome> {
-        let done = {
-            let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if g.missing != self.n {
-                return Some(outcome);
-            }
-            g.missing = 0;
-            g.done.take()
-        }?;
-        let items = match onto.lend() {
-            Some(mut v) => {
-                // Decoded with the vector lent, no lock held: it is user code.
-                match driver::decode_onto::<R>(outcome, self.n, &mut v) {
-                    None => {
-                        self.tally.count_ok(&self.span, self.n);
-                        // Its arguments' events are released as before (with `done`).
-                        drop(done);
-                        onto.give_back(v, Some(self.n));
-                        return None;
-                    }
-                    Some(items) => {
-                        onto.give_back(v, None);
-                        items
-                    }
-                }
-            }
-            None => driver::decode_items::<R>(outcome, self.n),
-        };
-        self.tally.count(&self.span, 0, &items);
-        done(items);
-        None
-    }
-}
-
-/// A vector a chunk whose items all succeed may append its values to, instead of a vector
-/// of its own that is then moved there: a `map`'s result, lent to its chunks in turn.
-pub(crate) trait Onto<R>: Send + Sync {
-    /// The vector, if the chunk may append to it now (it is the chunk due next and no
-    /// one else holds the vector).
-    fn lend(&self) -> Option<Vec<R>>;
-    /// The vector back: with the chunk's `n` values appended (`Some(n)`: the chunk has
-    /// arrived, and its `done` is not called), or as it was lent (`None`: the chunk's
-    /// results come through its `done`).
-    fn give_back(&self, v: Vec<R>, appended: Option<usize>);
 }
 
 impl Pool {
@@ -258,7 +193,6 @@ impl Pool {
         sub: &Submission,
         enc: Encoded,
         base: Option<usize>,
-        onto: Option<Box<dyn Onto<R>>>,
         queued_at: Instant,
         done: impl FnOnce(Items<R>) + Send + 'static,
     ) -> Option<(u64, TaskRec)>
@@ -280,11 +214,8 @@ impl Pool {
             done(placement.merge(Items::Ok(Vec::new()), base));
             return None;
         }
-        // Values appended straight to `onto` need no placing among failed items.
-        let onto = onto.filter(|_| placement.all_sent());
         let sink = Pieces::sink(
             n_sent,
-            onto,
             move |got: Items<R>| {
                 // The worker has decoded the arguments (or never will): release their events.
                 drop(pins);
@@ -293,8 +224,67 @@ impl Pool {
             span.clone(),
             Arc::clone(&self.shared.tally),
         );
+        let extra = crate::driver::TaskExtra::boxed(tail, task_pins, spans);
+        self.task_rec(sub, id, frame, extra, (sink, 0, n_sent), queued_at, span)
+    }
+
+    /// Whether chunk `enc` of a `map` (its items `first..` among the map's) may deliver
+    /// to the map's one sink ([`prepare_shared`](Pool::prepare_shared)): every item was
+    /// encoded, it holds no event, and nobody traces its task (the map's sink tells no task
+    /// span how it ended). Its task's span (a disabled one) if so.
+    pub(crate) fn may_share(
+        &self,
+        sub: &Submission,
+        enc: &Encoded,
+        first: usize,
+    ) -> Option<tracing::Span> {
+        let n = enc.placement.sent();
+        if !enc.placement.all_sent() || !enc.pins.is_empty() || n == 0 {
+            return None;
+        }
+        let span = crate::observe::task_span(&self.shared.span, enc.id, sub.name, Some(first), n);
+        span.is_disabled().then_some(span)
+    }
+
+    /// As [`prepare_batch`](Pool::prepare_batch), for a chunk of a `map` that
+    /// [`may_share`](Pool::may_share) the map's one `sink` (with `span`, the one that gave):
+    /// the chunk's items are `first..` among the sink's, and no sink is made for it alone.
+    pub(crate) fn prepare_shared(
+        &self,
+        sub: &Submission,
+        enc: Encoded,
+        (first, sink): (usize, &Sink),
+        queued_at: Instant,
+        span: tracing::Span,
+    ) -> Option<(u64, TaskRec)> {
+        let n = enc.placement.sent();
+        let Encoded {
+            id,
+            frame,
+            spans,
+            tail,
+            ..
+        } = enc;
+        let extra = crate::driver::TaskExtra::boxed(tail, Pins::default(), spans);
+        let sink = Arc::clone(sink);
+        self.task_rec(sub, id, frame, extra, (sink, first, n), queued_at, span)
+    }
+
+    /// The record of task `id` (its items `first..first + count` among those of `sink`),
+    /// or `None` when its frame cannot be sent (its items fail through `sink` then).
+    #[allow(clippy::too_many_arguments)] // reason: the parts of one record, named
+    fn task_rec(
+        &self,
+        sub: &Submission,
+        id: u64,
+        frame: Result<pool_ipc::FrameBuf, TaskError>,
+        extra: Option<Box<crate::driver::TaskExtra>>,
+        (sink, first, count): (Sink, usize, usize),
+        queued_at: Instant,
+        span: tracing::Span,
+    ) -> Option<(u64, TaskRec)> {
         let limit = self.shared.frame_limit();
-        let fail = |e: TaskError| sink(0, n_sent, Outcome::Failed(e.with_function(sub.name)));
+        let fail = |e: TaskError| sink(first, count, Outcome::Failed(e.with_function(sub.name)));
         let frame = match frame {
             Ok(f) if f.payload_len() > limit => {
                 fail(TaskError::new(
@@ -316,10 +306,10 @@ impl Pool {
         sub.group.add(id);
         let rec = TaskRec {
             frame: Some(frame),
-            extra: crate::driver::TaskExtra::boxed(tail, task_pins, spans),
+            extra,
             sink,
-            first: 0,
-            count: n_sent,
+            first,
+            count,
             func: sub.func,
             name: sub.name,
             timeout: sub.timeout,
@@ -552,13 +542,12 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
-        let task =
-            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
-                let r = items
-                    .into_last()
-                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-                complete(&weak, slot, r, Callbacks::new());
-            });
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
+            let r = items
+                .into_last()
+                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+            complete(&weak, slot, r, Callbacks::new());
+        });
         // Settled already (it could not be encoded, say): its result says so.
         let Some(task) = task else {
             return Ok(out);
@@ -631,13 +620,12 @@ impl Pool {
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
-        let task =
-            self.prepare_batch::<F::Output>(&sub, enc, None, None, Instant::now(), move |items| {
-                let r = items
-                    .into_last()
-                    .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
-                complete(&weak, slot, r, callbacks);
-            });
+        let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
+            let r = items
+                .into_last()
+                .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
+            complete(&weak, slot, r, callbacks);
+        });
         (out, task)
     }
 
