@@ -13,7 +13,7 @@ use crate::observe::Tally;
 use crate::options::Options;
 use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Done, Slot};
-use crate::submit::{Submission, complete};
+use crate::submit::{Share, Submission, complete};
 use crate::task::Task;
 
 /// A batch of a `map`'s chunks holding this many items goes to the pool at once, without
@@ -293,14 +293,18 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
         let first = c * self.size;
         let enc = encode(&self.sub, pool.new_id());
         // Its results go to the map's sink, with nothing made for the chunk alone...
-        if let Some(span) = pool.may_share(&self.sub, &enc, first) {
-            return pool.prepare_shared(&self.sub, enc, (first, &self.sink), queued_at, span);
-        }
+        let span = match pool.may_share(&self.sub, &enc, first) {
+            Share::Yes(span) => {
+                return pool.prepare_shared(&self.sub, enc, (first, &self.sink), queued_at, span);
+            }
+            Share::No(span) => span,
+        };
         // ... or, when it needs more (items that could not be encoded, events to release,
         // a task span to tell), through a sink of its own that hands them on whole.
         let state = Arc::clone(&self.state);
         let done = Arc::clone(&self.done);
-        pool.prepare_batch::<R>(&self.sub, enc, Some(first), queued_at, move |results| {
+        let base = Some(first);
+        pool.prepare_spanned::<R>(&self.sub, enc, base, queued_at, span, move |results| {
             done.add(results.len());
             let mut g = lock(&state);
             g.arrive(first, results);

@@ -199,6 +199,23 @@ impl Pool {
     where
         R: DeserializeOwned + Send + 'static,
     {
+        self.prepare_spanned(sub, enc, base, queued_at, None, done)
+    }
+
+    /// [`prepare_batch`](Pool::prepare_batch) with the task's span made already (by
+    /// [`may_share`](Pool::may_share)), if it was.
+    pub(crate) fn prepare_spanned<R>(
+        &self,
+        sub: &Submission,
+        enc: Encoded,
+        base: Option<usize>,
+        queued_at: Instant,
+        span: Option<tracing::Span>,
+        done: impl FnOnce(Items<R>) + Send + 'static,
+    ) -> Option<(u64, TaskRec)>
+    where
+        R: DeserializeOwned + Send + 'static,
+    {
         let Encoded {
             id,
             frame,
@@ -209,7 +226,9 @@ impl Pool {
         } = enc;
         let n_sent = placement.sent();
         let task_pins = pins.clone();
-        let span = crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent);
+        let span = span.unwrap_or_else(|| {
+            crate::observe::task_span(&self.shared.span, id, sub.name, base, n_sent)
+        });
         if n_sent == 0 {
             done(placement.merge(Items::Ok(Vec::new()), base));
             return None;
@@ -231,19 +250,19 @@ impl Pool {
     /// Whether chunk `enc` of a `map` (its items `first..` among the map's) may deliver
     /// to the map's one sink ([`prepare_shared`](Pool::prepare_shared)): every item was
     /// encoded, it holds no event, and nobody traces its task (the map's sink tells no task
-    /// span how it ended). Its task's span (a disabled one) if so.
-    pub(crate) fn may_share(
-        &self,
-        sub: &Submission,
-        enc: &Encoded,
-        first: usize,
-    ) -> Option<tracing::Span> {
+    /// span how it ended). The task's span comes with the answer when it was made (no
+    /// task has two).
+    pub(crate) fn may_share(&self, sub: &Submission, enc: &Encoded, first: usize) -> Share {
         let n = enc.placement.sent();
         if !enc.placement.all_sent() || !enc.pins.is_empty() || n == 0 {
-            return None;
+            return Share::No(None);
         }
         let span = crate::observe::task_span(&self.shared.span, enc.id, sub.name, Some(first), n);
-        span.is_disabled().then_some(span)
+        if span.is_disabled() {
+            Share::Yes(span)
+        } else {
+            Share::No(Some(span))
+        }
     }
 
     /// As [`prepare_batch`](Pool::prepare_batch), for a chunk of a `map` that
@@ -896,6 +915,15 @@ impl Pool {
     {
         self.gather::<F, _>(f, items, opts, false)
     }
+}
+
+/// Whether a chunk may deliver to its map's one sink ([`Pool::may_share`]), with its task's
+/// span if it was made.
+pub(crate) enum Share {
+    /// It may; its task's span (a disabled one).
+    Yes(tracing::Span),
+    /// It needs a sink of its own; its task's span, if it was made already.
+    No(Option<tracing::Span>),
 }
 
 /// What the pool holds after a batch was handed to it ([`Pool::submit_drain`]).

@@ -236,6 +236,35 @@ fn spans_and_metrics_tell_a_tasks_life_and_its_outcome() {
     }
 }
 
+fn traced_chunk(x: u64) -> u64 {
+    x * 10
+}
+
+/// A map's chunks, traced, each have one task span, told how its chunk ended, as apply's
+/// tasks do (the map's one sink serves only chunks nobody traces, and deciding so makes
+/// no span of its own).
+#[test]
+fn a_traced_maps_chunks_have_one_span_each() {
+    install_recorder();
+    for method in METHODS {
+        let pool = builder(method).processes(2).build().unwrap();
+        let got = pool
+            .map_with(traced_chunk, 0..6u64, Options::new().chunksize(2))
+            .unwrap();
+        assert_eq!(got, [0, 10, 20, 30, 40, 50]);
+        shut_down(pool);
+        let spans = task_spans("traced_chunk", method);
+        assert_eq!(spans.len(), 3, "{method:?}: {spans:?}");
+        for (task, _) in &spans {
+            assert_eq!(task.fields["items"], "2", "{method:?}: {task:?}");
+            assert!(
+                messages(task).contains(&"task finished"),
+                "{method:?}: {task:?}"
+            );
+        }
+    }
+}
+
 fn sleep_then_echo(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
     ms
