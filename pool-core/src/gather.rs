@@ -216,19 +216,12 @@ impl Pool {
         if chunks >= RESERVE_MIN_CHUNKS {
             self.shared.act(|p, _| p.reserve(chunks));
         }
-        let state = Arc::new(Mutex::new(Gather {
-            out: Vec::with_capacity(n),
-            next: 0,
-            window: VecDeque::new(),
-            runs: BTreeMap::new(),
-            scratch: Vec::new(),
-            err: None,
-            placed: 0,
-            total: None,
-            slot: Some(slot),
-            callbacks: Some(callbacks),
-            shared: Arc::downgrade(&self.shared),
-        }));
+        let state = Arc::new(Mutex::new(Gather::new(
+            n,
+            slot,
+            callbacks,
+            Arc::downgrade(&self.shared),
+        )));
         let sink = MapSink::sink(
             Arc::clone(&state),
             Arc::clone(&done),
@@ -415,6 +408,28 @@ struct Gather<R> {
 }
 
 impl<R: Send + 'static> Gather<R> {
+    /// The result of a map of `n` items, nothing back yet.
+    fn new(
+        n: usize,
+        slot: Arc<Slot<Vec<R>>>,
+        callbacks: Callbacks<Vec<R>>,
+        shared: Weak<Shared>,
+    ) -> Gather<R> {
+        Gather {
+            out: Vec::with_capacity(n),
+            next: 0,
+            window: VecDeque::new(),
+            runs: BTreeMap::new(),
+            scratch: Vec::new(),
+            err: None,
+            placed: 0,
+            total: None,
+            slot: Some(slot),
+            callbacks: Some(callbacks),
+            shared,
+        }
+    }
+
     /// Items `first..` are back with `results`.
     fn arrive(&mut self, first: usize, results: Items<R>) {
         let n = results.len();
@@ -572,19 +587,7 @@ mod tests {
             group: Arc::default(),
         };
         let out = AsyncResult::new(Arc::clone(&slot), canceller);
-        let g = Gather {
-            out: Vec::with_capacity(n),
-            next: 0,
-            window: VecDeque::new(),
-            runs: BTreeMap::new(),
-            scratch: Vec::new(),
-            err: None,
-            placed: 0,
-            total: None,
-            slot: Some(slot),
-            callbacks: Some(Callbacks::new()),
-            shared: Weak::new(),
-        };
+        let g = Gather::new(n, slot, Callbacks::new(), Weak::new());
         (g, out)
     }
 
