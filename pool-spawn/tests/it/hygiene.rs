@@ -343,6 +343,29 @@ fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the
         l.shutdown().unwrap();
         assert_gone(server);
 
+        // Two asked for, two launched: the second request found no spare ready, by
+        // design (both were sent at once), which does not make the server keep more than
+        // one spare from then on.
+        let mut l = Launcher::begin(method, opts().initial_workers(2)).unwrap();
+        l.ready().unwrap();
+        let server = l.server_pid().unwrap();
+        let ws: Vec<_> = (1..=2).map(|n| launch(&mut l, n)).collect();
+        let handed: Vec<u32> = ws.iter().map(|w| w.worker.pid()).collect();
+        let _ = the_spare(server, &handed);
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            let kids = children_of(server);
+            let spares = kids.iter().filter(|p| !handed.contains(p)).count();
+            assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for mut w in ws {
+            w.setup();
+            w.exit();
+        }
+        l.shutdown().unwrap();
+        assert_gone(server);
+
         // Three asked for, one launched: the other two are forked all the same, and end
         // with the server.
         let mut l = Launcher::begin(method, opts().initial_workers(3)).unwrap();
