@@ -395,7 +395,8 @@ impl Launcher {
     /// worker's channel becomes readable ([`Starting::poll`]), so that an event loop goes on
     /// meanwhile (a spawned worker takes milliseconds to load and answer). The other methods
     /// return [`Launch::Ready`], as [`Launcher::launch_meanwhile`] would. `meanwhile` runs
-    /// once, as for [`Launcher::launch_meanwhile`].
+    /// once, whatever the outcome, as for [`Launcher::launch_meanwhile`], except that for
+    /// [`StartMethod::Spawn`] it runs once the new process has been executed, while it loads.
     ///
     /// # Errors
     ///
@@ -405,13 +406,14 @@ impl Launcher {
         if self.method != StartMethod::Spawn {
             return self.launch_meanwhile(name, meanwhile).map(Launch::Ready);
         }
-        meanwhile();
         self.last_of_batch = false;
         let pending = crate::spawn::begin(
             Role::Worker,
             self.opts.handshake_timeout,
             &self.opts.test_entry,
-        )?;
+        );
+        meanwhile();
+        let pending = pending?;
         Ok(Launch::Starting(Starting {
             name: name.to_owned(),
             pending,
