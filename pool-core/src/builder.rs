@@ -316,13 +316,17 @@ impl PoolBuilder {
         let fds = raise_fd_limit(processes);
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
-        let launcher = Launcher::new(self.method, opts).map_err(BuildError::start)?;
+        // The fork server (or zygote) is asked for the initial workers with its start.
+        opts.initial_workers = processes;
+        // Not waiting for the fork server's answer yet: what follows is done while its
+        // program loads.
+        let mut launcher = Launcher::begin(self.method, opts).map_err(BuildError::start)?;
         let span = crate::observe::pool_span(self.method, processes);
         // The driver's thread starts now and waits for its driver, handed over once the
         // initial workers are launched: making a thread (its stack, its first steps) is
-        // done while the fork server or zygote readies and forks them, not after.
-        // After the launcher, which for `Fork` forks this process once and counts its
-        // threads first.
+        // done while the fork server loads, or the zygote readies and forks them, not
+        // after. After the launcher, which for `Fork` forks this process once and counts
+        // its threads first.
         let (driver_tx, driver_rx) = std::sync::mpsc::sync_channel::<Driver>(1);
         let (done_tx, finished) = flume::bounded(1);
         let thread_span = span.clone();
@@ -374,6 +378,10 @@ impl PoolBuilder {
                 return Err(BuildError::start(pool_spawn::Error::from(e)));
             }
         };
+        if let Err(e) = launcher.ready() {
+            stop_thread(handle, driver_tx);
+            return Err(BuildError::start(e));
+        }
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
         if let Err((e, started)) = span.in_scope(|| driver.launch_initial()) {

@@ -9,6 +9,11 @@
 //! server is the workers' parent, so only it can reap them; it waits for their pidfds to
 //! become readable and reports each exit status.
 //!
+//! A pool's initial workers are asked for with the server's start ([`ServerLink::begin`]):
+//! the requests wait in the control socket while the server's program loads, and it
+//! answers them as soon as it is up, while the parent readies the pool meanwhile; the
+//! parent reads the server's hello first, then the replies, in order.
+//!
 //! The server keeps spare workers forked ahead, the first as soon as it starts: a fork
 //! request is answered at once with a spare, and the next spare is forked after the
 //! answer (when no other request waits), while the parent goes on. It keeps one spare, and
@@ -51,8 +56,11 @@ enum Request {
     /// Fork a worker; answer `Forked` or `ForkFailed`. With `quiet`, the parent asks for no
     /// other worker soon (the last of a pool's initial workers): the next spare waits until
     /// no request has come for [`SPARE_DEFER`], rather than being forked at once, while the
-    /// new workers take their first tasks.
-    Fork { quiet: bool },
+    /// new workers take their first tasks. With `batch`, the request is one of those sent
+    /// together with the server's start (a pool's initial workers, asked for before the
+    /// server is up): that it finds no spare ready is by design, not a sign that requests
+    /// outrun forks.
+    Fork { quiet: bool, batch: bool },
     /// Kill and reap the remaining workers, report them, then exit.
     Shutdown,
 }
@@ -252,9 +260,9 @@ impl Server {
                     Err(_) => None,
                 };
                 match req {
-                    Some(Request::Fork { quiet }) => {
+                    Some(Request::Fork { quiet, batch }) => {
                         self.asked_at = Instant::now();
-                        if !self.fork() {
+                        if !self.fork(batch) {
                             self.stop(false);
                             return;
                         }
@@ -334,11 +342,11 @@ impl Server {
         true
     }
 
-    /// Answers a fork request with a spare, or a worker forked now. `false` if the parent
-    /// is gone.
-    fn fork(&mut self) -> bool {
+    /// Answers a fork request with a spare, or a worker forked now (`batch`: one of the
+    /// requests sent with the server's start). `false` if the parent is gone.
+    fn fork(&mut self, batch: bool) -> bool {
         let spare = self.spares.pop_front().map(|s| (s.serial, s.ours));
-        if spare.is_none() && self.defer_until.is_none() {
+        if spare.is_none() && self.defer_until.is_none() && !batch {
             // Asked faster than spares were forked (not one the server held back on
             // purpose): keep one more from now on.
             self.keep = (self.keep + 1).min(MAX_SPARES);
@@ -474,6 +482,9 @@ pub(crate) struct ServerLink {
 #[derive(Debug)]
 struct LinkState {
     ctl: Option<OwnedFd>,
+    /// Fork requests sent with the server's start (see [`ServerLink::begin`]) whose replies
+    /// are still to come: the next `fork` calls take them, one each, without asking again.
+    ahead: usize,
     reports: HashMap<u64, ExitStatus>,
     abandoned: HashSet<u64>,
     server: Option<ChildProc>,
@@ -486,36 +497,82 @@ enum Pumped {
     Reply(Reply, Vec<OwnedFd>),
 }
 
+/// A fork server begun by [`ServerLink::begin`], whose hello has not been read yet.
+#[derive(Debug)]
+pub(crate) struct StartingServer {
+    /// (In a mutex only to be `Sync`, as the launcher that holds it is.)
+    pending: Mutex<crate::spawn::Pending>,
+    ahead: usize,
+    timeout: Duration,
+}
+
+impl StartingServer {
+    /// Waits for the server's hello; the link to it.
+    ///
+    /// # Errors
+    ///
+    /// Those of starting it (see `spawn::start`): the server is killed and reaped then.
+    pub(crate) fn finish(self) -> Result<Arc<ServerLink>> {
+        let mut pending = self
+            .pending
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        pending.wait()?;
+        let started = pending.into_started()?;
+        let link = ServerLink::new(started.sock, started.child, self.timeout, self.ahead);
+        tracing::debug!(pid = link.server_pid, "fork server started");
+        Ok(link)
+    }
+}
+
 impl ServerLink {
     /// Starts a fork server.
     pub(crate) fn start(handshake_timeout: Duration, test_entry: &str) -> Result<Arc<ServerLink>> {
-        let started = crate::spawn::start(Role::Forkserver, handshake_timeout, test_entry)?;
-        let link = ServerLink::new(started.sock, started.child, handshake_timeout);
-        tracing::debug!(pid = link.server_pid, "fork server started");
-        Ok(link)
+        ServerLink::begin(handshake_timeout, test_entry, 0)?.finish()
+    }
+
+    /// Begins starting a fork server, without waiting for its hello, and asks it for
+    /// `ahead` workers at once: the requests wait in its control socket, so that it forks
+    /// them as soon as it is up, rather than one round trip after another once its hello
+    /// has come (the last of them `quiet`: a pool's initial workers).
+    pub(crate) fn begin(
+        handshake_timeout: Duration,
+        test_entry: &str,
+        ahead: usize,
+    ) -> Result<StartingServer> {
+        let pending = crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?;
+        let ahead = ask_ahead(pending.sock(), ahead);
+        Ok(StartingServer {
+            pending: Mutex::new(pending),
+            ahead,
+            timeout: handshake_timeout,
+        })
     }
 
     /// Forks a zygote: a fork server that is a fork of this process rather than a fresh
     /// exec (for [`StartMethod::Fork`](crate::StartMethod::Fork)); see
-    /// `fork::fork_zygote`. `timeout` bounds each fork request.
-    pub(crate) fn start_zygote(timeout: Duration) -> Result<Arc<ServerLink>> {
+    /// `fork::fork_zygote`. `timeout` bounds each fork request; `ahead` workers are asked
+    /// for at once, as [`ServerLink::begin`] does.
+    pub(crate) fn start_zygote(timeout: Duration, ahead: usize) -> Result<Arc<ServerLink>> {
         let (ours, theirs) =
             control_socketpair().map_err(|e| Error::io("creating a socketpair", e))?;
+        let ahead = ask_ahead(ours.as_fd(), ahead);
         // From a thread that lives as long as the process, for its parent-death signal.
         let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_zygote(theirs))
             .map_err(|e| Error::io("fork", e))?;
-        let link = ServerLink::new(ours, ChildProc::adopt(pid), timeout);
+        let link = ServerLink::new(ours, ChildProc::adopt(pid), timeout, ahead);
         tracing::debug!(pid = link.server_pid, "fork zygote started");
         Ok(link)
     }
 
     /// The link to `server`, a fork server started either way, reached through `ctl`;
-    /// `timeout` bounds each fork request.
-    fn new(ctl: OwnedFd, server: ChildProc, timeout: Duration) -> Arc<ServerLink> {
+    /// `timeout` bounds each fork request; `ahead` requests were sent already.
+    fn new(ctl: OwnedFd, server: ChildProc, timeout: Duration, ahead: usize) -> Arc<ServerLink> {
         let server_pid = server.pid().as_raw_nonzero().get() as u32;
         Arc::new(ServerLink {
             state: Mutex::new(LinkState {
                 ctl: Some(ctl),
+                ahead,
                 reports: HashMap::new(),
                 abandoned: HashSet::new(),
                 server: Some(server),
@@ -541,14 +598,25 @@ impl ServerLink {
 
     /// Asks the server for a worker; runs `meanwhile` (if it is still there) once the request
     /// is sent, while the server forks. `quiet`: no other request follows soon (see
-    /// [`Request::Fork`]).
+    /// [`Request::Fork`]). A request sent with the server's start is not sent again: its
+    /// reply is the next one (the server answers in order).
     pub(crate) fn fork(
         &self,
         meanwhile: &mut Option<impl FnOnce()>,
         quiet: bool,
     ) -> Result<Forked> {
         let mut st = self.lock();
-        st.send(&Request::Fork { quiet })?;
+        if st.ahead > 0 {
+            if st.lost.is_some() {
+                return Err(st.lost_error());
+            }
+            st.ahead -= 1;
+        } else {
+            st.send(&Request::Fork {
+                quiet,
+                batch: false,
+            })?;
+        }
         if let Some(f) = meanwhile.take() {
             f();
         }
@@ -686,6 +754,26 @@ impl ServerLink {
     }
 }
 
+/// Sends `n` fork requests on `ctl`, a new server's control socket, the last one `quiet`
+/// (see [`ServerLink::begin`]); returns how many were sent (a failure stops them: the
+/// server is gone, which its start tells).
+fn ask_ahead(ctl: std::os::fd::BorrowedFd<'_>, n: usize) -> usize {
+    for i in 0..n {
+        let (buf, len) = encode(&Request::Fork {
+            quiet: i + 1 == n,
+            batch: true,
+        });
+        loop {
+            match rustix::net::send(ctl, &buf[..len], SendFlags::NOSIGNAL) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return i,
+            }
+        }
+    }
+    n
+}
+
 /// The socketpair between a parent and its fork server (`SOCK_SEQPACKET`, close-on-exec).
 pub(crate) fn control_socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::net::socketpair(
@@ -782,6 +870,8 @@ impl LinkState {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Pumped::Nothing),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Nothing),
+            // It exited with requests unread (sent with its start, say): as end of file.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => (0, Vec::new(), false),
             Err(e) => {
                 self.lose(&format!("its control socket failed: {e}"));
                 return Err(self.lost_error());

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::forkserver::ServerLink;
+use crate::forkserver::{ServerLink, StartingServer};
 use crate::role::Role;
 use crate::worker::Worker;
 
@@ -68,6 +68,13 @@ pub struct LaunchOptions {
     /// called `init()`), so that it runs only the `enable_test_support!()` entry. Default
     /// `"procpool_worker_entry"`.
     pub test_entry: String,
+    /// How many workers the first launches ask for (a pool's initial workers). With
+    /// [`StartMethod::Forkserver`] and [`StartMethod::Fork`], that many fork requests are
+    /// sent with the fork server's (or zygote's) start, so that it forks them as soon as it
+    /// is up rather than one round trip after another; the first launches take their
+    /// replies. Launching fewer is harmless (the others are stopped with the server).
+    /// Default 0.
+    pub initial_workers: usize,
 }
 
 impl Default for LaunchOptions {
@@ -76,6 +83,7 @@ impl Default for LaunchOptions {
             allow_fork_with_threads: false,
             handshake_timeout: Duration::from_secs(15),
             test_entry: crate::TEST_ENTRY.to_owned(),
+            initial_workers: 0,
         }
     }
 }
@@ -103,6 +111,12 @@ impl LaunchOptions {
         self.test_entry = name.into();
         self
     }
+
+    /// Sets [`LaunchOptions::initial_workers`].
+    pub fn initial_workers(mut self, n: usize) -> Self {
+        self.initial_workers = n;
+        self
+    }
 }
 
 /// Starts workers by one [`StartMethod`]; one per pool. Owns the fork server when the
@@ -127,6 +141,9 @@ pub struct Launcher {
     method: StartMethod,
     opts: LaunchOptions,
     link: Option<Arc<ServerLink>>,
+    /// The fork server begun by [`Launcher::begin`], until [`Launcher::ready`] reads its
+    /// hello.
+    starting: Option<StartingServer>,
     /// The next launch ends a batch (see [`Launcher::last_of_batch`]).
     last_of_batch: bool,
 }
@@ -235,17 +252,40 @@ impl Launcher {
     /// starting it: [`ErrorKind::InitNotCalled`] when the re-executed program does not call
     /// `procpool::init()` first, [`ErrorKind::Io`], [`ErrorKind::Handshake`].
     pub fn new(method: StartMethod, opts: LaunchOptions) -> Result<Launcher> {
+        let mut launcher = Launcher::begin(method, opts)?;
+        launcher.ready()?;
+        Ok(launcher)
+    }
+
+    /// [`Launcher::new`], without waiting for the fork server to answer: the caller goes on
+    /// while the server's program loads, and [`Launcher::ready`] (or the first launch)
+    /// waits for it and gives the errors of its start.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Launcher::new`] that come before the server answers: for `Fork`, all of
+    /// them; for `Forkserver`, [`ErrorKind::Io`] if it cannot be started at all.
+    pub fn begin(method: StartMethod, opts: LaunchOptions) -> Result<Launcher> {
         crate::refuse_unentered_worker();
+        let mut starting = None;
         let mut link = None;
         match method {
             StartMethod::Fork if opts.allow_fork_with_threads => {
                 if let n @ (None | Some(2..)) = thread_count(Duration::ZERO) {
                     warn_threads(n);
                 }
-                link = Some(ServerLink::start_zygote(opts.handshake_timeout)?);
+                link = Some(ServerLink::start_zygote(
+                    opts.handshake_timeout,
+                    opts.initial_workers,
+                )?);
             }
             StartMethod::Fork => match thread_count(THREADS_SETTLE) {
-                Some(1) => link = Some(ServerLink::start_zygote(opts.handshake_timeout)?),
+                Some(1) => {
+                    link = Some(ServerLink::start_zygote(
+                        opts.handshake_timeout,
+                        opts.initial_workers,
+                    )?);
+                }
                 Some(n) => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
@@ -264,15 +304,34 @@ impl Launcher {
             },
             StartMethod::Spawn => {}
             StartMethod::Forkserver => {
-                link = Some(ServerLink::start(opts.handshake_timeout, &opts.test_entry)?);
+                starting = Some(ServerLink::begin(
+                    opts.handshake_timeout,
+                    &opts.test_entry,
+                    opts.initial_workers,
+                )?);
             }
         }
         Ok(Launcher {
             method,
             opts,
             link,
+            starting,
             last_of_batch: false,
         })
+    }
+
+    /// Waits for the fork server begun by [`Launcher::begin`] to answer; at once for the
+    /// other methods, or once it has.
+    ///
+    /// # Errors
+    ///
+    /// Those of starting the fork server, as for [`Launcher::new`]: it is killed and
+    /// reaped then, and a launch starts a new one.
+    pub fn ready(&mut self) -> Result<()> {
+        if let Some(s) = self.starting.take() {
+            self.link = Some(s.finish()?);
+        }
+        Ok(())
     }
 
     /// Says that the next launch is the last of a batch started together (a pool's initial
@@ -336,7 +395,8 @@ impl Launcher {
     /// worker's channel becomes readable ([`Starting::poll`]), so that an event loop goes on
     /// meanwhile (a spawned worker takes milliseconds to load and answer). The other methods
     /// return [`Launch::Ready`], as [`Launcher::launch_meanwhile`] would. `meanwhile` runs
-    /// once, as for [`Launcher::launch_meanwhile`].
+    /// once, whatever the outcome, as for [`Launcher::launch_meanwhile`], except that for
+    /// [`StartMethod::Spawn`] it runs once the new process has been executed, while it loads.
     ///
     /// # Errors
     ///
@@ -346,13 +406,14 @@ impl Launcher {
         if self.method != StartMethod::Spawn {
             return self.launch_meanwhile(name, meanwhile).map(Launch::Ready);
         }
-        meanwhile();
         self.last_of_batch = false;
         let pending = crate::spawn::begin(
             Role::Worker,
             self.opts.handshake_timeout,
             &self.opts.test_entry,
-        )?;
+        );
+        meanwhile();
+        let pending = pending?;
         Ok(Launch::Starting(Starting {
             name: name.to_owned(),
             pending,
@@ -395,6 +456,7 @@ impl Launcher {
                 Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
+                self.ready()?;
                 let link = self.server()?;
                 let forked = match link.fork(meanwhile, quiet) {
                     Ok(f) => (f, link),

@@ -246,7 +246,9 @@ impl Pending {
     pub(crate) fn read_hello(&mut self) -> Result<bool> {
         loop {
             match rustix::net::recv(&self.sock, &mut self.buf[self.got..], RecvFlags::DONTWAIT) {
-                Ok((0, _)) => {
+                // End of file, or (when requests were sent ahead to a fork server that
+                // never read them) the connection reset by its exit.
+                Ok((0, _)) | Err(rustix::io::Errno::CONNRESET) => {
                     let child = self.child()?;
                     let pid = child.pid().as_raw_nonzero().get();
                     return Err(early_exit(child, pid));

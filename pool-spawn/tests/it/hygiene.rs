@@ -50,9 +50,15 @@ fn init_not_called_child_exits() {
         "took {:?}",
         t.elapsed()
     );
-    // The fork server is refused the same way, at Launcher::new.
-    let e = Launcher::new(StartMethod::Forkserver, o).unwrap_err();
+    // The fork server is refused the same way, at Launcher::new...
+    let e = Launcher::new(StartMethod::Forkserver, o.clone()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InitNotCalled);
+    // ... or at `ready` when begun (with workers asked for ahead), and a launch tries a
+    // new server, which is refused too.
+    let mut l = Launcher::begin(StartMethod::Forkserver, o.initial_workers(2)).unwrap();
+    let e = l.ready().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InitNotCalled, "{e}");
+    assert!(l.launch("ForkserverPoolWorker-1").is_err());
 }
 
 #[test]
@@ -313,6 +319,76 @@ fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
     }
     l.shutdown().unwrap();
     assert_gone(server);
+}
+
+/// Workers asked for with the fork server's (or zygote's) start (`initial_workers`): the
+/// first launches take them in order, a launch after them asks afresh, and those never
+/// taken end with the server.
+#[test]
+fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the_server() {
+    for method in [StartMethod::Forkserver, StartMethod::Fork] {
+        // Two asked for, three launched.
+        let mut l = Launcher::begin(method, opts().initial_workers(2)).unwrap();
+        l.ready().unwrap();
+        let server = l.server_pid().unwrap();
+        let mut ws: Vec<_> = (1..=3).map(|n| launch(&mut l, n)).collect();
+        for (x, w) in (2u64..).zip(ws.iter_mut()) {
+            w.setup();
+            let got: u64 = w.call(task::batch_ref(tasks::square), (x,));
+            assert_eq!(got, x * x, "{method:?}");
+        }
+        for w in ws {
+            w.exit();
+        }
+        l.shutdown().unwrap();
+        assert_gone(server);
+
+        // Two asked for, two launched: the second request found no spare ready, by
+        // design (both were sent at once), which does not make the server keep more than
+        // one spare from then on.
+        let mut l = Launcher::begin(method, opts().initial_workers(2)).unwrap();
+        l.ready().unwrap();
+        let server = l.server_pid().unwrap();
+        let ws: Vec<_> = (1..=2).map(|n| launch(&mut l, n)).collect();
+        let handed: Vec<u32> = ws.iter().map(|w| w.worker.pid()).collect();
+        let _ = the_spare(server, &handed);
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            let kids = children_of(server);
+            let spares = kids.iter().filter(|p| !handed.contains(p)).count();
+            assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for mut w in ws {
+            w.setup();
+            w.exit();
+        }
+        l.shutdown().unwrap();
+        assert_gone(server);
+
+        // Three asked for, one launched: the other two are forked all the same, and end
+        // with the server.
+        let mut l = Launcher::begin(method, opts().initial_workers(3)).unwrap();
+        l.ready().unwrap();
+        let server = l.server_pid().unwrap();
+        let mut w = launch(&mut l, 1);
+        w.setup();
+        let deadline = Instant::now() + WAIT;
+        let kids = loop {
+            let kids = children_of(server);
+            if kids.len() >= 3 {
+                break kids;
+            }
+            assert!(Instant::now() < deadline, "{method:?}: children {kids:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        w.exit();
+        l.shutdown().unwrap();
+        assert_gone(server);
+        for k in kids {
+            assert_gone(k);
+        }
+    }
 }
 
 /// After a launch said to end a batch (`last_of_batch`: a pool's initial workers), the
