@@ -328,9 +328,7 @@ fn forkserver_spare_is_handed_out_and_a_dead_spare_is_replaced() {
 fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the_server() {
     for method in [StartMethod::Forkserver, StartMethod::Fork] {
         // Two asked for, three launched.
-        let mut l = Launcher::begin(method, opts().initial_workers(2)).unwrap();
-        l.ready().unwrap();
-        let server = l.server_pid().unwrap();
+        let (mut l, server) = begun(method, 2);
         let mut ws: Vec<_> = (1..=3).map(|n| launch(&mut l, n)).collect();
         for (x, w) in (2u64..).zip(ws.iter_mut()) {
             w.setup();
@@ -346,9 +344,7 @@ fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the
         // Two asked for, two launched: the second request found no spare ready, by
         // design (both were sent at once), which does not make the server keep more than
         // one spare from then on.
-        let mut l = Launcher::begin(method, opts().initial_workers(2)).unwrap();
-        l.ready().unwrap();
-        let server = l.server_pid().unwrap();
+        let (mut l, server) = begun(method, 2);
         let ws: Vec<_> = (1..=2).map(|n| launch(&mut l, n)).collect();
         let handed: Vec<u32> = ws.iter().map(|w| w.worker.pid()).collect();
         let _ = the_spare(server, &handed);
@@ -368,9 +364,7 @@ fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the
 
         // Three asked for, one launched: the other two are forked all the same, and end
         // with the server.
-        let mut l = Launcher::begin(method, opts().initial_workers(3)).unwrap();
-        l.ready().unwrap();
-        let server = l.server_pid().unwrap();
+        let (mut l, server) = begun(method, 3);
         let mut w = launch(&mut l, 1);
         w.setup();
         let deadline = Instant::now() + WAIT;
@@ -544,3 +538,11 @@ fn unbounded_timeouts(method: StartMethod) {
 }
 
 per_method!(max_timeouts, super::unbounded_timeouts);
+
+/// A launcher begun with `workers` asked for at its start, ready, and its server's pid.
+fn begun(method: StartMethod, workers: usize) -> (Launcher, u32) {
+    let mut l = Launcher::begin(method, opts().initial_workers(workers)).unwrap();
+    l.ready().unwrap();
+    let server = l.server_pid().unwrap();
+    (l, server)
+}
