@@ -347,14 +347,7 @@ fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the
         let (mut l, server) = begun(method, 2);
         let ws: Vec<_> = (1..=2).map(|n| launch(&mut l, n)).collect();
         let handed: Vec<u32> = ws.iter().map(|w| w.worker.pid()).collect();
-        let _ = the_spare(server, &handed);
-        let until = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < until {
-            let kids = children_of(server);
-            let spares = kids.iter().filter(|p| !handed.contains(p)).count();
-            assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        one_spare_stays(method, server, &handed);
         for mut w in ws {
             w.setup();
             w.exit();
@@ -410,14 +403,7 @@ fn a_spare_held_back_after_a_batch_comes_later_and_more_are_not_kept() {
         );
         let handed = [w1.worker.pid(), w2.worker.pid(), w3.worker.pid()];
         // One spare comes, and one only stays: the server did not start keeping two.
-        let _ = the_spare(server, &handed);
-        let until = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < until {
-            let kids = children_of(server);
-            let spares = kids.iter().filter(|p| !handed.contains(p)).count();
-            assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        one_spare_stays(method, server, &handed);
         for w in [w1, w2, w3] {
             w.exit();
         }
@@ -545,4 +531,17 @@ fn begun(method: StartMethod, workers: usize) -> (Launcher, u32) {
     l.ready().unwrap();
     let server = l.server_pid().unwrap();
     (l, server)
+}
+
+/// Waits for the server's spare beside the workers it `handed` out, then checks for 200 ms
+/// that it keeps that one and no more.
+fn one_spare_stays(method: StartMethod, server: u32, handed: &[u32]) {
+    let _ = the_spare(server, handed);
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        let kids = children_of(server);
+        let spares = kids.iter().filter(|p| !handed.contains(p)).count();
+        assert_eq!(spares, 1, "{method:?}: one spare, not more: {kids:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
