@@ -68,6 +68,12 @@ pub struct LaunchOptions {
     /// called `init()`), so that it runs only the `enable_test_support!()` entry. Default
     /// `"procpool_worker_entry"`.
     pub test_entry: String,
+    /// Workers will be launched one after another, about one per task (a pool that
+    /// recycles its workers after a task or a few): the fork server (or zygote) is asked
+    /// for the next worker as soon as one is launched, so that each launch finds its
+    /// worker forked and its answer waiting rather than waiting for them. One worker stays
+    /// forked ahead meanwhile. Nothing changes for [`StartMethod::Spawn`]. Default `false`.
+    pub ask_ahead: usize,
 }
 
 impl Default for LaunchOptions {
@@ -76,6 +82,7 @@ impl Default for LaunchOptions {
             allow_fork_with_threads: false,
             handshake_timeout: Duration::from_secs(15),
             test_entry: crate::TEST_ENTRY.to_owned(),
+            ask_ahead: 0,
         }
     }
 }
@@ -101,6 +108,12 @@ impl LaunchOptions {
     /// Sets [`LaunchOptions::test_entry`].
     pub fn test_entry(mut self, name: impl Into<String>) -> Self {
         self.test_entry = name.into();
+        self
+    }
+
+    /// Sets [`LaunchOptions::ask_ahead`].
+    pub fn ask_ahead(mut self, ahead: usize) -> Self {
+        self.ask_ahead = ahead;
         self
     }
 }
@@ -284,6 +297,19 @@ impl Launcher {
         self.last_of_batch = true;
     }
 
+    /// Lets the workers forked ahead for the next launches go (see
+    /// [`LaunchOptions::ask_ahead`]): for a pool that has launched none for a while, so that
+    /// it keeps no idle process for good. The next launch asks afresh. Whether there were
+    /// any.
+    pub fn let_ahead_go(&mut self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.let_ahead_go())
+    }
+
+    /// Whether launches ask ahead ([`LaunchOptions::ask_ahead`] and a method that forks).
+    pub fn asks_ahead(&self) -> bool {
+        self.opts.ask_ahead > 0 && self.method != StartMethod::Spawn
+    }
+
     /// The start method.
     pub fn method(&self) -> StartMethod {
         self.method
@@ -391,18 +417,19 @@ impl Launcher {
                         ));
                     }
                 };
-                let f = link.fork(meanwhile, quiet)?;
+                let f = link.fork(meanwhile, quiet, self.opts.ask_ahead)?;
                 Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
                 let link = self.server()?;
-                let forked = match link.fork(meanwhile, quiet) {
+                let ahead = self.opts.ask_ahead;
+                let forked = match link.fork(meanwhile, quiet, ahead) {
                     Ok(f) => (f, link),
                     Err(e) if e.kind() == ErrorKind::ServerLost => {
                         tracing::warn!(error = %e, "the fork server is gone; starting a new one");
                         self.link = None;
                         let link = self.server()?;
-                        (link.fork(meanwhile, quiet)?, link)
+                        (link.fork(meanwhile, quiet, ahead)?, link)
                     }
                     Err(e) => return Err(e),
                 };
