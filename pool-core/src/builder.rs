@@ -45,6 +45,15 @@ pub(crate) const FDS_PER_WORKER: u64 = 5;
 /// File descriptors left free beside the pool's when `build` raises the soft limit.
 const FD_SLACK: u64 = 64;
 
+/// A pool whose workers retire after this many tasks or fewer asks its fork server (or
+/// zygote) for each next worker ahead (`LaunchOptions::ask_ahead`): it replaces workers
+/// about as often as their tasks end, and a launch that waits for the fork server's answer
+/// holds up the driver, which dispatches every task.
+const ASK_AHEAD_TASKS: u64 = 100;
+
+/// At most this many fork requests are sent ahead (one per worker up to this).
+const ASK_AHEAD_MAX: usize = 4;
+
 /// Raises the soft open-file limit (RLIMIT_NOFILE) toward the hard one when this process
 /// would otherwise run out with `processes` more workers, as servers commonly do at start;
 /// never lowers it, never beyond what the pool needs plus some slack. Returns the limit now
@@ -318,6 +327,13 @@ impl PoolBuilder {
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
         // The fork server (or zygote) is asked for the initial workers with its start.
         opts.initial_workers = processes;
+        // A worker retired after a few tasks is replaced about as often as tasks end.
+        if self
+            .max_tasks_per_child
+            .is_some_and(|n| n <= ASK_AHEAD_TASKS)
+        {
+            opts.ask_ahead = processes.min(ASK_AHEAD_MAX);
+        }
         // Not waiting for the fork server's answer yet: what follows is done while its
         // program loads.
         let mut launcher = Launcher::begin(self.method, opts).map_err(BuildError::start)?;

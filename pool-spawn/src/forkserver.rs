@@ -26,12 +26,19 @@
 //! asked for next): the pool's first tasks run meanwhile, without a fork beside them. A spare that has not been handed out is the
 //! server's own business: if it dies it is reaped without a report and replaced.
 //!
+//! A parent that launches a worker for about every task (a pool that recycles its workers
+//! after one task or a few) asks ahead: each launch also sends the request for a later
+//! one, whose answer (the worker's channel and pidfd) then waits in the parent, so that a
+//! launch takes a worker already there rather than waiting a round trip to the server,
+//! which may be in the middle of a fork (see `ServerLink::fork`). The workers so asked for
+//! are let go once the parent has launched none for a while.
+//!
 //! The server dies with the pool: it has `PR_SET_PDEATHSIG(SIGKILL)`, rechecks its parent
 //! pid, and treats end of file on its control socket as shutdown. It never leaves orphans:
 //! each worker has `PR_SET_PDEATHSIG(SIGKILL)` towards the server, and a server that stops
 //! kills and reaps its remaining workers first.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -468,6 +475,8 @@ pub(crate) struct Forked {
     pub(crate) pid: Pid,
     pub(crate) chan: OwnedFd,
     pub(crate) pidfd: Option<OwnedFd>,
+    /// Its answer was read before the call that takes it (it was asked for ahead).
+    waited: bool,
 }
 
 /// The parent's connection to its fork server, shared by the launcher and the workers'
@@ -482,19 +491,25 @@ pub(crate) struct ServerLink {
 #[derive(Debug)]
 struct LinkState {
     ctl: Option<OwnedFd>,
-    /// Fork requests sent with the server's start (see [`ServerLink::begin`]) whose replies
-    /// are still to come: the next `fork` calls take them, one each, without asking again.
-    ahead: usize,
     reports: HashMap<u64, ExitStatus>,
     abandoned: HashSet<u64>,
     server: Option<ChildProc>,
     lost: Option<String>,
+    /// Fork requests sent ahead of the launch they serve and not yet taken by one: those
+    /// sent with the server's start (see [`ServerLink::begin`]) and those a launch sends for
+    /// the next (see [`ServerLink::fork`]). The next `fork` calls take them in order, one
+    /// each, without asking again.
+    ahead: usize,
+    /// Answers to fork requests read (by any pump) but not yet taken, oldest first: the
+    /// server answers its requests in order, so the oldest is the next caller's.
+    answers: VecDeque<Result<Forked>>,
 }
 
 enum Pumped {
     Nothing,
     Report,
-    Reply(Reply, Vec<OwnedFd>),
+    /// The answer to a fork request, kept in `answers`.
+    Answer,
 }
 
 /// A fork server begun by [`ServerLink::begin`], whose hello has not been read yet.
@@ -572,11 +587,12 @@ impl ServerLink {
         Arc::new(ServerLink {
             state: Mutex::new(LinkState {
                 ctl: Some(ctl),
-                ahead,
                 reports: HashMap::new(),
                 abandoned: HashSet::new(),
                 server: Some(server),
                 lost: None,
+                ahead,
+                answers: VecDeque::new(),
             }),
             server_pid,
             timeout,
@@ -600,29 +616,96 @@ impl ServerLink {
     /// is sent, while the server forks. `quiet`: no other request follows soon (see
     /// [`Request::Fork`]). A request sent with the server's start is not sent again: its
     /// reply is the next one (the server answers in order).
+    ///
+    /// With `ahead`, the request for the next call goes out now too, before this call waits
+    /// for its own answer: the server answers it while the caller readies this worker and
+    /// goes about its business, and the next call finds its answer waiting rather than
+    /// waiting a round trip for it (and for a fork the server may be in the middle of), as
+    /// every call does otherwise. For a pool that replaces its workers one after another
+    /// (`max_tasks_per_child`), which launches a worker for about every task. The worker
+    /// so answered waits here, unset-up, until the next call (or the link's end: dropped,
+    /// it sees its channel end and exits); one found dead by then is passed over.
     pub(crate) fn fork(
         &self,
         meanwhile: &mut Option<impl FnOnce()>,
         quiet: bool,
+        ahead: usize,
     ) -> Result<Forked> {
         let mut st = self.lock();
-        if st.ahead > 0 {
-            if st.lost.is_some() {
-                return Err(st.lost_error());
+        loop {
+            // The oldest request not answered to a caller is this call's: one sent ahead,
+            // or else one sent now.
+            if st.ahead > 0 {
+                st.ahead -= 1;
+            } else {
+                st.send(&Request::Fork {
+                    quiet,
+                    batch: false,
+                })?;
             }
-            st.ahead -= 1;
-        } else {
-            st.send(&Request::Fork {
-                quiet,
-                batch: false,
-            })?;
+            while !quiet && st.ahead < ahead {
+                st.send(&Request::Fork {
+                    quiet: false,
+                    batch: false,
+                })?;
+                st.ahead += 1;
+            }
+            if let Some(f) = meanwhile.take() {
+                f();
+            }
+            let answer = self.answer(&mut st);
+            // An answer that waited here may be of a worker that has died since (killed
+            // from outside): not handed on; the next request's answer serves instead.
+            if let Ok(f) = &answer
+                && f.waited
+                && f.pidfd.as_ref().is_some_and(|fd| {
+                    poll_readable(fd.as_fd(), Some(Duration::ZERO)).unwrap_or(false)
+                })
+            {
+                st.abandoned.insert(f.serial);
+                continue;
+            }
+            return answer;
         }
-        if let Some(f) = meanwhile.take() {
-            f();
+    }
+
+    /// Lets the workers asked for ahead go (see [`ServerLink::fork`]): their answers are
+    /// taken (waited for, if they have not come: the server answers at once unless it is
+    /// forking) and dropped; each worker sees its channel end and exits, its report
+    /// forgotten. For a pool that has launched none for a while: it keeps no idle process
+    /// for good. Whether there were any.
+    pub(crate) fn let_ahead_go(&self) -> bool {
+        let mut st = self.lock();
+        if st.ahead == 0 {
+            return false;
         }
+        // No call is under way (it would hold the lock): every answer not taken, come or
+        // to come, is of a request sent ahead.
+        let deadline = crate::child::deadline_after(self.timeout);
+        while st.answers.len() < st.ahead && Instant::now() < deadline {
+            if st.pump(FORK_SLICE).is_err() {
+                return true;
+            }
+        }
+        st.ahead = 0;
+        while let Some(a) = st.answers.pop_front() {
+            if let Ok(f) = a {
+                st.abandoned.insert(f.serial);
+            }
+        }
+        true
+    }
+
+    /// Waits for the oldest answer to a fork request not yet taken (see [`ServerLink::fork`]).
+    fn answer(&self, st: &mut LinkState) -> Result<Forked> {
         let deadline = crate::child::deadline_after(self.timeout);
         let mut stopped_since = None;
+        let mut waited = true;
         loop {
+            if let Some(a) = st.answers.pop_front() {
+                return a.map(|f| Forked { waited, ..f });
+            }
+            waited = false;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 st.lose("it did not answer a fork request in time");
@@ -637,29 +720,7 @@ impl ServerLink {
                         return Err(st.lost_error());
                     }
                 }
-                Pumped::Report => {}
-                Pumped::Reply(Reply::Forked { serial, pid, pidfd }, fds) => {
-                    let mut fds = fds.into_iter();
-                    let chan = fds.next();
-                    let pidfd = if pidfd { fds.next() } else { None };
-                    let (Some(chan), Some(pid)) = (chan, Pid::from_raw(pid as i32)) else {
-                        st.lose("a fork reply came without its channel");
-                        return Err(st.lost_error());
-                    };
-                    return Ok(Forked {
-                        serial,
-                        pid,
-                        chan,
-                        pidfd,
-                    });
-                }
-                Pumped::Reply(Reply::ForkFailed { errno }, _) => {
-                    return Err(Error::io(
-                        "the fork server could not fork",
-                        io::Error::from_raw_os_error(errno),
-                    ));
-                }
-                Pumped::Reply(Reply::Exited { .. }, _) => unreachable!("pump keeps reports"),
+                Pumped::Report | Pumped::Answer => {}
             }
         }
     }
@@ -681,7 +742,7 @@ impl ServerLink {
                 return Err(st.lost_error());
             }
             // Take what is already there without waiting.
-            while let Pumped::Report | Pumped::Reply(..) = st.pump(Duration::ZERO)? {}
+            while let Pumped::Report | Pumped::Answer = st.pump(Duration::ZERO)? {}
             if let Some(s) = st.reports.remove(&serial) {
                 return Ok(Some(s));
             }
@@ -812,6 +873,8 @@ impl LinkState {
             self.lost = Some(why.to_owned());
         }
         self.ctl = None;
+        self.ahead = 0;
+        self.answers.clear();
         // Reap it now (killing it if it only stopped answering), rather than leave a zombie
         // for as long as handles to its workers live.
         if let Some(mut server) = self.server.take() {
@@ -880,11 +943,15 @@ impl LinkState {
         if short && n > 0 {
             // This process is out of descriptors: a new worker's channel and pidfd did not
             // reach it. The link goes on (the reply itself arrived whole); that worker sees
-            // its channel end and exits, and its exit report is dropped.
+            // its channel end and exits, and its exit report is dropped. The request's
+            // caller gets the error.
             drop(fds);
             let e = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
             if let Ok(Reply::Forked { serial, .. }) = postcard::from_bytes::<Reply>(&buf[..n]) {
                 self.abandoned.insert(serial);
+                self.answers
+                    .push_back(Err(Error::io("receiving a new worker's descriptors", e)));
+                return Ok(Pumped::Answer);
             }
             return Err(Error::io("receiving a new worker's descriptors", e));
         }
@@ -899,7 +966,30 @@ impl LinkState {
                 }
                 Ok(Pumped::Report)
             }
-            Ok(reply) => Ok(Pumped::Reply(reply, fds)),
+            Ok(Reply::Forked { serial, pid, pidfd }) => {
+                let mut fds = fds.into_iter();
+                let chan = fds.next();
+                let pidfd = if pidfd { fds.next() } else { None };
+                let (Some(chan), Some(pid)) = (chan, Pid::from_raw(pid as i32)) else {
+                    self.lose("a fork reply came without its channel");
+                    return Err(self.lost_error());
+                };
+                self.answers.push_back(Ok(Forked {
+                    serial,
+                    pid,
+                    chan,
+                    pidfd,
+                    waited: false,
+                }));
+                Ok(Pumped::Answer)
+            }
+            Ok(Reply::ForkFailed { errno }) => {
+                self.answers.push_back(Err(Error::io(
+                    "the fork server could not fork",
+                    io::Error::from_raw_os_error(errno),
+                )));
+                Ok(Pumped::Answer)
+            }
             Err(e) => {
                 self.lose(&format!("it sent an undecodable message: {e}"));
                 Err(self.lost_error())

@@ -75,6 +75,12 @@ pub struct LaunchOptions {
     /// replies. Launching fewer is harmless (the others are stopped with the server).
     /// Default 0.
     pub initial_workers: usize,
+    /// How many workers to keep asked for ahead, when workers will be launched one after
+    /// another, about one per task (a pool that recycles its workers after a task or a
+    /// few): the fork server (or zygote) is asked for the next worker as soon as one is
+    /// launched, so that each launch finds its worker forked and its answer waiting rather
+    /// than waiting for them. Nothing changes for [`StartMethod::Spawn`]. Default 0 (none).
+    pub ask_ahead: usize,
 }
 
 impl Default for LaunchOptions {
@@ -84,6 +90,7 @@ impl Default for LaunchOptions {
             handshake_timeout: Duration::from_secs(15),
             test_entry: crate::TEST_ENTRY.to_owned(),
             initial_workers: 0,
+            ask_ahead: 0,
         }
     }
 }
@@ -115,6 +122,12 @@ impl LaunchOptions {
     /// Sets [`LaunchOptions::initial_workers`].
     pub fn initial_workers(mut self, n: usize) -> Self {
         self.initial_workers = n;
+        self
+    }
+
+    /// Sets [`LaunchOptions::ask_ahead`].
+    pub fn ask_ahead(mut self, ahead: usize) -> Self {
+        self.ask_ahead = ahead;
         self
     }
 }
@@ -343,6 +356,19 @@ impl Launcher {
         self.last_of_batch = true;
     }
 
+    /// Lets the workers forked ahead for the next launches go (see
+    /// [`LaunchOptions::ask_ahead`]): for a pool that has launched none for a while, so that
+    /// it keeps no idle process for good. The next launch asks afresh. Whether there were
+    /// any.
+    pub fn let_ahead_go(&mut self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.let_ahead_go())
+    }
+
+    /// Whether launches ask ahead ([`LaunchOptions::ask_ahead`] and a method that forks).
+    pub fn asks_ahead(&self) -> bool {
+        self.opts.ask_ahead > 0 && self.method != StartMethod::Spawn
+    }
+
     /// The start method.
     pub fn method(&self) -> StartMethod {
         self.method
@@ -452,19 +478,20 @@ impl Launcher {
                         ));
                     }
                 };
-                let f = link.fork(meanwhile, quiet)?;
+                let f = link.fork(meanwhile, quiet, self.opts.ask_ahead)?;
                 Worker::served(name, StartMethod::Fork, f, link)
             }
             StartMethod::Forkserver => {
                 self.ready()?;
                 let link = self.server()?;
-                let forked = match link.fork(meanwhile, quiet) {
+                let ahead = self.opts.ask_ahead;
+                let forked = match link.fork(meanwhile, quiet, ahead) {
                     Ok(f) => (f, link),
                     Err(e) if e.kind() == ErrorKind::ServerLost => {
                         tracing::warn!(error = %e, "the fork server is gone; starting a new one");
                         self.link = None;
                         let link = self.server()?;
-                        (link.fork(meanwhile, quiet)?, link)
+                        (link.fork(meanwhile, quiet, ahead)?, link)
                     }
                     Err(e) => return Err(e),
                 };

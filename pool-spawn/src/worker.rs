@@ -217,6 +217,39 @@ impl Worker {
         }
     }
 
+    /// Reaps the worker if its exit status can be had without waiting at all: a direct
+    /// child's if it has exited, a fork-server worker's if the server's report of it has
+    /// come ([`Worker::try_wait`] waits for that report once the worker has ended).
+    ///
+    /// # Errors
+    /// As [`Worker::try_wait`].
+    pub fn try_wait_now(&mut self) -> Result<Option<ExitStatus>> {
+        let s = match &mut self.proc_ {
+            Proc::Direct(c) => c.wait_timeout(Duration::ZERO)?,
+            Proc::Served {
+                status: Some(s), ..
+            } => Some(*s),
+            Proc::Served {
+                serial,
+                link,
+                status,
+                ..
+            } => {
+                *status = link.wait_report(*serial, Duration::ZERO)?;
+                *status
+            }
+        };
+        Ok(s.map(|s| self.mark(s)))
+    }
+
+    /// Whether the worker has ended, whether or not its exit status is known yet (a
+    /// fork-server worker's pidfd tells as soon as it exits; the server's report of its
+    /// status follows). A worker that has ended runs no more code: whatever it shared with
+    /// the pool (its progress page) is written no more.
+    pub fn has_ended(&self) -> bool {
+        !self.holds_its_pid()
+    }
+
     /// Reaps the worker if it has exited; never blocks (beyond reading a pending report
     /// from the fork server).
     ///

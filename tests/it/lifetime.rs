@@ -389,6 +389,58 @@ fn parent_pid(_x: u32) -> u32 {
     std::os::unix::process::parent_id()
 }
 
+fn pid_of_task(_x: u32) -> u32 {
+    std::process::id()
+}
+
+/// A pool that replaces its workers after every task has its next workers forked ahead
+/// (waiting in the pool, and as the server's spares); those killed before they are used
+/// are passed over: every task after runs once, each in a fresh worker, none in a killed
+/// one.
+#[test]
+fn workers_forked_ahead_that_die_before_use_are_passed_over() {
+    for method in [
+        procpool::StartMethod::Forkserver,
+        procpool::StartMethod::Fork,
+    ] {
+        let pool = builder(method).max_tasks_per_child(1).build().unwrap();
+        let server = pool
+            .map_with(parent_pid, 0..20u32, Options::new().chunksize(1))
+            .unwrap()[19];
+        let workers: BTreeSet<u32> = pool.workers().iter().map(|w| w.pid()).collect();
+        let idle: Vec<u32> = children_of(server)
+            .into_iter()
+            .filter(|p| !workers.contains(p))
+            .collect();
+        assert!(
+            !idle.is_empty(),
+            "{method:?}: no worker forked ahead ({:?}, workers {workers:?})",
+            children_of(server)
+        );
+        for &pid in &idle {
+            let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        for &pid in &idle {
+            wait_for(
+                &format!("{method:?}: killed worker {pid} to be gone"),
+                Duration::from_secs(5),
+                || !alive(pid),
+            );
+        }
+        let pids = pool
+            .map_with(pid_of_task, 0..20u32, Options::new().chunksize(1))
+            .unwrap();
+        let distinct: BTreeSet<u32> = pids.iter().copied().collect();
+        assert_eq!(distinct.len(), 20, "{method:?}: one fresh worker per task");
+        assert!(
+            pids.iter().all(|p| !idle.contains(p)),
+            "{method:?}: a killed worker ran a task"
+        );
+        shut_down(pool);
+    }
+}
+
 /// A fork server that forked spares ahead while a pool replaced a worker after every task
 /// goes back to one spare once no worker has been asked for in a while: an idle pool does not
 /// keep up to four idle processes for good.

@@ -18,6 +18,9 @@ use super::shared::{Inner, Shared};
 use super::worker_io::{WAKE_TOKEN, exit_token, sock_token};
 use crate::policy::{Departure, Exit, WorkerId};
 
+/// How long after the last launch the workers forked ahead for the next ones are let go.
+const AHEAD_IDLE: Duration = Duration::from_secs(1);
+
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_secs(2);
 
@@ -158,6 +161,10 @@ pub(crate) struct Driver {
     /// Workers started that have not answered yet (spawn), their channel and pidfd in the
     /// epoll set under the tokens they keep once wired up.
     starting: BTreeMap<WorkerId, Start>,
+    /// When the last worker was launched, while the workers the launcher forked ahead for
+    /// the next launches (`LaunchOptions::ask_ahead`) may wait: they go once none has been
+    /// launched for [`AHEAD_IDLE`].
+    pub(super) launched_at: Option<Instant>,
 }
 
 impl Driver {
@@ -169,6 +176,7 @@ impl Driver {
             next_timer: None,
             pages: Vec::new(),
             starting: BTreeMap::new(),
+            launched_at: None,
         }
     }
 
@@ -405,6 +413,9 @@ impl Driver {
             if let Some(t) = start_deadline {
                 consider(t);
             }
+            if let Some(t) = self.launched_at {
+                consider(t + AHEAD_IDLE);
+            }
             let ts = timeout.map(|d| rustix::time::Timespec {
                 tv_sec: d.as_secs() as i64,
                 tv_nsec: i64::from(d.subsec_nanos()),
@@ -532,28 +543,48 @@ impl Driver {
             }
             self.read(wid, true);
         }
-        let handle = {
+        let (handle, clean) = {
             let mut g = self.shared.lock();
-            g.io.get_mut(&wid).and_then(|w| w.handle.take())
+            let clean = g.policy.oldest(wid).is_none();
+            let w = g.io.get_mut(&wid);
+            let clean = clean
+                && w.as_ref().is_some_and(|w| {
+                    w.undelivered_tasks() == 0 && w.begun_unanswered().is_none_or(|n| n == 0)
+                });
+            (w.and_then(|w| w.handle.take()), clean)
         };
+        // A worker that ended cleanly (every task it was sent answered, none begun since:
+        // a worker recycled after its last answer) leaves no task whose error would tell
+        // its exit status: the status is taken if it is known already, not waited for (a
+        // fork-server worker's comes in the server's report, a round trip behind the exit
+        // this was woken by, which held up the driver for every worker recycled). Its page
+        // serves a later worker all the same once it is known to have ended.
+        let mut ended = false;
         // Why the status could not be read, when it could not (the fork server that would
         // report it is gone, say): said in the tasks' errors instead of "status unknown".
         let mut lost_status = None;
-        let status = handle.and_then(|mut h| match h.wait_timeout(Duration::from_secs(2)) {
+        let status = handle.and_then(|mut h| match h.try_wait_now() {
             Ok(Some(s)) => Some(s),
-            first => {
-                let _ = h.signal_group(Signal::KILL);
-                match h.wait_timeout(Duration::from_secs(2)) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        lost_status = Some(match first {
-                            Err(first) => first.to_string(),
-                            _ => e.to_string(),
-                        });
-                        None
+            Ok(None) if clean && h.has_ended() => {
+                ended = true;
+                None
+            }
+            _ => match h.wait_timeout(Duration::from_secs(2)) {
+                Ok(Some(s)) => Some(s),
+                first => {
+                    let _ = h.signal_group(Signal::KILL);
+                    match h.wait_timeout(Duration::from_secs(2)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            lost_status = Some(match first {
+                                Err(first) => first.to_string(),
+                                _ => e.to_string(),
+                            });
+                            None
+                        }
                     }
                 }
-            }
+            },
         });
         let page = self.shared.act(|p, fx| {
             // The answers it held back first: the tasks they answer ran, and are delivered.
@@ -574,9 +605,11 @@ impl Driver {
             w.unwatch_sock(&self.shared.epoll, wid);
             departed(&w.name, w.pid, status, how);
             // Its page serves a later worker only once the process is known to be gone (it
-            // was reaped): nothing writes to it any more. (Whatever the page held was read
+            // was reaped, or has ended): nothing writes to it any more. (Whatever the page held was read
             // above, by `exited_with`.)
-            status.and(w.progress.take())
+            (status.is_some() || ended)
+                .then(|| w.progress.take())
+                .flatten()
         });
         if let Some(page) = page
             && self.pages.len() < super::launch::KEEP_PAGES
@@ -593,6 +626,10 @@ impl Driver {
 
     fn timers(&mut self) {
         let now = Instant::now();
+        if self.launched_at.is_some_and(|t| now >= t + AHEAD_IDLE) {
+            self.launched_at = None;
+            self.launcher.let_ahead_go();
+        }
         let mut g = self.shared.lock();
         if g.io.values().any(|w| w.look_at.is_some_and(|t| t <= now)) {
             // Workers silent while they may hold answers back: their pages are looked at.

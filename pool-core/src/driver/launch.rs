@@ -252,6 +252,9 @@ impl Driver {
         let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
         let mut failure = None;
         while let Some(wid) = self.next_launch() {
+            if self.launcher.asks_ahead() {
+                self.launched_at = Some(std::time::Instant::now());
+            }
             if self.shared.lock().launches.is_empty() {
                 // The new workers' first tasks come next, not more launches.
                 self.launcher.last_of_batch();
@@ -311,6 +314,9 @@ impl Driver {
     /// watched (its channel and pidfd) until it does ([`Driver::advance_start`]).
     pub(crate) fn launch_pending(&mut self) {
         while let Some(wid) = self.next_launch() {
+            if self.launcher.asks_ahead() {
+                self.launched_at = Some(std::time::Instant::now());
+            }
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Begun::Ready(fds)) => self.watch(wid, fds),
                 Ok(Begun::Gone) => {}
