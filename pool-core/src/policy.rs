@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::ids::IdMap;
+use crate::ids::{IdMap, IdTable};
 
 mod restarts;
 
@@ -338,7 +338,7 @@ pub(crate) struct Counts {
 pub(crate) struct Policy<T> {
     cfg: PolicyConfig,
     state: State,
-    tasks: IdMap<T>,
+    tasks: IdTable<T>,
     queue: VecDeque<TaskId>,
     workers: BTreeMap<WorkerId, Slot>,
     next_wid: WorkerId,
@@ -405,7 +405,7 @@ impl<T> Policy<T> {
             index: Index::default(),
             cfg,
             state: State::Running,
-            tasks: IdMap::default(),
+            tasks: IdTable::default(),
             queue: VecDeque::new(),
             workers: BTreeMap::new(),
             next_wid: 1,
@@ -1007,7 +1007,7 @@ impl<T> Policy<T> {
         self.waited_feeds = 0;
         self.feeds_revoked = true;
         self.queue.clear();
-        let mut ids: Vec<TaskId> = self.tasks.keys().copied().collect();
+        let mut ids: Vec<TaskId> = self.tasks.keys().collect();
         ids.sort_unstable();
         for id in ids {
             if let Some(task) = self.tasks.remove(&id) {
