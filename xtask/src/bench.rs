@@ -19,7 +19,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{root, step};
+use crate::{root, step, target_dir};
 
 /// Runs the benchmark suite.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -55,7 +55,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "==> procpool bench --reference (procpool, CPython's multiprocessing.Pool and \
          procspawn, run by run)"
     );
-    let mut cmd = Command::new(root.join("target/release/procpool"));
+    // The procpool just built: where cargo put it (not a stale one in `target/` when
+    // CARGO_TARGET_DIR points elsewhere).
+    let mut cmd = Command::new(target_dir().join("release/procpool"));
     cmd.args(["bench", "--reference", "--runs", runs]);
     if let Some(exe) = &procspawn {
         cmd.arg("--procspawn").arg(exe);
@@ -244,7 +246,7 @@ fn cli_comparisons(
     quick: bool,
 ) -> Result<(), String> {
     println!("==> procpool run / map against xargs, GNU parallel and CPython's Pool");
-    let exe = root.join("target/release/procpool");
+    let exe = target_dir().join("release/procpool");
     let worker = root.join("bench/cli/worker.py");
     let batched = root.join("bench/cli/worker_batched.py");
     let mp_pool = root.join("bench/cli/mp_pool_lines.py");

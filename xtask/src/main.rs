@@ -66,6 +66,17 @@ pub(crate) fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds for this workspace: `CARGO_TARGET_DIR` when set (a
+/// relative one is taken from the workspace root, where the steps run), else `target/`.
+/// The bench runs the `procpool` built there, and the leftover check looks for processes
+/// started from there.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root().join(dir),
+        _ => root().join("target"),
+    }
+}
+
 /// Runs one step, printing it first; fails with the step's name.
 pub(crate) fn step(name: &str, cmd: &mut Command) -> Result<(), String> {
     println!("==> {name}");
@@ -226,8 +237,8 @@ fn test(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// What a test run might leave behind: processes running from this checkout's `target/`
-/// and files in `/dev/shm`.
+/// What a test run might leave behind: processes running from this checkout's target
+/// directory ([`target_dir`]) and files in `/dev/shm`.
 struct Leftovers {
     items: Vec<String>,
 }
@@ -235,7 +246,7 @@ struct Leftovers {
 impl Leftovers {
     fn snapshot() -> Self {
         let mut items = Vec::new();
-        let target = root().join("target");
+        let target = target_dir();
         let target = target.to_string_lossy().into_owned();
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for entry in dir.flatten() {
