@@ -819,20 +819,23 @@ impl ServerLink {
 /// (see [`ServerLink::begin`]); returns how many were sent (a failure stops them: the
 /// server is gone, which its start tells).
 fn ask_ahead(ctl: std::os::fd::BorrowedFd<'_>, n: usize) -> usize {
-    for i in 0..n {
-        let (buf, len) = encode(&Request::Fork {
-            quiet: i + 1 == n,
-            batch: true,
-        });
-        loop {
-            match rustix::net::send(ctl, &buf[..len], SendFlags::NOSIGNAL) {
-                Ok(_) => break,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(_) => return i,
-            }
+    (0..n)
+        .take_while(|&i| {
+            let quiet = i + 1 == n;
+            send_request(ctl, &Request::Fork { quiet, batch: true }).is_ok()
+        })
+        .count()
+}
+
+/// Sends one request on the control socket `ctl` (one record; `EINTR` is retried).
+fn send_request(ctl: std::os::fd::BorrowedFd<'_>, req: &Request) -> rustix::io::Result<()> {
+    let (buf, len) = encode(req);
+    loop {
+        match rustix::net::send(ctl, &buf[..len], SendFlags::NOSIGNAL) {
+            Err(rustix::io::Errno::INTR) => {}
+            r => return r.map(drop),
         }
     }
-    n
 }
 
 /// The socketpair between a parent and its fork server (`SOCK_SEQPACKET`, close-on-exec).
@@ -905,17 +908,11 @@ impl LinkState {
         let Some(ctl) = &self.ctl else {
             return Err(self.lost_error());
         };
-        let (buf, len) = encode(req);
-        loop {
-            match rustix::net::send(ctl, &buf[..len], SendFlags::NOSIGNAL) {
-                Ok(_) => return Ok(()),
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => {
-                    self.lose(&format!("its control socket failed: {e}"));
-                    return Err(self.lost_error());
-                }
-            }
+        if let Err(e) = send_request(ctl.as_fd(), req) {
+            self.lose(&format!("its control socket failed: {e}"));
+            return Err(self.lost_error());
         }
+        Ok(())
     }
 
     /// Reads one message if one arrives within `timeout`; keeps exit reports.

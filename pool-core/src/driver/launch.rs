@@ -252,9 +252,6 @@ impl Driver {
         let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
         let mut failure = None;
         while let Some(wid) = self.next_launch() {
-            if self.launcher.asks_ahead() {
-                self.launched_at = Some(std::time::Instant::now());
-            }
             if self.shared.lock().launches.is_empty() {
                 // The new workers' first tasks come next, not more launches.
                 self.launcher.last_of_batch();
@@ -314,9 +311,6 @@ impl Driver {
     /// watched (its channel and pidfd) until it does ([`Driver::advance_start`]).
     pub(crate) fn launch_pending(&mut self) {
         while let Some(wid) = self.next_launch() {
-            if self.launcher.asks_ahead() {
-                self.launched_at = Some(std::time::Instant::now());
-            }
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
                 Ok(Begun::Ready(fds)) => self.watch(wid, fds),
                 Ok(Begun::Gone) => {}
@@ -328,9 +322,16 @@ impl Driver {
 
     /// The next slot whose worker the policy asked to start, taken off the list; `None`
     /// once there is none.
-    fn next_launch(&self) -> Option<WorkerId> {
-        let mut g = self.shared.lock();
-        (!g.launches.is_empty()).then(|| g.launches.remove(0))
+    fn next_launch(&mut self) -> Option<WorkerId> {
+        let wid = {
+            let mut g = self.shared.lock();
+            (!g.launches.is_empty()).then(|| g.launches.remove(0))
+        }?;
+        if self.launcher.asks_ahead() {
+            // The workers asked for ahead are kept while launches go on (see `timers`).
+            self.launched_at = Some(std::time::Instant::now());
+        }
+        Some(wid)
     }
 
     /// Settles slot `wid`, whose worker could not be started, as a launch failure.
