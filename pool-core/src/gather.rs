@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use crate::chunk::{Encoded, auto_chunksize};
-use crate::driver::{self, Group, Outcome, Shared, Sink, TaskRec};
+use crate::driver::{self, Deliver, Group, Outcome, Piece, Shared, Sink, TaskRec};
 use crate::error::{TaskError, TaskErrorKind};
 use crate::items::Items;
 use crate::observe::Tally;
@@ -331,24 +331,19 @@ struct MapSink<R> {
 
 impl<R: serde::de::DeserializeOwned + Send + 'static> MapSink<R> {
     fn sink(state: Arc<Mutex<Gather<R>>>, done: Arc<Done>, tally: Arc<Tally>) -> Sink {
-        let sink = MapSink { state, done, tally };
-        Arc::new(move |first, count, outcome| sink.deliver(first, count, outcome))
+        Arc::new(MapSink { state, done, tally })
     }
 
-    /// Items `first..first + count` of the map have `outcome`. Decoded under the map's lock
-    /// (only this map's other deliveries wait for it; the decoder's panics are caught).
-    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
-        let mut g = lock(&self.state);
-        let g = &mut *g;
+    /// Items `first..first + count` of the map have `outcome`, under the map's lock (`g`):
+    /// how many of them succeeded, if all did and went straight onto the result (counted
+    /// by the caller, once for the pieces it hands over together).
+    fn take(&self, g: &mut Gather<R>, first: usize, count: usize, outcome: Outcome) -> usize {
         let items = if first == g.next && g.err.is_none() {
             match driver::decode_onto::<R>(outcome, count, &mut g.out) {
                 None => {
-                    self.tally.add_ok(count);
-                    self.done.add(count);
                     g.placed += count;
                     g.appended(count);
-                    g.finish_if_done();
-                    return;
+                    return count;
                 }
                 Some(items) => items,
             }
@@ -375,6 +370,36 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> MapSink<R> {
         self.tally.count_untraced(&items);
         self.done.add(items.len());
         g.arrive(first, items);
+        0
+    }
+}
+
+impl<R: serde::de::DeserializeOwned + Send + 'static> Deliver for MapSink<R> {
+    /// Items `first..first + count` of the map have `outcome`. Decoded under the map's lock
+    /// (only this map's other deliveries wait for it; the decoder's panics are caught).
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        self.deliver_run(&mut std::iter::once((first, count, outcome)));
+    }
+
+    /// The pieces of one read under one lock, the items that went straight onto the
+    /// result counted once.
+    fn deliver_run(&self, pieces: &mut dyn Iterator<Item = Piece>) {
+        /// Items that went onto the result, counted when it drops (if a piece panics too).
+        struct Count<'a>(&'a Tally, &'a Done, usize);
+        impl Drop for Count<'_> {
+            fn drop(&mut self) {
+                if self.2 > 0 {
+                    self.0.add_ok(self.2);
+                    self.1.add(self.2);
+                }
+            }
+        }
+        let mut g = lock(&self.state);
+        let mut count = Count(&self.tally, &self.done, 0);
+        for (first, n, outcome) in pieces {
+            count.2 += self.take(&mut g, first, n, outcome);
+        }
+        drop(count);
         g.finish_if_done();
     }
 }

@@ -10,13 +10,17 @@
 //! exactly once, either returned by [`Policy::done`] or passed to [`Effects::finish`] (or
 //! handed back by `submit` itself when refused).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+#[cfg(debug_assertions)]
+use std::collections::BTreeSet;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::ids::{IdMap, IdTable};
 
+mod ranking;
 mod restarts;
 
+use ranking::Ranking;
 use restarts::{Cause, Restarts, Trip};
 
 /// Identifies a task inside one pool.
@@ -250,7 +254,7 @@ struct Indexed {
 struct Index {
     /// The workers that may be handed a task (seated, open, starting or ready), ordered by
     /// the choice rule: fewest tasks in hand, ready before starting, lowest id.
-    eligible: BTreeSet<(usize, bool, WorkerId)>,
+    eligible: Ranking,
     /// Workers open and starting or ready (see `Policy::active`).
     active: usize,
     /// Something `reseat` reads changed since it last ran (it is a no-op otherwise).
@@ -263,12 +267,7 @@ impl Index {
         let open = !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready);
         let key = (slot.seated && open).then(|| (slot.in_flight.len(), slot.phase != Phase::Ready));
         if key != slot.indexed.key {
-            if let Some((n, starting)) = slot.indexed.key {
-                self.eligible.remove(&(n, starting, wid));
-            }
-            if let Some((n, starting)) = key {
-                self.eligible.insert((n, starting, wid));
-            }
+            self.eligible.set(wid, slot.indexed.key, key);
             slot.indexed.key = key;
         }
         if open != slot.indexed.active {
@@ -292,8 +291,8 @@ impl Index {
 
     /// Forgets worker `wid`, whose slot is gone.
     fn remove(&mut self, wid: WorkerId, slot: &Slot) {
-        if let Some((n, starting)) = slot.indexed.key {
-            self.eligible.remove(&(n, starting, wid));
+        if slot.indexed.key.is_some() {
+            self.eligible.set(wid, slot.indexed.key, None);
         }
         if slot.indexed.active {
             self.active -= 1;
@@ -1226,7 +1225,9 @@ impl<T> Policy<T> {
             })
             .map(|(&w, s)| (s.in_flight.len(), s.phase != Phase::Ready, w))
             .collect();
-        assert_eq!(eligible, self.index.eligible, "index out of step");
+        let ranked: BTreeSet<(usize, bool, WorkerId)> =
+            self.index.eligible.keys().copied().collect();
+        assert_eq!(eligible, ranked, "index out of step");
         let active = self
             .workers
             .values()

@@ -303,7 +303,8 @@ impl Pool {
         span: tracing::Span,
     ) -> Option<(u64, TaskRec)> {
         let limit = self.shared.frame_limit();
-        let fail = |e: TaskError| sink(first, count, Outcome::Failed(e.with_function(sub.name)));
+        let fail =
+            |e: TaskError| sink.deliver(first, count, Outcome::Failed(e.with_function(sub.name)));
         let frame = match frame {
             Ok(f) if f.payload_len() > limit => {
                 fail(TaskError::new(
@@ -454,7 +455,7 @@ impl Pool {
                 Refusal::Broken(m) => TaskError::with_report(TaskErrorKind::InitializerFailed, m),
                 Refusal::CannotStart(m) => TaskError::new(TaskErrorKind::StartFailed, m),
             };
-            (rec.sink)(rec.first, rec.count, Outcome::Failed(e));
+            rec.sink.deliver(rec.first, rec.count, Outcome::Failed(e));
         }
     }
 

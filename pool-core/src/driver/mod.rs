@@ -114,10 +114,34 @@ pub(crate) enum Outcome {
     Failed(TaskError),
 }
 
-/// Receives a task's outcome, possibly in pieces: `sink(first, count, outcome)` covers
-/// `count` items from item `first` on (indices among the items the sink was made for).
-/// Every item gets exactly one outcome.
-pub(crate) type Sink = Arc<dyn Fn(usize, usize, Outcome) + Send + Sync>;
+/// Receives a task's outcome, possibly in pieces: `sink.deliver(first, count, outcome)`
+/// covers `count` items from item `first` on (indices among the items the sink was made
+/// for). Every item gets exactly one outcome.
+pub(crate) type Sink = Arc<dyn Deliver>;
+
+/// One piece of outcome for a sink: items `first..first + count` have `outcome`.
+pub(crate) type Piece = (usize, usize, Outcome);
+
+/// What a [`Sink`] does with the outcomes handed to it (any `Fn(first, count, outcome)`).
+pub(crate) trait Deliver: Send + Sync {
+    /// Items `first..first + count` have `outcome`.
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome);
+
+    /// Pieces that came together (the answers of one read), in order: a sink that takes
+    /// several at a time for less than one by one (one lock, one count) does so. The
+    /// pieces it has not taken when it panics stay in `pieces`, to be handed on.
+    fn deliver_run(&self, pieces: &mut dyn Iterator<Item = Piece>) {
+        for (first, count, outcome) in pieces {
+            self.deliver(first, count, outcome);
+        }
+    }
+}
+
+impl<F: Fn(usize, usize, Outcome) + Send + Sync> Deliver for F {
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        self(first, count, outcome)
+    }
+}
 
 /// The tasks a submission became (its chunks, and the rests of chunks split after an item
 /// failed) that have no outcome yet: what cancelling the submission cancels. A task leaves
@@ -230,6 +254,17 @@ impl Delivery {
     pub(crate) fn all(rec: &TaskRec, outcome: Outcome) -> Self {
         Delivery {
             sink: Arc::clone(&rec.sink),
+            first: rec.first,
+            count: rec.count,
+            outcome,
+        }
+    }
+
+    /// The whole outcome of `rec`, which it takes its sink from (no count of the sink's
+    /// owners taken and given back for each task).
+    pub(crate) fn of(rec: TaskRec, outcome: Outcome) -> Self {
+        Delivery {
+            sink: rec.sink,
             first: rec.first,
             count: rec.count,
             outcome,

@@ -396,8 +396,8 @@ fn on_done(
             };
             Batches::new(parts, Some(last))
         });
-        fx.done.push(Delivery::all(
-            &rec,
+        fx.done.push(Delivery::of(
+            rec,
             Outcome::Done {
                 result,
                 worker: Arc::clone(name),

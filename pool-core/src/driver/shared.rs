@@ -495,20 +495,73 @@ pub(super) fn note_started(
     }
 }
 
-/// Hands each finished task (or piece of one) its outcome.
+/// Hands each finished task (or piece of one) its outcome: the pieces for one sink in a
+/// row (the answers of one read, mostly) in one call.
 fn deliver(done: Vec<Delivery>) {
-    for d in done {
-        // Sinks catch the panics of user code they run; this is the last line of defence,
-        // so that one result can never stop the delivery of the others (or the driver).
+    let mut done = done.into_iter().peekable();
+    while let Some(d) = done.next() {
         let Delivery {
             sink,
             first,
             count,
             outcome,
         } = d;
-        let run = move || sink(first, count, outcome);
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+        // The run takes its pieces from `done` as the sink asks for them: those a panic
+        // left there go on, as the next run.
+        let mut run = std::iter::once((first, count, outcome)).chain(std::iter::from_fn(|| {
+            done.next_if(|n| Arc::ptr_eq(&n.sink, &sink))
+                .map(|n| (n.first, n.count, n.outcome))
+        }));
+        // Sinks catch the panics of user code they run; this is the last line of defence,
+        // so that one result can never stop the delivery of the others (or the driver).
+        let deliver = || sink.deliver_run(&mut run);
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(deliver)).is_err() {
             tracing::error!("delivering a task's result panicked; the pool goes on");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::driver::{Outcome, Sink};
+    use crate::error::{TaskError, TaskErrorKind};
+
+    /// Pieces for one sink in a row go in one run; a sink that panics on one piece still
+    /// gets every later piece of the run, and the next sink its own: one outcome per item,
+    /// whatever a sink does.
+    #[test]
+    fn a_panicking_sink_loses_no_later_piece() {
+        let got: Arc<Mutex<Vec<(u8, usize)>>> = Arc::default();
+        let sink = |tag: u8, panics_on: Option<usize>| -> Sink {
+            let got = Arc::clone(&got);
+            Arc::new(move |first: usize, _count: usize, _outcome: Outcome| {
+                if Some(first) == panics_on {
+                    panic!("a sink that panics");
+                }
+                got.lock().unwrap().push((tag, first));
+            })
+        };
+        let (a, b) = (sink(1, Some(1)), sink(2, None));
+        let piece = |sink: &Sink, first| Delivery {
+            sink: Arc::clone(sink),
+            first,
+            count: 1,
+            outcome: Outcome::Failed(TaskError::new(TaskErrorKind::Cancelled, "test")),
+        };
+        deliver(vec![
+            piece(&a, 0),
+            piece(&a, 1),
+            piece(&a, 2),
+            piece(&a, 3),
+            piece(&b, 0),
+            piece(&a, 4),
+        ]);
+        assert_eq!(
+            *got.lock().unwrap(),
+            [(1, 0), (1, 2), (1, 3), (2, 0), (1, 4)]
+        );
     }
 }
