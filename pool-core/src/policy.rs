@@ -240,6 +240,8 @@ struct Slot {
 struct Indexed {
     /// `(tasks in hand, not ready)` while it may be handed a task.
     key: Option<(usize, bool)>,
+    /// Where the ranking last found this worker (see [`Ranking::set`]).
+    place: usize,
     /// Counted in [`Index::active`].
     active: bool,
     /// `(closed, phase, holds nothing while retiring or leaving)`: what `reseat` reads.
@@ -267,7 +269,8 @@ impl Index {
         let open = !slot.closed && matches!(slot.phase, Phase::Starting | Phase::Ready);
         let key = (slot.seated && open).then(|| (slot.in_flight.len(), slot.phase != Phase::Ready));
         if key != slot.indexed.key {
-            self.eligible.set(wid, slot.indexed.key, key);
+            self.eligible
+                .set(wid, &mut slot.indexed.place, slot.indexed.key, key);
             slot.indexed.key = key;
         }
         if open != slot.indexed.active {
@@ -292,7 +295,8 @@ impl Index {
     /// Forgets worker `wid`, whose slot is gone.
     fn remove(&mut self, wid: WorkerId, slot: &Slot) {
         if slot.indexed.key.is_some() {
-            self.eligible.set(wid, slot.indexed.key, None);
+            let mut place = slot.indexed.place;
+            self.eligible.set(wid, &mut place, slot.indexed.key, None);
         }
         if slot.indexed.active {
             self.active -= 1;
@@ -1226,7 +1230,7 @@ impl<T> Policy<T> {
             .map(|(&w, s)| (s.in_flight.len(), s.phase != Phase::Ready, w))
             .collect();
         let ranked: BTreeSet<(usize, bool, WorkerId)> =
-            self.index.eligible.keys().copied().collect();
+            self.index.eligible.keys().into_iter().collect();
         assert_eq!(eligible, ranked, "index out of step");
         let active = self
             .workers
@@ -1269,8 +1273,8 @@ impl<T> Policy<T> {
                 .index
                 .eligible
                 .first()
-                .filter(|&&(n, _, _)| n < self.depth)
-                .map(|&(_, _, wid)| wid);
+                .filter(|&(n, _, _)| n < self.depth)
+                .map(|(_, _, wid)| wid);
             let Some(wid) = pick else { break };
             let id = self.queue.pop_front().expect("queue is not empty");
             let task = self.tasks.get_mut(&id).expect("queued task has a record");
