@@ -240,9 +240,9 @@ impl PoolBuilder {
     }
 
     /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`. Under
-    /// `Fork`, `build` forks this process once into a single-threaded zygote that forks every
-    /// worker, replacements included: workers inherit the parent's state as it was at
-    /// `build`, not later changes.
+    /// `Fork`, `build` forks this process into a single-threaded zygote that forks every
+    /// replacement, and the initial workers itself at the same moment: workers inherit the
+    /// parent's state as it was at `build`, not later changes.
     #[doc(alias = "context")]
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.method = method;
@@ -325,8 +325,10 @@ impl PoolBuilder {
         let fds = raise_fd_limit(processes);
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
-        // The fork server (or zygote) is asked for the initial workers with its start.
+        // The fork server is asked for the initial workers with its start; `Fork` forks
+        // them here with its zygote, rather than wait for the zygote to start and fork them.
         opts.initial_workers = processes;
+        opts.fork_initial_here = true;
         // A worker retired after a few tasks is replaced about as often as tasks end.
         if self
             .max_tasks_per_child
