@@ -79,8 +79,9 @@
 //!   each worker. Cheap starts, and safe whatever threads the parent runs.
 //! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
 //! - [`StartMethod::Fork`]: `build` forks the parent into a *zygote* that stays
-//!   single-threaded and forks every replacement (the initial workers `build` forks
-//!   itself, at the same moment, rather than wait for the zygote to start and fork them).
+//!   single-threaded and forks every worker, replacements included, but the first two
+//!   (`build` forks them itself, at the same moment, rather than wait for the zygote to
+//!   start and fork them).
 //!   Workers start with a copy of the parent's memory as it was at `build`:
 //!   what the parent changes afterwards is not inherited, not even by replacements.
 //!   Forking a process with other threads is hazardous (a lock another thread holds stays

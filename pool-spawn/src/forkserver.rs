@@ -155,8 +155,8 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
     serve_zygote(ctl, false)
 }
 
-/// [`serve_prepared`] for a zygote whose pool's initial workers were forked beside it (see
-/// `fork::fork_own_worker`): its first spare is held back as after a `quiet` request
+/// [`serve_prepared`] for a zygote whose pool's initial workers were all forked beside it
+/// (see `fork::fork_own_worker`): its first spare is held back as after a `quiet` request
 /// (until no request has come for [`SPARE_DEFER`]), so that its fork does not compete for
 /// the CPU with those workers' first tasks.
 pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
@@ -601,9 +601,9 @@ impl ServerLink {
     /// for at once, as [`ServerLink::begin`] does.
     ///
     /// With `own` workers, this process forks that many workers itself first, at the same
-    /// moment (see `fork::fork_own_worker`), and the zygote holds its first spare back:
-    /// they come back as our end of each channel and the child (or the error of its
-    /// fork), in order.
+    /// moment (see `fork::fork_own_worker`): they come back as our end of each channel
+    /// and the child (or the error of its fork), in order. A zygote asked for no worker at
+    /// its start then holds its first spare back.
     pub(crate) fn start_zygote(
         timeout: Duration,
         ahead: usize,
@@ -619,7 +619,7 @@ impl ServerLink {
         // each (one job: the workers first, the zygote, not needed as soon, after them).
         let (pid, forked) = crate::spawn::on_spawner_thread(move || {
             let forked: Vec<io::Result<OwnForked>> = (0..own).map(|_| fork_own()).collect();
-            let pid = crate::fork::fork_zygote(theirs, own > 0)?;
+            let pid = crate::fork::fork_zygote(theirs, own > 0 && ahead == 0)?;
             Ok((pid, forked))
         })
         .map_err(|e| Error::io("fork", e))?;

@@ -19,8 +19,8 @@ pub enum StartMethod {
     /// zygote) stays single-threaded and forks every worker, so each starts with a copy of
     /// the parent's memory *as it was when the launcher was made* (later changes in the
     /// parent are not inherited, replacements included). (With
-    /// [`LaunchOptions::fork_initial_here`], the initial workers are forked at that same
-    /// moment, just before the zygote, and the zygote forks every later one.) Forking the
+    /// [`LaunchOptions::fork_initial_here`], the first initial workers are forked at that
+    /// same moment, just before the zygote, and the zygote forks every other.) Forking the
     /// parent
     /// is unsafe when it runs other threads (see the crate docs): refused then unless
     /// [`LaunchOptions::allow_fork_with_threads`] is set. Later launches never fork the
@@ -85,18 +85,21 @@ pub struct LaunchOptions {
     /// launched, so that each launch finds its worker forked and its answer waiting rather
     /// than waiting for them. Nothing changes for [`StartMethod::Spawn`]. Default 0 (none).
     pub ask_ahead: usize,
-    /// With [`StartMethod::Fork`]: the [`initial_workers`](LaunchOptions::initial_workers)
-    /// are forked by this process itself when the launcher is made, just before the zygote
-    /// (from the same memory, and under the same check of this process's threads), rather
-    /// than asked of the zygote, so that the first launches take them at once instead of
-    /// waiting for the zygote to start up and fork them one after the other. They are this
-    /// process's own children, reaped through their pidfds as spawned workers are; the
-    /// zygote forks every later worker, and holds its first spare back until no worker has
-    /// been asked of it for a moment (as after the last of a batch: see
-    /// [`Launcher::last_of_batch`]). Launching fewer is harmless (the others are stopped
-    /// and reaped with the launcher). Nothing changes for the other methods. Default
-    /// `false`.
-    pub fork_initial_here: bool,
+    /// With [`StartMethod::Fork`]: how many of the
+    /// [`initial_workers`](LaunchOptions::initial_workers) (the first ones) this process
+    /// forks itself when the launcher is made, just before the zygote (from the same
+    /// memory, and under the same check of this process's threads), rather than ask them
+    /// of the zygote, so that the first launches take them at once instead of waiting for
+    /// the zygote to start up and fork them one after the other. They are this process's
+    /// own children, reaped through their pidfds as spawned workers are; the zygote is
+    /// asked for the other initial workers with its start and forks every later one (asked
+    /// for none at its start, it holds its first spare back until no worker has been asked
+    /// of it for a moment, as after the last of a batch: see [`Launcher::last_of_batch`]).
+    /// This process forks them one after the other, and each holds its descriptors here
+    /// from then on: a few, not a large pool's worth. Launching fewer is harmless (the
+    /// others are stopped and reaped with the launcher). Nothing changes for the other
+    /// methods. Default 0.
+    pub fork_initial_here: usize,
 }
 
 impl Default for LaunchOptions {
@@ -107,7 +110,7 @@ impl Default for LaunchOptions {
             test_entry: crate::TEST_ENTRY.to_owned(),
             initial_workers: 0,
             ask_ahead: 0,
-            fork_initial_here: false,
+            fork_initial_here: 0,
         }
     }
 }
@@ -149,7 +152,7 @@ impl LaunchOptions {
     }
 
     /// Sets [`LaunchOptions::fork_initial_here`].
-    pub fn fork_initial_here(mut self, here: bool) -> Self {
+    pub fn fork_initial_here(mut self, here: usize) -> Self {
         self.fork_initial_here = here;
         self
     }
@@ -310,11 +313,10 @@ impl Launcher {
         let mut starting = None;
         let mut link = None;
         let mut own = VecDeque::new();
-        // The zygote is asked for the initial workers, or they are forked here beside it.
-        let (ahead, here) = match opts.fork_initial_here {
-            false => (opts.initial_workers, 0),
-            true => (0, opts.initial_workers),
-        };
+        // The first initial workers are forked here beside the zygote, which is asked for
+        // the others.
+        let here = opts.fork_initial_here.min(opts.initial_workers);
+        let ahead = opts.initial_workers - here;
         let mut start_zygote = || -> Result<()> {
             let (l, forked) = ServerLink::start_zygote(opts.handshake_timeout, ahead, here)?;
             link = Some(l);
