@@ -78,15 +78,17 @@
 //! - [`StartMethod::Forkserver`] (the default): a small server process, started fresh, forks
 //!   each worker. Cheap starts, and safe whatever threads the parent runs.
 //! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
-//! - [`StartMethod::Fork`]: `build` forks the parent once, into a *zygote* that stays
-//!   single-threaded and forks every worker, replacements included. Workers start with a
-//!   copy of the parent's memory as it was at `build`: what the parent changes afterwards
-//!   is not inherited, not even by replacements. Forking a process with other threads is
-//!   hazardous (a lock another thread holds stays locked forever in the child), so `build`
-//!   counts the threads and refuses then, unless [`PoolBuilder::allow_fork_with_threads`]
-//!   says otherwise. (procpool's own launcher thread is not counted while it sits idle;
-//!   another live pool's driver thread is.) The pool's own threads never matter: the parent
-//!   is forked only at `build`.
+//! - [`StartMethod::Fork`]: `build` forks the parent into a *zygote* that stays
+//!   single-threaded and forks every worker, replacements included, but the first two
+//!   (`build` forks them itself, at the same moment, rather than wait for the zygote to
+//!   start and fork them).
+//!   Workers start with a copy of the parent's memory as it was at `build`:
+//!   what the parent changes afterwards is not inherited, not even by replacements.
+//!   Forking a process with other threads is hazardous (a lock another thread holds stays
+//!   locked forever in the child), so `build` counts the threads and refuses then, unless
+//!   [`PoolBuilder::allow_fork_with_threads`] says otherwise. (procpool's own launcher
+//!   thread is not counted while it sits idle; another live pool's driver thread is.) The
+//!   pool's own threads never matter: the parent is forked only at `build`.
 //!
 //! Spawn and Forkserver re-run the executable, so [`init`] must be the first line of `main`.
 //! In test binaries (whose `main` belongs to the test harness) put

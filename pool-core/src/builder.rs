@@ -45,6 +45,12 @@ pub(crate) const FDS_PER_WORKER: u64 = 5;
 /// File descriptors left free beside the pool's when `build` raises the soft limit.
 const FD_SLACK: u64 = 64;
 
+/// How many of a `Fork` pool's initial workers `build` forks itself, beside the zygote
+/// (`LaunchOptions::fork_initial_here`); the zygote forks the others meanwhile. This
+/// process forks them one after the other (a tenth of a millisecond each, on a virtual
+/// machine), so only the first few.
+const FORK_HERE: usize = 2;
+
 /// A pool whose workers retire after this many tasks or fewer asks its fork server (or
 /// zygote) for each next worker ahead (`LaunchOptions::ask_ahead`): it replaces workers
 /// about as often as their tasks end, and a launch that waits for the fork server's answer
@@ -240,9 +246,10 @@ impl PoolBuilder {
     }
 
     /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`. Under
-    /// `Fork`, `build` forks this process once into a single-threaded zygote that forks every
-    /// worker, replacements included: workers inherit the parent's state as it was at
-    /// `build`, not later changes.
+    /// `Fork`, `build` forks this process into a single-threaded zygote that forks every
+    /// worker, replacements included, but the first two, which `build` forks itself at the
+    /// same moment: workers inherit the parent's state as it was at `build`, not later
+    /// changes.
     #[doc(alias = "context")]
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.method = method;
@@ -325,8 +332,11 @@ impl PoolBuilder {
         let fds = raise_fd_limit(processes);
         let mut opts = LaunchOptions::default();
         opts.allow_fork_with_threads = self.allow_fork_with_threads;
-        // The fork server (or zygote) is asked for the initial workers with its start.
+        // The fork server (or zygote) is asked for the initial workers with its start;
+        // `Fork` forks the first few here with its zygote, rather than wait for the zygote
+        // to start and fork them.
         opts.initial_workers = processes;
+        opts.fork_initial_here = FORK_HERE;
         // A worker retired after a few tasks is replaced about as often as tasks end.
         if self
             .max_tasks_per_child

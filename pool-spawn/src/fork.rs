@@ -81,8 +81,28 @@ pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
 /// # Errors
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
-pub(crate) fn fork_zygote(ctl: OwnedFd) -> io::Result<Pid> {
-    fork_serving(ctl, Prepare::Full, crate::forkserver::serve_prepared)
+pub(crate) fn fork_zygote(ctl: OwnedFd, hold_spare: bool) -> io::Result<Pid> {
+    let serve = if hold_spare {
+        crate::forkserver::serve_prepared_holding
+    } else {
+        crate::forkserver::serve_prepared
+    };
+    fork_serving(ctl, Prepare::Full, serve)
+}
+
+/// Forks a worker of this process's own that serves `chan`: one of a
+/// [`StartMethod::Fork`](crate::StartMethod::Fork) launcher's initial workers, forked beside
+/// its zygote when the launcher is made (see
+/// [`LaunchOptions::fork_initial_here`](crate::LaunchOptions::fork_initial_here)). Returns
+/// its pid in the parent. The child is prepared as the zygote is (its parent may have any
+/// signal settings and any stdin), then runs the worker loop, as a worker of the zygote
+/// does (see [`fork_worker`]).
+///
+/// # Errors
+///
+/// The `fork` error (`EAGAIN`, `ENOMEM`).
+pub(crate) fn fork_own_worker(chan: OwnedFd) -> io::Result<Pid> {
+    fork_serving(chan, Prepare::Full, crate::runner::run)
 }
 
 /// How much of a worker's setup a forked child does itself.

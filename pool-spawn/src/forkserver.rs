@@ -137,6 +137,8 @@ struct Server {
     asked_at: Instant,
     /// Not before then is the next spare forked (after a `quiet` request).
     defer_until: Option<Instant>,
+    /// Whether [`Server::warm_up`] has run (before the first fork).
+    warmed: bool,
 }
 
 /// Runs the fork server on `ctl`; never returns.
@@ -150,17 +152,18 @@ pub(crate) fn serve(ctl: OwnedFd) -> ! {
 /// Runs the fork server on `ctl` in a process that has a worker's signal settings already
 /// (a zygote, prepared as a worker is); never returns.
 pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
-    // Its workers inherit these as they are (`fork::fork_worker` relies on it, and on
-    // stdin being `/dev/null` already: spawn starts the server so, and a zygote is prepared
-    // as a worker is): a worker's signal settings and the worker loop's panic hook. Neither
-    // changes while it serves.
-    crate::task::install_panic_hook();
-    // Likewise the worker loop's thread-local list of the descriptors passed with a
-    // message: its first use registers a destructor with the C library, which resolves a
-    // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
-    // pages); done once here, a forked worker inherits it done.
-    drop(crate::protocol::passing(Vec::new()));
-    warm_up();
+    serve_zygote(ctl, false)
+}
+
+/// [`serve_prepared`] for a zygote whose pool's initial workers were all forked beside it
+/// (see `fork::fork_own_worker`): its first spare is held back as after a `quiet` request
+/// (until no request has come for [`SPARE_DEFER`]), so that its fork does not compete for
+/// the CPU with those workers' first tasks.
+pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
+    serve_zygote(ctl, true)
+}
+
+fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
     sys::set_process_name(":forksrv");
     let mut s = Server {
         ctl,
@@ -171,17 +174,23 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
         keep: 1,
         asked_at: Instant::now(),
         defer_until: None,
+        warmed: false,
     };
     // The first spare now, while the parent still readies the pool after the hello: its
     // first request is answered at once too. (A failure here is not the parent's: the
     // first request forks afresh and reports it.)
-    s.fork_spare();
+    if hold_spare {
+        s.defer_until = Some(Instant::now() + SPARE_DEFER);
+    } else {
+        s.fork_spare();
+    }
     s.run();
     sys::flush_and_exit(0)
 }
 
 /// Does once, in the server, what every worker would otherwise do first in its own
-/// short life: lazy set-ups whose state a forked worker inherits done.
+/// short life: lazy set-ups whose state a forked worker inherits done (see
+/// [`Server::warm_up`]).
 ///
 /// - rustix finds the vDSO (for the clock a worker reads as it begins each task) and the
 ///   page size through the auxiliary vector the first time it needs them, checking the
@@ -202,6 +211,27 @@ fn warm_up() {
 }
 
 impl Server {
+    /// Readies the server for its first fork: what its workers inherit, done once here
+    /// rather than in each of them. Not sooner: a zygote whose pool's initial workers were
+    /// forked beside it waits before its first fork (see [`serve_prepared_holding`]), and
+    /// its start competes for the CPU with those workers' first tasks.
+    fn warm_up(&mut self) {
+        if std::mem::replace(&mut self.warmed, true) {
+            return;
+        }
+        // Its workers inherit these as they are (`fork::fork_worker` relies on it, and on
+        // stdin being `/dev/null` already: spawn starts the server so, and a zygote is
+        // prepared as a worker is): a worker's signal settings and the worker loop's panic
+        // hook. Neither changes while it serves.
+        crate::task::install_panic_hook();
+        // Likewise the worker loop's thread-local list of the descriptors passed with a
+        // message: its first use registers a destructor with the C library, which resolves a
+        // symbol lazily (a lookup through every loaded library's symbol table, faulting in
+        // their pages); done once here, a forked worker inherits it done.
+        drop(crate::protocol::passing(Vec::new()));
+        warm_up();
+    }
+
     fn run(&mut self) {
         let mut buf = [0u8; MSG_MAX];
         loop {
@@ -410,6 +440,7 @@ impl Server {
     /// Forks one worker (not yet handed out); returns its serial and the parent's end of
     /// its channel, or the errno.
     fn fork_one(&mut self) -> std::result::Result<(u64, OwnedFd), i32> {
+        self.warm_up();
         let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
         let pid = crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
         let serial = self.next_serial;
@@ -568,16 +599,33 @@ impl ServerLink {
     /// exec (for [`StartMethod::Fork`](crate::StartMethod::Fork)); see
     /// `fork::fork_zygote`. `timeout` bounds each fork request; `ahead` workers are asked
     /// for at once, as [`ServerLink::begin`] does.
-    pub(crate) fn start_zygote(timeout: Duration, ahead: usize) -> Result<Arc<ServerLink>> {
+    ///
+    /// With `own` workers, this process forks that many workers itself first, at the same
+    /// moment (see `fork::fork_own_worker`): they come back as our end of each channel
+    /// and the child (or the error of its fork), in order. A zygote asked for no worker at
+    /// its start then holds its first spare back.
+    pub(crate) fn start_zygote(
+        timeout: Duration,
+        ahead: usize,
+        own: usize,
+    ) -> Result<(Arc<ServerLink>, Vec<io::Result<OwnForked>>)> {
         let (ours, theirs) =
             control_socketpair().map_err(|e| Error::io("creating a socketpair", e))?;
         let ahead = ask_ahead(ours.as_fd(), ahead);
-        // From a thread that lives as long as the process, for its parent-death signal.
-        let pid = crate::spawn::on_spawner_thread(move || crate::fork::fork_zygote(theirs))
-            .map_err(|e| Error::io("fork", e))?;
+        // Read once here, where it is usually read already, rather than in each copy (every
+        // worker puts it in its process name).
+        sys::program_name();
+        // From a thread that lives as long as the process, for the parent-death signal of
+        // each (one job: the workers first, the zygote, not needed as soon, after them).
+        let (pid, forked) = crate::spawn::on_spawner_thread(move || {
+            let forked: Vec<io::Result<OwnForked>> = (0..own).map(|_| fork_own()).collect();
+            let pid = crate::fork::fork_zygote(theirs, own > 0 && ahead == 0)?;
+            Ok((pid, forked))
+        })
+        .map_err(|e| Error::io("fork", e))?;
         let link = ServerLink::new(ours, ChildProc::adopt(pid), timeout, ahead);
         tracing::debug!(pid = link.server_pid, "fork zygote started");
-        Ok(link)
+        Ok((link, forked))
     }
 
     /// The link to `server`, a fork server started either way, reached through `ctl`;
@@ -813,6 +861,18 @@ impl ServerLink {
             }
         }
     }
+}
+
+/// A worker that the launcher of a Fork pool forked itself, beside the zygote (see
+/// [`ServerLink::start_zygote`]): our end of its channel, and the child.
+pub(crate) type OwnForked = (OwnedFd, ChildProc);
+
+/// Forks one worker of this process's own, with a new channel (see
+/// [`ServerLink::start_zygote`]).
+fn fork_own() -> io::Result<OwnForked> {
+    let (ours, theirs) = pool_ipc::socketpair()?;
+    let pid = crate::fork::fork_own_worker(theirs)?;
+    Ok((ours, ChildProc::adopt(pid)))
 }
 
 /// Sends `n` fork requests on `ctl`, a new server's control socket, the last one `quiet`

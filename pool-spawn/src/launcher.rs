@@ -1,12 +1,13 @@
 //! [`Launcher`], [`StartMethod`] and [`LaunchOptions`]: how workers are started.
 
+use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::forkserver::{ServerLink, StartingServer};
+use crate::forkserver::{OwnForked, ServerLink, StartingServer};
 use crate::role::Role;
 use crate::worker::Worker;
 
@@ -17,8 +18,11 @@ pub enum StartMethod {
     /// Fork the calling process, once, when the [`Launcher`] is made: that copy (the
     /// zygote) stays single-threaded and forks every worker, so each starts with a copy of
     /// the parent's memory *as it was when the launcher was made* (later changes in the
-    /// parent are not inherited, replacements included). Forking the parent is unsafe when
-    /// it runs other threads (see the crate docs): refused then unless
+    /// parent are not inherited, replacements included). (With
+    /// [`LaunchOptions::fork_initial_here`], the first initial workers are forked at that
+    /// same moment, just before the zygote, and the zygote forks every other.) Forking the
+    /// parent
+    /// is unsafe when it runs other threads (see the crate docs): refused then unless
     /// [`LaunchOptions::allow_fork_with_threads`] is set. Later launches never fork the
     /// parent again, however many threads it runs by then.
     Fork,
@@ -81,6 +85,21 @@ pub struct LaunchOptions {
     /// launched, so that each launch finds its worker forked and its answer waiting rather
     /// than waiting for them. Nothing changes for [`StartMethod::Spawn`]. Default 0 (none).
     pub ask_ahead: usize,
+    /// With [`StartMethod::Fork`]: how many of the
+    /// [`initial_workers`](LaunchOptions::initial_workers) (the first ones) this process
+    /// forks itself when the launcher is made, just before the zygote (from the same
+    /// memory, and under the same check of this process's threads), rather than ask them
+    /// of the zygote, so that the first launches take them at once instead of waiting for
+    /// the zygote to start up and fork them one after the other. They are this process's
+    /// own children, reaped through their pidfds as spawned workers are; the zygote is
+    /// asked for the other initial workers with its start and forks every later one (asked
+    /// for none at its start, it holds its first spare back until no worker has been asked
+    /// of it for a moment, as after the last of a batch: see [`Launcher::last_of_batch`]).
+    /// This process forks them one after the other, and each holds its descriptors here
+    /// from then on: a few, not a large pool's worth. Launching fewer is harmless (the
+    /// others are stopped and reaped with the launcher). Nothing changes for the other
+    /// methods. Default 0.
+    pub fork_initial_here: usize,
 }
 
 impl Default for LaunchOptions {
@@ -91,6 +110,7 @@ impl Default for LaunchOptions {
             test_entry: crate::TEST_ENTRY.to_owned(),
             initial_workers: 0,
             ask_ahead: 0,
+            fork_initial_here: 0,
         }
     }
 }
@@ -130,6 +150,12 @@ impl LaunchOptions {
         self.ask_ahead = ahead;
         self
     }
+
+    /// Sets [`LaunchOptions::fork_initial_here`].
+    pub fn fork_initial_here(mut self, here: usize) -> Self {
+        self.fork_initial_here = here;
+        self
+    }
 }
 
 /// Starts workers by one [`StartMethod`]; one per pool. Owns the fork server when the
@@ -157,6 +183,10 @@ pub struct Launcher {
     /// The fork server begun by [`Launcher::begin`], until [`Launcher::ready`] reads its
     /// hello.
     starting: Option<StartingServer>,
+    /// The initial workers this process forked itself (see
+    /// [`LaunchOptions::fork_initial_here`]), or the errors of their fork, for the first
+    /// launches, in order.
+    own: VecDeque<std::io::Result<OwnForked>>,
     /// The next launch ends a batch (see [`Launcher::last_of_batch`]).
     last_of_batch: bool,
 }
@@ -282,23 +312,31 @@ impl Launcher {
         crate::refuse_unentered_worker();
         let mut starting = None;
         let mut link = None;
+        let mut own = VecDeque::new();
+        // The first initial workers are forked here beside the zygote, which is asked for
+        // the others.
+        let here = opts.fork_initial_here.min(opts.initial_workers);
+        let ahead = opts.initial_workers - here;
+        let mut start_zygote = || -> Result<()> {
+            let (l, forked) = ServerLink::start_zygote(opts.handshake_timeout, ahead, here)?;
+            link = Some(l);
+            own = forked.into();
+            Ok(())
+        };
         match method {
             StartMethod::Fork if opts.allow_fork_with_threads => {
-                if let n @ (None | Some(2..)) = thread_count(Duration::ZERO) {
+                start_zygote()?;
+                // Only to warn (once, where a warning is recorded), and so not before the
+                // forks: the count is the same.
+                if !WARNED_THREADS.load(Ordering::Relaxed)
+                    && tracing::enabled!(tracing::Level::WARN)
+                    && let n @ (None | Some(2..)) = thread_count(Duration::ZERO)
+                {
                     warn_threads(n);
                 }
-                link = Some(ServerLink::start_zygote(
-                    opts.handshake_timeout,
-                    opts.initial_workers,
-                )?);
             }
             StartMethod::Fork => match thread_count(THREADS_SETTLE) {
-                Some(1) => {
-                    link = Some(ServerLink::start_zygote(
-                        opts.handshake_timeout,
-                        opts.initial_workers,
-                    )?);
-                }
+                Some(1) => start_zygote()?,
                 Some(n) => {
                     return Err(Error::new(
                         ErrorKind::ForkUnsafe,
@@ -329,6 +367,7 @@ impl Launcher {
             opts,
             link,
             starting,
+            own,
             last_of_batch: false,
         })
     }
@@ -463,6 +502,18 @@ impl Launcher {
                     &self.opts.test_entry,
                 )?;
                 Worker::direct(name, StartMethod::Spawn, s.sock, s.child)
+            }
+            StartMethod::Fork if !self.own.is_empty() => {
+                // One of those forked with the zygote: here already.
+                if let Some(f) = meanwhile.take() {
+                    f();
+                }
+                let (chan, child) = self
+                    .own
+                    .pop_front()
+                    .expect("not empty")
+                    .map_err(|e| Error::io("forking a worker", e))?;
+                Worker::direct(name, StartMethod::Fork, chan, child)
             }
             StartMethod::Fork => {
                 // Never fork this process again (it may run threads by now): the zygote

@@ -470,3 +470,30 @@ fn the_fork_servers_extra_spares_go_once_the_pool_is_idle() {
         shut_down(pool);
     }
 }
+
+/// Under Fork, the pool's initial workers are this process's own children (`build` forks
+/// them beside the zygote), and every replacement is the zygote's: each of six tasks runs
+/// in a fresh worker, two of them ours, the rest all the zygote's.
+#[test]
+fn a_fork_pools_initial_workers_are_forked_by_build_and_the_others_by_its_zygote() {
+    let pool = builder(procpool::StartMethod::Fork)
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let parents = pool
+        .map_with(parent_pid, 0..6u32, Options::new().chunksize(1))
+        .unwrap();
+    let me = std::process::id();
+    assert_eq!(
+        parents.iter().filter(|&&p| p == me).count(),
+        2,
+        "{parents:?}"
+    );
+    let zygote = parents.iter().find(|&&p| p != me).copied().unwrap();
+    assert!(
+        parents.iter().all(|&p| p == me || p == zygote),
+        "{parents:?}"
+    );
+    shut_down(pool);
+}

@@ -378,6 +378,51 @@ fn workers_asked_for_with_the_start_are_taken_in_order_and_the_rest_end_with_the
     }
 }
 
+/// With `fork_initial_here`, a Fork launcher's first initial workers are this process's
+/// own children, forked with the zygote, and the zygote forks the other initial workers
+/// (asked for with its start) and every later one; each runs tasks. The zygote still forks
+/// its spare, once it has been asked for nothing for a moment.
+#[test]
+fn fork_initial_workers_are_forked_here_and_later_ones_by_the_zygote() {
+    let me = std::process::id();
+    for (initial, here) in [(2, 2), (1, 1), (3, 2)] {
+        let o = opts().initial_workers(initial).fork_initial_here(here);
+        let mut l = Launcher::begin(StartMethod::Fork, o).unwrap();
+        l.ready().unwrap();
+        let server = l.server_pid().unwrap();
+        let mut ws: Vec<_> = (1..=initial as u32 + 1)
+            .map(|n| launch(&mut l, n))
+            .collect();
+        let pids: Vec<u32> = ws.iter().map(|w| w.worker.pid()).collect();
+        let (mine, zygotes) = (children_of(me), children_of(server));
+        for (i, p) in pids.iter().enumerate() {
+            assert_eq!(
+                mine.contains(p),
+                i < here,
+                "{here}/{initial}: {pids:?}, ours {mine:?}"
+            );
+            assert_eq!(
+                zygotes.contains(p),
+                i >= here,
+                "{here}/{initial}: {pids:?}, the zygote's {zygotes:?}"
+            );
+        }
+        for (x, w) in (2u64..).zip(ws.iter_mut()) {
+            w.setup();
+            let got: u64 = w.call(task::batch_ref(tasks::square), (x,));
+            assert_eq!(got, x * x, "{here}/{initial}");
+        }
+        let spare = the_spare(server, &pids[here..]);
+        assert!(!pids.contains(&spare));
+        for w in ws {
+            w.exit();
+        }
+        l.shutdown().unwrap();
+        assert_gone(server);
+        assert_gone(spare);
+    }
+}
+
 /// After a launch said to end a batch (`last_of_batch`: a pool's initial workers), the
 /// fork server (and the zygote) still forks its next spare, once it has been asked for
 /// nothing for a moment; a request that comes before, finding no spare, is answered by a
