@@ -160,6 +160,7 @@ pub(crate) fn serve_prepared(ctl: OwnedFd) -> ! {
     // symbol lazily (a lookup through every loaded library's symbol table, faulting in their
     // pages); done once here, a forked worker inherits it done.
     drop(crate::protocol::passing(Vec::new()));
+    crate::task::register_thread_locals();
     warm_up();
     sys::set_process_name(":forksrv");
     let mut s = Server {
