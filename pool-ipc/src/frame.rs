@@ -581,8 +581,8 @@ pub(crate) struct WriteHalf {
 }
 
 impl WriteHalf {
-    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> WriteHalf {
-        let socket = os::is_socket(fd);
+    /// `socket`: whether the descriptor written to is a socket (`os::is_socket`).
+    pub(crate) fn new(socket: bool, cfg: &Config) -> WriteHalf {
         WriteHalf {
             chunks: VecDeque::new(),
             front_off: 0,
@@ -980,8 +980,8 @@ pub(crate) struct ReadHalf {
 }
 
 impl ReadHalf {
-    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> ReadHalf {
-        let socket = os::is_socket(fd);
+    /// `socket`: whether the descriptor read from is a socket (`os::is_socket`).
+    pub(crate) fn new(socket: bool, cfg: &Config) -> ReadHalf {
         let shm = cfg.shm_threshold.is_some() && socket;
         let accept_fds = cfg.accept_fds && socket;
         ReadHalf {
