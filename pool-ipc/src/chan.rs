@@ -65,11 +65,13 @@ impl<T: ?Sized> Sender<T> {
 
     /// A sender with the given configuration (see [`Config::shm_threshold`] for shm mode).
     pub fn with_config(fd: OwnedFd, c: Config) -> Self {
-        Sender::from_shared(Arc::new(fd), &c)
+        let socket = os::is_socket(fd.as_fd());
+        Sender::from_shared(Arc::new(fd), &c, socket)
     }
 
-    pub(crate) fn from_shared(fd: Arc<OwnedFd>, c: &Config) -> Self {
-        let w = WriteHalf::new(fd.as_fd(), c);
+    /// `socket`: whether `fd` is a socket (the caller has looked).
+    pub(crate) fn from_shared(fd: Arc<OwnedFd>, c: &Config, socket: bool) -> Self {
+        let w = WriteHalf::new(socket, c);
         Sender {
             fd,
             w,
@@ -359,11 +361,13 @@ impl<T> Receiver<T> {
 
     /// A receiver with the given configuration.
     pub fn with_config(fd: OwnedFd, c: Config) -> Self {
-        Receiver::from_shared(Arc::new(fd), &c)
+        let socket = os::is_socket(fd.as_fd());
+        Receiver::from_shared(Arc::new(fd), &c, socket)
     }
 
-    pub(crate) fn from_shared(fd: Arc<OwnedFd>, c: &Config) -> Self {
-        let r = ReadHalf::new(fd.as_fd(), c);
+    /// `socket`: whether `fd` is a socket (the caller has looked).
+    pub(crate) fn from_shared(fd: Arc<OwnedFd>, c: &Config, socket: bool) -> Self {
+        let r = ReadHalf::new(socket, c);
         Receiver {
             fd,
             r,
@@ -620,8 +624,8 @@ impl<S: ?Sized, R> Duplex<S, R> {
         }
         let fd = Arc::new(fd);
         Ok(Duplex {
-            tx: Sender::from_shared(fd.clone(), &c),
-            rx: Receiver::from_shared(fd, &c),
+            tx: Sender::from_shared(fd.clone(), &c, true),
+            rx: Receiver::from_shared(fd, &c, true),
         })
     }
 

@@ -21,6 +21,7 @@ pub struct Config {
     pub(crate) shm_threshold: Option<usize>,
     pub(crate) announce_above: Option<usize>,
     pub(crate) accept_fds: bool,
+    pub(crate) small_read_buffer: bool,
 }
 
 impl Default for Config {
@@ -38,6 +39,7 @@ impl Config {
             shm_threshold: None,
             announce_above: None,
             accept_fds: false,
+            small_read_buffer: false,
         }
     }
 
@@ -109,6 +111,17 @@ impl Config {
     /// cannot make it hold descriptors. Only for Unix sockets.
     pub fn accept_fds(mut self, yes: bool) -> Self {
         self.accept_fds = yes;
+        self
+    }
+
+    /// Starts the receive buffer at 512 bytes rather than 8 KiB (`false`, the default). It
+    /// grows as reads fill it either way; this is for a receiver that gets a few small
+    /// messages in its life: a forked process's first allocation of 8 KiB is a large one for
+    /// glibc's allocator, which first merges every small chunk freed before it, writing to
+    /// chunks all over the heap the process shares with its parent and so copying their
+    /// pages.
+    pub fn small_read_buffer(mut self, yes: bool) -> Self {
+        self.small_read_buffer = yes;
         self
     }
 

@@ -98,8 +98,9 @@ impl FramedConn {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) if the flag cannot be set.
     pub fn new(fd: OwnedFd, c: Config) -> Result<Self> {
         os::set_nonblocking(fd.as_fd())?;
-        let r = ReadHalf::new(fd.as_fd(), &c);
-        let w = WriteHalf::new(fd.as_fd(), &c);
+        let socket = os::is_socket(fd.as_fd());
+        let r = ReadHalf::new(socket, &c);
+        let w = WriteHalf::new(socket, &c);
         Ok(FramedConn {
             fd,
             r,

@@ -61,6 +61,8 @@ const READ_BUF_LEN: usize = 128 * 1024;
 /// or a frame needs the room, so a connection that carries a few small messages (a
 /// short-lived worker's) never pays for zeroing the full size.
 const READ_BUF_START: usize = 8 * 1024;
+/// First size of the read buffer with [`Config::small_read_buffer`].
+const READ_BUF_SMALL: usize = 512;
 /// Small frames are coalesced into write buffers of about this size.
 const AGG_LIMIT: usize = 64 * 1024;
 /// A queued [`FrameBuf`] this small is copied into the write buffer instead of being
@@ -581,8 +583,8 @@ pub(crate) struct WriteHalf {
 }
 
 impl WriteHalf {
-    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> WriteHalf {
-        let socket = os::is_socket(fd);
+    /// `socket`: whether the descriptor written to is a socket (`os::is_socket`).
+    pub(crate) fn new(socket: bool, cfg: &Config) -> WriteHalf {
         WriteHalf {
             chunks: VecDeque::new(),
             front_off: 0,
@@ -980,12 +982,17 @@ pub(crate) struct ReadHalf {
 }
 
 impl ReadHalf {
-    pub(crate) fn new(fd: BorrowedFd<'_>, cfg: &Config) -> ReadHalf {
-        let socket = os::is_socket(fd);
+    /// `socket`: whether the descriptor read from is a socket (`os::is_socket`).
+    pub(crate) fn new(socket: bool, cfg: &Config) -> ReadHalf {
         let shm = cfg.shm_threshold.is_some() && socket;
         let accept_fds = cfg.accept_fds && socket;
+        let start = if cfg.small_read_buffer {
+            READ_BUF_SMALL
+        } else {
+            READ_BUF_START
+        };
         ReadHalf {
-            buf: vec![0; READ_BUF_START].into_boxed_slice(),
+            buf: vec![0; start].into_boxed_slice(),
             start: 0,
             end: 0,
             big: None,

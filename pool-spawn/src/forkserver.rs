@@ -229,6 +229,9 @@ impl Server {
         // symbol lazily (a lookup through every loaded library's symbol table, faulting in
         // their pages); done once here, a forked worker inherits it done.
         drop(crate::protocol::passing(Vec::new()));
+        // And the worker loop's other thread-locals, whose destructors it registers the
+        // same way.
+        crate::task::register_thread_locals();
         warm_up();
     }
 

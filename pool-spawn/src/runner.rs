@@ -79,7 +79,11 @@ fn send_failed(e: pool_ipc::Error) -> Stop {
 fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     // The pool passes the descriptors of the events a task takes, and of the progress page,
     // with the messages that refer to them.
-    let config = protocol::channel_config().accept_fds(true);
+    // A recycled worker reads a few small messages in its life: its receive buffer starts
+    // small (see `Config::small_read_buffer`).
+    let config = protocol::channel_config()
+        .accept_fds(true)
+        .small_read_buffer(true);
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, config)
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {

@@ -465,6 +465,16 @@ thread_local! {
     static ARG_TAIL: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
+/// Registers the destructors of the worker loop's thread-locals that have one (their
+/// first use does so, through the C library: a lookup under its loader lock, and code
+/// pages a worker would fault in for it alone), for a fork server: its workers inherit
+/// them registered.
+pub(crate) fn register_thread_locals() {
+    ARG_TAIL.with(|_| ());
+    LAST_PANIC.with(|_| ());
+    DECODE_NOTE.with(|_| ());
+}
+
 /// Runs `run` (which calls a batch trampoline) with `tail` as the rest of the batch's
 /// payload, after the bytes the trampoline is given ([`ToWorker::RunTail`]): a task of one
 /// byte-string argument takes `tail` as that argument, without copying it.

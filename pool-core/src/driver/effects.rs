@@ -45,7 +45,11 @@ impl Effects<TaskRec> for Fx<'_> {
         let name = format!("{}-{wid}", self.settings.prefix);
         self.io.insert(wid, WorkerIo::new(name));
         self.launches.push(wid);
-        *self.wake_driver = true;
+        // The driver itself makes the launches asked for on its own thread before it waits
+        // again (see `Driver::run`), without a wake-up through its eventfd.
+        if !super::event_loop::on_driver_thread() {
+            *self.wake_driver = true;
+        }
     }
 
     fn send(&mut self, wid: WorkerId, _id: TaskId, task: &mut TaskRec) {

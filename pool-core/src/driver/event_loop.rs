@@ -336,7 +336,7 @@ impl Driver {
         loop {
             self.launch_pending();
             let start_deadline = self.starting_timers(Instant::now());
-            let (deadline, finished, ring_check, stall, wakeup, ended, looks) = {
+            let (deadline, finished, ring_check, stall, wakeup, ended, looks, launch) = {
                 let mut g = self.shared.lock();
                 let ring_check = release_idle_rings(&mut g, Instant::now());
                 // Sockets with frames waiting are watched for room too.
@@ -358,13 +358,20 @@ impl Driver {
                     g.policy.wakeup(),
                     std::mem::take(&mut g.reader_ended),
                     looks,
+                    !g.launches.is_empty(),
                 )
             };
+            let reaped = !ended.is_empty();
             for (wid, end) in ended {
                 self.after_read(wid, end);
             }
             if finished && self.starting.is_empty() {
                 break;
+            }
+            if launch || (reaped && !self.shared.lock().launches.is_empty()) {
+                // Asked for on this thread since the launches above (a start that failed, a
+                // worker reaped), which wakes no one: made before waiting.
+                continue;
             }
             let now = Instant::now();
             let mut timeout: Option<Duration> = None;
