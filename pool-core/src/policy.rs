@@ -244,8 +244,9 @@ struct Indexed {
     place: usize,
     /// Counted in [`Index::active`].
     active: bool,
-    /// `(closed, phase, holds nothing while retiring or leaving)`: what `reseat` reads.
-    seat: Option<(bool, Phase, bool)>,
+    /// Whether `reseat` would change its seat (give up the seat it holds, or take one if
+    /// one is free), as last synced.
+    reseat: bool,
 }
 
 /// What `dispatch`, `reseat` and `active` would otherwise find by scanning every worker,
@@ -281,14 +282,19 @@ impl Index {
             }
             slot.indexed.active = open;
         }
-        let seat = Some((
-            slot.closed,
-            slot.phase,
-            matches!(slot.phase, Phase::Retiring | Phase::Leaving) && slot.in_flight.is_empty(),
-        ));
-        if seat != slot.indexed.seat {
-            slot.indexed.seat = seat;
-            self.reseat = true;
+        // `reseat` runs when a worker comes to want a change of seat; not for every change
+        // of phase (a seated worker that becomes ready, say), which would make it scan every
+        // worker as each of a large pool's workers starts.
+        let reseat = if slot.seated {
+            slot.closed
+                || matches!(slot.phase, Phase::Retiring | Phase::Leaving)
+                    && slot.in_flight.is_empty()
+        } else {
+            open
+        };
+        if reseat != slot.indexed.reseat {
+            slot.indexed.reseat = reseat;
+            self.reseat |= reseat;
         }
     }
 

@@ -82,7 +82,7 @@ impl Ranking {
     }
 
     /// Every ranked key, in order (checks).
-    #[cfg(debug_assertions)]
+    #[cfg(any(test, debug_assertions))]
     pub(super) fn keys(&self) -> Vec<Key> {
         if self.large.is_empty() {
             self.small.clone()
