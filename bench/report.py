@@ -179,7 +179,12 @@ def floor_section(cells, floors):
                 verdict, goal_text = ("met" if r <= goal else "not met"), f"≤ {goal:g}x"
             else:
                 verdict, goal_text = ("met" if r >= goal else "not met"), f"≥ {goal:.0%}"
-            shown = f"{r:.0%}" if kind == "min" else f"{r:.3g}x"
+            # Near its goal a figure gets the digits that tell which side it is on.
+            near = goal is not None and abs(r - goal) < 0.01 * goal
+            if kind == "min":
+                shown = f"{r:.1%}" if near else f"{r:.0%}"
+            else:
+                shown = f"{r:.3f}x" if near else f"{r:.3g}x"
             rows.append(f"| {w} | {s} | {what} | {shown} | {goal_text} | {verdict} |")
     if rows:
         out += [
