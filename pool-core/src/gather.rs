@@ -623,12 +623,7 @@ mod tests {
     #[test]
     fn pieces_in_any_order_settle_in_item_order() {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
+        let mut next = move |m: usize| (crate::rng::xorshift(&mut rng) % m as u64) as usize;
         for round in 0..300 {
             let n = 1 + next(700);
             let mut pieces = Vec::new();

@@ -54,6 +54,7 @@ mod options;
 mod policy;
 mod pool;
 mod result;
+mod rng;
 mod submit;
 mod task;
 

@@ -1162,11 +1162,8 @@ impl<T> Policy<T> {
                 if self.cfg.max_tasks_jitter == 0 {
                     return m;
                 }
-                // xorshift64: spread, not secrecy.
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                m.saturating_add(self.rng % (self.cfg.max_tasks_jitter + 1))
+                let spread = crate::rng::xorshift(&mut self.rng);
+                m.saturating_add(spread % (self.cfg.max_tasks_jitter + 1))
             });
             self.workers.insert(
                 wid,

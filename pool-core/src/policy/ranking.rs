@@ -256,12 +256,7 @@ mod tests {
     #[test]
     fn ranks_as_a_sorted_set() {
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |m: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % m
-        };
+        let mut next = move |m: u64| crate::rng::xorshift(&mut rng) % m;
         for workers in [1u64, 2, 3, 7, 8, 9, 12, 64, 300] {
             let mut r = Ranking::default();
             let mut set = BTreeSet::new();

@@ -260,10 +260,8 @@ impl Restarts {
 
     /// `d` scaled by a pseudo-random factor in [½, 1] (xorshift: no syscall, reproducible).
     fn jitter(&mut self, d: Duration) -> Duration {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let f = 0.5 + (self.rng >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
+        let f =
+            0.5 + (crate::rng::xorshift(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
         d.mul_f64(f)
     }
 }
