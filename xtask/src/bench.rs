@@ -106,6 +106,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "criterion micro-benchmarks",
             Command::new(cargo()).args(["bench", "--workspace"]),
         )?;
+        dispatch_summary();
     }
     println!(
         "==> bench done in {:.0}s; raw results in {}",
@@ -428,4 +429,71 @@ fn cli_comparisons(
     fs::write(out_dir.join("CLI.md"), &text).map_err(|e| format!("write CLI.md: {e}"))?;
     fs::write(out_dir.join("cli.jsonl"), jsonl).map_err(|e| format!("write cli.jsonl: {e}"))?;
     Ok(())
+}
+
+/// Prints the policy's cost per task by pool size from criterion's saved samples: the
+/// fastest sample and the median besides criterion's mean. This VM has minutes when every
+/// sample runs much slower (a neighbour on the same CPUs); criterion measures one size
+/// after another, so a slow minute lands on one size's samples and moves its mean, and
+/// sometimes its median, while its fastest samples still show the policy's own cost.
+fn dispatch_summary() {
+    let dir = target_dir().join("criterion/policy_per_task");
+    println!("==> policy cost per task by pool size (criterion samples: fastest, median, mean)");
+    let mut base: Option<(f64, f64)> = None;
+    for workers in [2, 16, 64, 256] {
+        let path = dir.join(format!(
+            "submit_dispatch_done_{workers}_workers/new/sample.json"
+        ));
+        let Some(mut per_task) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| per_task_ns(&text))
+        else {
+            println!("    {workers:>3} workers: no samples in {}", path.display());
+            continue;
+        };
+        per_task.sort_by(f64::total_cmp);
+        let fastest = per_task[0];
+        let median = per_task[per_task.len() / 2];
+        let mean = per_task.iter().sum::<f64>() / per_task.len() as f64;
+        let (f2, m2) = *base.get_or_insert((fastest, median));
+        println!(
+            "    {workers:>3} workers: fastest {fastest:6.1} ns ({:.2}x 2 workers), \
+             median {median:6.1} ns ({:.2}x), mean {mean:6.1} ns",
+            fastest / f2,
+            median / m2
+        );
+    }
+}
+
+/// From criterion's `sample.json` (`"iters"` and `"times"`, in ns, of runs of 10 000
+/// tasks): each sample's time per task.
+fn per_task_ns(text: &str) -> Option<Vec<f64>> {
+    let array = |key: &str| -> Option<Vec<f64>> {
+        let at = text.find(key)? + key.len();
+        let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+        let body = rest.strip_prefix('[')?;
+        let body = &body[..body.find(']')?];
+        body.split(',').map(|n| n.trim().parse().ok()).collect()
+    };
+    let (iters, times) = (array("\"iters\"")?, array("\"times\"")?);
+    (!iters.is_empty() && iters.len() == times.len()).then(|| {
+        iters
+            .iter()
+            .zip(&times)
+            .map(|(n, t)| t / n / 10_000.0)
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_task_ns;
+
+    #[test]
+    fn reads_criterion_samples_as_time_per_task() {
+        let text = r#"{"sampling_mode":"Linear","iters":[2.0,4.0, 6.0],"times":[1000000.0,2.2e6,3000000.0]}"#;
+        assert_eq!(per_task_ns(text), Some(vec![50.0, 55.0, 50.0]));
+        assert_eq!(per_task_ns(r#"{"iters":[1.0],"times":[]}"#), None);
+        assert_eq!(per_task_ns(r#"{"iters":[1.0],"times":[x]}"#), None);
+    }
 }
