@@ -568,6 +568,12 @@ def main(argv=None):
     ap.add_argument("--date", default=None, help="date to print (default: today, UTC)")
     ap.add_argument("--command", default=None, help="the command that produced the results")
     ap.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        help="a markdown file to include as a section after the goals (repeatable)",
+    )
+    ap.add_argument(
         "--mode", choices=["quick", "full"], default=None,
         help="label the run (default: quick if any row says \"quick\": true)",
     )
@@ -672,6 +678,12 @@ def main(argv=None):
     goals = floor_section(cells, floors)
     if goals:
         print("\n" + "\n".join(goals))
+    sections = []
+    for path in a.section:
+        with open(path) as f:
+            sections += f.read().rstrip("\n").split("\n") + [""]
+    if sections:
+        print("\n" + "\n".join(sections))
 
     # Chart.
     series = []
@@ -761,6 +773,7 @@ def main(argv=None):
     if floor_line:
         bm += [floor_line, ""]
     bm += floor_section(cells, floors)
+    bm += sections
     bm += [
         "## Ratios (> 1: procpool better)",
         "",

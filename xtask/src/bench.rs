@@ -7,12 +7,13 @@
 //! (`bench/procspawn`, outside the workspace) where it builds; run `procpool bench
 //! --reference --procspawn ...`: run by run, procpool with each start method, then
 //! `bench/reference/mp_pool.py` (built into the command) with `python3` for each start
-//! method, then procspawn, so that all are measured in the same minutes; then
-//! `bench/report.py` turns all the JSON lines into a markdown table (stdout),
-//! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
+//! method, then procspawn, so that all are measured in the same minutes; then the criterion
+//! micro-benchmarks (skipped with `--quick`), whose policy figures by pool size become a
+//! section of the report; then `bench/report.py` turns all the JSON lines into a markdown
+//! table (stdout), `target/bench/results.json`, `target/bench/ratios.svg` and
+//! `target/bench/BENCHMARKS.md`.
 //! With `--publish`, that report replaces the repository's `BENCHMARKS.md` (chart and data
-//! in `bench/results/`). Finally the criterion micro-benchmarks run (skipped with
-//! `--quick`).
+//! in `bench/results/`).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -73,6 +74,21 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         eprintln!("    command-line comparisons: {e}");
     }
 
+    // The criterion micro-benchmarks (not with --quick); the policy's cost by pool size
+    // goes into the report as a section of its own.
+    let dispatch_path = out_dir.join("dispatch.md");
+    let _ = fs::remove_file(&dispatch_path);
+    if !quick {
+        step(
+            "criterion micro-benchmarks",
+            Command::new(cargo()).args(["bench", "--workspace"]),
+        )?;
+        let section = dispatch_summary();
+        println!("{section}");
+        fs::write(&dispatch_path, section)
+            .map_err(|e| format!("write {}: {e}", dispatch_path.display()))?;
+    }
+
     let report = root.join("bench/report.py");
     if report.exists() {
         step(
@@ -83,6 +99,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg("--out")
                 .arg(&out_dir)
                 .args(["--mode", if quick { "quick" } else { "full" }])
+                .args(
+                    dispatch_path
+                        .exists()
+                        .then(|| ["--section".as_ref(), dispatch_path.as_os_str()])
+                        .into_iter()
+                        .flatten(),
+                )
                 .args([
                     "--command",
                     if quick {
@@ -100,13 +123,6 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     if args.iter().any(|a| a == "--publish") {
         publish(&root, &out_dir)?;
-    }
-    if !quick {
-        step(
-            "criterion micro-benchmarks",
-            Command::new(cargo()).args(["bench", "--workspace"]),
-        )?;
-        dispatch_summary();
     }
     println!(
         "==> bench done in {:.0}s; raw results in {}",
@@ -431,24 +447,37 @@ fn cli_comparisons(
     Ok(())
 }
 
-/// Prints the policy's cost per task by pool size from criterion's saved samples: the
-/// fastest sample and the median besides criterion's mean. This VM has minutes when every
-/// sample runs much slower (a neighbour on the same CPUs); criterion measures one size
-/// after another, so a slow minute lands on one size's samples and moves its mean, and
-/// sometimes its median, while its fastest samples still show the policy's own cost.
-fn dispatch_summary() {
+/// The policy's cost per task by pool size, from criterion's saved samples, as a markdown
+/// section of the report: the fastest sample and the median besides criterion's mean.
+/// This VM has minutes when every sample runs much slower (a neighbour on the same CPUs);
+/// criterion measures one size after another, so a slow minute lands on one size's samples
+/// and moves its mean, and sometimes its median, while its fastest samples still show the
+/// policy's own cost.
+fn dispatch_summary() -> String {
     let dir = target_dir().join("criterion/policy_per_task");
-    println!("==> policy cost per task by pool size (criterion samples: fastest, median, mean)");
+    let mut md = vec![
+        "## Dispatch cost by pool size (criterion, the policy alone)".to_string(),
+        String::new(),
+        "The scheduling policy's own cost per task (`cargo bench -p pool-core`: submit, \
+         dispatch and answer, with workers that start and answer at once), per sample of \
+         runs of 10 000 tasks. Goal: at most 1.5x from 2 to 256 workers."
+            .to_string(),
+        String::new(),
+        "| workers | fastest sample | median | mean | fastest / 2 workers | median / 2 workers |"
+            .to_string(),
+        "|---|---|---|---|---|---|".to_string(),
+    ];
     let mut base: Option<(f64, f64)> = None;
+    let mut worst = (0.0f64, 0.0f64);
     for workers in [2, 16, 64, 256] {
         let path = dir.join(format!(
             "submit_dispatch_done_{workers}_workers/new/sample.json"
         ));
-        let Some(mut per_task) = std::fs::read_to_string(&path)
+        let Some(mut per_task) = fs::read_to_string(&path)
             .ok()
             .and_then(|text| per_task_ns(&text))
         else {
-            println!("    {workers:>3} workers: no samples in {}", path.display());
+            md.push(format!("| {workers} | no samples | | | | |"));
             continue;
         };
         per_task.sort_by(f64::total_cmp);
@@ -456,13 +485,26 @@ fn dispatch_summary() {
         let median = per_task[per_task.len() / 2];
         let mean = per_task.iter().sum::<f64>() / per_task.len() as f64;
         let (f2, m2) = *base.get_or_insert((fastest, median));
-        println!(
-            "    {workers:>3} workers: fastest {fastest:6.1} ns ({:.2}x 2 workers), \
-             median {median:6.1} ns ({:.2}x), mean {mean:6.1} ns",
+        worst = (worst.0.max(fastest / f2), worst.1.max(median / m2));
+        md.push(format!(
+            "| {workers} | {fastest:.1} ns | {median:.1} ns | {mean:.1} ns | {:.2}x | {:.2}x |",
             fastest / f2,
-            median / m2
-        );
+            median / m2,
+        ));
     }
+    let verdict = |r: f64| if r <= 1.5 { "met" } else { "not met" };
+    if base.is_some() {
+        md.push(String::new());
+        md.push(format!(
+            "Largest ratio to 2 workers: fastest samples {:.2}x ({}), medians {:.2}x ({}).",
+            worst.0,
+            verdict(worst.0),
+            worst.1,
+            verdict(worst.1)
+        ));
+    }
+    md.push(String::new());
+    md.join("\n")
 }
 
 /// From criterion's `sample.json` (`"iters"` and `"times"`, in ns, of runs of 10 000
