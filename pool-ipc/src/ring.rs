@@ -10,10 +10,14 @@
 //!
 //! Positions are `u64` byte counts that only grow; `pos % cap` is the place in the data
 //! area. A payload is stored contiguously: if it does not fit before the end of the data
-//! area, the sender skips to the start. The sender never waits for space: if the payload
-//! does not fit now, the caller sends it inline. Everything the receiver reads (offsets in
-//! frames, the header, the bytes) may have been written by a hostile peer, so every offset
-//! is checked and failures are [`ErrorKind::Decode`] errors.
+//! area, the sender skips to the start; it does the same whenever the receiver has taken
+//! every payload (and the skip keeps the payload's end within `cap` of the last one's), so
+//! that a receiver that keeps up has the same first pages used again and again, mapped
+//! and warm in a cache, rather than the whole ring touched in turn. The sender never
+//! waits for space: if the payload does not fit now, the caller sends it inline.
+//! Everything the receiver reads (offsets in frames, the header, the bytes) may have been
+//! written by a hostile peer, so every offset is checked and failures are
+//! [`ErrorKind::Decode`] errors.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -38,6 +42,10 @@ pub(crate) struct Tx {
     seg: Option<Segment>,
     cap: u64,
     head: u64,
+    /// Everything before this position was taken or skipped when the ring last started
+    /// again at its beginning (see [`Tx::place_with`]): the bytes in use are those from
+    /// the later of it and the receiver's `consumed` up to `head`.
+    floor: u64,
     /// The fd of a region not yet announced to the receiver; it goes out with the first
     /// payload placed in it.
     unannounced: Option<OwnedFd>,
@@ -54,6 +62,7 @@ impl Tx {
             seg: None,
             cap: 0,
             head: 0,
+            floor: 0,
             unannounced: None,
             failed: false,
             dirty_since: None,
@@ -136,6 +145,7 @@ impl Tx {
                     self.seg = Some(seg);
                     self.cap = cap as u64;
                     self.head = 0;
+                    self.floor = 0;
                     self.unannounced = Some(fd);
                 }
                 Err(e) => {
@@ -149,9 +159,21 @@ impl Tx {
         let len = len as u64;
         let consumed = seg.atomic_u64(CONSUMED_WORD).load(Ordering::Acquire);
         // A receiver that reports nonsense only gets inline frames.
-        let used = self.head.checked_sub(consumed).filter(|&u| u <= self.cap)?;
+        let used = self
+            .head
+            .checked_sub(consumed.max(self.floor))
+            .filter(|&u| u <= self.cap)?;
         let pos = self.head % self.cap;
-        let skip = if pos + len > self.cap {
+        // A payload that does not fit before the end of the data area goes at its start.
+        // So does one the receiver has left the whole ring free for (everything taken) and
+        // whose end stays within `cap` of the receiver's last position (`len <= pos`, which
+        // its checks ask): the pages at the start are in memory and likely still in a CPU
+        // cache, where those further on may not have been mapped yet (each first touch of
+        // a page costs a fault). A receiver that keeps up thus has the ring's first pages
+        // used over and over. The bytes skipped then are free at once (`floor`): the ring
+        // was empty.
+        let restart = used == 0 && pos != 0 && len <= pos;
+        let skip = if pos + len > self.cap || restart {
             self.cap - pos
         } else {
             0
@@ -162,6 +184,9 @@ impl Tx {
         let off = self.head + skip;
         if !write(seg, REGION_HEADER + (off % self.cap) as usize) {
             return None;
+        }
+        if restart {
+            self.floor = off;
         }
         self.head = off + len;
         self.dirty_since = Some(Instant::now());
@@ -228,5 +253,58 @@ impl Rx {
         seg.atomic_u64(CONSUMED_WORD).store(end, Ordering::Release);
         self.next = end;
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// Places `payload` in `tx`; the receiver `rx` adopts the ring it announces, if any.
+    fn place(tx: &mut Tx, rx: &mut Rx, payload: &[u8]) -> u64 {
+        let (off, fd) = tx.place(payload).expect("room");
+        if let Some(fd) = fd {
+            rx.adopt(fd.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        }
+        off
+    }
+
+    #[test]
+    fn a_drained_ring_starts_again_at_its_beginning() {
+        let (mut tx, mut rx) = (Tx::new(), Rx::new());
+        let a = vec![1u8; 300 << 10];
+        assert_eq!(place(&mut tx, &mut rx, &a), 0);
+        let cap = tx.cap;
+        assert_eq!(rx.take(0, a.len(), Vec::new()).unwrap(), a);
+        // Taken: each next payload goes at the start again, and the receiver takes it.
+        for round in 1..10u64 {
+            let b = vec![round as u8; a.len()];
+            let off = place(&mut tx, &mut rx, &b);
+            assert_eq!(off, round * cap, "round {round}");
+            assert_eq!(rx.take(off, b.len(), Vec::new()).unwrap(), b);
+        }
+        // Not taken yet: the next go after it, as before, as many as the ring holds (the
+        // bytes skipped to start again are free).
+        let off = place(&mut tx, &mut rx, &a);
+        assert_eq!(off % cap, 0);
+        let mut at = vec![off];
+        while let Some((next, _)) = tx.place(&a) {
+            assert_eq!(next, at[at.len() - 1] + a.len() as u64);
+            at.push(next);
+        }
+        assert_eq!(at.len() as u64, cap / a.len() as u64);
+        for at in at {
+            assert_eq!(rx.take(at, a.len(), Vec::new()).unwrap(), a);
+        }
+        // Drained, but a payload longer than the bytes before the ring's end position
+        // would end too far from the receiver's last one: it goes on after it.
+        let (mut tx, mut rx) = (Tx::new(), Rx::new());
+        let small = vec![2u8; 64 << 10];
+        assert_eq!(place(&mut tx, &mut rx, &small), 0);
+        assert_eq!(rx.take(0, small.len(), Vec::new()).unwrap(), small);
+        let off = place(&mut tx, &mut rx, &a);
+        assert_eq!(off, small.len() as u64);
+        assert_eq!(rx.take(off, a.len(), Vec::new()).unwrap(), a);
     }
 }
