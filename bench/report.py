@@ -568,6 +568,10 @@ def main(argv=None):
     ap.add_argument("--date", default=None, help="date to print (default: today, UTC)")
     ap.add_argument("--command", default=None, help="the command that produced the results")
     ap.add_argument(
+        "--build", default=None,
+        help="how the measured procpool program is linked (its loading is part of startup)",
+    )
+    ap.add_argument(
         "--mode", choices=["quick", "full"], default=None,
         help="label the run (default: quick if any row says \"quick\": true)",
     )
@@ -758,6 +762,13 @@ def main(argv=None):
         "![procpool / reference ratio per workload](ratios.svg)",
         "",
     ]
+    if a.build:
+        bm += [
+            f"The procpool program measured ({a.build}) is the one that spawn and forkserver "
+            "execute again for each worker or fork server: `startup` includes its loading "
+            "(see the guide's \"Start methods\" on how the way a program is linked changes it).",
+            "",
+        ]
     if floor_line:
         bm += [floor_line, ""]
     bm += floor_section(cells, floors)
