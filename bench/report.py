@@ -574,6 +574,10 @@ def main(argv=None):
         help="a markdown file to include as a section after the goals (repeatable)",
     )
     ap.add_argument(
+        "--build", default=None,
+        help="how the measured procpool program is linked (its loading is part of startup)",
+    )
+    ap.add_argument(
         "--mode", choices=["quick", "full"], default=None,
         help="label the run (default: quick if any row says \"quick\": true)",
     )
@@ -770,6 +774,13 @@ def main(argv=None):
         "![procpool / reference ratio per workload](ratios.svg)",
         "",
     ]
+    if a.build:
+        bm += [
+            f"The procpool program measured ({a.build}) is the one that spawn and forkserver "
+            "execute again for each worker or fork server: `startup` includes its loading "
+            "(see the guide's \"Start methods\" on how the way a program is linked changes it).",
+            "",
+        ]
     if floor_line:
         bm += [floor_line, ""]
     bm += floor_section(cells, floors)

@@ -9,6 +9,25 @@ use std::process::{Command, Stdio};
 const MP_POOL_PY: &str = include_str!("../../bench/reference/mp_pool.py");
 const REPORT_PY: &str = include_str!("../../bench/report.py");
 
+/// How this program (the one spawn and forkserver re-execute, so the one whose loading
+/// the `startup` figures include) is linked: the shared libraries it has loaded, read from
+/// `/proc/self/maps`.
+fn build_description() -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut libs: Vec<&str> = Vec::new();
+    for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if name.contains(".so") && !libs.contains(&name) {
+            libs.push(name);
+        }
+    }
+    if libs.is_empty() {
+        "statically linked".to_owned()
+    } else {
+        format!("dynamically linked, loading {}", libs.join(", "))
+    }
+}
+
 /// A private directory holding the embedded scripts; removed on drop.
 struct Scripts {
     dir: PathBuf,
@@ -133,10 +152,32 @@ pub(crate) fn report(dir: &Path, rows: &[String], quick: bool) -> Result<(), Str
         .arg(dir)
         .args(["--mode", if quick { "quick" } else { "full" }])
         .args(["--command", "procpool bench"])
+        .args(["--build", &build_description()])
         .status()
         .map_err(|e| format!("cannot run python3 for the report: {e}"))?;
     if !status.success() {
         return Err(format!("the report script failed ({status})"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The program links its unwinder in (`build.rs`) rather than loading `libgcc_s` at
+    /// each start, and the report says how it is linked. (This test binary is linked as
+    /// the program is.)
+    #[test]
+    fn the_program_loads_no_libgcc_s_and_says_how_it_is_linked() {
+        let build = build_description();
+        let gnu = cfg!(all(target_os = "linux", target_env = "gnu"));
+        if gnu && !cfg!(target_feature = "crt-static") {
+            assert!(build.starts_with("dynamically linked, loading "), "{build}");
+            assert!(build.contains("libc.so"), "{build}");
+            assert!(!build.contains("libgcc_s"), "{build}");
+        } else if cfg!(target_feature = "crt-static") {
+            assert_eq!(build, "statically linked");
+        }
+    }
 }
