@@ -99,6 +99,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg("--out")
                 .arg(&out_dir)
                 .args(["--mode", if quick { "quick" } else { "full" }])
+                .args([
+                    "--build",
+                    &build_description(&target_dir().join("release/procpool")),
+                ])
                 .args(
                     dispatch_path
                         .exists()
@@ -505,6 +509,26 @@ fn dispatch_summary() -> String {
     }
     md.push(String::new());
     md.join("\n")
+}
+
+/// How `exe` is linked, for the report: "statically linked", or the libraries it loads
+/// (from `ldd`), as `procpool bench --out` says it of itself.
+fn build_description(exe: &std::path::Path) -> String {
+    let Ok(out) = Command::new("ldd").arg(exe).output() else {
+        return "linking unknown: no ldd".to_owned();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let libs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|path| path.rsplit('/').next().unwrap_or(path))
+        .filter(|name| name.contains(".so") && !name.starts_with("linux-vdso"))
+        .collect();
+    if libs.is_empty() {
+        "statically linked".to_owned()
+    } else {
+        format!("dynamically linked, loading {}", libs.join(", "))
+    }
 }
 
 /// From criterion's `sample.json` (`"iters"` and `"times"`, in ns, of runs of 10 000
