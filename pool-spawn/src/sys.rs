@@ -3,7 +3,8 @@
 //!
 //! libc is used only where rustix has no equivalent: `_exit` (rustix exits only through
 //! its `runtime` feature, meant for libc-free programs), `signal` (likewise: no public
-//! `sigaction`), `close_range(2)` (no wrapper), and `fcntl` on a descriptor number that may
+//! `sigaction`), `close_range(2)` (no wrapper; on x86-64 the `syscall` instruction itself, in
+//! `asm!`), and `fcntl` on a descriptor number that may
 //! not be open (rustix takes only open, borrowed descriptors). `fork` is in [`crate::fork`], for the
 //! same reason: rustix has no public fork. Everything else goes through rustix.
 //!
