@@ -98,6 +98,22 @@ const SPARE_DEFER: Duration = Duration::from_millis(2);
 /// Large enough for any `Request` or `Reply`.
 const MSG_MAX: usize = 64;
 
+/// Up to this many kids (less one), the server's loop polls them from arrays on its stack.
+const POLL_INLINE: usize = 32;
+
+/// Moves the owners (`owners[i]` is `fds[i]`'s) of the readable `fds` to the front of
+/// `owners`, in order; returns how many.
+fn keep_ready(fds: &[PollFd<'_>], owners: &mut [u64]) -> usize {
+    let mut k = 0;
+    for (i, f) in fds.iter().enumerate() {
+        if !f.revents().is_empty() {
+            owners[k] = owners[i];
+            k += 1;
+        }
+    }
+    k
+}
+
 /// Encodes a control message into a fixed buffer; returns it and the length used.
 fn encode<T: Serialize>(msg: &T) -> ([u8; MSG_MAX], usize) {
     let mut buf = [0u8; MSG_MAX];
@@ -164,7 +180,7 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
 }
 
 fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
-    sys::set_process_name(":forksrv");
+    sys::set_process_name(&[":forksrv"], rustix::process::getpid());
     let mut s = Server {
         ctl,
         parent: rustix::process::getppid(),
@@ -232,6 +248,9 @@ impl Server {
         // And the worker loop's other thread-locals, whose destructors it registers the
         // same way.
         crate::task::register_thread_locals();
+        // And the worker's SIGTERM handler, which a worker then need not install (the
+        // server leads its own process group, as each worker does).
+        sys::term_kills_group(rustix::process::getpid());
         warm_up();
     }
 
@@ -250,33 +269,25 @@ impl Server {
             } else {
                 Duration::from_secs(1)
             };
-            let (ctl_ready, ready): (bool, Vec<u64>) = {
-                let mut fds = Vec::with_capacity(1 + self.kids.len());
-                fds.push(PollFd::new(&self.ctl, PollFlags::IN));
-                let mut owners = Vec::with_capacity(self.kids.len());
-                for k in &self.kids {
-                    if let Some(p) = &k.pidfd {
-                        fds.push(PollFd::new(p, PollFlags::IN));
-                        owners.push(k.serial);
-                    }
-                }
-                if poll(&mut fds, Some(timeout)).is_err() {
-                    self.stop(false);
-                    return;
-                }
-                let ready = owners
-                    .iter()
-                    .zip(&fds[1..])
-                    .filter(|(_, f)| !f.revents().is_empty())
-                    .map(|(s, _)| *s)
-                    .collect();
-                (!fds[0].revents().is_empty(), ready)
+            // The serials of the kids whose pidfds are readable: on the stack while they are
+            // few, so that the loop writes to no heap memory, which every fork shares with
+            // the new child until one of them writes it, at the cost of copying the page.
+            let mut inline = [0u64; POLL_INLINE];
+            let mut many = Vec::new();
+            let Ok((ctl_ready, n)) = self.poll_once(timeout, &mut inline, &mut many) else {
+                self.stop(false);
+                return;
+            };
+            let ready = if self.kids.len() < POLL_INLINE {
+                &inline[..n]
+            } else {
+                &many[..n]
             };
             if rustix::process::getppid() != self.parent {
                 self.stop(false);
                 return;
             }
-            if !self.reap(&ready, slow) {
+            if !self.reap(ready, slow) {
                 self.stop(false);
                 return;
             }
@@ -320,6 +331,50 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Waits up to `timeout` for a request on the control socket or the end of a kid (one
+    /// with a pidfd). Returns whether a request waits and how many kids ended, whose
+    /// serials it wrote to the front of `inline`, or of `many` when there are
+    /// [`POLL_INLINE`] kids or more (then it fills `many`).
+    fn poll_once(
+        &self,
+        timeout: Duration,
+        inline: &mut [u64; POLL_INLINE],
+        many: &mut Vec<u64>,
+    ) -> io::Result<(bool, usize)> {
+        if self.kids.len() < POLL_INLINE {
+            let mut fds: [PollFd<'_>; POLL_INLINE] =
+                std::array::from_fn(|_| PollFd::new(&self.ctl, PollFlags::IN));
+            let n = self.fill_poll(&mut fds, inline);
+            poll(&mut fds[..=n], Some(timeout))?;
+            Ok((
+                !fds[0].revents().is_empty(),
+                keep_ready(&fds[1..=n], inline),
+            ))
+        } else {
+            let mut fds = vec![PollFd::new(&self.ctl, PollFlags::IN); 1 + self.kids.len()];
+            many.resize(self.kids.len(), 0);
+            let n = self.fill_poll(&mut fds, many);
+            poll(&mut fds[..=n], Some(timeout))?;
+            Ok((!fds[0].revents().is_empty(), keep_ready(&fds[1..=n], many)))
+        }
+    }
+
+    /// Puts the control socket in `fds[0]`, then each kid's pidfd, its serial in `owners`
+    /// at the same place less one; returns how many kids (`fds` and `owners` are large
+    /// enough).
+    fn fill_poll<'a>(&'a self, fds: &mut [PollFd<'a>], owners: &mut [u64]) -> usize {
+        fds[0] = PollFd::new(&self.ctl, PollFlags::IN);
+        let mut n = 0;
+        for k in &self.kids {
+            if let Some(p) = &k.pidfd {
+                fds[1 + n] = PollFd::new(p, PollFlags::IN);
+                owners[n] = k.serial;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Reaps the kids in `ready` (and, when `all`, every kid without a pidfd); reports

@@ -312,6 +312,23 @@ impl FdRef {
         })
     }
 
+    /// [`FdRef::open`] for a segment that nothing else opens from the same message (a
+    /// worker's progress page): the passed descriptor is taken, not duplicated (a later
+    /// `open` of this `FdRef` opens the `/proc` path).
+    ///
+    /// # Errors
+    ///
+    /// As for [`FdRef::open`].
+    pub fn open_taken(&self) -> std::io::Result<pool_ipc::shm::Segment> {
+        let passed = self.slot.and_then(|slot| {
+            PASSED.with(|p| p.borrow_mut().get_mut(usize::try_from(slot).ok()?)?.take())
+        });
+        match passed.map(pool_ipc::shm::Segment::from_fd) {
+            Some(Ok(seg)) => Ok(seg),
+            _ => pool_ipc::shm::Segment::open_in_process(self.pid, self.fd),
+        }
+    }
+
     fn open_with<S>(
         &self,
         from_fd: impl Fn(std::os::fd::OwnedFd) -> std::io::Result<S>,
@@ -320,7 +337,7 @@ impl FdRef {
         let passed = self.slot.and_then(|slot| {
             PASSED.with(|p| {
                 let p = p.borrow();
-                let fd = p.get(usize::try_from(slot).ok()?)?;
+                let fd = p.get(usize::try_from(slot).ok()?)?.as_ref()?;
                 fd.try_clone().ok()
             })
         });
@@ -332,15 +349,17 @@ impl FdRef {
 }
 
 thread_local! {
-    /// The descriptors passed with the message this thread is handling (see [`passing`]).
-    static PASSED: std::cell::RefCell<Vec<std::os::fd::OwnedFd>> =
+    /// The descriptors passed with the message this thread is handling (see [`passing`]);
+    /// `None` once taken (see [`FdRef::open_taken`]).
+    static PASSED: std::cell::RefCell<Vec<Option<std::os::fd::OwnedFd>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Makes `fds`, the descriptors passed with a message, what [`FdRef::open`] looks in on this
 /// thread until the guard is dropped; it closes them then.
 pub fn passing(fds: Vec<std::os::fd::OwnedFd>) -> Passing {
-    PASSED.with(|p| *p.borrow_mut() = fds);
+    // (Collected in place: an `Option<OwnedFd>` is the size of an `OwnedFd`.)
+    PASSED.with(|p| *p.borrow_mut() = fds.into_iter().map(Some).collect());
     Passing(())
 }
 

@@ -24,9 +24,11 @@ enum Stop {
 
 /// Runs the worker loop on `chan` and exits the process; never returns.
 pub(crate) fn run(chan: OwnedFd) -> ! {
+    // Asked once: the worker names itself and tells the pool its pid with it.
+    let pid = rustix::process::getpid();
     task::install_panic_hook();
-    sys::term_kills_group();
-    let code = match serve(chan) {
+    sys::term_kills_group(pid);
+    let code = match serve(chan, pid) {
         Ok(code) => code,
         Err(Stop::Lost) => 0,
         Err(Stop::Protocol(m)) => {
@@ -76,7 +78,7 @@ fn send_failed(e: pool_ipc::Error) -> Stop {
 }
 
 /// The loop; `Ok(code)` is the exit code.
-fn serve(chan: OwnedFd) -> Result<i32, Stop> {
+fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
     // The pool passes the descriptors of the events a task takes, and of the progress page,
     // with the messages that refer to them.
     // A recycled worker reads a few small messages in its life: its receive buffer starts
@@ -113,7 +115,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             // worker ends, which for a worker recycled after each task is a good part of
             // its system calls.
             let page: Option<&'static pool_ipc::shm::Segment> = progress
-                .and_then(|page| page.open().ok())
+                .and_then(|page| page.open_taken().ok())
                 .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET)
                 .map(|seg| &*Box::leak(Box::new(seg)));
             if let Some(page) = page {
@@ -127,8 +129,8 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
             }
             // `ForkserverPoolWorker-3` shows as `myprog:w3`.
             let number = name.rsplit('-').next().unwrap_or(&name);
-            sys::set_process_name(&format!(":w{number}"));
-            sys::set_identity(name);
+            sys::set_process_name(&[":w", number], pid);
+            sys::set_identity(name, pid);
             let same = match image.verify() {
                 Ok(same) => same,
                 Err(message) => {
@@ -172,7 +174,7 @@ fn serve(chan: OwnedFd) -> Result<i32, Stop> {
     send(
         &mut conn,
         &FromWorker::Ready {
-            pid: std::process::id(),
+            pid: pid.as_raw_nonzero().get() as u32,
         },
     )?;
     let mut runs = 0u64;

@@ -3,7 +3,8 @@
 //!
 //! libc is used only where rustix has no equivalent: `_exit` (rustix exits only through
 //! its `runtime` feature, meant for libc-free programs), `signal` (likewise: no public
-//! `sigaction`), `close_range(2)` (no wrapper), and `fcntl` on a descriptor number that may
+//! `sigaction`), `close_range(2)` (no wrapper; on x86-64 the `syscall` instruction itself, in
+//! `asm!`), and `fcntl` on a descriptor number that may
 //! not be open (rustix takes only open, borrowed descriptors). `fork` is in [`crate::fork`], for the
 //! same reason: rustix has no public fork. Everything else goes through rustix.
 //!
@@ -23,7 +24,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use rustix::io::Errno;
 
@@ -53,11 +54,14 @@ fn ignore(sig: libc::c_int) {
 /// to the group (the worker leads it), so processes a task started die with the worker even
 /// if they ignore SIGTERM, and the pool need not signal a group whose leader it may already
 /// have reaped. A task that installs its own SIGTERM handler replaces this one. Installed
-/// only in a worker that leads its own process group: anywhere else, the group could be
-/// someone else's (the pool's, say).
-pub(crate) fn term_kills_group() {
-    let pid = rustix::process::getpid();
-    if rustix::process::getpgrp() != pid {
+/// only in a process that leads its own process group: anywhere else, the group could be
+/// someone else's (the pool's, say). `pid`: this process's id.
+///
+/// A fork server installs it for its workers before it forks them (see
+/// `forkserver`): in the server, which leads its own group too, it ends
+/// the server as SIGTERM would (its workers die with it, by their parent-death signal).
+pub(crate) fn term_kills_group(pid: rustix::process::Pid) {
+    if TERM_KILLS_GROUP.load(Ordering::Relaxed) || rustix::process::getpgrp() != pid {
         return;
     }
     extern "C" fn on_term(_: libc::c_int) {
@@ -71,7 +75,13 @@ pub(crate) fn term_kills_group() {
     unsafe {
         libc::signal(libc::SIGTERM, handler);
     }
+    TERM_KILLS_GROUP.store(true, Ordering::Relaxed);
 }
+
+/// Whether this process's SIGTERM handler is [`term_kills_group`]'s: set where it is
+/// installed, and inherited with the handler by a fork, whose child need not install it
+/// again: every child `fork` makes leads a group of its own, as the forking process does.
+static TERM_KILLS_GROUP: AtomicBool = AtomicBool::new(false);
 
 /// The highest signal number on Linux (`_NSIG - 1`).
 const SIG_MAX: libc::c_int = 64;
@@ -220,12 +230,51 @@ fn close_range(first: u32, last: u32, flags: i32) {
 }
 
 fn try_close_range(first: u32, last: u32, flags: i32) -> io::Result<()> {
+    match raw_close_range(first, last, flags) {
+        0 => Ok(()),
+        r if r < 0 => Err(io::Error::from_raw_os_error(-r as i32)),
+        _ => Err(io::Error::from(io::ErrorKind::Other)),
+    }
+}
+
+/// The raw `close_range` system call: 0, or minus the errno.
+///
+/// On x86-64 Linux, the `syscall` instruction itself rather than the C library's
+/// `syscall()`: a worker forked by a fork server calls this first thing, and the C
+/// library's function lies on a page of code that nothing else of a worker's short life
+/// needs, which it would fault in (with the pages around it) for this one call.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn raw_close_range(first: u32, last: u32, flags: i32) -> isize {
+    let ret: isize;
+    // SAFETY: `close_range` takes three integers and touches no memory; the `syscall`
+    // instruction clobbers `rcx` and `r11` (declared) and nothing else, and restores the
+    // flags.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") libc::SYS_close_range as isize => ret,
+            in("rdi") first as usize,
+            in("rsi") last as usize,
+            in("rdx") flags as usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack, preserves_flags),
+        );
+    }
+    ret
+}
+
+/// The raw `close_range` system call: 0, or minus the errno.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn raw_close_range(first: u32, last: u32, flags: i32) -> isize {
     // SAFETY: the raw `close_range` system call takes three integers and touches no memory.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
-    if r == 0 {
-        Ok(())
+    if r == -1 {
+        -(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::ENOSYS) as isize)
     } else {
-        Err(io::Error::last_os_error())
+        r as isize
     }
 }
 
@@ -268,29 +317,43 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// Sets this process's short name (`comm`, at most 15 bytes: what `ps -e`, `top` and
-/// `pgrep` show) to the program's name and `tail`, e.g. `myprog:w3`: a spawned worker
-/// would otherwise be `exe` (it runs `/proc/self/exe`), a forked one its parent's name.
-/// The program's name is cut to fit; `tail` is kept. Best effort.
-pub(crate) fn set_process_name(tail: &str) {
+/// `pgrep` show) to the program's name and `tail` (the concatenation of its parts), e.g.
+/// `myprog:w3`: a spawned worker would otherwise be `exe` (it runs `/proc/self/exe`), a
+/// forked one its parent's name. The program's name is cut to fit; `tail` is kept. `pid`:
+/// this process's id. Best effort.
+///
+/// Put together in a buffer on the stack, without `format!`: a worker recycled after every
+/// task would otherwise fault in the formatting code's pages for this alone.
+pub(crate) fn set_process_name(tail: &[&str], pid: rustix::process::Pid) {
     const COMM_MAX: usize = 15;
     let prog = program_name();
-    let room = COMM_MAX.saturating_sub(tail.len());
+    let tail_len: usize = tail.iter().map(|t| t.len()).sum();
+    let room = COMM_MAX.saturating_sub(tail_len);
     let mut cut = prog.len().min(room);
     while !prog.is_char_boundary(cut) {
         cut -= 1;
     }
-    let mut name = format!("{}{tail}", &prog[..cut]).into_bytes();
-    name.truncate(COMM_MAX);
-    name.retain(|&b| b != 0);
+    // The name and its terminating NUL.
+    let mut buf = [0u8; COMM_MAX + 1];
+    let mut len = 0;
+    for part in std::iter::once(&prog[..cut]).chain(tail.iter().copied()) {
+        for &b in part.as_bytes() {
+            if len < COMM_MAX && b != 0 {
+                buf[len] = b;
+                len += 1;
+            }
+        }
+    }
+    let name = &buf[..len];
     // The process's name is its main thread's; a role entered on another thread (libtest
     // runs tests on one) names the main thread through /proc, then itself. On the main
     // thread (every forked worker: a fork's only thread is its main thread) naming itself
     // is enough, and spares a path lookup in /proc.
-    if rustix::thread::gettid() != rustix::process::getpid() {
-        let _ = std::fs::write("/proc/self/comm", &name);
+    if rustix::thread::gettid() != pid {
+        let _ = std::fs::write("/proc/self/comm", name);
     }
-    if let Ok(name) = std::ffi::CString::new(name) {
-        let _ = rustix::thread::set_name(&name);
+    if let Ok(name) = std::ffi::CStr::from_bytes_until_nul(&buf) {
+        let _ = rustix::thread::set_name(name);
     }
 }
 
@@ -330,9 +393,10 @@ pub(crate) struct Identity {
 /// Null, or a leaked `Identity` (see the module's safety notes).
 static IDENTITY: AtomicPtr<Identity> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Records this process's worker identity. A previous one is leaked, never freed.
-pub(crate) fn set_identity(name: String) {
-    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+/// Records this process's worker identity (`pid`: this process's id). A previous one is
+/// leaked, never freed.
+pub(crate) fn set_identity(name: String, pid: rustix::process::Pid) {
+    let pid = pid.as_raw_nonzero().get() as u32;
     let p = Box::into_raw(Box::new(Identity { pid, name }));
     IDENTITY.store(p, Ordering::Release);
 }

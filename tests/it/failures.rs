@@ -932,3 +932,50 @@ fn concurrent_applies_survive_workers_killed_under_them() {
     assert_eq!(pool.apply(square, (3,)).unwrap(), 9);
     shut_down(pool);
 }
+
+/// A fork server (or zygote) with more children than its loop polls from arrays on its
+/// stack (fewer than 32) reaps and reports each of them all the same: among 40 workers, a
+/// worker that dies fails its task with its pid and signal and is replaced, recycled
+/// workers are replaced after each task, every task runs once, and none is left behind.
+#[test]
+fn a_fork_server_with_many_workers_reports_each_end() {
+    for method in [
+        procpool::StartMethod::Forkserver,
+        procpool::StartMethod::Fork,
+    ] {
+        let pool = builder(method).processes(40).build().unwrap();
+        assert_eq!(pool.map(square, 0..400u64).unwrap().len(), 400);
+        let e = pool.apply(die_by_signal, (1,)).unwrap_err();
+        assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        assert_eq!(e.signal(), Some(6), "{method:?}: {e}");
+        let pid = e.pid().expect("the error names the pid");
+        wait_for("the replacement", Duration::from_secs(10), || {
+            let w = pool.workers();
+            w.len() == 40 && w.iter().all(|w| w.pid() != pid)
+        });
+        assert!(!alive(pid), "{method:?}: the dead worker was reaped");
+        shut_down(pool);
+
+        let pool = builder(method)
+            .processes(40)
+            .max_tasks_per_child(1)
+            .build()
+            .unwrap();
+        let pids = pool
+            .map_with(hang_then_pid, vec![1u64; 200], Options::new().chunksize(1))
+            .unwrap();
+        let mut distinct = pids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 200, "{method:?}: one fresh worker per task");
+        assert_eq!(pool.metrics().died, 0, "{method:?}");
+        for pid in pids {
+            wait_for(
+                "a recycled worker to be reaped",
+                Duration::from_secs(10),
+                || !alive(pid),
+            );
+        }
+        shut_down(pool);
+    }
+}
