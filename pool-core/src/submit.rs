@@ -21,6 +21,12 @@ use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Slot};
 use crate::task::Task;
 
+thread_local! {
+    /// The vector a submitting thread takes the frames of tasks done into (see
+    /// `Fx::take_spent_frames`), kept with its room from one batch to the next.
+    static SPENT: std::cell::RefCell<Vec<pool_ipc::FrameBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Delivers a result to its slot, running callbacks first (on the callback thread).
 pub(crate) fn complete<T: Send + 'static>(
     shared: &Weak<Shared>,
@@ -362,14 +368,19 @@ impl Pool {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
+        let mut spent = SPENT.take();
         let (refused, held) = self.shared.act(|p, fx| {
             let refused = submit_each(p, fx, tasks.drain(..), fed);
             let held = Held {
                 queued: p.queued(),
                 depth: p.depth(),
             };
+            fx.take_spent_frames(&mut spent);
             (refused, held)
         });
+        // Out of the lock: this thread's next frames are made in their buffers.
+        pool_ipc::keep_small_frames(spent.drain(..));
+        SPENT.set(spent);
         self.fail_refused(refused, fed);
         Some(held)
     }

@@ -365,7 +365,7 @@ fn on_done(
     if w.parts_task == id {
         parts = std::mem::take(&mut w.parts);
     }
-    if let Some(rec) = policy.done(wid, id, fx) {
+    if let Some(mut rec) = policy.done(wid, id, fx) {
         rec.group.remove(id);
         // The worker could start this task once it was sent and its previous one was
         // done: the time since is what it took.
@@ -396,6 +396,7 @@ fn on_done(
             };
             Batches::new(parts, Some(last))
         });
+        fx.keep_spent(rec.frame.take());
         fx.done.push(Delivery::of(
             rec,
             Outcome::Done {
