@@ -339,7 +339,7 @@ impl Pool {
             func: sub.func,
             name: sub.name,
             timeout: sub.timeout,
-            group: Arc::clone(&sub.group),
+            group: (!sub.group.is_unseen()).then(|| Arc::clone(&sub.group)),
             sent_at: None,
             sent_to: None,
             queued_at,
@@ -417,7 +417,7 @@ impl Pool {
                         .shared
                         .act_with_room(max, 1, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
                     if let Some(Some((rec, why))) = r {
-                        rec.group.remove(id);
+                        rec.leave_group(id);
                         refused.push((rec, why));
                     }
                 }
@@ -957,7 +957,7 @@ fn submit_each(
     for (id, rec) in tasks {
         tracing::trace!(parent: &rec.span, "task queued");
         if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
-            rec.group.remove(id);
+            rec.leave_group(id);
             refused.push((rec, why));
         }
     }

@@ -145,7 +145,7 @@ impl Effects<TaskRec> for Fx<'_> {
     }
 
     fn finish(&mut self, id: TaskId, task: TaskRec, why: Finish) -> Option<(TaskId, TaskRec)> {
-        task.group.remove(id);
+        task.leave_group(id);
         let err = match &why {
             Finish::Lost(wid) | Finish::TimedOut(wid) | Finish::Unanswered(wid) => {
                 match self.io.get(wid) {
@@ -335,7 +335,9 @@ impl Fx<'_> {
             });
             return None;
         };
-        task.group.add(id);
+        if let Some(g) = &task.group {
+            g.add(id);
+        }
         let count = task.count - from;
         Some((
             id,

@@ -175,6 +175,11 @@ impl Group {
         }
     }
 
+    /// Whether nobody can cancel the submission (see [`Group::unseen`]).
+    pub(crate) fn is_unseen(&self) -> bool {
+        self.unseen
+    }
+
     pub(crate) fn ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self.lock().iter().copied().collect();
         ids.sort_unstable();
@@ -228,7 +233,10 @@ pub(crate) struct TaskRec {
     pub(crate) name: &'static str,
     /// The time limit of each item.
     pub(crate) timeout: Option<Duration>,
-    pub(crate) group: Arc<Group>,
+    /// Its submission's group, unless nobody can cancel the submission (see
+    /// [`Group::unseen`]): such a group keeps no ids, and a record that held it would count
+    /// its owners up on the submitter's thread and down on the driver's, task by task.
+    pub(crate) group: Option<Arc<Group>>,
     pub(crate) sent_at: Option<Instant>,
     /// The worker it was last sent to.
     pub(crate) sent_to: Option<crate::policy::WorkerId>,
@@ -239,6 +247,15 @@ pub(crate) struct TaskRec {
     pub(crate) started_at: Option<Instant>,
     /// Its span (see `observe`); `Span::none()` when nobody listens.
     pub(crate) span: tracing::Span,
+}
+
+impl TaskRec {
+    /// Task `id` (this one) leaves its submission's group: it has its outcome.
+    pub(crate) fn leave_group(&self, id: u64) {
+        if let Some(g) = &self.group {
+            g.remove(id);
+        }
+    }
 }
 
 /// One piece of a task's outcome, ready to hand to its sink.

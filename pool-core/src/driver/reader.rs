@@ -366,7 +366,7 @@ fn on_done(
         parts = std::mem::take(&mut w.parts);
     }
     if let Some(mut rec) = policy.done(wid, id, fx) {
-        rec.group.remove(id);
+        rec.leave_group(id);
         // The worker could start this task once it was sent and its previous one was
         // done: the time since is what it took.
         if let Some(w) = fx.io.get_mut(&wid) {
