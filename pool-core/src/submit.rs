@@ -330,6 +330,17 @@ impl Pool {
             }
         };
         sub.group.add(id);
+        let extra = match extra {
+            Some(mut x) => {
+                x.span = span;
+                Some(x)
+            }
+            None if span.is_disabled() => None,
+            None => Some(Box::new(crate::driver::TaskExtra {
+                span,
+                ..Default::default()
+            })),
+        };
         let rec = TaskRec {
             frame: Some(frame),
             extra,
@@ -344,7 +355,6 @@ impl Pool {
             sent_to: None,
             queued_at,
             started_at: None,
-            span,
         };
         Some((id, rec))
     }
@@ -412,7 +422,7 @@ impl Pool {
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
-                    tracing::trace!(parent: &rec.span, "task queued");
+                    tracing::trace!(parent: rec.span(), "task queued");
                     let r = self
                         .shared
                         .act_with_room(max, 1, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
@@ -955,7 +965,7 @@ fn submit_each(
 ) -> Vec<(TaskRec, Refusal)> {
     let mut refused = Vec::new();
     for (id, rec) in tasks {
-        tracing::trace!(parent: &rec.span, "task queued");
+        tracing::trace!(parent: rec.span(), "task queued");
         if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
             rec.leave_group(id);
             refused.push((rec, why));

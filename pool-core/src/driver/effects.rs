@@ -100,13 +100,14 @@ impl Effects<TaskRec> for Fx<'_> {
         task.sent_at = Some(now);
         task.sent_to = Some(wid);
         task.started_at = None;
-        if !task.span.is_disabled() {
-            task.span.record("worker", &*w.name);
+        let span = task.span();
+        if !span.is_disabled() {
+            span.record("worker", &*w.name);
             if w.pid != 0 {
-                task.span.record("pid", w.pid);
+                span.record("pid", w.pid);
             }
         }
-        tracing::trace!(parent: &task.span, worker = %w.name, "task sent");
+        tracing::trace!(parent: span, worker = %w.name, "task sent");
         if let Some(limit) = task.timeout
             && self.timer_at.is_none_or(|t| t > now + limit)
         {
@@ -339,15 +340,23 @@ impl Fx<'_> {
             g.add(id);
         }
         let count = task.count - from;
+        let spans = (count > 1).then_some(spans);
+        // Its events stay pinned and its span goes on, as the task's did.
+        let extra = match task.extra {
+            Some(x) if !x.span.is_disabled() => Some(Box::new(super::TaskExtra {
+                tail: None,
+                pins: x.pins,
+                spans,
+                span: x.span,
+            })),
+            Some(x) => super::TaskExtra::boxed(None, x.pins, spans),
+            None => super::TaskExtra::boxed(None, Pins::default(), spans),
+        };
         Some((
             id,
             TaskRec {
                 frame: Some(frame),
-                extra: super::TaskExtra::boxed(
-                    None,
-                    task.extra.map(|x| x.pins).unwrap_or_default(),
-                    (count > 1).then_some(spans),
-                ),
+                extra,
                 sink: task.sink,
                 first: task.first + from,
                 count,
@@ -359,7 +368,6 @@ impl Fx<'_> {
                 sent_to: None,
                 queued_at: Instant::now(),
                 started_at: None,
-                span: task.span,
             },
         ))
     }

@@ -192,7 +192,6 @@ impl Group {
 }
 
 /// The parts of a [`TaskRec`] that only some tasks have.
-#[derive(Default)]
 pub(crate) struct TaskExtra {
     /// The bytes of a `RunTail`'s tail frame, sent after `frame` each time it is (kept as
     /// long as `frame`).
@@ -202,7 +201,23 @@ pub(crate) struct TaskExtra {
     /// Where its items lie in `frame` (several items only): to send the rest of them when
     /// one fails part way.
     pub(crate) spans: Option<ItemSpans>,
+    /// Its span (see `observe`), when somebody listens.
+    pub(crate) span: tracing::Span,
 }
+
+impl Default for TaskExtra {
+    fn default() -> Self {
+        TaskExtra {
+            tail: None,
+            pins: Pins::default(),
+            spans: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+/// The span of a task nobody listens to.
+static NO_SPAN: tracing::Span = tracing::Span::none();
 
 impl TaskExtra {
     /// `None` when there is nothing to keep.
@@ -211,8 +226,14 @@ impl TaskExtra {
         pins: Pins,
         spans: Option<ItemSpans>,
     ) -> Option<Box<TaskExtra>> {
-        (tail.is_some() || !pins.is_empty() || spans.is_some())
-            .then(|| Box::new(TaskExtra { tail, pins, spans }))
+        (tail.is_some() || !pins.is_empty() || spans.is_some()).then(|| {
+            Box::new(TaskExtra {
+                tail,
+                pins,
+                spans,
+                span: tracing::Span::none(),
+            })
+        })
     }
 }
 
@@ -245,11 +266,16 @@ pub(crate) struct TaskRec {
     /// When its worker could begin it: it held it and nothing before it (seen by the
     /// driver, so a round trip late at most).
     pub(crate) started_at: Option<Instant>,
-    /// Its span (see `observe`); `Span::none()` when nobody listens.
-    pub(crate) span: tracing::Span,
 }
 
 impl TaskRec {
+    /// Its span (see `observe`); `Span::none()` when nobody listens (kept in `extra`
+    /// otherwise: a record moves from the submitter's thread to the driver's, and a map of
+    /// tiny items makes one per item).
+    pub(crate) fn span(&self) -> &tracing::Span {
+        self.extra.as_ref().map_or(&NO_SPAN, |x| &x.span)
+    }
+
     /// Task `id` (this one) leaves its submission's group: it has its outcome.
     pub(crate) fn leave_group(&self, id: u64) {
         if let Some(g) = &self.group {

@@ -381,7 +381,7 @@ fn on_done(
             }
             let start = rec.started_at.or(began).unwrap_or(now);
             fx.timings.record(
-                &rec.span,
+                rec.span(),
                 start.saturating_duration_since(rec.queued_at),
                 now.saturating_duration_since(start),
             );

@@ -494,7 +494,7 @@ pub(super) fn note_started(
         let now = began.unwrap_or(now).max(rec.queued_at);
         rec.started_at = Some(now);
         tracing::debug!(
-            parent: &rec.span,
+            parent: rec.span(),
             queue_wait = ?now.saturating_duration_since(rec.queued_at),
             "task started"
         );
