@@ -196,7 +196,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 count: k,
                 outcome: Outcome::Done {
                     result: Ok(batches),
-                    worker: name,
+                    worker: super::WorkerName::of(&name),
                     pid,
                 },
             });

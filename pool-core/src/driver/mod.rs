@@ -106,12 +106,58 @@ pub(crate) enum Outcome {
     /// whole batch failed.
     Done {
         result: Result<Batches, ItemError>,
-        /// The worker's name (shared: every task's outcome names it).
-        worker: Arc<str>,
+        /// The worker's name (for errors: every task's outcome names it).
+        worker: WorkerName,
         pid: u32,
     },
     /// The items ended without a result.
     Failed(TaskError),
+}
+
+/// A worker's name as a task's outcome carries it, for its errors: copied when short (the
+/// usual case: every answer carries it, and a count of owners on a shared name, up as the
+/// driver reads each answer and down as its results are decoded, cost both), shared
+/// otherwise.
+#[derive(Clone, Debug)]
+pub(crate) enum WorkerName {
+    Short { len: u8, bytes: [u8; SHORT_NAME] },
+    Shared(Arc<str>),
+}
+
+/// The longest name a [`WorkerName`] holds in place.
+const SHORT_NAME: usize = 30;
+
+impl WorkerName {
+    pub(crate) fn of(name: &Arc<str>) -> Self {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= SHORT_NAME => {
+                let mut bytes = [0; SHORT_NAME];
+                bytes[..name.len()].copy_from_slice(name.as_bytes());
+                WorkerName::Short { len, bytes }
+            }
+            _ => WorkerName::Shared(Arc::clone(name)),
+        }
+    }
+}
+
+impl From<&str> for WorkerName {
+    fn from(name: &str) -> Self {
+        WorkerName::of(&Arc::from(name))
+    }
+}
+
+impl std::ops::Deref for WorkerName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Copied whole from a `str`: always valid.
+            WorkerName::Short { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            WorkerName::Shared(name) => name,
+        }
+    }
 }
 
 /// Receives a task's outcome, possibly in pieces: `sink.deliver(first, count, outcome)`
