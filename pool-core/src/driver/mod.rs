@@ -360,3 +360,26 @@ impl Delivery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker's name reads the same whether an outcome holds it in place (short) or
+    /// shares it (long), and a short one is a copy: cloning it counts no owner.
+    #[test]
+    fn a_worker_name_reads_the_same_short_or_long() {
+        let short: Arc<str> = Arc::from("ForkPoolWorker-12");
+        let name = WorkerName::of(&short);
+        assert!(matches!(name, WorkerName::Short { .. }));
+        assert_eq!(&*name.clone(), "ForkPoolWorker-12");
+        assert_eq!(Arc::strong_count(&short), 1);
+        let long: Arc<str> = Arc::from("a-pool-with-a-very-long-name-indeed-7");
+        let name = WorkerName::of(&long);
+        assert!(matches!(name, WorkerName::Shared(_)));
+        assert_eq!(&*name, &*long);
+        let edge: Arc<str> = Arc::from("é".repeat(SHORT_NAME / 2));
+        assert_eq!(&*WorkerName::of(&edge), &*edge);
+        assert_eq!(&*WorkerName::from(""), "");
+    }
+}
