@@ -88,7 +88,7 @@ impl Pool {
         F: Task<A>,
     {
         let (out, plan) = self.plan_gather(f, n, opts, paced);
-        let Some(plan) = plan else { return out };
+        let Some(mut plan) = plan else { return out };
         // A map of fewer chunks than the window never waits: made all at once, as before.
         let paced = paced && n.div_ceil(plan.size) > PACE_HIGH;
         // A paced map sends chunks long after it began: like an imap, it goes on after a
@@ -123,6 +123,7 @@ impl Pool {
             batch.extend(task);
             if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
                 let queued = self.submit_drain(&mut batch, fed).map_or(0, |h| h.queued);
+                plan.renew_sink();
                 if paced && queued >= PACE_HIGH {
                     self.shared.wait_queue(PACE_LOW, fed);
                 }
@@ -222,16 +223,14 @@ impl Pool {
             callbacks,
             Arc::downgrade(&self.shared),
         )));
-        let sink = MapSink::sink(
-            Arc::clone(&state),
-            Arc::clone(&done),
-            Arc::clone(&self.shared.tally),
-        );
+        let tally = Arc::clone(&self.shared.tally);
+        let sink = MapSink::sink(Arc::clone(&state), Arc::clone(&done), Arc::clone(&tally));
         let plan = Plan {
             sub,
             size,
             state,
             done,
+            tally,
             sink,
         };
         (out, Some(plan))
@@ -268,8 +267,9 @@ struct Plan<R> {
     size: usize,
     state: Arc<Mutex<Gather<R>>>,
     done: Arc<Done>,
-    /// The map's one sink, which every chunk that can delivers to (see
-    /// [`Pool::prepare_shared`]).
+    tally: Arc<Tally>,
+    /// The sink every chunk that can delivers to (see [`Pool::prepare_shared`]): one for
+    /// each batch of chunks submitted together (see [`Plan::renew_sink`]).
     sink: Sink,
 }
 
@@ -303,6 +303,19 @@ impl<R: serde::de::DeserializeOwned + Send + 'static> Plan<R> {
             g.arrive(first, results);
             g.finish_if_done();
         })
+    }
+
+    /// The chunks made from now on deliver to a sink of their own (the same map's): each
+    /// chunk's record holds its sink, which counts its owners, up as the caller makes the
+    /// records, down as the driver drops them; a sink per batch is counted down long after
+    /// the caller has counted it up, where one for the whole map had its count go back and
+    /// forth between the two threads' caches, record by record.
+    fn renew_sink(&mut self) {
+        self.sink = MapSink::sink(
+            Arc::clone(&self.state),
+            Arc::clone(&self.done),
+            Arc::clone(&self.tally),
+        );
     }
 
     /// Every chunk has been made, holding `items` items in all: the result is complete

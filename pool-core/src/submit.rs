@@ -21,6 +21,12 @@ use crate::pool::Pool;
 use crate::result::{AsyncResult, Callbacks, Slot};
 use crate::task::Task;
 
+thread_local! {
+    /// The vector a submitting thread takes the frames of tasks done into (see
+    /// `Fx::take_spent_frames`), kept with its room from one batch to the next.
+    static SPENT: std::cell::RefCell<Vec<pool_ipc::FrameBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Delivers a result to its slot, running callbacks first (on the callback thread).
 pub(crate) fn complete<T: Send + 'static>(
     shared: &Weak<Shared>,
@@ -324,6 +330,17 @@ impl Pool {
             }
         };
         sub.group.add(id);
+        let extra = match extra {
+            Some(mut x) => {
+                x.span = span;
+                Some(x)
+            }
+            None if span.is_disabled() => None,
+            None => Some(Box::new(crate::driver::TaskExtra {
+                span,
+                ..Default::default()
+            })),
+        };
         let rec = TaskRec {
             frame: Some(frame),
             extra,
@@ -333,12 +350,11 @@ impl Pool {
             func: sub.func,
             name: sub.name,
             timeout: sub.timeout,
-            group: Arc::clone(&sub.group),
+            group: (!sub.group.is_unseen()).then(|| Arc::clone(&sub.group)),
             sent_at: None,
             sent_to: None,
             queued_at,
             started_at: None,
-            span,
         };
         Some((id, rec))
     }
@@ -362,14 +378,19 @@ impl Pool {
         if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
+        let mut spent = SPENT.take();
         let (refused, held) = self.shared.act(|p, fx| {
             let refused = submit_each(p, fx, tasks.drain(..), fed);
             let held = Held {
                 queued: p.queued(),
                 depth: p.depth(),
             };
+            fx.take_spent_frames(&mut spent);
             (refused, held)
         });
+        // Out of the lock: this thread's next frames are made in their buffers.
+        pool_ipc::keep_small_frames(spent.drain(..));
+        SPENT.set(spent);
         self.fail_refused(refused, fed);
         Some(held)
     }
@@ -401,12 +422,12 @@ impl Pool {
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
-                    tracing::trace!(parent: &rec.span, "task queued");
+                    tracing::trace!(parent: rec.span(), "task queued");
                     let r = self
                         .shared
                         .act_with_room(max, 1, true, |p, fx| p.submit_from(id, rec, fed, fx).err());
                     if let Some(Some((rec, why))) = r {
-                        rec.group.remove(id);
+                        rec.leave_group(id);
                         refused.push((rec, why));
                     }
                 }
@@ -944,9 +965,9 @@ fn submit_each(
 ) -> Vec<(TaskRec, Refusal)> {
     let mut refused = Vec::new();
     for (id, rec) in tasks {
-        tracing::trace!(parent: &rec.span, "task queued");
+        tracing::trace!(parent: rec.span(), "task queued");
         if let Err((rec, why)) = p.submit_from(id, rec, fed, fx) {
-            rec.group.remove(id);
+            rec.leave_group(id);
             refused.push((rec, why));
         }
     }

@@ -156,6 +156,68 @@ pub fn keep_buffer(v: Vec<u8>) {
     give(v);
 }
 
+/// Small frames' buffers kept at most by one thread (see [`keep_small_frames`])...
+const SMALL_COUNT: usize = 1024;
+/// ... each of at most this many bytes.
+const SMALL_MAX: usize = 1024;
+
+thread_local! {
+    /// Buffers of small frames handed to this thread, for the next small frames it makes.
+    static SMALL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keeps the buffers of `frames` (those of a small frame: 1 KiB at most) for the small
+/// frames this thread makes next ([`FrameBuf::with_capacity`](crate::FrameBuf::with_capacity)),
+/// up to a thousand or so; the others are freed.
+///
+/// For a thread that makes many small frames which another thread sends and drops: handed
+/// back, their buffers hold the next frames, where freeing them on the other thread and
+/// allocating afresh on this one costs both threads a trip through the allocator.
+///
+/// # Examples
+///
+/// ```
+/// let mut f = pool_ipc::FrameBuf::with_capacity(16);
+/// f.extend_from_slice(b"done");
+/// pool_ipc::keep_small_frames([f]);
+/// let again = pool_ipc::FrameBuf::with_capacity(16);
+/// assert!(again.payload().is_empty());
+/// ```
+pub fn keep_small_frames(frames: impl IntoIterator<Item = crate::FrameBuf>) {
+    for f in frames {
+        let mut v = f.into_buf();
+        if !(1..=SMALL_MAX).contains(&v.capacity()) {
+            continue;
+        }
+        v.clear();
+        // Each alone: the iterator may make frames too.
+        let _ = SMALL.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut()
+                && kept.len() < SMALL_COUNT
+            {
+                kept.push(v);
+            }
+        });
+    }
+}
+
+/// A kept small buffer (see [`keep_small_frames`]) with room for `len` bytes, if any.
+pub(crate) fn take_small(len: usize) -> Option<Vec<u8>> {
+    if len > SMALL_MAX {
+        return None;
+    }
+    SMALL
+        .try_with(|kept| {
+            let mut kept = kept.try_borrow_mut().ok()?;
+            match kept.last() {
+                Some(v) if v.capacity() >= len => kept.pop(),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten()
+}
+
 /// Frees every kept buffer.
 pub(crate) fn release() {
     with_cache(|c, freed| freed.extend(c.bufs.drain(..).map(|(b, _)| b)));
@@ -213,6 +275,41 @@ mod tests {
         freed.clear();
         assert!(c.take(MIN_KEEP, later, &mut freed).is_none());
         assert_eq!((c.kept_bytes(), freed.len()), (0, 1));
+    }
+
+    /// The buffers of small frames handed back hold this thread's next small frames, the
+    /// last handed back first; large ones are freed, and no more than `SMALL_COUNT` are kept.
+    #[test]
+    fn small_frames_handed_back_hold_the_next_ones() {
+        use crate::FrameBuf;
+        let mut small = FrameBuf::with_capacity(40);
+        small.extend_from_slice(&[1, 2, 3]);
+        let at = small.payload().as_ptr();
+        let large = FrameBuf::with_capacity(4 * SMALL_MAX);
+        keep_small_frames([large, small]);
+        let again = FrameBuf::with_capacity(40);
+        assert_eq!(
+            again.payload().as_ptr(),
+            at,
+            "the small frame's buffer is reused"
+        );
+        assert!(again.payload().is_empty());
+        // Nothing else was kept: the large frame's buffer was freed.
+        assert!(take_small(1).is_none());
+        // A kept buffer too small for a frame is left for a smaller one.
+        keep_small_frames([FrameBuf::with_capacity(8)]);
+        assert!(take_small(SMALL_MAX).is_none());
+        assert!(take_small(4).is_some());
+        // An iterator that makes frames as it goes gets the buffers kept meanwhile.
+        keep_small_frames((0..3).map(|_| FrameBuf::with_capacity(8)));
+        assert_eq!(SMALL.with_borrow(Vec::len), 1);
+        // Bounded.
+        let many: Vec<FrameBuf> = (0..2 * SMALL_COUNT)
+            .map(|_| FrameBuf::with_capacity(8))
+            .collect();
+        keep_small_frames(many);
+        assert_eq!(SMALL.with_borrow(Vec::len), SMALL_COUNT);
+        SMALL.with_borrow_mut(Vec::clear);
     }
 
     #[test]

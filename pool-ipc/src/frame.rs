@@ -152,12 +152,21 @@ impl FrameBuf {
     /// A large frame (hundreds of KiB) reuses a buffer of an earlier large frame when the
     /// process keeps one (see [`reuse_buffer`](crate::reuse_buffer)).
     pub fn with_capacity(n: usize) -> Self {
-        let mut buf = crate::bufs::reuse_buffer(HEADER_LEN.saturating_add(n));
+        let len = HEADER_LEN.saturating_add(n);
+        let mut buf = match crate::bufs::take_small(len) {
+            Some(v) => v,
+            None => crate::bufs::reuse_buffer(len),
+        };
         buf.extend_from_slice(&[0; HEADER_LEN]);
         FrameBuf {
             buf,
             in_ring: AtomicBool::new(false),
         }
+    }
+
+    /// The frame's buffer, for [`keep_small_frames`](crate::keep_small_frames).
+    pub(crate) fn into_buf(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     /// Makes room for at least `additional` more payload bytes (reusing a kept buffer, as
@@ -241,6 +250,11 @@ impl FrameBuf {
                 output: VecFlavor(&mut self.buf),
             },
         }
+    }
+
+    /// The bytes the frame's buffer holds room for, its header included.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The payload length in bytes.

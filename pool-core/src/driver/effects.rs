@@ -38,6 +38,41 @@ pub(crate) struct Fx<'a> {
     pub(super) epoll: &'a std::os::fd::OwnedFd,
     /// The earliest look at held answers this step planned (see `reader::look_held`).
     pub(super) look_min: Option<Instant>,
+    /// When the tasks this step sends count as sent: the clock read once for all of them
+    /// (their frames go out together, in one write per worker when the step ends).
+    pub(super) sent_at: Option<Instant>,
+    /// The frames of tasks done, kept for a submitter (see [`Fx::take_spent_frames`]).
+    pub(super) spent_frames: &'a mut Vec<FrameBuf>,
+}
+
+/// Frames of tasks done kept at most for the next submitter...
+const SPENT_FRAMES: usize = 1024;
+/// ... each of at most this many bytes (the frames of small tasks: a large frame is freed
+/// as soon as its task is done).
+const SPENT_FRAME_MAX: usize = 1024;
+
+impl Fx<'_> {
+    /// Keeps the frame of a task done (answered: it will not be sent again) for the next
+    /// submitter, if there is room.
+    pub(super) fn keep_spent(&mut self, frame: Option<FrameBuf>) {
+        if let Some(f) = frame
+            && f.capacity() <= SPENT_FRAME_MAX
+            && self.spent_frames.len() < SPENT_FRAMES
+        {
+            self.spent_frames.push(f);
+        }
+    }
+
+    /// The frames of tasks done since the last take, into `into` (empty): a thread that
+    /// makes tasks' frames makes its next ones in their buffers
+    /// (`pool_ipc::keep_small_frames`). A map of tiny tasks makes its frames on its
+    /// caller's thread and the driver drops them once answered: freed there, each cost
+    /// both threads a trip through the allocator.
+    pub(crate) fn take_spent_frames(&mut self, into: &mut Vec<FrameBuf>) {
+        if into.is_empty() {
+            std::mem::swap(self.spent_frames, into);
+        }
+    }
 }
 
 impl Effects<TaskRec> for Fx<'_> {
@@ -61,17 +96,18 @@ impl Effects<TaskRec> for Fx<'_> {
         let Some(frame) = task.frame.as_ref() else {
             return;
         };
-        let now = Instant::now();
+        let now = *self.sent_at.get_or_insert_with(Instant::now);
         task.sent_at = Some(now);
         task.sent_to = Some(wid);
         task.started_at = None;
-        if !task.span.is_disabled() {
-            task.span.record("worker", &*w.name);
+        let span = task.span();
+        if !span.is_disabled() {
+            span.record("worker", &*w.name);
             if w.pid != 0 {
-                task.span.record("pid", w.pid);
+                span.record("pid", w.pid);
             }
         }
-        tracing::trace!(parent: &task.span, worker = %w.name, "task sent");
+        tracing::trace!(parent: span, worker = %w.name, "task sent");
         if let Some(limit) = task.timeout
             && self.timer_at.is_none_or(|t| t > now + limit)
         {
@@ -110,7 +146,7 @@ impl Effects<TaskRec> for Fx<'_> {
     }
 
     fn finish(&mut self, id: TaskId, task: TaskRec, why: Finish) -> Option<(TaskId, TaskRec)> {
-        task.group.remove(id);
+        task.leave_group(id);
         let err = match &why {
             Finish::Lost(wid) | Finish::TimedOut(wid) | Finish::Unanswered(wid) => {
                 match self.io.get(wid) {
@@ -160,7 +196,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 count: k,
                 outcome: Outcome::Done {
                     result: Ok(batches),
-                    worker: name,
+                    worker: super::WorkerName::of(&name),
                     pid,
                 },
             });
@@ -300,17 +336,27 @@ impl Fx<'_> {
             });
             return None;
         };
-        task.group.add(id);
+        if let Some(g) = &task.group {
+            g.add(id);
+        }
         let count = task.count - from;
+        let spans = (count > 1).then_some(spans);
+        // Its events stay pinned and its span goes on, as the task's did.
+        let extra = match task.extra {
+            Some(x) if !x.span.is_disabled() => Some(Box::new(super::TaskExtra {
+                tail: None,
+                pins: x.pins,
+                spans,
+                span: x.span,
+            })),
+            Some(x) => super::TaskExtra::boxed(None, x.pins, spans),
+            None => super::TaskExtra::boxed(None, Pins::default(), spans),
+        };
         Some((
             id,
             TaskRec {
                 frame: Some(frame),
-                extra: super::TaskExtra::boxed(
-                    None,
-                    task.extra.map(|x| x.pins).unwrap_or_default(),
-                    (count > 1).then_some(spans),
-                ),
+                extra,
                 sink: task.sink,
                 first: task.first + from,
                 count,
@@ -322,7 +368,6 @@ impl Fx<'_> {
                 sent_to: None,
                 queued_at: Instant::now(),
                 started_at: None,
-                span: task.span,
             },
         ))
     }

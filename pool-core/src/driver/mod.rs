@@ -106,12 +106,58 @@ pub(crate) enum Outcome {
     /// whole batch failed.
     Done {
         result: Result<Batches, ItemError>,
-        /// The worker's name (shared: every task's outcome names it).
-        worker: Arc<str>,
+        /// The worker's name (for errors: every task's outcome names it).
+        worker: WorkerName,
         pid: u32,
     },
     /// The items ended without a result.
     Failed(TaskError),
+}
+
+/// A worker's name as a task's outcome carries it, for its errors: copied when short (the
+/// usual case: every answer carries it, and a count of owners on a shared name, up as the
+/// driver reads each answer and down as its results are decoded, cost both), shared
+/// otherwise.
+#[derive(Clone, Debug)]
+pub(crate) enum WorkerName {
+    Short { len: u8, bytes: [u8; SHORT_NAME] },
+    Shared(Arc<str>),
+}
+
+/// The longest name a [`WorkerName`] holds in place.
+const SHORT_NAME: usize = 30;
+
+impl WorkerName {
+    pub(crate) fn of(name: &Arc<str>) -> Self {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= SHORT_NAME => {
+                let mut bytes = [0; SHORT_NAME];
+                bytes[..name.len()].copy_from_slice(name.as_bytes());
+                WorkerName::Short { len, bytes }
+            }
+            _ => WorkerName::Shared(Arc::clone(name)),
+        }
+    }
+}
+
+impl From<&str> for WorkerName {
+    fn from(name: &str) -> Self {
+        WorkerName::of(&Arc::from(name))
+    }
+}
+
+impl std::ops::Deref for WorkerName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Copied whole from a `str`: always valid.
+            WorkerName::Short { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            WorkerName::Shared(name) => name,
+        }
+    }
 }
 
 /// Receives a task's outcome, possibly in pieces: `sink.deliver(first, count, outcome)`
@@ -175,6 +221,11 @@ impl Group {
         }
     }
 
+    /// Whether nobody can cancel the submission (see [`Group::unseen`]).
+    pub(crate) fn is_unseen(&self) -> bool {
+        self.unseen
+    }
+
     pub(crate) fn ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self.lock().iter().copied().collect();
         ids.sort_unstable();
@@ -187,7 +238,6 @@ impl Group {
 }
 
 /// The parts of a [`TaskRec`] that only some tasks have.
-#[derive(Default)]
 pub(crate) struct TaskExtra {
     /// The bytes of a `RunTail`'s tail frame, sent after `frame` each time it is (kept as
     /// long as `frame`).
@@ -197,7 +247,23 @@ pub(crate) struct TaskExtra {
     /// Where its items lie in `frame` (several items only): to send the rest of them when
     /// one fails part way.
     pub(crate) spans: Option<ItemSpans>,
+    /// Its span (see `observe`), when somebody listens.
+    pub(crate) span: tracing::Span,
 }
+
+impl Default for TaskExtra {
+    fn default() -> Self {
+        TaskExtra {
+            tail: None,
+            pins: Pins::default(),
+            spans: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+/// The span of a task nobody listens to.
+static NO_SPAN: tracing::Span = tracing::Span::none();
 
 impl TaskExtra {
     /// `None` when there is nothing to keep.
@@ -206,8 +272,14 @@ impl TaskExtra {
         pins: Pins,
         spans: Option<ItemSpans>,
     ) -> Option<Box<TaskExtra>> {
-        (tail.is_some() || !pins.is_empty() || spans.is_some())
-            .then(|| Box::new(TaskExtra { tail, pins, spans }))
+        (tail.is_some() || !pins.is_empty() || spans.is_some()).then(|| {
+            Box::new(TaskExtra {
+                tail,
+                pins,
+                spans,
+                span: tracing::Span::none(),
+            })
+        })
     }
 }
 
@@ -228,7 +300,10 @@ pub(crate) struct TaskRec {
     pub(crate) name: &'static str,
     /// The time limit of each item.
     pub(crate) timeout: Option<Duration>,
-    pub(crate) group: Arc<Group>,
+    /// Its submission's group, unless nobody can cancel the submission (see
+    /// [`Group::unseen`]): such a group keeps no ids, and a record that held it would count
+    /// its owners up on the submitter's thread and down on the driver's, task by task.
+    pub(crate) group: Option<Arc<Group>>,
     pub(crate) sent_at: Option<Instant>,
     /// The worker it was last sent to.
     pub(crate) sent_to: Option<crate::policy::WorkerId>,
@@ -237,8 +312,22 @@ pub(crate) struct TaskRec {
     /// When its worker could begin it: it held it and nothing before it (seen by the
     /// driver, so a round trip late at most).
     pub(crate) started_at: Option<Instant>,
-    /// Its span (see `observe`); `Span::none()` when nobody listens.
-    pub(crate) span: tracing::Span,
+}
+
+impl TaskRec {
+    /// Its span (see `observe`); `Span::none()` when nobody listens (kept in `extra`
+    /// otherwise: a record moves from the submitter's thread to the driver's, and a map of
+    /// tiny items makes one per item).
+    pub(crate) fn span(&self) -> &tracing::Span {
+        self.extra.as_ref().map_or(&NO_SPAN, |x| &x.span)
+    }
+
+    /// Task `id` (this one) leaves its submission's group: it has its outcome.
+    pub(crate) fn leave_group(&self, id: u64) {
+        if let Some(g) = &self.group {
+            g.remove(id);
+        }
+    }
 }
 
 /// One piece of a task's outcome, ready to hand to its sink.
@@ -269,5 +358,28 @@ impl Delivery {
             count: rec.count,
             outcome,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker's name reads the same whether an outcome holds it in place (short) or
+    /// shares it (long), and a short one is a copy: cloning it counts no owner.
+    #[test]
+    fn a_worker_name_reads_the_same_short_or_long() {
+        let short: Arc<str> = Arc::from("ForkPoolWorker-12");
+        let name = WorkerName::of(&short);
+        assert!(matches!(name, WorkerName::Short { .. }));
+        assert_eq!(&*name.clone(), "ForkPoolWorker-12");
+        assert_eq!(Arc::strong_count(&short), 1);
+        let long: Arc<str> = Arc::from("a-pool-with-a-very-long-name-indeed-7");
+        let name = WorkerName::of(&long);
+        assert!(matches!(name, WorkerName::Shared(_)));
+        assert_eq!(&*name, &*long);
+        let edge: Arc<str> = Arc::from("é".repeat(SHORT_NAME / 2));
+        assert_eq!(&*WorkerName::of(&edge), &*edge);
+        assert_eq!(&*WorkerName::from(""), "");
     }
 }

@@ -27,7 +27,7 @@ use rustix::event::{PollFd, PollFlags};
 use super::effects::Fx;
 use super::shared::{Shared, note_started};
 use super::worker_io::WorkerIo;
-use super::{Batch, Batches, Delivery, Outcome, TaskRec};
+use super::{Batch, Batches, Delivery, Outcome, TaskRec, WorkerName};
 use crate::ids::IdMap;
 use crate::policy::{Effects, Policy, WorkerId};
 
@@ -109,6 +109,7 @@ pub(super) fn read_worker(
         return end;
     }
     let (name, pid) = (w.name.clone(), w.pid);
+    let tag = WorkerName::of(&name);
     let Some(conn) = w.conn.as_mut() else {
         return end;
     };
@@ -265,7 +266,7 @@ pub(super) fn read_worker(
                     frame,
                     fds,
                 };
-                if !on_done(policy, fx, wid, (&name, pid), answer, now) {
+                if !on_done(policy, fx, wid, (&tag, pid), answer, now) {
                     end.broken = true;
                     break;
                 }
@@ -335,7 +336,7 @@ fn on_done(
     policy: &mut Policy<TaskRec>,
     fx: &mut Fx<'_>,
     wid: WorkerId,
-    (name, pid): (&Arc<str>, u32),
+    (name, pid): (&WorkerName, u32),
     answer: Answer,
     now: Instant,
 ) -> bool {
@@ -365,8 +366,8 @@ fn on_done(
     if w.parts_task == id {
         parts = std::mem::take(&mut w.parts);
     }
-    if let Some(rec) = policy.done(wid, id, fx) {
-        rec.group.remove(id);
+    if let Some(mut rec) = policy.done(wid, id, fx) {
+        rec.leave_group(id);
         // The worker could start this task once it was sent and its previous one was
         // done: the time since is what it took.
         if let Some(w) = fx.io.get_mut(&wid) {
@@ -381,7 +382,7 @@ fn on_done(
             }
             let start = rec.started_at.or(began).unwrap_or(now);
             fx.timings.record(
-                &rec.span,
+                rec.span(),
                 start.saturating_duration_since(rec.queued_at),
                 now.saturating_duration_since(start),
             );
@@ -396,11 +397,12 @@ fn on_done(
             };
             Batches::new(parts, Some(last))
         });
+        fx.keep_spent(rec.frame.take());
         fx.done.push(Delivery::of(
             rec,
             Outcome::Done {
                 result,
-                worker: Arc::clone(name),
+                worker: name.clone(),
                 pid,
             },
         ));
@@ -448,7 +450,7 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
             frame,
             fds: Vec::new(),
         };
-        on_done(policy, fx, wid, (&name, pid), answer, now);
+        on_done(policy, fx, wid, (&WorkerName::of(&name), pid), answer, now);
         if let Some(w) = fx.io.get_mut(&wid) {
             w.salvaged.push_back(id);
         }

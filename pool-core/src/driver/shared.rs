@@ -68,6 +68,9 @@ pub(crate) struct Inner {
     /// The earliest look at a worker's held answers the driver sleeps until, if any (see
     /// `reader::look_held`): a step on another thread that plans one sooner wakes it.
     pub(super) looks_planned: Option<Instant>,
+    /// The frames of tasks done, for the next submitter to make its next frames in (see
+    /// [`Fx::take_spent_frames`]).
+    pub(super) spent_frames: Vec<pool_ipc::FrameBuf>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -121,6 +124,7 @@ impl Shared {
                 room_at: None,
                 reader_ended: Vec::new(),
                 looks_planned: None,
+                spent_frames: Vec::new(),
             }),
             wake,
             epoll: ep,
@@ -208,6 +212,8 @@ impl Shared {
                 reader_ended: &mut inner.reader_ended,
                 epoll: &self.epoll,
                 look_min: None,
+                sent_at: None,
+                spent_frames: &mut inner.spent_frames,
             };
             // Time reaches the policy here, before every step: starts it held back happen
             // once due.
@@ -488,7 +494,7 @@ pub(super) fn note_started(
         let now = began.unwrap_or(now).max(rec.queued_at);
         rec.started_at = Some(now);
         tracing::debug!(
-            parent: &rec.span,
+            parent: rec.span(),
             queue_wait = ?now.saturating_duration_since(rec.queued_at),
             "task started"
         );
