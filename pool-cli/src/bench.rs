@@ -27,7 +27,8 @@ pub(crate) struct Args {
     /// `NOISY`).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Smaller counts, for a smoke run.
+    /// Smaller counts, and the references (CPython, procspawn) in the first run of each
+    /// workload only, for a smoke run (CPython's pools take most of a run's time).
     #[arg(long)]
     quick: bool,
     /// Seconds a single run may take before it is reported as timed out.
@@ -548,7 +549,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     // (How fast this shared machine wakes a process changes from one minute to the next:
     // floors measured at the end once compared a fast-waking minute with a slow one.)
     for w in &workloads {
-        for _ in 0..runs_of(w, args.runs, args.quick) {
+        for run in 0..runs_of(w, args.runs, args.quick) {
             for method in methods {
                 let line = run_isolated(w, *method, args.quick, limit);
                 println!("{line}");
@@ -563,7 +564,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 println!("{line}");
                 rows.push(line);
             }
-            rows.extend(refs.run(methods, w, args.quick));
+            if !args.quick || run == 0 {
+                rows.extend(refs.run(methods, w, args.quick));
+            }
         }
     }
     if let Some(dir) = &args.out
