@@ -120,6 +120,16 @@ const NOISY: &[&str] = &["map_tiny_auto", "echo_1mib"];
 /// minutes (about 16); 11 keep it near 13.
 const NOISY_MIN_RUNS: usize = 11;
 
+/// The references (CPython's pools, procspawn) of one workload run beside each of its
+/// runs until they have taken this long in all, and then stop once they have had
+/// [`REF_MIN_RUNS`] runs: CPython's pools with a fresh process per task (`recycle`
+/// under spawn: 17-56 tasks/s) or many processes took 23 s a run on a slow day, more
+/// than all of procpool's runs of every workload, and took the full bench past its 15
+/// minutes.
+const REF_BUDGET: Duration = Duration::from_secs(20);
+/// See [`REF_BUDGET`].
+const REF_MIN_RUNS: usize = 3;
+
 /// How many runs of `workload` to make when `asked` are asked for.
 fn runs_of(workload: &str, asked: usize, quick: bool) -> usize {
     if !quick && NOISY.contains(&workload) {
@@ -549,6 +559,8 @@ pub(crate) fn run(args: Args) -> ExitCode {
     // (How fast this shared machine wakes a process changes from one minute to the next:
     // floors measured at the end once compared a fast-waking minute with a slow one.)
     for w in &workloads {
+        // Time the references of this workload have taken so far (see REF_BUDGET).
+        let mut refs_took = Duration::ZERO;
         for run in 0..runs_of(w, args.runs, args.quick) {
             for method in methods {
                 let line = run_isolated(w, *method, args.quick, limit);
@@ -564,8 +576,15 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 println!("{line}");
                 rows.push(line);
             }
-            if !args.quick || run == 0 {
+            let refs_due = if args.quick {
+                run == 0
+            } else {
+                run < REF_MIN_RUNS || refs_took < REF_BUDGET
+            };
+            if refs_due {
+                let started = std::time::Instant::now();
                 rows.extend(refs.run(methods, w, args.quick));
+                refs_took += started.elapsed();
             }
         }
     }
