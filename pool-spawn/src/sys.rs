@@ -246,9 +246,8 @@ fn try_close_range(first: u32, last: u32, flags: i32) -> io::Result<()> {
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn raw_close_range(first: u32, last: u32, flags: i32) -> isize {
     let ret: isize;
-    // SAFETY: `close_range` takes three integers and touches no memory; the `syscall`
-    // instruction clobbers `rcx` and `r11` (declared) and nothing else, and restores the
-    // flags.
+    // SAFETY: `close_range` takes three integers and touches no memory; `syscall` clobbers
+    // only `rcx` and `r11` (declared) and restores the flags.
     unsafe {
         std::arch::asm!(
             "syscall",
