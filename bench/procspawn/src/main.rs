@@ -213,12 +213,15 @@ fn w_map_tiny_auto(n: usize) -> Outcome {
         handles.push(pool.spawn((start..end).collect::<Vec<u64>>(), square_chunk));
         start = end;
     }
-    let mut total = 0usize;
+    // The results in one vector, in order, as a map returns them (Pool::map's Vec,
+    // multiprocessing's list): made as a user would by hand, with its size known ahead.
+    let mut out: Vec<u64> = Vec::with_capacity(n);
     for h in handles {
-        total += h.join().map_err(|e| format!("job failed: {e}"))?.len();
+        out.extend(h.join().map_err(|e| format!("job failed: {e}"))?);
     }
     let dt = t0.elapsed().as_secs_f64();
-    assert_eq!(total, n);
+    assert_eq!(out.len(), n);
+    assert_eq!(out[n - 1], (n as u64 - 1) * (n as u64 - 1));
     pool.kill();
     Ok((
         n as f64 / dt,
