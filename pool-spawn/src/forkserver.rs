@@ -92,8 +92,11 @@ const MAX_SPARES: usize = 4;
 const SPARES_IDLE: Duration = Duration::from_secs(1);
 
 /// How long after a `quiet` fork request the server waits before forking its next spare
-/// (see [`Request::Fork`]).
-const SPARE_DEFER: Duration = Duration::from_millis(2);
+/// (see [`Request::Fork`]). Long enough to stay out of the way of a new pool's first work
+/// (a map of 200 000 tiny items takes a few milliseconds, and a spare forked 2 ms after the
+/// start took some 100 us of CPU in its middle); a worker that ends meanwhile ends the
+/// wait at once, so a replacement still finds its spare.
+const SPARE_DEFER: Duration = Duration::from_millis(50);
 
 /// Large enough for any `Request` or `Reply`.
 const MSG_MAX: usize = 64;
