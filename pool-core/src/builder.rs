@@ -396,6 +396,7 @@ impl PoolBuilder {
             stop_grace: self.stop_grace.unwrap_or(STOP_GRACE),
             next_id: Arc::clone(&next_id),
             max_queued: self.max_queued,
+            pid: std::process::id(),
         };
         let shared = match Shared::new(policy, settings, span.clone()) {
             Ok(s) => s,

@@ -23,6 +23,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use rustix::io::Errno;
+use rustix::net::RecvFlags;
 
 use crate::os;
 
@@ -116,9 +117,34 @@ pub fn recv_fds_or_short(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+    recv_fds_flags(sock, buf, max_fds, RecvFlags::empty())
+}
+
+/// As [`recv_fds_or_short`], but never waits, even on a blocking socket (`MSG_DONTWAIT`):
+/// with nothing to read it fails with [`io::ErrorKind::WouldBlock`]. For a reader that
+/// would otherwise poll the socket first, at the cost of one more system call each time
+/// something is there to read.
+///
+/// # Errors
+///
+/// As [`recv_fds_or_short`]; `EAGAIN` when nothing waits.
+pub fn try_recv_fds_or_short(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+    recv_fds_flags(sock, buf, max_fds, RecvFlags::DONTWAIT)
+}
+
+fn recv_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    flags: RecvFlags,
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let room = max_fds.min(MAX_FDS);
     loop {
-        match os::recv_with_fds(sock, buf, room) {
+        match os::recv_with_fds_flags(sock, buf, room, flags) {
             // There was room for more than arrived: the kernel could not give this process
             // the descriptors.
             Ok((n, fds, true)) if fds.len() < room.max(1) => return Ok((n, fds, true)),

@@ -70,13 +70,10 @@ pub(crate) fn is_socket(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Sets `O_NONBLOCK` on the open file description of `fd`.
+/// Sets `O_NONBLOCK` on the open file description of `fd` (`FIONBIO`: one system call,
+/// where reading the flags first and writing them back took two).
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fl = rustix::fs::fcntl_getfl(fd)?;
-    if !fl.contains(rustix::fs::OFlags::NONBLOCK) {
-        rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)?;
-    }
-    Ok(())
+    Ok(rustix::io::ioctl_fionbio(fd, true)?)
 }
 
 /// Waits until `fd` is readable (or writable with `write`), at most `timeout`
@@ -155,11 +152,21 @@ pub(crate) fn recv_with_fds(
     dst: &mut [u8],
     max_fds: usize,
 ) -> Result<(usize, Vec<OwnedFd>, bool), Errno> {
+    recv_with_fds_flags(fd, dst, max_fds, RecvFlags::empty())
+}
+
+/// [`recv_with_fds`] with extra `recvmsg` flags (`MSG_DONTWAIT`, say).
+pub(crate) fn recv_with_fds_flags(
+    fd: BorrowedFd<'_>,
+    dst: &mut [u8],
+    max_fds: usize,
+    flags: RecvFlags,
+) -> Result<(usize, Vec<OwnedFd>, bool), Errno> {
     let mut space = [MaybeUninit::<u8>::uninit(); ANCILLARY_MAX];
     let len = rustix::cmsg_space!(ScmRights(max_fds.clamp(1, crate::fdpass::MAX_FDS)));
     let mut anc = RecvAncillaryBuffer::new(&mut space[..len]);
     let mut iov = [IoSliceMut::new(dst)];
-    let r = rustix::net::recvmsg(fd, &mut iov, &mut anc, RecvFlags::CMSG_CLOEXEC)?;
+    let r = rustix::net::recvmsg(fd, &mut iov, &mut anc, RecvFlags::CMSG_CLOEXEC | flags)?;
     let mut got = Vec::new();
     for msg in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(iter) = msg {

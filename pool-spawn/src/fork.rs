@@ -61,14 +61,15 @@ const EXIT_CHILD_UNWOUND: i32 = 101;
 /// afterwards: the child inherits both as they are and does not set them again.
 ///
 /// The child moves into its own process group, gets `SIGKILL` when the forking thread
-/// dies, checks that its parent is still the forking process, closes every descriptor but
-/// 0, 1, 2 and `chan`, then runs the worker loop and exits; it never returns here.
+/// dies, checks that its parent is still the forking process (`parent`, this process's id,
+/// which the server knows already), closes every descriptor but 0, 1, 2 and `chan`, then
+/// runs the worker loop and exits; it never returns here.
 ///
 /// # Errors
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
-pub(crate) fn fork_worker(chan: OwnedFd) -> io::Result<Pid> {
-    fork_serving(chan, Prepare::Inherited, crate::runner::run)
+pub(crate) fn fork_worker(chan: OwnedFd, parent: Pid) -> io::Result<Pid> {
+    fork_serving(chan, parent, Prepare::Inherited, crate::runner::run)
 }
 
 /// Forks the zygote of a [`StartMethod::Fork`](crate::StartMethod::Fork) launcher: a fork
@@ -87,7 +88,7 @@ pub(crate) fn fork_zygote(ctl: OwnedFd, hold_spare: bool) -> io::Result<Pid> {
     } else {
         crate::forkserver::serve_prepared
     };
-    fork_serving(ctl, Prepare::Full, serve)
+    fork_serving(ctl, rustix::process::getpid(), Prepare::Full, serve)
 }
 
 /// Forks a worker of this process's own that serves `chan`: one of a
@@ -102,7 +103,12 @@ pub(crate) fn fork_zygote(ctl: OwnedFd, hold_spare: bool) -> io::Result<Pid> {
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_own_worker(chan: OwnedFd) -> io::Result<Pid> {
-    fork_serving(chan, Prepare::Full, crate::runner::run)
+    fork_serving(
+        chan,
+        rustix::process::getpid(),
+        Prepare::Full,
+        crate::runner::run,
+    )
 }
 
 /// How much of a worker's setup a forked child does itself.
@@ -116,9 +122,13 @@ enum Prepare {
 }
 
 /// Forks a child that prepares as a worker, then runs `serve` on `fd` (the worker loop or
-/// the fork server's); returns its pid in the parent.
-fn fork_serving(fd: OwnedFd, prepare: Prepare, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
-    let parent = rustix::process::getpid();
+/// the fork server's); returns its pid in the parent. `parent`: this process's id.
+fn fork_serving(
+    fd: OwnedFd,
+    parent: Pid,
+    prepare: Prepare,
+    serve: fn(OwnedFd) -> !,
+) -> io::Result<Pid> {
     // In the child (return value 0) we follow the module's post-fork checklist: `child`
     // makes only async-signal-safe calls until `serve`, and never returns.
     // SAFETY: `fork` has no memory-safety preconditions; the child path is described above.

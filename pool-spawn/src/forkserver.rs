@@ -145,6 +145,8 @@ struct Spare {
 
 struct Server {
     ctl: OwnedFd,
+    /// This process's id (asked once: each fork names it as the worker's parent).
+    pid: Pid,
     parent: Option<Pid>,
     kids: Vec<Kid>,
     next_serial: u64,
@@ -183,9 +185,11 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
 }
 
 fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
-    sys::set_process_name(&[":forksrv"], rustix::process::getpid());
+    let pid = rustix::process::getpid();
+    sys::set_process_name(&[":forksrv"], pid);
     let mut s = Server {
         ctl,
+        pid,
         parent: rustix::process::getppid(),
         kids: Vec::new(),
         next_serial: 1,
@@ -253,7 +257,7 @@ impl Server {
         crate::task::register_thread_locals();
         // And the worker's SIGTERM handler, which a worker then need not install (the
         // server leads its own process group, as each worker does).
-        sys::term_kills_group(rustix::process::getpid());
+        sys::term_kills_group(self.pid);
         warm_up();
     }
 
@@ -503,7 +507,8 @@ impl Server {
     fn fork_one(&mut self) -> std::result::Result<(u64, OwnedFd), i32> {
         self.warm_up();
         let (ours, theirs) = pool_ipc::socketpair().map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
-        let pid = crate::fork::fork_worker(theirs).map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
+        let pid = crate::fork::fork_worker(theirs, self.pid)
+            .map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
         let serial = self.next_serial;
         self.next_serial += 1;
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
@@ -1041,13 +1046,25 @@ impl LinkState {
         let Some(ctl) = &self.ctl else {
             return Err(self.lost_error());
         };
-        let ready = poll_readable(ctl.as_fd(), Some(timeout))
-            .map_err(|e| Error::io("polling the fork server's socket", e))?;
-        if !ready {
-            return Ok(Pumped::Nothing);
-        }
         let mut buf = [0u8; MSG_MAX];
-        let (n, fds, short) = match pool_ipc::fdpass::recv_fds_or_short(ctl.as_fd(), &mut buf, 2) {
+        // What is there already is read at once, without polling first: as a rule the
+        // answer or report looked for has come (the answers to requests sent ahead, the
+        // reports drained after a read).
+        let got = match pool_ipc::fdpass::try_recv_fds_or_short(ctl.as_fd(), &mut buf, 2) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if timeout.is_zero() {
+                    return Ok(Pumped::Nothing);
+                }
+                let ready = poll_readable(ctl.as_fd(), Some(timeout))
+                    .map_err(|e| Error::io("polling the fork server's socket", e))?;
+                if !ready {
+                    return Ok(Pumped::Nothing);
+                }
+                pool_ipc::fdpass::recv_fds_or_short(ctl.as_fd(), &mut buf, 2)
+            }
+            r => r,
+        };
+        let (n, fds, short) = match got {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Pumped::Nothing),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Nothing),

@@ -207,8 +207,15 @@ pub mod page {
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
     /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
     /// needed, so the worker checks a few slots before each task however many tasks it
-    /// holds. (Words 8 to 39 are unused.)
+    /// holds: once [`MARKED`] says that the pool marked any. (Words 9 to 39 are unused.)
     pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
+    /// Nonzero once the pool has marked a task cancelled on this page, stored after the
+    /// mark (sequentially consistent, as the marks are): a worker that loads it after
+    /// storing [`CURRENT`] and finds it zero knows that no mark is there to see, or that
+    /// the pool will see the task taken up, without reading the slots. Reading them would
+    /// give the page's memory for them (a page of the shared file), which a worker
+    /// recycled after every task paid for every task.
+    pub const MARKED: usize = 8;
     /// How many cancel slots there are: four times as many as tasks a worker may hold.
     pub const CANCEL_SLOTS: usize = 4096;
     /// How many slots a task's mark may go in.

@@ -524,10 +524,11 @@ impl<'p> Results<'p> {
             page.atomic_u64(page::TAKEN_NS)
                 .store(now, Ordering::Relaxed);
         }
-        // Store-then-load against the pool's store of a cancel slot then load of CURRENT:
-        // either we see its mark, or it sees that we took the task up.
+        // Store-then-load against the pool's store of a cancel slot (and of MARKED) then
+        // load of CURRENT: either we see its mark, or it sees that we took the task up.
         page.atomic_u64(page::CURRENT).store(id, Ordering::SeqCst);
         let cancelled = self.cancels
+            && page.atomic_u64(page::MARKED).load(Ordering::SeqCst) != 0
             && (0..page::CANCEL_PROBES).any(|k| {
                 page.atomic_u64(page::cancel_slot(id, k))
                     .load(Ordering::SeqCst)

@@ -164,7 +164,7 @@ fn wire_up(
             .as_ref()
             .map(|(f, args)| (*f, ByteBuf::from(args.clone()))),
         progress: progress.as_ref().map(|p| FdRef {
-            pid: std::process::id(),
+            pid: s.pid,
             fd: std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
             slot: page_slot,
         }),

@@ -42,6 +42,9 @@ pub(crate) struct Settings {
     pub(crate) next_id: Arc<AtomicU64>,
     /// Submissions wait while this many tasks wait in the queue (`PoolBuilder::max_queued`).
     pub(crate) max_queued: Option<usize>,
+    /// This process's id (the pool's workers are its children, or its fork server's),
+    /// asked once rather than at every launch.
+    pub(crate) pid: u32,
 }
 
 /// Everything behind the pool's lock.

@@ -287,8 +287,10 @@ impl WorkerIo {
         };
         self.marked.insert(id);
         let page = self.page().expect("checked above");
-        // Store, then load: the worker stores CURRENT, then loads the slots (see `page`).
+        // Store, then load: the worker stores CURRENT, then loads MARKED and the slots (see
+        // `page`).
         page.atomic_u64(slot).store(id, Ordering::SeqCst);
+        page.atomic_u64(page::MARKED).store(1, Ordering::SeqCst);
         let current = page.atomic_u64(page::CURRENT).load(Ordering::SeqCst);
         let last = current & !(page::ENDED | page::SKIPPED);
         if last == id && current & page::SKIPPED != 0 {
@@ -319,6 +321,7 @@ impl WorkerIo {
             // worker can hold; the task is never sent then anyway (it ended cancelled).
             if let Some(slot) = free_cancel_slot(page, &self.marked, id) {
                 page.atomic_u64(slot).store(id, Ordering::SeqCst);
+                page.atomic_u64(page::MARKED).store(1, Ordering::SeqCst);
                 self.marked.insert(id);
             }
         }
