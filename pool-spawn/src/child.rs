@@ -98,14 +98,34 @@ impl ChildProc {
     /// `waitid` says the child is not ours to wait for: the kernel reaped it as it exited,
     /// because this process ignores `SIGCHLD` (or set `SA_NOCLDWAIT`). Its pidfd still
     /// tells how it ended on Linux 6.15 and later.
+    ///
+    /// The kernel marks such a child dead (its pidfd readable, `waitid` no longer sees it)
+    /// a moment before it records the status for the pidfd, as it releases the process: a
+    /// status not there yet is asked again for a short, bounded while (backing off from
+    /// 20 µs to 2 ms, 100 ms in all) before it counts as lost. A kernel that keeps no
+    /// status for pidfds (older than 6.13) is not asked again.
     fn reaped_without_us(&mut self) -> Result<Option<ExitStatus>> {
-        if let Some(s) = self
-            .pidfd
-            .as_ref()
-            .and_then(|fd| ExitStatus::from_pidfd(fd.as_fd()))
-        {
-            self.status = Some(s);
-            return Ok(Some(s));
+        const LOOK_FOR: Duration = Duration::from_millis(100);
+        if let Some(fd) = self.pidfd.as_ref() {
+            let deadline = Instant::now() + LOOK_FOR;
+            let mut pause = Duration::from_micros(20);
+            loop {
+                match ExitStatus::try_from_pidfd(fd.as_fd()) {
+                    Ok(Some(s)) => {
+                        self.status = Some(s);
+                        return Ok(Some(s));
+                    }
+                    Ok(None) => {}
+                    // This kernel keeps no status for pidfds: nothing to wait for.
+                    Err(()) => break,
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(Duration::from_millis(2));
+            }
         }
         self.vanished = true;
         Err(Error::new(

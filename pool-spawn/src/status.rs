@@ -101,6 +101,15 @@ impl ExitStatus {
         crate::sys::pidfd_wait_status(pidfd).and_then(Self::from_wait_status)
     }
 
+    /// [`ExitStatus::from_pidfd`], telling apart a kernel that keeps no status for pidfds
+    /// (`Err(())`) from a status not there (yet) (`Ok(None)`).
+    pub(crate) fn try_from_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> Result<Option<Self>, ()> {
+        match crate::sys::pidfd_exit_info(pidfd) {
+            None => Err(()),
+            Some(raw) => Ok(raw.and_then(Self::from_wait_status)),
+        }
+    }
+
     /// The exit code, if the process exited normally.
     pub fn code(&self) -> Option<i32> {
         match self.repr {

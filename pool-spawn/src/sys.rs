@@ -181,6 +181,13 @@ const PIDFD_INFO_EXIT: u64 = 1 << 3;
 /// because its parent ignores `SIGCHLD` (Linux 6.15 and later). `None` if the process has
 /// not exited or the kernel does not tell.
 pub(crate) fn pidfd_wait_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
+    pidfd_exit_info(pidfd).flatten()
+}
+
+/// [`pidfd_wait_status`], telling apart a kernel that answers `PIDFD_GET_INFO` but has no
+/// exit status (yet) for the process (`Some(None)`) from one that does not answer it at
+/// all (`None`: older than 6.13).
+pub(crate) fn pidfd_exit_info(pidfd: BorrowedFd<'_>) -> Option<Option<i32>> {
     let mut info = PidfdInfo {
         mask: PIDFD_INFO_EXIT,
         ..PidfdInfo::default()
@@ -194,7 +201,7 @@ pub(crate) fn pidfd_wait_status(pidfd: BorrowedFd<'_>) -> Option<i32> {
             &mut info as *mut PidfdInfo,
         )
     };
-    (r == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+    (r == 0).then(|| (info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
 }
 
 /// Closes every file descriptor from 3 up except `keep`.
