@@ -18,8 +18,9 @@
 //!   strings by the parent before the clone.
 //! - **Nothing of the parent's runs in a child that shares its memory.** The child of
 //!   `spawn_exec` (cloned with `CLONE_VM | CLONE_VFORK`, its parent suspended until the
-//!   exec) starts with every signal blocked, resets every handler before it unblocks any,
-//!   runs on a stack of its own and writes nothing of the parent's but its error word.
+//!   exec) starts with every signal blocked and keeps them blocked through the exec (so
+//!   no handler of the parent's can run in it), runs on a stack of its own and writes
+//!   nothing of the parent's but its error word.
 //! - **Reseed randomness if it matters.** The child shares the parent's RNG state and
 //!   `HashMap` keys; pool-spawn keeps none that matter, task code that needs fresh
 //!   randomness must reseed.
@@ -242,10 +243,11 @@ struct ExecChild {
 const EXEC_STACK: usize = 64 * 1024;
 
 /// Starts `plan` in a new process, as a worker of `parent` whose channel is `keep`:
-/// that descriptor alone (with stdio) survives the exec; the child starts with a worker's
-/// signal settings (`sys::worker_signals`: also `SIGTTOU` ignored, so that its first print,
-/// before it even reaches `init()`, does not stop it on a terminal with `tostop`), in a
-/// process group of its own, with stdin from `/dev/null`, gets `SIGKILL` when the spawning
+/// that descriptor alone (with stdio) survives the exec; the program starts with every
+/// signal blocked, and `init()` gives it a worker's signal settings
+/// (`sys::worker_signals`) before it opens the mask (a blocked `SIGTTOU` lets a print
+/// before `init()` go on, on a terminal with `tostop`, as an ignored one does; a signal
+/// sent meanwhile waits for `init()`, `SIGKILL` excepted), in a process group of its own, with stdin from `/dev/null`, gets `SIGKILL` when the spawning
 /// thread dies, and fails if `parent` is no longer its parent by then. Returns its pid once
 /// it has executed the program.
 ///
@@ -286,7 +288,7 @@ pub(crate) fn spawn_exec(plan: &ExecPlan, keep: RawFd, parent: Pid) -> io::Resul
         )?
     };
     // Every signal is blocked in this thread while the child shares its memory (the child
-    // starts with this mask, and resets every handler before it unblocks any).
+    // starts with this mask, and keeps it through the exec: no handler of ours runs there).
     let mut all = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
     let mut old = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
     // SAFETY: both sets are valid for writing; only this thread's mask changes, and it is
@@ -333,9 +335,9 @@ pub(crate) fn spawn_exec(plan: &ExecPlan, keep: RawFd, parent: Pid) -> io::Resul
 
 /// The child of [`spawn_exec`]: sets itself up as a worker and executes the program; on
 /// failure, writes the errno where its parent reads it and exits. Runs in the parent's
-/// memory, while the parent waits: only async-signal-safe calls (`sigaction`, `signal`,
-/// `sigprocmask` and raw system calls), no allocation, no lock, no unwinding, and never a
-/// return into the parent's code.
+/// memory, while the parent waits, with every signal blocked: only async-signal-safe calls
+/// (raw system calls), no allocation, no lock, no unwinding, and never a return into the
+/// parent's code.
 extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ExecChild` the parent passed, alive while the parent waits.
     let c = unsafe { &*(arg as *const ExecChild) };
@@ -357,8 +359,11 @@ extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The set-up of a spawned worker, before its exec (see [`spawn_exec`]).
 fn prepare_child(c: &ExecChild) -> rustix::io::Result<()> {
-    // Handlers reset first (a parent's handler must not run here), then the mask opened.
-    sys::worker_signals_before_exec();
+    // Signals stay blocked (the parent's handlers must not run here) through the exec: the
+    // program's `init()` sets a worker's signal settings, then opens the mask. Handlers
+    // are reset by the exec; dispositions it keeps (ignored signals) are `init()`'s too.
+    // So this child makes no `sigaction` call (each would be a system call while the
+    // parent waits for the exec).
     rustix::process::setpgid(None, None)?;
     // SAFETY: `null` is the parent's open descriptor of /dev/null, alive while it waits.
     let null = unsafe { BorrowedFd::borrow_raw(c.null) };

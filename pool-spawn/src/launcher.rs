@@ -76,8 +76,10 @@ pub struct LaunchOptions {
     /// [`StartMethod::Forkserver`] and [`StartMethod::Fork`], that many fork requests are
     /// sent with the fork server's (or zygote's) start, so that it forks them as soon as it
     /// is up rather than one round trip after another; the first launches take their
-    /// replies. Launching fewer is harmless (the others are stopped with the server).
-    /// Default 0.
+    /// replies. With [`StartMethod::Spawn`], the first of them (two at most) are begun
+    /// (executed) when the launcher is made, so that they load while the caller readies
+    /// the rest; the first launches take them. Launching fewer is harmless (the others are stopped with the
+    /// server, or killed and reaped with the launcher). Default 0.
     pub initial_workers: usize,
     /// How many workers to keep asked for ahead, when workers will be launched one after
     /// another, about one per task (a pool that recycles its workers after a task or a
@@ -187,6 +189,11 @@ pub struct Launcher {
     /// [`LaunchOptions::fork_initial_here`]), or the errors of their fork, for the first
     /// launches, in order.
     own: VecDeque<std::io::Result<OwnForked>>,
+    /// With [`StartMethod::Spawn`], the initial workers begun when the launcher was made
+    /// (see [`LaunchOptions::initial_workers`]), or the error that stopped their beginning,
+    /// for the first launches, in order. (In a mutex only so that the launcher is `Sync`:
+    /// a begun spawn's channel from the spawner thread is not; every use has `&mut self`.)
+    spawned: std::sync::Mutex<VecDeque<Result<crate::spawn::Pending>>>,
     /// The next launch ends a batch (see [`Launcher::last_of_batch`]).
     last_of_batch: bool,
 }
@@ -281,6 +288,10 @@ impl Starting {
     }
 }
 
+/// How many of the initial workers [`Launcher::begin`] spawns at once with
+/// [`StartMethod::Spawn`] (see [`LaunchOptions::initial_workers`]).
+const SPAWN_AT_BEGIN: usize = 2;
+
 /// Whether the "forking with threads" warning was emitted.
 static WARNED_THREADS: AtomicBool = AtomicBool::new(false);
 
@@ -313,6 +324,7 @@ impl Launcher {
         let mut starting = None;
         let mut link = None;
         let mut own = VecDeque::new();
+        let mut spawned = VecDeque::new();
         // The first initial workers are forked here beside the zygote, which is asked for
         // the others.
         let here = opts.fork_initial_here.min(opts.initial_workers);
@@ -353,7 +365,22 @@ impl Launcher {
                     ));
                 }
             },
-            StartMethod::Spawn => {}
+            StartMethod::Spawn => {
+                // Begun now, before the caller's own preparations (its threads, the
+                // workers' pages): a spawned worker takes a millisecond or so to load, and
+                // the pool's first tasks wait for it. A few only: each holds descriptors
+                // here until it is launched, before the caller has opened its own. Not past
+                // the first failure.
+                for _ in 0..opts.initial_workers.min(SPAWN_AT_BEGIN) {
+                    let p =
+                        crate::spawn::begin(Role::Worker, opts.handshake_timeout, &opts.test_entry);
+                    let failed = p.is_err();
+                    spawned.push_back(p);
+                    if failed {
+                        break;
+                    }
+                }
+            }
             StartMethod::Forkserver => {
                 starting = Some(ServerLink::begin(
                     opts.handshake_timeout,
@@ -368,6 +395,7 @@ impl Launcher {
             link,
             starting,
             own,
+            spawned: std::sync::Mutex::new(spawned),
             last_of_batch: false,
         })
     }
@@ -472,11 +500,7 @@ impl Launcher {
             return self.launch_meanwhile(name, meanwhile).map(Launch::Ready);
         }
         self.last_of_batch = false;
-        let pending = crate::spawn::begin(
-            Role::Worker,
-            self.opts.handshake_timeout,
-            &self.opts.test_entry,
-        );
+        let pending = self.begin_spawn();
         meanwhile();
         let pending = pending?;
         Ok(Launch::Starting(Starting {
@@ -496,11 +520,7 @@ impl Launcher {
                 if let Some(f) = meanwhile.take() {
                     f();
                 }
-                let s = crate::spawn::start(
-                    Role::Worker,
-                    self.opts.handshake_timeout,
-                    &self.opts.test_entry,
-                )?;
+                let s = self.begin_spawn()?.finish()?;
                 Worker::direct(name, StartMethod::Spawn, s.sock, s.child)
             }
             StartMethod::Fork if !self.own.is_empty() => {
@@ -551,6 +571,22 @@ impl Launcher {
         };
         tracing::debug!(worker = name, pid = w.pid(), method = ?self.method, "worker launched");
         Ok(w)
+    }
+
+    /// A spawned worker begun: one begun with the launcher, else one begun now.
+    fn begin_spawn(&mut self) -> Result<crate::spawn::Pending> {
+        let spawned = self
+            .spawned
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match spawned.pop_front() {
+            Some(p) => p,
+            None => crate::spawn::begin(
+                Role::Worker,
+                self.opts.handshake_timeout,
+                &self.opts.test_entry,
+            ),
+        }
     }
 
     /// The live fork server, started again if it was lost.

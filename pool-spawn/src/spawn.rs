@@ -54,19 +54,6 @@ fn exe_path() -> io::Result<PathBuf> {
     }
 }
 
-/// Starts a child of `role` and waits for its hello.
-///
-/// # Errors
-///
-/// [`ErrorKind::Io`] if the process or socket cannot be created,
-/// [`ErrorKind::InitNotCalled`] if the child exits or stays silent for `handshake_timeout`
-/// (it is killed and reaped), [`ErrorKind::Handshake`] if it says something unexpected.
-pub(crate) fn start(role: Role, handshake_timeout: Duration, test_entry: &str) -> Result<Started> {
-    let mut p = begin(role, handshake_timeout, test_entry)?;
-    p.wait()?;
-    p.into_started()
-}
-
 /// A child started by [`begin`] whose hello has not (all) arrived yet.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -241,7 +228,7 @@ impl Pending {
     ///
     /// # Errors
     ///
-    /// As [`start`]'s, the child killed and reaped: it ended before answering, or its
+    /// As [`Pending::finish`]'s, the child killed and reaped: it ended before answering, or its
     /// hello is wrong.
     pub(crate) fn read_hello(&mut self) -> Result<bool> {
         loop {
@@ -328,7 +315,7 @@ impl Pending {
     ///
     /// # Errors
     ///
-    /// As [`start`]'s.
+    /// As [`Pending::finish`]'s.
     pub(crate) fn wait(&mut self) -> Result<()> {
         self.child()?;
         loop {
@@ -349,6 +336,18 @@ impl Pending {
             };
             poll(&mut fds, Some(slice)).map_err(|e| Error::io("waiting for the child", e))?;
         }
+    }
+
+    /// Waits for the hello, then hands over the started child and our end of its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the process could not be started,
+    /// [`ErrorKind::InitNotCalled`] if the child exits or stays silent past its deadline (it
+    /// is killed and reaped), [`ErrorKind::Handshake`] if it says something unexpected.
+    pub(crate) fn finish(mut self) -> Result<Started> {
+        self.wait()?;
+        self.into_started()
     }
 
     /// The started child and our end of its socket, once the hello was read.

@@ -86,20 +86,21 @@ static TERM_KILLS_GROUP: AtomicBool = AtomicBool::new(false);
 /// The highest signal number on Linux (`_NSIG - 1`).
 const SIG_MAX: libc::c_int = 64;
 
+/// The signals a worker ignores besides `SIGPIPE` (see [`worker_signals`]).
+const WORKER_IGNORED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTTOU, libc::SIGTTIN];
+
 /// Undoes what a parent's signal settings would leave behind across fork and exec: every
-/// ignored signal but `SIGPIPE` (which Rust programs ignore by convention) gets its default
-/// action back, and no signal stays blocked. An ignored `SIGCHLD` would have the kernel
-/// reap this process's children before anyone reads how they ended; an ignored or blocked
-/// `SIGTERM` would make a terminate wait for its grace period. Handlers are left alone:
-/// exec resets them anyway, and a forked worker keeps its parent's, as Python's do.
+/// ignored signal but `SIGPIPE` (which Rust programs ignore by convention) and those a
+/// worker ignores anyway ([`WORKER_IGNORED`]) gets its default action back. An ignored
+/// `SIGCHLD` would have the kernel reap this process's children before anyone reads how
+/// they ended; an ignored `SIGTERM` would make a terminate wait for its grace period.
+/// Handlers are left alone: exec resets them anyway, and a forked worker keeps its
+/// parent's, as Python's do.
 ///
-/// Async-signal-safe: only `sigaction`, `signal` and `sigprocmask`.
-///
-/// With `handlers`, signals with a handler get their default action back too (for a child
-/// that still shares its parent's memory, where a parent's handler must never run).
-fn reset_signals(handlers: bool) {
+/// Async-signal-safe: only `sigaction` and `signal`.
+fn reset_ignored() {
     for sig in 1..=SIG_MAX {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || WORKER_IGNORED.contains(&sig) {
             continue;
         }
         let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
@@ -108,14 +109,28 @@ fn reset_signals(handlers: bool) {
         let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
         // SAFETY: `old` was zeroed, and `sigaction` filled it if it succeeded.
         let action = unsafe { old.assume_init() }.sa_sigaction;
-        let handler = action != libc::SIG_IGN && action != libc::SIG_DFL;
-        let ignored_here = action == libc::SIG_IGN && sig != libc::SIGPIPE;
-        if r == 0 && (ignored_here || (handlers && handler)) {
+        if r == 0 && action == libc::SIG_IGN && sig != libc::SIGPIPE {
             // SAFETY: `signal` with `SIG_DFL` installs no handler code; async-signal-safe.
             unsafe {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+    }
+}
+
+/// The signal settings of a worker: those of [`reset_ignored`], `SIGINT` ignored (Ctrl-C is
+/// the parent's to handle) and `SIGTTOU`/`SIGTTIN` ignored (a worker has a process group
+/// of its own, which a terminal treats as a background job: with `stty tostop`, its first
+/// print would stop it), then no signal blocked. In that order: a program started by
+/// spawn runs with every signal blocked until it gets here (see `fork::spawn_exec`), and
+/// a `SIGINT` that arrived meanwhile is held pending; ignoring it before the mask opens
+/// discards it.
+///
+/// Async-signal-safe.
+pub(crate) fn worker_signals() {
+    reset_ignored();
+    for sig in WORKER_IGNORED {
+        ignore(sig);
     }
     let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
     // SAFETY: `set` is valid for writing; `sigemptyset` then `sigprocmask` with it only
@@ -124,31 +139,6 @@ fn reset_signals(handlers: bool) {
         libc::sigemptyset(set.as_mut_ptr());
         libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
     }
-}
-
-/// The signal settings of a worker: those of [`reset_signals`], then `SIGINT` ignored
-/// (Ctrl-C is the parent's to handle) and `SIGTTOU`/`SIGTTIN` ignored (a worker has a
-/// process group of its own, which a terminal treats as a background job: with `stty
-/// tostop`, its first print would stop it).
-///
-/// Async-signal-safe.
-pub(crate) fn worker_signals() {
-    reset_signals(false);
-    ignore(libc::SIGINT);
-    ignore(libc::SIGTTOU);
-    ignore(libc::SIGTTIN);
-}
-
-/// [`worker_signals`] in a child cloned with `CLONE_VM` (sharing its parent's memory until
-/// it executes): every handler is reset to the default action first, so that a signal
-/// arriving before the exec never runs the parent's handler code in the child.
-///
-/// Async-signal-safe.
-pub(crate) fn worker_signals_before_exec() {
-    reset_signals(true);
-    ignore(libc::SIGINT);
-    ignore(libc::SIGTTOU);
-    ignore(libc::SIGTTIN);
 }
 
 /// `struct pidfd_info` of `<linux/pidfd.h>` (its first version, 64 bytes).
