@@ -238,6 +238,7 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
         match step {
             Step::Exit => {
                 // Best effort: a pool that closed the channel reads them from the page.
+                let _ = results.unpost(conn.sender());
                 let _ = results.flush_held(conn.sender());
                 return Ok(0);
             }
@@ -258,10 +259,13 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                 // While another request waits (read already, whole or in part), the answer
                 // may wait for the next ones, to go out with them in one write; not the
                 // last answer before the worker exits (see HOLD_ANSWERS).
-                let hold = protocol::HOLD_ANSWERS
-                    && conn.receiver().has_partial_frame()
-                    && max_tasks.is_none_or(|m| runs + 1 < m);
-                results.finish(&mut conn, id, outcome, hold)?;
+                let last = max_tasks.is_some_and(|m| runs + 1 >= m);
+                let hold = protocol::HOLD_ANSWERS && conn.receiver().has_partial_frame() && !last;
+                // Nor is the last answer passed through the page (see `page::ANSWER`), nor
+                // one that a recycle for memory may follow: a worker writes every answer
+                // before it exits by itself.
+                let post = !last && limits.max_rss.is_none();
+                results.finish(&mut conn, id, outcome, hold, post)?;
             }
         }
         runs += 1;
@@ -272,6 +276,7 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
             && let Some(rss) = resident_bytes()
             && rss > limit
         {
+            // (No answer was left in the page: see `post` above.)
             send(&mut conn, &FromWorker::Recycling { rss })?;
             return Ok(0);
         }
@@ -337,6 +342,9 @@ struct Results<'p> {
     began_ns: u64,
     /// When the task of the oldest answer held back began.
     held_since_ns: u64,
+    /// The answer of the task last ended was passed through the page (see
+    /// [`page::ANSWER`]), unless the pool has taken it already.
+    posted: bool,
 }
 
 /// Answers held back at most: the pool sends the next tasks as answers arrive, so a
@@ -389,6 +397,7 @@ impl<'p> Results<'p> {
             answer: Vec::new(),
             began_ns: 0,
             held_since_ns: 0,
+            posted: false,
         }
     }
 
@@ -401,20 +410,73 @@ impl<'p> Results<'p> {
     /// Ends task `id`: its `Done` goes out now, with any held before it; or, with `hold`,
     /// is queued on the channel and kept in the page's held area (so that it survives the
     /// worker), to go out with the next write.
+    ///
+    /// With `post`, an answer a caller waits for, awake, is left to it in the page instead
+    /// (see [`page::ANSWER`]).
     fn finish(
         &mut self,
         conn: &mut Duplex<FromWorker, ToWorker>,
         id: u64,
         outcome: Result<(), ItemError>,
         hold: bool,
+        post: bool,
     ) -> Result<(), Stop> {
         if hold && self.held < HELD_MAX && self.hold(conn.sender(), id, &outcome)? {
             self.ended(id);
             return Ok(());
         }
-        self.send_done(conn, id, outcome)?;
+        if post && outcome.is_ok() && self.post(id) {
+            self.ended(id);
+            return Ok(());
+        }
+        self.send_done(conn.sender(), id, outcome)?;
         self.held_sent();
         self.ended(id);
+        Ok(())
+    }
+
+    /// Leaves the answer of task `id` in the result area for the caller that waits for it,
+    /// awake (see [`page::ANSWER`]): `false` if none waits, or the answer is not all there
+    /// (parts sent, results kept in memory, a timed task's) or answers held back must go
+    /// out before it.
+    fn post(&mut self, id: u64) -> bool {
+        let Some(page) = self.page else {
+            return false;
+        };
+        if self.held > 0 || self.sent > 0 || self.timed || self.id != id {
+            return false;
+        }
+        // The area's words were stored (release) as its items ended: the swap publishes
+        // them with it.
+        self.posted = page
+            .atomic_u64(page::ANSWER)
+            .compare_exchange(
+                id | page::WAITING,
+                id | page::POSTED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        self.posted
+    }
+
+    /// Before anything else is written to the channel or to the result area: the answer
+    /// left in the page, if the pool has not taken it, is taken back and written.
+    fn unpost(&mut self, tx: &mut Sender<FromWorker>) -> Result<(), Stop> {
+        if !std::mem::take(&mut self.posted) {
+            return Ok(());
+        }
+        let Some(page) = self.page else {
+            return Ok(());
+        };
+        let id = self.id;
+        let mine = page
+            .atomic_u64(page::ANSWER)
+            .compare_exchange(id | page::POSTED, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if mine {
+            self.send_done(tx, id, Ok(()))?;
+        }
         Ok(())
     }
 
@@ -572,7 +634,7 @@ impl<'p> Results<'p> {
     /// Sends the task's `Done`.
     fn send_done(
         &mut self,
-        conn: &mut Duplex<FromWorker, ToWorker>,
+        tx: &mut Sender<FromWorker>,
         id: u64,
         outcome: Result<(), ItemError>,
     ) -> Result<(), Stop> {
@@ -585,7 +647,7 @@ impl<'p> Results<'p> {
             items,
             outcome: outcome.map(|()| serde_bytes::Bytes::new(self.tail())),
         };
-        if let Err(e) = conn.sender().send_frame_of(&done) {
+        if let Err(e) = tx.send_frame_of(&done) {
             match e.kind() {
                 IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
                 // Too large, or unencodable: the batch fails, the worker lives on.
@@ -599,7 +661,7 @@ impl<'p> Results<'p> {
                         items: 0,
                         outcome,
                     };
-                    conn.sender().send_frame_of(&done).map_err(send_failed)?;
+                    tx.send_frame_of(&done).map_err(send_failed)?;
                 }
             }
         }
@@ -819,6 +881,10 @@ fn run_task(
     payload: &[u8],
     fds: Vec<std::os::fd::OwnedFd>,
 ) -> Step {
+    // An answer left in the page and not taken goes out first, before the area is reused.
+    if results.unpost(tx).is_err() {
+        return Step::Lost;
+    }
     let now = protocol::monotonic_ns();
     // No answer waits long: those held back since a task that began HOLD_AGE_NS ago go out
     // first.

@@ -29,8 +29,9 @@ pub(super) struct WorkerIo {
     /// already written are dropped as they are found): a task whose frame has not left
     /// entirely when the worker dies never reached it.
     pub(super) task_ends: VecDeque<u64>,
-    /// The page where the worker counts the tasks it began (see `ToWorker::Setup`).
-    pub(super) progress: Option<pool_ipc::shm::Segment>,
+    /// The page where the worker counts the tasks it began (see `ToWorker::Setup`); shared
+    /// with a caller that borrows the worker's socket (see `reader::Borrow`).
+    pub(super) progress: Option<Arc<pool_ipc::shm::Segment>>,
     /// Answers (`Done` and `Skipped` messages) received from the worker.
     pub(super) results: u64,
     /// Results of the running task received in `Part`s, and which task that is.
@@ -189,6 +190,11 @@ impl WorkerIo {
     /// The progress page, once the worker keeps it (it may not have opened it: it then
     /// keeps no count).
     fn page(&self) -> Option<&pool_ipc::shm::Segment> {
+        self.kept_page().map(|p| &**p)
+    }
+
+    /// [`WorkerIo::page`], to share.
+    pub(super) fn kept_page(&self) -> Option<&Arc<pool_ipc::shm::Segment>> {
         let page = self.progress.as_ref()?;
         (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
     }
@@ -420,6 +426,68 @@ impl WorkerIo {
         Some(answers)
     }
 
+    /// Says in the page that a caller waits, awake, for the answer to task `id` (see
+    /// `page::ANSWER`), unless an answer the worker left there is still to be taken.
+    pub(super) fn await_in_page(&self, id: u64) {
+        let Some(word) = self.word(page::ANSWER) else {
+            return;
+        };
+        let current = word.load(Ordering::Acquire);
+        if current & page::POSTED == 0 {
+            // Only the worker changes the word meanwhile, and only from `WAITING`.
+            let _ = word.compare_exchange(
+                current,
+                id | page::WAITING,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Takes back what [`WorkerIo::await_in_page`] said, if the worker has not answered
+    /// in the page since.
+    pub(super) fn stop_awaiting(&self) {
+        if let Some(word) = self.word(page::ANSWER) {
+            let current = word.load(Ordering::Acquire);
+            if current & page::WAITING != 0 {
+                let _ = word.compare_exchange(current, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The answer the worker left in its page (see `page::ANSWER`), taken: its task, how
+    /// many items' results it carries and their bytes (`None` if the area holds no such
+    /// answer: the worker broke the protocol). `None` if there is none, or the worker took
+    /// it back (it then writes it to its channel).
+    pub(super) fn take_posted(&self) -> Option<(u64, u64, Option<Vec<u8>>)> {
+        let page = self.page()?;
+        let word = page.atomic_u64(page::ANSWER);
+        let current = word.load(Ordering::Acquire);
+        if current & page::POSTED == 0 {
+            return None;
+        }
+        let id = current & !(page::POSTED | page::WAITING);
+        // Copied before the swap: once the swap succeeds, the worker will not write the
+        // area again before its next task, so what was copied is the answer.
+        let ours = page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
+            && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == 0;
+        let items = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
+        let bytes = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
+        // The worker is not trusted to stay in bounds.
+        let room = page
+            .len()
+            .min(page::HELD_OFFSET)
+            .saturating_sub(page::AREA_OFFSET);
+        let fits = usize::try_from(bytes).is_ok_and(|b| b <= room);
+        let mut area = Vec::new();
+        if ours && fits {
+            page.read_to_vec(page::AREA_OFFSET, bytes as usize, &mut area);
+        }
+        word.compare_exchange(current, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        Some((id, items, (ours && fits).then_some(area)))
+    }
+
     /// Whether `msg`, just read from the worker's channel, is the copy of an answer already
     /// taken from its page (see `salvaged`): then it is passed over, not delivered again.
     ///
@@ -532,7 +600,7 @@ mod tests {
         let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
         page.atomic_u64(page::KEPT)
             .store(PROGRESS_KEPT, Ordering::SeqCst);
-        w.progress = Some(page);
+        w.progress = Some(Arc::new(page));
         // Ids that share their slots: as many marks as slots to probe fit; one more does
         // not, until the worker passes a marked task.
         let slots = page::CANCEL_SLOTS as u64;
