@@ -1004,4 +1004,57 @@ mod tests {
         assert_eq!((n, plain.items), (3, 3));
         assert!(bytes == plain.out);
     }
+
+    #[test]
+    fn an_answer_is_left_in_the_page_only_for_a_caller_waiting_awake_and_written_if_not_taken() {
+        let seg = pool_ipc::shm::Segment::create("procpool-test-post", page::LEN).unwrap();
+        let (mut conn, mut peer) = pool_ipc::duplex::<FromWorker, ToWorker>().unwrap();
+        let answer = seg.atomic_u64(page::ANSWER);
+        let mut results = Results::new(Some(&seg));
+        let items = postcard::to_allocvec(&vec![(2u32,)]).unwrap();
+        let run = |results: &mut Results<'_>, conn: &mut Duplex<FromWorker, ToWorker>, id| {
+            assert!(results.unpost(conn.sender()).is_ok());
+            assert!(results.take_up(id, false, 0));
+            let mut sink = results.sink(conn.sender());
+            run_local(mixed, &items, &mut sink).unwrap();
+            assert!(results.finish(conn, id, Ok(()), false, true).is_ok());
+        };
+        let nothing_sent = |peer: &mut Duplex<ToWorker, FromWorker>| {
+            !peer.receiver().wait_timeout(Duration::ZERO).unwrap()
+        };
+        // Nobody waits: written.
+        run(&mut results, &mut conn, 1);
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done { id: 1, .. }
+        ));
+        // A caller waits: left in the page, the area holding its results.
+        answer.store(2 | page::WAITING, Ordering::SeqCst);
+        run(&mut results, &mut conn, 2);
+        assert!(nothing_sent(&mut peer));
+        assert_eq!(answer.load(Ordering::SeqCst), 2 | page::POSTED);
+        assert_eq!(seg.atomic_u64(page::AREA_TASK).load(Ordering::SeqCst), 2);
+        assert_eq!(seg.atomic_u64(page::AREA_ITEMS).load(Ordering::SeqCst), 1);
+        // Taken by the pool: never written.
+        answer.store(0, Ordering::SeqCst);
+        answer.store(3 | page::WAITING, Ordering::SeqCst);
+        run(&mut results, &mut conn, 3);
+        assert!(nothing_sent(&mut peer));
+        // Not taken before the next task: written first, then the next one's.
+        run(&mut results, &mut conn, 4);
+        assert_eq!(answer.load(Ordering::SeqCst), 0);
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done {
+                id: 3,
+                items: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done { id: 4, .. }
+        ));
+        assert!(nothing_sent(&mut peer));
+    }
 }

@@ -636,4 +636,80 @@ mod tests {
         assert!(!w.passes_over(&skipped));
         assert!(!w.passes_over(&done(5)), "nothing is passed over any more");
     }
+
+    /// A worker with a page it keeps, and the page.
+    fn keeping() -> WorkerIo {
+        let mut w = WorkerIo::new("w".into());
+        let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
+        page.atomic_u64(page::KEPT)
+            .store(PROGRESS_KEPT, Ordering::SeqCst);
+        w.progress = Some(Arc::new(page));
+        w
+    }
+
+    /// What a worker does to leave task `id`'s `results` (`items` of them) in its page:
+    /// `true` if a caller waited for them.
+    fn post(w: &WorkerIo, id: u64, items: u64, results: &[u8]) -> bool {
+        let page = w.page().unwrap();
+        page.atomic_u64(page::AREA_TASK).store(id, Ordering::SeqCst);
+        page.atomic_u64(page::AREA_BASE).store(0, Ordering::SeqCst);
+        page.write_at(page::AREA_OFFSET, results);
+        page.atomic_u64(page::AREA_BYTES)
+            .store(results.len() as u64, Ordering::SeqCst);
+        page.atomic_u64(page::AREA_ITEMS)
+            .store(items, Ordering::SeqCst);
+        page.atomic_u64(page::ANSWER)
+            .compare_exchange(
+                id | page::WAITING,
+                id | page::POSTED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn an_answer_left_in_the_page_is_taken_once_and_only_while_a_caller_waits_for_it() {
+        let w = keeping();
+        // Nobody waits: the worker writes its answer to its channel.
+        assert!(!post(&w, 5, 1, b"\x07"));
+        assert_eq!(w.take_posted(), None);
+        // A caller waits, then sleeps: the same.
+        w.await_in_page(5);
+        w.stop_awaiting();
+        assert!(!post(&w, 5, 1, b"\x07"));
+        // A caller waits, awake: the answer is its to take, once.
+        w.await_in_page(6);
+        assert!(post(&w, 6, 2, b"\x01\x02"));
+        // A later wait does not write over an answer not taken yet.
+        w.await_in_page(7);
+        w.stop_awaiting();
+        assert_eq!(w.take_posted(), Some((6, 2, Some(b"\x01\x02".to_vec()))));
+        assert_eq!(w.take_posted(), None);
+        // Taken back by the worker first (it writes it to its channel): not taken here.
+        w.await_in_page(8);
+        assert!(post(&w, 8, 1, b"\x03"));
+        let word = w.page().unwrap().atomic_u64(page::ANSWER);
+        word.compare_exchange(8 | page::POSTED, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .unwrap();
+        assert_eq!(w.take_posted(), None);
+    }
+
+    #[test]
+    fn an_answer_left_in_the_page_without_its_results_is_a_broken_protocol() {
+        let w = keeping();
+        w.await_in_page(9);
+        assert!(post(&w, 9, 1, b"\x03"));
+        // The area holds another task's results.
+        let page = w.page().unwrap();
+        page.atomic_u64(page::AREA_TASK).store(4, Ordering::SeqCst);
+        assert_eq!(w.take_posted(), Some((9, 1, None)));
+        // Or says it fills more than the area.
+        w.await_in_page(10);
+        assert!(post(&w, 10, 1, b"\x03"));
+        page.atomic_u64(page::AREA_BYTES)
+            .store(u64::MAX, Ordering::SeqCst);
+        assert_eq!(w.take_posted(), Some((10, 1, None)));
+        assert_eq!(w.take_posted(), None);
+    }
 }
