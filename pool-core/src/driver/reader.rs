@@ -669,8 +669,11 @@ impl Fx<'_> {
             w.borrowed = None;
             return None;
         }
-        // Until the caller sleeps, the worker may leave its answer in its page.
-        w.await_in_page(id);
+        // Until the caller sleeps, the worker may leave its answer in its page; not before
+        // its `Ready` is read, which the answer must not overtake.
+        if w.guard.is_ready() {
+            w.await_in_page(id);
+        }
         Some(b)
     }
 }
