@@ -446,10 +446,15 @@ impl<'p> Results<'p> {
         if self.held > 0 || self.sent > 0 || self.timed || self.id != id {
             return false;
         }
+        let word = page.atomic_u64(page::ANSWER);
+        // Mostly nobody waits (a map's tasks, an answer to a caller asleep): a load spares
+        // those the swap.
+        if word.load(Ordering::Relaxed) != id | page::WAITING {
+            return false;
+        }
         // The area's words were stored (release) as its items ended: the swap publishes
         // them with it.
-        self.posted = page
-            .atomic_u64(page::ANSWER)
+        self.posted = word
             .compare_exchange(
                 id | page::WAITING,
                 id | page::POSTED,
