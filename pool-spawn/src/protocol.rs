@@ -203,11 +203,28 @@ pub mod page {
     pub const AREA_ITEMS: usize = 6;
     /// How many bytes of the area they fill.
     pub const AREA_BYTES: usize = 7;
+    /// The answer of a task a caller waits for, passed through the page rather than the
+    /// channel. A caller that borrowed the worker's socket to wait for task `id` (the
+    /// oldest the worker holds) stores `id | `[`WAITING`] here before the task is sent,
+    /// and takes it back (compare-and-swap to 0) before it sleeps. A worker that ends task
+    /// `id` with its results all in the result area, nothing sent in parts and no answer
+    /// held back, swaps `id | WAITING` for `id | `[`POSTED`] instead of writing its
+    /// `Done`: the caller, awake, takes the answer from the area (copy, then swap
+    /// `id | POSTED` for 0). Before it takes up another request (or exits when asked
+    /// to), the worker swaps an answer nobody took for 0 and writes it after all. So
+    /// whichever side's swap succeeds owns the answer: it is delivered once, and the area
+    /// is not written over while it is copied. A worker that dies leaves it for the pool,
+    /// which takes it with the answers it held back.
+    pub const ANSWER: usize = 8;
+    /// In [`ANSWER`]: a caller waits for the task, awake.
+    pub const WAITING: u64 = 1 << 62;
+    /// In [`ANSWER`]: the worker ended the task; its answer is the result area.
+    pub const POSTED: u64 = 1 << 63;
     /// The first of the cancel slots (a word index, past the held area): ids of tasks the
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
     /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
     /// needed, so the worker checks a few slots before each task however many tasks it
-    /// holds: once [`MARKED`] says that the pool marked any. (Words 9 to 39 are unused.)
+    /// holds: once [`MARKED`] says that the pool marked any. (Words 10 to 39 are unused.)
     pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
     /// Nonzero once the pool has marked a task cancelled on this page, stored after the
     /// mark (sequentially consistent, as the marks are): a worker that loads it after
@@ -215,7 +232,7 @@ pub mod page {
     /// the pool will see the task taken up, without reading the slots. Reading them would
     /// give the page's memory for them (a page of the shared file), which a worker
     /// recycled after every task paid for every task.
-    pub const MARKED: usize = 8;
+    pub const MARKED: usize = 9;
     /// How many cancel slots there are: four times as many as tasks a worker may hold.
     pub const CANCEL_SLOTS: usize = 4096;
     /// How many slots a task's mark may go in.

@@ -238,6 +238,7 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
         match step {
             Step::Exit => {
                 // Best effort: a pool that closed the channel reads them from the page.
+                let _ = results.unpost(conn.sender());
                 let _ = results.flush_held(conn.sender());
                 return Ok(0);
             }
@@ -258,10 +259,13 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                 // While another request waits (read already, whole or in part), the answer
                 // may wait for the next ones, to go out with them in one write; not the
                 // last answer before the worker exits (see HOLD_ANSWERS).
-                let hold = protocol::HOLD_ANSWERS
-                    && conn.receiver().has_partial_frame()
-                    && max_tasks.is_none_or(|m| runs + 1 < m);
-                results.finish(&mut conn, id, outcome, hold)?;
+                let last = max_tasks.is_some_and(|m| runs + 1 >= m);
+                let hold = protocol::HOLD_ANSWERS && conn.receiver().has_partial_frame() && !last;
+                // Nor is the last answer passed through the page (see `page::ANSWER`), nor
+                // one that a recycle for memory may follow: a worker writes every answer
+                // before it exits by itself.
+                let post = !last && limits.max_rss.is_none();
+                results.finish(&mut conn, id, outcome, hold, post)?;
             }
         }
         runs += 1;
@@ -272,6 +276,7 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
             && let Some(rss) = resident_bytes()
             && rss > limit
         {
+            // (No answer was left in the page: see `post` above.)
             send(&mut conn, &FromWorker::Recycling { rss })?;
             return Ok(0);
         }
@@ -337,6 +342,9 @@ struct Results<'p> {
     began_ns: u64,
     /// When the task of the oldest answer held back began.
     held_since_ns: u64,
+    /// The answer of the task last ended was passed through the page (see
+    /// [`page::ANSWER`]), unless the pool has taken it already.
+    posted: bool,
 }
 
 /// Answers held back at most: the pool sends the next tasks as answers arrive, so a
@@ -389,6 +397,7 @@ impl<'p> Results<'p> {
             answer: Vec::new(),
             began_ns: 0,
             held_since_ns: 0,
+            posted: false,
         }
     }
 
@@ -401,20 +410,78 @@ impl<'p> Results<'p> {
     /// Ends task `id`: its `Done` goes out now, with any held before it; or, with `hold`,
     /// is queued on the channel and kept in the page's held area (so that it survives the
     /// worker), to go out with the next write.
+    ///
+    /// With `post`, an answer a caller waits for, awake, is left to it in the page instead
+    /// (see [`page::ANSWER`]).
     fn finish(
         &mut self,
         conn: &mut Duplex<FromWorker, ToWorker>,
         id: u64,
         outcome: Result<(), ItemError>,
         hold: bool,
+        post: bool,
     ) -> Result<(), Stop> {
         if hold && self.held < HELD_MAX && self.hold(conn.sender(), id, &outcome)? {
             self.ended(id);
             return Ok(());
         }
-        self.send_done(conn, id, outcome)?;
+        if post && outcome.is_ok() && self.post(id) {
+            self.ended(id);
+            return Ok(());
+        }
+        self.send_done(conn.sender(), id, outcome)?;
         self.held_sent();
         self.ended(id);
+        Ok(())
+    }
+
+    /// Leaves the answer of task `id` in the result area for the caller that waits for it,
+    /// awake (see [`page::ANSWER`]): `false` if none waits, or the answer is not all there
+    /// (parts sent, results kept in memory, a timed task's) or answers held back must go
+    /// out before it.
+    fn post(&mut self, id: u64) -> bool {
+        let Some(page) = self.page else {
+            return false;
+        };
+        if self.held > 0 || self.sent > 0 || self.timed || self.id != id {
+            return false;
+        }
+        let word = page.atomic_u64(page::ANSWER);
+        // Mostly nobody waits (a map's tasks, an answer to a caller asleep): a load spares
+        // those the swap.
+        if word.load(Ordering::Relaxed) != id | page::WAITING {
+            return false;
+        }
+        // The area's words were stored (release) as its items ended: the swap publishes
+        // them with it.
+        self.posted = word
+            .compare_exchange(
+                id | page::WAITING,
+                id | page::POSTED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        self.posted
+    }
+
+    /// Before anything else is written to the channel or to the result area: the answer
+    /// left in the page, if the pool has not taken it, is taken back and written.
+    fn unpost(&mut self, tx: &mut Sender<FromWorker>) -> Result<(), Stop> {
+        if !std::mem::take(&mut self.posted) {
+            return Ok(());
+        }
+        let Some(page) = self.page else {
+            return Ok(());
+        };
+        let id = self.id;
+        let mine = page
+            .atomic_u64(page::ANSWER)
+            .compare_exchange(id | page::POSTED, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if mine {
+            self.send_done(tx, id, Ok(()))?;
+        }
         Ok(())
     }
 
@@ -573,7 +640,7 @@ impl<'p> Results<'p> {
     /// Sends the task's `Done`.
     fn send_done(
         &mut self,
-        conn: &mut Duplex<FromWorker, ToWorker>,
+        tx: &mut Sender<FromWorker>,
         id: u64,
         outcome: Result<(), ItemError>,
     ) -> Result<(), Stop> {
@@ -586,7 +653,7 @@ impl<'p> Results<'p> {
             items,
             outcome: outcome.map(|()| serde_bytes::Bytes::new(self.tail())),
         };
-        if let Err(e) = conn.sender().send_frame_of(&done) {
+        if let Err(e) = tx.send_frame_of(&done) {
             match e.kind() {
                 IpcKind::Io | IpcKind::Closed => return Err(Stop::Lost),
                 // Too large, or unencodable: the batch fails, the worker lives on.
@@ -600,7 +667,7 @@ impl<'p> Results<'p> {
                         items: 0,
                         outcome,
                     };
-                    conn.sender().send_frame_of(&done).map_err(send_failed)?;
+                    tx.send_frame_of(&done).map_err(send_failed)?;
                 }
             }
         }
@@ -820,6 +887,10 @@ fn run_task(
     payload: &[u8],
     fds: Vec<std::os::fd::OwnedFd>,
 ) -> Step {
+    // An answer left in the page and not taken goes out first, before the area is reused.
+    if results.unpost(tx).is_err() {
+        return Step::Lost;
+    }
     let now = protocol::monotonic_ns();
     // No answer waits long: those held back since a task that began HOLD_AGE_NS ago go out
     // first.
@@ -938,5 +1009,58 @@ mod tests {
         let (n, bytes) = through_area(1 << 20, &input);
         assert_eq!((n, plain.items), (3, 3));
         assert!(bytes == plain.out);
+    }
+
+    #[test]
+    fn an_answer_is_left_in_the_page_only_for_a_caller_waiting_awake_and_written_if_not_taken() {
+        let seg = pool_ipc::shm::Segment::create("procpool-test-post", page::LEN).unwrap();
+        let (mut conn, mut peer) = pool_ipc::duplex::<FromWorker, ToWorker>().unwrap();
+        let answer = seg.atomic_u64(page::ANSWER);
+        let mut results = Results::new(Some(&seg));
+        let items = postcard::to_allocvec(&vec![(2u32,)]).unwrap();
+        let run = |results: &mut Results<'_>, conn: &mut Duplex<FromWorker, ToWorker>, id| {
+            assert!(results.unpost(conn.sender()).is_ok());
+            assert!(results.take_up(id, false, 0));
+            let mut sink = results.sink(conn.sender());
+            run_local(mixed, &items, &mut sink).unwrap();
+            assert!(results.finish(conn, id, Ok(()), false, true).is_ok());
+        };
+        let nothing_sent = |peer: &mut Duplex<ToWorker, FromWorker>| {
+            !peer.receiver().wait_timeout(Duration::ZERO).unwrap()
+        };
+        // Nobody waits: written.
+        run(&mut results, &mut conn, 1);
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done { id: 1, .. }
+        ));
+        // A caller waits: left in the page, the area holding its results.
+        answer.store(2 | page::WAITING, Ordering::SeqCst);
+        run(&mut results, &mut conn, 2);
+        assert!(nothing_sent(&mut peer));
+        assert_eq!(answer.load(Ordering::SeqCst), 2 | page::POSTED);
+        assert_eq!(seg.atomic_u64(page::AREA_TASK).load(Ordering::SeqCst), 2);
+        assert_eq!(seg.atomic_u64(page::AREA_ITEMS).load(Ordering::SeqCst), 1);
+        // Taken by the pool: never written.
+        answer.store(0, Ordering::SeqCst);
+        answer.store(3 | page::WAITING, Ordering::SeqCst);
+        run(&mut results, &mut conn, 3);
+        assert!(nothing_sent(&mut peer));
+        // Not taken before the next task: written first, then the next one's.
+        run(&mut results, &mut conn, 4);
+        assert_eq!(answer.load(Ordering::SeqCst), 0);
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done {
+                id: 3,
+                items: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            peer.recv().unwrap(),
+            FromWorker::Done { id: 4, .. }
+        ));
+        assert!(nothing_sent(&mut peer));
     }
 }

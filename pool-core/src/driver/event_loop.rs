@@ -597,6 +597,8 @@ impl Driver {
             // The answers it held back first: the tasks they answer ran, and are delivered.
             // (Gone: nothing writes over them.)
             let _ = super::reader::salvage_held(p, fx, wid);
+            // Then an answer it left in its page for a caller that has not taken it yet.
+            let _ = super::reader::deliver_posted(p, fx, wid);
             let (mut undelivered, mut begun) = (0, None);
             if let Some(w) = fx.io.get_mut(&wid) {
                 w.status = status;
@@ -614,9 +616,11 @@ impl Driver {
             // Its page serves a later worker only once the process is known to be gone (it
             // was reaped, or has ended): nothing writes to it any more. (Whatever the page held was read
             // above, by `exited_with`.)
+            // (Not while a caller that borrowed its socket still holds it.)
             (status.is_some() || ended)
                 .then(|| w.progress.take())
                 .flatten()
+                .and_then(|p| Arc::try_unwrap(p).ok())
         });
         if let Some(page) = page
             && self.pages.len() < super::launch::KEEP_PAGES

@@ -181,7 +181,7 @@ fn wire_up(
     };
     let backlog = std::mem::take(&mut w.backlog);
     w.conn = Some(conn);
-    w.progress = progress;
+    w.progress = progress.map(Arc::new);
     w.write_pending_cancels();
     for (f, pins, is_task) in backlog {
         if let Some(conn) = w.conn.as_mut() {

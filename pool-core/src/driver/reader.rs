@@ -459,6 +459,36 @@ pub(super) fn salvage_held(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: W
     true
 }
 
+/// Delivers the answer worker `wid` left in its page for a caller (see `page::ANSWER`), if
+/// it left one and has not taken it back: `false` if that answer is not one it may give
+/// (not the results of the oldest task it holds), the worker then being faulty.
+pub(super) fn deliver_posted(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid: WorkerId) -> bool {
+    let Some(w) = fx.io.get_mut(&wid) else {
+        return true;
+    };
+    let Some((id, items, bytes)) = w.take_posted() else {
+        return true;
+    };
+    let Some(frame) = bytes else {
+        w.exit_note = Some(format!(
+            "it left an answer to task {id} in its page without its results"
+        ));
+        return false;
+    };
+    let (name, pid) = (w.name.clone(), w.pid);
+    let now = Instant::now();
+    let answer = Answer {
+        id,
+        items,
+        outcome: Ok(0..frame.len()),
+        frame,
+        fds: Vec::new(),
+    };
+    let given = on_done(policy, fx, wid, (&WorkerName::of(&name), pid), answer, now);
+    tell_pace(policy, fx, wid, now);
+    given
+}
+
 /// Looks at the answers worker `wid` holds back and delivers them (see [`salvage_held`]);
 /// returns when to look again, if ever before it next says something.
 ///
@@ -515,6 +545,55 @@ pub(crate) struct Borrow {
     look: Option<Instant>,
     /// Readable once the worker is sent another task (see `WorkerIo::nudge`).
     nudge: Option<Arc<OwnedFd>>,
+    /// The task whose answer the caller waits for, and the worker's progress page, if it
+    /// keeps one: see [`Borrow::answered`] and [`Borrow::posted`].
+    id: u64,
+    page: Option<Arc<pool_ipc::shm::Segment>>,
+}
+
+impl Borrow {
+    /// Before the caller sleeps: takes back its word that it waits awake (see
+    /// `page::ANSWER`); `true` if the worker answered in the page meanwhile (the answer is
+    /// then the caller's to take, and it must not sleep: nothing more comes on the
+    /// socket for it).
+    fn posted(&self) -> bool {
+        let Some(page) = &self.page else {
+            return false;
+        };
+        let word = page.atomic_u64(protocol::page::ANSWER);
+        match word.compare_exchange(
+            self.id | protocol::page::WAITING,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => false,
+            Err(now) => now & protocol::page::POSTED != 0,
+        }
+    }
+
+    /// Whether the worker's answer to the caller's task is on its socket already, as its
+    /// page says: it ended the task (neither skipped nor running it) with no answer held
+    /// back (a held answer counts until it is written; the worker marks a task ended only
+    /// once its answer is written or held). Then poll has nothing to wait for: the caller
+    /// reads at once. On a CPU the caller and the worker share, the caller's write of the
+    /// task wakes the worker, which runs before the caller goes on; the answer is then
+    /// there as soon as the caller looks, and the poll was a system call of its own.
+    fn answered(&self) -> bool {
+        let Some(page) = &self.page else {
+            return false;
+        };
+        // CURRENT first: a count of held answers loaded after it is the count once the
+        // task ended, or a later one (reaching 0 only once they were written).
+        let current = page
+            .atomic_u64(protocol::page::CURRENT)
+            .load(Ordering::Acquire);
+        current == self.id | protocol::page::ENDED
+            && page
+                .atomic_u64(protocol::page::HELD_COUNT)
+                .load(Ordering::Acquire)
+                == 0
+    }
 }
 
 impl Fx<'_> {
@@ -580,6 +659,8 @@ impl Fx<'_> {
             exit,
             look,
             nudge,
+            id,
+            page: w.kept_page().cloned(),
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid, true);
@@ -587,6 +668,11 @@ impl Fx<'_> {
             // Still in the driver's set (the kernel refused): left to the driver.
             w.borrowed = None;
             return None;
+        }
+        // Until the caller sleeps, the worker may leave its answer in its page; not before
+        // its `Ready` is read, which the answer must not overtake.
+        if w.guard.is_ready() {
+            w.await_in_page(id);
         }
         Some(b)
     }
@@ -626,13 +712,17 @@ impl Shared {
                 tv_nsec: i64::from(d.subsec_nanos()),
             }
         });
-        let woke = match rustix::event::poll(&mut fds[..n], timeout.as_ref()) {
-            Ok(n) => n > 0,
-            // Interrupted: look, then call again.
-            Err(_) => true,
-        };
+        // Answered in the page, or on the socket already: taken, or read, without polling.
+        let posted = b.posted();
+        let answered = posted || b.answered();
+        let woke = answered
+            || match rustix::event::poll(&mut fds[..n], timeout.as_ref()) {
+                Ok(n) => n > 0,
+                // Interrupted: look, then call again.
+                Err(_) => true,
+            };
         let exited = !fds[1].revents().is_empty();
-        let readable = !fds[0].revents().is_empty() || exited;
+        let readable = (answered && !posted) || !fds[0].revents().is_empty() || exited;
         if let Some(fd) = &b.nudge
             && !fds[2].revents().is_empty()
         {
@@ -648,11 +738,17 @@ impl Shared {
                 // back when the task's frame could not be written at once.
                 return;
             }
-            let end = if readable {
-                read_worker(policy, fx, wid, false)
-            } else {
-                ReadEnd::default()
-            };
+            let mut end = ReadEnd::default();
+            if posted && !deliver_posted(policy, fx, wid) {
+                end.broken = true;
+                policy.channel_closed(wid, fx);
+                if let Some(w) = fx.io.get_mut(&wid) {
+                    w.ended = true;
+                }
+            }
+            if readable && !end.closed() {
+                end = read_worker(policy, fx, wid, false);
+            }
             if look && !end.closed() {
                 let next = look_held(policy, fx, wid, Instant::now());
                 fx.plan_look(wid, next);

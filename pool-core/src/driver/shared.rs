@@ -273,8 +273,11 @@ impl Shared {
                     && !matches!(conn.flush(), Ok(true))
                 {
                     inner.wake_driver = true;
-                    // The driver finishes the write: a caller may not keep the socket.
+                    // The driver finishes the write: a caller may not keep the socket, nor
+                    // wait for the answer in the page (the worker cannot have ended the
+                    // task: its frame is not all written).
                     w.borrowed = None;
+                    w.stop_awaiting();
                 }
                 // A worker given its first task since it was idle is watched again (unless
                 // a caller borrowed it to read the answer itself).

@@ -29,8 +29,9 @@ pub(super) struct WorkerIo {
     /// already written are dropped as they are found): a task whose frame has not left
     /// entirely when the worker dies never reached it.
     pub(super) task_ends: VecDeque<u64>,
-    /// The page where the worker counts the tasks it began (see `ToWorker::Setup`).
-    pub(super) progress: Option<pool_ipc::shm::Segment>,
+    /// The page where the worker counts the tasks it began (see `ToWorker::Setup`); shared
+    /// with a caller that borrows the worker's socket (see `reader::Borrow`).
+    pub(super) progress: Option<Arc<pool_ipc::shm::Segment>>,
     /// Answers (`Done` and `Skipped` messages) received from the worker.
     pub(super) results: u64,
     /// Results of the running task received in `Part`s, and which task that is.
@@ -189,6 +190,11 @@ impl WorkerIo {
     /// The progress page, once the worker keeps it (it may not have opened it: it then
     /// keeps no count).
     fn page(&self) -> Option<&pool_ipc::shm::Segment> {
+        self.kept_page().map(|p| &**p)
+    }
+
+    /// [`WorkerIo::page`], to share.
+    pub(super) fn kept_page(&self) -> Option<&Arc<pool_ipc::shm::Segment>> {
         let page = self.progress.as_ref()?;
         (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
     }
@@ -423,6 +429,68 @@ impl WorkerIo {
         Some(answers)
     }
 
+    /// Says in the page that a caller waits, awake, for the answer to task `id` (see
+    /// `page::ANSWER`), unless an answer the worker left there is still to be taken.
+    pub(super) fn await_in_page(&self, id: u64) {
+        let Some(word) = self.word(page::ANSWER) else {
+            return;
+        };
+        let current = word.load(Ordering::Acquire);
+        if current & page::POSTED == 0 {
+            // Only the worker changes the word meanwhile, and only from `WAITING`.
+            let _ = word.compare_exchange(
+                current,
+                id | page::WAITING,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Takes back what [`WorkerIo::await_in_page`] said, if the worker has not answered
+    /// in the page since.
+    pub(super) fn stop_awaiting(&self) {
+        if let Some(word) = self.word(page::ANSWER) {
+            let current = word.load(Ordering::Acquire);
+            if current & page::WAITING != 0 {
+                let _ = word.compare_exchange(current, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The answer the worker left in its page (see `page::ANSWER`), taken: its task, how
+    /// many items' results it carries and their bytes (`None` if the area holds no such
+    /// answer: the worker broke the protocol). `None` if there is none, or the worker took
+    /// it back (it then writes it to its channel).
+    pub(super) fn take_posted(&self) -> Option<(u64, u64, Option<Vec<u8>>)> {
+        let page = self.page()?;
+        let word = page.atomic_u64(page::ANSWER);
+        let current = word.load(Ordering::Acquire);
+        if current & page::POSTED == 0 {
+            return None;
+        }
+        let id = current & !(page::POSTED | page::WAITING);
+        // Copied before the swap: once the swap succeeds, the worker will not write the
+        // area again before its next task, so what was copied is the answer.
+        let ours = page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
+            && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == 0;
+        let items = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
+        let bytes = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
+        // The worker is not trusted to stay in bounds.
+        let room = page
+            .len()
+            .min(page::HELD_OFFSET)
+            .saturating_sub(page::AREA_OFFSET);
+        let fits = usize::try_from(bytes).is_ok_and(|b| b <= room);
+        let mut area = Vec::new();
+        if ours && fits {
+            page.read_to_vec(page::AREA_OFFSET, bytes as usize, &mut area);
+        }
+        word.compare_exchange(current, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        Some((id, items, (ours && fits).then_some(area)))
+    }
+
     /// Whether `msg`, just read from the worker's channel, is the copy of an answer already
     /// taken from its page (see `salvaged`): then it is passed over, not delivered again.
     ///
@@ -535,7 +603,7 @@ mod tests {
         let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
         page.atomic_u64(page::KEPT)
             .store(PROGRESS_KEPT, Ordering::SeqCst);
-        w.progress = Some(page);
+        w.progress = Some(Arc::new(page));
         // Ids that share their slots: as many marks as slots to probe fit; one more does
         // not, until the worker passes a marked task.
         let slots = page::CANCEL_SLOTS as u64;
@@ -570,5 +638,81 @@ mod tests {
         let skipped: Result<FromWorker<()>, ()> = Ok(FromWorker::Skipped { id: 8 });
         assert!(!w.passes_over(&skipped));
         assert!(!w.passes_over(&done(5)), "nothing is passed over any more");
+    }
+
+    /// A worker with a page it keeps, and the page.
+    fn keeping() -> WorkerIo {
+        let mut w = WorkerIo::new("w".into());
+        let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
+        page.atomic_u64(page::KEPT)
+            .store(PROGRESS_KEPT, Ordering::SeqCst);
+        w.progress = Some(Arc::new(page));
+        w
+    }
+
+    /// What a worker does to leave task `id`'s `results` (`items` of them) in its page:
+    /// `true` if a caller waited for them.
+    fn post(w: &WorkerIo, id: u64, items: u64, results: &[u8]) -> bool {
+        let page = w.page().unwrap();
+        page.atomic_u64(page::AREA_TASK).store(id, Ordering::SeqCst);
+        page.atomic_u64(page::AREA_BASE).store(0, Ordering::SeqCst);
+        page.write_at(page::AREA_OFFSET, results);
+        page.atomic_u64(page::AREA_BYTES)
+            .store(results.len() as u64, Ordering::SeqCst);
+        page.atomic_u64(page::AREA_ITEMS)
+            .store(items, Ordering::SeqCst);
+        page.atomic_u64(page::ANSWER)
+            .compare_exchange(
+                id | page::WAITING,
+                id | page::POSTED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn an_answer_left_in_the_page_is_taken_once_and_only_while_a_caller_waits_for_it() {
+        let w = keeping();
+        // Nobody waits: the worker writes its answer to its channel.
+        assert!(!post(&w, 5, 1, b"\x07"));
+        assert_eq!(w.take_posted(), None);
+        // A caller waits, then sleeps: the same.
+        w.await_in_page(5);
+        w.stop_awaiting();
+        assert!(!post(&w, 5, 1, b"\x07"));
+        // A caller waits, awake: the answer is its to take, once.
+        w.await_in_page(6);
+        assert!(post(&w, 6, 2, b"\x01\x02"));
+        // A later wait does not write over an answer not taken yet.
+        w.await_in_page(7);
+        w.stop_awaiting();
+        assert_eq!(w.take_posted(), Some((6, 2, Some(b"\x01\x02".to_vec()))));
+        assert_eq!(w.take_posted(), None);
+        // Taken back by the worker first (it writes it to its channel): not taken here.
+        w.await_in_page(8);
+        assert!(post(&w, 8, 1, b"\x03"));
+        let word = w.page().unwrap().atomic_u64(page::ANSWER);
+        word.compare_exchange(8 | page::POSTED, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .unwrap();
+        assert_eq!(w.take_posted(), None);
+    }
+
+    #[test]
+    fn an_answer_left_in_the_page_without_its_results_is_a_broken_protocol() {
+        let w = keeping();
+        w.await_in_page(9);
+        assert!(post(&w, 9, 1, b"\x03"));
+        // The area holds another task's results.
+        let page = w.page().unwrap();
+        page.atomic_u64(page::AREA_TASK).store(4, Ordering::SeqCst);
+        assert_eq!(w.take_posted(), Some((9, 1, None)));
+        // Or says it fills more than the area.
+        w.await_in_page(10);
+        assert!(post(&w, 10, 1, b"\x03"));
+        page.atomic_u64(page::AREA_BYTES)
+            .store(u64::MAX, Ordering::SeqCst);
+        assert_eq!(w.take_posted(), Some((10, 1, None)));
+        assert_eq!(w.take_posted(), None);
     }
 }
