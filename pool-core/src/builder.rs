@@ -309,9 +309,7 @@ impl PoolBuilder {
     /// first in `main`, `Fork` is refused in a threaded process, or the process runs out of
     /// file descriptors even at the hard limit: the error says which worker failed, why, and
     /// what a worker costs). A worker that cannot start during `build` is always an error,
-    /// never a hang. (With [`StartMethod::Spawn`], `build` returns once the first worker has
-    /// answered; one begun with it that fails to answer afterwards is a failed start, as a
-    /// replacement's is.)
+    /// never a hang.
     pub fn build(self) -> Result<Pool, BuildError> {
         let processes = match self.processes {
             Some(0) => return Err(BuildError::invalid("processes must be at least 1")),

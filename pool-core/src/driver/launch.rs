@@ -242,9 +242,7 @@ pub(crate) struct WatchFds {
 
 impl Driver {
     /// Starts the initial workers: every one is begun before any is waited for, so that
-    /// spawned workers load and answer in parallel, and only the first spawned one's hello
-    /// is waited for here (the driver takes the others', see [`Driver::watch_start`]), so
-    /// that the pool's first tasks need not wait for the last. The first failure is returned with the
+    /// spawned workers load and answer in parallel. The first failure is returned with the
     /// number of workers started before it; the pool is then terminated, and the slot that
     /// failed, those still starting and those never launched are settled as launch
     /// failures, so that the driver can run to its end (they stayed in the policy forever,
@@ -276,14 +274,6 @@ impl Driver {
         for (wid, start) in waiting {
             if failure.is_some() {
                 abandoned.push(wid);
-                continue;
-            }
-            if started > 0 {
-                // One worker answered: the pool can run its first tasks. The others' hellos
-                // are taken by the driver as they come, as a replacement's are, rather than
-                // waited for here one after the other (the later ones were begun later:
-                // a spawn waits for the one before it to be executed).
-                self.watch_start(wid, start);
                 continue;
             }
             let (worker, prepared) = match start.wait() {
