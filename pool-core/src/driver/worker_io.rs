@@ -362,29 +362,17 @@ impl WorkerIo {
             items = parts.iter().map(|b| b.items).sum();
         }
         let mut last = None;
-        if let Some(page) = self.page()
-            && page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
-            && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == items
+        if let Some((n, frame)) = self.page().and_then(|p| result_area(p, id, items))
+            && n > 0
         {
-            let n = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
-            let len = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
-            let room = page
-                .len()
-                .min(page::HELD_OFFSET)
-                .saturating_sub(page::AREA_OFFSET) as u64;
-            // The worker is not trusted to stay in bounds.
-            if n > 0 && len <= room {
-                let mut frame = Vec::new();
-                page.read_to_vec(page::AREA_OFFSET, len as usize, &mut frame);
-                last = Some(Batch {
-                    range: 0..frame.len(),
-                    frame,
-                    items: n,
-                    tail: Vec::new(),
-                    fds: Vec::new(),
-                });
-                items += n;
-            }
+            last = Some(Batch {
+                range: 0..frame.len(),
+                frame,
+                items: n,
+                tail: Vec::new(),
+                fds: Vec::new(),
+            });
+            items += n;
         }
         (items, Batches::new(parts, last))
     }
@@ -472,23 +460,16 @@ impl WorkerIo {
         let id = current & !(page::POSTED | page::WAITING);
         // Copied before the swap: once the swap succeeds, the worker will not write the
         // area again before its next task, so what was copied is the answer.
-        let ours = page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) == id
-            && page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) == 0;
-        let items = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
-        let bytes = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
-        // The worker is not trusted to stay in bounds.
-        let room = page
-            .len()
-            .min(page::HELD_OFFSET)
-            .saturating_sub(page::AREA_OFFSET);
-        let fits = usize::try_from(bytes).is_ok_and(|b| b <= room);
-        let mut area = Vec::new();
-        if ours && fits {
-            page.read_to_vec(page::AREA_OFFSET, bytes as usize, &mut area);
-        }
+        let (items, area) = match result_area(page, id, 0) {
+            Some((items, area)) => (items, Some(area)),
+            None => (
+                page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire),
+                None,
+            ),
+        };
         word.compare_exchange(current, 0, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
-        Some((id, items, (ours && fits).then_some(area)))
+        Some((id, items, area))
     }
 
     /// Whether `msg`, just read from the worker's channel, is the copy of an answer already
@@ -555,6 +536,27 @@ fn free_cancel_slot(page: &pool_ipc::shm::Segment, marked: &IdSet, id: u64) -> O
             let held = page.atomic_u64(slot).load(Ordering::Acquire);
             held == 0 || held == id || !marked.contains(&held)
         })
+}
+
+/// The results of task `id` in `page`'s result area, if it holds them from item `base`
+/// on: how many items, and their bytes. The worker is not trusted to stay in bounds: an
+/// area that claims more bytes than it has holds nothing.
+fn result_area(page: &pool_ipc::shm::Segment, id: u64, base: u64) -> Option<(u64, Vec<u8>)> {
+    if page.atomic_u64(page::AREA_TASK).load(Ordering::Acquire) != id
+        || page.atomic_u64(page::AREA_BASE).load(Ordering::Acquire) != base
+    {
+        return None;
+    }
+    let items = page.atomic_u64(page::AREA_ITEMS).load(Ordering::Acquire);
+    let bytes = page.atomic_u64(page::AREA_BYTES).load(Ordering::Acquire);
+    let room = page
+        .len()
+        .min(page::HELD_OFFSET)
+        .saturating_sub(page::AREA_OFFSET);
+    let bytes = usize::try_from(bytes).ok().filter(|&b| b <= room)?;
+    let mut area = Vec::new();
+    page.read_to_vec(page::AREA_OFFSET, bytes, &mut area);
+    Some((items, area))
 }
 
 #[cfg(test)]
