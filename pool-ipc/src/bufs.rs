@@ -156,10 +156,12 @@ pub fn keep_buffer(v: Vec<u8>) {
     give(v);
 }
 
-/// Small frames' buffers kept at most by one thread (see [`keep_small_frames`])...
-const SMALL_COUNT: usize = 1024;
-/// ... each of at most this many bytes.
-const SMALL_MAX: usize = 1024;
+/// How many small frames' buffers one thread keeps at most (see [`keep_small_frames`]):
+/// a holder of frames meant for it need keep no more.
+pub const SMALL_FRAMES_KEPT: usize = 1024;
+/// The largest buffer, in bytes, that [`keep_small_frames`] keeps: a holder of frames meant
+/// for it may free larger ones at once.
+pub const SMALL_FRAME_MAX: usize = 1024;
 
 thread_local! {
     /// Buffers of small frames handed to this thread, for the next small frames it makes.
@@ -186,14 +188,14 @@ thread_local! {
 pub fn keep_small_frames(frames: impl IntoIterator<Item = crate::FrameBuf>) {
     for f in frames {
         let mut v = f.into_buf();
-        if !(1..=SMALL_MAX).contains(&v.capacity()) {
+        if !(1..=SMALL_FRAME_MAX).contains(&v.capacity()) {
             continue;
         }
         v.clear();
         // Each alone: the iterator may make frames too.
         let _ = SMALL.try_with(|kept| {
             if let Ok(mut kept) = kept.try_borrow_mut()
-                && kept.len() < SMALL_COUNT
+                && kept.len() < SMALL_FRAMES_KEPT
             {
                 kept.push(v);
             }
@@ -203,7 +205,7 @@ pub fn keep_small_frames(frames: impl IntoIterator<Item = crate::FrameBuf>) {
 
 /// A kept small buffer (see [`keep_small_frames`]) with room for `len` bytes, if any.
 pub(crate) fn take_small(len: usize) -> Option<Vec<u8>> {
-    if len > SMALL_MAX {
+    if len > SMALL_FRAME_MAX {
         return None;
     }
     SMALL
@@ -278,14 +280,15 @@ mod tests {
     }
 
     /// The buffers of small frames handed back hold this thread's next small frames, the
-    /// last handed back first; large ones are freed, and no more than `SMALL_COUNT` are kept.
+    /// last handed back first; large ones are freed, and no more than `SMALL_FRAMES_KEPT`
+    /// are kept.
     #[test]
     fn small_frames_handed_back_hold_the_next_ones() {
         use crate::FrameBuf;
         let mut small = FrameBuf::with_capacity(40);
         small.extend_from_slice(&[1, 2, 3]);
         let at = small.payload().as_ptr();
-        let large = FrameBuf::with_capacity(4 * SMALL_MAX);
+        let large = FrameBuf::with_capacity(4 * SMALL_FRAME_MAX);
         keep_small_frames([large, small]);
         let again = FrameBuf::with_capacity(40);
         assert_eq!(
@@ -298,17 +301,17 @@ mod tests {
         assert!(take_small(1).is_none());
         // A kept buffer too small for a frame is left for a smaller one.
         keep_small_frames([FrameBuf::with_capacity(8)]);
-        assert!(take_small(SMALL_MAX).is_none());
+        assert!(take_small(SMALL_FRAME_MAX).is_none());
         assert!(take_small(4).is_some());
         // An iterator that makes frames as it goes gets the buffers kept meanwhile.
         keep_small_frames((0..3).map(|_| FrameBuf::with_capacity(8)));
         assert_eq!(SMALL.with_borrow(Vec::len), 1);
         // Bounded.
-        let many: Vec<FrameBuf> = (0..2 * SMALL_COUNT)
+        let many: Vec<FrameBuf> = (0..2 * SMALL_FRAMES_KEPT)
             .map(|_| FrameBuf::with_capacity(8))
             .collect();
         keep_small_frames(many);
-        assert_eq!(SMALL.with_borrow(Vec::len), SMALL_COUNT);
+        assert_eq!(SMALL.with_borrow(Vec::len), SMALL_FRAMES_KEPT);
         SMALL.with_borrow_mut(Vec::clear);
     }
 

@@ -70,7 +70,7 @@ pub mod shm;
 pub mod strategies;
 mod why;
 
-pub use bufs::{keep_buffer, keep_small_frames, reuse_buffer};
+pub use bufs::{SMALL_FRAME_MAX, SMALL_FRAMES_KEPT, keep_buffer, keep_small_frames, reuse_buffer};
 pub use chan::{Duplex, Receiver, Sender, duplex, duplex_with_config};
 pub use config::Config;
 pub use conn::FramedConn;

@@ -45,19 +45,14 @@ pub(crate) struct Fx<'a> {
     pub(super) spent_frames: &'a mut Vec<FrameBuf>,
 }
 
-/// Frames of tasks done kept at most for the next submitter...
-const SPENT_FRAMES: usize = 1024;
-/// ... each of at most this many bytes (the frames of small tasks: a large frame is freed
-/// as soon as its task is done).
-const SPENT_FRAME_MAX: usize = 1024;
-
 impl Fx<'_> {
     /// Keeps the frame of a task done (answered: it will not be sent again) for the next
-    /// submitter, if there is room.
+    /// submitter, if there is room: as many as, and no larger than, what
+    /// `pool_ipc::keep_small_frames` keeps of them (a large frame is freed at once).
     pub(super) fn keep_spent(&mut self, frame: Option<FrameBuf>) {
         if let Some(f) = frame
-            && f.capacity() <= SPENT_FRAME_MAX
-            && self.spent_frames.len() < SPENT_FRAMES
+            && f.capacity() <= pool_ipc::SMALL_FRAME_MAX
+            && self.spent_frames.len() < pool_ipc::SMALL_FRAMES_KEPT
         {
             self.spent_frames.push(f);
         }
