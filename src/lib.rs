@@ -129,7 +129,19 @@
 //! default dynamic build (shared unwinder included). procpool works
 //! the same (a statically linked glibc cannot load the modules some user and host name
 //! lookups need; musl has no such limit). Where pools are built often (a short-lived
-//! command), that is worth it.
+//! command), that is worth it. Give the flag with an explicit target, so that it does not
+//! reach build scripts and procedural macros, which cannot be linked statically:
+//!
+//! ```text
+//! RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu
+//! ```
+//!
+//! The `procpool` command is shipped that way (`cargo xtask bench` measures it so, and
+//! `cargo xtask test` runs its tests so too): there, a pool of two reached its first
+//! result with Forkserver in 0.82x the time of the dynamic build, with Spawn in 0.69x, and
+//! with Fork, whose workers are forked from a process with fewer pages to copy, in 0.89x
+//! (medians of 15 interleaved runs each, at real-time priority); one run of the command
+//! took 0.61x as long.
 //!
 //! # Failures
 //!
