@@ -682,10 +682,13 @@ impl ServerLink {
         // worker puts it in its process name).
         sys::program_name();
         // From a thread that lives as long as the process, for the parent-death signal of
-        // each (one job: the workers first, the zygote, not needed as soon, after them).
+        // each, in one job: the zygote first, so that its own start (it readies itself as a
+        // worker does) runs while this process forks the workers and readies the pool, not
+        // when the workers' first tasks and their callers need the processor; the workers
+        // after it.
         let (pid, forked) = crate::spawn::on_spawner_thread(move || {
-            let forked: Vec<io::Result<OwnForked>> = (0..own).map(|_| fork_own()).collect();
             let pid = crate::fork::fork_zygote(theirs, own > 0 && ahead == 0)?;
+            let forked: Vec<io::Result<OwnForked>> = (0..own).map(|_| fork_own()).collect();
             Ok((pid, forked))
         })
         .map_err(|e| Error::io("fork", e))?;

@@ -20,7 +20,7 @@ pub enum StartMethod {
     /// the parent's memory *as it was when the launcher was made* (later changes in the
     /// parent are not inherited, replacements included). (With
     /// [`LaunchOptions::fork_initial_here`], the first initial workers are forked at that
-    /// same moment, just before the zygote, and the zygote forks every other.) Forking the
+    /// same moment, just after the zygote, and the zygote forks every other.) Forking the
     /// parent
     /// is unsafe when it runs other threads (see the crate docs): refused then unless
     /// [`LaunchOptions::allow_fork_with_threads`] is set. Later launches never fork the
@@ -89,7 +89,7 @@ pub struct LaunchOptions {
     pub ask_ahead: usize,
     /// With [`StartMethod::Fork`]: how many of the
     /// [`initial_workers`](LaunchOptions::initial_workers) (the first ones) this process
-    /// forks itself when the launcher is made, just before the zygote (from the same
+    /// forks itself when the launcher is made, just after the zygote (from the same
     /// memory, and under the same check of this process's threads), rather than ask them
     /// of the zygote, so that the first launches take them at once instead of waiting for
     /// the zygote to start up and fork them one after the other. They are this process's

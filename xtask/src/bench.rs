@@ -3,7 +3,8 @@
 //! command's `run` and `map` beside xargs, GNU parallel and CPython's Pool (`--cli-only`:
 //! that part alone).
 //!
-//! Steps: build `procpool` (pool-cli) in release mode and the procspawn comparison
+//! Steps: build `procpool` (pool-cli) in release mode, as shipped (statically linked on a
+//! `*-linux-gnu` host: see `ShippedCli`), and the procspawn comparison
 //! (`bench/procspawn`, outside the workspace) where it builds; run `procpool bench
 //! --reference --procspawn ...`: run by run, procpool with each start method, then
 //! `bench/reference/mp_pool.py` (built into the command) with `python3` for each start
@@ -20,7 +21,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{root, step, target_dir};
+use crate::{ShippedCli, root, step, target_dir};
 
 /// Runs the benchmark suite.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -33,13 +34,17 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut raw = File::create(&raw_path).map_err(|e| format!("create raw.jsonl: {e}"))?;
     let started = Instant::now();
 
+    // The command as shipped (see `ShippedCli`): what is measured, and what the report
+    // says about its linking.
+    let cli = ShippedCli::for_host();
     step(
-        "build procpool (release)",
-        Command::new(cargo()).args(["build", "--release", "-p", "pool-cli"]),
+        &format!("build procpool (release, {})", cli.linking()),
+        &mut cli.cargo("build", &["--release"]),
     )?;
+    let exe = cli.release_exe();
     if args.iter().any(|a| a == "--cli-only") {
         // Only the command line against xargs, GNU parallel and CPython's Pool.
-        return cli_comparisons(&root, &out_dir, quick);
+        return cli_comparisons(&root, &out_dir, &exe, quick);
     }
     // procspawn's comparison program, built first so that it runs beside procpool.
     let procspawn = procspawn_exe(&root);
@@ -58,7 +63,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     );
     // The procpool just built: where cargo put it (not a stale one in `target/` when
     // CARGO_TARGET_DIR points elsewhere).
-    let mut cmd = Command::new(target_dir().join("release/procpool"));
+    let mut cmd = Command::new(&exe);
     cmd.args(["bench", "--reference", "--runs", runs]);
     if let Some(exe) = &procspawn {
         cmd.arg("--procspawn").arg(exe);
@@ -70,7 +75,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     drop(raw);
 
     // The command line against xargs, GNU parallel and CPython's Pool (its own table).
-    if let Err(e) = cli_comparisons(&root, &out_dir, quick) {
+    if let Err(e) = cli_comparisons(&root, &out_dir, &exe, quick) {
         eprintln!("    command-line comparisons: {e}");
     }
 
@@ -112,10 +117,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg("--out")
                 .arg(&out_dir)
                 .args(["--mode", if quick { "quick" } else { "full" }])
-                .args([
-                    "--build",
-                    &build_description(&target_dir().join("release/procpool")),
-                ])
+                .args(["--build", &build_description(&exe)])
                 .args(
                     dispatch_path
                         .exists()
@@ -277,10 +279,10 @@ fn gnu_parallel() -> bool {
 fn cli_comparisons(
     root: &std::path::Path,
     out_dir: &std::path::Path,
+    exe: &std::path::Path,
     quick: bool,
 ) -> Result<(), String> {
     println!("==> procpool run / map against xargs, GNU parallel and CPython's Pool");
-    let exe = target_dir().join("release/procpool");
     let worker = root.join("bench/cli/worker.py");
     let batched = root.join("bench/cli/worker_batched.py");
     let mp_pool = root.join("bench/cli/mp_pool_lines.py");
@@ -318,7 +320,7 @@ fn cli_comparisons(
         ("run: 2000 × sleep 5 ms", &sleeps, 0.005, vec!["sleep"]),
     ] {
         let rate = |secs: f64| (jobs as f64 / secs, secs * 2.0 / jobs as f64 - job_secs);
-        let mut pp = Command::new(&exe);
+        let mut pp = Command::new(exe);
         pp.args(["run", "-q", "-j", "2"]).args(&args);
         cells.push(Cell {
             workload,
@@ -357,7 +359,7 @@ fn cli_comparisons(
         (&worker, "procpool map -j 2 (worker flushes each line)"),
         (&batched, "procpool map -j 2 (worker answers in batches)"),
     ] {
-        let mut pm = Command::new(&exe);
+        let mut pm = Command::new(exe);
         pm.args(["map", "-q", "-j", "2", "--", "python3"])
             .arg(script);
         cells.push(Cell {
