@@ -129,23 +129,25 @@
 //! default dynamic build (shared unwinder included). procpool works
 //! the same (a statically linked glibc cannot load the modules some user and host name
 //! lookups need; musl has no such limit). Where pools are built often (a short-lived
-//! command), that is worth it. Give the flags with an explicit target, so that they do not
+//! command), that is worth it. Give the flag with an explicit target, so that it does not
 //! reach build scripts and procedural macros, which cannot be linked statically:
 //!
 //! ```text
-//! RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-//!     cargo build --release --target x86_64-unknown-linux-gnu
+//! RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu
 //! ```
 //!
-//! (`relocation-model=static` makes a program at a fixed address rather than a static PIE,
-//! which rewrites its own pointers at each start: faster still, at the price of the
-//! program's code and data no longer being placed at a random address.) The `procpool`
-//! command is shipped that way (`cargo xtask bench` measures it so, and `cargo xtask test`
-//! runs its tests so too): one run of it then took as long as one of `/bin/true`
-//! (0.81 ms against 0.79, 1.37 ms dynamically linked), and a pool of two reached its first
-//! result with Forkserver in 0.80x the time of the dynamic build, with Spawn in 0.68x, and
-//! with Fork, whose workers are forked from a process with fewer pages to copy, in 0.90x
-//! (medians of 15 interleaved runs each, at real-time priority).
+//! The `procpool` command is shipped that way (`cargo xtask bench` measures it so, and
+//! `cargo xtask test` runs its tests so too): there, a pool of two reached its first
+//! result with Forkserver in 0.82x the time of the dynamic build, with Spawn in 0.69x, and
+//! with Fork, whose workers are forked from a process with fewer pages to copy, in 0.89x
+//! (medians of 15 interleaved runs each, at real-time priority); one run of the command
+//! took 0.61x as long.
+//!
+//! Adding `-C relocation-model=static` makes a program at a fixed address instead of a
+//! static PIE, which rewrites its own pointers (some thousands in a program like this one)
+//! at each start: a pool of two with Forkserver then reached its first result in another
+//! 0.82x the time. The price is that the program's own code and data are no longer placed
+//! at a random address; the `procpool` command keeps that protection.
 //!
 //! # Failures
 //!

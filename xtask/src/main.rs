@@ -162,18 +162,14 @@ fn long_test(name: &str, flags: &[(&str, &str)], args: &[String]) -> Result<(), 
 /// How the `procpool` command is built for shipping (and for `cargo xtask bench`): on a
 /// `*-linux-gnu` host whose C library has its static archives (`libc.a`, which Debian's
 /// `libc6-dev` installs with the rest of what any Rust program links with), statically
-/// linked, glibc included, and not position-independent (`-C target-feature=+crt-static
-/// -C relocation-model=static`); elsewhere as `cargo build` links it.
+/// linked, glibc included (`-C target-feature=+crt-static`, a static PIE); elsewhere as
+/// `cargo build` links it.
 ///
 /// Spawn and forkserver execute the command again for every worker (or fork server), so
 /// its loading is part of every pool's start: linked statically it has no shared library
-/// to find, map and relocate, and at a fixed address it has none of its own pointers to
-/// relocate either (a static PIE rewrites about 6 000 of them, dirtying some 20 pages, at
-/// each start): it then starts as fast as `/bin/true` does. The price is that the
-/// command's own code and data are not placed at a random address (its heap, its stack
-/// and the memory it maps still are). Nothing the command does needs the dynamic loader
-/// (no user or host name lookups, no `dlopen`). The flags are given
-/// with an explicit `--target`, so that they apply to the command and its dependencies
+/// to find, map and relocate, and starts in about half the time. Nothing the command does
+/// needs the dynamic loader (no user or host name lookups, no `dlopen`). The flag is given
+/// with an explicit `--target`, so that it applies to the command and its dependencies
 /// only, not to build scripts and procedural macros (which cannot be linked statically);
 /// the workspace's other builds (the library, its tests) stay as they are. The bench's
 /// report says how the measured program is linked.
@@ -204,7 +200,7 @@ impl ShippedCli {
         cmd.arg(subcommand).args(args).args(["-p", "pool-cli"]);
         if let Some(t) = &self.target {
             let mut flags = env::var("RUSTFLAGS").unwrap_or_default();
-            flags.push_str(" -C target-feature=+crt-static -C relocation-model=static");
+            flags.push_str(" -C target-feature=+crt-static");
             cmd.args(["--target", t]).env("RUSTFLAGS", flags.trim());
         }
         cmd
