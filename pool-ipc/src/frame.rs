@@ -897,6 +897,26 @@ impl WriteHalf {
         self.front_off = 0;
     }
 
+    /// Drops everything queued if none of it has been written yet, it is exactly `len`
+    /// bytes, and no descriptors or shared-ring payloads go with it; `false` (and nothing
+    /// dropped) otherwise.
+    pub(crate) fn discard_unwritten(&mut self, len: usize) -> bool {
+        if self.pending != len
+            || self.front_off != 0
+            || self
+                .chunks
+                .iter()
+                .any(|c| !c.fds.is_empty() || !c.appendable)
+        {
+            return false;
+        }
+        while !self.chunks.is_empty() {
+            self.pop_front();
+        }
+        self.pending = 0;
+        true
+    }
+
     /// One `writev`/`sendmsg` of what is queued. Returns bytes written (0 when empty).
     pub(crate) fn write_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
         while let Some(c) = self.chunks.front() {
@@ -993,6 +1013,8 @@ pub(crate) struct ReadHalf {
     announce: Option<usize>,
     /// The length the last announcement gave, until its frame is taken.
     announced: Option<usize>,
+    /// Bytes read from the descriptor since the start.
+    pub(crate) total: u64,
 }
 
 impl ReadHalf {
@@ -1022,6 +1044,7 @@ impl ReadHalf {
             scratch: Vec::new(),
             announce: cfg.announce_above,
             announced: None,
+            total: 0,
         }
     }
 
@@ -1338,6 +1361,7 @@ impl ReadHalf {
         if n == 0 {
             self.eof = true;
         }
+        self.total += n as u64;
         Ok(n)
     }
 }

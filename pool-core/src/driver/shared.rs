@@ -279,6 +279,7 @@ impl Shared {
                     w.borrowed = None;
                     w.stop_awaiting();
                 }
+                w.ring();
                 // A worker given its first task since it was idle is watched again (unless
                 // a caller borrowed it to read the answer itself).
                 let busy = inner.policy.oldest(wid).is_some();
