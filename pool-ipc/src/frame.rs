@@ -897,17 +897,24 @@ impl WriteHalf {
         self.front_off = 0;
     }
 
-    /// Drops everything queued if none of it has been written yet, it is exactly `len`
-    /// bytes, and no descriptors or shared-ring payloads go with it; `false` (and nothing
-    /// dropped) otherwise.
-    pub(crate) fn discard_unwritten(&mut self, len: usize) -> bool {
-        if self.pending != len
+    /// Drops everything queued if none of it has been written yet and it is exactly one
+    /// plain frame of payload `payload` (no descriptors, not in the shared ring); `false`
+    /// (and nothing dropped) otherwise.
+    pub(crate) fn discard_unwritten(&mut self, payload: &[u8]) -> bool {
+        let len = payload.len();
+        if self.pending != HEADER_LEN + len
             || self.front_off != 0
+            || u32::try_from(len).is_err()
             || self
                 .chunks
                 .iter()
                 .any(|c| !c.fds.is_empty() || !c.appendable)
         {
+            return false;
+        }
+        let queued = self.chunks.iter().flat_map(|c| c.data.iter());
+        let header = (len as u32).to_le_bytes();
+        if !queued.eq(header.iter().chain(payload)) {
             return false;
         }
         while !self.chunks.is_empty() {

@@ -225,11 +225,11 @@ pub mod page {
     /// running or about to look for a request. [`SLEEPING`]: it found nothing to read
     /// and sleeps on this word (for at most [`DOOR_WAIT_NS`]); whoever writes to its
     /// channel then swaps it to [`AWAKE`] and wakes it (after storing [`SENT`]).
-    /// [`RUNG`]: a caller left a task in the task area ([`TASK_OFFSET`]) for it.
+    /// [`RUNG`]: the pool left a task in the task area ([`TASK_OFFSET`]) for it.
     /// [`RECEIVING`]: it blocks reading its channel (the task area is not looked at).
-    /// Only the worker leaves [`RUNG`] and [`RECEIVING`]; a caller rings only a worker
-    /// [`AWAKE`] or [`SLEEPING`] (compare-and-swap to [`RUNG`]), so a task it leaves in
-    /// the area is taken, or it knows to send it on the channel instead.
+    /// Only the worker leaves [`RUNG`] and [`RECEIVING`]; the pool leaves a task only to a
+    /// worker [`AWAKE`] or [`SLEEPING`] (compare-and-swap to [`RUNG`]), so a task it leaves
+    /// in the area is taken, or it knows to send it on the channel instead.
     pub const DOOR: usize = 20;
     /// In [`DOOR`]: see there.
     pub const AWAKE: u32 = 0;
@@ -248,7 +248,7 @@ pub mod page {
     /// The length of the task frame in the task area (see [`DOOR`]).
     pub const TASK_LEN: usize = 12;
     /// Where the task area starts, in bytes: the payload of one `Run` message without
-    /// descriptors, of at most [`TASK_MAX`] bytes, left by a caller that rang [`RUNG`].
+    /// descriptors, of at most [`TASK_MAX`] bytes, left by the pool, which rang [`RUNG`].
     pub const TASK_OFFSET: usize = 512;
     /// The most bytes a task in the task area may have.
     pub const TASK_MAX: usize = AREA_OFFSET - TASK_OFFSET;

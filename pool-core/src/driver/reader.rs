@@ -673,16 +673,6 @@ impl Fx<'_> {
         // its `Ready` is read, which the answer must not overtake.
         if w.guard.is_ready() {
             w.await_in_page(id);
-            // A task sent in this step (its frame not written yet) to a worker that holds
-            // no other may go through the worker's page instead of its channel.
-            if unflushed_ok
-                && policy.holding(wid) == 1
-                && let Some(rec) = policy.task(id)
-                && rec.extra.is_none()
-                && let Some(frame) = rec.frame.as_ref()
-            {
-                w.hand_through_page(frame);
-            }
         }
         Some(b)
     }

@@ -232,7 +232,7 @@ impl WorkerIo {
         if !self
             .conn
             .as_mut()
-            .is_some_and(|c| c.take_back_unwritten(payload.len()))
+            .is_some_and(|c| c.take_back_unwritten(payload))
         {
             return false;
         }
