@@ -355,6 +355,7 @@ fn door_wait(
     let door = page.atomic_u32(page::DOOR);
     let sent = page.atomic_u64(page::SENT);
     let mut until = None;
+    let mut woken = false;
     loop {
         let now = door.load(Ordering::SeqCst);
         match now {
@@ -368,8 +369,18 @@ fn door_wait(
                 return true;
             }
             page::SLEEPING => {
-                let t = protocol::monotonic_ns();
-                let end = *until.get_or_insert(t.saturating_add(page::DOOR_WAIT_NS));
+                // The clock is read only once a wait was woken with nothing for us (the
+                // first wait mostly ends with a request, or runs its whole length).
+                let (t, end) = match until {
+                    Some(end) => (protocol::monotonic_ns(), end),
+                    None if woken => {
+                        let t = protocol::monotonic_ns();
+                        let end = t.saturating_add(page::DOOR_WAIT_NS);
+                        until = Some(end);
+                        (t, end)
+                    }
+                    None => (0, page::DOOR_WAIT_NS),
+                };
                 // Stored SLEEPING (sequentially consistent) before this load: bytes the
                 // pool wrote are seen here, or the pool sees SLEEPING and wakes us.
                 if read_now || sent.load(Ordering::SeqCst) != bytes_read || t >= end {
@@ -388,14 +399,10 @@ fn door_wait(
                 }
                 // Woken, timed out or interrupted: look again. An error (none expected on
                 // a mapped word) falls back to reading the channel after the wait.
-                if pool_ipc::shm::futex_wait(
-                    door,
-                    page::SLEEPING,
-                    Some(Duration::from_nanos(end - t)),
-                )
-                .is_err()
-                {
-                    until = Some(0);
+                let wait = Duration::from_nanos(end - t);
+                match pool_ipc::shm::futex_wait(door, page::SLEEPING, Some(wait)) {
+                    Ok(true) => woken = true,
+                    Ok(false) | Err(_) => until = Some(0),
                 }
             }
             page::RECEIVING if read_now => return false,
