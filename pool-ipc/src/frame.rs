@@ -912,9 +912,24 @@ impl WriteHalf {
         {
             return false;
         }
-        let queued = self.chunks.iter().flat_map(|c| c.data.iter());
+        // Compared piece by piece (one chunk, mostly: one memcmp each).
         let header = (len as u32).to_le_bytes();
-        if !queued.eq(header.iter().chain(payload)) {
+        let mut want: [&[u8]; 2] = [&header, payload];
+        for c in &self.chunks {
+            let mut have = &c.data[..];
+            while !have.is_empty() {
+                let Some(w) = want.iter_mut().find(|w| !w.is_empty()) else {
+                    return false;
+                };
+                let n = have.len().min(w.len());
+                if have[..n] != w[..n] {
+                    return false;
+                }
+                have = &have[n..];
+                *w = &w[n..];
+            }
+        }
+        if want.iter().any(|w| !w.is_empty()) {
             return false;
         }
         while !self.chunks.is_empty() {
