@@ -400,6 +400,12 @@ impl<T> Receiver<T> {
         self.r.has_partial()
     }
 
+    /// Bytes read from the descriptor since the start (buffered ones included): equal to
+    /// what the peer wrote, once it has all been read.
+    pub fn bytes_read(&self) -> u64 {
+        self.r.total
+    }
+
     /// Gives back the fd. Data already read into the buffer is lost.
     pub fn into_fd(self) -> OwnedFd {
         Arc::into_inner(self.fd).expect("a Receiver's fd is only shared inside a Duplex")

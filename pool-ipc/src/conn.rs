@@ -216,6 +216,15 @@ impl FramedConn {
         self.w.written()
     }
 
+    /// Takes back the small frame of payload `payload` (queued with
+    /// [`queue_copy_with_fds`](FramedConn::queue_copy_with_fds), no descriptors) if it is
+    /// all that is queued and none of it has been written: `true` if it was taken back (it
+    /// never reaches the peer), `false` if nothing changed. For a frame delivered another
+    /// way (through shared memory, say) when the peer turns out to be free to take it.
+    pub fn take_back_unwritten(&mut self, payload: &[u8]) -> bool {
+        self.w.discard_unwritten(payload)
+    }
+
     /// The stream position just after everything queued so far.
     pub fn stream_end(&self) -> u64 {
         self.w.written() + self.w.pending() as u64

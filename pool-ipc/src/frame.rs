@@ -897,6 +897,48 @@ impl WriteHalf {
         self.front_off = 0;
     }
 
+    /// Drops everything queued if none of it has been written yet and it is exactly one
+    /// plain frame of payload `payload` (no descriptors, not in the shared ring); `false`
+    /// (and nothing dropped) otherwise.
+    pub(crate) fn discard_unwritten(&mut self, payload: &[u8]) -> bool {
+        let len = payload.len();
+        if self.pending != HEADER_LEN + len
+            || self.front_off != 0
+            || u32::try_from(len).is_err()
+            || self
+                .chunks
+                .iter()
+                .any(|c| !c.fds.is_empty() || !c.appendable)
+        {
+            return false;
+        }
+        // Compared piece by piece (one chunk, mostly: one memcmp each).
+        let header = (len as u32).to_le_bytes();
+        let mut want: [&[u8]; 2] = [&header, payload];
+        for c in &self.chunks {
+            let mut have = &c.data[..];
+            while !have.is_empty() {
+                let Some(w) = want.iter_mut().find(|w| !w.is_empty()) else {
+                    return false;
+                };
+                let n = have.len().min(w.len());
+                if have[..n] != w[..n] {
+                    return false;
+                }
+                have = &have[n..];
+                *w = &w[n..];
+            }
+        }
+        if want.iter().any(|w| !w.is_empty()) {
+            return false;
+        }
+        while !self.chunks.is_empty() {
+            self.pop_front();
+        }
+        self.pending = 0;
+        true
+    }
+
     /// One `writev`/`sendmsg` of what is queued. Returns bytes written (0 when empty).
     pub(crate) fn write_some(&mut self, fd: BorrowedFd<'_>) -> std::result::Result<usize, Errno> {
         while let Some(c) = self.chunks.front() {
@@ -993,6 +1035,8 @@ pub(crate) struct ReadHalf {
     announce: Option<usize>,
     /// The length the last announcement gave, until its frame is taken.
     announced: Option<usize>,
+    /// Bytes read from the descriptor since the start.
+    pub(crate) total: u64,
 }
 
 impl ReadHalf {
@@ -1022,6 +1066,7 @@ impl ReadHalf {
             scratch: Vec::new(),
             announce: cfg.announce_above,
             announced: None,
+            total: 0,
         }
     }
 
@@ -1338,6 +1383,7 @@ impl ReadHalf {
         if n == 0 {
             self.eof = true;
         }
+        self.total += n as u64;
         Ok(n)
     }
 }

@@ -220,11 +220,47 @@ pub mod page {
     pub const WAITING: u64 = 1 << 62;
     /// In [`ANSWER`]: the worker ended the task; its answer is the result area.
     pub const POSTED: u64 = 1 << 63;
+    /// The doorbell: a `u32` word (an index for `atomic_u32`, in word 10) that says how the
+    /// worker waits for its next request, for a futex wait and wake. [`AWAKE`]: it is
+    /// running or about to look for a request. [`SLEEPING`]: it found nothing to read
+    /// and sleeps on this word (for at most [`DOOR_WAIT_NS`]); whoever writes to its
+    /// channel then swaps it to [`AWAKE`] and wakes it (after storing [`SENT`]).
+    /// [`RUNG`]: the pool left a task in the task area ([`TASK_OFFSET`]) for it.
+    /// [`RECEIVING`]: it blocks reading its channel (the task area is not looked at).
+    /// Only the worker leaves [`RUNG`] and [`RECEIVING`]; the pool leaves a task only to a
+    /// worker [`AWAKE`] or [`SLEEPING`] (compare-and-swap to [`RUNG`]), so a task it leaves
+    /// in the area is taken, or it knows to send it on the channel instead.
+    pub const DOOR: usize = 20;
+    /// In [`DOOR`]: see there.
+    pub const AWAKE: u32 = 0;
+    /// In [`DOOR`]: see there.
+    pub const SLEEPING: u32 = 1;
+    /// In [`DOOR`]: see there.
+    pub const RUNG: u32 = 2;
+    /// In [`DOOR`]: see there.
+    pub const RECEIVING: u32 = 3;
+    /// How many bytes the pool has written to the worker's channel since its start,
+    /// stored (sequentially consistent) after each write, before the pool loads [`DOOR`];
+    /// the worker stores [`SLEEPING`] then loads this: either it sees the bytes the pool
+    /// wrote (more than it read: it reads them instead of sleeping), or the pool sees it
+    /// asleep and wakes it.
+    pub const SENT: usize = 11;
+    /// The length of the task frame in the task area (see [`DOOR`]).
+    pub const TASK_LEN: usize = 12;
+    /// Where the task area starts, in bytes: the payload of one `Run` message without
+    /// descriptors, of at most [`TASK_MAX`] bytes, left by the pool, which rang [`RUNG`].
+    pub const TASK_OFFSET: usize = 512;
+    /// The most bytes a task in the task area may have.
+    pub const TASK_MAX: usize = AREA_OFFSET - TASK_OFFSET;
+    /// How long a worker sleeps on [`DOOR`] before it blocks reading its channel instead
+    /// (so that a pool that closed the channel without ringing, or that died, is noticed
+    /// by then at the latest).
+    pub const DOOR_WAIT_NS: u64 = 50_000_000;
     /// The first of the cancel slots (a word index, past the held area): ids of tasks the
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
     /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
     /// needed, so the worker checks a few slots before each task however many tasks it
-    /// holds: once [`MARKED`] says that the pool marked any. (Words 10 to 39 are unused.)
+    /// holds: once [`MARKED`] says that the pool marked any. (Words 13 to 39 are unused.)
     pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
     /// Nonzero once the pool has marked a task cancelled on this page, stored after the
     /// mark (sequentially consistent, as the marks are): a worker that loads it after

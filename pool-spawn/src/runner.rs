@@ -179,9 +179,43 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
     )?;
     let mut runs = 0u64;
     let mut results = Results::new(page);
+    // A task a caller left in the page (see `page::DOOR`).
+    let mut paged = Vec::new();
     loop {
-        // Every result has been written already: block for the next request (one that is
-        // already buffered is handed over without a system call). Each request is decoded
+        // Every result has been written already: wait for the next request. With nothing
+        // buffered and no chore for idle moments, the worker sleeps on its page's doorbell
+        // (a task may come through the page; the pool rings it when it writes to the
+        // channel); otherwise, or after a while, it blocks reading the channel.
+        let read_now =
+            conn.receiver().has_partial_frame() || conn.sender().ring_dirty_since().is_some();
+        if let Some(page) = page
+            && door_wait(page, read_now, conn.receiver().bytes_read(), &mut paged)
+        {
+            let (tx, _) = conn.halves();
+            let step = match postcard::from_bytes::<ToWorker<&serde_bytes::Bytes>>(&paged) {
+                Ok(ToWorker::Run {
+                    id,
+                    func,
+                    timed,
+                    payload,
+                }) => run_task(
+                    &mut results,
+                    tx,
+                    &same,
+                    (id, func, timed),
+                    payload,
+                    Vec::new(),
+                ),
+                Ok(_) => Step::Bad("a message other than Run came through the page".to_owned()),
+                Err(e) => Step::Bad(format!("bad task in the page: {e}")),
+            };
+            match after_step(&mut conn, &mut results, step, &mut runs, max_tasks, &limits)? {
+                Some(code) => return Ok(code),
+                None => continue,
+            }
+        }
+        // Block for the next request (one that is already buffered is handed over
+        // without a system call). Each request is decoded
         // in place, its payload borrowed from the receive buffer; results that outgrow the
         // result area go out while it is still borrowed. A ring that carried large results
         // and has sat unused for RING_IDLE meanwhile gives its memory back.
@@ -228,6 +262,11 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
             },
             other => other,
         };
+        if let Some(page) = page {
+            // Read: the page's task area is looked at again before the next wait.
+            page.atomic_u32(page::DOOR)
+                .store(page::AWAKE, Ordering::SeqCst);
+        }
         let step = match step {
             Ok(step) => step,
             Err(e) => match recv_failed(&e) {
@@ -235,50 +274,153 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                 Some(stop) => return Err(stop),
             },
         };
-        match step {
-            Step::Exit => {
-                // Best effort: a pool that closed the channel reads them from the page.
-                let _ = results.unpost(conn.sender());
-                let _ = results.flush_held(conn.sender());
-                return Ok(0);
-            }
-            Step::Lost => return Err(Stop::Lost),
-            Step::Bad(m) => return Err(Stop::Protocol(m)),
-            Step::Tail(..) => {
-                return Err(Stop::Protocol(
-                    "internal: a RunTail left without its tail".to_owned(),
-                ));
-            }
-            Step::Done(Reply::Skipped(id)) => {
-                // Not a task run: it does not count toward `max_tasks`.
-                send(&mut conn, &FromWorker::Skipped { id })?;
-                results.held_sent();
-                continue;
-            }
-            Step::Done(Reply::Done(id, outcome)) => {
-                // While another request waits (read already, whole or in part), the answer
-                // may wait for the next ones, to go out with them in one write; not the
-                // last answer before the worker exits (see HOLD_ANSWERS).
-                let last = max_tasks.is_some_and(|m| runs + 1 >= m);
-                let hold = protocol::HOLD_ANSWERS && conn.receiver().has_partial_frame() && !last;
-                // Nor is the last answer passed through the page (see `page::ANSWER`), nor
-                // one that a recycle for memory may follow: a worker writes every answer
-                // before it exits by itself.
-                let post = !last && limits.max_rss.is_none();
-                results.finish(&mut conn, id, outcome, hold, post)?;
-            }
-        }
-        runs += 1;
-        if max_tasks.is_some_and(|m| runs >= m) {
-            return Ok(0);
-        }
-        if let Some(limit) = limits.max_rss
-            && let Some(rss) = resident_bytes()
-            && rss > limit
+        if let Some(code) =
+            after_step(&mut conn, &mut results, step, &mut runs, max_tasks, &limits)?
         {
-            // (No answer was left in the page: see `post` above.)
-            send(&mut conn, &FromWorker::Recycling { rss })?;
-            return Ok(0);
+            return Ok(code);
+        }
+    }
+}
+
+/// What follows a request the worker took (from its channel or its page): its answer
+/// goes out (or is held, or left in the page), and the worker goes on (`None`) or exits
+/// with a code (`Some`).
+fn after_step(
+    conn: &mut Duplex<FromWorker, ToWorker>,
+    results: &mut Results<'_>,
+    step: Step,
+    runs: &mut u64,
+    max_tasks: Option<u64>,
+    limits: &protocol::Limits,
+) -> Result<Option<i32>, Stop> {
+    match step {
+        Step::Exit => {
+            // Best effort: a pool that closed the channel reads them from the page.
+            let _ = results.unpost(conn.sender());
+            let _ = results.flush_held(conn.sender());
+            return Ok(Some(0));
+        }
+        Step::Lost => return Err(Stop::Lost),
+        Step::Bad(m) => return Err(Stop::Protocol(m)),
+        Step::Tail(..) => {
+            return Err(Stop::Protocol(
+                "internal: a RunTail left without its tail".to_owned(),
+            ));
+        }
+        Step::Done(Reply::Skipped(id)) => {
+            // Not a task run: it does not count toward `max_tasks`.
+            send(conn, &FromWorker::Skipped { id })?;
+            results.held_sent();
+            return Ok(None);
+        }
+        Step::Done(Reply::Done(id, outcome)) => {
+            // While another request waits (read already, whole or in part), the answer
+            // may wait for the next ones, to go out with them in one write; not the
+            // last answer before the worker exits (see HOLD_ANSWERS).
+            let last = max_tasks.is_some_and(|m| *runs + 1 >= m);
+            let hold = protocol::HOLD_ANSWERS && conn.receiver().has_partial_frame() && !last;
+            // Nor is the last answer passed through the page (see `page::ANSWER`), nor
+            // one that a recycle for memory may follow: a worker writes every answer
+            // before it exits by itself.
+            let post = !last && limits.max_rss.is_none();
+            results.finish(conn, id, outcome, hold, post)?;
+        }
+    }
+    *runs += 1;
+    if max_tasks.is_some_and(|m| *runs >= m) {
+        return Ok(Some(0));
+    }
+    if let Some(limit) = limits.max_rss
+        && let Some(rss) = resident_bytes()
+        && rss > limit
+    {
+        // (No answer was left in the page: see `post` above.)
+        send(conn, &FromWorker::Recycling { rss })?;
+        return Ok(Some(0));
+    }
+    Ok(None)
+}
+
+/// Waits, idle, for the next request by the page's doorbell (see [`page::DOOR`]): `true`
+/// with a task a caller left in the page (its payload copied into `task`); `false` once
+/// the channel is to be read (the doorbell then says [`page::RECEIVING`]): at once with
+/// `read_now` (bytes buffered, or a chore for idle moments), as soon as the pool wrote
+/// more than the `bytes_read` the worker read, or after [`page::DOOR_WAIT_NS`] asleep.
+fn door_wait(
+    page: &pool_ipc::shm::Segment,
+    read_now: bool,
+    bytes_read: u64,
+    task: &mut Vec<u8>,
+) -> bool {
+    let door = page.atomic_u32(page::DOOR);
+    let sent = page.atomic_u64(page::SENT);
+    let mut until = None;
+    let mut woken = false;
+    loop {
+        let now = door.load(Ordering::SeqCst);
+        match now {
+            page::RUNG => {
+                // The caller stored the task before its swap to RUNG (release): ours.
+                let len = page.atomic_u64(page::TASK_LEN).load(Ordering::Acquire);
+                let len = usize::try_from(len).map_or(page::TASK_MAX, |l| l.min(page::TASK_MAX));
+                task.clear();
+                page.read_to_vec(page::TASK_OFFSET, len, task);
+                door.store(page::AWAKE, Ordering::SeqCst);
+                return true;
+            }
+            page::SLEEPING => {
+                // The clock is read only once a wait was woken with nothing for us (the
+                // first wait mostly ends with a request, or runs its whole length).
+                let (t, end) = match until {
+                    Some(end) => (protocol::monotonic_ns(), end),
+                    None if woken => {
+                        let t = protocol::monotonic_ns();
+                        let end = t.saturating_add(page::DOOR_WAIT_NS);
+                        until = Some(end);
+                        (t, end)
+                    }
+                    None => (0, page::DOOR_WAIT_NS),
+                };
+                // Stored SLEEPING (sequentially consistent) before this load: bytes the
+                // pool wrote are seen here, or the pool sees SLEEPING and wakes us.
+                if read_now || sent.load(Ordering::SeqCst) != bytes_read || t >= end {
+                    if door
+                        .compare_exchange(
+                            page::SLEEPING,
+                            page::RECEIVING,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    {
+                        return false;
+                    }
+                    continue;
+                }
+                // Woken, timed out or interrupted: look again. An error (none expected on
+                // a mapped word) falls back to reading the channel after the wait.
+                let wait = Duration::from_nanos(end - t);
+                match pool_ipc::shm::futex_wait(door, page::SLEEPING, Some(wait)) {
+                    Ok(true) => woken = true,
+                    Ok(false) | Err(_) => until = Some(0),
+                }
+            }
+            page::RECEIVING if read_now => return false,
+            // AWAKE (or woken by the pool: AWAKE again), or RECEIVING from a read before.
+            _ => {
+                let next = if read_now {
+                    page::RECEIVING
+                } else {
+                    page::SLEEPING
+                };
+                if door
+                    .compare_exchange(now, next, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                    && next == page::RECEIVING
+                {
+                    return false;
+                }
+            }
         }
     }
 }
@@ -1009,6 +1151,70 @@ mod tests {
         let (n, bytes) = through_area(1 << 20, &input);
         assert_eq!((n, plain.items), (3, 3));
         assert!(bytes == plain.out);
+    }
+
+    #[test]
+    fn an_idle_worker_takes_a_task_from_its_page_or_reads_its_channel_when_told() {
+        let seg = pool_ipc::shm::Segment::create("procpool-test-door", page::LEN).unwrap();
+        let door = seg.atomic_u32(page::DOOR);
+        let sent = seg.atomic_u64(page::SENT);
+        let mut task = Vec::new();
+        // Bytes buffered (or a chore for idle moments): the channel, at once.
+        assert!(!door_wait(&seg, true, 0, &mut task));
+        assert_eq!(door.load(Ordering::SeqCst), page::RECEIVING);
+        // The pool wrote more than the worker read: the channel, without sleeping.
+        sent.store(10, Ordering::SeqCst);
+        let t = Instant::now();
+        assert!(!door_wait(&seg, false, 4, &mut task));
+        assert!(t.elapsed() < Duration::from_nanos(page::DOOR_WAIT_NS));
+        assert_eq!(door.load(Ordering::SeqCst), page::RECEIVING);
+        // Nothing comes: asleep for the wait's length, then the channel.
+        let t = Instant::now();
+        assert!(!door_wait(&seg, false, 10, &mut task));
+        assert!(t.elapsed() >= Duration::from_nanos(page::DOOR_WAIT_NS));
+        let asleep = || {
+            while door.load(Ordering::SeqCst) != page::SLEEPING {
+                std::thread::yield_now();
+            }
+        };
+        // A task left in the page while it sleeps: taken, the doorbell awake again.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                asleep();
+                seg.write_at(page::TASK_OFFSET, b"a task");
+                seg.atomic_u64(page::TASK_LEN).store(6, Ordering::Relaxed);
+                let rung = door.compare_exchange(
+                    page::SLEEPING,
+                    page::RUNG,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                assert!(rung.is_ok());
+                pool_ipc::shm::futex_wake(door, 1).unwrap();
+            });
+            assert!(door_wait(&seg, false, 10, &mut task));
+        });
+        assert_eq!(task, b"a task");
+        assert_eq!(door.load(Ordering::SeqCst), page::AWAKE);
+        // Woken by a write to its channel: it reads the channel, long before the wait's end.
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                asleep();
+                sent.store(20, Ordering::SeqCst);
+                let woke = door.compare_exchange(
+                    page::SLEEPING,
+                    page::AWAKE,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                assert!(woke.is_ok());
+                pool_ipc::shm::futex_wake(door, 1).unwrap();
+            });
+            assert!(!door_wait(&seg, false, 10, &mut task));
+        });
+        assert!(t.elapsed() < Duration::from_nanos(page::DOOR_WAIT_NS));
+        assert_eq!(door.load(Ordering::SeqCst), page::RECEIVING);
     }
 
     #[test]

@@ -979,3 +979,70 @@ fn a_fork_server_with_many_workers_reports_each_end() {
         shut_down(pool);
     }
 }
+
+/// Appends this worker's pid to the file `path` and returns it.
+fn note_pid(path: String) -> u32 {
+    let pid = std::process::id();
+    append_line(&path, u64::from(pid));
+    pid
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
+        .unwrap();
+}
+
+/// An idle worker takes a caller's task from its page (see `protocol::page::DOOR`): one
+/// killed before it took it up never ran it, and the task runs once, elsewhere; one killed
+/// while running it fails it with its pid and signal, and it never runs again.
+#[test]
+fn a_task_handed_through_the_page_runs_once_whatever_becomes_of_its_worker() {
+    use rustix::process::Signal;
+    for method in METHODS {
+        let pool = builder(method).processes(1).build().unwrap();
+        // Ready and idle, asleep on its page's doorbell.
+        let worker = pool.apply(my_pid, ()).unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "procpool-page-task-{}-{method:?}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let arg = path.display().to_string();
+        let lines = || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        // Stopped, it cannot take up the task left for it; then killed.
+        signal(worker, Signal::STOP);
+        std::thread::scope(|s| {
+            let caller = s.spawn(|| pool.apply(note_pid, (arg.clone(),)));
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(lines(), 0, "{method:?}: a stopped worker ran nothing");
+            signal(worker, Signal::KILL);
+            let ran_on = caller.join().unwrap().unwrap();
+            assert_ne!(ran_on, worker, "{method:?}");
+        });
+        assert_eq!(lines(), 1, "{method:?}: run once, by the replacement");
+        // Killed while it runs a task it took from its page.
+        let worker = pool.apply(my_pid, ()).unwrap();
+        std::thread::scope(|s| {
+            let caller = s.spawn(|| pool.apply(hang_then_pid, (60_000,)));
+            wait_for("the task to begin", Duration::from_secs(10), || {
+                pool.workers()
+                    .iter()
+                    .any(|w| w.pid() == worker && w.running_for().is_some())
+            });
+            signal(worker, Signal::KILL);
+            let e = caller.join().unwrap().unwrap_err();
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+            assert_eq!(e.signal(), Some(9), "{method:?}: {e}");
+            assert_eq!(e.pid(), Some(worker), "{method:?}: {e}");
+        });
+        assert_eq!(pool.metrics().died, 2, "{method:?}");
+        assert_eq!(pool.apply(square, (5,)).unwrap(), 25, "{method:?}");
+        let _ = std::fs::remove_file(&path);
+        shut_down(pool);
+    }
+}

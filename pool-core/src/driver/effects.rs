@@ -224,6 +224,7 @@ impl Effects<TaskRec> for Fx<'_> {
                 if !matches!(conn.flush(), Ok(true)) {
                     *self.wake_driver = true;
                 }
+                w.ring();
             }
             None => w.backlog.push((frame, Pins::default(), false)),
         }

@@ -490,8 +490,11 @@ impl Driver {
 
     fn flush(&mut self, wid: WorkerId) {
         let mut g = self.shared.lock();
-        if let Some(conn) = g.io.get_mut(&wid).and_then(|w| w.conn.as_mut()) {
+        if let Some(w) = g.io.get_mut(&wid)
+            && let Some(conn) = w.conn.as_mut()
+        {
             let _ = conn.flush();
+            w.ring();
         }
     }
 

@@ -194,6 +194,7 @@ fn wire_up(
     if let Some(conn) = w.conn.as_mut() {
         let _ = conn.flush();
     }
+    w.ring();
     // The driver reads the socket from now on (and knows to write what is left).
     w.sock_watch = Some(Arc::clone(&watch_sock));
     w.exit_watch = watch_exit.clone();

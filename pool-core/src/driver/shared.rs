@@ -269,6 +269,15 @@ impl Shared {
                 let Some(w) = inner.io.get_mut(&wid) else {
                     continue;
                 };
+                // The one task a worker holds, just queued, goes through its page instead
+                // if the worker does not read its channel (see `WorkerIo::hand_through_page`).
+                if inner.policy.holding(wid) == 1
+                    && let Some((_, Some(rec))) = inner.policy.oldest(wid)
+                    && rec.extra.is_none()
+                    && let Some(frame) = rec.frame.as_ref()
+                {
+                    w.hand_through_page(frame);
+                }
                 if let Some(conn) = w.conn.as_mut()
                     && !matches!(conn.flush(), Ok(true))
                 {
@@ -279,6 +288,7 @@ impl Shared {
                     w.borrowed = None;
                     w.stop_awaiting();
                 }
+                w.ring();
                 // A worker given its first task since it was idle is watched again (unless
                 // a caller borrowed it to read the answer itself).
                 let busy = inner.policy.oldest(wid).is_some();

@@ -176,6 +176,96 @@ impl WorkerIo {
         }
     }
 
+    /// After a write to the worker's channel: stores in its page how much has been
+    /// written, then wakes the worker if it sleeps on its doorbell (see `page::DOOR`: in
+    /// this order, so that a worker going to sleep meanwhile either sees the bytes or is
+    /// woken). A busy worker costs a load and a compare.
+    pub(super) fn ring(&self) {
+        let (Some(conn), Some(page)) = (&self.conn, &self.progress) else {
+            return;
+        };
+        let sent = page.atomic_u64(page::SENT);
+        let written = conn.bytes_written();
+        // Only the pool stores it.
+        if sent.load(Ordering::Relaxed) == written {
+            return;
+        }
+        sent.store(written, Ordering::SeqCst);
+        let door = page.atomic_u32(page::DOOR);
+        if door.load(Ordering::SeqCst) == page::SLEEPING
+            && door
+                .compare_exchange(
+                    page::SLEEPING,
+                    page::AWAKE,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+        {
+            // A failure (none expected on a mapped word) leaves the worker to its wait's
+            // end, when it reads the channel.
+            let _ = pool_ipc::shm::futex_wake(door, 1);
+        }
+    }
+
+    /// Hands a task's `frame`, queued last on the channel and not written yet, to the
+    /// worker through its page instead (see `page::DOOR`), if the worker is awake or
+    /// asleep on its doorbell (not blocked reading its channel) and keeps its page, and
+    /// the frame is all that is queued, carries no descriptors and fits the task area:
+    /// `true` if so (the frame is taken off the channel and counts as delivered, as a
+    /// written one does). The caller knows that the worker holds no other task.
+    pub(super) fn hand_through_page(&mut self, frame: &FrameBuf) -> bool {
+        let payload = frame.payload();
+        if payload.len() > page::TASK_MAX || !self.guard.is_ready() {
+            return false;
+        }
+        let Some(page) = self.kept_page().cloned() else {
+            return false;
+        };
+        let door = page.atomic_u32(page::DOOR);
+        let mut before = door.load(Ordering::SeqCst);
+        if before != page::AWAKE && before != page::SLEEPING {
+            return false;
+        }
+        // Off the channel first (all that is queued must be this frame, unwritten, plain):
+        // once the worker is rung, the frame must not reach it a second time.
+        if !self
+            .conn
+            .as_mut()
+            .is_some_and(|c| c.take_back_unwritten(payload))
+        {
+            return false;
+        }
+        // The worker reads the area only once it sees RUNG, stored after it (release); it
+        // stored AWAKE or SLEEPING only once done with the area's last task.
+        page.write_at(page::TASK_OFFSET, payload);
+        page.atomic_u64(page::TASK_LEN)
+            .store(payload.len() as u64, Ordering::Relaxed);
+        loop {
+            match door.compare_exchange(before, page::RUNG, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                // It went to sleep, or woke, meanwhile: ring again.
+                Err(now) if now == page::AWAKE || now == page::SLEEPING => before = now,
+                Err(_) => {
+                    // It went to read its channel meanwhile: the frame goes there after
+                    // all, queued again as it was.
+                    if let Some(c) = self.conn.as_mut() {
+                        c.queue_copy_with_fds(frame, Vec::new());
+                    }
+                    return false;
+                }
+            }
+        }
+        // Delivered: not a frame that may still be cut short on the channel.
+        self.task_ends.pop_back();
+        if before == page::SLEEPING {
+            // A failure (none expected on a mapped word) leaves the worker to its wait's
+            // end: it finds the task then.
+            let _ = pool_ipc::shm::futex_wake(door, 1);
+        }
+        true
+    }
+
     /// Records where the task frame just queued on `conn` ends.
     pub(super) fn note_task_queued(&mut self) {
         if let Some(conn) = &self.conn {
@@ -671,6 +761,65 @@ mod tests {
                 Ordering::SeqCst,
             )
             .is_ok()
+    }
+
+    #[test]
+    fn a_task_goes_through_the_page_only_while_its_worker_does_not_read_its_channel() {
+        let mut w = keeping();
+        assert!(w.guard.admit(&FromWorker::<()>::Ready { pid: 1 }).is_ok());
+        let (ours, _theirs) = pool_ipc::socketpair().unwrap();
+        w.conn = Some(FramedConn::new(ours, pool_ipc::Config::default()).unwrap());
+        let page = Arc::clone(w.progress.as_ref().unwrap());
+        let door = page.atomic_u32(page::DOOR);
+        let mut frame = FrameBuf::new();
+        frame.extend_from_slice(b"a task");
+        let queue = |w: &mut WorkerIo| {
+            w.conn
+                .as_mut()
+                .unwrap()
+                .queue_copy_with_fds(&frame, Vec::new());
+            w.note_task_queued();
+        };
+        // Reading its channel: the frame stays queued for it.
+        door.store(page::RECEIVING, Ordering::SeqCst);
+        queue(&mut w);
+        assert!(!w.hand_through_page(&frame));
+        assert_eq!(w.undelivered_tasks(), 1);
+        assert!(matches!(w.conn.as_mut().unwrap().flush(), Ok(true)));
+        assert_eq!(w.undelivered_tasks(), 0);
+        // Written: the page says how much.
+        w.ring();
+        let written = w.conn.as_ref().unwrap().bytes_written();
+        assert_eq!(page.atomic_u64(page::SENT).load(Ordering::SeqCst), written);
+        assert_eq!(door.load(Ordering::SeqCst), page::RECEIVING);
+        // Asleep on its doorbell: through the page, off the channel, delivered.
+        door.store(page::SLEEPING, Ordering::SeqCst);
+        queue(&mut w);
+        assert!(w.hand_through_page(&frame));
+        assert_eq!(door.load(Ordering::SeqCst), page::RUNG);
+        assert_eq!(page.atomic_u64(page::TASK_LEN).load(Ordering::SeqCst), 6);
+        let mut area = Vec::new();
+        page.read_to_vec(page::TASK_OFFSET, 6, &mut area);
+        assert_eq!(area, b"a task");
+        assert!(!w.conn.as_ref().unwrap().wants_write());
+        assert_eq!(w.undelivered_tasks(), 0);
+        assert_eq!(w.conn.as_ref().unwrap().bytes_written(), written);
+        // Something else queued before it: the channel.
+        door.store(page::AWAKE, Ordering::SeqCst);
+        queue(&mut w);
+        queue(&mut w);
+        assert!(!w.hand_through_page(&frame));
+        assert_eq!(door.load(Ordering::SeqCst), page::AWAKE);
+        assert_eq!(w.undelivered_tasks(), 2);
+        // A write to a worker asleep on its doorbell wakes it.
+        door.store(page::SLEEPING, Ordering::SeqCst);
+        assert!(matches!(w.conn.as_mut().unwrap().flush(), Ok(true)));
+        w.ring();
+        assert_eq!(door.load(Ordering::SeqCst), page::AWAKE);
+        assert_eq!(
+            page.atomic_u64(page::SENT).load(Ordering::SeqCst),
+            w.conn.as_ref().unwrap().bytes_written()
+        );
     }
 
     #[test]

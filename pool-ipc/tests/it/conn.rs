@@ -238,3 +238,32 @@ fn fill_level_with_a_level_triggered_wait_gets_every_frame() {
         assert_eq!(next_blocking(&mut conn).unwrap(), None);
     });
 }
+
+#[test]
+fn only_the_frame_queued_alone_and_unwritten_is_taken_back() {
+    let (a, b) = pool_ipc::socketpair().unwrap();
+    let mut conn = FramedConn::new(a, Config::default()).unwrap();
+    let frame = |bytes: &[u8]| {
+        let mut f = FrameBuf::new();
+        f.extend_from_slice(bytes);
+        f
+    };
+    let (one, other) = (frame(b"one task"), frame(b"two task"));
+    // Another payload of the same length: kept.
+    conn.queue_copy_with_fds(&one, Vec::new());
+    assert!(!conn.take_back_unwritten(other.payload()));
+    assert!(conn.wants_write());
+    // Its own: taken back, nothing written.
+    assert!(conn.take_back_unwritten(one.payload()));
+    assert!(!conn.wants_write());
+    assert_eq!(conn.stream_end(), 0);
+    // Behind another frame, or once written: kept.
+    conn.queue_copy_with_fds(&other, Vec::new());
+    conn.queue_copy_with_fds(&one, Vec::new());
+    assert!(!conn.take_back_unwritten(one.payload()));
+    assert!(matches!(conn.flush(), Ok(true)));
+    assert!(!conn.take_back_unwritten(one.payload()));
+    let mut peer = Duplex::<Vec<u8>, Vec<u8>>::new(b).unwrap();
+    assert_eq!(peer.receiver().recv_frame().unwrap(), b"two task");
+    assert_eq!(peer.receiver().recv_frame().unwrap(), b"one task");
+}
