@@ -79,11 +79,20 @@ pub(crate) struct Submission {
 
 impl Submission {
     pub(crate) fn new<F: Task<Args>, Args>(f: F, timeout: Option<Duration>) -> Self {
+        Self::in_group(f, timeout, Arc::default())
+    }
+
+    /// [`new`](Submission::new), its tasks in `group`.
+    pub(crate) fn in_group<F: Task<Args>, Args>(
+        f: F,
+        timeout: Option<Duration>,
+        group: Arc<crate::driver::Group>,
+    ) -> Self {
         Submission {
             func: f.batch_ref(),
             name: F::name(),
             timeout,
-            group: Arc::default(),
+            group,
         }
     }
 
@@ -634,7 +643,7 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts);
+        let (out, task) = self.prepare_apply(f, args, opts, false);
         if let Some(task) = task {
             self.submit_all(vec![task], false);
         }
@@ -642,12 +651,15 @@ impl Pool {
     }
 
     /// One task for `f(args...)`, and the handle to its result; `None` for the task if it
-    /// was settled at once (its arguments could not be encoded, say).
+    /// was settled at once (its arguments could not be encoded, say). `unseen`: the handle
+    /// stays with the pool (its caller waits for the result), so the task joins no group
+    /// that keeps its id for a cancel.
     fn prepare_apply<F, Args>(
         &self,
         f: F,
         args: Args,
         opts: Options<F::Output>,
+        unseen: bool,
     ) -> (AsyncResult<F::Output>, Option<(u64, TaskRec)>)
     where
         F: Task<Args>,
@@ -656,7 +668,12 @@ impl Pool {
             timeout, callbacks, ..
         } = opts;
         let slot = Slot::new();
-        let sub = Submission::new(f, self.timeout_of(timeout));
+        let group = if unseen {
+            crate::driver::Group::unseen()
+        } else {
+            Arc::default()
+        };
+        let sub = Submission::in_group(f, self.timeout_of(timeout), group);
         let id = self.new_id();
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
@@ -682,7 +699,8 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts);
+        // The handle never leaves this call: nobody can cancel the task.
+        let (out, task) = self.prepare_apply(f, args, opts, true);
         let Some(task) = task else {
             return out.get();
         };
