@@ -407,27 +407,42 @@ impl Pool {
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
     /// task was taken (before their frames are written); its answer. Under backpressure
     /// (`max_queued`) each task waits for room in a step of its own, and `then` does not run.
-    fn submit_then<R>(
+    ///
+    /// The frames of tasks done come back to this thread (as in
+    /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
+    /// of its last.
+    fn submit_then<R, T>(
         &self,
-        tasks: Vec<(u64, TaskRec)>,
+        tasks: T,
         fed: bool,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
-    ) -> Option<R> {
-        if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
+    ) -> Option<R>
+    where
+        T: AsRef<[(u64, TaskRec)]> + IntoIterator<Item = (u64, TaskRec)>,
+    {
+        if tasks.as_ref().iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
         // Backpressure: one task at a time, each once the queue has room (imap's feeds
         // are bounded by their window instead).
         let (refused, r) = match self.shared.max_queued().filter(|_| !fed) {
-            None => self.shared.act(|p, fx| {
-                let refused = submit_each(p, fx, tasks, fed);
-                let r = if refused.is_empty() {
-                    then(p, fx)
-                } else {
-                    None
-                };
+            None => {
+                let mut spent = SPENT.take();
+                let (refused, r) = self.shared.act(|p, fx| {
+                    let refused = submit_each(p, fx, tasks, fed);
+                    let r = if refused.is_empty() {
+                        then(p, fx)
+                    } else {
+                        None
+                    };
+                    fx.take_spent_frames(&mut spent);
+                    (refused, r)
+                });
+                // Out of the lock, as in `submit_drain`.
+                pool_ipc::keep_small_frames(spent.drain(..));
+                SPENT.set(spent);
                 (refused, r)
-            }),
+            }
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
@@ -705,7 +720,7 @@ impl Pool {
             return out.get();
         };
         let id = task.0;
-        if let Some(b) = self.submit_then(vec![task], false, |p, fx| fx.lend(p, id, true)) {
+        if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
             self.shared.await_answer(b, None);
         }
         out.get()
