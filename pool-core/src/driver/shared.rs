@@ -241,12 +241,14 @@ impl Shared {
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
             let mut dirty = std::mem::take(&mut fx.dirty);
+            let sent_at = fx.sent_at;
             inner.timer_at = timer_at;
             dirty.sort_unstable();
             dirty.dedup();
-            // Read only for a step that queued something (a caller taking its answer, say,
-            // queues nothing).
-            let now = (!dirty.is_empty()).then(Instant::now);
+            // Only a step that queued something starts tasks (a caller taking its answer,
+            // say, queues nothing): they start when they count as sent, the clock read once
+            // for the step.
+            let now = (!dirty.is_empty()).then(|| sent_at.unwrap_or_else(Instant::now));
             for (&wid, now) in dirty.iter().zip(now.into_iter().cycle()) {
                 note_started(&mut inner.policy, &inner.io, wid, now);
                 // A worker sent a task while it holds another may hold answers back from
