@@ -187,11 +187,13 @@ impl Pool {
             timeout,
             callbacks,
         } = opts;
-        let mut sub = Submission::new(f, self.timeout_of(timeout));
-        if paced {
-            // Its caller waits for the result: nobody holds the handle to cancel it.
-            sub.group = Arc::new(Group::unseen());
-        }
+        // Paced, its caller waits for the result: nobody holds the handle to cancel it.
+        let group = if paced {
+            Group::unseen()
+        } else {
+            Arc::default()
+        };
+        let sub = Submission::in_group(f, self.timeout_of(timeout), group);
         let slot = Slot::new();
         let done = Done::new(n);
         let out =

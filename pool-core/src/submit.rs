@@ -79,11 +79,20 @@ pub(crate) struct Submission {
 
 impl Submission {
     pub(crate) fn new<F: Task<Args>, Args>(f: F, timeout: Option<Duration>) -> Self {
+        Self::in_group(f, timeout, Arc::default())
+    }
+
+    /// [`new`](Submission::new), its tasks in `group`.
+    pub(crate) fn in_group<F: Task<Args>, Args>(
+        f: F,
+        timeout: Option<Duration>,
+        group: Arc<crate::driver::Group>,
+    ) -> Self {
         Submission {
             func: f.batch_ref(),
             name: F::name(),
             timeout,
-            group: Arc::default(),
+            group,
         }
     }
 
@@ -398,27 +407,42 @@ impl Pool {
     /// [`submit_all`](Pool::submit_all), then `then` in the same locked step once every
     /// task was taken (before their frames are written); its answer. Under backpressure
     /// (`max_queued`) each task waits for room in a step of its own, and `then` does not run.
-    fn submit_then<R>(
+    ///
+    /// The frames of tasks done come back to this thread (as in
+    /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
+    /// of its last.
+    fn submit_then<R, T>(
         &self,
-        tasks: Vec<(u64, TaskRec)>,
+        tasks: T,
         fed: bool,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
-    ) -> Option<R> {
-        if tasks.iter().any(|(_, t)| t.timeout.is_some()) {
+    ) -> Option<R>
+    where
+        T: AsRef<[(u64, TaskRec)]> + IntoIterator<Item = (u64, TaskRec)>,
+    {
+        if tasks.as_ref().iter().any(|(_, t)| t.timeout.is_some()) {
             self.shared.note_timeouts();
         }
         // Backpressure: one task at a time, each once the queue has room (imap's feeds
         // are bounded by their window instead).
         let (refused, r) = match self.shared.max_queued().filter(|_| !fed) {
-            None => self.shared.act(|p, fx| {
-                let refused = submit_each(p, fx, tasks, fed);
-                let r = if refused.is_empty() {
-                    then(p, fx)
-                } else {
-                    None
-                };
+            None => {
+                let mut spent = SPENT.take();
+                let (refused, r) = self.shared.act(|p, fx| {
+                    let refused = submit_each(p, fx, tasks, fed);
+                    let r = if refused.is_empty() {
+                        then(p, fx)
+                    } else {
+                        None
+                    };
+                    fx.take_spent_frames(&mut spent);
+                    (refused, r)
+                });
+                // Out of the lock, as in `submit_drain`.
+                pool_ipc::keep_small_frames(spent.drain(..));
+                SPENT.set(spent);
                 (refused, r)
-            }),
+            }
             Some(max) => {
                 let mut refused = Vec::new();
                 for (id, rec) in tasks {
@@ -634,7 +658,7 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts);
+        let (out, task) = self.prepare_apply(f, args, opts, false);
         if let Some(task) = task {
             self.submit_all(vec![task], false);
         }
@@ -642,12 +666,15 @@ impl Pool {
     }
 
     /// One task for `f(args...)`, and the handle to its result; `None` for the task if it
-    /// was settled at once (its arguments could not be encoded, say).
+    /// was settled at once (its arguments could not be encoded, say). `unseen`: the handle
+    /// stays with the pool (its caller waits for the result), so the task joins no group
+    /// that keeps its id for a cancel.
     fn prepare_apply<F, Args>(
         &self,
         f: F,
         args: Args,
         opts: Options<F::Output>,
+        unseen: bool,
     ) -> (AsyncResult<F::Output>, Option<(u64, TaskRec)>)
     where
         F: Task<Args>,
@@ -656,7 +683,12 @@ impl Pool {
             timeout, callbacks, ..
         } = opts;
         let slot = Slot::new();
-        let sub = Submission::new(f, self.timeout_of(timeout));
+        let group = if unseen {
+            crate::driver::Group::unseen()
+        } else {
+            Arc::default()
+        };
+        let sub = Submission::in_group(f, self.timeout_of(timeout), group);
         let id = self.new_id();
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
@@ -682,12 +714,13 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts);
+        // The handle never leaves this call: nobody can cancel the task.
+        let (out, task) = self.prepare_apply(f, args, opts, true);
         let Some(task) = task else {
             return out.get();
         };
         let id = task.0;
-        if let Some(b) = self.submit_then(vec![task], false, |p, fx| fx.lend(p, id, true)) {
+        if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
             self.shared.await_answer(b, None);
         }
         out.get()

@@ -225,6 +225,7 @@ impl Segment {
     /// # Panics
     ///
     /// If the word lies outside the segment.
+    #[inline]
     pub fn atomic_u32(&self, index: usize) -> &AtomicU32 {
         let off = index.checked_mul(4).filter(|o| o + 4 <= self.map.len);
         let off = off.expect("atomic_u32 index outside the shared segment");
@@ -240,6 +241,7 @@ impl Segment {
     /// # Panics
     ///
     /// If the word lies outside the segment.
+    #[inline]
     pub fn atomic_u64(&self, index: usize) -> &AtomicU64 {
         let off = index.checked_mul(8).filter(|o| o + 8 <= self.map.len);
         let off = off.expect("atomic_u64 index outside the shared segment");

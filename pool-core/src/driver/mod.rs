@@ -202,11 +202,15 @@ pub(crate) struct Group {
 
 impl Group {
     /// The group of a submission nobody can cancel (see `unseen`).
-    pub(crate) fn unseen() -> Self {
-        Group {
-            ids: Mutex::default(),
-            unseen: true,
-        }
+    pub(crate) fn unseen() -> Arc<Self> {
+        // It keeps nothing: one for every such submission, shared, costs no allocation.
+        static UNSEEN: std::sync::LazyLock<Arc<Group>> = std::sync::LazyLock::new(|| {
+            Arc::new(Group {
+                ids: Mutex::default(),
+                unseen: true,
+            })
+        });
+        Arc::clone(&UNSEEN)
     }
 
     pub(crate) fn add(&self, id: u64) {

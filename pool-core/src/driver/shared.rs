@@ -74,6 +74,9 @@ pub(crate) struct Inner {
     /// The frames of tasks done, for the next submitter to make its next frames in (see
     /// [`Fx::take_spent_frames`]).
     pub(super) spent_frames: Vec<pool_ipc::FrameBuf>,
+    /// The room of the list of workers a step queued frames for, kept empty between steps
+    /// (see [`Shared::act`]): a step that sends a task allocates none.
+    pub(super) dirty: Vec<WorkerId>,
 }
 
 /// Shared between the pool handle, the driver thread and submitting threads.
@@ -128,6 +131,7 @@ impl Shared {
                 reader_ended: Vec::new(),
                 looks_planned: None,
                 spent_frames: Vec::new(),
+                dirty: Vec::new(),
             }),
             wake,
             epoll: ep,
@@ -210,7 +214,7 @@ impl Shared {
                 settings: &self.settings,
                 terminating,
                 timer_at: inner.timer_at,
-                dirty: Vec::new(),
+                dirty: std::mem::take(&mut inner.dirty),
                 timings: &mut inner.timings,
                 reader_ended: &mut inner.reader_ended,
                 epoll: &self.epoll,
@@ -237,11 +241,15 @@ impl Shared {
             // Write what the step queued, one write per worker, from this thread; the driver
             // finishes what a socket refuses.
             let mut dirty = std::mem::take(&mut fx.dirty);
+            let sent_at = fx.sent_at;
             inner.timer_at = timer_at;
             dirty.sort_unstable();
             dirty.dedup();
-            let now = Instant::now();
-            for &wid in &dirty {
+            // Only a step that queued something starts tasks (a caller taking its answer,
+            // say, queues nothing): they start when they count as sent, the clock read once
+            // for the step.
+            let now = (!dirty.is_empty()).then(|| sent_at.unwrap_or_else(Instant::now));
+            for (&wid, now) in dirty.iter().zip(now.into_iter().cycle()) {
                 note_started(&mut inner.policy, &inner.io, wid, now);
                 // A worker sent a task while it holds another may hold answers back from
                 // now on: looked at unless it says something first.
@@ -265,7 +273,7 @@ impl Shared {
                     inner.wake_driver = true;
                 }
             }
-            for wid in dirty {
+            for &wid in &dirty {
                 let Some(w) = inner.io.get_mut(&wid) else {
                     continue;
                 };
@@ -298,6 +306,8 @@ impl Shared {
                     inner.wake_driver = true;
                 }
             }
+            dirty.clear();
+            inner.dirty = dirty;
             // The driver sleeps until a worker or a launch needs it; a step that leaves the
             // pool finished (close() once every worker is gone, say) must wake it to end.
             if inner.policy.is_finished() {
