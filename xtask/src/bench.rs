@@ -21,7 +21,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{ShippedCli, root, step, target_dir};
+use crate::{ShippedCli, cargo, root, step, target_dir};
 
 /// Runs the benchmark suite.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -89,7 +89,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             // The bench targets only (libtest would refuse criterion's options), each
             // function warmed up for 1 s and measured for 3 (criterion's 3 and 5 took the
             // full bench past its 15 minutes).
-            Command::new(cargo()).args([
+            cargo().args([
                 "bench",
                 "--workspace",
                 "--bench",
@@ -159,7 +159,7 @@ fn procspawn_exe(root: &std::path::Path) -> Option<std::path::PathBuf> {
         return None;
     }
     println!("==> build the procspawn comparison");
-    let built = Command::new(cargo())
+    let built = cargo()
         .args(["build", "--release", "--manifest-path"])
         .arg(&manifest)
         .env("CARGO_TARGET_DIR", root.join("target/procspawn-bench"))
@@ -185,10 +185,6 @@ fn publish(root: &std::path::Path, out_dir: &std::path::Path) -> Result<(), Stri
     fs::write(root.join("BENCHMARKS.md"), md).map_err(|e| format!("write BENCHMARKS.md: {e}"))?;
     println!("==> published BENCHMARKS.md and bench/results/");
     Ok(())
-}
-
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
 /// Runs `cmd`, echoes and appends its JSON lines to `raw`.

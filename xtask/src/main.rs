@@ -238,7 +238,8 @@ fn has_static_libc() -> bool {
 /// The longest the whole test run may take (the suite takes well under a minute here).
 const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-fn cargo() -> Command {
+/// `cargo`: the one running this task (`$CARGO`), else the one on the path.
+pub(crate) fn cargo() -> Command {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 

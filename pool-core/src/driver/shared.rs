@@ -248,20 +248,22 @@ impl Shared {
             // Only a step that queued something starts tasks (a caller taking its answer,
             // say, queues nothing): they start when they count as sent, the clock read once
             // for the step.
-            let now = (!dirty.is_empty()).then(|| sent_at.unwrap_or_else(Instant::now));
-            for (&wid, now) in dirty.iter().zip(now.into_iter().cycle()) {
-                note_started(&mut inner.policy, &inner.io, wid, now);
-                // A worker sent a task while it holds another may hold answers back from
-                // now on: looked at unless it says something first.
-                if inner.policy.holding(wid) >= 2
-                    && let Some(w) = inner.io.get_mut(&wid)
-                    && w.may_hold()
-                {
-                    w.nudge_caller();
-                    if w.look_at.is_none() {
-                        let t = now + super::reader::HELD_LOOK;
-                        w.look_at = Some(t);
-                        look_min = Some(look_min.map_or(t, |m: Instant| m.min(t)));
+            if !dirty.is_empty() {
+                let now = sent_at.unwrap_or_else(Instant::now);
+                for &wid in &dirty {
+                    note_started(&mut inner.policy, &inner.io, wid, now);
+                    // A worker sent a task while it holds another may hold answers back from
+                    // now on: looked at unless it says something first.
+                    if inner.policy.holding(wid) >= 2
+                        && let Some(w) = inner.io.get_mut(&wid)
+                        && w.may_hold()
+                    {
+                        w.nudge_caller();
+                        if w.look_at.is_none() {
+                            let t = now + super::reader::HELD_LOOK;
+                            w.look_at = Some(t);
+                            look_min = Some(look_min.map_or(t, |m: Instant| m.min(t)));
+                        }
                     }
                 }
             }
