@@ -197,7 +197,10 @@ def floor_section(cells, floors):
 
 
 def read_rows(paths):
+    """The measured rows (those with "system" and "workload"), and how the procpool
+    program measured is linked (its row {"build": ...}; its loading is part of startup)."""
     rows = []
+    build = None
     for path in paths:
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -211,7 +214,9 @@ def read_rows(paths):
                     continue
                 if "system" in row and "workload" in row:
                     rows.append(row)
-    return rows
+                elif isinstance(row.get("build"), str):
+                    build = row["build"]
+    return rows, build
 
 
 def summarize(rows):
@@ -574,10 +579,6 @@ def main(argv=None):
         help="a markdown file to include as a section after the goals (repeatable)",
     )
     ap.add_argument(
-        "--build", default=None,
-        help="how the measured procpool program is linked (its loading is part of startup)",
-    )
-    ap.add_argument(
         "--mode", choices=["quick", "full"], default=None,
         help="label the run (default: quick if any row says \"quick\": true)",
     )
@@ -585,7 +586,7 @@ def main(argv=None):
 
     out_dir = a.out or os.path.join(repo_root(), "target", "bench")
     os.makedirs(out_dir, exist_ok=True)
-    rows = read_rows(a.inputs)
+    rows, build = read_rows(a.inputs)
     if not rows:
         print("report: no result rows in the input", file=sys.stderr)
         return 1
@@ -774,9 +775,9 @@ def main(argv=None):
         "![procpool / reference ratio per workload](ratios.svg)",
         "",
     ]
-    if a.build:
+    if build:
         bm += [
-            f"The procpool program measured ({a.build}) is the one that spawn and forkserver "
+            f"The procpool program measured ({build}) is the one that spawn and forkserver "
             "execute again for each worker or fork server: `startup` includes its loading "
             "(see the guide's \"Start methods\" on how the way a program is linked changes it).",
             "",

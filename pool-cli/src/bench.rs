@@ -543,7 +543,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
         eprintln!("procpool bench: cannot create {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
-    let mut rows = Vec::new();
+    // How this program is linked, first: the report says it beside the `startup` figures.
+    let build = crate::reference::build_row();
+    println!("{build}");
+    let mut rows = vec![build];
     let limit = Duration::from_secs(args.timeout);
     let refs = match crate::reference::References::new(args.reference, args.procspawn.clone()) {
         Ok(refs) => refs,

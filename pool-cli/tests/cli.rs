@@ -40,9 +40,16 @@ fn bench_prints_one_ok_json_line_per_run_and_method() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
-    // Run by run: each method, then each of the machine's raw round trips (the floors
-    // under apply_rtt: a pipe, and a socketpair waited on with poll).
-    assert_eq!(lines.len(), 8, "{text}");
+    // First how the program is linked (for the report); then run by run: each method,
+    // then each of the machine's raw round trips (the floors under apply_rtt: a pipe, and
+    // a socketpair waited on with poll).
+    assert_eq!(lines.len(), 9, "{text}");
+    assert!(
+        lines[0] == r#"{"build":"statically linked"}"#
+            || lines[0].starts_with(r#"{"build":"dynamically linked, loading "#),
+        "{text}"
+    );
+    let lines = &lines[1..];
     let run = [
         "procpool-fork",
         "procpool-forkserver",

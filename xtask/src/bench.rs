@@ -119,7 +119,6 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg("--out")
                 .arg(&out_dir)
                 .args(["--mode", if quick { "quick" } else { "full" }])
-                .args(["--build", &build_description(&exe)])
                 .args(
                     dispatch_path
                         .exists()
@@ -553,26 +552,6 @@ fn interleaved_row(json: &str, workers: u64) -> Option<(f64, f64)> {
         row[at..].split(',').next()?.trim().parse().ok()
     };
     Some((field("ns_per_task")?, field("ratio_to_2")?))
-}
-
-/// How `exe` is linked, for the report: "statically linked", or the libraries it loads
-/// (from `ldd`), as `procpool bench --out` says it of itself.
-fn build_description(exe: &std::path::Path) -> String {
-    let Ok(out) = Command::new("ldd").arg(exe).output() else {
-        return "linking unknown: no ldd".to_owned();
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let libs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(|path| path.rsplit('/').next().unwrap_or(path))
-        .filter(|name| name.contains(".so") && !name.starts_with("linux-vdso"))
-        .collect();
-    if libs.is_empty() {
-        "statically linked".to_owned()
-    } else {
-        format!("dynamically linked, loading {}", libs.join(", "))
-    }
 }
 
 /// From criterion's `sample.json` (`"iters"` and `"times"`, in ns, of runs of 10 000
