@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::util::{
     METHODS, alive, append_line, builder, kill_new_workers, my_pid, parent_of, shut_down, square,
-    wait_for,
+    stopped, wait_for,
 };
 
 pub(crate) fn boom(x: u32) -> u32 {
@@ -1014,8 +1014,11 @@ fn a_task_handed_through_the_page_runs_once_whatever_becomes_of_its_worker() {
                 .lines()
                 .count()
         };
-        // Stopped, it cannot take up the task left for it; then killed.
+        // Stopped (every thread of it), it cannot take up the task left for it; then killed.
         signal(worker, Signal::STOP);
+        wait_for("the worker to stop", Duration::from_secs(10), || {
+            stopped(worker)
+        });
         std::thread::scope(|s| {
             let caller = s.spawn(|| pool.apply(note_pid, (arg.clone(),)));
             std::thread::sleep(Duration::from_millis(200));

@@ -151,6 +151,22 @@ pub(crate) fn parent_of(pid: u32) -> u32 {
     rest.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
+/// True once every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`). A SIGSTOP has not stopped a process when `kill` returns: one
+/// of its threads takes the signal and stops the others, so until then another thread (a
+/// worker running tasks off its main thread, as under libtest) can go on running.
+pub(crate) fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The command name may hold spaces: the state follows its closing parenthesis.
+            stat[stat.rfind(')').map_or(0, |i| i + 2)..].starts_with('T')
+        })
+    })
+}
+
 /// Waits (bounded) until `cond` holds; panics with `what` otherwise.
 pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
