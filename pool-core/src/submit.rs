@@ -723,7 +723,10 @@ impl Pool {
         if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
             self.shared.await_answer(b, None);
         }
-        out.get()
+        match out.take_ready() {
+            Some(r) => r,
+            None => out.get(),
+        }
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order: Python's
