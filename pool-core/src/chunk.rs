@@ -76,6 +76,15 @@ pub(crate) fn take_tail<A: 'static>(items: &mut Vec<A>) -> Option<Vec<u8>> {
     }
 }
 
+/// Whether [`take_tail`] may take anything out of items of type `A` (one byte string as
+/// the only argument): for any other type it never does, and the items need not be given
+/// up in a `Vec` for it.
+pub(crate) fn may_have_tail<A: 'static>() -> bool {
+    use std::any::TypeId;
+    let a = TypeId::of::<A>();
+    a == TypeId::of::<(serde_bytes::ByteBuf,)>() || a == TypeId::of::<(Vec<u8>,)>()
+}
+
 /// The task `id` of one byte-string argument, `tail` (see [`take_tail`]).
 pub(crate) fn encode_tail(id: u64, func: FnRef, timed: bool, tail: Vec<u8>) -> Encoded {
     let frame = pool_spawn::protocol::encode_run_tail(id, func, timed, tail.len());

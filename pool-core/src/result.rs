@@ -251,6 +251,13 @@ impl<T> AsyncResult<T> {
         self
     }
 
+    /// The result if it is in, taken in one look at the slot (for `apply`, whose own wait
+    /// on the worker has usually brought it: `get` would look three times); `None` if it
+    /// is not in yet.
+    pub(crate) fn take_ready(&self) -> Option<Result<T, TaskError>> {
+        self.slot.take().ok().flatten()
+    }
+
     /// Waits until the result is in or `deadline` passes, reading the answer from the
     /// worker on this thread while it can (see `Shared::read_own_answer`), then on the slot
     /// the pool fills: true if the result is in.

@@ -113,6 +113,17 @@ impl Submission {
             None => self.encode::<F, Args>(id, items),
         }
     }
+
+    /// [`encode_owned`](Submission::encode_owned) of one item (an `apply`'s arguments):
+    /// put in a `Vec` only when they may be a byte string to send as a tail, so that other
+    /// arguments cost no allocation of their own.
+    pub(crate) fn encode_one<F: Task<Args>, Args>(&self, id: u64, args: Args) -> Encoded {
+        if F::may_have_tail() {
+            self.encode_owned::<F, Args>(id, &mut vec![args])
+        } else {
+            self.encode::<F, Args>(id, std::slice::from_ref(&args))
+        }
+    }
 }
 
 /// A chunk's per-item results as they arrive, in pieces when a worker dies or a time limit
@@ -692,7 +703,7 @@ impl Pool {
         let id = self.new_id();
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
-        let enc = sub.encode_owned::<F, Args>(id, &mut vec![args]);
+        let enc = sub.encode_one::<F, Args>(id, args);
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
             let r = items
                 .into_last()
@@ -723,7 +734,10 @@ impl Pool {
         if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
             self.shared.await_answer(b, None);
         }
-        out.get()
+        match out.take_ready() {
+            Some(r) => r,
+            None => out.get(),
+        }
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order: Python's

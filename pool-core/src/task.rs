@@ -44,6 +44,8 @@ mod sealed {
         fn encode_run(id: u64, func: FnRef, timed: bool, items: &[Args]) -> RunItems;
         /// See `chunk::take_tail`.
         fn take_tail(items: &mut Vec<Args>) -> Option<Vec<u8>>;
+        /// See `chunk::may_have_tail`.
+        fn may_have_tail() -> bool;
         /// The function's Rust path, for errors.
         fn name() -> &'static str;
     }
@@ -64,6 +66,10 @@ mod sealed {
 
         fn take_tail(items: &mut Vec<Args>) -> Option<Vec<u8>> {
             crate::chunk::take_tail(items)
+        }
+
+        fn may_have_tail() -> bool {
+            crate::chunk::may_have_tail::<Args>()
         }
 
         fn name() -> &'static str {

@@ -247,6 +247,10 @@ pub mod page {
     pub const SENT: usize = 11;
     /// The length of the task frame in the task area (see [`DOOR`]).
     pub const TASK_LEN: usize = 12;
+    /// The CPU the worker ran on when it last went to sleep on [`DOOR`], plus one (0: not
+    /// known yet). Only a hint, for a caller that rang it: a caller on that same CPU
+    /// gives it the CPU, so that it runs the task before the caller goes to sleep.
+    pub const DOOR_CPU: usize = 13;
     /// Where the task area starts, in bytes: the payload of one `Run` message without
     /// descriptors, of at most [`TASK_MAX`] bytes, left by the pool, which rang [`RUNG`].
     pub const TASK_OFFSET: usize = 512;
@@ -260,7 +264,7 @@ pub mod page {
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
     /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
     /// needed, so the worker checks a few slots before each task however many tasks it
-    /// holds: once [`MARKED`] says that the pool marked any. (Words 13 to 39 are unused.)
+    /// holds: once [`MARKED`] says that the pool marked any. (Words 14 to 39 are unused.)
     pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
     /// Nonzero once the pool has marked a task cancelled on this page, stored after the
     /// mark (sequentially consistent, as the marks are): a worker that loads it after

@@ -400,6 +400,8 @@ fn door_wait(
                 // Woken, timed out or interrupted: look again. An error (none expected on
                 // a mapped word) falls back to reading the channel after the wait.
                 let wait = Duration::from_nanos(end - t);
+                page.atomic_u64(page::DOOR_CPU)
+                    .store(rustix::thread::sched_getcpu() as u64 + 1, Ordering::Relaxed);
                 match pool_ipc::shm::futex_wait(door, page::SLEEPING, Some(wait)) {
                     Ok(true) => woken = true,
                     Ok(false) | Err(_) => until = Some(0),

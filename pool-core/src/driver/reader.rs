@@ -572,6 +572,34 @@ impl Borrow {
         }
     }
 
+    /// Before the caller looks for the answer: if the worker has not yet taken the task
+    /// it was handed through its page (its doorbell still says `RUNG`) and slept on this
+    /// caller's CPU (`page::DOOR_CPU`), gives up the CPU once (`sched_yield`). On the CPU
+    /// the caller and the worker share, the caller's wake of the worker does not always
+    /// hand it the CPU at once; the worker then runs only once the caller sleeps, and the
+    /// caller, awake, would take back its word that it waits (`posted`) and sleep in
+    /// poll, the answer coming on the socket: a poll, a write and a read more than a wake
+    /// and a wait. Yielding instead lets the worker run the task and leave the answer in
+    /// the page first. A worker that runs it already, or that wakes on another CPU, is not
+    /// yielded to.
+    fn yield_to_worker(&self) {
+        let Some(page) = &self.page else {
+            return;
+        };
+        let rung = page
+            .atomic_u32(protocol::page::DOOR)
+            .load(Ordering::Relaxed)
+            == protocol::page::RUNG;
+        if rung
+            && page
+                .atomic_u64(protocol::page::DOOR_CPU)
+                .load(Ordering::Relaxed)
+                == rustix::thread::sched_getcpu() as u64 + 1
+        {
+            rustix::thread::sched_yield();
+        }
+    }
+
     /// Whether the worker's answer to the caller's task is on its socket already, as its
     /// page says: it ended the task (neither skipped nor running it) with no answer held
     /// back (a held answer counts until it is written; the worker marks a task ended only
@@ -713,6 +741,8 @@ impl Shared {
             }
         });
         // Answered in the page, or on the socket already: taken, or read, without polling.
+        // A worker that has not run yet may first be let run (see `yield_to_worker`).
+        b.yield_to_worker();
         let posted = b.posted();
         let answered = posted || b.answered();
         let woke = answered

@@ -36,6 +36,25 @@ pub(crate) fn give(frame: Vec<u8>) {
     });
 }
 
+/// A kept buffer, emptied, with room for `n` bytes if one has it (the first that has
+/// enough, else a fresh one): an answer copied out of a worker's page (`page::ANSWER`,
+/// taken on the waiting caller's thread, whose deliveries give the buffer back here) then
+/// costs no allocation.
+pub(crate) fn take(n: usize) -> Vec<u8> {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        match s.bufs.iter().rposition(|b| b.capacity() >= n) {
+            Some(i) => {
+                let mut b = s.bufs.swap_remove(i);
+                s.bytes -= b.capacity();
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(n),
+        }
+    })
+}
+
 /// Hands the kept buffers to `conn`, which reuses them for the frames it reads next.
 pub(crate) fn hand_to(conn: &mut FramedConn) {
     SPARE.with(|s| {

@@ -644,7 +644,7 @@ fn result_area(page: &pool_ipc::shm::Segment, id: u64, base: u64) -> Option<(u64
         .min(page::HELD_OFFSET)
         .saturating_sub(page::AREA_OFFSET);
     let bytes = usize::try_from(bytes).ok().filter(|&b| b <= room)?;
-    let mut area = Vec::new();
+    let mut area = super::spare::take(bytes);
     page.read_to_vec(page::AREA_OFFSET, bytes, &mut area);
     Some((items, area))
 }
