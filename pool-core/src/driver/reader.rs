@@ -752,7 +752,11 @@ impl Shared {
                 Err(_) => true,
             };
         let exited = !fds[1].revents().is_empty();
-        let readable = (answered && !posted) || !fds[0].revents().is_empty() || exited;
+        // An answer in the page comes after all the worker wrote before it: bytes still on
+        // the socket are read first (see `deliver_posted`).
+        let before_post = posted && rustix::io::ioctl_fionread(&*b.sock).map_or(true, |n| n > 0);
+        let readable =
+            (answered && !posted) || before_post || !fds[0].revents().is_empty() || exited;
         if let Some(fd) = &b.nudge
             && !fds[2].revents().is_empty()
         {
@@ -769,15 +773,36 @@ impl Shared {
                 return;
             }
             let mut end = ReadEnd::default();
-            if posted && !deliver_posted(policy, fx, wid) {
+            if readable {
+                end = read_worker(policy, fx, wid, before_post);
+            }
+            // A worker leaves an answer in its page only once all it wrote before is on the
+            // socket, whole: a message cut short with nothing more to read was not the
+            // worker's (a task wrote to the channel by mistake), and the channel cannot be
+            // trusted after it. One with more to read is read on the caller's next call.
+            let cut_short = posted
+                && !end.closed()
+                && fx
+                    .io
+                    .get(&wid)
+                    .is_some_and(|w| w.conn.as_ref().is_some_and(|c| c.has_partial_frame()));
+            let stray = cut_short && rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0);
+            if stray && let Some(w) = fx.io.get_mut(&wid) {
+                w.exit_note = Some(format!(
+                    "it answered task {id} in its page while a message on its channel \
+                     was cut short: something besides the worker wrote to the channel",
+                    id = b.id
+                ));
+            }
+            if posted
+                && !end.closed()
+                && (stray || (!cut_short && !deliver_posted(policy, fx, wid)))
+            {
                 end.broken = true;
                 policy.channel_closed(wid, fx);
                 if let Some(w) = fx.io.get_mut(&wid) {
                     w.ended = true;
                 }
-            }
-            if readable && !end.closed() {
-                end = read_worker(policy, fx, wid, false);
             }
             if look && !end.closed() {
                 let next = look_held(policy, fx, wid, Instant::now());
