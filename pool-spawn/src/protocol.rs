@@ -214,7 +214,10 @@ pub mod page {
     /// to), the worker swaps an answer nobody took for 0 and writes it after all. So
     /// whichever side's swap succeeds owns the answer: it is delivered once, and the area
     /// is not written over while it is copied. A worker that dies leaves it for the pool,
-    /// which takes it with the answers it held back.
+    /// which takes it with the answers it held back. All the worker wrote to the channel
+    /// before the answer is there whole when it posts it: the pool reads it first, and a
+    /// message still cut short then is not the worker's (a task wrote to the channel), a
+    /// fault that closes the worker with the task unanswered.
     pub const ANSWER: usize = 8;
     /// In [`ANSWER`]: a caller waits for the task, awake.
     pub const WAITING: u64 = 1 << 62;
