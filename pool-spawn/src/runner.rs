@@ -1179,20 +1179,20 @@ mod tests {
                 std::thread::yield_now();
             }
         };
+        // As the pool does: from SLEEPING to `to`, then the wake.
+        let wake_to = |to: u32| {
+            let swapped =
+                door.compare_exchange(page::SLEEPING, to, Ordering::SeqCst, Ordering::SeqCst);
+            assert!(swapped.is_ok());
+            pool_ipc::shm::futex_wake(door, 1).unwrap();
+        };
         // A task left in the page while it sleeps: taken, the doorbell awake again.
         std::thread::scope(|s| {
             s.spawn(|| {
                 asleep();
                 seg.write_at(page::TASK_OFFSET, b"a task");
                 seg.atomic_u64(page::TASK_LEN).store(6, Ordering::Relaxed);
-                let rung = door.compare_exchange(
-                    page::SLEEPING,
-                    page::RUNG,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
-                assert!(rung.is_ok());
-                pool_ipc::shm::futex_wake(door, 1).unwrap();
+                wake_to(page::RUNG);
             });
             assert!(door_wait(&seg, false, 10, &mut task));
         });
@@ -1204,14 +1204,7 @@ mod tests {
             s.spawn(|| {
                 asleep();
                 sent.store(20, Ordering::SeqCst);
-                let woke = door.compare_exchange(
-                    page::SLEEPING,
-                    page::AWAKE,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
-                assert!(woke.is_ok());
-                pool_ipc::shm::futex_wake(door, 1).unwrap();
+                wake_to(page::AWAKE);
             });
             assert!(!door_wait(&seg, false, 10, &mut task));
         });
