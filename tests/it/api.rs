@@ -167,8 +167,10 @@ fn imap_reads_its_input_lazily() {
         it.next().unwrap().unwrap();
     }
     let read = pulled.load(Ordering::SeqCst);
+    // The input is endless: what was read is the window (two workers, 64 chunks of one item
+    // each at most, once the pool has seen how brief the tasks are) plus the 10 consumed.
     assert!(
-        read < 100,
+        read <= 10 + 2 * 64,
         "imap read {read} items ahead of 10 consumed: not lazy"
     );
     drop(it);
