@@ -382,7 +382,7 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
-        let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
+        let _ = self.submit_then(tasks, fed, |_, _| None::<()>, |_, _, r| Some(r));
     }
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
@@ -422,12 +422,16 @@ impl Pool {
     /// The frames of tasks done come back to this thread (as in
     /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
     /// of its last.
-    fn submit_then<R, T>(
+    ///
+    /// `after` runs with `then`'s answer in the same locked step once the step's frames
+    /// were written (and their workers rung); its answer is returned.
+    fn submit_then<R, S, T>(
         &self,
         tasks: T,
         fed: bool,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
-    ) -> Option<R>
+        after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> Option<S>,
+    ) -> Option<S>
     where
         T: AsRef<[(u64, TaskRec)]> + IntoIterator<Item = (u64, TaskRec)>,
     {
@@ -439,16 +443,19 @@ impl Pool {
         let (refused, r) = match self.shared.max_queued().filter(|_| !fed) {
             None => {
                 let mut spent = SPENT.take();
-                let (refused, r) = self.shared.act(|p, fx| {
-                    let refused = submit_each(p, fx, tasks, fed);
-                    let r = if refused.is_empty() {
-                        then(p, fx)
-                    } else {
-                        None
-                    };
-                    fx.take_spent_frames(&mut spent);
-                    (refused, r)
-                });
+                let (refused, r) = self.shared.act_then(
+                    |p, fx| {
+                        let refused = submit_each(p, fx, tasks, fed);
+                        let r = if refused.is_empty() {
+                            then(p, fx)
+                        } else {
+                            None
+                        };
+                        fx.take_spent_frames(&mut spent);
+                        (refused, r)
+                    },
+                    |p, fx, (refused, r)| (refused, r.and_then(|r| after(p, fx, r))),
+                );
                 // Out of the lock, as in `submit_drain`.
                 pool_ipc::keep_small_frames(spent.drain(..));
                 SPENT.set(spent);
@@ -731,7 +738,15 @@ impl Pool {
             return out.get();
         };
         let id = task.0;
-        if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
+        // The answer is taken in the same step when the worker posted it before the step
+        // ended (see `take_early_answer`).
+        let lent = self.submit_then(
+            [task],
+            false,
+            |p, fx| fx.lend(p, id, true),
+            |p, fx, b| fx.take_early_answer(p, b),
+        );
+        if let Some(b) = lent {
             self.shared.await_answer(b, None);
         }
         match out.take_ready() {
