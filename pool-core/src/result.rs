@@ -8,8 +8,10 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::driver::{Group, Shared};
+use crate::driver::{Deliver, Group, Outcome, Shared};
 use crate::error::TaskError;
+use crate::items::Items;
+use crate::observe::Tally;
 
 enum State<T> {
     Pending,
@@ -22,6 +24,9 @@ pub(crate) struct Slot<T> {
     /// The result, the waker of a task awaiting it, and how many threads wait on `cond`.
     state: Mutex<(State<T>, Option<Waker>, usize)>,
     cond: Condvar,
+    /// For a slot that is its task's sink ([`Slot::single`]): the pool's tally of item
+    /// outcomes, and the task's span.
+    single: Option<(Arc<Tally>, tracing::Span)>,
 }
 
 impl<T> Slot<T> {
@@ -29,6 +34,18 @@ impl<T> Slot<T> {
         Arc::new(Slot {
             state: Mutex::new((State::Pending, None, 0)),
             cond: Condvar::new(),
+            single: None,
+        })
+    }
+
+    /// The slot of the result of a task of one item with no callbacks, which is also the
+    /// task's sink: the answer is decoded straight into it, counted in `tally` and told to
+    /// `span`, with no sink, closure or list of items of its own.
+    pub(crate) fn single(tally: Arc<Tally>, span: tracing::Span) -> Arc<Self> {
+        Arc::new(Slot {
+            state: Mutex::new((State::Pending, None, 0)),
+            cond: Condvar::new(),
+            single: Some((tally, span)),
         })
     }
 
@@ -109,6 +126,29 @@ impl<T> Slot<T> {
                 Poll::Pending
             }
         }
+    }
+}
+
+impl<T> Deliver for Slot<T>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    fn deliver(&self, first: usize, count: usize, outcome: Outcome) {
+        // Decoded before the lock: it is user code, and may take long.
+        let result = crate::driver::decode_one::<T>(outcome, count);
+        let result = match (&self.single, result) {
+            (Some((tally, span)), Ok(v)) => {
+                tally.count_ok(span, 1);
+                Ok(v)
+            }
+            (Some((tally, span)), Err(e)) => {
+                let items = Items::Mixed(vec![Err(e)]);
+                tally.count(span, first, &items);
+                items.into_last().expect("the one item")
+            }
+            (None, r) => r,
+        };
+        self.fill(result);
     }
 }
 

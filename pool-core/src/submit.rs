@@ -382,7 +382,7 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
-        let _ = self.submit_then(tasks, fed, |_, _| None::<()>);
+        let _ = self.submit_then(tasks, fed, |_, _| None::<()>, |_, _, r| Some(r));
     }
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
@@ -422,12 +422,16 @@ impl Pool {
     /// The frames of tasks done come back to this thread (as in
     /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
     /// of its last.
-    fn submit_then<R, T>(
+    ///
+    /// `after` runs with `then`'s answer in the same locked step once the step's frames
+    /// were written (and their workers rung); its answer is returned.
+    fn submit_then<R, S, T>(
         &self,
         tasks: T,
         fed: bool,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
-    ) -> Option<R>
+        after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> Option<S>,
+    ) -> Option<S>
     where
         T: AsRef<[(u64, TaskRec)]> + IntoIterator<Item = (u64, TaskRec)>,
     {
@@ -439,16 +443,19 @@ impl Pool {
         let (refused, r) = match self.shared.max_queued().filter(|_| !fed) {
             None => {
                 let mut spent = SPENT.take();
-                let (refused, r) = self.shared.act(|p, fx| {
-                    let refused = submit_each(p, fx, tasks, fed);
-                    let r = if refused.is_empty() {
-                        then(p, fx)
-                    } else {
-                        None
-                    };
-                    fx.take_spent_frames(&mut spent);
-                    (refused, r)
-                });
+                let (refused, r) = self.shared.act_then(
+                    |p, fx| {
+                        let refused = submit_each(p, fx, tasks, fed);
+                        let r = if refused.is_empty() {
+                            then(p, fx)
+                        } else {
+                            None
+                        };
+                        fx.take_spent_frames(&mut spent);
+                        (refused, r)
+                    },
+                    |p, fx, (refused, r)| (refused, r.and_then(|r| after(p, fx, r))),
+                );
                 // Out of the lock, as in `submit_drain`.
                 pool_ipc::keep_small_frames(spent.drain(..));
                 SPENT.set(spent);
@@ -693,7 +700,6 @@ impl Pool {
         let Options {
             timeout, callbacks, ..
         } = opts;
-        let slot = Slot::new();
         let group = if unseen {
             crate::driver::Group::unseen()
         } else {
@@ -701,9 +707,26 @@ impl Pool {
         };
         let sub = Submission::in_group(f, self.timeout_of(timeout), group);
         let id = self.new_id();
+        let enc = sub.encode_one::<F, Args>(id, args);
+        if callbacks.is_empty()
+            && enc.placement.all_sent()
+            && enc.placement.sent() == 1
+            && enc.pins.is_empty()
+        {
+            // The usual apply: its result's slot is its sink (see `Slot::single`).
+            let Encoded {
+                frame, spans, tail, ..
+            } = enc;
+            let span = crate::observe::task_span(&self.shared.span, id, sub.name, None, 1);
+            let slot = Slot::single(Arc::clone(&self.shared.tally), span.clone());
+            let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+            let extra = crate::driver::TaskExtra::boxed(tail, Pins::default(), spans);
+            let task = self.task_rec(&sub, id, frame, extra, (slot, 0, 1), Instant::now(), span);
+            return (out, task);
+        }
+        let slot = Slot::new();
         let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
         let weak = Arc::downgrade(&self.shared);
-        let enc = sub.encode_one::<F, Args>(id, args);
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
             let r = items
                 .into_last()
@@ -731,7 +754,15 @@ impl Pool {
             return out.get();
         };
         let id = task.0;
-        if let Some(b) = self.submit_then([task], false, |p, fx| fx.lend(p, id, true)) {
+        // The answer is taken in the same step when the worker posted it before the step
+        // ended (see `take_early_answer`).
+        let lent = self.submit_then(
+            [task],
+            false,
+            |p, fx| fx.lend(p, id, true),
+            |p, fx, b| fx.take_early_answer(p, b),
+        );
+        if let Some(b) = lent {
             self.shared.await_answer(b, None);
         }
         match out.take_ready() {

@@ -1226,6 +1226,33 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
     }
 }
 
+/// [`decode_ok_results`] of the one result of a task of one item, with no vector: the
+/// value if the item succeeded, `None` if its result is an item error (decode it with
+/// [`decode_item_results`]).
+///
+/// # Errors
+///
+/// As for [`decode_results`].
+pub fn decode_ok_one<R: serde::de::DeserializeOwned + 'static>(
+    bytes: &[u8],
+) -> Result<Option<R>, postcard::Error> {
+    // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
+    let (v, rest) = match bytes.split_first() {
+        Some((0, rest)) => match take_byte_string::<R>(rest) {
+            Some(got) => got,
+            None => postcard::take_from_bytes::<R>(rest)?,
+        },
+        Some((1, _)) => return Ok(None),
+        Some(_) => return Err(postcard::Error::DeserializeBadEnum),
+        None => return Err(postcard::Error::DeserializeUnexpectedEnd),
+    };
+    if rest.is_empty() {
+        Ok(Some(v))
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
 /// [`decode_ok_results`] of a plain number type (see `crate::plain`): each value read by a
 /// loop made for them; a value it does not take (cut short, or out of its type's range)
 /// is left to postcard, for its error.

@@ -20,6 +20,53 @@ pub(crate) fn decode_items<R: serde::de::DeserializeOwned + 'static>(
     }
 }
 
+/// The result of the one item of a task (an `apply`'s): as [`decode_items`] would give
+/// it, decoded with no vector when the item succeeded.
+pub(crate) fn decode_one<R: serde::de::DeserializeOwned + 'static>(
+    outcome: Outcome,
+    count: usize,
+) -> Result<R, TaskError> {
+    // The usual answer (one batch of one result, in the frame it came in, without
+    // descriptors, a success): decoded as it is. Anything else goes the general way.
+    let outcome = match outcome {
+        Outcome::Done {
+            result: Ok(mut batches),
+            worker,
+            pid,
+        } if count == 1 && batches.parts.is_empty() => {
+            match batches.last.take() {
+                Some(b) if b.items == 1 && b.tail.is_empty() && b.fds.is_empty() => {
+                    let quick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        protocol::decode_ok_one::<R>(b.bytes())
+                    }));
+                    match quick {
+                        Ok(Ok(Some(v))) => {
+                            super::spare::give(b.frame);
+                            return Ok(v);
+                        }
+                        Err(payload) => {
+                            super::spare::give(b.frame);
+                            return Err(decode_panicked(payload, &worker, pid));
+                        }
+                        Ok(_) => {}
+                    }
+                    batches.last = Some(b);
+                }
+                last => batches.last = last,
+            }
+            Outcome::Done {
+                result: Ok(batches),
+                worker,
+                pid,
+            }
+        }
+        outcome => outcome,
+    };
+    decode_items::<R>(outcome, count)
+        .into_last()
+        .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")))
+}
+
 /// [`decode_items`], the values appended to `onto` while every item succeeds: `None` when
 /// all `count` of them did (they are the last `count` elements of `onto`); otherwise the
 /// per-item results, `onto` cut back to what it held.

@@ -42,7 +42,7 @@ use crate::error::TaskError;
 use crate::event::Pins;
 use crate::ids::IdSet;
 
-pub(crate) use decode::{decode_items, decode_onto, drop_payload};
+pub(crate) use decode::{decode_items, decode_one, decode_onto, drop_payload};
 pub(crate) use effects::Fx;
 pub(crate) use event_loop::Driver;
 pub(crate) use shared::{Settings, Shared};

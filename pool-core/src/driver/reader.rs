@@ -531,6 +531,96 @@ pub(super) fn look_held(
     Some(now + HELD_LOOK)
 }
 
+/// What a caller saw of the worker whose socket it borrowed, before it gives it back.
+#[derive(Clone, Copy)]
+struct Seen {
+    /// The socket has bytes to read (or the worker's end came).
+    readable: bool,
+    /// It was read because an answer was posted in the page behind bytes on the socket:
+    /// read to the end.
+    before_post: bool,
+    /// The worker left the answer in its page.
+    posted: bool,
+    /// The worker's process ended.
+    exited: bool,
+    /// The worker's held answers are due a look.
+    look: bool,
+}
+
+/// Reads what the caller that borrowed `b` saw come (`seen`), takes an answer left in the
+/// page, and gives the socket back to the driver, under the pool's lock.
+fn settle(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, b: &Borrow, seen: Seen) {
+    let Seen {
+        readable,
+        before_post,
+        posted,
+        exited,
+        look,
+    } = seen;
+    let (wid, ticket) = (b.wid, b.ticket);
+    let Some(w) = fx.io.get_mut(&wid) else { return };
+    if w.borrowed != Some(ticket) {
+        // The driver took the socket back (it reaps the worker), or it was given
+        // back when the task's frame could not be written at once.
+        return;
+    }
+    let mut end = ReadEnd::default();
+    if readable {
+        end = read_worker(policy, fx, wid, before_post);
+    }
+    // A worker leaves an answer in its page only once all it wrote before is on the
+    // socket, whole: a message cut short with nothing more to read was not the
+    // worker's (a task wrote to the channel by mistake), and the channel cannot be
+    // trusted after it. One with more to read is read on the caller's next call.
+    let cut_short = posted
+        && !end.closed()
+        && fx
+            .io
+            .get(&wid)
+            .is_some_and(|w| w.conn.as_ref().is_some_and(|c| c.has_partial_frame()));
+    let stray = cut_short && rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0);
+    if stray && let Some(w) = fx.io.get_mut(&wid) {
+        w.exit_note = Some(format!(
+            "it answered task {id} in its page while a message on its channel \
+                 was cut short: something besides the worker wrote to the channel",
+            id = b.id
+        ));
+    }
+    if posted && !end.closed() && (stray || (!cut_short && !deliver_posted(policy, fx, wid))) {
+        end.broken = true;
+        policy.channel_closed(wid, fx);
+        if let Some(w) = fx.io.get_mut(&wid) {
+            w.ended = true;
+        }
+    }
+    if look && !end.closed() {
+        let next = look_held(policy, fx, wid, Instant::now());
+        fx.plan_look(wid, next);
+    }
+    let busy = policy.oldest(wid).is_some();
+    let Some(w) = fx.io.get_mut(&wid) else { return };
+    w.borrowed = None;
+    w.nudge_armed = false;
+    w.exited |= exited;
+    w.arm(fx.epoll, wid, busy);
+    let partial = w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
+    // A ring the task's arguments went through gives its memory back once idle, on
+    // the driver's timer: the driver must know to set it.
+    let ring = w
+        .conn
+        .as_ref()
+        .is_some_and(|c| c.ring_dirty_since().is_some());
+    if end.closed() {
+        // The driver stops watching it and kills it if it broke the protocol.
+        fx.reader_ended.push((wid, end));
+        *fx.wake_driver = true;
+    } else if partial || ring || (busy && w.armed.is_none()) {
+        // A frame half read has a stall deadline the driver keeps, a used ring a
+        // release; a socket the kernel would not take back needs its next look.
+        *fx.wake_driver = true;
+    }
+}
+
 /// Where borrow tickets come from.
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
@@ -625,6 +715,41 @@ impl Borrow {
 }
 
 impl Fx<'_> {
+    /// After the step that lent `b` wrote its task and rang its worker: takes the answer
+    /// in this same step if the worker left it in its page already, and gives the socket
+    /// back (`None` then); otherwise `Some(b)`, to wait on. On a CPU the caller shares with
+    /// the worker, the ring hands the worker the CPU, and it has often run the task and
+    /// posted its answer before the caller goes on: the answer costs no second step. As
+    /// when the caller wakes to it (see [`Shared::await_answer`]), it is taken only with
+    /// nothing on the socket before it and no message from the worker cut short: the
+    /// rarer cases are left to the wait, which handles them.
+    pub(crate) fn take_early_answer(
+        &mut self,
+        policy: &mut Policy<TaskRec>,
+        b: Borrow,
+    ) -> Option<Borrow> {
+        let lent = self.io.get(&b.wid).is_some_and(|w| {
+            w.borrowed == Some(b.ticket) && w.conn.as_ref().is_some_and(|c| !c.has_partial_frame())
+        });
+        let posted = lent
+            && b.page.as_ref().is_some_and(|p| {
+                p.atomic_u64(protocol::page::ANSWER).load(Ordering::Acquire)
+                    == b.id | protocol::page::POSTED
+            });
+        if !posted || !rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0) {
+            return Some(b);
+        }
+        let seen = Seen {
+            readable: false,
+            before_post: false,
+            posted: true,
+            exited: false,
+            look: false,
+        };
+        settle(policy, self, &b, seen);
+        None
+    }
+
     /// Lends the socket of the worker that runs task `id` next to the caller waiting for
     /// it, if the caller can finish alone: the worker is ready (or still setting up; its
     /// setup did not fail), `id` is the oldest task it
@@ -764,74 +889,14 @@ impl Shared {
             let _ = rustix::io::read(fd, &mut [0u8; 8]);
         }
         let look = !woke && b.look.is_some_and(|l| Instant::now() >= l);
-        let (wid, ticket) = (b.wid, b.ticket);
-        self.act(|policy, fx| {
-            let Some(w) = fx.io.get_mut(&wid) else { return };
-            if w.borrowed != Some(ticket) {
-                // The driver took the socket back (it reaps the worker), or it was given
-                // back when the task's frame could not be written at once.
-                return;
-            }
-            let mut end = ReadEnd::default();
-            if readable {
-                end = read_worker(policy, fx, wid, before_post);
-            }
-            // A worker leaves an answer in its page only once all it wrote before is on the
-            // socket, whole: a message cut short with nothing more to read was not the
-            // worker's (a task wrote to the channel by mistake), and the channel cannot be
-            // trusted after it. One with more to read is read on the caller's next call.
-            let cut_short = posted
-                && !end.closed()
-                && fx
-                    .io
-                    .get(&wid)
-                    .is_some_and(|w| w.conn.as_ref().is_some_and(|c| c.has_partial_frame()));
-            let stray = cut_short && rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0);
-            if stray && let Some(w) = fx.io.get_mut(&wid) {
-                w.exit_note = Some(format!(
-                    "it answered task {id} in its page while a message on its channel \
-                     was cut short: something besides the worker wrote to the channel",
-                    id = b.id
-                ));
-            }
-            if posted
-                && !end.closed()
-                && (stray || (!cut_short && !deliver_posted(policy, fx, wid)))
-            {
-                end.broken = true;
-                policy.channel_closed(wid, fx);
-                if let Some(w) = fx.io.get_mut(&wid) {
-                    w.ended = true;
-                }
-            }
-            if look && !end.closed() {
-                let next = look_held(policy, fx, wid, Instant::now());
-                fx.plan_look(wid, next);
-            }
-            let busy = policy.oldest(wid).is_some();
-            let Some(w) = fx.io.get_mut(&wid) else { return };
-            w.borrowed = None;
-            w.nudge_armed = false;
-            w.exited |= exited;
-            w.arm(fx.epoll, wid, busy);
-            let partial =
-                w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
-            // A ring the task's arguments went through gives its memory back once idle, on
-            // the driver's timer: the driver must know to set it.
-            let ring = w
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.ring_dirty_since().is_some());
-            if end.closed() {
-                // The driver stops watching it and kills it if it broke the protocol.
-                fx.reader_ended.push((wid, end));
-                *fx.wake_driver = true;
-            } else if partial || ring || (busy && w.armed.is_none()) {
-                // A frame half read has a stall deadline the driver keeps, a used ring a
-                // release; a socket the kernel would not take back needs its next look.
-                *fx.wake_driver = true;
-            }
-        });
+        let seen = Seen {
+            readable,
+            before_post,
+            posted,
+            exited,
+            look,
+        };
+        self.act(|policy, fx| settle(policy, fx, &b, seen));
         woke || look
     }
 }

@@ -22,6 +22,15 @@ use crate::observe::{Tally, Timings};
 use crate::policy::{Cancelled, Policy, WorkerId};
 use crate::result::CancelOutcome;
 
+thread_local! {
+    /// The room of the list a step hands its outcomes out of, kept by each thread that
+    /// delivers them (see [`Shared::end_act`]).
+    static DONE_ROOM: std::cell::Cell<Vec<Delivery>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The most outcomes whose room [`DONE_ROOM`] keeps.
+const DONE_ROOM_MAX: usize = 64;
+
 /// How long a terminated worker has between SIGTERM and SIGKILL.
 pub(crate) const TERM_GRACE: Duration = Duration::from_millis(500);
 
@@ -203,113 +212,147 @@ impl Shared {
         mut g: MutexGuard<'_, Inner>,
         step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
     ) -> R {
-        let (r, done, wake) = {
-            let inner = &mut *g;
-            let terminating = inner.terminating;
-            let mut fx = Fx {
-                io: &mut inner.io,
-                launches: &mut inner.launches,
-                done: &mut inner.done,
-                wake_driver: &mut inner.wake_driver,
-                settings: &self.settings,
-                terminating,
-                timer_at: inner.timer_at,
-                dirty: std::mem::take(&mut inner.dirty),
-                timings: &mut inner.timings,
-                reader_ended: &mut inner.reader_ended,
-                epoll: &self.epoll,
-                look_min: None,
-                sent_at: None,
-                spent_frames: &mut inner.spent_frames,
-            };
-            // Time reaches the policy here, before every step: starts it held back happen
-            // once due.
+        let r = self.step_and_write(&mut g, step, true);
+        self.end_act(g, r)
+    }
+
+    /// As [`Shared::act`], then `after` with the step's answer in the same locked step, once
+    /// what the step queued was written (and its workers rung); delivers outcomes after
+    /// unlocking.
+    pub(crate) fn act_then<R, S>(
+        &self,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+        after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> S,
+    ) -> S {
+        let mut g = self.lock();
+        let r = self.step_and_write(&mut g, step, true);
+        let s = self.step_and_write(&mut g, |p, fx| after(p, fx, r), false);
+        self.end_act(g, s)
+    }
+
+    /// Runs `step` (after telling the policy the time, if `advance`) and writes what it
+    /// queued, one write per worker, from this thread.
+    fn step_and_write<R>(
+        &self,
+        inner: &mut Inner,
+        step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
+        advance: bool,
+    ) -> R {
+        let terminating = inner.terminating;
+        let mut fx = Fx {
+            io: &mut inner.io,
+            launches: &mut inner.launches,
+            done: &mut inner.done,
+            wake_driver: &mut inner.wake_driver,
+            settings: &self.settings,
+            terminating,
+            timer_at: inner.timer_at,
+            dirty: std::mem::take(&mut inner.dirty),
+            timings: &mut inner.timings,
+            reader_ended: &mut inner.reader_ended,
+            epoll: &self.epoll,
+            look_min: None,
+            sent_at: None,
+            spent_frames: &mut inner.spent_frames,
+        };
+        // Time reaches the policy here, before every step: starts it held back happen
+        // once due.
+        if advance {
             inner.policy.advance(Instant::now(), &mut fx);
-            let held_until = inner.policy.wakeup();
-            let r = step(&mut inner.policy, &mut fx);
-            if inner
-                .policy
-                .wakeup()
-                .is_some_and(|t| held_until.is_none_or(|h| t < h))
-            {
-                // A start held back until sooner than the driver knew: its timer changes
-                // (the driver may sleep on, its workers answering their callers directly).
-                *fx.wake_driver = true;
-            }
-            let timer_at = fx.timer_at;
-            let mut look_min = fx.look_min;
-            // Write what the step queued, one write per worker, from this thread; the driver
-            // finishes what a socket refuses.
-            let mut dirty = std::mem::take(&mut fx.dirty);
-            let sent_at = fx.sent_at;
-            inner.timer_at = timer_at;
-            dirty.sort_unstable();
-            dirty.dedup();
-            // Only a step that queued something starts tasks (a caller taking its answer,
-            // say, queues nothing): they start when they count as sent, the clock read once
-            // for the step.
-            if !dirty.is_empty() {
-                let now = sent_at.unwrap_or_else(Instant::now);
-                for &wid in &dirty {
-                    note_started(&mut inner.policy, &inner.io, wid, now);
-                    // A worker sent a task while it holds another may hold answers back from
-                    // now on: looked at unless it says something first.
-                    if inner.policy.holding(wid) >= 2
-                        && let Some(w) = inner.io.get_mut(&wid)
-                        && w.may_hold()
-                    {
-                        w.nudge_caller();
-                        if w.look_at.is_none() {
-                            let t = now + super::reader::HELD_LOOK;
-                            w.look_at = Some(t);
-                            look_min = Some(look_min.map_or(t, |m: Instant| m.min(t)));
-                        }
+        }
+        let held_until = inner.policy.wakeup();
+        let r = step(&mut inner.policy, &mut fx);
+        if inner
+            .policy
+            .wakeup()
+            .is_some_and(|t| held_until.is_none_or(|h| t < h))
+        {
+            // A start held back until sooner than the driver knew: its timer changes
+            // (the driver may sleep on, its workers answering their callers directly).
+            *fx.wake_driver = true;
+        }
+        let timer_at = fx.timer_at;
+        let mut look_min = fx.look_min;
+        // Write what the step queued, one write per worker, from this thread; the driver
+        // finishes what a socket refuses.
+        let mut dirty = std::mem::take(&mut fx.dirty);
+        let sent_at = fx.sent_at;
+        inner.timer_at = timer_at;
+        dirty.sort_unstable();
+        dirty.dedup();
+        // Only a step that queued something starts tasks (a caller taking its answer,
+        // say, queues nothing): they start when they count as sent, the clock read once
+        // for the step.
+        if !dirty.is_empty() {
+            let now = sent_at.unwrap_or_else(Instant::now);
+            for &wid in &dirty {
+                note_started(&mut inner.policy, &inner.io, wid, now);
+                // A worker sent a task while it holds another may hold answers back from
+                // now on: looked at unless it says something first.
+                if inner.policy.holding(wid) >= 2
+                    && let Some(w) = inner.io.get_mut(&wid)
+                    && w.may_hold()
+                {
+                    w.nudge_caller();
+                    if w.look_at.is_none() {
+                        let t = now + super::reader::HELD_LOOK;
+                        w.look_at = Some(t);
+                        look_min = Some(look_min.map_or(t, |m: Instant| m.min(t)));
                     }
                 }
             }
-            if let Some(t) = look_min
-                && inner.looks_planned.is_none_or(|p| t < p)
+        }
+        if let Some(t) = look_min
+            && inner.looks_planned.is_none_or(|p| t < p)
+        {
+            inner.looks_planned = Some(t);
+            if !super::event_loop::on_driver_thread() {
+                inner.wake_driver = true;
+            }
+        }
+        for &wid in &dirty {
+            let Some(w) = inner.io.get_mut(&wid) else {
+                continue;
+            };
+            // The one task a worker holds, just queued, goes through its page instead
+            // if the worker does not read its channel (see `WorkerIo::hand_through_page`).
+            if inner.policy.holding(wid) == 1
+                && let Some((_, Some(rec))) = inner.policy.oldest(wid)
+                && rec.extra.is_none()
+                && let Some(frame) = rec.frame.as_ref()
             {
-                inner.looks_planned = Some(t);
-                if !super::event_loop::on_driver_thread() {
-                    inner.wake_driver = true;
-                }
+                w.hand_through_page(frame);
             }
-            for &wid in &dirty {
-                let Some(w) = inner.io.get_mut(&wid) else {
-                    continue;
-                };
-                // The one task a worker holds, just queued, goes through its page instead
-                // if the worker does not read its channel (see `WorkerIo::hand_through_page`).
-                if inner.policy.holding(wid) == 1
-                    && let Some((_, Some(rec))) = inner.policy.oldest(wid)
-                    && rec.extra.is_none()
-                    && let Some(frame) = rec.frame.as_ref()
-                {
-                    w.hand_through_page(frame);
-                }
-                if let Some(conn) = w.conn.as_mut()
-                    && !matches!(conn.flush(), Ok(true))
-                {
-                    inner.wake_driver = true;
-                    // The driver finishes the write: a caller may not keep the socket, nor
-                    // wait for the answer in the page (the worker cannot have ended the
-                    // task: its frame is not all written).
-                    w.borrowed = None;
-                    w.stop_awaiting();
-                }
-                w.ring();
-                // A worker given its first task since it was idle is watched again (unless
-                // a caller borrowed it to read the answer itself).
-                let busy = inner.policy.oldest(wid).is_some();
-                w.arm(&self.epoll, wid, busy);
-                if w.borrowed.is_none() && w.armed.is_none() && busy {
-                    // The kernel refused: the driver's next pass tries again.
-                    inner.wake_driver = true;
-                }
+            if let Some(conn) = w.conn.as_mut()
+                && !matches!(conn.flush(), Ok(true))
+            {
+                inner.wake_driver = true;
+                // The driver finishes the write: a caller may not keep the socket, nor
+                // wait for the answer in the page (the worker cannot have ended the
+                // task: its frame is not all written).
+                w.borrowed = None;
+                w.stop_awaiting();
             }
-            dirty.clear();
-            inner.dirty = dirty;
+            w.ring();
+            // A worker given its first task since it was idle is watched again (unless
+            // a caller borrowed it to read the answer itself).
+            let busy = inner.policy.oldest(wid).is_some();
+            w.arm(&self.epoll, wid, busy);
+            if w.borrowed.is_none() && w.armed.is_none() && busy {
+                // The kernel refused: the driver's next pass tries again.
+                inner.wake_driver = true;
+            }
+        }
+        dirty.clear();
+        inner.dirty = dirty;
+        r
+    }
+
+    /// Ends a step: wakes the driver and waiting submitters as need be, unlocks, then
+    /// delivers the outcomes the step made.
+    fn end_act<R>(&self, mut g: MutexGuard<'_, Inner>, r: R) -> R {
+        let (mut done, wake) = {
+            let inner = &mut *g;
             // The driver sleeps until a worker or a launch needs it; a step that leaves the
             // pool finished (close() once every worker is gone, say) must wake it to end.
             if inner.policy.is_finished() {
@@ -330,14 +373,25 @@ impl Shared {
             if inner.waiting > 0 && room {
                 self.room.notify_all();
             }
-            let out = (r, std::mem::take(&mut inner.done), wake);
-            drop(g);
-            out
+            // The outcomes leave with a list of this thread's, kept empty with its room
+            // from one step to the next: a step that delivers allocates none.
+            let done = if inner.done.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::replace(&mut inner.done, DONE_ROOM.take())
+            };
+            (done, wake)
         };
+        drop(g);
         if wake {
             self.wake();
         }
-        deliver(done);
+        if !done.is_empty() {
+            deliver(&mut done);
+            if done.capacity() <= DONE_ROOM_MAX {
+                DONE_ROOM.set(done);
+            }
+        }
         r
     }
 
@@ -531,8 +585,8 @@ pub(super) fn note_started(
 
 /// Hands each finished task (or piece of one) its outcome: the pieces for one sink in a
 /// row (the answers of one read, mostly) in one call.
-fn deliver(done: Vec<Delivery>) {
-    let mut done = done.into_iter().peekable();
+fn deliver(done: &mut Vec<Delivery>) {
+    let mut done = done.drain(..).peekable();
     while let Some(d) = done.next() {
         let Delivery {
             sink,
@@ -585,7 +639,7 @@ mod tests {
             count: 1,
             outcome: Outcome::Failed(TaskError::new(TaskErrorKind::Cancelled, "test")),
         };
-        deliver(vec![
+        deliver(&mut vec![
             piece(&a, 0),
             piece(&a, 1),
             piece(&a, 2),
