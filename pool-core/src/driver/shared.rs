@@ -330,14 +330,22 @@ impl Shared {
             if inner.waiting > 0 && room {
                 self.room.notify_all();
             }
-            let out = (r, std::mem::take(&mut inner.done), wake);
+            // The list of deliveries goes with its room; a step that delivers nothing leaves
+            // that room for the next (one of the driver's reads, which fill it).
+            let done = match inner.done.is_empty() {
+                true => Vec::new(),
+                false => std::mem::replace(&mut inner.done, take_done_room()),
+            };
+            let out = (r, done, wake);
             drop(g);
             out
         };
         if wake {
             self.wake();
         }
-        deliver(done);
+        let mut done = done;
+        deliver(&mut done);
+        keep_done_room(done);
         r
     }
 
@@ -529,10 +537,29 @@ pub(super) fn note_started(
     }
 }
 
+thread_local! {
+    /// The room of an emptied list of deliveries, kept for this thread's next step: a read
+    /// of hundreds of answers would otherwise grow a fresh list every time.
+    static DONE_ROOM: std::cell::Cell<Vec<Delivery>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty list of deliveries, with the room this thread kept (see [`DONE_ROOM`]).
+fn take_done_room() -> Vec<Delivery> {
+    DONE_ROOM.with(std::cell::Cell::take)
+}
+
+/// Keeps the room of `done` (emptied) for this thread's next step, unless it is large.
+fn keep_done_room(mut done: Vec<Delivery>) {
+    done.clear();
+    if done.capacity() > 0 && done.capacity() <= 4096 {
+        DONE_ROOM.with(|r| r.set(done));
+    }
+}
+
 /// Hands each finished task (or piece of one) its outcome: the pieces for one sink in a
-/// row (the answers of one read, mostly) in one call.
-fn deliver(done: Vec<Delivery>) {
-    let mut done = done.into_iter().peekable();
+/// row (the answers of one read, mostly) in one call. Leaves `done` empty.
+fn deliver(done: &mut Vec<Delivery>) {
+    let mut done = done.drain(..);
     while let Some(d) = done.next() {
         let Delivery {
             sink,
@@ -540,11 +567,17 @@ fn deliver(done: Vec<Delivery>) {
             count,
             outcome,
         } = d;
-        // The run takes its pieces from `done` as the sink asks for them: those a panic
-        // left there go on, as the next run.
+        // The run takes its pieces from `done` as the sink asks for them (looked at in
+        // place, moved once): those a panic left there go on, as the next run.
         let mut run = std::iter::once((first, count, outcome)).chain(std::iter::from_fn(|| {
-            done.next_if(|n| Arc::ptr_eq(&n.sink, &sink))
-                .map(|n| (n.first, n.count, n.outcome))
+            if !done
+                .as_slice()
+                .first()
+                .is_some_and(|n| Arc::ptr_eq(&n.sink, &sink))
+            {
+                return None;
+            }
+            done.next().map(|n| (n.first, n.count, n.outcome))
         }));
         // Sinks catch the panics of user code they run; this is the last line of defence,
         // so that one result can never stop the delivery of the others (or the driver).
@@ -585,7 +618,7 @@ mod tests {
             count: 1,
             outcome: Outcome::Failed(TaskError::new(TaskErrorKind::Cancelled, "test")),
         };
-        deliver(vec![
+        deliver(&mut vec![
             piece(&a, 0),
             piece(&a, 1),
             piece(&a, 2),
