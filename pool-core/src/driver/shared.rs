@@ -149,6 +149,15 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether another thread holds the pool's lock now (it may be let go at once: a hint,
+    /// for a submitter that has other work to do before it needs the lock).
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(
+            self.inner.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
+    }
+
     pub(super) fn wake(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
