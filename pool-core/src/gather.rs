@@ -26,6 +26,11 @@ const SUBMIT_ITEMS: usize = 4096;
 /// work each worker has queued).
 const SUBMIT_TASKS: usize = 256;
 
+/// ... unless the pool's lock is busy when the batch is due: then more chunks are made,
+/// up to this many in the batch (a paced map: within its window, see [`PACE_HIGH`]),
+/// before it waits for the lock.
+const SUBMIT_DEFERRED: usize = 1024;
+
 /// A map of at least this many chunks makes room for their records in the policy first.
 const RESERVE_MIN_CHUNKS: usize = 256;
 
@@ -108,6 +113,8 @@ impl Pool {
         // reading of the clock for all; they wait for each other from then on).
         let mut batch_at = Instant::now();
         let mut made = 0;
+        // The tasks waiting in the queue when this map last handed it a batch, at most.
+        let mut queued = 0;
         for c in 0.. {
             chunk.extend(items.by_ref().take(plan.size));
             if chunk.is_empty() {
@@ -121,11 +128,22 @@ impl Pool {
             // The chunk's bytes are in its frame: the items go (their events stay pinned).
             chunk.clear();
             batch.extend(task);
-            if batch.len() >= next_batch || batch_items >= SUBMIT_ITEMS {
-                let queued = self.submit_drain(&mut batch, fed).map_or(0, |h| h.queued);
+            // While the driver holds the lock (handling a read of answers), the chunks
+            // after the batch are made meanwhile, rather than waited with: a submitter
+            // asleep on the lock costs a wake-up when it is let go. A paced map defers
+            // only while the queue stays within its window with the batch.
+            let most = match paced {
+                true => PACE_HIGH.saturating_sub(queued).min(SUBMIT_DEFERRED),
+                false => SUBMIT_DEFERRED,
+            };
+            let due = batch.len() >= next_batch && (batch.len() >= most || !self.shared.is_busy());
+            if due || batch_items >= SUBMIT_ITEMS {
+                queued = self.submit_drain(&mut batch, fed).map_or(0, |h| h.queued);
                 plan.renew_sink();
                 if paced && queued >= PACE_HIGH {
                     self.shared.wait_queue(PACE_LOW, fed);
+                    // At most this many wait now (the queue only shrinks but for this map).
+                    queued = PACE_LOW;
                 }
                 batch_at = Instant::now();
                 batch_items = 0;

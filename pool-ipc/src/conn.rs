@@ -20,10 +20,13 @@ const SPARE_SMALL: usize = 4;
 /// ... each of at most this capacity (larger ones go to the read half's payload spares);
 const SPARE_SMALL_MAX: usize = 128 * 1024;
 /// and, besides them, buffers of at most this capacity (a peer that answers many small
-/// messages in one write gets that many frames from one read)...
+/// messages in one write gets that many frames from one read: a pool's worker that ran a
+/// few hundred brief tasks while its answers were read sends a few hundred)...
 const SPARE_TINY_MAX: usize = 1024;
-/// ... at most this many.
-const SPARE_TINY: usize = 64;
+/// ... at most this many...
+const SPARE_TINY: usize = 1024;
+/// ... and this many bytes of capacity in all.
+const SPARE_TINY_BYTES: usize = 64 << 10;
 
 /// A nonblocking framed connection, for the side of a channel that runs an event loop.
 ///
@@ -71,8 +74,11 @@ pub struct FramedConn {
     /// Buffers of small frames handed back by [`recycle`](FramedConn::recycle), reused for
     /// the next small frames (at most [`SPARE_SMALL`]).
     spare: Vec<Vec<u8>>,
-    /// The same for tiny frames (at most [`SPARE_TINY`], of [`SPARE_TINY_MAX`] bytes).
+    /// The same for tiny frames (at most [`SPARE_TINY`], of [`SPARE_TINY_MAX`] bytes, and
+    /// [`SPARE_TINY_BYTES`] in all).
     tiny: Vec<Vec<u8>>,
+    /// The capacity of the buffers in `tiny`, in all.
+    tiny_bytes: usize,
     /// A parse error found by `fill`, reported by `next_frame` after the frames before it.
     err: Option<Error>,
     /// While an incomplete frame is buffered: when bytes last arrived.
@@ -108,6 +114,7 @@ impl FramedConn {
             ready: VecDeque::new(),
             spare: Vec::new(),
             tiny: Vec::new(),
+            tiny_bytes: 0,
             err: None,
             partial_since: None,
         })
@@ -328,7 +335,13 @@ impl FramedConn {
                 Ok(Next::Pending) => return,
                 Ok(Next::Inline(s, l)) => {
                     let spare = match l <= SPARE_TINY_MAX {
-                        true => self.tiny.pop().or_else(|| self.spare.pop()),
+                        true => match self.tiny.pop() {
+                            Some(v) => {
+                                self.tiny_bytes -= v.capacity();
+                                Some(v)
+                            }
+                            None => self.spare.pop(),
+                        },
                         false => self.spare.pop(),
                     };
                     let mut v = spare.unwrap_or_default();
@@ -399,7 +412,11 @@ impl FramedConn {
             if self.spare.len() < SPARE_SMALL {
                 self.spare.push(v);
             }
-        } else if v.capacity() > 0 && self.tiny.len() < SPARE_TINY {
+        } else if v.capacity() > 0
+            && self.tiny.len() < SPARE_TINY
+            && self.tiny_bytes + v.capacity() <= SPARE_TINY_BYTES
+        {
+            self.tiny_bytes += v.capacity();
             self.tiny.push(v);
         }
     }

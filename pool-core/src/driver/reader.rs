@@ -123,7 +123,7 @@ pub(super) fn read_worker(
         tracing::warn!(worker = %name, error = %e, "worker channel failed");
         end.broken = true;
     }
-    let mut msgs = Vec::new();
+    let mut msgs = std::mem::take(&mut w.read_room);
     loop {
         match conn.next_frame_with_fds() {
             Ok(Some(got)) => msgs.push(got),
@@ -142,7 +142,7 @@ pub(super) fn read_worker(
     let now = Instant::now();
     let partial = conn.has_partial_frame();
     let heard = !msgs.is_empty();
-    for (frame, fds) in msgs {
+    for (frame, fds) in msgs.drain(..) {
         if let Some(w) = fx.io.get_mut(&wid)
             && let Some((id, head, range, len)) = w.tail_wait.take()
         {
@@ -279,6 +279,7 @@ pub(super) fn read_worker(
     }
     tell_pace(policy, fx, wid, now);
     if let Some(w) = fx.io.get_mut(&wid) {
+        w.read_room = msgs;
         // A `PartTail` waiting for its tail frame is a frame stuck partway too.
         let waiting = partial || w.tail_wait.is_some();
         w.guard.after_read(waiting, now);

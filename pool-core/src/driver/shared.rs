@@ -22,15 +22,6 @@ use crate::observe::{Tally, Timings};
 use crate::policy::{Cancelled, Policy, WorkerId};
 use crate::result::CancelOutcome;
 
-thread_local! {
-    /// The room of the list a step hands its outcomes out of, kept by each thread that
-    /// delivers them (see [`Shared::end_act`]).
-    static DONE_ROOM: std::cell::Cell<Vec<Delivery>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// The most outcomes whose room [`DONE_ROOM`] keeps.
-const DONE_ROOM_MAX: usize = 64;
-
 /// How long a terminated worker has between SIGTERM and SIGKILL.
 pub(crate) const TERM_GRACE: Duration = Duration::from_millis(500);
 
@@ -156,6 +147,15 @@ impl Shared {
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether another thread holds the pool's lock now (it may be let go at once: a hint,
+    /// for a submitter that has other work to do before it needs the lock).
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(
+            self.inner.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
     }
 
     pub(super) fn wake(&self) {
@@ -373,12 +373,11 @@ impl Shared {
             if inner.waiting > 0 && room {
                 self.room.notify_all();
             }
-            // The outcomes leave with a list of this thread's, kept empty with its room
-            // from one step to the next: a step that delivers allocates none.
-            let done = if inner.done.is_empty() {
-                Vec::new()
-            } else {
-                std::mem::replace(&mut inner.done, DONE_ROOM.take())
+            // The list of deliveries goes with its room; a step that delivers nothing leaves
+            // that room for the next (one of the driver's reads, which fill it).
+            let done = match inner.done.is_empty() {
+                true => Vec::new(),
+                false => std::mem::replace(&mut inner.done, take_done_room()),
             };
             (done, wake)
         };
@@ -388,9 +387,7 @@ impl Shared {
         }
         if !done.is_empty() {
             deliver(&mut done);
-            if done.capacity() <= DONE_ROOM_MAX {
-                DONE_ROOM.set(done);
-            }
+            keep_done_room(done);
         }
         r
     }
@@ -583,10 +580,29 @@ pub(super) fn note_started(
     }
 }
 
+thread_local! {
+    /// The room of an emptied list of deliveries, kept for this thread's next step: a read
+    /// of hundreds of answers would otherwise grow a fresh list every time.
+    static DONE_ROOM: std::cell::Cell<Vec<Delivery>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty list of deliveries, with the room this thread kept (see [`DONE_ROOM`]).
+fn take_done_room() -> Vec<Delivery> {
+    DONE_ROOM.with(std::cell::Cell::take)
+}
+
+/// Keeps the room of `done` (emptied) for this thread's next step, unless it is large.
+fn keep_done_room(mut done: Vec<Delivery>) {
+    done.clear();
+    if done.capacity() > 0 && done.capacity() <= 4096 {
+        DONE_ROOM.with(|r| r.set(done));
+    }
+}
+
 /// Hands each finished task (or piece of one) its outcome: the pieces for one sink in a
-/// row (the answers of one read, mostly) in one call.
+/// row (the answers of one read, mostly) in one call. Leaves `done` empty.
 fn deliver(done: &mut Vec<Delivery>) {
-    let mut done = done.drain(..).peekable();
+    let mut done = done.drain(..);
     while let Some(d) = done.next() {
         let Delivery {
             sink,
@@ -594,11 +610,17 @@ fn deliver(done: &mut Vec<Delivery>) {
             count,
             outcome,
         } = d;
-        // The run takes its pieces from `done` as the sink asks for them: those a panic
-        // left there go on, as the next run.
+        // The run takes its pieces from `done` as the sink asks for them (looked at in
+        // place, moved once): those a panic left there go on, as the next run.
         let mut run = std::iter::once((first, count, outcome)).chain(std::iter::from_fn(|| {
-            done.next_if(|n| Arc::ptr_eq(&n.sink, &sink))
-                .map(|n| (n.first, n.count, n.outcome))
+            if !done
+                .as_slice()
+                .first()
+                .is_some_and(|n| Arc::ptr_eq(&n.sink, &sink))
+            {
+                return None;
+            }
+            done.next().map(|n| (n.first, n.count, n.outcome))
         }));
         // Sinks catch the panics of user code they run; this is the last line of defence,
         // so that one result can never stop the delivery of the others (or the driver).

@@ -10,8 +10,9 @@ use std::cell::RefCell;
 
 use pool_ipc::FramedConn;
 
-/// Spare frames kept at most (a read can bring dozens of small answers)...
-const KEEP: usize = 64;
+/// Spare frames kept at most (a read can bring hundreds of small answers: a map of tiny
+/// tasks, each worker holding hundreds)...
+const KEEP: usize = 1024;
 /// ... and bytes of capacity in all.
 const KEEP_BYTES: usize = 16 << 20;
 

@@ -37,6 +37,9 @@ pub(super) struct WorkerIo {
     /// Results of the running task received in `Part`s, and which task that is.
     pub(super) parts: Vec<Batch>,
     pub(super) parts_task: u64,
+    /// The room of the list a read takes the worker's frames into, kept between reads (a
+    /// read can bring hundreds of small answers).
+    pub(super) read_room: Vec<(Vec<u8>, Vec<std::os::fd::OwnedFd>)>,
     /// A `PartTail` whose tail frame has not been read yet: its task, its frame, where its
     /// head lies in it, and the length its tail must have.
     pub(super) tail_wait: Option<(u64, Vec<u8>, std::ops::Range<usize>, u64)>,
@@ -99,6 +102,7 @@ impl WorkerIo {
             results: 0,
             parts: Vec::new(),
             parts_task: 0,
+            read_room: Vec::new(),
             tail_wait: None,
             pending_cancels: Vec::new(),
             marked: IdSet::default(),
