@@ -26,45 +26,21 @@ pub(crate) fn decode_one<R: serde::de::DeserializeOwned + 'static>(
     outcome: Outcome,
     count: usize,
 ) -> Result<R, TaskError> {
-    // The usual answer (one batch of one result, in the frame it came in, without
-    // descriptors, a success): decoded as it is. Anything else goes the general way.
-    let outcome = match outcome {
-        Outcome::Done {
-            result: Ok(mut batches),
-            worker,
-            pid,
-        } if count == 1 && batches.parts.is_empty() => {
-            match batches.last.take() {
-                Some(b) if b.items == 1 && b.tail.is_empty() && b.fds.is_empty() => {
-                    let quick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        protocol::decode_ok_one::<R>(b.bytes())
-                    }));
-                    match quick {
-                        Ok(Ok(Some(v))) => {
-                            super::spare::give(b.frame);
-                            return Ok(v);
-                        }
-                        Err(payload) => {
-                            super::spare::give(b.frame);
-                            return Err(decode_panicked(payload, &worker, pid));
-                        }
-                        Ok(_) => {}
-                    }
-                    batches.last = Some(b);
-                }
-                last => batches.last = last,
-            }
-            Outcome::Done {
-                result: Ok(batches),
-                worker,
-                pid,
-            }
+    // The usual answer with its one result a success: decoded as it is. Anything else goes
+    // the general way.
+    let quick = try_usual(outcome, |items, bytes| {
+        if count != 1 || items != 1 {
+            return None;
         }
-        outcome => outcome,
-    };
-    decode_items::<R>(outcome, count)
-        .into_last()
-        .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")))
+        protocol::decode_ok_one::<R>(bytes).ok().flatten()
+    });
+    match quick {
+        Usual::Decoded(v) => Ok(v),
+        Usual::Panicked(e) => Err(e),
+        Usual::Other(outcome) => decode_items::<R>(outcome, count)
+            .into_last()
+            .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result"))),
+    }
 }
 
 /// [`decode_items`], the values appended to `onto` while every item succeeds: `None` when
@@ -76,43 +52,25 @@ pub(crate) fn decode_onto<R: serde::de::DeserializeOwned + 'static>(
     onto: &mut Vec<R>,
 ) -> Option<Items<R>> {
     let base = onto.len();
-    // The usual answer: one batch of results, in the frame it came in, without descriptors,
-    // every item a success: decoded onto `onto` with nothing else to set up. Anything else
-    // (or a decode that stops short, or panics) goes the general way below, from the start.
-    let outcome = match outcome {
-        Outcome::Done {
-            result: Ok(mut batches),
-            worker,
-            pid,
-        } if batches.parts.is_empty() => {
-            match batches.last.take() {
-                Some(b) if b.tail.is_empty() && b.fds.is_empty() => {
-                    let quick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        protocol::decode_ok_results(b.items, b.bytes(), onto)
-                    }));
-                    match quick {
-                        Ok(Ok(None)) if onto.len() - base == count => {
-                            super::spare::give(b.frame);
-                            return None;
-                        }
-                        Err(payload) => {
-                            cut_back(onto, base);
-                            super::spare::give(b.frame);
-                            return Some(all_err(decode_panicked(payload, &worker, pid), count));
-                        }
-                        Ok(_) => cut_back(onto, base),
-                    }
-                    batches.last = Some(b);
-                }
-                last => batches.last = last,
-            }
-            Outcome::Done {
-                result: Ok(batches),
-                worker,
-                pid,
+    // The usual answer with every item a success: decoded onto `onto` with nothing else to
+    // set up. Anything else (or a decode that stops short, or panics) goes the general way
+    // below, from the start.
+    let quick = try_usual(outcome, |items, bytes| {
+        match protocol::decode_ok_results(items, bytes, onto) {
+            Ok(None) if onto.len() - base == count => Some(()),
+            _ => {
+                cut_back(onto, base);
+                None
             }
         }
-        outcome => outcome,
+    });
+    let outcome = match quick {
+        Usual::Decoded(()) => return None,
+        Usual::Panicked(e) => {
+            cut_back(onto, base);
+            return Some(all_err(e, count));
+        }
+        Usual::Other(outcome) => outcome,
     };
     match outcome {
         Outcome::Failed(e) => Some(all_err(e, count)),
@@ -215,6 +173,56 @@ pub(crate) fn decode_onto<R: serde::de::DeserializeOwned + 'static>(
             }
         }
     }
+}
+
+/// The usual answer to a task: its results in one batch, in the frame they came in, with no
+/// parts, tail or descriptors. `quick` decodes them from the batch's item count and bytes
+/// (under `catch_unwind`: the result type's `Deserialize` is user code), its frame given
+/// back for reuse unless `quick` says `None`.
+fn try_usual<T>(outcome: Outcome, quick: impl FnOnce(u64, &[u8]) -> Option<T>) -> Usual<T> {
+    match outcome {
+        Outcome::Done {
+            result: Ok(mut batches),
+            worker,
+            pid,
+        } if batches.parts.is_empty() => {
+            if let Some(b) = batches.last.take() {
+                if b.tail.is_empty() && b.fds.is_empty() {
+                    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        quick(b.items, b.bytes())
+                    }));
+                    match got {
+                        Ok(Some(v)) => {
+                            super::spare::give(b.frame);
+                            return Usual::Decoded(v);
+                        }
+                        Err(payload) => {
+                            super::spare::give(b.frame);
+                            return Usual::Panicked(decode_panicked(payload, &worker, pid));
+                        }
+                        Ok(None) => {}
+                    }
+                }
+                batches.last = Some(b);
+            }
+            Usual::Other(Outcome::Done {
+                result: Ok(batches),
+                worker,
+                pid,
+            })
+        }
+        outcome => Usual::Other(outcome),
+    }
+}
+
+/// What [`try_usual`] made of an answer.
+enum Usual<T> {
+    /// Its results, decoded.
+    Decoded(T),
+    /// The decode panicked: the error of every item.
+    Panicked(TaskError),
+    /// Not the usual answer, or one the quick decode left: the outcome as it came.
+    Other(Outcome),
 }
 
 /// The error of items whose result's `Deserialize` panicked with `payload`.
