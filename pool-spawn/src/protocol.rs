@@ -1162,10 +1162,7 @@ pub fn decode_item_results<R: serde::de::DeserializeOwned + 'static, U>(
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
             Some((0, rest)) => {
-                let (v, rest) = match take_byte_string::<R>(rest) {
-                    Some(got) => got,
-                    None => postcard::take_from_bytes::<R>(rest)?,
-                };
+                let (v, rest) = take_ok_value::<R>(rest)?;
                 Ok((ok(v), rest))
             }
             Some((1, rest)) => {
@@ -1207,10 +1204,7 @@ pub fn decode_ok_results<'b, R: serde::de::DeserializeOwned + 'static>(
         // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
         match bytes.split_first() {
             Some((0, rest)) => {
-                let (v, rest) = match take_byte_string::<R>(rest) {
-                    Some(got) => got,
-                    None => postcard::take_from_bytes::<R>(rest)?,
-                };
+                let (v, rest) = take_ok_value::<R>(rest)?;
                 out.push(v);
                 bytes = rest;
             }
@@ -1238,10 +1232,7 @@ pub fn decode_ok_one<R: serde::de::DeserializeOwned + 'static>(
 ) -> Result<Option<R>, postcard::Error> {
     // postcard writes a variant index as a varint: `Ok` is the byte 0, `Err` the byte 1.
     let (v, rest) = match bytes.split_first() {
-        Some((0, rest)) => match take_byte_string::<R>(rest) {
-            Some(got) => got,
-            None => postcard::take_from_bytes::<R>(rest)?,
-        },
+        Some((0, rest)) => take_ok_value::<R>(rest)?,
         Some((1, _)) => return Ok(None),
         Some(_) => return Err(postcard::Error::DeserializeBadEnum),
         None => return Err(postcard::Error::DeserializeUnexpectedEnd),
@@ -1406,6 +1397,18 @@ fn take_byte_string_result<T: 'static>(bytes: &[u8]) -> Option<(T, &[u8])> {
         return None;
     };
     Some((*value.downcast::<T>().ok()?, rest))
+}
+
+/// The value of an `Ok` result, whose bytes (after its variant's byte) start `bytes`, and
+/// the bytes after it: a byte string copied in one piece ([`take_byte_string`]), any
+/// other type decoded by postcard.
+fn take_ok_value<R: serde::de::DeserializeOwned + 'static>(
+    bytes: &[u8],
+) -> Result<(R, &[u8]), postcard::Error> {
+    match take_byte_string::<R>(bytes) {
+        Some(got) => Ok(got),
+        None => postcard::take_from_bytes::<R>(bytes),
+    }
 }
 
 /// The first value of `bytes` when `B` is a byte string ([`ByteBuf`] or `Vec<u8>`, which
