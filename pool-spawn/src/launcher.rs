@@ -627,8 +627,8 @@ impl Drop for Launcher {
 const THREADS_SETTLE: Duration = Duration::from_millis(100);
 
 /// The threads of this process that could hold a lock at a fork, if `/proc` tells: all of
-/// them but an idle spawner thread (which procpool itself keeps parked; see the crate's
-/// fork-safety notes) and threads already dead.
+/// them but an idle spawner thread and a worker's channel watcher (which procpool itself
+/// keeps parked; see the crate's fork-safety notes) and threads already dead.
 ///
 /// A thread joined a moment ago (the driver of a pool just dropped) can stay listed in
 /// `/proc/self/task` a little longer: while more than one thread is counted, this looks
@@ -641,11 +641,9 @@ pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
     let deadline = Instant::now() + settle;
     loop {
         let all = live_threads()?;
-        let n = if crate::spawn::spawner_is_idle() {
-            all.saturating_sub(1).max(1)
-        } else {
-            all
-        };
+        let parked =
+            usize::from(crate::spawn::spawner_is_idle()) + usize::from(crate::watch::parked());
+        let n = all.saturating_sub(parked).max(1);
         if n == 1 || Instant::now() >= deadline {
             return Some(n);
         }

@@ -61,7 +61,8 @@
 //! - [`Launcher::new`] with [`StartMethod::Fork`] counts the threads in `/proc/self/task`
 //!   and refuses with [`ErrorKind::ForkUnsafe`] if there is more than one, unless
 //!   [`LaunchOptions::allow_fork_with_threads`] is set. procpool's own spawner thread (below)
-//!   is not counted while it is parked waiting for work, since it holds no lock then.
+//!   is not counted while it is parked waiting for work, since it holds no lock then; nor
+//!   is a worker's channel watcher (a worker's own pool), parked in its `poll`.
 //! - Later launches (a pool starts replacements from its own thread, so by then the
 //!   process has threads) carry that risk; a warning is logged once when other threads
 //!   exist.
@@ -140,6 +141,7 @@ mod spawn;
 mod status;
 mod sys;
 pub mod task;
+mod watch;
 mod worker;
 
 /// Helpers for `procpool bench`'s floors (the machine's own costs, measured beside the

@@ -1,6 +1,6 @@
 //! The worker main loop (child side): Setup → image check → initializer → Ready → Run/Done.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use crate::protocol::{
 };
 use crate::sys;
 use crate::task::{self, ItemError, ItemErrorKind, ItemSink};
+use crate::watch;
 
 /// Why the loop ended abnormally.
 enum Stop {
@@ -88,6 +89,8 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
         .small_read_buffer(true);
     let mut conn = Duplex::<FromWorker, ToWorker>::with_config(chan, config)
         .map_err(|e| Stop::Protocol(format!("cannot use the channel: {}", Chain(&e))))?;
+    // A watcher this process inherited is not its own (see `watch::reset`).
+    watch::reset();
     let (max_tasks, same, page, limits) = match recv(&mut conn)? {
         None | Some((ToWorker::Exit, _)) => return Ok(0),
         Some((ToWorker::Run { .. } | ToWorker::RunTail { .. }, _)) => {
@@ -181,7 +184,18 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
     let mut results = Results::new(page);
     // A task a caller left in the page (see `page::DOOR`).
     let mut paged = Vec::new();
+    // A worker that proves long-lived has its channel watched, and sleeps on its doorbell
+    // without a time limit from then on (see `crate::watch`); not one recycled sooner.
+    let watch_at = match max_tasks {
+        Some(m) if m < 2 * watch::WATCH_AFTER => None,
+        _ => page.map(|_| watch::WATCH_AFTER),
+    };
     loop {
+        if watch_at == Some(runs)
+            && let Some(page) = page
+        {
+            watch::start(conn.as_fd(), page.atomic_u32(page::DOOR));
+        }
         // Every result has been written already: wait for the next request. With nothing
         // buffered and no chore for idle moments, the worker sleeps on its page's doorbell
         // (a task may come through the page; the pool rings it when it writes to the
@@ -345,7 +359,8 @@ fn after_step(
 /// with a task a caller left in the page (its payload copied into `task`); `false` once
 /// the channel is to be read (the doorbell then says [`page::RECEIVING`]): at once with
 /// `read_now` (bytes buffered, or a chore for idle moments), as soon as the pool wrote
-/// more than the `bytes_read` the worker read, or after [`page::DOOR_WAIT_NS`] asleep.
+/// more than the `bytes_read` the worker read, or after [`page::DOOR_WAIT_NS`] asleep (with
+/// the channel watched, once the watcher saw it close: see `crate::watch`).
 fn door_wait(
     page: &pool_ipc::shm::Segment,
     read_now: bool,
@@ -369,9 +384,13 @@ fn door_wait(
                 return true;
             }
             page::SLEEPING => {
-                // The clock is read only once a wait was woken with nothing for us (the
-                // first wait mostly ends with a request, or runs its whole length).
+                // With the channel watched, the wait has no time limit: the watcher wakes
+                // it if the channel closes (see `crate::watch`), and no clock is read.
+                // Otherwise the clock is read only once a wait was woken with nothing for
+                // us (the first wait mostly ends with a request, or runs its whole length).
+                let untimed = watch::watching();
                 let (t, end) = match until {
+                    _ if untimed => (0, u64::MAX),
                     Some(end) => (protocol::monotonic_ns(), end),
                     None if woken => {
                         let t = protocol::monotonic_ns();
@@ -383,7 +402,11 @@ fn door_wait(
                 };
                 // Stored SLEEPING (sequentially consistent) before this load: bytes the
                 // pool wrote are seen here, or the pool sees SLEEPING and wakes us.
-                if read_now || sent.load(Ordering::SeqCst) != bytes_read || t >= end {
+                if read_now
+                    || sent.load(Ordering::SeqCst) != bytes_read
+                    || t >= end
+                    || (untimed && watch::closed())
+                {
                     if door
                         .compare_exchange(
                             page::SLEEPING,
@@ -399,10 +422,10 @@ fn door_wait(
                 }
                 // Woken, timed out or interrupted: look again. An error (none expected on
                 // a mapped word) falls back to reading the channel after the wait.
-                let wait = Duration::from_nanos(end - t);
+                let wait = (!untimed).then(|| Duration::from_nanos(end - t));
                 page.atomic_u64(page::DOOR_CPU)
                     .store(rustix::thread::sched_getcpu() as u64 + 1, Ordering::Relaxed);
-                match pool_ipc::shm::futex_wait(door, page::SLEEPING, Some(wait)) {
+                match pool_ipc::shm::futex_wait(door, page::SLEEPING, wait) {
                     Ok(true) => woken = true,
                     Ok(false) | Err(_) => until = Some(0),
                 }
