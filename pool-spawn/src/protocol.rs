@@ -261,7 +261,8 @@ pub mod page {
     pub const TASK_MAX: usize = AREA_OFFSET - TASK_OFFSET;
     /// How long a worker sleeps on [`DOOR`] before it blocks reading its channel instead
     /// (so that a pool that closed the channel without ringing, or that died, is noticed
-    /// by then at the latest).
+    /// by then at the latest). Not for a worker whose channel a thread watches (one that
+    /// has run a few dozen tasks): it sleeps without a time limit, woken at the close.
     pub const DOOR_WAIT_NS: u64 = 50_000_000;
     /// The first of the cancel slots (a word index, past the held area): ids of tasks the
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
