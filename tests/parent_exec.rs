@@ -7,8 +7,7 @@
 //!
 //! `harness = false`: the pools must be launched from the main thread, which then execs;
 //! libtest would run the test on a thread of its own (whose end at the exec fires the
-//! parent-death signal and hides what this checks). It speaks enough of libtest's command
-//! line for `cargo test` and nextest (`--list`, `--exact`).
+//! parent-death signal and hides what this checks). libtest's command line: `no_harness`.
 //!
 //! Three processes: the test (a child subreaper, so that workers left behind come back to
 //! it), its child, which builds the pools on its main thread, prints the workers' pids and
@@ -39,29 +38,18 @@ fn my_pid() -> u32 {
     std::process::id()
 }
 
+mod no_harness;
+
 fn main() {
     procpool::init();
     match std::env::var(ROLE).as_deref() {
         Ok("pools") => pools_then_exec(),
         Ok("reaper") => reap_all(),
-        _ => {}
+        _ => no_harness::run(NAME, || {
+            test();
+            String::new()
+        }),
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let ignored = args.iter().any(|a| a == "--ignored");
-    if args.iter().any(|a| a == "--list") {
-        if !ignored {
-            println!("{NAME}: test");
-        }
-        return;
-    }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
-    if ignored || filters.iter().any(|f| !NAME.contains(f.as_str())) {
-        println!("running 0 tests");
-        return;
-    }
-    let started = Instant::now();
-    test();
-    println!("test {NAME} ... ok ({:?})", started.elapsed());
 }
 
 /// The child: a long-lived and a fresh worker per start method, all launched from this

@@ -320,6 +320,23 @@ pub mod page {
         // The remainder is below CANCEL_SLOTS, so it fits.
         CANCEL_FIRST + (id as usize).wrapping_add(k) % CANCEL_SLOTS
     }
+
+    /// Wakes a worker asleep on its doorbell `door` (the page's [`DOOR`] word), moving
+    /// it from [`SLEEPING`] to [`AWAKE`] first: whatever the caller stored before (the bytes
+    /// it wrote, a closed channel) is then seen by the worker, whether it was asleep or
+    /// only about to sleep. A worker not asleep costs a load.
+    pub fn wake_sleeper(door: &std::sync::atomic::AtomicU32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if door.load(SeqCst) == SLEEPING
+            && door
+                .compare_exchange(SLEEPING, AWAKE, SeqCst, SeqCst)
+                .is_ok()
+        {
+            // A failure (none expected on a mapped word) leaves the worker to its wait's
+            // end, if it has one, when it reads the channel.
+            let _ = pool_ipc::shm::futex_wake(door, 1);
+        }
+    }
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`page::STARTED_NS`] (the same clock

@@ -130,16 +130,6 @@ fn watch(fd: RawFd, door: &'static AtomicU32) {
     while let Ok(0) | Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
     STATE.store(CLOSED, Ordering::SeqCst);
     // After the store: a worker that stores SLEEPING later sees CLOSED before it sleeps;
-    // one asleep already is moved off SLEEPING (as the pool does when it rings) and woken.
-    if door
-        .compare_exchange(
-            page::SLEEPING,
-            page::AWAKE,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        )
-        .is_ok()
-    {
-        let _ = pool_ipc::shm::futex_wake(door, 1);
-    }
+    // one asleep already is woken, as the pool wakes it when it writes.
+    page::wake_sleeper(door);
 }

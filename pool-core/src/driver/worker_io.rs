@@ -195,21 +195,7 @@ impl WorkerIo {
             return;
         }
         sent.store(written, Ordering::SeqCst);
-        let door = page.atomic_u32(page::DOOR);
-        if door.load(Ordering::SeqCst) == page::SLEEPING
-            && door
-                .compare_exchange(
-                    page::SLEEPING,
-                    page::AWAKE,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-        {
-            // A failure (none expected on a mapped word) leaves the worker to its wait's
-            // end, when it reads the channel.
-            let _ = pool_ipc::shm::futex_wake(door, 1);
-        }
+        page::wake_sleeper(page.atomic_u32(page::DOOR));
     }
 
     /// Hands a task's `frame`, queued last on the channel and not written yet, to the
