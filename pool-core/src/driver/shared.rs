@@ -256,9 +256,12 @@ impl Shared {
             spent_frames: &mut inner.spent_frames,
         };
         // Time reaches the policy here, before every step: starts it held back happen
-        // once due.
+        // once due. That reading of the clock is also when the step's tasks count as sent
+        // (see `Fx::sent_at`: their frames go out as the step ends).
         if advance {
-            inner.policy.advance(Instant::now(), &mut fx);
+            let now = Instant::now();
+            fx.sent_at = Some(now);
+            inner.policy.advance(now, &mut fx);
         }
         let held_until = inner.policy.wakeup();
         let r = step(&mut inner.policy, &mut fx);
