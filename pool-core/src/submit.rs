@@ -382,7 +382,7 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
-        let _ = self.submit_then(tasks, fed, |_, _| None::<()>, |_, _, r| Some(r));
+        let _ = self.submit_then(tasks, fed, None, |_, _| None::<()>, |_, _, r| Some(r));
     }
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
@@ -421,7 +421,8 @@ impl Pool {
     ///
     /// The frames of tasks done come back to this thread (as in
     /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
-    /// of its last.
+    /// of its last. `made_at`: when the tasks were made, if just now (the time an apply
+    /// reads for its task: the step's time too, if it takes the lock at once).
     ///
     /// `after` runs with `then`'s answer in the same locked step once the step's frames
     /// were written (and their workers rung); its answer is returned.
@@ -429,6 +430,7 @@ impl Pool {
         &self,
         tasks: T,
         fed: bool,
+        made_at: Option<Instant>,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
         after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> Option<S>,
     ) -> Option<S>
@@ -444,6 +446,7 @@ impl Pool {
             None => {
                 let mut spent = SPENT.take();
                 let (refused, r) = self.shared.act_then(
+                    made_at,
                     |p, fx| {
                         let refused = submit_each(p, fx, tasks, fed);
                         let r = if refused.is_empty() {
@@ -753,12 +756,13 @@ impl Pool {
         let Some(task) = task else {
             return out.get();
         };
-        let id = task.0;
+        let (id, made_at) = (task.0, task.1.queued_at);
         // The answer is taken in the same step when the worker posted it before the step
         // ended (see `take_early_answer`).
         let lent = self.submit_then(
             [task],
             false,
+            Some(made_at),
             |p, fx| fx.lend(p, id, true),
             |p, fx, b| fx.take_early_answer(p, b),
         );
