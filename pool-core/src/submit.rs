@@ -679,24 +679,36 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts, false);
+        let (slot, group, id, task) = self.prepare_apply(f, args, opts, false);
+        let out = self.handle(slot, group, id);
         if let Some(task) = task {
             self.submit_all(vec![task], false);
         }
         out
     }
 
-    /// One task for `f(args...)`, and the handle to its result; `None` for the task if it
-    /// was settled at once (its arguments could not be encoded, say). `unseen`: the handle
-    /// stays with the pool (its caller waits for the result), so the task joins no group
-    /// that keeps its id for a cancel.
+    /// One task for `f(args...)`, and what makes the handle to its result (see
+    /// [`Pool::handle`]): its slot, its group (`None` if `unseen`) and its id; `None` for
+    /// the task if it was settled at once (its arguments could not be encoded, say).
+    /// `unseen`: the handle stays with the pool (its caller waits for the result, and
+    /// makes the handle only if it must wait), so the task joins no group that keeps its
+    /// id for a cancel.
+    #[allow(
+        clippy::type_complexity,
+        reason = "the parts of one handle, taken apart at once"
+    )]
     fn prepare_apply<F, Args>(
         &self,
         f: F,
         args: Args,
         opts: Options<F::Output>,
         unseen: bool,
-    ) -> (AsyncResult<F::Output>, Option<(u64, TaskRec)>)
+    ) -> (
+        Arc<Slot<F::Output>>,
+        Option<Arc<crate::driver::Group>>,
+        u64,
+        Option<(u64, TaskRec)>,
+    )
     where
         F: Task<Args>,
     {
@@ -722,13 +734,15 @@ impl Pool {
             } = enc;
             let span = crate::observe::task_span(&self.shared.span, id, sub.name, None, 1);
             let slot = Slot::single(Arc::clone(&self.shared.tally), span.clone());
-            let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+            let group = (!unseen).then(|| Arc::clone(&sub.group));
+            let out = Arc::clone(&slot);
             let extra = crate::driver::TaskExtra::boxed(tail, Pins::default(), spans);
             let task = self.task_rec(&sub, id, frame, extra, (slot, 0, 1), Instant::now(), span);
-            return (out, task);
+            return (out, group, id, task);
         }
         let slot = Slot::new();
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+        let group = (!unseen).then(|| Arc::clone(&sub.group));
+        let out = Arc::clone(&slot);
         let weak = Arc::downgrade(&self.shared);
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
             let r = items
@@ -736,7 +750,22 @@ impl Pool {
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, callbacks);
         });
-        (out, task)
+        (out, group, id, task)
+    }
+
+    /// The handle to the result of task `id`, whose slot is `slot`, of `group` (`None`:
+    /// of a submission nobody can cancel, see [`Group::unseen`](crate::driver::Group::unseen)).
+    fn handle<T>(
+        &self,
+        slot: Arc<Slot<T>>,
+        group: Option<Arc<crate::driver::Group>>,
+        id: u64,
+    ) -> AsyncResult<T> {
+        let cancel = crate::result::Canceller {
+            shared: Arc::downgrade(&self.shared),
+            group: group.unwrap_or_else(crate::driver::Group::unseen),
+        };
+        AsyncResult::new(slot, cancel).of_task(id)
     }
 
     /// `apply`: submits the task and, in the same step, borrows the socket of the worker it
@@ -751,12 +780,13 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        // The handle never leaves this call: nobody can cancel the task.
-        let (out, task) = self.prepare_apply(f, args, opts, true);
+        // The handle never leaves this call: nobody can cancel the task. It is made only
+        // if the result is not in once the caller's own wait ends.
+        let (slot, _, id, task) = self.prepare_apply(f, args, opts, true);
         let Some(task) = task else {
-            return out.get();
+            return self.handle(slot, None, id).get();
         };
-        let (id, made_at) = (task.0, task.1.queued_at);
+        let made_at = task.1.queued_at;
         // The answer is taken in the same step when the worker posted it before the step
         // ended (see `take_early_answer`).
         let lent = self.submit_then(
@@ -769,9 +799,9 @@ impl Pool {
         if let Some(b) = lent {
             self.shared.await_answer(b, None);
         }
-        match out.take_ready() {
+        match slot.take_ready() {
             Some(r) => r,
-            None => out.get(),
+            None => self.handle(slot, None, id).get(),
         }
     }
 
