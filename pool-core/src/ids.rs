@@ -141,23 +141,28 @@ impl<V> IdTable<V> {
     pub(crate) fn remove(&mut self, id: &u64) -> Option<V> {
         match self.slot(*id) {
             Some(at) => {
-                let value = self.window[at].take()?;
-                self.held -= 1;
-                if at == 0 {
-                    self.trim();
+                // Taken straight into the answer: an entry is large, each move a copy.
+                let value = self.window[at].take();
+                if value.is_some() {
+                    self.held -= 1;
+                    if at == 0 {
+                        self.trim();
+                    }
                 }
-                Some(value)
+                value
             }
             None if *id < self.base && !self.side.is_empty() => self.side.remove(id),
             None => None,
         }
     }
 
-    /// Drops the empty slots at the window's front.
+    /// Drops the empty slots at the window's front (in place: popped one by one, each
+    /// slot, the size of a whole entry, would be copied out first).
     fn trim(&mut self) {
-        while matches!(self.window.front(), Some(None)) {
-            self.window.pop_front();
-            self.base += 1;
+        let empty = self.window.iter().take_while(|s| s.is_none()).count();
+        if empty > 0 {
+            self.window.drain(..empty);
+            self.base += empty as u64;
         }
     }
 

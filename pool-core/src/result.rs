@@ -103,6 +103,13 @@ impl<T> Slot<T> {
     }
 
     /// The result, if it is there; `Err(Taken)` if it was taken before.
+    /// The result if it is in, taken in one look (for `apply`, whose own wait on the
+    /// worker has usually brought it: an `AsyncResult::get` would look three times);
+    /// `None` if it is not in yet (or was taken).
+    pub(crate) fn take_ready(&self) -> Option<Result<T, TaskError>> {
+        self.take().ok().flatten()
+    }
+
     fn take(&self) -> Result<Option<Result<T, TaskError>>, WaitError> {
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match std::mem::replace(&mut g.0, State::Taken) {
@@ -289,13 +296,6 @@ impl<T> AsyncResult<T> {
     pub(crate) fn of_task(mut self, id: u64) -> Self {
         self.own = Some(id);
         self
-    }
-
-    /// The result if it is in, taken in one look at the slot (for `apply`, whose own wait
-    /// on the worker has usually brought it: `get` would look three times); `None` if it
-    /// is not in yet.
-    pub(crate) fn take_ready(&self) -> Option<Result<T, TaskError>> {
-        self.slot.take().ok().flatten()
     }
 
     /// Waits until the result is in or `deadline` passes, reading the answer from the

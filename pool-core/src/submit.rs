@@ -382,7 +382,7 @@ impl Pool {
     /// Hands tasks to the policy under one lock (their frames go out in one write per
     /// worker); a refused task fails with the reason.
     pub(crate) fn submit_all(&self, tasks: Vec<(u64, TaskRec)>, fed: bool) {
-        let _ = self.submit_then(tasks, fed, |_, _| None::<()>, |_, _, r| Some(r));
+        let _ = self.submit_then(tasks, fed, None, |_, _| None::<()>, |_, _, r| Some(r));
     }
 
     /// [`submit_all`](Pool::submit_all) of the tasks `tasks` holds (from a feed, if `fed`),
@@ -421,7 +421,8 @@ impl Pool {
     ///
     /// The frames of tasks done come back to this thread (as in
     /// [`submit_drain`](Pool::submit_drain)): an `apply` makes its next frame in the buffer
-    /// of its last.
+    /// of its last. `made_at`: when the tasks were made, if just now (the time an apply
+    /// reads for its task: the step's time too, if it takes the lock at once).
     ///
     /// `after` runs with `then`'s answer in the same locked step once the step's frames
     /// were written (and their workers rung); its answer is returned.
@@ -429,6 +430,7 @@ impl Pool {
         &self,
         tasks: T,
         fed: bool,
+        made_at: Option<Instant>,
         then: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> Option<R>,
         after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> Option<S>,
     ) -> Option<S>
@@ -444,6 +446,7 @@ impl Pool {
             None => {
                 let mut spent = SPENT.take();
                 let (refused, r) = self.shared.act_then(
+                    made_at,
                     |p, fx| {
                         let refused = submit_each(p, fx, tasks, fed);
                         let r = if refused.is_empty() {
@@ -676,24 +679,36 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        let (out, task) = self.prepare_apply(f, args, opts, false);
+        let (slot, group, id, task) = self.prepare_apply(f, args, opts, false);
+        let out = self.handle(slot, group, id);
         if let Some(task) = task {
             self.submit_all(vec![task], false);
         }
         out
     }
 
-    /// One task for `f(args...)`, and the handle to its result; `None` for the task if it
-    /// was settled at once (its arguments could not be encoded, say). `unseen`: the handle
-    /// stays with the pool (its caller waits for the result), so the task joins no group
-    /// that keeps its id for a cancel.
+    /// One task for `f(args...)`, and what makes the handle to its result (see
+    /// [`Pool::handle`]): its slot, its group (`None` if `unseen`) and its id; `None` for
+    /// the task if it was settled at once (its arguments could not be encoded, say).
+    /// `unseen`: the handle stays with the pool (its caller waits for the result, and
+    /// makes the handle only if it must wait), so the task joins no group that keeps its
+    /// id for a cancel.
+    #[allow(
+        clippy::type_complexity,
+        reason = "the parts of one handle, taken apart at once"
+    )]
     fn prepare_apply<F, Args>(
         &self,
         f: F,
         args: Args,
         opts: Options<F::Output>,
         unseen: bool,
-    ) -> (AsyncResult<F::Output>, Option<(u64, TaskRec)>)
+    ) -> (
+        Arc<Slot<F::Output>>,
+        Option<Arc<crate::driver::Group>>,
+        u64,
+        Option<(u64, TaskRec)>,
+    )
     where
         F: Task<Args>,
     {
@@ -719,13 +734,15 @@ impl Pool {
             } = enc;
             let span = crate::observe::task_span(&self.shared.span, id, sub.name, None, 1);
             let slot = Slot::single(Arc::clone(&self.shared.tally), span.clone());
-            let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+            let group = (!unseen).then(|| Arc::clone(&sub.group));
+            let out = Arc::clone(&slot);
             let extra = crate::driver::TaskExtra::boxed(tail, Pins::default(), spans);
             let task = self.task_rec(&sub, id, frame, extra, (slot, 0, 1), Instant::now(), span);
-            return (out, task);
+            return (out, group, id, task);
         }
         let slot = Slot::new();
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+        let group = (!unseen).then(|| Arc::clone(&sub.group));
+        let out = Arc::clone(&slot);
         let weak = Arc::downgrade(&self.shared);
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
             let r = items
@@ -733,7 +750,22 @@ impl Pool {
                 .unwrap_or_else(|| Err(TaskError::new(TaskErrorKind::Decode, "no result")));
             complete(&weak, slot, r, callbacks);
         });
-        (out, task)
+        (out, group, id, task)
+    }
+
+    /// The handle to the result of task `id`, whose slot is `slot`, of `group` (`None`:
+    /// of a submission nobody can cancel, see [`Group::unseen`](crate::driver::Group::unseen)).
+    fn handle<T>(
+        &self,
+        slot: Arc<Slot<T>>,
+        group: Option<Arc<crate::driver::Group>>,
+        id: u64,
+    ) -> AsyncResult<T> {
+        let cancel = crate::result::Canceller {
+            shared: Arc::downgrade(&self.shared),
+            group: group.unwrap_or_else(crate::driver::Group::unseen),
+        };
+        AsyncResult::new(slot, cancel).of_task(id)
     }
 
     /// `apply`: submits the task and, in the same step, borrows the socket of the worker it
@@ -748,26 +780,28 @@ impl Pool {
     where
         F: Task<Args>,
     {
-        // The handle never leaves this call: nobody can cancel the task.
-        let (out, task) = self.prepare_apply(f, args, opts, true);
+        // The handle never leaves this call: nobody can cancel the task. It is made only
+        // if the result is not in once the caller's own wait ends.
+        let (slot, _, id, task) = self.prepare_apply(f, args, opts, true);
         let Some(task) = task else {
-            return out.get();
+            return self.handle(slot, None, id).get();
         };
-        let id = task.0;
+        let made_at = task.1.queued_at;
         // The answer is taken in the same step when the worker posted it before the step
         // ended (see `take_early_answer`).
         let lent = self.submit_then(
             [task],
             false,
+            Some(made_at),
             |p, fx| fx.lend(p, id, true),
             |p, fx, b| fx.take_early_answer(p, b),
         );
         if let Some(b) = lent {
             self.shared.await_answer(b, None);
         }
-        match out.take_ready() {
+        match slot.take_ready() {
             Some(r) => r,
-            None => out.get(),
+            None => self.handle(slot, None, id).get(),
         }
     }
 

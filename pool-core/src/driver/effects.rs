@@ -39,7 +39,8 @@ pub(crate) struct Fx<'a> {
     /// The earliest look at held answers this step planned (see `reader::look_held`).
     pub(super) look_min: Option<Instant>,
     /// When the tasks this step sends count as sent: the clock read once for all of them
-    /// (their frames go out together, in one write per worker when the step ends).
+    /// (their frames go out together, in one write per worker when the step ends), at the
+    /// step's start when the step told the policy the time.
     pub(super) sent_at: Option<Instant>,
     /// The frames of tasks done, kept for a submitter (see [`Fx::take_spent_frames`]).
     pub(super) spent_frames: &'a mut Vec<FrameBuf>,

@@ -476,7 +476,7 @@ pub(super) fn deliver_posted(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid:
         ));
         return false;
     };
-    let (name, pid) = (w.name.clone(), w.pid);
+    let (name, pid) = (WorkerName::of(&w.name), w.pid);
     let now = Instant::now();
     let answer = Answer {
         id,
@@ -485,7 +485,7 @@ pub(super) fn deliver_posted(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, wid:
         frame,
         fds: Vec::new(),
     };
-    let given = on_done(policy, fx, wid, (&WorkerName::of(&name), pid), answer, now);
+    let given = on_done(policy, fx, wid, (&name, pid), answer, now);
     tell_pace(policy, fx, wid, now);
     given
 }
@@ -549,8 +549,15 @@ struct Seen {
 }
 
 /// Reads what the caller that borrowed `b` saw come (`seen`), takes an answer left in the
-/// page, and gives the socket back to the driver, under the pool's lock.
-fn settle(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, b: &Borrow, seen: Seen) {
+/// page, and gives the socket back to the driver, under the pool's lock. `sock`: the
+/// socket as the caller holds it, if it holds it (see [`Lent`]).
+fn settle(
+    policy: &mut Policy<TaskRec>,
+    fx: &mut Fx<'_>,
+    b: &Lent,
+    sock: Option<&OwnedFd>,
+    seen: Seen,
+) {
     let Seen {
         readable,
         before_post,
@@ -579,7 +586,10 @@ fn settle(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, b: &Borrow, seen: Seen)
             .io
             .get(&wid)
             .is_some_and(|w| w.conn.as_ref().is_some_and(|c| c.has_partial_frame()));
-    let stray = cut_short && rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0);
+    let stray = cut_short && {
+        let sock = sock.or_else(|| fx.io.get(&wid).and_then(|w| w.sock_watch.as_deref()));
+        sock.is_some_and(|s| rustix::io::ioctl_fionread(s).is_ok_and(|n| n == 0))
+    };
     if stray && let Some(w) = fx.io.get_mut(&wid) {
         w.exit_note = Some(format!(
             "it answered task {id} in its page while a message on its channel \
@@ -625,20 +635,33 @@ fn settle(policy: &mut Policy<TaskRec>, fx: &mut Fx<'_>, b: &Borrow, seen: Seen)
 /// Where borrow tickets come from.
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
-/// A worker's socket lent to the caller waiting for the answer to one task.
-pub(crate) struct Borrow {
+/// A worker's socket lent to the caller waiting for the answer to one task, as the step
+/// that lent it knows it: the worker's descriptors and page stay in its `WorkerIo`, shared
+/// with the caller (a [`Borrow`]) only if it waits, not when it takes the answer in that
+/// same step (see [`Fx::take_early_answer`]).
+pub(crate) struct Lent {
     ticket: u64,
     wid: WorkerId,
-    sock: Arc<OwnedFd>,
-    exit: Arc<OwnedFd>,
+    /// The task whose answer the caller waits for.
+    id: u64,
     /// When to look at the answers the worker holds back, if the caller's may be among
     /// them one day (see [`look_held`]).
     look: Option<Instant>,
+    /// The caller is nudged when the worker is sent another task (see `WorkerIo::nudge`).
+    nudged: bool,
+    /// The worker keeps its progress page: see [`Borrow::answered`] and [`Borrow::posted`].
+    paged: bool,
+}
+
+/// A worker's socket lent to the caller waiting for the answer to one task, with what the
+/// caller waits on.
+pub(crate) struct Borrow {
+    lent: Lent,
+    sock: Arc<OwnedFd>,
+    exit: Arc<OwnedFd>,
     /// Readable once the worker is sent another task (see `WorkerIo::nudge`).
     nudge: Option<Arc<OwnedFd>>,
-    /// The task whose answer the caller waits for, and the worker's progress page, if it
-    /// keeps one: see [`Borrow::answered`] and [`Borrow::posted`].
-    id: u64,
+    /// The worker's progress page, if it keeps one.
     page: Option<Arc<pool_ipc::shm::Segment>>,
 }
 
@@ -653,7 +676,7 @@ impl Borrow {
         };
         let word = page.atomic_u64(protocol::page::ANSWER);
         match word.compare_exchange(
-            self.id | protocol::page::WAITING,
+            self.lent.id | protocol::page::WAITING,
             0,
             Ordering::AcqRel,
             Ordering::Acquire,
@@ -707,7 +730,7 @@ impl Borrow {
         let current = page
             .atomic_u64(protocol::page::CURRENT)
             .load(Ordering::Acquire);
-        current == self.id | protocol::page::ENDED
+        current == self.lent.id | protocol::page::ENDED
             && page
                 .atomic_u64(protocol::page::HELD_COUNT)
                 .load(Ordering::Acquire)
@@ -727,18 +750,22 @@ impl Fx<'_> {
     pub(crate) fn take_early_answer(
         &mut self,
         policy: &mut Policy<TaskRec>,
-        b: Borrow,
+        b: Lent,
     ) -> Option<Borrow> {
-        let lent = self.io.get(&b.wid).is_some_and(|w| {
-            w.borrowed == Some(b.ticket) && w.conn.as_ref().is_some_and(|c| !c.has_partial_frame())
+        let posted = self.io.get(&b.wid).is_some_and(|w| {
+            w.borrowed == Some(b.ticket)
+                && w.conn.as_ref().is_some_and(|c| !c.has_partial_frame())
+                && b.paged
+                && w.progress.as_ref().is_some_and(|p| {
+                    p.atomic_u64(protocol::page::ANSWER).load(Ordering::Acquire)
+                        == b.id | protocol::page::POSTED
+                })
+                && w.sock_watch
+                    .as_deref()
+                    .is_some_and(|s| rustix::io::ioctl_fionread(s).is_ok_and(|n| n == 0))
         });
-        let posted = lent
-            && b.page.as_ref().is_some_and(|p| {
-                p.atomic_u64(protocol::page::ANSWER).load(Ordering::Acquire)
-                    == b.id | protocol::page::POSTED
-            });
-        if !posted || !rustix::io::ioctl_fionread(&*b.sock).is_ok_and(|n| n == 0) {
-            return Some(b);
+        if !posted {
+            return self.hand_over(policy, b);
         }
         let seen = Seen {
             readable: false,
@@ -747,8 +774,43 @@ impl Fx<'_> {
             exited: false,
             look: false,
         };
-        settle(policy, self, &b, seen);
+        settle(policy, self, &b, None, seen);
         None
+    }
+
+    /// What the caller lent `b` waits on: the worker's descriptors and page, shared. `None`
+    /// if the worker has none any more: the socket is given back then (the caller waits
+    /// on the task's result instead).
+    pub(crate) fn hand_over(&mut self, policy: &mut Policy<TaskRec>, b: Lent) -> Option<Borrow> {
+        let shared = self.io.get(&b.wid).and_then(|w| {
+            let (Some(sock), Some(exit)) = (&w.sock_watch, &w.exit_watch) else {
+                return None;
+            };
+            Some((
+                Arc::clone(sock),
+                Arc::clone(exit),
+                w.nudge.clone().filter(|_| b.nudged),
+                w.progress.clone().filter(|_| b.paged),
+            ))
+        });
+        let Some((sock, exit, nudge, page)) = shared else {
+            let seen = Seen {
+                readable: false,
+                before_post: false,
+                posted: false,
+                exited: false,
+                look: false,
+            };
+            settle(policy, self, &b, None, seen);
+            return None;
+        };
+        Some(Borrow {
+            lent: b,
+            sock,
+            exit,
+            nudge,
+            page,
+        })
     }
 
     /// Lends the socket of the worker that runs task `id` next to the caller waiting for
@@ -762,7 +824,7 @@ impl Fx<'_> {
         policy: &Policy<TaskRec>,
         id: u64,
         unflushed_ok: bool,
-    ) -> Option<Borrow> {
+    ) -> Option<Lent> {
         // The worker it was last sent to, if that worker is to run it next.
         let wid = policy.task(id).and_then(|rec| rec.sent_to)?;
         if policy.oldest(wid).map(|(t, _)| t) != Some(id) {
@@ -781,10 +843,9 @@ impl Fx<'_> {
         if !free {
             return None;
         }
-        let (Some(sock), Some(exit)) = (&w.sock_watch, &w.exit_watch) else {
+        if w.sock_watch.is_none() || w.exit_watch.is_none() {
             return None;
-        };
-        let (sock, exit) = (Arc::clone(sock), Arc::clone(exit));
+        }
         // Its answer may be held back (see `look_held`), unless the worker keeps no page or
         // has been running it long enough to write it out when it ends. While it holds no
         // other task, it holds nothing back: the step that sends it another nudges the
@@ -796,25 +857,21 @@ impl Fx<'_> {
                 || w.taken(id, timed).is_some_and(|ns| {
                     protocol::monotonic_ns().saturating_sub(ns) >= protocol::page::HOLD_AGE_NS
                 }));
-        let (look, nudge) = if settled {
-            (None, None)
-        } else if policy.holding(wid) < 2
-            && let Some(nudge) = w.nudge_fd()
-        {
-            (None, Some(nudge))
+        let (look, nudged) = if settled {
+            (None, false)
+        } else if policy.holding(wid) < 2 && w.make_nudge() {
+            (None, true)
         } else {
-            (Some(Instant::now() + HELD_LOOK), None)
+            (Some(Instant::now() + HELD_LOOK), false)
         };
-        w.nudge_armed = nudge.is_some();
-        let b = Borrow {
+        w.nudge_armed = nudged;
+        let b = Lent {
             ticket: TICKETS.fetch_add(1, Ordering::Relaxed),
             wid,
-            sock,
-            exit,
-            look,
-            nudge,
             id,
-            page: w.kept_page().cloned(),
+            look,
+            nudged,
+            paged: w.kept_page().is_some(),
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid, true);
@@ -837,7 +894,7 @@ impl Shared {
     /// it and waits on it (see [`Shared::await_answer`]). `false` if it could not borrow it
     /// (wait on the result instead).
     pub(crate) fn read_own_answer(&self, id: u64, deadline: Option<Instant>) -> bool {
-        match self.act(|p, fx| fx.lend(p, id, false)) {
+        match self.act(|p, fx| fx.lend(p, id, false).and_then(|b| fx.hand_over(p, b))) {
             Some(b) => self.await_answer(b, deadline),
             None => false,
         }
@@ -855,7 +912,7 @@ impl Shared {
             PollFd::new(nudge, PollFlags::IN),
         ];
         let n = if b.nudge.is_some() { 3 } else { 2 };
-        let until = match (deadline, b.look) {
+        let until = match (deadline, b.lent.look) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),
         };
@@ -889,7 +946,7 @@ impl Shared {
             // Nudged: lent again, the socket comes with a look (`lend`).
             let _ = rustix::io::read(fd, &mut [0u8; 8]);
         }
-        let look = !woke && b.look.is_some_and(|l| Instant::now() >= l);
+        let look = !woke && b.lent.look.is_some_and(|l| Instant::now() >= l);
         let seen = Seen {
             readable,
             before_post,
@@ -897,7 +954,7 @@ impl Shared {
             exited,
             look,
         };
-        self.act(|policy, fx| settle(policy, fx, &b, seen));
+        self.act(|policy, fx| settle(policy, fx, &b.lent, Some(&b.sock), seen));
         woke || look
     }
 }

@@ -212,31 +212,38 @@ impl Shared {
         mut g: MutexGuard<'_, Inner>,
         step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
     ) -> R {
-        let r = self.step_and_write(&mut g, step, true);
+        let r = self.step_and_write(&mut g, step, Some(Instant::now()));
         self.end_act(g, r)
     }
 
     /// As [`Shared::act`], then `after` with the step's answer in the same locked step, once
     /// what the step queued was written (and its workers rung); delivers outcomes after
-    /// unlocking.
+    /// unlocking. `just_now`: a reading of the clock taken just before the call, the
+    /// step's time if the lock is free (it is read again if the call waits for the lock).
     pub(crate) fn act_then<R, S>(
         &self,
+        just_now: Option<Instant>,
         step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
         after: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>, R) -> S,
     ) -> S {
-        let mut g = self.lock();
-        let r = self.step_and_write(&mut g, step, true);
-        let s = self.step_and_write(&mut g, |p, fx| after(p, fx, r), false);
+        let (mut g, waited) = match self.inner.try_lock() {
+            Ok(g) => (g, false),
+            Err(std::sync::TryLockError::Poisoned(p)) => (p.into_inner(), false),
+            Err(std::sync::TryLockError::WouldBlock) => (self.lock(), true),
+        };
+        let now = just_now.filter(|_| !waited).unwrap_or_else(Instant::now);
+        let r = self.step_and_write(&mut g, step, Some(now));
+        let s = self.step_and_write(&mut g, |p, fx| after(p, fx, r), None);
         self.end_act(g, s)
     }
 
-    /// Runs `step` (after telling the policy the time, if `advance`) and writes what it
+    /// Runs `step` (after telling the policy the time, `now`, if given) and writes what it
     /// queued, one write per worker, from this thread.
     fn step_and_write<R>(
         &self,
         inner: &mut Inner,
         step: impl FnOnce(&mut Policy<TaskRec>, &mut Fx<'_>) -> R,
-        advance: bool,
+        now: Option<Instant>,
     ) -> R {
         let terminating = inner.terminating;
         let mut fx = Fx {
@@ -256,9 +263,11 @@ impl Shared {
             spent_frames: &mut inner.spent_frames,
         };
         // Time reaches the policy here, before every step: starts it held back happen
-        // once due.
-        if advance {
-            inner.policy.advance(Instant::now(), &mut fx);
+        // once due. That reading of the clock is also when the step's tasks count as sent
+        // (see `Fx::sent_at`: their frames go out as the step ends).
+        if let Some(now) = now {
+            fx.sent_at = Some(now);
+            inner.policy.advance(now, &mut fx);
         }
         let held_until = inner.policy.wakeup();
         let r = step(&mut inner.policy, &mut fx);

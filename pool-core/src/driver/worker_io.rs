@@ -209,7 +209,8 @@ impl WorkerIo {
         if payload.len() > page::TASK_MAX || !self.guard.is_ready() {
             return false;
         }
-        let Some(page) = self.kept_page().cloned() else {
+        // Borrowed from its field (`conn` is borrowed beside it below), not shared.
+        let Some(page) = kept(self.progress.as_ref()) else {
             return false;
         };
         let door = page.atomic_u32(page::DOOR);
@@ -275,8 +276,7 @@ impl WorkerIo {
 
     /// [`WorkerIo::page`], to share.
     pub(super) fn kept_page(&self) -> Option<&Arc<pool_ipc::shm::Segment>> {
-        let page = self.progress.as_ref()?;
-        (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
+        kept(self.progress.as_ref())
     }
 
     /// Whether the worker keeps its progress page (it may then hold answers back).
@@ -291,15 +291,15 @@ impl WorkerIo {
         pool_spawn::protocol::HOLD_ANSWERS && self.keeps_page()
     }
 
-    /// The eventfd that nudges a caller waiting on this worker's socket (see `nudge`),
-    /// made now if need be; `None` if it cannot be made.
-    pub(super) fn nudge_fd(&mut self) -> Option<Arc<OwnedFd>> {
+    /// Makes the eventfd that nudges a caller waiting on this worker's socket (see
+    /// `nudge`), if need be: `false` if it cannot be made.
+    pub(super) fn make_nudge(&mut self) -> bool {
         if self.nudge.is_none() {
             let flags =
                 rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
             self.nudge = rustix::event::eventfd(0, flags).ok().map(Arc::new);
         }
-        self.nudge.clone()
+        self.nudge.is_some()
     }
 
     /// Wakes the caller waiting on this worker's socket without a look planned, if one
@@ -592,6 +592,12 @@ impl WorkerIo {
             None => queued,
         }
     }
+}
+
+/// A worker's progress page, once the worker keeps it (see [`WorkerIo::kept_page`]).
+fn kept(progress: Option<&Arc<pool_ipc::shm::Segment>>) -> Option<&Arc<pool_ipc::shm::Segment>> {
+    let page = progress?;
+    (page.atomic_u64(page::KEPT).load(Ordering::Acquire) == PROGRESS_KEPT).then_some(page)
 }
 
 /// The epoll token of worker `wid`'s socket.
