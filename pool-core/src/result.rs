@@ -102,7 +102,6 @@ impl<T> Slot<T> {
         }
     }
 
-    /// The result, if it is there; `Err(Taken)` if it was taken before.
     /// The result if it is in, taken in one look (for `apply`, whose own wait on the
     /// worker has usually brought it: an `AsyncResult::get` would look three times);
     /// `None` if it is not in yet (or was taken).
@@ -110,6 +109,7 @@ impl<T> Slot<T> {
         self.take().ok().flatten()
     }
 
+    /// The result, if it is there; `Err(Taken)` if it was taken before.
     fn take(&self) -> Result<Option<Result<T, TaskError>>, WaitError> {
         let mut g = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match std::mem::replace(&mut g.0, State::Taken) {
