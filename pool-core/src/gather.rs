@@ -214,8 +214,8 @@ impl Pool {
         let sub = Submission::in_group(f, self.timeout_of(timeout), group);
         let slot = Slot::new();
         let done = Done::new(n);
-        let out =
-            AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).counting(Arc::clone(&done));
+        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(Arc::clone(&sub.group)))
+            .counting(Arc::clone(&done));
         if n == 0 {
             complete(
                 &Arc::downgrade(&self.shared),

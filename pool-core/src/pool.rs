@@ -273,11 +273,11 @@ impl Pool {
         }
     }
 
-    /// What cancelling the tasks of submission `sub` reaches.
-    pub(crate) fn canceller(&self, sub: &crate::submit::Submission) -> crate::result::Canceller {
+    /// What cancelling the tasks of a submission in `group` reaches.
+    pub(crate) fn canceller(&self, group: Arc<crate::driver::Group>) -> crate::result::Canceller {
         crate::result::Canceller {
             shared: Arc::downgrade(&self.shared),
-            group: Arc::clone(&sub.group),
+            group,
         }
     }
 

@@ -625,7 +625,8 @@ impl Pool {
         let slot = Slot::new();
         let sub = Submission::new(f, self.timeout_of(None));
         let id = self.new_id();
-        let out = AsyncResult::new(Arc::clone(&slot), self.canceller(&sub)).of_task(id);
+        let out =
+            AsyncResult::new(Arc::clone(&slot), self.canceller(Arc::clone(&sub.group))).of_task(id);
         let weak = Arc::downgrade(&self.shared);
         let enc = sub.encode::<F, Args>(id, std::slice::from_ref(&args));
         let task = self.prepare_batch::<F::Output>(&sub, enc, None, Instant::now(), move |items| {
@@ -761,10 +762,7 @@ impl Pool {
         group: Option<Arc<crate::driver::Group>>,
         id: u64,
     ) -> AsyncResult<T> {
-        let cancel = crate::result::Canceller {
-            shared: Arc::downgrade(&self.shared),
-            group: group.unwrap_or_else(crate::driver::Group::unseen),
-        };
+        let cancel = self.canceller(group.unwrap_or_else(crate::driver::Group::unseen));
         AsyncResult::new(slot, cancel).of_task(id)
     }
 

@@ -114,10 +114,10 @@ pub(crate) fn start(chan: BorrowedFd<'_>, door: &'static AtomicU32) -> bool {
 
 /// The watcher thread's body.
 fn watch(fd: RawFd, door: &'static AtomicU32) {
-    // SAFETY: `fd` is the worker's channel, open for as long as the worker serves; the
-    // worker closes it only as its process ends (`runner::run` exits right after). A
-    // `poll` begun holds the socket itself; one begun after the close fails, and then, as
-    // after a close, the worker is only told to read its channel.
+    // The worker closes its channel only as its process ends (`runner::run` exits right
+    // after). A `poll` begun holds the socket itself; one begun after the close fails, and
+    // then, as after a close, the worker is only told to read its channel.
+    // SAFETY: `fd` is the worker's channel, open for as long as the worker serves (above).
     let chan = unsafe { BorrowedFd::borrow_raw(fd) };
     let mut fds = [rustix::event::PollFd::new(
         &chan,
