@@ -777,9 +777,13 @@ def main(argv=None):
     ]
     if build:
         bm += [
-            f"The procpool program measured ({build}) is the one that spawn and forkserver "
-            "execute again for each worker or fork server: `startup` includes its loading "
-            "(see the guide's \"Start methods\" on how the way a program is linked changes it).",
+            f"The procpool program measured ({build}) is the one that spawn executes again "
+            "for each worker: spawn's `startup` includes its loading (see the guide's "
+            "\"Start methods\" on how the way a program is linked changes it). A forkserver "
+            "pool's server is forked from the seed that `init()` made when the measuring "
+            "process started (one fork, before the clock starts; `procpool -V`, measured "
+            "beside `startup`, includes it), and executed only where the program changed "
+            "since (`PROCPOOL_SEED=0` executes it always).",
             "",
         ]
     if floor_line:
