@@ -101,8 +101,10 @@
 //! server gets the program's working directory, stdout and stderr as they are when the pool
 //! is built. If the program has changed anything else a child inherits since `init()` (its
 //! environment, user, umask, resource limits, namespaces, seccomp filters and the like,
-//! compared at each build), the pool starts its server fresh instead, as it does when there
-//! is no seed: other threads were running when `init()` came, or `PROCPOOL_SEED=0` is set.
+//! compared at each build; the seed reads them in `/proc` itself, so a program that gave up a
+//! right cannot get it back through the seed), the pool starts its server fresh instead, as
+//! it does when there is no seed: other threads were running when `init()` came, or
+//! `PROCPOOL_SEED=0` is set.
 //! The seed is one more child process for the whole life of the program (`<program>:seed`
 //! in `ps`), ended with it; a program that waits for all of its children to end should set
 //! `PROCPOOL_SEED=0`.

@@ -113,16 +113,15 @@ pub(crate) fn fork_own_worker(chan: OwnedFd) -> io::Result<Pid> {
 }
 
 /// Forks the seed (see `crate::seed`): a copy of this process, made by `init()` while it is
-/// single-threaded, that serves `ctl` with `serve`. It takes a group of its own, the
-/// parent-death signal and stdin from `/dev/null`, and closes every other descriptor, but
-/// keeps this process's signal settings: each server it forks takes a worker's, as an
-/// executed server does. Returns its pid.
+/// single-threaded, prepared as a worker is (its parent may have any signal settings and
+/// any stdin), that serves `ctl` with `serve`. The servers it forks inherit that
+/// preparation. Returns its pid.
 ///
 /// # Errors
 ///
 /// The `fork` error (`EAGAIN`, `ENOMEM`).
 pub(crate) fn fork_seed(ctl: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
-    fork_serving(ctl, rustix::process::getpid(), Prepare::Seed, serve)
+    fork_serving(ctl, rustix::process::getpid(), Prepare::Full, serve)
 }
 
 /// Forks this process into a sibling: the child's parent is this process's parent
@@ -214,8 +213,6 @@ enum Prepare {
     /// Its parent is a fork server, whose signal settings and stdin are a worker's
     /// already: only what is the child's own (group, parent-death signal, descriptors).
     Inherited,
-    /// The seed: all but the signal settings.
-    Seed,
 }
 
 /// Forks a child that prepares as a worker, then runs `serve` on `fd` (the worker loop or
@@ -265,8 +262,6 @@ fn prepare_worker(chan: RawFd, parent: Pid, prepare: Prepare) -> rustix::io::Res
     }
     if let Prepare::Full = prepare {
         sys::worker_signals();
-    }
-    if let Prepare::Full | Prepare::Seed = prepare {
         stdin_from_null()?;
     }
     sys::close_fds_except(chan);

@@ -34,11 +34,11 @@
 //! then, while the program has one thread and has done nothing yet, that waits for the
 //! program's Forkserver pools and forks each one's server (a child of the program, given the
 //! program's present working directory, stdout and stderr). A fork of the seed spares the
-//! server's exec and start-up, most of a Forkserver pool's start. Before each, the pool
-//! compares the program with the seed in everything else a child inherits: its
-//! environment, user and groups, capabilities, seccomp filters and `no_new_privs`, umask,
-//! namespaces, cgroup, root directory, resource limits, scheduling, CPU and memory
-//! placement, security label, personality. Where the program changed any since `init()`,
+//! server's exec and start-up, most of a Forkserver pool's start. Before each, the program
+//! and the seed are compared in everything else a child inherits: the environment, user
+//! and groups, capabilities, seccomp filters and `no_new_privs`, umask, namespaces, cgroup,
+//! root directory, resource limits, scheduling, CPU and memory placement, security label
+//! (the seed reads the program's in `/proc`). Where the program changed any since `init()`,
 //! the server is spawned, as it is when there is no seed: `init()` found other threads
 //! running, `/proc` is unreadable, or the environment says `PROCPOOL_SEED=0`. The seed is
 //! one more child process for the whole life of the program (named `<program>:seed`; it

@@ -17,11 +17,16 @@
 //!
 //! - passed with each request and taken by the new server before it serves: the working
 //!   directory, stdout and stderr, as they are now;
-//! - compared: the environment, and whatever else the program may have changed since
-//!   `init()` and a child inherits (a [`Context`]: its user and groups, capabilities,
-//!   seccomp filters, `no_new_privs`, umask, namespaces, cgroup, root directory, resource
-//!   limits, scheduling, CPU and memory placement, security label, personality). If any
-//!   differs, the pool executes its server as before.
+//! - compared: the environment (by the program), and whatever else the program may have
+//!   changed since `init()` and a child inherits (a [`Context`]: its user and groups,
+//!   capabilities, seccomp filters, `no_new_privs`, umask, namespaces, cgroup, root
+//!   directory, resource limits, OOM score, nice value and scheduling policy, I/O priority,
+//!   CPU and memory placement, speculation controls, security label). The seed reads the
+//!   asking thread's in `/proc` itself, and compares it with its own: a program that gave up
+//!   a right after `init()` (a user, a capability, a filter) cannot ask the seed, which kept
+//!   it, for a server that has it. If any differs, the pool executes its server as before.
+//!   Not compared, as `/proc` shows them to another process only with the right to trace it:
+//!   the personality, the secure bits and the timer slack.
 //!
 //! No seed is made when `init()` finds other threads already running, when `/proc` cannot be
 //! read, or when `PROCPOOL_SEED=0` is set; a seed that is gone or fails is reaped and not
@@ -45,8 +50,9 @@ use crate::sys;
 /// Set to `0` to make no seed: every Forkserver pool then executes its server.
 pub(crate) const SEED_ENV: &str = "PROCPOOL_SEED";
 
-/// The largest request the seed reads (a [`Context`] is about 1 KiB).
-const MAX_REQUEST: usize = 16 * 1024;
+/// A request: a tag, then the id of the program's thread that asks (whose context the seed
+/// compares with its own).
+const REQUEST_LEN: usize = 5;
 
 /// How long a pool waits for the seed's answer before giving it up.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
@@ -55,7 +61,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// working directory, stdout, stderr.
 const REQUEST_FDS: usize = 4;
 
-/// The first byte of a request; the program's [`Context`] follows.
+/// The first byte of a request.
 const REQUEST_TAG: u8 = 1;
 
 struct Seed {
@@ -113,14 +119,16 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
         tracing::debug!("the fork server is executed: the environment changed since init()");
         return None;
     }
-    // The seed compares this with its own (the program's when it was made).
-    let context = Context::current()?.encode();
-    let mut request = Vec::with_capacity(1 + context.len());
-    request.push(REQUEST_TAG);
-    request.extend_from_slice(&context);
-    if request.len() > MAX_REQUEST {
-        return None;
-    }
+    // The seed reads this thread's context in /proc itself (it need not trust what it is
+    // told) and compares it with its own, the program's when it was made.
+    let mut request = [0u8; REQUEST_LEN];
+    request[0] = REQUEST_TAG;
+    request[1..].copy_from_slice(
+        &rustix::thread::gettid()
+            .as_raw_nonzero()
+            .get()
+            .to_le_bytes(),
+    );
     let (ours, theirs) = crate::forkserver::control_socketpair().ok()?;
     let cwd = rustix::fs::open(
         c".",
@@ -219,10 +227,10 @@ const ANSWER_LEN: usize = 8;
 fn serve(ctl: OwnedFd) -> ! {
     let me = rustix::process::getpid();
     // The program's as it was at `init()`, which this copy keeps.
-    let ours = Context::current().map(|c| c.encode());
+    let ours = Context::of(me, me).map(|c| c.encode());
     sys::set_process_name(&[":seed"], me);
     let program = rustix::process::getppid();
-    let mut buf = vec![0u8; MAX_REQUEST + 1];
+    let mut buf = [0u8; REQUEST_LEN + 1];
     loop {
         let (n, fds) = match pool_ipc::fdpass::recv_fds(ctl.as_fd(), &mut buf, REQUEST_FDS) {
             // The program ended, or executed another: the seed is of no more use.
@@ -234,20 +242,25 @@ fn serve(ctl: OwnedFd) -> ! {
         if rustix::process::getppid() != program {
             sys::exit_now(0);
         }
-        let context = match &buf[..n.min(MAX_REQUEST + 1)] {
-            [REQUEST_TAG, context @ ..] if n <= MAX_REQUEST && fds.len() == REQUEST_FDS => {
-                Some(context)
+        let asker = match (&buf[..n], fds.len(), program) {
+            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => {
+                Pid::from_raw(i32::from_le_bytes(tid.try_into().expect("4 bytes")))
+                    .map(|tid| (program, tid))
             }
             _ => None,
         };
-        let (answer, part): (i32, u32) = match (context, &ours) {
+        // The asking thread's context, read here: a program that gave up some right since
+        // `init()` cannot have it back through the seed, whatever it says.
+        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid).map(|c| c.encode()));
+        let (answer, part): (i32, u32) = match (theirs, &ours) {
             (None, _) => (-libc::EINVAL, 0),
-            // No context of its own (`/proc` unreadable): it cannot tell.
-            (Some(_), None) => (-libc::ESTALE, 0),
-            (Some(theirs), Some(ours)) if theirs != ours.as_slice() => {
-                (-libc::ESTALE, Context::first_difference(theirs, ours))
+            // A context that cannot be read (`/proc` unreadable, or no such thread of the
+            // program): it cannot be told equal.
+            (Some(None), _) | (_, None) => (-libc::ESTALE, 0),
+            (Some(Some(theirs)), Some(ours)) if theirs != *ours => {
+                (-libc::ESTALE, Context::first_difference(&theirs, ours))
             }
-            (Some(_), Some(_)) => match crate::fork::fork_sibling() {
+            (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
                 Ok(None) => become_server(fds, program),
                 Ok(Some(pid)) => (pid.as_raw_nonzero().get(), 0),
                 Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
@@ -286,8 +299,8 @@ fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
     if crate::role::send_hello(&ctl, Role::Forkserver).is_err() {
         sys::exit_now(0);
     }
-    // A worker's signal settings, as an executed server takes them.
-    crate::forkserver::serve(ctl)
+    // With a worker's signal settings and stdin, which the seed took when it was made.
+    crate::forkserver::serve_prepared(ctl)
 }
 
 /// What a child inherits from this process (the calling thread) beyond what a request
@@ -310,7 +323,7 @@ const PART_NAMES: &[&str] = &[
     "scheduling",
 ];
 
-/// The lines of `/proc/thread-self/status` a child inherits.
+/// The lines of a thread's `status` in `/proc` that a child inherits.
 const STATUS_FIELDS: &[&str] = &[
     "Umask",
     "Uid",
@@ -328,27 +341,40 @@ const STATUS_FIELDS: &[&str] = &[
     "Mems_allowed_list",
     "Speculation_Store_Bypass",
     "SpeculationIndirectBranch",
+    "THP_enabled",
 ];
 
-/// The namespaces a child is made in.
+/// The namespaces a child is made in (links in the thread's `ns` directory).
 const NAMESPACES: &[&str] = &[
-    "cgroup",
-    "ipc",
-    "mnt",
-    "net",
-    "pid_for_children",
-    "time_for_children",
-    "user",
-    "uts",
+    "ns/cgroup",
+    "ns/ipc",
+    "ns/mnt",
+    "ns/net",
+    "ns/pid_for_children",
+    "ns/time_for_children",
+    "ns/user",
+    "ns/uts",
 ];
 
 impl Context {
-    /// This thread's, or `None` if `/proc` cannot be read. (About 20 system calls: it is
-    /// read each time a Forkserver pool is built.)
-    pub(crate) fn current() -> Option<Context> {
-        let mut parts = Vec::with_capacity(9);
+    /// Thread `tid` of process `pid`'s, as `/proc` shows it, or `None` if it cannot be read
+    /// (or `tid` is not a thread of `pid`). (About 20 system calls: it is read each time a
+    /// Forkserver pool is built.)
+    pub(crate) fn of(pid: Pid, tid: Pid) -> Option<Context> {
+        let dir = format!(
+            "/proc/{}/task/{}",
+            pid.as_raw_nonzero(),
+            tid.as_raw_nonzero()
+        );
+        let dir = rustix::fs::open(
+            dir.as_str(),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let mut parts = Vec::with_capacity(PART_NAMES.len());
         let mut buf = [0u8; 8192];
-        let status = read_proc(c"/proc/thread-self/status", &mut buf)?;
+        let status = read_proc(&dir, c"status", &mut buf)?;
         let mut kept = Vec::with_capacity(512);
         for line in status.split(|&c| c == b'\n') {
             let name = line.split(|&c| c == b':').next().unwrap_or_default();
@@ -358,49 +384,37 @@ impl Context {
             }
         }
         parts.push(("status", kept));
-        parts.push((
-            "cgroup",
-            read_proc(c"/proc/self/cgroup", &mut buf)?.to_vec(),
-        ));
+        parts.push(("cgroup", read_proc(&dir, c"cgroup", &mut buf)?.to_vec()));
         parts.push((
             "oom_score_adj",
-            read_proc(c"/proc/self/oom_score_adj", &mut buf)?.to_vec(),
+            read_proc(&dir, c"oom_score_adj", &mut buf)?.to_vec(),
         ));
         // No security module, or one that shows no label: the same either way.
         parts.push((
             "security label",
-            read_proc(c"/proc/thread-self/attr/current", &mut buf)
+            read_proc(&dir, c"attr/current", &mut buf)
                 .unwrap_or_default()
                 .to_vec(),
         ));
-        let ns_dir = rustix::fs::open(
-            c"/proc/thread-self/ns",
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok()?;
         let mut ns = Vec::with_capacity(NAMESPACES.len() * 24);
         for n in NAMESPACES {
             // A kernel without this kind of namespace: the same either way.
-            if let Ok(link) = rustix::fs::readlinkat(&ns_dir, *n, Vec::new()) {
+            if let Ok(link) = rustix::fs::readlinkat(&dir, *n, Vec::new()) {
                 ns.extend_from_slice(link.as_bytes());
             }
             ns.push(0);
         }
         parts.push(("namespaces", ns));
-        let mut limits = Vec::with_capacity(LIMITS.len() * 16);
-        for r in LIMITS {
-            let l = rustix::process::getrlimit(*r);
-            for v in [l.current, l.maximum] {
-                limits.extend_from_slice(&v.unwrap_or(u64::MAX).to_le_bytes());
-            }
-        }
-        parts.push(("resource limits", limits));
-        let root = rustix::fs::stat("/").ok()?;
+        parts.push((
+            "resource limits",
+            read_proc(&dir, c"limits", &mut buf)?.to_vec(),
+        ));
+        let root = rustix::fs::statat(&dir, c"root/", rustix::fs::AtFlags::empty()).ok()?;
         let mut r = root.st_dev.to_le_bytes().to_vec();
         r.extend_from_slice(&root.st_ino.to_le_bytes());
         parts.push(("root directory", r));
-        parts.push(("scheduling", sys::scheduling()));
+        parts.push(("scheduling", sys::scheduling(tid)));
+        debug_assert!(parts.iter().map(|p| p.0).eq(PART_NAMES.iter().copied()));
         Some(Context { parts })
     }
 
@@ -434,33 +448,12 @@ impl Context {
     }
 }
 
-/// The resource limits a child inherits.
-const LIMITS: &[rustix::process::Resource] = {
-    use rustix::process::Resource as R;
-    &[
-        R::Cpu,
-        R::Fsize,
-        R::Data,
-        R::Stack,
-        R::Core,
-        R::Rss,
-        R::Nproc,
-        R::Nofile,
-        R::Memlock,
-        R::As,
-        R::Locks,
-        R::Sigpending,
-        R::Msgqueue,
-        R::Nice,
-        R::Rtprio,
-        R::Rttime,
-    ]
-};
-
-/// The contents of the small `/proc` file `path`, read into `buf` (without allocating).
-fn read_proc<'a>(path: &std::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
-    let fd = rustix::fs::open(
-        path,
+/// The contents of the small `/proc` file `name` in `dir`, read into `buf` (without
+/// allocating).
+fn read_proc<'a>(dir: &OwnedFd, name: &std::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
@@ -497,10 +490,14 @@ mod tests {
 
     #[test]
     fn the_context_is_stable_and_names_what_differs() {
-        let a = Context::current().expect("/proc is readable here");
-        assert_eq!(a, Context::current().unwrap());
+        let me = rustix::process::getpid();
+        let tid = rustix::thread::gettid();
+        let a = Context::of(me, tid).expect("/proc is readable here");
+        assert_eq!(a, Context::of(me, tid).unwrap());
         assert_eq!(a.parts.len(), PART_NAMES.len());
-        let mut c = Context::current().unwrap();
+        // Not a thread of this process.
+        assert!(Context::of(me, rustix::process::Pid::from_raw(1).unwrap()).is_none());
+        let mut c = Context::of(me, tid).unwrap();
         c.parts[4].1.push(b'!');
         let i = Context::first_difference(&a.encode(), &c.encode());
         assert_eq!(PART_NAMES[i as usize], "namespaces");

@@ -406,28 +406,26 @@ pub(crate) fn identity() -> Option<&'static Identity> {
     unsafe { p.as_ref() }
 }
 
-/// This thread's scheduling and the process settings a child inherits that only system
-/// calls tell, as bytes to compare: nice value, policy and priority, I/O priority,
-/// personality, secure bits, transparent-huge-page opt-out, timer slack. A call that fails
-/// counts as its error.
-pub(crate) fn scheduling() -> Vec<u8> {
-    let mut b = Vec::with_capacity(64);
+/// Thread `tid`'s scheduling, which a child it makes inherits, as bytes to compare: nice
+/// value, policy and priority, I/O priority. A call that fails counts as its error.
+pub(crate) fn scheduling(tid: rustix::process::Pid) -> Vec<u8> {
+    let tid = tid.as_raw_nonzero().get();
+    let mut b = Vec::with_capacity(48);
     let mut put = |v: i64| b.extend_from_slice(&v.to_le_bytes());
-    // SAFETY: each call below only reads settings of this thread or process; the one that
-    // writes (sched_getparam) writes to a local.
+    // SAFETY: each call below only reads a setting of thread `tid`; the one that writes
+    // (sched_getparam) writes to a local.
     unsafe {
         *libc::__errno_location() = 0;
-        put(i64::from(libc::getpriority(libc::PRIO_PROCESS, 0)));
+        put(i64::from(libc::getpriority(
+            libc::PRIO_PROCESS,
+            tid as libc::id_t,
+        )));
         put(i64::from(*libc::__errno_location()));
-        put(i64::from(libc::sched_getscheduler(0)));
+        put(i64::from(libc::sched_getscheduler(tid)));
         let mut p = libc::sched_param { sched_priority: 0 };
-        put(i64::from(libc::sched_getparam(0, &mut p)));
+        put(i64::from(libc::sched_getparam(tid, &mut p)));
         put(i64::from(p.sched_priority));
-        put(libc::syscall(libc::SYS_ioprio_get, 1, 0));
-        put(i64::from(libc::personality(0xffff_ffff)));
-        put(i64::from(libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0)));
-        put(i64::from(libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0)));
-        put(i64::from(libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0)));
+        put(libc::syscall(libc::SYS_ioprio_get, 1, tid));
     }
     b
 }
