@@ -2,8 +2,8 @@
 //! workers see the program as it is when the pool is built (working directory, stdout),
 //! not as it was at `init()`; where the program changed what a child inherits otherwise
 //! (its umask here), the server is executed as before; no seed is made with other threads
-//! running or with `PROCPOOL_SEED=0`; a seed that is gone is replaced by executed servers;
-//! and the seed ends with its program.
+//! running or with `PROCPOOL_SEED=0`; a server killed is replaced by another from the seed;
+//! a seed that is gone is replaced by executed servers; and the seed ends with its program.
 //!
 //! `harness = false`: `init()` must run first in `main` for there to be a seed. Each case
 //! runs in a child process of its own (this program again, the case named in its
@@ -165,6 +165,34 @@ fn child(case: &str) {
             rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             report(&pool());
         }
+        "server_killed" => {
+            // The pool's server and then its worker killed: the replacement needs a new
+            // server, which the seed forks too.
+            let p = pool();
+            let first = p.apply(view, ()).unwrap().pid;
+            let server = parent_of(first);
+            for pid in [server, first] {
+                let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+                rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+            }
+            let until = Instant::now() + WITHIN;
+            let next = loop {
+                match p.apply(view, ()) {
+                    Ok(v) if v.pid != first => break v.pid,
+                    // The task sent to the dead worker, or to it again before its death was
+                    // seen: fails as lost, and the pool replaces the worker.
+                    _ if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                    other => panic!("no new worker: {other:?}"),
+                }
+            };
+            let again = parent_of(next);
+            let how = if executed(again) {
+                "executed"
+            } else {
+                "forked"
+            };
+            println!("NEW_SERVER {how} {}", again != server);
+        }
         "seed_killed" => {
             let seed = seed_pid().expect("a seed");
             let pid = rustix::process::Pid::from_raw(seed as i32).unwrap();
@@ -262,6 +290,13 @@ fn test() {
     assert!(
         lines(&umask, "VIEW ")[0].ends_with("umask=0077"),
         "a worker has the umask of when its pool was built:\n{umask}"
+    );
+
+    let server_killed = run("server_killed", &[]);
+    assert_eq!(
+        lines(&server_killed, "NEW_SERVER "),
+        ["forked true"],
+        "{server_killed}"
     );
 
     let killed = run("seed_killed", &[]);
