@@ -652,7 +652,7 @@ pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
 }
 
 /// The thread count in `/proc/self/stat` (its 20th field), if it can be read.
-fn num_threads() -> Option<usize> {
+pub(crate) fn num_threads() -> Option<usize> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name, in parentheses, may hold anything: the fields after its last `)`
     // start with the 3rd (the state); the thread count is the 20th.

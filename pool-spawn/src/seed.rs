@@ -82,7 +82,7 @@ pub(crate) fn plant() {
         return;
     }
     // One thread: another could hold a lock the copy would inherit held.
-    if read_status_field("Threads").as_deref() != Some("1") {
+    if crate::launcher::num_threads() != Some(1) {
         return;
     }
     let env = std::env::vars_os().collect();
@@ -226,9 +226,10 @@ const ANSWER_LEN: usize = 8;
 /// The seed's loop: a server forked for each request; never returns.
 fn serve(ctl: OwnedFd) -> ! {
     let me = rustix::process::getpid();
-    // The program's as it was at `init()`, which this copy keeps.
-    let ours = Context::of(me, me).map(|c| c.encode());
     sys::set_process_name(&[":seed"], me);
+    // The program's as it was at `init()`, which this copy keeps: read at the first request
+    // (a program may never build a Forkserver pool).
+    let mut ours: Option<Option<Vec<u8>>> = None;
     let program = rustix::process::getppid();
     let mut buf = [0u8; REQUEST_LEN + 1];
     loop {
@@ -252,7 +253,8 @@ fn serve(ctl: OwnedFd) -> ! {
         // The asking thread's context, read here: a program that gave up some right since
         // `init()` cannot have it back through the seed, whatever it says.
         let theirs = asker.map(|(pid, tid)| Context::of(pid, tid).map(|c| c.encode()));
-        let (answer, part): (i32, u32) = match (theirs, &ours) {
+        let ours = ours.get_or_insert_with(|| Context::of(me, me).map(|c| c.encode()));
+        let (answer, part): (i32, u32) = match (theirs, &*ours) {
             (None, _) => (-libc::EINVAL, 0),
             // A context that cannot be read (`/proc` unreadable, or no such thread of the
             // program): it cannot be told equal.
@@ -473,15 +475,6 @@ fn read_proc<'a>(dir: &OwnedFd, name: &std::ffi::CStr, buf: &'a mut [u8]) -> Opt
             Err(_) => return None,
         }
     }
-}
-
-/// The value of `name` in `/proc/self/status`.
-fn read_status_field(name: &str) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        (k == name).then(|| v.trim().to_owned())
-    })
 }
 
 #[cfg(test)]
