@@ -227,9 +227,9 @@ const ANSWER_LEN: usize = 8;
 fn serve(ctl: OwnedFd) -> ! {
     let me = rustix::process::getpid();
     sys::set_process_name(&[":seed"], me);
-    // The program's as it was at `init()`, which this copy keeps: read at the first request
-    // (a program may never build a Forkserver pool).
-    let mut ours: Option<Option<Vec<u8>>> = None;
+    // The program's as it was at `init()`, which this copy keeps: read now, while the
+    // program goes on (often on the other CPU), rather than when its first pool waits.
+    let ours = Context::of(me, me).map(|c| c.encode());
     let program = rustix::process::getppid();
     let mut buf = [0u8; REQUEST_LEN + 1];
     loop {
@@ -253,8 +253,7 @@ fn serve(ctl: OwnedFd) -> ! {
         // The asking thread's context, read here: a program that gave up some right since
         // `init()` cannot have it back through the seed, whatever it says.
         let theirs = asker.map(|(pid, tid)| Context::of(pid, tid).map(|c| c.encode()));
-        let ours = ours.get_or_insert_with(|| Context::of(me, me).map(|c| c.encode()));
-        let (answer, part): (i32, u32) = match (theirs, &*ours) {
+        let (answer, part): (i32, u32) = match (theirs, &ours) {
             (None, _) => (-libc::EINVAL, 0),
             // A context that cannot be read (`/proc` unreadable, or no such thread of the
             // program): it cannot be told equal.
