@@ -131,6 +131,7 @@ FLOOR_GOALS = [
     ("apply_rtt_two_cpus", "raw-pipe", "apply_rtt_two_cpus", "pipe round trip, 1 byte, on two CPUs", 1.3, "max"),
     ("startup", "raw-exec", "startup", "fork + exec(/bin/true) + wait", 1.5, "max"),
     ("startup", "raw-exec", "startup_self", "fork + exec(procpool -V) + wait (informative)", None, None),
+    ("startup", "raw-exec", "startup_executed", "forkserver pool of 2 to first result, server executed: PROCPOOL_SEED=0 (informative)", None, None),
     ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
     ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
     ("echo_1mib_shared", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", None, None),
@@ -144,6 +145,7 @@ FLOOR_TITLES = {
     ("raw-fork", "fork_rate"): "bare fork + _exit + waitpid, one after another (rate)",
     ("raw-fork", "fork_latency"): "bare fork + _exit + waitpid (median latency)",
     ("raw-exec", "startup"): "fork + exec(/bin/true) + wait (std::process, median)",
+    ("raw-exec", "startup_executed"): "a forkserver pool of 2 to its first result, its server executed rather than forked from the seed (`PROCPOOL_SEED=0`; median of up to 25 runs, each in a process of its own): what the seed saves, not a floor",
     ("raw-exec", "startup_self"): "fork + exec of this procpool binary (`procpool -V`) + wait (std::process, median): one exec of the program itself, not a goal's floor",
     ("raw-ring", "echo_1mib"): "1 MiB payloads through pool-ipc's shared ring to another process",
 }
@@ -777,9 +779,13 @@ def main(argv=None):
     ]
     if build:
         bm += [
-            f"The procpool program measured ({build}) is the one that spawn and forkserver "
-            "execute again for each worker or fork server: `startup` includes its loading "
-            "(see the guide's \"Start methods\" on how the way a program is linked changes it).",
+            f"The procpool program measured ({build}) is the one that spawn executes again "
+            "for each worker: spawn's `startup` includes its loading (see the guide's "
+            "\"Start methods\" on how the way a program is linked changes it). A forkserver "
+            "pool's server is forked from the seed that `init()` made when the measuring "
+            "process started (one fork, before the clock starts; `procpool -V`, measured "
+            "beside `startup`, includes it), and executed only where the program changed "
+            "since (`PROCPOOL_SEED=0` executes it always).",
             "",
         ]
     if floor_line:

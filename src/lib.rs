@@ -75,8 +75,8 @@
 //!
 //! # Start methods
 //!
-//! - [`StartMethod::Forkserver`] (the default): a small server process, started fresh, forks
-//!   each worker. Cheap starts, and safe whatever threads the parent runs.
+//! - [`StartMethod::Forkserver`] (the default): a small server process, a fresh copy of the
+//!   program, forks each worker. Cheap starts, and safe whatever threads the parent runs.
 //! - [`StartMethod::Spawn`]: each worker is a fresh run of the executable.
 //! - [`StartMethod::Fork`]: `build` forks the parent into a *zygote* that stays
 //!   single-threaded and forks every worker, replacements included, but the first two
@@ -94,7 +94,23 @@
 //! In test binaries (whose `main` belongs to the test harness) put
 //! [`enable_test_support!()`](enable_test_support) at the crate root once.
 //!
-//! Most of the time `build` takes with Spawn and Forkserver is that re-run: the program
+//! A Forkserver pool need not re-run the executable for its server: [`init`] makes a *seed*,
+//! a copy of the program forked there and then, while it has one thread and has done
+//! nothing else yet, and each Forkserver pool's server is forked from it. That spares the
+//! server's exec and start-up, most of a Forkserver pool's start (`BENCHMARKS.md`). The
+//! server gets the program's working directory, stdout and stderr as they are when the pool
+//! is built. If the program has changed anything else a child inherits since `init()` (its
+//! environment, user, umask, resource limits, namespaces, seccomp filters and the like,
+//! compared at each build; the seed reads them in `/proc` itself, so a program that gave up a
+//! right cannot get it back through the seed), the pool starts its server fresh instead, as
+//! it does when there is no seed: other threads were running when `init()` came, or
+//! `PROCPOOL_SEED=0` is set.
+//! The seed is one more child process for the whole life of the program (`<program>:seed`
+//! in `ps`), ended with it; a program that waits for all of its children to end should set
+//! `PROCPOOL_SEED=0`.
+//!
+//! Most of the time `build` takes with Spawn, and with Forkserver when its server starts
+//! fresh, is that re-run: the program
 //! loading up to [`init`] (what procpool does after it, until the first result, is about a
 //! third). How the program is linked decides much of that load. Measured on the machine of
 //! `BENCHMARKS.md` (a virtual machine), one run of the `procpool` command (4.8 MB) took
@@ -309,9 +325,10 @@ pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enab
 
 /// Worker entry: call it first in `main`.
 ///
-/// In the parent it returns at once. In a process the pool started as a worker (or as its
-/// fork server) it runs that role and never returns. Anything `main` does before this line
-/// also happens in every spawned worker.
+/// In the parent it makes the seed Forkserver pools fork their servers from (see the crate
+/// docs, "Start methods"), then returns. In a process the pool started as a worker (or as
+/// its fork server) it runs that role and never returns. Anything `main` does before this
+/// line also happens in every spawned worker.
 pub fn init() {
     pool_spawn::init();
 }

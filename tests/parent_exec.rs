@@ -12,7 +12,10 @@
 //! Three processes: the test (a child subreaper, so that workers left behind come back to
 //! it), its child, which builds the pools on its main thread, prints the workers' pids and
 //! executes this program again as a reaper, and that reaper, which waits for its children
-//! (the workers, zygotes and servers it inherited) until none is left.
+//! (the workers, zygotes and servers it inherited, and the child's seed) until none is
+//! left. The test and the reaper wait for all their children, so they run without a seed
+//! of their own (`PROCPOOL_SEED=0`): the test in a child of the process libtest's command
+//! line started.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -45,8 +48,14 @@ fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("pools") => pools_then_exec(),
         Ok("reaper") => reap_all(),
+        Ok("test") => test(),
         _ => no_harness::run(NAME, || {
-            test();
+            let status = Command::new(std::env::current_exe().unwrap())
+                .env(ROLE, "test")
+                .env("PROCPOOL_SEED", "0")
+                .status()
+                .unwrap();
+            assert!(status.success(), "the test: {status}");
             String::new()
         }),
     }
@@ -88,6 +97,7 @@ fn pools_then_exec() -> ! {
     std::thread::sleep(Duration::from_millis(100));
     let e = Command::new(std::env::current_exe().unwrap())
         .env(ROLE, "reaper")
+        .env("PROCPOOL_SEED", "0")
         .exec();
     panic!("cannot execute this program again: {e}");
 }
@@ -108,6 +118,7 @@ fn test() {
     rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(ROLE, "pools")
+        .env_remove("PROCPOOL_SEED")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -728,6 +728,9 @@ const FLOORS: &[(&str, &str, &str)] = &[
     // pays per worker and forkserver once for its server; the rest of their startup is the
     // pool's own work.
     ("raw-exec", "startup_self", "startup"),
+    // A forkserver pool of 2 to its first result with its server executed, as it is when the
+    // program has no seed (`PROCPOOL_SEED=0`): not a floor, but what the seed saves.
+    ("raw-exec", "startup_executed", "startup"),
     // 1 MiB payloads through pool-ipc's shared ring to another process: under echo_1mib
     // (and beside echo_1mib_shared, for comparison).
     ("raw-ring", "echo_1mib", "echo_1mib"),
@@ -802,6 +805,27 @@ fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
                 if i >= 5 {
                     times.push(t.elapsed().as_secs_f64());
                 }
+            }
+            Ok((median(times), "s"))
+        }
+        ("raw-exec", "startup_executed") => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut times = Vec::with_capacity(s.execs);
+            for _ in 0..s.execs.min(25) {
+                let out = std::process::Command::new(&exe)
+                    .args(["bench", "--one", "forkserver:startup"])
+                    // No seed in that process (see procpool's "Start methods").
+                    .env("PROCPOOL_SEED", "0")
+                    .stderr(std::process::Stdio::null())
+                    .output()
+                    .map_err(|e| format!("{}: {e}", exe.display()))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let value = text
+                    .lines()
+                    .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .and_then(|v| v.get("value").and_then(serde_json::Value::as_f64))
+                    .ok_or_else(|| format!("a run with PROCPOOL_SEED=0 said: {text}"))?;
+                times.push(value);
             }
             Ok((median(times), "s"))
         }

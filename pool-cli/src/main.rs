@@ -42,7 +42,7 @@ enum Command {
 /// How the pool starts its workers (see `procpool::StartMethod`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Method {
-    /// A fork server, started fresh, forks each worker.
+    /// A fork server (forked from the seed init() made, or started fresh) forks each worker.
     #[default]
     Forkserver,
     /// Each worker is a fresh run of this program.

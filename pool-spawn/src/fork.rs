@@ -112,6 +112,99 @@ pub(crate) fn fork_own_worker(chan: OwnedFd) -> io::Result<Pid> {
     )
 }
 
+/// Forks the seed (see `crate::seed`): a copy of this process, made by `init()` while it is
+/// single-threaded, prepared as a worker is (its parent may have any signal settings and
+/// any stdin), that serves `ctl` with `serve`. The servers it forks inherit that
+/// preparation. Returns its pid.
+///
+/// # Errors
+///
+/// The `fork` error (`EAGAIN`, `ENOMEM`).
+pub(crate) fn fork_seed(ctl: OwnedFd, serve: fn(OwnedFd) -> !) -> io::Result<Pid> {
+    fork_serving(ctl, rustix::process::getpid(), Prepare::Full, serve)
+}
+
+/// Forks this process into a sibling: the child's parent is this process's parent
+/// (`CLONE_PARENT`), which can wait for it, open its pidfd and signal its group as it does
+/// its own children's. Only for a single-threaded process (the seed): the child runs on as
+/// a `fork` child would, with glibc's record of the thread's id and robust-mutex list made
+/// the child's, as glibc's `fork` does; glibc's fork handlers are not run (with one thread,
+/// no lock of the C library can be held at this moment). Returns `None` in the child, the
+/// child's pid in this process.
+///
+/// # Errors
+///
+/// `ENOSYS` if the kernel cannot tell where glibc keeps the thread's id (it needs
+/// `PR_GET_TID_ADDRESS`) or lacks `clone3`; the `clone3` error (`EAGAIN`, `ENOMEM`).
+pub(crate) fn fork_sibling() -> io::Result<Option<Pid>> {
+    let mut tid_at: *mut libc::c_int = std::ptr::null_mut();
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given, a local.
+    let r = unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut tid_at as *mut _, 0, 0, 0) };
+    if r != 0 || tid_at.is_null() {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    }
+    let mut head: *mut libc::c_void = std::ptr::null_mut();
+    let mut len: libc::size_t = 0;
+    // SAFETY: get_robust_list for this thread (pid 0) writes the list head and its length to
+    // the two locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut *mut libc::c_void,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let args = CloneArgs {
+        flags: (libc::CLONE_PARENT | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64,
+        child_tid: tid_at as u64,
+        // With CLONE_PARENT the kernel wants none: the child ends with the signal this
+        // process ends with (SIGCHLD, as it was forked), sent to the common parent.
+        ..CloneArgs::default()
+    };
+    // SAFETY: a fork (no new stack: the child runs on a copy of this memory) of a
+    // single-threaded process, the caller's duty; the kernel writes the child's thread id to
+    // `tid_at`, which is where glibc reads it (the address `set_tid_address` registered at
+    // start-up, as glibc's own `fork` passes it).
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // The kernel does not carry the robust-mutex list over to a new process.
+            // SAFETY: registers the list head glibc keeps for this thread, copied with the
+            // rest of the memory, as glibc's `fork` does in its child.
+            unsafe { libc::syscall(libc::SYS_set_robust_list, head, len) };
+            Ok(None)
+        }
+        pid => Ok(Some(
+            Pid::from_raw(pid as i32).expect("clone3 returned a positive pid"),
+        )),
+    }
+}
+
+/// `struct clone_args` (the first version, 64 bytes), as `clone3(2)` takes it.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
 /// How much of a worker's setup a forked child does itself.
 #[derive(Clone, Copy)]
 enum Prepare {

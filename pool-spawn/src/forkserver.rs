@@ -652,7 +652,10 @@ impl ServerLink {
         test_entry: &str,
         ahead: usize,
     ) -> Result<StartingServer> {
-        let pending = crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?;
+        let pending = match crate::seed::begin_server(handshake_timeout) {
+            Some(p) => p,
+            None => crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?,
+        };
         let ahead = ask_ahead(pending.sock(), ahead);
         Ok(StartingServer {
             pending: Mutex::new(pending),

@@ -29,8 +29,11 @@ pub enum StartMethod {
     /// Re-execute the current executable; `procpool::init()` turns the new process into a
     /// worker. Slowest, but nothing is inherited.
     Spawn,
-    /// A single-threaded fork server, started once by spawn, forks each worker (the
-    /// default): fork-fast starts with spawn's clean, single-threaded origin.
+    /// A single-threaded fork server, started once, forks each worker (the default):
+    /// fork-fast starts with spawn's clean, single-threaded origin. The server is forked
+    /// from the seed `init()` made (a copy of the program as it started) when the program has
+    /// not changed since in what a child inherits, else started by spawn (see the crate
+    /// docs).
     #[default]
     Forkserver,
 }
@@ -652,7 +655,7 @@ pub(crate) fn thread_count(settle: Duration) -> Option<usize> {
 }
 
 /// The thread count in `/proc/self/stat` (its 20th field), if it can be read.
-fn num_threads() -> Option<usize> {
+pub(crate) fn num_threads() -> Option<usize> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name, in parentheses, may hold anything: the fields after its last `)`
     // start with the 3rd (the state); the thread count is the 20th.

@@ -8,10 +8,10 @@
 //!
 //! # Start methods
 //!
-//! - [`StartMethod::Forkserver`] (the default): [`Launcher::new`] starts one fork server by
-//!   spawn; it is a fresh, single-threaded process, and forks every worker on request. It
-//!   passes back the worker's channel and a pidfd, reaps its workers and reports their exit
-//!   status.
+//! - [`StartMethod::Forkserver`] (the default): [`Launcher::new`] starts one fork server; it
+//!   is a fresh, single-threaded process, and forks every worker on request. It passes back
+//!   the worker's channel and a pidfd, reaps its workers and reports their exit status. The
+//!   server is forked from the program's *seed* (below) when it can be, else spawned.
 //! - [`StartMethod::Spawn`]: re-execute the current executable (`/proc/self/exe`) for each
 //!   worker.
 //! - [`StartMethod::Fork`]: fork the calling process.
@@ -29,6 +29,21 @@
 //! must recognise its role before doing anything else: call [`init`] on the first line of
 //! `main`. In a worker it never returns; in the parent it returns at once. Whatever `main`
 //! does before `init()` also happens in every spawned process.
+//!
+//! In the parent, `init()` also makes the *seed*: a copy of the program forked there and
+//! then, while the program has one thread and has done nothing yet, that waits for the
+//! program's Forkserver pools and forks each one's server (a child of the program, given the
+//! program's present working directory, stdout and stderr). A fork of the seed spares the
+//! server's exec and start-up, most of a Forkserver pool's start. Before each, the program
+//! and the seed are compared in everything else a child inherits: the environment, user
+//! and groups, capabilities, seccomp filters and `no_new_privs`, umask, namespaces, cgroup,
+//! root directory, resource limits, scheduling, CPU and memory placement, security label
+//! (the seed reads the program's in `/proc`). Where the program changed any since `init()`,
+//! the server is spawned, as it is when there is no seed: `init()` found other threads
+//! running, `/proc` is unreadable, or the environment says `PROCPOOL_SEED=0`. The seed is
+//! one more child process for the whole life of the program (named `<program>:seed`; it
+//! ends with the program): a program that waits for all its children to end should set
+//! `PROCPOOL_SEED=0`.
 //!
 //! The re-executed child finds `__PROCPOOL_ROLE=<role>:<parent pid>:<fd>` in its
 //! environment, and acts on it only if its parent pid matches (a grandchild inheriting the
@@ -54,8 +69,9 @@
 //! (in the allocator, in `stdout`, in a logger), it stays locked forever in the child. The
 //! rule here:
 //!
-//! - The fork server is started by spawn, so it is single-threaded whatever the parent is;
-//!   forkserver workers are always forked from a single-threaded process. (In a test binary
+//! - The fork server is spawned, or forked from the seed, which `init()` forks only while
+//!   the program has one thread: it is single-threaded whatever the parent is; forkserver
+//!   workers are always forked from a single-threaded process. (In a test binary
 //!   the server runs on libtest's test thread while libtest's main thread waits, parked,
 //!   for that test to end.)
 //! - [`Launcher::new`] with [`StartMethod::Fork`] counts the threads in `/proc/self/task`
@@ -137,6 +153,7 @@ mod plain;
 pub mod protocol;
 mod role;
 mod runner;
+mod seed;
 mod spawn;
 mod status;
 mod sys;
@@ -185,7 +202,7 @@ static ROLE_ENTERED: AtomicBool = AtomicBool::new(false);
 ///
 /// If this process was started by pool-spawn as a worker or a fork server, it runs that
 /// role and exits the process: it never returns. Otherwise it records that `main` calls
-/// it and returns at once.
+/// it, makes the seed (see the crate docs, "`init()` and test binaries") and returns.
 ///
 /// # Examples
 ///
@@ -195,11 +212,19 @@ static ROLE_ENTERED: AtomicBool = AtomicBool::new(false);
 /// // … build pools, do the work …
 /// ```
 pub fn init() {
-    if rustix::thread::gettid() == rustix::process::getpid() {
+    let main_thread = rustix::thread::gettid() == rustix::process::getpid();
+    if main_thread {
         INIT_CALLED.store(true, Ordering::Relaxed);
     }
     enter_role();
+    // The parent (a process in a role never gets here).
+    if main_thread && !SEED_PLANTED.swap(true, Ordering::Relaxed) {
+        seed::plant();
+    }
 }
+
+/// Whether `init()` has made (or tried to make) the seed; once per process.
+static SEED_PLANTED: AtomicBool = AtomicBool::new(false);
 
 /// The body of the test [`enable_test_support!`] defines: like [`init`], but it does not
 /// mark the process as one whose `main` calls `init()`.

@@ -134,6 +134,26 @@ pub(crate) fn begin(role: Role, handshake_timeout: Duration, test_entry: &str) -
 }
 
 impl Pending {
+    /// A child started some other way than spawn (the seed forked it), whose hello is
+    /// awaited on `sock`.
+    pub(crate) fn adopted(
+        sock: OwnedFd,
+        child: ChildProc,
+        role: Role,
+        handshake_timeout: Duration,
+    ) -> Pending {
+        Pending {
+            child: Some(Ok(child)),
+            spawned: None,
+            sock,
+            role,
+            timeout: handshake_timeout,
+            deadline: crate::child::deadline_after(handshake_timeout),
+            buf: [0; HELLO_LEN],
+            got: 0,
+        }
+    }
+
     /// Takes the spawner's answer if it has come (`block`: waits for it; it has come, or is
     /// about to, once the hello or an end of file arrived).
     fn receive(&mut self, block: bool) {

@@ -405,3 +405,27 @@ pub(crate) fn identity() -> Option<&'static Identity> {
     // so it is valid for `'static`; it is only ever read through shared references.
     unsafe { p.as_ref() }
 }
+
+/// Thread `tid`'s scheduling, which a child it makes inherits, as bytes to compare: nice
+/// value, policy and priority, I/O priority. A call that fails counts as its error.
+pub(crate) fn scheduling(tid: rustix::process::Pid) -> Vec<u8> {
+    let tid = tid.as_raw_nonzero().get();
+    let mut b = Vec::with_capacity(48);
+    let mut put = |v: i64| b.extend_from_slice(&v.to_le_bytes());
+    // SAFETY: each call below only reads a setting of thread `tid`; the one that writes
+    // (sched_getparam) writes to a local.
+    unsafe {
+        *libc::__errno_location() = 0;
+        put(i64::from(libc::getpriority(
+            libc::PRIO_PROCESS,
+            tid as libc::id_t,
+        )));
+        put(i64::from(*libc::__errno_location()));
+        put(i64::from(libc::sched_getscheduler(tid)));
+        let mut p = libc::sched_param { sched_priority: 0 };
+        put(i64::from(libc::sched_getparam(tid, &mut p)));
+        put(i64::from(p.sched_priority));
+        put(libc::syscall(libc::SYS_ioprio_get, 1, tid));
+    }
+    b
+}

@@ -1,0 +1,497 @@
+//! The seed: a copy of the program made by [`init`](crate::init), from which each
+//! Forkserver pool's server is forked instead of executed afresh.
+//!
+//! A fork server must be a fresh, single-threaded process that has run nothing of the
+//! program's but what precedes `init()`. Executing the program again gives one, at the price
+//! of an exec and of the C library's and Rust's start-up in it (on a virtual machine, most of
+//! that price is the C library asking the processor for its features, an instruction the
+//! hypervisor traps). But the program itself is such a process at the moment `init()` runs
+//! on the first line of `main`, while it has one thread. So `init()` forks it there, once:
+//! the seed. The seed waits; each Forkserver pool asks it for a server, and it forks one
+//! (a fork of a process that has done nothing yet), made a child of the program
+//! (`CLONE_PARENT`), so the pool waits for, signals and reaps it as it does a server it
+//! executed.
+//!
+//! What an executed server takes from the program when the pool is built, a forked one must
+//! take too, although the seed was made earlier:
+//!
+//! - passed with each request and taken by the new server before it serves: the working
+//!   directory, stdout and stderr, as they are now;
+//! - compared: the environment (by the program), and whatever else the program may have
+//!   changed since `init()` and a child inherits (a [`Context`]: its user and groups,
+//!   capabilities, seccomp filters, `no_new_privs`, umask, namespaces, cgroup, root
+//!   directory, resource limits, OOM score, nice value and scheduling policy, I/O priority,
+//!   CPU and memory placement, speculation controls, security label). The seed reads the
+//!   asking thread's in `/proc` itself, and compares it with its own: a program that gave up
+//!   a right after `init()` (a user, a capability, a filter) cannot ask the seed, which kept
+//!   it, for a server that has it. If any differs, the pool executes its server as before.
+//!   Not compared, as `/proc` shows them to another process only with the right to trace it:
+//!   the personality, the secure bits and the timer slack.
+//!
+//! No seed is made when `init()` finds other threads already running, when `/proc` cannot be
+//! read, or when `PROCPOOL_SEED=0` is set; a seed that is gone or fails is reaped and not
+//! asked again. Pools then execute their servers.
+//!
+//! The seed lives as long as the program: it ends at end of file on its socket (the program
+//! ended or executed another program) and by its parent-death signal.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use rustix::process::Pid;
+
+use crate::child::ChildProc;
+use crate::role::Role;
+use crate::sys;
+
+/// Set to `0` to make no seed: every Forkserver pool then executes its server.
+pub(crate) const SEED_ENV: &str = "PROCPOOL_SEED";
+
+/// A request: a tag, then the id of the program's thread that asks (whose context the seed
+/// compares with its own).
+const REQUEST_LEN: usize = 5;
+
+/// How long a pool waits for the seed's answer before giving it up.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Descriptors passed with a request: the new server's end of its control socket, the
+/// working directory, stdout, stderr.
+const REQUEST_FDS: usize = 4;
+
+/// The first byte of a request.
+const REQUEST_TAG: u8 = 1;
+
+struct Seed {
+    /// The process that made it (a fork of the program does not use its parent's seed).
+    owner: Pid,
+    sock: OwnedFd,
+    child: ChildProc,
+    /// The environment when the seed was made.
+    env: Vec<(OsString, OsString)>,
+}
+
+static SEED: Mutex<Option<Seed>> = Mutex::new(None);
+
+/// Makes the seed, if this process can have one (called by `init()` in a process that
+/// entered no role, on its main thread). Failures only mean no seed.
+pub(crate) fn plant() {
+    if std::env::var_os(SEED_ENV).is_some_and(|v| v == "0") {
+        return;
+    }
+    // One thread: another could hold a lock the copy would inherit held.
+    if crate::launcher::num_threads() != Some(1) {
+        return;
+    }
+    let env = std::env::vars_os().collect();
+    let Ok((ours, theirs)) = crate::forkserver::control_socketpair() else {
+        return;
+    };
+    // Read once here, rather than in each server and worker (each puts it in its name).
+    sys::program_name();
+    match crate::fork::fork_seed(theirs, serve) {
+        Ok(pid) => {
+            let seed = Seed {
+                owner: rustix::process::getpid(),
+                sock: ours,
+                child: ChildProc::adopt(pid),
+                env,
+            };
+            *SEED.lock().unwrap_or_else(PoisonError::into_inner) = Some(seed);
+        }
+        Err(e) => tracing::debug!(error = %e, "no seed: the fork failed"),
+    }
+}
+
+/// A fork server forked by the seed, begun (its hello not read yet), or `None` when there is
+/// no seed, this process has changed since it was made in a way a server would inherit, or
+/// the seed failed: the caller then executes a server.
+pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
+    let mut g = SEED.lock().unwrap_or_else(PoisonError::into_inner);
+    let seed = g.as_mut()?;
+    if seed.owner != rustix::process::getpid() {
+        return None;
+    }
+    // A server forked from the seed has the environment of `init()`'s time.
+    if !std::env::vars_os().eq(seed.env.iter().cloned()) {
+        tracing::debug!("the fork server is executed: the environment changed since init()");
+        return None;
+    }
+    // The seed reads this thread's context in /proc itself (it need not trust what it is
+    // told) and compares it with its own, the program's when it was made.
+    let mut request = [0u8; REQUEST_LEN];
+    request[0] = REQUEST_TAG;
+    request[1..].copy_from_slice(
+        &rustix::thread::gettid()
+            .as_raw_nonzero()
+            .get()
+            .to_le_bytes(),
+    );
+    let (ours, theirs) = crate::forkserver::control_socketpair().ok()?;
+    let cwd = rustix::fs::open(
+        c".",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    // Closed stdout or stderr: the executed server would have none either; leave it to that.
+    let out = open_fd(rustix::stdio::stdout())?;
+    let err = open_fd(rustix::stdio::stderr())?;
+    let fds = [theirs.as_fd(), cwd.as_fd(), out, err];
+    let answer = pool_ipc::fdpass::send_fds(seed.sock.as_fd(), &request, &fds)
+        .ok()
+        .and_then(|()| read_answer(seed.sock.as_fd(), timeout.min(ANSWER_WITHIN)));
+    drop((theirs, cwd));
+    match answer {
+        Some(Ok(pid)) => {
+            tracing::debug!(
+                pid = pid.as_raw_nonzero().get(),
+                "fork server forked by the seed"
+            );
+            Some(crate::spawn::Pending::adopted(
+                ours,
+                ChildProc::adopt(pid),
+                Role::Forkserver,
+                timeout,
+            ))
+        }
+        Some(Err(Refused::Changed(part))) => {
+            tracing::debug!(
+                differs = part,
+                "the fork server is executed: this process changed since init()"
+            );
+            None
+        }
+        Some(Err(Refused::Errno(errno))) => {
+            tracing::debug!(errno, "the seed could not fork a server");
+            None
+        }
+        None => {
+            // Gone, stopped or confused: given up for good, reaped.
+            let mut seed = g.take().expect("checked above");
+            tracing::debug!(
+                pid = seed.child.pid().as_raw_nonzero().get(),
+                "the seed does not answer; fork servers are executed from now on"
+            );
+            let _ = seed.child.kill_and_reap(Duration::from_secs(2));
+            None
+        }
+    }
+}
+
+/// `fd` if it is open.
+fn open_fd(fd: BorrowedFd<'static>) -> Option<BorrowedFd<'static>> {
+    rustix::io::fcntl_getfd(fd).ok().map(|_| fd)
+}
+
+/// Why the seed forked no server.
+enum Refused {
+    /// The program's context differs from the seed's in this part.
+    Changed(&'static str),
+    /// The fork failed with this errno.
+    Errno(i32),
+}
+
+/// The seed's answer: the new server's pid, or why there is none; `None` if the seed ended,
+/// failed or did not answer within `within`.
+fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Refused>> {
+    if !crate::child::poll_readable(sock, Some(within)).ok()? {
+        return None;
+    }
+    let mut b = [0u8; ANSWER_LEN];
+    match rustix::net::recv(sock, &mut b, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((ANSWER_LEN, _)) => {
+            let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let part = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+            if v > 0 {
+                Pid::from_raw(v).map(Ok)
+            } else if v == -libc::ESTALE {
+                Some(Err(Refused::Changed(
+                    PART_NAMES.get(part).copied().unwrap_or("?"),
+                )))
+            } else {
+                Some(Err(Refused::Errno(-v)))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The seed's answer: the pid of the server it forked, or a negative errno (`-ESTALE`: the
+/// program's context differs, in the part whose index follows).
+const ANSWER_LEN: usize = 8;
+
+/// The seed's loop: a server forked for each request; never returns.
+fn serve(ctl: OwnedFd) -> ! {
+    let me = rustix::process::getpid();
+    sys::set_process_name(&[":seed"], me);
+    // The program's as it was at `init()`, which this copy keeps: read now, while the
+    // program goes on (often on the other CPU), rather than when its first pool waits.
+    let ours = Context::of(me, me).map(|c| c.encode());
+    let program = rustix::process::getppid();
+    let mut buf = [0u8; REQUEST_LEN + 1];
+    loop {
+        let (n, fds) = match pool_ipc::fdpass::recv_fds(ctl.as_fd(), &mut buf, REQUEST_FDS) {
+            // The program ended, or executed another: the seed is of no more use.
+            Ok((0, _)) => sys::exit_now(0),
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => sys::exit_now(0),
+        };
+        if rustix::process::getppid() != program {
+            sys::exit_now(0);
+        }
+        let asker = match (&buf[..n], fds.len(), program) {
+            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => {
+                Pid::from_raw(i32::from_le_bytes(tid.try_into().expect("4 bytes")))
+                    .map(|tid| (program, tid))
+            }
+            _ => None,
+        };
+        // The asking thread's context, read here: a program that gave up some right since
+        // `init()` cannot have it back through the seed, whatever it says.
+        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid).map(|c| c.encode()));
+        let (answer, part): (i32, u32) = match (theirs, &ours) {
+            (None, _) => (-libc::EINVAL, 0),
+            // A context that cannot be read (`/proc` unreadable, or no such thread of the
+            // program): it cannot be told equal.
+            (Some(None), _) | (_, None) => (-libc::ESTALE, 0),
+            (Some(Some(theirs)), Some(ours)) if theirs != *ours => {
+                (-libc::ESTALE, Context::first_difference(&theirs, ours))
+            }
+            (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
+                Ok(None) => become_server(fds, program),
+                Ok(Some(pid)) => (pid.as_raw_nonzero().get(), 0),
+                Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
+            },
+        };
+        let mut b = [0u8; ANSWER_LEN];
+        b[..4].copy_from_slice(&answer.to_le_bytes());
+        b[4..].copy_from_slice(&part.to_le_bytes());
+        if rustix::net::send(&ctl, &b, rustix::net::SendFlags::NOSIGNAL).is_err() {
+            sys::exit_now(0);
+        }
+    }
+}
+
+/// The seed's child for one request: takes the program's present working directory, stdout
+/// and stderr, then serves as a fork server; never returns.
+fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
+    let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
+        Ok(a) => a,
+        Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
+    };
+    // As a worker: a group of its own, killed with the program (which it must still have
+    // as its parent, or nobody will send that signal).
+    let ready = rustix::process::setpgid(None, None).is_ok()
+        && rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .is_ok()
+        && rustix::process::getppid() == program
+        && rustix::stdio::dup2_stdout(&out).is_ok()
+        && rustix::stdio::dup2_stderr(&err).is_ok()
+        && rustix::process::fchdir(&cwd).is_ok();
+    if !ready {
+        sys::exit_now(0);
+    }
+    drop((cwd, out, err));
+    sys::close_fds_except(ctl.as_raw_fd());
+    if crate::role::send_hello(&ctl, Role::Forkserver).is_err() {
+        sys::exit_now(0);
+    }
+    // With a worker's signal settings and stdin, which the seed took when it was made.
+    crate::forkserver::serve_prepared(ctl)
+}
+
+/// What a child inherits from this process (the calling thread) beyond what a request
+/// passes: compared between the program when a pool is built and the seed (the program
+/// when `init()` made it).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Context {
+    parts: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// The names of a [`Context`]'s parts, in order.
+const PART_NAMES: &[&str] = &[
+    "status",
+    "cgroup",
+    "oom_score_adj",
+    "security label",
+    "namespaces",
+    "resource limits",
+    "root directory",
+    "scheduling",
+];
+
+/// The lines of a thread's `status` in `/proc` that a child inherits.
+const STATUS_FIELDS: &[&str] = &[
+    "Umask",
+    "Uid",
+    "Gid",
+    "Groups",
+    "NoNewPrivs",
+    "Seccomp",
+    "Seccomp_filters",
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    "Cpus_allowed_list",
+    "Mems_allowed_list",
+    "Speculation_Store_Bypass",
+    "SpeculationIndirectBranch",
+    "THP_enabled",
+];
+
+/// The namespaces a child is made in (links in the thread's `ns` directory).
+const NAMESPACES: &[&str] = &[
+    "ns/cgroup",
+    "ns/ipc",
+    "ns/mnt",
+    "ns/net",
+    "ns/pid_for_children",
+    "ns/time_for_children",
+    "ns/user",
+    "ns/uts",
+];
+
+impl Context {
+    /// Thread `tid` of process `pid`'s, as `/proc` shows it, or `None` if it cannot be read
+    /// (or `tid` is not a thread of `pid`). (About 20 system calls: it is read each time a
+    /// Forkserver pool is built.)
+    pub(crate) fn of(pid: Pid, tid: Pid) -> Option<Context> {
+        let dir = format!(
+            "/proc/{}/task/{}",
+            pid.as_raw_nonzero(),
+            tid.as_raw_nonzero()
+        );
+        let dir = rustix::fs::open(
+            dir.as_str(),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let mut parts = Vec::with_capacity(PART_NAMES.len());
+        let mut buf = [0u8; 8192];
+        let status = read_proc(&dir, c"status", &mut buf)?;
+        let mut kept = Vec::with_capacity(512);
+        for line in status.split(|&c| c == b'\n') {
+            let name = line.split(|&c| c == b':').next().unwrap_or_default();
+            if STATUS_FIELDS.iter().any(|f| f.as_bytes() == name) {
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+        }
+        parts.push(("status", kept));
+        parts.push(("cgroup", read_proc(&dir, c"cgroup", &mut buf)?.to_vec()));
+        parts.push((
+            "oom_score_adj",
+            read_proc(&dir, c"oom_score_adj", &mut buf)?.to_vec(),
+        ));
+        // No security module, or one that shows no label: the same either way.
+        parts.push((
+            "security label",
+            read_proc(&dir, c"attr/current", &mut buf)
+                .unwrap_or_default()
+                .to_vec(),
+        ));
+        let mut ns = Vec::with_capacity(NAMESPACES.len() * 24);
+        for n in NAMESPACES {
+            // A kernel without this kind of namespace: the same either way.
+            if let Ok(link) = rustix::fs::readlinkat(&dir, *n, Vec::new()) {
+                ns.extend_from_slice(link.as_bytes());
+            }
+            ns.push(0);
+        }
+        parts.push(("namespaces", ns));
+        parts.push((
+            "resource limits",
+            read_proc(&dir, c"limits", &mut buf)?.to_vec(),
+        ));
+        let root = rustix::fs::statat(&dir, c"root/", rustix::fs::AtFlags::empty()).ok()?;
+        let mut r = root.st_dev.to_le_bytes().to_vec();
+        r.extend_from_slice(&root.st_ino.to_le_bytes());
+        parts.push(("root directory", r));
+        parts.push(("scheduling", sys::scheduling(tid)));
+        debug_assert!(parts.iter().map(|p| p.0).eq(PART_NAMES.iter().copied()));
+        Some(Context { parts })
+    }
+
+    /// As bytes: each part's length, then the part.
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(1024);
+        for (_, p) in &self.parts {
+            b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            b.extend_from_slice(p);
+        }
+        b
+    }
+
+    /// The index of the first part in which two encoded contexts differ (0 if none can be
+    /// told apart).
+    fn first_difference(a: &[u8], b: &[u8]) -> u32 {
+        fn split(mut b: &[u8]) -> Vec<&[u8]> {
+            let mut parts = Vec::new();
+            while b.len() >= 4 {
+                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                let Some(p) = b.get(4..4 + len) else { break };
+                parts.push(p);
+                b = &b[4 + len..];
+            }
+            parts
+        }
+        let (a, b) = (split(a), split(b));
+        (0..a.len().max(b.len()))
+            .find(|&i| a.get(i) != b.get(i))
+            .unwrap_or(0) as u32
+    }
+}
+
+/// The contents of the small `/proc` file `name` in `dir`, read into `buf` (without
+/// allocating).
+fn read_proc<'a>(dir: &OwnedFd, name: &std::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    let mut n = 0;
+    loop {
+        match rustix::io::read(&fd, &mut buf[n..]) {
+            Ok(0) => return Some(&buf[..n]),
+            Ok(k) => {
+                n += k;
+                if n == buf.len() {
+                    // Longer than any of these files should be: not compared.
+                    return None;
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_context_is_stable_and_names_what_differs() {
+        let me = rustix::process::getpid();
+        let tid = rustix::thread::gettid();
+        let a = Context::of(me, tid).expect("/proc is readable here");
+        assert_eq!(a, Context::of(me, tid).unwrap());
+        assert_eq!(a.parts.len(), PART_NAMES.len());
+        // Not a thread of this process.
+        assert!(Context::of(me, rustix::process::Pid::from_raw(1).unwrap()).is_none());
+        let mut c = Context::of(me, tid).unwrap();
+        c.parts[4].1.push(b'!');
+        let i = Context::first_difference(&a.encode(), &c.encode());
+        assert_eq!(PART_NAMES[i as usize], "namespaces");
+    }
+}
