@@ -165,10 +165,10 @@ pub(crate) fn fork_sibling() -> io::Result<Option<Pid>> {
         // process ends with (SIGCHLD, as it was forked), sent to the common parent.
         ..CloneArgs::default()
     };
+    // The kernel writes the child's thread id to `tid_at`, which is where glibc reads it
+    // (the address `set_tid_address` registered at start-up, as glibc's own `fork` passes).
     // SAFETY: a fork (no new stack: the child runs on a copy of this memory) of a
-    // single-threaded process, the caller's duty; the kernel writes the child's thread id to
-    // `tid_at`, which is where glibc reads it (the address `set_tid_address` registered at
-    // start-up, as glibc's own `fork` passes it).
+    // single-threaded process, the caller's duty; `args` outlives the call.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone3,
