@@ -241,6 +241,13 @@ fn fork_serving(
     }
 }
 
+/// The rest of a child of a fork server's kind (its signal settings and stdin a worker's
+/// already) forked without [`fork_serving`] (the seed's `fork_sibling`): prepares as
+/// [`Prepare::Inherited`] says, then serves `fd`; never returns.
+pub(crate) fn serve_inherited(fd: OwnedFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
+    child(fd, parent, Prepare::Inherited, serve)
+}
+
 /// The forked child: prepare, then serve; never returns.
 fn child(fd: OwnedFd, parent: Pid, prepare: Prepare, serve: fn(OwnedFd) -> !) -> ! {
     if prepare_worker(fd.as_raw_fd(), parent, prepare).is_err() {

@@ -37,7 +37,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -229,7 +229,7 @@ fn serve(ctl: OwnedFd) -> ! {
     sys::set_process_name(&[":seed"], me);
     // The program's as it was at `init()`, which this copy keeps: read now, while the
     // program goes on (often on the other CPU), rather than when its first pool waits.
-    let ours = Context::of(me, me).map(|c| c.encode());
+    let ours = Context::of(me, me);
     let program = rustix::process::getppid();
     let mut buf = [0u8; REQUEST_LEN + 1];
     loop {
@@ -252,14 +252,14 @@ fn serve(ctl: OwnedFd) -> ! {
         };
         // The asking thread's context, read here: a program that gave up some right since
         // `init()` cannot have it back through the seed, whatever it says.
-        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid).map(|c| c.encode()));
+        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid));
         let (answer, part): (i32, u32) = match (theirs, &ours) {
             (None, _) => (-libc::EINVAL, 0),
             // A context that cannot be read (`/proc` unreadable, or no such thread of the
             // program): it cannot be told equal.
             (Some(None), _) | (_, None) => (-libc::ESTALE, 0),
-            (Some(Some(theirs)), Some(ours)) if theirs != *ours => {
-                (-libc::ESTALE, Context::first_difference(&theirs, ours))
+            (Some(Some(theirs)), Some(ours)) if let Some(part) = theirs.first_difference(ours) => {
+                (-libc::ESTALE, part as u32)
             }
             (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
                 Ok(None) => become_server(fds, program),
@@ -277,30 +277,29 @@ fn serve(ctl: OwnedFd) -> ! {
 }
 
 /// The seed's child for one request: takes the program's present working directory, stdout
-/// and stderr, then serves as a fork server; never returns.
+/// and stderr, then serves as a fork server, prepared as a fork server's worker is (its own
+/// group, the parent-death signal, no other descriptor; a worker's signal settings and
+/// stdin the seed took when it was made); never returns.
 fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
     let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     };
-    // As a worker: a group of its own, killed with the program (which it must still have
-    // as its parent, or nobody will send that signal).
-    let ready = rustix::process::setpgid(None, None).is_ok()
-        && rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-            .is_ok()
-        && rustix::process::getppid() == program
-        && rustix::stdio::dup2_stdout(&out).is_ok()
+    let taken = rustix::stdio::dup2_stdout(&out).is_ok()
         && rustix::stdio::dup2_stderr(&err).is_ok()
         && rustix::process::fchdir(&cwd).is_ok();
-    if !ready {
-        sys::exit_now(0);
-    }
+    let Some(program) = program.filter(|_| taken) else {
+        sys::exit_now(0)
+    };
     drop((cwd, out, err));
-    sys::close_fds_except(ctl.as_raw_fd());
+    crate::fork::serve_inherited(ctl, program, serve_forked)
+}
+
+/// A fork server forked by the seed, prepared: says hello, then serves.
+fn serve_forked(ctl: OwnedFd) -> ! {
     if crate::role::send_hello(&ctl, Role::Forkserver).is_err() {
         sys::exit_now(0);
     }
-    // With a worker's signal settings and stdin, which the seed took when it was made.
     crate::forkserver::serve_prepared(ctl)
 }
 
@@ -309,7 +308,8 @@ fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
 /// when `init()` made it).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Context {
-    parts: Vec<(&'static str, Vec<u8>)>,
+    /// One per [`PART_NAMES`], in order.
+    parts: Vec<Vec<u8>>,
 }
 
 /// The names of a [`Context`]'s parts, in order.
@@ -384,19 +384,15 @@ impl Context {
                 kept.push(b'\n');
             }
         }
-        parts.push(("status", kept));
-        parts.push(("cgroup", read_proc(&dir, c"cgroup", &mut buf)?.to_vec()));
-        parts.push((
-            "oom_score_adj",
-            read_proc(&dir, c"oom_score_adj", &mut buf)?.to_vec(),
-        ));
+        parts.push(kept);
+        parts.push(read_proc(&dir, c"cgroup", &mut buf)?.to_vec());
+        parts.push(read_proc(&dir, c"oom_score_adj", &mut buf)?.to_vec());
         // No security module, or one that shows no label: the same either way.
-        parts.push((
-            "security label",
+        parts.push(
             read_proc(&dir, c"attr/current", &mut buf)
                 .unwrap_or_default()
                 .to_vec(),
-        ));
+        );
         let mut ns = Vec::with_capacity(NAMESPACES.len() * 24);
         for n in NAMESPACES {
             // A kernel without this kind of namespace: the same either way.
@@ -405,47 +401,23 @@ impl Context {
             }
             ns.push(0);
         }
-        parts.push(("namespaces", ns));
-        parts.push((
-            "resource limits",
-            read_proc(&dir, c"limits", &mut buf)?.to_vec(),
-        ));
+        parts.push(ns);
+        parts.push(read_proc(&dir, c"limits", &mut buf)?.to_vec());
         let root = rustix::fs::statat(&dir, c"root/", rustix::fs::AtFlags::empty()).ok()?;
         let mut r = root.st_dev.to_le_bytes().to_vec();
         r.extend_from_slice(&root.st_ino.to_le_bytes());
-        parts.push(("root directory", r));
-        parts.push(("scheduling", sys::scheduling(tid)));
-        debug_assert!(parts.iter().map(|p| p.0).eq(PART_NAMES.iter().copied()));
+        parts.push(r);
+        parts.push(sys::scheduling(tid));
+        debug_assert_eq!(parts.len(), PART_NAMES.len());
         Some(Context { parts })
     }
 
-    /// As bytes: each part's length, then the part.
-    fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(1024);
-        for (_, p) in &self.parts {
-            b.extend_from_slice(&(p.len() as u32).to_le_bytes());
-            b.extend_from_slice(p);
-        }
-        b
-    }
-
-    /// The index of the first part in which two encoded contexts differ (0 if none can be
-    /// told apart).
-    fn first_difference(a: &[u8], b: &[u8]) -> u32 {
-        fn split(mut b: &[u8]) -> Vec<&[u8]> {
-            let mut parts = Vec::new();
-            while b.len() >= 4 {
-                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                let Some(p) = b.get(4..4 + len) else { break };
-                parts.push(p);
-                b = &b[4 + len..];
-            }
-            parts
-        }
-        let (a, b) = (split(a), split(b));
-        (0..a.len().max(b.len()))
-            .find(|&i| a.get(i) != b.get(i))
-            .unwrap_or(0) as u32
+    /// The index of the first part in which `self` differs from `other`, if any.
+    fn first_difference(&self, other: &Context) -> Option<usize> {
+        self.parts
+            .iter()
+            .zip(&other.parts)
+            .position(|(a, b)| a != b)
     }
 }
 
@@ -490,8 +462,8 @@ mod tests {
         // Not a thread of this process.
         assert!(Context::of(me, rustix::process::Pid::from_raw(1).unwrap()).is_none());
         let mut c = Context::of(me, tid).unwrap();
-        c.parts[4].1.push(b'!');
-        let i = Context::first_difference(&a.encode(), &c.encode());
-        assert_eq!(PART_NAMES[i as usize], "namespaces");
+        c.parts[4].push(b'!');
+        let i = c.first_difference(&a).expect("a part differs");
+        assert_eq!(PART_NAMES[i], "namespaces");
     }
 }
