@@ -193,6 +193,27 @@ fn child(case: &str) {
             };
             println!("NEW_SERVER {how} {}", again != server);
         }
+        "concurrent" => {
+            // Pools built at once on several threads: each reads its own answer from the
+            // seed, and has a server of its own.
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let barrier = std::sync::Arc::clone(&barrier);
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let p = pool();
+                        let server = parent_of(p.apply(view, ()).unwrap().pid);
+                        assert_eq!(parent_of(server), std::process::id());
+                        (executed(server), server, p)
+                    })
+                })
+                .collect();
+            let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let forked = got.iter().filter(|(executed, _, _)| !executed).count();
+            let servers: std::collections::HashSet<u32> = got.iter().map(|g| g.1).collect();
+            println!("CONCURRENT forked={forked} servers={}", servers.len());
+        }
         "seed_killed" => {
             let seed = seed_pid().expect("a seed");
             let pid = rustix::process::Pid::from_raw(seed as i32).unwrap();
@@ -297,6 +318,13 @@ fn test() {
         lines(&server_killed, "NEW_SERVER "),
         ["forked true"],
         "{server_killed}"
+    );
+
+    let concurrent = run("concurrent", &[]);
+    assert_eq!(
+        lines(&concurrent, "CONCURRENT "),
+        ["forked=4 servers=4"],
+        "{concurrent}"
     );
 
     let killed = run("seed_killed", &[]);
