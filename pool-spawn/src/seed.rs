@@ -10,10 +10,7 @@
 //! the seed. The seed waits; each Forkserver pool asks it for a server, and it forks one
 //! (a fork of a process that has done nothing yet), made a child of the program
 //! (`CLONE_PARENT`), so the pool waits for, signals and reaps it as it does a server it
-//! executed. The pool does not wait for the answer when it asks: it readies itself (its
-//! driver thread, its state) and writes its first fork requests to the server's control
-//! socket while the seed reads the program's context and forks, and reads the answer, on a
-//! socket of its own passed with the request, when it needs the server.
+//! executed.
 //!
 //! What an executed server takes from the program when the pool is built, a forked one must
 //! take too, although the seed was made earlier:
@@ -61,8 +58,8 @@ const REQUEST_LEN: usize = 5;
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// Descriptors passed with a request: the new server's end of its control socket, the
-/// working directory, stdout, stderr, and the seed's end of the socket it answers on.
-const REQUEST_FDS: usize = 5;
+/// working directory, stdout, stderr.
+const REQUEST_FDS: usize = 4;
 
 /// The first byte of a request.
 const REQUEST_TAG: u8 = 1;
@@ -108,28 +105,12 @@ pub(crate) fn plant() {
     }
 }
 
-/// A request sent to the seed whose answer has not been read yet ([`SeedStart::finish`]):
-/// the pool readies itself meanwhile, while the seed reads the program's context and forks
-/// the server, and may already write its first requests to the server's control socket.
-#[derive(Debug)]
-pub(crate) struct SeedStart {
-    /// Our end of the new server's control socket (taken by `finish`).
-    ctl: Option<OwnedFd>,
-    /// Our end of the socket the seed answers this request on (one per request: pools built
-    /// at once on several threads each read their own answer).
-    answer: OwnedFd,
-    /// The seed's pid, to know it again if it must be given up.
-    seed: Pid,
-    timeout: Duration,
-}
-
-/// Sends the seed a request for a fork server, without waiting for its answer; `None` when
-/// there is no seed, the environment changed since `init()` (a forked server would have the
-/// old one), or the request cannot be sent: the caller then executes a server.
-pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
+/// A fork server forked by the seed, begun (its hello not read yet), or `None` when there is
+/// no seed, this process has changed since it was made in a way a server would inherit, or
+/// the seed failed: the caller then executes a server.
+pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
     let mut g = SEED.lock().unwrap_or_else(PoisonError::into_inner);
-    let seed = g.as_ref()?;
-    let seed_pid = seed.child.pid();
+    let seed = g.as_mut()?;
     if seed.owner != rustix::process::getpid() {
         return None;
     }
@@ -149,7 +130,6 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
             .to_le_bytes(),
     );
     let (ours, theirs) = crate::forkserver::control_socketpair().ok()?;
-    let (answer, answer_theirs) = crate::forkserver::control_socketpair().ok()?;
     let cwd = rustix::fs::open(
         c".",
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -159,93 +139,44 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
     // Closed stdout or stderr: the executed server would have none either; leave it to that.
     let out = open_fd(rustix::stdio::stdout())?;
     let err = open_fd(rustix::stdio::stderr())?;
-    let fds = [theirs.as_fd(), cwd.as_fd(), out, err, answer_theirs.as_fd()];
-    if pool_ipc::fdpass::send_fds(seed.sock.as_fd(), &request, &fds).is_err() {
-        give_up(&mut g, seed_pid);
-        return None;
-    }
-    Some(SeedStart {
-        ctl: Some(ours),
-        answer,
-        seed: seed_pid,
-        timeout,
-    })
-}
-
-/// The seed `pid` is gone, stopped or confused: given up for good, reaped (unless another
-/// pool gave it up first).
-fn give_up(seed: &mut Option<Seed>, pid: Pid) {
-    if let Some(mut s) = seed.take_if(|s| s.child.pid() == pid) {
-        tracing::debug!(
-            pid = pid.as_raw_nonzero().get(),
-            "the seed does not answer; fork servers are executed from now on"
-        );
-        let _ = s.child.kill_and_reap(Duration::from_secs(2));
-    }
-}
-
-impl SeedStart {
-    /// Our end of the server's control socket: requests written to it wait there until the
-    /// server reads them (or are dropped with it, if the seed forks no server).
-    pub(crate) fn ctl(&self) -> Option<BorrowedFd<'_>> {
-        self.ctl.as_ref().map(AsFd::as_fd)
-    }
-
-    /// Waits for the seed's answer: the server it forked, begun (its hello not read yet),
-    /// or `None` when it forked none (this process changed since `init()` in a way a server
-    /// would inherit, or the fork failed) or did not answer (it is given up then, reaped,
-    /// and not asked again): the caller then executes a server.
-    pub(crate) fn finish(mut self) -> Option<crate::spawn::Pending> {
-        let ctl = self.ctl.take()?;
-        match self.answer() {
-            Some(Ok(pid)) => {
-                tracing::debug!(
-                    pid = pid.as_raw_nonzero().get(),
-                    "fork server forked by the seed"
-                );
-                Some(crate::spawn::Pending::adopted(
-                    ctl,
-                    ChildProc::adopt(pid),
-                    Role::Forkserver,
-                    self.timeout,
-                ))
-            }
-            Some(Err(Refused::Changed(part))) => {
-                tracing::debug!(
-                    differs = part,
-                    "the fork server is executed: this process changed since init()"
-                );
-                None
-            }
-            Some(Err(Refused::Errno(errno))) => {
-                tracing::debug!(errno, "the seed could not fork a server");
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// The seed's answer; a seed that gives none is given up.
-    fn answer(&self) -> Option<Result<Pid, Refused>> {
-        let answer = read_answer(self.answer.as_fd(), self.timeout.min(ANSWER_WITHIN));
-        if answer.is_none() {
-            give_up(
-                &mut SEED.lock().unwrap_or_else(PoisonError::into_inner),
-                self.seed,
+    let fds = [theirs.as_fd(), cwd.as_fd(), out, err];
+    let answer = pool_ipc::fdpass::send_fds(seed.sock.as_fd(), &request, &fds)
+        .ok()
+        .and_then(|()| read_answer(seed.sock.as_fd(), timeout.min(ANSWER_WITHIN)));
+    drop((theirs, cwd));
+    match answer {
+        Some(Ok(pid)) => {
+            tracing::debug!(
+                pid = pid.as_raw_nonzero().get(),
+                "fork server forked by the seed"
             );
+            Some(crate::spawn::Pending::adopted(
+                ours,
+                ChildProc::adopt(pid),
+                Role::Forkserver,
+                timeout,
+            ))
         }
-        answer
-    }
-}
-
-impl Drop for SeedStart {
-    /// A request given up before its answer (the pool's build failed meanwhile): a server the
-    /// seed forked for it is a child of this process, which kills and reaps it.
-    fn drop(&mut self) {
-        if self.ctl.take().is_some()
-            && let Some(Ok(pid)) = self.answer()
-        {
-            drop(ChildProc::adopt(pid));
+        Some(Err(Refused::Changed(part))) => {
+            tracing::debug!(
+                differs = part,
+                "the fork server is executed: this process changed since init()"
+            );
+            None
+        }
+        Some(Err(Refused::Errno(errno))) => {
+            tracing::debug!(errno, "the seed could not fork a server");
+            None
+        }
+        None => {
+            // Gone, stopped or confused: given up for good, reaped.
+            let mut seed = g.take().expect("checked above");
+            tracing::debug!(
+                pid = seed.child.pid().as_raw_nonzero().get(),
+                "the seed does not answer; fork servers are executed from now on"
+            );
+            let _ = seed.child.kill_and_reap(Duration::from_secs(2));
+            None
         }
     }
 }
@@ -312,16 +243,12 @@ fn serve(ctl: OwnedFd) -> ! {
         if rustix::process::getppid() != program {
             sys::exit_now(0);
         }
-        let mut fds = fds;
-        // Answered on the socket that came with the request; a request without one (none
-        // is sent so) is dropped, and its sender, reading nothing, gives the seed up.
-        let (answer_to, asker) = match (&buf[..n], fds.len(), program) {
-            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => (
-                fds.pop().expect("counted"),
+        let asker = match (&buf[..n], fds.len(), program) {
+            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => {
                 Pid::from_raw(i32::from_le_bytes(tid.try_into().expect("4 bytes")))
-                    .map(|tid| (program, tid)),
-            ),
-            _ => continue,
+                    .map(|tid| (program, tid))
+            }
+            _ => None,
         };
         // The asking thread's context, read here: a program that gave up some right since
         // `init()` cannot have it back through the seed, whatever it says.
@@ -335,20 +262,17 @@ fn serve(ctl: OwnedFd) -> ! {
                 (-libc::ESTALE, part as u32)
             }
             (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
-                Ok(None) => {
-                    drop(answer_to);
-                    become_server(fds, program)
-                }
+                Ok(None) => become_server(fds, program),
                 Ok(Some(pid)) => (pid.as_raw_nonzero().get(), 0),
                 Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
             },
         };
-        drop(fds);
         let mut b = [0u8; ANSWER_LEN];
         b[..4].copy_from_slice(&answer.to_le_bytes());
         b[4..].copy_from_slice(&part.to_le_bytes());
-        // The asker may be gone (its pool's build failed or it ended): the seed goes on.
-        let _ = rustix::net::send(&answer_to, &b, rustix::net::SendFlags::NOSIGNAL);
+        if rustix::net::send(&ctl, &b, rustix::net::SendFlags::NOSIGNAL).is_err() {
+            sys::exit_now(0);
+        }
     }
 }
 
@@ -357,7 +281,7 @@ fn serve(ctl: OwnedFd) -> ! {
 /// group, the parent-death signal, no other descriptor; a worker's signal settings and
 /// stdin the seed took when it was made); never returns.
 fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
-    let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS - 1] = match fds.try_into() {
+    let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     };
