@@ -184,7 +184,21 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
     serve_zygote(ctl, true)
 }
 
+/// The server the seed forked (see `crate::seed`): forks its first spare, then waits for the
+/// seed's verdict on `gate` (it exits on any but [`GATE_OPEN`]), says hello and serves.
+/// Until then it has read nothing from its control socket, nor handed anything out.
+pub(crate) fn serve_gated(ctl: OwnedFd, gate: OwnedFd) -> ! {
+    serve_zygote_gated(ctl, false, Some(gate))
+}
+
+/// The byte a gated server waits for ([`serve_gated`]).
+pub(crate) const GATE_OPEN: u8 = b'g';
+
 fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
+    serve_zygote_gated(ctl, hold_spare, None)
+}
+
+fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<OwnedFd>) -> ! {
     let pid = rustix::process::getpid();
     sys::set_process_name(&[":forksrv"], pid);
     let mut s = Server {
@@ -206,6 +220,25 @@ fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
         s.defer_until = Some(Instant::now() + SPARE_DEFER);
     } else {
         s.fork_spare();
+    }
+    if let Some(gate) = gate {
+        let mut b = [0u8; 1];
+        loop {
+            match rustix::io::read(&gate, &mut b) {
+                Ok(1) if b[0] == GATE_OPEN => break,
+                Err(rustix::io::Errno::INTR) => {}
+                // Not allowed (end of file: refused, or the seed is gone): the spare is
+                // killed and reaped first.
+                _ => {
+                    s.stop(false);
+                    sys::exit_now(0)
+                }
+            }
+        }
+        drop(gate);
+        if crate::role::send_hello(&s.ctl, Role::Forkserver).is_err() {
+            sys::exit_now(0);
+        }
     }
     s.run();
     sys::flush_and_exit(0)

@@ -28,6 +28,12 @@
 //!   Not compared, as `/proc` shows them to another process only with the right to trace it:
 //!   the personality, the secure bits and the timer slack.
 //!
+//! The seed forks the server before it compares, so that the two run at once: the server
+//! takes what the request passed and forks its first spare worker while the seed reads the
+//! program's context. Until the seed's verdict, on a pipe, it has read nothing from its
+//! control socket and said no hello: the program can have nothing from it. A server refused
+//! kills and reaps its spare and exits, and the program, told its pid, reaps it.
+//!
 //! No seed is made when `init()` finds other threads already running, when `/proc` cannot be
 //! read, or when `PROCPOOL_SEED=0` is set; a seed that is gone or fails is reaped and not
 //! asked again. Pools then execute their servers.
@@ -195,7 +201,8 @@ enum Refused {
 }
 
 /// The seed's answer: the new server's pid, or why there is none; `None` if the seed ended,
-/// failed or did not answer within `within`.
+/// failed or did not answer within `within`. A server forked and then refused is reaped
+/// here (it is this process's child; it exits by itself).
 fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Refused>> {
     if !crate::child::poll_readable(sock, Some(within)).ok()? {
         return None;
@@ -205,9 +212,14 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
         Ok((ANSWER_LEN, _)) => {
             let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             let part = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+            let server = Pid::from_raw(i32::from_le_bytes([b[8], b[9], b[10], b[11]]));
             if v > 0 {
-                Pid::from_raw(v).map(Ok)
-            } else if v == -libc::ESTALE {
+                return Pid::from_raw(v).filter(|&p| Some(p) == server).map(Ok);
+            }
+            if let Some(server) = server {
+                drop(ChildProc::adopt(server));
+            }
+            if v == -libc::ESTALE {
                 Some(Err(Refused::Changed(
                     PART_NAMES.get(part).copied().unwrap_or("?"),
                 )))
@@ -219,9 +231,11 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
     }
 }
 
-/// The seed's answer: the pid of the server it forked, or a negative errno (`-ESTALE`: the
-/// program's context differs, in the part whose index follows).
-const ANSWER_LEN: usize = 8;
+/// The seed's answer: an `i32`, the pid of the server it forked, or a negative errno
+/// (`-ESTALE`: the program's context differs, in the part whose index follows as a `u32`);
+/// then the pid of the server it forked (`0` if none), which a refused one leaves to be
+/// reaped.
+const ANSWER_LEN: usize = 12;
 
 /// The seed's loop: a server forked for each request; never returns.
 fn serve(ctl: OwnedFd) -> ! {
@@ -250,37 +264,71 @@ fn serve(ctl: OwnedFd) -> ! {
             }
             _ => None,
         };
-        // The asking thread's context, read here: a program that gave up some right since
-        // `init()` cannot have it back through the seed, whatever it says.
-        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid));
-        let (answer, part): (i32, u32) = match (theirs, &ours) {
-            (None, _) => (-libc::EINVAL, 0),
-            // A context that cannot be read (`/proc` unreadable, or no such thread of the
-            // program): it cannot be told equal.
-            (Some(None), _) | (_, None) => (-libc::ESTALE, 0),
-            (Some(Some(theirs)), Some(ours)) if let Some(part) = theirs.first_difference(ours) => {
-                (-libc::ESTALE, part as u32)
-            }
-            (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
-                Ok(None) => become_server(fds, program),
-                Ok(Some(pid)) => (pid.as_raw_nonzero().get(), 0),
-                Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
-            },
+        let Some((program, tid)) = asker else {
+            answer(&ctl, -libc::EINVAL, 0, None);
+            continue;
         };
-        let mut b = [0u8; ANSWER_LEN];
-        b[..4].copy_from_slice(&answer.to_le_bytes());
-        b[4..].copy_from_slice(&part.to_le_bytes());
-        if rustix::net::send(&ctl, &b, rustix::net::SendFlags::NOSIGNAL).is_err() {
-            sys::exit_now(0);
-        }
+        // The server is forked first: it readies itself (and forks its first spare) while
+        // the seed reads the asking thread's context and compares it with its own (a
+        // program that gave up some right since `init()` cannot have it back through the
+        // seed, whatever it says). Until the seed's verdict on a pipe, the server has read
+        // nothing from its control socket nor said hello; on any verdict but the open gate
+        // it exits.
+        let Ok((gate_r, gate_w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) else {
+            answer(&ctl, -libc::EMFILE, 0, None);
+            continue;
+        };
+        let server = match crate::fork::fork_sibling() {
+            Ok(None) => {
+                drop(gate_w);
+                become_server(fds, gate_r, program)
+            }
+            Ok(Some(pid)) => pid,
+            Err(e) => {
+                answer(&ctl, -e.raw_os_error().unwrap_or(libc::EIO), 0, None);
+                continue;
+            }
+        };
+        drop((fds, gate_r));
+        // A context that cannot be read (`/proc` unreadable, or no such thread of the
+        // program) cannot be told equal.
+        let differs = match (Context::of(program, tid), &ours) {
+            (Some(theirs), Some(ours)) => theirs.first_difference(ours),
+            _ => Some(0),
+        };
+        let (value, part) = match differs {
+            None => {
+                let _ = rustix::io::write(&gate_w, &[crate::forkserver::GATE_OPEN]);
+                (server.as_raw_nonzero().get(), 0)
+            }
+            Some(part) => (-libc::ESTALE, part as u32),
+        };
+        drop(gate_w);
+        answer(&ctl, value, part, Some(server));
     }
 }
 
+/// Sends the answer to a request (see [`ANSWER_LEN`]); the seed ends if the program is gone.
+fn answer(ctl: &OwnedFd, value: i32, part: u32, server: Option<Pid>) {
+    let mut b = [0u8; ANSWER_LEN];
+    b[..4].copy_from_slice(&value.to_le_bytes());
+    b[4..8].copy_from_slice(&part.to_le_bytes());
+    b[8..].copy_from_slice(&server.map_or(0, |p| p.as_raw_nonzero().get()).to_le_bytes());
+    if rustix::net::send(ctl, &b, rustix::net::SendFlags::NOSIGNAL).is_err() {
+        sys::exit_now(0);
+    }
+}
+
+/// The server's end of the pipe the seed's verdict comes on, kept for [`serve_forked`] (the
+/// server is single-threaded).
+static GATE: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
 /// The seed's child for one request: takes the program's present working directory, stdout
-/// and stderr, then serves as a fork server, prepared as a fork server's worker is (its own
-/// group, the parent-death signal, no other descriptor; a worker's signal settings and
-/// stdin the seed took when it was made); never returns.
-fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
+/// and stderr, is prepared as a fork server's worker is (its own group, the parent-death
+/// signal, no other descriptor but `gate`; a worker's signal settings and stdin the seed
+/// took when it was made), then serves as a fork server once the seed's verdict on `gate`
+/// allows it; never returns.
+fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid) -> ! {
     let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
@@ -288,19 +336,21 @@ fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
     let taken = rustix::stdio::dup2_stdout(&out).is_ok()
         && rustix::stdio::dup2_stderr(&err).is_ok()
         && rustix::process::fchdir(&cwd).is_ok();
-    let Some(program) = program.filter(|_| taken) else {
+    if !taken {
         sys::exit_now(0)
-    };
+    }
     drop((cwd, out, err));
-    crate::fork::serve_inherited(ctl, program, serve_forked)
+    let keep = std::os::fd::AsRawFd::as_raw_fd(&gate);
+    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+    crate::fork::serve_inherited(ctl, keep, program, serve_forked)
 }
 
-/// A fork server forked by the seed, prepared: says hello, then serves.
+/// A fork server forked by the seed, prepared: serves once the seed's verdict allows it.
 fn serve_forked(ctl: OwnedFd) -> ! {
-    if crate::role::send_hello(&ctl, Role::Forkserver).is_err() {
-        sys::exit_now(0);
+    match GATE.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        Some(gate) => crate::forkserver::serve_gated(ctl, gate),
+        None => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     }
-    crate::forkserver::serve_prepared(ctl)
 }
 
 /// What a child inherits from this process (the calling thread) beyond what a request
