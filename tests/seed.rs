@@ -164,6 +164,16 @@ fn child(case: &str) {
         "umask" => {
             rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             report(&pool());
+            // The server the seed forked before it compared, and refused, is reaped.
+            let me = std::process::id();
+            let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+                .unwrap_or_default();
+            let zombies = children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .filter(|&p| status_field(p, "State").is_some_and(|s| s.starts_with('Z')))
+                .count();
+            println!("ZOMBIES {zombies}");
         }
         "server_killed" => {
             // The pool's server and then its worker killed: the replacement needs a new
@@ -312,6 +322,7 @@ fn test() {
         lines(&umask, "VIEW ")[0].ends_with("umask=0077"),
         "a worker has the umask of when its pool was built:\n{umask}"
     );
+    assert_eq!(lines(&umask, "ZOMBIES "), ["0"], "{umask}");
 
     let server_killed = run("server_killed", &[]);
     assert_eq!(

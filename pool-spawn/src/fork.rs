@@ -213,6 +213,8 @@ enum Prepare {
     /// Its parent is a fork server, whose signal settings and stdin are a worker's
     /// already: only what is the child's own (group, parent-death signal, descriptors).
     Inherited,
+    /// As `Inherited`, keeping this descriptor open too.
+    InheritedKeeping(RawFd),
 }
 
 /// Forks a child that prepares as a worker, then runs `serve` on `fd` (the worker loop or
@@ -243,9 +245,10 @@ fn fork_serving(
 
 /// The rest of a child of a fork server's kind (its signal settings and stdin a worker's
 /// already) forked without [`fork_serving`] (the seed's `fork_sibling`): prepares as
-/// [`Prepare::Inherited`] says, then serves `fd`; never returns.
-pub(crate) fn serve_inherited(fd: OwnedFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
-    child(fd, parent, Prepare::Inherited, serve)
+/// [`Prepare::Inherited`] says, keeping descriptor `keep` open too (the seed's server: the
+/// pipe its verdict comes on), then serves `fd`; never returns.
+pub(crate) fn serve_inherited(fd: OwnedFd, keep: RawFd, parent: Pid, serve: fn(OwnedFd) -> !) -> ! {
+    child(fd, parent, Prepare::InheritedKeeping(keep), serve)
 }
 
 /// The forked child: prepare, then serve; never returns.
@@ -271,7 +274,10 @@ fn prepare_worker(chan: RawFd, parent: Pid, prepare: Prepare) -> rustix::io::Res
         sys::worker_signals();
         stdin_from_null()?;
     }
-    sys::close_fds_except(chan);
+    match prepare {
+        Prepare::InheritedKeeping(other) => sys::close_fds_except_two(chan, other),
+        Prepare::Full | Prepare::Inherited => sys::close_fds_except(chan),
+    }
     Ok(())
 }
 

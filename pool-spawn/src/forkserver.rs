@@ -184,7 +184,21 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
     serve_zygote(ctl, true)
 }
 
+/// The server the seed forked (see `crate::seed`): forks its first spare, then waits for the
+/// seed's verdict on `gate` (it exits on any but [`GATE_OPEN`]), says hello and serves.
+/// Until then it has read nothing from its control socket, nor handed anything out.
+pub(crate) fn serve_gated(ctl: OwnedFd, gate: OwnedFd) -> ! {
+    serve_zygote_gated(ctl, false, Some(gate))
+}
+
+/// The byte a gated server waits for ([`serve_gated`]).
+pub(crate) const GATE_OPEN: u8 = b'g';
+
 fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
+    serve_zygote_gated(ctl, hold_spare, None)
+}
+
+fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<OwnedFd>) -> ! {
     let pid = rustix::process::getpid();
     sys::set_process_name(&[":forksrv"], pid);
     let mut s = Server {
@@ -206,6 +220,25 @@ fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
         s.defer_until = Some(Instant::now() + SPARE_DEFER);
     } else {
         s.fork_spare();
+    }
+    if let Some(gate) = gate {
+        let mut b = [0u8; 1];
+        loop {
+            match rustix::io::read(&gate, &mut b) {
+                Ok(1) if b[0] == GATE_OPEN => break,
+                Err(rustix::io::Errno::INTR) => {}
+                // Not allowed (end of file: refused, or the seed is gone): the spare is
+                // killed and reaped first.
+                _ => {
+                    s.stop(false);
+                    sys::exit_now(0)
+                }
+            }
+        }
+        drop(gate);
+        if crate::role::send_hello(&s.ctl, Role::Forkserver).is_err() {
+            sys::exit_now(0);
+        }
     }
     s.run();
     sys::flush_and_exit(0)
@@ -613,52 +646,25 @@ enum Pumped {
 #[derive(Debug)]
 pub(crate) struct StartingServer {
     /// (In a mutex only to be `Sync`, as the launcher that holds it is.)
-    begun: Mutex<Begun>,
-    /// Fork requests sent ahead.
+    pending: Mutex<crate::spawn::Pending>,
     ahead: usize,
-    /// How many were asked for (sent again to an executed server, if the seed forks none).
-    asked: usize,
     timeout: Duration,
-    test_entry: String,
-}
-
-/// How a starting server was begun.
-#[derive(Debug)]
-enum Begun {
-    /// Asked of the seed, whose answer is read by [`StartingServer::finish`].
-    Seeded(crate::seed::SeedStart),
-    /// Executed.
-    Spawned(crate::spawn::Pending),
 }
 
 impl StartingServer {
-    /// Waits for the server's hello; the link to it. A server the seed was asked for and
-    /// did not fork is executed then.
+    /// Waits for the server's hello; the link to it.
     ///
     /// # Errors
     ///
     /// Those of starting it (see `spawn::start`): the server is killed and reaped then.
     pub(crate) fn finish(self) -> Result<Arc<ServerLink>> {
-        let begun = self
-            .begun
+        let mut pending = self
+            .pending
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut ahead = self.ahead;
-        let seeded = match begun {
-            Begun::Seeded(s) => s.finish(),
-            Begun::Spawned(p) => Some(p),
-        };
-        let mut pending = match seeded {
-            Some(p) => p,
-            None => {
-                let p = crate::spawn::begin(Role::Forkserver, self.timeout, &self.test_entry)?;
-                ahead = ask_ahead(p.sock(), self.asked);
-                p
-            }
-        };
         pending.wait()?;
         let started = pending.into_started()?;
-        let link = ServerLink::new(started.sock, started.child, self.timeout, ahead);
+        let link = ServerLink::new(started.sock, started.child, self.timeout, self.ahead);
         tracing::debug!(pid = link.server_pid, "fork server started");
         Ok(link)
     }
@@ -679,24 +685,15 @@ impl ServerLink {
         test_entry: &str,
         ahead: usize,
     ) -> Result<StartingServer> {
-        // The seed's answer is read by `finish`: the pool readies itself meanwhile.
-        let (begun, sent) = match crate::seed::begin_server(handshake_timeout) {
-            Some(s) => {
-                let sent = s.ctl().map_or(0, |ctl| ask_ahead(ctl, ahead));
-                (Begun::Seeded(s), sent)
-            }
-            None => {
-                let p = crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?;
-                let sent = ask_ahead(p.sock(), ahead);
-                (Begun::Spawned(p), sent)
-            }
+        let pending = match crate::seed::begin_server(handshake_timeout) {
+            Some(p) => p,
+            None => crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?,
         };
+        let ahead = ask_ahead(pending.sock(), ahead);
         Ok(StartingServer {
-            begun: Mutex::new(begun),
-            ahead: sent,
-            asked: ahead,
+            pending: Mutex::new(pending),
+            ahead,
             timeout: handshake_timeout,
-            test_entry: test_entry.to_owned(),
         })
     }
 

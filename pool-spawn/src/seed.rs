@@ -10,10 +10,7 @@
 //! the seed. The seed waits; each Forkserver pool asks it for a server, and it forks one
 //! (a fork of a process that has done nothing yet), made a child of the program
 //! (`CLONE_PARENT`), so the pool waits for, signals and reaps it as it does a server it
-//! executed. The pool does not wait for the answer when it asks: it readies itself (its
-//! driver thread, its state) and writes its first fork requests to the server's control
-//! socket while the seed reads the program's context and forks, and reads the answer, on a
-//! socket of its own passed with the request, when it needs the server.
+//! executed.
 //!
 //! What an executed server takes from the program when the pool is built, a forked one must
 //! take too, although the seed was made earlier:
@@ -30,6 +27,12 @@
 //!   it, for a server that has it. If any differs, the pool executes its server as before.
 //!   Not compared, as `/proc` shows them to another process only with the right to trace it:
 //!   the personality, the secure bits and the timer slack.
+//!
+//! The seed forks the server before it compares, so that the two run at once: the server
+//! takes what the request passed and forks its first spare worker while the seed reads the
+//! program's context. Until the seed's verdict, on a pipe, it has read nothing from its
+//! control socket and said no hello: the program can have nothing from it. A server refused
+//! kills and reaps its spare and exits, and the program, told its pid, reaps it.
 //!
 //! No seed is made when `init()` finds other threads already running, when `/proc` cannot be
 //! read, or when `PROCPOOL_SEED=0` is set; a seed that is gone or fails is reaped and not
@@ -61,8 +64,8 @@ const REQUEST_LEN: usize = 5;
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// Descriptors passed with a request: the new server's end of its control socket, the
-/// working directory, stdout, stderr, and the seed's end of the socket it answers on.
-const REQUEST_FDS: usize = 5;
+/// working directory, stdout, stderr.
+const REQUEST_FDS: usize = 4;
 
 /// The first byte of a request.
 const REQUEST_TAG: u8 = 1;
@@ -108,28 +111,12 @@ pub(crate) fn plant() {
     }
 }
 
-/// A request sent to the seed whose answer has not been read yet ([`SeedStart::finish`]):
-/// the pool readies itself meanwhile, while the seed reads the program's context and forks
-/// the server, and may already write its first requests to the server's control socket.
-#[derive(Debug)]
-pub(crate) struct SeedStart {
-    /// Our end of the new server's control socket (taken by `finish`).
-    ctl: Option<OwnedFd>,
-    /// Our end of the socket the seed answers this request on (one per request: pools built
-    /// at once on several threads each read their own answer).
-    answer: OwnedFd,
-    /// The seed's pid, to know it again if it must be given up.
-    seed: Pid,
-    timeout: Duration,
-}
-
-/// Sends the seed a request for a fork server, without waiting for its answer; `None` when
-/// there is no seed, the environment changed since `init()` (a forked server would have the
-/// old one), or the request cannot be sent: the caller then executes a server.
-pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
+/// A fork server forked by the seed, begun (its hello not read yet), or `None` when there is
+/// no seed, this process has changed since it was made in a way a server would inherit, or
+/// the seed failed: the caller then executes a server.
+pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
     let mut g = SEED.lock().unwrap_or_else(PoisonError::into_inner);
-    let seed = g.as_ref()?;
-    let seed_pid = seed.child.pid();
+    let seed = g.as_mut()?;
     if seed.owner != rustix::process::getpid() {
         return None;
     }
@@ -149,7 +136,6 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
             .to_le_bytes(),
     );
     let (ours, theirs) = crate::forkserver::control_socketpair().ok()?;
-    let (answer, answer_theirs) = crate::forkserver::control_socketpair().ok()?;
     let cwd = rustix::fs::open(
         c".",
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -159,93 +145,44 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<SeedStart> {
     // Closed stdout or stderr: the executed server would have none either; leave it to that.
     let out = open_fd(rustix::stdio::stdout())?;
     let err = open_fd(rustix::stdio::stderr())?;
-    let fds = [theirs.as_fd(), cwd.as_fd(), out, err, answer_theirs.as_fd()];
-    if pool_ipc::fdpass::send_fds(seed.sock.as_fd(), &request, &fds).is_err() {
-        give_up(&mut g, seed_pid);
-        return None;
-    }
-    Some(SeedStart {
-        ctl: Some(ours),
-        answer,
-        seed: seed_pid,
-        timeout,
-    })
-}
-
-/// The seed `pid` is gone, stopped or confused: given up for good, reaped (unless another
-/// pool gave it up first).
-fn give_up(seed: &mut Option<Seed>, pid: Pid) {
-    if let Some(mut s) = seed.take_if(|s| s.child.pid() == pid) {
-        tracing::debug!(
-            pid = pid.as_raw_nonzero().get(),
-            "the seed does not answer; fork servers are executed from now on"
-        );
-        let _ = s.child.kill_and_reap(Duration::from_secs(2));
-    }
-}
-
-impl SeedStart {
-    /// Our end of the server's control socket: requests written to it wait there until the
-    /// server reads them (or are dropped with it, if the seed forks no server).
-    pub(crate) fn ctl(&self) -> Option<BorrowedFd<'_>> {
-        self.ctl.as_ref().map(AsFd::as_fd)
-    }
-
-    /// Waits for the seed's answer: the server it forked, begun (its hello not read yet),
-    /// or `None` when it forked none (this process changed since `init()` in a way a server
-    /// would inherit, or the fork failed) or did not answer (it is given up then, reaped,
-    /// and not asked again): the caller then executes a server.
-    pub(crate) fn finish(mut self) -> Option<crate::spawn::Pending> {
-        let ctl = self.ctl.take()?;
-        match self.answer() {
-            Some(Ok(pid)) => {
-                tracing::debug!(
-                    pid = pid.as_raw_nonzero().get(),
-                    "fork server forked by the seed"
-                );
-                Some(crate::spawn::Pending::adopted(
-                    ctl,
-                    ChildProc::adopt(pid),
-                    Role::Forkserver,
-                    self.timeout,
-                ))
-            }
-            Some(Err(Refused::Changed(part))) => {
-                tracing::debug!(
-                    differs = part,
-                    "the fork server is executed: this process changed since init()"
-                );
-                None
-            }
-            Some(Err(Refused::Errno(errno))) => {
-                tracing::debug!(errno, "the seed could not fork a server");
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// The seed's answer; a seed that gives none is given up.
-    fn answer(&self) -> Option<Result<Pid, Refused>> {
-        let answer = read_answer(self.answer.as_fd(), self.timeout.min(ANSWER_WITHIN));
-        if answer.is_none() {
-            give_up(
-                &mut SEED.lock().unwrap_or_else(PoisonError::into_inner),
-                self.seed,
+    let fds = [theirs.as_fd(), cwd.as_fd(), out, err];
+    let answer = pool_ipc::fdpass::send_fds(seed.sock.as_fd(), &request, &fds)
+        .ok()
+        .and_then(|()| read_answer(seed.sock.as_fd(), timeout.min(ANSWER_WITHIN)));
+    drop((theirs, cwd));
+    match answer {
+        Some(Ok(pid)) => {
+            tracing::debug!(
+                pid = pid.as_raw_nonzero().get(),
+                "fork server forked by the seed"
             );
+            Some(crate::spawn::Pending::adopted(
+                ours,
+                ChildProc::adopt(pid),
+                Role::Forkserver,
+                timeout,
+            ))
         }
-        answer
-    }
-}
-
-impl Drop for SeedStart {
-    /// A request given up before its answer (the pool's build failed meanwhile): a server the
-    /// seed forked for it is a child of this process, which kills and reaps it.
-    fn drop(&mut self) {
-        if self.ctl.take().is_some()
-            && let Some(Ok(pid)) = self.answer()
-        {
-            drop(ChildProc::adopt(pid));
+        Some(Err(Refused::Changed(part))) => {
+            tracing::debug!(
+                differs = part,
+                "the fork server is executed: this process changed since init()"
+            );
+            None
+        }
+        Some(Err(Refused::Errno(errno))) => {
+            tracing::debug!(errno, "the seed could not fork a server");
+            None
+        }
+        None => {
+            // Gone, stopped or confused: given up for good, reaped.
+            let mut seed = g.take().expect("checked above");
+            tracing::debug!(
+                pid = seed.child.pid().as_raw_nonzero().get(),
+                "the seed does not answer; fork servers are executed from now on"
+            );
+            let _ = seed.child.kill_and_reap(Duration::from_secs(2));
+            None
         }
     }
 }
@@ -264,7 +201,8 @@ enum Refused {
 }
 
 /// The seed's answer: the new server's pid, or why there is none; `None` if the seed ended,
-/// failed or did not answer within `within`.
+/// failed or did not answer within `within`. A server forked and then refused is reaped
+/// here (it is this process's child; it exits by itself).
 fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Refused>> {
     if !crate::child::poll_readable(sock, Some(within)).ok()? {
         return None;
@@ -274,9 +212,14 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
         Ok((ANSWER_LEN, _)) => {
             let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             let part = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+            let server = Pid::from_raw(i32::from_le_bytes([b[8], b[9], b[10], b[11]]));
             if v > 0 {
-                Pid::from_raw(v).map(Ok)
-            } else if v == -libc::ESTALE {
+                return Pid::from_raw(v).filter(|&p| Some(p) == server).map(Ok);
+            }
+            if let Some(server) = server {
+                drop(ChildProc::adopt(server));
+            }
+            if v == -libc::ESTALE {
                 Some(Err(Refused::Changed(
                     PART_NAMES.get(part).copied().unwrap_or("?"),
                 )))
@@ -288,9 +231,11 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
     }
 }
 
-/// The seed's answer: the pid of the server it forked, or a negative errno (`-ESTALE`: the
-/// program's context differs, in the part whose index follows).
-const ANSWER_LEN: usize = 8;
+/// The seed's answer: an `i32`, the pid of the server it forked, or a negative errno
+/// (`-ESTALE`: the program's context differs, in the part whose index follows as a `u32`);
+/// then the pid of the server it forked (`0` if none), which a refused one leaves to be
+/// reaped.
+const ANSWER_LEN: usize = 12;
 
 /// The seed's loop: a server forked for each request; never returns.
 fn serve(ctl: OwnedFd) -> ! {
@@ -312,71 +257,100 @@ fn serve(ctl: OwnedFd) -> ! {
         if rustix::process::getppid() != program {
             sys::exit_now(0);
         }
-        let mut fds = fds;
-        // Answered on the socket that came with the request; a request without one (none
-        // is sent so) is dropped, and its sender, reading nothing, gives the seed up.
-        let (answer_to, asker) = match (&buf[..n], fds.len(), program) {
-            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => (
-                fds.pop().expect("counted"),
+        let asker = match (&buf[..n], fds.len(), program) {
+            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => {
                 Pid::from_raw(i32::from_le_bytes(tid.try_into().expect("4 bytes")))
-                    .map(|tid| (program, tid)),
-            ),
-            _ => continue,
-        };
-        // The asking thread's context, read here: a program that gave up some right since
-        // `init()` cannot have it back through the seed, whatever it says.
-        let theirs = asker.map(|(pid, tid)| Context::of(pid, tid));
-        let (answer, part): (i32, u32) = match (theirs, &ours) {
-            (None, _) => (-libc::EINVAL, 0),
-            // A context that cannot be read (`/proc` unreadable, or no such thread of the
-            // program): it cannot be told equal.
-            (Some(None), _) | (_, None) => (-libc::ESTALE, 0),
-            (Some(Some(theirs)), Some(ours)) if let Some(part) = theirs.first_difference(ours) => {
-                (-libc::ESTALE, part as u32)
+                    .map(|tid| (program, tid))
             }
-            (Some(Some(_)), Some(_)) => match crate::fork::fork_sibling() {
-                Ok(None) => {
-                    drop(answer_to);
-                    become_server(fds, program)
-                }
-                Ok(Some(pid)) => (pid.as_raw_nonzero().get(), 0),
-                Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
-            },
+            _ => None,
         };
-        drop(fds);
-        let mut b = [0u8; ANSWER_LEN];
-        b[..4].copy_from_slice(&answer.to_le_bytes());
-        b[4..].copy_from_slice(&part.to_le_bytes());
-        // The asker may be gone (its pool's build failed or it ended): the seed goes on.
-        let _ = rustix::net::send(&answer_to, &b, rustix::net::SendFlags::NOSIGNAL);
+        let Some((program, tid)) = asker else {
+            answer(&ctl, -libc::EINVAL, 0, None);
+            continue;
+        };
+        // The server is forked first: it readies itself (and forks its first spare) while
+        // the seed reads the asking thread's context and compares it with its own (a
+        // program that gave up some right since `init()` cannot have it back through the
+        // seed, whatever it says). Until the seed's verdict on a pipe, the server has read
+        // nothing from its control socket nor said hello; on any verdict but the open gate
+        // it exits.
+        let Ok((gate_r, gate_w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) else {
+            answer(&ctl, -libc::EMFILE, 0, None);
+            continue;
+        };
+        let server = match crate::fork::fork_sibling() {
+            Ok(None) => {
+                drop(gate_w);
+                become_server(fds, gate_r, program)
+            }
+            Ok(Some(pid)) => pid,
+            Err(e) => {
+                answer(&ctl, -e.raw_os_error().unwrap_or(libc::EIO), 0, None);
+                continue;
+            }
+        };
+        drop((fds, gate_r));
+        // A context that cannot be read (`/proc` unreadable, or no such thread of the
+        // program) cannot be told equal.
+        let differs = match (Context::of(program, tid), &ours) {
+            (Some(theirs), Some(ours)) => theirs.first_difference(ours),
+            _ => Some(0),
+        };
+        let (value, part) = match differs {
+            None => {
+                let _ = rustix::io::write(&gate_w, &[crate::forkserver::GATE_OPEN]);
+                (server.as_raw_nonzero().get(), 0)
+            }
+            Some(part) => (-libc::ESTALE, part as u32),
+        };
+        drop(gate_w);
+        answer(&ctl, value, part, Some(server));
     }
 }
 
+/// Sends the answer to a request (see [`ANSWER_LEN`]); the seed ends if the program is gone.
+fn answer(ctl: &OwnedFd, value: i32, part: u32, server: Option<Pid>) {
+    let mut b = [0u8; ANSWER_LEN];
+    b[..4].copy_from_slice(&value.to_le_bytes());
+    b[4..8].copy_from_slice(&part.to_le_bytes());
+    b[8..].copy_from_slice(&server.map_or(0, |p| p.as_raw_nonzero().get()).to_le_bytes());
+    if rustix::net::send(ctl, &b, rustix::net::SendFlags::NOSIGNAL).is_err() {
+        sys::exit_now(0);
+    }
+}
+
+/// The server's end of the pipe the seed's verdict comes on, kept for [`serve_forked`] (the
+/// server is single-threaded).
+static GATE: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
 /// The seed's child for one request: takes the program's present working directory, stdout
-/// and stderr, then serves as a fork server, prepared as a fork server's worker is (its own
-/// group, the parent-death signal, no other descriptor; a worker's signal settings and
-/// stdin the seed took when it was made); never returns.
-fn become_server(fds: Vec<OwnedFd>, program: Option<Pid>) -> ! {
-    let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS - 1] = match fds.try_into() {
+/// and stderr, is prepared as a fork server's worker is (its own group, the parent-death
+/// signal, no other descriptor but `gate`; a worker's signal settings and stdin the seed
+/// took when it was made), then serves as a fork server once the seed's verdict on `gate`
+/// allows it; never returns.
+fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid) -> ! {
+    let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     };
     let taken = rustix::stdio::dup2_stdout(&out).is_ok()
         && rustix::stdio::dup2_stderr(&err).is_ok()
         && rustix::process::fchdir(&cwd).is_ok();
-    let Some(program) = program.filter(|_| taken) else {
+    if !taken {
         sys::exit_now(0)
-    };
+    }
     drop((cwd, out, err));
-    crate::fork::serve_inherited(ctl, program, serve_forked)
+    let keep = std::os::fd::AsRawFd::as_raw_fd(&gate);
+    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+    crate::fork::serve_inherited(ctl, keep, program, serve_forked)
 }
 
-/// A fork server forked by the seed, prepared: says hello, then serves.
+/// A fork server forked by the seed, prepared: serves once the seed's verdict allows it.
 fn serve_forked(ctl: OwnedFd) -> ! {
-    if crate::role::send_hello(&ctl, Role::Forkserver).is_err() {
-        sys::exit_now(0);
+    match GATE.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        Some(gate) => crate::forkserver::serve_gated(ctl, gate),
+        None => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     }
-    crate::forkserver::serve_prepared(ctl)
 }
 
 /// What a child inherits from this process (the calling thread) beyond what a request

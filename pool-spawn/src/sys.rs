@@ -206,6 +206,19 @@ pub(crate) fn close_fds_except(keep: RawFd) {
     close_range(keep.max(2) + 1, u32::MAX, 0);
 }
 
+/// [`close_fds_except`], keeping two descriptors.
+pub(crate) fn close_fds_except_two(a: RawFd, b: RawFd) {
+    let (lo, hi) = (a.min(b) as u32, a.max(b) as u32);
+    let mut first = 3;
+    for keep in [lo, hi] {
+        if keep > first {
+            close_range(first, keep - 1, 0);
+        }
+        first = first.max(keep + 1);
+    }
+    close_range(first, u32::MAX, 0);
+}
+
 /// Marks every file descriptor from 3 up close-on-exec (best effort; async-signal-safe).
 pub(crate) fn cloexec_from_3() {
     let _ = try_close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
