@@ -23,8 +23,8 @@ pub(crate) struct Args {
     /// Workloads to run (default: all).
     #[arg(long = "workload", value_enum)]
     workloads: Vec<Workload>,
-    /// Runs per workload (at least 11 of map_tiny_auto and echo_1mib, unless --quick: see
-    /// `NOISY`).
+    /// Runs per workload (at least 11 of map_tiny_auto, echo_1mib and startup, unless
+    /// --quick: see `NOISY`).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Smaller counts, and the references (CPython, procspawn) in the first run of each
@@ -112,8 +112,11 @@ impl Workload {
 /// this shared machine use too, so their runs spread by 20% or more either way from one
 /// run to the next. Five runs gave medians that differed by 20% between start methods
 /// whose costs, measured over 101 and 301 interleaved runs, are within 3% of each other
-/// (and, per process, the same CPU time and page faults).
-const NOISY: &[&str] = &["map_tiny_auto", "echo_1mib"];
+/// (and, per process, the same CPU time and page faults). One run of startup is one pool
+/// started in a fresh process, a chain of process wake-ups on both CPUs: two full runs of
+/// the same program 40 minutes apart had forkserver medians (of five) of 1.34x and 1.63x
+/// their /bin/true floors.
+const NOISY: &[&str] = &["map_tiny_auto", "echo_1mib", "startup"];
 
 /// The fewest runs of a [`NOISY`] workload (outside `--quick`). 21 kept the medians within
 /// a few percent, but with the references beside them took the full bench past its 15
