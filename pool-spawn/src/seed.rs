@@ -272,7 +272,7 @@ fn serve(ctl: OwnedFd) -> ! {
             answer(&ctl, -libc::EINVAL, 0, None);
             continue;
         };
-        // The server is forked first: it readies itself (and forks its first spare) while
+        // The server is forked first: it readies itself (and forks its first spares) while
         // the seed reads the asking thread's context and compares it with its own (a
         // program that gave up some right since `init()` cannot have it back through the
         // seed, whatever it says). Until the seed's verdict on a pipe, the server has read
