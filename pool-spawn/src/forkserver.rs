@@ -184,11 +184,12 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
     serve_zygote(ctl, true)
 }
 
-/// The server the seed forked (see `crate::seed`): forks its first spare, then waits for the
-/// seed's verdict on `gate` (it exits on any but [`GATE_OPEN`]), says hello and serves.
-/// Until then it has read nothing from its control socket, nor handed anything out.
-pub(crate) fn serve_gated(ctl: OwnedFd, gate: OwnedFd) -> ! {
-    serve_zygote_gated(ctl, false, Some(gate))
+/// The server the seed forked (see `crate::seed`): forks its first spare, and more, up to
+/// the `ahead` workers its pool will ask for at once, while the seed's verdict on `gate` has
+/// not come; then waits for the verdict (it exits on any but [`GATE_OPEN`]), says hello and
+/// serves. Until then it has read nothing from its control socket, nor handed anything out.
+pub(crate) fn serve_gated(ctl: OwnedFd, gate: OwnedFd, ahead: usize) -> ! {
+    serve_zygote_gated(ctl, false, Some((gate, ahead)))
 }
 
 /// The byte a gated server waits for ([`serve_gated`]).
@@ -198,7 +199,7 @@ fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
     serve_zygote_gated(ctl, hold_spare, None)
 }
 
-fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<OwnedFd>) -> ! {
+fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<(OwnedFd, usize)>) -> ! {
     let pid = rustix::process::getpid();
     sys::set_process_name(&[":forksrv"], pid);
     let mut s = Server {
@@ -221,7 +222,18 @@ fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<OwnedFd>) -> 
     } else {
         s.fork_spare();
     }
-    if let Some(gate) = gate {
+    if let Some((gate, ahead)) = gate {
+        // The pool's next workers, forked while the verdict has not come (each takes about
+        // as long as the seed's comparison; forked afterwards, they would hold up `build`).
+        while s.spares.len() < ahead.min(MAX_SPARES)
+            && !poll_readable(gate.as_fd(), Some(Duration::ZERO)).unwrap_or(true)
+        {
+            let before = s.spares.len();
+            s.fork_spare();
+            if s.spares.len() == before {
+                break;
+            }
+        }
         let mut b = [0u8; 1];
         loop {
             match rustix::io::read(&gate, &mut b) {
@@ -685,7 +697,7 @@ impl ServerLink {
         test_entry: &str,
         ahead: usize,
     ) -> Result<StartingServer> {
-        let pending = match crate::seed::begin_server(handshake_timeout) {
+        let pending = match crate::seed::begin_server(handshake_timeout, ahead) {
             Some(p) => p,
             None => crate::spawn::begin(Role::Forkserver, handshake_timeout, test_entry)?,
         };

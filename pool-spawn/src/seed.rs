@@ -29,10 +29,11 @@
 //!   the personality, the secure bits and the timer slack.
 //!
 //! The seed forks the server before it compares, so that the two run at once: the server
-//! takes what the request passed and forks its first spare worker while the seed reads the
-//! program's context. Until the seed's verdict, on a pipe, it has read nothing from its
+//! takes what the request passed and forks its first spare worker, and more up to the
+//! workers the pool asks for at once while the verdict has not come, while the seed reads
+//! the program's context. Until the seed's verdict, on a pipe, it has read nothing from its
 //! control socket and said no hello: the program can have nothing from it. A server refused
-//! kills and reaps its spare and exits, and the program, told its pid, reaps it.
+//! kills and reaps its spares and exits, and the program, told its pid, reaps it.
 //!
 //! No seed is made when `init()` finds other threads already running, when `/proc` cannot be
 //! read, or when `PROCPOOL_SEED=0` is set; a seed that is gone or fails is reaped and not
@@ -57,8 +58,9 @@ use crate::sys;
 pub(crate) const SEED_ENV: &str = "PROCPOOL_SEED";
 
 /// A request: a tag, then the id of the program's thread that asks (whose context the seed
-/// compares with its own).
-const REQUEST_LEN: usize = 5;
+/// compares with its own), then how many workers the pool will ask its server for at once
+/// (which the server forks ahead while the seed compares, as far as time allows).
+const REQUEST_LEN: usize = 6;
 
 /// How long a pool waits for the seed's answer before giving it up.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
@@ -113,8 +115,9 @@ pub(crate) fn plant() {
 
 /// A fork server forked by the seed, begun (its hello not read yet), or `None` when there is
 /// no seed, this process has changed since it was made in a way a server would inherit, or
-/// the seed failed: the caller then executes a server.
-pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
+/// the seed failed: the caller then executes a server. `ahead`: how many workers the pool
+/// asks the server for at once.
+pub(crate) fn begin_server(timeout: Duration, ahead: usize) -> Option<crate::spawn::Pending> {
     let mut g = SEED.lock().unwrap_or_else(PoisonError::into_inner);
     let seed = g.as_mut()?;
     if seed.owner != rustix::process::getpid() {
@@ -129,12 +132,13 @@ pub(crate) fn begin_server(timeout: Duration) -> Option<crate::spawn::Pending> {
     // told) and compares it with its own, the program's when it was made.
     let mut request = [0u8; REQUEST_LEN];
     request[0] = REQUEST_TAG;
-    request[1..].copy_from_slice(
+    request[1..5].copy_from_slice(
         &rustix::thread::gettid()
             .as_raw_nonzero()
             .get()
             .to_le_bytes(),
     );
+    request[5] = u8::try_from(ahead).unwrap_or(u8::MAX);
     let (ours, theirs) = crate::forkserver::control_socketpair().ok()?;
     let cwd = rustix::fs::open(
         c".",
@@ -257,18 +261,18 @@ fn serve(ctl: OwnedFd) -> ! {
         if rustix::process::getppid() != program {
             sys::exit_now(0);
         }
-        let asker = match (&buf[..n], fds.len(), program) {
-            ([REQUEST_TAG, tid @ ..], REQUEST_FDS, Some(program)) => {
-                Pid::from_raw(i32::from_le_bytes(tid.try_into().expect("4 bytes")))
-                    .map(|tid| (program, tid))
-            }
-            _ => None,
+        let (asker, ahead) = match (&buf[..n], fds.len(), program) {
+            (&[REQUEST_TAG, a, b, c, d, ahead], REQUEST_FDS, Some(program)) => (
+                Pid::from_raw(i32::from_le_bytes([a, b, c, d])).map(|tid| (program, tid)),
+                usize::from(ahead),
+            ),
+            _ => (None, 0),
         };
         let Some((program, tid)) = asker else {
             answer(&ctl, -libc::EINVAL, 0, None);
             continue;
         };
-        // The server is forked first: it readies itself (and forks its first spare) while
+        // The server is forked first: it readies itself (and forks its first spares) while
         // the seed reads the asking thread's context and compares it with its own (a
         // program that gave up some right since `init()` cannot have it back through the
         // seed, whatever it says). Until the seed's verdict on a pipe, the server has read
@@ -281,7 +285,7 @@ fn serve(ctl: OwnedFd) -> ! {
         let server = match crate::fork::fork_sibling() {
             Ok(None) => {
                 drop(gate_w);
-                become_server(fds, gate_r, program)
+                become_server(fds, gate_r, program, ahead)
             }
             Ok(Some(pid)) => pid,
             Err(e) => {
@@ -319,16 +323,16 @@ fn answer(ctl: &OwnedFd, value: i32, part: u32, server: Option<Pid>) {
     }
 }
 
-/// The server's end of the pipe the seed's verdict comes on, kept for [`serve_forked`] (the
-/// server is single-threaded).
-static GATE: Mutex<Option<OwnedFd>> = Mutex::new(None);
+/// The server's end of the pipe the seed's verdict comes on, and how many workers its pool
+/// asks for at once, kept for [`serve_forked`] (the server is single-threaded).
+static GATE: Mutex<Option<(OwnedFd, usize)>> = Mutex::new(None);
 
 /// The seed's child for one request: takes the program's present working directory, stdout
 /// and stderr, is prepared as a fork server's worker is (its own group, the parent-death
 /// signal, no other descriptor but `gate`; a worker's signal settings and stdin the seed
 /// took when it was made), then serves as a fork server once the seed's verdict on `gate`
 /// allows it; never returns.
-fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid) -> ! {
+fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid, ahead: usize) -> ! {
     let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
@@ -341,14 +345,14 @@ fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid) -> ! {
     }
     drop((cwd, out, err));
     let keep = std::os::fd::AsRawFd::as_raw_fd(&gate);
-    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some((gate, ahead));
     crate::fork::serve_inherited(ctl, keep, program, serve_forked)
 }
 
 /// A fork server forked by the seed, prepared: serves once the seed's verdict allows it.
 fn serve_forked(ctl: OwnedFd) -> ! {
     match GATE.lock().unwrap_or_else(PoisonError::into_inner).take() {
-        Some(gate) => crate::forkserver::serve_gated(ctl, gate),
+        Some((gate, ahead)) => crate::forkserver::serve_gated(ctl, gate, ahead),
         None => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     }
 }
