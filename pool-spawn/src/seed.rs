@@ -245,9 +245,11 @@ const ANSWER_LEN: usize = 12;
 fn serve(ctl: OwnedFd) -> ! {
     let me = rustix::process::getpid();
     sys::set_process_name(&[":seed"], me);
-    // The program's as it was at `init()`, which this copy keeps: read now, while the
-    // program goes on (often on the other CPU), rather than when its first pool waits.
-    let ours = Context::of(me, me);
+    // The program's as it was at `init()`, which this copy keeps (it never changes): read at
+    // the first request, once its server is forked and starting beside it, rather than now,
+    // when the seed's start would compete with the program's own (a first pool built soon
+    // after `init()` then waited for it).
+    let mut ours: Option<Option<Context>> = None;
     let program = rustix::process::getppid();
     let mut buf = [0u8; REQUEST_LEN + 1];
     loop {
@@ -296,7 +298,8 @@ fn serve(ctl: OwnedFd) -> ! {
         drop((fds, gate_r));
         // A context that cannot be read (`/proc` unreadable, or no such thread of the
         // program) cannot be told equal.
-        let differs = match (Context::of(program, tid), &ours) {
+        let ours = ours.get_or_insert_with(|| Context::of(me, me));
+        let differs = match (Context::of(program, tid), &*ours) {
             (Some(theirs), Some(ours)) => theirs.first_difference(ours),
             _ => Some(0),
         };
