@@ -275,8 +275,10 @@ fn prepare_worker(chan: RawFd, parent: Pid, prepare: Prepare) -> rustix::io::Res
         stdin_from_null()?;
     }
     match prepare {
-        Prepare::InheritedKeeping(other) => sys::close_fds_except_two(chan, other),
-        Prepare::Full | Prepare::Inherited => sys::close_fds_except(chan),
+        Prepare::InheritedKeeping(other) => {
+            sys::close_fds_except(&[chan.min(other), chan.max(other)])
+        }
+        Prepare::Full | Prepare::Inherited => sys::close_fds_except(&[chan]),
     }
     Ok(())
 }

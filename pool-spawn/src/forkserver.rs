@@ -239,7 +239,7 @@ fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<(OwnedFd, usi
             match rustix::io::read(&gate, &mut b) {
                 Ok(1) if b[0] == GATE_OPEN => break,
                 Err(rustix::io::Errno::INTR) => {}
-                // Not allowed (end of file: refused, or the seed is gone): the spare is
+                // Not allowed (end of file: refused, or the seed is gone): the spares are
                 // killed and reaped first.
                 _ => {
                     s.stop(false);

@@ -217,8 +217,8 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
             let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             let part = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
             let server = Pid::from_raw(i32::from_le_bytes([b[8], b[9], b[10], b[11]]));
-            if v > 0 {
-                return Pid::from_raw(v).filter(|&p| Some(p) == server).map(Ok);
+            if v == 0 {
+                return server.map(Ok);
             }
             if let Some(server) = server {
                 drop(ChildProc::adopt(server));
@@ -235,10 +235,10 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
     }
 }
 
-/// The seed's answer: an `i32`, the pid of the server it forked, or a negative errno
+/// The seed's answer: an `i32`, `0` if the server may serve, or a negative errno
 /// (`-ESTALE`: the program's context differs, in the part whose index follows as a `u32`);
-/// then the pid of the server it forked (`0` if none), which a refused one leaves to be
-/// reaped.
+/// then the pid of the server it forked (`0` if none), which the program reaps whatever
+/// the verdict.
 const ANSWER_LEN: usize = 12;
 
 /// The seed's loop: a server forked for each request; never returns.
@@ -306,7 +306,7 @@ fn serve(ctl: OwnedFd) -> ! {
         let (value, part) = match differs {
             None => {
                 let _ = rustix::io::write(&gate_w, &[crate::forkserver::GATE_OPEN]);
-                (server.as_raw_nonzero().get(), 0)
+                (0, 0)
             }
             Some(part) => (-libc::ESTALE, part as u32),
         };

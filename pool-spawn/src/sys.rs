@@ -194,27 +194,18 @@ pub(crate) fn pidfd_exit_info(pidfd: BorrowedFd<'_>) -> Option<Option<i32>> {
     (r == 0).then(|| (info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
 }
 
-/// Closes every file descriptor from 3 up except `keep`.
+/// Closes every file descriptor from 3 up except those in `keep` (in ascending order).
 ///
 /// Uses `close_range(2)`; on kernels without it, closes one by one up to the fd limit.
 /// Async-signal-safe (no allocation).
-pub(crate) fn close_fds_except(keep: RawFd) {
-    let keep = keep as u32;
-    if keep > 3 {
-        close_range(3, keep - 1, 0);
-    }
-    close_range(keep.max(2) + 1, u32::MAX, 0);
-}
-
-/// [`close_fds_except`], keeping two descriptors.
-pub(crate) fn close_fds_except_two(a: RawFd, b: RawFd) {
-    let (lo, hi) = (a.min(b) as u32, a.max(b) as u32);
+pub(crate) fn close_fds_except(keep: &[RawFd]) {
     let mut first = 3;
-    for keep in [lo, hi] {
-        if keep > first {
-            close_range(first, keep - 1, 0);
+    for &k in keep {
+        let k = k as u32;
+        if k > first {
+            close_range(first, k - 1, 0);
         }
-        first = first.max(keep + 1);
+        first = first.max(k + 1);
     }
     close_range(first, u32::MAX, 0);
 }
