@@ -83,18 +83,22 @@ UNITS = {
 }
 
 # Sizes per workload: (full, quick).  The same counts as `procpool bench`
-# (pool-cli/src/bench.rs, `Scale`), so that fixed costs weigh the same on both sides.
+# (pool-cli/src/bench.rs, `Scale`), so that fixed costs weigh the same on both sides;
+# except the apply round trips, whose figure is the median of each call's time (no fixed
+# cost in it): 5000 of CPython's calls, at 0.3-0.8 ms each, made one placement's
+# references take 64 s on a slow machine (three contexts, three runs each), where 5000 of
+# procpool's take a fraction of a second. A thousand samples are plenty for a median.
 SIZES = {
-    "apply_rtt": (5000, 500),  # round trips per run
-    "apply_rtt_one_cpu": (5000, 500),
-    "apply_rtt_two_cpus": (5000, 500),
+    "apply_rtt": (1000, 500),  # round trips per run
+    "apply_rtt_one_cpu": (1000, 500),
+    "apply_rtt_two_cpus": (1000, 500),
     "map_tiny_chunk1": (20_000, 2_000),  # tasks
     "imap_tiny_chunk1": (20_000, 2_000),  # tasks
     "map_tiny_auto": (200_000, 20_000),  # tasks
     "echo_1mib": (200, 20),  # 1 MiB tasks
     "cpu_speedup": (16, 4),  # ~20 ms tasks
     "startup": (1, 1),
-    "recycle": (400, 40),  # tasks, one per worker process
+    "recycle": (200, 40),  # tasks, one per worker process
     "replace_latency": (1, 1),
     "imap_memory": (200_000, 20_000),  # results consumed
     "map_tiny_chunk1_timeout": (20_000, 2_000),  # tasks, each with a 10 s limit

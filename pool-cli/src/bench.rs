@@ -213,7 +213,7 @@ impl Scale {
                 tiny_auto: 200_000,
                 echo_tasks: 200,
                 cpu_tasks: 16,
-                recycle_tasks: 400,
+                recycle_tasks: 200,
                 imap_items: 200_000,
                 big_map: 10_000_000,
                 forks: 2_000,
@@ -564,15 +564,21 @@ pub(crate) fn run(args: Args) -> ExitCode {
     // the report can tell a slow machine from a slow pool and give each goal as a ratio.
     // (How fast this shared machine wakes a process changes from one minute to the next:
     // floors measured at the end once compared a fast-waking minute with a slow one.)
+    // Where the bench's own minutes go, per workload: its runs, its floors, its references.
+    let mut took: Vec<(&str, [Duration; 3])> = Vec::new();
     for w in &workloads {
         // Time the references of this workload have taken so far (see REF_BUDGET).
         let mut refs_took = Duration::ZERO;
+        let (mut ours_took, mut floors_took) = (Duration::ZERO, Duration::ZERO);
         for run in 0..runs_of(w, args.runs, args.quick) {
+            let started = std::time::Instant::now();
             for method in methods {
                 let line = run_isolated(w, *method, args.quick, limit);
                 println!("{line}");
                 rows.push(line);
             }
+            ours_took += started.elapsed();
+            let started = std::time::Instant::now();
             for &(system, workload, beside) in FLOORS {
                 if beside != w {
                     continue;
@@ -582,6 +588,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 println!("{line}");
                 rows.push(line);
             }
+            floors_took += started.elapsed();
             let refs_due = if args.quick {
                 run == 0
             } else {
@@ -593,7 +600,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 refs_took += started.elapsed();
             }
         }
+        took.push((w, [ours_took, floors_took, refs_took]));
     }
+    report_time(&took);
     if let Some(dir) = &args.out
         && let Err(e) = crate::reference::report(dir, &rows, args.quick)
     {
@@ -609,6 +618,34 @@ fn run_isolated(workload: &str, method: crate::Method, quick: bool, limit: Durat
     let system = format!("procpool-{}", method.name());
     let spec = format!("{}:{workload}", method.name());
     run_isolated_spec(&system, &spec, workload, quick, limit)
+}
+
+/// Prints (to stderr, beside the progress) the seconds each workload took: procpool's runs,
+/// the floors measured beside them and the references, and the sums: what to look at when
+/// the full bench nears its time limit on a slow machine.
+fn report_time(took: &[(&str, [Duration; 3])]) {
+    let secs = |d: Duration| d.as_secs_f64();
+    let mut sum = [0.0; 3];
+    eprintln!("procpool bench: seconds per workload (procpool, floors, references)");
+    for (w, t) in took {
+        eprintln!(
+            "  {w:<24} {:>7.1} {:>7.1} {:>7.1}",
+            secs(t[0]),
+            secs(t[1]),
+            secs(t[2])
+        );
+        for (s, t) in sum.iter_mut().zip(t) {
+            *s += secs(*t);
+        }
+    }
+    eprintln!(
+        "  {:<24} {:>7.1} {:>7.1} {:>7.1}  ({:.0} s)",
+        "all",
+        sum[0],
+        sum[1],
+        sum[2],
+        sum.iter().sum::<f64>()
+    );
 }
 
 /// Runs `procpool bench --one SPEC` in a child process; see [`run_isolated`].

@@ -70,7 +70,7 @@ fn size(workload: &str, quick: bool) -> usize {
         "map_tiny_auto" => (200_000, 20_000),
         "echo_1mib" => (200, 20),
         "cpu_speedup" => (16, 4),
-        "recycle" => (400, 40),
+        "recycle" => (200, 40),
         "imap_memory" => (200_000, 20_000),
         _ => (1, 1),
     };
