@@ -144,6 +144,7 @@ pub struct PoolBuilder {
     memory_limit_per_child: Option<u64>,
     max_tasks_jitter: u64,
     max_queued: Option<usize>,
+    in_flight: Option<(usize, usize)>,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -159,6 +160,7 @@ impl fmt::Debug for PoolBuilder {
             .field("memory_limit_per_child", &self.memory_limit_per_child)
             .field("max_tasks_per_child_jitter", &self.max_tasks_jitter)
             .field("max_queued", &self.max_queued)
+            .field("in_flight_per_worker", &self.in_flight)
             .finish()
     }
 }
@@ -245,6 +247,35 @@ impl PoolBuilder {
         self
     }
 
+    /// How many tasks each worker may hold at once (the one it runs and those sent ahead of
+    /// it), as a range the pool keeps within. The pool holds the least while it does not
+    /// know how long tasks take and when they take 20 ms or more, and more as they get
+    /// briefer: about half a millisecond of work per worker, so that tiny tasks do not each
+    /// wait a round trip ([`Metrics::in_flight_per_worker`](crate::Metrics) shows the
+    /// current depth). Default: `1..=1024`, and never more than 1024.
+    ///
+    /// A fixed depth (`n..=n`) holds `n` from the first task, whatever their length: tasks
+    /// queued in a worker wait behind the one it runs even while another worker idles, so
+    /// a depth above one suits tasks known to be brief and alike. Whatever the depth, a
+    /// worker that dies fails only the task it was running; those it held and had not begun
+    /// run elsewhere, and cancelling them keeps them from running.
+    ///
+    /// ```
+    /// # use pool_core as procpool;
+    /// use procpool::{BuildErrorKind, Pool};
+    ///
+    /// let e = Pool::builder().in_flight_per_worker(8..=2).build().unwrap_err();
+    /// assert_eq!(e.kind(), BuildErrorKind::InvalidConfig);
+    /// assert_eq!(
+    ///     e.to_string(),
+    ///     "in_flight_per_worker must be a range within 1..=1024, not 8..=2"
+    /// );
+    /// ```
+    pub fn in_flight_per_worker(mut self, range: std::ops::RangeInclusive<usize>) -> Self {
+        self.in_flight = Some(range.into_inner());
+        self
+    }
+
     /// How workers start: [`StartMethod::Forkserver`] (default), `Spawn` or `Fork`. Under
     /// `Fork`, `build` forks this process into a single-threaded zygote that forks every
     /// worker, replacements included, but the first two, which `build` forks itself at the
@@ -324,6 +355,12 @@ impl PoolBuilder {
         if self.max_queued == Some(0) {
             return Err(BuildError::invalid("max_queued must be at least 1"));
         }
+        let (in_flight, max_in_flight) = self.in_flight.unwrap_or((IN_FLIGHT, MAX_IN_FLIGHT));
+        if in_flight == 0 || in_flight > max_in_flight || max_in_flight > MAX_IN_FLIGHT {
+            return Err(BuildError::invalid(format!(
+                "in_flight_per_worker must be a range within 1..={MAX_IN_FLIGHT}, not {in_flight}..={max_in_flight}"
+            )));
+        }
         let init = match self.init {
             Some(Err(m)) => return Err(BuildError::invalid(m)),
             Some(Ok(i)) => Some(i),
@@ -376,8 +413,8 @@ impl PoolBuilder {
         let policy = Policy::new(PolicyConfig {
             processes,
             max_tasks: self.max_tasks_per_child,
-            in_flight: IN_FLIGHT,
-            max_in_flight: MAX_IN_FLIGHT,
+            in_flight,
+            max_in_flight,
             start_failure_limit: START_FAILURE_LIMIT,
             max_tasks_jitter: self.max_tasks_jitter,
         });

@@ -58,9 +58,6 @@ pub(crate) trait Effects<T> {
 pub(crate) enum TakenUp {
     /// Nothing the mark comes too late for: the worker skips the task.
     Nothing,
-    /// The worker does not say (it keeps no progress page): it runs what it was sent, in
-    /// order, and the oldest task it holds is taken to be running.
-    Unknown,
     /// The last task it took up is `id` (and no other since): running it, or `ended`.
     Task { id: TaskId, ended: bool },
     /// The mark could not be made: every slot it may go in holds the mark of another task
@@ -613,7 +610,6 @@ impl<T> Policy<T> {
         let pos = in_flight.iter().position(|&t| t == id);
         let began = match fx.cancel_sent(wid, id) {
             TakenUp::Nothing => false,
-            TakenUp::Unknown => pos == Some(0),
             TakenUp::NoRoom => true,
             TakenUp::Task { id: last, ended } if last == id => {
                 if ended {
@@ -719,7 +715,10 @@ impl<T> Policy<T> {
         } else {
             usize::try_from(DEPTH_TARGET_NS.div_ceil(pace))
                 .unwrap_or(usize::MAX)
-                .clamp(self.cfg.in_flight.max(2), self.cfg.max_in_flight)
+                .clamp(
+                    self.cfg.in_flight.max(2).min(self.cfg.max_in_flight),
+                    self.cfg.max_in_flight,
+                )
         };
         if depth != self.depth {
             let deeper = depth > self.depth;
@@ -2056,6 +2055,29 @@ mod tests {
             p.observe(Duration::from_millis(50), &mut fx);
         }
         assert_eq!(p.depth(), 1, "long tasks: one at a time again");
+    }
+
+    #[test]
+    fn a_fixed_depth_holds_whatever_the_tasks_take() {
+        for n in [1, 3] {
+            let (mut p, mut fx) = started(PolicyConfig {
+                in_flight: n,
+                max_in_flight: n,
+                ..cfg(1, None)
+            });
+            p.ready(1, &mut fx);
+            for id in 0..10 {
+                p.submit(id, id, &mut fx).unwrap();
+            }
+            assert_eq!(fx.sent.len(), n, "{n} from the first task");
+            for service in [Duration::from_micros(1), Duration::from_millis(50)] {
+                for _ in 0..40 {
+                    p.observe(service, &mut fx);
+                }
+                assert_eq!(p.depth(), n, "{service:?}");
+            }
+            assert_eq!(fx.sent.len(), n);
+        }
     }
 
     #[test]

@@ -556,7 +556,8 @@ pub enum ToWorker<B = ByteBuf> {
         /// increments as it begins each [`ToWorker::Run`]: when the worker dies, the pool
         /// compares it with the results it received to tell whether a task was running.
         /// The worker stores [`PROGRESS_KEPT`] in the second `u64` once it has the page;
-        /// until then the count means nothing.
+        /// until then the count means nothing. A worker that cannot open the page it is
+        /// given fails its setup (the pool may have marked tasks cancelled on it already).
         progress: Option<FdRef>,
         /// Limits the worker applies to itself.
         limits: Limits,

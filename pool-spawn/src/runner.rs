@@ -111,19 +111,38 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
         )) => {
             // The page and the initializer's events open from these (closed at the end).
             let _passed = protocol::passing(fds);
-            // Best effort: without the page the pool assumes the oldest task it sent was
-            // running.
+            // A worker given a page keeps it or does not start: the pool may mark tasks
+            // cancelled on it before the worker has opened it, and a worker without it would
+            // run them. (A pool that could not make a page sends none: it knows it cannot
+            // keep a task it sent from running.)
             // Kept mapped for the rest of the process (a worker gets one Setup): its exit
             // unmaps it with everything else, sparing a separate unmap and close as the
             // worker ends, which for a worker recycled after each task is a good part of
             // its system calls.
-            let page: Option<&'static pool_ipc::shm::Segment> = progress
-                .and_then(|page| page.open_taken().ok())
-                .filter(|seg| seg.len() >= protocol::page::AREA_OFFSET)
-                .map(|seg| &*Box::leak(Box::new(seg)));
+            let page: Option<&'static pool_ipc::shm::Segment> = match progress {
+                None => None,
+                Some(page) => match page.open_taken() {
+                    Ok(seg) if seg.len() >= protocol::page::AREA_OFFSET => {
+                        Some(&*Box::leak(Box::new(seg)))
+                    }
+                    opened => {
+                        let why = match opened {
+                            Ok(seg) => format!("{} bytes, too short", seg.len()),
+                            Err(e) => e.to_string(),
+                        };
+                        send(
+                            &mut conn,
+                            &FromWorker::SetupFailed {
+                                reason: SetupFailure::Initializer,
+                                message: format!("cannot map the pool's progress page: {why}"),
+                            },
+                        )?;
+                        return Ok(EXIT_INIT_FAILED);
+                    }
+                },
+            };
             if let Some(page) = page {
-                // Tells the pool that the count in word 0 is kept (the page may not open:
-                // /proc missing, or the pool's process not readable to us).
+                // Tells the pool that the count in word 0 is kept.
                 // Nothing taken up yet.
                 page.atomic_u64(protocol::page::CURRENT)
                     .store(protocol::page::ENDED, Ordering::Release);

@@ -303,22 +303,16 @@ fn wait_for_file(path: String) -> u32 {
 
 #[test]
 fn cancelling_hundreds_of_tasks_sent_to_one_worker_runs_none_of_them() {
-    // A worker that has shown its tasks are brief is sent many at once (hundreds on an idle
-    // machine); here they wait behind a task that waits for a file. Cancelling them marks
-    // every one of them for the worker, however many: none runs.
-    let pool = builder(Default::default()).processes(1).build().unwrap();
-    // The depth follows how brief the tasks look, measured in real time: in a debug build,
-    // or on a loaded machine (other tests beside this one on two CPUs), a task takes
-    // longer and the queue stays shallower (44 tasks after 30 s of maps, once, in a debug
-    // build on an idle machine). So the test goes on with the depth it reached, if the
-    // queue deepened at all.
-    let t = Instant::now();
-    while pool.metrics().in_flight_per_worker < 100 && t.elapsed() < PROMPT {
-        pool.map_with(square, 0..2000u64, Options::new().chunksize(1))
-            .unwrap();
-    }
-    let depth = pool.metrics().in_flight_per_worker;
-    assert!(depth >= 10, "brief tasks deepen the queue: {depth}");
+    // A worker holding a hundred tasks (a fixed depth: the depth the pool picks follows
+    // measured task times, which a loaded machine stretches) behind one that waits for a
+    // file. Cancelling them marks every one of them for the worker, however many (more
+    // than the 32 marks a worker once had room for): none runs.
+    let depth = 100;
+    let pool = builder(Default::default())
+        .processes(1)
+        .in_flight_per_worker(depth..=depth)
+        .build()
+        .unwrap();
     let gate = scratch("cancel-many-gate");
     let path = scratch("cancel-many");
     let p = path.display().to_string();

@@ -30,7 +30,7 @@ pub(crate) struct Start {
 
 /// What was readied for a worker while it started: its plan and progress page.
 pub(crate) struct Prepared {
-    progress: Option<pool_ipc::shm::Segment>,
+    progress: pool_ipc::shm::Segment,
     plan: Plan,
 }
 
@@ -64,12 +64,30 @@ pub(crate) fn begin_one(
             None => return Ok(Begun::Gone),
         }
     };
-    // A page for the worker to count the tasks it begins and keep its results on; without
-    // it (no memory, say) the pool falls back to assuming the oldest task it sent was
-    // running, and cannot cancel tasks it sent. Readied while the fork server (or zygote)
-    // forks the worker.
-    let mut progress = None;
-    match launcher.begin_meanwhile(&plan.name, || progress = fresh_page(pages))? {
+    // A page for the worker to count the tasks it begins, keep its results on and find its
+    // tasks' cancel marks on. Readied while the fork server (or zygote) forks the worker.
+    // Without it (no memory, no descriptors) the pool could neither tell whether a dead
+    // worker's task began nor keep a cancelled one from running: the launch fails.
+    let mut progress = Err(std::io::Error::other("not made"));
+    let launch = launcher.begin_meanwhile(&plan.name, || progress = fresh_page(pages))?;
+    let progress = match progress {
+        Ok(page) => page,
+        Err(e) => {
+            match launch {
+                Launch::Ready(mut worker) => {
+                    let _ = worker.terminate(Duration::ZERO);
+                }
+                Launch::Starting(starting) => {
+                    let _ = starting.expire();
+                }
+            }
+            return Err(pool_spawn::Error::from(std::io::Error::new(
+                e.kind(),
+                format!("cannot make the worker's progress page: {e}"),
+            )));
+        }
+    };
+    match launch {
         Launch::Ready(worker) => Ok(match wire_up(shared, wid, worker, progress, &plan)? {
             Some(fds) => Begun::Ready(fds),
             None => Begun::Gone,
@@ -120,7 +138,7 @@ fn wire_up(
     shared: &Shared,
     wid: WorkerId,
     mut worker: Worker,
-    progress: Option<pool_ipc::shm::Segment>,
+    progress: pool_ipc::shm::Segment,
     plan: &Plan,
 ) -> Result<Option<WatchFds>, pool_spawn::Error> {
     let Plan {
@@ -145,14 +163,13 @@ fn wire_up(
     // worker opens what is missing through /proc (which fails if this process is not
     // dumpable).
     let mut fds = s.init_pins.fds();
-    let page_slot = match &progress {
-        Some(p) if fds.len() < pool_ipc::fdpass::MAX_FDS => {
-            p.as_fd().try_clone_to_owned().ok().map(|fd| {
-                fds.push(fd);
-                (fds.len() - 1) as u32
-            })
-        }
-        _ => None,
+    let page_slot = if fds.len() < pool_ipc::fdpass::MAX_FDS {
+        progress.as_fd().try_clone_to_owned().ok().map(|fd| {
+            fds.push(fd);
+            (fds.len() - 1) as u32
+        })
+    } else {
+        None
     };
     let setup = ToWorker::Setup {
         name: name.clone(),
@@ -163,9 +180,9 @@ fn wire_up(
             .init
             .as_ref()
             .map(|(f, args)| (*f, ByteBuf::from(args.clone()))),
-        progress: progress.as_ref().map(|p| FdRef {
+        progress: Some(FdRef {
             pid: s.pid,
-            fd: std::os::fd::AsRawFd::as_raw_fd(&p.as_fd()),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&progress.as_fd()),
             slot: page_slot,
         }),
     };
@@ -181,7 +198,7 @@ fn wire_up(
     };
     let backlog = std::mem::take(&mut w.backlog);
     w.conn = Some(conn);
-    w.progress = progress.map(Arc::new);
+    w.progress = Some(Arc::new(progress));
     w.write_pending_cancels();
     for (f, pins, is_task) in backlog {
         if let Some(conn) = w.conn.as_mut() {
@@ -224,15 +241,16 @@ pub(super) const KEEP_PAGES: usize = 4;
 /// a fresh worker). A kept page is zeroed whole (it reads as a new one does), so nothing of
 /// the worker that had it reaches the next one's count, cancel marks or results; it was
 /// kept only once that worker had been reaped.
-fn fresh_page(pages: &mut Vec<pool_ipc::shm::Segment>) -> Option<pool_ipc::shm::Segment> {
+fn fresh_page(pages: &mut Vec<pool_ipc::shm::Segment>) -> std::io::Result<pool_ipc::shm::Segment> {
     while let Some(page) = pages.pop() {
         if page.zero().is_ok() {
-            return Some(page);
+            return Ok(page);
         }
     }
     // Sparse: a worker touches only the pages its results need (allocating the whole
     // result area up front for every worker made each start several times slower).
-    pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN).ok()
+    pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN)
+        .map_err(std::io::Error::other)
 }
 
 /// What the driver watches for a newly started worker besides its socket (registered in

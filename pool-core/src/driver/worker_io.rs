@@ -268,8 +268,8 @@ impl WorkerIo {
         }
     }
 
-    /// The progress page, once the worker keeps it (it may not have opened it: it then
-    /// keeps no count).
+    /// The progress page, once the worker keeps it (it has not opened it until its setup,
+    /// and a worker that cannot open it fails its setup).
     fn page(&self) -> Option<&pool_ipc::shm::Segment> {
         self.kept_page().map(|p| &**p)
     }
@@ -359,20 +359,19 @@ impl WorkerIo {
     /// Marks task `id` cancelled for the worker (it skips it unless it took it up), and
     /// says what the worker had taken up then.
     pub(super) fn mark_cancelled(&mut self, id: u64) -> TakenUp {
-        if self.progress.is_none() {
+        // The page as made, kept by the worker or not yet: a worker opens its page before
+        // it takes up any task, or fails its setup and runs none, so a mark made before it
+        // opened the page is seen all the same. (Its CURRENT is zero until then, no task's
+        // id.)
+        let Some(page) = self.progress.as_deref() else {
             // Not launched yet: the mark is written with the page, before any task is sent.
             self.pending_cancels.push(id);
             return TakenUp::Nothing;
-        }
-        if self.page().is_none() {
-            return TakenUp::Unknown;
-        }
-        let page = self.page().expect("checked above");
+        };
         let Some(slot) = free_cancel_slot(page, &self.marked, id) else {
             return TakenUp::NoRoom;
         };
         self.marked.insert(id);
-        let page = self.page().expect("checked above");
         // Store, then load: the worker stores CURRENT, then loads MARKED and the slots (see
         // `page`).
         page.atomic_u64(slot).store(id, Ordering::SeqCst);
@@ -717,6 +716,31 @@ mod tests {
         for &id in ids.iter().filter(|&&id| id != ids[1]) {
             assert!(seen(id), "{id}");
         }
+    }
+
+    #[test]
+    fn a_mark_made_before_the_worker_opened_its_page_waits_there_for_it() {
+        // Launched, its setup not read yet (a loaded machine): the page is not kept yet,
+        // and the worker, which opens it before any task, must find the mark.
+        let mut w = WorkerIo::new("w".into());
+        let page = pool_ipc::shm::Segment::create_sparse("procpool-test-page", page::LEN).unwrap();
+        w.progress = Some(Arc::new(page));
+        assert!(w.page().is_none(), "not kept yet");
+        assert_eq!(
+            w.mark_cancelled(7),
+            TakenUp::Task {
+                id: 0,
+                ended: false
+            },
+            "nothing taken up"
+        );
+        let page = w.progress.as_deref().unwrap();
+        assert_ne!(page.atomic_u64(page::MARKED).load(Ordering::SeqCst), 0);
+        assert!((0..page::CANCEL_PROBES).any(|k| {
+            page.atomic_u64(page::cancel_slot(7, k))
+                .load(Ordering::SeqCst)
+                == 7
+        }));
     }
 
     #[test]
