@@ -181,8 +181,9 @@
 //!
 //! Each worker holds a few tasks at a time so that short tasks do not wait on round trips:
 //! one while their length is unknown or when they take 20 ms or more (so no task waits
-//! behind a long one while another worker idles), up to sixty-four when they take microseconds
-//! ([`Metrics::in_flight_per_worker`] shows the current depth). No more than `processes`
+//! behind a long one while another worker idles), and below that as many as take about half
+//! a millisecond together, up to 1024 ([`Metrics::in_flight_per_worker`] shows the current depth,
+//! [`PoolBuilder::in_flight_per_worker`] bounds or fixes it). No more than `processes`
 //! workers run tasks at once, recycling included. Nothing hangs: a dead worker is noticed
 //! from its channel and its pidfd, not by polling.
 //!
