@@ -214,7 +214,7 @@ impl Scale {
                 echo_tasks: 200,
                 cpu_tasks: 16,
                 recycle_tasks: 200,
-                imap_items: 200_000,
+                imap_items: 100_000,
                 big_map: 10_000_000,
                 forks: 2_000,
                 execs: 200,
