@@ -78,6 +78,20 @@ fn send_failed(e: pool_ipc::Error) -> Stop {
     }
 }
 
+/// Reports a failed setup to the pool: the exit code the worker ends with.
+fn fail_setup(
+    conn: &mut Duplex<FromWorker, ToWorker>,
+    reason: SetupFailure,
+    message: String,
+) -> Result<i32, Stop> {
+    let code = match reason {
+        SetupFailure::ImageMismatch => EXIT_IMAGE_MISMATCH,
+        SetupFailure::Initializer => EXIT_INIT_FAILED,
+    };
+    send(conn, &FromWorker::SetupFailed { reason, message })?;
+    Ok(code)
+}
+
 /// The loop; `Ok(code)` is the exit code.
 fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
     // The pool passes the descriptors of the events a task takes, and of the progress page,
@@ -113,34 +127,26 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
             let _passed = protocol::passing(fds);
             // A worker given a page keeps it or does not start: the pool may mark tasks
             // cancelled on it before the worker has opened it, and a worker without it would
-            // run them. (A pool that could not make a page sends none: it knows it cannot
-            // keep a task it sent from running.)
+            // run them.
             // Kept mapped for the rest of the process (a worker gets one Setup): its exit
             // unmaps it with everything else, sparing a separate unmap and close as the
             // worker ends, which for a worker recycled after each task is a good part of
             // its system calls.
-            let page: Option<&'static pool_ipc::shm::Segment> = match progress {
-                None => None,
-                Some(page) => match page.open_taken() {
-                    Ok(seg) if seg.len() >= protocol::page::AREA_OFFSET => {
+            let page: Option<&'static pool_ipc::shm::Segment> =
+                match progress.map(|page| page.open_taken()) {
+                    None => None,
+                    Some(Ok(seg)) if seg.len() >= protocol::page::AREA_OFFSET => {
                         Some(&*Box::leak(Box::new(seg)))
                     }
-                    opened => {
+                    Some(opened) => {
                         let why = match opened {
                             Ok(seg) => format!("{} bytes, too short", seg.len()),
                             Err(e) => e.to_string(),
                         };
-                        send(
-                            &mut conn,
-                            &FromWorker::SetupFailed {
-                                reason: SetupFailure::Initializer,
-                                message: format!("cannot map the pool's progress page: {why}"),
-                            },
-                        )?;
-                        return Ok(EXIT_INIT_FAILED);
+                        let message = format!("cannot map the pool's progress page: {why}");
+                        return fail_setup(&mut conn, SetupFailure::Initializer, message);
                     }
-                },
-            };
+                };
             if let Some(page) = page {
                 // Tells the pool that the count in word 0 is kept.
                 // Nothing taken up yet.
@@ -156,39 +162,19 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
             let same = match image.verify() {
                 Ok(same) => same,
                 Err(message) => {
-                    send(
-                        &mut conn,
-                        &FromWorker::SetupFailed {
-                            reason: SetupFailure::ImageMismatch,
-                            message,
-                        },
-                    )?;
-                    return Ok(EXIT_IMAGE_MISMATCH);
+                    return fail_setup(&mut conn, SetupFailure::ImageMismatch, message);
                 }
             };
             if let Some(cap) = limits.memory_cap
                 && let Err(e) = set_memory_cap(cap)
             {
-                send(
-                    &mut conn,
-                    &FromWorker::SetupFailed {
-                        reason: SetupFailure::Initializer,
-                        message: format!("cannot set the memory limit of {cap} bytes: {e}"),
-                    },
-                )?;
-                return Ok(EXIT_INIT_FAILED);
+                let message = format!("cannot set the memory limit of {cap} bytes: {e}");
+                return fail_setup(&mut conn, SetupFailure::Initializer, message);
             }
             if let Some((f, args)) = init
                 && let Err(message) = task::call_init(&same, f, &args)
             {
-                send(
-                    &mut conn,
-                    &FromWorker::SetupFailed {
-                        reason: SetupFailure::Initializer,
-                        message,
-                    },
-                )?;
-                return Ok(EXIT_INIT_FAILED);
+                return fail_setup(&mut conn, SetupFailure::Initializer, message);
             }
             (max_tasks, same, page, limits)
         }
