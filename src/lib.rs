@@ -106,8 +106,8 @@
 //! it does when there is no seed: other threads were running when `init()` came, or
 //! `PROCPOOL_SEED=0` is set.
 //! The seed is one more child process for the whole life of the program (`<program>:seed`
-//! in `ps`), ended with it; a program that waits for all of its children to end should set
-//! `PROCPOOL_SEED=0`.
+//! in `ps`), ended with it; a program that waits for all of its children to end should
+//! leave out the one [`seed_pid`] names, or set `PROCPOOL_SEED=0`.
 //!
 //! Most of the time `build` takes with Spawn, and with Forkserver when its server starts
 //! fresh, is that re-run: the program
@@ -322,7 +322,9 @@ pub use pool_core::{
     Task, TaskError, TaskErrorKind, WaitError, WorkerInfo,
 };
 pub use pool_spawn::task::{InitOutput, TaskFn};
-pub use pool_spawn::{ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support};
+pub use pool_spawn::{
+    ExitStatus, ProcessInfo, StartMethod, current_process, enable_test_support, seed_pid,
+};
 
 /// Worker entry: call it first in `main`.
 ///

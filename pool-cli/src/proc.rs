@@ -196,8 +196,8 @@ pub(crate) fn become_subreaper() {
     let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
 }
 
-/// The children of this process, as `/proc` lists them: `(pid, process group)`.
-fn children() -> Vec<(Pid, Pid)> {
+/// The children of this process but `spare`, as `/proc` lists them: `(pid, process group)`.
+fn children(spare: Option<Pid>) -> Vec<(Pid, Pid)> {
     let me = rustix::process::getpid().as_raw_nonzero().get();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -222,6 +222,7 @@ fn children() -> Vec<(Pid, Pid)> {
         let mut fields = rest.split_whitespace();
         let (_state, ppid, pgrp) = (fields.next(), fields.next(), fields.next());
         if ppid.and_then(|p| p.parse::<i32>().ok()) == Some(me)
+            && Pid::from_raw(pid) != spare
             && let (Some(p), Some(g)) = (
                 Pid::from_raw(pid),
                 pgrp.and_then(|g| g.parse::<i32>().ok())
@@ -234,13 +235,19 @@ fn children() -> Vec<(Pid, Pid)> {
     out
 }
 
-/// Ends every child this process still has (call it once the pool is gone, so that the
-/// only children left are orphans of the pool's workers: commands, persistent workers and
-/// what they started). Each is given `patience` to exit by itself (a persistent worker
+/// Ends every child this process still has but the seed (call it once the pool is gone, so
+/// that the only children left are orphans of the pool's workers: commands, persistent
+/// workers and what they started; the seed `procpool::init` made ends with this process). Each is given `patience` to exit by itself (a persistent worker
 /// whose input closed), then its process group gets `SIGTERM`, then after [`TERM_GRACE`]
 /// `SIGKILL`; `hurry` (a second Ctrl-C) skips straight to `SIGKILL`. Every child is reaped.
 /// Returns how many there were.
 pub(crate) fn sweep(patience: Duration, hurry: &AtomicBool) -> usize {
+    let seed = procpool::seed_pid().and_then(|p| Pid::from_raw(p as i32));
+    sweep_sparing(patience, hurry, seed)
+}
+
+/// [`sweep`], leaving `spare` alone.
+fn sweep_sparing(patience: Duration, hurry: &AtomicBool, spare: Option<Pid>) -> usize {
     let mine = rustix::process::getpgrp();
     let signal = |pid: Pid, pgid: Pid, sig: Signal| {
         if pgid == mine {
@@ -256,12 +263,12 @@ pub(crate) fn sweep(patience: Duration, hurry: &AtomicBool) -> usize {
     let mut seen = std::collections::HashSet::new();
     let mut termed = std::collections::HashSet::new();
     loop {
-        let kids = children();
+        let kids = children(spare);
         for &(pid, _) in &kids {
             seen.insert(pid);
             let _ = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG);
         }
-        let kids = children();
+        let kids = children(spare);
         if kids.is_empty() {
             return seen.len();
         }

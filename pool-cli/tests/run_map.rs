@@ -395,6 +395,28 @@ fn map_recycles_worker_commands_after_k_tasks() {
     worker.remove();
 }
 
+/// `procpool map` ends once its worker commands have. What it sweeps at the end (orphans
+/// of the pool's workers, given two seconds to exit by themselves) leaves out the seed
+/// `init()` made, a child of the command for its whole life: sweeping it cost every map
+/// those two seconds. Timed against `procpool run` over the same lines, which starts the
+/// same pool and sweeps without waiting, so that a slow machine slows both alike.
+#[test]
+fn map_ends_once_its_worker_commands_have_without_waiting_for_the_seed() {
+    let timed = |args: &[&str]| {
+        let t = Instant::now();
+        let out = procpool(args, &lines(4));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "1\n2\n3\n4\n");
+        t.elapsed()
+    };
+    let run = timed(&["run", "-q", "-j", "2", "--keep-order", "--", "echo", "{}"]);
+    let map = timed(&["map", "-q", "-j", "2", "--", "cat"]);
+    assert!(
+        map < run + Duration::from_millis(1500),
+        "map took {map:?}, run {run:?}: map waited for something"
+    );
+}
+
 #[test]
 fn map_reports_the_line_that_crashed_its_worker_and_goes_on() {
     let worker = Worker::new("crash");

@@ -223,6 +223,27 @@ pub fn init() {
     }
 }
 
+/// The process id of the seed [`init`] made (see the crate docs), or `None` if this process
+/// has none (no `init()` yet, other threads were running then, `PROCPOOL_SEED=0`, or the
+/// seed was made by the process this one is a fork of).
+///
+/// The seed is a child of this process for as long as the process lives. A program that
+/// waits for, or ends, its children itself (a `waitpid(-1)` loop, a sweep of whatever
+/// children are left before exiting) should leave this one alone: it ends by itself when
+/// the program does, and Forkserver pools built after it is gone execute their servers.
+///
+/// # Examples
+///
+/// ```no_run
+/// pool_spawn::init();
+/// if let Some(pid) = pool_spawn::seed_pid() {
+///     println!("the seed is process {pid}: not one of ours to reap");
+/// }
+/// ```
+pub fn seed_pid() -> Option<u32> {
+    seed::pid().map(|p| p.as_raw_nonzero().get() as u32)
+}
+
 /// Whether `init()` has made (or tried to make) the seed; once per process.
 static SEED_PLANTED: AtomicBool = AtomicBool::new(false);
 

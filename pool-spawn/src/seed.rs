@@ -113,6 +113,13 @@ pub(crate) fn plant() {
     }
 }
 
+/// The seed's pid, if this process made one (see [`crate::seed_pid`]).
+pub(crate) fn pid() -> Option<Pid> {
+    let g = SEED.lock().unwrap_or_else(PoisonError::into_inner);
+    let seed = g.as_ref()?;
+    (seed.owner == rustix::process::getpid()).then(|| seed.child.pid())
+}
+
 /// A fork server forked by the seed, begun (its hello not read yet), or `None` when there is
 /// no seed, this process has changed since it was made in a way a server would inherit, or
 /// the seed failed: the caller then executes a server. `ahead`: how many workers the pool
