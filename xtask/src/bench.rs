@@ -74,7 +74,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     collect(&mut cmd, &mut raw)?;
     drop(raw);
 
-    // The command line against xargs, GNU parallel and CPython's Pool (its own table).
+    // The command line against xargs, GNU parallel and CPython's Pool: a section of the
+    // report (none, rather than an old one, if it cannot run).
+    let cli_path = out_dir.join("CLI.md");
+    let _ = fs::remove_file(&cli_path);
     if let Err(e) = cli_comparisons(&root, &out_dir, &exe, quick) {
         eprintln!("    command-line comparisons: {e}");
     }
@@ -120,11 +123,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 .arg(&out_dir)
                 .args(["--mode", if quick { "quick" } else { "full" }])
                 .args(
-                    dispatch_path
-                        .exists()
-                        .then(|| ["--section".as_ref(), dispatch_path.as_os_str()])
+                    [&dispatch_path, &cli_path]
                         .into_iter()
-                        .flatten(),
+                        .filter(|p| p.exists())
+                        .flat_map(|p| ["--section".as_ref(), p.as_os_str()]),
                 )
                 .args([
                     "--command",
@@ -456,7 +458,14 @@ fn cli_comparisons(
             simple / xp
         ));
     }
-    let text = format!("{md}\n{goals}");
+    let text = format!(
+        "## The `procpool` command: `run` and `map` beside xargs, GNU parallel and CPython's \
+         Pool\n\n\
+         Each figure is the median of {runs} run(s) of the whole command, start to exit: \
+         {jobs} jobs for `run`, {lines} lines for `map` ({per_process_lines} for one python \
+         per line). The last column is the wall time per job times the 2 slots.\n\n{md}\n\
+         {goals}"
+    );
     println!("{text}");
     fs::write(out_dir.join("CLI.md"), &text).map_err(|e| format!("write CLI.md: {e}"))?;
     fs::write(out_dir.join("cli.jsonl"), jsonl).map_err(|e| format!("write cli.jsonl: {e}"))?;
