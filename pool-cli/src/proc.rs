@@ -237,10 +237,11 @@ fn children(spare: Option<Pid>) -> Vec<(Pid, Pid)> {
 
 /// Ends every child this process still has but the seed (call it once the pool is gone, so
 /// that the only children left are orphans of the pool's workers: commands, persistent
-/// workers and what they started; the seed `procpool::init` made ends with this process). Each is given `patience` to exit by itself (a persistent worker
-/// whose input closed), then its process group gets `SIGTERM`, then after [`TERM_GRACE`]
-/// `SIGKILL`; `hurry` (a second Ctrl-C) skips straight to `SIGKILL`. Every child is reaped.
-/// Returns how many there were.
+/// workers and what they started; the seed `procpool::init` made ends with this process).
+/// Each is given `patience` to exit by itself (a persistent worker whose input closed),
+/// then its process group gets `SIGTERM`, then after [`TERM_GRACE`] `SIGKILL`; `hurry` (a
+/// second Ctrl-C) skips straight to `SIGKILL`. Every child is reaped. Returns how many
+/// there were.
 pub(crate) fn sweep(patience: Duration, hurry: &AtomicBool) -> usize {
     let seed = procpool::seed_pid().and_then(|p| Pid::from_raw(p as i32));
     sweep_sparing(patience, hurry, seed)

@@ -3,8 +3,10 @@
 //! procspawn comparison program (`bench/procspawn`, built apart) if it is given; and the
 //! report script in `bench/` that sets them side by side.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const MP_POOL_PY: &str = include_str!("../../bench/reference/mp_pool.py");
 const REPORT_PY: &str = include_str!("../../bench/report.py");
@@ -84,13 +86,16 @@ impl References {
 
     /// One run of each reference on `workload` (CPython's with each of `methods`): their
     /// JSON lines, printed too. A workload a reference cannot do comes back as its
-    /// `"ok": false` line, or none for one it does not know.
+    /// `"ok": false` line, or none for one it does not know; a run past [`REF_LIMIT`] is
+    /// killed, with its process group, and comes back as an `"ok": false` line saying so.
     pub(crate) fn run(
         &self,
         methods: &[crate::Method],
         workload: &str,
         quick: bool,
     ) -> Vec<String> {
+        let json_lines =
+            |cmd: &mut Command, system: &str| json_lines(cmd, quick, system, workload, REF_LIMIT);
         let mut rows = Vec::new();
         // procpool's own type: the script has no such workload.
         if let Some(scripts) = self
@@ -103,7 +108,7 @@ impl References {
                 cmd.arg(scripts.path("mp_pool.py"))
                     .args(["--method", m.name(), "--workload", workload, "--runs", "1"])
                     .stderr(Stdio::inherit());
-                rows.extend(json_lines(&mut cmd, quick, "python3"));
+                rows.extend(json_lines(&mut cmd, &format!("cpython-{}", m.name())));
             }
         }
         if let Some(exe) = &self.procspawn {
@@ -111,26 +116,72 @@ impl References {
             cmd.args(["--workload", workload, "--runs", "1"])
                 // It prints its usage for a workload it does not know: no line then.
                 .stderr(Stdio::null());
-            rows.extend(json_lines(&mut cmd, quick, "procspawn"));
+            rows.extend(json_lines(&mut cmd, "procspawn"));
         }
         rows
     }
 }
 
-/// Runs `cmd` (with `--quick` if `quick`) and returns the JSON lines it prints, printed
-/// here too; a program that cannot start is said on stderr.
-fn json_lines(cmd: &mut Command, quick: bool, what: &str) -> Vec<String> {
+/// How long one run of a reference may take (the bench stays within its time on a day
+/// when CPython's forkserver pool crawls: one run of `imap_memory` took it 95 s, where its
+/// fork and spawn pools took 5 s).
+const REF_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` (with `--quick` if `quick`), the reference `system`, in a process group of its
+/// own, and returns the JSON lines it prints, printed here too; a program that cannot start
+/// is said on stderr. Past `limit` the group is killed and the one line returned says that
+/// `system` timed out on `workload`.
+fn json_lines(
+    cmd: &mut Command,
+    quick: bool,
+    system: &str,
+    workload: &str,
+    limit: Duration,
+) -> Vec<String> {
     if quick {
         cmd.arg("--quick");
     }
-    let out = match cmd.stdin(Stdio::null()).output() {
-        Ok(out) => out,
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
         Err(e) => {
-            eprintln!("procpool bench: cannot run {what}: {e}");
+            eprintln!("procpool bench: cannot run {system}: {e}");
             return Vec::new();
         }
     };
-    let rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let finished = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break true,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) | Err(_) => break false,
+        }
+    };
+    // Whatever the run left in its group (its pool's processes) goes with it, so that its
+    // output ends: a process left holding it would hold up the bench as long as it lives.
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = reader.join().unwrap_or_default();
+    if !finished {
+        let line =
+            crate::bench::failed_line(system, workload, &format!("timed out after {limit:?}"));
+        println!("{line}");
+        return vec![line];
+    }
+    let rows: Vec<String> = text
         .lines()
         .filter(|l| l.trim_start().starts_with('{'))
         .map(str::to_string)
@@ -168,6 +219,44 @@ pub(crate) fn report(dir: &Path, rows: &[String], quick: bool) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reference run gives its JSON lines; one past its time limit is killed with what
+    /// it started (its process group) and comes back as one line saying it timed out,
+    /// rather than holding up the bench.
+    #[test]
+    fn a_reference_run_past_its_limit_is_killed_and_said_to_have_timed_out() {
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo '{\"ok\":true}'; echo not json"]);
+        let rows = json_lines(&mut ok, false, "sh", "w", Duration::from_secs(30));
+        assert_eq!(rows, vec!["{\"ok\":true}".to_owned()]);
+
+        // The shell's child outlives it, holding its output, unless the group is killed.
+        let mut slow = Command::new("sh");
+        slow.args(["-c", "sleep 30 & sleep 30"]);
+        let t = Instant::now();
+        let rows = json_lines(
+            &mut slow,
+            false,
+            "slow-ref",
+            "w",
+            Duration::from_millis(300),
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let v: serde_json::Value = serde_json::from_str(&rows[0]).unwrap();
+        assert_eq!(v["system"], "slow-ref");
+        assert_eq!(v["workload"], "w");
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["reason"], "timed out after 300ms");
+
+        // A run that ends but leaves a process holding its output: its lines, at once.
+        let mut lingering = Command::new("sh");
+        lingering.args(["-c", "echo '{\"ok\":1}'; sleep 30 &"]);
+        let t = Instant::now();
+        let rows = json_lines(&mut lingering, false, "sh", "w", Duration::from_secs(20));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(rows, vec!["{\"ok\":1}".to_owned()]);
+    }
 
     /// The program links its unwinder in (`build.rs`) rather than loading `libgcc_s` at
     /// each start, and the report says how it is linked. (This test binary is linked as
