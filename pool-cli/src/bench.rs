@@ -673,35 +673,12 @@ fn run_isolated_spec(
     if quick {
         cmd.arg("--quick");
     }
-    let mut child = match cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-    {
-        Ok(c) => c,
+    cmd.stderr(std::process::Stdio::inherit());
+    // Its workers die with it (they watch their parent).
+    let (status, text) = match run_bounded(&mut cmd, limit, false) {
+        Ok(r) => r,
         Err(e) => return failed(format!("cannot start a run: {e}")),
     };
-    // The child's output is one short line: read it on a thread so the wait can time out.
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) | Err(_) => {
-                // Its workers die with it (they watch their parent).
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let text = reader.join().unwrap_or_default();
     match status {
         None => failed(format!("timed out after {}s", limit.as_secs())),
         Some(st) => match text.lines().find(|l| l.starts_with('{')) {
@@ -1145,6 +1122,46 @@ pub(crate) fn ok_line(system: &str, workload: &str, value: f64, unit: &str) -> S
 }
 
 /// A line for a run that could not measure: `{"system", "workload", "ok": false, "reason"}`.
+/// Runs `cmd`, its stdout piped, for at most `limit`: its exit status (`None` if it ran past
+/// `limit` and was killed) and what it printed, read on a thread so that the wait can time
+/// out. With `group` it runs in a process group of its own, killed whole once it has ended
+/// or timed out: whatever it left there (a pool's processes) goes too, and cannot hold its
+/// output open; without, only `cmd`'s process is killed.
+pub(crate) fn run_bounded(
+    cmd: &mut std::process::Command,
+    limit: Duration,
+    group: bool,
+) -> std::io::Result<(Option<std::process::ExitStatus>, String)> {
+    use std::os::unix::process::CommandExt;
+    cmd.stdout(std::process::Stdio::piped());
+    if group {
+        cmd.process_group(0);
+    }
+    let mut child = cmd.spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) | Err(_) => break None,
+        }
+    };
+    if group && let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok((status, reader.join().unwrap_or_default()))
+}
+
 pub(crate) fn failed_line(system: &str, workload: &str, reason: &str) -> String {
     serde_json::json!({
         "system": system,

@@ -3,10 +3,9 @@
 //! procspawn comparison program (`bench/procspawn`, built apart) if it is given; and the
 //! report script in `bench/` that sets them side by side.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MP_POOL_PY: &str = include_str!("../../bench/reference/mp_pool.py");
 const REPORT_PY: &str = include_str!("../../bench/report.py");
@@ -141,41 +140,14 @@ fn json_lines(
     if quick {
         cmd.arg("--quick");
     }
-    let mut child = match cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-    {
-        Ok(c) => c,
+    let (status, text) = match crate::bench::run_bounded(cmd.stdin(Stdio::null()), limit, true) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("procpool bench: cannot run {system}: {e}");
             return Vec::new();
         }
     };
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let deadline = Instant::now() + limit;
-    let finished = loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break true,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) | Err(_) => break false,
-        }
-    };
-    // Whatever the run left in its group (its pool's processes) goes with it, so that its
-    // output ends: a process left holding it would hold up the bench as long as it lives.
-    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = reader.join().unwrap_or_default();
-    if !finished {
+    if status.is_none() {
         let line =
             crate::bench::failed_line(system, workload, &format!("timed out after {limit:?}"));
         println!("{line}");
@@ -218,6 +190,8 @@ pub(crate) fn report(dir: &Path, rows: &[String], quick: bool) -> Result<(), Str
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     /// A reference run gives its JSON lines; one past its time limit is killed with what
