@@ -19,7 +19,7 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{ShippedCli, cargo, root, step, target_dir};
 
@@ -221,8 +221,12 @@ struct Cell {
     value: Result<(f64, f64), String>,
 }
 
+/// How long one run of a command in the command-line comparison may take before it is
+/// killed and its cell says it timed out (a run takes a few seconds).
+const CMD_LIMIT: Duration = Duration::from_secs(120);
+
 /// Wall time of `cmd` with stdin from `input` and stdout discarded (or kept to check it),
-/// median over `runs`; an error if it fails or is missing.
+/// median over `runs`; an error if it fails, is missing or runs past [`CMD_LIMIT`].
 fn time_cmd(
     cmd: &mut Command,
     input: &std::path::Path,
@@ -233,13 +237,10 @@ fn time_cmd(
     for _ in 0..runs {
         let stdin = File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
         let t = Instant::now();
-        let out = cmd
-            .stdin(stdin)
+        cmd.stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
-        let dt = t.elapsed().as_secs_f64();
+            .stderr(Stdio::piped());
+        let (out, dt) = output_within(cmd, t, CMD_LIMIT)?;
         if !out.status.success() {
             return Err(format!(
                 "{:?} failed ({}): {}",
@@ -260,6 +261,49 @@ fn time_cmd(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Runs `cmd` (its stdout and stderr piped) as `Command::output` does, but for at most
+/// `limit`: its output and the seconds from `start` to its exit (to the millisecond), or an
+/// error once it has run past `limit` (it is killed; whatever it started may go on, and its
+/// output is not waited for).
+fn output_within(
+    cmd: &mut Command,
+    start: Instant,
+    limit: Duration,
+) -> Result<(std::process::Output, f64), String> {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(1)),
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("timed out after {limit:?}"));
+            }
+        }
+    };
+    let dt = start.elapsed().as_secs_f64();
+    let output = std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    Ok((output, dt))
 }
 
 fn gnu_parallel() -> bool {
@@ -585,7 +629,10 @@ fn per_task_ns(text: &str) -> Option<Vec<f64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{interleaved_row, per_task_ns};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::{interleaved_row, output_within, per_task_ns};
 
     #[test]
     fn reads_the_interleaved_rows() {
@@ -602,5 +649,27 @@ mod tests {
         assert_eq!(per_task_ns(text), Some(vec![50.0, 55.0, 50.0]));
         assert_eq!(per_task_ns(r#"{"iters":[1.0],"times":[]}"#), None);
         assert_eq!(per_task_ns(r#"{"iters":[1.0],"times":[x]}"#), None);
+    }
+
+    /// A command of the comparison gives its output and its time; one that runs past its
+    /// limit is killed and is an error saying so, instead of holding up the bench.
+    #[test]
+    fn a_command_past_its_limit_is_killed_and_is_an_error() {
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo out; echo err >&2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (out, dt) = output_within(&mut ok, Instant::now(), Duration::from_secs(30)).unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+        assert!(dt < 30.0, "{dt}");
+
+        let mut slow = Command::new("sleep");
+        slow.arg("30").stdout(Stdio::piped()).stderr(Stdio::piped());
+        let t = Instant::now();
+        let e = output_within(&mut slow, t, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e, "timed out after 200ms");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 }
