@@ -5,9 +5,10 @@
 //! ToWorker>`; both speak postcard frames, configured by [`channel_config`] (the parent's
 //! end must use it too: large payloads travel through shared memory).
 //!
-//! Worker lifecycle: started → receives [`ToWorker::Setup`] → checks the [`ImageId`]
-//! (mismatch: [`FromWorker::SetupFailed`] with [`SetupFailure::ImageMismatch`], exit code
-//! [`EXIT_IMAGE_MISMATCH`]) → runs the initializer (failure: `SetupFailed` with
+//! Worker lifecycle: started → receives [`ToWorker::Setup`] → maps its progress page and
+//! checks the [`ImageId`] (mismatch: [`FromWorker::SetupFailed`] with
+//! [`SetupFailure::ImageMismatch`], exit code [`EXIT_IMAGE_MISMATCH`]) → takes its limits and
+//! runs the initializer (a page, a limit or an initializer that fails: `SetupFailed` with
 //! [`SetupFailure::Initializer`], exit code [`EXIT_INIT_FAILED`]) → sends
 //! [`FromWorker::Ready`] → loop: [`ToWorker::Run`] → [`FromWorker::Done`]; after
 //! `max_tasks` runs it sends the last `Done`, flushes and exits 0. End of file on its
@@ -49,7 +50,7 @@ pub const PARTIAL_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from
 
 /// Exit code of a worker whose parent runs a different executable image.
 pub const EXIT_IMAGE_MISMATCH: i32 = 3;
-/// Exit code of a worker whose initializer failed.
+/// Exit code of a worker whose own setup failed (see [`SetupFailure::Initializer`]).
 pub const EXIT_INIT_FAILED: i32 = 4;
 /// Exit code of a worker that received a message it could not decode or did not expect.
 pub const EXIT_PROTOCOL: i32 = 2;
@@ -1478,7 +1479,9 @@ fn take_varint(bytes: &[u8]) -> Option<(usize, &[u8])> {
 pub enum SetupFailure {
     /// The worker runs a different executable image than its parent.
     ImageMismatch,
-    /// The initializer panicked or returned an error.
+    /// The worker's own setup failed: its initializer panicked or returned an error, or the
+    /// worker could not take its memory limit or map its progress page (the message says
+    /// which).
     Initializer,
 }
 

@@ -138,12 +138,15 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                     Some(Ok(seg)) if seg.len() >= protocol::page::AREA_OFFSET => {
                         Some(&*Box::leak(Box::new(seg)))
                     }
-                    Some(opened) => {
-                        let why = match opened {
-                            Ok(seg) => format!("{} bytes, too short", seg.len()),
-                            Err(e) => e.to_string(),
-                        };
-                        let message = format!("cannot map the pool's progress page: {why}");
+                    Some(Ok(seg)) => {
+                        let message = format!(
+                            "cannot map the pool's progress page: {} bytes, too short",
+                            seg.len()
+                        );
+                        return fail_setup(&mut conn, SetupFailure::Initializer, message);
+                    }
+                    Some(Err(e)) => {
+                        let message = format!("cannot map the pool's progress page: {e}");
                         return fail_setup(&mut conn, SetupFailure::Initializer, message);
                     }
                 };
