@@ -45,6 +45,8 @@ const FLUSH_AT: usize = 256 * 1024;
 pub struct Sender<T: ?Sized> {
     fd: Arc<OwnedFd>,
     w: WriteHalf,
+    /// Called after each write that put bytes on the fd (see [`Sender::on_write`]).
+    on_write: Option<Box<dyn FnMut() + Send>>,
     _t: PhantomData<fn(&T)>,
 }
 
@@ -53,6 +55,7 @@ impl<T: ?Sized> std::fmt::Debug for Sender<T> {
         f.debug_struct("Sender")
             .field("fd", &self.fd)
             .field("pending", &self.w.pending())
+            .field("on_write", &self.on_write.is_some())
             .finish()
     }
 }
@@ -75,8 +78,39 @@ impl<T: ?Sized> Sender<T> {
         Sender {
             fd,
             w,
+            on_write: None,
             _t: PhantomData,
         }
+    }
+
+    /// Calls `f` after every write that puts bytes on the fd, from then on: for a peer
+    /// that waits for this side's messages on something other than the fd (a
+    /// [`Bell`](crate::shm::Bell) in memory both share, say), which `f` tells that bytes
+    /// are there. Replaces the function set before.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    ///
+    /// let (r, w) = pool_ipc::pipe()?;
+    /// let mut tx = pool_ipc::Sender::<u8>::new(w);
+    /// let writes = Arc::new(AtomicU32::new(0));
+    /// let counter = Arc::clone(&writes);
+    /// tx.on_write(Box::new(move || {
+    ///     counter.fetch_add(1, Ordering::Relaxed);
+    /// }));
+    /// tx.feed(&1)?;
+    /// tx.feed(&2)?;
+    /// assert_eq!(writes.load(Ordering::Relaxed), 0);
+    /// tx.flush()?;
+    /// assert_eq!(writes.load(Ordering::Relaxed), 1);
+    /// # drop(r);
+    /// # Ok::<(), pool_ipc::Error>(())
+    /// ```
+    pub fn on_write(&mut self, f: Box<dyn FnMut() + Send>) {
+        self.on_write = Some(f);
     }
 
     /// Sends a pre-built frame (its payload should be the encoding of a `T`, or whatever
@@ -125,7 +159,13 @@ impl<T: ?Sized> Sender<T> {
     pub fn flush(&mut self) -> Result<()> {
         while !self.w.is_empty() {
             match self.w.write_some(self.fd.as_fd()) {
-                Ok(_) => {}
+                Ok(n) => {
+                    if n > 0
+                        && let Some(f) = &mut self.on_write
+                    {
+                        f();
+                    }
+                }
                 Err(Errno::AGAIN) => {
                     os::poll_one(self.fd.as_fd(), true, None)?;
                 }

@@ -41,7 +41,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::fs::{MemfdFlags, OFlags, SealFlags};
@@ -694,4 +694,88 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
     // The kernel reads the count as a C `int`: u32::MAX would be -1 there, which wakes one.
     let n = n.min(i32::MAX as u32);
     Ok(futex::wake(word, futex::Flags::empty(), n)?)
+}
+
+/// An event count on a `u32` word of shared memory, for one process to wait until another
+/// says that something happened, without a descriptor to poll: the waiter reads the
+/// count, looks at whatever it waits for, and sleeps only while the count is still what
+/// it read; the other side changes what it waits for, then rings.
+///
+/// The count is the word's upper 31 bits; the lowest bit says that a waiter may sleep, so
+/// that a ring with nobody asleep costs one atomic add and no system call. A waiter that
+/// reads the count before the change it waits for is woken by the ring that follows it
+/// (or sees the count moved and does not sleep): no wakeup is lost. Rings wrap after
+/// 2³¹: a waiter that slept through exactly that many would not notice, which is why
+/// waits are bounded.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use std::time::Duration;
+/// use pool_ipc::shm::Bell;
+///
+/// let word = AtomicU32::new(0);
+/// let bell = Bell::new(&word);
+/// let seen = bell.count();
+/// // Nothing rang since: the wait times out.
+/// assert!(!bell.wait_past(seen, Duration::from_millis(1))?);
+/// bell.ring();
+/// // It rang since `seen`: returns at once.
+/// assert!(bell.wait_past(seen, Duration::from_secs(5))?);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Bell<'a> {
+    word: &'a AtomicU32,
+}
+
+impl<'a> Bell<'a> {
+    /// The bell on `word` (a word of a [`Segment`] to ring across processes).
+    pub fn new(word: &'a AtomicU32) -> Self {
+        Bell { word }
+    }
+
+    /// The count now: pass it to [`wait_past`](Bell::wait_past) to wait for the next ring.
+    pub fn count(&self) -> u32 {
+        self.word.load(Ordering::SeqCst) >> 1
+    }
+
+    /// Bumps the count, and wakes every waiter if one may sleep.
+    pub fn ring(&self) {
+        let old = self.word.fetch_add(2, Ordering::SeqCst);
+        if old & 1 != 0 {
+            // The mark goes before the wake: a waiter that marks the word again after it
+            // saw the new count already and does not sleep.
+            self.word.fetch_and(!1, Ordering::SeqCst);
+            // A failure (none expected on a mapped word) leaves waiters to their timeout.
+            let _ = futex_wake(self.word, u32::MAX);
+        }
+    }
+
+    /// Sleeps until the count moves past `seen` or `timeout` passes: `true` if it moved
+    /// (also when it had already), `false` on timeout.
+    ///
+    /// # Errors
+    ///
+    /// The `futex(2)` error other than `EAGAIN`, `EINTR` and `ETIMEDOUT`.
+    pub fn wait_past(&self, seen: u32, timeout: std::time::Duration) -> io::Result<bool> {
+        let seen = seen & (u32::MAX >> 1);
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            // A plain load first: a waiter that need not sleep leaves no mark, which
+            // would cost the next ring a system call.
+            if self.count() != seen {
+                return Ok(true);
+            }
+            let v = self.word.fetch_or(1, Ordering::SeqCst);
+            if v >> 1 != seen {
+                return Ok(true);
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || !futex_wait(self.word, v | 1, Some(left))? {
+                return Ok(self.count() != seen);
+            }
+        }
+    }
 }

@@ -207,7 +207,8 @@ pub mod page {
     /// The answer of a task a caller waits for, passed through the page rather than the
     /// channel. A caller that borrowed the worker's socket to wait for task `id` (the
     /// oldest the worker holds) stores `id | `[`WAITING`] here before the task is sent,
-    /// and takes it back (compare-and-swap to 0) before it sleeps. A worker that ends task
+    /// and takes it back (compare-and-swap to 0) before it sleeps in a poll of the socket
+    /// (while it sleeps on the worker's [`BELL`] only, it still waits). A worker that ends task
     /// `id` with its results all in the result area, nothing sent in parts and no answer
     /// held back, swaps `id | WAITING` for `id | `[`POSTED`] instead of writing its
     /// `Done`: the caller, awake, takes the answer from the area (copy, then swap
@@ -220,7 +221,7 @@ pub mod page {
     /// message still cut short then is not the worker's (a task wrote to the channel), a
     /// fault that closes the worker with the task unanswered.
     pub const ANSWER: usize = 8;
-    /// In [`ANSWER`]: a caller waits for the task, awake.
+    /// In [`ANSWER`]: a caller waits for the task, awake or on the worker's [`BELL`].
     pub const WAITING: u64 = 1 << 62;
     /// In [`ANSWER`]: the worker ended the task; its answer is the result area.
     pub const POSTED: u64 = 1 << 63;
@@ -249,6 +250,15 @@ pub mod page {
     /// wrote (more than it read: it reads them instead of sleeping), or the pool sees it
     /// asleep and wakes it.
     pub const SENT: usize = 11;
+    /// The worker's bell: a `u32` word (an index for `atomic_u32`, in word 14) for a
+    /// [`Bell`](pool_ipc::shm::Bell), rung after every write to the worker's channel,
+    /// after it posts an answer in [`ANSWER`], and by the pool when the worker is gone or
+    /// is sent another task while a caller waits for its answer (so that the caller
+    /// looks at what it holds back). A caller that borrowed the worker's socket reads its
+    /// count before its task is sent and sleeps on it for a while, awake in the sense of
+    /// [`ANSWER`] (the worker may post the answer to it), rather than polling the socket:
+    /// a wait and a wake instead of a write, a poll and a read.
+    pub const BELL: usize = 28;
     /// The length of the task frame in the task area (see [`DOOR`]).
     pub const TASK_LEN: usize = 12;
     /// The CPU the worker ran on when it last went to sleep on [`DOOR`], plus one (0: not
@@ -269,7 +279,7 @@ pub mod page {
     /// worker must not begin. Task `id`'s mark goes in one of [`CANCEL_PROBES`] slots
     /// from `id % CANCEL_SLOTS` on ([`cancel_slot`]), the first whose mark is no longer
     /// needed, so the worker checks a few slots before each task however many tasks it
-    /// holds: once [`MARKED`] says that the pool marked any. (Words 14 to 39 are unused.)
+    /// holds: once [`MARKED`] says that the pool marked any. (Words 15 to 39 are unused.)
     pub const CANCEL_FIRST: usize = (HELD_OFFSET + HELD_LEN) / 8;
     /// Nonzero once the pool has marked a task cancelled on this page, stored after the
     /// mark (sequentially consistent, as the marks are): a worker that loads it after

@@ -157,6 +157,11 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                     .store(protocol::page::ENDED, Ordering::Release);
                 page.atomic_u64(protocol::page::KEPT)
                     .store(protocol::PROGRESS_KEPT, Ordering::Release);
+                // A caller may wait on the bell for what the worker writes (see
+                // `page::BELL`).
+                let bell = page.atomic_u32(protocol::page::BELL);
+                conn.sender()
+                    .on_write(Box::new(move || pool_ipc::shm::Bell::new(bell).ring()));
             }
             // `ForkserverPoolWorker-3` shows as `myprog:w3`.
             let number = name.rsplit('-').next().unwrap_or(&name);
@@ -637,6 +642,10 @@ impl<'p> Results<'p> {
                 Ordering::Relaxed,
             )
             .is_ok();
+        if self.posted {
+            // The caller may sleep on the bell rather than poll.
+            pool_ipc::shm::Bell::new(page.atomic_u32(page::BELL)).ring();
+        }
         self.posted
     }
 

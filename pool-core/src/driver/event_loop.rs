@@ -546,6 +546,10 @@ impl Driver {
 
     /// The worker's process ended: deliver its last results, reap it, tell the policy.
     fn reap(&mut self, wid: WorkerId) {
+        // A caller asleep on its bell wakes to take its socket back, or to see it taken.
+        if let Some(io) = self.shared.lock().io.get(&wid) {
+            io.ring_bell();
+        }
         if self.watches.get(&wid).is_some_and(|w| w.sock) {
             // A caller reading the socket gives it back: what is left is read here.
             if let Some(io) = self.shared.lock().io.get_mut(&wid) {

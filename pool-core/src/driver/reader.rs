@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pool_ipc::shm::Bell;
 use pool_spawn::protocol::{self, FromWorker};
 use rustix::event::{PollFd, PollFlags};
 
@@ -418,6 +419,11 @@ fn on_done(
 /// than about this.
 pub(super) const HELD_LOOK: Duration = Duration::from_millis(1);
 
+/// How long a caller sleeps on the bell of the worker it waits for before it polls the
+/// worker's socket instead (see [`Borrow::sleep_on_bell`]): what a wake the bell misses
+/// (none expected) may cost, and, for a task running longer, one wakeup more.
+const BELL_SLEEP: Duration = Duration::from_millis(10);
+
 /// Delivers the answers worker `wid` holds back (see `page::HELD_OFFSET`), as if they had
 /// arrived: a task it finished is delivered, and never run again. Those that did arrive are
 /// no longer among the tasks it holds, and are passed over; those delivered here are
@@ -651,6 +657,9 @@ pub(crate) struct Lent {
     nudged: bool,
     /// The worker keeps its progress page: see [`Borrow::answered`] and [`Borrow::posted`].
     paged: bool,
+    /// The count of the worker's bell before the task was sent, if it keeps its page
+    /// (see [`Borrow::sleep_on_bell`]).
+    bell: Option<u32>,
 }
 
 /// A worker's socket lent to the caller waiting for the answer to one task, with what the
@@ -712,6 +721,24 @@ impl Borrow {
         {
             rustix::thread::sched_yield();
         }
+    }
+
+    /// Before the caller polls the socket: sleeps on the worker's bell (until `until`, for
+    /// at most [`BELL_SLEEP`]) unless it rang since the task was sent, the worker's
+    /// answer word still saying that the caller waits for it. The worker rings after it
+    /// posts the answer or writes to its channel, the pool when the worker is gone or is
+    /// sent another task: the caller wakes to the answer in the page without the worker
+    /// writing it, nor the caller polling and reading the socket. Anything else the poll
+    /// would see (a socket closed by a task, say) waits for the sleep's end.
+    fn sleep_on_bell(&self, until: Option<Instant>) {
+        let (Some(page), Some(seen)) = (&self.page, self.lent.bell) else {
+            return;
+        };
+        let now = Instant::now();
+        let end = until.map_or(now + BELL_SLEEP, |u| u.min(now + BELL_SLEEP));
+        // A failed wait (none expected on a mapped word) leaves the poll to wait.
+        let _ = Bell::new(page.atomic_u32(protocol::page::BELL))
+            .wait_past(seen, end.saturating_duration_since(now));
     }
 
     /// Whether the worker's answer to the caller's task is on its socket already, as its
@@ -865,13 +892,16 @@ impl Fx<'_> {
             (Some(Instant::now() + HELD_LOOK), false)
         };
         w.nudge_armed = nudged;
+        let page = w.kept_page();
         let b = Lent {
             ticket: TICKETS.fetch_add(1, Ordering::Relaxed),
             wid,
             id,
             look,
             nudged,
-            paged: w.kept_page().is_some(),
+            paged: page.is_some(),
+            // Read before the task goes out (the step writes it after this).
+            bell: page.map(|p| Bell::new(p.atomic_u32(protocol::page::BELL)).count()),
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid, true);
@@ -916,6 +946,11 @@ impl Shared {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),
         };
+        // Answered in the page, or on the socket already: taken, or read, without polling.
+        // A worker that has not run yet may first be let run (see `yield_to_worker`), or
+        // waited for on its bell.
+        b.yield_to_worker();
+        b.sleep_on_bell(until);
         let timeout = until.map(|d| {
             let d = d.saturating_duration_since(Instant::now());
             rustix::time::Timespec {
@@ -923,9 +958,6 @@ impl Shared {
                 tv_nsec: i64::from(d.subsec_nanos()),
             }
         });
-        // Answered in the page, or on the socket already: taken, or read, without polling.
-        // A worker that has not run yet may first be let run (see `yield_to_worker`).
-        b.yield_to_worker();
         let posted = b.posted();
         let answered = posted || b.answered();
         let woke = answered

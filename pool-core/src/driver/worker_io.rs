@@ -310,6 +310,16 @@ impl WorkerIo {
             if let Some(fd) = &self.nudge {
                 let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
             }
+            // It may sleep on the bell before it polls the eventfd.
+            self.ring_bell();
+        }
+    }
+
+    /// Rings the worker's bell (see `page::BELL`), for a caller that may sleep on it: the
+    /// worker is gone, or the caller has something to look at.
+    pub(super) fn ring_bell(&self) {
+        if let Some(p) = self.page() {
+            pool_ipc::shm::Bell::new(p.atomic_u32(page::BELL)).ring();
         }
     }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pool_ipc::shm::{Segment, futex_wait, futex_wake};
+use pool_ipc::shm::{Bell, Segment, futex_wait, futex_wake};
 use pool_ipc::{Config, Duplex, ErrorKind, FramedConn, Receiver, Sender};
 
 use crate::helpers::bounded;
@@ -155,6 +155,25 @@ fn helper() {
             while w.load(Ordering::Acquire) != 2 {
                 assert!(Instant::now() < deadline, "parent never answered");
                 futex_wait(w, 1, Some(Duration::from_secs(1))).unwrap();
+            }
+        }
+        "bell_echo" => {
+            // Answers each message on its channel, ringing the parent's bell after every
+            // write: the parent waits on the bell, not the socket.
+            let pid: u32 = std::env::var(PARENT).unwrap().parse().unwrap();
+            let n: i32 = std::env::var(FD).unwrap().parse().unwrap();
+            let seg: &'static Segment =
+                Box::leak(Box::new(Segment::open_in_process(pid, n).unwrap()));
+            let mut d = Duplex::<u64, u64>::new(channel_in()).unwrap();
+            let word = seg.atomic_u32(0);
+            d.sender()
+                .on_write(Box::new(move || Bell::new(word).ring()));
+            loop {
+                match d.recv() {
+                    Ok(v) => d.send(&(v + 1)).unwrap(),
+                    Err(e) if e.kind() == ErrorKind::Closed => break,
+                    Err(e) => panic!("bell child: {e}"),
+                }
             }
         }
         "leak_check" => {
@@ -308,6 +327,33 @@ fn child_shares_segment_and_futex() {
         assert_eq!(&b, b"written by the child");
         w.store(2, Ordering::Release);
         futex_wake(w, 1).unwrap();
+        assert_eq!(kid.wait(20), 0);
+    });
+}
+
+#[test]
+fn bell_wakes_parent_for_each_write_of_child() {
+    bounded(60, || {
+        let seg = Segment::create("bell", 4096).unwrap();
+        let n = seg.as_fd().as_raw_fd();
+        let (a, b) = pool_ipc::socketpair().unwrap();
+        let kid = spawn("bell_echo", Some(b), None, &[(FD, n.to_string())]);
+        let mut d = Duplex::<u64, u64>::new(a).unwrap();
+        let bell = Bell::new(seg.atomic_u32(0));
+        for i in 0..200u64 {
+            let seen = bell.count();
+            d.send(&i).unwrap();
+            // Woken by the child's write: the answer is on the socket by then. A missed
+            // ring would time out.
+            assert!(
+                bell.wait_past(seen, Duration::from_secs(20)).unwrap(),
+                "round {i}"
+            );
+            let waiting = rustix::io::ioctl_fionread(d.receiver().as_fd()).unwrap();
+            assert!(waiting > 0, "round {i}: the bell rang before the write");
+            assert_eq!(d.recv().unwrap(), i + 1);
+        }
+        drop(d);
         assert_eq!(kid.wait(20), 0);
     });
 }

@@ -489,3 +489,51 @@ fn frozen_segments_hold_their_bytes_and_refuse_every_change() {
     let r = std::panic::catch_unwind(|| FrozenSegment::with_fill("t", 4096, |_| panic!("boom")));
     assert!(r.is_err());
 }
+
+#[test]
+fn bell_loses_no_ring_however_the_waiter_and_the_ringer_interleave() {
+    crate::helpers::bounded(60, || {
+        use pool_ipc::shm::Bell;
+        use std::sync::atomic::{AtomicU32, AtomicU64};
+        let seg = Arc::new(Segment::create("bell", 4096).unwrap());
+        // How many rounds the waiter has begun (read its count for).
+        let asked = Arc::new(AtomicU64::new(0));
+        const ROUNDS: u64 = 5000;
+        let ringer = {
+            let (seg, asked) = (Arc::clone(&seg), Arc::clone(&asked));
+            std::thread::spawn(move || {
+                let bell = Bell::new(seg.atomic_u32(8));
+                for i in 1..=ROUNDS {
+                    while asked.load(Ordering::SeqCst) < i {
+                        std::hint::spin_loop();
+                    }
+                    // Sometimes before the waiter sleeps, sometimes after.
+                    if i % 3 == 0 {
+                        std::thread::yield_now();
+                    }
+                    bell.ring();
+                }
+            })
+        };
+        let bell = Bell::new(seg.atomic_u32(8));
+        for i in 1..=ROUNDS {
+            let seen = bell.count();
+            asked.store(i, Ordering::SeqCst);
+            // Every ring comes after `seen` was read: a wait that times out lost it.
+            assert!(
+                bell.wait_past(seen, Duration::from_secs(10)).unwrap(),
+                "round {i}"
+            );
+        }
+        ringer.join().unwrap();
+        assert_eq!(bell.count(), ROUNDS as u32);
+        // A bell nobody rings times out.
+        let word = AtomicU32::new(0);
+        let quiet = Bell::new(&word);
+        assert!(
+            !quiet
+                .wait_past(quiet.count(), Duration::from_millis(5))
+                .unwrap()
+        );
+    });
+}
