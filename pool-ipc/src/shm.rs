@@ -745,8 +745,9 @@ impl<'a> Bell<'a> {
     pub fn ring(&self) {
         let old = self.word.fetch_add(2, Ordering::SeqCst);
         if old & 1 != 0 {
-            // The mark goes before the wake: a waiter that marks the word again after it
-            // saw the new count already and does not sleep.
+            // The mark is cleared before the wake: a waiter that marks the word after this
+            // sees the new count with it, and does not sleep; one that marked it before
+            // sleeps on a word that no longer holds what it expects, or is woken below.
             self.word.fetch_and(!1, Ordering::SeqCst);
             // A failure (none expected on a mapped word) leaves waiters to their timeout.
             let _ = futex_wake(self.word, u32::MAX);

@@ -724,12 +724,13 @@ impl Borrow {
     }
 
     /// Before the caller polls the socket: sleeps on the worker's bell (until `until`, for
-    /// at most [`BELL_SLEEP`]) unless it rang since the task was sent, the worker's
-    /// answer word still saying that the caller waits for it. The worker rings after it
-    /// posts the answer or writes to its channel, the pool when the worker is gone or is
-    /// sent another task: the caller wakes to the answer in the page without the worker
-    /// writing it, nor the caller polling and reading the socket. Anything else the poll
-    /// would see (a socket closed by a task, say) waits for the sleep's end.
+    /// at most [`BELL_SLEEP`]) unless it rang since the task was sent. Meanwhile the
+    /// worker's answer word still says that the caller waits, awake: the worker may post
+    /// the answer to it. The worker rings after it posts the answer or writes to its
+    /// channel, the pool when the worker is gone or is sent another task: the caller wakes
+    /// to the answer in the page without the worker writing it, nor the caller polling and
+    /// reading the socket. Anything else the poll would see (a socket closed by a task,
+    /// say) waits for the sleep's end.
     fn sleep_on_bell(&self, until: Option<Instant>) {
         let (Some(page), Some(seen)) = (&self.page, self.lent.bell) else {
             return;
