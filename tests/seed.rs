@@ -1,9 +1,11 @@
 //! The seed that `init()` makes: a Forkserver pool's server is forked from it, yet its
 //! workers see the program as it is when the pool is built (working directory, stdout),
 //! not as it was at `init()`; where the program changed what a child inherits otherwise
-//! (its umask here), the server is executed as before; no seed is made with other threads
-//! running or with `PROCPOOL_SEED=0`; a server killed is replaced by another from the seed;
-//! a seed that is gone is replaced by executed servers; and the seed ends with its program.
+//! (its umask here), the server is executed as before; the seed, its servers and their
+//! workers, each moved to another CPU to start, run where the program may; no seed is
+//! made with other threads running or with `PROCPOOL_SEED=0`; a server killed is replaced
+//! by another from the seed; a seed that is gone is replaced by executed servers; and the
+//! seed ends with its program.
 //!
 //! `harness = false`: `init()` must run first in `main` for there to be a seed. Each case
 //! runs in a child process of its own (this program again, the case named in its
@@ -54,6 +56,14 @@ fn view() -> View {
         umask: status_field(std::process::id(), "Umask").unwrap_or_default(),
         pid: std::process::id(),
     }
+}
+
+/// A worker's pid and the CPUs it may run on, after a moment's work (so that two tasks
+/// given at once go to two workers).
+fn cpus() -> (u32, String) {
+    std::thread::sleep(Duration::from_millis(200));
+    let me = std::process::id();
+    (me, status_field(me, "Cpus_allowed_list").unwrap())
 }
 
 fn say(line: String) {
@@ -160,6 +170,42 @@ fn child(case: &str) {
             let got = std::fs::read_to_string(&path).unwrap();
             let _ = std::fs::remove_file(&path);
             println!("REDIRECTED {:?}", got.trim_end());
+        }
+        "affinity" => {
+            // The seed, its server and the server's workers (one forked before the seed's
+            // verdict, one asked for with it) run where the program may: each was moved to
+            // another CPU to start, and put back.
+            let p = Pool::builder()
+                .processes(2)
+                .start_method(StartMethod::Forkserver)
+                .build()
+                .unwrap();
+            let (a, b) = (p.apply_async(cpus, ()), p.apply_async(cpus, ()));
+            let workers = [a.get().unwrap(), b.get().unwrap()];
+            let server = parent_of(workers[0].0);
+            let mine = status_field(std::process::id(), "Cpus_allowed_list").unwrap();
+            let mut seen = vec![
+                (
+                    "seed",
+                    seed_pid().and_then(|s| status_field(s, "Cpus_allowed_list")),
+                ),
+                ("server", status_field(server, "Cpus_allowed_list")),
+            ];
+            seen.extend(workers.iter().map(|w| ("worker", Some(w.1.clone()))));
+            let differ: Vec<_> = seen
+                .iter()
+                .filter(|(_, c)| c.as_deref() != Some(mine.as_str()))
+                .collect();
+            println!(
+                "SERVER {}",
+                if executed(server) {
+                    "executed"
+                } else {
+                    "forked"
+                }
+            );
+            println!("WORKERS {}", usize::from(workers[0].0 != workers[1].0) + 1);
+            println!("CPUS {mine} differ={differ:?}");
         }
         "umask" => {
             rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -314,6 +360,14 @@ fn test() {
         lines(&changes, "REDIRECTED "),
         ["\"from a worker\""],
         "a worker prints where stdout went:\n{changes}"
+    );
+
+    let affinity = run("affinity", &[]);
+    assert_eq!(lines(&affinity, "SERVER "), ["forked"], "{affinity}");
+    assert_eq!(lines(&affinity, "WORKERS "), ["2"], "{affinity}");
+    assert!(
+        lines(&affinity, "CPUS ")[0].ends_with(" differ=[]"),
+        "the seed, the server and its workers may run where the program may:\n{affinity}"
     );
 
     let umask = run("umask", &[]);

@@ -186,10 +186,17 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
 
 /// The server the seed forked (see `crate::seed`): forks its first spare, and more, up to
 /// the `ahead` workers its pool will ask for at once, while the seed's verdict on `gate` has
-/// not come; then waits for the verdict (it exits on any but [`GATE_OPEN`]), says hello and
-/// serves. Until then it has read nothing from its control socket, nor handed anything out.
-pub(crate) fn serve_gated(ctl: OwnedFd, gate: OwnedFd, ahead: usize) -> ! {
-    serve_zygote_gated(ctl, false, Some((gate, ahead)))
+/// not come; then waits for the verdict (it exits on any but [`GATE_OPEN`]), puts back
+/// `affinity` (its own and its spares': the seed moved it to another CPU to start), says
+/// hello and serves. Until then it has read nothing from its control socket, nor handed
+/// anything out.
+pub(crate) fn serve_gated(
+    ctl: OwnedFd,
+    gate: OwnedFd,
+    ahead: usize,
+    affinity: Option<rustix::thread::CpuSet>,
+) -> ! {
+    serve_zygote_gated(ctl, false, Some((gate, ahead, affinity)))
 }
 
 /// The byte a gated server waits for ([`serve_gated`]).
@@ -199,7 +206,11 @@ fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
     serve_zygote_gated(ctl, hold_spare, None)
 }
 
-fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<(OwnedFd, usize)>) -> ! {
+/// A gated server's gate, how many workers its pool asks for at once, and the affinity it
+/// puts back once the gate opens (see [`serve_gated`]).
+type Gate = (OwnedFd, usize, Option<rustix::thread::CpuSet>);
+
+fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<Gate>) -> ! {
     let pid = rustix::process::getpid();
     sys::set_process_name(&[":forksrv"], pid);
     let mut s = Server {
@@ -222,7 +233,7 @@ fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<(OwnedFd, usi
     } else {
         s.fork_spare();
     }
-    if let Some((gate, ahead)) = gate {
+    if let Some((gate, ahead, affinity)) = gate {
         // The pool's next workers, forked while the verdict has not come (each takes about
         // as long as the seed's comparison; forked afterwards, they would hold up `build`).
         while s.spares.len() < ahead.min(MAX_SPARES)
@@ -248,6 +259,17 @@ fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<(OwnedFd, usi
             }
         }
         drop(gate);
+        // Moved to another CPU to start (see `sys::Spread`): its affinity and its spares'
+        // (forked meanwhile) put back before its hello, so before the program can have
+        // anything from it.
+        if let Some(set) = affinity {
+            let _ = rustix::thread::sched_setaffinity(None, &set);
+            for spare in &s.spares {
+                if let Some(kid) = s.kids.iter().find(|k| k.serial == spare.serial) {
+                    let _ = rustix::thread::sched_setaffinity(Some(kid.pid), &set);
+                }
+            }
+        }
         if crate::role::send_hello(&s.ctl, Role::Forkserver).is_err() {
             sys::exit_now(0);
         }

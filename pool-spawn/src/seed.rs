@@ -99,8 +99,22 @@ pub(crate) fn plant() {
     };
     // Read once here, rather than in each server and worker (each puts it in its name).
     sys::program_name();
-    match crate::fork::fork_seed(theirs, serve) {
+    // The program goes on (to build its first pool, often) while the seed readies itself:
+    // the seed is moved to another CPU to do it (see `sys::Spread`), and puts its affinity
+    // back at its first request.
+    let spread = sys::Spread::before_fork();
+    *AFFINITY.lock().unwrap_or_else(PoisonError::into_inner) =
+        spread.as_ref().map(sys::Spread::allowed);
+    let forked = crate::fork::fork_seed(theirs, serve);
+    AFFINITY
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match forked {
         Ok(pid) => {
+            if let Some(spread) = &spread {
+                spread.move_child(pid);
+            }
             let seed = Seed {
                 owner: rustix::process::getpid(),
                 sock: ours,
@@ -248,10 +262,18 @@ fn read_answer(sock: BorrowedFd<'_>, within: Duration) -> Option<Result<Pid, Ref
 /// the verdict.
 const ANSWER_LEN: usize = 12;
 
+/// The program's affinity when it made the seed, for the seed to put back (its parent moved
+/// it to another CPU to start: see [`plant`]); set only around the fork.
+static AFFINITY: Mutex<Option<rustix::thread::CpuSet>> = Mutex::new(None);
+
 /// The seed's loop: a server forked for each request; never returns.
 fn serve(ctl: OwnedFd) -> ! {
     let me = rustix::process::getpid();
     sys::set_process_name(&[":seed"], me);
+    let mut affinity = AFFINITY
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
     // The program's as it was at `init()`, which this copy keeps (it never changes): read at
     // the first request, once its server is forked and starting beside it, rather than now,
     // when the seed's start would compete with the program's own (a first pool built soon
@@ -281,6 +303,12 @@ fn serve(ctl: OwnedFd) -> ! {
             answer(&ctl, -libc::EINVAL, 0, None);
             continue;
         };
+        // The program's affinity, put back before the seed reads its own context or forks:
+        // the program moved the seed before it could send this request. (Not put back, the
+        // seed's context differs from the program's, and pools execute their servers.)
+        if let Some(set) = affinity.take() {
+            let _ = rustix::thread::sched_setaffinity(None, &set);
+        }
         // The server is forked first: it readies itself (and forks its first spares) while
         // the seed reads the asking thread's context and compares it with its own (a
         // program that gave up some right since `init()` cannot have it back through the
@@ -291,12 +319,26 @@ fn serve(ctl: OwnedFd) -> ! {
             answer(&ctl, -libc::EMFILE, 0, None);
             continue;
         };
+        // Moved to another CPU to start while the seed compares (see `sys::Spread`): it puts
+        // its affinity back once the gate opens.
+        let spread = sys::Spread::before_fork();
         let server = match crate::fork::fork_sibling() {
             Ok(None) => {
                 drop(gate_w);
-                become_server(fds, gate_r, program, ahead)
+                become_server(
+                    fds,
+                    gate_r,
+                    program,
+                    ahead,
+                    spread.as_ref().map(sys::Spread::allowed),
+                )
             }
-            Ok(Some(pid)) => pid,
+            Ok(Some(pid)) => {
+                if let Some(spread) = &spread {
+                    spread.move_child(pid);
+                }
+                pid
+            }
             Err(e) => {
                 answer(&ctl, -e.raw_os_error().unwrap_or(libc::EIO), 0, None);
                 continue;
@@ -333,16 +375,23 @@ fn answer(ctl: &OwnedFd, value: i32, part: u32, server: Option<Pid>) {
     }
 }
 
-/// The server's end of the pipe the seed's verdict comes on, and how many workers its pool
-/// asks for at once, kept for [`serve_forked`] (the server is single-threaded).
-static GATE: Mutex<Option<(OwnedFd, usize)>> = Mutex::new(None);
+/// The server's end of the pipe the seed's verdict comes on, how many workers its pool asks
+/// for at once, and the affinity it puts back once the gate opens, kept for
+/// [`serve_forked`] (the server is single-threaded).
+static GATE: Mutex<Option<(OwnedFd, usize, Option<rustix::thread::CpuSet>)>> = Mutex::new(None);
 
 /// The seed's child for one request: takes the program's present working directory, stdout
 /// and stderr, is prepared as a fork server's worker is (its own group, the parent-death
 /// signal, no other descriptor but `gate`; a worker's signal settings and stdin the seed
 /// took when it was made), then serves as a fork server once the seed's verdict on `gate`
 /// allows it; never returns.
-fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid, ahead: usize) -> ! {
+fn become_server(
+    fds: Vec<OwnedFd>,
+    gate: OwnedFd,
+    program: Pid,
+    ahead: usize,
+    affinity: Option<rustix::thread::CpuSet>,
+) -> ! {
     let [ctl, cwd, out, err]: [OwnedFd; REQUEST_FDS] = match fds.try_into() {
         Ok(a) => a,
         Err(_) => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
@@ -355,14 +404,14 @@ fn become_server(fds: Vec<OwnedFd>, gate: OwnedFd, program: Pid, ahead: usize) -
     }
     drop((cwd, out, err));
     let keep = std::os::fd::AsRawFd::as_raw_fd(&gate);
-    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some((gate, ahead));
+    *GATE.lock().unwrap_or_else(PoisonError::into_inner) = Some((gate, ahead, affinity));
     crate::fork::serve_inherited(ctl, keep, program, serve_forked)
 }
 
 /// A fork server forked by the seed, prepared: serves once the seed's verdict allows it.
 fn serve_forked(ctl: OwnedFd) -> ! {
     match GATE.lock().unwrap_or_else(PoisonError::into_inner).take() {
-        Some((gate, ahead)) => crate::forkserver::serve_gated(ctl, gate, ahead),
+        Some((gate, ahead, affinity)) => crate::forkserver::serve_gated(ctl, gate, ahead, affinity),
         None => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     }
 }

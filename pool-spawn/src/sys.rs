@@ -433,3 +433,41 @@ pub(crate) fn scheduling(tid: rustix::process::Pid) -> Vec<u8> {
     }
     b
 }
+
+/// A child forked to work beside its parent, started on another CPU. A kernel may place a
+/// forked child on its parent's CPU and leave it waiting there, while another CPU idles,
+/// until the parent blocks or the load balancer's next tick (milliseconds): on a small
+/// virtual machine that is most forks. A child that starts beside a parent that goes on
+/// working (the seed, made by `init()` while the program goes on to build its first pool) is
+/// moved by its parent right after the fork, onto the CPUs this thread may run on other than
+/// its own, and puts its affinity back itself ([`Spread::allowed`]) before it does anything
+/// a later process could inherit, at a moment ordered after that move.
+pub(crate) struct Spread {
+    /// This thread's affinity when it forked: the child's, to put back.
+    allowed: rustix::thread::CpuSet,
+    /// The CPU this thread ran on just before the fork.
+    here: usize,
+}
+
+impl Spread {
+    /// Read just before the fork; `None` when this thread may run on one CPU only (or its
+    /// affinity cannot be read).
+    pub(crate) fn before_fork() -> Option<Spread> {
+        let allowed = rustix::thread::sched_getaffinity(None).ok()?;
+        let here = rustix::thread::sched_getcpu();
+        (allowed.count() > 1 && allowed.is_set(here)).then_some(Spread { allowed, here })
+    }
+
+    /// Moves `child` off the CPU this thread ran on. A failure leaves it where the kernel
+    /// put it.
+    pub(crate) fn move_child(&self, child: rustix::process::Pid) {
+        let mut others = self.allowed;
+        others.unset(self.here);
+        let _ = rustix::thread::sched_setaffinity(Some(child), &others);
+    }
+
+    /// The affinity the child puts back.
+    pub(crate) fn allowed(&self) -> rustix::thread::CpuSet {
+        self.allowed
+    }
+}
