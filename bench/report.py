@@ -135,6 +135,7 @@ FLOOR_GOALS = [
     ("recycle", "raw-fork", "fork_rate", "bare fork + _exit + waitpid, rate", 0.60, "min"),
     ("echo_1mib", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", 0.50, "min"),
     ("echo_1mib_shared", "raw-ring", "echo_1mib", "1 MiB payloads through the shared ring", None, None),
+    ("echo_1mib", "raw-copy", "echo_1mib", "memcpy of distinct 1 MiB buffers, one thread (informative)", None, None),
 ]
 FLOOR_TITLES = {
     ("raw-pipe", "apply_rtt"): "pipe round trip, 1 byte (no pool, no encoding)",
@@ -148,6 +149,7 @@ FLOOR_TITLES = {
     ("raw-exec", "startup_executed"): "a forkserver pool of 2 to its first result, its server executed rather than forked from the seed (`PROCPOOL_SEED=0`; median of up to 25 runs, each in a process of its own): what the seed saves, not a floor",
     ("raw-exec", "startup_self"): "fork + exec of this procpool binary (`procpool -V`) + wait (std::process, median): one exec of the program itself, not a goal's floor",
     ("raw-ring", "echo_1mib"): "1 MiB payloads through pool-ipc's shared ring to another process",
+    ("raw-copy", "echo_1mib"): "one thread copying echo_1mib's distinct 1 MiB buffers into as many others, no page fault timed: what memory allows payloads no cache holds (the ring's figure copies one payload the caches keep); not a goal's floor",
 }
 
 

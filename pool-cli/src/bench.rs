@@ -759,6 +759,11 @@ const FLOORS: &[(&str, &str, &str)] = &[
     // (and beside echo_1mib_shared, for comparison).
     ("raw-ring", "echo_1mib", "echo_1mib"),
     ("raw-ring", "echo_1mib", "echo_1mib_shared"),
+    // One thread copying echo_1mib's number of distinct 1 MiB buffers into as many others:
+    // not a goal's floor, but what memory itself allows payloads that, as echo_1mib's,
+    // come from and go to memory no cache holds (the ring's floor copies one payload that
+    // stays in the caches).
+    ("raw-copy", "echo_1mib", "echo_1mib"),
 ];
 
 /// Measures one floor of [`FLOORS`].
@@ -854,6 +859,7 @@ fn measure_floor(system: &str, workload: &str, s: &Scale) -> Measured {
             Ok((median(times), "s"))
         }
         ("raw-ring", "echo_1mib") => Ok((ring_bandwidth(s.ring_mib)?, "B/s")),
+        ("raw-copy", "echo_1mib") => Ok((distinct_copy_bandwidth(s.echo_tasks), "B/s")),
         _ => Err(format!("unknown floor {system}:{workload}")),
     }
 }
@@ -914,6 +920,20 @@ fn ring_bandwidth(payloads: usize) -> Result<f64, String> {
     drop(ch);
     let _ = child.wait();
     Ok(bw)
+}
+
+/// Bytes per second of one thread copying `n` distinct 1 MiB buffers into `n` others, every
+/// page of both written before the clock starts (no page fault is timed).
+fn distinct_copy_bandwidth(n: usize) -> f64 {
+    let from: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 1 << 20]).collect();
+    let mut to: Vec<Vec<u8>> = (0..n).map(|_| vec![0xff; 1 << 20]).collect();
+    let t = Instant::now();
+    for (to, from) in to.iter_mut().zip(&from) {
+        to.copy_from_slice(std::hint::black_box(from));
+    }
+    let dt = t.elapsed().as_secs_f64();
+    std::hint::black_box(&to);
+    (n << 20) as f64 / dt
 }
 
 /// The receiving side of [`ring_bandwidth`]: on the socket that is its stdin, copies each
