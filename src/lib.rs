@@ -107,7 +107,11 @@
 //! `PROCPOOL_SEED=0` is set.
 //! The seed is one more child process for the whole life of the program (`<program>:seed`
 //! in `ps`), ended with it; a program that waits for all of its children to end should
-//! leave out the one [`seed_pid`] names, or set `PROCPOOL_SEED=0`.
+//! leave out the one [`seed_pid`] names, or set `PROCPOOL_SEED=0`. It starts on another CPU
+//! than the program's, so as not to wait behind it (some kernels leave a forked child on its
+//! parent's CPU while another idles): until the first Forkserver pool asks it for a server,
+//! `taskset -p` shows it allowed fewer CPUs than the program, whose affinity it takes back
+//! then, before it compares or forks anything.
 //!
 //! Most of the time `build` takes with Spawn, and with Forkserver when its server starts
 //! fresh, is that re-run: the program
