@@ -760,7 +760,7 @@ impl<'a> Bell<'a> {
     /// # Errors
     ///
     /// The `futex(2)` error other than `EAGAIN`, `EINTR` and `ETIMEDOUT`.
-    pub fn wait_past(&self, seen: u32, timeout: std::time::Duration) -> io::Result<bool> {
+    pub fn wait_past(&self, seen: u32, timeout: Duration) -> io::Result<bool> {
         let seen = seen & (u32::MAX >> 1);
         let end = std::time::Instant::now() + timeout;
         loop {

@@ -325,6 +325,11 @@ pub mod page {
     /// held area and the cancel slots.
     pub const LEN: usize = HELD_OFFSET + HELD_LEN + CANCEL_SLOTS * 8;
 
+    /// The worker's bell on its page `page` (see [`BELL`]).
+    pub fn bell(page: &pool_ipc::shm::Segment) -> pool_ipc::shm::Bell<'_> {
+        pool_ipc::shm::Bell::new(page.atomic_u32(BELL))
+    }
+
     /// The word index of the `k`th slot (`k < CANCEL_PROBES`) where task `id`'s cancel
     /// mark may go.
     pub fn cancel_slot(id: u64, k: usize) -> usize {

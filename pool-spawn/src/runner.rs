@@ -159,9 +159,8 @@ fn serve(chan: OwnedFd, pid: rustix::process::Pid) -> Result<i32, Stop> {
                     .store(protocol::PROGRESS_KEPT, Ordering::Release);
                 // A caller may wait on the bell for what the worker writes (see
                 // `page::BELL`).
-                let bell = page.atomic_u32(protocol::page::BELL);
-                conn.sender()
-                    .on_write(Box::new(move || pool_ipc::shm::Bell::new(bell).ring()));
+                let bell = protocol::page::bell(page);
+                conn.sender().on_write(Box::new(move || bell.ring()));
             }
             // `ForkserverPoolWorker-3` shows as `myprog:w3`.
             let number = name.rsplit('-').next().unwrap_or(&name);
@@ -644,7 +643,7 @@ impl<'p> Results<'p> {
             .is_ok();
         if self.posted {
             // The caller may sleep on the bell rather than poll.
-            pool_ipc::shm::Bell::new(page.atomic_u32(page::BELL)).ring();
+            page::bell(page).ring();
         }
         self.posted
     }

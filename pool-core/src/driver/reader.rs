@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pool_ipc::shm::Bell;
 use pool_spawn::protocol::{self, FromWorker};
 use rustix::event::{PollFd, PollFlags};
 
@@ -655,11 +654,10 @@ pub(crate) struct Lent {
     look: Option<Instant>,
     /// The caller is nudged when the worker is sent another task (see `WorkerIo::nudge`).
     nudged: bool,
-    /// The worker keeps its progress page: see [`Borrow::answered`] and [`Borrow::posted`].
-    paged: bool,
-    /// The count of the worker's bell before the task was sent, if it keeps its page
-    /// (see [`Borrow::sleep_on_bell`]).
-    bell: Option<u32>,
+    /// If the worker keeps its progress page (see [`Borrow::answered`] and
+    /// [`Borrow::posted`]): the count of its bell before the task was sent (see
+    /// [`Borrow::sleep_on_bell`]).
+    paged_bell: Option<u32>,
 }
 
 /// A worker's socket lent to the caller waiting for the answer to one task, with what the
@@ -732,14 +730,14 @@ impl Borrow {
     /// reading the socket. Anything else the poll would see (a socket closed by a task,
     /// say) waits for the sleep's end.
     fn sleep_on_bell(&self, until: Option<Instant>) {
-        let (Some(page), Some(seen)) = (&self.page, self.lent.bell) else {
+        let (Some(page), Some(seen)) = (&self.page, self.lent.paged_bell) else {
             return;
         };
-        let now = Instant::now();
-        let end = until.map_or(now + BELL_SLEEP, |u| u.min(now + BELL_SLEEP));
+        let left = until.map_or(BELL_SLEEP, |u| {
+            u.saturating_duration_since(Instant::now()).min(BELL_SLEEP)
+        });
         // A failed wait (none expected on a mapped word) leaves the poll to wait.
-        let _ = Bell::new(page.atomic_u32(protocol::page::BELL))
-            .wait_past(seen, end.saturating_duration_since(now));
+        let _ = protocol::page::bell(page).wait_past(seen, left);
     }
 
     /// Whether the worker's answer to the caller's task is on its socket already, as its
@@ -783,7 +781,7 @@ impl Fx<'_> {
         let posted = self.io.get(&b.wid).is_some_and(|w| {
             w.borrowed == Some(b.ticket)
                 && w.conn.as_ref().is_some_and(|c| !c.has_partial_frame())
-                && b.paged
+                && b.paged_bell.is_some()
                 && w.progress.as_ref().is_some_and(|p| {
                     p.atomic_u64(protocol::page::ANSWER).load(Ordering::Acquire)
                         == b.id | protocol::page::POSTED
@@ -818,7 +816,7 @@ impl Fx<'_> {
                 Arc::clone(sock),
                 Arc::clone(exit),
                 w.nudge.clone().filter(|_| b.nudged),
-                w.progress.clone().filter(|_| b.paged),
+                w.progress.clone().filter(|_| b.paged_bell.is_some()),
             ))
         });
         let Some((sock, exit, nudge, page)) = shared else {
@@ -900,9 +898,8 @@ impl Fx<'_> {
             id,
             look,
             nudged,
-            paged: page.is_some(),
             // Read before the task goes out (the step writes it after this).
-            bell: page.map(|p| Bell::new(p.atomic_u32(protocol::page::BELL)).count()),
+            paged_bell: page.map(|p| protocol::page::bell(p).count()),
         };
         w.borrowed = Some(b.ticket);
         w.arm(self.epoll, wid, true);

@@ -319,7 +319,7 @@ impl WorkerIo {
     /// worker is gone, or the caller has something to look at.
     pub(super) fn ring_bell(&self) {
         if let Some(p) = self.page() {
-            pool_ipc::shm::Bell::new(p.atomic_u32(page::BELL)).ring();
+            page::bell(p).ring();
         }
     }
 
