@@ -546,15 +546,20 @@ impl Driver {
 
     /// The worker's process ended: deliver its last results, reap it, tell the policy.
     fn reap(&mut self, wid: WorkerId) {
-        // A caller asleep on its bell wakes to take its socket back, or to see it taken.
-        if let Some(io) = self.shared.lock().io.get(&wid) {
-            io.ring_bell();
-        }
-        if self.watches.get(&wid).is_some_and(|w| w.sock) {
+        let lent = self.watches.get(&wid).is_some_and(|w| w.sock);
+        if let Some(io) = self.shared.lock().io.get_mut(&wid) {
+            // Gone: no caller borrows its socket again. (One that did before the read
+            // below would keep the driver from reading what is left, and the task whose
+            // answer it is would be counted lost with the worker.)
+            io.exited = true;
             // A caller reading the socket gives it back: what is left is read here.
-            if let Some(io) = self.shared.lock().io.get_mut(&wid) {
+            if lent {
                 io.borrowed = None;
             }
+            // A caller asleep on its bell wakes to see its socket taken back.
+            io.ring_bell();
+        }
+        if lent {
             self.read(wid, true);
         }
         let (handle, clean) = {

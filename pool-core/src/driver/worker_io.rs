@@ -72,7 +72,8 @@ pub(super) struct WorkerIo {
     pub(super) borrowed: Option<u64>,
     /// Its channel broke or reached its end: it is read no more.
     pub(super) ended: bool,
-    /// A caller saw its process end: the driver reaps it, no caller borrows it again.
+    /// Its process ended (a caller saw it, or the driver reaps it): no caller borrows its
+    /// socket again.
     pub(super) exited: bool,
     /// When to look at the answers it holds back, if it may hold some (see
     /// `reader::look_held`).
