@@ -448,11 +448,11 @@ impl PoolBuilder {
         }
         let mut driver = Driver::new(Arc::clone(&shared), launcher);
         shared.act(|p, fx| p.start(fx));
-        if let Err((e, started)) = span.in_scope(|| driver.launch_initial()) {
+        if let Err((e, before)) = span.in_scope(|| driver.launch_initial()) {
             stop_thread(handle, driver_tx);
             shared.terminate();
             driver.run();
-            return Err(BuildError::start_worker(e, started, processes, fds));
+            return Err(BuildError::start_worker(e, before, processes, fds));
         }
         if let Err(std::sync::mpsc::SendError(driver)) = driver_tx.send(driver) {
             // The thread is gone (it cannot be, short of a panic in `recv`): wind down here.

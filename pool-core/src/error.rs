@@ -506,12 +506,12 @@ impl BuildError {
         }
     }
 
-    /// Worker `started + 1` of `processes` could not be started: as [`BuildError::start`],
+    /// Worker `before + 1` of `processes` could not be started: as [`BuildError::start`],
     /// saying so, and when the process ran out of file descriptors, what a worker costs and
     /// what the limit is.
     pub(crate) fn start_worker(
         source: pool_spawn::Error,
-        started: usize,
+        before: usize,
         processes: usize,
         fds: Option<FdLimit>,
     ) -> Self {
@@ -528,8 +528,8 @@ impl BuildError {
             cause = c.source();
         }
         e.message = format!(
-            "could not start worker {} of {processes} ({started} started)",
-            started + 1
+            "could not start worker {} of {processes} ({before} begun before it)",
+            before + 1
         );
         if let Some(io) = out_of_fds {
             let limit = fds.map_or_else(String::new, |l| {

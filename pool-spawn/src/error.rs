@@ -80,8 +80,9 @@ impl Error {
         }
     }
 
-    /// An i/o error with a short note of what was being done.
-    pub(crate) fn io(what: &str, e: io::Error) -> Self {
+    /// An i/o error with a short note of what was being done (the note is the detail; `e`,
+    /// with its OS error code, the source).
+    pub fn io(what: &str, e: io::Error) -> Self {
         Error {
             kind: ErrorKind::Io,
             detail: Some(what.to_owned()),

@@ -81,10 +81,12 @@ pub(crate) fn begin_one(
                     let _ = starting.expire();
                 }
             }
-            return Err(pool_spawn::Error::from(std::io::Error::new(
-                e.kind(),
-                format!("cannot make the worker's progress page: {e}"),
-            )));
+            // The OS error stays the source: running out of descriptors here is told as
+            // such, wherever the launch ran out.
+            return Err(pool_spawn::Error::io(
+                "cannot make the worker's progress page",
+                e,
+            ));
         }
     };
     match launch {
@@ -250,7 +252,6 @@ fn fresh_page(pages: &mut Vec<pool_ipc::shm::Segment>) -> std::io::Result<pool_i
     // Sparse: a worker touches only the pages its results need (allocating the whole
     // result area up front for every worker made each start several times slower).
     pool_ipc::shm::Segment::create_sparse("procpool-progress", page::LEN)
-        .map_err(std::io::Error::other)
 }
 
 /// What the driver watches for a newly started worker besides its socket (registered in
@@ -262,35 +263,35 @@ pub(crate) struct WatchFds {
 impl Driver {
     /// Starts the initial workers: every one is begun before any is waited for, so that
     /// spawned workers load and answer in parallel. The first failure is returned with the
-    /// number of workers started before it; the pool is then terminated, and the slot that
+    /// number of workers begun before the one that failed; the pool is then terminated, and the slot that
     /// failed, those still starting and those never launched are settled as launch
     /// failures, so that the driver can run to its end (they stayed in the policy forever,
     /// and `build` hung).
     pub(crate) fn launch_initial(&mut self) -> Result<(), (pool_spawn::Error, usize)> {
-        let mut started = 0;
-        let mut waiting: Vec<(WorkerId, Start)> = Vec::new();
+        // Each launch's place in the order (0 for the first), which the error names.
+        let mut begun = 0;
+        let mut waiting: Vec<(WorkerId, Start, usize)> = Vec::new();
         let mut failure = None;
         while let Some(wid) = self.next_launch() {
+            let place = begun;
+            begun += 1;
             if self.shared.lock().launches.is_empty() {
                 // The new workers' first tasks come next, not more launches.
                 self.launcher.last_of_batch();
             }
             match begin_one(&self.shared, &mut self.launcher, &mut self.pages, wid) {
-                Ok(Begun::Ready(fds)) => {
-                    self.watch(wid, fds);
-                    started += 1;
-                }
+                Ok(Begun::Ready(fds)) => self.watch(wid, fds),
                 Ok(Begun::Gone) => {}
-                Ok(Begun::Starting(s)) => waiting.push((wid, s)),
+                Ok(Begun::Starting(s)) => waiting.push((wid, s, place)),
                 Err(e) => {
-                    failure = Some((wid, e));
+                    failure = Some((wid, e, place));
                     break;
                 }
             }
         }
         // Those begun after a failure are stopped (dropping a start kills and reaps it).
         let mut abandoned = Vec::new();
-        for (wid, start) in waiting {
+        for (wid, start, place) in waiting {
             if failure.is_some() {
                 abandoned.push(wid);
                 continue;
@@ -298,20 +299,17 @@ impl Driver {
             let (worker, prepared) = match start.wait() {
                 Ok(w) => w,
                 Err(e) => {
-                    failure = Some((wid, e));
+                    failure = Some((wid, e, place));
                     continue;
                 }
             };
             match finish_start(&self.shared, wid, worker, prepared) {
-                Ok(Some(fds)) => {
-                    self.watch(wid, fds);
-                    started += 1;
-                }
+                Ok(Some(fds)) => self.watch(wid, fds),
                 Ok(None) => {}
-                Err(e) => failure = Some((wid, e)),
+                Err(e) => failure = Some((wid, e, place)),
             }
         }
-        let Some((wid, e)) = failure else {
+        let Some((wid, e, place)) = failure else {
             return Ok(());
         };
         self.shared.terminate();
@@ -323,7 +321,7 @@ impl Driver {
                 fx.io.remove(&w);
             }
         });
-        Err((e, started))
+        Err((e, place))
     }
 
     /// Begins the launches the policy asked for; a worker that has not answered yet is
