@@ -100,7 +100,7 @@ SIZES = {
     "startup": (1, 1),
     "recycle": (200, 40),  # tasks, one per worker process
     "replace_latency": (1, 1),
-    "imap_memory": (100_000, 20_000),  # results consumed
+    "imap_memory": (100_000, 5_000),  # results consumed
     "map_tiny_chunk1_timeout": (20_000, 2_000),  # tasks, each with a 10 s limit
     "timeout_latency": (7, 7),  # tasks that sleep forever under a 50 ms limit
     "cancel_latency": (7, 7),  # running tasks cancelled
@@ -433,7 +433,7 @@ def w_imap_memory(ctx, n, state):
                 if consumed % 1000 == 0:
                     now = rss_bytes()
                     peak = max(peak, now)
-                    if consumed % 20000 == 0:
+                    if consumed % min(20000, n) == 0:
                         samples.append((consumed, produced[0], now - base))
                 if consumed >= n:
                     break

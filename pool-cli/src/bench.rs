@@ -207,7 +207,7 @@ impl Scale {
                 echo_tasks: 20,
                 cpu_tasks: 4,
                 recycle_tasks: 40,
-                imap_items: 20_000,
+                imap_items: 5_000,
                 big_map: 1_000_000,
                 forks: 200,
                 execs: 40,

@@ -215,7 +215,7 @@ fn collect(cmd: &mut Command, raw: &mut File) -> Result<(), String> {
 
 /// One measured cell of the command-line comparison.
 struct Cell {
-    workload: &'static str,
+    workload: String,
     system: &'static str,
     /// Throughput (jobs or lines per second) and overhead per job (s), or why not.
     value: Result<(f64, f64), String>,
@@ -330,9 +330,12 @@ fn cli_comparisons(
     let batched = root.join("bench/cli/worker_batched.py");
     let mp_pool = root.join("bench/cli/mp_pool_lines.py");
     let runs = if quick { 1 } else { 3 };
-    let jobs = 2000usize;
+    // `--quick` is a check that everything runs (under 2 minutes with the rest): its `run`
+    // jobs are fewer, and its one-python-per-line map starts 10 interpreters, not 40
+    // (they took 14 s and 6 s of its minutes).
+    let jobs = if quick { 500usize } else { 2000 };
     let lines = if quick { 20_000 } else { 200_000 };
-    let per_process_lines = if quick { 40 } else { 200 };
+    let per_process_lines = if quick { 10 } else { 200 };
     let write = |name: &str, text: String| -> Result<std::path::PathBuf, String> {
         let p = out_dir.join(name);
         fs::write(&p, text).map_err(|e| format!("write {}: {e}", p.display()))?;
@@ -358,22 +361,26 @@ fn cli_comparisons(
     let mut cells = Vec::new();
 
     // procpool run, xargs and GNU parallel: (jobs/s, overhead per job on each of 2 slots).
+    let (run_true, run_sleep) = (
+        format!("run: {jobs} × true"),
+        format!("run: {jobs} × sleep 5 ms"),
+    );
     for (workload, input, job_secs, args) in [
-        ("run: 2000 × true", &ones, 0.0, vec!["true"]),
-        ("run: 2000 × sleep 5 ms", &sleeps, 0.005, vec!["sleep"]),
+        (&run_true, &ones, 0.0, vec!["true"]),
+        (&run_sleep, &sleeps, 0.005, vec!["sleep"]),
     ] {
         let rate = |secs: f64| (jobs as f64 / secs, secs * 2.0 / jobs as f64 - job_secs);
         let mut pp = Command::new(exe);
         pp.args(["run", "-q", "-j", "2"]).args(&args);
         cells.push(Cell {
-            workload,
+            workload: workload.to_string(),
             system: "procpool run -j 2",
             value: time_cmd(&mut pp, input, runs, None).map(rate),
         });
         let mut xa = Command::new("xargs");
         xa.args(["-P", "2", "-n", "1"]).args(&args);
         cells.push(Cell {
-            workload,
+            workload: workload.to_string(),
             system: "xargs -P 2",
             value: time_cmd(&mut xa, input, runs, None).map(rate),
         });
@@ -385,18 +392,14 @@ fn cli_comparisons(
             Err("not installed (Debian package `parallel`)".into())
         };
         cells.push(Cell {
-            workload,
+            workload: workload.to_string(),
             system: "GNU parallel -j 2",
             value,
         });
     }
 
     // procpool map against CPython's Pool and one python per line: lines/s.
-    let workload = if quick {
-        "map: 20k lines, tiny Python computation"
-    } else {
-        "map: 200k lines, tiny Python computation"
-    };
+    let workload = &format!("map: {}k lines, tiny Python computation", lines / 1000);
     let per_line = |n: usize| move |secs: f64| (n as f64 / secs, secs * 2.0 / n as f64);
     for (script, system) in [
         (&worker, "procpool map -j 2 (worker flushes each line)"),
@@ -406,7 +409,7 @@ fn cli_comparisons(
         pm.args(["map", "-q", "-j", "2", "--", "python3"])
             .arg(script);
         cells.push(Cell {
-            workload,
+            workload: workload.to_string(),
             system,
             value: time_cmd(&mut pm, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
         });
@@ -414,7 +417,7 @@ fn cli_comparisons(
     let mut mp = Command::new("python3");
     mp.arg(&mp_pool).arg("2");
     cells.push(Cell {
-        workload,
+        workload: workload.to_string(),
         system: "CPython multiprocessing.Pool(2).map",
         value: time_cmd(&mut mp, &numbers, runs, Some(&expect_many)).map(per_line(lines)),
     });
@@ -430,7 +433,7 @@ fn cli_comparisons(
     ]);
     // Order is not kept by xargs -P: only the exit status is checked.
     cells.push(Cell {
-        workload,
+        workload: workload.to_string(),
         system: "xargs -P 2, one python per line",
         value: time_cmd(&mut xp, &few, runs, None).map(per_line(per_process_lines)),
     });
@@ -474,7 +477,7 @@ fn cli_comparisons(
             .map(|v| v.0)
     };
     let mut goals = String::new();
-    for w in ["run: 2000 × true", "run: 2000 × sleep"] {
+    for w in [run_true.as_str(), &run_sleep] {
         if let Some(pp) = rate("procpool run -j 2", w) {
             for other in ["xargs -P 2", "GNU parallel -j 2"] {
                 if let Some(o) = rate(other, w) {

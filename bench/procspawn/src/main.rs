@@ -71,7 +71,7 @@ fn size(workload: &str, quick: bool) -> usize {
         "echo_1mib" => (200, 20),
         "cpu_speedup" => (16, 4),
         "recycle" => (200, 40),
-        "imap_memory" => (100_000, 20_000),
+        "imap_memory" => (100_000, 5_000),
         _ => (1, 1),
     };
     if quick {
