@@ -263,10 +263,10 @@ pub(crate) struct WatchFds {
 impl Driver {
     /// Starts the initial workers: every one is begun before any is waited for, so that
     /// spawned workers load and answer in parallel. The first failure is returned with the
-    /// number of workers begun before the one that failed; the pool is then terminated, and the slot that
-    /// failed, those still starting and those never launched are settled as launch
-    /// failures, so that the driver can run to its end (they stayed in the policy forever,
-    /// and `build` hung).
+    /// number of workers begun before the one that failed; the pool is then terminated, and
+    /// the slot that failed, those still starting and those never launched are settled as
+    /// launch failures, so that the driver can run to its end (they stayed in the policy
+    /// forever, and `build` hung).
     pub(crate) fn launch_initial(&mut self) -> Result<(), (pool_spawn::Error, usize)> {
         // Each launch's place in the order (0 for the first), which the error names.
         let mut begun = 0;
