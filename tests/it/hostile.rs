@@ -245,6 +245,34 @@ fn write_then_linger(bytes: Vec<u8>) -> u32 {
     std::process::id()
 }
 
+/// A task forges the head of a large result of its own (a `PartTail`) and ends: the pool
+/// may read the head and the task's real answer, left in the worker's page for the waiting
+/// `apply`, at one go. The head then waits for a tail that never comes; it must not take
+/// the next task's answer for that tail, failing a task that did nothing wrong.
+#[test]
+fn a_forged_result_head_never_takes_a_later_tasks_answer_for_its_tail() {
+    use pool_spawn::protocol::FromWorker;
+    use serde_bytes::ByteBuf;
+    for method in METHODS {
+        // One worker, so that the map's tasks go where the forgery was; the first task has
+        // id 1.
+        let pool = builder(method).processes(1).build().unwrap();
+        let head = encoded(&FromWorker::PartTail {
+            id: 1,
+            head: ByteBuf::from(vec![0]),
+            len: 300_000,
+        });
+        if let Err(e) = pool.apply(write_to_channel, (head,)) {
+            assert_eq!(e.kind(), TaskErrorKind::WorkerLost, "{method:?}: {e}");
+        }
+        let squares = pool
+            .map(square, 0..20u64)
+            .unwrap_or_else(|e| panic!("{method:?}: a task after the forgery failed: {e}"));
+        assert_eq!(squares, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+        shut_down(pool);
+    }
+}
+
 /// A pool of one worker that ran tasks 1 to 20, quick ones: it has learnt to keep several
 /// in flight per worker, so that tasks 21 and 22 go to the worker together.
 fn one_warm_worker(method: procpool::StartMethod) -> procpool::Pool {

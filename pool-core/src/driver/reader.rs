@@ -584,13 +584,14 @@ fn settle(
     // A worker leaves an answer in its page only once all it wrote before is on the
     // socket, whole: a message cut short with nothing more to read was not the
     // worker's (a task wrote to the channel by mistake), and the channel cannot be
-    // trusted after it. One with more to read is read on the caller's next call.
+    // trusted after it. One with more to read is read on the caller's next call. A
+    // result's head (`PartTail`) whose tail has not come is a message cut short too: left
+    // waiting, it took the next task's answer for its tail, and that task was blamed.
     let cut_short = posted
         && !end.closed()
-        && fx
-            .io
-            .get(&wid)
-            .is_some_and(|w| w.conn.as_ref().is_some_and(|c| c.has_partial_frame()));
+        && fx.io.get(&wid).is_some_and(|w| {
+            w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame())
+        });
     let stray = cut_short && {
         let sock = sock.or_else(|| fx.io.get(&wid).and_then(|w| w.sock_watch.as_deref()));
         sock.is_some_and(|s| rustix::io::ioctl_fionread(s).is_ok_and(|n| n == 0))
