@@ -184,19 +184,14 @@ pub(crate) fn serve_prepared_holding(ctl: OwnedFd) -> ! {
     serve_zygote(ctl, true)
 }
 
-/// The server the seed forked (see `crate::seed`): forks its first spare, and more, up to
-/// the `ahead` workers its pool will ask for at once, while the seed's verdict on `gate` has
-/// not come; then waits for the verdict (it exits on any but [`GATE_OPEN`]), puts back
-/// `affinity` (its own and its spares': the seed moved it to another CPU to start), says
-/// hello and serves. Until then it has read nothing from its control socket, nor handed
-/// anything out.
-pub(crate) fn serve_gated(
-    ctl: OwnedFd,
-    gate: OwnedFd,
-    ahead: usize,
-    affinity: Option<rustix::thread::CpuSet>,
-) -> ! {
-    serve_zygote_gated(ctl, false, Some((gate, ahead, affinity)))
+/// The server the seed forked (see `crate::seed`), with its [`Gate`]: forks its first
+/// spare, and more, up to the workers its pool will ask for at once, while the seed's
+/// verdict on the gate has not come; then waits for the verdict (it exits on any but
+/// [`GATE_OPEN`]), puts back the gate's affinity (its own and its spares': the seed moved
+/// it to another CPU to start), says hello and serves. Until then it has read nothing from
+/// its control socket, nor handed anything out.
+pub(crate) fn serve_gated(ctl: OwnedFd, gate: Gate) -> ! {
+    serve_zygote_gated(ctl, false, Some(gate))
 }
 
 /// The byte a gated server waits for ([`serve_gated`]).
@@ -206,9 +201,10 @@ fn serve_zygote(ctl: OwnedFd, hold_spare: bool) -> ! {
     serve_zygote_gated(ctl, hold_spare, None)
 }
 
-/// A gated server's gate, how many workers its pool asks for at once, and the affinity it
-/// puts back once the gate opens (see [`serve_gated`]).
-type Gate = (OwnedFd, usize, Option<rustix::thread::CpuSet>);
+/// A gated server's gate (the pipe the seed's verdict comes on), how many workers its pool
+/// asks for at once, and the affinity it puts back once the gate opens (see
+/// [`serve_gated`]).
+pub(crate) type Gate = (OwnedFd, usize, Option<rustix::thread::CpuSet>);
 
 fn serve_zygote_gated(ctl: OwnedFd, hold_spare: bool, gate: Option<Gate>) -> ! {
     let pid = rustix::process::getpid();

@@ -375,10 +375,8 @@ fn answer(ctl: &OwnedFd, value: i32, part: u32, server: Option<Pid>) {
     }
 }
 
-/// The server's end of the pipe the seed's verdict comes on, how many workers its pool asks
-/// for at once, and the affinity it puts back once the gate opens, kept for
-/// [`serve_forked`] (the server is single-threaded).
-static GATE: Mutex<Option<(OwnedFd, usize, Option<rustix::thread::CpuSet>)>> = Mutex::new(None);
+/// The server's gate, kept for [`serve_forked`] (the server is single-threaded).
+static GATE: Mutex<Option<crate::forkserver::Gate>> = Mutex::new(None);
 
 /// The seed's child for one request: takes the program's present working directory, stdout
 /// and stderr, is prepared as a fork server's worker is (its own group, the parent-death
@@ -411,7 +409,7 @@ fn become_server(
 /// A fork server forked by the seed, prepared: serves once the seed's verdict allows it.
 fn serve_forked(ctl: OwnedFd) -> ! {
     match GATE.lock().unwrap_or_else(PoisonError::into_inner).take() {
-        Some((gate, ahead, affinity)) => crate::forkserver::serve_gated(ctl, gate, ahead, affinity),
+        Some(gate) => crate::forkserver::serve_gated(ctl, gate),
         None => sys::exit_now(crate::protocol::EXIT_PROTOCOL),
     }
 }

@@ -587,11 +587,7 @@ fn settle(
     // trusted after it. One with more to read is read on the caller's next call. A
     // result's head (`PartTail`) whose tail has not come is a message cut short too: left
     // waiting, it took the next task's answer for its tail, and that task was blamed.
-    let cut_short = posted
-        && !end.closed()
-        && fx.io.get(&wid).is_some_and(|w| {
-            w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame())
-        });
+    let cut_short = posted && !end.closed() && fx.io.get(&wid).is_some_and(WorkerIo::cut_short);
     let stray = cut_short && {
         let sock = sock.or_else(|| fx.io.get(&wid).and_then(|w| w.sock_watch.as_deref()));
         sock.is_some_and(|s| rustix::io::ioctl_fionread(s).is_ok_and(|n| n == 0))
@@ -620,7 +616,7 @@ fn settle(
     w.nudge_armed = false;
     w.exited |= exited;
     w.arm(fx.epoll, wid, busy);
-    let partial = w.tail_wait.is_some() || w.conn.as_ref().is_some_and(|c| c.has_partial_frame());
+    let partial = w.cut_short();
     // A ring the task's arguments went through gives its memory back once idle, on
     // the driver's timer: the driver must know to set it.
     let ring = w
@@ -781,7 +777,8 @@ impl Fx<'_> {
     ) -> Option<Borrow> {
         let posted = self.io.get(&b.wid).is_some_and(|w| {
             w.borrowed == Some(b.ticket)
-                && w.conn.as_ref().is_some_and(|c| !c.has_partial_frame())
+                && w.conn.is_some()
+                && !w.cut_short()
                 && b.paged_bell.is_some()
                 && w.progress.as_ref().is_some_and(|p| {
                     p.atomic_u64(protocol::page::ANSWER).load(Ordering::Acquire)
@@ -863,10 +860,10 @@ impl Fx<'_> {
             && !w.exited
             && w.kill_at.is_none()
             && w.guard.may_answer()
-            && w.tail_wait.is_none()
+            && !w.cut_short()
             && w.conn
                 .as_ref()
-                .is_some_and(|c| (unflushed_ok || !c.wants_write()) && !c.has_partial_frame());
+                .is_some_and(|c| unflushed_ok || !c.wants_write());
         if !free {
             return None;
         }

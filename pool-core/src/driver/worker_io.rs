@@ -138,7 +138,7 @@ impl WorkerIo {
                 let out = self.conn.as_ref().is_some_and(|c| c.wants_write());
                 if out {
                     Some(EventFlags::IN | EventFlags::OUT)
-                } else if busy || !self.guard.is_ready() || self.has_partial() {
+                } else if busy || !self.guard.is_ready() || self.cut_short() {
                     Some(EventFlags::IN)
                 } else {
                     None
@@ -166,9 +166,10 @@ impl WorkerIo {
         }
     }
 
-    /// Part of a frame from the worker waits for the rest.
-    fn has_partial(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.has_partial_frame())
+    /// A message from the worker waits for the rest of it: part of a frame, or a large
+    /// result's head (`PartTail`) for its tail frame.
+    pub(super) fn cut_short(&self) -> bool {
+        self.tail_wait.is_some() || self.conn.as_ref().is_some_and(|c| c.has_partial_frame())
     }
 
     /// The driver stops watching the socket (its channel ended): out of the set, and no
