@@ -143,6 +143,14 @@
 //! - Relocations: packing them (`-z pack-relative-relocs`, glibc 2.36 or later) made no
 //!   difference that could be measured.
 //!
+//! One cost no way of linking removes: glibc's own start-up, in every program it runs
+//! (static or dynamic, `/bin/true` as well), asks the CPU for its features and cache sizes
+//! with `cpuid`, tens of times. On the virtual machine of `BENCHMARKS.md`, the day this was
+//! measured, one `cpuid` took 3.6 µs, and in a profile of 150 Spawn pool starts that
+//! probing was a sixth of each worker's CPU time from its exec to its exit, and more than a
+//! quarter of `/bin/true`'s.
+//! Forkserver and Fork workers are forked, not executed, and never pay it.
+//!
 //! Linking statically (`-C target-feature=+crt-static` on a `*-linux-gnu` target, or a
 //! musl target) removes all of the loading: the same command then started in 0.68 ms, and a
 //! pool of two with Forkserver reached its first result about 0.4 ms sooner than with the
