@@ -236,6 +236,11 @@ def summarize(rows):
             c["quick"] = True
         if r.get("note") and r["note"] not in c["notes"]:
             c["notes"].append(r["note"])
+        # How a reference measured a workload it has more than one way to run (CPython's
+        # task-control rows: pebble, or a process per task without it).
+        via = (r.get("extra") or {}).get("via")
+        if via and f"measured with {via}" not in c["notes"]:
+            c["notes"].append(f"measured with {via}")
         if r.get("ok", True) is False:
             c["failures"].append(r.get("reason", "failed"))
             continue
